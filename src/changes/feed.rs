@@ -1,0 +1,172 @@
+//! A session's gapless stream of changes.
+//!
+//! A feed subscribes to the hub first (learning the position `H` the live
+//! stream starts after), then reads `(since, H]` from the change log, then
+//! passes on live changes. If the hub drops the subscription because the
+//! client fell behind, the feed subscribes again and catches up from the log
+//! from the last change it delivered: a slow client loses nothing and costs the
+//! others nothing. Only when the log no longer holds the client's position is
+//! it told to resync.
+//!
+//! `next()` is cancel-safe: state changes only after an await completes, so it
+//! can sit in a `select!` beside client frames and heartbeats.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use super::{log_bounds, read_after, SharedChange};
+use crate::domain::Filter;
+use crate::hub::{Hub, HubClosed, Subscription};
+
+/// Changes read from the log per catch-up query.
+const CATCH_UP_BATCH: i32 = 1000;
+/// Pause before retrying a catch-up read while the database is away.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone)]
+pub enum Item {
+    Change(SharedChange),
+    /// The client's position is no longer (or not yet) in the log: it must
+    /// reload its state; the stream continues after `position`.
+    Resync {
+        reason: &'static str,
+        position: i64,
+    },
+}
+
+pub struct Feed {
+    hub: Hub,
+    pool: Pool,
+    filter: Filter,
+    sub: Option<Subscription>,
+    /// Log position read up to (may pass non-matching changes).
+    scan: i64,
+    /// Position of the last item handed out: the client's resume position.
+    last: i64,
+    catch_up_to: Option<i64>,
+    buf: VecDeque<Item>,
+    /// How often this feed recovered from lagging, for tests and metrics.
+    pub recoveries: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error(transparent)]
+    Hub(#[from] HubClosed),
+    #[error(transparent)]
+    Db(#[from] crate::error::ApiError),
+}
+
+impl Feed {
+    /// Opens a feed of changes after `since` (None: from now on).
+    pub async fn open(hub: &Hub, pool: &Pool, filter: Filter, since: Option<i64>) -> Result<Feed, FeedError> {
+        let sub = hub.subscribe(filter.clone()).await?;
+        let live_from = sub.start;
+        let mut feed = Feed {
+            hub: hub.clone(),
+            pool: pool.clone(),
+            filter,
+            sub: Some(sub),
+            scan: live_from,
+            last: live_from,
+            catch_up_to: None,
+            buf: VecDeque::new(),
+            recoveries: 0,
+        };
+        if let Some(since) = since {
+            let client = pool.get().await.map_err(crate::error::ApiError::from)?;
+            let (head, pruned) = log_bounds(&client).await.map_err(crate::error::ApiError::from)?;
+            if since < pruned {
+                feed.buf.push_back(Item::Resync { reason: "position_expired", position: live_from });
+            } else if since > head.max(live_from) {
+                feed.buf.push_back(Item::Resync { reason: "position_unknown", position: live_from });
+            } else {
+                feed.scan = since;
+                feed.last = since;
+                feed.catch_up_to = Some(live_from);
+            }
+        }
+        Ok(feed)
+    }
+
+    /// A resync decided when the feed was opened (the client's position is
+    /// gone), so the session can say so before `ready`.
+    pub fn take_initial_resync(&mut self) -> Option<(&'static str, i64)> {
+        match self.buf.front() {
+            Some(Item::Resync { reason, position }) if self.catch_up_to.is_none() => {
+                let r = (*reason, *position);
+                self.buf.pop_front();
+                self.last = self.last.max(r.1);
+                Some(r)
+            }
+            _ => None,
+        }
+    }
+
+    /// The client's resume position: everything up to here was handed out.
+    pub fn position(&self) -> i64 {
+        self.last
+    }
+
+    /// The next item; `None` once the hub has shut down.
+    pub async fn next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.buf.pop_front() {
+                match &item {
+                    Item::Change(c) if c.pos <= self.last => continue,
+                    Item::Change(c) => self.last = c.pos,
+                    Item::Resync { position, .. } => self.last = self.last.max(*position),
+                }
+                return Some(item);
+            }
+            if let Some(until) = self.catch_up_to {
+                if self.scan >= until {
+                    self.catch_up_to = None;
+                    continue;
+                }
+                match self.read_log().await {
+                    Ok(changes) if changes.is_empty() => self.scan = until,
+                    Ok(changes) => {
+                        // unwrap: not empty
+                        self.scan = changes.last().unwrap().pos;
+                        self.buf.extend(changes.into_iter().filter(|c| c.matches(&self.filter)).map(Item::Change));
+                    }
+                    Err(e) => {
+                        log::warn!("catch-up read failed, retrying: {e:#}");
+                        tokio::time::sleep(RETRY_DELAY).await;
+                    }
+                }
+                continue;
+            }
+            let sub = self.sub.as_mut()?;
+            match sub.recv().await {
+                Some(batch) => self.buf.extend(batch.changes().iter().cloned().map(Item::Change)),
+                None if sub.lagged() => {
+                    // Fell behind: subscribe again and catch up from the log.
+                    self.sub = None;
+                    match self.hub.subscribe(self.filter.clone()).await {
+                        Ok(sub) => {
+                            self.recoveries += 1;
+                            self.scan = self.last;
+                            self.catch_up_to = Some(sub.start);
+                            self.sub = Some(sub);
+                        }
+                        Err(HubClosed) => return None,
+                    }
+                }
+                None => return None,
+            }
+        }
+    }
+
+    async fn read_log(&self) -> anyhow::Result<Vec<SharedChange>> {
+        let client = self.pool.get().await?;
+        let (_, pruned) = log_bounds(&client).await?;
+        if self.scan < pruned {
+            anyhow::bail!("position {} was pruned from the change log", self.scan);
+        }
+        Ok(read_after(&client, self.scan, CATCH_UP_BATCH).await?)
+    }
+}

@@ -1,0 +1,139 @@
+//! The one dedicated LISTEN connection.
+//!
+//! It is not taken from the pool: a pooled client's connection is driven by
+//! the pool and notifications would be dropped. On every wake-up (a NOTIFY
+//! doorbell, or an idle tick) it reads the change log after its position in
+//! batches and publishes to the hub, so a burst costs one round trip per
+//! batch, not one per change, and a missed notification costs at most one tick.
+//!
+//! The idle tick doubles as the watchdog: a read that does not answer within
+//! `QUERY_TIMEOUT` means the connection is open but dead, and it is replaced.
+//! Reconnects back off exponentially with jitter and catch up from the log,
+//! so connected clients lose nothing across a dropped connection.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::{Change, READ_SQL};
+use crate::hub::Hub;
+
+pub const CHANNEL: &str = "ordercast_changes";
+const READ_BATCH: i64 = 2000;
+const IDLE_TICK: Duration = Duration::from_secs(1);
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What `/api/health` reports about the listener.
+#[derive(Debug, Default)]
+pub struct ListenerState {
+    pub connected: AtomicBool,
+    pub position: AtomicI64,
+    pub reconnects: AtomicU64,
+    pub notifications: AtomicU64,
+    pub last_read: Mutex<Option<Instant>>,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ListenerState {
+    pub fn healthy(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+            && self
+                .last_read
+                .lock()
+                .unwrap() // unwrap: the lock is never held across a panic
+                .is_some_and(|t| t.elapsed() < QUERY_TIMEOUT + IDLE_TICK * 2)
+    }
+}
+
+/// Runs until the hub shuts down.
+pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
+    let mut position = hub.position();
+    state.position.store(position, Ordering::Relaxed);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let result = session(&url, &hub, &state, &mut position).await;
+        state.connected.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => return, // the hub is gone: shutting down
+            Err(e) => {
+                log::warn!("LISTEN connection lost, reconnecting: {e:#}");
+                *state.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: see above
+            }
+        }
+        state.reconnects.fetch_add(1, Ordering::Relaxed);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = BACKOFF_MIN;
+        }
+        let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(url: &str, hub: &Hub, state: &ListenerState, position: &mut i64) -> anyhow::Result<()> {
+    let mut config = crate::db::pg_config(url)?;
+    config.application_name("ordercast-listener");
+    let (client, mut connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
+    let wake = Arc::new(Notify::new());
+    let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<String>();
+    {
+        let wake = wake.clone();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let reason = loop {
+                match messages.next().await {
+                    Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "connection closed".to_string(),
+                }
+            };
+            let _ = closed_tx.send(reason);
+        });
+    }
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(crate::db::describe).context("LISTEN failed")?;
+    let read = client.prepare(READ_SQL).await.map_err(crate::db::describe)?;
+    state.connected.store(true, Ordering::Relaxed);
+    log::info!("listening for changes after position {position}");
+
+    loop {
+        // Drain everything committed after our position.
+        loop {
+            let limit = READ_BATCH as i32;
+            let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&*position, &limit]))
+                .await
+                .context("watchdog: the change-log read did not answer")?
+                .map_err(crate::db::describe)?;
+            *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
+            let Some(last) = rows.last() else { break };
+            *position = last.get(0);
+            let full = rows.len() as i64 == READ_BATCH;
+            let changes = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();
+            if hub.publish(changes).await.is_err() {
+                return Ok(());
+            }
+            state.position.store(*position, Ordering::Relaxed);
+            if !full {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = wake.notified() => {
+                state.notifications.fetch_add(1, Ordering::Relaxed);
+            }
+            _ = tokio::time::sleep(IDLE_TICK) => {}
+            reason = &mut closed => {
+                anyhow::bail!("the LISTEN connection closed: {}", reason.unwrap_or_default());
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Changes: what the database's change log holds, read in position order.
+//!
+//! `listener` holds the one dedicated LISTEN connection and feeds the hub;
+//! `feed` gives each client session its own gapless stream (catch-up from the
+//! log, then live changes from the hub).
+
+pub mod feed;
+pub mod listener;
+pub mod maintenance;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use bytestring::ByteString;
+use chrono::{DateTime, SecondsFormat, Utc};
+use tokio_postgres::Row;
+
+use crate::domain::Filter;
+
+/// The SQL the listener and catch-up readers use: up to $2 changes after $1.
+pub const READ_SQL: &str =
+    "SELECT pos, op, order_id, status, old_status, customer, old_customer, after_row, before_row, actor, at \
+                            FROM change_read($1, $2)";
+
+/// One committed change, serialized once: `ws` is the WebSocket text frame and
+/// `sse` the SSE event, shared by every client that receives it.
+#[derive(Debug)]
+pub struct Change {
+    pub pos: i64,
+    pub order_id: i64,
+    pub status: Option<String>,
+    pub old_status: Option<String>,
+    pub customer: Option<String>,
+    pub old_customer: Option<String>,
+    pub ws: ByteString,
+    pub sse: Bytes,
+}
+
+impl Change {
+    pub fn from_row(row: &Row) -> Change {
+        let pos: i64 = row.get(0);
+        let op: &str = row.get(1);
+        let order: &str = row.get(7);
+        let old: Option<&str> = row.get(8);
+        let actor: &str = row.get(9);
+        let at: Option<DateTime<Utc>> = row.get(10);
+        let at = at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default();
+        // The row images are jsonb rendered by PostgreSQL, so they are valid
+        // JSON already: the envelope is assembled, not re-serialized.
+        let json = format!(
+            r#"{{"type":"change","seq":{pos},"op":"{op}","order":{order},"old":{},"actor":{},"at":"{at}"}}"#,
+            old.unwrap_or("null"),
+            serde_json::Value::String(actor.to_string()),
+        );
+        let sse = format!("id: {pos}\nevent: change\ndata: {json}\n\n");
+        Change {
+            pos,
+            order_id: row.get(2),
+            status: row.get(3),
+            old_status: row.get(4),
+            customer: row.get(5),
+            old_customer: row.get(6),
+            ws: ByteString::from(json),
+            sse: Bytes::from(sse),
+        }
+    }
+
+    pub fn matches(&self, filter: &Filter) -> bool {
+        filter.is_empty()
+            || filter.matches(
+                self.order_id,
+                self.status.as_deref(),
+                self.old_status.as_deref(),
+                self.customer.as_deref(),
+                self.old_customer.as_deref(),
+            )
+    }
+}
+
+pub type SharedChange = Arc<Change>;
+
+/// Reads up to `limit` changes after `after` with a pooled client.
+pub async fn read_after(
+    client: &deadpool_postgres::Client,
+    after: i64,
+    limit: i32,
+) -> Result<Vec<SharedChange>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(READ_SQL).await?;
+    let rows = client.query(&stmt, &[&after, &limit]).await?;
+    Ok(rows.iter().map(|r| Arc::new(Change::from_row(r))).collect())
+}
+
+/// Where the log stands: the newest committed position and the retention
+/// horizon (positions at or below it are gone).
+pub async fn log_bounds(client: &tokio_postgres::Client) -> Result<(i64, i64), tokio_postgres::Error> {
+    let row = client.query_one("SELECT change_head(), (SELECT pruned_through FROM change_retention)", &[]).await?;
+    Ok((row.get(0), row.get(1)))
+}

@@ -1,0 +1,224 @@
+//! A private PostgreSQL instance run from the installed binaries, so
+//! `ordercast` works with no external services: initdb on first use, a free
+//! local port, and a clean stop on exit. As root, PostgreSQL (which refuses to
+//! run as root) is run as the `postgres` user.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+/// A running private PostgreSQL. Stopped on `stop()` or when dropped.
+pub struct EmbeddedPostgres {
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    port: u16,
+    run_as: Option<(u32, u32)>,
+    extra_options: String,
+    stopped: bool,
+}
+
+/// Where the PostgreSQL server binaries are: `ORDERCAST_PG_BIN`, else the
+/// newest `/usr/lib/postgresql/*/bin`.
+pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("ORDERCAST_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    match versions.pop() {
+        Some((_, bin)) => Ok(bin),
+        None => bail!(
+            "PostgreSQL is not installed: run `apt-get install -y postgresql` (or set DATABASE_URL to use an existing server)"
+        ),
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EmbeddedPostgres {
+    /// Starts (creating on first use) an instance with its data in `dir`.
+    /// `extra_options` are passed to the server (`-c name=value ...`).
+    pub fn start(dir: &Path, extra_options: &str) -> anyhow::Result<EmbeddedPostgres> {
+        let bin_dir = find_bin_dir()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("Failed to create {}", dir.display()))?;
+        let data_dir = std::fs::canonicalize(dir)?.join("pg");
+        let run_as = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .context("running as root, but there is no `postgres` user to run PostgreSQL as (apt-get install -y postgresql creates it)")?;
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        } else {
+            None
+        };
+        let mut pg = EmbeddedPostgres {
+            bin_dir,
+            data_dir,
+            port: 0,
+            run_as,
+            extra_options: extra_options.to_string(),
+            stopped: true,
+        };
+        pg.init()?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(program));
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.env_remove("PGDATA").stdin(Stdio::null());
+        cmd
+    }
+
+    fn run(&self, mut cmd: Command, what: &str) -> anyhow::Result<()> {
+        let out = cmd.output().with_context(|| format!("Failed to run {what}"))?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed: {}{}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn init(&self) -> anyhow::Result<()> {
+        if self.data_dir.join("PG_VERSION").exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.data_dir)?;
+        if let Some((uid, gid)) = self.run_as {
+            nix::unistd::chown(&self.data_dir, Some(uid.into()), Some(gid.into()))?;
+            // The postgres user must be able to reach the data directory.
+            let mut dir = self.data_dir.parent();
+            while let Some(d) = dir {
+                let meta = std::fs::metadata(d)?;
+                use std::os::unix::fs::PermissionsExt;
+                if meta.permissions().mode() & 0o001 == 0 {
+                    bail!(
+                        "{} is not reachable by the postgres user; choose another --data-dir (e.g. /var/tmp/ordercast)",
+                        d.display()
+                    );
+                }
+                dir = d.parent();
+            }
+        }
+        log::info!("initialising a private PostgreSQL in {}", self.data_dir.display());
+        let mut cmd = self.command("initdb");
+        cmd.arg("-D").arg(&self.data_dir).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+        self.run(cmd, "initdb")
+    }
+
+    fn start_server(&mut self) -> anyhow::Result<()> {
+        // A previous run killed with SIGKILL may have left the server running.
+        if self.data_dir.join("postmaster.pid").exists() {
+            let mut stop = self.command("pg_ctl");
+            stop.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
+            let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
+        self.port = free_port()?;
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
+            self.port,
+            self.data_dir.display(),
+            self.extra_options
+        );
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.join("postgres.log"))
+            .arg("-o")
+            .arg(options)
+            .args(["-w", "-t", "60", "start"]);
+        self.run(cmd, "pg_ctl start")
+            .with_context(|| format!("see {}", self.data_dir.join("postgres.log").display()))?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// Stops the server (fast shutdown: open sessions are disconnected).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "-t", "60", "stop"]);
+        self.run(cmd, "pg_ctl stop")?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Starts a stopped server again on the same port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop()?;
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
+            self.port,
+            self.data_dir.display(),
+            self.extra_options
+        );
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.join("postgres.log"))
+            .arg("-o")
+            .arg(options)
+            .args(["-w", "-t", "60", "start"]);
+        self.run(cmd, "pg_ctl start")?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of a database on this server.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, database)
+    }
+
+    /// Creates `database` unless it exists.
+    pub async fn ensure_database(&self, database: &str) -> anyhow::Result<()> {
+        let client = super::connect(&self.url("postgres")).await?;
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+            .await
+            .map_err(super::describe)?
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\"")))
+                .await
+                .map_err(super::describe)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedPostgres {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            log::warn!("failed to stop the private PostgreSQL: {e:#}");
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The database: connection pool for REST, migrations, and the embedded
+//! PostgreSQL used when no `DATABASE_URL` is given.
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::NoTls;
+
+mod migrations {
+    refinery::embed_migrations!("sql");
+}
+
+/// Advisory lock key held while migrating, so replicas starting together
+/// do not race each other.
+const MIGRATION_LOCK: i64 = 0x6f72_6463_0000_0001;
+
+/// Parses a URL and applies the connection settings every ordercast
+/// connection uses: a connect timeout and TCP keepalives, so a dead peer is
+/// noticed instead of hanging forever.
+pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config.keepalives(true).keepalives_idle(Duration::from_secs(10));
+    if config.get_application_name().is_none() {
+        config.application_name("ordercast");
+    }
+    Ok(config)
+}
+
+/// The pool behind the REST API. Waits are bounded so a request answers 503
+/// when the database is away instead of hanging.
+pub fn pool(url: &str, size: usize, timeout: Duration) -> anyhow::Result<Pool> {
+    let manager =
+        Manager::from_config(pg_config(url)?, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts { wait: Some(timeout), create: Some(timeout), recycle: Some(timeout) })
+        .build()
+        .context("Failed to build the database pool")
+}
+
+/// Opens a plain connection and drives it on a task.
+pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) =
+        pg_config(url)?.connect(NoTls).await.map_err(describe).context("Failed to connect to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            log::debug!("database connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies the migrations in `sql/`.
+pub async fn migrate(url: &str) -> anyhow::Result<()> {
+    let mut client = connect(url).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(describe)
+        .context("Failed to take the migration lock")?;
+    let report = migrations::migrations::runner().run_async(&mut client).await.context("Failed to apply migrations")?;
+    for m in report.applied_migrations() {
+        log::info!("applied migration {}", m);
+    }
+    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(describe)?;
+    Ok(())
+}
+
+/// tokio-postgres prints only "db error" for server errors: this spells out
+/// the message, code and detail.
+pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {
+    match e.as_db_error() {
+        Some(db) => anyhow::anyhow!(
+            "{} (SQLSTATE {}){}",
+            db.message(),
+            db.code().code(),
+            db.detail().map(|d| format!(": {d}")).unwrap_or_default()
+        ),
+        None => anyhow::anyhow!("{e}"),
+    }
+}

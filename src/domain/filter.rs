@@ -1,0 +1,193 @@
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use super::{Status, ValidationError};
+
+/// At most this many order ids in one filter.
+pub const MAX_IDS: usize = 1000;
+
+/// Which changes a client wants. Fields combine with AND, values within a
+/// field with OR; an empty filter matches everything. The same filter is used
+/// by WebSocket and SSE subscriptions and by `GET /api/orders`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub statuses: BTreeSet<Status>,
+    pub ids: BTreeSet<i64>,
+    /// Exact customer name, compared case-insensitively (stored lowercased).
+    pub customer: Option<String>,
+}
+
+impl PartialOrd for Status {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Status {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.index().cmp(&other.index())
+    }
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.statuses.is_empty() && self.ids.is_empty() && self.customer.is_none()
+    }
+
+    /// Does a change to an order match? Both the row before and after are
+    /// considered, so a client watching `pending` also sees an order leave it.
+    pub fn matches(
+        &self,
+        order_id: i64,
+        status: Option<&str>,
+        old_status: Option<&str>,
+        customer: Option<&str>,
+        old_customer: Option<&str>,
+    ) -> bool {
+        if !self.ids.is_empty() && !self.ids.contains(&order_id) {
+            return false;
+        }
+        if !self.statuses.is_empty() {
+            let hit = |s: Option<&str>| s.is_some_and(|s| self.statuses.iter().any(|st| st.as_str() == s));
+            if !hit(status) && !hit(old_status) {
+                return false;
+            }
+        }
+        if let Some(want) = &self.customer {
+            let hit = |c: Option<&str>| c.is_some_and(|c| c.to_lowercase() == *want);
+            if !hit(customer) && !hit(old_customer) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Applies one `key=value` query parameter. Returns false for keys that are
+    /// not filter keys, so callers can handle their own parameters.
+    pub fn apply_param(&mut self, key: &str, value: &str) -> Result<bool, ValidationError> {
+        match key {
+            "status" => {
+                for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    self.statuses.insert(part.parse()?);
+                }
+            }
+            "id" | "order_id" => {
+                for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    let id = part
+                        .parse::<i64>()
+                        .map_err(|_| ValidationError::new("id", format!("{part:?} is not an order id")))?;
+                    self.insert_id(id)?;
+                }
+            }
+            "customer" => self.set_customer(value)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Parses the `filter` object of a WebSocket subscribe message:
+    /// `{"status": "pending" | [...], "id": 1 | [...], "customer": "..."}`.
+    pub fn from_json(value: &Value) -> Result<Filter, ValidationError> {
+        let mut f = Filter::default();
+        let Some(map) = value.as_object() else {
+            if value.is_null() {
+                return Ok(f);
+            }
+            return Err(ValidationError::with_code("filter", "invalid_filter", "filter must be an object"));
+        };
+        for (key, v) in map {
+            let items: Vec<&Value> = match v {
+                Value::Array(a) => a.iter().collect(),
+                other => vec![other],
+            };
+            match key.as_str() {
+                "status" => {
+                    for item in items {
+                        let s = item.as_str().ok_or_else(|| ValidationError::new("status", "must be a string"))?;
+                        f.statuses.insert(s.parse()?);
+                    }
+                }
+                "id" | "order_id" => {
+                    for item in items {
+                        let id = item.as_i64().ok_or_else(|| ValidationError::new("id", "must be a whole number"))?;
+                        f.insert_id(id)?;
+                    }
+                }
+                "customer" => {
+                    let s = v.as_str().ok_or_else(|| ValidationError::new("customer", "must be a string"))?;
+                    f.set_customer(s)?;
+                }
+                other => {
+                    return Err(ValidationError::with_code(
+                        "filter",
+                        "unknown_field",
+                        format!("unknown filter key {other:?}; expected status, id or customer"),
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    fn insert_id(&mut self, id: i64) -> Result<(), ValidationError> {
+        if id <= 0 {
+            return Err(ValidationError::new("id", "order ids are positive"));
+        }
+        self.ids.insert(id);
+        if self.ids.len() > MAX_IDS {
+            return Err(ValidationError::new("id", format!("at most {MAX_IDS} ids per filter")));
+        }
+        Ok(())
+    }
+
+    fn set_customer(&mut self, value: &str) -> Result<(), ValidationError> {
+        let c = value.trim();
+        if c.is_empty() || c.chars().count() > super::order::MAX_TEXT {
+            return Err(ValidationError::new("customer", "must be 1 to 200 characters"));
+        }
+        self.customer = Some(c.to_lowercase());
+        Ok(())
+    }
+
+    /// Statuses as strings, for SQL `= ANY($n)`.
+    pub fn status_strings(&self) -> Option<Vec<String>> {
+        (!self.statuses.is_empty()).then(|| self.statuses.iter().map(|s| s.as_str().to_string()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn query_parameters_build_a_filter() {
+        let mut f = Filter::default();
+        assert!(f.apply_param("status", "pending, shipped").unwrap());
+        assert!(f.apply_param("status", "failed").unwrap());
+        assert!(f.apply_param("id", "3,4").unwrap());
+        assert!(!f.apply_param("since", "10").unwrap());
+        assert_eq!(f.statuses.len(), 3);
+        assert_eq!(f.ids.len(), 2);
+        assert!(f.apply_param("status", "nope").is_err());
+        assert!(f.apply_param("id", "x").is_err());
+        assert!(f.apply_param("id", "-1").is_err());
+    }
+
+    #[test]
+    fn json_filters_accept_single_values_and_lists() {
+        let f = Filter::from_json(&json!({"status": ["pending"], "id": 7, "customer": "Ada"})).unwrap();
+        assert!(f.matches(7, Some("pending"), None, Some("ADA"), None));
+        assert!(!f.matches(8, Some("pending"), None, Some("ada"), None));
+        assert!(Filter::from_json(&json!({"colour": "red"})).is_err());
+        assert!(Filter::from_json(&json!("pending")).is_err());
+    }
+
+    #[test]
+    fn a_status_filter_sees_orders_leaving_the_status() {
+        let mut f = Filter::default();
+        f.apply_param("status", "pending").unwrap();
+        assert!(f.matches(1, Some("processing"), Some("pending"), None, None));
+        assert!(!f.matches(1, Some("shipped"), Some("processed"), None, None));
+    }
+}

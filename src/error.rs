@@ -1,0 +1,187 @@
+//! Errors that reach clients: JSON (`application/problem+json`) with a stable
+//! machine-readable `code`, a human `message`, and the field at fault when
+//! there is one. Database errors are mapped here, in one place.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::domain::ValidationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String, &'static str),
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    InvalidTransition { message: String, from: Option<String>, to: Option<String> },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("version {expected} does not match the current version {current}")]
+    VersionConflict { expected: i32, current: i32 },
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    status: u16,
+    code: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    current_version: Option<i32>,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_, code) => code,
+            ApiError::Validation(v) => v.code,
+            ApiError::NotFound(_) => "not_found",
+            ApiError::InvalidTransition { .. } => "invalid_transition",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::VersionConflict { .. } => "version_conflict",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Unavailable(_) => "database_unavailable",
+            ApiError::Unexpected(_) => "internal_error",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::InvalidTransition { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        let message = match self {
+            ApiError::Unexpected(e) => {
+                log::error!("request failed: {e:#}");
+                "internal error; see the server log".to_string()
+            }
+            other => other.to_string(),
+        };
+        let (from, to) = match self {
+            ApiError::InvalidTransition { from, to, .. } => (from.as_deref(), to.as_deref()),
+            _ => (None, None),
+        };
+        let mut builder = HttpResponse::build(status);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            builder.insert_header(("Retry-After", "1"));
+        }
+        builder.content_type("application/problem+json").json(Problem {
+            status: status.as_u16(),
+            code: self.code(),
+            message,
+            field: match self {
+                ApiError::Validation(v) => Some(v.field),
+                _ => None,
+            },
+            from,
+            to,
+            current_version: match self {
+                ApiError::VersionConflict { current, .. } => Some(*current),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// A JSON error body for errors raised outside handlers (extractors, limits).
+pub fn problem_response(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    HttpResponse::build(status).content_type("application/problem+json").json(serde_json::json!({
+        "status": status.as_u16(),
+        "code": code,
+        "message": message,
+    }))
+}
+
+/// Maps a database error to what the client should hear.
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let Some(db) = e.as_db_error() else {
+            return ApiError::Unavailable(e.to_string());
+        };
+        match db.code().code() {
+            "OC409" => {
+                let detail: serde_json::Value =
+                    db.detail().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
+                let mut message = db.message().to_string();
+                if let Some(hint) = db.hint() {
+                    message = format!("{message} ({hint})");
+                }
+                ApiError::InvalidTransition {
+                    message,
+                    from: detail["from"].as_str().map(str::to_owned),
+                    to: detail["to"].as_str().map(str::to_owned),
+                }
+            }
+            "OC400" => ApiError::BadRequest(db.message().to_string(), "invalid_change"),
+            "23505" => ApiError::Conflict(format!("{} ({})", db.message(), db.detail().unwrap_or("duplicate key"))),
+            "23514" | "23502" | "22001" | "22003" | "22P02" => ApiError::Validation(ValidationError {
+                field: constraint_field(db.constraint().or(db.column()).unwrap_or("")),
+                code: "validation_failed",
+                message: db.message().to_string(),
+            }),
+            // Connection-class and shutdown errors: the database is not there.
+            c if c.starts_with("08") || c.starts_with("57") || c == "53300" => {
+                ApiError::Unavailable(db.message().to_string())
+            }
+            _ => ApiError::Unexpected(anyhow::anyhow!(
+                "database error {}: {} {}",
+                db.code().code(),
+                db.message(),
+                db.detail().unwrap_or("")
+            )),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        // Failing to get a connection at all means the database is not
+        // reachable (down, restarting, renamed, refusing connections).
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => ApiError::Unavailable(crate::db::describe(e).to_string()),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// `orders_quantity_check` -> `quantity`.
+fn constraint_field(name: &str) -> &'static str {
+    const FIELDS: [&str; 8] = [
+        "customer_name",
+        "customer_email",
+        "external_id",
+        "product",
+        "quantity",
+        "unit_price",
+        "status",
+        "error_message",
+    ];
+    FIELDS.iter().find(|f| name.contains(*f)).copied().unwrap_or("order")
+}

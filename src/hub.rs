@@ -1,0 +1,346 @@
+//! The hub: fans each change out to the sessions that want it.
+//!
+//! One task owns the registry of subscriptions; the listener publishes batches
+//! to it and sessions subscribe through the same channel, so a subscription
+//! learns exactly which position it starts after (no gap, no double).
+//!
+//! Fan-out never awaits a client: each subscription has a bounded queue and
+//! gets `try_send`. A subscription whose queue is full is marked *lagged* and
+//! dropped from the registry; its session then catches up from the change log
+//! (see `changes::feed`). Changes are shared (`Arc`), never copied per client:
+//! unfiltered subscriptions all receive the same `Arc<[..]>` batch.
+//!
+//! Filters are indexed: a subscription is filed under its order ids, else its
+//! customer, else its statuses, else under "all". A change visits only the
+//! buckets for its own id, customer and statuses, so 10,000 clients each
+//! following one order cost O(matching clients) per change, not O(all).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::changes::SharedChange;
+use crate::domain::{Filter, Status};
+
+/// Batches a subscription may have queued (each also counts its changes
+/// against the per-client change budget).
+const QUEUE_BATCHES: usize = 1024;
+
+/// What a session receives: a batch shared with every unfiltered client, or
+/// the changes that matched its filter.
+#[derive(Debug, Clone)]
+pub enum Batch {
+    Shared(Arc<[SharedChange]>),
+    Own(Vec<SharedChange>),
+}
+
+impl Batch {
+    pub fn changes(&self) -> &[SharedChange] {
+        match self {
+            Batch::Shared(b) => b,
+            Batch::Own(v) => v,
+        }
+    }
+}
+
+/// Counters shown by `/api/health` and the metrics.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub subscriptions: AtomicUsize,
+    pub deliveries: AtomicU64,
+    pub lagged: AtomicU64,
+    pub published: AtomicU64,
+}
+
+enum Command {
+    Subscribe(Filter, oneshot::Sender<Subscription>),
+    Publish(Vec<SharedChange>),
+}
+
+/// Handle to the hub task. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    commands: mpsc::Sender<Command>,
+    position: Arc<AtomicI64>,
+    pub stats: Arc<HubStats>,
+}
+
+/// A session's live feed. Dropping it unsubscribes.
+pub struct Subscription {
+    id: u64,
+    /// Every change after this position is delivered here (until lagged).
+    pub start: i64,
+    rx: mpsc::Receiver<Batch>,
+    lagged: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+    unsubscribe: mpsc::UnboundedSender<u64>,
+}
+
+impl Subscription {
+    /// The next batch; `None` when the hub dropped this subscription
+    /// (check `lagged()`) or shut down.
+    pub async fn recv(&mut self) -> Option<Batch> {
+        let batch = self.rx.recv().await?;
+        self.queued.fetch_sub(batch.changes().len(), Ordering::Relaxed);
+        Some(batch)
+    }
+
+    pub fn lagged(&self) -> bool {
+        self.lagged.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.unsubscribe.send(self.id);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the hub has shut down")]
+pub struct HubClosed;
+
+impl Hub {
+    /// Starts the hub task. `position` is the change-log position the first
+    /// published batch follows; `max_queued` the per-client change budget.
+    pub fn start(position: i64, max_queued: usize) -> Hub {
+        let (commands, command_rx) = mpsc::channel(256);
+        let (unsubscribe, unsubscribe_rx) = mpsc::unbounded_channel();
+        let hub = Hub { commands, position: Arc::new(AtomicI64::new(position)), stats: Arc::default() };
+        let registry = Registry {
+            subs: HashMap::new(),
+            all: Vec::new(),
+            by_id: HashMap::new(),
+            by_customer: HashMap::new(),
+            by_status: Default::default(),
+            next_id: 0,
+            max_queued: max_queued.max(1),
+            position: hub.position.clone(),
+            stats: hub.stats.clone(),
+            unsubscribe,
+        };
+        tokio::spawn(registry.run(command_rx, unsubscribe_rx));
+        hub
+    }
+
+    /// The position of the last change published.
+    pub fn position(&self) -> i64 {
+        self.position.load(Ordering::Acquire)
+    }
+
+    pub async fn subscribe(&self, filter: Filter) -> Result<Subscription, HubClosed> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Subscribe(filter, tx)).await.map_err(|_| HubClosed)?;
+        rx.await.map_err(|_| HubClosed)
+    }
+
+    /// Publishes changes in position order. Waits only if the hub task itself
+    /// is behind (never for clients).
+    pub async fn publish(&self, changes: Vec<SharedChange>) -> Result<(), HubClosed> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.commands.send(Command::Publish(changes)).await.map_err(|_| HubClosed)
+    }
+}
+
+struct Sub {
+    tx: mpsc::Sender<Batch>,
+    filter: Filter,
+    lagged: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+}
+
+enum Bucket {
+    All,
+    Id(i64),
+    Customer(String),
+    Status(Status),
+}
+
+struct Registry {
+    subs: HashMap<u64, Sub>,
+    all: Vec<u64>,
+    by_id: HashMap<i64, Vec<u64>>,
+    by_customer: HashMap<String, Vec<u64>>,
+    by_status: [Vec<u64>; 7],
+    next_id: u64,
+    max_queued: usize,
+    position: Arc<AtomicI64>,
+    stats: Arc<HubStats>,
+    unsubscribe: mpsc::UnboundedSender<u64>,
+}
+
+fn buckets(filter: &Filter) -> Vec<Bucket> {
+    if !filter.ids.is_empty() {
+        filter.ids.iter().map(|id| Bucket::Id(*id)).collect()
+    } else if let Some(c) = &filter.customer {
+        vec![Bucket::Customer(c.clone())]
+    } else if !filter.statuses.is_empty() {
+        filter.statuses.iter().map(|s| Bucket::Status(*s)).collect()
+    } else {
+        vec![Bucket::All]
+    }
+}
+
+fn status_index(s: Option<&str>) -> Option<usize> {
+    let s = s?;
+    Status::ALL.iter().position(|st| st.as_str() == s)
+}
+
+impl Registry {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut unsubscribes: mpsc::UnboundedReceiver<u64>) {
+        loop {
+            tokio::select! {
+                biased;
+                Some(id) = unsubscribes.recv() => self.remove(id),
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Subscribe(filter, reply)) => self.subscribe(filter, reply),
+                    Some(Command::Publish(changes)) => self.publish(changes),
+                    None => break,
+                },
+            }
+        }
+        log::debug!("hub stopped");
+    }
+
+    fn bucket_mut(&mut self, bucket: &Bucket) -> &mut Vec<u64> {
+        match bucket {
+            Bucket::All => &mut self.all,
+            Bucket::Id(id) => self.by_id.entry(*id).or_default(),
+            Bucket::Customer(c) => self.by_customer.entry(c.clone()).or_default(),
+            Bucket::Status(s) => &mut self.by_status[s.index()],
+        }
+    }
+
+    fn subscribe(&mut self, filter: Filter, reply: oneshot::Sender<Subscription>) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let subscription = Subscription {
+            id,
+            start: self.position.load(Ordering::Acquire),
+            rx,
+            lagged: lagged.clone(),
+            queued: queued.clone(),
+            unsubscribe: self.unsubscribe.clone(),
+        };
+        if reply.send(subscription).is_err() {
+            return; // the session went away while subscribing
+        }
+        for b in buckets(&filter) {
+            self.bucket_mut(&b).push(id);
+        }
+        self.subs.insert(id, Sub { tx, filter, lagged, queued });
+        self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(sub) = self.subs.remove(&id) else { return };
+        for b in buckets(&sub.filter) {
+            let bucket = self.bucket_mut(&b);
+            bucket.retain(|x| *x != id);
+            if bucket.is_empty() {
+                match b {
+                    Bucket::Id(i) => {
+                        self.by_id.remove(&i);
+                    }
+                    Bucket::Customer(c) => {
+                        self.by_customer.remove(&c);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
+    }
+
+    /// Hands a batch to one subscription without waiting. Returns false when
+    /// the subscription must go (lagged or gone).
+    fn deliver(&self, id: u64, batch: Batch) -> bool {
+        let Some(sub) = self.subs.get(&id) else { return true };
+        let n = batch.changes().len();
+        if sub.queued.load(Ordering::Relaxed) + n > self.max_queued {
+            sub.lagged.store(true, Ordering::Relaxed);
+            return false;
+        }
+        match sub.tx.try_send(batch) {
+            Ok(()) => {
+                sub.queued.fetch_add(n, Ordering::Relaxed);
+                self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                sub.lagged.store(true, Ordering::Relaxed);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn publish(&mut self, changes: Vec<SharedChange>) {
+        let Some(last) = changes.last().map(|c| c.pos) else { return };
+        self.stats.published.fetch_add(changes.len() as u64, Ordering::Relaxed);
+        let mut dropped = Vec::new();
+
+        if !self.all.is_empty() {
+            let shared: Arc<[SharedChange]> = changes.clone().into();
+            for &id in &self.all {
+                if !self.deliver(id, Batch::Shared(shared.clone())) {
+                    dropped.push(id);
+                }
+            }
+        }
+
+        if !(self.by_id.is_empty() && self.by_customer.is_empty() && self.by_status.iter().all(Vec::is_empty)) {
+            let mut own: HashMap<u64, Vec<SharedChange>> = HashMap::new();
+            let mut candidates: Vec<u64> = Vec::new();
+            for change in &changes {
+                candidates.clear();
+                if let Some(ids) = self.by_id.get(&change.order_id) {
+                    candidates.extend_from_slice(ids);
+                }
+                if !self.by_customer.is_empty() {
+                    for c in [change.customer.as_deref(), change.old_customer.as_deref()].into_iter().flatten() {
+                        if let Some(ids) = self.by_customer.get(&c.to_lowercase()) {
+                            candidates.extend_from_slice(ids);
+                        }
+                    }
+                }
+                for s in [change.status.as_deref(), change.old_status.as_deref()] {
+                    if let Some(i) = status_index(s) {
+                        candidates.extend_from_slice(&self.by_status[i]);
+                    }
+                }
+                for &id in &candidates {
+                    let Some(sub) = self.subs.get(&id) else { continue };
+                    if !change.matches(&sub.filter) {
+                        continue;
+                    }
+                    let list = own.entry(id).or_default();
+                    // A change can reach a subscription through two buckets.
+                    if list.last().is_none_or(|c| c.pos != change.pos) {
+                        list.push(change.clone());
+                    }
+                }
+            }
+            for (id, list) in own {
+                if !self.deliver(id, Batch::Own(list)) {
+                    dropped.push(id);
+                }
+            }
+        }
+
+        for id in dropped {
+            if self.subs.get(&id).is_some_and(|s| s.lagged.load(Ordering::Relaxed)) {
+                self.stats.lagged.fetch_add(1, Ordering::Relaxed);
+            }
+            self.remove(id);
+        }
+        self.position.store(last, Ordering::Release);
+    }
+}

@@ -1,0 +1,41 @@
+//! # ordercast
+//!
+//! Turns every committed change to orders in PostgreSQL into live pushes to
+//! browsers, over WebSocket and SSE, with gapless resume.
+//!
+//! # Layout: the data flow
+//!
+//! **Write paths** — REST (`routes::orders`), the Kafka ingest and a DBA's SQL
+//! all end in the `orders` table. Input is parsed once into `domain` types
+//! (`NewOrder`, `OrderPatch`, `Filter`); the database enforces the rest
+//! (constraints, the status state machine in `sql/V1__orders.sql`).
+//!
+//! **Change capture** — triggers append every changed row to the change log
+//! and, at commit, a serialised sequencer assigns positions in commit order
+//! and rings a NOTIFY doorbell (`sql/V2__change_log.sql`). Positions become
+//! visible strictly in order, so "everything after P" is always gapless.
+//!
+//! **Listener** (`changes::listener`) — one dedicated LISTEN connection reads
+//! the log after its position in batches and publishes to the hub; it
+//! reconnects with backoff and a watchdog replaces a silent connection.
+//!
+//! **Hub** (`hub`) — fans each change out to subscriptions, serialized once and
+//! shared, through bounded queues with indexed filters; never waits on a client.
+//!
+//! **Sessions** (`changes::feed`, `routes::ws`, `routes::sse`) — each client's
+//! feed catches up from the log (`since` / `Last-Event-ID` / snapshot), then
+//! follows the hub; a client that falls behind catches up from the log again,
+//! and one whose position was pruned is told to resync.
+//!
+//! **Start-up** (`startup`, `config`, `db`) — one `Application::build` for
+//! production and tests; `db::embedded` runs a private PostgreSQL when no
+//! `DATABASE_URL` is given.
+
+pub mod changes;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod hub;
+pub mod routes;
+pub mod startup;

@@ -1,0 +1,82 @@
+//! HTTP transport: REST (`orders`, `stats`, `health`), the realtime streams
+//! (`ws`, `sse`), the OpenAPI document and the dashboard assets.
+
+pub mod health;
+pub mod openapi;
+pub mod orders;
+pub mod sse;
+pub mod stats;
+pub mod web;
+pub mod ws;
+
+use actix_web::web::Query;
+
+use crate::domain::{Filter, ValidationError};
+use crate::error::ApiError;
+
+/// Stream parameters shared by WebSocket and SSE: a filter, a resume
+/// position and whether to start with a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct StreamParams {
+    pub filter: Filter,
+    pub since: Option<i64>,
+    pub snapshot: bool,
+    pub snapshot_limit: i64,
+}
+
+pub const SNAPSHOT_DEFAULT_LIMIT: i64 = 1000;
+pub const SNAPSHOT_MAX_LIMIT: i64 = 10_000;
+
+impl StreamParams {
+    pub fn from_query(query: &[(String, String)]) -> Result<StreamParams, ApiError> {
+        let mut p = StreamParams { snapshot_limit: SNAPSHOT_DEFAULT_LIMIT, ..Default::default() };
+        for (k, v) in query {
+            if p.filter.apply_param(k, v)? {
+                continue;
+            }
+            match k.as_str() {
+                "since" => p.since = Some(parse_position(v)?),
+                "snapshot" => p.snapshot = parse_bool("snapshot", v)?,
+                "snapshot_limit" => p.snapshot_limit = parse_limit(v, SNAPSHOT_MAX_LIMIT)?,
+                "access_token" => {}
+                other => {
+                    return Err(ValidationError::with_code(
+                        "query",
+                        "unknown_parameter",
+                        format!("unknown query parameter {other:?}"),
+                    )
+                    .into())
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// A resume position as sent back by clients: a non-negative integer.
+pub fn parse_position(v: &str) -> Result<i64, ValidationError> {
+    v.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|p| *p >= 0)
+        .ok_or_else(|| ValidationError::with_code("since", "invalid_position", format!("{v:?} is not a position")))
+}
+
+pub fn parse_bool(field: &'static str, v: &str) -> Result<bool, ValidationError> {
+    match v {
+        "true" | "1" | "yes" | "" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ValidationError::new(field, "must be true or false")),
+    }
+}
+
+pub fn parse_limit(v: &str, max: i64) -> Result<i64, ValidationError> {
+    let n: i64 = v.trim().parse().map_err(|_| ValidationError::new("limit", "must be a whole number"))?;
+    if n < 1 {
+        return Err(ValidationError::new("limit", "must be at least 1"));
+    }
+    Ok(n.min(max))
+}
+
+/// The raw query pairs, in order (repeated keys allowed).
+pub type QueryPairs = Query<Vec<(String, String)>>;

@@ -1,0 +1,158 @@
+//! `GET /api/openapi.json`: the OpenAPI 3 document, generated from the route
+//! annotations and the schema types below (which describe the JSON the
+//! database renders for an order).
+
+use actix_web::{get, HttpResponse};
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+use crate::domain::Status;
+
+/// An order, as returned by the API and carried in `change` messages.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Order)]
+pub struct OrderDoc {
+    pub id: i64,
+    pub external_id: Option<String>,
+    pub customer_name: String,
+    pub customer_email: Option<String>,
+    pub product: String,
+    pub quantity: i32,
+    /// Decimal with 2 places.
+    pub unit_price: f64,
+    /// quantity * unit_price, kept by the database.
+    pub amount: f64,
+    pub status: Status,
+    pub error_message: Option<String>,
+    /// Bumped on every change; send it back in `If-Match` for optimistic concurrency.
+    pub version: i32,
+    pub created_at: String,
+    pub updated_at: String,
+    pub processing_at: Option<String>,
+    pub processed_at: Option<String>,
+    pub shipped_at: Option<String>,
+    pub delivered_at: Option<String>,
+    pub cancelled_at: Option<String>,
+    pub failed_at: Option<String>,
+}
+
+/// A new order. Unknown fields are rejected.
+#[derive(Serialize, ToSchema)]
+#[schema(as = NewOrder)]
+pub struct NewOrderDoc {
+    /// The producer's id (unique).
+    pub external_id: Option<String>,
+    /// 1 to 200 characters.
+    pub customer_name: String,
+    pub customer_email: Option<String>,
+    /// 1 to 200 characters.
+    pub product: String,
+    /// 1 to 1,000,000.
+    pub quantity: i32,
+    /// At least 0, at most 2 decimal places (a number or a string).
+    pub unit_price: f64,
+    /// Initial status (default pending).
+    pub status: Option<Status>,
+}
+
+/// A partial update: send only the fields to change.
+#[derive(Serialize, ToSchema)]
+#[schema(as = OrderPatch)]
+pub struct OrderPatchDoc {
+    pub customer_name: Option<String>,
+    pub customer_email: Option<String>,
+    pub product: Option<String>,
+    pub quantity: Option<i32>,
+    pub unit_price: Option<f64>,
+    /// Must be an allowed transition from the current status.
+    pub status: Option<Status>,
+    pub error_message: Option<String>,
+    /// Expected current version (like If-Match).
+    pub version: Option<i32>,
+}
+
+/// A page of orders.
+#[derive(Serialize, ToSchema)]
+#[schema(as = OrderPage)]
+pub struct OrderPageDoc {
+    pub items: Vec<OrderDoc>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+    /// The change-log position the page reflects: stream with `since` = this.
+    pub position: i64,
+}
+
+/// One status change.
+#[derive(Serialize, ToSchema)]
+#[schema(as = HistoryEntry)]
+pub struct HistoryDoc {
+    /// Null when the order was created.
+    pub from: Option<Status>,
+    pub to: Status,
+    pub at: String,
+    /// `api:<caller>`, `kafka:<topic>` or `sql:<database user>`.
+    pub by: String,
+}
+
+/// Statistics.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Stats)]
+pub struct StatsDoc {
+    pub total_orders: i64,
+    pub total_amount: f64,
+    /// status -> {count, amount}
+    pub by_status: serde_json::Value,
+    /// [{product, count, avg_price}], most ordered first.
+    pub products: serde_json::Value,
+    pub position: i64,
+}
+
+/// An error. `code` is stable; `message` is for people.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Problem)]
+pub struct ProblemDoc {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    /// The field at fault, for validation errors.
+    pub field: Option<String>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "ordercast",
+        description = "Live order changes from PostgreSQL to browsers. Realtime protocol (WebSocket /ws and SSE /api/events): see the README."
+    ),
+    paths(
+        crate::routes::health::health,
+        crate::routes::orders::create,
+        crate::routes::orders::list,
+        crate::routes::orders::get_one,
+        crate::routes::orders::patch_order,
+        crate::routes::orders::put_order,
+        crate::routes::orders::delete_order,
+        crate::routes::orders::cancel,
+        crate::routes::orders::history,
+        crate::routes::orders::transitions,
+        crate::routes::stats::stats,
+        crate::routes::ws::ws,
+        crate::routes::sse::events,
+        crate::routes::sse::order_events,
+        openapi_json,
+    ),
+    components(schemas(OrderDoc, NewOrderDoc, OrderPatchDoc, OrderPageDoc, HistoryDoc, StatsDoc, ProblemDoc, Status))
+)]
+pub struct ApiDoc;
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "meta",
+    responses((status = 200, description = "OpenAPI 3 document", body = serde_json::Value)))]
+#[get("/api/openapi.json")]
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(ApiDoc::openapi())
+}
+
+pub fn configure(cfg: &mut actix_web::web::ServiceConfig) {
+    cfg.service(openapi_json);
+}

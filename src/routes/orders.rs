@@ -1,0 +1,530 @@
+//! The REST API for orders. Every write runs as one statement that also sets
+//! `ordercast.actor`, so the history and change log say who made it; the
+//! database enforces the status rules and reports violations, mapped in
+//! `crate::error`.
+
+use actix_web::http::header;
+use actix_web::{delete, get, patch, post, put, web, HttpRequest, HttpResponse};
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+use super::{parse_limit, QueryPairs};
+use crate::domain::{Filter, NewOrder, OrderPatch, Status, ValidationError};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+pub const LIST_DEFAULT_LIMIT: i64 = 50;
+pub const LIST_MAX_LIMIT: i64 = 500;
+
+/// Who the history should name for a REST change.
+pub fn actor(req: &HttpRequest) -> String {
+    let who = req
+        .extensions()
+        .get::<crate::startup::Caller>()
+        .map(|c| c.0.clone())
+        .unwrap_or_else(|| req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into()));
+    format!("api:{who}")
+}
+
+use actix_web::HttpMessage;
+
+/// Reads a request body up to the configured limit (413 beyond it).
+pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("could not read the body: {e}"), "invalid_body"))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}"), "malformed_json"))
+}
+
+pub fn parse_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not an order id"), "invalid_id"))
+}
+
+/// `If-Match: 3`, `If-Match: "3"` or `W/"3"`.
+fn if_match(req: &HttpRequest) -> Result<Option<i32>, ApiError> {
+    let Some(v) = req.headers().get(header::IF_MATCH) else { return Ok(None) };
+    let s = v.to_str().unwrap_or("").trim();
+    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    s.parse::<i32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(Some)
+        .ok_or_else(|| ApiError::BadRequest("If-Match must be an order version".into(), "invalid_if_match"))
+}
+
+fn json_response(mut builder: actix_web::HttpResponseBuilder, body: String, version: Option<i32>) -> HttpResponse {
+    if let Some(v) = version {
+        builder.insert_header((header::ETAG, format!("\"{v}\"")));
+    }
+    builder.content_type("application/json").body(body)
+}
+
+fn order_version(json: &str) -> Option<i32> {
+    serde_json::from_str::<Value>(json).ok()?.get("version")?.as_i64().map(|v| v as i32)
+}
+
+/// Create an order.
+#[utoipa::path(post, path = "/api/orders", tag = "orders",
+    request_body(content = crate::routes::openapi::NewOrderDoc, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = crate::routes::openapi::OrderDoc, headers(("Location" = String, description = "URL of the new order"))),
+        (status = 400, description = "Malformed JSON", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "external_id already exists", body = crate::routes::openapi::ProblemDoc),
+        (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[post("/api/orders")]
+pub async fn create(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, body, state.settings.max_body_bytes).await?;
+    let order = NewOrder::parse(&parse_body(&body)?)?;
+    let client = state.pool.get().await?;
+    let row = client
+        .query_one(
+            "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
+             INSERT INTO orders (external_id, customer_name, customer_email, product, quantity, unit_price, status) \
+             SELECT $2, $3, $4, $5, $6, $7, COALESCE($8, 'pending') FROM a \
+             RETURNING id, to_jsonb(orders)::text",
+            &[
+                &actor(&req),
+                &order.external_id,
+                &order.customer_name,
+                &order.customer_email,
+                &order.product,
+                &order.quantity,
+                &order.unit_price,
+                &order.status.map(Status::as_str),
+            ],
+        )
+        .await?;
+    let id: i64 = row.get(0);
+    let mut builder = HttpResponse::Created();
+    builder.insert_header((header::LOCATION, format!("/api/orders/{id}")));
+    Ok(json_response(builder, row.get(1), Some(1)))
+}
+
+/// List orders, newest first, with keyset pagination.
+#[utoipa::path(get, path = "/api/orders", tag = "orders",
+    params(
+        ("status" = Option<String>, Query, description = "One or several statuses, comma-separated or repeated"),
+        ("q" = Option<String>, Query, description = "Search in customer, product, external id and id"),
+        ("customer" = Option<String>, Query, description = "Exact customer name (case-insensitive)"),
+        ("id" = Option<String>, Query, description = "Order ids, comma-separated"),
+        ("limit" = Option<i64>, Query, description = "Page size (default 50, at most 500)"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of orders and the change-log position it reflects", body = crate::routes::openapi::OrderPageDoc),
+        (status = 422, description = "Invalid parameter", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/api/orders")]
+pub async fn list(query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut filter = Filter::default();
+    let mut q: Option<String> = None;
+    let mut limit = LIST_DEFAULT_LIMIT;
+    let mut cursor: Option<i64> = None;
+    for (k, v) in query.iter() {
+        if filter.apply_param(k, v)? {
+            continue;
+        }
+        match k.as_str() {
+            "q" => q = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
+            "limit" => limit = parse_limit(v, LIST_MAX_LIMIT)?,
+            "cursor" => {
+                cursor = Some(v.parse::<i64>().map_err(|_| {
+                    ValidationError::with_code("cursor", "invalid_cursor", "not a cursor from this API")
+                })?)
+            }
+            other => {
+                return Err(ValidationError::with_code(
+                    "query",
+                    "unknown_parameter",
+                    format!("unknown query parameter {other:?}"),
+                )
+                .into())
+            }
+        }
+    }
+    let page = list_page(&state.pool, &filter, q.as_deref(), limit, cursor).await?;
+    Ok(HttpResponse::Ok().content_type("application/json").body(page.to_json()))
+}
+
+/// Escapes LIKE metacharacters so a search for `50%` means the text.
+fn like_pattern(q: &str) -> String {
+    let mut s = String::with_capacity(q.len() + 2);
+    s.push('%');
+    for ch in q.chars() {
+        if matches!(ch, '%' | '_' | '\\') {
+            s.push('\\');
+        }
+        s.push(ch);
+    }
+    s.push('%');
+    s
+}
+
+/// A page of orders (each as JSON text) and the change-log position it
+/// reflects.
+pub struct Page {
+    pub items: Vec<String>,
+    pub next_cursor: Option<i64>,
+    pub position: i64,
+}
+
+impl Page {
+    /// `{"items":[...],"next_cursor":"..."|null,"position":N}`
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(64 + self.items.iter().map(String::len).sum::<usize>());
+        out.push_str(r#"{"items":["#);
+        for (i, item) in self.items.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(item);
+        }
+        match self.next_cursor {
+            Some(c) => out.push_str(&format!(r#"],"next_cursor":"{c}","position":{}}}"#, self.position)),
+            None => out.push_str(&format!(r#"],"next_cursor":null,"position":{}}}"#, self.position)),
+        }
+        out
+    }
+}
+
+/// Reads one page in a single REPEATABLE READ snapshot together with the
+/// change-log head: changes up to `position` are reflected in the rows and
+/// none after it, so a client can load the page and then stream
+/// `since=position` with no gap and no double.
+pub async fn list_page(
+    pool: &deadpool_postgres::Pool,
+    filter: &Filter,
+    q: Option<&str>,
+    limit: i64,
+    cursor: Option<i64>,
+) -> Result<Page, ApiError> {
+    let mut client = pool.get().await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let position: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
+    let ids: Option<Vec<i64>> = (!filter.ids.is_empty()).then(|| filter.ids.iter().copied().collect());
+    let q_id: Option<i64> = q.and_then(|q| q.trim_start_matches('#').parse().ok());
+    let rows = tx
+        .query(
+            "SELECT id, to_jsonb(o)::text FROM orders o \
+             WHERE ($1::text[] IS NULL OR status = ANY($1)) \
+               AND ($2::bigint[] IS NULL OR id = ANY($2)) \
+               AND ($3::text IS NULL OR lower(customer_name) = $3) \
+               AND ($4::text IS NULL OR customer_name ILIKE $4 OR product ILIKE $4 OR external_id ILIKE $4 \
+                    OR customer_email ILIKE $4 OR id = $5) \
+               AND ($6::bigint IS NULL OR id < $6) \
+             ORDER BY id DESC LIMIT $7",
+            &[&filter.status_strings(), &ids, &filter.customer, &q.map(like_pattern), &q_id, &cursor, &(limit + 1)],
+        )
+        .await?;
+    tx.commit().await?;
+    let more = rows.len() as i64 > limit;
+    let rows = &rows[..rows.len().min(limit as usize)];
+    Ok(Page {
+        next_cursor: if more { rows.last().map(|r| r.get(0)) } else { None },
+        items: rows.iter().map(|r| r.get(1)).collect(),
+        position,
+    })
+}
+
+/// One order.
+#[utoipa::path(get, path = "/api/orders/{id}", tag = "orders",
+    params(("id" = i64, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "The order", body = crate::routes::openapi::OrderDoc),
+        (status = 400, description = "Not an order id", body = crate::routes::openapi::ProblemDoc),
+        (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/api/orders/{id}")]
+pub async fn get_one(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path)?;
+    let json = fetch(&state.pool, id).await?.ok_or_else(|| not_found(id))?;
+    let version = order_version(&json);
+    Ok(json_response(HttpResponse::Ok(), json, version))
+}
+
+pub async fn fetch(pool: &deadpool_postgres::Pool, id: i64) -> Result<Option<String>, ApiError> {
+    let client = pool.get().await?;
+    Ok(client.query_opt("SELECT to_jsonb(o)::text FROM orders o WHERE id = $1", &[&id]).await?.map(|r| r.get(0)))
+}
+
+fn not_found(id: i64) -> ApiError {
+    ApiError::NotFound(format!("order {id} does not exist"))
+}
+
+/// Applies a patch; the database checks the transition and bumps the version.
+pub async fn apply_patch(
+    pool: &deadpool_postgres::Pool,
+    id: i64,
+    patch: &OrderPatch,
+    expected_version: Option<i32>,
+    actor: &str,
+) -> Result<String, ApiError> {
+    let client = pool.get().await?;
+    let (email_set, email) = match &patch.customer_email {
+        Some(v) => (true, v.clone()),
+        None => (false, None),
+    };
+    let (err_set, err) = match &patch.error_message {
+        Some(v) => (true, v.clone()),
+        None => (false, None),
+    };
+    let unit_price: Option<Decimal> = patch.unit_price;
+    let row = client
+        .query_opt(
+            "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
+             UPDATE orders SET \
+                customer_name = COALESCE($2, customer_name), \
+                customer_email = CASE WHEN $3 THEN $4 ELSE customer_email END, \
+                product = COALESCE($5, product), \
+                quantity = COALESCE($6, quantity), \
+                unit_price = COALESCE($7, unit_price), \
+                status = COALESCE($8, status), \
+                error_message = CASE WHEN $9 THEN $10 ELSE error_message END \
+             FROM a WHERE id = $11 AND ($12::int IS NULL OR version = $12) \
+             RETURNING to_jsonb(orders)::text",
+            &[
+                &actor,
+                &patch.customer_name,
+                &email_set,
+                &email,
+                &patch.product,
+                &patch.quantity,
+                &unit_price,
+                &patch.status.map(Status::as_str),
+                &err_set,
+                &err,
+                &id,
+                &expected_version,
+            ],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(r.get(0)),
+        None => {
+            let current: Option<i32> =
+                client.query_opt("SELECT version FROM orders WHERE id = $1", &[&id]).await?.map(|r| r.get(0));
+            match (current, expected_version) {
+                (None, _) => Err(not_found(id)),
+                (Some(current), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
+                (Some(_), None) => Err(ApiError::Unexpected(anyhow::anyhow!("update of order {id} matched no row"))),
+            }
+        }
+    }
+}
+
+async fn update(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path)?;
+    let body = read_body(&req, body, state.settings.max_body_bytes).await?;
+    let patch = OrderPatch::parse(&parse_body(&body)?)?;
+    let expected = match (if_match(&req)?, patch.version) {
+        (Some(h), Some(b)) if h != b => {
+            return Err(ApiError::BadRequest(
+                format!("If-Match ({h}) and body version ({b}) disagree"),
+                "version_mismatch",
+            ))
+        }
+        (h, b) => h.or(b),
+    };
+    let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req)).await?;
+    let version = order_version(&json);
+    Ok(json_response(HttpResponse::Ok(), json, version))
+}
+
+/// Change some fields of an order (partial update).
+#[utoipa::path(patch, path = "/api/orders/{id}", tag = "orders",
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    request_body(content = crate::routes::openapi::OrderPatchDoc, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
+        (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Status transition not allowed", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[patch("/api/orders/{id}")]
+pub async fn patch_order(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    update(req, path, body, state).await
+}
+
+/// Same as PATCH: existing clients send `PUT /api/orders/1 {"status":"shipped"}`.
+#[utoipa::path(put, path = "/api/orders/{id}", tag = "orders",
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    request_body(content = crate::routes::openapi::OrderPatchDoc, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
+        (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Status transition not allowed", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[put("/api/orders/{id}")]
+pub async fn put_order(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    update(req, path, body, state).await
+}
+
+/// Cancel an order (allowed from pending, processing and processed).
+#[utoipa::path(post, path = "/api/orders/{id}/cancel", tag = "orders",
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    responses(
+        (status = 200, description = "The cancelled order", body = crate::routes::openapi::OrderDoc),
+        (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Cannot be cancelled in its status", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[post("/api/orders/{id}/cancel")]
+pub async fn cancel(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path)?;
+    // Cancelling twice is a mistake worth reporting, not a silent no-op.
+    if let Some(json) = fetch(&state.pool, id).await? {
+        if serde_json::from_str::<Value>(&json).ok().and_then(|o| o["status"].as_str().map(str::to_owned)).as_deref()
+            == Some("cancelled")
+        {
+            return Err(ApiError::InvalidTransition {
+                message: format!("order {id} is already cancelled"),
+                from: Some("cancelled".into()),
+                to: Some("cancelled".into()),
+            });
+        }
+    }
+    let patch = OrderPatch { status: Some(Status::Cancelled), ..Default::default() };
+    let json = apply_patch(&state.pool, id, &patch, if_match(&req)?, &actor(&req)).await?;
+    let version = order_version(&json);
+    Ok(json_response(HttpResponse::Ok(), json, version))
+}
+
+/// Delete an order.
+#[utoipa::path(delete, path = "/api/orders/{id}", tag = "orders",
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[delete("/api/orders/{id}")]
+pub async fn delete_order(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path)?;
+    let expected = if_match(&req)?;
+    let client = state.pool.get().await?;
+    let deleted = client
+        .query_opt(
+            "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
+             DELETE FROM orders USING a WHERE id = $2 AND ($3::int IS NULL OR version = $3) RETURNING id",
+            &[&actor(&req), &id, &expected],
+        )
+        .await?;
+    if deleted.is_some() {
+        return Ok(HttpResponse::NoContent().finish());
+    }
+    let current: Option<i32> =
+        client.query_opt("SELECT version FROM orders WHERE id = $1", &[&id]).await?.map(|r| r.get(0));
+    match (current, expected) {
+        (Some(current), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
+        _ => Err(not_found(id)),
+    }
+}
+
+/// The status history of an order, oldest first.
+#[utoipa::path(get, path = "/api/orders/{id}/history", tag = "orders",
+    params(("id" = i64, Path, description = "Order id")),
+    responses(
+        (status = 200, description = "Status changes: from, to, at, by", body = [crate::routes::openapi::HistoryDoc]),
+        (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/api/orders/{id}/history")]
+pub async fn history(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&path)?;
+    let client = state.pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1), \
+                    COALESCE((SELECT json_agg(json_build_object('from', from_status, 'to', to_status, \
+                              'at', changed_at, 'by', changed_by) ORDER BY id) \
+                              FROM order_status_history WHERE order_id = $1), '[]')::text",
+            &[&id],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Err(not_found(id));
+    }
+    Ok(HttpResponse::Ok().content_type("application/json").body(row.get::<_, String>(1)))
+}
+
+/// The allowed status transitions, as the database enforces them.
+#[utoipa::path(get, path = "/api/transitions", tag = "orders",
+    responses((status = 200, description = "Map from status to the statuses it may move to", body = serde_json::Value)))]
+#[get("/api/transitions")]
+pub async fn transitions(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT json_object_agg(s, COALESCE(t, '[]'::json))::text FROM \
+             unnest(ARRAY['pending','processing','processed','shipped','delivered','cancelled','failed']) s \
+             LEFT JOIN (SELECT from_status, json_agg(to_status ORDER BY to_status) t FROM order_transitions GROUP BY 1) x \
+             ON x.from_status = s",
+            &[],
+        )
+        .await?;
+    Ok(HttpResponse::Ok().content_type("application/json").body(row.get::<_, String>(0)))
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(create)
+        .service(list)
+        .service(transitions)
+        .service(get_one)
+        .service(patch_order)
+        .service(put_order)
+        .service(cancel)
+        .service(delete_order)
+        .service(history);
+}

@@ -1,0 +1,157 @@
+//! Server-Sent Events: the fallback transport for browsers without WebSocket.
+//!
+//! `GET /api/events` takes the same filters as `/ws`. Every change carries
+//! `id: <position>`, so EventSource's automatic reconnect resumes with
+//! `Last-Event-ID`. `GET /api/orders/{id}/events` follows one order: its
+//! current state first, then its changes.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{get, web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+
+use super::ws::{open_stream, ready_message, resync_message, snapshot_messages, Opened};
+use super::{parse_position, QueryPairs, StreamParams};
+use crate::changes::feed::Item;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// Comment lines keep proxies from timing the stream out.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// EventSource reconnect delay suggested to browsers, in milliseconds.
+const RETRY_MS: u32 = 1000;
+
+fn event(name: &str, id: Option<i64>, data: &str) -> Bytes {
+    let id = id.map(|i| format!("id: {i}\n")).unwrap_or_default();
+    Bytes::from(format!("event: {name}\n{id}data: {data}\n\n"))
+}
+
+struct Stream {
+    prelude: VecDeque<Bytes>,
+    opened: Opened,
+    keepalive: tokio::time::Interval,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    done: bool,
+    state: Arc<AppState>,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.state.sessions.sse.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn stream_response(state: Arc<AppState>, opened: Opened, params: &StreamParams) -> HttpResponse {
+    let mut prelude = VecDeque::new();
+    prelude.push_back(Bytes::from(format!("retry: {RETRY_MS}\n\n")));
+    if let Some((reason, position)) = opened.resync {
+        prelude.push_back(event("resync", Some(position), &resync_message(reason, position)));
+    }
+    if let Some(page) = &opened.snapshot {
+        for msg in snapshot_messages(page) {
+            prelude.push_back(event("snapshot", None, &msg));
+        }
+    }
+    prelude.push_back(event("ready", Some(opened.seq), &ready_message(&opened, params)));
+    let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
+    keepalive.reset();
+    state.sessions.sse.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let st = Stream { prelude, opened, keepalive, shutdown: state.shutdown.subscribe(), done: false, state };
+    let body = futures_util::stream::unfold(st, |mut st| async move {
+        if let Some(b) = st.prelude.pop_front() {
+            return Some((Ok::<_, Infallible>(b), st));
+        }
+        if st.done {
+            return None;
+        }
+        let chunk = tokio::select! {
+            item = st.opened.feed.next() => match item {
+                Some(Item::Change(c)) => c.sse.clone(),
+                Some(Item::Resync { reason, position }) => event("resync", Some(position), &resync_message(reason, position)),
+                None => {
+                    st.done = true;
+                    event("shutdown", None, r#"{"type":"shutdown"}"#)
+                }
+            },
+            _ = st.keepalive.tick() => Bytes::from_static(b": keepalive\n\n"),
+            _ = st.shutdown.wait_for(|s| *s) => {
+                st.done = true;
+                event("shutdown", None, &format!(r#"{{"type":"shutdown","seq":{}}}"#, st.opened.feed.position()))
+            }
+        };
+        Some((Ok(chunk), st))
+    });
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body)
+}
+
+/// `Last-Event-ID` (set by EventSource on reconnect) wins over `since` and
+/// turns a snapshot request into a resume.
+fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(), ApiError> {
+    if let Some(v) = req.headers().get("Last-Event-ID") {
+        let v = v.to_str().map_err(|_| ApiError::BadRequest("Last-Event-ID is not text".into(), "invalid_position"))?;
+        if !v.trim().is_empty() {
+            params.since = Some(parse_position(v)?);
+            params.snapshot = false;
+        }
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/events", tag = "realtime",
+    params(
+        ("status" = Option<String>, Query, description = "Only changes to orders in (or leaving) these statuses"),
+        ("id" = Option<String>, Query, description = "Only these order ids"),
+        ("customer" = Option<String>, Query, description = "Only this customer"),
+        ("since" = Option<i64>, Query, description = "Resume after this position"),
+        ("snapshot" = Option<bool>, Query, description = "Send the matching current rows first"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume position (sent by EventSource on reconnect)"),
+    ),
+    responses(
+        (status = 200, description = "text/event-stream: events snapshot, ready, change, resync, shutdown", content_type = "text/event-stream", body = String),
+        (status = 422, description = "Invalid filter or position", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/api/events")]
+pub async fn events(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut params = StreamParams::from_query(&query)?;
+    apply_last_event_id(&req, &mut params)?;
+    let opened = open_stream(&state, &params).await?;
+    Ok(stream_response(state.into_inner(), opened, &params))
+}
+
+#[utoipa::path(get, path = "/api/orders/{id}/events", tag = "realtime",
+    params(
+        ("id" = i64, Path, description = "Order id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume position"),
+    ),
+    responses(
+        (status = 200, description = "text/event-stream: the order's current state (snapshot), then its changes", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/api/orders/{id}/events")]
+pub async fn order_events(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = super::orders::parse_id(&path)?;
+    let mut params = StreamParams { snapshot: true, snapshot_limit: 1, ..Default::default() };
+    params.filter.ids.insert(id);
+    apply_last_event_id(&req, &mut params)?;
+    let opened = open_stream(&state, &params).await?;
+    if opened.snapshot.as_ref().is_some_and(|p| p.items.is_empty()) {
+        return Err(ApiError::NotFound(format!("order {id} does not exist")));
+    }
+    Ok(stream_response(state.into_inner(), opened, &params))
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(events).service(order_events);
+}

@@ -1,0 +1,43 @@
+//! The dashboard: files from `web/`, embedded in the binary at compile time
+//! so one binary is the whole product.
+
+use actix_web::http::header;
+use actix_web::{get, web, HttpResponse};
+use rust_embed::RustEmbed;
+
+#[derive(RustEmbed)]
+#[folder = "web/"]
+struct Assets;
+
+fn serve(path: &str) -> HttpResponse {
+    match Assets::get(path) {
+        Some(file) => {
+            let mime = mime_guess::from_path(path).first_or_octet_stream();
+            let cache = if path == "index.html" { "no-cache" } else { "public, max-age=300" };
+            HttpResponse::Ok()
+                .insert_header((header::CONTENT_TYPE, mime.as_ref()))
+                .insert_header((header::CACHE_CONTROL, cache))
+                .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+                .body(file.data.into_owned())
+        }
+        None => crate::error::problem_response(
+            actix_web::http::StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no such file: /{path}"),
+        ),
+    }
+}
+
+#[get("/")]
+async fn index() -> HttpResponse {
+    serve("index.html")
+}
+
+#[get("/{path:.*\\.(js|css|png|svg|ico|map|txt|html|json)}")]
+async fn asset(path: web::Path<String>) -> HttpResponse {
+    serve(&path)
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(index).service(asset);
+}

@@ -1,0 +1,370 @@
+//! `GET /ws`: the WebSocket stream.
+//!
+//! Protocol (JSON text frames):
+//! - client -> server: `{"type":"subscribe","filter":{...},"since":N,"snapshot":true}`
+//!   (replaces the current subscription), `{"type":"ping"}`.
+//! - server -> client: `ready` (with `seq`, a valid resume position), optional
+//!   `snapshot` chunks, then `change` messages; `resync` when the client's
+//!   position is gone; `error` for a bad client message; `pong`.
+//!
+//! A client that sends nothing gets every change from now on; the same
+//! subscription can be given as query parameters (`/ws?status=pending&since=42`).
+//! One `select!` loop per connection over client frames, the feed, a
+//! heartbeat and server shutdown.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{get, web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use serde_json::{json, Value};
+
+use super::{parse_position, QueryPairs, StreamParams};
+use crate::changes::feed::{Feed, FeedError, Item};
+use crate::domain::{Filter, ValidationError};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// How often the server pings.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// A client silent (no pong, no message) for this long is closed.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Snapshot rows per `snapshot` message.
+const SNAPSHOT_CHUNK: usize = 200;
+
+/// Close codes, documented in the README.
+pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+pub const CLOSE_UNAVAILABLE: u16 = 4503;
+
+/// A parsed client message.
+#[derive(Debug, PartialEq)]
+pub enum ClientMessage {
+    Subscribe { filter: Filter, since: Option<i64>, snapshot: bool },
+    Ping,
+}
+
+impl ClientMessage {
+    pub fn parse(text: &str) -> Result<ClientMessage, ValidationError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| ValidationError::with_code("message", "malformed_json", format!("malformed JSON: {e}")))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| ValidationError::with_code("message", "invalid_message", "expected a JSON object"))?;
+        match obj.get("type").and_then(Value::as_str) {
+            Some("ping") => Ok(ClientMessage::Ping),
+            Some("subscribe") => {
+                if let Some(k) = obj.keys().find(|k| !["type", "filter", "since", "snapshot"].contains(&k.as_str())) {
+                    return Err(ValidationError::with_code("message", "unknown_field", format!("unknown field {k:?}")));
+                }
+                let since = match obj.get("since") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Number(n)) => Some(parse_position(&n.to_string())?),
+                    Some(Value::String(s)) => Some(parse_position(s)?),
+                    Some(_) => {
+                        return Err(ValidationError::with_code("since", "invalid_position", "since must be a position"))
+                    }
+                };
+                let snapshot = match obj.get("snapshot") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => return Err(ValidationError::new("snapshot", "must be true or false")),
+                };
+                let filter = Filter::from_json(obj.get("filter").unwrap_or(&Value::Null))?;
+                Ok(ClientMessage::Subscribe { filter, since, snapshot })
+            }
+            Some(other) => Err(ValidationError::with_code(
+                "type",
+                "unknown_type",
+                format!("unknown message type {other:?}; expected subscribe or ping"),
+            )),
+            None => Err(ValidationError::with_code("type", "invalid_message", "a message needs a \"type\"")),
+        }
+    }
+}
+
+/// An open feed plus what to send before its first change.
+pub struct Opened {
+    pub feed: Feed,
+    /// Set when the requested position is gone: the client must reload.
+    pub resync: Option<(&'static str, i64)>,
+    /// Resume position valid from the start (`since`, or the live start).
+    pub seq: i64,
+    pub snapshot: Option<crate::routes::orders::Page>,
+}
+
+/// Opens a feed for stream parameters: with a snapshot, the rows and the
+/// position they reflect are read in one snapshot and the feed continues
+/// after that position, so nothing falls between the two.
+pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Opened, ApiError> {
+    let (since, snapshot) = if params.snapshot {
+        let page =
+            crate::routes::orders::list_page(&state.pool, &params.filter, None, params.snapshot_limit, None).await?;
+        (Some(page.position), Some(page))
+    } else {
+        (params.since, None)
+    };
+    let mut feed = Feed::open(&state.hub, &state.pool, params.filter.clone(), since).await.map_err(|e| match e {
+        FeedError::Hub(_) => ApiError::Unavailable("the server is shutting down".into()),
+        FeedError::Db(e) => e,
+    })?;
+    let resync = feed.take_initial_resync();
+    Ok(Opened { seq: feed.position(), feed, snapshot, resync })
+}
+
+#[utoipa::path(get, path = "/ws", tag = "realtime",
+    params(
+        ("status" = Option<String>, Query, description = "Only changes to orders in (or leaving) these statuses"),
+        ("id" = Option<String>, Query, description = "Only these order ids"),
+        ("customer" = Option<String>, Query, description = "Only this customer (exact, case-insensitive)"),
+        ("since" = Option<i64>, Query, description = "Resume after this position (the last seq received)"),
+        ("snapshot" = Option<bool>, Query, description = "Send the matching current rows first"),
+    ),
+    responses(
+        (status = 101, description = "WebSocket upgrade; see the README for the message protocol"),
+        (status = 422, description = "Invalid filter or position", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/ws")]
+pub async fn ws(
+    req: HttpRequest,
+    body: web::Payload,
+    query: QueryPairs,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let params = StreamParams::from_query(&query)?;
+    let opened = open_stream(&state, &params).await?;
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream
+        .max_frame_size(state.settings.max_frame_bytes)
+        .aggregate_continuations()
+        .max_continuation_size(state.settings.max_frame_bytes);
+    let state = state.into_inner();
+    actix_web::rt::spawn(async move {
+        state.sessions.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        run_session(state.clone(), session, stream, opened, params).await;
+        state.sessions.ws.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    Ok(response)
+}
+
+enum Outcome {
+    Continue,
+    Close(Option<CloseReason>),
+}
+
+fn close(code: u16, description: impl Into<String>) -> Outcome {
+    Outcome::Close(Some(CloseReason { code: CloseCode::Other(code), description: Some(description.into()) }))
+}
+
+struct Conn {
+    session: Session,
+    write_timeout: Duration,
+}
+
+impl Conn {
+    /// Sends one frame; a client that does not read for `write_timeout`
+    /// is too slow and gets closed.
+    async fn send(&mut self, text: impl Into<bytestring::ByteString>) -> Result<(), Outcome> {
+        match tokio::time::timeout(self.write_timeout, self.session.text(text)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Outcome::Close(None)),
+            Err(_) => Err(close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading")),
+        }
+    }
+
+    async fn send_json(&mut self, v: Value) -> Result<(), Outcome> {
+        self.send(v.to_string()).await
+    }
+
+    /// A resync if the position is gone, snapshot chunks (if asked for),
+    /// then `ready`: a client that has
+    /// `ready` has everything up to its `seq`.
+    async fn announce(&mut self, opened: &Opened, params: &StreamParams) -> Result<(), Outcome> {
+        if let Some((reason, position)) = opened.resync {
+            self.send(resync_message(reason, position)).await?;
+        }
+        if let Some(page) = &opened.snapshot {
+            for msg in snapshot_messages(page) {
+                self.send(msg).await?;
+            }
+        }
+        self.send(ready_message(opened, params)).await
+    }
+}
+
+pub fn ready_message(opened: &Opened, params: &StreamParams) -> String {
+    json!({
+        "type": "ready",
+        "seq": opened.seq,
+        "snapshot": opened.snapshot.is_some(),
+        "filter": filter_json(&params.filter),
+    })
+    .to_string()
+}
+
+/// `{"type":"snapshot","seq":P,"orders":[...],"last":bool,"truncated":bool}`
+/// messages of at most `SNAPSHOT_CHUNK` rows (one, possibly empty, at least).
+pub fn snapshot_messages(page: &crate::routes::orders::Page) -> Vec<String> {
+    let chunks: Vec<&[String]> =
+        if page.items.is_empty() { vec![&[]] } else { page.items.chunks(SNAPSHOT_CHUNK).collect() };
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            format!(
+                r#"{{"type":"snapshot","seq":{},"orders":[{}],"last":{},"truncated":{}}}"#,
+                page.position,
+                chunk.join(","),
+                i + 1 == n,
+                page.next_cursor.is_some()
+            )
+        })
+        .collect()
+}
+
+pub fn resync_message(reason: &str, position: i64) -> String {
+    json!({
+        "type": "resync",
+        "reason": reason,
+        "seq": position,
+        "message": "the changes after your position are no longer available: reload (e.g. subscribe with snapshot) and continue from seq",
+    })
+    .to_string()
+}
+
+pub fn filter_json(f: &Filter) -> Value {
+    json!({
+        "status": f.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "id": f.ids.iter().collect::<Vec<_>>(),
+        "customer": f.customer,
+    })
+}
+
+fn error_message(e: &ValidationError) -> Value {
+    json!({"type": "error", "code": e.code, "field": e.field, "message": e.message})
+}
+
+async fn run_session(
+    state: std::sync::Arc<AppState>,
+    session: Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+    mut opened: Opened,
+    mut params: StreamParams,
+) {
+    let mut conn = Conn { session, write_timeout: state.settings.slow_client_timeout() };
+    let mut shutdown = state.shutdown.subscribe();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+    heartbeat.tick().await;
+    let mut last_heard = Instant::now();
+
+    let mut outcome = match conn.announce(&opened, &params).await {
+        Ok(()) => Outcome::Continue,
+        Err(o) => o,
+    };
+    while let Outcome::Continue = outcome {
+        outcome = tokio::select! {
+            msg = stream.recv() => {
+                last_heard = Instant::now();
+                match msg {
+                    None => Outcome::Close(None),
+                    Some(Ok(AggregatedMessage::Text(text))) => match ClientMessage::parse(&text) {
+                        Ok(ClientMessage::Ping) => conn.send_json(json!({"type": "pong"})).await.err().unwrap_or(Outcome::Continue),
+                        Ok(ClientMessage::Subscribe { filter, since, snapshot }) => {
+                            let next = StreamParams { filter, since, snapshot, snapshot_limit: params.snapshot_limit };
+                            match open_stream(&state, &next).await {
+                                Ok(o) => {
+                                    opened = o;
+                                    params = next;
+                                    conn.announce(&opened, &params).await.err().unwrap_or(Outcome::Continue)
+                                }
+                                Err(ApiError::Validation(e)) => conn.send_json(error_message(&e)).await.err().unwrap_or(Outcome::Continue),
+                                Err(e) => close(CLOSE_UNAVAILABLE, format!("cannot subscribe: {}", e.code())),
+                            }
+                        }
+                        Err(e) => conn.send_json(error_message(&e)).await.err().unwrap_or(Outcome::Continue),
+                    },
+                    Some(Ok(AggregatedMessage::Binary(_))) => conn
+                        .send_json(json!({"type": "error", "code": "binary_not_supported", "message": "send JSON text frames"}))
+                        .await
+                        .err()
+                        .unwrap_or(Outcome::Continue),
+                    Some(Ok(AggregatedMessage::Ping(bytes))) => match conn.session.pong(&bytes).await {
+                        Ok(()) => Outcome::Continue,
+                        Err(_) => Outcome::Close(None),
+                    },
+                    Some(Ok(AggregatedMessage::Pong(_))) => Outcome::Continue,
+                    Some(Ok(AggregatedMessage::Close(_))) => Outcome::Close(Some(CloseCode::Normal.into())),
+                    Some(Err(e)) => {
+                        let code = match e {
+                            actix_ws::ProtocolError::Overflow => CloseCode::Size,
+                            _ => CloseCode::Protocol,
+                        };
+                        Outcome::Close(Some(CloseReason { code, description: Some(e.to_string()) }))
+                    }
+                }
+            }
+            item = opened.feed.next() => match item {
+                Some(Item::Change(c)) => conn.send(c.ws.clone()).await.err().unwrap_or(Outcome::Continue),
+                Some(Item::Resync { reason, position }) => {
+                    conn.send(resync_message(reason, position)).await.err().unwrap_or(Outcome::Continue)
+                }
+                None => close(1001, format!("server shutting down; resume with since={}", opened.feed.position())),
+            },
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > CLIENT_TIMEOUT {
+                    close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                } else {
+                    match tokio::time::timeout(conn.write_timeout, conn.session.ping(b"")).await {
+                        Ok(Ok(())) => Outcome::Continue,
+                        Ok(Err(_)) => Outcome::Close(None),
+                        Err(_) => close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading"),
+                    }
+                }
+            }
+            _ = shutdown.wait_for(|s| *s) => {
+                close(1001, format!("server shutting down; resume with since={}", opened.feed.position()))
+            }
+        };
+    }
+    if let Outcome::Close(reason) = outcome {
+        if let Some(r) = &reason {
+            log::debug!("closing WebSocket: {:?} {:?}", r.code, r.description);
+        }
+        // The close frame may not get through to a client that stopped
+        // reading; do not wait for it forever.
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.session.close(reason)).await;
+    }
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(ws);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_messages_parse_or_say_why() {
+        assert_eq!(ClientMessage::parse(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping));
+        match ClientMessage::parse(r#"{"type":"subscribe","filter":{"status":"pending"},"since":"12"}"#).unwrap() {
+            ClientMessage::Subscribe { filter, since, snapshot } => {
+                assert_eq!(since, Some(12));
+                assert!(!snapshot);
+                assert_eq!(filter.statuses.len(), 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (bad, code) in [
+            ("{", "malformed_json"),
+            ("[]", "invalid_message"),
+            (r#"{"type":"dance"}"#, "unknown_type"),
+            (r#"{"type":"subscribe","since":-1}"#, "invalid_position"),
+            (r#"{"type":"subscribe","since":true}"#, "invalid_position"),
+            (r#"{"type":"subscribe","filter":{"status":"nope"}}"#, "validation_failed"),
+            (r#"{"type":"subscribe","extra":1}"#, "unknown_field"),
+        ] {
+            assert_eq!(ClientMessage::parse(bad).unwrap_err().code, code, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests: the real application against a real PostgreSQL.
+
+mod helpers;
+mod orders;
+mod realtime;

@@ -1,0 +1,451 @@
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, TestApp};
+
+fn order_body() -> Value {
+    json!({"customer_name": "Ada Lovelace", "customer_email": "ada@example.com", "product": "Analytical Engine", "quantity": 3, "unit_price": "12.50"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_an_order_returns_201_with_location_and_the_row() {
+    let app = spawn_app().await;
+    let r = app.post_order(&order_body()).await;
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let order: Value = r.json().await.unwrap();
+    assert_eq!(location, format!("/api/orders/{}", order["id"]));
+    assert_eq!(order["status"], "pending");
+    assert_eq!(order["version"], 1);
+    assert_eq!(order["amount"], 37.5);
+    assert_eq!(order["unit_price"], 12.5);
+    assert!(order["created_at"].is_string());
+
+    let (status, fetched) = app.get_json(&location).await;
+    assert_eq!(status, 200);
+    assert_eq!(fetched, order);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_errors_name_the_field() {
+    let app = spawn_app().await;
+    let cases = [
+        (json!({"product": "x", "quantity": 1, "unit_price": 1}), 422, "customer_name", "missing_field"),
+        (
+            json!({"customer_name": "a", "product": "x", "quantity": 0, "unit_price": 1}),
+            422,
+            "quantity",
+            "validation_failed",
+        ),
+        (
+            json!({"customer_name": "a", "product": "x", "quantity": "two", "unit_price": 1}),
+            422,
+            "quantity",
+            "validation_failed",
+        ),
+        (
+            json!({"customer_name": "a", "product": "x", "quantity": 1, "unit_price": -3}),
+            422,
+            "unit_price",
+            "validation_failed",
+        ),
+        (
+            json!({"customer_name": "a", "product": "x", "quantity": 1, "unit_price": 1, "colour": "red"}),
+            422,
+            "body",
+            "unknown_field",
+        ),
+        (
+            json!({"customer_name": "a", "product": "x", "quantity": 1, "unit_price": 1, "customer_email": "nope"}),
+            422,
+            "customer_email",
+            "validation_failed",
+        ),
+        (
+            json!({"customer_name": "a", "product": "x", "quantity": 1, "unit_price": 1, "status": "lost"}),
+            422,
+            "status",
+            "validation_failed",
+        ),
+        (json!(["not", "an", "object"]), 422, "body", "invalid_body"),
+    ];
+    for (body, status, field, code) in cases {
+        let r = app.post_order(&body).await;
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["field"], field, "{body}: {problem}");
+        assert_eq!(problem["code"], code, "{body}: {problem}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_never_yields_a_500() {
+    let app = spawn_app().await;
+    // Malformed JSON.
+    let r = app.http.post(app.url("/api/orders")).body("{\"customer_name\":").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "malformed_json");
+    // A huge body.
+    let huge = format!("{{\"customer_name\":\"{}\"}}", "x".repeat(2 * 1024 * 1024));
+    let r = app.http.post(app.url("/api/orders")).body(huge).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "payload_too_large");
+    // Bad ids.
+    for path in ["/api/orders/abc", "/api/orders/-1", "/api/orders/0", "/api/orders/99999999999999999999"] {
+        let (status, body) = app.get_json(path).await;
+        assert_eq!(status, 400, "{path}");
+        assert_eq!(body["code"], "invalid_id");
+    }
+    let (status, body) = app.get_json("/api/orders/424242").await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    // Bad query parameters.
+    for q in ["?limit=abc", "?limit=0", "?status=nope", "?cursor=zz", "?bogus=1", "?id=x"] {
+        let (status, body) = app.get_json(&format!("/api/orders{q}")).await;
+        assert_eq!(status, 422, "{q}: {body}");
+    }
+    // An unknown route is a JSON 404 too.
+    let (status, body) = app.get_json("/api/nothing-here").await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_metacharacters_are_stored_verbatim() {
+    let app = spawn_app().await;
+    let name = "Robert'); DROP TABLE orders;-- %_\\";
+    let mut body = order_body();
+    body["customer_name"] = json!(name);
+    let order: Value = app.post_order(&body).await.json().await.unwrap();
+    assert_eq!(order["customer_name"], name);
+    // Search treats % and _ literally.
+    let (_, page) = app.get_json("/api/orders?q=%25_").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    let (_, page) = app.get_json("/api/orders?q=DROP%20TABLE").await;
+    assert_eq!(page["items"][0]["customer_name"], name);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_and_put_update_fields_and_bump_the_version() {
+    let app = spawn_app().await;
+    let order = app.create_order("Grace").await;
+    let id = order["id"].as_i64().unwrap();
+    let r = app.patch(id, &json!({"quantity": 5, "customer_email": "g@example.com"})).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"], "\"2\"");
+    let updated: Value = r.json().await.unwrap();
+    assert_eq!((updated["quantity"].as_i64(), updated["version"].as_i64()), (Some(5), Some(2)));
+    assert_eq!(updated["amount"], 47.5);
+
+    // The seed designs' clients: PUT with a partial body.
+    let r =
+        app.http.put(app.url(&format!("/api/orders/{id}"))).json(&json!({"status": "processed"})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r =
+        app.http.put(app.url(&format!("/api/orders/{id}"))).json(&json!({"status": "shipped"})).send().await.unwrap();
+    let shipped: Value = r.json().await.unwrap();
+    assert_eq!(shipped["status"], "shipped");
+    assert!(shipped["shipped_at"].is_string());
+    assert!(shipped["processed_at"].is_string());
+    assert_eq!(shipped["version"], 4);
+
+    // Clearing a nullable field; an empty patch is refused.
+    let r = app.patch(id, &json!({"customer_email": null})).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["customer_email"], Value::Null);
+    let r = app.patch(id, &json!({})).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "empty_patch");
+    let r = app.patch(424242, &json!({"quantity": 1})).await;
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_transitions_are_409_on_the_rest_path() {
+    let app = spawn_app().await;
+    let id = app.create_order("Alan").await["id"].as_i64().unwrap();
+    let r = app.patch(id, &json!({"status": "shipped"})).await;
+    assert_eq!(r.status(), 409);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(
+        (p["code"].as_str(), p["from"].as_str(), p["to"].as_str()),
+        (Some("invalid_transition"), Some("pending"), Some("shipped"))
+    );
+    assert!(p["message"].as_str().unwrap().contains("allowed: cancelled, failed, processed, processing"), "{p}");
+
+    // Final statuses stay final.
+    assert_eq!(app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap().status(), 200);
+    let r = app.patch(id, &json!({"status": "pending"})).await;
+    assert_eq!(r.status(), 409);
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_enforces_transitions_and_constraints_for_a_dba_too() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let id: i64 = db
+        .query_one("INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('DBA', 'Bolt', 1, 2) RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let err = db.execute("UPDATE orders SET status = 'delivered' WHERE id = $1", &[&id]).await.unwrap_err();
+    let db_err = err.as_db_error().unwrap();
+    assert_eq!(db_err.code().code(), "OC409");
+    assert!(db_err.message().contains("from pending to delivered"));
+    // Allowed path works and is recorded with the database user as actor.
+    db.execute("UPDATE orders SET status = 'processing' WHERE id = $1", &[&id]).await.unwrap();
+    for bad in [
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('x', 'y', 0, 1)",
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('x', 'y', 1, -1)",
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('  ', 'y', 1, 1)",
+        "INSERT INTO orders (customer_name, product, quantity, unit_price, status) VALUES ('x', 'y', 1, 1, 'lost')",
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES (NULL, 'y', 1, 1)",
+        "TRUNCATE orders",
+    ] {
+        assert!(db.execute(bad, &[]).await.is_err(), "{bad} should fail");
+    }
+    let (_, history) = app.get_json(&format!("/api/orders/{id}/history")).await;
+    let history = history.as_array().unwrap().clone();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0]["from"], Value::Null);
+    assert_eq!(history[1]["from"], "pending");
+    assert_eq!(history[1]["to"], "processing");
+    assert_eq!(history[1]["by"], "sql:postgres");
+    let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
+    assert_eq!(order["version"], 2);
+    assert!(order["processing_at"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_names_the_api_caller() {
+    let app = spawn_app().await;
+    let id = app.create_order("Hedy").await["id"].as_i64().unwrap();
+    app.patch(id, &json!({"status": "processing"})).await;
+    let (status, history) = app.get_json(&format!("/api/orders/{id}/history")).await;
+    assert_eq!(status, 200);
+    assert_eq!(history[1]["by"], "api:127.0.0.1");
+    assert_eq!(app.get_json("/api/orders/424242/history").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_patches_with_the_same_version_one_wins_one_gets_412() {
+    let app = spawn_app().await;
+    let id = app.create_order("Katherine").await["id"].as_i64().unwrap();
+    let send = |q: i64| {
+        app.http
+            .patch(app.url(&format!("/api/orders/{id}")))
+            .header("If-Match", "\"1\"")
+            .json(&json!({"quantity": q}))
+            .send()
+    };
+    let (a, b) = tokio::join!(send(7), send(8));
+    let mut statuses = vec![a.unwrap().status().as_u16(), b.unwrap().status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 412]);
+    // Version in the body works the same way.
+    let r = app.patch(id, &json!({"quantity": 9, "version": 1})).await;
+    assert_eq!(r.status(), 412);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!((p["code"].as_str(), p["current_version"].as_i64()), (Some("version_conflict"), Some(2)));
+    assert_eq!(app.patch(id, &json!({"quantity": 9, "version": 2})).await.status(), 200);
+    let r = app.http.delete(app.url(&format!("/api/orders/{id}"))).header("If-Match", "1").send().await.unwrap();
+    assert_eq!(r.status(), 412);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_returns_204_then_404() {
+    let app = spawn_app().await;
+    let id = app.create_order("Barbara").await["id"].as_i64().unwrap();
+    let r = app.http.delete(app.url(&format!("/api/orders/{id}"))).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(app.get_json(&format!("/api/orders/{id}")).await.0, 404);
+    let r = app.http.delete(app.url(&format!("/api/orders/{id}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+async fn insert_many(app: &TestApp, n: i64) {
+    let db = app.sql().await;
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price, status) \
+         SELECT 'customer ' || g, CASE WHEN g % 2 = 0 THEN 'Gear' ELSE 'Spring' END, 1 + g % 5, 10, \
+                CASE WHEN g % 3 = 0 THEN 'processing' ELSE 'pending' END \
+         FROM generate_series(1, $1::bigint) g",
+        &[&n],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyset_pagination_walks_thousands_of_rows_once_each() {
+    let app = spawn_app().await;
+    insert_many(&app, 3000).await;
+    let mut seen = HashSet::new();
+    let mut cursor: Option<String> = None;
+    let mut last_id = i64::MAX;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/orders?limit=500&cursor={c}"),
+            None => "/api/orders?limit=500".to_string(),
+        };
+        let (status, page) = app.get_json(&path).await;
+        assert_eq!(status, 200);
+        pages += 1;
+        for item in page["items"].as_array().unwrap() {
+            let id = item["id"].as_i64().unwrap();
+            assert!(id < last_id, "newest first");
+            last_id = id;
+            assert!(seen.insert(id));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 3000);
+    assert_eq!(pages, 6);
+    // limit is capped.
+    let (_, page) = app.get_json("/api/orders?limit=100000").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 500);
+    // Status filter (several) and search.
+    let (_, page) = app.get_json("/api/orders?status=processing&limit=500").await;
+    assert!(page["items"].as_array().unwrap().iter().all(|o| o["status"] == "processing"));
+    assert_eq!(page["items"].as_array().unwrap().len(), 500);
+    let (_, page) = app.get_json("/api/orders?status=processing,pending&limit=5").await;
+    assert_eq!(page["items"].as_array().unwrap().len(), 5);
+    let (_, page) = app.get_json("/api/orders?q=customer%202999").await;
+    assert_eq!(page["items"][0]["customer_name"], "customer 2999");
+    let (_, page) = app.get_json("/api/orders?q=Spring&limit=1").await;
+    assert_eq!(page["items"][0]["product"], "Spring");
+    let id = page["items"][0]["id"].as_i64().unwrap();
+    let (_, page) = app.get_json(&format!("/api/orders?q={id}")).await;
+    assert!(page["items"].as_array().unwrap().iter().any(|o| o["id"] == id));
+    assert!(page["position"].as_i64().unwrap() >= 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_statuses_and_average_prices_from_running_totals() {
+    let app = spawn_app().await;
+    insert_many(&app, 30).await;
+    let id = app.create_order("Stat").await["id"].as_i64().unwrap();
+    app.patch(id, &json!({"status": "cancelled"})).await;
+    let db = app.sql().await;
+    db.execute("DELETE FROM orders WHERE customer_name = 'customer 1'", &[]).await.unwrap();
+    let (status, stats) = app.get_json("/api/stats").await;
+    assert_eq!(status, 200);
+    assert_eq!(stats["total_orders"], 30);
+    assert_eq!(stats["by_status"]["processing"]["count"], 10);
+    assert_eq!(stats["by_status"]["pending"]["count"], 19);
+    assert_eq!(stats["by_status"]["cancelled"]["count"], 1);
+    let widget = stats["products"].as_array().unwrap().iter().find(|p| p["product"] == "Widget").unwrap().clone();
+    assert_eq!((widget["count"].as_i64(), widget["avg_price"].as_f64()), (Some(1), Some(9.5)));
+    // Folding the deltas changes nothing in the answer.
+    ordercast::changes::maintenance::run_once(&app.state.pool, &app.state.settings).await.unwrap();
+    let (_, after) = app.get_json("/api/stats").await;
+    assert_eq!(after["by_status"], stats["by_status"]);
+    assert_eq!(after["total_amount"], stats["total_amount"]);
+    let pending: i64 = db.query_one("SELECT count(*) FROM order_stats_delta", &[]).await.unwrap().get(0);
+    assert_eq!(pending, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_database_and_listener() {
+    let app = spawn_app().await;
+    let (status, health) = crate::helpers::eventually(Duration::from_secs(5), || async {
+        let (s, h) = app.get_json("/api/health").await;
+        (s == 200).then_some((s, h))
+    })
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(health["database"]["ok"], true);
+    assert_eq!(health["listener"]["connected"], true);
+    assert_eq!(health["kafka"]["enabled"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_when_the_database_is_gone() {
+    let app = spawn_app().await;
+    let admin = ordercast::db::connect(&crate::helpers::admin_url()).await.unwrap();
+    // Rename the database under the app: new connections fail, existing ones are cut.
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}';
+             ALTER DATABASE {0} RENAME TO {0}_away",
+            app.db_name
+        ))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (status, health) = crate::helpers::eventually(Duration::from_secs(15), || async {
+        let (s, h) = app.get_json("/api/health").await;
+        (s == 503).then_some((s, h))
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert_eq!(health["database"]["ok"], false);
+    // REST answers 503 promptly rather than hanging.
+    let r = app.post_order(&order_body()).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "database_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    admin.batch_execute(&format!("ALTER DATABASE {0}_away RENAME TO {0}", app.db_name)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_matches_the_real_routes() {
+    let app = spawn_app().await;
+    let id = app.create_order("Doc").await["id"].as_i64().unwrap();
+    let (status, doc) = app.get_json("/api/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let expected = [
+        ("/api/health", "get"),
+        ("/api/orders", "get"),
+        ("/api/orders", "post"),
+        ("/api/orders/{id}", "get"),
+        ("/api/orders/{id}", "patch"),
+        ("/api/orders/{id}", "put"),
+        ("/api/orders/{id}", "delete"),
+        ("/api/orders/{id}/cancel", "post"),
+        ("/api/orders/{id}/history", "get"),
+        ("/api/orders/{id}/events", "get"),
+        ("/api/transitions", "get"),
+        ("/api/stats", "get"),
+        ("/api/events", "get"),
+        ("/ws", "get"),
+        ("/api/openapi.json", "get"),
+    ];
+    let documented: HashSet<(String, String)> = paths
+        .iter()
+        .flat_map(|(p, ops)| ops.as_object().unwrap().keys().map(move |m| (p.clone(), m.clone())))
+        .collect();
+    let expected_set: HashSet<(String, String)> =
+        expected.iter().map(|(p, m)| (p.to_string(), m.to_string())).collect();
+    assert_eq!(documented, expected_set, "documented operations differ from the routes");
+    // Every documented operation is routed: none answers with the router's 404.
+    for (path, method) in expected {
+        if path == "/ws" || path.ends_with("/events") || method == "delete" {
+            continue;
+        }
+        let url = app.url(&path.replace("{id}", &id.to_string()));
+        let req = match method {
+            "get" => app.http.get(&url),
+            "post" => app.http.post(&url).json(&json!({})),
+            "patch" => app.http.patch(&url).json(&json!({"quantity": 1})),
+            "put" => app.http.put(&url).json(&json!({"quantity": 1})),
+            _ => unreachable!(),
+        };
+        let r = req.send().await.unwrap();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert!(
+            !(body["code"] == "not_found" && body["message"].as_str().unwrap_or("").starts_with("no route")),
+            "{method} {path} is documented but not routed"
+        );
+    }
+    let r = app.http.delete(app.url(&format!("/api/orders/{id}"))).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+}

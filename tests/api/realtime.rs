@@ -1,0 +1,509 @@
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{eventually, spawn_app, spawn_app_on, spawn_app_with, WsEvent};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn dba_insert(db: &tokio_postgres::Client, customer: &str) -> i64 {
+    db.query_one(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Bolt', 1, 2) RETURNING id",
+        &[&customer],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+fn seq(v: &Value) -> i64 {
+    v["seq"].as_i64().unwrap_or_else(|| panic!("no seq in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dba_insert_update_delete_reach_websocket_and_sse_clients() {
+    let app = spawn_app().await;
+    let mut ws = app.ws("").await;
+    let ready = ws.ready().await;
+    assert!(ready["seq"].is_i64());
+    let mut sse = app.sse("/api/events", None).await;
+    assert_eq!(sse.next_event(WAIT).await.event, "ready");
+
+    let db = app.sql().await;
+    let id = dba_insert(&db, "Direct SQL").await;
+    db.execute("UPDATE orders SET status = 'processing' WHERE id = $1", &[&id]).await.unwrap();
+    db.execute("DELETE FROM orders WHERE id = $1", &[&id]).await.unwrap();
+
+    let changes = ws.changes(3, WAIT).await;
+    let ops: Vec<&str> = changes.iter().map(|c| c["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["insert", "update", "delete"]);
+    assert_eq!(changes[0]["order"]["customer_name"], "Direct SQL");
+    assert_eq!(changes[0]["old"], Value::Null);
+    assert_eq!(changes[1]["order"]["status"], "processing");
+    assert_eq!(changes[1]["old"]["status"], "pending");
+    assert_eq!(changes[2]["order"]["id"], id);
+    assert_eq!(changes[0]["actor"], "sql:postgres");
+    assert!(seq(&changes[0]) < seq(&changes[1]) && seq(&changes[1]) < seq(&changes[2]));
+
+    let events = sse.changes(3, WAIT).await;
+    for (e, c) in events.iter().zip(&changes) {
+        assert_eq!(e.data, *c, "SSE and WebSocket carry the same change");
+        assert_eq!(e.id.as_deref(), Some(seq(c).to_string().as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_transaction_of_5000_rows_reaches_every_client_in_order() {
+    let app = spawn_app().await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut ws = app.ws("").await;
+        ws.ready().await;
+        clients.push(ws);
+    }
+    let mut sse = app.sse("/api/events", None).await;
+    sse.next_event(WAIT).await;
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+             SELECT 'bulk ' || g, 'Nut', 1, 1 FROM generate_series(1, 5000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    for ws in &mut clients {
+        let changes = ws.changes(5000, Duration::from_secs(60)).await;
+        let seqs: Vec<i64> = changes.iter().map(seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "positions are consecutive within a transaction");
+        let ids: Vec<i64> = changes.iter().map(|c| c["order"]["id"].as_i64().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[1] > w[0]));
+        assert_eq!(changes[4999]["order"]["customer_name"], "bulk 5000");
+    }
+    let events = sse.changes(5000, Duration::from_secs(60)).await;
+    assert_eq!(events.len(), 5000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_with_since_and_last_event_id_gets_exactly_the_missed_changes() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    dba_insert(&db, "before 1").await;
+    dba_insert(&db, "before 2").await;
+    let seen = ws.changes(2, WAIT).await;
+    let last = seq(&seen[1]);
+    drop(ws);
+
+    for i in 0..5 {
+        dba_insert(&db, &format!("missed {i}")).await;
+    }
+    // WebSocket: since in the URL.
+    let mut ws = app.ws(&format!("?since={last}")).await;
+    assert_eq!(ws.ready().await["seq"], last);
+    let missed = ws.changes(5, WAIT).await;
+    let names: Vec<&str> = missed.iter().map(|c| c["order"]["customer_name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["missed 0", "missed 1", "missed 2", "missed 3", "missed 4"]);
+    ws.expect_silence(Duration::from_millis(500)).await;
+    // Then live.
+    dba_insert(&db, "live").await;
+    assert_eq!(ws.changes(1, WAIT).await[0]["order"]["customer_name"], "live");
+
+    // WebSocket: since in a subscribe message.
+    let mut ws2 = app.ws("").await;
+    ws2.ready().await;
+    ws2.send_json(json!({"type": "subscribe", "since": last})).await;
+    assert_eq!(ws2.ready().await["seq"], last);
+    assert_eq!(ws2.changes(6, WAIT).await[5]["order"]["customer_name"], "live");
+
+    // SSE: Last-Event-ID, as EventSource sends on reconnect.
+    let mut sse = app.sse("/api/events", Some(&last.to_string())).await;
+    let events = sse.changes(6, WAIT).await;
+    assert_eq!(events[0].data["order"]["customer_name"], "missed 0");
+    assert_eq!(events[5].data["order"]["customer_name"], "live");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_listen_backend_loses_and_doubles_nothing() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    let writer = {
+        let db_url = app.db_url.clone();
+        tokio::spawn(async move {
+            let db = ordercast::db::connect(&db_url).await.unwrap();
+            for i in 0..300 {
+                dba_insert(&db, &format!("stream {i}")).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'ordercast-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    writer.await.unwrap();
+    let changes = ws.changes(300, Duration::from_secs(60)).await;
+    let names: Vec<String> =
+        changes.iter().map(|c| c["order"]["customer_name"].as_str().unwrap().to_string()).collect();
+    let expected: Vec<String> = (0..300).map(|i| format!("stream {i}")).collect();
+    assert_eq!(names, expected);
+    ws.expect_silence(Duration::from_millis(500)).await;
+    assert!(app.state.listener.reconnects.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_resume_across_a_server_restart() {
+    let mut app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    dba_insert(&db, "one").await;
+    let last = seq(&ws.changes(1, WAIT).await[0]);
+    // Graceful stop: the close frame tells the client where to resume.
+    app.stop().await;
+    match ws.next_event(WAIT).await {
+        WsEvent::Closed(Some((1001, reason))) => assert!(reason.contains(&format!("since={last}")), "{reason}"),
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
+    dba_insert(&db, "while down 1").await;
+    dba_insert(&db, "while down 2").await;
+    let app2 = spawn_app_on(&app.db_url, |_| {}).await;
+    let mut ws = app2.ws(&format!("?since={last}")).await;
+    ws.ready().await;
+    let names: Vec<String> =
+        ws.changes(2, WAIT).await.iter().map(|c| c["order"]["customer_name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["while down 1", "while down 2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_order_commit_and_an_open_transaction_lose_nothing() {
+    let app = spawn_app().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    // T1 takes its order id first, then sits in BEGIN like a DBA at lunch.
+    let t1 = app.sql().await;
+    t1.batch_execute(
+        "BEGIN; INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('early', 'Cog', 1, 1)",
+    )
+    .await
+    .unwrap();
+    // T2 starts later and commits first: delivered at once, not held back.
+    let t2 = app.sql().await;
+    let started = std::time::Instant::now();
+    dba_insert(&t2, "late").await;
+    let late = ws.changes(1, Duration::from_secs(3)).await.remove(0);
+    assert_eq!(late["order"]["customer_name"], "late");
+    assert!(started.elapsed() < Duration::from_secs(2), "an open transaction held back another's change");
+    // A client that saw "late" disconnects.
+    let p_late = seq(&late);
+    t1.batch_execute("COMMIT").await.unwrap();
+    let early = ws.changes(1, WAIT).await.remove(0);
+    assert_eq!(early["order"]["customer_name"], "early");
+    assert!(early["order"]["id"].as_i64() < late["order"]["id"].as_i64(), "ids were taken in the other order");
+    assert!(seq(&early) > p_late, "positions follow commit order");
+    // Resuming from the position of "late" still yields "early".
+    let mut resumed = app.ws(&format!("?since={p_late}")).await;
+    resumed.ready().await;
+    assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "early");
+    let mut sse = app.sse("/api/events", Some(&p_late.to_string())).await;
+    assert_eq!(sse.changes(1, WAIT).await[0].data["order"]["customer_name"], "early");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_beyond_retention_gets_an_explicit_resync() {
+    let app = spawn_app_with(|s| {
+        s.retention_rows = 3;
+        s.retention_secs = 0;
+    })
+    .await;
+    let db = app.sql().await;
+    for i in 0..10 {
+        dba_insert(&db, &format!("old {i}")).await;
+    }
+    let pruned = ordercast::changes::maintenance::run_once(&app.state.pool, &app.state.settings).await.unwrap();
+    assert_eq!(pruned, 7);
+    let mut ws = app.ws("?since=1").await;
+    let resync = ws.next_json(WAIT).await;
+    assert_eq!(resync["type"], "resync", "{resync}");
+    assert_eq!(resync["reason"], "position_expired");
+    let head = seq(&resync);
+    assert_eq!(ws.ready().await["seq"], head);
+    dba_insert(&db, "after resync").await;
+    assert_eq!(ws.changes(1, WAIT).await[0]["order"]["customer_name"], "after resync");
+    // Within the window, resume still works.
+    let mut ws = app.ws(&format!("?since={}", head - 2)).await;
+    ws.ready().await;
+    assert_eq!(ws.changes(3, WAIT).await[2]["order"]["customer_name"], "after resync");
+    // A position from the future (another database) is a resync too.
+    let mut ws = app.ws("?since=999999").await;
+    assert_eq!(ws.next_json(WAIT).await["reason"], "position_unknown");
+    // SSE gets the same as an event whose id moves Last-Event-ID forward.
+    let mut sse = app.sse("/api/events", Some("1")).await;
+    let ev = sse.next_event(WAIT).await;
+    assert_eq!(ev.event, "resync");
+    assert!(ev.id.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_by_status_id_and_customer_are_applied_by_the_server() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let a = dba_insert(&db, "Alice").await;
+    let b = dba_insert(&db, "Bob").await;
+    let mut by_status = app.ws("?status=processing,shipped").await;
+    by_status.ready().await;
+    let mut by_id = app.ws(&format!("?id={b}")).await;
+    by_id.ready().await;
+    let mut by_customer = app.ws("").await;
+    by_customer.ready().await;
+    by_customer.send_json(json!({"type": "subscribe", "filter": {"customer": "alice"}})).await;
+    by_customer.ready().await;
+    let mut sse = app.sse("/api/events?customer=Bob", None).await;
+    sse.next_event(WAIT).await;
+
+    db.execute("UPDATE orders SET status = 'processing' WHERE id = $1", &[&a]).await.unwrap();
+    db.execute("UPDATE orders SET quantity = 3 WHERE id = $1", &[&b]).await.unwrap();
+    db.execute("UPDATE orders SET status = 'processed' WHERE id = $1", &[&a]).await.unwrap();
+    dba_insert(&db, "Carol").await;
+    db.execute("UPDATE orders SET status = 'cancelled' WHERE id = $1", &[&b]).await.unwrap();
+
+    // Status filter: entering processing, and leaving it.
+    let c = by_status.changes(2, WAIT).await;
+    assert_eq!((c[0]["order"]["id"].as_i64(), c[0]["order"]["status"].as_str()), (Some(a), Some("processing")));
+    assert_eq!(c[1]["order"]["status"], "processed");
+    by_status.expect_silence(Duration::from_millis(300)).await;
+    let c = by_id.changes(2, WAIT).await;
+    assert!(c.iter().all(|c| c["order"]["id"] == b));
+    by_id.expect_silence(Duration::from_millis(300)).await;
+    let c = by_customer.changes(2, WAIT).await;
+    assert!(c.iter().all(|c| c["order"]["customer_name"] == "Alice"));
+    by_customer.expect_silence(Duration::from_millis(300)).await;
+    let e = sse.changes(2, WAIT).await;
+    assert!(e.iter().all(|e| e.data["order"]["customer_name"] == "Bob"));
+    // A bad filter is refused before the upgrade.
+    let r = app.http.get(app.url("/ws?status=bogus")).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let r = app.http.get(app.url("/api/events?since=abc")).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_kb_customer_name_commits_and_is_pushed() {
+    let app = spawn_app().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    let name = "N".repeat(100 * 1024);
+    dba_insert(&app.sql().await, &name).await;
+    let c = ws.changes(1, WAIT).await;
+    assert_eq!(c[0]["order"]["customer_name"].as_str().unwrap().len(), name.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_client_frames_get_errors_and_the_connection_keeps_working() {
+    let app = spawn_app().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    for (garbage, code) in [
+        ("not json", "malformed_json"),
+        ("[1,2]", "invalid_message"),
+        (r#"{"type":"launch"}"#, "unknown_type"),
+        (r#"{"type":"subscribe","filter":{"status":7}}"#, "validation_failed"),
+        (r#"{"type":"subscribe","since":"yesterday"}"#, "invalid_position"),
+    ] {
+        ws.send_text(garbage).await;
+        let e = ws.next_json(WAIT).await;
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some(code)), "{garbage}");
+    }
+    ws.send_json(json!({"type": "ping"})).await;
+    assert_eq!(ws.next_json(WAIT).await["type"], "pong");
+    dba_insert(&app.sql().await, "still here").await;
+    assert_eq!(ws.changes(1, WAIT).await[0]["order"]["customer_name"], "still here");
+    // An oversized frame closes with 1009.
+    ws.send_text(&"x".repeat(200 * 1024)).await;
+    match ws.next_event(WAIT).await {
+        WsEvent::Closed(Some((code, _))) => assert_eq!(code, 1009),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_cut_off_and_others_are_unaffected() {
+    let app = spawn_app_with(|s| {
+        s.client_buffer = 64;
+        s.slow_client_secs = 2;
+    })
+    .await;
+    // The stalled client: connects, then never reads a byte.
+    let stalled = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let (mut stalled_ws, _) =
+        tokio_tungstenite::client_async(format!("ws://127.0.0.1:{}/ws", app.port), stalled).await.unwrap();
+    use futures_util::StreamExt;
+    let _ = stalled_ws.next().await; // ready
+    let mut healthy = app.ws("").await;
+    healthy.ready().await;
+
+    let db = app.sql().await;
+    let big = "B".repeat(50 * 1024);
+    for _ in 0..20 {
+        db.execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) SELECT $1, 'Bulk', 1, 1 FROM generate_series(1, 20)",
+            &[&big],
+        )
+        .await
+        .unwrap();
+    }
+    // The healthy client receives all 400 large changes.
+    let got = healthy.changes(400, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 400);
+    // The stalled one fell behind the hub's bounded queue and was dropped from it.
+    eventually(Duration::from_secs(20), || async {
+        (app.state.hub.stats.lagged.load(std::sync::atomic::Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await;
+    // ...and is then disconnected as a slow consumer (4008) instead of
+    // buffering without bound.
+    eventually(Duration::from_secs(30), || async {
+        (app.state.sessions.ws.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(app.state.hub.stats.subscriptions.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // Read what the stalled client was sent: it ends with the 4008 close.
+    let mut close_code = None;
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(10), stalled_ws.next()).await {
+        match msg {
+            Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))) => {
+                close_code = Some(u16::from(f.code));
+                break;
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    if let Some(code) = close_code {
+        assert_eq!(code, 4008);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_instance_reaches_the_clients_of_another() {
+    let a = spawn_app().await;
+    let b = spawn_app_on(&a.db_url, |_| {}).await;
+    let mut on_b = b.ws("").await;
+    on_b.ready().await;
+    let mut on_a = a.sse("/api/events", None).await;
+    on_a.next_event(WAIT).await;
+    let created = a.create_order("Through A").await;
+    let updated: Value = b.patch(created["id"].as_i64().unwrap(), &json!({"quantity": 9})).await.json().await.unwrap();
+    let c = on_b.changes(2, WAIT).await;
+    assert_eq!(c[0]["order"]["customer_name"], "Through A");
+    assert_eq!(c[1]["order"]["version"], updated["version"]);
+    assert_eq!(c[0]["actor"], "api:127.0.0.1");
+    let e = on_a.changes(2, WAIT).await;
+    assert_eq!(e[1].data, c[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_clients_leaving_mid_burst_do_not_disturb_the_rest() {
+    let app = spawn_app().await;
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        let mut ws = app.ws("").await;
+        ws.ready().await;
+        clients.push(ws);
+    }
+    let stayers: Vec<_> = clients.drain(..20).collect();
+    let writer = {
+        let url = app.db_url.clone();
+        tokio::spawn(async move {
+            let db = ordercast::db::connect(&url).await.unwrap();
+            for i in 0..50 {
+                db.execute(
+                    "INSERT INTO orders (customer_name, product, quantity, unit_price) SELECT $1 || g, 'Pin', 1, 1 FROM generate_series(1, 20) g",
+                    &[&format!("burst {i}/")],
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(clients); // 280 clients leave in the middle of the burst
+    writer.await.unwrap();
+    for mut ws in stayers {
+        let got = ws.changes(1000, Duration::from_secs(60)).await;
+        let unique: HashSet<i64> = got.iter().map(seq).collect();
+        assert_eq!(unique.len(), 1000);
+    }
+    let mut newcomer = app.ws("").await;
+    newcomer.ready().await;
+    dba_insert(&app.sql().await, "newcomer").await;
+    assert_eq!(newcomer.changes(1, WAIT).await[0]["order"]["customer_name"], "newcomer");
+    eventually(Duration::from_secs(10), || async {
+        (app.state.hub.stats.subscriptions.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_then_changes_has_no_gap_under_concurrent_writes() {
+    let app = spawn_app().await;
+    let writer = {
+        let url = app.db_url.clone();
+        tokio::spawn(async move {
+            let db = ordercast::db::connect(&url).await.unwrap();
+            for i in 0..200 {
+                dba_insert(&db, &format!("w{i}")).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut ws = app.ws("?snapshot=true&snapshot_limit=10000").await;
+    let mut names = HashSet::new();
+    loop {
+        let m = ws.next_json(WAIT).await;
+        match m["type"].as_str().unwrap() {
+            "snapshot" => {
+                for o in m["orders"].as_array().unwrap() {
+                    names.insert(o["customer_name"].as_str().unwrap().to_string());
+                }
+            }
+            "ready" => break,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    writer.await.unwrap();
+    while names.len() < 200 {
+        let c = ws.changes(1, WAIT).await.remove(0);
+        assert!(names.insert(c["order"]["customer_name"].as_str().unwrap().to_string()), "duplicate {c}");
+    }
+    ws.expect_silence(Duration::from_millis(500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_order_stream_sends_current_state_then_changes() {
+    let app = spawn_app().await;
+    let id = app.create_order("Single").await["id"].as_i64().unwrap();
+    let other = app.create_order("Other").await["id"].as_i64().unwrap();
+    let mut sse = app.sse(&format!("/api/orders/{id}/events"), None).await;
+    let snap = sse.next_event(WAIT).await;
+    assert_eq!(snap.event, "snapshot");
+    assert_eq!(snap.data["orders"][0]["id"], id);
+    assert_eq!(sse.next_event(WAIT).await.event, "ready");
+    app.patch(other, &json!({"quantity": 2})).await;
+    app.patch(id, &json!({"status": "processing"})).await;
+    let e = sse.changes(1, WAIT).await;
+    assert_eq!(e[0].data["order"]["status"], "processing");
+    assert_eq!(e[0].data["order"]["id"], id);
+    let r = app.http.get(app.url("/api/orders/999999/events")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
