@@ -49,9 +49,17 @@ impl Batch {
 #[derive(Debug, Default)]
 pub struct HubStats {
     pub subscriptions: AtomicUsize,
+    /// Changes handed to client queues.
     pub deliveries: AtomicU64,
+    /// Subscriptions dropped for falling behind (they catch up from the log).
     pub lagged: AtomicU64,
     pub published: AtomicU64,
+    /// Clients told to resync (their position was gone).
+    pub resyncs: AtomicU64,
+    /// Clients closed for not reading (4008).
+    pub slow_disconnects: AtomicU64,
+    /// Commit (the sequencer's clock) to fan-out into client queues.
+    pub commit_to_push: crate::metrics::Histogram,
 }
 
 enum Command {
@@ -285,6 +293,10 @@ impl Registry {
     fn publish(&mut self, changes: Vec<SharedChange>) {
         let Some(last) = changes.last().map(|c| c.pos) else { return };
         self.stats.published.fetch_add(changes.len() as u64, Ordering::Relaxed);
+        let now = chrono::Utc::now().timestamp_micros();
+        for c in &changes {
+            self.stats.commit_to_push.observe_micros(now.saturating_sub(c.committed_micros).max(0) as u64);
+        }
         let mut dropped = Vec::new();
 
         if !self.all.is_empty() {

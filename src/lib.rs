@@ -37,5 +37,6 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod hub;
+pub mod metrics;
 pub mod routes;
 pub mod startup;

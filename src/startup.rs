@@ -43,12 +43,25 @@ pub struct AppState {
     /// with their resume position.
     pub shutdown: watch::Sender<bool>,
     pub sessions: SessionCounters,
+    pub http_metrics: crate::metrics::HttpMetrics,
 }
 
 impl AppState {
     /// The Kafka ingest's part of `/api/health`.
     pub fn ingest_health(&self) -> serde_json::Value {
         serde_json::json!({"enabled": false, "healthy": true, "state": "disabled"})
+    }
+
+    /// The Kafka ingest's part of `/metrics`.
+    pub fn ingest_metrics(&self, out: &mut String) {
+        let h = self.ingest_health();
+        crate::metrics::sample(
+            out,
+            "ordercast_kafka_ingest_enabled",
+            "gauge",
+            "1 when the Kafka ingest runs.",
+            h["enabled"].as_bool().unwrap_or(false) as u8,
+        );
     }
 }
 
@@ -104,6 +117,7 @@ impl Application {
             settings: settings.clone(),
             shutdown,
             sessions: SessionCounters::default(),
+            http_metrics: Default::default(),
         });
 
         let tcp = TcpListener::bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
@@ -116,6 +130,20 @@ impl Application {
                     Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
                         .custom_request_replace("method", |req| req.method().to_string()),
                 )
+                .wrap_fn({
+                    let data = data.clone();
+                    move |req, srv| {
+                        use actix_web::dev::Service;
+                        let data = data.clone();
+                        let fut = srv.call(req);
+                        async move {
+                            let res = fut.await?;
+                            let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+                            data.http_metrics.record(res.request().method().as_str(), &route, res.status().as_u16());
+                            Ok(res)
+                        }
+                    }
+                })
                 .app_data(data.clone())
                 .app_data(web::QueryConfig::default().error_handler(|err, _| {
                     let msg = err.to_string();
@@ -131,6 +159,7 @@ impl Application {
                 .configure(routes::sse::configure)
                 .configure(routes::ws::configure)
                 .configure(routes::openapi::configure)
+                .configure(routes::metrics::configure)
                 .configure(routes::web::configure)
                 .default_service(web::to(|req: actix_web::HttpRequest| async move {
                     problem_response(

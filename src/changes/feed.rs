@@ -97,6 +97,7 @@ impl Feed {
         match self.buf.front() {
             Some(Item::Resync { reason, position }) if self.catch_up_to.is_none() => {
                 let r = (*reason, *position);
+                self.hub.stats.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.buf.pop_front();
                 self.last = self.last.max(r.1);
                 Some(r)
@@ -117,7 +118,10 @@ impl Feed {
                 match &item {
                     Item::Change(c) if c.pos <= self.last => continue,
                     Item::Change(c) => self.last = c.pos,
-                    Item::Resync { position, .. } => self.last = self.last.max(*position),
+                    Item::Resync { position, .. } => {
+                        self.hub.stats.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.last = self.last.max(*position)
+                    }
                 }
                 return Some(item);
             }

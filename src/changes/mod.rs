@@ -27,6 +27,8 @@ pub const READ_SQL: &str =
 #[derive(Debug)]
 pub struct Change {
     pub pos: i64,
+    /// When the change committed (the sequencer's clock), in microseconds.
+    pub committed_micros: i64,
     pub order_id: i64,
     pub status: Option<String>,
     pub old_status: Option<String>,
@@ -44,6 +46,7 @@ impl Change {
         let old: Option<&str> = row.get(8);
         let actor: &str = row.get(9);
         let at: Option<DateTime<Utc>> = row.get(10);
+        let committed_micros = at.map(|t| t.timestamp_micros()).unwrap_or_default();
         let at = at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default();
         // The row images are jsonb rendered by PostgreSQL, so they are valid
         // JSON already: the envelope is assembled, not re-serialized.
@@ -55,6 +58,7 @@ impl Change {
         let sse = format!("id: {pos}\nevent: change\ndata: {json}\n\n");
         Change {
             pos,
+            committed_micros,
             order_id: row.get(2),
             status: row.get(3),
             old_status: row.get(4),

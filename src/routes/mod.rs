@@ -2,6 +2,7 @@
 //! (`ws`, `sse`), the OpenAPI document and the dashboard assets.
 
 pub mod health;
+pub mod metrics;
 pub mod openapi;
 pub mod orders;
 pub mod sse;

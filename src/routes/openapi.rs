@@ -139,6 +139,7 @@ pub struct ProblemDoc {
         crate::routes::ws::ws,
         crate::routes::sse::events,
         crate::routes::sse::order_events,
+        crate::routes::metrics::metrics,
         openapi_json,
     ),
     components(schemas(OrderDoc, NewOrderDoc, OrderPatchDoc, OrderPageDoc, HistoryDoc, StatsDoc, ProblemDoc, Status))

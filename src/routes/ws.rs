@@ -328,6 +328,9 @@ async fn run_session(
     }
     if let Outcome::Close(reason) = outcome {
         if let Some(r) = &reason {
+            if r.code == CloseCode::Other(CLOSE_SLOW_CONSUMER) {
+                state.hub.stats.slow_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             log::debug!("closing WebSocket: {:?} {:?}", r.code, r.description);
         }
         // The close frame may not get through to a client that stopped

@@ -418,6 +418,7 @@ async fn the_openapi_document_matches_the_real_routes() {
         ("/api/events", "get"),
         ("/ws", "get"),
         ("/api/openapi.json", "get"),
+        ("/metrics", "get"),
     ];
     let documented: HashSet<(String, String)> = paths
         .iter()

@@ -1,0 +1,100 @@
+//! Counters and histograms behind `GET /metrics` (Prometheus text format).
+//!
+//! Hand-rolled on atomics rather than a registry crate: the hot paths (hub
+//! fan-out, sessions) only bump a relaxed atomic, and rendering reads them.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A fixed-bucket histogram of seconds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+/// Latency buckets, in seconds: 0.25 ms .. 10 s.
+pub const LATENCY_BOUNDS: &[f64] =
+    &[0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 10.0];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(LATENCY_BOUNDS)
+    }
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe_micros(&self, micros: u64) {
+        let secs = micros as f64 / 1e6;
+        let i = self.bounds.iter().position(|b| secs <= *b).unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[self.bounds.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// HTTP requests by method, route pattern and status.
+#[derive(Debug, Default)]
+pub struct HttpMetrics {
+    requests: Mutex<HashMap<(String, String, u16), u64>>,
+}
+
+impl HttpMetrics {
+    pub fn record(&self, method: &str, route: &str, status: u16) {
+        // unwrap: the lock is never held across a panic
+        let mut m = self.requests.lock().unwrap();
+        *m.entry((method.to_string(), route.to_string(), status)).or_default() += 1;
+    }
+
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP ordercast_http_requests_total HTTP requests by method, route and status.\n# TYPE ordercast_http_requests_total counter"
+        );
+        let m = self.requests.lock().unwrap(); // unwrap: see record
+        let mut rows: Vec<_> = m.iter().collect();
+        rows.sort();
+        for ((method, route, status), n) in rows {
+            let _ = writeln!(
+                out,
+                "ordercast_http_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
+                route.replace('\\', "\\\\").replace('"', "\\\"")
+            );
+        }
+    }
+}
+
+/// Writes one counter or gauge.
+pub fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+}
