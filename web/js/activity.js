@@ -1,0 +1,67 @@
+// The activity feed: every change as it happens, whoever made it (the API,
+// the Kafka ingest, or someone in psql). Entries are queued and drawn once per
+// animation frame; only the newest ones are kept in the DOM.
+
+import { el, fmtMoney, fmtWhen, label, splitActor } from './format.js';
+
+const KEEP = 60;
+
+/** The fields an update changed, besides the bookkeeping ones. */
+function changedFields(order, old) {
+  if (!old) return [];
+  const skip = new Set(['version', 'updated_at', 'status', 'amount',
+    'processing_at', 'processed_at', 'shipped_at', 'delivered_at', 'cancelled_at', 'failed_at']);
+  return Object.keys(order).filter((k) => !skip.has(k) && JSON.stringify(order[k]) !== JSON.stringify(old[k]));
+}
+
+/** One sentence for a change, as a list of text and badge nodes. */
+export function describe(change, { link = true } = {}) {
+  const o = change.order;
+  const old = change.old;
+  const ref = (id) => (link ? el('button', { class: 'link', type: 'button', dataset: { open: id } }, `#${id}`) : `#${id}`);
+  if (change.op === 'insert') {
+    return [`created `, ref(o.id), ` · ${o.customer_name} · ${o.quantity} × ${o.product} · ${fmtMoney(o.amount)}`];
+  }
+  if (change.op === 'delete') return ['deleted ', ref(o.id), ` · ${o.customer_name}`];
+  const parts = ['updated ', ref(o.id)];
+  if (old && old.status !== o.status) {
+    parts.push(' ', el('span', { class: `badge s-${old.status}` }, label(old.status)), ' → ',
+      el('span', { class: `badge s-${o.status}` }, label(o.status)));
+  }
+  const fields = changedFields(o, old);
+  if (fields.length) parts.push(` · ${fields.join(', ')}`);
+  return parts;
+}
+
+export class ActivityFeed {
+  constructor(list, { onOpen }) {
+    this.list = list;
+    this.queue = [];
+    this.frame = 0;
+    list.addEventListener('click', (ev) => {
+      const b = ev.target.closest('[data-open]');
+      if (b) onOpen(Number(b.dataset.open));
+    });
+  }
+
+  push(change) {
+    this.queue.push(change);
+    if (this.queue.length > KEEP) this.queue.splice(0, this.queue.length - KEEP);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    this.frame = 0;
+    const items = this.queue.splice(0).reverse().map((c) => this.entry(c));
+    this.list.prepend(...items);
+    while (this.list.children.length > KEEP) this.list.lastElementChild.remove();
+  }
+
+  entry(change) {
+    const { kind, who } = splitActor(change.actor);
+    return el('li', { class: `act act-${change.op}` },
+      el('time', { datetime: change.at, class: 'act-time' }, fmtWhen(change.at)),
+      el('span', { class: `actor actor-${kind}`, title: change.actor }, kind, who ? el('span', { class: 'actor-who' }, ` ${who}`) : null),
+      el('span', { class: 'act-text' }, ...describe(change)));
+  }
+}

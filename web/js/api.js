@@ -1,0 +1,70 @@
+// The REST API. Errors arrive as application/problem+json
+// {status, code, message, field}; they are thrown as ApiError so callers can
+// show a validation message next to the field it names.
+
+export class ApiError extends Error {
+  constructor(status, code, message, field) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.field = field || null;
+  }
+}
+
+/** How long one request may take before it is reported as failed. */
+const REQUEST_TIMEOUT_MS = 15000;
+
+async function request(method, path, { body, headers = {} } = {}) {
+  const init = { method, headers: { Accept: 'application/json', ...headers }, signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) };
+  if (body !== undefined) {
+    init.body = JSON.stringify(body);
+    init.headers['Content-Type'] = 'application/json';
+  }
+  let res;
+  try {
+    res = await fetch(path, init);
+  } catch (e) {
+    throw new ApiError(0, 'network', e.name === 'TimeoutError' ? 'the server did not answer in time' : 'the server cannot be reached');
+  }
+  if (res.status === 204) return null;
+  const text = await res.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!res.ok) {
+    const p = data && typeof data === 'object' ? data : {};
+    throw new ApiError(res.status, p.code || `http_${res.status}`, p.message || `${method} ${path}: HTTP ${res.status}`, p.field);
+  }
+  return data;
+}
+
+/** Query string from an object; arrays are joined with commas, empty values dropped. */
+export function query(params) {
+  const q = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v == null || v === '' || (Array.isArray(v) && v.length === 0)) continue;
+    q.set(k, Array.isArray(v) ? v.join(',') : String(v));
+  }
+  const s = q.toString();
+  return s ? `?${s}` : '';
+}
+
+export const api = {
+  listOrders: (params) => request('GET', `/api/orders${query(params)}`),
+  getOrder: (id) => request('GET', `/api/orders/${id}`),
+  history: (id) => request('GET', `/api/orders/${id}/history`),
+  createOrder: (order) => request('POST', '/api/orders', { body: order }),
+  patchOrder: (id, patch, version) =>
+    request('PATCH', `/api/orders/${id}`, { body: patch, headers: version ? { 'If-Match': `"${version}"` } : {} }),
+  cancelOrder: (id, version) =>
+    request('POST', `/api/orders/${id}/cancel`, { headers: version ? { 'If-Match': `"${version}"` } : {} }),
+  deleteOrder: (id, version) =>
+    request('DELETE', `/api/orders/${id}`, { headers: version ? { 'If-Match': `"${version}"` } : {} }),
+  transitions: () => request('GET', '/api/transitions'),
+  stats: () => request('GET', '/api/stats'),
+  deadLetters: (limit) => request('GET', `/api/dlq${query({ limit })}`),
+  health: () => request('GET', '/api/health'),
+};

@@ -1,0 +1,92 @@
+// The create-order form. Validation is the server's: a 422 names the field
+// (customer_name, customer_email, product, quantity, unit_price, or body for
+// the request as a whole) and the message is shown under that input.
+
+import { api } from './api.js';
+import { randomOrder } from './random.js';
+import { toast, toastError } from './toast.js';
+
+const FIELDS = ['customer_name', 'customer_email', 'product', 'quantity', 'unit_price'];
+
+/** The form's values as the API expects them; numbers stay as typed when they are not numbers, so the server can say why. */
+function values(form) {
+  const v = Object.fromEntries(FIELDS.map((f) => [f, form.elements[f].value.trim()]));
+  const order = { customer_name: v.customer_name, product: v.product };
+  if (v.customer_email) order.customer_email = v.customer_email;
+  order.quantity = /^-?\d+$/.test(v.quantity) ? Number(v.quantity) : v.quantity || null;
+  order.unit_price = v.unit_price === '' ? null : v.unit_price;
+  return order;
+}
+
+export class CreateForm {
+  constructor(dialog) {
+    this.d = dialog;
+    this.form = dialog.querySelector('form');
+    this.form.addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      this.submit();
+    });
+    this.form.addEventListener('input', (ev) => {
+      if (ev.target.name) this.setError(ev.target.name, '');
+    });
+    dialog.querySelectorAll('[data-close]').forEach((b) => b.addEventListener('click', () => dialog.close()));
+    dialog.querySelector('#create-random').addEventListener('click', () => this.fill(randomOrder()));
+  }
+
+  open() {
+    this.clearErrors();
+    this.d.showModal();
+    this.form.elements.customer_name.focus();
+  }
+
+  fill(order) {
+    for (const f of FIELDS) this.form.elements[f].value = order[f] ?? '';
+    this.clearErrors();
+  }
+
+  setError(field, message) {
+    const p = this.d.querySelector(`#e-${field}`);
+    if (!p) return false;
+    p.textContent = message;
+    const input = this.form.elements[field];
+    if (input) {
+      if (message) input.setAttribute('aria-invalid', 'true');
+      else input.removeAttribute('aria-invalid');
+    }
+    return true;
+  }
+
+  clearErrors() {
+    for (const f of [...FIELDS, 'body']) this.setError(f, '');
+  }
+
+  async submit() {
+    this.clearErrors();
+    const button = this.form.querySelector('[type=submit]');
+    button.disabled = true;
+    try {
+      const order = await api.createOrder(values(this.form));
+      toast(`Order #${order.id} created`, 'ok');
+      this.form.reset();
+      this.d.close();
+    } catch (e) {
+      if (e.status === 422 && this.setError(FIELDS.includes(e.field) ? e.field : 'body', e.message)) {
+        this.form.elements[e.field]?.focus();
+      } else {
+        toastError('Could not create the order', e);
+      }
+    } finally {
+      button.disabled = false;
+    }
+  }
+}
+
+/** The "Random order" button: one plausible order, created at once. */
+export async function createRandomOrder() {
+  try {
+    const order = await api.createOrder(randomOrder());
+    toast(`Order #${order.id} created for ${order.customer_name}`, 'ok');
+  } catch (e) {
+    toastError('Could not create a random order', e);
+  }
+}

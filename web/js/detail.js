@@ -1,0 +1,210 @@
+// Order detail: every field, the status history as a timeline, the change
+// messages that arrive while it is open, and the actions the order's status
+// allows. It follows the order over its own stream (GET /api/orders/{id}/events:
+// the current state, then its changes), so it stays live while open.
+
+import { api } from './api.js';
+import { describe } from './activity.js';
+import { el, fmtCount, fmtFull, fmtMoney, fmtWhen, label, statusBadge, splitActor } from './format.js';
+import { toast, toastError } from './toast.js';
+
+const FIELDS = [
+  ['id', 'Id', (v) => `#${v}`],
+  ['external_id', 'External id'],
+  ['customer_name', 'Customer'],
+  ['customer_email', 'Email'],
+  ['product', 'Product'],
+  ['quantity', 'Quantity', fmtCount],
+  ['unit_price', 'Unit price', fmtMoney],
+  ['amount', 'Amount', fmtMoney],
+  ['status', 'Status', statusBadge],
+  ['error_message', 'Error'],
+  ['version', 'Version'],
+  ['created_at', 'Created', fmtFull],
+  ['updated_at', 'Updated', fmtFull],
+  ['processing_at', 'Processing since', fmtFull],
+  ['processed_at', 'Processed', fmtFull],
+  ['shipped_at', 'Shipped', fmtFull],
+  ['delivered_at', 'Delivered', fmtFull],
+  ['cancelled_at', 'Cancelled', fmtFull],
+  ['failed_at', 'Failed', fmtFull],
+];
+
+const MAX_CHANGES = 50;
+
+export class OrderDetail {
+  /** @param transitions () => Promise<{status: [next...]}> */
+  constructor(dialog, { transitions }) {
+    this.d = dialog;
+    this.transitions = transitions;
+    this.order = null;
+    this.es = null;
+    const $ = (id) => dialog.querySelector(`#${id}`);
+    this.n = {
+      title: $('detail-title'), gone: $('detail-gone'), fields: $('detail-fields'), history: $('detail-history'),
+      changes: $('detail-changes'), actions: $('detail-actions'), statusForm: $('status-form'),
+      statusSelect: $('status-select'), cancel: $('detail-cancel'), del: $('detail-delete'),
+      confirm: $('delete-confirm'), yes: $('delete-yes'), no: $('delete-no'),
+    };
+    dialog.querySelectorAll('[data-close]').forEach((b) => b.addEventListener('click', () => dialog.close()));
+    dialog.addEventListener('close', () => this.stop());
+    this.n.statusForm.addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      this.changeStatus(this.n.statusSelect.value);
+    });
+    this.n.cancel.addEventListener('click', () => this.act('cancel', () => api.cancelOrder(this.order.id, this.order.version)));
+    this.n.del.addEventListener('click', () => this.askDelete(true));
+    this.n.no.addEventListener('click', () => this.askDelete(false));
+    this.n.yes.addEventListener('click', () => this.remove());
+  }
+
+  async open(id) {
+    this.stop();
+    this.id = id;
+    this.order = null;
+    this.deleted = false;
+    this.n.title.textContent = `Order #${id}`;
+    this.n.gone.hidden = true;
+    this.n.fields.replaceChildren();
+    this.n.history.replaceChildren();
+    this.n.changes.replaceChildren(el('li', { class: 'muted' }, 'None yet.'));
+    this.askDelete(false);
+    if (!this.d.open) this.d.showModal();
+    try {
+      const [order] = await Promise.all([api.getOrder(id), this.loadHistory()]);
+      if (this.id !== id) return;
+      this.show(order);
+    } catch (e) {
+      if (this.id !== id) return;
+      toastError(`Order #${id}`, e);
+      if (e.status === 404) this.markDeleted();
+      return;
+    }
+    this.follow(id);
+  }
+
+  stop() {
+    this.es?.close();
+    this.es = null;
+  }
+
+  follow(id) {
+    const es = new EventSource(`/api/orders/${id}/events`);
+    this.es = es;
+    const parse = (ev) => {
+      try {
+        return JSON.parse(ev.data);
+      } catch {
+        return null;
+      }
+    };
+    es.addEventListener('snapshot', (ev) => {
+      const msg = parse(ev);
+      if (this.es === es && msg?.orders?.[0]) this.show(msg.orders[0]);
+    });
+    es.addEventListener('change', (ev) => {
+      const c = parse(ev);
+      if (this.es === es && c) this.changed(c);
+    });
+    es.addEventListener('resync', () => {
+      if (this.es === es) this.open(id);
+    });
+  }
+
+  changed(c) {
+    const list = this.n.changes;
+    if (list.firstElementChild?.classList.contains('muted')) list.replaceChildren();
+    const { kind } = splitActor(c.actor);
+    list.prepend(el('li', {},
+      el('span', { class: 'muted mono' }, `seq ${c.seq}`), ' ',
+      el('time', { datetime: c.at }, fmtWhen(c.at)), ' ',
+      el('span', { class: `actor actor-${kind}` }, c.actor), ' ',
+      el('span', {}, ...describe(c, { link: false }))));
+    while (list.children.length > MAX_CHANGES) list.lastElementChild.remove();
+    if (c.op === 'delete') {
+      this.markDeleted();
+      return;
+    }
+    const statusChanged = c.old && c.old.status !== c.order.status;
+    this.show(c.order);
+    if (statusChanged) this.loadHistory();
+  }
+
+  async loadHistory() {
+    const id = this.id;
+    const items = await api.history(id);
+    if (this.id !== id) return;
+    this.n.history.replaceChildren(...items.map((h) =>
+      el('li', { class: 'tl-item' },
+        el('span', { class: `tl-dot d-${h.to}`, 'aria-hidden': 'true' }),
+        el('div', { class: 'tl-main' },
+          h.from ? el('span', {}, statusBadge(h.from), ' → ', statusBadge(h.to)) : el('span', {}, 'Created as ', statusBadge(h.to)),
+          el('div', { class: 'tl-meta' }, el('time', { datetime: h.at }, fmtFull(h.at)), ' · by ', el('span', { class: 'mono' }, h.by))))));
+  }
+
+  show(order) {
+    this.order = order;
+    this.n.fields.replaceChildren(...FIELDS.flatMap(([key, name, fmt]) => {
+      const v = order[key];
+      const shown = v == null || v === '' ? el('span', { class: 'muted' }, '—') : fmt ? fmt(v) : String(v);
+      return [el('dt', {}, name), el('dd', {}, shown)];
+    }));
+    this.offerActions();
+  }
+
+  async offerActions() {
+    const order = this.order;
+    const next = (await this.transitions())[order.status] || [];
+    if (this.order !== order) return;
+    const sel = this.n.statusSelect;
+    const moves = next.filter((s) => s !== 'cancelled');
+    sel.replaceChildren(...moves.map((s) => el('option', { value: s }, label(s))));
+    this.n.statusForm.hidden = this.deleted || moves.length === 0;
+    this.n.cancel.hidden = this.deleted || !next.includes('cancelled');
+    this.n.del.hidden = this.deleted || !this.n.confirm.hidden;
+  }
+
+  markDeleted() {
+    this.deleted = true;
+    this.stop();
+    this.n.gone.hidden = false;
+    this.n.statusForm.hidden = true;
+    this.n.cancel.hidden = true;
+    this.n.del.hidden = true;
+    this.n.confirm.hidden = true;
+  }
+
+  askDelete(ask) {
+    this.n.confirm.hidden = !ask;
+    this.n.del.hidden = ask || this.deleted;
+    if (ask) this.n.no.focus();
+  }
+
+  async act(what, call) {
+    const id = this.order.id;
+    try {
+      const order = await call();
+      if (this.id === id && order) this.show(order);
+      toast(what === 'cancel' ? `Order #${id} cancelled` : `Order #${id} is now ${label(order.status)}`, 'ok');
+    } catch (e) {
+      toastError(`Could not ${what === 'cancel' ? 'cancel' : 'update'} order #${id}`, e);
+    }
+  }
+
+  changeStatus(status) {
+    if (!status) return;
+    return this.act('status', () => api.patchOrder(this.order.id, { status }, this.order.version));
+  }
+
+  async remove() {
+    const { id, version } = this.order;
+    try {
+      await api.deleteOrder(id, version);
+      toast(`Order #${id} deleted`, 'ok');
+      this.d.close();
+    } catch (e) {
+      toastError(`Could not delete order #${id}`, e);
+      this.askDelete(false);
+    }
+  }
+}

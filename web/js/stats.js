@@ -1,0 +1,240 @@
+// Statistics: totals and per-status counts and the per-product table come
+// from GET /api/stats (re-read at most every STATS_INTERVAL_MS while changes
+// arrive); orders per minute are counted from the orders' created_at, first
+// from the newest orders over REST, then from live inserts; dead letters come
+// from GET /api/dlq while the server offers it.
+
+import { api } from './api.js';
+import { el, fmtCount, fmtMoney, fmtWhen } from './format.js';
+
+const STATS_INTERVAL_MS = 1500;
+const DLQ_INTERVAL_MS = 15000;
+const DLQ_LIMIT = 20;
+const MINUTES = 60;
+/** Backfill of the per-minute chart: at most this many pages of 500 newest orders. */
+const BACKFILL_PAGES = 6;
+const BACKFILL_PAGE = 500;
+const PRODUCTS_SHOWN = 12;
+
+const minuteOf = (ms) => Math.floor(ms / 60000);
+
+/** Orders created per minute, and how far back the counts are complete. */
+class PerMinute {
+  constructor() {
+    this.buckets = new Map(); // minute number -> orders created in it
+    this.completeFrom = null; // first minute whose count is complete; null: not known yet
+    this.position = null; // inserts at or below this were counted by the backfill
+    this.early = []; // inserts that arrived before the backfill knew its position
+  }
+
+  add(createdAt) {
+    const m = minuteOf(Date.parse(createdAt));
+    this.buckets.set(m, (this.buckets.get(m) || 0) + 1);
+  }
+
+  insert(change) {
+    if (this.position == null) this.early.push(change);
+    else if (change.seq > this.position) this.add(change.order.created_at);
+  }
+
+  async backfill() {
+    const oldest = minuteOf(Date.now()) - MINUTES;
+    let cursor = null;
+    let complete = false;
+    let last = null;
+    for (let i = 0; i < BACKFILL_PAGES; i++) {
+      const page = await api.listOrders({ limit: BACKFILL_PAGE, cursor });
+      if (this.position == null) {
+        this.position = page.position;
+        for (const c of this.early.splice(0)) this.insert(c);
+      }
+      for (const o of page.items) this.add(o.created_at);
+      last = page.items[page.items.length - 1];
+      if (page.next_cursor == null) {
+        complete = true;
+        break;
+      }
+      if (last && minuteOf(Date.parse(last.created_at)) < oldest) {
+        complete = true;
+        break;
+      }
+      cursor = page.next_cursor;
+    }
+    // The minute of the last order read may have more orders further back.
+    this.completeFrom = complete || !last ? -Infinity : minuteOf(Date.parse(last.created_at)) + 1;
+  }
+
+  series() {
+    const now = minuteOf(Date.now());
+    const xs = [];
+    const ys = [];
+    for (let m = now - MINUTES + 1; m <= now; m++) {
+      xs.push(m * 60);
+      ys.push(this.completeFrom == null || m < this.completeFrom ? null : this.buckets.get(m) || 0);
+    }
+    return [xs, ys];
+  }
+
+  /** Orders created in the last 60 s, and whether that count is complete. */
+  lastMinute() {
+    const now = Date.now();
+    const m = minuteOf(now);
+    const frac = (now % 60000) / 60000;
+    // This minute so far plus the matching share of the previous one.
+    const n = (this.buckets.get(m) || 0) + Math.round((this.buckets.get(m - 1) || 0) * (1 - frac));
+    return { n, complete: this.completeFrom != null && this.completeFrom <= m - 1 };
+  }
+}
+
+export class Stats {
+  constructor(nodes, { onCounts, onError }) {
+    this.n = nodes;
+    this.onCounts = onCounts;
+    this.onError = onError;
+    this.timer = null;
+    this.last = 0;
+    this.perMinute = new PerMinute();
+    this.changeTimes = [];
+    this.chart = null;
+    this.dlqTimer = null;
+  }
+
+  async start() {
+    await this.refresh();
+    this.pollDeadLetters();
+    try {
+      await this.perMinute.backfill();
+    } catch (e) {
+      this.onError(`Could not load recent orders for the chart: ${e.message}`);
+    }
+    this.drawChart();
+    setInterval(() => this.tick(), 1000);
+  }
+
+  /** A change arrived: count it and re-read the totals soon. */
+  change(change) {
+    const now = Date.now();
+    this.changeTimes.push(now);
+    if (change.op === 'insert') this.perMinute.insert(change);
+    if (this.timer) return;
+    const wait = Math.max(0, this.last + STATS_INTERVAL_MS - now);
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.refresh();
+    }, wait);
+  }
+
+  async refresh() {
+    this.last = Date.now();
+    let s;
+    try {
+      s = await api.stats();
+    } catch (e) {
+      if (e.status !== 0) this.onError(`Could not load statistics: ${e.message}`);
+      return null;
+    }
+    this.n.orders.textContent = fmtCount(s.total_orders);
+    this.n.amount.textContent = fmtMoney(s.total_amount);
+    this.onCounts(s.total_orders, s.by_status);
+    const rows = s.products.slice(0, PRODUCTS_SHOWN).map((p) =>
+      el('tr', {}, el('td', {}, p.product), el('td', { class: 'num' }, fmtCount(p.count)),
+        el('td', { class: 'num' }, fmtMoney(p.avg_price))));
+    this.n.products.replaceChildren(...rows);
+    if (!rows.length) {
+      this.n.products.append(el('tr', {}, el('td', { colspan: 3, class: 'muted' }, 'No orders yet.')));
+    }
+    const more = s.products.length - PRODUCTS_SHOWN;
+    this.n.productsMore.hidden = more <= 0;
+    this.n.productsMore.textContent = `and ${fmtCount(more)} more product${more === 1 ? '' : 's'}`;
+    this.n.productNames.replaceChildren(...s.products.slice(0, 50).map((p) => el('option', { value: p.product })));
+    return s.position;
+  }
+
+  /** Once a second: the rate figures and the chart. */
+  tick() {
+    const now = Date.now();
+    while (this.changeTimes.length && this.changeTimes[0] < now - 5000) this.changeTimes.shift();
+    this.n.changes.textContent = fmtCount(Math.round(this.changeTimes.length / 5));
+    const { n, complete } = this.perMinute.lastMinute();
+    this.n.rate.textContent = complete ? fmtCount(n) : `≥ ${fmtCount(n)}`;
+    this.drawChart();
+  }
+
+  drawChart() {
+    const data = this.perMinute.series();
+    const known = data[1].filter((v) => v != null).length;
+    this.n.chartNote.textContent = known === data[1].length
+      ? 'last 60 minutes'
+      : `last 60 minutes · counted for the last ${known} min`;
+    if (typeof globalThis.uPlot !== 'function') return;
+    if (this.chart) {
+      this.chart.setData(data);
+      return;
+    }
+    this.chart = this.makeChart(data);
+    new ResizeObserver(() => {
+      const w = this.n.chart.clientWidth;
+      if (w && this.chart && w !== this.chart.width) this.chart.setSize({ width: w, height: this.chart.height });
+    }).observe(this.n.chart);
+  }
+
+  /** The theme changed: colours are read when the chart is built. */
+  rebuildChart() {
+    if (!this.chart) return;
+    this.chart.destroy();
+    this.chart = this.makeChart(this.perMinute.series());
+  }
+
+  makeChart(data) {
+    // The colour variables hold light-dark() pairs; a probe element resolves
+    // them to the colour in force, which the canvas needs.
+    const probe = document.createElement('span');
+    this.n.chart.append(probe);
+    const v = (name) => {
+      probe.style.color = `var(${name})`;
+      return getComputedStyle(probe).color;
+    };
+    const colours = { muted: v('--muted'), grid: v('--grid'), accent: v('--accent'), soft: v('--accent-soft') };
+    probe.remove();
+    const axis = { stroke: colours.muted, grid: { stroke: colours.grid, width: 1 }, ticks: { stroke: colours.grid },
+      font: '11px system-ui, sans-serif' };
+    const uPlot = globalThis.uPlot;
+    return new uPlot({
+      width: this.n.chart.clientWidth || 300,
+      height: 170,
+      legend: { show: false },
+      cursor: { points: { show: false }, drag: { x: false, y: false } },
+      scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(5, Math.ceil(max * 1.15))] } },
+      axes: [{ ...axis, space: 60 }, { ...axis, size: 44 }],
+      series: [
+        {},
+        { label: 'Orders', stroke: colours.accent, fill: colours.soft, width: 1,
+          paths: uPlot.paths.bars({ size: [0.8, 24] }), points: { show: false } },
+      ],
+    }, data, this.n.chart);
+  }
+
+  async pollDeadLetters() {
+    let res;
+    try {
+      res = await api.deadLetters(DLQ_LIMIT);
+    } catch (e) {
+      if (e.status === 404) {
+        // This server has no Kafka ingest (or an older version): no section.
+        this.n.dlqSection.hidden = true;
+        return;
+      }
+      this.dlqTimer = setTimeout(() => this.pollDeadLetters(), DLQ_INTERVAL_MS);
+      return;
+    }
+    this.n.dlqSection.hidden = false;
+    const items = res.items || [];
+    this.n.dlqEmpty.hidden = items.length > 0;
+    this.n.dlq.replaceChildren(...items.map((d) =>
+      el('tr', {},
+        el('td', {}, el('time', { datetime: d.at }, fmtWhen(d.at))),
+        el('td', { class: 'mono' }, `${d.topic}[${d.partition}]@${d.offset}`),
+        el('td', {}, d.code ? el('span', { class: 'code' }, d.code) : null, d.code ? ' ' : null, d.reason))));
+    this.dlqTimer = setTimeout(() => this.pollDeadLetters(), DLQ_INTERVAL_MS);
+  }
+}

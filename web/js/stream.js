@@ -1,0 +1,188 @@
+// The live connection: every committed change, in order, exactly once.
+//
+// WebSocket first (`/ws?since=P`); when a WebSocket cannot be established
+// while plain HTTP works (a proxy that blocks upgrades, say), Server-Sent
+// Events (`/api/events?since=P`) instead. Either way the position of the last
+// change handed on is kept, every reconnect resumes from it, and anything at
+// or below it is dropped, so a reconnect neither loses nor doubles a change.
+// When the server says the position is gone (`resync`), the owner reloads and
+// hands back the position its reload reflects.
+
+import { api } from './api.js';
+
+/** First reconnect delay; doubled per failed attempt up to the maximum. */
+const BACKOFF_START_MS = 1000;
+const BACKOFF_MAX_MS = 10000;
+/** The client pings this often so a dead connection is noticed... */
+const PING_INTERVAL_MS = 15000;
+/** ...when nothing at all has arrived for this long. */
+const SILENCE_LIMIT_MS = 40000;
+
+export class Stream {
+  /**
+   * @param {object} handlers
+   *   onChange(change)          one change message, in order, never twice
+   *   onState({phase, transport, position, retryAt})
+   *   onResync() -> Promise<position>  reload everything; resolve with the new position
+   */
+  constructor(handlers) {
+    this.h = handlers;
+    this.transport = 'websocket';
+    this.position = 0;
+    this.phase = 'connecting';
+    this.retryAt = null;
+    this.attempt = 0;
+    this.conn = null;
+    this.timer = null;
+    this.pinger = null;
+    this.lastHeard = 0;
+  }
+
+  start(position) {
+    this.position = position;
+    this.connect();
+  }
+
+  setPhase(phase, retryAt = null) {
+    this.phase = phase;
+    this.retryAt = retryAt;
+    this.h.onState({ phase, transport: this.transport, position: this.position, retryAt });
+  }
+
+  connect() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    if (this.phase !== 'reconnecting' && this.phase !== 'resyncing') this.setPhase('connecting');
+    if (this.transport === 'websocket') this.openWebSocket();
+    else this.openEventSource();
+  }
+
+  /** One message from either transport. */
+  handle(msg) {
+    this.lastHeard = Date.now();
+    switch (msg.type) {
+      case 'ready':
+        this.attempt = 0;
+        this.setPhase('connected');
+        break;
+      case 'change':
+        if (msg.seq <= this.position) return; // already handed on before a reconnect
+        this.position = msg.seq;
+        this.h.onChange(msg);
+        break;
+      case 'resync':
+        this.resync();
+        break;
+      case 'shutdown':
+        this.dropConnection();
+        this.scheduleReconnect();
+        break;
+      default:
+        break; // pong, and message types added later
+    }
+  }
+
+  openWebSocket() {
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(`${proto}//${location.host}/ws?since=${this.position}`);
+    let ready = false;
+    this.conn = { close: () => ws.close(1000) };
+    ws.addEventListener('message', (ev) => {
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (msg.type === 'ready') ready = true;
+      this.handle(msg);
+    });
+    ws.addEventListener('open', () => {
+      this.lastHeard = Date.now();
+      this.pinger = setInterval(() => {
+        if (Date.now() - this.lastHeard > SILENCE_LIMIT_MS) ws.close(4000, 'no message from the server');
+        else if (ws.readyState === WebSocket.OPEN) ws.send('{"type":"ping"}');
+      }, PING_INTERVAL_MS);
+    });
+    ws.addEventListener('close', () => {
+      if (this.conn?.ws !== ws) return; // replaced on purpose
+      this.dropConnection();
+      if (ready) this.scheduleReconnect();
+      else this.afterWebSocketFailure();
+    });
+    this.conn.ws = ws;
+  }
+
+  /**
+   * A WebSocket that closed before `ready`: if HTTP works, WebSocket is
+   * what is broken on the way, so switch to SSE; if not, the server is down
+   * and the WebSocket is retried with backoff.
+   */
+  async afterWebSocketFailure() {
+    let httpWorks = false;
+    try {
+      await api.health();
+      httpWorks = true;
+    } catch {
+      httpWorks = false;
+    }
+    if (httpWorks) {
+      this.transport = 'sse';
+      this.connect();
+    } else {
+      this.scheduleReconnect();
+    }
+  }
+
+  openEventSource() {
+    const es = new EventSource(`/api/events?since=${this.position}`);
+    this.conn = { es, close: () => es.close() };
+    for (const type of ['ready', 'change', 'resync', 'shutdown']) {
+      es.addEventListener(type, (ev) => {
+        let msg;
+        try {
+          msg = JSON.parse(ev.data);
+        } catch {
+          return;
+        }
+        this.handle({ ...msg, type });
+      });
+    }
+    // EventSource would reconnect by itself, but only with Last-Event-ID of
+    // the last event it saw; reconnecting here keeps one backoff and one
+    // position for both transports.
+    es.addEventListener('error', () => {
+      if (this.conn?.es !== es) return;
+      this.dropConnection();
+      this.scheduleReconnect();
+    });
+  }
+
+  dropConnection() {
+    clearInterval(this.pinger);
+    this.pinger = null;
+    const c = this.conn;
+    this.conn = null;
+    c?.close();
+  }
+
+  scheduleReconnect() {
+    clearTimeout(this.timer);
+    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** this.attempt);
+    const delay = Math.round(base * (0.8 + Math.random() * 0.4));
+    this.attempt += 1;
+    this.setPhase('reconnecting', Date.now() + delay);
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  async resync() {
+    this.dropConnection();
+    this.setPhase('resyncing');
+    try {
+      this.position = await this.h.onResync();
+      this.connect();
+    } catch {
+      this.scheduleReconnect();
+    }
+  }
+}

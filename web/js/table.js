@@ -1,0 +1,274 @@
+// The live order table: one page of orders, newest first, kept current by the
+// change stream.
+//
+// A page is loaded over REST together with the change-log position it
+// reflects. Changes at or below that position are already in it; changes
+// after it are applied on top, including the ones that arrived while the page
+// was loading (replayed from the recent-changes buffer). The DOM holds one
+// page of rows at most and is updated once per animation frame however many
+// changes arrive, so 500 changes a second cost a few row updates per frame.
+
+import { api } from './api.js';
+import { el, fmtCount, fmtMoney, fmtWhen, statusBadge } from './format.js';
+
+export const PAGE_SIZE = 50;
+/** A page that lost rows is reloaded after this delay, so a burst of departures costs one request. */
+const REFILL_DELAY_MS = 800;
+
+/** Mirrors the server's search: customer, product, external id or email contain q (case-insensitive), or id = q. */
+export function matches(order, filter) {
+  if (filter.status && order.status !== filter.status) return false;
+  const q = filter.q;
+  if (!q) return true;
+  const digits = q.replace(/^#+/, '');
+  if (/^\d+$/.test(digits) && Number(digits) === order.id) return true;
+  const needle = q.toLowerCase();
+  return [order.customer_name, order.product, order.external_id, order.customer_email].some(
+    (f) => f != null && String(f).toLowerCase().includes(needle),
+  );
+}
+
+export class OrderTable {
+  /**
+   * @param {object} opts
+   *   tbody, empty, summary, newer, buttons {newest, newer, older}
+   *   recent: () => changes received so far that may be newer than a page (oldest first)
+   *   streamPosition: () => the position the stream has reached
+   *   onOpen(id): open an order
+   *   onError(message)
+   */
+  constructor(opts) {
+    this.o = opts;
+    this.filter = { status: null, q: '' };
+    this.rows = [];
+    this.position = 0;
+    this.cursors = []; // cursor of each page before the current one; [] = newest page
+    this.cursor = null; // ids below this are on this page (null: newest page)
+    this.hasMore = false;
+    this.newerCount = 0;
+    this.loading = 0; // id of the load in flight, to ignore stale answers
+    this.loaded = false;
+    this.trs = new Map(); // order id -> <tr>
+    this.dirty = new Set(); // ids whose row must be redrawn
+    this.flash = new Set(); // ids to highlight at the next render
+    this.frame = 0;
+    this.flip = false;
+    this.refill = null;
+    opts.tbody.addEventListener('click', (ev) => {
+      const tr = ev.target.closest('tr[data-id]');
+      if (tr) this.o.onOpen(Number(tr.dataset.id));
+    });
+    opts.buttons.newest.addEventListener('click', () => this.goNewest());
+    opts.buttons.newer.addEventListener('click', () => this.goNewer());
+    opts.buttons.older.addEventListener('click', () => this.goOlder());
+    opts.newer.addEventListener('click', () => this.goNewest());
+  }
+
+  get onNewest() {
+    return this.cursor == null;
+  }
+
+  /** Changes the filter: rows already shown are filtered at once, then the page is reloaded from the server. */
+  setFilter(filter) {
+    this.filter = { ...this.filter, ...filter };
+    this.rows = this.rows.filter((o) => matches(o, this.filter));
+    this.cursors = [];
+    this.cursor = null;
+    this.newerCount = 0;
+    this.render();
+    return this.load();
+  }
+
+  goNewest() {
+    this.cursors = [];
+    this.cursor = null;
+    this.newerCount = 0;
+    return this.load();
+  }
+
+  goOlder() {
+    if (!this.rows.length || !this.hasMore) return undefined;
+    this.cursors.push(this.cursor);
+    this.cursor = this.rows[this.rows.length - 1].id;
+    return this.load();
+  }
+
+  goNewer() {
+    if (this.onNewest) return undefined;
+    this.cursor = this.cursors.pop() ?? null;
+    if (this.onNewest) this.newerCount = 0;
+    return this.load();
+  }
+
+  /** Loads the current page and brings it up to the stream's position. False when it could not. */
+  async load() {
+    const token = ++this.loading;
+    for (let tries = 0; tries < 3; tries++) {
+      let page;
+      try {
+        page = await api.listOrders({
+          status: this.filter.status,
+          q: this.filter.q,
+          limit: PAGE_SIZE,
+          cursor: this.cursor,
+        });
+      } catch (e) {
+        if (token === this.loading) this.o.onError(`Could not load orders: ${e.message}`);
+        return false;
+      }
+      if (token !== this.loading) return true; // a newer load superseded this one
+      const recent = this.o.recent();
+      // Can every change after the page's position still be replayed?
+      const streamAhead = this.o.streamPosition() > page.position;
+      if (streamAhead && (!recent.length || recent[0].seq > page.position + 1)) continue;
+      this.rows = page.items;
+      this.position = page.position;
+      this.hasMore = page.next_cursor != null;
+      this.trs.forEach((_, id) => this.dirty.add(id));
+      for (const c of recent) if (c.seq > this.position) this.apply(c, false);
+      this.position = Math.max(this.position, this.o.streamPosition());
+      this.loaded = true;
+      this.render();
+      return true;
+    }
+    this.o.onError('Could not load a consistent page of orders: too many changes at once; try again');
+    return false;
+  }
+
+  /** A change from the stream. */
+  applyChange(change) {
+    if (!this.loaded || change.seq <= this.position) return;
+    this.position = change.seq;
+    this.apply(change, true);
+  }
+
+  apply(change, highlight) {
+    const order = change.order;
+    const i = this.rows.findIndex((o) => o.id === order.id);
+    const keep = change.op !== 'delete' && matches(order, this.filter);
+    if (i >= 0) {
+      if (keep) {
+        this.rows[i] = order;
+        this.dirty.add(order.id);
+        if (highlight) this.flash.add(order.id);
+      } else {
+        this.rows.splice(i, 1);
+        if (this.hasMore) this.refillSoon();
+      }
+      this.schedule();
+      return;
+    }
+    if (!keep) return;
+    const upper = this.cursor; // ids below it belong on this page
+    const full = this.rows.length >= PAGE_SIZE;
+    const lower = full || this.hasMore ? this.rows[this.rows.length - 1]?.id ?? 0 : 0;
+    if (upper != null && order.id >= upper) {
+      if (change.op === 'insert') this.newerCount += 1;
+      this.schedule();
+      return;
+    }
+    if (order.id <= lower) return; // belongs on a later page
+    let at = this.rows.findIndex((o) => o.id < order.id);
+    if (at < 0) at = this.rows.length;
+    this.rows.splice(at, 0, order);
+    if (highlight) this.flash.add(order.id);
+    if (this.rows.length > PAGE_SIZE) {
+      this.rows.length = PAGE_SIZE;
+      this.hasMore = true;
+    }
+    this.schedule();
+  }
+
+  /** Rows left the page (their status moved out of the tab): fetch the page again, at most once per interval. */
+  refillSoon() {
+    if (this.refill) return;
+    this.refill = setTimeout(() => {
+      this.refill = null;
+      this.load();
+    }, REFILL_DELAY_MS);
+  }
+
+  schedule() {
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    const { tbody } = this.o;
+    const wanted = new Set(this.rows.map((o) => o.id));
+    for (const [id, tr] of this.trs) {
+      if (!wanted.has(id)) {
+        tr.remove();
+        this.trs.delete(id);
+      }
+    }
+    // Rows keep their relative order (ids never change), so new rows are
+    // slotted in and nothing that stays is moved: moving would restart the
+    // highlight animation.
+    let next = tbody.firstElementChild;
+    this.flip = !this.flip;
+    for (const order of this.rows) {
+      let tr = this.trs.get(order.id);
+      if (!tr) {
+        tr = this.row(order);
+        this.trs.set(order.id, tr);
+        tbody.insertBefore(tr, next);
+      } else {
+        if (this.dirty.has(order.id)) this.fill(tr, order);
+        if (tr === next) next = next.nextElementSibling;
+        else tbody.insertBefore(tr, next);
+      }
+      if (this.flash.has(order.id)) {
+        // Two identical animations under different names: switching between
+        // them restarts the highlight without forcing a layout.
+        tr.classList.remove('flash-a', 'flash-b');
+        tr.classList.add(this.flip ? 'flash-a' : 'flash-b');
+      }
+    }
+    this.dirty.clear();
+    this.flash.clear();
+    this.summary();
+  }
+
+  row(order) {
+    const tr = el('tr', { dataset: { id: order.id } });
+    for (const cls of ['c-id', 'c-created', 'c-customer', 'c-product', 'c-qty num', 'c-amount num', 'c-status', 'c-updated']) {
+      tr.append(el('td', { class: cls }));
+    }
+    this.fill(tr, order);
+    return tr;
+  }
+
+  fill(tr, o) {
+    const [id, created, customer, product, qty, amount, status, updated] = tr.children;
+    tr.dataset.status = o.status;
+    id.replaceChildren(el('button', { class: 'link', type: 'button', 'aria-label': `Open order ${o.id}` }, `#${o.id}`));
+    created.textContent = fmtWhen(o.created_at);
+    customer.replaceChildren(
+      el('span', { class: 'customer' }, o.customer_name),
+      o.customer_email ? el('span', { class: 'email' }, o.customer_email) : null,
+      el('span', { class: 'product-sm' }, o.product),
+    );
+    product.textContent = o.product;
+    qty.textContent = fmtCount(o.quantity);
+    amount.textContent = fmtMoney(o.amount);
+    status.replaceChildren(statusBadge(o.status));
+    updated.textContent = fmtWhen(o.updated_at);
+  }
+
+  summary() {
+    const { summary, empty, newer, buttons } = this.o;
+    const n = this.rows.length;
+    empty.hidden = !this.loaded || n > 0;
+    const page = this.cursors.length + 1;
+    summary.textContent = n
+      ? `Page ${page} · ${n} order${n === 1 ? '' : 's'} · #${this.rows[0].id} to #${this.rows[n - 1].id}`
+      : `Page ${page}`;
+    newer.hidden = this.onNewest || this.newerCount === 0;
+    newer.textContent = `${fmtCount(this.newerCount)} newer order${this.newerCount === 1 ? '' : 's'} · show newest`;
+    buttons.newest.disabled = this.onNewest;
+    buttons.newer.disabled = this.onNewest;
+    buttons.older.disabled = !this.hasMore || n === 0;
+  }
+}
