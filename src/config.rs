@@ -81,9 +81,69 @@ pub struct Settings {
     #[arg(long, env = "ORDERCAST_MAX_FRAME_BYTES", default_value_t = 64 * 1024, global = true)]
     pub max_frame_bytes: usize,
 
+    /// API keys: comma-separated `name:secret:scope+scope[:customer=Name]`, scopes
+    /// read, write, admin (e.g. `dash:s3cr3tkey:read+write`). With no keys and no
+    /// JWT secret, authentication is off.
+    #[arg(long, env = "ORDERCAST_API_KEYS", hide_env_values = true, global = true)]
+    pub api_keys: Option<Secret>,
+
+    /// Secret for HS256 JWTs (claims: sub, exp, scope "read write", optional customer).
+    #[arg(long, env = "ORDERCAST_JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// Allow listening on a non-loopback address without any tokens configured.
+    #[arg(long, env = "ORDERCAST_INSECURE", global = true)]
+    pub insecure: bool,
+
+    /// Browser origins allowed to open WebSockets and make CORS requests
+    /// (comma-separated, e.g. `https://ops.example.com`). Same-origin is always allowed.
+    #[arg(long, env = "ORDERCAST_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    pub allowed_origins: Vec<String>,
+
+    /// Streaming connections (WebSocket + SSE) the server holds at most (503 beyond).
+    #[arg(long, env = "ORDERCAST_MAX_CONNECTIONS", default_value_t = 19_000, global = true)]
+    pub max_connections: usize,
+
+    /// Streaming connections one client IP may hold (429 beyond).
+    #[arg(long, env = "ORDERCAST_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000, global = true)]
+    pub max_connections_per_ip: usize,
+
+    /// REST writes per second per token (per IP without auth); 0: unlimited. 429 beyond.
+    #[arg(long, env = "ORDERCAST_WRITE_RATE", default_value_t = 200.0, global = true)]
+    pub write_rate: f64,
+
+    /// Burst of REST writes allowed above the rate.
+    #[arg(long, env = "ORDERCAST_WRITE_BURST", default_value_t = 400.0, global = true)]
+    pub write_burst: f64,
+
+    /// Subscribe messages one WebSocket may send per minute (each replaces its subscription).
+    #[arg(long, env = "ORDERCAST_MAX_SUBSCRIBES_PER_MINUTE", default_value_t = 60, global = true)]
+    pub max_subscribes_per_minute: u32,
+
     /// HTTP worker threads (0: one per core).
     #[arg(long, env = "ORDERCAST_WORKERS", default_value_t = 0, global = true)]
     pub workers: usize,
+
+    /// The Kafka ingest (off unless KAFKA_BROKERS is set).
+    #[command(flatten)]
+    pub kafka: crate::ingest::KafkaSettings,
+}
+
+/// A configuration value that must never be printed (tokens, secrets).
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
 }
 
 impl Settings {

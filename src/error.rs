@@ -16,6 +16,10 @@ pub enum ApiError {
     Validation(#[from] ValidationError),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    TooMany(String),
     #[error("{message}")]
     InvalidTransition { message: String, from: Option<String>, to: Option<String> },
     #[error("{0}")]
@@ -51,6 +55,8 @@ impl ApiError {
             ApiError::BadRequest(_, code) => code,
             ApiError::Validation(v) => v.code,
             ApiError::NotFound(_) => "not_found",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::TooMany(_) => "too_many_connections",
             ApiError::InvalidTransition { .. } => "invalid_transition",
             ApiError::Conflict(_) => "conflict",
             ApiError::VersionConflict { .. } => "version_conflict",
@@ -67,6 +73,8 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::InvalidTransition { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

@@ -10,6 +10,14 @@
 //! (`NewOrder`, `OrderPatch`, `Filter`); the database enforces the rest
 //! (constraints, the status state machine in `sql/V1__orders.sql`).
 //!
+//! **Kafka ingest** (`ingest`) — a consumer group member reads order events
+//! (JSON or Avro, `schemas/`) from `KAFKA_TOPIC` into bounded batches; each
+//! batch is applied with multi-row statements in ONE transaction together with
+//! the partition positions and the event ids, so a crash, a rebalance or a
+//! producer's duplicate neither loses nor doubles an order. Transient database
+//! failures are retried with backoff; rejected messages go to `dead_letters`
+//! and the dead-letter topic. `KAFKA_BROKERS` unset: ingest off.
+//!
 //! **Change capture** — triggers append every changed row to the change log
 //! and, at commit, a serialised sequencer assigns positions in commit order
 //! and rings a NOTIFY doorbell (`sql/V2__change_log.sql`). Positions become
@@ -31,12 +39,15 @@
 //! production and tests; `db::embedded` runs a private PostgreSQL when no
 //! `DATABASE_URL` is given.
 
+pub mod auth;
 pub mod changes;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
 pub mod hub;
+pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod startup;

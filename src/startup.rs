@@ -22,10 +22,6 @@ use crate::error::problem_response;
 use crate::hub::Hub;
 use crate::routes;
 
-/// The authenticated caller, when there is one; named in history as `api:<name>`.
-#[derive(Debug, Clone)]
-pub struct Caller(pub String);
-
 /// Open streaming sessions by transport.
 #[derive(Debug, Default)]
 pub struct SessionCounters {
@@ -44,12 +40,18 @@ pub struct AppState {
     pub shutdown: watch::Sender<bool>,
     pub sessions: SessionCounters,
     pub http_metrics: crate::metrics::HttpMetrics,
+    /// `None`: authentication is off (no keys, no JWT secret).
+    pub auth: Option<crate::auth::Auth>,
+    pub connections: Arc<crate::limits::Connections>,
+    pub write_limiter: crate::limits::RateLimiter,
+    /// The Kafka ingest's counters and health (disabled without KAFKA_BROKERS).
+    pub ingest: Arc<crate::ingest::IngestState>,
 }
 
 impl AppState {
     /// The Kafka ingest's part of `/api/health`.
     pub fn ingest_health(&self) -> serde_json::Value {
-        serde_json::json!({"enabled": false, "healthy": true, "state": "disabled"})
+        self.ingest.health()
     }
 
     /// The Kafka ingest's part of `/metrics`.
@@ -62,6 +64,33 @@ impl AppState {
             "1 when the Kafka ingest runs.",
             h["enabled"].as_bool().unwrap_or(false) as u8,
         );
+        crate::metrics::sample(
+            out,
+            "ordercast_kafka_ingest_healthy",
+            "gauge",
+            "0 while the Kafka ingest cannot write to PostgreSQL or reach a broker.",
+            h["healthy"].as_bool().unwrap_or(true) as u8,
+        );
+        for (key, help) in [
+            ("consumed", "Kafka messages received."),
+            ("written", "Orders created or updated from Kafka."),
+            ("duplicates", "Kafka events skipped because their event_id was already applied."),
+            ("redelivered", "Kafka messages skipped because their offset was already applied."),
+            ("dead_lettered", "Kafka messages recorded as dead letters."),
+            ("retries", "Kafka batches retried after a transient database failure."),
+        ] {
+            let name = format!("ordercast_kafka_{key}_total");
+            crate::metrics::sample(out, &name, "counter", help, h[key].as_u64().unwrap_or(0));
+        }
+        if let Some(lag) = h["lag"].as_object() {
+            out.push_str("# HELP ordercast_kafka_lag Messages behind the end of each assigned partition.\n");
+            out.push_str("# TYPE ordercast_kafka_lag gauge\n");
+            for (partition, n) in lag {
+                if let Some(n) = n.as_i64() {
+                    out.push_str(&format!("ordercast_kafka_lag{{partition=\"{partition}\"}} {n}\n"));
+                }
+            }
+        }
     }
 }
 
@@ -70,6 +99,9 @@ pub struct Application {
     server: Server,
     state: Arc<AppState>,
     tasks: Vec<JoinHandle<()>>,
+    /// Stopped by the shutdown signal rather than aborted, so the last batch
+    /// commits and the consumer leaves its group cleanly.
+    ingest_tasks: Vec<JoinHandle<()>>,
 }
 
 /// Stops a running application gracefully.
@@ -97,6 +129,21 @@ impl AppHandle {
 
 impl Application {
     pub async fn build(settings: Settings, database_url: &str) -> anyhow::Result<Application> {
+        let auth = crate::auth::Auth::from_config(
+            settings.api_keys.as_ref().map(|s| s.0.as_str()),
+            settings.jwt_secret.as_ref().map(|s| s.0.as_str()),
+        )?;
+        // Secure by default: never expose an open server by accident.
+        if auth.is_none() && !settings.bind.ip().is_loopback() && !settings.insecure {
+            anyhow::bail!(
+                "refusing to listen on {} without authentication: set ORDERCAST_API_KEYS or ORDERCAST_JWT_SECRET, \
+                 or pass --insecure to allow anyone on the network to read and change orders",
+                settings.bind
+            );
+        }
+        if auth.is_none() {
+            log::warn!("authentication is off (no API keys, no JWT secret): every caller may read and write");
+        }
         crate::db::migrate(database_url).await?;
         let pool = crate::db::pool(database_url, settings.db_pool_size, settings.db_timeout())?;
         let head = {
@@ -110,6 +157,13 @@ impl Application {
             tokio::spawn(crate::changes::maintenance::run(pool.clone(), settings.clone())),
         ];
         let (shutdown, _) = watch::channel(false);
+        let ingest = match crate::ingest::start(&settings.kafka, database_url, shutdown.subscribe()) {
+            Ok(i) => i,
+            Err(e) => {
+                tasks.iter().for_each(JoinHandle::abort);
+                return Err(e);
+            }
+        };
         let state = Arc::new(AppState {
             pool,
             hub,
@@ -118,13 +172,30 @@ impl Application {
             shutdown,
             sessions: SessionCounters::default(),
             http_metrics: Default::default(),
+            auth,
+            connections: crate::limits::Connections::new(settings.max_connections, settings.max_connections_per_ip),
+            write_limiter: crate::limits::RateLimiter::new(settings.write_rate, settings.write_burst),
+            ingest: ingest.state,
         });
 
         let tcp = TcpListener::bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
         let port = tcp.local_addr()?.port();
         let data = web::Data::from(state.clone());
+        let origins = settings.allowed_origins.clone();
         let mut server = HttpServer::new(move || {
+            // CORS only for the configured origins; never a wildcard.
+            let cors = origins.iter().fold(
+                actix_cors::Cors::default()
+                    .allowed_methods(["GET", "POST", "PATCH", "PUT", "DELETE"])
+                    .allowed_headers(["authorization", "content-type", "if-match", "last-event-id"])
+                    .expose_headers(["etag", "location", "retry-after"])
+                    .supports_credentials()
+                    .max_age(3600),
+                |cors, o| cors.allowed_origin(o.trim_end_matches('/')),
+            );
             App::new()
+                .wrap(actix_web::middleware::from_fn(crate::auth::guard))
+                .wrap(cors)
                 .wrap(
                     // %U: the path without the query string, which may hold a token.
                     Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
@@ -156,6 +227,7 @@ impl Application {
                 .configure(routes::health::configure)
                 .configure(routes::orders::configure)
                 .configure(routes::stats::configure)
+                .configure(routes::dlq::configure)
                 .configure(routes::sse::configure)
                 .configure(routes::ws::configure)
                 .configure(routes::openapi::configure)
@@ -176,7 +248,7 @@ impl Application {
             server = server.workers(settings.workers);
         }
         let server = server.run();
-        Ok(Application { port, server, state, tasks })
+        Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks })
     }
 
     pub fn port(&self) -> u16 {
@@ -192,9 +264,14 @@ impl Application {
     }
 
     /// Serves until stopped through an `AppHandle`; then stops the background tasks.
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+    pub async fn run_until_stopped(mut self) -> std::io::Result<()> {
         let result = self.server.await;
-        for t in &self.tasks {
+        let _ = self.state.shutdown.send(true);
+        let ingest_stopped = futures_util::future::join_all(self.ingest_tasks.iter_mut());
+        if tokio::time::timeout(Duration::from_secs(10), ingest_stopped).await.is_err() {
+            log::warn!("the Kafka ingest did not stop within 10 s");
+        }
+        for t in self.tasks.iter().chain(&self.ingest_tasks) {
             t.abort();
         }
         result

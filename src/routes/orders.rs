@@ -18,15 +18,13 @@ pub const LIST_MAX_LIMIT: i64 = 500;
 
 /// Who the history should name for a REST change.
 pub fn actor(req: &HttpRequest) -> String {
-    let who = req
-        .extensions()
-        .get::<crate::startup::Caller>()
-        .map(|c| c.0.clone())
-        .unwrap_or_else(|| req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into()));
-    format!("api:{who}")
+    format!("api:{}", crate::auth::principal(req).name)
 }
 
-use actix_web::HttpMessage;
+/// The customer a restricted token is limited to.
+fn restriction(req: &HttpRequest) -> Option<String> {
+    crate::auth::principal(req).customer
+}
 
 /// Reads a request body up to the configured limit (413 beyond it).
 pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
@@ -99,6 +97,11 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&req, body, state.settings.max_body_bytes).await?;
     let order = NewOrder::parse(&parse_body(&body)?)?;
+    if let Some(c) = restriction(&req) {
+        if order.customer_name.to_lowercase() != c {
+            return Err(ApiError::Forbidden("this token may only create orders for its own customer".into()));
+        }
+    }
     let client = state.pool.get().await?;
     let row = client
         .query_one(
@@ -139,7 +142,7 @@ pub async fn create(
         (status = 422, description = "Invalid parameter", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/orders")]
-pub async fn list(query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut filter = Filter::default();
     let mut q: Option<String> = None;
     let mut limit = LIST_DEFAULT_LIMIT;
@@ -151,6 +154,7 @@ pub async fn list(query: QueryPairs, state: web::Data<AppState>) -> Result<HttpR
         match k.as_str() {
             "q" => q = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
             "limit" => limit = parse_limit(v, LIST_MAX_LIMIT)?,
+            "access_token" => {}
             "cursor" => {
                 cursor = Some(v.parse::<i64>().map_err(|_| {
                     ValidationError::with_code("cursor", "invalid_cursor", "not a cursor from this API")
@@ -165,6 +169,9 @@ pub async fn list(query: QueryPairs, state: web::Data<AppState>) -> Result<HttpR
                 .into())
             }
         }
+    }
+    if let Some(c) = restriction(&req) {
+        filter.customer = Some(c);
     }
     let page = list_page(&state.pool, &filter, q.as_deref(), limit, cursor).await?;
     Ok(HttpResponse::Ok().content_type("application/json").body(page.to_json()))
@@ -264,16 +271,31 @@ pub async fn list_page(
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/orders/{id}")]
-pub async fn get_one(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn get_one(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
-    let json = fetch(&state.pool, id).await?.ok_or_else(|| not_found(id))?;
+    let json = fetch(&state.pool, id, restriction(&req).as_deref()).await?.ok_or_else(|| not_found(id))?;
     let version = order_version(&json);
     Ok(json_response(HttpResponse::Ok(), json, version))
 }
 
-pub async fn fetch(pool: &deadpool_postgres::Pool, id: i64) -> Result<Option<String>, ApiError> {
+/// One order as JSON; a restricted caller sees only its customer's orders.
+pub async fn fetch(
+    pool: &deadpool_postgres::Pool,
+    id: i64,
+    customer: Option<&str>,
+) -> Result<Option<String>, ApiError> {
     let client = pool.get().await?;
-    Ok(client.query_opt("SELECT to_jsonb(o)::text FROM orders o WHERE id = $1", &[&id]).await?.map(|r| r.get(0)))
+    Ok(client
+        .query_opt(
+            "SELECT to_jsonb(o)::text FROM orders o WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
+            &[&id, &customer],
+        )
+        .await?
+        .map(|r| r.get(0)))
 }
 
 fn not_found(id: i64) -> ApiError {
@@ -287,7 +309,13 @@ pub async fn apply_patch(
     patch: &OrderPatch,
     expected_version: Option<i32>,
     actor: &str,
+    customer: Option<&str>,
 ) -> Result<String, ApiError> {
+    if let (Some(c), Some(name)) = (customer, &patch.customer_name) {
+        if name.to_lowercase() != c {
+            return Err(ApiError::Forbidden("this token may not move an order to another customer".into()));
+        }
+    }
     let client = pool.get().await?;
     let (email_set, email) = match &patch.customer_email {
         Some(v) => (true, v.clone()),
@@ -310,6 +338,7 @@ pub async fn apply_patch(
                 status = COALESCE($8, status), \
                 error_message = CASE WHEN $9 THEN $10 ELSE error_message END \
              FROM a WHERE id = $11 AND ($12::int IS NULL OR version = $12) \
+               AND ($13::text IS NULL OR lower(customer_name) = $13) \
              RETURNING to_jsonb(orders)::text",
             &[
                 &actor,
@@ -324,14 +353,20 @@ pub async fn apply_patch(
                 &err,
                 &id,
                 &expected_version,
+                &customer,
             ],
         )
         .await?;
     match row {
         Some(r) => Ok(r.get(0)),
         None => {
-            let current: Option<i32> =
-                client.query_opt("SELECT version FROM orders WHERE id = $1", &[&id]).await?.map(|r| r.get(0));
+            let current: Option<i32> = client
+                .query_opt(
+                    "SELECT version FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
+                    &[&id, &customer],
+                )
+                .await?
+                .map(|r| r.get(0));
             match (current, expected_version) {
                 (None, _) => Err(not_found(id)),
                 (Some(current), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
@@ -359,7 +394,7 @@ async fn update(
         }
         (h, b) => h.or(b),
     };
-    let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req)).await?;
+    let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref()).await?;
     let version = order_version(&json);
     Ok(json_response(HttpResponse::Ok(), json, version))
 }
@@ -421,7 +456,8 @@ pub async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
     // Cancelling twice is a mistake worth reporting, not a silent no-op.
-    if let Some(json) = fetch(&state.pool, id).await? {
+    let customer = restriction(&req);
+    if let Some(json) = fetch(&state.pool, id, customer.as_deref()).await? {
         if serde_json::from_str::<Value>(&json).ok().and_then(|o| o["status"].as_str().map(str::to_owned)).as_deref()
             == Some("cancelled")
         {
@@ -433,7 +469,7 @@ pub async fn cancel(
         }
     }
     let patch = OrderPatch { status: Some(Status::Cancelled), ..Default::default() };
-    let json = apply_patch(&state.pool, id, &patch, if_match(&req)?, &actor(&req)).await?;
+    let json = apply_patch(&state.pool, id, &patch, if_match(&req)?, &actor(&req), customer.as_deref()).await?;
     let version = order_version(&json);
     Ok(json_response(HttpResponse::Ok(), json, version))
 }
@@ -458,15 +494,21 @@ pub async fn delete_order(
     let deleted = client
         .query_opt(
             "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
-             DELETE FROM orders USING a WHERE id = $2 AND ($3::int IS NULL OR version = $3) RETURNING id",
-            &[&actor(&req), &id, &expected],
+             DELETE FROM orders USING a WHERE id = $2 AND ($3::int IS NULL OR version = $3) \
+               AND ($4::text IS NULL OR lower(customer_name) = $4) RETURNING id",
+            &[&actor(&req), &id, &expected, &restriction(&req)],
         )
         .await?;
     if deleted.is_some() {
         return Ok(HttpResponse::NoContent().finish());
     }
-    let current: Option<i32> =
-        client.query_opt("SELECT version FROM orders WHERE id = $1", &[&id]).await?.map(|r| r.get(0));
+    let current: Option<i32> = client
+        .query_opt(
+            "SELECT version FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
+            &[&id, &restriction(&req)],
+        )
+        .await?
+        .map(|r| r.get(0));
     match (current, expected) {
         (Some(current), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
         _ => Err(not_found(id)),
@@ -481,16 +523,20 @@ pub async fn delete_order(
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/orders/{id}/history")]
-pub async fn history(path: web::Path<String>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn history(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
     let client = state.pool.get().await?;
     let row = client
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1), \
+            "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)), \
                     COALESCE((SELECT json_agg(json_build_object('from', from_status, 'to', to_status, \
                               'at', changed_at, 'by', changed_by) ORDER BY id) \
                               FROM order_status_history WHERE order_id = $1), '[]')::text",
-            &[&id],
+            &[&id, &restriction(&req)],
         )
         .await?;
     if !row.get::<_, bool>(0) {

@@ -31,6 +31,8 @@ fn event(name: &str, id: Option<i64>, data: &str) -> Bytes {
 }
 
 struct Stream {
+    _slot: crate::limits::ConnectionSlot,
+    principal: crate::auth::Principal,
     prelude: VecDeque<Bytes>,
     opened: Opened,
     keepalive: tokio::time::Interval,
@@ -45,7 +47,13 @@ impl Drop for Stream {
     }
 }
 
-fn stream_response(state: Arc<AppState>, opened: Opened, params: &StreamParams) -> HttpResponse {
+fn stream_response(
+    state: Arc<AppState>,
+    opened: Opened,
+    params: &StreamParams,
+    slot: crate::limits::ConnectionSlot,
+    principal: crate::auth::Principal,
+) -> HttpResponse {
     let mut prelude = VecDeque::new();
     prelude.push_back(Bytes::from(format!("retry: {RETRY_MS}\n\n")));
     if let Some((reason, position)) = opened.resync {
@@ -60,7 +68,16 @@ fn stream_response(state: Arc<AppState>, opened: Opened, params: &StreamParams) 
     let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
     keepalive.reset();
     state.sessions.sse.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let st = Stream { prelude, opened, keepalive, shutdown: state.shutdown.subscribe(), done: false, state };
+    let st = Stream {
+        _slot: slot,
+        principal,
+        prelude,
+        opened,
+        keepalive,
+        shutdown: state.shutdown.subscribe(),
+        done: false,
+        state,
+    };
     let body = futures_util::stream::unfold(st, |mut st| async move {
         if let Some(b) = st.prelude.pop_front() {
             return Some((Ok::<_, Infallible>(b), st));
@@ -77,7 +94,14 @@ fn stream_response(state: Arc<AppState>, opened: Opened, params: &StreamParams) 
                     event("shutdown", None, r#"{"type":"shutdown"}"#)
                 }
             },
-            _ = st.keepalive.tick() => Bytes::from_static(b": keepalive\n\n"),
+            _ = st.keepalive.tick() => {
+                if st.principal.expired() {
+                    st.done = true;
+                    event("error", None, r#"{"type":"error","code":"token_expired","message":"token expired"}"#)
+                } else {
+                    Bytes::from_static(b": keepalive\n\n")
+                }
+            }
             _ = st.shutdown.wait_for(|s| *s) => {
                 st.done = true;
                 event("shutdown", None, &format!(r#"{{"type":"shutdown","seq":{}}}"#, st.opened.feed.position()))
@@ -120,10 +144,12 @@ fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(
     ))]
 #[get("/api/events")]
 pub async fn events(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let (slot, principal) = admit(&req, &state)?;
     let mut params = StreamParams::from_query(&query)?;
     apply_last_event_id(&req, &mut params)?;
+    super::ws::restrict(&mut params.filter, &principal);
     let opened = open_stream(&state, &params).await?;
-    Ok(stream_response(state.into_inner(), opened, &params))
+    Ok(stream_response(state.into_inner(), opened, &params, slot, principal))
 }
 
 #[utoipa::path(get, path = "/api/orders/{id}/events", tag = "realtime",
@@ -142,14 +168,26 @@ pub async fn order_events(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = super::orders::parse_id(&path)?;
+    let (slot, principal) = admit(&req, &state)?;
     let mut params = StreamParams { snapshot: true, snapshot_limit: 1, ..Default::default() };
     params.filter.ids.insert(id);
     apply_last_event_id(&req, &mut params)?;
+    super::ws::restrict(&mut params.filter, &principal);
     let opened = open_stream(&state, &params).await?;
     if opened.snapshot.as_ref().is_some_and(|p| p.items.is_empty()) {
         return Err(ApiError::NotFound(format!("order {id} does not exist")));
     }
-    Ok(stream_response(state.into_inner(), opened, &params))
+    Ok(stream_response(state.into_inner(), opened, &params, slot, principal))
+}
+
+/// Takes a connection slot for the caller (429/503 when over the limits).
+fn admit(
+    req: &HttpRequest,
+    state: &AppState,
+) -> Result<(crate::limits::ConnectionSlot, crate::auth::Principal), ApiError> {
+    let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let slot = state.connections.acquire(ip).map_err(super::ws::too_many)?;
+    Ok((slot, crate::auth::principal(req)))
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

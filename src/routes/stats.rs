@@ -16,7 +16,10 @@ use crate::startup::AppState;
 #[utoipa::path(get, path = "/api/stats", tag = "orders",
     responses((status = 200, description = "Order statistics", body = crate::routes::openapi::StatsDoc)))]
 #[get("/api/stats")]
-pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    if crate::auth::principal(&req).customer.is_some() {
+        return Err(ApiError::Forbidden("statistics cover every customer; a restricted token cannot read them".into()));
+    }
     let client = state.pool.get().await?;
     let rows = client.query("SELECT status, product, n, amount, price_sum FROM order_stats_current", &[]).await?;
     let position: i64 = client.query_one("SELECT change_head()", &[]).await?.get(0);
@@ -55,6 +58,7 @@ pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError>
         "by_status": by_status.iter().map(|(s, (n, a))| (s.to_string(), json!({"count": n, "amount": a.round_dp(2).to_f64()}))).collect::<serde_json::Map<_, _>>(),
         "products": products,
         "position": position,
+        "ingest": state.ingest.stats(),
     });
     Ok(HttpResponse::Ok().json(body))
 }

@@ -35,6 +35,8 @@ const SNAPSHOT_CHUNK: usize = 200;
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 pub const CLOSE_UNAVAILABLE: u16 = 4503;
+pub const CLOSE_FORBIDDEN: u16 = 4003;
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// A parsed client message.
 #[derive(Debug, PartialEq)]
@@ -130,7 +132,29 @@ pub async fn ws(
     query: QueryPairs,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let params = StreamParams::from_query(&query)?;
+    // Refusals a browser can read: upgrade, then close with a code and reason.
+    let refusal = {
+        use actix_web::HttpMessage;
+        req.extensions().get::<crate::auth::AuthError>().cloned()
+    }
+    .map(|e| (e.close_code(), e.to_string()))
+    .or_else(|| {
+        (!crate::auth::origin_allowed(&req, &state.settings.allowed_origins))
+            .then(|| (CLOSE_FORBIDDEN, "origin not allowed".to_string()))
+    });
+    if let Some((code, reason)) = refusal {
+        let (response, session, _stream) = actix_ws::handle(&req, body)?;
+        actix_web::rt::spawn(async move {
+            let reason = CloseReason { code: CloseCode::Other(code), description: Some(reason) };
+            let _ = session.close(Some(reason)).await;
+        });
+        return Ok(response);
+    }
+    let principal = crate::auth::principal(&req);
+    let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let slot = state.connections.acquire(ip).map_err(too_many)?;
+    let mut params = StreamParams::from_query(&query)?;
+    restrict(&mut params.filter, &principal);
     let opened = open_stream(&state, &params).await?;
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let stream = stream
@@ -140,10 +164,28 @@ pub async fn ws(
     let state = state.into_inner();
     actix_web::rt::spawn(async move {
         state.sessions.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        run_session(state.clone(), session, stream, opened, params).await;
+        run_session(state.clone(), session, stream, opened, params, principal).await;
         state.sessions.ws.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        drop(slot);
     });
     Ok(response)
+}
+
+/// A restricted token only ever sees its own customer's orders, whatever
+/// filter it asks for.
+pub fn restrict(filter: &mut Filter, principal: &crate::auth::Principal) {
+    if let Some(c) = &principal.customer {
+        filter.customer = Some(c.clone());
+    }
+}
+
+pub fn too_many(refused: crate::limits::Refused) -> ApiError {
+    match refused {
+        crate::limits::Refused::Total => {
+            ApiError::Unavailable("the server holds its maximum of streaming connections".into())
+        }
+        crate::limits::Refused::PerIp => ApiError::TooMany("too many streaming connections from this address".into()),
+    }
 }
 
 enum Outcome {
@@ -250,7 +292,10 @@ async fn run_session(
     mut stream: actix_ws::AggregatedMessageStream,
     mut opened: Opened,
     mut params: StreamParams,
+    principal: crate::auth::Principal,
 ) {
+    let max_subscribes = state.settings.max_subscribes_per_minute;
+    let mut subscribes: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
     let mut conn = Conn { session, write_timeout: state.settings.slow_client_timeout() };
     let mut shutdown = state.shutdown.subscribe();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -269,7 +314,19 @@ async fn run_session(
                     None => Outcome::Close(None),
                     Some(Ok(AggregatedMessage::Text(text))) => match ClientMessage::parse(&text) {
                         Ok(ClientMessage::Ping) => conn.send_json(json!({"type": "pong"})).await.err().unwrap_or(Outcome::Continue),
-                        Ok(ClientMessage::Subscribe { filter, since, snapshot }) => {
+                        Ok(ClientMessage::Subscribe { .. }) if {
+                            while subscribes.front().is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+                                subscribes.pop_front();
+                            }
+                            subscribes.len() as u32 >= max_subscribes
+                        } => conn
+                            .send_json(json!({"type": "error", "code": "too_many_subscribes", "message": format!("at most {max_subscribes} subscribe messages per minute")}))
+                            .await
+                            .err()
+                            .unwrap_or(Outcome::Continue),
+                        Ok(ClientMessage::Subscribe { mut filter, since, snapshot }) => {
+                            subscribes.push_back(Instant::now());
+                            restrict(&mut filter, &principal);
                             let next = StreamParams { filter, since, snapshot, snapshot_limit: params.snapshot_limit };
                             match open_stream(&state, &next).await {
                                 Ok(o) => {
@@ -311,7 +368,9 @@ async fn run_session(
                 None => close(1001, format!("server shutting down; resume with since={}", opened.feed.position())),
             },
             _ = heartbeat.tick() => {
-                if last_heard.elapsed() > CLIENT_TIMEOUT {
+                if principal.expired() {
+                    close(CLOSE_TOKEN_EXPIRED, "token expired")
+                } else if last_heard.elapsed() > CLIENT_TIMEOUT {
                     close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                 } else {
                     match tokio::time::timeout(conn.write_timeout, conn.session.ping(b"")).await {

@@ -25,5 +25,267 @@ async fn metrics_expose_connections_deliveries_latency_and_http_requests() {
     assert!(metric(&text, "ordercast_commit_to_push_seconds_count") >= 1.0);
     assert_eq!(metric(&text, "ordercast_listener_connected"), 1.0);
     assert!(metric(&text, "ordercast_pg_notification_queue_usage") >= 0.0);
-    assert!(text.contains("ordercast_http_requests_total{method=\"POST\",route=\"/api/orders\",status=\"201\"} 1"), "{text}");
+    assert!(
+        text.contains("ordercast_http_requests_total{method=\"POST\",route=\"/api/orders\",status=\"201\"} 1"),
+        "{text}"
+    );
+}
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::{spawn_app_with, TestApp};
+
+const KEYS: &str = "reader:readersecret:read,writer:writersecret:read+write,ops:opssecret1:read+write+admin,\
+                    ada:adasecret1:read+write:customer=Ada";
+const JWT_SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+async fn secured() -> TestApp {
+    spawn_app_with(|s| {
+        s.api_keys = Some(ordercast::config::Secret(KEYS.into()));
+        s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
+        s.allowed_origins = vec!["https://ops.example.com".into()];
+    })
+    .await
+}
+
+fn jwt(exp_offset: i64, scope: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "svc-jwt", "exp": chrono::Utc::now().timestamp() + exp_offset, "scope": scope}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn ws_with(app: &TestApp, query: &str, headers: &[(&'static str, &str)]) -> (Option<(u16, String)>, Vec<Value>) {
+    let mut req = format!("ws://127.0.0.1:{}/ws{query}", app.port).into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut msgs = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                let ready = v["type"] == "ready";
+                msgs.push(v);
+                if ready {
+                    return (None, msgs);
+                }
+            }
+            Ok(Some(Ok(Message::Close(f)))) => return (f.map(|f| (u16::from(f.code), f.reason.to_string())), msgs),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_address_without_tokens_is_refused_unless_insecure() {
+    let (db_url, _name) = crate::helpers::create_database().await;
+    let mut settings = ordercast::config::Settings::for_database(&db_url);
+    settings.bind = "0.0.0.0:0".parse().unwrap();
+    let err = ordercast::startup::Application::build(settings.clone(), &db_url).await.err().expect("must refuse");
+    assert!(format!("{err:#}").contains("refusing to listen on 0.0.0.0:0 without authentication"), "{err:#}");
+    settings.insecure = true;
+    assert!(ordercast::startup::Application::build(settings.clone(), &db_url).await.is_ok());
+    settings.insecure = false;
+    settings.api_keys = Some(ordercast::config::Secret("a:abcdefgh:read".into()));
+    assert!(ordercast::startup::Application::build(settings, &db_url).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_scopes_guard_every_route() {
+    let app = secured().await;
+    let order = json!({"customer_name": "Zed", "product": "Cog", "quantity": 1, "unit_price": 1});
+    let post = |token: Option<String>| {
+        let mut r = app.http.post(app.url("/api/orders")).json(&order);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let r = post(None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "missing_token");
+    let r = post(Some("not-a-real-token".into())).await.unwrap();
+    assert_eq!((r.status().as_u16(), r.json::<Value>().await.unwrap()["code"].clone()), (401, json!("invalid_token")));
+    let r = post(Some("readersecret".into())).await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), r.json::<Value>().await.unwrap()["code"].clone()),
+        (403, json!("insufficient_scope"))
+    );
+    let created: Value = post(Some("writersecret".into())).await.unwrap().json().await.unwrap();
+    let id = created["id"].as_i64().unwrap();
+    let history: Value = app
+        .http
+        .get(app.url(&format!("/api/orders/{id}/history")))
+        .bearer_auth("readersecret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history[0]["by"], "api:writer");
+    // JWTs: valid, expired, scope.
+    assert_eq!(post(Some(jwt(60, "read write"))).await.unwrap().status(), 201);
+    let r = post(Some(jwt(-10, "read write"))).await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "token_expired");
+    assert_eq!(post(Some(jwt(60, "read"))).await.unwrap().status(), 403);
+    // Admin routes.
+    let metrics = |t: &'static str| app.http.get(app.url("/metrics")).bearer_auth(t).send();
+    assert_eq!(metrics("writersecret").await.unwrap().status(), 403);
+    assert_eq!(metrics("opssecret1").await.unwrap().status(), 200);
+    // Public routes stay public.
+    assert_eq!(app.http.get(app.url("/api/health")).send().await.unwrap().status(), 200);
+    assert_eq!(app.http.get(app.url("/")).send().await.unwrap().status(), 200);
+    // Cookie and access_token (for EventSource).
+    let r = app
+        .http
+        .get(app.url("/api/orders"))
+        .header("cookie", "theme=dark; ordercast_token=readersecret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut sse = app.sse("/api/events?access_token=readersecret", None).await;
+    assert_eq!(sse.next_event(Duration::from_secs(5)).await.event, "ready");
+    // WebSocket: refused with a close code a browser can read.
+    let (close, _) = ws_with(&app, "", &[]).await;
+    assert_eq!(close.unwrap().0, 4001);
+    let (close, _) = ws_with(&app, "?access_token=bogus", &[]).await;
+    assert_eq!(close.unwrap().0, 4001);
+    let (close, msgs) = ws_with(&app, "", &[("authorization", "Bearer readersecret")]).await;
+    assert!(close.is_none() && msgs.last().unwrap()["type"] == "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_restricted_token_never_sees_another_customers_orders() {
+    let app = secured().await;
+    let create = |name: &str, token: &str| {
+        app.http
+            .post(app.url("/api/orders"))
+            .bearer_auth(token)
+            .json(&json!({"customer_name": name, "product": "Cog", "quantity": 1, "unit_price": 1}))
+            .send()
+    };
+    let bob: Value = create("Bob", "writersecret").await.unwrap().json().await.unwrap();
+    let ada: Value = create("Ada", "adasecret1").await.unwrap().json().await.unwrap();
+    assert_eq!(create("Bob", "adasecret1").await.unwrap().status(), 403);
+    let get = |path: String| app.http.get(app.url(&path)).bearer_auth("adasecret1").send();
+    let page: Value = get("/api/orders?customer=Bob".into()).await.unwrap().json().await.unwrap();
+    let names: Vec<&str> =
+        page["items"].as_array().unwrap().iter().map(|o| o["customer_name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Ada"]);
+    assert_eq!(get(format!("/api/orders/{}", bob["id"])).await.unwrap().status(), 404);
+    assert_eq!(get(format!("/api/orders/{}/history", bob["id"])).await.unwrap().status(), 404);
+    assert_eq!(get(format!("/api/orders/{}", ada["id"])).await.unwrap().status(), 200);
+    assert_eq!(get("/api/stats".into()).await.unwrap().status(), 403);
+    let r = app
+        .http
+        .patch(app.url(&format!("/api/orders/{}", bob["id"])))
+        .bearer_auth("adasecret1")
+        .json(&json!({"quantity": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r =
+        app.http.delete(app.url(&format!("/api/orders/{}", bob["id"]))).bearer_auth("adasecret1").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // Streams: even asking for Bob, Ada's token receives only Ada's changes.
+    let mut ws = crate::helpers::WsClient::connect(&format!(
+        "ws://127.0.0.1:{}/ws?access_token=adasecret1&customer=Bob",
+        app.port
+    ))
+    .await;
+    ws.ready().await;
+    ws.send_json(json!({"type": "subscribe", "filter": {"customer": "Bob"}})).await;
+    ws.ready().await;
+    let mut sse = app.sse("/api/events?access_token=adasecret1", None).await;
+    sse.next_event(WAIT).await;
+    let db = app.sql().await;
+    db.execute("UPDATE orders SET quantity = quantity + 1", &[]).await.unwrap();
+    let c = ws.changes(1, WAIT).await;
+    assert_eq!(c[0]["order"]["customer_name"], "Ada");
+    ws.expect_silence(Duration::from_millis(500)).await;
+    let e = sse.changes(1, WAIT).await;
+    assert_eq!(e[0].data["order"]["customer_name"], "Ada");
+    let mut per_order = app
+        .http
+        .get(app.url(&format!("/api/orders/{}/events?access_token=adasecret1", bob["id"])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(per_order.status(), 404);
+    let _ = per_order.chunk().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_origins_and_cors_follow_the_allow_list() {
+    let app = secured().await;
+    let auth = ("authorization", "Bearer readersecret");
+    let (close, _) = ws_with(&app, "", &[auth, ("origin", "https://evil.example")]).await;
+    assert_eq!(close.unwrap(), (4003, "origin not allowed".to_string()));
+    let (close, _) = ws_with(&app, "", &[auth, ("origin", "https://ops.example.com")]).await;
+    assert!(close.is_none());
+    let host = format!("http://127.0.0.1:{}", app.port);
+    let (close, _) = ws_with(&app, "", &[auth, ("origin", host.as_str())]).await;
+    assert!(close.is_none(), "same origin is allowed");
+    let preflight = |origin: &'static str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, app.url("/api/orders"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+    };
+    let ok = preflight("https://ops.example.com").await.unwrap();
+    assert_eq!(ok.headers()["access-control-allow-origin"], "https://ops.example.com");
+    let denied = preflight("https://evil.example").await.unwrap();
+    assert!(denied.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_write_and_subscribe_limits_are_enforced() {
+    let app = spawn_app_with(|s| {
+        s.max_connections_per_ip = 2;
+        s.write_rate = 1.0;
+        s.write_burst = 2.0;
+        s.max_subscribes_per_minute = 2;
+    })
+    .await;
+    let mut a = app.ws("").await;
+    a.ready().await;
+    let _b = app.sse("/api/events", None).await;
+    let r = app.http.get(app.url("/api/events")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "too_many_connections");
+    // Writes: a burst of 2, then 429 with Retry-After.
+    let order = json!({"customer_name": "Rate", "product": "Cog", "quantity": 1, "unit_price": 1});
+    for _ in 0..2 {
+        assert_eq!(app.post_order(&order).await.status(), 201);
+    }
+    let r = app.post_order(&order).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    // Subscribes per minute on one connection.
+    for _ in 0..2 {
+        a.send_json(json!({"type": "subscribe"})).await;
+        a.ready().await;
+    }
+    a.send_json(json!({"type": "subscribe"})).await;
+    assert_eq!(a.next_json(WAIT).await["code"], "too_many_subscribes");
+    // Total connections.
+    let app = spawn_app_with(|s| s.max_connections = 1).await;
+    let mut one = app.ws("").await;
+    one.ready().await;
+    let r = app.http.get(app.url("/api/events")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
 }

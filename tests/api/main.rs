@@ -1,5 +1,6 @@
 //! Integration tests: the real application against a real PostgreSQL.
 
+mod faults;
 mod hardening;
 mod helpers;
 mod orders;

@@ -1,0 +1,397 @@
+//! Who may see and change what.
+//!
+//! Tokens carry scopes — `read` (streams and GETs), `write` (REST changes),
+//! `admin` (dead letters, metrics) — and optionally a row restriction to one
+//! customer, enforced by the REST queries and by the hub's filters. Tokens are
+//! static API keys from configuration and/or HS256 JWTs signed with a
+//! configured secret (`exp` required and checked).
+//!
+//! A token is read from `Authorization: Bearer`, the `ordercast_token`
+//! cookie, or the `access_token` query parameter (EventSource cannot set
+//! headers; the access log never prints query strings). With no keys and no
+//! JWT secret configured, authentication is off (local development); the
+//! server then refuses to listen on a non-loopback address unless told
+//! `--insecure`.
+
+use std::collections::HashMap;
+
+use actix_web::dev::ServiceRequest;
+use actix_web::http::Method;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Scope {
+    fn bit(self) -> u8 {
+        match self {
+            Scope::Read => 1,
+            Scope::Write => 2,
+            Scope::Admin => 4,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Scope> {
+        match s {
+            "read" => Some(Scope::Read),
+            "write" => Some(Scope::Write),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Named in history as `api:<name>`.
+    pub name: String,
+    scopes: u8,
+    /// Row restriction: only this customer's orders (lowercased).
+    pub customer: Option<String>,
+    /// Unix seconds after which the token is no longer valid (JWTs).
+    pub expires_at: Option<i64>,
+}
+
+// Keep secrets out of logs: a principal prints its name and scopes only.
+impl std::fmt::Debug for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Principal").field("name", &self.name).field("scopes", &self.scopes).finish()
+    }
+}
+
+impl Principal {
+    /// Everyone, when authentication is off.
+    pub fn anonymous(name: String) -> Principal {
+        Principal { name, scopes: 7, customer: None, expires_at: None }
+    }
+
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes & scope.bit() != 0
+    }
+
+    pub fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|t| t <= chrono::Utc::now().timestamp())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing token: send Authorization: Bearer <token>")]
+    Missing,
+    #[error("invalid token")]
+    Invalid,
+    #[error("token expired")]
+    Expired,
+    #[error("this token lacks the {0} scope")]
+    Forbidden(&'static str),
+}
+
+impl AuthError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_token",
+            AuthError::Invalid => "invalid_token",
+            AuthError::Expired => "token_expired",
+            AuthError::Forbidden(_) => "insufficient_scope",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::Forbidden(_) => 403,
+            _ => 401,
+        }
+    }
+
+    /// WebSocket close code for the same failure.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            AuthError::Forbidden(_) => 4003,
+            _ => 4001,
+        }
+    }
+}
+
+/// Configured credentials.
+pub struct Auth {
+    /// secret -> principal
+    keys: HashMap<String, Principal>,
+    jwt: Option<DecodingKey>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    exp: i64,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    customer: Option<String>,
+}
+
+fn parse_scopes(list: impl IntoIterator<Item = impl AsRef<str>>) -> Result<u8, String> {
+    let mut bits = 0;
+    for s in list {
+        let s = s.as_ref().trim();
+        if s.is_empty() {
+            continue;
+        }
+        bits |= Scope::parse(s).ok_or_else(|| format!("unknown scope {s:?} (read, write, admin)"))?.bit();
+    }
+    Ok(bits)
+}
+
+impl Auth {
+    /// `None` when nothing is configured (authentication off).
+    ///
+    /// `api_keys`: comma-separated `name:secret:scope+scope[:customer=Name]`,
+    /// e.g. `dashboard:s3cret:read+write,ops:t0ken:read+write+admin`.
+    pub fn from_config(api_keys: Option<&str>, jwt_secret: Option<&str>) -> anyhow::Result<Option<Auth>> {
+        let mut keys = HashMap::new();
+        for spec in api_keys.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let parts: Vec<&str> = spec.split(':').collect();
+            let (name, secret, scopes) = match parts.as_slice() {
+                [name, secret, scopes, ..] => (*name, *secret, *scopes),
+                _ => anyhow::bail!("an API key must look like name:secret:read+write[:customer=Name]"),
+            };
+            if name.is_empty() || secret.len() < 8 {
+                anyhow::bail!("API key {name:?}: the name must be set and the secret at least 8 characters");
+            }
+            let scopes = parse_scopes(scopes.split('+')).map_err(|e| anyhow::anyhow!("API key {name:?}: {e}"))?;
+            let mut customer = None;
+            for extra in &parts[3..] {
+                match extra.split_once('=') {
+                    Some(("customer", c)) if !c.trim().is_empty() => customer = Some(c.trim().to_lowercase()),
+                    _ => anyhow::bail!("API key {name:?}: unknown option {extra:?} (customer=Name)"),
+                }
+            }
+            keys.insert(secret.to_string(), Principal { name: name.to_string(), scopes, customer, expires_at: None });
+        }
+        let jwt = match jwt_secret.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) if s.len() < 16 => anyhow::bail!("the JWT secret must be at least 16 bytes"),
+            Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),
+            None => None,
+        };
+        Ok((!keys.is_empty() || jwt.is_some()).then_some(Auth { keys, jwt }))
+    }
+
+    pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        if let Some(p) = self.keys.get(token) {
+            return Ok(p.clone());
+        }
+        let Some(key) = &self.jwt else { return Err(AuthError::Invalid) };
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+            _ => AuthError::Invalid,
+        })?;
+        let c = data.claims;
+        let scopes = match (c.scopes, c.scope) {
+            (Some(list), _) => parse_scopes(list),
+            (None, Some(s)) => parse_scopes(s.split(' ')),
+            (None, None) => Ok(Scope::Read.bit()),
+        }
+        .map_err(|_| AuthError::Invalid)?;
+        Ok(Principal {
+            name: c.sub,
+            scopes,
+            customer: c.customer.map(|s| s.trim().to_lowercase()).filter(|s| !s.is_empty()),
+            expires_at: Some(c.exp),
+        })
+    }
+}
+
+/// The token of a request, from the header, the cookie or the query.
+pub fn token(req: &ServiceRequest) -> Option<String> {
+    if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
+        let v = h.to_str().ok()?.trim();
+        return v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(|t| t.trim().to_string());
+    }
+    if let Some(cookies) = req.headers().get(actix_web::http::header::COOKIE).and_then(|c| c.to_str().ok()) {
+        if let Some(v) = cookies.split(';').find_map(|c| c.trim().strip_prefix("ordercast_token=")) {
+            return Some(v.to_string());
+        }
+    }
+    form_urlencoded::parse(req.query_string().as_bytes())
+        .find(|(k, _)| k == "access_token")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Which scope a request needs; `None`: public (health, docs, the
+/// dashboard's files).
+pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
+    if path == "/metrics" || path.starts_with("/api/dlq") {
+        return Some(Scope::Admin);
+    }
+    if path == "/api/health" || path == "/api/openapi.json" || !(path.starts_with("/api/") || path == "/ws") {
+        return None;
+    }
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        Some(Scope::Read)
+    } else {
+        Some(Scope::Write)
+    }
+}
+
+/// The caller of a request: set by [`guard`] for scoped routes; anonymous
+/// (named by IP) otherwise.
+pub fn principal(req: &actix_web::HttpRequest) -> Principal {
+    use actix_web::HttpMessage;
+    req.extensions().get::<Principal>().cloned().unwrap_or_else(|| Principal::anonymous(peer_ip(req)))
+}
+
+fn peer_ip(req: &actix_web::HttpRequest) -> String {
+    req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+/// Is the request's `Origin` acceptable for a WebSocket? Non-browser clients
+/// send none; browsers must be same-origin or on the allow-list, so another
+/// site cannot open a stream with the user's cookie.
+pub fn origin_allowed(req: &actix_web::HttpRequest, allowed: &[String]) -> bool {
+    let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    if allowed.iter().any(|a| a.trim_end_matches('/') == origin) {
+        return true;
+    }
+    let host = req.headers().get(actix_web::http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    origin.split_once("://").is_some_and(|(_, rest)| rest == host)
+}
+
+/// Middleware: authenticates, checks the route's scope and the write rate,
+/// and records the principal for the handlers. A failed WebSocket request is
+/// let through with the error attached, so it can be upgraded and closed
+/// with a code and reason a browser can see.
+pub async fn guard(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<actix_web::body::BoxBody>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    use actix_web::HttpMessage;
+    let Some(state) = req.app_data::<actix_web::web::Data<crate::startup::AppState>>().cloned() else {
+        return next.call(req).await;
+    };
+    let Some(scope) = required_scope(req.method(), req.path()) else {
+        return next.call(req).await;
+    };
+    let result = match &state.auth {
+        None => Ok(Principal::anonymous(peer_ip(req.request()))),
+        Some(auth) => match token(&req) {
+            None => Err(AuthError::Missing),
+            Some(t) => auth.authenticate(&t),
+        }
+        .and_then(|p| if p.has(scope) { Ok(p) } else { Err(AuthError::Forbidden(scope.as_str())) }),
+    };
+    match result {
+        Ok(p) => {
+            if scope == Scope::Write {
+                if let Err(retry) = state.write_limiter.check(&p.name) {
+                    let resp = crate::error::problem_response(
+                        actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limited",
+                        &format!("too many writes; retry in {retry} s"),
+                    );
+                    let mut resp = resp;
+                    resp.headers_mut().insert(
+                        actix_web::http::header::RETRY_AFTER,
+                        actix_web::http::header::HeaderValue::from(retry),
+                    );
+                    return Ok(req.into_response(resp));
+                }
+            }
+            req.extensions_mut().insert(p);
+            next.call(req).await
+        }
+        Err(e) if req.path() == "/ws" => {
+            req.extensions_mut().insert(e);
+            next.call(req).await
+        }
+        Err(e) => {
+            let status =
+                actix_web::http::StatusCode::from_u16(e.status()).unwrap_or(actix_web::http::StatusCode::UNAUTHORIZED);
+            let mut resp = crate::error::problem_response(status, e.code(), &e.to_string());
+            if e.status() == 401 {
+                resp.headers_mut().insert(
+                    actix_web::http::header::WWW_AUTHENTICATE,
+                    actix_web::http::header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            Ok(req.into_response(resp))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_parse_with_scopes_and_restrictions() {
+        let auth = Auth::from_config(Some("dash:s3cretkey:read+write, ada:adasecret:read:customer=Ada"), None)
+            .unwrap()
+            .unwrap();
+        let dash = auth.authenticate("s3cretkey").unwrap();
+        assert!(dash.has(Scope::Read) && dash.has(Scope::Write) && !dash.has(Scope::Admin));
+        let ada = auth.authenticate("adasecret").unwrap();
+        assert_eq!(ada.customer.as_deref(), Some("ada"));
+        assert_eq!(auth.authenticate("nope"), Err(AuthError::Invalid));
+        assert!(Auth::from_config(None, None).unwrap().is_none());
+        for bad in ["x", "a:short:read", "a:longenough:fly", "a:longenough:read:colour=red"] {
+            assert!(Auth::from_config(Some(bad), None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jwts_are_verified_and_expire() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let auth = Auth::from_config(None, Some(secret)).unwrap().unwrap();
+        let make = |exp: i64, scope: &str| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "svc", "exp": exp, "scope": scope, "customer": "Bob"}),
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let now = chrono::Utc::now().timestamp();
+        let p = auth.authenticate(&make(now + 60, "read write")).unwrap();
+        assert!(p.has(Scope::Write) && !p.has(Scope::Admin));
+        assert_eq!(p.customer.as_deref(), Some("bob"));
+        assert_eq!(auth.authenticate(&make(now - 5, "read")), Err(AuthError::Expired));
+        let forged = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "svc", "exp": now + 60}),
+            &jsonwebtoken::EncodingKey::from_secret(b"another secret entirely!"),
+        )
+        .unwrap();
+        assert_eq!(auth.authenticate(&forged), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn scopes_follow_the_route() {
+        assert_eq!(required_scope(&Method::GET, "/api/orders"), Some(Scope::Read));
+        assert_eq!(required_scope(&Method::POST, "/api/orders"), Some(Scope::Write));
+        assert_eq!(required_scope(&Method::GET, "/ws"), Some(Scope::Read));
+        assert_eq!(required_scope(&Method::GET, "/metrics"), Some(Scope::Admin));
+        assert_eq!(required_scope(&Method::GET, "/api/dlq"), Some(Scope::Admin));
+        assert_eq!(required_scope(&Method::GET, "/api/health"), None);
+        assert_eq!(required_scope(&Method::GET, "/"), None);
+        assert_eq!(required_scope(&Method::GET, "/js/app.js"), None);
+    }
+}

@@ -1,0 +1,134 @@
+//! Limits that keep one client from taking the server: streaming connections
+//! in total and per client IP, and a write rate per token (or per IP when
+//! authentication is off). Body and frame sizes are limited where they are
+//! read (`routes::orders::read_body`, the WebSocket stream).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The server holds its maximum number of streaming connections.
+    Total,
+    /// This client IP holds its maximum.
+    PerIp,
+}
+
+/// Counts streaming connections (WebSocket + SSE).
+#[derive(Debug)]
+pub struct Connections {
+    max_total: usize,
+    max_per_ip: usize,
+    // unwrap on lock: never held across a panic
+    inner: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Held by a session; releases its slot when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    owner: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Connections {
+    pub fn new(max_total: usize, max_per_ip: usize) -> Arc<Connections> {
+        Arc::new(Connections { max_total, max_per_ip, inner: Mutex::new((0, HashMap::new())) })
+    }
+
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Refused> {
+        let mut g = self.inner.lock().unwrap();
+        if g.0 >= self.max_total {
+            return Err(Refused::Total);
+        }
+        let n = g.1.entry(ip).or_default();
+        if *n >= self.max_per_ip {
+            return Err(Refused::PerIp);
+        }
+        *n += 1;
+        g.0 += 1;
+        Ok(ConnectionSlot { owner: self.clone(), ip })
+    }
+
+    pub fn open(&self) -> usize {
+        self.inner.lock().unwrap().0
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut g = self.owner.inner.lock().unwrap();
+        g.0 -= 1;
+        if let Some(n) = g.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                g.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Token buckets per caller: `rate` writes per second, bursts of `burst`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, burst: f64) -> RateLimiter {
+        RateLimiter { rate, burst: burst.max(1.0), buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Ok, or the number of whole seconds to wait before retrying.
+    pub fn check(&self, key: &str) -> Result<(), u64> {
+        if self.rate <= 0.0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap();
+        if buckets.len() > 100_000 {
+            // Forget idle callers rather than grow without bound.
+            buckets.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() * self.rate < self.burst);
+        }
+        let (tokens, last) = buckets.entry(key.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.rate).ceil().max(1.0) as u64)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_slots_are_counted_per_ip_and_released() {
+        let c = Connections::new(3, 2);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let s1 = c.acquire(a).unwrap();
+        let _s2 = c.acquire(a).unwrap();
+        assert_eq!(c.acquire(a).unwrap_err(), Refused::PerIp);
+        let _s3 = c.acquire(b).unwrap();
+        assert_eq!(c.acquire(b).unwrap_err(), Refused::Total);
+        drop(s1);
+        assert!(c.acquire(a).is_ok());
+    }
+
+    #[test]
+    fn the_write_rate_is_a_token_bucket() {
+        let r = RateLimiter::new(1.0, 3.0);
+        assert!((0..3).all(|_| r.check("k").is_ok()));
+        assert_eq!(r.check("k"), Err(1));
+        assert!(r.check("other").is_ok());
+        assert!(RateLimiter::new(0.0, 1.0).check("k").is_ok());
+    }
+}
