@@ -2,7 +2,7 @@
 //! valid. REST, the Kafka ingest and the WebSocket subscribe message all use
 //! these parsers, so every path accepts and rejects the same things.
 
-mod filter;
+pub mod filter;
 mod order;
 
 pub use filter::Filter;
