@@ -1,10 +1,13 @@
 // The activity feed: every change as it happens, whoever made it (the API,
-// the Kafka ingest, or someone in psql). Entries are queued and drawn once per
-// animation frame; only the newest ones are kept in the DOM.
+// the Kafka ingest, or someone in psql). Entries are queued and drawn a few
+// times a second at most; only the newest ones are kept in the DOM.
 
 import { el, fmtMoney, fmtWhen, label, splitActor } from './format.js';
+import { FrameThrottle } from './frame.js';
 
 const KEEP = 60;
+/** A feed redrawn more often than this cannot be read anyway. */
+const RENDER_GAP_MS = 250;
 
 /** The fields an update changed, besides the bookkeeping ones. */
 function changedFields(order, old) {
@@ -37,7 +40,7 @@ export class ActivityFeed {
   constructor(list, { onOpen }) {
     this.list = list;
     this.queue = [];
-    this.frame = 0;
+    this.painter = new FrameThrottle(() => this.render(), RENDER_GAP_MS);
     list.addEventListener('click', (ev) => {
       const b = ev.target.closest('[data-open]');
       if (b) onOpen(Number(b.dataset.open));
@@ -47,11 +50,10 @@ export class ActivityFeed {
   push(change) {
     this.queue.push(change);
     if (this.queue.length > KEEP) this.queue.splice(0, this.queue.length - KEEP);
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+    this.painter.schedule();
   }
 
   render() {
-    this.frame = 0;
     const items = this.queue.splice(0).reverse().map((c) => this.entry(c));
     this.list.prepend(...items);
     while (this.list.children.length > KEEP) this.list.lastElementChild.remove();

@@ -199,10 +199,12 @@ showThemeButton();
 
 // --- start ------------------------------------------------------------------------------
 async function start() {
-  stats.start();
+  stats.refresh();
   for (let delay = 1000; !(await table.load()); delay = Math.min(delay * 2, 10000)) {
     await new Promise((r) => setTimeout(r, delay));
   }
   stream.start(table.position);
+  // The chart's backfill reads up to a few thousand orders: after the table.
+  stats.start();
 }
 start();

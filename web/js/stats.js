@@ -17,6 +17,7 @@ const BACKFILL_PAGE = 500;
 const PRODUCTS_SHOWN = 12;
 
 const minuteOf = (ms) => Math.floor(ms / 60000);
+const hourMinute = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', hourCycle: 'h23' });
 
 /** Orders created per minute, and how far back the counts are complete. */
 class PerMinute {
@@ -94,13 +95,13 @@ export class Stats {
     this.timer = null;
     this.last = 0;
     this.perMinute = new PerMinute();
-    this.changeTimes = [];
+    this.perSecond = new Map(); // second number -> changes received in it
     this.chart = null;
     this.dlqTimer = null;
   }
 
+  /** Dead letters, the chart's backfill and the once-a-second figures (the totals are read by refresh()). */
   async start() {
-    await this.refresh();
     this.pollDeadLetters();
     try {
       await this.perMinute.backfill();
@@ -114,7 +115,8 @@ export class Stats {
   /** A change arrived: count it and re-read the totals soon. */
   change(change) {
     const now = Date.now();
-    this.changeTimes.push(now);
+    const second = Math.floor(now / 1000);
+    this.perSecond.set(second, (this.perSecond.get(second) || 0) + 1);
     if (change.op === 'insert') this.perMinute.insert(change);
     if (this.timer) return;
     const wait = Math.max(0, this.last + STATS_INTERVAL_MS - now);
@@ -152,9 +154,14 @@ export class Stats {
 
   /** Once a second: the rate figures and the chart. */
   tick() {
-    const now = Date.now();
-    while (this.changeTimes.length && this.changeTimes[0] < now - 5000) this.changeTimes.shift();
-    this.n.changes.textContent = fmtCount(Math.round(this.changeTimes.length / 5));
+    // Changes per second: the average over the last five whole seconds.
+    const second = Math.floor(Date.now() / 1000);
+    let changes = 0;
+    for (const [s, n] of this.perSecond) {
+      if (s < second - 5) this.perSecond.delete(s);
+      else if (s < second) changes += n;
+    }
+    this.n.changes.textContent = fmtCount(Math.round(changes / 5));
     const { n, complete } = this.perMinute.lastMinute();
     this.n.rate.textContent = complete ? fmtCount(n) : `≥ ${fmtCount(n)}`;
     this.drawChart();
@@ -205,7 +212,8 @@ export class Stats {
       legend: { show: false },
       cursor: { points: { show: false }, drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(5, Math.ceil(max * 1.15))] } },
-      axes: [{ ...axis, space: 60 }, { ...axis, size: 44 }],
+      axes: [{ ...axis, space: 60, values: (u, splits) => splits.map((t) => hourMinute.format(new Date(t * 1000))) },
+        { ...axis, size: 44 }],
       series: [
         {},
         { label: 'Orders', stroke: colours.accent, fill: colours.soft, width: 1,
@@ -230,11 +238,16 @@ export class Stats {
     this.n.dlqSection.hidden = false;
     const items = res.items || [];
     this.n.dlqEmpty.hidden = items.length > 0;
-    this.n.dlq.replaceChildren(...items.map((d) =>
-      el('tr', {},
-        el('td', {}, el('time', { datetime: d.at }, fmtWhen(d.at))),
+    this.n.dlq.replaceChildren(...items.map((d) => {
+      // {code, reason: text, at} as first specified, or {reason: code, detail: text, received_at}.
+      const code = d.code ?? (d.detail != null ? d.reason : null);
+      const text = d.detail ?? d.reason;
+      const at = d.at ?? d.received_at;
+      return el('tr', {},
+        el('td', {}, el('time', { datetime: at }, fmtWhen(at))),
         el('td', { class: 'mono' }, `${d.topic}[${d.partition}]@${d.offset}`),
-        el('td', {}, d.code ? el('span', { class: 'code' }, d.code) : null, d.code ? ' ' : null, d.reason))));
+        el('td', {}, code ? el('span', { class: 'code' }, code) : null, code ? ' ' : null, text));
+    }));
     this.dlqTimer = setTimeout(() => this.pollDeadLetters(), DLQ_INTERVAL_MS);
   }
 }

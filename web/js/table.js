@@ -5,13 +5,16 @@
 // reflects. Changes at or below that position are already in it; changes
 // after it are applied on top, including the ones that arrived while the page
 // was loading (replayed from the recent-changes buffer). The DOM holds one
-// page of rows at most and is updated once per animation frame however many
-// changes arrive, so 500 changes a second cost a few row updates per frame.
+// page of rows at most and is redrawn in an animation frame at most every
+// RENDER_GAP_MS however many changes arrive.
 
 import { api } from './api.js';
 import { el, fmtCount, fmtMoney, fmtWhen, statusBadge } from './format.js';
+import { FrameThrottle } from './frame.js';
 
 export const PAGE_SIZE = 50;
+/** Under a stream of changes the table is redrawn at most this often. */
+const RENDER_GAP_MS = 100;
 /** A page that lost rows is reloaded after this delay, so a burst of departures costs one request. */
 const REFILL_DELAY_MS = 800;
 
@@ -51,7 +54,7 @@ export class OrderTable {
     this.trs = new Map(); // order id -> <tr>
     this.dirty = new Set(); // ids whose row must be redrawn
     this.flash = new Set(); // ids to highlight at the next render
-    this.frame = 0;
+    this.painter = new FrameThrottle(() => this.draw(), RENDER_GAP_MS);
     this.flip = false;
     this.refill = null;
     opts.tbody.addEventListener('click', (ev) => {
@@ -189,12 +192,14 @@ export class OrderTable {
   }
 
   schedule() {
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+    this.painter.schedule();
   }
 
   render() {
-    cancelAnimationFrame(this.frame);
-    this.frame = 0;
+    this.painter.now();
+  }
+
+  draw() {
     const { tbody } = this.o;
     const wanted = new Set(this.rows.map((o) => o.id));
     for (const [id, tr] of this.trs) {
@@ -245,11 +250,9 @@ export class OrderTable {
     tr.dataset.status = o.status;
     id.replaceChildren(el('button', { class: 'link', type: 'button', 'aria-label': `Open order ${o.id}` }, `#${o.id}`));
     created.textContent = fmtWhen(o.created_at);
-    customer.replaceChildren(
-      el('span', { class: 'customer' }, o.customer_name),
-      o.customer_email ? el('span', { class: 'email' }, o.customer_email) : null,
-      el('span', { class: 'product-sm' }, o.product),
-    );
+    customer.replaceChildren(el('span', { class: 'customer' }, o.customer_name));
+    if (o.customer_email) customer.append(el('span', { class: 'email' }, o.customer_email));
+    customer.append(el('span', { class: 'product-sm' }, o.product));
     product.textContent = o.product;
     qty.textContent = fmtCount(o.quantity);
     amount.textContent = fmtMoney(o.amount);
