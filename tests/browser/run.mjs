@@ -1,0 +1,523 @@
+// The dashboard in a real headless Chromium (/usr/bin/chromium, driven by
+// playwright-core), against a real ordercast with its own PostgreSQL:
+//   ORDERCAST_BIN=target/debug/ordercast node tests/browser/run.mjs [name-filter]
+// Every wait is bounded; a screenshot of each test's page is saved in
+// tests/browser/screenshots/; the last line is "N passed, M failed" and the
+// exit code is non-zero on any failure. Everything started is stopped at the
+// end, failure or not.
+
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join, resolve } from 'node:path';
+import { Ordercast, freePort, launchChromium, psql, seedOrders, sleep, within } from './harness.mjs';
+
+const BIN = resolve(process.env.ORDERCAST_BIN || 'target/debug/ordercast');
+const SHOTS = join(import.meta.dirname, 'screenshots');
+const AXE = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
+const ONLY = process.argv[2] || '';
+/** One test may take this long, the whole run this long. */
+const TEST_LIMIT_MS = 120000;
+const RUN_LIMIT_MS = 20 * 60000;
+mkdirSync(SHOTS, { recursive: true });
+
+const tests = [];
+const test = (name, fn) => tests.push({ name, fn });
+const figures = [];
+const figure = (text) => {
+  figures.push(text);
+  console.log(`     ${text}`);
+};
+
+let server;
+let browser;
+
+// --- helpers -------------------------------------------------------------------
+
+/** A fresh page on the dashboard, collecting console errors; waits until the stream is live. */
+async function openDashboard(t, { viewport = { width: 1366, height: 900 }, colorScheme = 'light', before } = {}) {
+  const page = await browser.newPage({ viewport, colorScheme });
+  t.page = page;
+  page.setDefaultTimeout(10000);
+  const errors = [];
+  page.on('console', (m) => {
+    if (m.type() === 'error') errors.push(m.text());
+  });
+  page.on('pageerror', (e) => errors.push(`uncaught: ${e.message}`));
+  if (before) await before(page);
+  await page.goto(server.url, { timeout: 15000 });
+  await live(page);
+  return { page, errors };
+}
+
+const live = (page, timeout = 15000) => page.locator('#connection[data-phase="connected"]').waitFor({ timeout });
+const row = (page, id) => page.locator(`#orders-body tr[data-id="${id}"]`);
+const tableIds = (page) => page.$$eval('#orders-body tr', (trs) => trs.map((tr) => Number(tr.dataset.id)));
+const tableStatuses = (page) => page.$$eval('#orders-body tr', (trs) => trs.map((tr) => tr.dataset.status));
+const sqlStr = (s) => `'${s.replaceAll("'", "''")}'`;
+
+/** Inserts one order with psql; resolves with its id once committed. */
+async function insertOrder({ customer, product = 'Bolt', status = 'pending', price = 2 }) {
+  return Number(await server.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price, status)
+    VALUES (${sqlStr(customer)}, ${sqlStr(product)}, 1, ${price}, ${sqlStr(status)}) RETURNING id`));
+}
+
+async function clickTab(page, status) {
+  await page.locator(`#tab-${status}`).click();
+  await page.locator(`#tab-${status}[aria-selected="true"]`).waitFor({ timeout: 1000 });
+}
+
+async function search(page, text) {
+  await page.fill('#search', text);
+  await page.press('#search', 'Enter');
+}
+
+/** Waits until every row in the table satisfies `pred(order row)`, and there is at least `min` of them. */
+async function waitRows(page, pred, { min = 1, timeout = 3000 } = {}) {
+  await page.waitForFunction(([src, n]) => {
+    const rows = [...document.querySelectorAll('#orders-body tr')].map((tr) => ({
+      id: Number(tr.dataset.id), status: tr.dataset.status, text: tr.textContent,
+    }));
+    // eslint-disable-next-line no-new-func
+    return rows.length >= n && rows.every(new Function(`return (${src})`)());
+  }, [pred.toString(), min], { timeout });
+}
+
+// --- tests ---------------------------------------------------------------------------
+
+test('the page loads without console errors under a strict CSP', async (t) => {
+  const csp = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; " +
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+  const { page, errors } = await openDashboard(t, {
+    before: (p) => p.route(`${server.url}/`, async (route) => {
+      const res = await route.fetch();
+      await route.fulfill({ response: res, headers: { ...res.headers(), 'content-security-policy': csp } });
+    }),
+  });
+  const total = Number(await server.sql('SELECT count(*) FROM orders'));
+  await page.locator('#kpi-orders', { hasText: total.toLocaleString('en-US') }).waitFor({ timeout: 5000 });
+  assert.equal((await tableIds(page)).length, Math.min(total, 50));
+  await page.locator('#chart canvas').first().waitFor({ timeout: 5000 });
+  await page.locator('#products-body tr').first().waitFor();
+  await sleep(1500); // anything asynchronous that would fail does so by now
+  assert.deepEqual(errors, []);
+});
+
+test('a row inserted with psql appears within a second', async (t) => {
+  const { page } = await openDashboard(t);
+  const customer = `Psql Person ${Date.now()}`;
+  const id = await insertOrder({ customer });
+  const t0 = Date.now();
+  await row(page, id).waitFor({ timeout: 1000 });
+  figure(`psql INSERT committed -> row in the table: ${Date.now() - t0} ms`);
+  assert.equal((await tableIds(page))[0], id, 'newest first');
+  assert.match(await row(page, id).getAttribute('class'), /flash-/, 'the new row is highlighted');
+  const entry = page.locator('#activity-list li', { hasText: `#${id}` });
+  await entry.waitFor({ timeout: 1000 });
+  assert.match(await entry.textContent(), /sql\s*postgres/);
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await row(page, id).locator('.badge', { hasText: 'Processing' }).waitFor({ timeout: 1000 });
+});
+
+test('status tabs filter the loaded rows and the incoming ones', async (t) => {
+  const { page } = await openDashboard(t);
+  await clickTab(page, 'processing');
+  const processing = Number(await server.sql(`SELECT count(*) FROM orders WHERE status = 'processing'`));
+  await waitRows(page, (r) => r.status === 'processing', { min: Math.min(processing, 50) });
+  assert.equal((await tableIds(page)).length, Math.min(processing, 50));
+  // Incoming: a matching order appears, another does not, one that leaves the status goes.
+  const inTab = await insertOrder({ customer: 'Tab Match', status: 'processing' });
+  const outOfTab = await insertOrder({ customer: 'Tab Miss', status: 'pending' });
+  await row(page, inTab).waitFor({ timeout: 1000 });
+  await server.sql(`UPDATE orders SET status = 'processed' WHERE id = ${inTab}`);
+  await row(page, inTab).waitFor({ state: 'detached', timeout: 1000 });
+  assert.equal(await row(page, outOfTab).count(), 0);
+  assert.ok((await tableStatuses(page)).every((s) => s === 'processing'));
+  await clickTab(page, 'pending');
+  await row(page, outOfTab).waitFor({ timeout: 2000 });
+  await waitRows(page, (r) => r.status === 'pending');
+  await clickTab(page, 'all');
+  await row(page, inTab).waitFor({ timeout: 2000 });
+  // Tab counts come from the statistics.
+  const pending = Number(await server.sql(`SELECT count(*) FROM orders WHERE status = 'pending'`));
+  await page.locator('#tab-pending .tab-count', { hasText: pending.toLocaleString('en-US') }).waitFor({ timeout: 4000 });
+});
+
+test('search finds orders by customer, product and id, also among incoming ones', async (t) => {
+  const { page } = await openDashboard(t);
+  const a = await insertOrder({ customer: 'Zelda Quartermain', product: 'Brass telescope' });
+  const b = await insertOrder({ customer: 'Otto Lindqvist', product: 'Sextant' });
+  await row(page, b).waitFor({ timeout: 2000 });
+  await search(page, 'quarterMAIN');
+  await waitRows(page, (r) => /Zelda Quartermain/.test(r.text));
+  assert.deepEqual(await tableIds(page), [a]);
+  const c = await insertOrder({ customer: 'Zelda Quartermain', product: 'Star chart' });
+  await insertOrder({ customer: 'Nobody Else', product: 'Quill' });
+  await row(page, c).waitFor({ timeout: 1000 });
+  await sleep(300);
+  assert.deepEqual(await tableIds(page), [c, a]);
+  await search(page, 'sextant');
+  await waitRows(page, (r) => /Sextant/.test(r.text));
+  assert.deepEqual(await tableIds(page), [b]);
+  await search(page, `#${a}`);
+  await waitRows(page, (r) => r.text.includes('Brass telescope'));
+  assert.deepEqual(await tableIds(page), [a]);
+  await search(page, 'no such order anywhere');
+  await page.locator('#orders-empty').waitFor({ state: 'visible', timeout: 3000 });
+  await search(page, '');
+  await row(page, c).waitFor({ timeout: 3000 });
+});
+
+test('an order created through the form appears in the table', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.getByRole('button', { name: 'New order' }).click();
+  const dialog = page.locator('#create');
+  await dialog.getByLabel('Customer name').fill('Form Filler');
+  await dialog.getByLabel('Customer email').fill('form.filler@example.com');
+  await dialog.getByLabel('Product').fill('Walnut desk organiser');
+  await dialog.getByLabel('Quantity').fill('3');
+  await dialog.getByLabel('Unit price').fill('24.50');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.waitFor({ state: 'hidden', timeout: 3000 });
+  await page.locator('.toast', { hasText: /Order #\d+ created/ }).waitFor({ timeout: 2000 });
+  const id = Number(await server.sql(`SELECT id FROM orders WHERE customer_name = 'Form Filler'`));
+  await row(page, id).waitFor({ timeout: 1000 });
+  assert.match(await row(page, id).textContent(), /73\.50/);
+  const by = await server.sql(`SELECT changed_by FROM order_status_history WHERE order_id = ${id}`);
+  assert.match(by, /^api:/);
+  // The random-order button creates a real order too.
+  const before = Number(await server.sql('SELECT max(id) FROM orders'));
+  await page.getByRole('button', { name: 'Random order' }).click();
+  await page.waitForFunction((max) => Number(document.querySelector('#orders-body tr')?.dataset.id) > max, before, { timeout: 3000 });
+});
+
+test('an invalid form shows the server\'s error next to the field', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.getByRole('button', { name: 'New order' }).click();
+  const dialog = page.locator('#create');
+  await dialog.getByLabel('Customer name').fill('Valid Name');
+  await dialog.getByLabel('Product').fill('Lamp');
+  await dialog.getByLabel('Quantity').fill('0');
+  await dialog.getByLabel('Unit price').fill('5');
+  const count = await server.sql('SELECT count(*) FROM orders');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  const error = dialog.locator('#e-quantity');
+  await error.waitFor({ state: 'visible', timeout: 3000 });
+  // The message is the server's own.
+  const res = await fetch(`${server.url}/api/orders`, {
+    method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ customer_name: 'Valid Name', product: 'Lamp', quantity: 0, unit_price: '5' }),
+  });
+  const problem = await res.json();
+  assert.equal(res.status, 422);
+  assert.equal(problem.field, 'quantity');
+  assert.equal(await error.textContent(), problem.message);
+  assert.equal(await dialog.getByLabel('Quantity').getAttribute('aria-invalid'), 'true');
+  assert.ok(await dialog.isVisible(), 'the form stays open');
+  // Another field: the error moves there.
+  await dialog.getByLabel('Quantity').fill('2');
+  await dialog.getByLabel('Customer email').fill('not-an-email');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.locator('#e-customer_email', { hasText: 'must be an email address' }).waitFor({ timeout: 3000 });
+  assert.equal(await error.isVisible(), false);
+  assert.equal(await server.sql('SELECT count(*) FROM orders'), count, 'nothing was created');
+});
+
+test('the order detail shows history, offers only allowed transitions and stays live', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Detail Watcher', product: 'Globe' });
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await dialog.locator('#detail-title', { hasText: `Order #${id}` }).waitFor();
+  await dialog.locator('#detail-history li', { hasText: 'Created as' }).waitFor();
+  const options = await dialog.locator('#status-select option').evaluateAll((os) => os.map((o) => o.value).sort());
+  const allowed = JSON.parse(await (await fetch(`${server.url}/api/transitions`)).text()).pending;
+  assert.deepEqual(options, allowed.filter((s) => s !== 'cancelled').sort());
+  assert.ok(await dialog.getByRole('button', { name: 'Cancel order' }).isVisible());
+  // Change status through the dialog.
+  await dialog.locator('#status-select').selectOption('processing');
+  await dialog.getByRole('button', { name: 'Apply' }).click();
+  await dialog.locator('#detail-history li', { hasText: /Pending\s*→\s*Processing/ }).waitFor({ timeout: 3000 });
+  assert.match(await dialog.locator('#detail-history li').last().textContent(), /api:/);
+  // A change made elsewhere (psql) shows up while the dialog is open.
+  await server.sql(`UPDATE orders SET status = 'processed' WHERE id = ${id}`);
+  await dialog.locator('#detail-changes li', { hasText: 'sql:postgres' }).waitFor({ timeout: 2000 });
+  await dialog.locator('#detail-fields dd .badge', { hasText: 'Processed' }).waitFor({ timeout: 2000 });
+  await dialog.locator('#detail-history li', { hasText: /Processing\s*→\s*Processed/ }).waitFor({ timeout: 3000 });
+  const after = await dialog.locator('#status-select option').evaluateAll((os) => os.map((o) => o.value));
+  assert.deepEqual(after, ['shipped']);
+  // Delete, with confirmation.
+  await dialog.getByRole('button', { name: 'Delete…' }).click();
+  await dialog.getByRole('button', { name: 'Keep' }).click();
+  assert.equal(await server.sql(`SELECT count(*) FROM orders WHERE id = ${id}`), '1');
+  await dialog.getByRole('button', { name: 'Delete…' }).click();
+  await dialog.getByRole('button', { name: 'Yes, delete' }).click();
+  await dialog.waitFor({ state: 'hidden', timeout: 3000 });
+  await row(page, id).waitFor({ state: 'detached', timeout: 2000 });
+  assert.equal(await server.sql(`SELECT count(*) FROM orders WHERE id = ${id}`), '0');
+});
+
+test('the dashboard is accessible in light and dark and usable by keyboard', async (t) => {
+  for (const colorScheme of ['light', 'dark']) {
+    const { page } = await openDashboard(t, { colorScheme });
+    await page.locator('#products-body tr').first().waitFor();
+    await page.addScriptTag({ path: AXE });
+    const audit = () => page.evaluate(async () => {
+      const r = await globalThis.axe.run(document, { runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] });
+      return r.violations.map((v) => `${v.id}: ${v.help} (${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')})`);
+    });
+    assert.deepEqual(await audit(), [], `${colorScheme}: page`);
+    // Keyboard: "/" goes to search; arrows move between status tabs.
+    await page.locator('body').press('/');
+    assert.equal(await page.evaluate(() => document.activeElement.id), 'search');
+    await page.locator('#tab-all').focus();
+    await page.keyboard.press('ArrowRight');
+    await page.locator('#tab-pending[aria-selected="true"]').waitFor({ timeout: 1000 });
+    assert.equal(await page.evaluate(() => document.activeElement.id), 'tab-pending');
+    await page.keyboard.press('Home');
+    await page.locator('#tab-all[aria-selected="true"]').waitFor({ timeout: 1000 });
+    // Rows open with Enter; the dialog closes with Escape.
+    await page.locator('#orders-body tr button').first().focus();
+    await page.keyboard.press('Enter');
+    await page.locator('#detail-history li').first().waitFor();
+    assert.deepEqual(await audit(), [], `${colorScheme}: order detail`);
+    await page.keyboard.press('Escape');
+    await page.locator('#detail').waitFor({ state: 'hidden', timeout: 2000 });
+    await page.getByRole('button', { name: 'New order' }).click();
+    await page.locator('#create-form button[type=submit]').click();
+    await page.locator('#e-customer_name').waitFor({ state: 'visible' });
+    assert.deepEqual(await audit(), [], `${colorScheme}: form with an error`);
+    await page.screenshot({ path: join(SHOTS, `accessibility-${colorScheme}.png`) });
+    await page.close();
+  }
+  t.page = null;
+});
+
+test('the theme toggle switches between light and dark', async (t) => {
+  const { page } = await openDashboard(t, { colorScheme: 'light' });
+  const bg = () => page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  const light = await bg();
+  await page.getByRole('button', { name: 'Switch to dark theme' }).click();
+  assert.notEqual(await bg(), light);
+  assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), 'dark');
+  await page.reload();
+  await live(page);
+  assert.equal(await page.evaluate(() => document.documentElement.dataset.theme), 'dark', 'the choice is kept');
+  await page.getByRole('button', { name: 'Switch to light theme' }).click();
+  assert.equal(await bg(), light);
+});
+
+test('the layout fits a phone screen', async (t) => {
+  const { page } = await openDashboard(t, { viewport: { width: 390, height: 844 } });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 0, `the page is ${overflow}px wider than the screen`);
+  for (const name of ['New order', 'Random order']) assert.ok(await page.getByRole('button', { name }).isVisible());
+  await page.locator('#orders-body tr button').first().click();
+  const box = await page.locator('#detail').boundingBox();
+  assert.ok(box.x >= 0 && box.x + box.width <= 390, 'the detail dialog fits');
+});
+
+test('when WebSocket fails the page falls back to SSE', async (t) => {
+  let attempts = 0;
+  const { page } = await openDashboard(t, {
+    before: (p) => p.routeWebSocket(/\/ws/, (ws) => {
+      attempts += 1;
+      ws.close({ code: 1011, reason: 'WebSocket blocked by the test' });
+    }),
+  });
+  assert.ok(attempts >= 1, 'the page tried WebSocket first');
+  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 2000 });
+  const id = await insertOrder({ customer: 'Over SSE' });
+  await row(page, id).waitFor({ timeout: 1000 });
+  await server.sql(`UPDATE orders SET status = 'failed' WHERE id = ${id}`);
+  await row(page, id).locator('.badge', { hasText: 'Failed' }).waitFor({ timeout: 1000 });
+});
+
+test('a killed server shows reconnecting, and rows written meanwhile appear exactly once', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.evaluate(() => {
+    globalThis.notReloaded = true;
+  });
+  const before = await insertOrder({ customer: 'Before the kill' });
+  await row(page, before).waitFor({ timeout: 1000 });
+  const oldPg = server.pgUrl;
+  await server.kill();
+  await page.locator('#connection[data-phase="reconnecting"]', { hasText: 'Reconnecting' }).waitFor({ timeout: 3000 });
+  await page.screenshot({ path: join(SHOTS, 'reconnecting.png') });
+  // ordercast is gone; its PostgreSQL is not. Write there while the page is cut off.
+  const ids = (await psql(oldPg, `INSERT INTO orders (customer_name, product, quantity, unit_price)
+      SELECT 'While down ' || g, 'Lantern', 1, 3 FROM generate_series(1, 5) g RETURNING id`)).split('\n').map(Number);
+  await psql(oldPg, `UPDATE orders SET status = 'processing' WHERE id = ${before}`);
+  assert.equal(await page.locator('#connection').getAttribute('data-phase'), 'reconnecting');
+  await server.start(server.port);
+  await live(page, 20000);
+  for (const id of ids) await row(page, id).waitFor({ timeout: 3000 });
+  await row(page, before).locator('.badge', { hasText: 'Processing' }).waitFor({ timeout: 2000 });
+  await sleep(500);
+  const shown = await tableIds(page);
+  for (const id of ids) assert.equal(shown.filter((x) => x === id).length, 1, `order ${id} shown once`);
+  const feed = await page.$$eval('#activity-list li', (lis) => lis.map((li) => li.textContent));
+  for (const id of ids) {
+    assert.equal(feed.filter((s) => new RegExp(`created #${id}\\b`).test(s)).length, 1, `order ${id} in the feed once`);
+  }
+  assert.equal(feed.filter((s) => new RegExp(`updated #${before}\\b`).test(s)).length, 1);
+  assert.equal(await page.evaluate(() => globalThis.notReloaded), true, 'resumed without reloading the page');
+});
+
+test('the page stays responsive with 100,000 orders and 500 changes per second', async (t) => {
+  let t0 = Date.now();
+  await server.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price, status)
+    SELECT 'Bulk customer ' || (g % 5000), 'Bulk product ' || (g % 40), 1 + g % 5, 1 + (g % 1000) / 10.0,
+           (ARRAY['pending','processing','processed','shipped','delivered','cancelled','failed'])[1 + g % 7]
+    FROM generate_series(1, 100000) g`, { timeoutMs: 180000 });
+  figure(`100,000 orders inserted in one statement: ${Date.now() - t0} ms`);
+  // The server streams those 100,000 changes first (to nobody); the burst
+  // below is about the page, so it starts once the server has caught up.
+  t0 = Date.now();
+  const bulkHead = Number(await server.sql('SELECT change_head()'));
+  await within(120000, 'the server to stream the bulk insert', (async () => {
+    while ((await (await fetch(`${server.url}/api/health`)).json()).hub.position < bulkHead) await sleep(250);
+  })());
+  figure(`server streamed the 100,000 changes ${Date.now() - t0} ms after the commit`);
+  t0 = Date.now();
+  const { page } = await openDashboard(t);
+  await page.locator('#orders-body tr').first().waitFor();
+  figure(`page load to live with ${Number(await server.sql('SELECT count(*) FROM orders')).toLocaleString('en-US')} orders: ${Date.now() - t0} ms`);
+  await page.evaluate(() => {
+    const m = { longTasks: 0, longestTask: 0, worstFrame: 0 };
+    globalThis.monitor = m;
+    new PerformanceObserver((list) => {
+      for (const e of list.getEntries()) {
+        m.longTasks += 1;
+        m.longestTask = Math.max(m.longestTask, e.duration);
+      }
+    }).observe({ type: 'longtask' });
+    let last = performance.now();
+    const frame = (now) => {
+      m.worstFrame = Math.max(m.worstFrame, now - last);
+      last = now;
+      if (!m.stop) requestAnimationFrame(frame);
+    };
+    requestAnimationFrame(frame);
+  });
+  const seconds = 5;
+  const headBefore = Number(await server.sql('SELECT change_head()'));
+  // 10 new orders and 2 status changes every 20 ms: 500 inserts + 100 updates a second.
+  const writer = server.sql(`DO $$
+    DECLARE t0 timestamptz := clock_timestamp(); i int := 0;
+    BEGIN
+      WHILE clock_timestamp() < t0 + interval '${seconds} seconds' LOOP
+        INSERT INTO orders (customer_name, product, quantity, unit_price)
+          SELECT 'Burst ' || (i * 10 + g), 'Burst product', 1, 9.99 FROM generate_series(1, 10) g;
+        UPDATE orders SET status = 'processing'
+          WHERE id IN (SELECT id FROM orders WHERE status = 'pending' ORDER BY id DESC LIMIT 2);
+        COMMIT;
+        i := i + 1;
+        PERFORM pg_sleep(GREATEST(0, extract(epoch FROM t0 + i * interval '20 milliseconds' - clock_timestamp())));
+      END LOOP;
+    END $$`, { timeoutMs: 60000 });
+  await sleep(1500);
+  for (const status of ['pending', 'all']) {
+    const started = Date.now();
+    await page.locator(`#tab-${status}`).click();
+    await page.locator(`#tab-${status}[aria-selected="true"]`).waitFor({ timeout: 1000 });
+    if (status === 'pending') await waitRows(page, (r) => r.status === 'pending', { timeout: 1000 });
+    else await waitRows(page, (r) => r.id > 0, { min: 50, timeout: 1000 });
+    const fetchMs = await page.evaluate(() => {
+      const e = performance.getEntriesByType('resource').filter((r) => r.name.includes('/api/orders?')).pop();
+      return Math.round(e.responseEnd - e.startTime);
+    });
+    figure(`during the burst, "${status}" tab click -> filtered rows: ${Date.now() - started} ms ` +
+      `(of which GET /api/orders: ${fetchMs} ms)`);
+    await sleep(700);
+  }
+  await writer;
+  const head = Number(await server.sql('SELECT change_head()'));
+  const inserted = Number(await server.sql(`SELECT count(*) FROM orders WHERE customer_name LIKE 'Burst %'`));
+  figure(`burst: ${inserted} inserts + ${head - headBefore - inserted} updates in ${seconds} s ` +
+    `(${Math.round((head - headBefore) / seconds)} changes/s)`);
+  const caughtUp = Date.now();
+  await page.waitForFunction((h) => {
+    const text = document.getElementById('connection-detail').textContent.replace(/\D/g, '');
+    return Number(text) >= h;
+  }, head, { timeout: 5000 });
+  figure(`page caught up with the last change ${Date.now() - caughtUp} ms after the writer finished`);
+  const maxId = Number(await server.sql('SELECT max(id) FROM orders'));
+  await page.waitForFunction((m) => Number(document.querySelector('#orders-body tr')?.dataset.id) === m, maxId, { timeout: 2000 });
+  const ids = await tableIds(page);
+  assert.equal(ids.length, 50, 'one page of rows');
+  const expected = (await server.sql('SELECT id FROM orders ORDER BY id DESC LIMIT 50')).split('\n').map(Number);
+  assert.deepEqual(ids, expected, 'the table shows the newest orders');
+  const m = await page.evaluate(() => {
+    globalThis.monitor.stop = true;
+    return { ...globalThis.monitor, nodes: document.getElementsByTagName('*').length };
+  });
+  figure(`during the burst: worst frame gap ${Math.round(m.worstFrame)} ms, ${m.longTasks} long tasks ` +
+    `(longest ${Math.round(m.longestTask)} ms), ${m.nodes} DOM elements`);
+  assert.ok(m.nodes < 3000, `DOM stays bounded (${m.nodes} elements)`);
+  assert.ok(m.worstFrame < 1000, `the page never froze for a second (worst frame gap ${Math.round(m.worstFrame)} ms)`);
+});
+
+// --- runner ------------------------------------------------------------------------------
+
+async function main() {
+  const watchdog = setTimeout(async () => {
+    console.error(`the browser tests took longer than ${RUN_LIMIT_MS / 60000} minutes: stopping`);
+    await shutdown();
+    process.exit(2);
+  }, RUN_LIMIT_MS);
+  let passed = 0;
+  let failed = 0;
+  try {
+    server = new Ordercast(BIN);
+    await server.start(await freePort());
+    // Enough orders for two pages, all statuses, and real history.
+    await seedOrders((q) => server.sql(q), 150);
+    browser = await launchChromium();
+    for (const { name, fn } of tests.filter((x) => x.name.includes(ONLY))) {
+      const t = { page: null };
+      const started = Date.now();
+      const file = name.replace(/[^a-z0-9]+/gi, '-').toLowerCase();
+      try {
+        await within(TEST_LIMIT_MS, name, fn(t));
+        if (t.page && !t.page.isClosed()) await t.page.screenshot({ path: join(SHOTS, `${file}.png`) });
+        passed += 1;
+        console.log(`ok   ${name} (${Date.now() - started} ms)`);
+      } catch (e) {
+        failed += 1;
+        console.log(`FAIL ${name} (${Date.now() - started} ms)\n     ${String(e.stack || e).split('\n').join('\n     ')}`);
+        if (t.page && !t.page.isClosed()) await t.page.screenshot({ path: join(SHOTS, `${file}-failed.png`) }).catch(() => {});
+        console.log(`     ordercast log (last lines):\n${server.tail(25)}`);
+        if (!server.proc || server.proc.exitCode != null || server.proc.signalCode != null) {
+          await server.start(server.port).catch((err) => console.log(`     could not restart ordercast: ${err.message}`));
+        }
+      } finally {
+        await t.page?.close().catch(() => {});
+      }
+    }
+  } catch (e) {
+    failed += 1;
+    console.log(`FAIL setting up: ${e.stack || e}`);
+  } finally {
+    clearTimeout(watchdog);
+    await shutdown();
+  }
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
+}
+
+async function shutdown() {
+  await browser?.close().catch(() => {});
+  browser = null;
+  await server?.cleanup().catch((e) => console.error(`cleanup: ${e.message}`));
+  server = null;
+}
+
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.once(sig, async () => {
+    await shutdown();
+    process.exit(130);
+  });
+}
+
+main();
