@@ -14,7 +14,13 @@ export class ApiError extends Error {
 /** How long one request may take before it is reported as failed. */
 const REQUEST_TIMEOUT_MS = 15000;
 
-async function request(method, path, { body, headers = {} } = {}) {
+/** Called on 401: the server wants a token (see auth.js). */
+let onUnauthorized = () => {};
+export function setUnauthorizedHandler(fn) {
+  onUnauthorized = fn;
+}
+
+export async function request(method, path, { body, headers = {} } = {}) {
   const init = { method, headers: { Accept: 'application/json', ...headers }, signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) };
   if (body !== undefined) {
     init.body = JSON.stringify(body);
@@ -35,6 +41,7 @@ async function request(method, path, { body, headers = {} } = {}) {
     data = null;
   }
   if (!res.ok) {
+    if (res.status === 401) onUnauthorized();
     const p = data && typeof data === 'object' ? data : {};
     throw new ApiError(res.status, p.code || `http_${res.status}`, p.message || `${method} ${path}: HTTP ${res.status}`, p.field);
   }

@@ -8,6 +8,7 @@
 
 import { api } from './api.js';
 import { ActivityFeed } from './activity.js';
+import { SignIn } from './auth.js';
 import { CreateForm, createRandomOrder } from './create.js';
 import { OrderDetail } from './detail.js';
 import { STATUSES, el, fmtCount, label } from './format.js';
@@ -22,6 +23,7 @@ const SEARCH_DELAY_MS = 250;
 
 const $ = (id) => document.getElementById(id);
 initToasts($('toasts'));
+const signIn = new SignIn($('signin'), $('sign-out'));
 
 let recent = [];
 const remember = (change) => {
@@ -156,6 +158,9 @@ const stream = new Stream({
     if (state.phase === 'connected' && (was === 'reconnecting' || was === 'resyncing')) {
       toast(`Reconnected over ${state.transport === 'sse' ? 'SSE' : 'WebSocket'}; resumed at position ${fmtCount(state.position)}`, 'ok');
     }
+  },
+  onUnauthorized() {
+    signIn.open();
   },
   async onResync() {
     recent = [];

@@ -132,7 +132,7 @@ export class Stats {
     try {
       s = await api.stats();
     } catch (e) {
-      if (e.status !== 0) this.onError(`Could not load statistics: ${e.message}`);
+      if (e.status !== 0 && e.status !== 401) this.onError(`Could not load statistics: ${e.message}`);
       return null;
     }
     this.n.orders.textContent = fmtCount(s.total_orders);
@@ -227,8 +227,8 @@ export class Stats {
     try {
       res = await api.deadLetters(DLQ_LIMIT);
     } catch (e) {
-      if (e.status === 404) {
-        // This server has no Kafka ingest (or an older version): no section.
+      if (e.status === 404 || e.status === 401 || e.status === 403) {
+        // No Kafka ingest on this server, or a token without the admin scope: no section.
         this.n.dlqSection.hidden = true;
         return;
       }

@@ -17,6 +17,9 @@ const BACKOFF_MAX_MS = 10000;
 const PING_INTERVAL_MS = 15000;
 /** ...when nothing at all has arrived for this long. */
 const SILENCE_LIMIT_MS = 40000;
+/** Close codes of a WebSocket refused for want of a (sufficient) token. */
+const CLOSE_UNAUTHORIZED = 4001;
+const CLOSE_FORBIDDEN = 4003;
 
 export class Stream {
   /**
@@ -24,6 +27,7 @@ export class Stream {
    *   onChange(change)          one change message, in order, never twice
    *   onState({phase, transport, position, retryAt})
    *   onResync() -> Promise<position>  reload everything; resolve with the new position
+   *   onUnauthorized()          the server refused the stream for want of a (valid) token
    */
   constructor(handlers) {
     this.h = handlers;
@@ -104,10 +108,13 @@ export class Stream {
         else if (ws.readyState === WebSocket.OPEN) ws.send('{"type":"ping"}');
       }, PING_INTERVAL_MS);
     });
-    ws.addEventListener('close', () => {
+    ws.addEventListener('close', (ev) => {
       if (this.conn?.ws !== ws) return; // replaced on purpose
       this.dropConnection();
-      if (ready) this.scheduleReconnect();
+      if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
+        this.h.onUnauthorized();
+        this.scheduleReconnect();
+      } else if (ready) this.scheduleReconnect();
       else this.afterWebSocketFailure();
     });
     this.conn.ws = ws;

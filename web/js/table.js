@@ -116,7 +116,8 @@ export class OrderTable {
           cursor: this.cursor,
         });
       } catch (e) {
-        if (token === this.loading) this.o.onError(`Could not load orders: ${e.message}`);
+        // A 401 opens the sign-in dialog; no need to say it twice.
+        if (token === this.loading && e.status !== 401) this.o.onError(`Could not load orders: ${e.message}`);
         return false;
       }
       if (token !== this.loading) return true; // a newer load superseded this one
