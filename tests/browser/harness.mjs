@@ -50,8 +50,10 @@ export function psql(url, sql, { timeoutMs = 60000 } = {}) {
  * a new process on the same port and data dir (after `kill()`).
  */
 export class Ordercast {
-  constructor(bin) {
+  /** @param env extra environment variables (e.g. ORDERCAST_API_KEYS) */
+  constructor(bin, env = {}) {
     this.bin = bin;
+    this.env = env;
     this.root = mkdtempSync(join(tmpdir(), 'ordercast-browser-'));
     // The embedded PostgreSQL runs as the postgres user when we are root.
     chmodSync(this.root, 0o755);
@@ -65,7 +67,7 @@ export class Ordercast {
   async start(port) {
     this.port = port ?? this.port ?? (await freePort());
     this.url = `http://127.0.0.1:${this.port}`;
-    const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info,actix_web::middleware::logger=warn' };
+    const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info,actix_web::middleware::logger=warn', ...this.env };
     delete env.DATABASE_URL;
     const proc = spawn(this.bin, ['--bind', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir],
       { env, stdio: ['ignore', 'pipe', 'pipe'] });

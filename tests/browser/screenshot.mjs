@@ -7,10 +7,11 @@
 
 import { mkdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { Ordercast, launchChromium, seedOrders, sleep, within } from './harness.mjs';
 
 const BIN = resolve(process.env.ORDERCAST_BIN || 'target/debug/ordercast');
-const OUT = resolve(process.argv[2] || join(import.meta.dirname, 'screenshots'));
+const OUT = resolve(process.argv[2] || fileURLToPath(new URL('screenshots', import.meta.url)));
 mkdirSync(OUT, { recursive: true });
 
 const server = new Ordercast(BIN);
