@@ -3,17 +3,20 @@
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
-# librdkafka is compiled from source by rdkafka-sys (configure + make).
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential python3 \
+# librdkafka is compiled from source by rdkafka-sys (configure + make), with
+# OpenSSL for TLS and SASL/SCRAM brokers.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential python3 libssl-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY sql ./sql
+# The Kafka event schemas are compiled into the binary.
+COPY schemas ./schemas
 COPY web ./web
 RUN cargo build --release --locked --bin ordercast
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /app ordercast
 COPY --from=builder /src/target/release/ordercast /usr/local/bin/ordercast

@@ -1,6 +1,7 @@
-//! HTTP transport: REST (`orders`, `stats`, `health`), the realtime streams
+//! HTTP transport: REST (`orders`, `stats`, `health`, `dlq`), the realtime streams
 //! (`ws`, `sse`), the OpenAPI document and the dashboard assets.
 
+pub mod dlq;
 pub mod health;
 pub mod metrics;
 pub mod openapi;

@@ -105,6 +105,10 @@ pub struct StatsDoc {
     /// [{product, count, avg_price}], most ordered first.
     pub products: serde_json::Value,
     pub position: i64,
+    /// Kafka ingest counters of this instance: {enabled, consumed, written, duplicates,
+    /// redelivered, dead_lettered, dlq_published, dlq_pending, batches, retries,
+    /// lag: {partition: n}, lag_total, partitions: [...]}.
+    pub ingest: serde_json::Value,
 }
 
 /// An error. `code` is stable; `message` is for people.
@@ -136,13 +140,25 @@ pub struct ProblemDoc {
         crate::routes::orders::history,
         crate::routes::orders::transitions,
         crate::routes::stats::stats,
+        crate::routes::dlq::list,
         crate::routes::ws::ws,
         crate::routes::sse::events,
         crate::routes::sse::order_events,
         crate::routes::metrics::metrics,
         openapi_json,
     ),
-    components(schemas(OrderDoc, NewOrderDoc, OrderPatchDoc, OrderPageDoc, HistoryDoc, StatsDoc, ProblemDoc, Status))
+    components(schemas(
+        OrderDoc,
+        NewOrderDoc,
+        OrderPatchDoc,
+        OrderPageDoc,
+        HistoryDoc,
+        StatsDoc,
+        ProblemDoc,
+        Status,
+        crate::routes::dlq::DeadLetterDoc,
+        crate::routes::dlq::DeadLetterPageDoc
+    ))
 )]
 pub struct ApiDoc;
 

@@ -415,6 +415,7 @@ async fn the_openapi_document_matches_the_real_routes() {
         ("/api/orders/{id}/events", "get"),
         ("/api/transitions", "get"),
         ("/api/stats", "get"),
+        ("/api/dlq", "get"),
         ("/api/events", "get"),
         ("/ws", "get"),
         ("/api/openapi.json", "get"),

@@ -1,0 +1,314 @@
+//! The Kafka side: the consumer (a group member reading `KAFKA_TOPIC`), the
+//! reader loop that turns messages into bounded batches, and the courtesy
+//! commits of the stored position back to Kafka.
+//!
+//! Memory stays bounded: a batch holds at most `batch_max` messages and
+//! `batch_max_bytes` payload bytes, at most one more batch waits in the
+//! channel, and librdkafka's prefetch queue is capped. When the database is
+//! slow the writer takes longer, the channel stays full, the reader stops
+//! polling and librdkafka stops fetching: the database sets the pace.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, watch};
+
+use super::event;
+use super::settings::KafkaSettings;
+use super::{Batch, IngestState, Message};
+
+/// librdkafka's prefetch queue, per partition; its default (64 MiB) would
+/// let a stalled database pin a lot of memory.
+const QUEUED_MAX_KBYTES: &str = "16384";
+
+pub type IngestConsumer = StreamConsumer<IngestContext>;
+
+/// The consumer, shared by the reader and the writer. Closing a consumer
+/// (leaving the group) blocks until the broker answers, or for a long time
+/// when it does not; so the last owner never closes it on a runtime thread:
+/// `close` does it on a thread of its own with a time limit, and a plain drop
+/// hands it to a detached thread.
+pub struct SharedConsumer(Option<IngestConsumer>);
+
+impl SharedConsumer {
+    pub fn new(consumer: IngestConsumer) -> Arc<SharedConsumer> {
+        Arc::new(SharedConsumer(Some(consumer)))
+    }
+
+    /// Leaves the group (so its partitions move on at once), waiting at most `limit`.
+    pub async fn close(mut self, limit: Duration) {
+        if let Some(c) = self.0.take() {
+            off_runtime("closing the Kafka consumer", limit, move || drop(c)).await;
+        }
+    }
+}
+
+impl std::ops::Deref for SharedConsumer {
+    type Target = IngestConsumer;
+    fn deref(&self) -> &IngestConsumer {
+        self.0.as_ref().expect("only close() takes the consumer, and it consumes self")
+    }
+}
+
+impl Drop for SharedConsumer {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let _ = std::thread::Builder::new().name("kafka-close".into()).spawn(move || drop(c));
+        }
+    }
+}
+
+/// Runs blocking librdkafka work on a thread of its own and waits at most
+/// `limit` (spawn_blocking would make the runtime's shutdown wait for it).
+pub async fn off_runtime(what: &str, limit: Duration, f: impl FnOnce() + Send + 'static) {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("kafka-blocking".into()).spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    if spawned.is_ok() && tokio::time::timeout(limit, finished).await.is_err() {
+        log::warn!("{what} did not finish within {limit:?}; leaving it behind");
+    }
+}
+
+/// Callbacks from librdkafka: statistics (high watermarks for lag), errors
+/// (broker reachability for health), rebalances (hand partitions over with
+/// their position committed), commit results.
+pub struct IngestContext {
+    pub state: Arc<IngestState>,
+    pub topic: String,
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, stats: Statistics) {
+        if stats.brokers.values().any(|b| b.state == "UP") {
+            self.state.set_brokers_up(true);
+        }
+        if let Some(t) = stats.topics.get(&self.topic) {
+            let mut parts = self.state.partitions.lock().unwrap(); // unwrap: never held across a panic
+            for (id, p) in &t.partitions {
+                if *id < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                if let Some(entry) = parts.get_mut(id) {
+                    if p.hi_offset >= 0 {
+                        entry.high_watermark = Some(p.hi_offset);
+                    }
+                    // Before this instance applies anything, lag counts from
+                    // where the group is (or from the oldest message).
+                    entry.group_position = [p.committed_offset, p.lo_offset].into_iter().find(|o| *o >= 0);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            self.state.set_brokers_up(false);
+        }
+        log::warn!("Kafka: {error}: {reason}");
+        self.state.set_kafka_error(format!("{error}: {reason}"));
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                log::error!("librdkafka {fac}: {message}")
+            }
+            RDKafkaLogLevel::Warning => log::warn!("librdkafka {fac}: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => log::info!("librdkafka {fac}: {message}"),
+            RDKafkaLogLevel::Debug => log::debug!("librdkafka {fac}: {message}"),
+        }
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<i32> =
+                tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+            // The next owner starts from Kafka's committed offset: bring it
+            // up to date so it re-reads (and skips) as little as possible.
+            // Async: a sync commit here would stall the consumer for as long
+            // as the coordinator does not answer.
+            commit(consumer, &self.state, &self.topic, Some(&revoked), CommitMode::Async);
+            self.state.set_assigned(&revoked, false);
+            log::info!("Kafka partitions revoked: {} {:?}", self.topic, revoked);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let assigned: Vec<i32> =
+                    tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
+                self.state.set_assigned(&assigned, true);
+                log::info!("Kafka partitions assigned: {} {:?}", self.topic, assigned);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                log::warn!("Kafka rebalance failed: {e}");
+                self.state.set_kafka_error(format!("rebalance failed: {e}"));
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // Harmless for correctness (PostgreSQL holds the position); the
+            // next commit carries the same offsets again.
+            log::debug!("Kafka offset commit failed: {e}");
+            let failed: Vec<i32> = offsets.elements().iter().map(|e| e.partition()).collect();
+            self.state.forget_committed(&failed);
+        }
+    }
+}
+
+/// The client configuration: ordercast's defaults, then the pass-through
+/// properties (which win), then the two settings exactly-once relies on.
+pub fn consumer_config(settings: &KafkaSettings, brokers: &str) -> Result<ClientConfig, String> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &settings.group_id)
+        .set("client.id", "ordercast")
+        // A partition with no committed offset starts at the oldest retained
+        // message, so events produced before the first start are not skipped.
+        .set("auto.offset.reset", "earliest")
+        .set("queued.max.messages.kbytes", QUEUED_MAX_KBYTES)
+        .set("statistics.interval.ms", "1000");
+    for (k, v) in settings.librdkafka_properties()? {
+        config.set(k, v);
+    }
+    for (k, forced) in [("enable.auto.commit", "false"), ("enable.auto.offset.store", "false")] {
+        if config.get(k).is_some_and(|v| v != forced) {
+            log::warn!("ignoring Kafka property {k}: the ingest commits its own positions");
+        }
+        config.set(k, forced);
+    }
+    Ok(config)
+}
+
+/// Builds the consumer and subscribes it.
+pub fn create(settings: &KafkaSettings, brokers: &str, state: Arc<IngestState>) -> anyhow::Result<IngestConsumer> {
+    let config = consumer_config(settings, brokers).map_err(|e| anyhow::anyhow!(e))?;
+    let context = IngestContext { state, topic: settings.topic.clone() };
+    let consumer: IngestConsumer =
+        config.create_with_context(context).map_err(|e| anyhow::anyhow!("invalid Kafka configuration: {e}"))?;
+    consumer
+        .subscribe(&[&settings.topic])
+        .map_err(|e| anyhow::anyhow!("Failed to subscribe to {}: {e}", settings.topic))?;
+    Ok(consumer)
+}
+
+/// Commits the positions applied to PostgreSQL that Kafka does not have yet,
+/// for the partitions this member owns (all of them, or `only`).
+pub fn commit<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    state: &IngestState,
+    topic: &str,
+    only: Option<&[i32]>,
+    mode: CommitMode,
+) {
+    let due = state.commit_due(only);
+    if due.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, offset) in &due {
+        if tpl.add_partition_offset(topic, *p, Offset::Offset(*offset)).is_err() {
+            return;
+        }
+    }
+    match consumer.commit(&tpl, mode) {
+        Ok(()) => state.mark_committed(&due),
+        Err(e) => log::debug!("Kafka offset commit not sent: {e}"),
+    }
+}
+
+/// Reads messages into batches and hands them to the writer, until shutdown.
+pub async fn read(
+    consumer: Arc<SharedConsumer>,
+    settings: KafkaSettings,
+    state: Arc<IngestState>,
+    batches: mpsc::Sender<Batch>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let max = settings.batch_max.max(1);
+    let max_bytes = settings.batch_max_bytes.max(1);
+    let mut batch: Vec<Message> = Vec::with_capacity(max.min(10_000));
+    let mut bytes = 0usize;
+    let mut linger_until: Option<tokio::time::Instant> = None;
+    let mut lingered = false;
+    loop {
+        let full = batch.len() >= max || bytes >= max_bytes;
+        let ready = !batch.is_empty() && (full || lingered);
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            permit = batches.reserve(), if ready => {
+                let Ok(permit) = permit else { return }; // the writer stopped
+                permit.send(Batch { messages: std::mem::take(&mut batch) });
+                bytes = 0;
+                linger_until = None;
+                lingered = false;
+            }
+            received = consumer.recv(), if !full => match received {
+                Ok(m) => {
+                    state.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let msg = to_message(&m, &settings);
+                    bytes += msg.payload.as_ref().map_or(0, Vec::len) + msg.key.as_ref().map_or(0, Vec::len);
+                    batch.push(msg);
+                    if linger_until.is_none() {
+                        linger_until = Some(tokio::time::Instant::now() + settings.batch_wait());
+                    }
+                }
+                Err(e) => {
+                    // Partition EOFs are off; what arrives here is worth a
+                    // line (unknown topic, authorization) but never fatal.
+                    log::warn!("Kafka consumer: {e}");
+                    state.set_kafka_error(e.to_string());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = tokio::time::sleep_until(linger_until.unwrap_or_else(tokio::time::Instant::now)), if linger_until.is_some() && !lingered => {
+                lingered = true;
+            }
+        }
+    }
+}
+
+/// Copies what the writer needs out of librdkafka's buffer and decodes it.
+fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSettings) -> Message {
+    let mut headers = Vec::new();
+    let mut content_type: Option<Vec<u8>> = None;
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            if h.key.eq_ignore_ascii_case("content-type") {
+                content_type = h.value.map(<[u8]>::to_vec);
+            }
+            headers.push((h.key.to_string(), h.value.map(<[u8]>::to_vec)));
+        }
+    }
+    let payload = m.payload().map(<[u8]>::to_vec);
+    let key = m.key().map(<[u8]>::to_vec);
+    let decoded = event::format_of(content_type.as_deref(), settings.default_format)
+        .and_then(|format| event::decode(payload.as_deref(), key.as_deref(), format));
+    Message {
+        partition: m.partition(),
+        offset: m.offset(),
+        key,
+        payload,
+        headers,
+        timestamp_ms: m.timestamp().to_millis(),
+        decoded,
+    }
+}

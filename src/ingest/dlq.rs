@@ -1,0 +1,204 @@
+//! Publishes dead letters to the dead-letter topic.
+//!
+//! The `dead_letters` table is the outbox: the writer records a rejected
+//! message in the batch's transaction, and this task produces every row not
+//! yet `published_at` to `KAFKA_DLQ_TOPIC` after the commit, then marks it.
+//! A crash between producing and marking produces the row again on restart,
+//! so the topic gets every dead letter at least once (a consumer of the DLQ
+//! can deduplicate on the original topic/partition/offset headers). Rows are
+//! claimed with `FOR UPDATE SKIP LOCKED`, so two instances do not publish the
+//! same row at the same time.
+//!
+//! Each message carries the original key, value and headers, plus:
+//! `dlq-reason` (a stable code, see `event::Reason`), `dlq-detail`,
+//! `dlq-original-topic`, `dlq-original-partition`, `dlq-original-offset`,
+//! `dlq-original-timestamp` (milliseconds since the epoch, when known),
+//! `dlq-time` (RFC 3339) and `dlq-group`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::future::join_all;
+use rand::Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::{watch, Notify};
+use tokio_postgres::NoTls;
+
+use super::settings::KafkaSettings;
+use super::IngestState;
+
+/// Rows claimed per round.
+const CLAIM: i64 = 200;
+/// How long a produce may wait for the broker before the round gives up.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rows left behind (a crash, another instance's failure) are found by this poll.
+const POLL: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+pub fn producer_config(settings: &KafkaSettings, brokers: &str) -> Result<ClientConfig, String> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "ordercast-dlq")
+        .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string());
+    for (k, v) in settings.librdkafka_properties()? {
+        config.set(k, v);
+    }
+    Ok(config)
+}
+
+pub fn create_producer(settings: &KafkaSettings, brokers: &str) -> anyhow::Result<FutureProducer> {
+    producer_config(settings, brokers)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .create()
+        .map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the dead-letter producer: {e}"))
+}
+
+/// Runs until shutdown; `wake` is notified after a batch with dead letters commits.
+pub async fn run(
+    url: String,
+    producer: FutureProducer,
+    topic: String,
+    state: Arc<IngestState>,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match publish_pending(&url, &mut client, &producer, &topic, &state).await {
+            Ok(()) => {
+                backoff = Duration::from_millis(200);
+                *state.dlq_error.lock().unwrap() = None; // unwrap: never held across a panic
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Err(e) => {
+                log::warn!("publishing dead letters to {topic} failed, will retry: {e:#}");
+                *state.dlq_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: see above
+                client = None;
+                let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+async fn publish_pending(
+    url: &str,
+    client: &mut Option<tokio_postgres::Client>,
+    producer: &FutureProducer,
+    topic: &str,
+    state: &IngestState,
+) -> anyhow::Result<()> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        let mut config = crate::db::pg_config(url)?;
+        config.application_name("ordercast-dlq");
+        let (c, connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        *client = Some(c);
+    }
+    let client = client.as_mut().expect("connected just above");
+    loop {
+        let tx = client.transaction().await.map_err(crate::db::describe)?;
+        let rows = tx
+            .query(
+                "SELECT id, message_key, payload, headers, kafka_topic, kafka_partition, kafka_offset, \
+                        message_timestamp, received_at, reason, detail, group_id \
+                 FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&CLAIM],
+            )
+            .await
+            .map_err(crate::db::describe)
+            .context("Failed to read unpublished dead letters")?;
+        if rows.is_empty() {
+            tx.commit().await.map_err(crate::db::describe)?;
+            let pending: i64 = client
+                .query_one("SELECT count(*) FROM dead_letters WHERE published_at IS NULL", &[])
+                .await
+                .map_err(crate::db::describe)?
+                .get(0);
+            state.dlq_pending.store(pending, Ordering::Relaxed);
+            return Ok(());
+        }
+        let sends = rows.iter().map(|r| {
+            let key: Option<Vec<u8>> = r.get(1);
+            let payload: Option<Vec<u8>> = r.get(2);
+            let original: serde_json::Value = r.get(3);
+            let stamp: Option<DateTime<Utc>> = r.get(7);
+            let received: DateTime<Utc> = r.get(8);
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in headers_from_json(&original) {
+                headers = headers.insert(Header { key: &k, value: v.as_deref() });
+            }
+            let meta: [(&str, String); 8] = [
+                ("dlq-reason", r.get::<_, String>(9)),
+                ("dlq-detail", r.get::<_, String>(10)),
+                ("dlq-original-topic", r.get::<_, String>(4)),
+                ("dlq-original-partition", r.get::<_, i32>(5).to_string()),
+                ("dlq-original-offset", r.get::<_, i64>(6).to_string()),
+                ("dlq-original-timestamp", stamp.map(|t| t.timestamp_millis().to_string()).unwrap_or_default()),
+                ("dlq-time", received.to_rfc3339_opts(SecondsFormat::Millis, true)),
+                ("dlq-group", r.get::<_, String>(11)),
+            ];
+            for (k, v) in &meta {
+                headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+            }
+            async move {
+                let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(topic).headers(headers);
+                if let Some(k) = &key {
+                    record = record.key(k);
+                }
+                if let Some(p) = &payload {
+                    record = record.payload(p);
+                }
+                producer.send(record, DELIVERY_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| e)
+            }
+        });
+        let results = join_all(sends).await;
+        let ids: Vec<i64> = rows.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(row, _)| row.get(0)).collect();
+        tx.execute("UPDATE dead_letters SET published_at = now() WHERE id = ANY($1)", &[&ids])
+            .await
+            .map_err(crate::db::describe)?;
+        tx.commit().await.map_err(crate::db::describe)?;
+        state.dlq_published.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+            anyhow::bail!("{} of {} dead letters not delivered: {e}", rows.len() - ids.len(), rows.len());
+        }
+    }
+}
+
+/// The stored form of the original headers back into key/value pairs.
+pub fn headers_from_json(v: &serde_json::Value) -> Vec<(String, Option<Vec<u8>>)> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    v.as_array()
+        .map(|hs| {
+            hs.iter()
+                .filter_map(|h| {
+                    let key = h["key"].as_str()?.to_string();
+                    let value = match (&h["value"], h["value_base64"].as_str()) {
+                        (serde_json::Value::String(s), _) => Some(s.clone().into_bytes()),
+                        (_, Some(b)) => Some(b64.decode(b).ok()?),
+                        _ => None,
+                    };
+                    Some((key, value))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,480 @@
+//! Kafka ingest: order events from a Kafka topic become rows in `orders`,
+//! from where the change log pushes them to browsers like any other write.
+//!
+//! The flow: `consumer` (a member of the consumer group `KAFKA_GROUP_ID`)
+//! reads the topic and decodes each message once (`event`, `avro`), filling
+//! bounded batches; one batch at a time waits in a channel; the `writer`
+//! applies a batch and the consumer's position in ONE PostgreSQL transaction,
+//! retrying transient failures with backoff and jitter without moving the
+//! position; after the commit the position goes to Kafka as a courtesy, and
+//! rejected messages, already recorded in `dead_letters`, are published to the
+//! dead-letter topic by `dlq`. `IngestState` is what `/api/health`,
+//! `/api/stats` and `/metrics` report.
+//!
+//! Why this gives an exactly-once effect: the position that counts is the one
+//! in `kafka_offsets`, written with the rows it produced. A crash before the
+//! commit loses the transaction and the messages are read again; a crash after
+//! it but before Kafka hears of it makes Kafka redeliver messages whose
+//! offsets are below the stored position, and they are skipped. A producer's
+//! duplicate (same event_id) is skipped by `ingested_events`.
+
+pub mod avro;
+pub mod consumer;
+pub mod dlq;
+pub mod event;
+pub mod settings;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use rand::Rng;
+use rdkafka::consumer::{CommitMode, Consumer};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+pub use settings::KafkaSettings;
+
+use self::consumer::SharedConsumer;
+use self::event::{OrderEvent, Rejection};
+use self::writer::{Fate, WriteError, Writer};
+
+/// One Kafka message, copied out of librdkafka and decoded.
+#[derive(Debug)]
+pub struct Message {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub timestamp_ms: Option<i64>,
+    pub decoded: Result<OrderEvent, Rejection>,
+}
+
+/// Messages applied together in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub messages: Vec<Message>,
+}
+
+/// Headers as stored in `dead_letters.headers`: text when it is UTF-8, else base64.
+pub fn headers_json(headers: &[(String, Option<Vec<u8>>)]) -> Value {
+    Value::Array(
+        headers
+            .iter()
+            .map(|(k, v)| match v {
+                None => json!({"key": k, "value": null}),
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(s) => json!({"key": k, "value": s}),
+                    Err(_) => {
+                        json!({"key": k, "value_base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
+                    }
+                },
+            })
+            .collect(),
+    )
+}
+
+/// One partition as the ingest sees it.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionState {
+    pub assigned: bool,
+    /// The next offset to apply, as this instance last stored it in PostgreSQL.
+    pub applied: Option<i64>,
+    /// The last offset this instance committed to Kafka.
+    pub committed: Option<i64>,
+    /// From librdkafka's statistics: the partition's end.
+    pub high_watermark: Option<i64>,
+    /// From librdkafka's statistics: the group's committed offset, or the
+    /// oldest retained message; where lag counts from before `applied` is known.
+    pub group_position: Option<i64>,
+}
+
+impl PartitionState {
+    pub fn lag(&self) -> Option<i64> {
+        Some((self.high_watermark? - self.applied.or(self.group_position)?).max(0))
+    }
+}
+
+/// Counters and health of the ingest. Counters only grow; they are per process.
+#[derive(Debug, Default)]
+pub struct IngestState {
+    pub enabled: bool,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group_id: String,
+    /// Messages received from Kafka.
+    pub consumed: AtomicU64,
+    /// Orders created or updated.
+    pub written: AtomicU64,
+    /// Events skipped because their event_id was applied before.
+    pub duplicates: AtomicU64,
+    /// Messages skipped because their offset was applied before (after a
+    /// crash or a rebalance).
+    pub redelivered: AtomicU64,
+    /// Messages recorded as dead letters.
+    pub dead_lettered: AtomicU64,
+    /// Dead letters produced to the dead-letter topic.
+    pub dlq_published: AtomicU64,
+    /// Dead letters waiting to be produced (as of the publisher's last round).
+    pub dlq_pending: AtomicI64,
+    pub batches: AtomicU64,
+    /// Batch attempts that failed transiently and were retried.
+    pub retries: AtomicU64,
+    /// True while the current batch cannot be written.
+    pub write_failing: AtomicBool,
+    /// False after librdkafka reported every broker down, until statistics
+    /// show one up again.
+    pub brokers_up: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+    pub last_kafka_error: Mutex<Option<String>>,
+    pub dlq_error: Mutex<Option<String>>,
+    pub partitions: Mutex<BTreeMap<i32, PartitionState>>,
+}
+
+impl IngestState {
+    pub fn disabled() -> IngestState {
+        IngestState::default()
+    }
+
+    fn running(settings: &KafkaSettings) -> IngestState {
+        IngestState {
+            enabled: true,
+            topic: settings.topic.clone(),
+            dlq_topic: settings.dlq_topic.clone(),
+            group_id: settings.group_id.clone(),
+            brokers_up: AtomicBool::new(true),
+            ..IngestState::default()
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        !self.enabled || (!self.write_failing.load(Ordering::Relaxed) && self.brokers_up.load(Ordering::Relaxed))
+    }
+
+    pub fn set_brokers_up(&self, up: bool) {
+        self.brokers_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_kafka_error(&self, e: String) {
+        *self.last_kafka_error.lock().unwrap() = Some(e); // unwrap: never held across a panic
+    }
+
+    pub fn set_assigned(&self, partitions: &[i32], assigned: bool) {
+        let mut parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        for p in partitions {
+            let entry = parts.entry(*p).or_default();
+            entry.assigned = assigned;
+            if !assigned {
+                // Another member may move it on; what we knew is stale.
+                *entry = PartitionState::default();
+            }
+        }
+        parts.retain(|_, s| s.assigned);
+    }
+
+    fn applied(&self, offsets: &[(i32, i64)]) {
+        let mut parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        for (p, next) in offsets {
+            // A batch may still hold messages of a partition revoked meanwhile.
+            if let Some(entry) = parts.get_mut(p) {
+                entry.applied = Some(entry.applied.map_or(*next, |a| a.max(*next)));
+            }
+        }
+    }
+
+    /// Positions applied but not yet committed to Kafka, for owned partitions.
+    pub fn commit_due(&self, only: Option<&[i32]>) -> Vec<(i32, i64)> {
+        let parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        parts
+            .iter()
+            .filter(|(p, s)| s.assigned && only.is_none_or(|o| o.contains(p)))
+            .filter_map(|(p, s)| {
+                let a = s.applied?;
+                (s.committed.is_none_or(|c| c < a)).then_some((*p, a))
+            })
+            .collect()
+    }
+
+    pub fn mark_committed(&self, offsets: &[(i32, i64)]) {
+        let mut parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        for (p, o) in offsets {
+            if let Some(entry) = parts.get_mut(p) {
+                entry.committed = Some(*o);
+            }
+        }
+    }
+
+    pub fn forget_committed(&self, partitions: &[i32]) {
+        let mut parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        for p in partitions {
+            if let Some(entry) = parts.get_mut(p) {
+                entry.committed = None;
+            }
+        }
+    }
+
+    fn counters(&self) -> serde_json::Map<String, Value> {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        let lag: serde_json::Map<String, Value> =
+            parts.iter().map(|(p, s)| (p.to_string(), s.lag().map_or(Value::Null, Value::from))).collect();
+        let partitions: Vec<Value> = parts
+            .iter()
+            .map(|(p, s)| {
+                json!({"partition": p, "next_offset": s.applied, "high_watermark": s.high_watermark, "lag": s.lag()})
+            })
+            .collect();
+        let mut m = serde_json::Map::new();
+        m.insert("consumed".into(), n(&self.consumed).into());
+        m.insert("written".into(), n(&self.written).into());
+        m.insert("duplicates".into(), n(&self.duplicates).into());
+        m.insert("redelivered".into(), n(&self.redelivered).into());
+        m.insert("dead_lettered".into(), n(&self.dead_lettered).into());
+        m.insert("dlq_published".into(), n(&self.dlq_published).into());
+        m.insert("dlq_pending".into(), self.dlq_pending.load(Ordering::Relaxed).into());
+        m.insert("batches".into(), n(&self.batches).into());
+        m.insert("retries".into(), n(&self.retries).into());
+        m.insert("lag".into(), Value::Object(lag));
+        m.insert("lag_total".into(), parts.values().filter_map(PartitionState::lag).sum::<i64>().into());
+        m.insert("partitions".into(), Value::Array(partitions));
+        m
+    }
+
+    /// The `kafka` object of `/api/health`.
+    pub fn health(&self) -> Value {
+        if !self.enabled {
+            return json!({"enabled": false, "healthy": true, "state": "disabled",
+                          "reason": "KAFKA_BROKERS is not set"});
+        }
+        let healthy = self.healthy();
+        let mut m = self.counters();
+        m.insert("enabled".into(), true.into());
+        m.insert("healthy".into(), healthy.into());
+        m.insert("state".into(), (if healthy { "running" } else { "degraded" }).into());
+        m.insert("topic".into(), self.topic.clone().into());
+        m.insert("dlq_topic".into(), self.dlq_topic.clone().into());
+        m.insert("group_id".into(), self.group_id.clone().into());
+        m.insert("brokers_up".into(), self.brokers_up.load(Ordering::Relaxed).into());
+        m.insert("last_error".into(), self.last_error.lock().unwrap().clone().into()); // unwrap: never poisoned
+        m.insert("last_kafka_error".into(), self.last_kafka_error.lock().unwrap().clone().into()); // unwrap: see above
+        m.insert("dlq_error".into(), self.dlq_error.lock().unwrap().clone().into()); // unwrap: see above
+        Value::Object(m)
+    }
+
+    /// The `ingest` object of `/api/stats`.
+    pub fn stats(&self) -> Value {
+        let mut m = if self.enabled { self.counters() } else { serde_json::Map::new() };
+        m.insert("enabled".into(), self.enabled.into());
+        Value::Object(m)
+    }
+}
+
+/// Running ingest: its state and its tasks (which stop when `shutdown` flips).
+pub struct Ingest {
+    pub state: Arc<IngestState>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts the ingest when brokers are configured; otherwise says so once.
+pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<Ingest> {
+    let Some(brokers) = settings.brokers.as_deref().filter(|_| settings.enabled()) else {
+        log::info!("Kafka ingest is off: KAFKA_BROKERS is not set");
+        return Ok(Ingest { state: Arc::new(IngestState::disabled()), tasks: Vec::new() });
+    };
+    let state = Arc::new(IngestState::running(settings));
+    let consumer = SharedConsumer::new(consumer::create(settings, brokers, state.clone())?);
+    let producer = dlq::create_producer(settings, brokers)?;
+    log::info!(
+        "Kafka ingest: reading {} as group {} from {brokers}; dead letters to {}",
+        settings.topic,
+        settings.group_id,
+        settings.dlq_topic
+    );
+    // One batch waits while the writer writes another: reading and decoding
+    // overlap the database work, and memory stays bounded.
+    let (tx, rx) = mpsc::channel::<Batch>(1);
+    let wake = Arc::new(Notify::new());
+    let tasks = vec![
+        tokio::spawn(consumer::read(consumer.clone(), settings.clone(), state.clone(), tx, shutdown.clone())),
+        tokio::spawn(write_loop(
+            rx,
+            consumer,
+            Writer::new(database_url, &settings.group_id, &settings.topic),
+            settings.clone(),
+            state.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(dlq::run(
+            database_url.to_string(),
+            producer,
+            settings.dlq_topic.clone(),
+            state.clone(),
+            wake,
+            shutdown,
+        )),
+    ];
+    Ok(Ingest { state, tasks })
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+/// Each step of a graceful stop (last commit, leaving the group) waits this long at most.
+const SHUTDOWN_STEP: Duration = Duration::from_secs(4);
+
+/// Writes batches as they come, each until it commits; commits positions to
+/// Kafka now and then; stops at shutdown after a last commit to Kafka.
+async fn write_loop(
+    mut batches: mpsc::Receiver<Batch>,
+    consumer: Arc<SharedConsumer>,
+    mut writer: Writer,
+    settings: KafkaSettings,
+    state: Arc<IngestState>,
+    dlq_wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last_commit = Instant::now();
+    let mut last_prune: Option<Instant> = None;
+    loop {
+        let commit_at = tokio::time::Instant::from_std(last_commit + settings.commit_interval());
+        let batch = tokio::select! {
+            b = batches.recv() => match b {
+                Some(b) => b,
+                None => break,
+            },
+            _ = tokio::time::sleep_until(commit_at) => {
+                consumer::commit(&**consumer, &state, &settings.topic, None, CommitMode::Async);
+                last_commit = Instant::now();
+                if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                    last_prune = Some(Instant::now());
+                    match writer.prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs).await {
+                        Ok((e, d)) if e + d > 0 => log::info!("pruned {e} old event ids and {d} published dead letters"),
+                        Ok(_) => {}
+                        Err(e) => log::debug!("pruning ingest bookkeeping failed: {e}"),
+                    }
+                }
+                continue;
+            }
+            _ = shutdown.changed() => break,
+        };
+        let mut backoff = BACKOFF_MIN;
+        let outcome = loop {
+            match writer.write(&batch).await {
+                Ok(o) => break Some(o),
+                Err(WriteError::Transient(e) | WriteError::Data(e)) => {
+                    if !state.write_failing.swap(true, Ordering::Relaxed) {
+                        log::warn!("ingest cannot write to PostgreSQL, retrying with backoff: {e:#}");
+                    }
+                    *state.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: never poisoned
+                    state.retries.fetch_add(1, Ordering::Relaxed);
+                    let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                        _ = shutdown.changed() => break None,
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        };
+        let Some(outcome) = outcome else { break };
+        if state.write_failing.swap(false, Ordering::Relaxed) {
+            log::info!("ingest writes to PostgreSQL again");
+        }
+        record(&state, &outcome);
+        for (p, offset) in &outcome.seek {
+            log::info!("partition {p}: skipping ahead to the stored position {offset}");
+            if let Err(e) = consumer.seek(&settings.topic, *p, rdkafka::Offset::Offset(*offset), Duration::ZERO) {
+                log::debug!("seek failed (the messages will be read and skipped): {e}");
+            }
+        }
+        if outcome.fates.iter().any(|f| matches!(f, Fate::Dead(_))) {
+            dlq_wake.notify_one();
+        }
+        if last_commit.elapsed() >= settings.commit_interval() {
+            consumer::commit(&**consumer, &state, &settings.topic, None, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+    // Leave Kafka as current as PostgreSQL, so the next owner re-reads
+    // little, then leave the group so it need not wait for a session timeout.
+    let (c, s, topic) = (consumer.clone(), state.clone(), settings.topic.clone());
+    consumer::off_runtime("the last Kafka commit", SHUTDOWN_STEP, move || {
+        consumer::commit(&**c, &s, &topic, None, CommitMode::Sync);
+    })
+    .await;
+    let deadline = Instant::now() + SHUTDOWN_STEP;
+    let mut consumer = consumer;
+    loop {
+        // The reader stops on the same signal; it holds the other reference.
+        match Arc::try_unwrap(consumer) {
+            Ok(only) => return only.close(SHUTDOWN_STEP).await,
+            Err(shared) if Instant::now() < deadline => {
+                consumer = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => return, // dropped: SharedConsumer closes it off the runtime
+        }
+    }
+}
+
+fn record(state: &IngestState, outcome: &writer::Outcome) {
+    state.batches.fetch_add(1, Ordering::Relaxed);
+    state.written.fetch_add(outcome.written, Ordering::Relaxed);
+    state.duplicates.fetch_add(outcome.count(|f| *f == Fate::Duplicate), Ordering::Relaxed);
+    state.redelivered.fetch_add(outcome.count(|f| *f == Fate::Redelivered), Ordering::Relaxed);
+    let dead = outcome.count(|f| matches!(f, Fate::Dead(_)));
+    state.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+    for f in &outcome.fates {
+        if let Fate::Dead(r) = f {
+            log::info!("dead letter ({}): {}", r.reason, r.detail);
+        }
+    }
+    state.applied(&outcome.next_offsets);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_keep_text_as_text_and_bytes_as_base64() {
+        let v = headers_json(&[
+            ("content-type".into(), Some(b"application/json".to_vec())),
+            ("bin".into(), Some(vec![0xff, 0x00])),
+            ("none".into(), None),
+        ]);
+        assert_eq!(v[0], json!({"key": "content-type", "value": "application/json"}));
+        assert_eq!(v[1], json!({"key": "bin", "value_base64": "/wA="}));
+        assert_eq!(dlq::headers_from_json(&v)[1], ("bin".to_string(), Some(vec![0xff, 0x00])));
+        assert_eq!(dlq::headers_from_json(&v)[2], ("none".to_string(), None));
+    }
+
+    #[test]
+    fn lag_counts_from_the_applied_position_once_known() {
+        let mut p = PartitionState { high_watermark: Some(100), group_position: Some(10), ..Default::default() };
+        assert_eq!(p.lag(), Some(90));
+        p.applied = Some(95);
+        assert_eq!(p.lag(), Some(5));
+        p.high_watermark = None;
+        assert_eq!(p.lag(), None);
+    }
+
+    #[test]
+    fn health_is_disabled_without_brokers_and_degraded_while_writes_fail() {
+        let off = IngestState::disabled();
+        assert_eq!(off.health()["state"], "disabled");
+        assert!(off.healthy());
+        let settings = crate::config::Settings::for_database("postgres://localhost/x").kafka;
+        let on = IngestState::running(&settings);
+        assert_eq!(on.health()["state"], "running");
+        on.write_failing.store(true, Ordering::Relaxed);
+        assert_eq!(on.health()["state"], "degraded");
+        assert_eq!(on.health()["healthy"], false);
+    }
+}

@@ -1,0 +1,707 @@
+//! Applies a batch of Kafka messages to PostgreSQL in one transaction: the
+//! exactly-once core of the ingest.
+//!
+//! In one transaction, per batch:
+//! 1. lock each partition's row in `kafka_offsets` (creating it if missing);
+//!    a message below the stored `next_offset` was applied before (a
+//!    redelivery after a crash or a rebalance) and is skipped;
+//! 2. record the event ids in `ingested_events`; an id that is already there
+//!    is a producer's duplicate and is skipped;
+//! 3. apply the events with multi-row statements, in rounds so that a round
+//!    holds at most one event per order (one UPDATE cannot change a row
+//!    twice, and one order's events must apply in offset order);
+//! 4. record rejected messages in `dead_letters`, advance `next_offset`.
+//!
+//! The common path costs a fixed number of round trips per batch, whatever
+//! its size. Business failures the database would raise (an unknown order, a
+//! forbidden transition, an existing external_id) are predicted by the
+//! statements themselves (RETURNING, a transition check in the WHERE clause)
+//! and dead-lettered without aborting anything. Should the database still
+//! reject a statement for one message (a constraint a DBA added), the batch is
+//! rolled back and redone "carefully": one message at a time, each under a
+//! savepoint, so only the culprit is dead-lettered.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use tokio_postgres::{Client, GenericClient, NoTls, Statement, Transaction};
+use uuid::Uuid;
+
+use super::event::{Change, Reason, Rejection};
+use super::{Batch, Message};
+use crate::domain::Status;
+
+/// A whole attempt (all statements and the commit) must finish in this time,
+/// or the connection is presumed dead and replaced.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What happened to one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    Pending,
+    /// Below the stored position: applied by an earlier transaction.
+    Redelivered,
+    /// Its event_id was applied before.
+    Duplicate,
+    Applied,
+    Dead(Rejection),
+}
+
+/// What a committed batch did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub fates: Vec<Fate>,
+    pub written: u64,
+    /// The new stored position per partition.
+    pub next_offsets: Vec<(i32, i64)>,
+    /// Partitions whose messages were all far behind the stored position:
+    /// the consumer may jump ahead instead of reading them.
+    pub seek: Vec<(i32, i64)>,
+}
+
+impl Outcome {
+    pub fn count(&self, pred: impl Fn(&Fate) -> bool) -> u64 {
+        self.fates.iter().filter(|f| pred(f)).count() as u64
+    }
+}
+
+/// Why a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Try the same batch again later (database down, connection reset,
+    /// serialization failure, a schema problem an operator must fix).
+    #[error("{0:#}")]
+    Transient(anyhow::Error),
+    /// A statement failed because of one message's data: redo carefully.
+    #[error("{0:#}")]
+    Data(anyhow::Error),
+}
+
+/// Errors caused by the data of a row (SQL classes 22 and 23, a RAISE in a
+/// trigger, ordercast's own OC4xx codes). Anything else — connection
+/// failures, shutdowns, serialization failures, a dropped table — is not the
+/// message's fault and must never dead-letter it.
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        let c = db.code().code();
+        c.starts_with("22") || c.starts_with("23") || c.starts_with("P0") || c.starts_with("OC")
+    })
+}
+
+fn classify(e: tokio_postgres::Error, step: &'static str) -> WriteError {
+    let data = is_data_error(&e);
+    let err = crate::db::describe(e).context(step);
+    if data {
+        WriteError::Data(err)
+    } else {
+        WriteError::Transient(err)
+    }
+}
+
+/// The reason a statement error gives for one message, in careful mode.
+fn rejection_from_db(e: &tokio_postgres::Error) -> Rejection {
+    let Some(db) = e.as_db_error() else { return Rejection::new(Reason::DatabaseRejected, e.to_string()) };
+    match db.code().code() {
+        "OC409" => Rejection::new(
+            Reason::InvalidTransition,
+            match db.hint() {
+                Some(h) => format!("{} ({h})", db.message()),
+                None => db.message().to_string(),
+            },
+        ),
+        "23505" => Rejection::new(Reason::OrderExists, format!("{} ({})", db.message(), db.detail().unwrap_or(""))),
+        code => Rejection::new(
+            Reason::DatabaseRejected,
+            format!("{} (SQLSTATE {code}){}", db.message(), db.detail().map(|d| format!(": {d}")).unwrap_or_default()),
+        ),
+    }
+}
+
+const LOCK_SQL: &str = "\
+WITH actor AS (SELECT set_config('ordercast.actor', $3, true))
+INSERT INTO kafka_offsets (group_id, kafka_topic, kafka_partition)
+SELECT $1, $2, p FROM unnest($4::int[]) AS p, actor ORDER BY p
+ON CONFLICT (group_id, kafka_topic, kafka_partition) DO UPDATE SET updated_at = kafka_offsets.updated_at
+RETURNING kafka_partition, next_offset";
+
+const DEDUPE_SQL: &str = "\
+INSERT INTO ingested_events (event_id, kafka_topic, kafka_partition, kafka_offset, occurred_at)
+SELECT e::uuid, $1, p, o, t FROM unnest($2::text[], $3::int[], $4::bigint[], $5::timestamptz[]) AS v(e, p, o, t)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id::text";
+
+const UNDEDUPE_SQL: &str = "DELETE FROM ingested_events WHERE event_id = ANY($1::text[]::uuid[])";
+
+const CREATE_SQL: &str = "\
+INSERT INTO orders (external_id, customer_name, customer_email, product, quantity, unit_price, status)
+SELECT x, n, e, p, q, u, COALESCE(s, 'pending')
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::numeric[], $7::text[]) AS v(x, n, e, p, q, u, s)
+ON CONFLICT (external_id) DO NOTHING
+RETURNING external_id";
+
+// The transition check mirrors the orders_guard trigger, so a forbidden
+// change leaves its row out of RETURNING instead of aborting the statement.
+const UPDATE_SQL: &str = "\
+UPDATE orders o SET
+    customer_name = COALESCE(v.n, o.customer_name),
+    customer_email = CASE WHEN v.es THEN v.e ELSE o.customer_email END,
+    product = COALESCE(v.p, o.product),
+    quantity = COALESCE(v.q, o.quantity),
+    unit_price = COALESCE(v.u, o.unit_price),
+    status = COALESCE(v.s, o.status),
+    error_message = CASE WHEN v.ms THEN v.m ELSE o.error_message END
+FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[], $6::int[], $7::numeric[], $8::text[],
+            $9::bool[], $10::text[]) AS v(x, n, es, e, p, q, u, s, ms, m)
+WHERE o.external_id = v.x
+  AND (v.s IS NULL OR v.s = o.status
+       OR EXISTS (SELECT 1 FROM order_transitions t WHERE t.from_status = o.status AND t.to_status = v.s))
+RETURNING o.external_id";
+
+const CLASSIFY_SQL: &str = "\
+SELECT o.external_id, o.status,
+       COALESCE((SELECT string_agg(to_status, ', ' ORDER BY to_status) FROM order_transitions
+                 WHERE from_status = o.status), 'none (final status)')
+FROM orders o WHERE o.external_id = ANY($1::text[])";
+
+const DEAD_LETTER_SQL: &str = "\
+INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, message_key, payload, headers,
+                          message_timestamp, event_id, reason, detail)
+SELECT $1, $2, p, o, k, b, h, ts, e::uuid, r, d
+FROM unnest($3::int[], $4::bigint[], $5::bytea[], $6::bytea[], $7::jsonb[], $8::timestamptz[], $9::text[],
+            $10::text[], $11::text[]) AS v(p, o, k, b, h, ts, e, r, d)
+ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING";
+
+const ADVANCE_SQL: &str = "\
+UPDATE kafka_offsets k SET next_offset = v.n, updated_at = now()
+FROM unnest($3::int[], $4::bigint[]) AS v(p, n)
+WHERE k.group_id = $1 AND k.kafka_topic = $2 AND k.kafka_partition = v.p";
+
+const PRUNE_EVENTS_SQL: &str = "\
+DELETE FROM ingested_events WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM ingested_events WHERE ingested_at < now() - make_interval(secs => $1) LIMIT 50000))";
+
+const PRUNE_DEAD_LETTERS_SQL: &str = "\
+DELETE FROM dead_letters WHERE published_at IS NOT NULL AND received_at < now() - make_interval(secs => $1)";
+
+struct Statements {
+    lock: Statement,
+    dedupe: Statement,
+    undedupe: Statement,
+    create: Statement,
+    update: Statement,
+    classify: Statement,
+    dead_letter: Statement,
+    advance: Statement,
+}
+
+struct Connection {
+    client: Client,
+    st: Statements,
+}
+
+/// The ingest's own database connection (not the REST pool, so neither can
+/// starve the other) and what it needs to write batches.
+pub struct Writer {
+    url: String,
+    group_id: String,
+    topic: String,
+    actor: String,
+    conn: Option<Connection>,
+}
+
+/// Far enough behind the stored position to be worth a seek.
+const SEEK_AHEAD_MIN: i64 = 1000;
+
+impl Writer {
+    pub fn new(url: &str, group_id: &str, topic: &str) -> Writer {
+        Writer {
+            url: url.to_string(),
+            group_id: group_id.to_string(),
+            topic: topic.to_string(),
+            actor: format!("kafka:{topic}"),
+            conn: None,
+        }
+    }
+
+    async fn connect(&mut self) -> Result<&mut Connection, WriteError> {
+        if self.conn.as_ref().is_some_and(|c| c.client.is_closed()) {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            let mut config = crate::db::pg_config(&self.url).map_err(WriteError::Transient)?;
+            config.application_name("ordercast-ingest");
+            let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+                WriteError::Transient(crate::db::describe(e).context("Failed to connect to PostgreSQL"))
+            })?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    log::debug!("ingest database connection closed: {e}");
+                }
+            });
+            let prepare = |sql: &'static str| {
+                let client = &client;
+                async move { client.prepare(sql).await.map_err(|e| classify(e, "Failed to prepare a statement")) }
+            };
+            let st = Statements {
+                lock: prepare(LOCK_SQL).await?,
+                dedupe: prepare(DEDUPE_SQL).await?,
+                undedupe: prepare(UNDEDUPE_SQL).await?,
+                create: prepare(CREATE_SQL).await?,
+                update: prepare(UPDATE_SQL).await?,
+                classify: prepare(CLASSIFY_SQL).await?,
+                dead_letter: prepare(DEAD_LETTER_SQL).await?,
+                advance: prepare(ADVANCE_SQL).await?,
+            };
+            self.conn = Some(Connection { client, st });
+        }
+        Ok(self.conn.as_mut().expect("connected just above"))
+    }
+
+    /// Writes the batch; on a data error redoes it message by message. A
+    /// transient error leaves nothing behind (the transaction rolls back) and
+    /// is returned for the caller to retry the same batch.
+    pub async fn write(&mut self, batch: &Batch) -> Result<Outcome, WriteError> {
+        let result = match self.attempt(batch, false).await {
+            Err(WriteError::Data(e)) => {
+                log::warn!("a batch statement was rejected ({e:#}); applying the batch one message at a time");
+                self.attempt(batch, true).await
+            }
+            other => other,
+        };
+        if let Err(WriteError::Transient(_)) = &result {
+            // The connection may be broken; a fresh one costs little next time.
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn attempt(&mut self, batch: &Batch, careful: bool) -> Result<Outcome, WriteError> {
+        let (group, topic, actor) = (self.group_id.clone(), self.topic.clone(), self.actor.clone());
+        let conn = self.connect().await?;
+        let run = async {
+            let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
+            let outcome = apply(&mut tx, &conn.st, batch, &group, &topic, &actor, careful).await?;
+            tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?;
+            Ok(outcome)
+        };
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, run).await {
+            Ok(r) => r,
+            Err(_) => Err(WriteError::Transient(anyhow!("the database did not answer within {ATTEMPT_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Forgets old event ids and published dead letters.
+    pub async fn prune(&mut self, dedupe_secs: u64, dead_letter_secs: u64) -> Result<(u64, u64), WriteError> {
+        let conn = self.connect().await?;
+        let events = conn
+            .client
+            .execute(PRUNE_EVENTS_SQL, &[&(dedupe_secs as f64)])
+            .await
+            .map_err(|e| classify(e, "Failed to prune ingested_events"))?;
+        let letters = conn
+            .client
+            .execute(PRUNE_DEAD_LETTERS_SQL, &[&(dead_letter_secs as f64)])
+            .await
+            .map_err(|e| classify(e, "Failed to prune dead_letters"))?;
+        Ok((events, letters))
+    }
+}
+
+fn event_of(m: &Message) -> Option<&super::event::OrderEvent> {
+    m.decoded.as_ref().ok()
+}
+
+async fn apply(
+    tx: &mut Transaction<'_>,
+    st: &Statements,
+    batch: &Batch,
+    group: &str,
+    topic: &str,
+    actor: &str,
+    careful: bool,
+) -> Result<Outcome, WriteError> {
+    let msgs = &batch.messages;
+    let mut fates = vec![Fate::Pending; msgs.len()];
+
+    // 1. Lock the partitions' positions, in a fixed order (no deadlocks).
+    let mut partitions: Vec<i32> = msgs.iter().map(|m| m.partition).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
+    let stored: HashMap<i32, Option<i64>> = tx
+        .query(&st.lock, &[&group, &topic, &actor, &partitions])
+        .await
+        .map_err(|e| classify(e, "Failed to lock the partition positions"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (i, m) in msgs.iter().enumerate() {
+        let next = stored.get(&m.partition).copied().flatten();
+        fates[i] = if next.is_some_and(|n| m.offset < n) {
+            Fate::Redelivered
+        } else {
+            match &m.decoded {
+                Ok(_) => Fate::Pending,
+                Err(r) => Fate::Dead(r.clone()),
+            }
+        };
+    }
+
+    // 2. Deduplicate event ids: within the batch, then against the table.
+    let mut seen = HashSet::new();
+    for (i, m) in msgs.iter().enumerate() {
+        if fates[i] == Fate::Pending && !seen.insert(event_of(m).map(|e| e.event_id)) {
+            fates[i] = Fate::Duplicate;
+        }
+    }
+    let pending: Vec<usize> = (0..msgs.len()).filter(|&i| fates[i] == Fate::Pending).collect();
+    if !pending.is_empty() {
+        let ids: Vec<String> =
+            pending.iter().map(|&i| event_of(&msgs[i]).map(|e| e.event_id.to_string()).unwrap_or_default()).collect();
+        let parts: Vec<i32> = pending.iter().map(|&i| msgs[i].partition).collect();
+        let offsets: Vec<i64> = pending.iter().map(|&i| msgs[i].offset).collect();
+        let times: Vec<DateTime<Utc>> =
+            pending.iter().map(|&i| event_of(&msgs[i]).map(|e| e.occurred_at).unwrap_or_default()).collect();
+        let fresh: HashSet<Uuid> = tx
+            .query(&st.dedupe, &[&topic, &ids, &parts, &offsets, &times])
+            .await
+            .map_err(|e| classify(e, "Failed to record the event ids"))?
+            .iter()
+            .filter_map(|r| r.get::<_, &str>(0).parse().ok())
+            .collect();
+        for &i in &pending {
+            if !event_of(&msgs[i]).is_some_and(|e| fresh.contains(&e.event_id)) {
+                fates[i] = Fate::Duplicate;
+            }
+        }
+    }
+
+    // 3. Apply.
+    let mut written = 0u64;
+    if careful {
+        for i in 0..msgs.len() {
+            if fates[i] == Fate::Pending {
+                let savepoint = tx.savepoint("ingest_message").await.map_err(|e| classify(e, "SAVEPOINT failed"))?;
+                match apply_round(&savepoint, st, msgs, &[i], &mut fates).await {
+                    Ok(n) => {
+                        written += n;
+                        savepoint.commit().await.map_err(|e| classify(e, "RELEASE SAVEPOINT failed"))?;
+                    }
+                    Err(ApplyError::Data(e)) => {
+                        fates[i] = Fate::Dead(rejection_from_db(&e));
+                        savepoint.rollback().await.map_err(|e| classify(e, "ROLLBACK TO SAVEPOINT failed"))?;
+                    }
+                    Err(ApplyError::Other(e)) => return Err(classify(e, "Failed to apply an event")),
+                }
+            }
+        }
+    } else {
+        for round in rounds(msgs, &fates) {
+            written += apply_round(&*tx, st, msgs, &round, &mut fates).await.map_err(|e| match e {
+                ApplyError::Data(e) | ApplyError::Other(e) => classify(e, "Failed to apply a round of events"),
+            })?;
+        }
+    }
+
+    // 4. Dead letters: forget their event ids (sending one again retries
+    //    it), record them, and move every partition's position past the batch.
+    let undo: Vec<String> = (0..msgs.len())
+        .filter(|&i| matches!(fates[i], Fate::Dead(_)))
+        .filter_map(|i| event_of(&msgs[i]).map(|e| e.event_id.to_string()))
+        .collect();
+    if !undo.is_empty() {
+        tx.execute(&st.undedupe, &[&undo]).await.map_err(|e| classify(e, "Failed to forget dead event ids"))?;
+    }
+    let dead: Vec<usize> = (0..msgs.len()).filter(|&i| matches!(fates[i], Fate::Dead(_))).collect();
+    if !dead.is_empty() {
+        let parts: Vec<i32> = dead.iter().map(|&i| msgs[i].partition).collect();
+        let offsets: Vec<i64> = dead.iter().map(|&i| msgs[i].offset).collect();
+        let keys: Vec<Option<&[u8]>> = dead.iter().map(|&i| msgs[i].key.as_deref()).collect();
+        let payloads: Vec<Option<&[u8]>> = dead.iter().map(|&i| msgs[i].payload.as_deref()).collect();
+        let headers: Vec<serde_json::Value> = dead.iter().map(|&i| super::headers_json(&msgs[i].headers)).collect();
+        let stamps: Vec<Option<DateTime<Utc>>> =
+            dead.iter().map(|&i| msgs[i].timestamp_ms.and_then(DateTime::from_timestamp_millis)).collect();
+        let ids: Vec<Option<String>> = dead
+            .iter()
+            .map(|&i| match &msgs[i].decoded {
+                Ok(e) => Some(e.event_id.to_string()),
+                Err(r) => r.event_id.map(|id| id.to_string()),
+            })
+            .collect();
+        let (reasons, details): (Vec<&str>, Vec<&str>) = dead
+            .iter()
+            .map(|&i| match &fates[i] {
+                Fate::Dead(r) => (r.reason.as_str(), r.detail.as_str()),
+                _ => unreachable!("filtered to dead letters"),
+            })
+            .unzip();
+        tx.execute(
+            &st.dead_letter,
+            &[&group, &topic, &parts, &offsets, &keys, &payloads, &headers, &stamps, &ids, &reasons, &details],
+        )
+        .await
+        .map_err(|e| classify(e, "Failed to record dead letters"))?;
+    }
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    for m in msgs {
+        let n = next.entry(m.partition).or_insert(0);
+        *n = (*n).max(m.offset + 1);
+    }
+    let mut seek = Vec::new();
+    for (p, n) in next.iter_mut() {
+        if let Some(Some(s)) = stored.get(p) {
+            if *s - *n >= SEEK_AHEAD_MIN
+                && msgs.iter().zip(&fates).all(|(m, f)| m.partition != *p || *f == Fate::Redelivered)
+            {
+                seek.push((*p, *s));
+            }
+            *n = (*n).max(*s);
+        }
+    }
+    let mut next_offsets: Vec<(i32, i64)> = next.into_iter().collect();
+    next_offsets.sort_unstable();
+    let (ps, ns): (Vec<i32>, Vec<i64>) = next_offsets.iter().copied().unzip();
+    tx.execute(&st.advance, &[&group, &topic, &ps, &ns])
+        .await
+        .map_err(|e| classify(e, "Failed to store the positions"))?;
+    Ok(Outcome { fates, written, next_offsets, seek })
+}
+
+/// Groups pending events so that each round holds at most one event per
+/// order, and an order's k-th event of the batch is in round k.
+fn rounds(msgs: &[Message], fates: &[Fate]) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for (i, m) in msgs.iter().enumerate() {
+        let (Fate::Pending, Some(e)) = (&fates[i], event_of(m)) else { continue };
+        let r = seen.entry(e.external_id.as_str()).or_insert(0);
+        if rounds.len() <= *r {
+            rounds.push(Vec::new());
+        }
+        rounds[*r].push(i);
+        *r += 1;
+    }
+    rounds
+}
+
+enum ApplyError {
+    Data(tokio_postgres::Error),
+    Other(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for ApplyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if is_data_error(&e) {
+            ApplyError::Data(e)
+        } else {
+            ApplyError::Other(e)
+        }
+    }
+}
+
+/// Applies one round (at most one event per order) with one INSERT for the
+/// creates and one UPDATE for the rest; marks each message Applied or Dead.
+async fn apply_round(
+    db: &impl GenericClient,
+    st: &Statements,
+    msgs: &[Message],
+    round: &[usize],
+    fates: &mut [Fate],
+) -> Result<u64, ApplyError> {
+    let mut written = 0;
+    let (creates, updates): (Vec<usize>, Vec<usize>) =
+        round.iter().partition(|&&i| matches!(event_of(&msgs[i]).map(|e| &e.change), Some(Change::Create(_))));
+
+    if !creates.is_empty() {
+        let mut cols = CreateColumns::default();
+        for &i in &creates {
+            if let Some(Change::Create(o)) = event_of(&msgs[i]).map(|e| &e.change) {
+                cols.push(&event_of(&msgs[i]).expect("matched above").external_id, o);
+            }
+        }
+        let inserted: HashSet<String> = db
+            .query(
+                &st.create,
+                &[&cols.external_id, &cols.name, &cols.email, &cols.product, &cols.quantity, &cols.price, &cols.status],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for &i in &creates {
+            let key = &event_of(&msgs[i]).expect("creates are decoded").external_id;
+            fates[i] = if inserted.contains(key) {
+                written += 1;
+                Fate::Applied
+            } else {
+                Fate::Dead(Rejection::new(
+                    Reason::OrderExists,
+                    format!("an order with external_id {key:?} already exists"),
+                ))
+            };
+        }
+    }
+
+    if !updates.is_empty() {
+        let mut cols = UpdateColumns::default();
+        for &i in &updates {
+            if let Some(e) = event_of(&msgs[i]) {
+                if let Change::Update(p) = &e.change {
+                    cols.push(&e.external_id, p);
+                }
+            }
+        }
+        let updated: HashSet<String> = db
+            .query(
+                &st.update,
+                &[
+                    &cols.external_id,
+                    &cols.name,
+                    &cols.email_set,
+                    &cols.email,
+                    &cols.product,
+                    &cols.quantity,
+                    &cols.price,
+                    &cols.status,
+                    &cols.error_set,
+                    &cols.error,
+                ],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let missed: Vec<String> = updates
+            .iter()
+            .filter_map(|&i| event_of(&msgs[i]))
+            .filter(|e| !updated.contains(&e.external_id))
+            .map(|e| e.external_id.clone())
+            .collect();
+        // Only when something failed: why (no such order, or the transition).
+        let current: HashMap<String, (String, String)> = if missed.is_empty() {
+            HashMap::new()
+        } else {
+            db.query(&st.classify, &[&missed]).await?.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()
+        };
+        for &i in &updates {
+            let Some(e) = event_of(&msgs[i]) else { continue };
+            fates[i] = if updated.contains(&e.external_id) {
+                written += 1;
+                Fate::Applied
+            } else {
+                match current.get(&e.external_id) {
+                    None => Fate::Dead(Rejection::new(
+                        Reason::UnknownOrder,
+                        format!("no order with external_id {:?}", e.external_id),
+                    )),
+                    Some((from, allowed)) => {
+                        let to = match &e.change {
+                            Change::Update(p) => p.status.map(Status::as_str).unwrap_or("?"),
+                            Change::Create(_) => "?",
+                        };
+                        Fate::Dead(Rejection::new(
+                            Reason::InvalidTransition,
+                            format!("invalid status transition from {from} to {to} (allowed: {allowed})"),
+                        ))
+                    }
+                }
+            };
+        }
+    }
+    Ok(written)
+}
+
+#[derive(Default)]
+struct CreateColumns<'a> {
+    external_id: Vec<&'a str>,
+    name: Vec<&'a str>,
+    email: Vec<Option<&'a str>>,
+    product: Vec<&'a str>,
+    quantity: Vec<i32>,
+    price: Vec<Decimal>,
+    status: Vec<Option<&'static str>>,
+}
+
+impl<'a> CreateColumns<'a> {
+    fn push(&mut self, external_id: &'a str, o: &'a crate::domain::NewOrder) {
+        self.external_id.push(external_id);
+        self.name.push(&o.customer_name);
+        self.email.push(o.customer_email.as_deref());
+        self.product.push(&o.product);
+        self.quantity.push(o.quantity);
+        self.price.push(o.unit_price);
+        self.status.push(o.status.map(Status::as_str));
+    }
+}
+
+#[derive(Default)]
+struct UpdateColumns<'a> {
+    external_id: Vec<&'a str>,
+    name: Vec<Option<&'a str>>,
+    email_set: Vec<bool>,
+    email: Vec<Option<&'a str>>,
+    product: Vec<Option<&'a str>>,
+    quantity: Vec<Option<i32>>,
+    price: Vec<Option<Decimal>>,
+    status: Vec<Option<&'static str>>,
+    error_set: Vec<bool>,
+    error: Vec<Option<&'a str>>,
+}
+
+impl<'a> UpdateColumns<'a> {
+    fn push(&mut self, external_id: &'a str, p: &'a crate::domain::OrderPatch) {
+        self.external_id.push(external_id);
+        self.name.push(p.customer_name.as_deref());
+        self.email_set.push(p.customer_email.is_some());
+        self.email.push(p.customer_email.as_ref().and_then(|e| e.as_deref()));
+        self.product.push(p.product.as_deref());
+        self.quantity.push(p.quantity);
+        self.price.push(p.unit_price);
+        self.status.push(p.status.map(Status::as_str));
+        self.error_set.push(p.error_message.is_some());
+        self.error.push(p.error_message.as_ref().and_then(|e| e.as_deref()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::event::parse_event;
+    use serde_json::json;
+
+    fn msg(offset: i64, key: &str, kind: &str) -> Message {
+        let order = if kind == "order_created" {
+            json!({"external_id": key, "customer_name": "A", "product": "P", "quantity": 1, "unit_price": 1})
+        } else {
+            json!({"external_id": key, "status": "processing"})
+        };
+        let v =
+            json!({"event_id": Uuid::new_v4(), "type": kind, "order": order, "occurred_at": "2025-01-01T00:00:00Z"});
+        Message {
+            partition: 0,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            payload: None,
+            headers: Vec::new(),
+            timestamp_ms: None,
+            decoded: parse_event(&v, Some(key)),
+        }
+    }
+
+    #[test]
+    fn rounds_keep_each_orders_events_in_offset_order_and_apart() {
+        let msgs = vec![
+            msg(0, "a", "order_created"),
+            msg(1, "b", "order_created"),
+            msg(2, "a", "status_changed"),
+            msg(3, "c", "order_created"),
+            msg(4, "a", "status_changed"),
+            msg(5, "b", "status_changed"),
+        ];
+        let mut fates = vec![Fate::Pending; msgs.len()];
+        fates[3] = Fate::Duplicate;
+        assert_eq!(rounds(&msgs, &fates), vec![vec![0, 1], vec![2, 5], vec![4]]);
+    }
+}

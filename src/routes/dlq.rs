@@ -1,0 +1,175 @@
+//! `GET /api/dlq`: the most recent dead letters of the Kafka ingest, newest
+//! first, from the `dead_letters` table (the dead-letter topic gets the same
+//! messages). Payloads are shown as text when they are UTF-8, else base64,
+//! cut at `PAYLOAD_PREVIEW` bytes.
+
+use actix_web::{get, web, HttpResponse};
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use utoipa::ToSchema;
+
+use super::{parse_limit, QueryPairs};
+use crate::domain::ValidationError;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+pub const DEFAULT_LIMIT: i64 = 50;
+pub const MAX_LIMIT: i64 = 500;
+/// Payload bytes shown per dead letter; the full message is in the topic.
+pub const PAYLOAD_PREVIEW: i32 = 4096;
+
+/// One dead-lettered Kafka message.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DeadLetter)]
+pub struct DeadLetterDoc {
+    /// Pass as `before` to page further back.
+    pub id: i64,
+    /// Stable code: empty_payload, unsupported_content_type, invalid_json, invalid_avro,
+    /// invalid_event, validation_failed, key_mismatch, unknown_order, order_exists,
+    /// invalid_transition, database_rejected.
+    pub reason: String,
+    /// What exactly was wrong.
+    pub detail: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub group_id: String,
+    pub key: Option<String>,
+    /// The first 4096 bytes of the value, as text or base64 (see payload_encoding).
+    pub payload: Option<String>,
+    /// "utf8" or "base64".
+    pub payload_encoding: String,
+    pub payload_size: i32,
+    pub payload_truncated: bool,
+    /// The original headers.
+    pub headers: serde_json::Value,
+    pub event_id: Option<String>,
+    /// The original message's timestamp.
+    pub message_timestamp: Option<String>,
+    pub received_at: String,
+    /// When it was produced to the dead-letter topic (null: not yet).
+    pub published_at: Option<String>,
+}
+
+/// A page of dead letters.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DeadLetterPage)]
+pub struct DeadLetterPageDoc {
+    pub items: Vec<DeadLetterDoc>,
+    /// Pass as `before` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn text_or_base64(bytes: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_string(), "utf8"),
+        Err(e) if e.error_len().is_none() && e.valid_up_to() + 4 > bytes.len() => {
+            // Cut inside a UTF-8 sequence by the preview limit: still text.
+            (String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(), "utf8")
+        }
+        Err(_) => (base64::engine::general_purpose::STANDARD.encode(bytes), "base64"),
+    }
+}
+
+/// Recent dead letters of the Kafka ingest, newest first.
+#[utoipa::path(get, path = "/api/dlq", tag = "ingest",
+    params(
+        ("limit" = Option<i64>, Query, description = "Page size (default 50, at most 500)"),
+        ("reason" = Option<String>, Query, description = "Only this reason code"),
+        ("before" = Option<String>, Query, description = "next_cursor of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "Dead letters, newest first", body = DeadLetterPageDoc),
+        (status = 422, description = "Invalid parameter", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/api/dlq")]
+pub async fn list(query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut limit = DEFAULT_LIMIT;
+    let mut reason: Option<String> = None;
+    let mut before: Option<i64> = None;
+    for (k, v) in query.iter() {
+        match k.as_str() {
+            "limit" => limit = parse_limit(v, MAX_LIMIT)?,
+            "reason" => reason = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
+            "before" | "cursor" => {
+                before = Some(v.trim().parse::<i64>().map_err(|_| {
+                    ValidationError::with_code("before", "invalid_cursor", "not a cursor from this API")
+                })?)
+            }
+            other => {
+                return Err(ValidationError::with_code(
+                    "query",
+                    "unknown_parameter",
+                    format!("unknown query parameter {other:?}"),
+                )
+                .into())
+            }
+        }
+    }
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT id, reason, detail, kafka_topic, kafka_partition, kafka_offset, group_id, message_key, \
+                    substring(payload FROM 1 FOR $4), COALESCE(length(payload), 0), headers, event_id::text, \
+                    message_timestamp, received_at, published_at \
+             FROM dead_letters \
+             WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3",
+            &[&reason, &before, &(limit + 1), &PAYLOAD_PREVIEW],
+        )
+        .await?;
+    let more = rows.len() as i64 > limit;
+    let rows = &rows[..rows.len().min(limit as usize)];
+    let stamp = |t: Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339());
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let key: Option<Vec<u8>> = r.get(7);
+            let payload: Option<Vec<u8>> = r.get(8);
+            let size: i32 = r.get(9);
+            let (payload, encoding) = match payload.as_deref().map(text_or_base64) {
+                Some((p, e)) => (Some(p), e),
+                None => (None, "utf8"),
+            };
+            json!({
+                "id": r.get::<_, i64>(0),
+                "reason": r.get::<_, String>(1),
+                "detail": r.get::<_, String>(2),
+                "topic": r.get::<_, String>(3),
+                "partition": r.get::<_, i32>(4),
+                "offset": r.get::<_, i64>(5),
+                "group_id": r.get::<_, String>(6),
+                "key": key.map(|k| String::from_utf8_lossy(&k).into_owned()),
+                "payload": payload,
+                "payload_encoding": encoding,
+                "payload_size": size,
+                "payload_truncated": size > PAYLOAD_PREVIEW,
+                "headers": r.get::<_, Value>(10),
+                "event_id": r.get::<_, Option<String>>(11),
+                "message_timestamp": stamp(r.get(12)),
+                "received_at": stamp(Some(r.get(13))),
+                "published_at": stamp(r.get(14)),
+            })
+        })
+        .collect();
+    let next_cursor = if more { rows.last().map(|r| r.get::<_, i64>(0).to_string()) } else { None };
+    Ok(HttpResponse::Ok().json(json!({"items": items, "next_cursor": next_cursor})))
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(list);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_text_when_they_are_utf8_even_when_cut_mid_character() {
+        assert_eq!(text_or_base64(b"{\"a\":1}"), ("{\"a\":1}".to_string(), "utf8"));
+        assert_eq!(text_or_base64("xé".as_bytes()[..2].as_ref()), ("x".to_string(), "utf8"));
+        assert_eq!(text_or_base64(&[0xff, 0xfe, 0x00, 0x01, 0x02]).1, "base64");
+    }
+}
