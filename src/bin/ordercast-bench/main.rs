@@ -1,0 +1,346 @@
+//! `ordercast-bench`: measures ordercast's latency, fan-out, memory per
+//! connection and write cost, and prints a table plus JSON.
+//!
+//! Each scenario run gets a fresh database and, unless `--url` is given, a
+//! fresh `ordercast` server process (the release binary next to this one), so
+//! runs do not inherit each other's state. Figures are medians over `--runs`.
+//! See docs/performance.md for the method and the published numbers.
+
+mod clients;
+mod scenarios;
+mod server;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::{json, Map, Value};
+
+use scenarios::{Figures, Transport};
+use server::{BenchDb, Server, Target};
+
+/// Every scenario of the full benchmark (docs/performance.md).
+const FULL: &[&str] = &[
+    "ws-latency:100:200",
+    "ws-latency:1000:1000",
+    "sse-latency:100:200",
+    "fanout:1000:1000",
+    "fanout:10000:100",
+    "idle:10000",
+    "idle:19000",
+    "write-cost:30000",
+];
+
+#[derive(Debug, Parser)]
+#[command(name = "ordercast-bench", about = "Benchmarks an ordercast server: latency, fan-out, memory, write cost")]
+struct Args {
+    /// Admin URL of the PostgreSQL server to create benchmark databases on
+    /// (with --url: the database that server uses).
+    #[arg(long, env = "ORDERCAST_BENCH_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// The ordercast binary to start (default: `ordercast` next to this binary).
+    #[arg(long)]
+    server: Option<PathBuf>,
+
+    /// Benchmark a running server instead of starting one (http://HOST:PORT).
+    #[arg(long)]
+    url: Option<String>,
+
+    /// With --url: the server's process id, for its memory figures.
+    #[arg(long)]
+    pid: Option<u32>,
+
+    /// Runs per scenario; figures are the medians (loss and duplicates: the maximum).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+
+    /// Seconds of writing per latency and fan-out run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+
+    /// ORDERCAST_WORKERS for the started server (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+
+    /// Also write the results here as JSON (they always go to stdout last).
+    #[arg(long)]
+    json: Option<PathBuf>,
+
+    /// Scenarios (default: all): ws-latency:CLIENTS:RATE, sse-latency:CLIENTS:RATE,
+    /// fanout:CLIENTS:RATE, idle:CONNECTIONS, write-cost:ROWS.
+    scenarios: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("ordercast-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Scenario {
+    Latency(Transport, usize, f64),
+    Fanout(usize, f64),
+    Idle(usize),
+    WriteCost(usize),
+}
+
+fn parse_scenario(spec: &str) -> anyhow::Result<Scenario> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let num = |i: usize| -> anyhow::Result<f64> {
+        parts
+            .get(i)
+            .with_context(|| format!("{spec}: missing parameter {i}"))?
+            .parse()
+            .with_context(|| spec.to_string())
+    };
+    Ok(match parts[0] {
+        "ws-latency" => Scenario::Latency(Transport::Ws, num(1)? as usize, num(2)?),
+        "sse-latency" => Scenario::Latency(Transport::Sse, num(1)? as usize, num(2)?),
+        "fanout" => Scenario::Fanout(num(1)? as usize, num(2)?),
+        "idle" => Scenario::Idle(num(1)? as usize),
+        "write-cost" => Scenario::WriteCost(num(1)? as usize),
+        other => bail!("unknown scenario {other:?}"),
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let admin = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("ORDERCAST_TEST_DATABASE_URL").ok())
+        .context("give --database-url (or ORDERCAST_BENCH_DATABASE_URL / ORDERCAST_TEST_DATABASE_URL)")?;
+    let specs: Vec<String> =
+        if args.scenarios.is_empty() { FULL.iter().map(|s| s.to_string()).collect() } else { args.scenarios.clone() };
+    let scenarios = specs.iter().map(|s| parse_scenario(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    raise_fd_limit();
+    let target = match &args.url {
+        Some(url) => Target::Url { url: url.clone(), pid: args.pid },
+        None => {
+            let binary = match &args.server {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()?.with_file_name("ordercast"),
+            };
+            let mut extra_env = Vec::new();
+            if let Some(w) = args.workers {
+                extra_env.push(("ORDERCAST_WORKERS".to_string(), w.to_string()));
+            }
+            Target::Spawn { binary, extra_env }
+        }
+    };
+    let duration = Duration::from_secs_f64(args.duration);
+    let machine = machine(&admin).await;
+    eprintln!("machine: {machine}");
+
+    let mut results = Vec::new();
+    for (spec, scenario) in specs.iter().zip(&scenarios) {
+        let mut runs = Vec::new();
+        for i in 0..args.runs.max(1) {
+            eprintln!("{spec}: run {}/{} ...", i + 1, args.runs.max(1));
+            let figures = run_once(&target, &admin, scenario, duration).await.with_context(|| spec.clone())?;
+            eprintln!("  {}", Value::Object(figures.clone()));
+            runs.push(figures);
+        }
+        results.push(json!({"scenario": spec, "median": combine(&runs), "runs": runs}));
+    }
+
+    let report = json!({
+        "machine": machine,
+        "runs_per_scenario": args.runs.max(1),
+        "write_seconds": args.duration,
+        "results": results,
+    });
+    print_table(&report);
+    let text = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.json {
+        std::fs::write(path, &text).with_context(|| format!("write {}", path.display()))?;
+    }
+    println!("{text}");
+    Ok(())
+}
+
+/// One run: a fresh database and server, the measurement, then cleanup.
+async fn run_once(target: &Target, admin: &str, scenario: &Scenario, duration: Duration) -> anyhow::Result<Figures> {
+    let (db, db_url) = match target {
+        Target::Url { .. } => (None, admin.to_string()),
+        Target::Spawn { .. } => {
+            let db = BenchDb::create(admin).await?;
+            let url = db.url.clone();
+            (Some(db), url)
+        }
+    };
+    let result = async {
+        let server = Server::start(target, &db_url)?;
+        let r = match scenario {
+            Scenario::Latency(t, n, rate) => scenarios::latency(&server, &db_url, *t, *n, *rate, duration).await,
+            Scenario::Fanout(n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration).await,
+            Scenario::Idle(n) => scenarios::idle(&server, &db_url, *n).await,
+            Scenario::WriteCost(rows) => scenarios::write_cost(&db_url, *rows).await,
+        };
+        tokio::task::spawn_blocking(move || server.stop()).await?;
+        r
+    }
+    .await;
+    if let Some(db) = db {
+        db.drop_now().await;
+    }
+    result
+}
+
+/// Medians of each figure over the runs; loss, duplicates and errors take the
+/// worst run instead (they must be zero in every run).
+fn combine(runs: &[Figures]) -> Value {
+    let mut out = Map::new();
+    let Some(first) = runs.first() else { return Value::Object(out) };
+    for (key, v) in first {
+        let nums: Vec<f64> = runs.iter().filter_map(|r| r.get(key).and_then(Value::as_f64)).collect();
+        if nums.len() != runs.len() || !v.is_number() {
+            out.insert(key.clone(), v.clone());
+            continue;
+        }
+        let worst = matches!(key.as_str(), "lost" | "duplicates" | "client_errors");
+        let mut sorted = nums.clone();
+        sorted.sort_by(f64::total_cmp);
+        let x = if worst { sorted[sorted.len() - 1] } else { sorted[sorted.len() / 2] };
+        out.insert(key.clone(), json!(x));
+    }
+    Value::Object(out)
+}
+
+fn print_table(report: &Value) {
+    let results = report["results"].as_array().cloned().unwrap_or_default();
+    let get = |m: &Value, k: &str| -> String {
+        match &m[k] {
+            Value::Null => "-".into(),
+            Value::Number(n) => {
+                let x = n.as_f64().unwrap_or_default();
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.3}")
+                }
+            }
+            v => v.to_string(),
+        }
+    };
+    println!(
+        "\nmedians of {} run(s) each ({} s of writes per latency/fan-out run)\n",
+        report["runs_per_scenario"], report["write_seconds"]
+    );
+    println!(
+        "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5}",
+        "latency / fan-out",
+        "clients",
+        "chg/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "deliveries/s",
+        "lost",
+        "dup"
+    );
+    for r in &results {
+        let s = r["scenario"].as_str().unwrap_or_default();
+        let m = &r["median"];
+        if s.contains("latency") || s.starts_with("fanout") {
+            println!(
+                "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5}",
+                s,
+                get(m, "clients"),
+                get(m, "offered_changes_per_s"),
+                get(m, "p50_ms"),
+                get(m, "p90_ms"),
+                get(m, "p99_ms"),
+                get(m, "p999_ms"),
+                get(m, "max_ms"),
+                get(m, "deliveries_per_s"),
+                get(m, "lost"),
+                get(m, "duplicates")
+            );
+        }
+    }
+    println!(
+        "\n{:<22} {:>7} {:>12} {:>12} {:>10} {:>14} {:>6}",
+        "idle connections", "held", "RSS before", "RSS after", "B/conn", "all reached ms", "lost"
+    );
+    for r in &results {
+        let s = r["scenario"].as_str().unwrap_or_default();
+        let m = &r["median"];
+        if s.starts_with("idle") {
+            println!(
+                "{:<22} {:>7} {:>9} MiB {:>9} MiB {:>10} {:>14} {:>6}",
+                s,
+                get(m, "held"),
+                get(m, "server_rss_before_mib"),
+                get(m, "server_rss_after_mib"),
+                get(m, "bytes_per_connection"),
+                get(m, "max_ms"),
+                get(m, "lost")
+            );
+        }
+    }
+    println!(
+        "\n{:<22} {:>6} {:>10} {:>10} {:>13} {:>8} {:>13}",
+        "write cost (us/row)", "batch", "bare", "orders", "capture only", "ratio", "ratio capture"
+    );
+    for r in &results {
+        let s = r["scenario"].as_str().unwrap_or_default();
+        let m = &r["median"];
+        if s.starts_with("write-cost") {
+            for b in ["b1", "b100"] {
+                println!(
+                    "{:<22} {:>6} {:>10} {:>10} {:>13} {:>8} {:>13}",
+                    s,
+                    &b[1..],
+                    get(m, &format!("bare_{b}_us_per_row")),
+                    get(m, &format!("orders_{b}_us_per_row")),
+                    get(m, &format!("capture_only_{b}_us_per_row")),
+                    get(m, &format!("ratio_orders_{b}")),
+                    get(m, &format!("ratio_capture_only_{b}"))
+                );
+            }
+            println!("{:<22} fsync={} synchronous_commit={}", "", m["fsync"], m["synchronous_commit"]);
+        }
+    }
+    println!();
+}
+
+/// What the numbers were measured on.
+async fn machine(admin: &str) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = mem
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| (kib / 1048576.0 * 10.0).round() / 10.0);
+    let pg = match ordercast::db::connect(admin).await {
+        Ok(db) => db
+            .query_one("SELECT version(), current_setting('fsync'), current_setting('synchronous_commit')", &[])
+            .await
+            .ok()
+            .map(|r| json!({"version": r.get::<_, String>(0), "fsync": r.get::<_, String>(1), "synchronous_commit": r.get::<_, String>(2)})),
+        Err(_) => None,
+    };
+    json!({"cpu": model, "cores": cores, "memory_gib": mem_gib, "kernel": kernel.trim(), "postgresql": pg})
+}
+
+/// 19,000 client sockets need the soft open-files limit at the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}

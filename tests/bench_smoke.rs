@@ -1,0 +1,57 @@
+//! The benchmark tool still works: a run of a few seconds with tiny numbers,
+//! against a server it starts on a fresh database. It checks what the tool
+//! reports (every scenario present, zero loss, zero duplicates), never how
+//! fast anything was: timings on a shared machine are not assertions.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[test]
+fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
+    let admin = std::env::var("ORDERCAST_TEST_DATABASE_URL").expect(
+        "ORDERCAST_TEST_DATABASE_URL is not set: run the tests with scripts/test (it starts a private PostgreSQL)",
+    );
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_ordercast-bench"))
+        .args(["--database-url", &admin, "--runs", "1", "--duration", "1"])
+        // `ordercast` is built beside the bench binary for integration tests.
+        .args(["--server", env!("CARGO_BIN_EXE_ordercast")])
+        .args(["ws-latency:5:50", "sse-latency:3:50", "fanout:5:200", "idle:20", "write-cost:300"])
+        .output()
+        .expect("run ordercast-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ordercast-bench failed:\n{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(120), "the smoke run should take seconds");
+
+    // The table comes first, then the JSON report.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("deliveries/s"), "no table in:\n{stdout}");
+    let json_start = stdout.find("\n{").expect("a JSON report after the table") + 1;
+    let report: Value = serde_json::from_str(&stdout[json_start..]).expect("the report is JSON");
+    let results = report["results"].as_array().expect("results");
+    assert_eq!(results.len(), 5, "{report:#}");
+
+    for r in results {
+        let name = r["scenario"].as_str().unwrap();
+        let m = &r["median"];
+        if name.starts_with("write-cost") {
+            for k in ["bare_b1_us_per_row", "orders_b100_us_per_row", "ratio_orders_b100"] {
+                assert!(m[k].as_f64().is_some_and(|x| x > 0.0), "{name}: {k} missing in {m}");
+            }
+            continue;
+        }
+        assert_eq!(m["lost"], 0, "{name} lost changes: {m}");
+        assert_eq!(m["duplicates"], 0, "{name} duplicated changes: {m}");
+        assert_eq!(m["client_errors"], 0, "{name} had client errors: {m}\n{stderr}");
+        let clients = m["clients"].as_u64().unwrap();
+        let changes = m["changes"].as_u64().unwrap();
+        assert!(changes > 0, "{name}: nothing written");
+        assert_eq!(m["deliveries"].as_u64().unwrap(), clients * changes, "{name}: every client gets every change");
+        assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
+    }
+    let idle = results.iter().find(|r| r["scenario"] == "idle:20").unwrap();
+    assert_eq!(idle["median"]["held"], 20);
+    assert!(idle["median"]["bytes_per_connection"].is_number(), "the server's memory is measured");
+}
