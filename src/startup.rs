@@ -243,6 +243,10 @@ impl Application {
         })
         .listen(tcp)?
         .disable_signals()
+        // Pushes are small frames that must leave at once: without this,
+        // Nagle's algorithm holds a frame until the client ACKs the previous
+        // one, and delayed ACKs make that up to 40 ms.
+        .tcp_nodelay(true)
         .shutdown_timeout(5);
         if settings.workers > 0 {
             server = server.workers(settings.workers);
