@@ -145,11 +145,16 @@ impl Feed {
                 continue;
             }
             let sub = self.sub.as_mut()?;
-            match sub.recv().await {
+            let received = sub.recv().await;
+            let lagged = sub.lagged();
+            match received {
                 Some(batch) => self.buf.extend(batch.changes().iter().cloned().map(Item::Change)),
-                None if sub.lagged() => {
+                None if lagged => {
                     // Fell behind: subscribe again and catch up from the log.
-                    self.sub = None;
+                    // The old subscription stays until the new one is in hand:
+                    // if this future is dropped while subscribing (it sits in
+                    // a `select!`), the next call simply tries again, instead
+                    // of finding no subscription and ending the stream.
                     match self.hub.subscribe(self.filter.clone()).await {
                         Ok(sub) => {
                             self.recoveries += 1;
