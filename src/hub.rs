@@ -8,7 +8,8 @@
 //! gets `try_send`. A subscription whose queue is full is marked *lagged* and
 //! dropped from the registry; its session then catches up from the change log
 //! (see `changes::feed`). Changes are shared (`Arc`), never copied per client:
-//! unfiltered subscriptions all receive the same `Arc<[..]>` batch.
+//! unfiltered subscriptions all receive the same `Arc<SharedBatch>`, whose
+//! frames are concatenated once for all of them.
 //!
 //! Filters are indexed: a subscription is filed under its order ids, else its
 //! customer, else its statuses, else under "all". A change visits only the
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::changes::SharedChange;
@@ -32,16 +34,45 @@ const QUEUE_BATCHES: usize = 1024;
 /// the changes that matched its filter.
 #[derive(Debug, Clone)]
 pub enum Batch {
-    Shared(Arc<[SharedChange]>),
+    Shared(Arc<SharedBatch>),
     Own(Vec<SharedChange>),
 }
 
 impl Batch {
     pub fn changes(&self) -> &[SharedChange] {
         match self {
-            Batch::Shared(b) => b,
+            Batch::Shared(b) => &b.changes,
             Batch::Own(v) => v,
         }
+    }
+}
+
+/// One published batch as every unfiltered client gets it: the changes, and
+/// their WebSocket frames and SSE events concatenated once, so a session
+/// hands the whole batch to its connection as one shared buffer (one queue
+/// operation and, usually, one socket write per batch instead of per change).
+#[derive(Debug)]
+pub struct SharedBatch {
+    pub changes: Vec<SharedChange>,
+    pub ws_frames: Bytes,
+    pub sse_events: Bytes,
+}
+
+impl SharedBatch {
+    pub fn new(changes: Vec<SharedChange>) -> SharedBatch {
+        let concat = |part: fn(&SharedChange) -> &Bytes| -> Bytes {
+            if let [one] = changes.as_slice() {
+                return part(one).clone();
+            }
+            let mut out = BytesMut::with_capacity(changes.iter().map(|c| part(c).len()).sum());
+            for c in &changes {
+                out.extend_from_slice(part(c));
+            }
+            out.freeze()
+        };
+        let ws_frames = concat(|c| &c.ws_frame);
+        let sse_events = concat(|c| &c.sse);
+        SharedBatch { changes, ws_frames, sse_events }
     }
 }
 
@@ -300,7 +331,7 @@ impl Registry {
         let mut dropped = Vec::new();
 
         if !self.all.is_empty() {
-            let shared: Arc<[SharedChange]> = changes.clone().into();
+            let shared = Arc::new(SharedBatch::new(changes.clone()));
             for &id in &self.all {
                 if !self.deliver(id, Batch::Shared(shared.clone())) {
                     dropped.push(id);

@@ -12,13 +12,14 @@
 //! can sit in a `select!` beside client frames and heartbeats.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
 use super::{log_bounds, read_after, SharedChange};
 use crate::domain::Filter;
-use crate::hub::{Hub, HubClosed, Subscription};
+use crate::hub::{Batch, Hub, HubClosed, SharedBatch, Subscription};
 
 /// Changes read from the log per catch-up query.
 const CATCH_UP_BATCH: i32 = 1000;
@@ -28,6 +29,9 @@ const RETRY_DELAY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub enum Item {
     Change(SharedChange),
+    /// A live batch shared with every unfiltered client, all of it after this
+    /// feed's position: send its pre-built frames / events as one write.
+    Batch(Arc<SharedBatch>),
     /// The client's position is no longer (or not yet) in the log: it must
     /// reload its state; the stream continues after `position`.
     Resync {
@@ -118,6 +122,7 @@ impl Feed {
                 match &item {
                     Item::Change(c) if c.pos <= self.last => continue,
                     Item::Change(c) => self.last = c.pos,
+                    Item::Batch(b) => self.last = b.changes.last().map_or(self.last, |c| c.pos),
                     Item::Resync { position, .. } => {
                         self.hub.stats.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         self.last = self.last.max(*position)
@@ -148,6 +153,9 @@ impl Feed {
             let received = sub.recv().await;
             let lagged = sub.lagged();
             match received {
+                Some(Batch::Shared(b)) if b.changes.first().is_some_and(|c| c.pos > self.last) => {
+                    self.buf.push_back(Item::Batch(b))
+                }
                 Some(batch) => self.buf.extend(batch.changes().iter().cloned().map(Item::Change)),
                 None if lagged => {
                     // Fell behind: subscribe again and catch up from the log.

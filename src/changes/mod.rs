@@ -7,11 +7,11 @@
 pub mod feed;
 pub mod listener;
 pub mod maintenance;
+pub mod wire;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use bytestring::ByteString;
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio_postgres::Row;
 
@@ -22,8 +22,10 @@ pub const READ_SQL: &str =
     "SELECT pos, op, order_id, status, old_status, customer, old_customer, after_row, before_row, actor, at \
                             FROM change_read($1, $2)";
 
-/// One committed change, serialized once: `ws` is the WebSocket text frame and
-/// `sse` the SSE event, shared by every client that receives it.
+/// One committed change, serialized once: `ws_frame` is the complete WebSocket
+/// text frame (header included: server frames are unmasked, so it is the same
+/// for every client) and `sse` the SSE event, shared by every client that
+/// receives it.
 #[derive(Debug)]
 pub struct Change {
     pub pos: i64,
@@ -34,7 +36,7 @@ pub struct Change {
     pub old_status: Option<String>,
     pub customer: Option<String>,
     pub old_customer: Option<String>,
-    pub ws: ByteString,
+    pub ws_frame: Bytes,
     pub sse: Bytes,
 }
 
@@ -64,7 +66,7 @@ impl Change {
             old_status: row.get(4),
             customer: row.get(5),
             old_customer: row.get(6),
-            ws: ByteString::from(json),
+            ws_frame: wire::frame(wire::OP_TEXT, json.as_bytes()),
             sse: Bytes::from(sse),
         }
     }

@@ -88,6 +88,7 @@ fn stream_response(
         let chunk = tokio::select! {
             item = st.opened.feed.next() => match item {
                 Some(Item::Change(c)) => c.sse.clone(),
+                Some(Item::Batch(b)) => b.sse_events.clone(),
                 Some(Item::Resync { reason, position }) => event("resync", Some(position), &resync_message(reason, position)),
                 None => {
                     st.done = true;

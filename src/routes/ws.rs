@@ -12,14 +12,21 @@
 //! One `select!` loop per connection over client frames, the feed, a
 //! heartbeat and server shutdown.
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use actix_web::body::{BodyStream, BoxBody};
 use actix_web::{get, web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
+use bytes::Bytes;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
 use super::{parse_position, QueryPairs, StreamParams};
 use crate::changes::feed::{Feed, FeedError, Item};
+use crate::changes::wire;
 use crate::domain::{Filter, ValidationError};
 use crate::error::ApiError;
 use crate::startup::AppState;
@@ -30,6 +37,11 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Snapshot rows per `snapshot` message.
 const SNAPSHOT_CHUNK: usize = 200;
+/// Writes (each one frame or a batch of frames) queued for the connection
+/// before the session waits for the client to read. Small, so that a client
+/// that stops reading backs up into its hub queue (and is marked lagged)
+/// rather than here.
+const OUT_QUEUE: usize = 4;
 
 /// Close codes, documented in the README.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
@@ -156,7 +168,15 @@ pub async fn ws(
     let mut params = StreamParams::from_query(&query)?;
     restrict(&mut params.filter, &principal);
     let opened = open_stream(&state, &params).await?;
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    // actix-ws does the handshake and parses the client's frames; outgoing
+    // frames bypass its `Session` (which re-frames and copies every message)
+    // and go out as the complete, shared frames built once per change.
+    let (response, _session, stream) = actix_ws::handle(&req, body)?;
+    let (response, handshake_body) = response.into_parts();
+    let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+    let response = response
+        .set_body(BodyStream::new(FrameBody { frames: out_rx, _handshake_body: handshake_body }))
+        .map_into_boxed_body();
     let stream = stream
         .max_frame_size(state.settings.max_frame_bytes)
         .aggregate_continuations()
@@ -164,7 +184,7 @@ pub async fn ws(
     let state = state.into_inner();
     actix_web::rt::spawn(async move {
         state.sessions.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        run_session(state.clone(), session, stream, opened, params, principal).await;
+        run_session(state.clone(), out, stream, opened, params, principal).await;
         state.sessions.ws.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         drop(slot);
     });
@@ -197,20 +217,47 @@ fn close(code: u16, description: impl Into<String>) -> Outcome {
     Outcome::Close(Some(CloseReason { code: CloseCode::Other(code), description: Some(description.into()) }))
 }
 
+/// The response body of a WebSocket connection: complete frames, written by
+/// the HTTP dispatcher as they come (whatever is queued goes out in one write).
+struct FrameBody {
+    frames: mpsc::Receiver<Bytes>,
+    /// actix-ws's own body, never polled: dropping it tells its message stream
+    /// that the connection is gone, so it must live exactly as long as ours.
+    _handshake_body: BoxBody,
+}
+
+impl futures_util::Stream for FrameBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.frames.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
 struct Conn {
-    session: Session,
+    out: mpsc::Sender<Bytes>,
     write_timeout: Duration,
 }
 
 impl Conn {
-    /// Sends one frame; a client that does not read for `write_timeout`
-    /// is too slow and gets closed.
-    async fn send(&mut self, text: impl Into<bytestring::ByteString>) -> Result<(), Outcome> {
-        match tokio::time::timeout(self.write_timeout, self.session.text(text)).await {
+    /// Queues complete frames. Only when the queue is full (the client is
+    /// not reading) does it wait, with a timer: a client that does not read
+    /// for `write_timeout` is too slow and gets closed.
+    async fn send_frames(&mut self, frames: Bytes) -> Result<(), Outcome> {
+        let frames = match self.out.try_send(frames) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Outcome::Close(None)),
+            Err(mpsc::error::TrySendError::Full(frames)) => frames,
+        };
+        match tokio::time::timeout(self.write_timeout, self.out.send(frames)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Outcome::Close(None)),
             Err(_) => Err(close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading")),
         }
+    }
+
+    async fn send(&mut self, text: impl AsRef<str>) -> Result<(), Outcome> {
+        self.send_frames(wire::frame(wire::OP_TEXT, text.as_ref().as_bytes())).await
     }
 
     async fn send_json(&mut self, v: Value) -> Result<(), Outcome> {
@@ -288,7 +335,7 @@ fn error_message(e: &ValidationError) -> Value {
 
 async fn run_session(
     state: std::sync::Arc<AppState>,
-    session: Session,
+    out: mpsc::Sender<Bytes>,
     mut stream: actix_ws::AggregatedMessageStream,
     mut opened: Opened,
     mut params: StreamParams,
@@ -296,7 +343,7 @@ async fn run_session(
 ) {
     let max_subscribes = state.settings.max_subscribes_per_minute;
     let mut subscribes: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
-    let mut conn = Conn { session, write_timeout: state.settings.slow_client_timeout() };
+    let mut conn = Conn { out, write_timeout: state.settings.slow_client_timeout() };
     let mut shutdown = state.shutdown.subscribe();
     let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
     heartbeat.tick().await;
@@ -345,10 +392,11 @@ async fn run_session(
                         .await
                         .err()
                         .unwrap_or(Outcome::Continue),
-                    Some(Ok(AggregatedMessage::Ping(bytes))) => match conn.session.pong(&bytes).await {
-                        Ok(()) => Outcome::Continue,
-                        Err(_) => Outcome::Close(None),
-                    },
+                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                        // A control frame carries at most 125 bytes.
+                        let bytes = &bytes[..bytes.len().min(125)];
+                        conn.send_frames(wire::frame(wire::OP_PONG, bytes)).await.err().unwrap_or(Outcome::Continue)
+                    }
                     Some(Ok(AggregatedMessage::Pong(_))) => Outcome::Continue,
                     Some(Ok(AggregatedMessage::Close(_))) => Outcome::Close(Some(CloseCode::Normal.into())),
                     Some(Err(e)) => {
@@ -361,7 +409,8 @@ async fn run_session(
                 }
             }
             item = opened.feed.next() => match item {
-                Some(Item::Change(c)) => conn.send(c.ws.clone()).await.err().unwrap_or(Outcome::Continue),
+                Some(Item::Change(c)) => conn.send_frames(c.ws_frame.clone()).await.err().unwrap_or(Outcome::Continue),
+                Some(Item::Batch(b)) => conn.send_frames(b.ws_frames.clone()).await.err().unwrap_or(Outcome::Continue),
                 Some(Item::Resync { reason, position }) => {
                     conn.send(resync_message(reason, position)).await.err().unwrap_or(Outcome::Continue)
                 }
@@ -373,11 +422,7 @@ async fn run_session(
                 } else if last_heard.elapsed() > CLIENT_TIMEOUT {
                     close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                 } else {
-                    match tokio::time::timeout(conn.write_timeout, conn.session.ping(b"")).await {
-                        Ok(Ok(())) => Outcome::Continue,
-                        Ok(Err(_)) => Outcome::Close(None),
-                        Err(_) => close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading"),
-                    }
+                    conn.send_frames(wire::frame(wire::OP_PING, b"")).await.err().unwrap_or(Outcome::Continue)
                 }
             }
             _ = shutdown.wait_for(|s| *s) => {
@@ -394,7 +439,13 @@ async fn run_session(
         }
         // The close frame may not get through to a client that stopped
         // reading; do not wait for it forever.
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.session.close(reason)).await;
+        let frame = match &reason {
+            Some(r) => wire::close_frame(u16::from(r.code), r.description.as_deref().unwrap_or("")),
+            None => wire::frame(wire::OP_CLOSE, b""),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.out.send(frame)).await;
+        // Dropping `conn` ends the response body: the connection closes once
+        // the queued frames are written.
     }
 }
 
