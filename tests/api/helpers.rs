@@ -106,6 +106,19 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Waits until the hub has fanned out everything committed so far, so a
+    /// client that connects now starts after those changes.
+    pub async fn settled(&self) {
+        let db = self.sql().await;
+        let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+        let hub = self.state.hub.clone();
+        eventually(Duration::from_secs(10), || {
+            let hub = hub.clone();
+            async move { (hub.position() >= head).then_some(()) }
+        })
+        .await;
+    }
+
     /// A DBA's plain SQL connection.
     pub async fn sql(&self) -> tokio_postgres::Client {
         ordercast::db::connect(&self.db_url).await.expect("connect as a DBA")

@@ -260,6 +260,9 @@ async fn filters_by_status_id_and_customer_are_applied_by_the_server() {
     let db = app.sql().await;
     let a = dba_insert(&db, "Alice").await;
     let b = dba_insert(&db, "Bob").await;
+    // Connect after those inserts have been fanned out: clients without
+    // `since` start from the hub's position.
+    app.settled().await;
     let mut by_status = app.ws("?status=processing,shipped").await;
     by_status.ready().await;
     let mut by_id = app.ws(&format!("?id={b}")).await;
