@@ -25,6 +25,13 @@ pub enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Run only the order processor (payment, inventory, compensation).
+    Process,
+    /// Send realistic random order events to the Kafka ingest topic.
+    Produce(crate::workflow::simulator::ProduceArgs),
+    /// Run everything on this machine: embedded PostgreSQL and Kafka broker,
+    /// simulator, ingest, processor, outbox relay and dashboard.
+    Demo(crate::workflow::demo::DemoArgs),
 }
 
 /// Everything the server needs to run.
@@ -127,6 +134,10 @@ pub struct Settings {
     /// The Kafka ingest (off unless KAFKA_BROKERS is set).
     #[command(flatten)]
     pub kafka: crate::ingest::KafkaSettings,
+
+    /// The outbox relay and the order processor.
+    #[command(flatten)]
+    pub workflow: crate::workflow::WorkflowSettings,
 }
 
 /// A configuration value that must never be printed (tokens, secrets).

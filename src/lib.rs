@@ -35,6 +35,14 @@
 //! follows the hub; a client that falls behind catches up from the log again,
 //! and one whose position was pruned is told to resync.
 //!
+//! **Workflow** (`workflow`) — reads the same change log to drive other
+//! services: the outbox relay publishes every committed change to Kafka
+//! (`order-changes`) from its own stored position, at least once, in commit
+//! order per order; the processor moves `pending` orders through payment and
+//! inventory, compensating on failure and recording every step so restarts
+//! neither repeat nor lose one; `ordercast produce` simulates traffic and
+//! `ordercast demo` runs all of it with an embedded broker.
+//!
 //! **Start-up** (`startup`, `config`, `db`) — one `Application::build` for
 //! production and tests; `db::embedded` runs a private PostgreSQL when no
 //! `DATABASE_URL` is given.
@@ -51,3 +59,4 @@ pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod startup;
+pub mod workflow;

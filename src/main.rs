@@ -15,7 +15,12 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = cli.settings;
+    let mut settings = cli.settings;
+    let command = match cli.command.unwrap_or(Command::Serve) {
+        // The simulator talks to Kafka only: no database to start.
+        Command::Produce(args) => return ordercast::workflow::simulator::produce(&settings.kafka, &args).await,
+        command => command,
+    };
     // Without DATABASE_URL, run a private PostgreSQL for as long as we run.
     let (url, embedded) = match &settings.database_url {
         Some(url) => (url.clone(), None),
@@ -31,9 +36,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let result = match command {
         Command::Migrate => ordercast::db::migrate(&url).await,
         Command::Serve => serve(settings, &url).await,
+        Command::Process => process(settings, &url).await,
+        Command::Demo(args) => match ordercast::workflow::demo::Demo::start(&args, &mut settings) {
+            Ok(demo) => {
+                let result = serve(settings, &url).await;
+                demo.stop().await;
+                result
+            }
+            Err(e) => Err(e),
+        },
+        Command::Produce(_) => unreachable!("handled before the database starts"),
     };
     if let Some(mut pg) = embedded {
         tokio::task::spawn_blocking(move || pg.stop()).await??;
@@ -58,4 +73,21 @@ async fn serve(settings: ordercast::config::Settings, url: &str) -> anyhow::Resu
     handle.stop().await;
     server.await??;
     Ok(())
+}
+
+/// `ordercast process`: the processor alone, until SIGTERM or SIGINT.
+async fn process(settings: ordercast::config::Settings, url: &str) -> anyhow::Result<()> {
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut processor = tokio::spawn({
+        let url = url.to_string();
+        async move { ordercast::workflow::processor::run_standalone(&settings, &url, shutdown).await }
+    });
+    tokio::select! {
+        r = &mut processor => return r?,
+        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
+        _ = term.recv() => log::info!("SIGTERM: shutting down"),
+    }
+    let _ = stop.send(true);
+    processor.await?
 }

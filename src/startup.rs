@@ -46,6 +46,8 @@ pub struct AppState {
     pub write_limiter: crate::limits::RateLimiter,
     /// The Kafka ingest's counters and health (disabled without KAFKA_BROKERS).
     pub ingest: Arc<crate::ingest::IngestState>,
+    /// The outbox relay's and the processor's state, for `/api/health`.
+    pub workflow: Arc<crate::workflow::WorkflowState>,
 }
 
 impl AppState {
@@ -102,6 +104,9 @@ pub struct Application {
     /// Stopped by the shutdown signal rather than aborted, so the last batch
     /// commits and the consumer leaves its group cleanly.
     ingest_tasks: Vec<JoinHandle<()>>,
+    /// The outbox relay and the processor, stopped the same way: the relay
+    /// stores its position, the processor lets its orders finish.
+    workflow_tasks: Vec<JoinHandle<()>>,
 }
 
 /// Stops a running application gracefully.
@@ -164,6 +169,13 @@ impl Application {
                 return Err(e);
             }
         };
+        let workflow = match crate::workflow::start(&settings, database_url, shutdown.subscribe()) {
+            Ok(w) => w,
+            Err(e) => {
+                tasks.iter().chain(&ingest.tasks).for_each(JoinHandle::abort);
+                return Err(e);
+            }
+        };
         let state = Arc::new(AppState {
             pool,
             hub,
@@ -176,6 +188,7 @@ impl Application {
             connections: crate::limits::Connections::new(settings.max_connections, settings.max_connections_per_ip),
             write_limiter: crate::limits::RateLimiter::new(settings.write_rate, settings.write_burst),
             ingest: ingest.state,
+            workflow: workflow.state,
         });
 
         let tcp = TcpListener::bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
@@ -252,7 +265,7 @@ impl Application {
             server = server.workers(settings.workers);
         }
         let server = server.run();
-        Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks })
+        Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks, workflow_tasks: workflow.tasks })
     }
 
     pub fn port(&self) -> u16 {
@@ -275,7 +288,11 @@ impl Application {
         if tokio::time::timeout(Duration::from_secs(10), ingest_stopped).await.is_err() {
             log::warn!("the Kafka ingest did not stop within 10 s");
         }
-        for t in self.tasks.iter().chain(&self.ingest_tasks) {
+        let workflow_stopped = futures_util::future::join_all(self.workflow_tasks.iter_mut());
+        if tokio::time::timeout(Duration::from_secs(10), workflow_stopped).await.is_err() {
+            log::warn!("the outbox relay or the processor did not stop within 10 s");
+        }
+        for t in self.tasks.iter().chain(&self.ingest_tasks).chain(&self.workflow_tasks) {
             t.abort();
         }
         result

@@ -52,6 +52,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             "lagged": state.hub.stats.lagged.load(Ordering::Relaxed),
         },
         "kafka": ingest,
+        // Reported, not counted against `status`: the relay catches up and
+        // the processor resumes by themselves, and neither affects serving.
+        "workflow": state.workflow.health(state.hub.position()),
     });
     if ok {
         HttpResponse::Ok().json(body)

@@ -1,0 +1,205 @@
+//! The event-driven workflow around the change log: what ordercast does with
+//! orders besides showing them.
+//!
+//! - `outbox`: publishes every committed change (REST, Kafka, psql alike) to a
+//!   Kafka topic, in commit order, at least once, from its own stored position
+//!   in the change log — a transactional outbox whose table is the change log.
+//! - `processor`: drives `pending` orders through payment and inventory
+//!   (`steps`), compensating the steps already done when one fails; every step
+//!   is recorded, so redelivery and restarts neither repeat nor lose one.
+//! - `simulator`: realistic random order events to the ingest topic
+//!   (`ordercast produce`).
+//! - `demo`: everything on one machine (`ordercast demo`): an embedded
+//!   Kafka-protocol broker, the simulator, the ingest, the processor, the relay.
+
+pub mod demo;
+pub mod outbox;
+pub mod processor;
+pub mod settings;
+pub mod simulator;
+pub mod steps;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use rand::Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+pub use settings::WorkflowSettings;
+
+use crate::config::Settings;
+
+/// What `/api/health` shows about the workflow.
+#[derive(Debug, Default)]
+pub struct WorkflowState {
+    pub outbox: Arc<outbox::OutboxState>,
+    pub processor: Arc<processor::ProcessorState>,
+}
+
+impl WorkflowState {
+    /// The `workflow` object of `/api/health`. `head` is the newest change-log
+    /// position the server knows, for the relay's lag.
+    pub fn health(&self, head: i64) -> Value {
+        json!({"outbox": self.outbox.health(head), "processor": self.processor.health()})
+    }
+}
+
+/// The running workflow: its state and its tasks (which stop when `shutdown` flips).
+pub struct Workflow {
+    pub state: Arc<WorkflowState>,
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts what the settings ask for: the outbox relay when Kafka is
+/// configured and the topic is not empty, the processor with `--process`.
+pub fn start(settings: &Settings, database_url: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<Workflow> {
+    let wf = &settings.workflow;
+    wf.validate()?;
+    let state = Arc::new(WorkflowState::default());
+    let mut tasks = Vec::new();
+    match settings.kafka.brokers.as_deref().filter(|_| settings.kafka.enabled()) {
+        Some(brokers) if wf.outbox_enabled() => {
+            let producer = outbox::producer(&settings.kafka, brokers)?;
+            state.outbox.start(&wf.outbox_topic);
+            log::info!("outbox relay: every change to orders goes to Kafka topic {} at {brokers}", wf.outbox_topic);
+            tasks.push(tokio::spawn(outbox::run(
+                database_url.to_string(),
+                settings.kafka.clone(),
+                brokers.to_string(),
+                producer,
+                wf.outbox_topic.clone(),
+                wf.outbox_batch,
+                state.outbox.clone(),
+                shutdown.clone(),
+            )));
+        }
+        Some(_) => log::info!("outbox relay is off: ORDERCAST_OUTBOX_TOPIC is empty"),
+        None => log::info!("outbox relay is off: KAFKA_BROKERS is not set"),
+    }
+    if wf.process {
+        let processor =
+            processor::Processor::new(database_url, steps::simulated(wf), wf.concurrency, state.processor.clone())?;
+        tasks.push(tokio::spawn(processor.run(shutdown)));
+    }
+    Ok(Workflow { state, tasks })
+}
+
+/// A connection of its own (not pooled), listening to the change log's
+/// doorbell: the relay and the processor wake when something commits, and
+/// the processor's advisory locks live exactly as long as this session.
+pub struct Dedicated {
+    pub client: tokio_postgres::Client,
+    doorbell: Arc<Notify>,
+    /// Set (and notified) when the connection ends, with the reason.
+    closed: Arc<(Notify, std::sync::Mutex<Option<String>>)>,
+}
+
+impl Dedicated {
+    pub async fn open(url: &str, application_name: &str) -> anyhow::Result<Dedicated> {
+        let mut config = crate::db::pg_config(url)?;
+        config.application_name(application_name);
+        let (client, mut connection) =
+            config.connect(NoTls).await.map_err(crate::db::describe).context("Failed to connect to PostgreSQL")?;
+        let doorbell = Arc::new(Notify::new());
+        let closed = Arc::new((Notify::new(), std::sync::Mutex::new(None)));
+        let (ring, close) = (doorbell.clone(), closed.clone());
+        // Ends by itself when the client is dropped.
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let reason = loop {
+                match messages.next().await {
+                    Some(Ok(AsyncMessage::Notification(_))) => ring.notify_one(),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "connection closed".to_string(),
+                }
+            };
+            *close.1.lock().unwrap() = Some(reason); // unwrap: never held across a panic
+            close.0.notify_one();
+        });
+        client
+            .batch_execute(&format!("LISTEN {}", crate::changes::listener::CHANNEL))
+            .await
+            .map_err(crate::db::describe)
+            .context("LISTEN failed")?;
+        Ok(Dedicated { client, doorbell, closed })
+    }
+
+    /// Returns when a change commits or after `idle` (a missed doorbell costs
+    /// at most that long); fails when the connection is gone.
+    pub async fn wait(&self, idle: Duration) -> anyhow::Result<()> {
+        let gone = || self.closed.1.lock().unwrap().clone(); // unwrap: never held across a panic
+        if let Some(reason) = gone() {
+            anyhow::bail!("the database connection closed: {reason}");
+        }
+        tokio::select! {
+            _ = self.doorbell.notified() => Ok(()),
+            _ = tokio::time::sleep(idle) => Ok(()),
+            _ = self.closed.0.notified() => {
+                anyhow::bail!("the database connection closed: {}", gone().unwrap_or_default())
+            }
+        }
+    }
+}
+
+/// Sleeps `backoff` plus up to half of it again (so instances that failed
+/// together do not retry together), then doubles it up to `max`. True when
+/// shutdown came first.
+pub(crate) async fn back_off(backoff: &mut Duration, max: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+    let wait = *backoff + Duration::from_millis(jitter);
+    *backoff = (*backoff * 2).min(max);
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+/// A producer with ordercast's defaults, then the pass-through properties of
+/// the Kafka settings (TLS, SASL, ...), then `forced`, which the caller's
+/// guarantees depend on.
+pub fn producer_config(
+    kafka: &crate::ingest::KafkaSettings,
+    brokers: &str,
+    client_id: &str,
+    forced: &[(&str, &str)],
+) -> anyhow::Result<ClientConfig> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("client.id", client_id).set("message.timeout.ms", "30000");
+    for (k, v) in kafka.librdkafka_properties().map_err(|e| anyhow::anyhow!(e))? {
+        config.set(k, v);
+    }
+    for (k, v) in forced {
+        if config.get(k).is_some_and(|set| set != *v) {
+            log::warn!("ignoring Kafka property {k} for {client_id}: it must be {v}");
+        }
+        config.set(*k, *v);
+    }
+    Ok(config)
+}
+
+/// Hands a record to librdkafka, waiting while its queue is full (that is the
+/// back-pressure: the broker sets the pace). The future resolves on the ack.
+pub async fn enqueue(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, str, [u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The outbox relay: every committed change to an order, published to Kafka.
+//!
+//! The change log is the outbox. Every write path (REST, the Kafka ingest, a
+//! DBA's psql) already appends to it in the writing transaction, so nothing
+//! that commits can be missed, and no writer ever waits for Kafka. The relay
+//! reads the log after its own position, stored in `outbox_positions`,
+//! produces the batch and waits for the broker to acknowledge all of it, and
+//! only then stores the new position:
+//!
+//! - at least once: a crash between the acks and the store publishes that
+//!   batch again. Each message carries its change-log position in the
+//!   `ordercast-position` header: that is the idempotency key (a consumer that
+//!   has applied position P for an order ignores any message for that order at
+//!   or below P);
+//! - in commit order per order: positions are commit order, the key is the
+//!   order id (one partition per order), and the producer is idempotent, so
+//!   librdkafka's retries never reorder a partition;
+//! - one relay at a time per topic: the relay holds a session advisory lock;
+//!   other instances stand by and take over when its session ends.
+//!
+//! A relay left stopped for longer than the change log's retention cannot
+//! publish what was pruned meanwhile: it says so loudly (`skipped` in
+//! `/api/health`) and continues after the gap.
+//!
+//! Message: key = order id (decimal text), value = the same JSON as the
+//! WebSocket `change` message (`{"type":"change","seq":N,"op":...,"order":{...},
+//! "old":{...},"actor":"...","at":"..."}`), headers `ordercast-position`,
+//! `ordercast-op`, `ordercast-actor`, `content-type: application/json`,
+//! timestamp = the commit time.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::future::join_all;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::Dedicated;
+use crate::ingest::KafkaSettings;
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// The change log after a position, in position order; `at` is the commit time.
+const READ_SQL: &str = "SELECT pos, op, order_id, after_row, before_row, actor, at FROM change_read($1, $2)";
+/// Session advisory lock class 'ocob'; the key is the relay's name.
+const LOCK_CLASS: i32 = 0x6f63_6f62;
+/// How often a relay on standby checks whether the active one is gone.
+const STANDBY_POLL: Duration = Duration::from_secs(2);
+/// A missed doorbell costs at most this long.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// What `/api/health` reports about the relay.
+#[derive(Debug, Default)]
+pub struct OutboxState {
+    pub enabled: AtomicBool,
+    pub topic: Mutex<String>,
+    /// True while this instance holds the relay lock (others stand by).
+    pub active: AtomicBool,
+    /// Every change at or below this position has been acknowledged by Kafka.
+    pub position: AtomicI64,
+    pub published: AtomicU64,
+    pub batches: AtomicU64,
+    /// Batches that failed (no ack) and were retried.
+    pub retries: AtomicU64,
+    /// Changes pruned from the log before the relay could publish them.
+    pub skipped: AtomicU64,
+    pub failing: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl OutboxState {
+    pub fn start(&self, topic: &str) {
+        self.enabled.store(true, Ordering::Relaxed);
+        *self.topic.lock().unwrap() = topic.to_string(); // unwrap: never held across a panic
+    }
+
+    fn error(&self, e: &anyhow::Error) {
+        self.failing.store(true, Ordering::Relaxed);
+        *self.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: never held across a panic
+    }
+
+    pub fn health(&self, head: i64) -> Value {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return json!({"enabled": false});
+        }
+        let active = self.active.load(Ordering::Relaxed);
+        let position = self.position.load(Ordering::Relaxed);
+        json!({
+            "enabled": true,
+            "state": if !active { "standby" } else if self.failing.load(Ordering::Relaxed) { "retrying" } else { "running" },
+            "topic": *self.topic.lock().unwrap(), // unwrap: never held across a panic
+            "position": position,
+            "lag": if active { Value::from((head - position).max(0)) } else { Value::Null },
+            "published": self.published.load(Ordering::Relaxed),
+            "batches": self.batches.load(Ordering::Relaxed),
+            "retries": self.retries.load(Ordering::Relaxed),
+            "skipped": self.skipped.load(Ordering::Relaxed),
+            "last_error": *self.last_error.lock().unwrap(), // unwrap: never held across a panic
+        })
+    }
+}
+
+/// The relay's producer: idempotent, so retries keep each partition in order.
+pub fn producer(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<FutureProducer> {
+    super::producer_config(kafka, brokers, "ordercast-outbox", &[("enable.idempotence", "true")])?
+        .set("linger.ms", "5")
+        .create()
+        .map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the outbox relay: {e}"))
+}
+
+/// Runs until `shutdown` flips. `name` (the topic) keys the stored position.
+/// `producer` is replaced by a new one from `kafka` and `brokers` when it
+/// hits a fatal error (an idempotent producer can, after timeouts).
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    url: String,
+    kafka: KafkaSettings,
+    brokers: String,
+    mut producer: FutureProducer,
+    topic: String,
+    batch: u32,
+    state: Arc<OutboxState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match session(
+            &url,
+            &mut producer,
+            (&kafka, &brokers),
+            &topic,
+            batch.max(1),
+            &state,
+            &mut shutdown,
+            &mut backoff,
+        )
+        .await
+        {
+            Ok(()) => break,
+            Err(e) => {
+                log::warn!("outbox relay: {e:#}; reconnecting");
+                state.error(&e);
+            }
+        }
+        state.active.store(false, Ordering::Relaxed);
+        if super::back_off(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
+            break;
+        }
+    }
+    state.active.store(false, Ordering::Relaxed);
+}
+
+/// One database session: wait for the relay lock, then publish until
+/// shutdown. Kafka failures are retried here; database failures end the session.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    url: &str,
+    producer: &mut FutureProducer,
+    (kafka, brokers): (&KafkaSettings, &str),
+    topic: &str,
+    batch: u32,
+    state: &OutboxState,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> anyhow::Result<()> {
+    let conn = Dedicated::open(url, "ordercast-outbox").await?;
+    let db = &conn.client;
+    let mut announced = false;
+    loop {
+        let locked: bool = db
+            .query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LOCK_CLASS, &topic])
+            .await
+            .map_err(crate::db::describe)?
+            .get(0);
+        if locked {
+            break;
+        }
+        if !announced {
+            log::info!("outbox relay for {topic}: another instance is publishing; standing by");
+            announced = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STANDBY_POLL) => {}
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+    // A new relay starts at the oldest retained change: it publishes the
+    // history it can still see, then everything after.
+    db.execute(
+        "INSERT INTO outbox_positions (name, position) \
+         SELECT $1, pruned_through FROM change_retention ON CONFLICT (name) DO NOTHING",
+        &[&topic],
+    )
+    .await
+    .map_err(crate::db::describe)?;
+    let mut position: i64 = db
+        .query_one("SELECT position FROM outbox_positions WHERE name = $1", &[&topic])
+        .await
+        .map_err(crate::db::describe)?
+        .get(0);
+    state.position.store(position, Ordering::Relaxed);
+    state.active.store(true, Ordering::Relaxed);
+    log::info!("outbox relay for {topic}: publishing changes after position {position}");
+    let read = db.prepare(READ_SQL).await.map_err(crate::db::describe)?;
+    let limit = batch.min(i32::MAX as u32) as i32;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let pruned: i64 =
+            db.query_one("SELECT pruned_through FROM change_retention", &[]).await.map_err(crate::db::describe)?.get(0);
+        if pruned > position {
+            log::error!(
+                "outbox relay for {topic}: changes {}..={pruned} were pruned from the change log before they \
+                 were published (the relay was stopped longer than the retention); continuing after them",
+                position + 1
+            );
+            state.skipped.fetch_add((pruned - position) as u64, Ordering::Relaxed);
+            position = pruned;
+            store(db, topic, position).await?;
+            state.position.store(position, Ordering::Relaxed);
+        }
+        let rows = db.query(&read, &[&position, &limit]).await.map_err(crate::db::describe)?;
+        let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
+            tokio::select! {
+                r = conn.wait(IDLE_POLL) => r?,
+                // A dropped sender (the server never started) also means stop.
+                r = shutdown.changed() => if r.is_err() { return Ok(()) },
+            }
+            continue;
+        };
+        match publish(producer, topic, &rows).await {
+            Ok(()) => {
+                position = last;
+                store(db, topic, position).await?;
+                state.position.store(position, Ordering::Relaxed);
+                state.published.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                state.batches.fetch_add(1, Ordering::Relaxed);
+                if state.failing.swap(false, Ordering::Relaxed) {
+                    log::info!("outbox relay for {topic}: publishing again");
+                }
+                *backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                // Nothing is stored: the whole batch goes again (at least once).
+                if !state.failing.load(Ordering::Relaxed) {
+                    log::warn!("outbox relay for {topic}: {e:#}; retrying the batch after position {position}");
+                }
+                state.error(&e);
+                state.retries.fetch_add(1, Ordering::Relaxed);
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    log::error!(
+                        "outbox relay for {topic}: the producer failed for good ({code:?}: {reason}); replacing it"
+                    );
+                    *producer = self::producer(kafka, brokers)?;
+                }
+                if super::back_off(backoff, BACKOFF_MAX, shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn store(db: &tokio_postgres::Client, name: &str, position: i64) -> anyhow::Result<()> {
+    db.execute(
+        "UPDATE outbox_positions SET position = $2, updated_at = now() WHERE name = $1 AND position < $2",
+        &[&name, &position],
+    )
+    .await
+    .map_err(crate::db::describe)
+    .context("Failed to store the outbox position")?;
+    Ok(())
+}
+
+/// Produces one batch and waits for every acknowledgement.
+async fn publish(producer: &FutureProducer, topic: &str, rows: &[tokio_postgres::Row]) -> anyhow::Result<()> {
+    let mut deliveries = Vec::with_capacity(rows.len());
+    for row in rows {
+        let pos: i64 = row.get(0);
+        let op: &str = row.get(1);
+        let order_id: i64 = row.get(2);
+        let actor: &str = row.get(5);
+        // Set by the sequencer for every committed change; a None would be a bug there.
+        let at: Option<DateTime<Utc>> = row.get(6);
+        // The row images are jsonb rendered by PostgreSQL, valid JSON
+        // already: the envelope is assembled around them, the same shape as
+        // the WebSocket `change` message, so one parser serves both.
+        let payload = format!(
+            r#"{{"type":"change","seq":{pos},"op":"{op}","order":{},"old":{},"actor":{},"at":"{}"}}"#,
+            row.get::<_, &str>(3),
+            row.get::<_, Option<&str>>(4).unwrap_or("null"),
+            Value::String(actor.to_string()),
+            at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default(),
+        );
+        let key = order_id.to_string();
+        let position = pos.to_string();
+        let headers = OwnedHeaders::new_with_capacity(4)
+            .insert(Header { key: "ordercast-position", value: Some(position.as_str()) })
+            .insert(Header { key: "ordercast-op", value: Some(op) })
+            .insert(Header { key: "ordercast-actor", value: Some(actor) })
+            .insert(Header { key: "content-type", value: Some("application/json") });
+        let mut record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_bytes()).headers(headers);
+        if let Some(at) = at {
+            record = record.timestamp(at.timestamp_millis());
+        }
+        deliveries.push(super::enqueue(producer, record).await.context("Kafka refused a message")?);
+    }
+    for delivery in join_all(deliveries).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(anyhow::anyhow!("Kafka did not acknowledge a change: {e}")),
+            Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging"),
+        }
+    }
+    Ok(())
+}

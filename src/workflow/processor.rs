@@ -1,0 +1,577 @@
+//! The processor: drives `pending` orders through their life.
+//!
+//! `pending` -> `processing` -> each step in turn (payment, then inventory)
+//! -> `processed`. When a step fails for good, the steps already done are
+//! compensated in reverse (the payment is refunded when inventory fails) and
+//! the order becomes `failed` with an `error_message` saying what happened.
+//! An order a user cancels while it is processed gets its done steps
+//! compensated too. Statuses change through the database's own rules
+//! (`orders_guard`), as actor `processor`, so the history and every browser
+//! see each move.
+//!
+//! Ownership: a batch of pending orders is claimed with one statement
+//! (`FOR UPDATE SKIP LOCKED`, so instances never claim the same order) that
+//! also takes a session advisory lock per order on the processor's dedicated
+//! connection. The lock lives as long as that session: when a processor dies,
+//! PostgreSQL releases its locks, and another one (or the same one after a
+//! restart) resumes the orders left in `processing` — it finds them with a
+//! periodic scan that tries their locks.
+//!
+//! Idempotency: each step and compensation is recorded in `order_steps`
+//! before it is called (`started`, counting attempts) and after (`done` or
+//! `failed`). A resumed order skips what is recorded as done or failed and
+//! calls a `started` step again with the same idempotency key (the order id),
+//! so a crash in the middle of a payment never charges twice. A step that
+//! keeps being unavailable is given up after `MAX_ATTEMPTS` calls and the
+//! order fails (compensated) instead of being retried forever.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::steps::{OrderRef, StepError, Steps};
+use super::Dedicated;
+
+/// Session advisory lock class 'ocpr'; the key is `workflow_lock_key(id)`.
+const LOCK_CLASS: i32 = 0x6f63_7072;
+/// A missed doorbell costs at most this long.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often orders left in `processing` are looked for.
+const RESUME_EVERY: Duration = Duration::from_secs(5);
+/// Calls of a step that keeps being unavailable before the order fails.
+pub const MAX_ATTEMPTS: i32 = 10;
+/// How long a stopping processor lets its orders finish before leaving them
+/// to be resumed.
+const DRAIN: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest error_message written: what the API accepts in a PATCH, so the
+/// message can be edited back through it.
+const MAX_MESSAGE: usize = 2000;
+
+const CLAIM_SQL: &str = "\
+WITH a AS (SELECT set_config('ordercast.actor', 'processor', true)), \
+     c AS (SELECT id FROM orders WHERE status = 'pending' ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+UPDATE orders o SET status = 'processing' FROM a, c WHERE o.id = c.id \
+RETURNING o.id, pg_advisory_lock($2, workflow_lock_key(o.id))::text";
+
+const SET_STATUS_SQL: &str = "\
+WITH a AS (SELECT set_config('ordercast.actor', 'processor', true)) \
+UPDATE orders SET status = $2, error_message = $3 FROM a WHERE id = $1 AND status = 'processing' RETURNING id";
+
+/// What `/api/health` reports about the processor. Counters are per process.
+#[derive(Debug, Default)]
+pub struct ProcessorState {
+    pub enabled: AtomicBool,
+    pub connected: AtomicBool,
+    pub in_flight: AtomicUsize,
+    /// Pending orders this instance moved to processing.
+    pub claimed: AtomicU64,
+    /// Orders found in processing with no live owner and taken over.
+    pub resumed: AtomicU64,
+    pub processed: AtomicU64,
+    pub failed: AtomicU64,
+    /// Orders cancelled by someone else while processed (their steps compensated).
+    pub cancelled: AtomicU64,
+    pub compensations: AtomicU64,
+    /// Order attempts that stopped on an error and wait to be resumed.
+    pub retries: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ProcessorState {
+    fn error(&self, e: String) {
+        *self.last_error.lock().unwrap() = Some(e); // unwrap: never held across a panic
+    }
+
+    pub fn health(&self) -> Value {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return json!({"enabled": false});
+        }
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "enabled": true,
+            "state": if self.connected.load(Ordering::Relaxed) { "running" } else { "reconnecting" },
+            "in_flight": self.in_flight.load(Ordering::Relaxed),
+            "claimed": n(&self.claimed),
+            "resumed": n(&self.resumed),
+            "processed": n(&self.processed),
+            "failed": n(&self.failed),
+            "cancelled": n(&self.cancelled),
+            "compensations": n(&self.compensations),
+            "retries": n(&self.retries),
+            "last_error": *self.last_error.lock().unwrap(), // unwrap: never held across a panic
+        })
+    }
+}
+
+/// How one attempt at an order ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    Processed,
+    /// Failed with this error message, the done steps compensated.
+    Failed(String),
+    /// Cancelled by someone else meanwhile; the done steps compensated.
+    Cancelled,
+    /// Deleted, or no longer in processing: nothing to do.
+    Skipped,
+    /// A step could not be reached; the order stays in processing and is resumed.
+    Retry(String),
+}
+
+pub struct Processor {
+    url: String,
+    ctx: Arc<Ctx>,
+    concurrency: usize,
+}
+
+/// What each order's task needs.
+struct Ctx {
+    pool: Pool,
+    steps: Steps,
+    state: Arc<ProcessorState>,
+}
+
+impl Processor {
+    pub fn new(url: &str, steps: Steps, concurrency: usize, state: Arc<ProcessorState>) -> anyhow::Result<Processor> {
+        let names: HashSet<&str> = steps.iter().map(|s| s.name()).collect();
+        anyhow::ensure!(names.len() == steps.len(), "two workflow steps have the same name");
+        // Its own pool: a busy processor must not take connections from REST.
+        let pool = crate::db::pool(url, concurrency.clamp(1, 8), Duration::from_secs(5))?;
+        state.enabled.store(true, Ordering::Relaxed);
+        Ok(Processor {
+            url: url.to_string(),
+            ctx: Arc::new(Ctx { pool, steps, state }),
+            concurrency: concurrency.max(1),
+        })
+    }
+
+    /// Runs until `shutdown` flips; reconnects with backoff on database errors.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        log::info!(
+            "order processor: {} at a time, steps {}",
+            self.concurrency,
+            self.ctx.steps.iter().map(|s| s.name()).collect::<Vec<_>>().join(" -> ")
+        );
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let started = Instant::now();
+            let result = self.session(&mut shutdown).await;
+            self.ctx.state.connected.store(false, Ordering::Relaxed);
+            self.ctx.state.in_flight.store(0, Ordering::Relaxed);
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    log::warn!("order processor: {e:#}; reconnecting");
+                    self.ctx.state.error(format!("{e:#}"));
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = BACKOFF_MIN;
+            }
+            if super::back_off(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// One session of the dedicated connection. Its end (an error) drops the
+    /// order tasks and the locks together, so no order is worked on unowned.
+    async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        let conn = Dedicated::open(&self.url, "ordercast-processor").await?;
+        let claim = conn.client.prepare(CLAIM_SQL).await.map_err(crate::db::describe)?;
+        self.ctx.state.connected.store(true, Ordering::Relaxed);
+        let mut work = Work { tasks: JoinSet::new(), orders: HashMap::new() };
+        let mut next_scan = Instant::now();
+        let mut scan_after = 0i64;
+        while !*shutdown.borrow() {
+            if Instant::now() >= next_scan && work.free(self.concurrency) > 0 {
+                scan_after = self.resume(&conn, &mut work, scan_after).await?;
+                next_scan = Instant::now() + RESUME_EVERY;
+            }
+            // Claim in batches (a quarter of the capacity at least, or when
+            // idle): each claim is a synchronous commit.
+            let free = work.free(self.concurrency) as i64;
+            if free > 0 && (free * 4 >= self.concurrency as i64 || work.tasks.is_empty()) {
+                let rows = conn.client.query(&claim, &[&free, &LOCK_CLASS]).await.map_err(crate::db::describe)?;
+                for row in rows {
+                    self.ctx.state.claimed.fetch_add(1, Ordering::Relaxed);
+                    work.spawn(&self.ctx, row.get(0));
+                }
+            }
+            self.ctx.state.in_flight.store(work.tasks.len(), Ordering::Relaxed);
+            tokio::select! {
+                Some(done) = work.tasks.join_next_with_id() => self.finished(&conn, &mut work, done).await?,
+                r = conn.wait(IDLE_POLL) => r?,
+                // A dropped sender (the server never started) also means stop.
+                r = shutdown.changed() => if r.is_err() { break },
+            }
+        }
+        let deadline = Instant::now() + DRAIN;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, work.tasks.join_next_with_id()).await {
+            self.finished(&conn, &mut work, done).await?;
+        }
+        if !work.tasks.is_empty() {
+            log::info!("order processor: leaving {} orders in processing to be resumed", work.tasks.len());
+        }
+        Ok(())
+    }
+
+    /// Takes over orders in processing whose owner is gone (their lock is
+    /// free). Scans in id order from `after`, so orders held by live
+    /// processors do not hide the orphans behind them. Returns where to go on.
+    async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<i64> {
+        let limit = work.free(self.concurrency) as i64;
+        let mine: Vec<i64> = work.orders.values().copied().collect();
+        let candidates: Vec<i64> = conn
+            .client
+            .query(
+                "SELECT id FROM orders WHERE status = 'processing' AND id > $1 AND id <> ALL($2) ORDER BY id LIMIT $3",
+                &[&after, &mine, &limit],
+            )
+            .await
+            .map_err(crate::db::describe)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        let locked = conn
+            .client
+            .query(
+                "SELECT id FROM unnest($2::bigint[]) id WHERE pg_try_advisory_lock($1, workflow_lock_key(id))",
+                &[&LOCK_CLASS, &candidates],
+            )
+            .await
+            .map_err(crate::db::describe)?;
+        for row in locked {
+            let id: i64 = row.get(0);
+            log::info!("order processor: resuming order {id}, left in processing");
+            self.ctx.state.resumed.fetch_add(1, Ordering::Relaxed);
+            work.spawn(&self.ctx, id);
+        }
+        Ok(if (candidates.len() as i64) < limit { 0 } else { candidates[candidates.len() - 1] })
+    }
+
+    async fn finished(
+        &self,
+        conn: &Dedicated,
+        work: &mut Work,
+        done: Result<(tokio::task::Id, Finish), tokio::task::JoinError>,
+    ) -> anyhow::Result<()> {
+        let task = match &done {
+            Ok((task, _)) => *task,
+            Err(e) => e.id(),
+        };
+        let Some(id) = work.orders.remove(&task) else { return Ok(()) };
+        conn.client
+            .execute("SELECT pg_advisory_unlock($1, workflow_lock_key($2))", &[&LOCK_CLASS, &id])
+            .await
+            .map_err(crate::db::describe)?;
+        let state = &self.ctx.state;
+        match done {
+            Ok((_, Finish::Processed)) => {
+                state.processed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((_, Finish::Failed(msg))) => {
+                log::info!("order {id} failed: {msg}");
+                state.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((_, Finish::Cancelled)) => {
+                state.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((_, Finish::Skipped)) => {}
+            Ok((_, Finish::Retry(why))) => {
+                log::warn!("order {id}: {why}; it stays in processing and will be resumed");
+                state.retries.fetch_add(1, Ordering::Relaxed);
+                state.error(format!("order {id}: {why}"));
+            }
+            Err(e) => {
+                log::error!("order {id}: the processing task ended abnormally: {e}");
+                state.retries.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The orders this session works on, by task.
+struct Work {
+    tasks: JoinSet<Finish>,
+    orders: HashMap<tokio::task::Id, i64>,
+}
+
+impl Work {
+    fn free(&self, concurrency: usize) -> usize {
+        concurrency.saturating_sub(self.tasks.len())
+    }
+
+    fn spawn(&mut self, ctx: &Arc<Ctx>, id: i64) {
+        let ctx = ctx.clone();
+        let handle = self.tasks.spawn(async move {
+            match ctx.drive(id).await {
+                Ok(finish) => finish,
+                Err(e) => Finish::Retry(format!("{e:#}")),
+            }
+        });
+        self.orders.insert(handle.id(), id);
+    }
+}
+
+/// The recorded state of one step or compensation.
+struct Record {
+    outcome: String,
+    detail: Option<String>,
+    attempts: i32,
+}
+
+const EXECUTE: &str = "execute";
+const COMPENSATE: &str = "compensate";
+
+impl Ctx {
+    /// One attempt at an order, from wherever its records say it stands.
+    async fn drive(&self, id: i64) -> anyhow::Result<Finish> {
+        // A connection is taken per statement, never held across a step: the
+        // steps' latency must not tie up the pool.
+        let db = &self.pool;
+        let Some((status, order)) = load(db, id).await? else { return Ok(Finish::Skipped) };
+        match status.as_str() {
+            "processing" => {}
+            "cancelled" => return self.cancelled(db, &order).await,
+            _ => return Ok(Finish::Skipped),
+        }
+        for step in &self.steps {
+            match load(db, id).await?.map(|(s, _)| s).as_deref() {
+                Some("processing") => {}
+                Some("cancelled") => return self.cancelled(db, &order).await,
+                _ => return Ok(Finish::Skipped),
+            }
+            let rec = begin(db, id, step.name(), EXECUTE).await?;
+            let failure = match rec.outcome.as_str() {
+                "done" => None,
+                "failed" => Some(rec.detail.unwrap_or_default()),
+                _ if rec.attempts > MAX_ATTEMPTS => {
+                    let why = format!(
+                        "gave up after {MAX_ATTEMPTS} attempts: {}",
+                        rec.detail.as_deref().unwrap_or("unavailable")
+                    );
+                    finish(db, id, step.name(), EXECUTE, "failed", &why).await?;
+                    Some(why)
+                }
+                _ => match step.execute(&order).await {
+                    Ok(detail) => {
+                        finish(db, id, step.name(), EXECUTE, "done", &detail).await?;
+                        None
+                    }
+                    Err(StepError::Rejected(why)) => {
+                        finish(db, id, step.name(), EXECUTE, "failed", &why).await?;
+                        Some(why)
+                    }
+                    Err(StepError::Unavailable(why)) => {
+                        note(db, id, step.name(), EXECUTE, &why).await?;
+                        return Ok(Finish::Retry(format!("{} unavailable: {why}", step.name())));
+                    }
+                },
+            };
+            if let Some(why) = failure {
+                let compensated = match self.compensate(db, &order).await? {
+                    Ok(done) => done,
+                    Err(retry) => return Ok(retry),
+                };
+                let mut message = format!("{} failed: {why}", step.name());
+                if !compensated.is_empty() {
+                    message.push_str(&format!("; compensated: {}", compensated.join("; ")));
+                }
+                let message: String = message.chars().take(MAX_MESSAGE).collect();
+                return Ok(match set_status(db, id, "failed", Some(&message)).await? {
+                    true => Finish::Failed(message),
+                    false => self.after_race(db, &order).await?,
+                });
+            }
+        }
+        Ok(match set_status(db, id, "processed", None).await? {
+            true => Finish::Processed,
+            false => self.after_race(db, &order).await?,
+        })
+    }
+
+    /// The order left processing under our feet: if it was cancelled, undo
+    /// what was done.
+    async fn after_race(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Finish> {
+        match load(db, order.id).await?.map(|(s, _)| s).as_deref() {
+            Some("cancelled") => self.cancelled(db, order).await,
+            _ => Ok(Finish::Skipped),
+        }
+    }
+
+    async fn cancelled(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Finish> {
+        Ok(match self.compensate(db, order).await? {
+            Ok(done) => {
+                if !done.is_empty() {
+                    log::info!("order {} was cancelled while processed; compensated: {}", order.id, done.join("; "));
+                }
+                Finish::Cancelled
+            }
+            Err(retry) => retry,
+        })
+    }
+
+    /// Compensates every step recorded as done, last first, each at most
+    /// once. Returns what was done (for the error message), or the `Retry`
+    /// to return when a compensation could not be reached.
+    async fn compensate(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Result<Vec<String>, Finish>> {
+        let done: HashSet<String> = client(db)
+            .await?
+            .query(
+                "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome = 'done'",
+                &[&order.id],
+            )
+            .await
+            .map_err(crate::db::describe)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut report = Vec::new();
+        for step in self.steps.iter().rev().filter(|s| done.contains(s.name())) {
+            let rec = begin(db, order.id, step.name(), COMPENSATE).await?;
+            let detail = match rec.outcome.as_str() {
+                "done" => rec.detail.unwrap_or_default(),
+                "failed" => format!("FAILED: {}", rec.detail.unwrap_or_default()),
+                _ => match step.compensate(order).await {
+                    Ok(detail) => {
+                        finish(db, order.id, step.name(), COMPENSATE, "done", &detail).await?;
+                        self.state.compensations.fetch_add(1, Ordering::Relaxed);
+                        detail
+                    }
+                    // Cannot be undone automatically: recorded, said in the
+                    // error message, left for a person.
+                    Err(StepError::Rejected(why)) => {
+                        finish(db, order.id, step.name(), COMPENSATE, "failed", &why).await?;
+                        log::error!("order {}: compensating {} failed: {why}", order.id, step.name());
+                        format!("FAILED: {why}")
+                    }
+                    Err(StepError::Unavailable(why)) => {
+                        note(db, order.id, step.name(), COMPENSATE, &why).await?;
+                        return Ok(Err(Finish::Retry(format!("compensating {} unavailable: {why}", step.name()))));
+                    }
+                },
+            };
+            report.push(format!("{} ({detail})", step.name()));
+        }
+        Ok(Ok(report))
+    }
+}
+
+async fn client(pool: &Pool) -> anyhow::Result<deadpool_postgres::Client> {
+    pool.get().await.context("no database connection for the processor")
+}
+
+async fn load(db: &Pool, id: i64) -> anyhow::Result<Option<(String, OrderRef)>> {
+    let row = client(db)
+        .await?
+        .query_opt("SELECT status, customer_name, product, quantity, amount FROM orders WHERE id = $1", &[&id])
+        .await
+        .map_err(crate::db::describe)?;
+    Ok(row.map(|r| {
+        let amount: Decimal = r.get(4);
+        (r.get(0), OrderRef { id, customer: r.get(1), product: r.get(2), quantity: r.get(3), amount })
+    }))
+}
+
+/// Records that a step is about to be called (or finds what is recorded).
+///
+/// The step records are committed without waiting for the WAL flush
+/// (`synchronous_commit = off`): a database crash may forget the last few
+/// hundred milliseconds of them, which only means a step is called again
+/// with the same idempotency key — the case every step handles anyway. The
+/// status updates stay synchronous, and flush every record before them.
+async fn begin(db: &Pool, id: i64, step: &str, action: &str) -> anyhow::Result<Record> {
+    let row = client(db)
+        .await?
+        .query_opt(
+            "WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+             INSERT INTO order_steps (order_id, step, action, outcome) SELECT $1, $2, $3, 'started' FROM a \
+             ON CONFLICT (order_id, step, action) DO UPDATE \
+                SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
+             RETURNING outcome, detail, attempts",
+            &[&id, &step, &action],
+        )
+        .await
+        .map_err(crate::db::describe)?;
+    let row = match row {
+        Some(row) => row,
+        None => client(db)
+            .await?
+            .query_one(
+                "SELECT outcome, detail, attempts FROM order_steps WHERE order_id = $1 AND step = $2 AND action = $3",
+                &[&id, &step, &action],
+            )
+            .await
+            .map_err(crate::db::describe)?,
+    };
+    Ok(Record { outcome: row.get(0), detail: row.get(1), attempts: row.get(2) })
+}
+
+async fn finish(db: &Pool, id: i64, step: &str, action: &str, outcome: &str, detail: &str) -> anyhow::Result<()> {
+    client(db)
+        .await?
+        .execute(
+            "WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+             UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() FROM a \
+             WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'",
+            &[&id, &step, &action, &outcome, &detail],
+        )
+        .await
+        .map_err(crate::db::describe)?;
+    Ok(())
+}
+
+/// Keeps the last error of a step that stays `started`, for the history and
+/// for the message when it is given up.
+async fn note(db: &Pool, id: i64, step: &str, action: &str, detail: &str) -> anyhow::Result<()> {
+    client(db)
+        .await?
+        .execute(
+            "WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+         UPDATE order_steps SET detail = $4 FROM a \
+         WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'",
+            &[&id, &step, &action, &detail],
+        )
+        .await
+        .map_err(crate::db::describe)?;
+    Ok(())
+}
+
+/// Moves an order on from processing; false when it is no longer there.
+async fn set_status(db: &Pool, id: i64, status: &str, error_message: Option<&str>) -> anyhow::Result<bool> {
+    let rows = client(db)
+        .await?
+        .execute(SET_STATUS_SQL, &[&id, &status, &error_message])
+        .await
+        .map_err(crate::db::describe)?;
+    Ok(rows == 1)
+}
+
+/// `ordercast process`: the processor alone, with the simulated steps.
+pub async fn run_standalone(
+    settings: &crate::config::Settings,
+    url: &str,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    settings.workflow.validate()?;
+    crate::db::migrate(url).await?;
+    let wf = &settings.workflow;
+    let processor = Processor::new(url, super::steps::simulated(wf), wf.concurrency, Arc::default())?;
+    processor.run(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The outbox relay: every committed change reaches `order-changes`, keyed by
+//! order, in commit order per order, at least once, from a stored position.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::message::{Message, OwnedMessage};
+use serde_json::json;
+
+use crate::helpers::{eventually, spawn_app_on, spawn_app_with};
+use crate::{header, key, payload, scalar, Kafka, WAIT};
+
+fn position(m: &OwnedMessage) -> i64 {
+    header(m, "ordercast-position").expect("an ordercast-position header").parse().expect("a numeric position")
+}
+
+/// The messages of one order, in the order a consumer reads them.
+fn of_order(msgs: &[OwnedMessage], id: i64) -> Vec<&OwnedMessage> {
+    msgs.iter().filter(|m| key(m) == id.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_created_order_appears_on_order_changes() {
+    // Arrange
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+
+    // Act
+    let order = app.create_order("Ada").await;
+    let id = order["id"].as_i64().unwrap();
+    assert_eq!(app.patch(id, &json!({"status": "processing"})).await.status(), 200);
+
+    // Assert: both changes, keyed by the order, in commit order, with the headers.
+    let msgs = reader.read_until(WAIT, move |m| of_order(m, id).len() >= 2).await;
+    let mine = of_order(&msgs, id);
+    assert_eq!(mine.len(), 2, "each change exactly once here (no crash happened)");
+    assert_eq!(mine[0].partition(), mine[1].partition(), "one partition per order");
+    let ops: Vec<String> = mine.iter().map(|m| header(m, "ordercast-op").unwrap()).collect();
+    assert_eq!(ops, ["insert", "update"]);
+    assert!(position(mine[0]) < position(mine[1]));
+    assert!(header(mine[0], "ordercast-actor").unwrap().starts_with("api"), "{:?}", header(mine[0], "ordercast-actor"));
+    let first = payload(mine[0]);
+    assert_eq!(first["type"], "change");
+    assert_eq!(first["seq"], position(mine[0]));
+    assert_eq!(first["order"]["id"], id);
+    assert_eq!(first["order"]["customer_name"], "Ada");
+    assert_eq!(payload(mine[1])["order"]["status"], "processing");
+    assert_eq!(payload(mine[1])["old"]["status"], "pending");
+    assert!(mine[0].timestamp().to_millis().is_some(), "the commit time is the message timestamp");
+
+    // ... and the relay stored how far it got.
+    let db = app.sql().await;
+    let last = position(mine[1]);
+    let name = kafka.changes.clone();
+    eventually(WAIT, || {
+        let (db, name) = (&db, &name);
+        async move {
+            let p: i64 =
+                db.query_one("SELECT position FROM outbox_positions WHERE name = $1", &[name]).await.ok()?.get(0);
+            (p >= last).then_some(())
+        }
+    })
+    .await;
+    let (_, health) = app.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["outbox"]["state"], "running", "{health}");
+    assert!(health["workflow"]["outbox"]["published"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_from_every_write_path_are_published_in_commit_order_per_order() {
+    // Arrange: the Kafka ingest reads this test's topic too.
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().unwrap();
+
+    // Act: REST, a DBA in psql, and a Kafka event, interleaved on two orders.
+    let a = app.create_order("Rest Customer").await["id"].as_i64().unwrap();
+    let db = app.sql().await;
+    let b: i64 = scalar(
+        &db,
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Dba', 'Bolt', 5, 0.40) RETURNING id",
+    )
+    .await;
+    db.batch_execute(&format!("UPDATE orders SET quantity = quantity + 1 WHERE id IN ({a}, {b})")).await.unwrap();
+    assert_eq!(app.patch(a, &json!({"status": "cancelled"})).await.status(), 200);
+    let event = json!({
+        "event_id": uuid::Uuid::new_v4(), "type": "order_created", "occurred_at": chrono::Utc::now().to_rfc3339(),
+        "order": {"external_id": "via-kafka", "customer_name": "Kafka", "product": "Gear", "quantity": 1, "unit_price": 3}
+    });
+    let event = event.to_string();
+    let record = rdkafka::producer::FutureRecord::to(&kafka.orders).key("via-kafka").payload(&event);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let c: i64 = eventually(WAIT, || {
+        let db = &db;
+        async move {
+            db.query_opt("SELECT id FROM orders WHERE external_id = 'via-kafka'", &[]).await.ok()?.map(|r| r.get(0))
+        }
+    })
+    .await;
+
+    // Assert: a: insert, update, update; b: insert, update; c: insert; each
+    // order's positions increase in the order the consumer reads them.
+    let want = HashMap::from([(a, 3), (b, 2), (c, 1)]);
+    let msgs = reader.read_until(WAIT, move |m| want.iter().all(|(id, n)| of_order(m, *id).len() >= *n)).await;
+    for id in [a, b, c] {
+        let positions: Vec<i64> = of_order(&msgs, id).iter().map(|m| position(m)).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "order {id}: {positions:?}");
+    }
+    let actor = |id: i64| header(of_order(&msgs, id)[0], "ordercast-actor").unwrap();
+    assert!(actor(a).starts_with("api"), "{}", actor(a));
+    assert!(actor(b).starts_with("sql:"), "{}", actor(b));
+    assert!(actor(c).starts_with("kafka"), "{}", actor(c));
+    let ops: Vec<String> = of_order(&msgs, a).iter().map(|m| header(m, "ordercast-op").unwrap()).collect();
+    assert_eq!(ops, ["insert", "update", "update"]);
+    assert_eq!(payload(of_order(&msgs, a)[2])["order"]["status"], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
+    // Arrange: one change published, then the relay stops.
+    let kafka = Kafka::start();
+    let mut first = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let a = first.create_order("Before").await["id"].as_i64().unwrap();
+    reader.read_until(WAIT, move |m| !of_order(m, a).is_empty()).await;
+    let db = first.sql().await;
+    eventually(WAIT, || {
+        let db = &db;
+        async move {
+            let stored: i64 = db.query_one("SELECT position FROM outbox_positions", &[]).await.ok()?.get(0);
+            (stored > 0).then_some(())
+        }
+    })
+    .await;
+    first.stop().await;
+
+    // Act: changes committed while no relay runs, then a new instance.
+    let b: i64 = scalar(
+        &db,
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('While down', 'Nut', 1, 1) RETURNING id",
+    )
+    .await;
+    db.batch_execute(&format!("UPDATE orders SET status = 'processing' WHERE id = {b}")).await.unwrap();
+    let _second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+
+    // Assert: the missed changes arrive; the one already acknowledged and
+    // stored is not published again.
+    let msgs = reader.read_until(WAIT, move |m| of_order(m, b).len() >= 2).await;
+    let later = reader.drain(Duration::from_millis(500)).await;
+    let all: Vec<OwnedMessage> = msgs.into_iter().chain(later).collect();
+    assert_eq!(of_order(&all, a).len(), 0, "order {a}'s insert was read before the restart and not sent again");
+    assert_eq!(of_order(&all, b).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_publishes_while_another_stands_by_and_takes_over() {
+    // Arrange: two instances on one database.
+    let kafka = Kafka::start();
+    let mut first = spawn_app_with(|s| kafka.configure(s)).await;
+    let second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let states = || async {
+        let mut s = Vec::new();
+        for app in [&first, &second] {
+            s.push(app.get_json("/api/health").await.1["workflow"]["outbox"]["state"].as_str().unwrap().to_string());
+        }
+        s.sort();
+        s
+    };
+    eventually(WAIT, || {
+        let states = &states;
+        async move { (states().await == ["running", "standby"]).then_some(()) }
+    })
+    .await;
+    let a = first.create_order("One").await["id"].as_i64().unwrap();
+    reader.read_until(WAIT, move |m| !of_order(m, a).is_empty()).await;
+
+    // Act: the first stops; the second must take over.
+    first.stop().await;
+    let b = second.create_order("Two").await["id"].as_i64().unwrap();
+
+    // Assert
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, b).is_empty()).await;
+    assert!(of_order(&msgs, a).len() <= 1);
+    let (_, health) = second.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["outbox"]["state"], "running", "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_delays_changes_but_loses_none() {
+    // Arrange: deliveries time out after a second, so the outage below
+    // makes whole batches fail and the relay has to send them again.
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| {
+        kafka.configure(s);
+        s.kafka.properties = Some("message.timeout.ms=1000".into());
+    })
+    .await;
+    let reader = kafka.reader(&kafka.changes);
+    let warm = app.create_order("Warm").await["id"].as_i64().unwrap();
+    reader.read_until(WAIT, move |m| !of_order(m, warm).is_empty()).await;
+
+    // Act: the broker goes away while orders are written, then comes back.
+    kafka.cluster.broker_down(1).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(app.create_order(&format!("During outage {i}")).await["id"].as_i64().unwrap());
+    }
+    eventually(WAIT, || async {
+        let (_, health) = app.get_json("/api/health").await;
+        (health["workflow"]["outbox"]["retries"].as_u64()? > 0).then_some(())
+    })
+    .await;
+    kafka.cluster.broker_up(1).unwrap();
+
+    // Assert: REST never waited for Kafka (the orders exist) and every change arrives.
+    let want = ids.clone();
+    let msgs = reader.read_until(WAIT, move |m| want.iter().all(|id| !of_order(m, *id).is_empty())).await;
+    for id in ids {
+        assert!(!of_order(&msgs, id).is_empty(), "order {id}");
+    }
+    let (_, health) = app.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["outbox"]["state"], "running", "{health}");
+}

@@ -1,0 +1,471 @@
+//! The processor: the happy path, each compensation path, cancellation,
+//! retries, restarts mid-order (aborted in-process, and a killed
+//! `ordercast process`), and two processors sharing the work.
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use ordercast::workflow::processor::{Processor, ProcessorState};
+use ordercast::workflow::steps::{OrderRef, Step, StepError, Steps};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Notify};
+
+use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp};
+use crate::{scalar, until, WAIT};
+
+/// What a test step does when called.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Succeed,
+    /// The first call records its effect (a charge), then never answers —
+    /// the processor dies waiting; later calls succeed.
+    EffectThenHang,
+    /// The first call is unavailable; later calls succeed.
+    UnavailableOnce,
+    /// Every call waits for `release`, then succeeds.
+    WaitForRelease,
+    /// Every call takes a while, then succeeds.
+    Slow,
+}
+
+/// A stand-in for a remote service that keeps its own idempotency ledger,
+/// so the test can tell a redelivered call from a double charge.
+struct TestStep {
+    name: &'static str,
+    mode: Mode,
+    calls: AtomicU32,
+    /// Effects by order id: how many times each order was really charged.
+    effects: Mutex<HashMap<i64, u32>>,
+    compensations: Mutex<HashMap<i64, u32>>,
+    entered: Notify,
+    release: Notify,
+}
+
+impl TestStep {
+    fn new(name: &'static str, mode: Mode) -> Arc<TestStep> {
+        Arc::new(TestStep {
+            name,
+            mode,
+            calls: AtomicU32::new(0),
+            effects: Mutex::default(),
+            compensations: Mutex::default(),
+            entered: Notify::new(),
+            release: Notify::new(),
+        })
+    }
+
+    fn effects(&self, id: i64) -> u32 {
+        self.effects.lock().unwrap().get(&id).copied().unwrap_or(0)
+    }
+
+    fn compensations(&self, id: i64) -> u32 {
+        self.compensations.lock().unwrap().get(&id).copied().unwrap_or(0)
+    }
+
+    /// Applies the effect once per order id, as an idempotent service does.
+    fn apply(&self, id: i64) {
+        self.effects.lock().unwrap().entry(id).or_insert(1);
+    }
+}
+
+impl Step for TestStep {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn execute<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
+        Box::pin(async move {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            self.entered.notify_one();
+            match self.mode {
+                Mode::EffectThenHang if call == 0 => {
+                    self.apply(order.id);
+                    std::future::pending::<()>().await;
+                }
+                Mode::UnavailableOnce if call == 0 => return Err(StepError::Unavailable("connection refused".into())),
+                Mode::WaitForRelease => self.release.notified().await,
+                Mode::Slow => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => {}
+            }
+            self.apply(order.id);
+            Ok(format!("{} done for {}", self.name, order.id))
+        })
+    }
+
+    fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
+        Box::pin(async move {
+            *self.compensations.lock().unwrap().entry(order.id).or_default() += 1;
+            Ok(format!("{} undone for {}", self.name, order.id))
+        })
+    }
+}
+
+/// A processor running as a task of the test, stopped or aborted at will.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    _stop: watch::Sender<bool>,
+    state: Arc<ProcessorState>,
+}
+
+fn start(db_url: &str, steps: Steps) -> Running {
+    let state = Arc::new(ProcessorState::default());
+    let processor = Processor::new(db_url, steps, 8, state.clone()).expect("build the processor");
+    let (stop, shutdown) = watch::channel(false);
+    Running { task: tokio::spawn(processor.run(shutdown)), _stop: stop, state }
+}
+
+/// The processor with the simulated steps, inside the server (`--process`).
+async fn app_with_simulation(payment_failure_rate: f64, inventory_failure_rate: f64) -> TestApp {
+    spawn_app_with(|s| {
+        s.workflow.process = true;
+        s.workflow.payment_failure_rate = payment_failure_rate;
+        s.workflow.inventory_failure_rate = inventory_failure_rate;
+        s.workflow.step_latency_ms = 5;
+    })
+    .await
+}
+
+async fn wait_status(app: &TestApp, id: i64, want: &str) -> Value {
+    eventually(WAIT, || async move {
+        let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
+        (order["status"] == want).then_some(order)
+    })
+    .await
+}
+
+/// (from, to, by) of an order's status history.
+async fn history(app: &TestApp, id: i64) -> Vec<(Value, String, String)> {
+    let (_, h) = app.get_json(&format!("/api/orders/{id}/history")).await;
+    h.as_array()
+        .or_else(|| h["history"].as_array())
+        .unwrap_or_else(|| panic!("a history array: {h}"))
+        .iter()
+        .map(|e| (e["from"].clone(), e["to"].as_str().unwrap().to_string(), e["by"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// (step, action, outcome, attempts, detail) in the order they were recorded.
+async fn steps_of(db: &tokio_postgres::Client, id: i64) -> Vec<(String, String, String, i32, String)> {
+    db.query(
+        "SELECT step, action, outcome, attempts, coalesce(detail, '') FROM order_steps WHERE order_id = $1 ORDER BY id",
+        &[&id],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+    .collect()
+}
+
+fn outcomes(steps: &[(String, String, String, i32, String)]) -> Vec<(&str, &str, &str)> {
+    steps.iter().map(|(s, a, o, _, _)| (s.as_str(), a.as_str(), o.as_str())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_happy_path_moves_an_order_through_payment_and_inventory_to_processed() {
+    // Arrange
+    let app = app_with_simulation(0.0, 0.0).await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+
+    // Act
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+
+    // Assert: the order is processed, every move recorded and pushed.
+    let order = wait_status(&app, id, "processed").await;
+    assert!(order["error_message"].is_null());
+    let h = history(&app, id).await;
+    let moves: Vec<(Value, &str, &str)> = h.iter().map(|(f, t, b)| (f.clone(), t.as_str(), b.as_str())).collect();
+    assert_eq!(
+        moves[1..],
+        [(json!("pending"), "processing", "processor"), (json!("processing"), "processed", "processor")]
+    );
+    let steps = steps_of(&app.sql().await, id).await;
+    assert_eq!(outcomes(&steps), [("payment", "execute", "done"), ("inventory", "execute", "done")]);
+    assert_eq!(steps[0].4, format!("charged 19.00 as ch_{id}"));
+    let pushed = ws.changes(3, WAIT).await;
+    let by_processor: Vec<&str> = pushed[1..].iter().map(|c| c["order"]["status"].as_str().unwrap()).collect();
+    assert_eq!(by_processor, ["processing", "processed"]);
+    assert!(pushed[1..].iter().all(|c| c["actor"] == "processor"), "{pushed:?}");
+    let (_, health) = app.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["processor"]["processed"], 1, "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_payment_fails_the_order_and_never_reaches_inventory() {
+    // Arrange
+    let app = app_with_simulation(1.0, 0.0).await;
+
+    // Act
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+
+    // Assert: nothing was done, so nothing is compensated.
+    let order = wait_status(&app, id, "failed").await;
+    let message = order["error_message"].as_str().unwrap();
+    assert!(message.starts_with("payment failed: card declined"), "{message}");
+    assert!(!message.contains("compensated"), "{message}");
+    let steps = steps_of(&app.sql().await, id).await;
+    assert_eq!(outcomes(&steps), [("payment", "execute", "failed")]);
+    let h = history(&app, id).await;
+    assert_eq!(h.last().unwrap(), &(json!("processing"), "failed".to_string(), "processor".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_failure_refunds_the_payment_and_fails_the_order() {
+    // Arrange
+    let app = app_with_simulation(0.0, 1.0).await;
+
+    // Act
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+
+    // Assert: the payment was made, then refunded; the message says so.
+    let order = wait_status(&app, id, "failed").await;
+    let message = order["error_message"].as_str().unwrap();
+    assert!(message.starts_with("inventory failed: out of stock: 2 x Widget"), "{message}");
+    assert!(message.contains(&format!("compensated: payment (refunded 19.00 of ch_{id})")), "{message}");
+    let steps = steps_of(&app.sql().await, id).await;
+    assert_eq!(
+        outcomes(&steps),
+        [("payment", "execute", "done"), ("inventory", "execute", "failed"), ("payment", "compensate", "done")]
+    );
+    let (_, health) = app.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["processor"]["compensations"], 1, "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_two_steps_compensates_both_in_reverse() {
+    // Arrange: three steps; the last one refuses.
+    let app = spawn_app().await;
+    let (payment, inventory) = (TestStep::new("payment", Mode::Succeed), TestStep::new("inventory", Mode::Succeed));
+    let shipping: Arc<dyn Step> = Arc::new(ordercast::workflow::steps::SimulatedInventory::new(1.0, Duration::ZERO));
+    struct Named(Arc<dyn Step>);
+    impl Step for Named {
+        fn name(&self) -> &'static str {
+            "shipping"
+        }
+        fn execute<'a>(&'a self, o: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
+            self.0.execute(o)
+        }
+        fn compensate<'a>(&'a self, o: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
+            self.0.compensate(o)
+        }
+    }
+    let _p = start(&app.db_url, vec![payment.clone(), inventory.clone(), Arc::new(Named(shipping))]);
+
+    // Act
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+
+    // Assert
+    wait_status(&app, id, "failed").await;
+    let steps = steps_of(&app.sql().await, id).await;
+    assert_eq!(
+        outcomes(&steps),
+        [
+            ("payment", "execute", "done"),
+            ("inventory", "execute", "done"),
+            ("shipping", "execute", "failed"),
+            ("inventory", "compensate", "done"),
+            ("payment", "compensate", "done"),
+        ]
+    );
+    assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_cancelled_while_it_is_processed_gets_its_steps_undone() {
+    // Arrange: inventory waits for the test.
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::WaitForRelease);
+    let _p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    tokio::time::timeout(WAIT, inventory.entered.notified()).await.expect("inventory is called");
+
+    // Act: a user cancels mid-way, then the warehouse answers.
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    inventory.release.notify_one();
+
+    // Assert: both steps undone, the order stays cancelled.
+    let db = app.sql().await;
+    eventually(WAIT, || {
+        let db = &db;
+        async move { (steps_of(db, id).await.len() == 4).then_some(()) }
+    })
+    .await;
+    let steps = steps_of(&db, id).await;
+    assert_eq!(
+        outcomes(&steps),
+        [
+            ("payment", "execute", "done"),
+            ("inventory", "execute", "done"),
+            ("inventory", "compensate", "done"),
+            ("payment", "compensate", "done"),
+        ]
+    );
+    assert_eq!(wait_status(&app, id, "cancelled").await["error_message"], Value::Null);
+    assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_step_is_retried_until_it_answers() {
+    // Arrange
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::UnavailableOnce);
+    let p = start(&app.db_url, vec![payment.clone(), TestStep::new("inventory", Mode::Succeed)]);
+
+    // Act
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+
+    // Assert: processed on the second call, which the record counts.
+    wait_status(&app, id, "processed").await;
+    let steps = steps_of(&app.sql().await, id).await;
+    assert_eq!(steps[0].3, 2, "payment attempts: {steps:?}");
+    assert_eq!(payment.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(payment.effects(id), 1);
+    assert_eq!(p.state.retries.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
+    // Arrange: the payment service charges, then its answer is lost.
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::EffectThenHang);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+    let first = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    tokio::time::timeout(WAIT, payment.entered.notified()).await.expect("payment is called");
+
+    // Act: the processor dies; a new one starts.
+    first.task.abort();
+    let _ = first.task.await;
+    let second = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+
+    // Assert: the order completes exactly once, charged once.
+    wait_status(&app, id, "processed").await;
+    assert_eq!(payment.calls.load(Ordering::SeqCst), 2, "the payment was asked again, with the same key");
+    assert_eq!(payment.effects(id), 1, "and charged once");
+    assert_eq!(inventory.calls.load(Ordering::SeqCst), 1);
+    let steps = steps_of(&app.sql().await, id).await;
+    assert_eq!(outcomes(&steps), [("payment", "execute", "done"), ("inventory", "execute", "done")]);
+    assert_eq!(steps[0].3, 2, "two payment attempts recorded");
+    let h = history(&app, id).await;
+    assert_eq!(h.iter().filter(|(_, to, _)| to == "processing").count(), 1);
+    assert_eq!(h.iter().filter(|(_, to, _)| to == "processed").count(), 1);
+    assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processors_share_the_orders_and_do_none_twice() {
+    // Arrange: one processor is busy with slow payments when the second
+    // starts, so the second's first scan meets orders the first one owns.
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::Slow);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+    let db = app.sql().await;
+    let a = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Bulk ' || i, 'Nut', 1, 0.1 FROM generate_series(1, 60) i",
+    )
+    .await
+    .unwrap();
+    until(&db, "SELECT count(*) FROM orders WHERE status = 'processing'", |n| n > 0).await;
+
+    // Act
+    let b = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+
+    // Assert: all processed, each paid for and reserved exactly once, and
+    // both took part.
+    until(&db, "SELECT count(*) FROM orders WHERE status = 'processed'", |n| n == 60).await;
+    assert_eq!(payment.calls.load(Ordering::SeqCst), 60);
+    assert_eq!(inventory.calls.load(Ordering::SeqCst), 60);
+    let (claimed_a, claimed_b) = (a.state.claimed.load(Ordering::Relaxed), b.state.claimed.load(Ordering::Relaxed));
+    assert_eq!(claimed_a + claimed_b, 60);
+    assert!(claimed_b > 0, "the second processor claimed none");
+    assert_eq!(b.state.resumed.load(Ordering::Relaxed), 0, "it took over orders the first one owned");
+    let attempts: i64 = scalar(&db, "SELECT sum(attempts)::bigint FROM order_steps").await;
+    assert_eq!(attempts, 120);
+}
+
+/// `ordercast process` as a child process.
+struct ProcessChild(std::process::Child);
+
+impl ProcessChild {
+    fn start(db_url: &str, latency_ms: u64) -> ProcessChild {
+        let child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
+            .arg("process")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", db_url)
+            .env("ORDERCAST_PAYMENT_FAILURE_RATE", "0")
+            .env("ORDERCAST_INVENTORY_FAILURE_RATE", "0")
+            .env("ORDERCAST_STEP_LATENCY_MS", latency_ms.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ordercast process");
+        ProcessChild(child)
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.0.id() as i32)
+    }
+}
+
+impl Drop for ProcessChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_command_leaves_every_order_to_its_successor() {
+    // Arrange: slow steps, so SIGKILL lands mid-payment.
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut first = ProcessChild::start(&app.db_url, 60_000);
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Killed ' || i, 'Gear', 1, 2 FROM generate_series(1, 5) i",
+    )
+    .await
+    .unwrap();
+    until(&db, "SELECT count(*) FROM order_steps WHERE outcome = 'started'", |n| n == 5).await;
+
+    // Act
+    nix::sys::signal::kill(first.pid(), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = first.0.wait();
+    let mut second = ProcessChild::start(&app.db_url, 1);
+
+    // Assert: all five completed once, each payment attempted twice.
+    until(&db, "SELECT count(*) FROM orders WHERE status = 'processed'", |n| n == 5).await;
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE step = 'payment' AND attempts = 2), count(*) FILTER (WHERE outcome = 'done'), \
+                    (SELECT count(*) FROM order_status_history WHERE to_status = 'processed' AND changed_by = 'processor') \
+             FROM order_steps",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (5, 10, 5));
+
+    // ... and SIGTERM stops `ordercast process` cleanly.
+    nix::sys::signal::kill(second.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = second.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "ordercast process did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
