@@ -195,6 +195,29 @@ test('search finds orders by customer, product and id, also among incoming ones'
   await row(page, c).waitFor({ timeout: 3000 });
 });
 
+test('older pages are reached by keyset paging, and newer orders are announced there', async (t) => {
+  const { page } = await openDashboard(t);
+  const first = await tableIds(page);
+  assert.equal(first.length, 50);
+  await page.getByRole('button', { name: 'Older →' }).click();
+  await page.waitForFunction((last) => Number(document.querySelector('#orders-body tr')?.dataset.id) < last, first[49], { timeout: 3000 });
+  const second = await tableIds(page);
+  const expected = (await server.sql(`SELECT id FROM orders WHERE id < ${first[49]} ORDER BY id DESC LIMIT 50`)).split('\n').map(Number);
+  assert.deepEqual(second, expected);
+  assert.match(await page.locator('#orders-summary').textContent(), /Page 2/);
+  // A new order does not push rows around on page 2; it is announced.
+  const id = await insertOrder({ customer: 'While on page two' });
+  const notice = page.locator('#newer-notice', { hasText: '1 newer order' });
+  await notice.waitFor({ timeout: 1000 });
+  assert.deepEqual(await tableIds(page), second);
+  // A change to a row on this page still shows in place.
+  await server.sql(`UPDATE orders SET customer_name = 'Renamed on page two' WHERE id = ${second[3]}`);
+  await row(page, second[3]).getByText('Renamed on page two').waitFor({ timeout: 1000 });
+  await notice.click();
+  await row(page, id).waitFor({ timeout: 3000 });
+  assert.equal((await tableIds(page))[0], id);
+});
+
 test('an order created through the form appears in the table', async (t) => {
   const { page } = await openDashboard(t);
   await page.getByRole('button', { name: 'New order' }).click();
@@ -273,6 +296,13 @@ test('the order detail shows history, offers only allowed transitions and stays 
   await dialog.locator('#detail-history li', { hasText: /Processing\s*→\s*Processed/ }).waitFor({ timeout: 3000 });
   const after = await dialog.locator('#status-select option').evaluateAll((os) => os.map((o) => o.value));
   assert.deepEqual(after, ['shipped']);
+  // Cancel, offered because processed -> cancelled is allowed.
+  await dialog.getByRole('button', { name: 'Cancel order' }).click();
+  await dialog.locator('#detail-fields dd .badge', { hasText: 'Cancelled' }).waitFor({ timeout: 3000 });
+  await page.locator('.toast', { hasText: `Order #${id} cancelled` }).waitFor({ timeout: 2000 });
+  await row(page, id).locator('.badge', { hasText: 'Cancelled' }).waitFor({ timeout: 2000 });
+  assert.equal(await dialog.locator('#status-form').isVisible(), false, 'a cancelled order has nowhere to go');
+  assert.equal(await dialog.getByRole('button', { name: 'Cancel order' }).isVisible(), false);
   // Delete, with confirmation.
   await dialog.getByRole('button', { name: 'Delete…' }).click();
   await dialog.getByRole('button', { name: 'Keep' }).click();
@@ -369,7 +399,7 @@ test('with tokens configured, the dashboard asks for one, then goes live', async
   await page.locator('.toast-error', { hasText: /write/ }).waitFor({ timeout: 3000 });
   assert.equal(await page.locator('#dlq-section').isVisible(), false, 'dead letters need the admin scope');
   await page.getByRole('button', { name: 'Sign out' }).click();
-  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  await dialog.waitFor({ state: 'visible', timeout: 10000 });
 });
 
 test('when WebSocket fails the page falls back to SSE', async (t) => {
