@@ -70,7 +70,10 @@ export class CreateForm {
       this.form.reset();
       this.d.close();
     } catch (e) {
-      if (e.status === 422 && this.setError(FIELDS.includes(e.field) ? e.field : 'body', e.message)) {
+      const field = FIELDS.includes(e.field) ? e.field : 'body';
+      // "quantity: must be between 1 and 1000000" under the quantity input needs no "quantity: ".
+      const message = field === 'body' ? e.message : e.message.replace(new RegExp(`^${field}:\\s*`), '');
+      if (e.status === 422 && this.setError(field, message)) {
         this.form.elements[e.field]?.focus();
       } else {
         toastError('Could not create the order', e);
