@@ -511,3 +511,25 @@ async fn the_per_order_stream_sends_current_state_then_changes() {
     let r = app.http.get(app.url("/api/orders/999999/events")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_positions_does_not_stall_live_or_resuming_readers() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    dba_insert(&db, "before gap").await;
+    let before = seq(&ws.changes(1, WAIT).await[0]);
+    // A transaction that fails after the sequencer reserved its positions
+    // leaves a gap; make a large one.
+    db.execute("SELECT setval('change_position', (SELECT last_value FROM change_position) + 5000)", &[])
+        .await
+        .unwrap();
+    dba_insert(&db, "after gap").await;
+    let after = ws.changes(1, WAIT).await.remove(0);
+    assert_eq!(after["order"]["customer_name"], "after gap");
+    assert!(seq(&after) > before + 5000);
+    let mut resumed = app.ws(&format!("?since={before}")).await;
+    resumed.ready().await;
+    assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "after gap");
+}
