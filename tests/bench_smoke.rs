@@ -42,16 +42,17 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
             }
             continue;
         }
-        assert_eq!(m["lost"], 0, "{name} lost changes: {m}");
-        assert_eq!(m["duplicates"], 0, "{name} duplicated changes: {m}");
-        assert_eq!(m["client_errors"], 0, "{name} had client errors: {m}\n{stderr}");
-        let clients = m["clients"].as_u64().unwrap();
-        let changes = m["changes"].as_u64().unwrap();
-        assert!(changes > 0, "{name}: nothing written");
-        assert_eq!(m["deliveries"].as_u64().unwrap(), clients * changes, "{name}: every client gets every change");
+        // The report's figures are JSON numbers that may be written as floats.
+        let num = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{name}: {k} missing in {m}"));
+        assert_eq!(num("lost"), 0.0, "{name} lost changes: {m}");
+        assert_eq!(num("duplicates"), 0.0, "{name} duplicated changes: {m}");
+        assert_eq!(num("client_errors"), 0.0, "{name} had client errors: {m}\n{stderr}");
+        let (clients, changes) = (num("clients"), num("changes"));
+        assert!(changes > 0.0, "{name}: nothing written");
+        assert_eq!(num("deliveries"), clients * changes, "{name}: every client gets every change");
         assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
     }
     let idle = results.iter().find(|r| r["scenario"] == "idle:20").unwrap();
-    assert_eq!(idle["median"]["held"], 20);
+    assert_eq!(idle["median"]["held"].as_f64(), Some(20.0));
     assert!(idle["median"]["bytes_per_connection"].is_number(), "the server's memory is measured");
 }
