@@ -26,7 +26,7 @@ pub mod settings;
 pub mod writer;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,8 +125,8 @@ pub struct IngestState {
     pub batches: AtomicU64,
     /// Batch attempts that failed transiently and were retried.
     pub retries: AtomicU64,
-    /// True while the current batch cannot be written.
-    pub write_failing: AtomicBool,
+    /// Writers whose current batch cannot be written right now.
+    pub failing_writers: AtomicUsize,
     /// False after librdkafka reported every broker down, until statistics
     /// show one up again.
     pub brokers_up: AtomicBool,
@@ -153,7 +153,7 @@ impl IngestState {
     }
 
     pub fn healthy(&self) -> bool {
-        !self.enabled || (!self.write_failing.load(Ordering::Relaxed) && self.brokers_up.load(Ordering::Relaxed))
+        !self.enabled || (self.failing_writers.load(Ordering::Relaxed) == 0 && self.brokers_up.load(Ordering::Relaxed))
     }
 
     pub fn set_brokers_up(&self, up: bool) {
@@ -304,7 +304,9 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
         tokio::spawn(write_loop(
             rx,
             consumer,
-            Writer::new(database_url, &settings.group_id, &settings.topic),
+            (0..settings.writers.max(1))
+                .map(|_| Writer::new(database_url, &settings.group_id, &settings.topic))
+                .collect(),
             settings.clone(),
             state.clone(),
             wake.clone(),
@@ -328,12 +330,59 @@ const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// Each step of a graceful stop (last commit, leaving the group) waits this long at most.
 const SHUTDOWN_STEP: Duration = Duration::from_secs(4);
 
+/// Splits a batch by partition among `n` writers. One order's events share a
+/// partition, so they stay in one transaction and in order; each part moves
+/// only its own partitions' positions, so each commits on its own.
+fn split(batch: Batch, n: usize) -> Vec<Batch> {
+    let mut parts: Vec<Batch> = (0..n).map(|_| Batch::default()).collect();
+    for m in batch.messages {
+        parts[m.partition.unsigned_abs() as usize % n].messages.push(m);
+    }
+    parts
+}
+
+/// Writes one part until it commits (None: shutdown came first).
+async fn write_until_committed(
+    writer: &mut Writer,
+    part: &Batch,
+    state: &IngestState,
+    mut shutdown: watch::Receiver<bool>,
+) -> Option<writer::Outcome> {
+    let mut backoff = BACKOFF_MIN;
+    let mut failing = false;
+    let outcome = loop {
+        match writer.write(part).await {
+            Ok(o) => break Some(o),
+            Err(WriteError::Transient(e) | WriteError::Data(e)) => {
+                if !failing {
+                    failing = true;
+                    if state.failing_writers.fetch_add(1, Ordering::Relaxed) == 0 {
+                        log::warn!("ingest cannot write to PostgreSQL, retrying with backoff: {e:#}");
+                    }
+                }
+                *state.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: never poisoned
+                state.retries.fetch_add(1, Ordering::Relaxed);
+                let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                    _ = shutdown.changed() => break None,
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    };
+    if failing && state.failing_writers.fetch_sub(1, Ordering::Relaxed) == 1 && outcome.is_some() {
+        log::info!("ingest writes to PostgreSQL again");
+    }
+    outcome
+}
+
 /// Writes batches as they come, each until it commits; commits positions to
 /// Kafka now and then; stops at shutdown after a last commit to Kafka.
 async fn write_loop(
     mut batches: mpsc::Receiver<Batch>,
     consumer: Arc<SharedConsumer>,
-    mut writer: Writer,
+    mut writers: Vec<Writer>,
     settings: KafkaSettings,
     state: Arc<IngestState>,
     dlq_wake: Arc<Notify>,
@@ -353,7 +402,7 @@ async fn write_loop(
                 last_commit = Instant::now();
                 if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
                     last_prune = Some(Instant::now());
-                    match writer.prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs).await {
+                    match writers[0].prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs).await {
                         Ok((e, d)) if e + d > 0 => log::info!("pruned {e} old event ids and {d} published dead letters"),
                         Ok(_) => {}
                         Err(e) => log::debug!("pruning ingest bookkeeping failed: {e}"),
@@ -363,38 +412,30 @@ async fn write_loop(
             }
             _ = shutdown.changed() => break,
         };
-        let mut backoff = BACKOFF_MIN;
-        let outcome = loop {
-            match writer.write(&batch).await {
-                Ok(o) => break Some(o),
-                Err(WriteError::Transient(e) | WriteError::Data(e)) => {
-                    if !state.write_failing.swap(true, Ordering::Relaxed) {
-                        log::warn!("ingest cannot write to PostgreSQL, retrying with backoff: {e:#}");
-                    }
-                    *state.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: never poisoned
-                    state.retries.fetch_add(1, Ordering::Relaxed);
-                    let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
-                        _ = shutdown.changed() => break None,
-                    }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+        let parts = split(batch, writers.len());
+        let outcomes = futures_util::future::join_all(
+            writers
+                .iter_mut()
+                .zip(&parts)
+                .filter(|(_, part)| !part.messages.is_empty())
+                .map(|(w, part)| write_until_committed(w, part, &state, shutdown.clone())),
+        )
+        .await;
+        // Parts that committed count even when shutdown stopped another.
+        for outcome in outcomes.iter().flatten() {
+            record(&state, outcome);
+            for (p, offset) in &outcome.seek {
+                log::info!("partition {p}: skipping ahead to the stored position {offset}");
+                if let Err(e) = consumer.seek(&settings.topic, *p, rdkafka::Offset::Offset(*offset), Duration::ZERO) {
+                    log::debug!("seek failed (the messages will be read and skipped): {e}");
                 }
             }
-        };
-        let Some(outcome) = outcome else { break };
-        if state.write_failing.swap(false, Ordering::Relaxed) {
-            log::info!("ingest writes to PostgreSQL again");
-        }
-        record(&state, &outcome);
-        for (p, offset) in &outcome.seek {
-            log::info!("partition {p}: skipping ahead to the stored position {offset}");
-            if let Err(e) = consumer.seek(&settings.topic, *p, rdkafka::Offset::Offset(*offset), Duration::ZERO) {
-                log::debug!("seek failed (the messages will be read and skipped): {e}");
+            if outcome.fates.iter().any(|f| matches!(f, Fate::Dead(_))) {
+                dlq_wake.notify_one();
             }
         }
-        if outcome.fates.iter().any(|f| matches!(f, Fate::Dead(_))) {
-            dlq_wake.notify_one();
+        if outcomes.iter().any(Option::is_none) {
+            break;
         }
         if last_commit.elapsed() >= settings.commit_interval() {
             consumer::commit(&**consumer, &state, &settings.topic, None, CommitMode::Async);
@@ -473,7 +514,7 @@ mod tests {
         let settings = crate::config::Settings::for_database("postgres://localhost/x").kafka;
         let on = IngestState::running(&settings);
         assert_eq!(on.health()["state"], "running");
-        on.write_failing.store(true, Ordering::Relaxed);
+        on.failing_writers.store(1, Ordering::Relaxed);
         assert_eq!(on.health()["state"], "degraded");
         assert_eq!(on.health()["healthy"], false);
     }

@@ -59,6 +59,11 @@ pub struct KafkaSettings {
     #[arg(long = "ingest-batch-max-bytes", env = "ORDERCAST_INGEST_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024, global = true)]
     pub batch_max_bytes: usize,
 
+    /// Database connections writing at once; a batch is split among them by
+    /// partition (each part is its own exactly-once transaction).
+    #[arg(long = "ingest-writers", env = "ORDERCAST_INGEST_WRITERS", default_value_t = 2, global = true)]
+    pub writers: usize,
+
     /// Milliseconds a batch waits for more messages after its first one.
     #[arg(long = "ingest-batch-wait-ms", env = "ORDERCAST_INGEST_BATCH_WAIT_MS", default_value_t = 10, global = true)]
     pub batch_wait_ms: u64,
@@ -103,6 +108,7 @@ impl fmt::Debug for KafkaSettings {
             .field("batch_max", &self.batch_max)
             .field("batch_max_bytes", &self.batch_max_bytes)
             .field("batch_wait_ms", &self.batch_wait_ms)
+            .field("writers", &self.writers)
             .field("commit_interval_ms", &self.commit_interval_ms)
             .finish_non_exhaustive()
     }

@@ -127,11 +127,20 @@ SELECT $1, $2, p FROM unnest($4::int[]) AS p, actor ORDER BY p
 ON CONFLICT (group_id, kafka_topic, kafka_partition) DO UPDATE SET updated_at = kafka_offsets.updated_at
 RETURNING kafka_partition, next_offset";
 
+// Sorted, the ids go into the index in order (about a quarter cheaper than
+// random order); without RETURNING, the common case (no duplicate) costs no
+// result rows: the row count says whether DUPLICATES_SQL must run.
 const DEDUPE_SQL: &str = "\
 INSERT INTO ingested_events (event_id, kafka_topic, kafka_partition, kafka_offset, occurred_at)
 SELECT e::uuid, $1, p, o, t FROM unnest($2::text[], $3::int[], $4::bigint[], $5::timestamptz[]) AS v(e, p, o, t)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id::text";
+ORDER BY 1
+ON CONFLICT (event_id) DO NOTHING";
+
+// The ids this transaction did not insert were there before: duplicates.
+// (Runs before any savepoint, so our rows carry the top-level xid.)
+const DUPLICATES_SQL: &str = "\
+SELECT event_id::text FROM ingested_events
+WHERE event_id = ANY($1::text[]::uuid[]) AND xmin <> pg_current_xact_id()::xid";
 
 const UNDEDUPE_SQL: &str = "DELETE FROM ingested_events WHERE event_id = ANY($1::text[]::uuid[])";
 
@@ -189,6 +198,7 @@ DELETE FROM dead_letters WHERE published_at IS NOT NULL AND received_at < now() 
 struct Statements {
     lock: Statement,
     dedupe: Statement,
+    duplicates: Statement,
     undedupe: Statement,
     create: Statement,
     update: Statement,
@@ -248,6 +258,7 @@ impl Writer {
             let st = Statements {
                 lock: prepare(LOCK_SQL).await?,
                 dedupe: prepare(DEDUPE_SQL).await?,
+                duplicates: prepare(DUPLICATES_SQL).await?,
                 undedupe: prepare(UNDEDUPE_SQL).await?,
                 create: prepare(CREATE_SQL).await?,
                 update: prepare(UPDATE_SQL).await?,
@@ -364,16 +375,22 @@ async fn apply(
         let offsets: Vec<i64> = pending.iter().map(|&i| msgs[i].offset).collect();
         let times: Vec<DateTime<Utc>> =
             pending.iter().map(|&i| event_of(&msgs[i]).map(|e| e.occurred_at).unwrap_or_default()).collect();
-        let fresh: HashSet<Uuid> = tx
-            .query(&st.dedupe, &[&topic, &ids, &parts, &offsets, &times])
+        let inserted = tx
+            .execute(&st.dedupe, &[&topic, &ids, &parts, &offsets, &times])
             .await
-            .map_err(|e| classify(e, "Failed to record the event ids"))?
-            .iter()
-            .filter_map(|r| r.get::<_, &str>(0).parse().ok())
-            .collect();
-        for &i in &pending {
-            if !event_of(&msgs[i]).is_some_and(|e| fresh.contains(&e.event_id)) {
-                fates[i] = Fate::Duplicate;
+            .map_err(|e| classify(e, "Failed to record the event ids"))?;
+        if inserted < pending.len() as u64 {
+            let seen_before: HashSet<Uuid> = tx
+                .query(&st.duplicates, &[&ids])
+                .await
+                .map_err(|e| classify(e, "Failed to find duplicate event ids"))?
+                .iter()
+                .filter_map(|r| r.get::<_, &str>(0).parse().ok())
+                .collect();
+            for &i in &pending {
+                if event_of(&msgs[i]).is_some_and(|e| seen_before.contains(&e.event_id)) {
+                    fates[i] = Fate::Duplicate;
+                }
             }
         }
     }
