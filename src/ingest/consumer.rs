@@ -25,7 +25,7 @@ use super::event;
 use super::settings::KafkaSettings;
 use super::{Batch, IngestState, Message};
 
-/// librdkafka's prefetch queue, per partition; its default (64 MiB) would
+/// librdkafka's prefetch queue (one queue for the whole consumer); its default (64 MiB) would
 /// let a stalled database pin a lot of memory.
 const QUEUED_MAX_KBYTES: &str = "16384";
 
@@ -310,5 +310,50 @@ fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSetting
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         decoded,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::settings::env_properties;
+
+    fn settings() -> KafkaSettings {
+        crate::config::Settings::for_database("postgres://localhost/x").kafka
+    }
+
+    #[test]
+    fn pass_through_properties_win_except_the_commit_settings() {
+        let mut s = settings();
+        s.env_properties = env_properties([
+            ("ORDERCAST_KAFKA_AUTO_OFFSET_RESET".to_string(), "latest".to_string()),
+            ("ORDERCAST_KAFKA_ENABLE_AUTO_COMMIT".to_string(), "true".to_string()),
+        ]);
+        s.properties = Some("session.timeout.ms=7000,auto.offset.reset=smallest".into());
+        let c = consumer_config(&s, "127.0.0.1:9").unwrap();
+        assert_eq!(c.get("auto.offset.reset"), Some("smallest"), "KAFKA_PROPERTIES comes last");
+        assert_eq!(c.get("session.timeout.ms"), Some("7000"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("group.id"), Some("ordercast"));
+    }
+
+    /// TLS and SCRAM need librdkafka built with OpenSSL; without it creating
+    /// the client fails with "OpenSSL not available at build time".
+    #[test]
+    fn this_librdkafka_build_accepts_tls_and_sasl_scram() {
+        let mut s = settings();
+        s.properties =
+            Some("security.protocol=sasl_ssl,sasl.mechanisms=SCRAM-SHA-512,sasl.username=u,sasl.password=p".into());
+        let features = ClientConfig::new().create_native_config().unwrap().get("builtin.features").unwrap();
+        for f in ["ssl", "sasl_plain", "sasl_scram"] {
+            assert!(features.split(',').any(|x| x == f), "librdkafka lacks {f}: {features}");
+        }
+        let consumer: BaseConsumer =
+            consumer_config(&s, "127.0.0.1:9").unwrap().create().expect("TLS + SCRAM consumer");
+        drop(consumer);
+        let producer: rdkafka::producer::BaseProducer =
+            super::super::dlq::producer_config(&s, "127.0.0.1:9").unwrap().create().expect("TLS + SCRAM producer");
+        drop(producer);
     }
 }
