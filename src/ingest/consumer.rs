@@ -264,6 +264,7 @@ pub async fn read(
             received = consumer.recv(), if !full => match received {
                 Ok(m) => {
                     state.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    state.set_brokers_up(true);
                     let msg = to_message(&m, &settings);
                     bytes += msg.payload.as_ref().map_or(0, Vec::len) + msg.key.as_ref().map_or(0, Vec::len);
                     batch.push(msg);

@@ -61,7 +61,8 @@ pub struct Batch {
     pub messages: Vec<Message>,
 }
 
-/// Headers as stored in `dead_letters.headers`: text when it is UTF-8, else base64.
+/// Headers as stored in `dead_letters.headers`: text when it is UTF-8 that
+/// jsonb can hold (no NUL), else base64.
 pub fn headers_json(headers: &[(String, Option<Vec<u8>>)]) -> Value {
     Value::Array(
         headers
@@ -69,8 +70,8 @@ pub fn headers_json(headers: &[(String, Option<Vec<u8>>)]) -> Value {
             .map(|(k, v)| match v {
                 None => json!({"key": k, "value": null}),
                 Some(bytes) => match std::str::from_utf8(bytes) {
-                    Ok(s) => json!({"key": k, "value": s}),
-                    Err(_) => {
+                    Ok(s) if !s.contains('\0') => json!({"key": k, "value": s}),
+                    _ => {
                         json!({"key": k, "value_base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
                     }
                 },
@@ -489,7 +490,9 @@ mod tests {
             ("content-type".into(), Some(b"application/json".to_vec())),
             ("bin".into(), Some(vec![0xff, 0x00])),
             ("none".into(), None),
+            ("nul".into(), Some(b"a\0b".to_vec())),
         ]);
+        assert_eq!(v[3], json!({"key": "nul", "value_base64": "YQBi"}), "jsonb cannot hold NUL");
         assert_eq!(v[0], json!({"key": "content-type", "value": "application/json"}));
         assert_eq!(v[1], json!({"key": "bin", "value_base64": "/wA="}));
         assert_eq!(dlq::headers_from_json(&v)[1], ("bin".to_string(), Some(vec![0xff, 0x00])));

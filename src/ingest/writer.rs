@@ -447,10 +447,12 @@ async fn apply(
                 Err(r) => r.event_id.map(|id| id.to_string()),
             })
             .collect();
-        let (reasons, details): (Vec<&str>, Vec<&str>) = dead
+        // A detail may quote the message (a decoder's error): text columns
+        // cannot hold NUL, and a failing insert here would block the partition.
+        let (reasons, details): (Vec<&str>, Vec<String>) = dead
             .iter()
             .map(|&i| match &fates[i] {
-                Fate::Dead(r) => (r.reason.as_str(), r.detail.as_str()),
+                Fate::Dead(r) => (r.reason.as_str(), r.detail.replace('\0', "\\0")),
                 _ => unreachable!("filtered to dead letters"),
             })
             .unzip();

@@ -147,7 +147,8 @@ pub async fn poison_messages_are_dead_lettered_while_the_partition_flows(broker:
     let json_ct: &[(&str, &[u8])] = &[("content-type", b"application/json")];
 
     send_event(&producer, &n.topic, &created("good-1")).await; // 0
-    send(&producer, &n.topic, Some("x"), Some(b"\x00\x9f garbage \xff"), &[]).await; // 1 invalid_json
+    let nul: &[(&str, &[u8])] = &[("trace", b"a\0b")]; // jsonb cannot hold NUL: stored as base64
+    send(&producer, &n.topic, Some("x"), Some(b"\x00\x9f garbage \xff"), nul).await; // 1 invalid_json
     let mut wrong = created("bad-types");
     wrong["order"]["quantity"] = json!("two");
     send_event(&producer, &n.topic, &wrong).await; // 2 validation_failed
@@ -222,6 +223,13 @@ pub async fn poison_messages_are_dead_lettered_while_the_partition_flows(broker:
         assert!(chrono::DateTime::parse_from_rfc3339(&header(m, "dlq-time").unwrap()).is_ok());
         assert!(header(m, "dlq-detail").is_some_and(|d| !d.is_empty()));
         seen.insert(offset, header(m, "dlq-reason").unwrap());
+        if offset == 1 {
+            assert_eq!(
+                header(m, "trace").map(String::into_bytes),
+                Some(b"a\0b".to_vec()),
+                "headers kept byte for byte"
+            );
+        }
         if offset == 2 {
             assert_eq!(m.payload(), Some(wrong.to_string().as_bytes()));
             assert_eq!(m.key(), Some(&b"bad-types"[..]));
