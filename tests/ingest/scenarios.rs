@@ -378,7 +378,9 @@ pub async fn a_killed_process_restarts_without_loss_or_double(broker: &dyn Broke
     let n = names(broker, partitions);
     let db = Db::create().await;
     let producer = producer(broker);
-    let total = 1500;
+    // Far more than the child can write between seeing 300 orders and the
+    // kill, so the kill always lands mid-stream.
+    let total = 3000;
     produce_orders(&producer, &n.topic, "crash", 0..total / 2).await;
 
     // Never commit to Kafka: every batch written is "between the write and
