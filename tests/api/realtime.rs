@@ -232,6 +232,8 @@ async fn a_resume_beyond_retention_gets_an_explicit_resync() {
     }
     let pruned = ordercast::changes::maintenance::run_once(&app.state.pool, &app.state.settings).await.unwrap();
     assert_eq!(pruned, 7);
+    // The hub's position (what `resync` reports) must have reached the head.
+    app.settled().await;
     let mut ws = app.ws("?since=1").await;
     let resync = ws.next_json(WAIT).await;
     assert_eq!(resync["type"], "resync", "{resync}");

@@ -38,6 +38,15 @@ impl Mock {
     pub fn start() -> Mock {
         Mock { cluster: MockCluster::new(1).expect("start the rdkafka mock cluster") }
     }
+
+    /// Takes the (only) broker down: connections are closed and refused.
+    pub fn broker_down(&self) {
+        self.cluster.broker_down(1).expect("take the mock broker down");
+    }
+
+    pub fn broker_up(&self) {
+        self.cluster.broker_up(1).expect("bring the mock broker back");
+    }
 }
 
 impl Broker for Mock {
