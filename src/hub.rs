@@ -26,10 +26,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::changes::SharedChange;
 use crate::domain::{Filter, Status};
 
-/// Batches a subscription may have queued (each also counts its changes
-/// against the per-client change budget).
-const QUEUE_BATCHES: usize = 1024;
-
 /// What a session receives: a batch shared with every unfiltered client, or
 /// the changes that matched its filter.
 #[derive(Debug, Clone)]
@@ -257,7 +253,9 @@ impl Registry {
     fn subscribe(&mut self, filter: Filter, reply: oneshot::Sender<Subscription>) {
         self.next_id += 1;
         let id = self.next_id;
-        let (tx, rx) = mpsc::channel(QUEUE_BATCHES);
+        // Every batch holds at least one change, so with this capacity the
+        // change budget (`max_queued`) is always the limit that applies.
+        let (tx, rx) = mpsc::channel(self.max_queued);
         let lagged = Arc::new(AtomicBool::new(false));
         let queued = Arc::new(AtomicUsize::new(0));
         let subscription = Subscription {
