@@ -524,9 +524,7 @@ async fn a_gap_in_positions_does_not_stall_live_or_resuming_readers() {
     let before = seq(&ws.changes(1, WAIT).await[0]);
     // A transaction that fails after the sequencer reserved its positions
     // leaves a gap; make a large one.
-    db.execute("SELECT setval('change_position', (SELECT last_value FROM change_position) + 5000)", &[])
-        .await
-        .unwrap();
+    db.execute("SELECT setval('change_position', (SELECT last_value FROM change_position) + 5000)", &[]).await.unwrap();
     dba_insert(&db, "after gap").await;
     let after = ws.changes(1, WAIT).await.remove(0);
     assert_eq!(after["order"]["customer_name"], "after gap");
