@@ -11,7 +11,6 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use super::{parse_limit, QueryPairs};
-use crate::domain::ValidationError;
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -92,20 +91,10 @@ pub async fn list(query: QueryPairs, state: web::Data<AppState>) -> Result<HttpR
     for (k, v) in query.iter() {
         match k.as_str() {
             "limit" => limit = parse_limit(v, MAX_LIMIT)?,
+            "access_token" => {}
             "reason" => reason = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
-            "before" | "cursor" => {
-                before = Some(v.trim().parse::<i64>().map_err(|_| {
-                    ValidationError::with_code("before", "invalid_cursor", "not a cursor from this API")
-                })?)
-            }
-            other => {
-                return Err(ValidationError::with_code(
-                    "query",
-                    "unknown_parameter",
-                    format!("unknown query parameter {other:?}"),
-                )
-                .into())
-            }
+            "before" | "cursor" => before = Some(super::parse_cursor("before", v)?),
+            other => return Err(super::unknown_parameter(other).into()),
         }
     }
     let client = state.pool.get().await?;

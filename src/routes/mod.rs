@@ -41,14 +41,7 @@ impl StreamParams {
                 "snapshot" => p.snapshot = parse_bool("snapshot", v)?,
                 "snapshot_limit" => p.snapshot_limit = parse_limit(v, SNAPSHOT_MAX_LIMIT)?,
                 "access_token" => {}
-                other => {
-                    return Err(ValidationError::with_code(
-                        "query",
-                        "unknown_parameter",
-                        format!("unknown query parameter {other:?}"),
-                    )
-                    .into())
-                }
+                other => return Err(unknown_parameter(other).into()),
             }
         }
         Ok(p)
@@ -78,6 +71,18 @@ pub fn parse_limit(v: &str, max: i64) -> Result<i64, ValidationError> {
         return Err(ValidationError::new("limit", "must be at least 1"));
     }
     Ok(n.min(max))
+}
+
+/// The error for a query parameter a route does not know.
+pub fn unknown_parameter(name: &str) -> ValidationError {
+    ValidationError::with_code("query", "unknown_parameter", format!("unknown query parameter {name:?}"))
+}
+
+/// A keyset cursor handed out by this API (an id).
+pub fn parse_cursor(field: &'static str, v: &str) -> Result<i64, ValidationError> {
+    v.trim()
+        .parse::<i64>()
+        .map_err(|_| ValidationError::with_code(field, "invalid_cursor", "not a cursor from this API"))
 }
 
 /// The raw query pairs, in order (repeated keys allowed).

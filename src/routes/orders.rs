@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::{parse_limit, QueryPairs};
-use crate::domain::{Filter, NewOrder, OrderPatch, Status, ValidationError};
+use crate::domain::{Filter, NewOrder, OrderPatch, Status};
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -155,19 +155,8 @@ pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState
             "q" => q = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
             "limit" => limit = parse_limit(v, LIST_MAX_LIMIT)?,
             "access_token" => {}
-            "cursor" => {
-                cursor = Some(v.parse::<i64>().map_err(|_| {
-                    ValidationError::with_code("cursor", "invalid_cursor", "not a cursor from this API")
-                })?)
-            }
-            other => {
-                return Err(ValidationError::with_code(
-                    "query",
-                    "unknown_parameter",
-                    format!("unknown query parameter {other:?}"),
-                )
-                .into())
-            }
+            "cursor" => cursor = Some(super::parse_cursor("cursor", v)?),
+            other => return Err(super::unknown_parameter(other).into()),
         }
     }
     if let Some(c) = restriction(&req) {
