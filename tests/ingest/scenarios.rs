@@ -403,7 +403,11 @@ pub async fn a_killed_process_restarts_without_loss_or_double(broker: &dyn Broke
     assert!(written_before < total, "killed mid-stream ({written_before} of {total} orders written)");
     let in_pg: i64 = stored(&sql, &n).await.iter().filter_map(|(_, o)| *o).sum();
     assert!(in_pg > 0, "positions were stored with the rows");
-    assert_eq!(committed(broker, &n, partitions).await, vec![None; partitions as usize], "Kafka never heard of them");
+    // Kafka commits are off, but a rebalance (a slow join on a loaded machine)
+    // still commits on revoke: what matters is that some written batches'
+    // positions never reached Kafka.
+    let in_kafka: i64 = committed(broker, &n, partitions).await.iter().map(|o| o.unwrap_or(0)).sum();
+    assert!(in_pg > in_kafka, "some positions are only in PostgreSQL (PostgreSQL {in_pg}, Kafka {in_kafka})");
 
     more.await.unwrap();
     let second = Child::start(&db.url, broker, &n, &[]);
