@@ -54,7 +54,8 @@ impl Filter {
             }
         }
         if let Some(want) = &self.customer {
-            let hit = |c: Option<&str>| c.is_some_and(|c| c.to_lowercase() == *want);
+            // Compared without allocating: this runs per candidate client per change.
+            let hit = |c: Option<&str>| c.is_some_and(|c| c.chars().flat_map(char::to_lowercase).eq(want.chars()));
             if !hit(customer) && !hit(old_customer) {
                 return false;
             }

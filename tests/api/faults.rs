@@ -74,20 +74,37 @@ async fn insert(db: &tokio_postgres::Client, name: &str) {
         .unwrap();
 }
 
+/// A real server on a fresh database, with a WebSocket client that has
+/// received one change (at position `last`).
+struct Running {
+    db_url: String,
+    port: u16,
+    server: Server,
+    db: tokio_postgres::Client,
+    ws: WsClient,
+    last: i64,
+}
+
+async fn running_with_a_client() -> Running {
+    let (db_url, _) = create_database().await;
+    let port = free_port();
+    let server = Server::start(&db_url, port).await;
+    let db = ordercast::db::connect(&db_url).await.unwrap();
+    let mut ws = WsClient::connect(&format!("ws://127.0.0.1:{port}/ws")).await;
+    ws.ready().await;
+    insert(&db, "before").await;
+    let last = ws.changes(1, WAIT).await[0]["seq"].as_i64().unwrap();
+    Running { db_url, port, server, db, ws, last }
+}
+
 fn names(changes: &[Value]) -> Vec<String> {
     changes.iter().map(|c| c["order"]["customer_name"].as_str().unwrap().to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_then_restart_clients_resume_without_loss() {
-    let (db_url, _) = create_database().await;
-    let port = free_port();
-    let mut server = Server::start(&db_url, port).await;
-    let db = ordercast::db::connect(&db_url).await.unwrap();
-    let mut ws = WsClient::connect(&format!("ws://127.0.0.1:{port}/ws")).await;
-    ws.ready().await;
-    insert(&db, "before").await;
-    let last = ws.changes(1, WAIT).await[0]["seq"].as_i64().unwrap();
+    // The first client stays connected through the kill, as a browser would.
+    let Running { db_url, port, mut server, db, ws: _first_client, last } = running_with_a_client().await;
     server.signal(nix::sys::signal::Signal::SIGKILL);
     server.wait_exit().await;
     for i in 0..3 {
@@ -102,14 +119,7 @@ async fn sigkill_then_restart_clients_resume_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_sessions_with_their_resume_position_and_exits_cleanly() {
-    let (db_url, _) = create_database().await;
-    let port = free_port();
-    let mut server = Server::start(&db_url, port).await;
-    let db = ordercast::db::connect(&db_url).await.unwrap();
-    let mut ws = WsClient::connect(&format!("ws://127.0.0.1:{port}/ws")).await;
-    ws.ready().await;
-    insert(&db, "one").await;
-    let last = ws.changes(1, WAIT).await[0]["seq"].as_i64().unwrap();
+    let Running { port, mut server, mut ws, last, .. } = running_with_a_client().await;
     server.signal(nix::sys::signal::Signal::SIGTERM);
     match ws.next_event(WAIT).await {
         WsEvent::Closed(Some((1001, reason))) => assert!(reason.contains(&format!("since={last}")), "{reason}"),
