@@ -4,8 +4,9 @@
 //! to it and sessions subscribe through the same channel, so a subscription
 //! learns exactly which position it starts after (no gap, no double).
 //!
-//! Fan-out never awaits a client: each subscription has a bounded queue and
-//! gets `try_send`. A subscription whose queue is full is marked *lagged* and
+//! Fan-out never awaits a client: each subscription has a queue bounded by a
+//! change budget, pushed to without waiting (a short uncontended lock and a
+//! wake-up). A subscription whose budget is spent is marked *lagged* and
 //! dropped from the registry; its session then catches up from the change log
 //! (see `changes::feed`). Changes are shared (`Arc`), never copied per client:
 //! unfiltered subscriptions all receive the same `Arc<SharedBatch>`, whose
@@ -16,9 +17,12 @@
 //! buckets for its own id, customer and statuses, so 10,000 clients each
 //! following one order cost O(matching clients) per change, not O(all).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use futures_util::task::AtomicWaker;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
@@ -107,23 +111,64 @@ pub struct Subscription {
     id: u64,
     /// Every change after this position is delivered here (until lagged).
     pub start: i64,
-    rx: mpsc::Receiver<Batch>,
-    lagged: Arc<AtomicBool>,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
     unsubscribe: mpsc::UnboundedSender<u64>,
+}
+
+/// A subscription's queue, shared by the hub (which pushes without ever
+/// waiting) and the session (which pops). One small allocation per
+/// subscription; no buffer until something is queued.
+#[derive(Default)]
+struct Queue {
+    // unwrap on lock: never held across a panic (only pushes and pops)
+    inner: Mutex<Queued>,
+    waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct Queued {
+    batches: VecDeque<Batch>,
+    /// Changes in `batches`, against the per-client budget.
+    changes: usize,
+    /// The budget ran out: the hub dropped this subscription.
+    lagged: bool,
+    /// The hub let go of it (lagged, or the hub stopped).
+    closed: bool,
 }
 
 impl Subscription {
     /// The next batch; `None` when the hub dropped this subscription
     /// (check `lagged()`) or shut down.
     pub async fn recv(&mut self) -> Option<Batch> {
-        let batch = self.rx.recv().await?;
-        self.queued.fetch_sub(batch.changes().len(), Ordering::Relaxed);
+        std::future::poll_fn(|cx| {
+            self.queue.waker.register(cx.waker());
+            match self.pop() {
+                Some(b) => Poll::Ready(Some(b)),
+                None if self.queue.inner.lock().unwrap().closed => Poll::Ready(None),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// The next batch if one is queued, without waiting; `None` also when
+    /// the subscription was dropped (the async `recv` tells which).
+    pub fn try_recv(&mut self) -> Option<Batch> {
+        self.pop()
+    }
+
+    fn pop(&self) -> Option<Batch> {
+        let mut q = self.queue.inner.lock().unwrap();
+        let batch = q.batches.pop_front()?;
+        q.changes -= batch.changes().len();
+        if q.batches.is_empty() && q.batches.capacity() > 64 {
+            q.batches = VecDeque::new();
+        }
         Some(batch)
     }
 
     pub fn lagged(&self) -> bool {
-        self.lagged.load(Ordering::Relaxed)
+        self.queue.inner.lock().unwrap().lagged
     }
 }
 
@@ -182,10 +227,17 @@ impl Hub {
 }
 
 struct Sub {
-    tx: mpsc::Sender<Batch>,
+    queue: Arc<Queue>,
     filter: Filter,
-    lagged: Arc<AtomicBool>,
-    queued: Arc<AtomicUsize>,
+}
+
+impl Drop for Sub {
+    /// The session sees the end of its subscription once it has taken what
+    /// was queued.
+    fn drop(&mut self) {
+        self.queue.inner.lock().unwrap().closed = true;
+        self.queue.waker.wake();
+    }
 }
 
 enum Bucket {
@@ -253,17 +305,11 @@ impl Registry {
     fn subscribe(&mut self, filter: Filter, reply: oneshot::Sender<Subscription>) {
         self.next_id += 1;
         let id = self.next_id;
-        // Every batch holds at least one change, so with this capacity the
-        // change budget (`max_queued`) is always the limit that applies.
-        let (tx, rx) = mpsc::channel(self.max_queued);
-        let lagged = Arc::new(AtomicBool::new(false));
-        let queued = Arc::new(AtomicUsize::new(0));
+        let queue = Arc::new(Queue::default());
         let subscription = Subscription {
             id,
             start: self.position.load(Ordering::Acquire),
-            rx,
-            lagged: lagged.clone(),
-            queued: queued.clone(),
+            queue: queue.clone(),
             unsubscribe: self.unsubscribe.clone(),
         };
         if reply.send(subscription).is_err() {
@@ -272,7 +318,7 @@ impl Registry {
         for b in buckets(&filter) {
             self.bucket_mut(&b).push(id);
         }
-        self.subs.insert(id, Sub { tx, filter, lagged, queued });
+        self.subs.insert(id, Sub { queue, filter });
         self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
     }
 
@@ -301,22 +347,21 @@ impl Registry {
     fn deliver(&self, id: u64, batch: Batch) -> bool {
         let Some(sub) = self.subs.get(&id) else { return true };
         let n = batch.changes().len();
-        if sub.queued.load(Ordering::Relaxed) + n > self.max_queued {
-            sub.lagged.store(true, Ordering::Relaxed);
-            return false;
-        }
-        match sub.tx.try_send(batch) {
-            Ok(()) => {
-                sub.queued.fetch_add(n, Ordering::Relaxed);
-                self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
-                true
+        {
+            let mut q = sub.queue.inner.lock().unwrap();
+            if q.closed {
+                return false;
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                sub.lagged.store(true, Ordering::Relaxed);
-                false
+            if q.changes + n > self.max_queued {
+                q.lagged = true;
+                return false;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            q.batches.push_back(batch);
+            q.changes += n;
         }
+        sub.queue.waker.wake();
+        self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
+        true
     }
 
     fn publish(&mut self, changes: Vec<SharedChange>) {
@@ -377,7 +422,7 @@ impl Registry {
         }
 
         for id in dropped {
-            if self.subs.get(&id).is_some_and(|s| s.lagged.load(Ordering::Relaxed)) {
+            if self.subs.get(&id).is_some_and(|s| s.queue.inner.lock().unwrap().lagged) {
                 self.stats.lagged.fetch_add(1, Ordering::Relaxed);
             }
             self.remove(id);

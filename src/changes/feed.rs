@@ -50,6 +50,8 @@ pub struct Feed {
     /// Position of the last item handed out: the client's resume position.
     last: i64,
     catch_up_to: Option<i64>,
+    /// The hub dropped the subscription (the client fell behind).
+    resubscribe: bool,
     buf: VecDeque<Item>,
     /// How often this feed recovered from lagging, for tests and metrics.
     pub recoveries: u64,
@@ -76,6 +78,7 @@ impl Feed {
             scan: live_from,
             last: live_from,
             catch_up_to: None,
+            resubscribe: false,
             buf: VecDeque::new(),
             recoveries: 0,
         };
@@ -115,75 +118,131 @@ impl Feed {
         self.last
     }
 
+    /// Hands out a buffered item, keeping the resume position.
+    fn pop_buffered(&mut self) -> Option<Item> {
+        while let Some(item) = self.buf.pop_front() {
+            match &item {
+                Item::Change(c) if c.pos <= self.last => continue,
+                Item::Change(c) => self.last = c.pos,
+                Item::Batch(b) => self.last = b.changes.last().map_or(self.last, |c| c.pos),
+                Item::Resync { position, .. } => {
+                    self.hub.stats.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.last = self.last.max(*position)
+                }
+            }
+            return Some(item);
+        }
+        None
+    }
+
+    /// Buffers a live batch: shared as a whole when all of it is new to this
+    /// feed, else change by change (duplicates are skipped when handed out).
+    fn accept(&mut self, batch: Batch) {
+        match batch {
+            Batch::Shared(b) if b.changes.first().is_some_and(|c| c.pos > self.last) => {
+                self.buf.push_back(Item::Batch(b))
+            }
+            batch => self.buf.extend(batch.changes().iter().cloned().map(Item::Change)),
+        }
+    }
+
+    /// The next item if one is at hand without waiting or reading the log:
+    /// lets a session gather everything queued into one socket write.
+    pub fn try_next(&mut self) -> Option<Item> {
+        loop {
+            if let Some(item) = self.pop_buffered() {
+                return Some(item);
+            }
+            if self.catch_up_to.is_some() || self.resubscribe {
+                return None;
+            }
+            let batch = self.sub.as_mut()?.try_recv()?;
+            self.accept(batch);
+        }
+    }
+
     /// The next item; `None` once the hub has shut down.
     pub async fn next(&mut self) -> Option<Item> {
         loop {
-            if let Some(item) = self.buf.pop_front() {
-                match &item {
-                    Item::Change(c) if c.pos <= self.last => continue,
-                    Item::Change(c) => self.last = c.pos,
-                    Item::Batch(b) => self.last = b.changes.last().map_or(self.last, |c| c.pos),
-                    Item::Resync { position, .. } => {
-                        self.hub.stats.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        self.last = self.last.max(*position)
-                    }
-                }
+            if let Some(item) = self.pop_buffered() {
                 return Some(item);
             }
-            if let Some(until) = self.catch_up_to {
-                if self.scan >= until {
-                    self.catch_up_to = None;
-                    continue;
-                }
-                match self.read_log().await {
-                    Ok(changes) if changes.is_empty() => self.scan = until,
-                    Ok(changes) => {
-                        // unwrap: not empty
-                        self.scan = changes.last().unwrap().pos;
-                        self.buf.extend(changes.into_iter().filter(|c| c.matches(&self.filter)).map(Item::Change));
-                    }
-                    Err(e) => {
-                        log::warn!("catch-up read failed, retrying: {e:#}");
-                        tokio::time::sleep(RETRY_DELAY).await;
-                    }
+            if self.catch_up_to.is_some() || self.resubscribe {
+                // Boxed: rare paths that should not size every idle session.
+                if !Box::pin(self.recover()).await {
+                    return None;
                 }
                 continue;
             }
             let sub = self.sub.as_mut()?;
-            let received = sub.recv().await;
-            let lagged = sub.lagged();
-            match received {
-                Some(Batch::Shared(b)) if b.changes.first().is_some_and(|c| c.pos > self.last) => {
-                    self.buf.push_back(Item::Batch(b))
-                }
-                Some(batch) => self.buf.extend(batch.changes().iter().cloned().map(Item::Change)),
-                None if lagged => {
-                    // Fell behind: subscribe again and catch up from the log.
-                    // The old subscription stays until the new one is in hand:
-                    // if this future is dropped while subscribing (it sits in
-                    // a `select!`), the next call simply tries again, instead
-                    // of finding no subscription and ending the stream.
-                    match self.hub.subscribe(self.filter.clone()).await {
-                        Ok(sub) => {
-                            self.recoveries += 1;
-                            self.scan = self.last;
-                            self.catch_up_to = Some(sub.start);
-                            self.sub = Some(sub);
-                        }
-                        Err(HubClosed) => return None,
-                    }
-                }
+            match sub.recv().await {
+                Some(batch) => self.accept(batch),
+                // Fell behind: subscribe again and catch up from the log.
+                None if sub.lagged() => self.resubscribe = true,
                 None => return None,
             }
         }
     }
 
-    async fn read_log(&self) -> anyhow::Result<Vec<SharedChange>> {
-        let client = self.pool.get().await?;
-        let (_, pruned) = log_bounds(&client).await?;
-        if self.scan < pruned {
-            anyhow::bail!("position {} was pruned from the change log", self.scan);
+    /// Subscribes again after lagging, or reads the next part of the log
+    /// while catching up. False once the hub has shut down.
+    async fn recover(&mut self) -> bool {
+        if self.resubscribe {
+            // The old subscription stays until the new one is in hand: if
+            // this future is dropped while subscribing (it sits in a
+            // `select!`), the next call simply tries again.
+            return match self.hub.subscribe(self.filter.clone()).await {
+                Ok(sub) => {
+                    self.recoveries += 1;
+                    self.resubscribe = false;
+                    self.scan = self.last;
+                    self.catch_up_to = Some(sub.start);
+                    self.sub = Some(sub);
+                    true
+                }
+                Err(HubClosed) => false,
+            };
         }
-        Ok(read_after(&client, self.scan, CATCH_UP_BATCH).await?)
+        let Some(until) = self.catch_up_to else { return true };
+        if self.scan >= until {
+            self.catch_up_to = None;
+            return true;
+        }
+        match self.read_log().await {
+            Ok(changes) if changes.is_empty() => self.scan = until,
+            Ok(changes) => {
+                // unwrap: not empty
+                self.scan = changes.last().unwrap().pos;
+                self.buf.extend(changes.into_iter().filter(|c| c.matches(&self.filter)).map(Item::Change));
+            }
+            Err(CatchUpError::Pruned) => {
+                // The log dropped the client's position while it was behind:
+                // say so, and go on live after `until`.
+                self.buf.push_back(Item::Resync { reason: "position_expired", position: until });
+                self.scan = until;
+                self.catch_up_to = None;
+            }
+            Err(CatchUpError::Db(e)) => {
+                log::warn!("catch-up read failed, retrying: {e:#}");
+                tokio::time::sleep(RETRY_DELAY).await;
+            }
+        }
+        true
     }
+
+    async fn read_log(&self) -> Result<Vec<SharedChange>, CatchUpError> {
+        let client = self.pool.get().await.map_err(|e| CatchUpError::Db(e.into()))?;
+        let (_, pruned) = log_bounds(&client).await.map_err(|e| CatchUpError::Db(e.into()))?;
+        if self.scan < pruned {
+            return Err(CatchUpError::Pruned);
+        }
+        read_after(&client, self.scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))
+    }
+}
+
+enum CatchUpError {
+    /// The position to continue from is no longer in the log.
+    Pruned,
+    /// The database is away; try again.
+    Db(anyhow::Error),
 }
