@@ -7,10 +7,22 @@ use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::dev::{Server, ServerHandle};
+use std::rc::Rc;
+
+use actix_codec::Framed;
+use actix_http::body::{BodySize, BoxBody, MessageBody};
+use actix_http::error::DispatchError;
+use actix_http::h1::{self, Message};
+use actix_http::{ConnectionType, HttpService, KeepAlive, Request, Response};
+use actix_server::{Server, ServerHandle};
+use actix_service::{
+    fn_factory, fn_service, map_config, IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt,
+};
+use actix_web::dev::{AppConfig, ServiceRequest, ServiceResponse};
 use actix_web::http::StatusCode;
 use actix_web::middleware::Logger;
-use actix_web::{web, App, HttpServer};
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, App};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::sync::watch;
@@ -38,6 +50,9 @@ pub struct AppState {
     /// Flips to true when the server begins a graceful stop: sessions close
     /// with their resume position.
     pub shutdown: watch::Sender<bool>,
+    /// Ticks every `routes::ws::HEARTBEAT_INTERVAL`: one timer for all
+    /// WebSocket sessions instead of one each.
+    pub heartbeat: watch::Receiver<u64>,
     pub sessions: SessionCounters,
     pub http_metrics: crate::metrics::HttpMetrics,
     /// `None`: authentication is off (no keys, no JWT secret).
@@ -132,6 +147,121 @@ impl AppHandle {
     }
 }
 
+/// The application: middleware and routes. Built per worker, twice (the
+/// request service and the WebSocket upgrade service).
+fn app(
+    data: web::Data<AppState>,
+    origins: &[String],
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    // CORS only for the configured origins; never a wildcard.
+    let cors = origins.iter().fold(
+        actix_cors::Cors::default()
+            .allowed_methods(["GET", "POST", "PATCH", "PUT", "DELETE"])
+            .allowed_headers(["authorization", "content-type", "if-match", "last-event-id"])
+            .expose_headers(["etag", "location", "retry-after"])
+            .supports_credentials()
+            .max_age(3600),
+        |cors, o| cors.allowed_origin(o.trim_end_matches('/')),
+    );
+    App::new()
+        .wrap(actix_web::middleware::from_fn(crate::auth::guard))
+        .wrap(cors)
+        .wrap(
+            // %U: the path without the query string, which may hold a token.
+            Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
+                .custom_request_replace("method", |req| req.method().to_string()),
+        )
+        .wrap_fn({
+            let data = data.clone();
+            move |req, srv| {
+                use actix_web::dev::Service;
+                let data = data.clone();
+                let fut = srv.call(req);
+                async move {
+                    let res = fut.await?;
+                    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+                    data.http_metrics.record(res.request().method().as_str(), &route, res.status().as_u16());
+                    Ok(res)
+                }
+            }
+        })
+        .app_data(data.clone())
+        .app_data(web::QueryConfig::default().error_handler(|err, _| {
+            let msg = err.to_string();
+            actix_web::error::InternalError::from_response(
+                err,
+                problem_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
+            )
+            .into()
+        }))
+        .configure(routes::health::configure)
+        .configure(routes::orders::configure)
+        .configure(routes::stats::configure)
+        .configure(routes::dlq::configure)
+        .configure(routes::sse::configure)
+        .configure(routes::ws::configure)
+        .configure(routes::openapi::configure)
+        .configure(routes::metrics::configure)
+        .configure(routes::web::configure)
+        .default_service(web::to(|req: actix_web::HttpRequest| async move {
+            problem_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                &format!("no route for {} {}", req.method(), req.path()),
+            )
+        }))
+}
+
+/// A request that asked to upgrade (`Connection: upgrade`, `Upgrade:
+/// websocket`): the application answers it like any request. A 101 from
+/// `GET /ws` carries the session to run: its head is written, and the raw
+/// connection goes to the WebSocket session, without the HTTP dispatcher and
+/// its buffers. Any other answer (an error, or a route that does not
+/// upgrade) is written whole and the connection closed.
+async fn upgrade<S, B>(
+    app: Rc<S>,
+    req: Request,
+    mut framed: Framed<TcpStream, h1::Codec>,
+) -> Result<(), actix_web::Error>
+where
+    S: Service<Request, Response = ServiceResponse<B>, Error = actix_web::Error>,
+    B: MessageBody + 'static,
+{
+    use futures_util::SinkExt;
+    let mut response: Response<BoxBody> = match app.call(req).await {
+        Ok(res) => Response::from(res).map_into_boxed_body(),
+        Err(e) => Response::from(e),
+    };
+    let handoff = response.extensions_mut().remove::<routes::ws::Handoff>();
+    let (mut head, body) = response.into_parts();
+    match handoff {
+        Some(handoff) if head.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            framed.send(Message::Item((head, BodySize::None))).await?;
+            let parts = framed.into_parts();
+            routes::ws::start(parts.io, parts.read_buf, handoff);
+            Ok(())
+        }
+        _ => {
+            let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
+            head.head_mut().set_connection_type(ConnectionType::Close);
+            framed.send(Message::Item((head, BodySize::Sized(body.len() as u64)))).await?;
+            if !body.is_empty() {
+                framed.send(Message::Chunk(Some(body))).await?;
+            }
+            framed.send(Message::Chunk(None)).await?;
+            Ok(framed.close().await?)
+        }
+    }
+}
+
 impl Application {
     pub async fn build(settings: Settings, database_url: &str) -> anyhow::Result<Application> {
         let auth = crate::auth::Auth::from_config(
@@ -157,11 +287,20 @@ impl Application {
         };
         let hub = Hub::start(head, settings.client_buffer);
         let listener_state = Arc::new(ListenerState::default());
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(listener::run(database_url.to_string(), hub.clone(), listener_state.clone())),
             tokio::spawn(crate::changes::maintenance::run(pool.clone(), settings.clone())),
         ];
         let (shutdown, _) = watch::channel(false);
+        let (beat, heartbeat) = watch::channel(0u64);
+        tasks.push(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(routes::ws::HEARTBEAT_INTERVAL);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                beat.send_modify(|n| *n += 1);
+            }
+        }));
         let ingest = match crate::ingest::start(&settings.kafka, database_url, shutdown.subscribe()) {
             Ok(i) => i,
             Err(e) => {
@@ -182,6 +321,7 @@ impl Application {
             listener: listener_state,
             settings: settings.clone(),
             shutdown,
+            heartbeat,
             sessions: SessionCounters::default(),
             http_metrics: Default::default(),
             auth,
@@ -195,72 +335,38 @@ impl Application {
         let port = tcp.local_addr()?.port();
         let data = web::Data::from(state.clone());
         let origins = settings.allowed_origins.clone();
-        let mut server = HttpServer::new(move || {
-            // CORS only for the configured origins; never a wildcard.
-            let cors = origins.iter().fold(
-                actix_cors::Cors::default()
-                    .allowed_methods(["GET", "POST", "PATCH", "PUT", "DELETE"])
-                    .allowed_headers(["authorization", "content-type", "if-match", "last-event-id"])
-                    .expose_headers(["etag", "location", "retry-after"])
-                    .supports_credentials()
-                    .max_age(3600),
-                |cors, o| cors.allowed_origin(o.trim_end_matches('/')),
-            );
-            App::new()
-                .wrap(actix_web::middleware::from_fn(crate::auth::guard))
-                .wrap(cors)
-                .wrap(
-                    // %U: the path without the query string, which may hold a token.
-                    Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
-                        .custom_request_replace("method", |req| req.method().to_string()),
-                )
-                .wrap_fn({
-                    let data = data.clone();
-                    move |req, srv| {
-                        use actix_web::dev::Service;
-                        let data = data.clone();
-                        let fut = srv.call(req);
-                        async move {
-                            let res = fut.await?;
-                            let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
-                            data.http_metrics.record(res.request().method().as_str(), &route, res.status().as_u16());
-                            Ok(res)
-                        }
+        // Per worker: an HTTP/1 service for requests, and for WebSocket
+        // handshakes an upgrade service that runs the same application and
+        // then takes the connection over from the HTTP dispatcher.
+        let factory = move || {
+            let upgrade = {
+                let (data, origins) = (data.clone(), origins.clone());
+                fn_factory(move || {
+                    let app = app(data.clone(), &origins).into_factory().new_service(AppConfig::default());
+                    async move {
+                        let app = Rc::new(app.await?);
+                        Ok::<_, ()>(fn_service(move |(req, framed)| upgrade(app.clone(), req, framed)))
                     }
                 })
-                .app_data(data.clone())
-                .app_data(web::QueryConfig::default().error_handler(|err, _| {
-                    let msg = err.to_string();
-                    actix_web::error::InternalError::from_response(
-                        err,
-                        problem_response(StatusCode::BAD_REQUEST, "invalid_query", &msg),
-                    )
-                    .into()
-                }))
-                .configure(routes::health::configure)
-                .configure(routes::orders::configure)
-                .configure(routes::stats::configure)
-                .configure(routes::dlq::configure)
-                .configure(routes::sse::configure)
-                .configure(routes::ws::configure)
-                .configure(routes::openapi::configure)
-                .configure(routes::metrics::configure)
-                .configure(routes::web::configure)
-                .default_service(web::to(|req: actix_web::HttpRequest| async move {
-                    problem_response(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        &format!("no route for {} {}", req.method(), req.path()),
-                    )
-                }))
-        })
-        .listen(tcp)?
-        .disable_signals()
-        // Pushes are small frames that must leave at once: without this,
-        // Nagle's algorithm holds a frame until the client ACKs the previous
-        // one, and delayed ACKs make that up to 40 ms.
-        .tcp_nodelay(true)
-        .shutdown_timeout(5);
+            };
+            let http = HttpService::build()
+                .keep_alive(KeepAlive::Timeout(Duration::from_secs(5)))
+                .client_request_timeout(Duration::from_secs(5))
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .upgrade(upgrade)
+                .h1(map_config(app(data.clone(), &origins), |_| AppConfig::default()));
+            fn_service(|io: TcpStream| async move {
+                // Pushes are small frames that must leave at once: without
+                // this, Nagle's algorithm holds a frame until the client ACKs
+                // the previous one, and delayed ACKs make that up to 40 ms.
+                io.set_nodelay(true).map_err(DispatchError::Io)?;
+                let peer = io.peer_addr().ok();
+                Ok((io, peer))
+            })
+            .and_then(http)
+        };
+        tcp.set_nonblocking(true)?;
+        let mut server = Server::build().listen("ordercast", tcp, factory)?.disable_signals().shutdown_timeout(5);
         if settings.workers > 0 {
             server = server.workers(settings.workers);
         }

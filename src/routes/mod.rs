@@ -10,6 +10,7 @@ pub mod sse;
 pub mod stats;
 pub mod web;
 pub mod ws;
+pub mod ws_socket;
 
 use actix_web::web::Query;
 

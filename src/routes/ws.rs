@@ -9,20 +9,19 @@
 //!
 //! A client that sends nothing gets every change from now on; the same
 //! subscription can be given as query parameters (`/ws?status=pending&since=42`).
-//! One `select!` loop per connection over client frames, the feed, a
-//! heartbeat and server shutdown.
+//! The handshake runs through the HTTP server like any request (auth, CORS,
+//! limits, parameters); the 101 response carries the opened feed, and once
+//! it is written the server hands the raw connection to `start` (see
+//! `startup::upgrade`). From then on one task per connection runs a
+//! `select!` loop over client frames, the feed, a heartbeat and server
+//! shutdown, writing straight to the socket (`ws_socket`).
 
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use actix_web::body::{BodyStream, BoxBody};
 use actix_web::{get, web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason};
+use actix_ws::{CloseCode, CloseReason};
 use bytes::Bytes;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use super::{parse_position, QueryPairs, StreamParams};
 use crate::changes::feed::{Feed, FeedError, Item};
@@ -31,17 +30,22 @@ use crate::domain::{Filter, ValidationError};
 use crate::error::ApiError;
 use crate::startup::AppState;
 
+use super::ws_socket::{Incoming, ReadError, Socket};
+
 /// How often the server pings.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 /// A client silent (no pong, no message) for this long is closed.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Snapshot rows per `snapshot` message.
 const SNAPSHOT_CHUNK: usize = 200;
-/// Writes (each one frame or a batch of frames) queued for the connection
-/// before the session waits for the client to read. Small, so that a client
-/// that stops reading backs up into its hub queue (and is marked lagged)
-/// rather than here.
-const OUT_QUEUE: usize = 4;
+/// Bytes queued for the connection beyond what the socket took before the
+/// session stops taking changes from its feed. Small, so that a client that
+/// stops reading backs up into its hub queue (and is marked lagged, to catch
+/// up from the log later) rather than here.
+const OUT_LIMIT: usize = 64 * 1024;
+/// How long a closing connection may take to send its close frame and see
+/// the client's.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Close codes, documented in the README.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
@@ -135,15 +139,11 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
     ),
     responses(
         (status = 101, description = "WebSocket upgrade; see the README for the message protocol"),
+        (status = 400, description = "Not a WebSocket handshake", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid filter or position", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/ws")]
-pub async fn ws(
-    req: HttpRequest,
-    body: web::Payload,
-    query: QueryPairs,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
+pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     // Refusals a browser can read: upgrade, then close with a code and reason.
     let refusal = {
         use actix_web::HttpMessage;
@@ -154,41 +154,77 @@ pub async fn ws(
         (!crate::auth::origin_allowed(&req, &state.settings.allowed_origins))
             .then(|| (CLOSE_FORBIDDEN, "origin not allowed".to_string()))
     });
+    let handshake = || {
+        actix_http::ws::handshake(req.head())
+            .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}"), "websocket_handshake_failed"))
+    };
     if let Some((code, reason)) = refusal {
-        let (response, session, _stream) = actix_ws::handle(&req, body)?;
-        actix_web::rt::spawn(async move {
-            let reason = CloseReason { code: CloseCode::Other(code), description: Some(reason) };
-            let _ = session.close(Some(reason)).await;
-        });
-        return Ok(response);
+        return Ok(switch(handshake()?, Handoff::Refuse { code, reason }));
     }
     let principal = crate::auth::principal(&req);
     let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let slot = state.connections.acquire(ip).map_err(too_many)?;
     let mut params = StreamParams::from_query(&query)?;
     restrict(&mut params.filter, &principal);
+    let handshake = handshake()?;
     let opened = open_stream(&state, &params).await?;
-    // actix-ws does the handshake and parses the client's frames; outgoing
-    // frames bypass its `Session` (which re-frames and copies every message)
-    // and go out as the complete, shared frames built once per change.
-    let (response, _session, stream) = actix_ws::handle(&req, body)?;
-    let (response, handshake_body) = response.into_parts();
-    let (out, out_rx) = mpsc::channel(OUT_QUEUE);
-    let response = response
-        .set_body(BodyStream::new(FrameBody { frames: out_rx, _handshake_body: handshake_body }))
-        .map_into_boxed_body();
-    let stream = stream
-        .max_frame_size(state.settings.max_frame_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(state.settings.max_frame_bytes);
-    let state = state.into_inner();
-    actix_web::rt::spawn(async move {
-        state.sessions.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        run_session(state.clone(), out, stream, opened, params, principal).await;
-        state.sessions.ws.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        drop(slot);
-    });
-    Ok(response)
+    let session = Session { state: state.into_inner(), opened, params, principal, _slot: slot };
+    Ok(switch(handshake, Handoff::Session(Box::new(session))))
+}
+
+/// The 101 response, carrying what the connection continues with once the
+/// HTTP server has handed it over (`startup::upgrade` takes it out).
+fn switch(mut handshake: actix_http::ResponseBuilder, handoff: Handoff) -> HttpResponse {
+    let mut response = HttpResponse::from(handshake.finish().map_into_boxed_body());
+    response.extensions_mut().insert(handoff);
+    response
+}
+
+/// What an accepted WebSocket handshake continues with.
+pub enum Handoff {
+    /// Close at once with this code and reason (auth, origin).
+    Refuse { code: u16, reason: String },
+    /// Stream changes.
+    Session(Box<Session>),
+}
+
+/// A subscribed session, ready to run on its connection.
+pub struct Session {
+    state: std::sync::Arc<AppState>,
+    opened: Opened,
+    params: StreamParams,
+    principal: crate::auth::Principal,
+    /// The connection's place under the connection limits, held while it runs.
+    _slot: crate::limits::ConnectionSlot,
+}
+
+/// Runs an upgraded connection: called with the socket once the 101
+/// response is written; `early` holds bytes the client sent right behind
+/// its handshake.
+pub fn start(io: tokio::net::TcpStream, early: bytes::BytesMut, handoff: Handoff) {
+    match handoff {
+        Handoff::Refuse { code, reason } => {
+            actix_web::rt::spawn(async move {
+                let socket = match Socket::take_over(io, early, 125) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::debug!("WebSocket connection lost at the handshake: {e}");
+                        return;
+                    }
+                };
+                socket.shut_down(wire::close_frame(code, &reason), CLOSE_LINGER).await;
+            });
+        }
+        Handoff::Session(session) => {
+            let fut = async move {
+                let state = session.state.clone();
+                state.sessions.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                run_session(session, io, early).await;
+                state.sessions.ws.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            };
+            actix_web::rt::spawn(fut);
+        }
+    }
 }
 
 /// A restricted token only ever sees its own customer's orders, whatever
@@ -217,39 +253,38 @@ fn close(code: u16, description: impl Into<String>) -> Outcome {
     Outcome::Close(Some(CloseReason { code: CloseCode::Other(code), description: Some(description.into()) }))
 }
 
-/// The response body of a WebSocket connection: complete frames, written by
-/// the HTTP dispatcher as they come (whatever is queued goes out in one write).
-struct FrameBody {
-    frames: mpsc::Receiver<Bytes>,
-    /// actix-ws's own body, never polled: dropping it tells its message stream
-    /// that the connection is gone, so it must live exactly as long as ours.
-    _handshake_body: BoxBody,
-}
-
-impl futures_util::Stream for FrameBody {
-    type Item = Result<Bytes, Infallible>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.frames.poll_recv(cx).map(|f| f.map(Ok))
-    }
-}
-
+/// The connection and the rules for writing to it.
 struct Conn {
-    out: mpsc::Sender<Bytes>,
+    socket: Socket,
     write_timeout: Duration,
 }
 
 impl Conn {
-    /// Queues complete frames. Only when the queue is full (the client is
-    /// not reading) does it wait, with a timer: a client that does not read
-    /// for `write_timeout` is too slow and gets closed.
+    /// Queues a frame and writes what the socket takes now. Waits only while
+    /// the client is far behind (more than `OUT_LIMIT` bytes unwritten), at
+    /// most `write_timeout`: a client that does not read is too slow.
     async fn send_frames(&mut self, frames: Bytes) -> Result<(), Outcome> {
-        let frames = match self.out.try_send(frames) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Outcome::Close(None)),
-            Err(mpsc::error::TrySendError::Full(frames)) => frames,
-        };
-        match tokio::time::timeout(self.write_timeout, self.out.send(frames)).await {
+        self.socket.send(frames).map_err(|_| Outcome::Close(None))?;
+        self.write_some().await
+    }
+
+    /// Writes without waiting; then, if too much is still queued, waits for
+    /// the client to read.
+    async fn write_some(&mut self) -> Result<(), Outcome> {
+        self.socket.flush().map_err(|_| Outcome::Close(None))?;
+        if self.socket.pending() <= OUT_LIMIT {
+            return Ok(());
+        }
+        // Boxed: only a client far behind waits here.
+        let drained = Box::pin(tokio::time::timeout(self.write_timeout, async {
+            while self.socket.pending() > OUT_LIMIT {
+                self.socket.writable().await?;
+                self.socket.flush()?;
+            }
+            std::io::Result::Ok(())
+        }))
+        .await;
+        match drained {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Outcome::Close(None)),
             Err(_) => Err(close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading")),
@@ -262,6 +297,17 @@ impl Conn {
 
     async fn send_json(&mut self, v: Value) -> Result<(), Outcome> {
         self.send(v.to_string()).await
+    }
+
+    /// Queues a feed item's frames without writing.
+    fn queue_item(&mut self, item: Item) {
+        match item {
+            Item::Change(c) => self.socket.queue(c.ws_frame.clone()),
+            Item::Batch(b) => self.socket.queue(b.ws_frames.clone()),
+            Item::Resync { reason, position } => {
+                self.socket.queue(wire::frame(wire::OP_TEXT, resync_message(reason, position).as_bytes()))
+            }
+        }
     }
 
     /// A resync if the position is gone, snapshot chunks (if asked for),
@@ -333,91 +379,145 @@ fn error_message(e: &ValidationError) -> Value {
     json!({"type": "error", "code": e.code, "field": e.field, "message": e.message})
 }
 
-async fn run_session(
-    state: std::sync::Arc<AppState>,
-    out: mpsc::Sender<Bytes>,
-    mut stream: actix_ws::AggregatedMessageStream,
-    mut opened: Opened,
-    mut params: StreamParams,
-    principal: crate::auth::Principal,
-) {
+/// Answers one client message.
+async fn handle_message(
+    state: &std::sync::Arc<AppState>,
+    conn: &mut Conn,
+    session: &mut SessionState,
+    message: Incoming,
+) -> Outcome {
     let max_subscribes = state.settings.max_subscribes_per_minute;
-    let mut subscribes: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
-    let mut conn = Conn { out, write_timeout: state.settings.slow_client_timeout() };
-    let mut shutdown = state.shutdown.subscribe();
-    let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-    heartbeat.tick().await;
-    let mut last_heard = Instant::now();
+    let sent = match message {
+        Incoming::Text(text) => match ClientMessage::parse(&text) {
+            Ok(ClientMessage::Ping) => conn.send_json(json!({"type": "pong"})).await,
+            Ok(ClientMessage::Subscribe { .. }) if {
+                while session.subscribes.front().is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
+                    session.subscribes.pop_front();
+                }
+                session.subscribes.len() as u32 >= max_subscribes
+            } => {
+                conn.send_json(json!({"type": "error", "code": "too_many_subscribes", "message": format!("at most {max_subscribes} subscribe messages per minute")}))
+                    .await
+            }
+            Ok(ClientMessage::Subscribe { mut filter, since, snapshot }) => {
+                session.subscribes.push_back(Instant::now());
+                restrict(&mut filter, &session.principal);
+                let next = StreamParams { filter, since, snapshot, snapshot_limit: session.params.snapshot_limit };
+                match open_stream(state, &next).await {
+                    Ok(o) => {
+                        session.opened = o;
+                        session.params = next;
+                        conn.announce(&session.opened, &session.params).await
+                    }
+                    Err(ApiError::Validation(e)) => conn.send_json(error_message(&e)).await,
+                    Err(e) => Err(close(CLOSE_UNAVAILABLE, format!("cannot subscribe: {}", e.code()))),
+                }
+            }
+            Err(e) => conn.send_json(error_message(&e)).await,
+        },
+        Incoming::Binary => {
+            conn.send_json(json!({"type": "error", "code": "binary_not_supported", "message": "send JSON text frames"}))
+                .await
+        }
+        // A control frame carries at most 125 bytes (the parser enforces it).
+        Incoming::Ping(bytes) => conn.send_frames(wire::frame(wire::OP_PONG, &bytes)).await,
+        Incoming::Pong => Ok(()),
+        Incoming::Close(_) => Err(Outcome::Close(Some(CloseCode::Normal.into()))),
+    };
+    sent.err().unwrap_or(Outcome::Continue)
+}
 
-    let mut outcome = match conn.announce(&opened, &params).await {
+/// What a session changes as it runs.
+struct SessionState {
+    opened: Opened,
+    params: StreamParams,
+    principal: crate::auth::Principal,
+    subscribes: std::collections::VecDeque<Instant>,
+}
+
+/// Arguments are small (a box, the socket, an empty buffer) because they stay
+/// in the session's future for its whole life.
+async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: bytes::BytesMut) {
+    // Moved out in a block of its own, so the box is freed now rather than
+    // when the session ends.
+    let Session { state, opened, params, principal, _slot } = {
+        let session = session;
+        *session
+    };
+    let socket = match Socket::take_over(io, early, state.settings.max_frame_bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            log::debug!("WebSocket connection lost at the handshake: {e}");
+            return;
+        }
+    };
+    let mut conn = Conn { socket, write_timeout: state.settings.slow_client_timeout() };
+    let mut session = SessionState { opened, params, principal, subscribes: Default::default() };
+    let mut shutdown = state.shutdown.subscribe();
+    let mut heartbeat = state.heartbeat.clone();
+    heartbeat.mark_unchanged();
+    let mut last_heard = Instant::now();
+    let mut messages = Vec::new();
+
+    let mut outcome = match Box::pin(conn.announce(&session.opened, &session.params)).await {
         Ok(()) => Outcome::Continue,
         Err(o) => o,
     };
+    if let Err(e) = conn.socket.early_messages(&mut messages) {
+        outcome = read_failed(e);
+    }
     while let Outcome::Continue = outcome {
-        outcome = tokio::select! {
-            msg = stream.recv() => {
-                last_heard = Instant::now();
-                match msg {
-                    None => Outcome::Close(None),
-                    Some(Ok(AggregatedMessage::Text(text))) => match ClientMessage::parse(&text) {
-                        Ok(ClientMessage::Ping) => conn.send_json(json!({"type": "pong"})).await.err().unwrap_or(Outcome::Continue),
-                        Ok(ClientMessage::Subscribe { .. }) if {
-                            while subscribes.front().is_some_and(|t| t.elapsed() > Duration::from_secs(60)) {
-                                subscribes.pop_front();
-                            }
-                            subscribes.len() as u32 >= max_subscribes
-                        } => conn
-                            .send_json(json!({"type": "error", "code": "too_many_subscribes", "message": format!("at most {max_subscribes} subscribe messages per minute")}))
-                            .await
-                            .err()
-                            .unwrap_or(Outcome::Continue),
-                        Ok(ClientMessage::Subscribe { mut filter, since, snapshot }) => {
-                            subscribes.push_back(Instant::now());
-                            restrict(&mut filter, &principal);
-                            let next = StreamParams { filter, since, snapshot, snapshot_limit: params.snapshot_limit };
-                            match open_stream(&state, &next).await {
-                                Ok(o) => {
-                                    opened = o;
-                                    params = next;
-                                    conn.announce(&opened, &params).await.err().unwrap_or(Outcome::Continue)
-                                }
-                                Err(ApiError::Validation(e)) => conn.send_json(error_message(&e)).await.err().unwrap_or(Outcome::Continue),
-                                Err(e) => close(CLOSE_UNAVAILABLE, format!("cannot subscribe: {}", e.code())),
-                            }
-                        }
-                        Err(e) => conn.send_json(error_message(&e)).await.err().unwrap_or(Outcome::Continue),
-                    },
-                    Some(Ok(AggregatedMessage::Binary(_))) => conn
-                        .send_json(json!({"type": "error", "code": "binary_not_supported", "message": "send JSON text frames"}))
-                        .await
-                        .err()
-                        .unwrap_or(Outcome::Continue),
-                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                        // A control frame carries at most 125 bytes.
-                        let bytes = &bytes[..bytes.len().min(125)];
-                        conn.send_frames(wire::frame(wire::OP_PONG, bytes)).await.err().unwrap_or(Outcome::Continue)
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => Outcome::Continue,
-                    Some(Ok(AggregatedMessage::Close(_))) => Outcome::Close(Some(CloseCode::Normal.into())),
-                    Some(Err(e)) => {
-                        let code = match e {
-                            actix_ws::ProtocolError::Overflow => CloseCode::Size,
-                            _ => CloseCode::Protocol,
-                        };
-                        Outcome::Close(Some(CloseReason { code, description: Some(e.to_string()) }))
-                    }
-                }
+        // Client messages first (rare; their handling is boxed so that it
+        // does not size every idle session's future).
+        for message in messages.drain(..) {
+            last_heard = Instant::now();
+            outcome = Box::pin(handle_message(&state, &mut conn, &mut session, message)).await;
+            if !matches!(outcome, Outcome::Continue) {
+                break;
             }
-            item = opened.feed.next() => match item {
-                Some(Item::Change(c)) => conn.send_frames(c.ws_frame.clone()).await.err().unwrap_or(Outcome::Continue),
-                Some(Item::Batch(b)) => conn.send_frames(b.ws_frames.clone()).await.err().unwrap_or(Outcome::Continue),
-                Some(Item::Resync { reason, position }) => {
-                    conn.send(resync_message(reason, position)).await.err().unwrap_or(Outcome::Continue)
-                }
-                None => close(1001, format!("server shutting down; resume with since={}", opened.feed.position())),
+        }
+        if !matches!(outcome, Outcome::Continue) {
+            break;
+        }
+        let behind = conn.socket.pending() > OUT_LIMIT;
+        outcome = tokio::select! {
+            r = conn.socket.readable() => match r {
+                Ok(()) => match conn.socket.read_messages(&mut messages) {
+                    Ok(()) => Outcome::Continue,
+                    Err(e) => read_failed(e),
+                },
+                Err(_) => Outcome::Close(None),
             },
-            _ = heartbeat.tick() => {
-                if principal.expired() {
+            item = session.opened.feed.next(), if !behind => match item {
+                Some(item) => match session.opened.feed.try_next() {
+                    // The usual case at a modest rate: one frame (or one
+                    // shared batch of frames), written at once.
+                    None if conn.socket.pending() == 0 => match item {
+                        Item::Change(c) => conn.send_frames(c.ws_frame.clone()).await.err().unwrap_or(Outcome::Continue),
+                        Item::Batch(b) => conn.send_frames(b.ws_frames.clone()).await.err().unwrap_or(Outcome::Continue),
+                        Item::Resync { reason, position } => conn.send(resync_message(reason, position)).await.err().unwrap_or(Outcome::Continue),
+                    },
+                    // More is waiting: everything this client has queued goes
+                    // out in one vectored write.
+                    more => {
+                        conn.queue_item(item);
+                        let mut more = more;
+                        while let Some(item) = more {
+                            conn.queue_item(item);
+                            more = if conn.socket.pending() <= OUT_LIMIT { session.opened.feed.try_next() } else { None };
+                        }
+                        conn.write_some().await.err().unwrap_or(Outcome::Continue)
+                    }
+                },
+                None => close(1001, format!("server shutting down; resume with since={}", session.opened.feed.position())),
+            },
+            r = conn.socket.writable(), if conn.socket.pending() > 0 => match r {
+                Ok(()) => conn.write_some().await.err().unwrap_or(Outcome::Continue),
+                Err(_) => Outcome::Close(None),
+            },
+            Ok(()) = heartbeat.changed() => {
+                conn.socket.release_idle_buffers();
+                if session.principal.expired() {
                     close(CLOSE_TOKEN_EXPIRED, "token expired")
                 } else if last_heard.elapsed() > CLIENT_TIMEOUT {
                     close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
@@ -426,26 +526,30 @@ async fn run_session(
                 }
             }
             _ = shutdown.wait_for(|s| *s) => {
-                close(1001, format!("server shutting down; resume with since={}", opened.feed.position()))
+                close(1001, format!("server shutting down; resume with since={}", session.opened.feed.position()))
             }
         };
     }
-    if let Outcome::Close(reason) = outcome {
-        if let Some(r) = &reason {
-            if r.code == CloseCode::Other(CLOSE_SLOW_CONSUMER) {
-                state.hub.stats.slow_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            log::debug!("closing WebSocket: {:?} {:?}", r.code, r.description);
+    let Outcome::Close(reason) = outcome else { return };
+    if let Some(r) = &reason {
+        if r.code == CloseCode::Other(CLOSE_SLOW_CONSUMER) {
+            state.hub.stats.slow_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        // The close frame may not get through to a client that stopped
-        // reading; do not wait for it forever.
-        let frame = match &reason {
-            Some(r) => wire::close_frame(u16::from(r.code), r.description.as_deref().unwrap_or("")),
-            None => wire::frame(wire::OP_CLOSE, b""),
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), conn.out.send(frame)).await;
-        // Dropping `conn` ends the response body: the connection closes once
-        // the queued frames are written.
+        log::debug!("closing WebSocket: {:?} {:?}", r.code, r.description);
+    }
+    let frame = match &reason {
+        Some(r) => wire::close_frame(u16::from(r.code), r.description.as_deref().unwrap_or("")),
+        None => wire::frame(wire::OP_CLOSE, b""),
+    };
+    // Queued changes go first, then the close frame; a client that stopped
+    // reading does not get to hold the connection open.
+    Box::pin(conn.socket.shut_down(frame, CLOSE_LINGER)).await;
+}
+
+fn read_failed(e: ReadError) -> Outcome {
+    match e {
+        ReadError::Gone => Outcome::Close(None),
+        ReadError::Protocol(reason) => Outcome::Close(Some(reason)),
     }
 }
 

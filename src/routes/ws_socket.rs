@@ -1,0 +1,406 @@
+//! A WebSocket connection after the handshake, driven directly on its TCP
+//! socket.
+//!
+//! The HTTP server hands an upgraded connection over (see
+//! `startup::upgrade`), so a WebSocket holds no HTTP dispatcher, no
+//! per-connection read or write buffer while idle and no channels between
+//! tasks: one task per connection owns the socket.
+//!
+//! - Reading: client frames are parsed (and unmasked) by actix-http's frame
+//!   parser from a buffer that exists only while bytes are waiting; an idle
+//!   connection holds no read buffer at all.
+//! - Writing: outgoing frames are the complete, shared frames built once per
+//!   change (`changes::wire`): queued as `Bytes` (a reference count, no copy)
+//!   and written with one vectored write for everything queued, straight from
+//!   the shared buffers into the socket.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::time::Duration;
+
+use actix_http::ws::{OpCode, Parser};
+use actix_ws::{CloseCode, CloseReason, ProtocolError};
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Bytes read per system call while a client is sending.
+const READ_CHUNK: usize = 4096;
+/// Frames gathered into one vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// A complete message from the client.
+#[derive(Debug)]
+pub enum Incoming {
+    Text(String),
+    Binary,
+    Ping(Bytes),
+    Pong,
+    Close(Option<CloseReason>),
+}
+
+/// Why reading stopped.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The client closed the TCP connection (or it failed).
+    Gone,
+    /// The client broke the protocol: close with this code and reason.
+    Protocol(CloseReason),
+}
+
+pub struct Socket {
+    io: TcpStream,
+    /// Bytes received and not yet parsed; no allocation while empty.
+    rbuf: BytesMut,
+    /// A fragmented message being assembled: its opcode and payload so far.
+    fragments: Option<(OpCode, BytesMut)>,
+    max_message: usize,
+    /// Frames waiting for the socket, oldest first; the first may be partly written.
+    out: VecDeque<Bytes>,
+    out_bytes: usize,
+}
+
+impl Socket {
+    /// `early`: bytes the client sent right behind its handshake.
+    pub fn new(io: TcpStream, early: BytesMut, max_message: usize) -> Socket {
+        Socket { io, rbuf: early, fragments: None, max_message, out: VecDeque::new(), out_bytes: 0 }
+    }
+
+    /// Takes a connection over from the task that served its handshake.
+    /// The socket is registered with the reactor afresh: the old
+    /// registration still holds that task's waker, which would keep the
+    /// finished task's memory alive for as long as the connection is open.
+    pub fn take_over(io: TcpStream, early: BytesMut, max_message: usize) -> io::Result<Socket> {
+        let io = TcpStream::from_std(io.into_std()?)?;
+        // A fresh buffer, not a view into the handshake's 8 KiB one.
+        let early = if early.is_empty() { BytesMut::new() } else { BytesMut::from(&early[..]) };
+        Ok(Socket::new(io, early, max_message))
+    }
+
+    /// Bytes queued and not yet accepted by the socket.
+    pub fn pending(&self) -> usize {
+        self.out_bytes
+    }
+
+    /// Waits until the client has sent something (or gone).
+    pub async fn readable(&self) -> io::Result<()> {
+        self.io.readable().await
+    }
+
+    /// Parses what arrived with the handshake (a client may send its first
+    /// frames right behind it).
+    pub fn early_messages(&mut self, into: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        self.parse(into)?;
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Waits until the socket accepts more output.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.io.writable().await
+    }
+
+    /// Reads what the socket holds (without waiting) and parses complete
+    /// messages into `into`.
+    pub fn read_messages(&mut self, into: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        loop {
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            match self.io.try_read_buf(&mut self.rbuf) {
+                Ok(0) => return Err(ReadError::Gone),
+                Ok(_) => {
+                    self.parse(into)?;
+                    // Bound what one client's burst can make us do at once.
+                    if into.len() >= 64 {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.parse(into)?;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Err(ReadError::Gone),
+            }
+        }
+        if self.rbuf.is_empty() {
+            // Idle again: give the buffer back.
+            self.rbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    fn parse(&mut self, into: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        let protocol = |code: CloseCode, description: String| {
+            ReadError::Protocol(CloseReason { code, description: Some(description) })
+        };
+        while let Some((fin, op, payload)) = Parser::parse(&mut self.rbuf, true, self.max_message).map_err(|e| {
+            let code = match e {
+                ProtocolError::Overflow => CloseCode::Size,
+                _ => CloseCode::Protocol,
+            };
+            protocol(code, e.to_string())
+        })? {
+            let payload = payload.unwrap_or_default();
+            let message = match op {
+                OpCode::Text | OpCode::Binary if self.fragments.is_some() => {
+                    return Err(protocol(CloseCode::Protocol, "a new message inside a fragmented one".into()))
+                }
+                OpCode::Text | OpCode::Binary if !fin => {
+                    self.fragments = Some((op, payload));
+                    continue;
+                }
+                OpCode::Continue => {
+                    let Some((_, buf)) = self.fragments.as_mut() else {
+                        return Err(protocol(CloseCode::Protocol, "a continuation frame without a message".into()));
+                    };
+                    if buf.len() + payload.len() > self.max_message {
+                        return Err(protocol(CloseCode::Size, "message too large".into()));
+                    }
+                    buf.extend_from_slice(&payload);
+                    if !fin {
+                        continue;
+                    }
+                    // unwrap: checked above
+                    let (op, whole) = self.fragments.take().unwrap();
+                    data_message(op, whole)?
+                }
+                OpCode::Text | OpCode::Binary => data_message(op, payload)?,
+                OpCode::Ping => Incoming::Ping(payload.freeze()),
+                OpCode::Pong => Incoming::Pong,
+                OpCode::Close => Incoming::Close(close_reason(&payload)?),
+                OpCode::Bad => return Err(protocol(CloseCode::Protocol, "bad opcode".into())),
+            };
+            into.push(message);
+        }
+        Ok(())
+    }
+
+    /// Writes a frame now if nothing is queued before it and the socket
+    /// takes it whole; queues (the rest of) it otherwise.
+    pub fn send(&mut self, mut frame: Bytes) -> io::Result<()> {
+        if self.out.is_empty() {
+            match self.io.try_write(&frame) {
+                Ok(n) if n == frame.len() => return Ok(()),
+                Ok(n) => frame.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.queue(frame);
+        Ok(())
+    }
+
+    /// Gives back the queue's memory if nothing is waiting (an idle
+    /// connection then holds no buffer at all).
+    pub fn release_idle_buffers(&mut self) {
+        if self.out.is_empty() {
+            self.out = VecDeque::new();
+        }
+    }
+
+    /// Queues a complete frame (shared, not copied).
+    pub fn queue(&mut self, frame: Bytes) {
+        if !frame.is_empty() {
+            self.out_bytes += frame.len();
+            self.out.push_back(frame);
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes without waiting, in
+    /// vectored writes. Returns whether anything was written.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        let mut progressed = false;
+        while !self.out.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self.out.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect();
+            match self.io.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    progressed = true;
+                    self.out_bytes -= n;
+                    while n > 0 {
+                        // unwrap: n never exceeds what is queued
+                        let front = self.out.front_mut().unwrap();
+                        if n >= front.len() {
+                            n -= front.len();
+                            self.out.pop_front();
+                        } else {
+                            front.advance(n);
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.out.is_empty() && self.out.capacity() > 16 {
+            self.out = VecDeque::new();
+        }
+        Ok(progressed)
+    }
+
+    /// Ends the connection: sends `close` after what is queued (waiting at
+    /// most `linger` for a client that does not read), half-closes, and
+    /// reads until the client closes too (or `linger` passes), so that the
+    /// close frame is not lost to a reset caused by unread client bytes.
+    pub async fn shut_down(mut self, close: Bytes, linger: Duration) {
+        self.queue(close);
+        let deadline = tokio::time::Instant::now() + linger;
+        let sent = tokio::time::timeout_at(deadline, async {
+            while self.pending() > 0 {
+                self.flush()?;
+                if self.pending() > 0 {
+                    self.io.writable().await?;
+                }
+            }
+            io::Result::Ok(())
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        let _ = self.io.shutdown().await;
+        let _ = tokio::time::timeout_at(deadline, async {
+            let mut sink = [0u8; 512];
+            loop {
+                if self.io.readable().await.is_err() {
+                    return;
+                }
+                match self.io.try_read(&mut sink) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn data_message(op: OpCode, payload: BytesMut) -> Result<Incoming, ReadError> {
+    if op == OpCode::Binary {
+        return Ok(Incoming::Binary);
+    }
+    String::from_utf8(payload.to_vec()).map(Incoming::Text).map_err(|_| {
+        ReadError::Protocol(CloseReason {
+            code: CloseCode::Invalid,
+            description: Some("text message is not valid UTF-8".into()),
+        })
+    })
+}
+
+/// A close frame's payload: nothing, or a code and a UTF-8 reason.
+fn close_reason(payload: &[u8]) -> Result<Option<CloseReason>, ReadError> {
+    match payload {
+        [] => Ok(None),
+        [a, b, reason @ ..] => match std::str::from_utf8(reason) {
+            Ok(reason) => Ok(Some(CloseReason {
+                code: CloseCode::from(u16::from_be_bytes([*a, *b])),
+                description: (!reason.is_empty()).then(|| reason.to_string()),
+            })),
+            Err(_) => Err(ReadError::Protocol(CloseReason {
+                code: CloseCode::Protocol,
+                description: Some("close reason is not valid UTF-8".into()),
+            })),
+        },
+        [_] => Err(ReadError::Protocol(CloseReason {
+            code: CloseCode::Protocol,
+            description: Some("close frame with a one-byte payload".into()),
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame.
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut f = vec![first];
+        match payload.len() {
+            n @ 0..=125 => f.push(0x80 | n as u8),
+            n => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    async fn pair() -> (Socket, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Socket::new(server, BytesMut::new(), 1000), client)
+    }
+
+    async fn read_all(socket: &mut Socket) -> Result<Vec<Incoming>, ReadError> {
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            socket.readable().await.unwrap();
+            socket.read_messages(&mut got)?;
+            if !got.is_empty() {
+                break;
+            }
+        }
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn fragmented_text_is_assembled_and_control_frames_pass_between() {
+        let (mut socket, mut client) = pair().await;
+        let mut bytes = client_frame(0x01, b"hel"); // text, not final
+        bytes.extend(client_frame(0x89, b"p")); // ping in between
+        bytes.extend(client_frame(0x80, b"lo")); // final continuation
+        client.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(read_all(&mut socket).await.unwrap());
+        }
+        assert!(matches!(&got[0], Incoming::Ping(p) if &p[..] == b"p"));
+        assert!(matches!(&got[1], Incoming::Text(t) if t == "hello"));
+        assert!(socket.rbuf.capacity() == 0, "an idle socket holds no read buffer");
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_name_their_close_code() {
+        for (bytes, code) in [
+            (client_frame(0x80, b"x"), CloseCode::Protocol), // continuation without a message
+            (client_frame(0x81, &[0xff, 0xfe]), CloseCode::Invalid), // not UTF-8
+            (client_frame(0x81, &[b'a'; 1001]), CloseCode::Size), // over the limit
+            ([0x81u8, 0x01, b'x'].to_vec(), CloseCode::Protocol), // unmasked client frame
+        ] {
+            let (mut socket, mut client) = pair().await;
+            client.write_all(&bytes).await.unwrap();
+            match read_all(&mut socket).await {
+                Err(ReadError::Protocol(r)) => assert_eq!(r.code, code, "{bytes:?}"),
+                other => panic!("{bytes:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_frames_go_out_in_order_and_shared() {
+        let (mut socket, mut client) = pair().await;
+        let a = crate::changes::wire::frame(crate::changes::wire::OP_TEXT, b"first");
+        let b = crate::changes::wire::frame(crate::changes::wire::OP_TEXT, b"second");
+        socket.queue(a.clone());
+        socket.queue(b.clone());
+        assert_eq!(socket.pending(), a.len() + b.len());
+        assert!(socket.flush().unwrap());
+        assert_eq!(socket.pending(), 0);
+        let mut got = vec![0u8; a.len() + b.len()];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut got).await.unwrap();
+        assert_eq!(&got[..a.len()], &a[..]);
+        assert_eq!(&got[a.len()..], &b[..]);
+    }
+}
