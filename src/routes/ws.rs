@@ -453,9 +453,11 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
     };
     let mut conn = Conn { socket, write_timeout: state.settings.slow_client_timeout() };
     let mut session = SessionState { opened, params, principal, subscribes: Default::default() };
-    let mut shutdown = state.shutdown.subscribe();
     let mut heartbeat = state.heartbeat.clone();
     heartbeat.mark_unchanged();
+    // Kept across loop turns (not re-created, and re-registered with the
+    // shared channels, on every frame sent): re-armed only when it fires.
+    let mut signal = std::pin::pin!(next_signal(heartbeat, state.shutdown.subscribe()));
     let mut last_heard = Instant::now();
     let mut messages = Vec::new();
 
@@ -515,19 +517,22 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
                 Ok(()) => conn.write_some().await.err().unwrap_or(Outcome::Continue),
                 Err(_) => Outcome::Close(None),
             },
-            Ok(()) = heartbeat.changed() => {
-                conn.socket.release_idle_buffers();
-                if session.principal.expired() {
-                    close(CLOSE_TOKEN_EXPIRED, "token expired")
-                } else if last_heard.elapsed() > CLIENT_TIMEOUT {
-                    close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
-                } else {
-                    conn.send_frames(wire::frame(wire::OP_PING, b"")).await.err().unwrap_or(Outcome::Continue)
+            (fired, heartbeat, shutdown) = &mut signal => match fired {
+                Signal::Heartbeat => {
+                    signal.set(next_signal(heartbeat, shutdown));
+                    conn.socket.release_idle_buffers();
+                    if session.principal.expired() {
+                        close(CLOSE_TOKEN_EXPIRED, "token expired")
+                    } else if last_heard.elapsed() > CLIENT_TIMEOUT {
+                        close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                    } else {
+                        conn.send_frames(wire::frame(wire::OP_PING, b"")).await.err().unwrap_or(Outcome::Continue)
+                    }
                 }
-            }
-            _ = shutdown.wait_for(|s| *s) => {
-                close(1001, format!("server shutting down; resume with since={}", session.opened.feed.position()))
-            }
+                Signal::Shutdown => {
+                    close(1001, format!("server shutting down; resume with since={}", session.opened.feed.position()))
+                }
+            },
         };
     }
     let Outcome::Close(reason) = outcome else { return };
@@ -544,6 +549,27 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
     // Queued changes go first, then the close frame; a client that stopped
     // reading does not get to hold the connection open.
     Box::pin(conn.socket.shut_down(frame, CLOSE_LINGER)).await;
+}
+
+enum Signal {
+    Heartbeat,
+    Shutdown,
+}
+
+/// The next server-wide event for a session: a heartbeat tick or shutdown.
+/// Hands the receivers back so the session can wait for the one after.
+async fn next_signal(
+    mut heartbeat: tokio::sync::watch::Receiver<u64>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> (Signal, tokio::sync::watch::Receiver<u64>, tokio::sync::watch::Receiver<bool>) {
+    let fired = tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|s| *s) => Signal::Shutdown,
+        Ok(()) = heartbeat.changed() => Signal::Heartbeat,
+        // The heartbeat's sender is gone only as the server stops.
+        else => Signal::Shutdown,
+    };
+    (fired, heartbeat, shutdown)
 }
 
 fn read_failed(e: ReadError) -> Outcome {
