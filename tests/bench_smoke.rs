@@ -18,7 +18,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
         .args(["--database-url", &admin, "--runs", "1", "--duration", "1"])
         // `ordercast` is built beside the bench binary for integration tests.
         .args(["--server", env!("CARGO_BIN_EXE_ordercast")])
-        .args(["ws-latency:5:50", "sse-latency:3:50", "fanout:5:200", "idle:20", "write-cost:300"])
+        .args(["ws-latency:5:50", "sse-latency:3:50", "fanout:5:200", "idle:20", "write-cost:300", "ingest:300:20"])
         .output()
         .expect("run ordercast-bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -31,11 +31,22 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
     let json_start = stdout.find("\n{").expect("a JSON report after the table") + 1;
     let report: Value = serde_json::from_str(&stdout[json_start..]).expect("the report is JSON");
     let results = report["results"].as_array().expect("results");
-    assert_eq!(results.len(), 5, "{report:#}");
+    assert_eq!(results.len(), 6, "{report:#}");
 
     for r in results {
         let name = r["scenario"].as_str().unwrap();
         let m = &r["median"];
+        if name.starts_with("ingest") {
+            // Every produced order reached PostgreSQL, none went to the
+            // dead-letter topic, every end-to-end event reached the client.
+            assert_eq!(m["orders"].as_f64(), Some(300.0), "{name}: {m}");
+            assert_eq!(m["dead_letters"].as_f64(), Some(0.0), "{name}: {m}");
+            assert!(m.get("ingest_orders_per_s").is_some(), "{name}: {m}");
+            assert_eq!(m["e2e_events"].as_f64(), Some(20.0), "{name}: {m}");
+            assert_eq!(m["lost"].as_f64(), Some(0.0), "{name} lost events: {m}");
+            assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
+            continue;
+        }
         if name.starts_with("write-cost") {
             for k in ["bare_b1_us_per_row", "orders_b100_us_per_row", "ratio_orders_b100"] {
                 assert!(m[k].as_f64().is_some_and(|x| x > 0.0), "{name}: {k} missing in {m}");

@@ -7,6 +7,7 @@
 //! See docs/performance.md for the method and the published numbers.
 
 mod clients;
+mod ingest;
 mod scenarios;
 mod server;
 
@@ -69,7 +70,7 @@ struct Args {
     json: Option<PathBuf>,
 
     /// Scenarios (default: all): ws-latency:CLIENTS:RATE, sse-latency:CLIENTS:RATE,
-    /// fanout:CLIENTS:RATE, idle:CONNECTIONS, write-cost:ROWS.
+    /// fanout:CLIENTS:RATE, idle:CONNECTIONS, write-cost:ROWS, ingest:ORDERS:RATE.
     scenarios: Vec<String>,
 }
 
@@ -87,6 +88,8 @@ enum Scenario {
     Fanout(usize, f64),
     Idle(usize),
     WriteCost(usize),
+    /// Orders produced up front, then events per second end to end.
+    Ingest(usize, f64),
 }
 
 fn parse_scenario(spec: &str) -> anyhow::Result<Scenario> {
@@ -104,6 +107,7 @@ fn parse_scenario(spec: &str) -> anyhow::Result<Scenario> {
         "fanout" => Scenario::Fanout(num(1)? as usize, num(2)?),
         "idle" => Scenario::Idle(num(1)? as usize),
         "write-cost" => Scenario::WriteCost(num(1)? as usize),
+        "ingest" => Scenario::Ingest(num(1)? as usize, num(2)?),
         other => bail!("unknown scenario {other:?}"),
     })
 }
@@ -174,12 +178,32 @@ async fn run_once(target: &Target, admin: &str, scenario: &Scenario, duration: D
         }
     };
     let result = async {
-        let server = Server::start(target, &db_url)?;
+        // The ingest scenario brings its broker, and its backlog is produced
+        // before the server starts (group join time is not throughput).
+        let broker = match scenario {
+            Scenario::Ingest(orders, _) => {
+                let Target::Spawn { binary, extra_env } = target else {
+                    bail!("the ingest scenario starts its own server (it cannot use --url)");
+                };
+                let broker = ingest::Broker::start()?;
+                broker.produce_created("bench", *orders).await?;
+                let mut env = extra_env.clone();
+                env.extend(broker.server_env());
+                Some((broker, Target::Spawn { binary: binary.clone(), extra_env: env }))
+            }
+            _ => None,
+        };
+        let server = Server::start(broker.as_ref().map_or(target, |(_, t)| t), &db_url)?;
         let r = match scenario {
             Scenario::Latency(t, n, rate) => scenarios::latency(&server, &db_url, *t, *n, *rate, duration).await,
             Scenario::Fanout(n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration).await,
             Scenario::Idle(n) => scenarios::idle(&server, &db_url, *n).await,
             Scenario::WriteCost(rows) => scenarios::write_cost(&db_url, *rows).await,
+            Scenario::Ingest(orders, rate) => {
+                // unwrap: set above for this scenario
+                let (broker, _) = broker.as_ref().unwrap();
+                ingest::ingest(&server, &db_url, broker, *orders, *rate, duration).await
+            }
         };
         tokio::task::spawn_blocking(move || server.stop()).await?;
         r
@@ -280,6 +304,29 @@ fn print_table(report: &Value) {
                 get(m, "server_rss_before_mib"),
                 get(m, "server_rss_after_mib"),
                 get(m, "bytes_per_connection"),
+                get(m, "max_ms"),
+                get(m, "lost")
+            );
+        }
+    }
+    println!(
+        "\n{:<22} {:>8} {:>10} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "Kafka ingest", "orders", "orders/s", "dead", "e2e ev/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost"
+    );
+    for r in &results {
+        let s = r["scenario"].as_str().unwrap_or_default();
+        let m = &r["median"];
+        if s.starts_with("ingest") {
+            println!(
+                "{:<22} {:>8} {:>10} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+                s,
+                get(m, "orders"),
+                get(m, "ingest_orders_per_s"),
+                get(m, "dead_letters"),
+                get(m, "e2e_rate_per_s"),
+                get(m, "p50_ms"),
+                get(m, "p90_ms"),
+                get(m, "p99_ms"),
                 get(m, "max_ms"),
                 get(m, "lost")
             );
