@@ -250,11 +250,17 @@ where
             Ok(())
         }
         _ => {
-            let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
+            // Streamed, not collected: the answer may be an endless event
+            // stream (an upgrade request to `/api/events`).
+            let mut body = std::pin::pin!(body);
             head.head_mut().set_connection_type(ConnectionType::Close);
-            framed.send(Message::Item((head, BodySize::Sized(body.len() as u64)))).await?;
-            if !body.is_empty() {
-                framed.send(Message::Chunk(Some(body))).await?;
+            framed.send(Message::Item((head, body.size()))).await?;
+            while let Some(chunk) = std::future::poll_fn(|cx| body.as_mut().poll_next(cx)).await {
+                match chunk {
+                    Ok(bytes) => framed.send(Message::Chunk(Some(bytes))).await?,
+                    // The head is out: all that is left is to end the connection.
+                    Err(_) => return Ok(framed.close().await?),
+                }
             }
             framed.send(Message::Chunk(None)).await?;
             Ok(framed.close().await?)

@@ -533,3 +533,38 @@ async fn a_gap_in_positions_does_not_stall_live_or_resuming_readers() {
     resumed.ready().await;
     assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "after gap");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_requests_to_other_routes_get_their_ordinary_answer_streamed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let request = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    // A JSON route: its answer, then the connection closes.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    tcp.write_all(request("/api/orders?limit=1").as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw)).await.expect("the connection closes").unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#""items""#) && text.contains("connection: close"), "{text}");
+    // An endless event stream is streamed, not collected before sending.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    tcp.write_all(request("/api/events").as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while !String::from_utf8_lossy(&raw).contains("event: ready") {
+            let mut chunk = [0u8; 4096];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&raw));
+            raw.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the ready event arrives while the stream is open");
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
+}
