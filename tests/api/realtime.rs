@@ -568,3 +568,49 @@ async fn upgrade_requests_to_other_routes_get_their_ordinary_answer_streamed() {
     .expect("the ready event arrives while the stream is open");
     assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_feed_whose_position_is_pruned_meanwhile_is_told_to_resync() {
+    use ordercast::changes::feed::{Feed, Item};
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let pool = &app.state.pool;
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    async fn next(feed: &mut Feed) -> Option<Item> {
+        tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers")
+    }
+    // A hub of its own (fed by hand, not by the listener) with a budget of
+    // one queued change per client, so the second publish makes the feed lag.
+    let hub = ordercast::hub::Hub::start(head, 1);
+    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), None).await.unwrap();
+    for name in ["lag 1", "lag 2", "lag 3"] {
+        dba_insert(&db, name).await;
+    }
+    let client = pool.get().await.unwrap();
+    let changes = ordercast::changes::read_after(&client, head, 10).await.unwrap();
+    assert_eq!(changes.len(), 3);
+    hub.publish(vec![changes[0].clone()]).await.unwrap();
+    hub.publish(vec![changes[1].clone()]).await.unwrap();
+    match next(&mut feed).await {
+        Some(Item::Change(c)) => assert_eq!(c.pos, changes[0].pos),
+        Some(Item::Batch(b)) => assert_eq!(b.changes[0].pos, changes[0].pos),
+        other => panic!("{other:?}"),
+    }
+    // While the feed is behind, retention drops what it would catch up from.
+    db.query_one("SELECT change_prune($1)", &[&changes[1].pos]).await.unwrap();
+    match next(&mut feed).await {
+        Some(Item::Resync { reason, position }) => {
+            assert_eq!(reason, "position_expired");
+            assert_eq!(position, changes[1].pos);
+        }
+        other => panic!("expected a resync, got {other:?}"),
+    }
+    assert_eq!(feed.position(), changes[1].pos);
+    // And it goes on live after the resync position.
+    hub.publish(vec![changes[2].clone()]).await.unwrap();
+    match next(&mut feed).await {
+        Some(Item::Change(c)) => assert_eq!(c.pos, changes[2].pos),
+        Some(Item::Batch(b)) => assert_eq!(b.changes[0].pos, changes[2].pos),
+        other => panic!("{other:?}"),
+    }
+}
