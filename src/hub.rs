@@ -136,15 +136,27 @@ struct Queued {
     closed: bool,
 }
 
+impl Queued {
+    fn pop(&mut self) -> Option<Batch> {
+        let batch = self.batches.pop_front()?;
+        self.changes -= batch.changes().len();
+        if self.batches.is_empty() && self.batches.capacity() > 64 {
+            self.batches = VecDeque::new();
+        }
+        Some(batch)
+    }
+}
+
 impl Subscription {
     /// The next batch; `None` when the hub dropped this subscription
     /// (check `lagged()`) or shut down.
     pub async fn recv(&mut self) -> Option<Batch> {
         std::future::poll_fn(|cx| {
             self.queue.waker.register(cx.waker());
-            match self.pop() {
+            let mut q = self.queue.inner.lock().unwrap();
+            match q.pop() {
                 Some(b) => Poll::Ready(Some(b)),
-                None if self.queue.inner.lock().unwrap().closed => Poll::Ready(None),
+                None if q.closed => Poll::Ready(None),
                 None => Poll::Pending,
             }
         })
@@ -158,13 +170,7 @@ impl Subscription {
     }
 
     fn pop(&self) -> Option<Batch> {
-        let mut q = self.queue.inner.lock().unwrap();
-        let batch = q.batches.pop_front()?;
-        q.changes -= batch.changes().len();
-        if q.batches.is_empty() && q.batches.capacity() > 64 {
-            q.batches = VecDeque::new();
-        }
-        Some(batch)
+        self.queue.inner.lock().unwrap().pop()
     }
 
     pub fn lagged(&self) -> bool {

@@ -157,8 +157,12 @@ impl IngestState {
         !self.enabled || (self.failing_writers.load(Ordering::Relaxed) == 0 && self.brokers_up.load(Ordering::Relaxed))
     }
 
+    /// Called for every message received: writes the shared flag only
+    /// when it changes.
     pub fn set_brokers_up(&self, up: bool) {
-        self.brokers_up.store(up, Ordering::Relaxed);
+        if self.brokers_up.load(Ordering::Relaxed) != up {
+            self.brokers_up.store(up, Ordering::Relaxed);
+        }
     }
 
     pub fn set_kafka_error(&self, e: String) {

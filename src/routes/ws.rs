@@ -299,17 +299,6 @@ impl Conn {
         self.send(v.to_string()).await
     }
 
-    /// Queues a feed item's frames without writing.
-    fn queue_item(&mut self, item: Item) {
-        match item {
-            Item::Change(c) => self.socket.queue(c.ws_frame.clone()),
-            Item::Batch(b) => self.socket.queue(b.ws_frames.clone()),
-            Item::Resync { reason, position } => {
-                self.socket.queue(wire::frame(wire::OP_TEXT, resync_message(reason, position).as_bytes()))
-            }
-        }
-    }
-
     /// A resync if the position is gone, snapshot chunks (if asked for),
     /// then `ready`: a client that has
     /// `ready` has everything up to its `seq`.
@@ -494,24 +483,19 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
                 Some(item) => match session.opened.feed.try_next() {
                     // The usual case at a modest rate: one frame (or one
                     // shared batch of frames), written at once.
-                    None if conn.socket.pending() == 0 => match item {
-                        Item::Change(c) => conn.send_frames(c.ws_frame.clone()).await.err().unwrap_or(Outcome::Continue),
-                        Item::Batch(b) => conn.send_frames(b.ws_frames.clone()).await.err().unwrap_or(Outcome::Continue),
-                        Item::Resync { reason, position } => conn.send(resync_message(reason, position)).await.err().unwrap_or(Outcome::Continue),
-                    },
+                    None if conn.socket.pending() == 0 => conn.send_frames(item_frames(item)).await.err().unwrap_or(Outcome::Continue),
                     // More is waiting: everything this client has queued goes
                     // out in one vectored write.
-                    more => {
-                        conn.queue_item(item);
-                        let mut more = more;
+                    mut more => {
+                        conn.socket.queue(item_frames(item));
                         while let Some(item) = more {
-                            conn.queue_item(item);
+                            conn.socket.queue(item_frames(item));
                             more = if conn.socket.pending() <= OUT_LIMIT { session.opened.feed.try_next() } else { None };
                         }
                         conn.write_some().await.err().unwrap_or(Outcome::Continue)
                     }
                 },
-                None => close(1001, format!("server shutting down; resume with since={}", session.opened.feed.position())),
+                None => shutting_down(&session.opened.feed),
             },
             r = conn.socket.writable(), if conn.socket.pending() > 0 => match r {
                 Ok(()) => conn.write_some().await.err().unwrap_or(Outcome::Continue),
@@ -529,9 +513,7 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
                         conn.send_frames(wire::frame(wire::OP_PING, b"")).await.err().unwrap_or(Outcome::Continue)
                     }
                 }
-                Signal::Shutdown => {
-                    close(1001, format!("server shutting down; resume with since={}", session.opened.feed.position()))
-                }
+                Signal::Shutdown => shutting_down(&session.opened.feed),
             },
         };
     }
@@ -570,6 +552,20 @@ async fn next_signal(
         else => Signal::Shutdown,
     };
     (fired, heartbeat, shutdown)
+}
+
+/// The frames a feed item goes out as: shared, except a resync notice.
+fn item_frames(item: Item) -> Bytes {
+    match item {
+        Item::Change(c) => c.ws_frame.clone(),
+        Item::Batch(b) => b.ws_frames.clone(),
+        Item::Resync { reason, position } => wire::frame(wire::OP_TEXT, resync_message(reason, position).as_bytes()),
+    }
+}
+
+/// The close for a server shutdown, carrying the client's resume position.
+fn shutting_down(feed: &Feed) -> Outcome {
+    close(1001, format!("server shutting down; resume with since={}", feed.position()))
 }
 
 fn read_failed(e: ReadError) -> Outcome {

@@ -238,9 +238,6 @@ impl Socket {
                 Err(e) => return Err(e),
             }
         }
-        if self.out.is_empty() && self.out.capacity() > 16 {
-            self.out = VecDeque::new();
-        }
         Ok(progressed)
     }
 

@@ -350,11 +350,14 @@ impl Ctx {
             "cancelled" => return self.cancelled(db, &order).await,
             _ => return Ok(Finish::Skipped),
         }
-        for step in &self.steps {
-            match load(db, id).await?.map(|(s, _)| s).as_deref() {
-                Some("processing") => {}
-                Some("cancelled") => return self.cancelled(db, &order).await,
-                _ => return Ok(Finish::Skipped),
+        for (i, step) in self.steps.iter().enumerate() {
+            // Before the first step the status was just read above.
+            if i > 0 {
+                match load(db, id).await?.map(|(s, _)| s).as_deref() {
+                    Some("processing") => {}
+                    Some("cancelled") => return self.cancelled(db, &order).await,
+                    _ => return Ok(Finish::Skipped),
+                }
             }
             let rec = begin(db, id, step.name(), EXECUTE).await?;
             let failure = match rec.outcome.as_str() {
