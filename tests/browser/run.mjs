@@ -280,6 +280,8 @@ test('the order detail shows history, offers only allowed transitions and stays 
   const dialog = page.locator('#detail');
   await dialog.locator('#detail-title', { hasText: `Order #${id}` }).waitFor();
   await dialog.locator('#detail-history li', { hasText: 'Created as' }).waitFor();
+  // The history and the transition choices are filled by separate requests.
+  await dialog.locator('#status-select option').first().waitFor({ state: 'attached' });
   const options = await dialog.locator('#status-select option').evaluateAll((os) => os.map((o) => o.value).sort());
   const allowed = JSON.parse(await (await fetch(`${server.url}/api/transitions`)).text()).pending;
   assert.deepEqual(options, allowed.filter((s) => s !== 'cancelled').sort());
