@@ -451,3 +451,61 @@ async fn the_openapi_document_matches_the_real_routes() {
     let r = app.http.delete(app.url(&format!("/api/orders/{id}"))).send().await.unwrap();
     assert_eq!(r.status(), 204);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dbas_raw_rows_are_normalised_by_the_guard_and_a_deleted_orders_history_goes_with_it() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let insert = "INSERT INTO orders (customer_name, product, quantity, unit_price, status, version, created_at) \
+                  VALUES ('dba', 'X', 1, 1, $1, $2, $3) \
+                  RETURNING id, status, version, created_at = $3, updated_at = created_at, processed_at IS NOT NULL";
+    type Ts = Option<chrono::DateTime<chrono::Utc>>;
+    let then: Ts = Some("2020-01-01T00:00:00Z".parse().unwrap());
+    // A plain new order: nothing for the guard to change.
+    let plain = db
+        .query_one(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('dba', 'X', 1, 1) \
+             RETURNING id, status, version, true, updated_at = created_at, processed_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((plain.get::<_, i32>(2), plain.get::<_, bool>(4), plain.get::<_, bool>(5)), (1, true, false));
+    // A status past pending is stamped, a forged version reset, and
+    // updated_at follows an explicit created_at.
+    let odd = db.query_one(insert, &[&"processed", &7i32, &then]).await.unwrap();
+    assert_eq!(
+        (
+            odd.get::<_, &str>(1),
+            odd.get::<_, i32>(2),
+            odd.get::<_, Option<bool>>(3),
+            odd.get::<_, bool>(4),
+            odd.get::<_, bool>(5)
+        ),
+        ("processed", 1, Some(true), true, true)
+    );
+    // A forged version on an otherwise plain order is reset too.
+    let forged = db
+        .query_one("INSERT INTO orders (customer_name, product, quantity, unit_price, version) VALUES ('dba', 'X', 1, 1, 7) RETURNING version", &[])
+        .await
+        .unwrap();
+    assert_eq!(forged.get::<_, i32>(0), 1);
+    // An explicit NULL created_at becomes now().
+    let null_ts: Ts = None;
+    let null_created = db.query_one(insert, &[&"pending", &1i32, &null_ts]).await.unwrap();
+    assert_eq!((null_created.get::<_, Option<bool>>(3), null_created.get::<_, bool>(4)), (None, true));
+
+    let history = |id: i64| {
+        let db = &db;
+        async move {
+            db.query_one("SELECT count(*) FROM order_status_history WHERE order_id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let (a, b): (i64, i64) = (plain.get(0), odd.get(0));
+    assert_eq!((history(a).await, history(b).await), (1, 1));
+    db.execute("DELETE FROM orders WHERE id = $1", &[&b]).await.unwrap();
+    assert_eq!((history(a).await, history(b).await), (1, 0));
+}

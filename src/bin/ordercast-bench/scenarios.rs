@@ -328,7 +328,7 @@ pub async fn write_cost(db_url: &str, rows: usize) -> anyhow::Result<Figures> {
 
 async fn set_extra_triggers(db: &tokio_postgres::Client, on: bool) -> anyhow::Result<()> {
     let verb = if on { "ENABLE" } else { "DISABLE" };
-    for t in ["orders_guard", "orders_history_insert", "orders_stats_insert"] {
+    for t in ["orders_guard_insert", "orders_history_insert", "orders_stats_insert"] {
         db.batch_execute(&format!("ALTER TABLE orders {verb} TRIGGER {t}")).await.map_err(ordercast::db::describe)?;
     }
     Ok(())
