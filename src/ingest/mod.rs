@@ -382,71 +382,106 @@ async fn write_until_committed(
     outcome
 }
 
-/// Writes batches as they come, each until it commits; commits positions to
-/// Kafka now and then; stops at shutdown after a last commit to Kafka.
+/// Writes batches as they come; commits positions to Kafka now and then; stops
+/// at shutdown after a last commit to Kafka.
+///
+/// Each writer owns a fixed share of the partitions (`split`) and works
+/// through its own parts, one transaction each: a writer that finishes early
+/// starts on its share of the next batch instead of waiting for the others
+/// (one writer waiting at the sequencer's commit lock no longer idles the
+/// other). Per partition, parts are still applied in order by one writer.
 async fn write_loop(
     mut batches: mpsc::Receiver<Batch>,
     consumer: Arc<SharedConsumer>,
-    mut writers: Vec<Writer>,
+    writers: Vec<Writer>,
     settings: KafkaSettings,
     state: Arc<IngestState>,
     dlq_wake: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut last_commit = Instant::now();
-    let mut last_prune: Option<Instant> = None;
-    loop {
-        let commit_at = tokio::time::Instant::from_std(last_commit + settings.commit_interval());
-        let batch = tokio::select! {
-            b = batches.recv() => match b {
-                Some(b) => b,
-                None => break,
-            },
-            _ = tokio::time::sleep_until(commit_at) => {
+    let n = writers.len();
+    // One part may wait per writer while it writes another: memory stays
+    // bounded, and the batches channel pushes back on the reader.
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| mpsc::channel::<Batch>(1)).unzip();
+    let dispatch = async {
+        let senders = senders;
+        let mut shutdown = shutdown.clone();
+        let mut last_commit = Instant::now();
+        'batches: loop {
+            let commit_at = tokio::time::Instant::from_std(last_commit + settings.commit_interval());
+            let batch = tokio::select! {
+                b = batches.recv() => match b {
+                    Some(b) => b,
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(commit_at) => {
+                    consumer::commit(&**consumer, &state, &settings.topic, None, CommitMode::Async);
+                    last_commit = Instant::now();
+                    continue;
+                }
+                _ = shutdown.changed() => break,
+            };
+            for (part, to) in split(batch, n).into_iter().zip(&senders) {
+                if part.messages.is_empty() {
+                    continue;
+                }
+                tokio::select! {
+                    sent = to.send(part) => if sent.is_err() {
+                        break 'batches; // that writer stopped
+                    },
+                    _ = shutdown.changed() => break 'batches,
+                }
+            }
+            if last_commit.elapsed() >= settings.commit_interval() {
                 consumer::commit(&**consumer, &state, &settings.topic, None, CommitMode::Async);
                 last_commit = Instant::now();
-                if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                    last_prune = Some(Instant::now());
-                    match writers[0].prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs).await {
-                        Ok((e, d)) if e + d > 0 => log::info!("pruned {e} old event ids and {d} published dead letters"),
-                        Ok(_) => {}
-                        Err(e) => log::debug!("pruning ingest bookkeeping failed: {e}"),
+            }
+        }
+        // Dropping the senders lets each writer finish what it has and stop.
+    };
+    let write = |(i, (mut writer, mut parts)): (usize, (Writer, mpsc::Receiver<Batch>))| {
+        let (consumer, settings, state, dlq_wake) = (&consumer, &settings, &state, &dlq_wake);
+        let mut shutdown = shutdown.clone();
+        async move {
+            // The first writer also prunes the ingest's bookkeeping.
+            let mut next_prune = (i == 0).then(tokio::time::Instant::now);
+            loop {
+                let part = tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => break,
+                    part = parts.recv() => match part {
+                        Some(p) => p,
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(next_prune.unwrap_or_else(tokio::time::Instant::now)), if next_prune.is_some() => {
+                        next_prune = Some(tokio::time::Instant::now() + PRUNE_EVERY);
+                        match writer.prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs).await {
+                            Ok((e, d)) if e + d > 0 => log::info!("pruned {e} old event ids and {d} published dead letters"),
+                            Ok(_) => {}
+                            Err(e) => log::debug!("pruning ingest bookkeeping failed: {e}"),
+                        }
+                        continue;
+                    }
+                };
+                let Some(outcome) = write_until_committed(&mut writer, &part, state, shutdown.clone()).await else {
+                    break; // shutdown while retrying
+                };
+                record(state, &outcome);
+                for (p, offset) in &outcome.seek {
+                    log::info!("partition {p}: skipping ahead to the stored position {offset}");
+                    if let Err(e) = consumer.seek(&settings.topic, *p, rdkafka::Offset::Offset(*offset), Duration::ZERO)
+                    {
+                        log::debug!("seek failed (the messages will be read and skipped): {e}");
                     }
                 }
-                continue;
-            }
-            _ = shutdown.changed() => break,
-        };
-        let parts = split(batch, writers.len());
-        let outcomes = futures_util::future::join_all(
-            writers
-                .iter_mut()
-                .zip(&parts)
-                .filter(|(_, part)| !part.messages.is_empty())
-                .map(|(w, part)| write_until_committed(w, part, &state, shutdown.clone())),
-        )
-        .await;
-        // Parts that committed count even when shutdown stopped another.
-        for outcome in outcomes.iter().flatten() {
-            record(&state, outcome);
-            for (p, offset) in &outcome.seek {
-                log::info!("partition {p}: skipping ahead to the stored position {offset}");
-                if let Err(e) = consumer.seek(&settings.topic, *p, rdkafka::Offset::Offset(*offset), Duration::ZERO) {
-                    log::debug!("seek failed (the messages will be read and skipped): {e}");
+                if outcome.fates.iter().any(|f| matches!(f, Fate::Dead(_))) {
+                    dlq_wake.notify_one();
                 }
             }
-            if outcome.fates.iter().any(|f| matches!(f, Fate::Dead(_))) {
-                dlq_wake.notify_one();
-            }
         }
-        if outcomes.iter().any(Option::is_none) {
-            break;
-        }
-        if last_commit.elapsed() >= settings.commit_interval() {
-            consumer::commit(&**consumer, &state, &settings.topic, None, CommitMode::Async);
-            last_commit = Instant::now();
-        }
-    }
+    };
+    let writing = futures_util::future::join_all(writers.into_iter().zip(receivers).enumerate().map(write));
+    tokio::join!(dispatch, writing);
     // Leave Kafka as current as PostgreSQL, so the next owner re-reads
     // little, then leave the group so it need not wait for a session timeout.
     let (c, s, topic) = (consumer.clone(), state.clone(), settings.topic.clone());
