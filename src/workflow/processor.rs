@@ -37,6 +37,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_postgres::Statement;
 
 use super::steps::{OrderRef, StepError, Steps};
 use super::Dedicated;
@@ -67,6 +68,36 @@ RETURNING o.id, pg_advisory_lock($2, workflow_lock_key(o.id))::text";
 const SET_STATUS_SQL: &str = "\
 WITH a AS (SELECT set_config('ordercast.actor', 'processor', true)) \
 UPDATE orders SET status = $2, error_message = $3 FROM a WHERE id = $1 AND status = 'processing' RETURNING id";
+
+const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount FROM orders WHERE id = $1";
+
+const DONE_STEPS_SQL: &str =
+    "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome = 'done'";
+
+/// See `begin`: a step's record is created, or counted as one more attempt
+/// while it is `started`; nothing is returned when it is already finished.
+const BEGIN_SQL: &str = "\
+WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+INSERT INTO order_steps (order_id, step, action, outcome) SELECT $1, $2, $3, 'started' FROM a \
+ON CONFLICT (order_id, step, action) DO UPDATE \
+   SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
+RETURNING outcome, detail, attempts";
+
+const RECORD_SQL: &str =
+    "SELECT outcome, detail, attempts FROM order_steps WHERE order_id = $1 AND step = $2 AND action = $3";
+
+const FINISH_SQL: &str = "\
+WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() FROM a \
+WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
+
+const NOTE_SQL: &str = "\
+WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
+UPDATE order_steps SET detail = $4 FROM a \
+WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
+
+/// Releases an order's lock on the dedicated connection when its task ends.
+const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1, workflow_lock_key($2))";
 
 /// What `/api/health` reports about the processor. Counters are per process.
 #[derive(Debug, Default)]
@@ -189,6 +220,7 @@ impl Processor {
     async fn session(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let conn = Dedicated::open(&self.url, "ordercast-processor").await?;
         let claim = conn.client.prepare(CLAIM_SQL).await.map_err(crate::db::describe)?;
+        let unlock = conn.client.prepare(UNLOCK_SQL).await.map_err(crate::db::describe)?;
         self.ctx.state.connected.store(true, Ordering::Relaxed);
         let mut work = Work { tasks: JoinSet::new(), orders: HashMap::new() };
         let mut next_scan = Instant::now();
@@ -210,7 +242,7 @@ impl Processor {
             }
             self.ctx.state.in_flight.store(work.tasks.len(), Ordering::Relaxed);
             tokio::select! {
-                Some(done) = work.tasks.join_next_with_id() => self.finished(&conn, &mut work, done).await?,
+                Some(done) = work.tasks.join_next_with_id() => self.finished(&conn, &unlock, &mut work, done).await?,
                 r = conn.wait(IDLE_POLL) => r?,
                 // A dropped sender (the server never started) also means stop.
                 r = shutdown.changed() => if r.is_err() { break },
@@ -218,7 +250,7 @@ impl Processor {
         }
         let deadline = Instant::now() + DRAIN;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline, work.tasks.join_next_with_id()).await {
-            self.finished(&conn, &mut work, done).await?;
+            self.finished(&conn, &unlock, &mut work, done).await?;
         }
         if !work.tasks.is_empty() {
             log::info!("order processor: leaving {} orders in processing to be resumed", work.tasks.len());
@@ -266,6 +298,7 @@ impl Processor {
     async fn finished(
         &self,
         conn: &Dedicated,
+        unlock: &Statement,
         work: &mut Work,
         done: Result<(tokio::task::Id, Finish), tokio::task::JoinError>,
     ) -> anyhow::Result<()> {
@@ -274,10 +307,7 @@ impl Processor {
             Err(e) => e.id(),
         };
         let Some(id) = work.orders.remove(&task) else { return Ok(()) };
-        conn.client
-            .execute("SELECT pg_advisory_unlock($1, workflow_lock_key($2))", &[&LOCK_CLASS, &id])
-            .await
-            .map_err(crate::db::describe)?;
+        conn.client.execute(unlock, &[&LOCK_CLASS, &id]).await.map_err(crate::db::describe)?;
         let state = &self.ctx.state;
         match done {
             Ok((_, Finish::Processed)) => {
@@ -433,17 +463,11 @@ impl Ctx {
     /// once. Returns what was done (for the error message), or the `Retry`
     /// to return when a compensation could not be reached.
     async fn compensate(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Result<Vec<String>, Finish>> {
-        let done: HashSet<String> = client(db)
-            .await?
-            .query(
-                "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome = 'done'",
-                &[&order.id],
-            )
-            .await
-            .map_err(crate::db::describe)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let done: HashSet<String> = {
+            // Back to the pool before any step is called.
+            let (client, stmt) = prepared(db, DONE_STEPS_SQL).await?;
+            client.query(&stmt, &[&order.id]).await.map_err(crate::db::describe)?.iter().map(|r| r.get(0)).collect()
+        };
         let mut report = Vec::new();
         for step in self.steps.iter().rev().filter(|s| done.contains(s.name())) {
             let rec = begin(db, order.id, step.name(), COMPENSATE).await?;
@@ -479,12 +503,18 @@ async fn client(pool: &Pool) -> anyhow::Result<deadpool_postgres::Client> {
     pool.get().await.context("no database connection for the processor")
 }
 
+/// A pooled connection and its prepared statement for `sql`: each connection
+/// prepares a statement once and keeps it (`prepare_cached`), so the
+/// statements that run for every order cost no preparation round trip.
+async fn prepared(pool: &Pool, sql: &str) -> anyhow::Result<(deadpool_postgres::Client, Statement)> {
+    let client = client(pool).await?;
+    let stmt = client.prepare_cached(sql).await.map_err(crate::db::describe)?;
+    Ok((client, stmt))
+}
+
 async fn load(db: &Pool, id: i64) -> anyhow::Result<Option<(String, OrderRef)>> {
-    let row = client(db)
-        .await?
-        .query_opt("SELECT status, customer_name, product, quantity, amount FROM orders WHERE id = $1", &[&id])
-        .await
-        .map_err(crate::db::describe)?;
+    let (client, stmt) = prepared(db, LOAD_SQL).await?;
+    let row = client.query_opt(&stmt, &[&id]).await.map_err(crate::db::describe)?;
     Ok(row.map(|r| {
         let amount: Decimal = r.get(4);
         (r.get(0), OrderRef { id, customer: r.get(1), product: r.get(2), quantity: r.get(3), amount })
@@ -499,69 +529,37 @@ async fn load(db: &Pool, id: i64) -> anyhow::Result<Option<(String, OrderRef)>> 
 /// with the same idempotency key — the case every step handles anyway. The
 /// status updates stay synchronous, and flush every record before them.
 async fn begin(db: &Pool, id: i64, step: &str, action: &str) -> anyhow::Result<Record> {
-    let row = client(db)
-        .await?
-        .query_opt(
-            "WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
-             INSERT INTO order_steps (order_id, step, action, outcome) SELECT $1, $2, $3, 'started' FROM a \
-             ON CONFLICT (order_id, step, action) DO UPDATE \
-                SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
-             RETURNING outcome, detail, attempts",
-            &[&id, &step, &action],
-        )
-        .await
-        .map_err(crate::db::describe)?;
+    let (client, stmt) = prepared(db, BEGIN_SQL).await?;
+    let row = client.query_opt(&stmt, &[&id, &step, &action]).await.map_err(crate::db::describe)?;
+    drop(client);
     let row = match row {
         Some(row) => row,
-        None => client(db)
-            .await?
-            .query_one(
-                "SELECT outcome, detail, attempts FROM order_steps WHERE order_id = $1 AND step = $2 AND action = $3",
-                &[&id, &step, &action],
-            )
-            .await
-            .map_err(crate::db::describe)?,
+        None => {
+            let (client, stmt) = prepared(db, RECORD_SQL).await?;
+            client.query_one(&stmt, &[&id, &step, &action]).await.map_err(crate::db::describe)?
+        }
     };
     Ok(Record { outcome: row.get(0), detail: row.get(1), attempts: row.get(2) })
 }
 
 async fn finish(db: &Pool, id: i64, step: &str, action: &str, outcome: &str, detail: &str) -> anyhow::Result<()> {
-    client(db)
-        .await?
-        .execute(
-            "WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
-             UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() FROM a \
-             WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'",
-            &[&id, &step, &action, &outcome, &detail],
-        )
-        .await
-        .map_err(crate::db::describe)?;
+    let (client, stmt) = prepared(db, FINISH_SQL).await?;
+    client.execute(&stmt, &[&id, &step, &action, &outcome, &detail]).await.map_err(crate::db::describe)?;
     Ok(())
 }
 
 /// Keeps the last error of a step that stays `started`, for the history and
 /// for the message when it is given up.
 async fn note(db: &Pool, id: i64, step: &str, action: &str, detail: &str) -> anyhow::Result<()> {
-    client(db)
-        .await?
-        .execute(
-            "WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
-         UPDATE order_steps SET detail = $4 FROM a \
-         WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'",
-            &[&id, &step, &action, &detail],
-        )
-        .await
-        .map_err(crate::db::describe)?;
+    let (client, stmt) = prepared(db, NOTE_SQL).await?;
+    client.execute(&stmt, &[&id, &step, &action, &detail]).await.map_err(crate::db::describe)?;
     Ok(())
 }
 
 /// Moves an order on from processing; false when it is no longer there.
 async fn set_status(db: &Pool, id: i64, status: &str, error_message: Option<&str>) -> anyhow::Result<bool> {
-    let rows = client(db)
-        .await?
-        .execute(SET_STATUS_SQL, &[&id, &status, &error_message])
-        .await
-        .map_err(crate::db::describe)?;
+    let (client, stmt) = prepared(db, SET_STATUS_SQL).await?;
+    let rows = client.execute(&stmt, &[&id, &status, &error_message]).await.map_err(crate::db::describe)?;
     Ok(rows == 1)
 }
 
