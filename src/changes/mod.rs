@@ -17,10 +17,46 @@ use tokio_postgres::Row;
 
 use crate::domain::Filter;
 
-/// The SQL the listener and catch-up readers use: up to $2 changes after $1.
+/// The SQL every reader of the log uses (the listener, catch-up, the outbox
+/// relay): up to $2 changes after $1.
 pub const READ_SQL: &str =
     "SELECT pos, op, order_id, status, old_status, customer, old_customer, after_row, before_row, actor, at \
                             FROM change_read($1, $2)";
+
+/// What every reader of the log takes from a `READ_SQL` row: where the
+/// change stands, what it did, and `json`, the change envelope that the
+/// WebSocket `change` message, the SSE event and the outbox relay's Kafka
+/// message all carry: `{"type":"change","seq":N,"op":"...","order":{...},
+/// "old":{...}|null,"actor":"...","at":"..."}`.
+pub struct Envelope<'a> {
+    pub pos: i64,
+    pub op: &'a str,
+    pub order_id: i64,
+    pub actor: &'a str,
+    /// The commit time, set by the sequencer for every committed change.
+    pub at: Option<DateTime<Utc>>,
+    pub json: String,
+}
+
+impl<'a> Envelope<'a> {
+    pub fn from_row(row: &'a Row) -> Envelope<'a> {
+        let pos: i64 = row.get(0);
+        let op: &str = row.get(1);
+        let order: &str = row.get(7);
+        let old: Option<&str> = row.get(8);
+        let actor: &str = row.get(9);
+        let at: Option<DateTime<Utc>> = row.get(10);
+        // The row images are jsonb rendered by PostgreSQL, so they are valid
+        // JSON already: the envelope is assembled, not re-serialized.
+        let json = format!(
+            r#"{{"type":"change","seq":{pos},"op":"{op}","order":{order},"old":{},"actor":{},"at":"{}"}}"#,
+            old.unwrap_or("null"),
+            serde_json::Value::String(actor.to_string()),
+            at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default(),
+        );
+        Envelope { pos, op, order_id: row.get(2), actor, at, json }
+    }
+}
 
 /// One committed change, serialized once: `ws_frame` is the complete WebSocket
 /// text frame (header included: server frames are unmasked, so it is the same
@@ -42,26 +78,13 @@ pub struct Change {
 
 impl Change {
     pub fn from_row(row: &Row) -> Change {
-        let pos: i64 = row.get(0);
-        let op: &str = row.get(1);
-        let order: &str = row.get(7);
-        let old: Option<&str> = row.get(8);
-        let actor: &str = row.get(9);
-        let at: Option<DateTime<Utc>> = row.get(10);
+        let Envelope { pos, order_id, at, json, .. } = Envelope::from_row(row);
         let committed_micros = at.map(|t| t.timestamp_micros()).unwrap_or_default();
-        let at = at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default();
-        // The row images are jsonb rendered by PostgreSQL, so they are valid
-        // JSON already: the envelope is assembled, not re-serialized.
-        let json = format!(
-            r#"{{"type":"change","seq":{pos},"op":"{op}","order":{order},"old":{},"actor":{},"at":"{at}"}}"#,
-            old.unwrap_or("null"),
-            serde_json::Value::String(actor.to_string()),
-        );
         let sse = format!("id: {pos}\nevent: change\ndata: {json}\n\n");
         Change {
             pos,
             committed_micros,
-            order_id: row.get(2),
+            order_id,
             status: row.get(3),
             old_status: row.get(4),
             customer: row.get(5),

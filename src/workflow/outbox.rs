@@ -40,11 +40,9 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use super::Dedicated;
+use crate::changes::Envelope;
 use crate::ingest::KafkaSettings;
-use chrono::{DateTime, SecondsFormat, Utc};
 
-/// The change log after a position, in position order; `at` is the commit time.
-const READ_SQL: &str = "SELECT pos, op, order_id, after_row, before_row, actor, at FROM change_read($1, $2)";
 /// Session advisory lock class 'ocob'; the key is the relay's name.
 const LOCK_CLASS: i32 = 0x6f63_6f62;
 /// How often a relay on standby checks whether the active one is gone.
@@ -206,7 +204,7 @@ async fn session(
     state.position.store(position, Ordering::Relaxed);
     state.active.store(true, Ordering::Relaxed);
     log::info!("outbox relay for {topic}: publishing changes after position {position}");
-    let read = db.prepare(READ_SQL).await.map_err(crate::db::describe)?;
+    let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
     loop {
         if *shutdown.borrow() {
@@ -282,22 +280,8 @@ async fn store(db: &tokio_postgres::Client, name: &str, position: i64) -> anyhow
 async fn publish(producer: &FutureProducer, topic: &str, rows: &[tokio_postgres::Row]) -> anyhow::Result<()> {
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
-        let pos: i64 = row.get(0);
-        let op: &str = row.get(1);
-        let order_id: i64 = row.get(2);
-        let actor: &str = row.get(5);
-        // Set by the sequencer for every committed change; a None would be a bug there.
-        let at: Option<DateTime<Utc>> = row.get(6);
-        // The row images are jsonb rendered by PostgreSQL, valid JSON
-        // already: the envelope is assembled around them, the same shape as
-        // the WebSocket `change` message, so one parser serves both.
-        let payload = format!(
-            r#"{{"type":"change","seq":{pos},"op":"{op}","order":{},"old":{},"actor":{},"at":"{}"}}"#,
-            row.get::<_, &str>(3),
-            row.get::<_, Option<&str>>(4).unwrap_or("null"),
-            Value::String(actor.to_string()),
-            at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default(),
-        );
+        // The same envelope as the WebSocket `change` message, so one parser serves both.
+        let Envelope { pos, op, order_id, actor, at, json: payload } = Envelope::from_row(row);
         let key = order_id.to_string();
         let position = pos.to_string();
         let headers = OwnedHeaders::new_with_capacity(4)
