@@ -38,6 +38,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::{json, Value};
 use tokio::sync::watch;
+use tokio_postgres::types::ToSql;
 
 use super::Dedicated;
 use crate::changes::Envelope;
@@ -205,13 +206,18 @@ async fn session(
     state.active.store(true, Ordering::Relaxed);
     log::info!("outbox relay for {topic}: publishing changes after position {position}");
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
+    let retention = db.prepare("SELECT pruned_through FROM change_retention").await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        let pruned: i64 =
-            db.query_one("SELECT pruned_through FROM change_retention", &[]).await.map_err(crate::db::describe)?.get(0);
+        // One round trip: both statements go out together (the connection
+        // pipelines them) and are answered in order.
+        let after: [&(dyn ToSql + Sync); 2] = [&position, &limit];
+        let (pruned, rows) =
+            tokio::try_join!(db.query_one(&retention, &[]), db.query(&read, &after)).map_err(crate::db::describe)?;
+        let pruned: i64 = pruned.get(0);
         if pruned > position {
             log::error!(
                 "outbox relay for {topic}: changes {}..={pruned} were pruned from the change log before they \
@@ -222,8 +228,9 @@ async fn session(
             position = pruned;
             store(db, topic, position).await?;
             state.position.store(position, Ordering::Relaxed);
+            // `rows` were read from before the gap: read again from after it.
+            continue;
         }
-        let rows = db.query(&read, &[&position, &limit]).await.map_err(crate::db::describe)?;
         let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
             tokio::select! {
                 r = conn.wait(IDLE_POLL) => r?,
