@@ -48,6 +48,7 @@
 //! `DATABASE_URL` is given.
 
 pub mod auth;
+pub mod backoff;
 pub mod changes;
 pub mod config;
 pub mod db;

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use rand::Rng;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -83,9 +82,7 @@ pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
         if started.elapsed() > Duration::from_secs(30) {
             backoff = BACKOFF_MIN;
         }
-        let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        tokio::time::sleep(crate::backoff::next(&mut backoff, BACKOFF_MAX)).await;
     }
 }
 

@@ -23,7 +23,6 @@ use anyhow::Context;
 use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::future::join_all;
-use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -86,12 +85,9 @@ pub async fn run(
                 log::warn!("publishing dead letters to {topic} failed, will retry: {e:#}");
                 *state.dlq_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: see above
                 client = None;
-                let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
-                    _ = shutdown.changed() => return,
+                if crate::backoff::sleep(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }

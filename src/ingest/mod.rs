@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use rand::Rng;
 use rdkafka::consumer::{CommitMode, Consumer};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
@@ -367,12 +366,9 @@ async fn write_until_committed(
                 }
                 *state.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: never poisoned
                 state.retries.fetch_add(1, Ordering::Relaxed);
-                let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
-                    _ = shutdown.changed() => break None,
+                if crate::backoff::sleep(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
+                    break None;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     };

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use rand::Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -147,19 +146,6 @@ impl Dedicated {
                 anyhow::bail!("the database connection closed: {}", gone().unwrap_or_default())
             }
         }
-    }
-}
-
-/// Sleeps `backoff` plus up to half of it again (so instances that failed
-/// together do not retry together), then doubles it up to `max`. True when
-/// shutdown came first.
-pub(crate) async fn back_off(backoff: &mut Duration, max: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    let jitter = rand::thread_rng().gen_range(0..=backoff.as_millis() as u64 / 2);
-    let wait = *backoff + Duration::from_millis(jitter);
-    *backoff = (*backoff * 2).min(max);
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => *shutdown.borrow(),
-        _ = shutdown.changed() => true,
     }
 }
 

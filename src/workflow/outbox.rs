@@ -147,7 +147,7 @@ pub async fn run(
             }
         }
         state.active.store(false, Ordering::Relaxed);
-        if super::back_off(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
+        if crate::backoff::sleep(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
             break;
         }
     }
@@ -264,7 +264,7 @@ async fn session(
                     );
                     *producer = self::producer(kafka, brokers)?;
                 }
-                if super::back_off(backoff, BACKOFF_MAX, shutdown).await {
+                if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
                     return Ok(());
                 }
             }

@@ -209,7 +209,7 @@ impl Processor {
             if started.elapsed() > Duration::from_secs(30) {
                 backoff = BACKOFF_MIN;
             }
-            if super::back_off(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
+            if crate::backoff::sleep(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
                 return;
             }
         }
