@@ -34,27 +34,20 @@ use super::IngestState;
 
 /// Rows claimed per round.
 const CLAIM: i64 = 200;
-/// How long a produce may wait for the broker before the round gives up.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a produce may wait for the broker before the round gives up: the
+/// producer's default `message.timeout.ms` too.
+const DELIVERY_TIMEOUT: Duration = crate::workflow::MESSAGE_TIMEOUT;
 /// Rows left behind (a crash, another instance's failure) are found by this poll.
 const POLL: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-pub fn producer_config(settings: &KafkaSettings, brokers: &str) -> Result<ClientConfig, String> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("client.id", "ordercast-dlq")
-        .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string());
-    for (k, v) in settings.librdkafka_properties()? {
-        config.set(k, v);
-    }
-    Ok(config)
+/// ordercast's producer defaults and the pass-through properties, nothing forced.
+pub fn producer_config(settings: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientConfig> {
+    crate::workflow::producer_config(settings, brokers, "ordercast-dlq", &[])
 }
 
 pub fn create_producer(settings: &KafkaSettings, brokers: &str) -> anyhow::Result<FutureProducer> {
-    producer_config(settings, brokers)
-        .map_err(|e| anyhow::anyhow!(e))?
+    producer_config(settings, brokers)?
         .create()
         .map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the dead-letter producer: {e}"))
 }

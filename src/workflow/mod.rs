@@ -149,6 +149,10 @@ impl Dedicated {
     }
 }
 
+/// How long librdkafka tries to deliver a message (`message.timeout.ms`)
+/// unless the Kafka settings say otherwise.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A producer with ordercast's defaults, then the pass-through properties of
 /// the Kafka settings (TLS, SASL, ...), then `forced`, which the caller's
 /// guarantees depend on.
@@ -159,7 +163,10 @@ pub fn producer_config(
     forced: &[(&str, &str)],
 ) -> anyhow::Result<ClientConfig> {
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers).set("client.id", client_id).set("message.timeout.ms", "30000");
+    config
+        .set("bootstrap.servers", brokers)
+        .set("client.id", client_id)
+        .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string());
     for (k, v) in kafka.librdkafka_properties().map_err(|e| anyhow::anyhow!(e))? {
         config.set(k, v);
     }
