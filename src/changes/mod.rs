@@ -46,8 +46,8 @@ impl<'a> Envelope<'a> {
         let old: Option<&str> = row.get(8);
         let actor: &str = row.get(9);
         let at: Option<DateTime<Utc>> = row.get(10);
-        // The row images are jsonb rendered by PostgreSQL, so they are valid
-        // JSON already: the envelope is assembled, not re-serialized.
+        // The row images are JSON written by PostgreSQL (`to_json` in the
+        // capture triggers): the envelope is assembled, not re-serialized.
         let json = format!(
             r#"{{"type":"change","seq":{pos},"op":"{op}","order":{order},"old":{},"actor":{},"at":"{}"}}"#,
             old.unwrap_or("null"),

@@ -591,6 +591,15 @@ async fn a_lagging_feed_whose_position_is_pruned_meanwhile_is_told_to_resync() {
     assert_eq!(changes.len(), 3);
     hub.publish(vec![changes[0].clone()]).await.unwrap();
     hub.publish(vec![changes[1].clone()]).await.unwrap();
+    // `publish` only queues to the hub's task: wait until it has handled
+    // both, so the second finds the first still queued and the feed lags
+    // (if the feed took the first before, the second would just be queued).
+    let target = changes[1].pos;
+    eventually(WAIT, || {
+        let hub = hub.clone();
+        async move { (hub.position() >= target).then_some(()) }
+    })
+    .await;
     match next(&mut feed).await {
         Some(Item::Change(c)) => assert_eq!(c.pos, changes[0].pos),
         Some(Item::Batch(b)) => assert_eq!(b.changes[0].pos, changes[0].pos),
