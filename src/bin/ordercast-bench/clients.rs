@@ -948,20 +948,35 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_ws_client_handshakes_counts_answers_pings_and_closes() {
+    type Started = (
+        SocketAddr,
+        TcpStream,
+        String,
+        tokio::task::JoinHandle<Tally>,
+        mpsc::Receiver<anyhow::Result<i64>>,
+        watch::Sender<Option<i64>>,
+    );
+
+    /// Starts `ws_client` on `path` against a listener of the test's own and
+    /// returns the accepted socket with the handshake request read from it.
+    async fn handshake_request(path: &str, keep_latencies: bool) -> Started {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (finish_tx, finish_rx) = watch::channel(None);
-        let (ready_tx, mut ready_rx) = mpsc::channel(1);
-        let url = format!("ws://{addr}/ws?status=new");
-        let client = tokio::spawn(ws_client(url, addr, source_ip(0), true, ready_tx, finish_rx));
+        let (ready_tx, ready_rx) = mpsc::channel(1);
+        let url = format!("ws://{addr}{path}");
+        let client = tokio::spawn(ws_client(url, addr, source_ip(0), keep_latencies, ready_tx, finish_rx));
         let (mut s, _) = listener.accept().await.unwrap();
         let mut req = Vec::new();
         while find(&req, b"\r\n\r\n").is_none() {
             s.read_buf(&mut req).await.unwrap();
         }
-        let req = String::from_utf8(req).unwrap();
+        (addr, s, String::from_utf8(req).unwrap(), client, ready_rx, finish_tx)
+    }
+
+    #[tokio::test]
+    async fn the_ws_client_handshakes_counts_answers_pings_and_closes() {
+        let (addr, mut s, req, client, mut ready_rx, finish_tx) = handshake_request("/ws?status=new", true).await;
         assert!(req.starts_with("GET /ws?status=new HTTP/1.1\r\n"), "{req}");
         for h in [format!("Host: {addr}"), "Upgrade: websocket".into(), "Sec-WebSocket-Version: 13".into()] {
             assert!(req.contains(&format!("\r\n{h}\r\n")), "{h} in {req}");
@@ -1001,16 +1016,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bad_accept_key_fails_the_handshake() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_finish_tx, finish_rx) = watch::channel(None);
-        let (ready_tx, mut ready_rx) = mpsc::channel(1);
-        let client = tokio::spawn(ws_client(format!("ws://{addr}/ws"), addr, source_ip(1), false, ready_tx, finish_rx));
-        let (mut s, _) = listener.accept().await.unwrap();
-        let mut req = Vec::new();
-        while find(&req, b"\r\n\r\n").is_none() {
-            s.read_buf(&mut req).await.unwrap();
-        }
+        let (_, mut s, _, client, mut ready_rx, _finish_tx) = handshake_request("/ws", false).await;
         let accept = derive_accept_key(b"not the key");
         let resp = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"

@@ -269,93 +269,85 @@ fn print_table(report: &Value) {
         "lost",
         "dup"
     );
-    for r in &results {
-        let s = r["scenario"].as_str().unwrap_or_default();
-        let m = &r["median"];
-        if s.contains("latency") || s.starts_with("fanout") {
-            println!(
-                "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5}",
-                s,
-                get(m, "clients"),
-                get(m, "offered_changes_per_s"),
-                get(m, "p50_ms"),
-                get(m, "p90_ms"),
-                get(m, "p99_ms"),
-                get(m, "p999_ms"),
-                get(m, "max_ms"),
-                get(m, "deliveries_per_s"),
-                get(m, "lost"),
-                get(m, "duplicates")
-            );
-        }
+    for (s, m) in medians(&results, |s| s.contains("latency") || s.starts_with("fanout")) {
+        println!(
+            "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5}",
+            s,
+            get(m, "clients"),
+            get(m, "offered_changes_per_s"),
+            get(m, "p50_ms"),
+            get(m, "p90_ms"),
+            get(m, "p99_ms"),
+            get(m, "p999_ms"),
+            get(m, "max_ms"),
+            get(m, "deliveries_per_s"),
+            get(m, "lost"),
+            get(m, "duplicates")
+        );
     }
     println!(
         "\n{:<22} {:>7} {:>12} {:>12} {:>10} {:>14} {:>6}",
         "idle connections", "held", "RSS before", "RSS after", "B/conn", "all reached ms", "lost"
     );
-    for r in &results {
-        let s = r["scenario"].as_str().unwrap_or_default();
-        let m = &r["median"];
-        if s.starts_with("idle") {
-            println!(
-                "{:<22} {:>7} {:>9} MiB {:>9} MiB {:>10} {:>14} {:>6}",
-                s,
-                get(m, "held"),
-                get(m, "server_rss_before_mib"),
-                get(m, "server_rss_after_mib"),
-                get(m, "bytes_per_connection"),
-                get(m, "max_ms"),
-                get(m, "lost")
-            );
-        }
+    for (s, m) in medians(&results, |s| s.starts_with("idle")) {
+        println!(
+            "{:<22} {:>7} {:>9} MiB {:>9} MiB {:>10} {:>14} {:>6}",
+            s,
+            get(m, "held"),
+            get(m, "server_rss_before_mib"),
+            get(m, "server_rss_after_mib"),
+            get(m, "bytes_per_connection"),
+            get(m, "max_ms"),
+            get(m, "lost")
+        );
     }
     println!(
         "\n{:<22} {:>8} {:>10} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
         "Kafka ingest", "orders", "orders/s", "dead", "e2e ev/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost"
     );
-    for r in &results {
-        let s = r["scenario"].as_str().unwrap_or_default();
-        let m = &r["median"];
-        if s.starts_with("ingest") {
-            println!(
-                "{:<22} {:>8} {:>10} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
-                s,
-                get(m, "orders"),
-                get(m, "ingest_orders_per_s"),
-                get(m, "dead_letters"),
-                get(m, "e2e_rate_per_s"),
-                get(m, "p50_ms"),
-                get(m, "p90_ms"),
-                get(m, "p99_ms"),
-                get(m, "max_ms"),
-                get(m, "lost")
-            );
-        }
+    for (s, m) in medians(&results, |s| s.starts_with("ingest")) {
+        println!(
+            "{:<22} {:>8} {:>10} {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            s,
+            get(m, "orders"),
+            get(m, "ingest_orders_per_s"),
+            get(m, "dead_letters"),
+            get(m, "e2e_rate_per_s"),
+            get(m, "p50_ms"),
+            get(m, "p90_ms"),
+            get(m, "p99_ms"),
+            get(m, "max_ms"),
+            get(m, "lost")
+        );
     }
     println!(
         "\n{:<22} {:>6} {:>10} {:>10} {:>13} {:>8} {:>13}",
         "write cost (us/row)", "batch", "bare", "orders", "capture only", "ratio", "ratio capture"
     );
-    for r in &results {
-        let s = r["scenario"].as_str().unwrap_or_default();
-        let m = &r["median"];
-        if s.starts_with("write-cost") {
-            for b in ["b1", "b100"] {
-                println!(
-                    "{:<22} {:>6} {:>10} {:>10} {:>13} {:>8} {:>13}",
-                    s,
-                    &b[1..],
-                    get(m, &format!("bare_{b}_us_per_row")),
-                    get(m, &format!("orders_{b}_us_per_row")),
-                    get(m, &format!("capture_only_{b}_us_per_row")),
-                    get(m, &format!("ratio_orders_{b}")),
-                    get(m, &format!("ratio_capture_only_{b}"))
-                );
-            }
-            println!("{:<22} fsync={} synchronous_commit={}", "", m["fsync"], m["synchronous_commit"]);
+    for (s, m) in medians(&results, |s| s.starts_with("write-cost")) {
+        for b in ["b1", "b100"] {
+            println!(
+                "{:<22} {:>6} {:>10} {:>10} {:>13} {:>8} {:>13}",
+                s,
+                &b[1..],
+                get(m, &format!("bare_{b}_us_per_row")),
+                get(m, &format!("orders_{b}_us_per_row")),
+                get(m, &format!("capture_only_{b}_us_per_row")),
+                get(m, &format!("ratio_orders_{b}")),
+                get(m, &format!("ratio_capture_only_{b}"))
+            );
         }
+        println!("{:<22} fsync={} synchronous_commit={}", "", m["fsync"], m["synchronous_commit"]);
     }
     println!();
+}
+
+/// The scenarios of the report whose name `pick` accepts, with their medians.
+fn medians(results: &[Value], pick: impl Fn(&str) -> bool) -> impl Iterator<Item = (&str, &Value)> {
+    results.iter().filter_map(move |r| {
+        let s = r["scenario"].as_str().unwrap_or_default();
+        pick(s).then_some((s, &r["median"]))
+    })
 }
 
 /// What the numbers were measured on.
