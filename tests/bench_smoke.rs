@@ -61,6 +61,12 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
         assert!(changes > 0.0, "{name}: nothing written");
         assert_eq!(num("deliveries"), clients * changes, "{name}: every client gets every change");
         assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
+        if name.contains("latency") || name.starts_with("fanout") {
+            // Where the CPU went during the run: the server, the load
+            // generator, the whole machine.
+            assert!((0.0..=100.0).contains(&num("machine_busy_pct")), "{name}: {m}");
+            assert!(num("server_cpu_cores") >= 0.0 && num("bench_cpu_cores") >= 0.0, "{name}: {m}");
+        }
     }
     let idle = results.iter().find(|r| r["scenario"] == "idle:20").unwrap();
     assert_eq!(idle["median"]["held"].as_f64(), Some(20.0));

@@ -256,7 +256,7 @@ fn print_table(report: &Value) {
         report["runs_per_scenario"], report["write_seconds"]
     );
     println!(
-        "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5}",
+        "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7}",
         "latency / fan-out",
         "clients",
         "chg/s",
@@ -267,11 +267,14 @@ fn print_table(report: &Value) {
         "max ms",
         "deliveries/s",
         "lost",
-        "dup"
+        "dup",
+        "busy %",
+        "server",
+        "bench"
     );
     for (s, m) in medians(&results, |s| s.contains("latency") || s.starts_with("fanout")) {
         println!(
-            "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5}",
+            "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7}",
             s,
             get(m, "clients"),
             get(m, "offered_changes_per_s"),
@@ -282,7 +285,10 @@ fn print_table(report: &Value) {
             get(m, "max_ms"),
             get(m, "deliveries_per_s"),
             get(m, "lost"),
-            get(m, "duplicates")
+            get(m, "duplicates"),
+            get(m, "machine_busy_pct"),
+            get(m, "server_cpu_cores"),
+            get(m, "bench_cpu_cores")
         );
     }
     println!(

@@ -198,16 +198,64 @@ pub async fn latency(
     let db = ordercast::db::connect(db_url).await?;
     let mut clients = open_clients(server, transport, n, true).await;
     anyhow::ensure!(clients.ready > 0, "no client connected: {:?}", clients.first_error);
+    let cpu = CpuWindow::start(server);
     let written = write_paced(db_url, rate, 1, duration).await?;
     let head = head(&db).await?;
     let mut tallies = clients.finish(head).await;
     let mut f = Figures::new();
+    cpu.finish(server, run_secs(&written, &tallies), &mut f);
     f.insert("offered_changes_per_s".into(), json!(rate));
     f.insert("changes".into(), json!(written.changes));
     f.insert("write_changes_per_s".into(), json!(round(written.changes as f64 / written.secs)));
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
     percentiles(&mut f, &mut samples);
     Ok(f)
+}
+
+/// From the first write to the last receive (at least the writing time): if
+/// the server falls behind, the drain counts too.
+fn run_secs(written: &Written, tallies: &[Tally]) -> f64 {
+    let last = tallies.iter().map(|t| t.last_receive_us).max().unwrap_or(written.started_us);
+    ((last - written.started_us) as f64 / 1e6).max(written.secs)
+}
+
+/// CPU used during a run: the server's and the load generator's (cores busy;
+/// 2.0 = both of this machine's cores) and the whole machine's (per cent of
+/// all cores, PostgreSQL included). On a machine they share, a latency
+/// figure means little without it: past about 90 % busy, every hop waits
+/// for a core.
+struct CpuWindow {
+    server: Option<u64>,
+    own: Option<u64>,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuWindow {
+    fn start(server: &Server) -> CpuWindow {
+        CpuWindow {
+            server: server.pid.and_then(cpu_ticks),
+            own: cpu_ticks(std::process::id()),
+            machine: machine_ticks(),
+        }
+    }
+
+    fn finish(self, server: &Server, secs: f64, f: &mut Figures) {
+        let cores = |a: u64, b: u64| json!(round2((b - a) as f64 / ticks_per_sec() / secs));
+        if let (Some(a), Some(b)) = (self.server, server.pid.and_then(cpu_ticks)) {
+            f.insert("server_cpu_cores".into(), cores(a, b));
+        }
+        if let (Some(a), Some(b)) = (self.own, cpu_ticks(std::process::id())) {
+            f.insert("bench_cpu_cores".into(), cores(a, b));
+        }
+        if let (Some((busy0, all0)), Some((busy1, all1))) = (self.machine, machine_ticks()) {
+            if all1 > all0 {
+                f.insert(
+                    "machine_busy_pct".into(),
+                    json!(round((busy1 - busy0) as f64 * 100.0 / (all1 - all0) as f64)),
+                );
+            }
+        }
+    }
 }
 
 /// Fan-out throughput: `n` WebSocket clients, `rate` changes per second
@@ -219,16 +267,13 @@ pub async fn fanout(server: &Server, db_url: &str, n: usize, rate: f64, duration
     let mut clients = open_clients(server, Transport::Ws, n, true).await;
     anyhow::ensure!(clients.ready > 0, "no client connected: {:?}", clients.first_error);
     let rows = ((rate / 100.0).round() as usize).clamp(1, 100);
-    let cpu_before = server.pid.and_then(cpu_ticks);
-    let own_before = cpu_ticks(std::process::id());
+    let cpu = CpuWindow::start(server);
     let written = write_paced(db_url, rate, rows, duration).await?;
     let head = head(&db).await?;
     let mut tallies = clients.finish(head).await;
-    let cpu_after = server.pid.and_then(cpu_ticks);
-    let own_after = cpu_ticks(std::process::id());
-    let last = tallies.iter().map(|t| t.last_receive_us).max().unwrap_or(written.started_us);
-    let secs = ((last - written.started_us) as f64 / 1e6).max(written.secs);
+    let secs = run_secs(&written, &tallies);
     let mut f = Figures::new();
+    cpu.finish(server, secs, &mut f);
     f.insert("offered_changes_per_s".into(), json!(rate));
     f.insert("rows_per_statement".into(), json!(rows));
     f.insert("changes".into(), json!(written.changes));
@@ -236,14 +281,6 @@ pub async fn fanout(server: &Server, db_url: &str, n: usize, rate: f64, duration
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
     let received = f["deliveries"].as_u64().unwrap_or(0);
     f.insert("deliveries_per_s".into(), json!(round(received as f64 / secs)));
-    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        // Server CPU seconds per second of the run (2.0 = both cores).
-        f.insert("server_cpu_cores".into(), json!(((b - a) as f64 / ticks_per_sec() / secs * 100.0).round() / 100.0));
-    }
-    if let (Some(a), Some(b)) = (own_before, own_after) {
-        // The load generator's own CPU: it shares the two cores with the server.
-        f.insert("bench_cpu_cores".into(), json!(((b - a) as f64 / ticks_per_sec() / secs * 100.0).round() / 100.0));
-    }
     percentiles(&mut f, &mut samples);
     Ok(f)
 }
@@ -364,6 +401,22 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// The machine's busy and total clock ticks since boot, from the `cpu` line
+/// of /proc/stat (busy: everything but idle and iowait).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let all: u64 = ticks.iter().sum();
+    Some((all - ticks.get(3)? - ticks.get(4)?, all))
 }
 
 fn ticks_per_sec() -> f64 {
