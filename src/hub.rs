@@ -17,10 +17,11 @@
 //! buckets for its own id, customer and statuses, so 10,000 clients each
 //! following one order cost O(matching clients) per change, not O(all).
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 
 use futures_util::task::AtomicWaker;
 
@@ -94,7 +95,7 @@ pub struct HubStats {
 }
 
 enum Command {
-    Subscribe(Filter, oneshot::Sender<Subscription>),
+    Subscribe(Filter, Option<Arc<Relay>>, oneshot::Sender<Subscription>),
     Publish(Vec<SharedChange>),
 }
 
@@ -123,6 +124,106 @@ struct Queue {
     // unwrap on lock: never held across a panic (only pushes and pops)
     inner: Mutex<Queued>,
     waker: AtomicWaker,
+    /// The subscribing thread's relay, which wakes this session for the hub.
+    relay: Option<Arc<Relay>>,
+}
+
+/// Wakes a worker thread's sessions from that thread.
+///
+/// The hub runs on another thread than the sessions, and waking a task of a
+/// single-threaded runtime from outside costs a system call (the runtime's
+/// event-fd write) and often a thread wake-up: per client per batch, that was
+/// as many system calls as socket writes. Instead the hub hands the wakers of
+/// a thread's sessions to that thread's relay and wakes the relay once per
+/// publish; the relay, a task on the sessions' own runtime, wakes them there,
+/// where a wake-up is a push onto the local run queue.
+pub struct Relay {
+    // unwrap on lock: never held across a panic (pushes and swaps only)
+    wakers: Mutex<Vec<Waker>>,
+    waker: AtomicWaker,
+    /// False once the relay's task has ended (its runtime is gone): wake directly.
+    alive: AtomicBool,
+}
+
+thread_local! {
+    static RELAY: RefCell<Option<Arc<Relay>>> = const { RefCell::new(None) };
+}
+
+impl Relay {
+    /// The calling thread's relay, started on first use. Only single-threaded
+    /// runtimes (the HTTP workers) get one: on a multi-threaded runtime a
+    /// session's task may run on any thread, so it is woken directly.
+    fn current() -> Option<Arc<Relay>> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
+        if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+            return None;
+        }
+        RELAY.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if let Some(relay) = cell.as_ref().filter(|r| r.alive.load(Ordering::Acquire)) {
+                return Some(relay.clone());
+            }
+            let relay =
+                Arc::new(Relay { wakers: Mutex::default(), waker: AtomicWaker::new(), alive: AtomicBool::new(true) });
+            handle.spawn(relay.clone().run());
+            *cell = Some(relay.clone());
+            Some(relay)
+        })
+    }
+
+    async fn run(self: Arc<Relay>) {
+        /// Marks the relay dead when its task ends (the runtime shuts down)
+        /// and wakes whatever it still held.
+        struct Ended(Arc<Relay>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.alive.store(false, Ordering::Release);
+                let wakers = std::mem::take(&mut *self.0.wakers.lock().unwrap());
+                wakers.into_iter().for_each(Waker::wake);
+            }
+        }
+        let _ended = Ended(self.clone());
+        let mut batch = Vec::new();
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            std::mem::swap(&mut batch, &mut *self.wakers.lock().unwrap());
+            batch.drain(..).for_each(Waker::wake);
+            Poll::<()>::Pending
+        })
+        .await
+    }
+}
+
+/// Relays with wakers handed over during one publish: each is woken once, at
+/// the end of it.
+#[derive(Default)]
+struct Wakes(Vec<Arc<Relay>>);
+
+impl Wakes {
+    fn wake(&mut self, queue: &Queue) {
+        match &queue.relay {
+            Some(relay) if relay.alive.load(Ordering::Acquire) => {
+                let Some(waker) = queue.waker.take() else { return };
+                let mut wakers = relay.wakers.lock().unwrap();
+                if wakers.is_empty() && !self.0.iter().any(|r| Arc::ptr_eq(r, relay)) {
+                    self.0.push(relay.clone());
+                }
+                wakers.push(waker);
+                drop(wakers);
+                // The relay ended meanwhile: it may not have seen this one.
+                if !relay.alive.load(Ordering::Acquire) {
+                    std::mem::take(&mut *relay.wakers.lock().unwrap()).into_iter().for_each(Waker::wake);
+                }
+            }
+            _ => queue.waker.wake(),
+        }
+    }
+
+    fn flush(&mut self) {
+        for relay in self.0.drain(..) {
+            relay.waker.wake();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -218,7 +319,7 @@ impl Hub {
 
     pub async fn subscribe(&self, filter: Filter) -> Result<Subscription, HubClosed> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Subscribe(filter, tx)).await.map_err(|_| HubClosed)?;
+        self.commands.send(Command::Subscribe(filter, Relay::current(), tx)).await.map_err(|_| HubClosed)?;
         rx.await.map_err(|_| HubClosed)
     }
 
@@ -290,7 +391,7 @@ impl Registry {
                 biased;
                 Some(id) = unsubscribes.recv() => self.remove(id),
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Subscribe(filter, reply)) => self.subscribe(filter, reply),
+                    Some(Command::Subscribe(filter, relay, reply)) => self.subscribe(filter, relay, reply),
                     Some(Command::Publish(changes)) => self.publish(changes),
                     None => break,
                 },
@@ -308,10 +409,10 @@ impl Registry {
         }
     }
 
-    fn subscribe(&mut self, filter: Filter, reply: oneshot::Sender<Subscription>) {
+    fn subscribe(&mut self, filter: Filter, relay: Option<Arc<Relay>>, reply: oneshot::Sender<Subscription>) {
         self.next_id += 1;
         let id = self.next_id;
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue { relay, ..Queue::default() });
         let subscription = Subscription {
             id,
             start: self.position.load(Ordering::Acquire),
@@ -350,7 +451,7 @@ impl Registry {
 
     /// Hands a batch to one subscription without waiting. Returns false when
     /// the subscription must go (lagged or gone).
-    fn deliver(&self, id: u64, batch: Batch) -> bool {
+    fn deliver(&self, id: u64, batch: Batch, wakes: &mut Wakes) -> bool {
         let Some(sub) = self.subs.get(&id) else { return true };
         let n = batch.changes().len();
         {
@@ -365,7 +466,7 @@ impl Registry {
             q.batches.push_back(batch);
             q.changes += n;
         }
-        sub.queue.waker.wake();
+        wakes.wake(&sub.queue);
         self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
         true
     }
@@ -378,11 +479,12 @@ impl Registry {
             self.stats.commit_to_push.observe_micros(now.saturating_sub(c.committed_micros).max(0) as u64);
         }
         let mut dropped = Vec::new();
+        let mut wakes = Wakes::default();
 
         if !self.all.is_empty() {
             let shared = Arc::new(SharedBatch::new(changes.clone()));
             for &id in &self.all {
-                if !self.deliver(id, Batch::Shared(shared.clone())) {
+                if !self.deliver(id, Batch::Shared(shared.clone()), &mut wakes) {
                     dropped.push(id);
                 }
             }
@@ -421,12 +523,13 @@ impl Registry {
                 }
             }
             for (id, list) in own {
-                if !self.deliver(id, Batch::Own(list)) {
+                if !self.deliver(id, Batch::Own(list), &mut wakes) {
                     dropped.push(id);
                 }
             }
         }
 
+        wakes.flush();
         for id in dropped {
             if self.subs.get(&id).is_some_and(|s| s.queue.inner.lock().unwrap().lagged) {
                 self.stats.lagged.fetch_add(1, Ordering::Relaxed);
@@ -434,5 +537,129 @@ impl Registry {
             self.remove(id);
         }
         self.position.store(last, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn change(pos: i64) -> SharedChange {
+        Arc::new(crate::changes::Change {
+            pos,
+            committed_micros: 0,
+            order_id: pos,
+            status: Some("pending".into()),
+            old_status: None,
+            customer: Some("c".into()),
+            old_customer: None,
+            ws_frame: Bytes::from_static(b"x"),
+            sse: Bytes::from_static(b"x"),
+        })
+    }
+
+    /// The next batch, which must come by a wake-up: when the deadline
+    /// passes first, the test fails even if the batch is queued by then.
+    async fn woken(sub: &mut Subscription) -> Batch {
+        tokio::select! {
+            biased;
+            _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("not woken within 5 s"),
+            batch = sub.recv() => batch.expect("a batch"),
+        }
+    }
+
+    fn multi_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    }
+
+    fn current_thread() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    /// On a single-threaded runtime (as the HTTP workers run) a session is
+    /// subscribed with its thread's relay, and the hub, on another runtime,
+    /// reaches it through the relay alone: `Wakes` never wakes such a session
+    /// directly, so a relay that failed to pass wakers on would leave `recv`
+    /// waiting forever.
+    #[test]
+    fn a_worker_threads_sessions_are_woken_through_its_relay() {
+        let hub_rt = multi_thread();
+        let hub = hub_rt.block_on(async { Hub::start(0, 100) });
+        let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
+        let session_hub = hub.clone();
+        let session = std::thread::spawn(move || {
+            current_thread().block_on(async move {
+                let mut subs = Vec::new();
+                for _ in 0..3 {
+                    subs.push(session_hub.subscribe(Filter::default()).await.unwrap());
+                }
+                let relays: Vec<_> = subs.iter().map(|s| s.queue.relay.clone().expect("a relay")).collect();
+                assert!(relays.iter().all(|r| Arc::ptr_eq(r, &relays[0])), "one relay per thread");
+                subscribed_tx.send(()).unwrap();
+                let mut seen = Vec::new();
+                for sub in &mut subs {
+                    for _ in 0..2 {
+                        let batch = woken(sub).await;
+                        seen.extend(batch.changes().iter().map(|c| c.pos));
+                    }
+                }
+                seen
+            })
+        });
+        subscribed_rx.recv().unwrap();
+        hub_rt.block_on(async {
+            hub.publish(vec![change(1), change(2)]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            hub.publish(vec![change(3)]).await.unwrap();
+        });
+        assert_eq!(session.join().unwrap(), [1, 2, 3, 1, 2, 3, 1, 2, 3]);
+    }
+
+    /// A relay lives as long as its runtime: a later runtime on the same
+    /// thread starts a new one instead of handing wakers to a dead task.
+    #[test]
+    fn a_relay_whose_runtime_ended_is_replaced() {
+        let hub_rt = multi_thread();
+        let hub = hub_rt.block_on(async { Hub::start(0, 100) });
+        let (step_tx, step_rx) = std::sync::mpsc::channel();
+        let (publish_tx, publish_rx) = std::sync::mpsc::channel::<()>();
+        let session_hub = hub.clone();
+        let session = std::thread::spawn(move || {
+            let first = current_thread().block_on(async {
+                let sub = session_hub.subscribe(Filter::default()).await.unwrap();
+                sub.queue.relay.clone().unwrap()
+            });
+            // The runtime is gone, and with it the relay's task.
+            assert!(!first.alive.load(Ordering::Acquire));
+            current_thread().block_on(async {
+                let mut sub = session_hub.subscribe(Filter::default()).await.unwrap();
+                let second = sub.queue.relay.clone().unwrap();
+                assert!(!Arc::ptr_eq(&first, &second) && second.alive.load(Ordering::Acquire));
+                step_tx.send(()).unwrap();
+                publish_rx.recv().unwrap();
+                let batch = woken(&mut sub).await;
+                batch.changes().iter().map(|c| c.pos).collect::<Vec<_>>()
+            })
+        });
+        step_rx.recv().unwrap();
+        hub_rt.block_on(hub.publish(vec![change(7)])).unwrap();
+        publish_tx.send(()).unwrap();
+        assert_eq!(session.join().unwrap(), [7]);
+    }
+
+    /// On a multi-threaded runtime a session's task may move between
+    /// threads, so it is woken directly, without a relay.
+    #[test]
+    fn sessions_on_a_multi_threaded_runtime_have_no_relay() {
+        let rt = multi_thread();
+        rt.block_on(async {
+            let hub = Hub::start(0, 100);
+            let mut sub = hub.subscribe(Filter::default()).await.unwrap();
+            assert!(sub.queue.relay.is_none());
+            hub.publish(vec![change(1)]).await.unwrap();
+            let batch = woken(&mut sub).await;
+            assert_eq!(batch.changes()[0].pos, 1);
+        });
     }
 }
