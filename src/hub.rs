@@ -6,7 +6,8 @@
 //!
 //! Fan-out never awaits a client: each subscription has a queue bounded by a
 //! change budget, pushed to without waiting (a short uncontended lock and a
-//! wake-up). A subscription whose budget is spent is marked *lagged* and
+//! wake-up, handed to the session's worker thread through its `Relay`). A
+//! subscription whose budget is spent is marked *lagged* and
 //! dropped from the registry; its session then catches up from the change log
 //! (see `changes::feed`). Changes are shared (`Arc`), never copied per client:
 //! unfiltered subscriptions all receive the same `Arc<SharedBatch>`, whose
