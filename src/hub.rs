@@ -138,11 +138,13 @@ struct Queue {
 /// a thread's sessions to that thread's relay and wakes the relay once per
 /// publish; the relay, a task on the sessions' own runtime, wakes them there,
 /// where a wake-up is a push onto the local run queue.
-pub struct Relay {
+struct Relay {
     // unwrap on lock: never held across a panic (pushes and swaps only)
     wakers: Mutex<Vec<Waker>>,
     waker: AtomicWaker,
-    /// False once the relay's task has ended (its runtime is gone): wake directly.
+    /// False once the relay's task has ended. It ends only with its runtime,
+    /// which the sessions it wakes run on, so a waker handed over just as it
+    /// ends has no task left to wake.
     alive: AtomicBool,
 }
 
@@ -210,11 +212,6 @@ impl Wakes {
                     self.0.push(relay.clone());
                 }
                 wakers.push(waker);
-                drop(wakers);
-                // The relay ended meanwhile: it may not have seen this one.
-                if !relay.alive.load(Ordering::Acquire) {
-                    std::mem::take(&mut *relay.wakers.lock().unwrap()).into_iter().for_each(Waker::wake);
-                }
             }
             _ => queue.waker.wake(),
         }
