@@ -372,11 +372,10 @@ impl Application {
             .and_then(http)
         };
         tcp.set_nonblocking(true)?;
-        let mut server = Server::build().listen("ordercast", tcp, factory)?.disable_signals().shutdown_timeout(5);
-        if settings.workers > 0 {
-            server = server.workers(settings.workers);
-        }
-        let server = server.run();
+        let server = Server::build().listen("ordercast", tcp, factory)?.disable_signals().shutdown_timeout(5);
+        let workers = settings.http_workers();
+        log::info!("{workers} HTTP worker thread(s)");
+        let server = server.workers(workers).run();
         Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks, workflow_tasks: workflow.tasks })
     }
 
