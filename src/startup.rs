@@ -372,10 +372,14 @@ impl Application {
             .and_then(http)
         };
         tcp.set_nonblocking(true)?;
-        let server = Server::build().listen("ordercast", tcp, factory)?.disable_signals().shutdown_timeout(5);
         let workers = settings.http_workers();
         log::info!("{workers} HTTP worker thread(s)");
-        let server = server.workers(workers).run();
+        let server = Server::build()
+            .listen("ordercast", tcp, factory)?
+            .workers(workers)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .run();
         Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks, workflow_tasks: workflow.tasks })
     }
 
