@@ -70,6 +70,8 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
             for k in ["server_cpu_cores", "bench_cpu_cores"] {
                 assert!(m[k].is_number(), "{name}: {k} missing in {m}");
             }
+            // At least one change per read that brought any.
+            assert!(num("changes_per_receive") >= 1.0, "{name}: {m}");
         }
     }
     let idle = results.iter().find(|r| r["scenario"] == "idle:20").unwrap();

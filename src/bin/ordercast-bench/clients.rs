@@ -31,6 +31,10 @@ pub struct Tally {
     pub latencies_us: Vec<u32>,
     /// When the client received its last change (microseconds since the epoch).
     pub last_receive_us: i64,
+    /// Socket reads that brought at least one new change: how many times the
+    /// server's writes reached this client (`received / receives` changes
+    /// arrived together on average).
+    pub receives: u64,
     pub error: Option<String>,
 }
 
@@ -197,6 +201,10 @@ impl Counter {
         }
         self.tally.lost += (seq - self.last - 1) as u64;
         self.last = seq;
+        // Every change of one read carries that read's time.
+        if self.tally.received == 0 || now != self.tally.last_receive_us {
+            self.tally.receives += 1;
+        }
         self.tally.received += 1;
         self.tally.last_receive_us = now;
         if self.keep_latencies {
@@ -796,6 +804,19 @@ mod tests {
             parse_msg(r#"{"type":"change","seq":99999999999999999999,"at":"2024-05-01T10:00:00Z"}"#),
             Msg::Other
         );
+    }
+
+    #[test]
+    fn changes_of_one_read_count_as_one_receive() {
+        let mut c = Counter::new(10, false);
+        // Three changes in one read, one in the next, two in a third.
+        for (seq, now) in [(11, 1_000), (12, 1_000), (13, 1_000), (14, 1_500), (15, 2_000), (16, 2_000)] {
+            c.change(seq, 0, now);
+        }
+        // A duplicate is not a receive, whenever it comes.
+        c.change(16, 0, 2_500);
+        let t = c.finish(Some(16));
+        assert_eq!((t.received, t.receives, t.duplicates, t.lost), (6, 3, 1, 0));
     }
 
     #[test]

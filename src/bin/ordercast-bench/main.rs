@@ -256,7 +256,7 @@ fn print_table(report: &Value) {
         report["runs_per_scenario"], report["write_seconds"]
     );
     println!(
-        "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7}",
+        "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7} {:>9}",
         "latency / fan-out",
         "clients",
         "chg/s",
@@ -270,11 +270,12 @@ fn print_table(report: &Value) {
         "dup",
         "busy %",
         "server",
-        "bench"
+        "bench",
+        "chg/recv"
     );
     for (s, m) in medians(&results, |s| s.contains("latency") || s.starts_with("fanout")) {
         println!(
-            "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7}",
+            "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7} {:>9}",
             s,
             get(m, "clients"),
             get(m, "offered_changes_per_s"),
@@ -288,7 +289,8 @@ fn print_table(report: &Value) {
             get(m, "duplicates"),
             get(m, "machine_busy_pct"),
             get(m, "server_cpu_cores"),
-            get(m, "bench_cpu_cores")
+            get(m, "bench_cpu_cores"),
+            get(m, "changes_per_receive")
         );
     }
     println!(

@@ -178,6 +178,13 @@ fn tally_figures(figures: &mut Figures, clients: &Clients, tallies: &mut [Tally]
     figures.insert("lost".into(), json!(lost));
     figures.insert("duplicates".into(), json!(dups));
     figures.insert("client_errors".into(), json!(errors));
+    // How many changes a client got per socket read, on average: 1 while the
+    // server writes every change as it comes; more when changes wait for
+    // their client's turn (each client's share of a round of socket writes).
+    let receives: u64 = tallies.iter().map(|t| t.receives).sum();
+    if receives > 0 {
+        figures.insert("changes_per_receive".into(), json!(round2(received as f64 / receives as f64)));
+    }
     let mut all = Vec::with_capacity(received as usize);
     for t in tallies.iter_mut() {
         all.append(&mut t.latencies_us);
