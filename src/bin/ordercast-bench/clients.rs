@@ -201,8 +201,9 @@ impl Counter {
         }
         self.tally.lost += (seq - self.last - 1) as u64;
         self.last = seq;
-        // Every change of one read carries that read's time.
-        if self.tally.received == 0 || now != self.tally.last_receive_us {
+        // Every change of one read carries that read's time (never 0, the
+        // tally's starting value).
+        if now != self.tally.last_receive_us {
             self.tally.receives += 1;
         }
         self.tally.received += 1;
