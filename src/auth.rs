@@ -287,7 +287,10 @@ pub async fn guard(
     let Some(state) = req.app_data::<actix_web::web::Data<crate::startup::AppState>>().cloned() else {
         return next.call(req).await;
     };
-    let Some(scope) = required_scope(req.method(), req.path()) else {
+    // The path the router matches: percent-decoded (`/%61pi/orders` is
+    // routed to `/api/orders`), unlike `req.path()`, the raw request target.
+    let routed = req.match_info().as_str().to_owned();
+    let Some(scope) = required_scope(req.method(), &routed) else {
         return next.call(req).await;
     };
     let result = match &state.auth {
@@ -318,7 +321,7 @@ pub async fn guard(
             req.extensions_mut().insert(p);
             next.call(req).await
         }
-        Err(e) if req.path() == "/ws" => {
+        Err(e) if routed == "/ws" => {
             req.extensions_mut().insert(e);
             next.call(req).await
         }

@@ -61,7 +61,11 @@ fn jwt(exp_offset: i64, scope: &str) -> String {
 }
 
 async fn ws_with(app: &TestApp, query: &str, headers: &[(&'static str, &str)]) -> (Option<(u16, String)>, Vec<Value>) {
-    let mut req = format!("ws://127.0.0.1:{}/ws{query}", app.port).into_client_request().unwrap();
+    ws_at(app, &format!("/ws{query}"), headers).await
+}
+
+async fn ws_at(app: &TestApp, target: &str, headers: &[(&'static str, &str)]) -> (Option<(u16, String)>, Vec<Value>) {
+    let mut req = format!("ws://127.0.0.1:{}{target}", app.port).into_client_request().unwrap();
     for (k, v) in headers {
         req.headers_mut().insert(*k, v.parse().unwrap());
     }
@@ -162,6 +166,46 @@ async fn tokens_and_scopes_guard_every_route() {
     let (close, _) = ws_with(&app, "?access_token=bogus", &[]).await;
     assert_eq!(close.unwrap().0, 4001);
     let (close, msgs) = ws_with(&app, "", &[("authorization", "Bearer readersecret")]).await;
+    assert!(close.is_none() && msgs.last().unwrap()["type"] == "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_encoded_paths_are_guarded_like_the_routes_they_reach() {
+    let app = secured().await;
+    let created: Value = app
+        .http
+        .post(app.url("/api/orders"))
+        .bearer_auth("writersecret")
+        .json(&json!({"customer_name": "Bob", "product": "Cog", "quantity": 1, "unit_price": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_i64().unwrap();
+    let status = |method: reqwest::Method, target: String, token: Option<&'static str>| {
+        let mut r = app.http.request(method, app.url(&target));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    // The router decodes `%61` to `a`: these reach the real handlers.
+    assert_eq!(status(reqwest::Method::GET, "/%61pi/orders".into(), Some("readersecret")).await, 200);
+    assert_eq!(status(reqwest::Method::GET, "/%61pi/orders".into(), None).await, 401);
+    assert_eq!(status(reqwest::Method::GET, format!("/api/orders/{id}/%68istory"), None).await, 401);
+    assert_eq!(status(reqwest::Method::DELETE, format!("/%61pi/orders/{id}"), None).await, 401);
+    assert_eq!(status(reqwest::Method::DELETE, format!("/%61pi/orders/{id}"), Some("readersecret")).await, 403);
+    assert_eq!(status(reqwest::Method::GET, "/%6Detrics".into(), Some("writersecret")).await, 403);
+    assert_eq!(status(reqwest::Method::GET, "/api/%64lq".into(), Some("readersecret")).await, 403);
+    assert_eq!(status(reqwest::Method::GET, "/%6Detrics".into(), Some("opssecret1")).await, 200);
+    // Nothing was deleted.
+    assert_eq!(status(reqwest::Method::GET, format!("/api/orders/{id}"), Some("readersecret")).await, 200);
+    // The WebSocket route too: refused with the close code, not streamed.
+    let (close, _) = ws_at(&app, "/w%73", &[]).await;
+    assert_eq!(close.unwrap().0, 4001);
+    let (close, msgs) = ws_at(&app, "/w%73", &[("authorization", "Bearer readersecret")]).await;
     assert!(close.is_none() && msgs.last().unwrap()["type"] == "ready");
 }
 
