@@ -98,6 +98,9 @@ pub struct HubStats {
 enum Command {
     Subscribe(Filter, Option<Arc<Relay>>, oneshot::Sender<Subscription>),
     Publish(Vec<SharedChange>),
+    /// The live stream jumps to this position: what came before it is no
+    /// longer in the log.
+    Gap(i64),
 }
 
 /// Handle to the hub task. Cheap to clone.
@@ -329,6 +332,15 @@ impl Hub {
         }
         self.commands.send(Command::Publish(changes)).await.map_err(|_| HubClosed)
     }
+
+    /// The changes after the last publish up to `pruned` were pruned from
+    /// the log before they were read: the live stream goes on after
+    /// `pruned`. Every subscription is let go as if it had lagged, so each
+    /// feed catches up from the log and finds out for itself whether its
+    /// position is gone (then it tells its client to resync).
+    pub async fn gap(&self, pruned: i64) -> Result<(), HubClosed> {
+        self.commands.send(Command::Gap(pruned)).await.map_err(|_| HubClosed)
+    }
 }
 
 struct Sub {
@@ -391,6 +403,7 @@ impl Registry {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Subscribe(filter, relay, reply)) => self.subscribe(filter, relay, reply),
                     Some(Command::Publish(changes)) => self.publish(changes),
+                    Some(Command::Gap(pruned)) => self.gap(pruned),
                     None => break,
                 },
             }
@@ -467,6 +480,18 @@ impl Registry {
         wakes.wake(&sub.queue);
         self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
         true
+    }
+
+    fn gap(&mut self, pruned: i64) {
+        // Subscribing from here on starts after the gap.
+        self.position.fetch_max(pruned, Ordering::AcqRel);
+        let ids: Vec<u64> = self.subs.keys().copied().collect();
+        for id in ids {
+            if let Some(sub) = self.subs.get(&id) {
+                sub.queue.inner.lock().unwrap().lagged = true;
+            }
+            self.remove(id);
+        }
     }
 
     fn publish(&mut self, changes: Vec<SharedChange>) {

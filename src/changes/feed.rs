@@ -232,11 +232,16 @@ impl Feed {
 
     async fn read_log(&self) -> Result<Vec<SharedChange>, CatchUpError> {
         let client = self.pool.get().await.map_err(|e| CatchUpError::Db(e.into()))?;
+        let changes = read_after(&client, self.scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))?;
+        // The horizon is checked after the read, not before: the two are
+        // separate statements, and a prune committed between a check and the
+        // read would let the read skip the pruned changes unnoticed. Pruning
+        // only moves forward, so one that the read saw shows here too.
         let (_, pruned) = log_bounds(&client).await.map_err(|e| CatchUpError::Db(e.into()))?;
         if self.scan < pruned {
             return Err(CatchUpError::Pruned);
         }
-        read_after(&client, self.scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))
+        Ok(changes)
     }
 }
 

@@ -123,6 +123,20 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, position: &mut i64
                 .map_err(crate::db::describe)?;
             *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
             let Some(last) = rows.last() else { break };
+            // A gap: retention pruned changes this connection had not read
+            // yet (it was away or behind for longer than the retention).
+            // Clients must not see the stream jump unannounced.
+            let pruned: i64 = last.get("pruned");
+            if pruned > *position {
+                log::error!(
+                    "changes {}..={pruned} were pruned before the listener read them; \
+                     live clients catch up from the log and are told to resync",
+                    *position + 1
+                );
+                if hub.gap(pruned).await.is_err() {
+                    return Ok(());
+                }
+            }
             *position = last.get(0);
             let full = rows.len() as i64 == READ_BATCH;
             let changes = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();

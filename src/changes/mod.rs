@@ -19,9 +19,14 @@ use crate::domain::Filter;
 
 /// The SQL every reader of the log uses (the listener, catch-up, the outbox
 /// relay): up to $2 changes after $1.
+///
+/// `pruned` is the retention horizon in the same snapshot as the rows: when
+/// it is past the reader's position, the rows follow a gap (changes pruned
+/// before this reader got to them), and the reader must say so.
 pub const READ_SQL: &str =
-    "SELECT pos, op, order_id, status, old_status, customer, old_customer, after_row, before_row, actor, at \
-                            FROM change_read($1, $2)";
+    "SELECT pos, op, order_id, status, old_status, customer, old_customer, after_row, before_row, actor, at, \
+            (SELECT pruned_through FROM change_retention) AS pruned \
+     FROM change_read($1, $2)";
 
 /// What every reader of the log takes from a `READ_SQL` row: where the
 /// change stands, what it did, and `json`, the change envelope that the

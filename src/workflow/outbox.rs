@@ -206,18 +206,16 @@ async fn session(
     state.active.store(true, Ordering::Relaxed);
     log::info!("outbox relay for {topic}: publishing changes after position {position}");
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
-    let retention = db.prepare("SELECT pruned_through FROM change_retention").await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        // One round trip: both statements go out together (the connection
-        // pipelines them) and are answered in order.
         let after: [&(dyn ToSql + Sync); 2] = [&position, &limit];
-        let (pruned, rows) =
-            tokio::try_join!(db.query_one(&retention, &[]), db.query(&read, &after)).map_err(crate::db::describe)?;
-        let pruned: i64 = pruned.get(0);
+        let rows = db.query(&read, &after).await.map_err(crate::db::describe)?;
+        // The horizon comes with the rows, from the same snapshot: a prune
+        // committed just before the read shows here, never after it.
+        let pruned: i64 = rows.first().map_or(position, |r| r.get("pruned"));
         if pruned > position {
             log::error!(
                 "outbox relay for {topic}: changes {}..={pruned} were pruned from the change log before they \

@@ -623,3 +623,106 @@ async fn a_lagging_feed_whose_position_is_pruned_meanwhile_is_told_to_resync() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_that_races_a_catch_up_read_is_told_as_a_resync() {
+    use ordercast::changes::feed::{Feed, Item};
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let pool = &app.state.pool;
+    let since = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    for i in 0..20 {
+        dba_insert(&db, &format!("race {i}")).await;
+    }
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    // A hub of its own, at the head: the feed catches up (since, head] from
+    // the log.
+    let hub = ordercast::hub::Hub::start(head, 100);
+    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), Some(since)).await.unwrap();
+    // From now on, reading the log's bounds takes half a second after its
+    // snapshot is taken; a prune commits meanwhile. Whatever the order of
+    // the feed's statements, it must not hand out a change past the pruned
+    // ones without a resync first.
+    db.batch_execute(
+        "CREATE OR REPLACE FUNCTION change_head() RETURNS bigint LANGUAGE sql STABLE AS $$
+             SELECT COALESCE((SELECT end_pos FROM change_tx WHERE end_pos IS NOT NULL AND pg_sleep(0.5) IS NOT NULL
+                              ORDER BY end_pos DESC LIMIT 1),
+                             (SELECT pruned_through FROM change_retention))
+         $$",
+    )
+    .await
+    .unwrap();
+    let pruner = {
+        let db = app.sql().await;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            db.query_one("SELECT change_prune($1)", &[&(since + 10)]).await.unwrap();
+        })
+    };
+    let mut expected = since + 1;
+    while expected <= head {
+        match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
+            Some(Item::Change(c)) => {
+                assert_eq!(c.pos, expected, "a change handed out after a gap, with no resync");
+                expected += 1;
+            }
+            Some(Item::Batch(b)) => {
+                for c in &b.changes {
+                    assert_eq!(c.pos, expected, "a change handed out after a gap, with no resync");
+                    expected += 1;
+                }
+            }
+            Some(Item::Resync { reason, position }) => {
+                assert_eq!(reason, "position_expired");
+                expected = position + 1;
+            }
+            None => panic!("the feed ended"),
+        }
+    }
+    pruner.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_resync() {
+    use ordercast::changes::feed::{Feed, Item};
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let pool = &app.state.pool;
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    // A hub of its own whose listener is not running yet: it stands for a
+    // LISTEN connection that was away while retention pruned the log.
+    let hub = ordercast::hub::Hub::start(head, 100);
+    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), None).await.unwrap();
+    for i in 0..10 {
+        dba_insert(&db, &format!("gap {i}")).await;
+    }
+    let pruned = head + 5;
+    db.query_one("SELECT change_prune($1)", &[&pruned]).await.unwrap();
+    let listener = tokio::spawn(ordercast::changes::listener::run(
+        app.db_url.clone(),
+        hub.clone(),
+        std::sync::Arc::new(ordercast::changes::listener::ListenerState::default()),
+    ));
+    let mut expected = None;
+    while expected.is_none_or(|e| e <= head + 10) {
+        match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
+            Some(Item::Resync { reason, position }) => {
+                assert_eq!(reason, "position_expired");
+                assert!(position >= pruned, "resync at {position}, before the pruned {pruned}");
+                expected = Some(position + 1);
+            }
+            Some(Item::Change(c)) => {
+                assert_eq!(Some(c.pos), expected, "a change after the gap with no resync first");
+                expected = Some(c.pos + 1);
+            }
+            Some(Item::Batch(b)) => {
+                for c in &b.changes {
+                    assert_eq!(Some(c.pos), expected, "a change after the gap with no resync first");
+                    expected = Some(c.pos + 1);
+                }
+            }
+            None => panic!("the feed ended"),
+        }
+    }
+    listener.abort();
+}
