@@ -726,3 +726,33 @@ async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_re
     }
     listener.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_with_immediate_constraints_gets_positions_of_its_own() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    let mut ws = app.ws("").await;
+    // The sequencer then runs at the first statement's end, not at commit;
+    // the statements after it must still get positions no one else gets.
+    db.batch_execute(
+        "BEGIN;
+         SET CONSTRAINTS ALL IMMEDIATE;
+         INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('imm 1', 'Bolt', 1, 2);
+         INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('imm 2', 'Bolt', 1, 2), ('imm 3', 'Bolt', 1, 2);
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    dba_insert(&db, "imm 4").await;
+    let pool = &app.state.pool;
+    let client = pool.get().await.unwrap();
+    let changes = ordercast::changes::read_after(&client, head, 100).await.unwrap();
+    let positions: Vec<i64> = changes.iter().map(|c| c.pos).collect();
+    assert_eq!(positions, (head + 1..=head + 4).collect::<Vec<_>>());
+    let customers: Vec<Option<&str>> = changes.iter().map(|c| c.customer.as_deref()).collect();
+    assert_eq!(customers, [Some("imm 1"), Some("imm 2"), Some("imm 3"), Some("imm 4")]);
+    // And live clients get each of them once, in order.
+    let got: Vec<i64> = ws.changes(4, WAIT).await.iter().map(seq).collect();
+    assert_eq!(got, (head + 1..=head + 4).collect::<Vec<_>>());
+}
