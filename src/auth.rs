@@ -177,7 +177,9 @@ impl Auth {
             let mut customer = None;
             for extra in &parts[3..] {
                 match extra.split_once('=') {
-                    Some(("customer", c)) if !c.trim().is_empty() => customer = Some(c.trim().to_lowercase()),
+                    Some(("customer", c)) if !c.trim().is_empty() => {
+                        customer = Some(crate::domain::fold_case(c.trim()))
+                    }
                     _ => anyhow::bail!("API key {name:?}: unknown option {extra:?} (customer=Name)"),
                 }
             }
@@ -212,7 +214,7 @@ impl Auth {
         Ok(Principal {
             name: c.sub,
             scopes,
-            customer: c.customer.map(|s| s.trim().to_lowercase()).filter(|s| !s.is_empty()),
+            customer: c.customer.map(|s| crate::domain::fold_case(s.trim())).filter(|s| !s.is_empty()),
             expires_at: Some(c.exp),
         })
     }

@@ -523,7 +523,7 @@ impl Registry {
                 }
                 if !self.by_customer.is_empty() {
                     for c in [change.customer.as_deref(), change.old_customer.as_deref()].into_iter().flatten() {
-                        if let Some(ids) = self.by_customer.get(&c.to_lowercase()) {
+                        if let Some(ids) = self.by_customer.get(&crate::domain::fold_case(c)) {
                             candidates.extend_from_slice(ids);
                         }
                     }

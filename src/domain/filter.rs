@@ -7,6 +7,14 @@ use super::{Status, ValidationError};
 /// At most this many order ids in one filter.
 pub const MAX_IDS: usize = 1000;
 
+/// Case folding for customer names, the same everywhere (filters, the hub's
+/// index, token restrictions, and PostgreSQL's `lower()`, which folds
+/// character by character): `str::to_lowercase` is context-sensitive (a
+/// word-final `Σ` becomes `ς`, not `σ`) and would disagree.
+pub fn fold_case(s: &str) -> String {
+    s.chars().flat_map(char::to_lowercase).collect()
+}
+
 /// Which changes a client wants. Fields combine with AND, values within a
 /// field with OR; an empty filter matches everything. The same filter is used
 /// by WebSocket and SSE subscriptions and by `GET /api/orders`.
@@ -14,7 +22,7 @@ pub const MAX_IDS: usize = 1000;
 pub struct Filter {
     pub statuses: BTreeSet<Status>,
     pub ids: BTreeSet<i64>,
-    /// Exact customer name, compared case-insensitively (stored lowercased).
+    /// Exact customer name, compared case-insensitively (stored folded, see `fold_case`).
     pub customer: Option<String>,
 }
 
@@ -146,7 +154,7 @@ impl Filter {
         if c.is_empty() || c.chars().count() > super::order::MAX_TEXT {
             return Err(ValidationError::new("customer", "must be 1 to 200 characters"));
         }
-        self.customer = Some(c.to_lowercase());
+        self.customer = Some(fold_case(c));
         Ok(())
     }
 
@@ -159,6 +167,15 @@ impl Filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn customer_names_fold_per_character() {
+        assert_eq!(fold_case("ΟΔΥΣΣΕΥΣ"), "οδυσσευσ");
+        let mut f = Filter::default();
+        f.set_customer("ΟΔΥΣΣΕΥΣ").unwrap();
+        assert_eq!(f.customer.as_deref(), Some("οδυσσευσ"));
+        assert!(f.matches(1, None, None, Some("ΟΔΥΣΣΕΥΣ"), None));
+    }
     use serde_json::json;
 
     #[test]

@@ -5,7 +5,7 @@
 pub mod filter;
 mod order;
 
-pub use filter::Filter;
+pub use filter::{fold_case, Filter};
 pub use order::{NewOrder, OrderPatch, Status};
 
 /// A rejected input: which field, a stable code, and a human message.

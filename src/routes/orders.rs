@@ -98,7 +98,7 @@ pub async fn create(
     let body = read_body(&req, body, state.settings.max_body_bytes).await?;
     let order = NewOrder::parse(&parse_body(&body)?)?;
     if let Some(c) = restriction(&req) {
-        if order.customer_name.to_lowercase() != c {
+        if crate::domain::fold_case(&order.customer_name) != c {
             return Err(ApiError::Forbidden("this token may only create orders for its own customer".into()));
         }
     }
@@ -301,7 +301,7 @@ pub async fn apply_patch(
     customer: Option<&str>,
 ) -> Result<String, ApiError> {
     if let (Some(c), Some(name)) = (customer, &patch.customer_name) {
-        if name.to_lowercase() != c {
+        if crate::domain::fold_case(name) != c {
             return Err(ApiError::Forbidden("this token may not move an order to another customer".into()));
         }
     }

@@ -303,6 +303,35 @@ async fn filters_by_status_id_and_customer_are_applied_by_the_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_filter_folds_case_as_the_database_does() {
+    // A word-final capital sigma: `str::to_lowercase` gives `ς`, PostgreSQL's
+    // `lower()` and per-character folding give `σ`.
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    app.settled().await;
+    let mut upper = app.ws("?customer=%CE%9F%CE%94%CE%A5%CE%A3%CE%A3%CE%95%CE%A5%CE%A3").await; // ΟΔΥΣΣΕΥΣ
+    upper.ready().await;
+    let mut lower = app.ws("?customer=%CE%BF%CE%B4%CF%85%CF%83%CF%83%CE%B5%CF%85%CF%83").await; // οδυσσευσ
+    lower.ready().await;
+    let id = dba_insert(&db, "ΟΔΥΣΣΕΥΣ").await;
+    for ws in [&mut upper, &mut lower] {
+        let c = ws.changes(1, WAIT).await;
+        assert_eq!(c[0]["order"]["id"].as_i64(), Some(id));
+    }
+    let page: Value = app
+        .http
+        .get(app.url("/api/orders?customer=%CE%9F%CE%94%CE%A5%CE%A3%CE%A3%CE%95%CE%A5%CE%A3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<i64> = page["items"].as_array().unwrap().iter().map(|o| o["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [id]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_kb_customer_name_commits_and_is_pushed() {
     let app = spawn_app().await;
     let mut ws = app.ws("").await;
