@@ -200,6 +200,8 @@ impl Auth {
         let Some(key) = &self.jwt else { return Err(AuthError::Invalid) };
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
+        // A token is not valid before its `nbf` (jsonwebtoken skips it by default).
+        validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
             _ => AuthError::Invalid,

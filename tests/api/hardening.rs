@@ -142,6 +142,16 @@ async fn tokens_and_scopes_guard_every_route() {
     let r = post(Some(jwt(-10, "read write"))).await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "token_expired");
     assert_eq!(post(Some(jwt(60, "read"))).await.unwrap().status(), 403);
+    // Not yet valid (`nbf` an hour ahead).
+    let early = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "svc-jwt", "exp": chrono::Utc::now().timestamp() + 7200,
+                "nbf": chrono::Utc::now().timestamp() + 3600, "scope": "read write"}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let r = post(Some(early)).await.unwrap();
+    assert_eq!((r.status().as_u16(), r.json::<Value>().await.unwrap()["code"].clone()), (401, json!("invalid_token")));
     // Admin routes.
     let metrics = |t: &'static str| app.http.get(app.url("/metrics")).bearer_auth(t).send();
     assert_eq!(metrics("writersecret").await.unwrap().status(), 403);
