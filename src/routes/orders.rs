@@ -56,10 +56,14 @@ pub fn parse_id(raw: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not an order id"), "invalid_id"))
 }
 
-/// `If-Match: 3`, `If-Match: "3"` or `W/"3"`.
+/// `If-Match: 3`, `If-Match: "3"` or `W/"3"`; `*` (any current version, RFC
+/// 9110) checks nothing beyond the order existing, like no header.
 fn if_match(req: &HttpRequest) -> Result<Option<i32>, ApiError> {
     let Some(v) = req.headers().get(header::IF_MATCH) else { return Ok(None) };
     let s = v.to_str().unwrap_or("").trim();
+    if s == "*" {
+        return Ok(None);
+    }
     let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
     s.parse::<i32>()
         .ok()

@@ -252,6 +252,14 @@ async fn two_patches_with_the_same_version_one_wins_one_gets_412() {
     assert_eq!(app.patch(id, &json!({"quantity": 9, "version": 2})).await.status(), 200);
     let r = app.http.delete(app.url(&format!("/api/orders/{id}"))).header("If-Match", "1").send().await.unwrap();
     assert_eq!(r.status(), 412);
+    // `*`: any current version.
+    let star =
+        |path: String| app.http.patch(app.url(&path)).header("If-Match", "*").json(&json!({"quantity": 4})).send();
+    assert_eq!(star(format!("/api/orders/{id}")).await.unwrap().status(), 200);
+    assert_eq!(star("/api/orders/424242".into()).await.unwrap().status(), 404);
+    let r =
+        app.http.patch(app.url(&format!("/api/orders/{id}"))).header("If-Match", "\"x\"").json(&json!({"quantity": 5}));
+    assert_eq!(r.send().await.unwrap().status(), 400);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
