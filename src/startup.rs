@@ -85,7 +85,7 @@ impl AppState {
             out,
             "ordercast_kafka_ingest_healthy",
             "gauge",
-            "0 while the Kafka ingest cannot write to PostgreSQL or reach a broker.",
+            "0 while the Kafka ingest cannot write to PostgreSQL or reach a broker, or one of its tasks stopped.",
             h["healthy"].as_bool().unwrap_or(true) as u8,
         );
         for (key, help) in [

@@ -14,7 +14,7 @@ use std::time::Duration;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
@@ -289,19 +289,12 @@ pub async fn read(
 
 /// Copies what the writer needs out of librdkafka's buffer and decodes it.
 fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSettings) -> Message {
-    let mut headers = Vec::new();
-    let mut content_type: Option<Vec<u8>> = None;
-    if let Some(hs) = m.headers() {
-        for h in hs.iter() {
-            if h.key.eq_ignore_ascii_case("content-type") {
-                content_type = h.value.map(<[u8]>::to_vec);
-            }
-            headers.push((h.key.to_string(), h.value.map(<[u8]>::to_vec)));
-        }
-    }
+    let headers = headers_of(m);
+    let content_type =
+        headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).and_then(|(_, v)| v.as_deref());
     let payload = m.payload().map(<[u8]>::to_vec);
     let key = m.key().map(<[u8]>::to_vec);
-    let decoded = event::format_of(content_type.as_deref(), settings.default_format)
+    let decoded = event::format_of(content_type, settings.default_format)
         .and_then(|format| event::decode(payload.as_deref(), key.as_deref(), format));
     Message {
         partition: m.partition(),
@@ -312,6 +305,38 @@ fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSetting
         timestamp_ms: m.timestamp().to_millis(),
         decoded,
     }
+}
+
+/// The message's headers, in order. Not through rdkafka's `Headers`: it
+/// panics on a key that is not UTF-8 (`to_str().unwrap()`), which a producer
+/// can send and which would kill the reader. A key is converted lossily
+/// (U+FFFD for invalid bytes); values stay bytes.
+fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
+    use rdkafka::bindings as rd;
+    use rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR as NO_ERROR;
+    let mut hdrs: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `m.ptr()` is a valid message while `m` lives; the headers
+    // object it returns belongs to the message and is only read here.
+    if unsafe { rd::rd_kafka_message_headers(m.ptr(), &mut hdrs) } != NO_ERROR || hdrs.is_null() {
+        return Vec::new(); // none (NOENT), or none that can be parsed
+    }
+    let count = unsafe { rd::rd_kafka_header_cnt(hdrs) };
+    let mut headers = Vec::with_capacity(count);
+    for i in 0..count {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: `i` < the count; the pointers stay valid while the message does.
+        if unsafe { rd::rd_kafka_header_get_all(hdrs, i, &mut name, &mut value, &mut size) } != NO_ERROR
+            || name.is_null()
+        {
+            continue;
+        }
+        // SAFETY: librdkafka NUL-terminates names; `value` holds `size` bytes (or is NULL).
+        let key = String::from_utf8_lossy(unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes()).into_owned();
+        let value =
+            (!value.is_null()).then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec());
+        headers.push((key, value));
+    }
+    headers
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 //! so the topic gets every dead letter at least once (a consumer of the DLQ
 //! can deduplicate on the original topic/partition/offset headers). Rows are
 //! claimed with `FOR UPDATE SKIP LOCKED`, so two instances do not publish the
-//! same row at the same time.
+//! same row at the same time. Only rows of this ingest's own group and topic
+//! are claimed: another deployment sharing the database (another group or
+//! topic, another dead-letter topic) publishes its own.
 //!
 //! Each message carries the original key, value and headers, plus:
 //! `dlq-reason` (a stable code, see `event::Reason`), `dlq-detail`,
@@ -56,15 +58,16 @@ pub fn create_producer(settings: &KafkaSettings, brokers: &str) -> anyhow::Resul
 pub async fn run(
     url: String,
     producer: FutureProducer,
-    topic: String,
+    settings: KafkaSettings,
     state: Arc<IngestState>,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
     let mut backoff = Duration::from_millis(200);
+    let topic = &settings.dlq_topic;
     loop {
-        match publish_pending(&url, &mut client, &producer, &topic, &state).await {
+        match publish_pending(&url, &mut client, &producer, &settings, &state).await {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
                 *state.dlq_error.lock().unwrap() = None; // unwrap: never held across a panic
@@ -90,9 +93,10 @@ async fn publish_pending(
     url: &str,
     client: &mut Option<tokio_postgres::Client>,
     producer: &FutureProducer,
-    topic: &str,
+    settings: &KafkaSettings,
     state: &IngestState,
 ) -> anyhow::Result<()> {
+    let (topic, group, source) = (settings.dlq_topic.as_str(), &settings.group_id, &settings.topic);
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         let mut config = crate::db::pg_config(url)?;
         config.application_name("ordercast-dlq");
@@ -109,8 +113,9 @@ async fn publish_pending(
             .query(
                 "SELECT id, message_key, payload, headers, kafka_topic, kafka_partition, kafka_offset, \
                         message_timestamp, received_at, reason, detail, group_id \
-                 FROM dead_letters WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&CLAIM],
+                 FROM dead_letters WHERE published_at IS NULL AND group_id = $2 AND kafka_topic = $3 \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                &[&CLAIM, group, source],
             )
             .await
             .map_err(crate::db::describe)
@@ -118,7 +123,10 @@ async fn publish_pending(
         if rows.is_empty() {
             tx.commit().await.map_err(crate::db::describe)?;
             let pending: i64 = client
-                .query_one("SELECT count(*) FROM dead_letters WHERE published_at IS NULL", &[])
+                .query_one(
+                    "SELECT count(*) FROM dead_letters WHERE published_at IS NULL AND group_id = $1 AND kafka_topic = $2",
+                    &[group, source],
+                )
                 .await
                 .map_err(crate::db::describe)?
                 .get(0);

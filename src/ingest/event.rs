@@ -303,6 +303,11 @@ mod tests {
             ("event_id", json!(7)),
             ("type", json!("order_teleported")),
             ("occurred_at", json!("yesterday")),
+            // RFC 3339 has 4-digit years, all of them within PostgreSQL's
+            // timestamptz (ingested_events.occurred_at); Avro's
+            // timestamp-millis passes through the same parse.
+            ("occurred_at", json!("-29719-04-05T22:13:20.000Z")),
+            ("occurred_at", json!("+10000-01-01T00:00:00Z")),
             ("order", json!([1])),
         ] {
             let mut v = created();

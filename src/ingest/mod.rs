@@ -133,6 +133,10 @@ pub struct IngestState {
     pub last_error: Mutex<Option<String>>,
     pub last_kafka_error: Mutex<Option<String>>,
     pub dlq_error: Mutex<Option<String>>,
+    /// Set when one of the ingest's tasks ended or panicked before shutdown:
+    /// the ingest no longer runs (or no longer publishes dead letters) until
+    /// the process restarts.
+    pub task_failure: Mutex<Option<String>>,
     pub partitions: Mutex<BTreeMap<i32, PartitionState>>,
 }
 
@@ -153,7 +157,17 @@ impl IngestState {
     }
 
     pub fn healthy(&self) -> bool {
-        !self.enabled || (self.failing_writers.load(Ordering::Relaxed) == 0 && self.brokers_up.load(Ordering::Relaxed))
+        !self.enabled
+            || (self.failing_writers.load(Ordering::Relaxed) == 0
+                && self.brokers_up.load(Ordering::Relaxed)
+                && self.task_failure.lock().unwrap().is_none()) // unwrap: never held across a panic
+    }
+
+    /// A task stopped before shutdown: logged, and kept (the first one, the
+    /// likely cause) for `health()`.
+    fn task_failed(&self, reason: String) {
+        log::error!("Kafka ingest stopped working: {reason}");
+        self.task_failure.lock().unwrap().get_or_insert(reason); // unwrap: never held across a panic
     }
 
     /// Called for every message received: writes the shared flag only
@@ -267,6 +281,11 @@ impl IngestState {
         m.insert("last_error".into(), self.last_error.lock().unwrap().clone().into()); // unwrap: never poisoned
         m.insert("last_kafka_error".into(), self.last_kafka_error.lock().unwrap().clone().into()); // unwrap: see above
         m.insert("dlq_error".into(), self.dlq_error.lock().unwrap().clone().into()); // unwrap: see above
+        let failure = self.task_failure.lock().unwrap().clone(); // unwrap: see above
+        if failure.is_some() {
+            m.insert("state".into(), "failed".into());
+        }
+        m.insert("task_failure".into(), failure.into());
         Value::Object(m)
     }
 
@@ -304,28 +323,67 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let wake = Arc::new(Notify::new());
     let tasks = vec![
-        tokio::spawn(consumer::read(consumer.clone(), settings.clone(), state.clone(), tx, shutdown.clone())),
-        tokio::spawn(write_loop(
-            rx,
-            consumer,
-            (0..settings.writers.max(1))
-                .map(|_| Writer::new(database_url, &settings.group_id, &settings.topic))
-                .collect(),
-            settings.clone(),
-            state.clone(),
-            wake.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(dlq::run(
-            database_url.to_string(),
-            producer,
-            settings.dlq_topic.clone(),
-            state.clone(),
-            wake,
-            shutdown,
-        )),
+        supervise(
+            "the Kafka reader",
+            consumer::read(consumer.clone(), settings.clone(), state.clone(), tx, shutdown.clone()),
+            &state,
+            &shutdown,
+        ),
+        supervise(
+            "the ingest write loop",
+            write_loop(
+                rx,
+                consumer,
+                (0..settings.writers.max(1))
+                    .map(|_| Writer::new(database_url, &settings.group_id, &settings.topic))
+                    .collect(),
+                settings.clone(),
+                state.clone(),
+                wake.clone(),
+                shutdown.clone(),
+            ),
+            &state,
+            &shutdown,
+        ),
+        supervise(
+            "the dead-letter publisher",
+            dlq::run(database_url.to_string(), producer, settings.clone(), state.clone(), wake, shutdown.clone()),
+            &state,
+            &shutdown,
+        ),
     ];
     Ok(Ingest { state, tasks })
+}
+
+/// Spawns one of the ingest's tasks. Each runs until shutdown; one that ends
+/// or panics before (a bug) would otherwise stop the ingest silently while
+/// `/api/health` still said running: it makes the ingest unhealthy instead.
+fn supervise(
+    name: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    state: &Arc<IngestState>,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    use futures_util::FutureExt;
+    let (state, shutdown) = (state.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let result = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+        // A dropped sender is a shutdown too (the application went away).
+        if *shutdown.borrow() || shutdown.has_changed().is_err() {
+            return;
+        }
+        state.task_failed(match result {
+            Ok(()) => format!("{name} ended unexpectedly"),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_string());
+                format!("{name} panicked: {what}")
+            }
+        });
+    })
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -542,6 +600,24 @@ mod tests {
         assert_eq!(p.lag(), Some(5));
         p.high_watermark = None;
         assert_eq!(p.lag(), None);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_stops_before_shutdown_makes_the_ingest_unhealthy() {
+        let settings = crate::config::Settings::for_database("postgres://localhost/x").kafka;
+        let state = Arc::new(IngestState::running(&settings));
+        let (stop, shutdown) = watch::channel(false);
+        supervise("the reader", async { panic!("boom") }, &state, &shutdown).await.unwrap();
+        let h = state.health();
+        assert_eq!((h["state"].as_str(), h["healthy"].as_bool()), (Some("failed"), Some(false)), "{h}");
+        assert_eq!(h["task_failure"], "the reader panicked: boom");
+        supervise("the writer", async {}, &state, &shutdown).await.unwrap();
+        assert_eq!(state.health()["task_failure"], "the reader panicked: boom", "the first one is kept");
+
+        let calm = Arc::new(IngestState::running(&settings));
+        stop.send(true).unwrap();
+        supervise("the writer", async {}, &calm, &shutdown).await.unwrap();
+        assert_eq!((calm.healthy(), &calm.health()["task_failure"]), (true, &Value::Null), "stopping is no failure");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use rust_decimal::Decimal;
 use tokio_postgres::{Client, GenericClient, NoTls, Statement, Transaction};
 use uuid::Uuid;
@@ -438,8 +438,7 @@ async fn apply(
         let keys: Vec<Option<&[u8]>> = dead.iter().map(|&i| msgs[i].key.as_deref()).collect();
         let payloads: Vec<Option<&[u8]>> = dead.iter().map(|&i| msgs[i].payload.as_deref()).collect();
         let headers: Vec<serde_json::Value> = dead.iter().map(|&i| super::headers_json(&msgs[i].headers)).collect();
-        let stamps: Vec<Option<DateTime<Utc>>> =
-            dead.iter().map(|&i| msgs[i].timestamp_ms.and_then(DateTime::from_timestamp_millis)).collect();
+        let stamps: Vec<Option<DateTime<Utc>>> = dead.iter().map(|&i| message_time(msgs[i].timestamp_ms)).collect();
         let ids: Vec<Option<String>> = dead
             .iter()
             .map(|&i| match &msgs[i].decoded {
@@ -486,6 +485,14 @@ async fn apply(
         .await
         .map_err(|e| classify(e, "Failed to store the positions"))?;
     Ok(Outcome { fates, written, next_offsets, seek })
+}
+
+/// A message's Kafka timestamp as `dead_letters.message_timestamp`, or NULL
+/// when it is outside years 1 to 9999. A producer may set any timestamp, and
+/// one PostgreSQL cannot store (before 4713 BC, after 294276 AD) would fail
+/// the dead-letter insert and, retried forever, stall the partition.
+fn message_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms?).filter(|t| (1..=9999).contains(&t.year()))
 }
 
 /// Groups pending events so that each round holds at most one event per
@@ -707,6 +714,15 @@ mod tests {
             timestamp_ms: None,
             decoded: parse_event(&v, Some(key)),
         }
+    }
+
+    #[test]
+    fn message_times_postgresql_cannot_store_become_null() {
+        assert_eq!(message_time(Some(1_738_324_800_000)).map(|t| t.timestamp()), Some(1_738_324_800));
+        assert_eq!(message_time(Some(-1_000_000_000_000_000)), None, "about 29,700 BC");
+        assert_eq!(message_time(Some(9_000_000_000_000_000)), None, "about 287,000 AD");
+        assert_eq!(message_time(Some(i64::MIN)), None);
+        assert_eq!(message_time(None), None);
     }
 
     #[test]

@@ -188,6 +188,87 @@ pub async fn send(
     producer.send(record, Duration::from_secs(20)).await.map_err(|(e, _)| e).expect("produce a test message");
 }
 
+/// Produces one message through librdkafka's C API, with header keys given
+/// as raw bytes: rdkafka's `OwnedHeaders` only takes `&str` keys, but other
+/// clients can send any bytes (a key that is not UTF-8, say).
+pub async fn send_raw(broker: &dyn Broker, topic: &str, key: &[u8], payload: &[u8], headers: &[(&[u8], &[u8])]) {
+    use rdkafka::bindings as rd;
+    use rdkafka::bindings::rd_kafka_vtype_t::*;
+    use rdkafka::producer::{BaseProducer, Producer};
+    use std::ffi::{c_void, CStr, CString};
+
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", broker.bootstrap()).set("message.timeout.ms", "20000");
+    for (k, v) in broker.producer_properties() {
+        config.set(k, v);
+    }
+    // A BaseProducer: its delivery reports carry no opaque (a FutureProducer
+    // expects one for every message).
+    let producer: BaseProducer = config.create().expect("create a raw test producer");
+    let (topic, key, payload) = (CString::new(topic).unwrap(), key.to_vec(), payload.to_vec());
+    let headers: Vec<(Vec<u8>, Vec<u8>)> = headers.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+    tokio::task::spawn_blocking(move || {
+        let mem = |b: &[u8]| rd::rd_kafka_vu_s__bindgen_ty_1 {
+            mem: rd::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 { ptr: b.as_ptr() as *mut c_void, size: b.len() },
+        };
+        // SAFETY: every pointer outlives the call (the message is copied:
+        // RD_KAFKA_MSG_F_COPY); librdkafka owns the headers once produceva
+        // succeeds, and they are destroyed here when it fails.
+        unsafe {
+            let hdrs = rd::rd_kafka_headers_new(headers.len());
+            for (k, v) in &headers {
+                let err = rd::rd_kafka_header_add(
+                    hdrs,
+                    k.as_ptr().cast(),
+                    k.len() as isize,
+                    v.as_ptr().cast(),
+                    v.len() as isize,
+                );
+                assert_eq!(err, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR, "add a header");
+            }
+            let vus = [
+                rd::rd_kafka_vu_t {
+                    vtype: RD_KAFKA_VTYPE_TOPIC,
+                    u: rd::rd_kafka_vu_s__bindgen_ty_1 { cstr: topic.as_ptr() },
+                },
+                rd::rd_kafka_vu_t {
+                    vtype: RD_KAFKA_VTYPE_MSGFLAGS,
+                    u: rd::rd_kafka_vu_s__bindgen_ty_1 { i: rd::RD_KAFKA_MSG_F_COPY },
+                },
+                rd::rd_kafka_vu_t { vtype: RD_KAFKA_VTYPE_VALUE, u: mem(&payload) },
+                rd::rd_kafka_vu_t { vtype: RD_KAFKA_VTYPE_KEY, u: mem(&key) },
+                rd::rd_kafka_vu_t {
+                    vtype: RD_KAFKA_VTYPE_HEADERS,
+                    u: rd::rd_kafka_vu_s__bindgen_ty_1 { headers: hdrs },
+                },
+            ];
+            let error = rd::rd_kafka_produceva(producer.client().native_ptr(), vus.as_ptr(), vus.len());
+            if !error.is_null() {
+                let text = CStr::from_ptr(rd::rd_kafka_error_string(error)).to_string_lossy().into_owned();
+                rd::rd_kafka_error_destroy(error);
+                rd::rd_kafka_headers_destroy(hdrs);
+                panic!("produceva: {text}");
+            }
+        }
+        producer.flush(Duration::from_secs(20)).expect("deliver the raw test message");
+    })
+    .await
+    .unwrap();
+}
+
+/// The end of a topic's partition 0: how many messages it got.
+pub async fn high_watermark(broker: &dyn Broker, topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", format!("reader-{}", Uuid::new_v4()))
+        .create()
+        .unwrap();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10)).unwrap().1)
+        .await
+        .unwrap()
+}
+
 /// Sends a JSON event keyed by its order's external_id.
 pub async fn send_event(producer: &FutureProducer, topic: &str, event: &Value) {
     let key = event["order"]["external_id"].as_str().unwrap().to_string();

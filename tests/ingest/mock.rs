@@ -1,6 +1,11 @@
 //! The scenarios against rdkafka's mock cluster: a real Kafka-protocol broker
 //! inside the test process, listening on 127.0.0.1.
 
+use std::time::Duration;
+
+use rdkafka::message::Message;
+use serde_json::Value;
+
 use crate::kafka::Mock;
 
 scenario_tests!(
@@ -20,7 +25,6 @@ scenario_tests!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_outage_pauses_ingest_and_loses_nothing() {
     use crate::kafka::*;
-    use std::time::Duration;
 
     let broker = Mock::start();
     let n = names(&broker, 2);
@@ -47,4 +51,91 @@ async fn a_broker_outage_pauses_ingest_and_loses_nothing() {
     stream.await.unwrap();
     wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE status = 'processing'", total, WAIT).await;
     assert_exactly_once(&app.sql().await, "brk", total, 2).await;
+}
+
+/// A header key that is not UTF-8 (any client can send one) neither kills
+/// the reader nor stops the ingest: the event it carries is applied, the
+/// next one too, and health stays running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_key_that_is_not_utf8_does_not_stop_the_ingest() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |_| {}).await;
+    let odd = created("odd-key-1").to_string();
+    let headers: &[(&[u8], &[u8])] = &[(b"\xff", b"odd"), (b"Content-Type", b"application/json")];
+    send_raw(&broker, &n.topic, b"odd-key-1", odd.as_bytes(), headers).await;
+    send_event(&producer(&broker), &n.topic, &created("odd-key-2")).await;
+
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'odd-key-%'", 2, WAIT).await;
+    let db = app.sql().await;
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
+    let (status, health) = app.get_json("/api/health").await;
+    let k = &health["kafka"];
+    assert_eq!((status, k["state"].as_str(), k["healthy"].as_bool()), (200, Some("running"), Some(true)), "{k}");
+    assert_eq!((k["consumed"].as_i64(), &k["task_failure"]), (Some(2), &Value::Null), "{k}");
+}
+
+/// A message timestamp PostgreSQL cannot store (producers may set any) is
+/// dead-lettered with a NULL message_timestamp instead of failing the insert
+/// and stalling the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_timestamp_postgresql_cannot_store_does_not_stall_the_partition() {
+    use crate::kafka::*;
+    use rdkafka::producer::FutureRecord;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |_| {}).await;
+    let producer = producer(&broker);
+    let record =
+        FutureRecord::<str, [u8]>::to(&n.topic).key("ts-bad").payload(b"not json").timestamp(-1_000_000_000_000_000);
+    producer.send(record, Duration::from_secs(20)).await.map_err(|(e, _)| e).unwrap();
+    send_event(&producer, &n.topic, &created("ts-good")).await;
+
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'ts-good'", 1, WAIT).await;
+    let db = app.sql().await;
+    let row =
+        db.query_one("SELECT reason, kafka_offset, message_timestamp IS NULL FROM dead_letters", &[]).await.unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0).as_str(), row.get::<_, i64>(1), row.get::<_, bool>(2)),
+        ("invalid_json", 0, true)
+    );
+    let dlq = read_topic(&broker, &n.dlq, 1).await;
+    assert_eq!(header(&dlq[0], "dlq-original-timestamp").as_deref(), Some(""), "unknown");
+}
+
+/// Two deployments sharing one database: each publishes only the dead
+/// letters of its own group and topic, to its own dead-letter topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_another_group_or_topic_are_left_to_their_owner() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |_| {}).await;
+    let db = app.sql().await;
+    db.batch_execute(
+        "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, payload, reason, detail) \
+         VALUES ('another-group', 'another-topic', 0, 0, 'theirs', 'invalid_json', 'not ours')",
+    )
+    .await
+    .unwrap();
+    send(&producer(&broker), &n.topic, Some("poison"), Some(b"ours"), &[]).await;
+
+    let own =
+        format!("SELECT count(*) FROM dead_letters WHERE kafka_topic = '{}' AND published_at IS NOT NULL", n.topic);
+    wait_count(&app.db_url, &own, 1, WAIT).await;
+    let dlq = read_topic(&broker, &n.dlq, 1).await;
+    assert_eq!(dlq[0].payload(), Some(&b"ours"[..]));
+    assert_eq!(header(&dlq[0], "dlq-group").as_deref(), Some(n.group.as_str()));
+    assert_eq!(high_watermark(&broker, &n.dlq).await, 1, "only our dead letter reached our dead-letter topic");
+    let theirs = "SELECT count(*) FROM dead_letters WHERE group_id = 'another-group' AND published_at IS NULL";
+    assert_eq!(count(&db, theirs).await, 1, "their row stays for their publisher");
+    crate::helpers::eventually(WAIT, || async {
+        let (_, h) = app.get_json("/api/health").await;
+        (h["kafka"]["dlq_pending"] == 0 && h["kafka"]["dlq_published"] == 1).then_some(())
+    })
+    .await;
 }
