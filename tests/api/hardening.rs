@@ -60,6 +60,17 @@ fn jwt(exp_offset: i64, scope: &str) -> String {
     .unwrap()
 }
 
+/// Creates an order through the API with a token.
+async fn create_as(app: &TestApp, customer: &str, token: &str) -> reqwest::Response {
+    app.http
+        .post(app.url("/api/orders"))
+        .bearer_auth(token)
+        .json(&json!({"customer_name": customer, "product": "Cog", "quantity": 1, "unit_price": 1}))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn ws_with(app: &TestApp, query: &str, headers: &[(&'static str, &str)]) -> (Option<(u16, String)>, Vec<Value>) {
     ws_at(app, &format!("/ws{query}"), headers).await
 }
@@ -182,17 +193,7 @@ async fn tokens_and_scopes_guard_every_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percent_encoded_paths_are_guarded_like_the_routes_they_reach() {
     let app = secured().await;
-    let created: Value = app
-        .http
-        .post(app.url("/api/orders"))
-        .bearer_auth("writersecret")
-        .json(&json!({"customer_name": "Bob", "product": "Cog", "quantity": 1, "unit_price": 1}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: Value = create_as(&app, "Bob", "writersecret").await.json().await.unwrap();
     let id = created["id"].as_i64().unwrap();
     let status = |method: reqwest::Method, target: String, token: Option<&'static str>| {
         let mut r = app.http.request(method, app.url(&target));
@@ -222,16 +223,10 @@ async fn percent_encoded_paths_are_guarded_like_the_routes_they_reach() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_restricted_token_never_sees_another_customers_orders() {
     let app = secured().await;
-    let create = |name: &str, token: &str| {
-        app.http
-            .post(app.url("/api/orders"))
-            .bearer_auth(token)
-            .json(&json!({"customer_name": name, "product": "Cog", "quantity": 1, "unit_price": 1}))
-            .send()
-    };
-    let bob: Value = create("Bob", "writersecret").await.unwrap().json().await.unwrap();
-    let ada: Value = create("Ada", "adasecret1").await.unwrap().json().await.unwrap();
-    assert_eq!(create("Bob", "adasecret1").await.unwrap().status(), 403);
+    let create = |name: &'static str, token: &'static str| create_as(&app, name, token);
+    let bob: Value = create("Bob", "writersecret").await.json().await.unwrap();
+    let ada: Value = create("Ada", "adasecret1").await.json().await.unwrap();
+    assert_eq!(create("Bob", "adasecret1").await.status(), 403);
     let get = |path: String| app.http.get(app.url(&path)).bearer_auth("adasecret1").send();
     let page: Value = get("/api/orders?customer=Bob".into()).await.unwrap().json().await.unwrap();
     let names: Vec<&str> =

@@ -21,6 +21,36 @@ fn seq(v: &Value) -> i64 {
     v["seq"].as_i64().unwrap_or_else(|| panic!("no seq in {v}"))
 }
 
+/// Takes a feed's items until it has handed out position `through`: each
+/// change must be the `expected` one (none is expected before a resync when
+/// `expected` is None), and a resync (`position_expired`) moves the
+/// expectation past its position. Returns the resync positions.
+async fn in_order_through(
+    feed: &mut ordercast::changes::feed::Feed,
+    mut expected: Option<i64>,
+    through: i64,
+) -> Vec<i64> {
+    use ordercast::changes::feed::Item;
+    let mut resyncs = Vec::new();
+    let check = |pos: i64, expected: &mut Option<i64>| {
+        assert_eq!(Some(pos), *expected, "a change handed out after a gap, with no resync first");
+        *expected = Some(pos + 1);
+    };
+    while expected.is_none_or(|e| e <= through) {
+        match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
+            Some(Item::Change(c)) => check(c.pos, &mut expected),
+            Some(Item::Batch(b)) => b.changes.iter().for_each(|c| check(c.pos, &mut expected)),
+            Some(Item::Resync { reason, position }) => {
+                assert_eq!(reason, "position_expired");
+                resyncs.push(position);
+                expected = Some(position + 1);
+            }
+            None => panic!("the feed ended"),
+        }
+    }
+    resyncs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dba_insert_update_delete_reach_websocket_and_sse_clients() {
     let app = spawn_app().await;
@@ -318,15 +348,7 @@ async fn a_customer_filter_folds_case_as_the_database_does() {
         let c = ws.changes(1, WAIT).await;
         assert_eq!(c[0]["order"]["id"].as_i64(), Some(id));
     }
-    let page: Value = app
-        .http
-        .get(app.url("/api/orders?customer=%CE%9F%CE%94%CE%A5%CE%A3%CE%A3%CE%95%CE%A5%CE%A3"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, page) = app.get_json("/api/orders?customer=%CE%9F%CE%94%CE%A5%CE%A3%CE%A3%CE%95%CE%A5%CE%A3").await;
     let ids: Vec<i64> = page["items"].as_array().unwrap().iter().map(|o| o["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [id]);
 }
@@ -655,7 +677,7 @@ async fn a_lagging_feed_whose_position_is_pruned_meanwhile_is_told_to_resync() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prune_that_races_a_catch_up_read_is_told_as_a_resync() {
-    use ordercast::changes::feed::{Feed, Item};
+    use ordercast::changes::feed::Feed;
     let app = spawn_app().await;
     let db = app.sql().await;
     let pool = &app.state.pool;
@@ -688,32 +710,13 @@ async fn a_prune_that_races_a_catch_up_read_is_told_as_a_resync() {
             db.query_one("SELECT change_prune($1)", &[&(since + 10)]).await.unwrap();
         })
     };
-    let mut expected = since + 1;
-    while expected <= head {
-        match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
-            Some(Item::Change(c)) => {
-                assert_eq!(c.pos, expected, "a change handed out after a gap, with no resync");
-                expected += 1;
-            }
-            Some(Item::Batch(b)) => {
-                for c in &b.changes {
-                    assert_eq!(c.pos, expected, "a change handed out after a gap, with no resync");
-                    expected += 1;
-                }
-            }
-            Some(Item::Resync { reason, position }) => {
-                assert_eq!(reason, "position_expired");
-                expected = position + 1;
-            }
-            None => panic!("the feed ended"),
-        }
-    }
+    in_order_through(&mut feed, Some(since + 1), head).await;
     pruner.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_resync() {
-    use ordercast::changes::feed::{Feed, Item};
+    use ordercast::changes::feed::Feed;
     let app = spawn_app().await;
     let db = app.sql().await;
     let pool = &app.state.pool;
@@ -732,27 +735,9 @@ async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_re
         hub.clone(),
         std::sync::Arc::new(ordercast::changes::listener::ListenerState::default()),
     ));
-    let mut expected = None;
-    while expected.is_none_or(|e| e <= head + 10) {
-        match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
-            Some(Item::Resync { reason, position }) => {
-                assert_eq!(reason, "position_expired");
-                assert!(position >= pruned, "resync at {position}, before the pruned {pruned}");
-                expected = Some(position + 1);
-            }
-            Some(Item::Change(c)) => {
-                assert_eq!(Some(c.pos), expected, "a change after the gap with no resync first");
-                expected = Some(c.pos + 1);
-            }
-            Some(Item::Batch(b)) => {
-                for c in &b.changes {
-                    assert_eq!(Some(c.pos), expected, "a change after the gap with no resync first");
-                    expected = Some(c.pos + 1);
-                }
-            }
-            None => panic!("the feed ended"),
-        }
-    }
+    // Nothing may come before the resync: no change is expected yet.
+    let resyncs = in_order_through(&mut feed, None, head + 10).await;
+    assert!(resyncs.iter().all(|&p| p >= pruned), "resyncs at {resyncs:?}, pruned through {pruned}");
     listener.abort();
 }
 
