@@ -177,7 +177,7 @@ impl Relay {
         })
     }
 
-    async fn run(self: Arc<Relay>) {
+    fn run(self: Arc<Relay>) -> impl std::future::Future<Output = ()> {
         /// Marks the relay dead when its task ends (the runtime shuts down)
         /// and wakes whatever it still held.
         struct Ended(Arc<Relay>);
@@ -188,15 +188,22 @@ impl Relay {
                 wakers.into_iter().for_each(Waker::wake);
             }
         }
-        let _ended = Ended(self.clone());
-        let mut batch = Vec::new();
-        std::future::poll_fn(|cx| {
-            self.waker.register(cx.waker());
-            std::mem::swap(&mut batch, &mut *self.wakers.lock().unwrap());
-            batch.drain(..).for_each(Waker::wake);
-            Poll::<()>::Pending
-        })
-        .await
+        // Made before the future, which owns it from the start: a task that
+        // its runtime drops before ever polling it still marks the relay
+        // dead (inside the async block, the guard would exist only once
+        // polled, and a dead relay could stay in the thread's cell as alive).
+        let ended = Ended(self.clone());
+        async move {
+            let _ended = ended;
+            let mut batch = Vec::new();
+            std::future::poll_fn(|cx| {
+                self.waker.register(cx.waker());
+                std::mem::swap(&mut batch, &mut *self.wakers.lock().unwrap());
+                batch.drain(..).for_each(Waker::wake);
+                Poll::<()>::Pending
+            })
+            .await
+        }
     }
 }
 
@@ -637,6 +644,15 @@ mod tests {
             hub.publish(vec![change(3)]).await.unwrap();
         });
         assert_eq!(session.join().unwrap(), [1, 2, 3, 1, 2, 3, 1, 2, 3]);
+    }
+
+    /// A relay whose task its runtime dropped before ever running it is
+    /// dead too (the main future here finishes without yielding, so the
+    /// spawned relay is never polled).
+    #[test]
+    fn a_relay_never_run_before_its_runtime_ended_is_dead() {
+        let relay = current_thread().block_on(async { Relay::current().unwrap() });
+        assert!(!relay.alive.load(Ordering::Acquire));
     }
 
     /// A relay lives as long as its runtime: a later runtime on the same
