@@ -378,14 +378,21 @@ async fn health_is_503_when_the_database_is_gone() {
     let app = spawn_app().await;
     let admin = ordercast::db::connect(&crate::helpers::admin_url()).await.unwrap();
     // Rename the database under the app: new connections fail, existing ones are cut.
-    admin
-        .batch_execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}';
-             ALTER DATABASE {0} RENAME TO {0}_away",
-            app.db_name
-        ))
-        .await
-        .unwrap();
+    // The app reconnects (its listener, its pool) between the cut and the
+    // rename at times, which PostgreSQL refuses (55006): cut and try again.
+    let away = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}';
+         ALTER DATABASE {0} RENAME TO {0}_away",
+        app.db_name
+    );
+    crate::helpers::eventually(Duration::from_secs(10), || async {
+        match admin.batch_execute(&away).await {
+            Ok(()) => Some(()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => None,
+            Err(e) => panic!("renaming the database failed: {e}"),
+        }
+    })
+    .await;
     let started = std::time::Instant::now();
     let (status, health) = crate::helpers::eventually(Duration::from_secs(15), || async {
         let (s, h) = app.get_json("/api/health").await;
