@@ -24,6 +24,9 @@ pub enum ApiError {
     InvalidTransition { message: String, from: Option<String>, to: Option<String> },
     #[error("{0}")]
     Conflict(String),
+    /// The order has left `pending`: its line item can no longer change.
+    #[error("{0}")]
+    Locked(String),
     #[error("version {expected} does not match the current version {current}")]
     VersionConflict { expected: i32, current: i32 },
     #[error("the request body is larger than {0} bytes")]
@@ -59,6 +62,7 @@ impl ApiError {
             ApiError::TooMany(_) => "too_many_connections",
             ApiError::InvalidTransition { .. } => "invalid_transition",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Locked(_) => "order_locked",
             ApiError::VersionConflict { .. } => "version_conflict",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Unavailable(_) => "database_unavailable",
@@ -75,7 +79,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::InvalidTransition { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::InvalidTransition { .. } | ApiError::Conflict(_) | ApiError::Locked(_) => StatusCode::CONFLICT,
             ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -137,16 +141,13 @@ impl From<tokio_postgres::Error> for ApiError {
             "OC409" => {
                 let detail: serde_json::Value =
                     db.detail().and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default();
-                let mut message = db.message().to_string();
-                if let Some(hint) = db.hint() {
-                    message = format!("{message} ({hint})");
-                }
                 ApiError::InvalidTransition {
-                    message,
+                    message: crate::db::message_with_hint(db),
                     from: detail["from"].as_str().map(str::to_owned),
                     to: detail["to"].as_str().map(str::to_owned),
                 }
             }
+            "OC423" => ApiError::Locked(crate::db::message_with_hint(db)),
             "OC400" => ApiError::BadRequest(db.message().to_string(), "invalid_change"),
             "23505" => ApiError::Conflict(format!("{} ({})", db.message(), db.detail().unwrap_or("duplicate key"))),
             "23514" | "23502" | "22001" | "22003" | "22P02" => ApiError::Validation(ValidationError {

@@ -73,6 +73,15 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A rule's error as users read it: the message, and the hint when the rule
+/// gives one (`orders_guard` lists the allowed statuses there).
+pub fn message_with_hint(db: &tokio_postgres::error::DbError) -> String {
+    match db.hint() {
+        Some(hint) => format!("{} ({hint})", db.message()),
+        None => db.message().to_string(),
+    }
+}
+
 /// tokio-postgres prints only "db error" for server errors: this spells out
 /// the message, code and detail.
 pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {

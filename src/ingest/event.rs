@@ -40,6 +40,9 @@ pub enum Reason {
     OrderExists,
     /// The status machine forbids the change.
     InvalidTransition,
+    /// The order has left `pending`: its product, quantity and unit price
+    /// can no longer change.
+    OrderLocked,
     /// The database refused the change (a constraint or trigger).
     DatabaseRejected,
 }
@@ -57,6 +60,7 @@ impl Reason {
             Reason::UnknownOrder => "unknown_order",
             Reason::OrderExists => "order_exists",
             Reason::InvalidTransition => "invalid_transition",
+            Reason::OrderLocked => "order_locked",
             Reason::DatabaseRejected => "database_rejected",
         }
     }

@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use super::event::{Change, Reason, Rejection};
 use super::{Batch, Message};
-use crate::domain::Status;
+use crate::domain::{OrderPatch, Status};
 
 /// A whole attempt (all statements and the commit) must finish in this time,
 /// or the connection is presumed dead and replaced.
@@ -105,13 +105,8 @@ fn classify(e: tokio_postgres::Error, step: &'static str) -> WriteError {
 fn rejection_from_db(e: &tokio_postgres::Error) -> Rejection {
     let Some(db) = e.as_db_error() else { return Rejection::new(Reason::DatabaseRejected, e.to_string()) };
     match db.code().code() {
-        "OC409" => Rejection::new(
-            Reason::InvalidTransition,
-            match db.hint() {
-                Some(h) => format!("{} ({h})", db.message()),
-                None => db.message().to_string(),
-            },
-        ),
+        "OC409" => Rejection::new(Reason::InvalidTransition, crate::db::message_with_hint(db)),
+        "OC423" => Rejection::new(Reason::OrderLocked, crate::db::message_with_hint(db)),
         "23505" => Rejection::new(Reason::OrderExists, format!("{} ({})", db.message(), db.detail().unwrap_or(""))),
         code => Rejection::new(
             Reason::DatabaseRejected,
@@ -151,8 +146,9 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::numer
 ON CONFLICT (external_id) DO NOTHING
 RETURNING external_id";
 
-// The transition check mirrors the orders_guard trigger, so a forbidden
-// change leaves its row out of RETURNING instead of aborting the statement.
+// The transition check and the line-item lock mirror the orders_guard
+// trigger, so a forbidden change leaves its row out of RETURNING instead of
+// aborting the statement.
 const UPDATE_SQL: &str = "\
 UPDATE orders o SET
     customer_name = COALESCE(v.n, o.customer_name),
@@ -167,12 +163,15 @@ FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[], $6::int[
 WHERE o.external_id = v.x
   AND (v.s IS NULL OR v.s = o.status
        OR EXISTS (SELECT 1 FROM order_transitions t WHERE t.from_status = o.status AND t.to_status = v.s))
+  AND (o.status = 'pending'
+       OR ((v.p IS NULL OR v.p = o.product) AND (v.q IS NULL OR v.q = o.quantity) AND (v.u IS NULL OR v.u = o.unit_price)))
 RETURNING o.external_id";
 
 const CLASSIFY_SQL: &str = "\
 SELECT o.external_id, o.status,
        COALESCE((SELECT string_agg(to_status, ', ' ORDER BY to_status) FROM order_transitions
-                 WHERE from_status = o.status), 'none (final status)')
+                 WHERE from_status = o.status), 'none (final status)'),
+       o.product, o.quantity, o.unit_price
 FROM orders o WHERE o.external_id = ANY($1::text[])";
 
 const DEAD_LETTER_SQL: &str = "\
@@ -495,6 +494,39 @@ fn message_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms?).filter(|t| (1..=9999).contains(&t.year()))
 }
 
+/// An order as `CLASSIFY_SQL` reads it, to say why an update left it alone.
+struct Current {
+    status: String,
+    /// The statuses it may move to, as the trigger's hint lists them.
+    allowed: String,
+    product: String,
+    quantity: i32,
+    unit_price: Decimal,
+}
+
+impl Current {
+    /// Why `UPDATE_SQL` skipped this patch: the checks of `orders_guard`, in
+    /// its order (the transition first, then the line-item lock).
+    fn refusal(&self, p: &OrderPatch) -> Rejection {
+        let from = self.status.as_str();
+        let to = p.status.map(Status::as_str);
+        let transition_ok = to.is_none_or(|to| to == from || self.allowed.split(", ").any(|a| a == to));
+        let changes_line_item = p.product.as_ref().is_some_and(|v| *v != self.product)
+            || p.quantity.is_some_and(|v| v != self.quantity)
+            || p.unit_price.is_some_and(|v| v != self.unit_price);
+        if transition_ok && from != "pending" && changes_line_item {
+            return Rejection::new(
+                Reason::OrderLocked,
+                format!("the order is {from}: its product, quantity and unit price can no longer change"),
+            );
+        }
+        Rejection::new(
+            Reason::InvalidTransition,
+            format!("invalid status transition from {from} to {} (allowed: {})", to.unwrap_or("?"), self.allowed),
+        )
+    }
+}
+
 /// Groups pending events so that each round holds at most one event per
 /// order, and an order's k-th event of the batch is in round k.
 fn rounds(msgs: &[Message], fates: &[Fate]) -> Vec<Vec<usize>> {
@@ -605,11 +637,25 @@ async fn apply_round(
             .filter(|e| !updated.contains(&e.external_id))
             .map(|e| e.external_id.clone())
             .collect();
-        // Only when something failed: why (no such order, or the transition).
-        let current: HashMap<String, (String, String)> = if missed.is_empty() {
+        // Only when something failed: why (no such order, the transition, or
+        // the line-item lock).
+        let current: HashMap<String, Current> = if missed.is_empty() {
             HashMap::new()
         } else {
-            db.query(&st.classify, &[&missed]).await?.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect()
+            db.query(&st.classify, &[&missed])
+                .await?
+                .iter()
+                .map(|r| {
+                    let c = Current {
+                        status: r.get(1),
+                        allowed: r.get(2),
+                        product: r.get(3),
+                        quantity: r.get(4),
+                        unit_price: r.get(5),
+                    };
+                    (r.get(0), c)
+                })
+                .collect()
         };
         for &i in &updates {
             let Some(e) = event_of(&msgs[i]) else { continue };
@@ -617,22 +663,10 @@ async fn apply_round(
                 written += 1;
                 Fate::Applied
             } else {
-                match current.get(&e.external_id) {
-                    None => Fate::Dead(Rejection::new(
-                        Reason::UnknownOrder,
-                        format!("no order with external_id {:?}", e.external_id),
-                    )),
-                    Some((from, allowed)) => {
-                        let to = match &e.change {
-                            Change::Update(p) => p.status.map(Status::as_str).unwrap_or("?"),
-                            Change::Create(_) => "?",
-                        };
-                        Fate::Dead(Rejection::new(
-                            Reason::InvalidTransition,
-                            format!("invalid status transition from {from} to {to} (allowed: {allowed})"),
-                        ))
-                    }
-                }
+                Fate::Dead(match (current.get(&e.external_id), &e.change) {
+                    (Some(c), Change::Update(p)) => c.refusal(p),
+                    _ => Rejection::new(Reason::UnknownOrder, format!("no order with external_id {:?}", e.external_id)),
+                })
             };
         }
     }
@@ -738,5 +772,34 @@ mod tests {
         let mut fates = vec![Fate::Pending; msgs.len()];
         fates[3] = Fate::Duplicate;
         assert_eq!(rounds(&msgs, &fates), vec![vec![0, 1], vec![2, 5], vec![4]]);
+    }
+
+    #[test]
+    fn a_skipped_update_is_explained_as_the_trigger_would() {
+        let current = |status: &str, allowed: &str| Current {
+            status: status.into(),
+            allowed: allowed.into(),
+            product: "Gear".into(),
+            quantity: 2,
+            unit_price: Decimal::new(950, 2),
+        };
+        let patch =
+            |status: Option<Status>, quantity: Option<i32>| OrderPatch { status, quantity, ..Default::default() };
+        let processing = current("processing", "cancelled, failed, processed");
+        let reason = |c: &Current, p: OrderPatch| c.refusal(&p).reason;
+        assert_eq!(reason(&processing, patch(None, Some(3))), Reason::OrderLocked);
+        assert_eq!(reason(&processing, patch(Some(Status::Processed), Some(3))), Reason::OrderLocked);
+        let price = OrderPatch { unit_price: Some(Decimal::new(951, 2)), ..Default::default() };
+        assert_eq!(reason(&processing, price), Reason::OrderLocked);
+        // The transition is checked first, as in orders_guard.
+        assert_eq!(reason(&processing, patch(Some(Status::Delivered), Some(3))), Reason::InvalidTransition);
+        let delivered = current("delivered", "none (final status)");
+        assert_eq!(reason(&delivered, patch(Some(Status::Pending), None)), Reason::InvalidTransition);
+        // Pending, or the same line item again: not the lock (another writer
+        // changed the order meanwhile; reported as the transition it was).
+        let pending = current("pending", "cancelled, failed, processed, processing");
+        assert_eq!(reason(&pending, patch(None, Some(3))), Reason::InvalidTransition);
+        let same = OrderPatch { quantity: Some(2), unit_price: Some(Decimal::new(9500, 3)), ..Default::default() };
+        assert_eq!(reason(&processing, same), Reason::InvalidTransition);
     }
 }

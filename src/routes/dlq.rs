@@ -27,7 +27,7 @@ pub struct DeadLetterDoc {
     pub id: i64,
     /// Stable code: empty_payload, unsupported_content_type, invalid_json, invalid_avro,
     /// invalid_event, validation_failed, key_mismatch, unknown_order, order_exists,
-    /// invalid_transition, database_rejected.
+    /// invalid_transition, order_locked, database_rejected.
     pub reason: String,
     /// What exactly was wrong.
     pub detail: String,

@@ -182,6 +182,45 @@ async fn forbidden_transitions_are_409_on_the_rest_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orders_line_item_is_locked_once_it_leaves_pending() {
+    let app = spawn_app().await;
+    let id = app.create_order("Grace").await["id"].as_i64().unwrap();
+    // Pending: the line item may change, also in the patch that moves it on.
+    assert_eq!(app.patch(id, &json!({"quantity": 3})).await.status(), 200);
+    let r = app.patch(id, &json!({"status": "processing", "unit_price": "7.25"})).await;
+    assert_eq!(r.status(), 200);
+    let order: Value = r.json().await.unwrap();
+    assert_eq!((order["quantity"].as_i64(), order["amount"].as_f64()), (Some(3), Some(21.75)));
+
+    for change in [json!({"quantity": 4}), json!({"unit_price": "7.26"}), json!({"product": "Other"})] {
+        let r = app.patch(id, &change).await;
+        assert_eq!(r.status(), 409, "{change}");
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["code"], "order_locked", "{p}");
+        assert!(p["message"].as_str().unwrap().contains("is processing"), "{p}");
+    }
+    // Restating the same values, or changing anything else, is no change of the line item.
+    let r = app.patch(id, &json!({"quantity": 3, "unit_price": "7.250", "customer_name": "Grace H."})).await;
+    assert_eq!(r.status(), 200);
+    let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
+    assert_eq!((order["version"].as_i64(), order["amount"].as_f64()), (Some(4), Some(21.75)));
+
+    // The same rule for a DBA, who can unlock it for one transaction on purpose.
+    let db = app.sql().await;
+    let err = db.execute("UPDATE orders SET quantity = 9 WHERE id = $1", &[&id]).await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "OC423", "{err}");
+    db.batch_execute(&format!(
+        "BEGIN; SET LOCAL ordercast.unlock_line_items = 'on'; UPDATE orders SET quantity = 9 WHERE id = {id}; COMMIT"
+    ))
+    .await
+    .unwrap();
+    let err = db.execute("UPDATE orders SET quantity = 10 WHERE id = $1", &[&id]).await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().code().code(), "OC423", "the unlock lasts one transaction: {err}");
+    let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
+    assert_eq!((order["quantity"].as_i64(), order["version"].as_i64()), (Some(9), Some(5)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_enforces_transitions_and_constraints_for_a_dba_too() {
     let app = spawn_app().await;
     let db = app.sql().await;

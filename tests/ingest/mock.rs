@@ -20,6 +20,49 @@ scenario_tests!(
     two_instances_share_partitions_through_rebalances,
 );
 
+/// An order_updated event that changes the line item of an order that has
+/// left `pending` is dead-lettered as `order_locked`, in the batch with the
+/// events that do apply; while pending, the same change applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_item_change_after_pending_is_dead_lettered_as_order_locked() {
+    use crate::kafka::*;
+    use serde_json::json;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |s| s.kafka.batch_wait_ms = 300).await;
+    let producer = producer(&broker);
+    let update = |x: &str, order: Value| {
+        let mut order = order;
+        order["external_id"] = json!(x);
+        event("order_updated", order)
+    };
+    send_event(&producer, &n.topic, &created("lock-1")).await; // 0
+    send_event(&producer, &n.topic, &update("lock-1", json!({"quantity": 5}))).await; // 1 applies: pending
+    send_event(&producer, &n.topic, &status_changed("lock-1", "processing")).await; // 2
+    send_event(&producer, &n.topic, &update("lock-1", json!({"quantity": 6}))).await; // 3 order_locked
+    send_event(&producer, &n.topic, &update("lock-1", json!({"unit_price": 1.25}))).await; // 4 order_locked
+    send_event(&producer, &n.topic, &update("lock-1", json!({"quantity": 5, "customer_name": "Ada L."}))).await; // 5 applies
+    send_event(&producer, &n.topic, &update("lock-1", json!({"status": "delivered", "quantity": 7}))).await; // 6 invalid_transition first
+    send_event(&producer, &n.topic, &created("lock-2")).await; // 7
+
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'lock-2'", 1, WAIT).await;
+    let db = app.sql().await;
+    let rows =
+        db.query("SELECT kafka_offset, reason, detail FROM dead_letters ORDER BY kafka_offset", &[]).await.unwrap();
+    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let want = [(3, "order_locked"), (4, "order_locked"), (6, "invalid_transition")];
+    assert_eq!(got, want.map(|(o, r)| (o, r.to_string())), "{rows:?}");
+    let detail: String = rows[0].get(2);
+    assert!(detail.contains("is processing"), "{detail}");
+    let row = db
+        .query_one("SELECT quantity, customer_name, status, version FROM orders WHERE external_id = 'lock-1'", &[])
+        .await
+        .unwrap();
+    let order: (i32, String, String, i32) = (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(order, (5, "Ada L.".to_string(), "processing".to_string(), 4));
+}
+
 /// The broker goes away for a while mid-stream: ingest pauses (health says
 /// so) and resumes by itself; every event is applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
