@@ -399,7 +399,7 @@ async fn update(
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "Status transition not allowed", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Status transition not allowed (invalid_transition), or a line-item change of an order that has left pending (order_locked)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
     ))]
@@ -420,7 +420,7 @@ pub async fn patch_order(
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "Status transition not allowed", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Status transition not allowed (invalid_transition), or a line-item change of an order that has left pending (order_locked)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[put("/api/orders/{id}")]
