@@ -17,6 +17,7 @@ use bytes::Bytes;
 use super::ws::{open_stream, ready_message, resync_message, snapshot_messages, Opened};
 use super::{parse_position, QueryPairs, StreamParams};
 use crate::changes::feed::Item;
+use crate::domain::ValidationError;
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -118,10 +119,17 @@ fn stream_response(
 }
 
 /// `Last-Event-ID` (set by EventSource on reconnect) wins over `since` and
-/// turns a snapshot request into a resume.
+/// turns a snapshot request into a resume. A value that is not a position is
+/// refused alike (422 `invalid_position`) whether it is text or not.
 fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(), ApiError> {
     if let Some(v) = req.headers().get("Last-Event-ID") {
-        let v = v.to_str().map_err(|_| ApiError::BadRequest("Last-Event-ID is not text".into(), "invalid_position"))?;
+        let v = v.to_str().map_err(|_| {
+            ValidationError::with_code(
+                "since",
+                "invalid_position",
+                "Last-Event-ID is not a position: it must be a non-negative whole number (visible ASCII digits)",
+            )
+        })?;
         if !v.trim().is_empty() {
             params.since = Some(parse_position(v)?);
             params.snapshot = false;

@@ -576,6 +576,32 @@ async fn the_per_order_stream_sends_current_state_then_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_event_id_that_is_not_a_position_is_422_whether_text_or_not() {
+    use reqwest::header::HeaderValue;
+    let app = spawn_app().await;
+    let id = app.create_order("Resumer").await["id"].as_i64().unwrap();
+    let values = [
+        HeaderValue::from_static("yesterday"),
+        HeaderValue::from_static("-1"),
+        // Not text: UTF-8 for "é", and a lone obs-text byte.
+        HeaderValue::from_bytes(b"\xc3\xa9").unwrap(),
+        HeaderValue::from_bytes(b"7\x80").unwrap(),
+    ];
+    for path in ["/api/events".to_string(), format!("/api/orders/{id}/events")] {
+        for v in &values {
+            let r = app.http.get(app.url(&path)).header("Last-Event-ID", v.clone()).send().await.unwrap();
+            let status = r.status().as_u16();
+            let content_type = r.headers()["content-type"].to_str().unwrap().to_string();
+            let body: Value = r.json().await.unwrap();
+            assert_eq!((status, body["code"].as_str()), (422, Some("invalid_position")), "{path} {v:?}: {body}");
+            assert_eq!(content_type, "application/problem+json", "{path} {v:?}");
+            assert_eq!((body["status"].as_u64(), body["field"].as_str()), (Some(422), Some("since")), "{body}");
+            assert!(body["message"].as_str().is_some_and(|m| m.contains("not a position")), "{body}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_in_positions_does_not_stall_live_or_resuming_readers() {
     let app = spawn_app().await;
     let db = app.sql().await;
