@@ -187,7 +187,10 @@ fn app(
                 let fut = srv.call(req);
                 async move {
                     let res = fut.await?;
-                    let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let route = match res.request().match_name() {
+                        Some(routes::fallback::NAME) => "unmatched".into(),
+                        _ => res.request().match_pattern().unwrap_or_else(|| "unmatched".into()),
+                    };
                     data.http_metrics.record(res.request().method().as_str(), &route, res.status().as_u16());
                     Ok(res)
                 }
@@ -211,13 +214,10 @@ fn app(
         .configure(routes::openapi::configure)
         .configure(routes::metrics::configure)
         .configure(routes::web::configure)
-        .default_service(web::to(|req: actix_web::HttpRequest| async move {
-            problem_response(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                &format!("no route for {} {}", req.method(), req.path()),
-            )
-        }))
+        // Last: the 405 (with `Allow`) or 404 for what no route above takes.
+        .configure(routes::fallback::configure)
+        // A request target the catch-all cannot match (not starting with `/`).
+        .default_service(web::to(|req: actix_web::HttpRequest| async move { routes::fallback::not_found(&req) }))
 }
 
 /// A request that asked to upgrade (`Connection: upgrade`, `Upgrade:

@@ -1,7 +1,9 @@
 //! HTTP transport: REST (`orders`, `stats`, `health`, `dlq`), the realtime streams
-//! (`ws`, `sse`), the OpenAPI document and the dashboard assets.
+//! (`ws`, `sse`), the OpenAPI document, the dashboard assets, and the 404/405
+//! for what no route takes (`fallback`).
 
 pub mod dlq;
+pub mod fallback;
 pub mod health;
 pub mod metrics;
 pub mod openapi;

@@ -506,6 +506,89 @@ async fn the_openapi_document_matches_the_real_routes() {
     assert_eq!(r.status(), 204);
 }
 
+/// Status, `Allow`, content type and JSON body of a request.
+async fn answer(app: &TestApp, method: &str, path: &str) -> (u16, Option<String>, Option<String>, Value) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let r = app.http.request(method, app.url(path)).send().await.unwrap();
+    let header = |name: &str| r.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+    let (status, allow, content_type) = (r.status().as_u16(), header("allow"), header("content-type"));
+    (status, allow, content_type, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_404() {
+    let app = spawn_app().await;
+    let id = app.create_order("Methodical").await["id"].as_i64().unwrap();
+    let order = format!("/api/orders/{id}");
+    for (method, path, allow) in [
+        ("DELETE", "/api/stats", "GET, OPTIONS"),
+        ("PUT", "/api/orders", "GET, POST, OPTIONS"),
+        ("GET", "/api/orders/1/cancel", "POST, OPTIONS"),
+        ("POST", &order, "GET, PUT, PATCH, DELETE, OPTIONS"),
+        // The pattern decides, as for routing: `GET /api/orders/abc` is a 400.
+        ("POST", "/api/orders/abc", "GET, PUT, PATCH, DELETE, OPTIONS"),
+        // Two GET routes have this path (the document and the dashboard's files).
+        ("POST", "/api/openapi.json", "GET, OPTIONS"),
+        ("DELETE", "/js/app.js", "GET, OPTIONS"),
+        ("POST", "/", "GET, OPTIONS"),
+        ("PATCH", "/metrics", "GET, OPTIONS"),
+        ("POST", "/ws", "GET, OPTIONS"),
+        ("BREW", "/api/dlq", "GET, OPTIONS"),
+        // Percent-decoded like the router does.
+        ("DELETE", "/%61pi/stats", "GET, OPTIONS"),
+    ] {
+        let (status, allowed, content_type, body) = answer(&app, method, path).await;
+        assert_eq!(
+            (status, body["code"].as_str(), allowed.as_deref()),
+            (405, Some("method_not_allowed"), Some(allow)),
+            "{method} {path}: {body}"
+        );
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{method} {path}");
+        assert_eq!(body["status"], 405);
+        let message = body["message"].as_str().unwrap();
+        assert!(message.starts_with(&format!("{method} is not allowed")) && message.ends_with(allow), "{message}");
+    }
+    // HEAD is not answered by the GET routes: 405 too, without a body.
+    let (status, allowed, _, body) = answer(&app, "HEAD", "/api/health").await;
+    assert_eq!((status, allowed.as_deref(), body), (405, Some("GET, OPTIONS"), Value::Null));
+    // OPTIONS on a path that exists: 204 and what it allows.
+    let (status, allowed, _, _) = answer(&app, "OPTIONS", "/api/orders").await;
+    assert_eq!((status, allowed.as_deref()), (204, Some("GET, POST, OPTIONS")));
+    // Paths no route has stay 404, whatever the method.
+    for (method, path) in [
+        ("GET", "/api/nope"),
+        ("DELETE", "/api/nope"),
+        ("OPTIONS", "/api/nope"),
+        ("POST", "/api/stats/"),
+        ("PUT", "/api/orders/1/cancel/now"),
+    ] {
+        let (status, allowed, content_type, body) = answer(&app, method, path).await;
+        assert_eq!((status, body["code"].as_str(), allowed), (404, Some("not_found"), None), "{method} {path}");
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+        assert_eq!(body["message"], format!("no route for {method} {path}"));
+    }
+    // The routes themselves still answer.
+    assert_eq!(app.get_json("/api/stats").await.0, 200);
+    assert_eq!(app.get_json(&order).await.0, 200);
+    // Every documented path's Allow is exactly its documented methods.
+    let (_, doc) = app.get_json("/api/openapi.json").await;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let mut documented: Vec<String> = ops.as_object().unwrap().keys().map(|m| m.to_uppercase()).collect();
+        documented.push("OPTIONS".into());
+        documented.sort();
+        let (status, allowed, _, _) = answer(&app, "OPTIONS", &path.replace("{id}", &id.to_string())).await;
+        let mut allowed: Vec<String> = allowed.unwrap_or_default().split(", ").map(str::to_owned).collect();
+        allowed.sort();
+        assert_eq!((status, allowed), (204, documented), "{path}");
+    }
+    // Counted without a route, like a 404.
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"ordercast_http_requests_total{method="DELETE",route="unmatched",status="405"} 3"#),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dbas_raw_rows_are_normalised_by_the_guard_and_a_deleted_orders_history_goes_with_it() {
     let app = spawn_app().await;
