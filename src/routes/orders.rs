@@ -304,6 +304,31 @@ pub async fn apply_patch(
     actor: &str,
     customer: Option<&str>,
 ) -> Result<String, ApiError> {
+    write_patch(pool, id, patch, expected_version, actor, customer, None).await
+}
+
+/// The error for an order that is already in the status a request moves it to.
+fn already(id: i64, status: &str) -> ApiError {
+    ApiError::InvalidTransition {
+        message: format!("order {id} is already {status}"),
+        from: Some(status.into()),
+        to: Some(status.into()),
+    }
+}
+
+/// [`apply_patch`], refused (409) when the order is already in status
+/// `unless`. The refusal is part of the UPDATE's condition, so it holds
+/// against concurrent writers: of two requests racing to set that status,
+/// the second finds the row changed and matches nothing.
+async fn write_patch(
+    pool: &deadpool_postgres::Pool,
+    id: i64,
+    patch: &OrderPatch,
+    expected_version: Option<i32>,
+    actor: &str,
+    customer: Option<&str>,
+    unless: Option<Status>,
+) -> Result<String, ApiError> {
     if let (Some(c), Some(name)) = (customer, &patch.customer_name) {
         if crate::domain::fold_case(name) != c {
             return Err(ApiError::Forbidden("this token may not move an order to another customer".into()));
@@ -332,6 +357,7 @@ pub async fn apply_patch(
                 error_message = CASE WHEN $9 THEN $10 ELSE error_message END \
              FROM a WHERE id = $11 AND ($12::int IS NULL OR version = $12) \
                AND ($13::text IS NULL OR lower(customer_name) = $13) \
+               AND ($14::text IS NULL OR status <> $14) \
              RETURNING to_jsonb(orders)::text",
             &[
                 &actor,
@@ -347,22 +373,26 @@ pub async fn apply_patch(
                 &id,
                 &expected_version,
                 &customer,
+                &unless.map(Status::as_str),
             ],
         )
         .await?;
     match row {
         Some(r) => Ok(r.get(0)),
         None => {
-            let current: Option<i32> = client
+            // Why nothing matched. Already in `unless` comes first, before a
+            // stale version, as the status is what the caller asked to change.
+            let current: Option<(i32, String)> = client
                 .query_opt(
-                    "SELECT version FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
+                    "SELECT version, status FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
                     &[&id, &customer],
                 )
                 .await?
-                .map(|r| r.get(0));
+                .map(|r| (r.get(0), r.get(1)));
             match (current, expected_version) {
                 (None, _) => Err(not_found(id)),
-                (Some(current), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
+                (Some((_, status)), _) if unless.is_some_and(|u| u.as_str() == status) => Err(already(id, &status)),
+                (Some((current, _)), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
                 (Some(_), None) => Err(ApiError::Unexpected(anyhow::anyhow!("update of order {id} matched no row"))),
             }
         }
@@ -448,21 +478,28 @@ pub async fn cancel(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
-    // Cancelling twice is a mistake worth reporting, not a silent no-op.
     let customer = restriction(&req);
-    if let Some(json) = fetch(&state.pool, id, customer.as_deref()).await? {
-        if serde_json::from_str::<Value>(&json).ok().and_then(|o| o["status"].as_str().map(str::to_owned)).as_deref()
-            == Some("cancelled")
-        {
-            return Err(ApiError::InvalidTransition {
-                message: format!("order {id} is already cancelled"),
-                from: Some("cancelled".into()),
-                to: Some("cancelled".into()),
+    let expected = match if_match(&req) {
+        Ok(v) => v,
+        // An order that is already cancelled says so even when If-Match is
+        // malformed (the status has always been checked first).
+        Err(e) => {
+            let status = fetch(&state.pool, id, customer.as_deref())
+                .await?
+                .and_then(|json| serde_json::from_str::<Value>(&json).ok()?["status"].as_str().map(str::to_owned));
+            return Err(match status.as_deref() {
+                Some(s @ "cancelled") => already(id, s),
+                _ => e,
             });
         }
-    }
+    };
+    // Cancelling twice is a mistake worth reporting, not a silent no-op. The
+    // UPDATE itself skips an order that is already cancelled, so of
+    // concurrent cancels exactly one succeeds and bumps the version.
     let patch = OrderPatch { status: Some(Status::Cancelled), ..Default::default() };
-    let json = apply_patch(&state.pool, id, &patch, if_match(&req)?, &actor(&req), customer.as_deref()).await?;
+    let json =
+        write_patch(&state.pool, id, &patch, expected, &actor(&req), customer.as_deref(), Some(Status::Cancelled))
+            .await?;
     let version = order_version(&json);
     Ok(json_response(HttpResponse::Ok(), json, version))
 }

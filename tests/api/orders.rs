@@ -302,6 +302,93 @@ async fn two_patches_with_the_same_version_one_wins_one_gets_412() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cancels_of_one_order_let_exactly_one_through() {
+    const CANCELS: usize = 12;
+    let app = spawn_app().await;
+    for round in 0..5 {
+        let order = app.create_order(&format!("Racer {round}")).await;
+        let (id, version) = (order["id"].as_i64().unwrap(), order["version"].as_i64().unwrap());
+        let url = app.url(&format!("/api/orders/{id}/cancel"));
+        // Every request waits for all the others, then they go out at once.
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(CANCELS));
+        let tasks: Vec<_> = (0..CANCELS)
+            .map(|_| {
+                let (http, url, start) = (app.http.clone(), url.clone(), start.clone());
+                tokio::spawn(async move {
+                    start.wait().await;
+                    let r = http.post(url).send().await.unwrap();
+                    (r.status().as_u16(), r.json::<Value>().await.unwrap())
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.unwrap());
+        }
+        let won: Vec<&Value> = answers.iter().filter(|(s, _)| *s == 200).map(|(_, b)| b).collect();
+        assert_eq!(won.len(), 1, "round {round}: exactly one cancel succeeds: {answers:?}");
+        assert_eq!(won[0]["version"].as_i64(), Some(version + 1), "round {round}");
+        for (status, body) in answers.iter().filter(|(s, _)| *s != 200) {
+            assert_eq!(*status, 409, "round {round}: {body}");
+            assert_eq!(
+                (body["code"].as_str(), body["from"].as_str(), body["to"].as_str()),
+                (Some("invalid_transition"), Some("cancelled"), Some("cancelled")),
+                "round {round}: {body}"
+            );
+            assert_eq!(body["message"], format!("order {id} is already cancelled"));
+        }
+        // One change: the version was bumped once, the history has one cancel.
+        let (_, now) = app.get_json(&format!("/api/orders/{id}")).await;
+        assert_eq!((now["status"].as_str(), now["version"].as_i64()), (Some("cancelled"), Some(version + 1)));
+        let (_, history) = app.get_json(&format!("/api/orders/{id}/history")).await;
+        let cancels = history.as_array().unwrap().iter().filter(|h| h["to"] == "cancelled").count();
+        assert_eq!(cancels, 1, "round {round}: {history}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_answers_one_at_a_time_are_unchanged() {
+    let app = spawn_app().await;
+    let cancel = |id: i64, if_match: Option<&str>| {
+        let mut r = app.http.post(app.url(&format!("/api/orders/{id}/cancel")));
+        if let Some(v) = if_match {
+            r = r.header("If-Match", v);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let code = |v: &Value| v["code"].as_str().map(str::to_owned);
+    let id = app.create_order("Once").await["id"].as_i64().unwrap();
+    // A pending order: a malformed or stale If-Match is refused first.
+    let (s, b) = cancel(id, Some("\"x\"")).await;
+    assert_eq!((s, code(&b)), (400, Some("invalid_if_match".into())));
+    let (s, b) = cancel(id, Some("7")).await;
+    assert_eq!((s, code(&b), b["current_version"].as_i64()), (412, Some("version_conflict".into()), Some(1)));
+    let (s, b) = cancel(id, Some("1")).await;
+    assert_eq!((s, b["status"].as_str(), b["version"].as_i64()), (200, Some("cancelled"), Some(2)));
+    // Already cancelled: 409 whatever the If-Match says.
+    for if_match in [None, Some("2"), Some("1"), Some("\"x\"")] {
+        let (s, b) = cancel(id, if_match).await;
+        assert_eq!((s, code(&b)), (409, Some("invalid_transition".into())), "{if_match:?}: {b}");
+        assert_eq!(b["message"], format!("order {id} is already cancelled"));
+        assert_eq!((b["from"].as_str(), b["to"].as_str()), (Some("cancelled"), Some("cancelled")));
+    }
+    // A final status other than cancelled: the database's 409.
+    let other = app.create_order("Delivered").await["id"].as_i64().unwrap();
+    for status in ["processed", "shipped", "delivered"] {
+        assert_eq!(app.patch(other, &json!({"status": status})).await.status(), 200);
+    }
+    let (s, b) = cancel(other, None).await;
+    assert_eq!((s, code(&b), b["from"].as_str()), (409, Some("invalid_transition".into()), Some("delivered")));
+    // No such order.
+    assert_eq!(cancel(424242, None).await.0, 404);
+    assert_eq!(cancel(424242, Some("\"x\"")).await.0, 400);
+    assert_eq!(cancel(424242, Some("3")).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_returns_204_then_404() {
     let app = spawn_app().await;
     let id = app.create_order("Barbara").await["id"].as_i64().unwrap();
