@@ -93,6 +93,10 @@ impl AppState {
             ("written", "Orders created or updated from Kafka."),
             ("duplicates", "Kafka events skipped because their event_id was already applied."),
             ("redelivered", "Kafka messages skipped because their offset was already applied."),
+            (
+                "log_resets",
+                "Kafka partitions whose stored position was beyond the end of their log (a recreated topic): reset.",
+            ),
             ("dead_lettered", "Kafka messages recorded as dead letters."),
             ("retries", "Kafka batches retried after a transient database failure."),
         ] {

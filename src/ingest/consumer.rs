@@ -66,6 +66,43 @@ impl Drop for SharedConsumer {
     }
 }
 
+/// How long asking the broker where a partition's log starts and ends may take.
+const LOG_ENDS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the broker where a partition's log starts and ends, through the
+/// ingest's consumer (so with its isolation level: under the default
+/// `read_committed` the end is the last stable offset, the most the consumer
+/// can have read). One ListOffsets round trip to the partition's leader; the
+/// writer asks only when a batch holds messages below the stored position.
+#[derive(Clone)]
+pub struct LogEnds {
+    consumer: std::sync::Weak<SharedConsumer>,
+    topic: String,
+}
+
+impl LogEnds {
+    pub fn new(consumer: &Arc<SharedConsumer>, topic: &str) -> LogEnds {
+        LogEnds { consumer: Arc::downgrade(consumer), topic: topic.to_string() }
+    }
+
+    /// (log start, log end) of `partition`, fresh from the broker.
+    pub async fn query(&self, partition: i32) -> anyhow::Result<(i64, i64)> {
+        let consumer = self.consumer.upgrade().ok_or_else(|| anyhow::anyhow!("the Kafka consumer is closed"))?;
+        let topic = self.topic.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Not spawn_blocking: see off_runtime. The call ends by its own timeout.
+        std::thread::Builder::new().name("kafka-watermarks".into()).spawn(move || {
+            let _ = tx.send(consumer.fetch_watermarks(&topic, partition, LOG_ENDS_TIMEOUT));
+        })?;
+        let ends = tokio::time::timeout(LOG_ENDS_TIMEOUT + Duration::from_secs(1), rx)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within {LOG_ENDS_TIMEOUT:?}"))?
+            .map_err(|_| anyhow::anyhow!("the query was dropped"))?;
+        ends.map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(|e| e.context(format!("Failed to ask Kafka where partition {partition} of {} ends", self.topic)))
+    }
+}
+
 /// Runs blocking librdkafka work on a thread of its own and waits at most
 /// `limit` (spawn_blocking would make the runtime's shutdown wait for it).
 pub async fn off_runtime(what: &str, limit: Duration, f: impl FnOnce() + Send + 'static) {
@@ -289,6 +326,7 @@ pub async fn read(
 
 /// Copies what the writer needs out of librdkafka's buffer and decodes it.
 fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSettings) -> Message {
+    let received = std::time::Instant::now(); // before decoding: as close to the poll as can be
     let headers = headers_of(m);
     let content_type =
         headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).and_then(|(_, v)| v.as_deref());
@@ -304,6 +342,7 @@ fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSetting
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         decoded,
+        received,
     }
 }
 

@@ -15,6 +15,8 @@
 //! `dlq-reason` (a stable code, see `event::Reason`), `dlq-detail`,
 //! `dlq-original-topic`, `dlq-original-partition`, `dlq-original-offset`,
 //! `dlq-original-timestamp` (milliseconds since the epoch, when known),
+//! `dlq-original-log-generation` (0, or how many times the partition's log
+//! was found reset before: a recreated topic's offsets repeat the old ones),
 //! `dlq-time` (RFC 3339) and `dlq-group`.
 
 use std::sync::atomic::Ordering;
@@ -112,7 +114,7 @@ async fn publish_pending(
         let rows = tx
             .query(
                 "SELECT id, message_key, payload, headers, kafka_topic, kafka_partition, kafka_offset, \
-                        message_timestamp, received_at, reason, detail, group_id \
+                        message_timestamp, received_at, reason, detail, group_id, log_generation \
                  FROM dead_letters WHERE published_at IS NULL AND group_id = $2 AND kafka_topic = $3 \
                  ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 &[&CLAIM, group, source],
@@ -143,13 +145,14 @@ async fn publish_pending(
             for (k, v) in headers_from_json(&original) {
                 headers = headers.insert(Header { key: &k, value: v.as_deref() });
             }
-            let meta: [(&str, String); 8] = [
+            let meta: [(&str, String); 9] = [
                 ("dlq-reason", r.get::<_, String>(9)),
                 ("dlq-detail", r.get::<_, String>(10)),
                 ("dlq-original-topic", r.get::<_, String>(4)),
                 ("dlq-original-partition", r.get::<_, i32>(5).to_string()),
                 ("dlq-original-offset", r.get::<_, i64>(6).to_string()),
                 ("dlq-original-timestamp", stamp.map(|t| t.timestamp_millis().to_string()).unwrap_or_default()),
+                ("dlq-original-log-generation", r.get::<_, i32>(12).to_string()),
                 ("dlq-time", received.to_rfc3339_opts(SecondsFormat::Millis, true)),
                 ("dlq-group", r.get::<_, String>(11)),
             ];

@@ -16,7 +16,10 @@
 //! commit loses the transaction and the messages are read again; a crash after
 //! it but before Kafka hears of it makes Kafka redeliver messages whose
 //! offsets are below the stored position, and they are skipped. A producer's
-//! duplicate (same event_id) is skipped by `ingested_events`.
+//! duplicate (same event_id) is skipped by `ingested_events`. A stored
+//! position beyond the end of its partition's log belongs to a log that no
+//! longer exists (a recreated topic): the writer notices, says so loudly
+//! (`log_resets`) and starts over on the new log.
 
 pub mod avro;
 pub mod consumer;
@@ -52,6 +55,8 @@ pub struct Message {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
     pub timestamp_ms: Option<i64>,
     pub decoded: Result<OrderEvent, Rejection>,
+    /// When the reader got it from librdkafka (before or after a seek).
+    pub received: Instant,
 }
 
 /// Messages applied together in one transaction.
@@ -116,6 +121,9 @@ pub struct IngestState {
     /// Messages skipped because their offset was applied before (after a
     /// crash or a rebalance).
     pub redelivered: AtomicU64,
+    /// Partitions whose stored position was found beyond the end of their
+    /// log (the topic was deleted and recreated): the position was reset.
+    pub log_resets: AtomicU64,
     /// Messages recorded as dead letters.
     pub dead_lettered: AtomicU64,
     /// Dead letters produced to the dead-letter topic.
@@ -227,6 +235,15 @@ impl IngestState {
         }
     }
 
+    /// A partition's log was found reset: its position moved back.
+    fn reset_position(&self, partition: i32, next: i64) {
+        let mut parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        if let Some(entry) = parts.get_mut(&partition) {
+            entry.applied = Some(next);
+            entry.committed = None;
+        }
+    }
+
     pub fn forget_committed(&self, partitions: &[i32]) {
         let mut parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
         for p in partitions {
@@ -252,6 +269,7 @@ impl IngestState {
         m.insert("written".into(), n(&self.written).into());
         m.insert("duplicates".into(), n(&self.duplicates).into());
         m.insert("redelivered".into(), n(&self.redelivered).into());
+        m.insert("log_resets".into(), n(&self.log_resets).into());
         m.insert("dead_lettered".into(), n(&self.dead_lettered).into());
         m.insert("dlq_published".into(), n(&self.dlq_published).into());
         m.insert("dlq_pending".into(), self.dlq_pending.load(Ordering::Relaxed).into());
@@ -322,6 +340,12 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
     // overlap the database work, and memory stays bounded.
     let (tx, rx) = mpsc::channel::<Batch>(1);
     let wake = Arc::new(Notify::new());
+    let writers = (0..settings.writers.max(1))
+        .map(|_| {
+            Writer::new(database_url, &settings.group_id, &settings.topic)
+                .with_log_ends(consumer::LogEnds::new(&consumer, &settings.topic))
+        })
+        .collect();
     let tasks = vec![
         supervise(
             "the Kafka reader",
@@ -331,17 +355,7 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
         ),
         supervise(
             "the ingest write loop",
-            write_loop(
-                rx,
-                consumer,
-                (0..settings.writers.max(1))
-                    .map(|_| Writer::new(database_url, &settings.group_id, &settings.topic))
-                    .collect(),
-                settings.clone(),
-                state.clone(),
-                wake.clone(),
-                shutdown.clone(),
-            ),
+            write_loop(rx, consumer, writers, settings.clone(), state.clone(), wake.clone(), shutdown.clone()),
             &state,
             &shutdown,
         ),
@@ -528,6 +542,23 @@ async fn write_loop(
                         log::debug!("seek failed (the messages will be read and skipped): {e}");
                     }
                 }
+                for r in outcome.rewind.iter().filter(|r| r.seek) {
+                    log::warn!(
+                        "Kafka partition {}/{}: its log was reset (the stored position is beyond its end) and the \
+                         consumer did not start at the new log's start: reading it again from offset {}",
+                        settings.topic,
+                        r.partition,
+                        r.to
+                    );
+                    if let Err(e) =
+                        consumer.seek(&settings.topic, r.partition, rdkafka::Offset::Offset(r.to), Duration::ZERO)
+                    {
+                        log::warn!("seek failed (the new log is applied from where the consumer is): {e}");
+                    }
+                    // Messages received from now on come from the seek's
+                    // position (librdkafka drops what it fetched before).
+                    writer.rewound(r, Instant::now());
+                }
                 if outcome.fates.iter().any(|f| matches!(f, Fate::Dead(_))) {
                     dlq_wake.notify_one();
                 }
@@ -563,6 +594,7 @@ fn record(state: &IngestState, outcome: &writer::Outcome) {
     state.written.fetch_add(outcome.written, Ordering::Relaxed);
     state.duplicates.fetch_add(outcome.count(|f| *f == Fate::Duplicate), Ordering::Relaxed);
     state.redelivered.fetch_add(outcome.count(|f| *f == Fate::Redelivered), Ordering::Relaxed);
+    state.log_resets.fetch_add(outcome.resets.len() as u64, Ordering::Relaxed);
     let dead = outcome.count(|f| matches!(f, Fate::Dead(_)));
     state.dead_lettered.fetch_add(dead, Ordering::Relaxed);
     for f in &outcome.fates {
@@ -571,6 +603,31 @@ fn record(state: &IngestState, outcome: &writer::Outcome) {
         }
     }
     state.applied(&outcome.next_offsets);
+    for r in &outcome.resets {
+        let skipped = if r.first > r.log_start {
+            format!(
+                "; offsets {} to {} were not read (the consumer started past them, and reading again from the log's \
+                 start did not take effect)",
+                r.log_start,
+                r.first - 1
+            )
+        } else {
+            String::new()
+        };
+        log::error!(
+            "Kafka partition {}/{}: the stored position {} is beyond the end of the partition's log ({}): the topic was \
+             deleted and recreated, or its log was reset. Messages below the stored position are no longer taken for \
+             redeliveries: the new log is applied from offset {} (log generation {}), and events whose event_id was \
+             applied before are still skipped as duplicates{skipped}",
+            state.topic,
+            r.partition,
+            r.stale,
+            r.log_end,
+            r.first,
+            r.generation
+        );
+        state.reset_position(r.partition, r.next);
+    }
 }
 
 #[cfg(test)]

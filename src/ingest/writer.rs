@@ -4,12 +4,18 @@
 //! In one transaction, per batch:
 //! 1. lock each partition's row in `kafka_offsets` (creating it if missing);
 //!    a message below the stored `next_offset` was applied before (a
-//!    redelivery after a crash or a rebalance) and is skipped;
+//!    redelivery after a crash or a rebalance) and is skipped — unless the
+//!    partition's log now ends below the stored position (asked of the broker
+//!    only then): that position belongs to a log that no longer exists (a
+//!    topic deleted and recreated), and the new log's messages are applied;
 //! 2. record the event ids in `ingested_events`; an id that is already there
-//!    is a producer's duplicate and is skipped;
+//!    is a producer's duplicate and is skipped. A second copy of an id in the
+//!    same batch is a duplicate only if the first copy is applied: a
+//!    dead-lettered event sent again is retried, in the batch as across batches;
 //! 3. apply the events with multi-row statements, in rounds so that a round
 //!    holds at most one event per order (one UPDATE cannot change a row
-//!    twice, and one order's events must apply in offset order);
+//!    twice, and one order's events must apply in offset order) and a copy of
+//!    an event id comes after the copy before it;
 //! 4. record rejected messages in `dead_letters`, advance `next_offset`.
 //!
 //! The common path costs a fixed number of round trips per batch, whatever
@@ -22,7 +28,7 @@
 //! savepoint, so only the culprit is dead-lettered.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use chrono::{DateTime, Datelike, Utc};
@@ -30,6 +36,7 @@ use rust_decimal::Decimal;
 use tokio_postgres::{Client, GenericClient, NoTls, Statement, Transaction};
 use uuid::Uuid;
 
+use super::consumer::LogEnds;
 use super::event::{Change, Reason, Rejection};
 use super::{Batch, Message};
 use crate::domain::{OrderPatch, Status};
@@ -48,6 +55,41 @@ pub enum Fate {
     Duplicate,
     Applied,
     Dead(Rejection),
+    /// Not applied now: its partition's new log is read again from its start
+    /// first (see `Outcome::rewind`), which brings this message back.
+    Reread,
+}
+
+/// A partition whose stored position was beyond the end of its log: the
+/// position belonged to a log that no longer exists (the topic was deleted
+/// and recreated, or the log otherwise reset), and the new log is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogReset {
+    pub partition: i32,
+    /// The stored position found beyond the log's end.
+    pub stale: i64,
+    /// The log's start and end, as the broker reported them.
+    pub log_start: i64,
+    pub log_end: i64,
+    /// The first offset applied from the new log.
+    pub first: i64,
+    /// The new stored position.
+    pub next: i64,
+    /// The new log's generation (`kafka_offsets.log_generation`).
+    pub generation: i32,
+}
+
+/// A partition whose new log the consumer did not read from its start:
+/// seek back to `to` (see `apply`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewind {
+    pub partition: i32,
+    pub to: i64,
+    /// The stale stored position this rewind is for.
+    stale: i64,
+    /// False: the consumer was sought back already, and these messages were
+    /// received before that.
+    pub seek: bool,
 }
 
 /// What a committed batch did.
@@ -60,6 +102,10 @@ pub struct Outcome {
     /// Partitions whose messages were all far behind the stored position:
     /// the consumer may jump ahead instead of reading them.
     pub seek: Vec<(i32, i64)>,
+    /// Partitions whose log was found reset, and started over.
+    pub resets: Vec<LogReset>,
+    /// Partitions to read again from an earlier offset.
+    pub rewind: Vec<Rewind>,
 }
 
 impl Outcome {
@@ -120,7 +166,7 @@ WITH actor AS (SELECT set_config('ordercast.actor', $3, true))
 INSERT INTO kafka_offsets (group_id, kafka_topic, kafka_partition)
 SELECT $1, $2, p FROM unnest($4::int[]) AS p, actor ORDER BY p
 ON CONFLICT (group_id, kafka_topic, kafka_partition) DO UPDATE SET updated_at = kafka_offsets.updated_at
-RETURNING kafka_partition, next_offset";
+RETURNING kafka_partition, next_offset, log_generation";
 
 // Sorted, the ids go into the index in order (about a quarter cheaper than
 // random order); without RETURNING, the common case (no duplicate) costs no
@@ -138,6 +184,13 @@ SELECT event_id::text FROM ingested_events
 WHERE event_id = ANY($1::text[]::uuid[]) AND xmin <> pg_current_xact_id()::xid";
 
 const UNDEDUPE_SQL: &str = "DELETE FROM ingested_events WHERE event_id = ANY($1::text[]::uuid[])";
+
+// An event applied by a later copy in its batch than the one recorded (the
+// earlier copy was dead-lettered): the row names the copy that applied.
+const RELOCATE_SQL: &str = "\
+UPDATE ingested_events i SET kafka_partition = v.p, kafka_offset = v.o, occurred_at = v.t
+FROM unnest($1::text[], $2::int[], $3::bigint[], $4::timestamptz[]) AS v(e, p, o, t)
+WHERE i.event_id = v.e::uuid";
 
 const CREATE_SQL: &str = "\
 INSERT INTO orders (external_id, customer_name, customer_email, product, quantity, unit_price, status)
@@ -174,17 +227,20 @@ SELECT o.external_id, o.status,
        o.product, o.quantity, o.unit_price
 FROM orders o WHERE o.external_id = ANY($1::text[])";
 
+// A message is one group's dead letter once per log generation (V11): the
+// key holds the group, as another group reading the same topic records its
+// own, and the generation, as a recreated topic's offsets repeat the old ones.
 const DEAD_LETTER_SQL: &str = "\
-INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, message_key, payload, headers,
-                          message_timestamp, event_id, reason, detail)
-SELECT $1, $2, p, o, k, b, h, ts, e::uuid, r, d
-FROM unnest($3::int[], $4::bigint[], $5::bytea[], $6::bytea[], $7::jsonb[], $8::timestamptz[], $9::text[],
-            $10::text[], $11::text[]) AS v(p, o, k, b, h, ts, e, r, d)
-ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING";
+INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, log_generation, message_key, payload,
+                          headers, message_timestamp, event_id, reason, detail)
+SELECT $1, $2, p, o, g, k, b, h, ts, e::uuid, r, d
+FROM unnest($3::int[], $4::bigint[], $5::int[], $6::bytea[], $7::bytea[], $8::jsonb[], $9::timestamptz[],
+            $10::text[], $11::text[], $12::text[]) AS v(p, o, g, k, b, h, ts, e, r, d)
+ON CONFLICT (group_id, kafka_topic, kafka_partition, kafka_offset, log_generation) DO NOTHING";
 
 const ADVANCE_SQL: &str = "\
-UPDATE kafka_offsets k SET next_offset = v.n, updated_at = now()
-FROM unnest($3::int[], $4::bigint[]) AS v(p, n)
+UPDATE kafka_offsets k SET next_offset = v.n, log_generation = v.g, updated_at = now()
+FROM unnest($3::int[], $4::bigint[], $5::int[]) AS v(p, n, g)
 WHERE k.group_id = $1 AND k.kafka_topic = $2 AND k.kafka_partition = v.p";
 
 const PRUNE_EVENTS_SQL: &str = "\
@@ -199,6 +255,7 @@ struct Statements {
     dedupe: Statement,
     duplicates: Statement,
     undedupe: Statement,
+    relocate: Statement,
     create: Statement,
     update: Statement,
     classify: Statement,
@@ -211,13 +268,25 @@ struct Connection {
     st: Statements,
 }
 
+/// What a writer writes for: its group and topic, and how it asks where a
+/// partition's log ends.
+#[derive(Clone)]
+struct Scope {
+    group_id: String,
+    topic: String,
+    actor: String,
+    /// None: messages below the stored position are always redeliveries.
+    log_ends: Option<LogEnds>,
+}
+
 /// The ingest's own database connection (not the REST pool, so neither can
 /// starve the other) and what it needs to write batches.
 pub struct Writer {
     url: String,
-    group_id: String,
-    topic: String,
-    actor: String,
+    scope: Scope,
+    /// Partitions this writer had read again from their new log's start:
+    /// the stale position they were found beyond, and when the seek was made.
+    rewound: HashMap<i32, (i64, Instant)>,
     conn: Option<Connection>,
 }
 
@@ -228,11 +297,22 @@ impl Writer {
     pub fn new(url: &str, group_id: &str, topic: &str) -> Writer {
         Writer {
             url: url.to_string(),
-            group_id: group_id.to_string(),
-            topic: topic.to_string(),
-            actor: format!("kafka:{topic}"),
+            scope: Scope {
+                group_id: group_id.to_string(),
+                topic: topic.to_string(),
+                actor: format!("kafka:{topic}"),
+                log_ends: None,
+            },
+            rewound: HashMap::new(),
             conn: None,
         }
+    }
+
+    /// Checks, when a batch holds messages below the stored position, that
+    /// the partition's log still reaches that position (see `apply`).
+    pub fn with_log_ends(mut self, log_ends: LogEnds) -> Writer {
+        self.scope.log_ends = Some(log_ends);
+        self
     }
 
     async fn connect(&mut self) -> Result<&mut Connection, WriteError> {
@@ -259,6 +339,7 @@ impl Writer {
                 dedupe: prepare(DEDUPE_SQL).await?,
                 duplicates: prepare(DUPLICATES_SQL).await?,
                 undedupe: prepare(UNDEDUPE_SQL).await?,
+                relocate: prepare(RELOCATE_SQL).await?,
                 create: prepare(CREATE_SQL).await?,
                 update: prepare(UPDATE_SQL).await?,
                 classify: prepare(CLASSIFY_SQL).await?,
@@ -281,19 +362,30 @@ impl Writer {
             }
             other => other,
         };
-        if let Err(WriteError::Transient(_)) = &result {
+        match &result {
             // The connection may be broken; a fresh one costs little next time.
-            self.conn = None;
+            Err(WriteError::Transient(_)) => self.conn = None,
+            Err(WriteError::Data(_)) => {}
+            Ok(outcome) => {
+                for r in &outcome.resets {
+                    self.rewound.remove(&r.partition);
+                }
+            }
         }
         result
     }
 
+    /// The consumer was sought back for `rewind` at `at`.
+    pub fn rewound(&mut self, rewind: &Rewind, at: Instant) {
+        self.rewound.insert(rewind.partition, (rewind.stale, at));
+    }
+
     async fn attempt(&mut self, batch: &Batch, careful: bool) -> Result<Outcome, WriteError> {
-        let (group, topic, actor) = (self.group_id.clone(), self.topic.clone(), self.actor.clone());
+        let (scope, rewound) = (self.scope.clone(), self.rewound.clone());
         let conn = self.connect().await?;
         let run = async {
             let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
-            let outcome = apply(&mut tx, &conn.st, batch, &group, &topic, &actor, careful).await?;
+            let outcome = apply(&mut tx, &conn.st, batch, &scope, &rewound, careful).await?;
             tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?;
             Ok(outcome)
         };
@@ -328,11 +420,11 @@ async fn apply(
     tx: &mut Transaction<'_>,
     st: &Statements,
     batch: &Batch,
-    group: &str,
-    topic: &str,
-    actor: &str,
+    scope: &Scope,
+    rewound: &HashMap<i32, (i64, Instant)>,
     careful: bool,
 ) -> Result<Outcome, WriteError> {
+    let (group, topic, actor) = (scope.group_id.as_str(), scope.topic.as_str(), scope.actor.as_str());
     let msgs = &batch.messages;
     let mut fates = vec![Fate::Pending; msgs.len()];
 
@@ -340,16 +432,35 @@ async fn apply(
     let mut partitions: Vec<i32> = msgs.iter().map(|m| m.partition).collect();
     partitions.sort_unstable();
     partitions.dedup();
-    let stored: HashMap<i32, Option<i64>> = tx
+    let stored: HashMap<i32, (Option<i64>, i32)> = tx
         .query(&st.lock, &[&group, &topic, &actor, &partitions])
         .await
         .map_err(|e| classify(e, "Failed to lock the partition positions"))?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
+    // Each message's log generation, and whether it is compared with the
+    // stored position (not when that position belongs to an older log).
+    let mut generation: Vec<i32> = msgs.iter().map(|m| stored.get(&m.partition).map_or(0, |s| s.1)).collect();
+    let mut new_log = vec![false; msgs.len()];
+    let (resets, rewind) = find_log_resets(msgs, &stored, scope, rewound).await?;
+    for r in &resets {
+        for i in new_log_messages(msgs, r.partition, r.log_end) {
+            new_log[i] = true;
+            generation[i] = r.generation;
+        }
+    }
+    for r in &rewind {
+        for i in new_log_messages(msgs, r.partition, i64::MAX) {
+            fates[i] = Fate::Reread;
+        }
+    }
     for (i, m) in msgs.iter().enumerate() {
-        let next = stored.get(&m.partition).copied().flatten();
-        fates[i] = if next.is_some_and(|n| m.offset < n) {
+        if fates[i] == Fate::Reread {
+            continue;
+        }
+        let next = stored.get(&m.partition).and_then(|s| s.0);
+        fates[i] = if !new_log[i] && next.is_some_and(|n| m.offset < n) {
             Fate::Redelivered
         } else {
             match &m.decoded {
@@ -359,26 +470,31 @@ async fn apply(
         };
     }
 
-    // 2. Deduplicate event ids: within the batch, then against the table.
-    let mut seen = HashSet::new();
+    // 2. Deduplicate event ids. In the batch, a copy of an event id waits
+    //    for the copy before it (`earlier`): it is a duplicate if that one is
+    //    applied, and is processed on its own merits if that one is
+    //    dead-lettered, like a dead-lettered event sent again later. The
+    //    first copies are checked against the table.
+    let mut earlier: Vec<Option<usize>> = vec![None; msgs.len()];
+    let mut last_copy: HashMap<Uuid, usize> = HashMap::new();
     for (i, m) in msgs.iter().enumerate() {
-        if fates[i] == Fate::Pending && !seen.insert(event_of(m).map(|e| e.event_id)) {
-            fates[i] = Fate::Duplicate;
+        if let (Fate::Pending, Some(e)) = (&fates[i], event_of(m)) {
+            earlier[i] = last_copy.insert(e.event_id, i);
         }
     }
-    let pending: Vec<usize> = (0..msgs.len()).filter(|&i| fates[i] == Fate::Pending).collect();
-    if !pending.is_empty() {
+    let firsts: Vec<usize> = (0..msgs.len()).filter(|&i| fates[i] == Fate::Pending && earlier[i].is_none()).collect();
+    if !firsts.is_empty() {
         let ids: Vec<String> =
-            pending.iter().map(|&i| event_of(&msgs[i]).map(|e| e.event_id.to_string()).unwrap_or_default()).collect();
-        let parts: Vec<i32> = pending.iter().map(|&i| msgs[i].partition).collect();
-        let offsets: Vec<i64> = pending.iter().map(|&i| msgs[i].offset).collect();
+            firsts.iter().map(|&i| event_of(&msgs[i]).map(|e| e.event_id.to_string()).unwrap_or_default()).collect();
+        let parts: Vec<i32> = firsts.iter().map(|&i| msgs[i].partition).collect();
+        let offsets: Vec<i64> = firsts.iter().map(|&i| msgs[i].offset).collect();
         let times: Vec<DateTime<Utc>> =
-            pending.iter().map(|&i| event_of(&msgs[i]).map(|e| e.occurred_at).unwrap_or_default()).collect();
+            firsts.iter().map(|&i| event_of(&msgs[i]).map(|e| e.occurred_at).unwrap_or_default()).collect();
         let inserted = tx
             .execute(&st.dedupe, &[&topic, &ids, &parts, &offsets, &times])
             .await
             .map_err(|e| classify(e, "Failed to record the event ids"))?;
-        if inserted < pending.len() as u64 {
+        if inserted < firsts.len() as u64 {
             let seen_before: HashSet<Uuid> = tx
                 .query(&st.duplicates, &[&ids])
                 .await
@@ -386,8 +502,8 @@ async fn apply(
                 .iter()
                 .filter_map(|r| r.get::<_, &str>(0).parse().ok())
                 .collect();
-            for &i in &pending {
-                if event_of(&msgs[i]).is_some_and(|e| seen_before.contains(&e.event_id)) {
+            for i in 0..msgs.len() {
+                if fates[i] == Fate::Pending && event_of(&msgs[i]).is_some_and(|e| seen_before.contains(&e.event_id)) {
                     fates[i] = Fate::Duplicate;
                 }
             }
@@ -398,6 +514,7 @@ async fn apply(
     let mut written = 0u64;
     if careful {
         for i in 0..msgs.len() {
+            settle_copy(i, &earlier, &mut fates);
             if fates[i] == Fate::Pending {
                 let savepoint = tx.savepoint("ingest_message").await.map_err(|e| classify(e, "SAVEPOINT failed"))?;
                 match apply_round(&savepoint, st, msgs, &[i], &mut fates).await {
@@ -414,26 +531,60 @@ async fn apply(
             }
         }
     } else {
-        for round in rounds(msgs, &fates) {
+        for round in rounds(msgs, &fates, &earlier) {
+            let round: Vec<usize> = round
+                .into_iter()
+                .filter(|&i| {
+                    settle_copy(i, &earlier, &mut fates);
+                    fates[i] == Fate::Pending
+                })
+                .collect();
+            if round.is_empty() {
+                continue;
+            }
             written += apply_round(&*tx, st, msgs, &round, &mut fates).await.map_err(|e| match e {
                 ApplyError::Data(e) | ApplyError::Other(e) => classify(e, "Failed to apply a round of events"),
             })?;
         }
     }
 
-    // 4. Dead letters: forget their event ids (sending one again retries
-    //    it), record them, and move every partition's position past the batch.
+    // 4. Dead letters: forget the event ids that no copy applied (sending
+    //    one again retries it), name the copy that applied where it was not
+    //    the one recorded, record the dead letters, and move every
+    //    partition's position past the batch.
+    let applied_ids: HashSet<Uuid> = (0..msgs.len())
+        .filter(|&i| fates[i] == Fate::Applied)
+        .filter_map(|i| event_of(&msgs[i]))
+        .map(|e| e.event_id)
+        .collect();
     let undo: Vec<String> = (0..msgs.len())
         .filter(|&i| matches!(fates[i], Fate::Dead(_)))
-        .filter_map(|i| event_of(&msgs[i]).map(|e| e.event_id.to_string()))
+        .filter_map(|i| event_of(&msgs[i]).map(|e| e.event_id))
+        .filter(|id| !applied_ids.contains(id))
+        .map(|id| id.to_string())
+        .collect::<HashSet<String>>()
+        .into_iter()
         .collect();
     if !undo.is_empty() {
         tx.execute(&st.undedupe, &[&undo]).await.map_err(|e| classify(e, "Failed to forget dead event ids"))?;
+    }
+    let moved: Vec<usize> = (0..msgs.len()).filter(|&i| fates[i] == Fate::Applied && earlier[i].is_some()).collect();
+    if !moved.is_empty() {
+        let ids: Vec<String> =
+            moved.iter().filter_map(|&i| event_of(&msgs[i])).map(|e| e.event_id.to_string()).collect();
+        let parts: Vec<i32> = moved.iter().map(|&i| msgs[i].partition).collect();
+        let offsets: Vec<i64> = moved.iter().map(|&i| msgs[i].offset).collect();
+        let times: Vec<DateTime<Utc>> =
+            moved.iter().filter_map(|&i| event_of(&msgs[i])).map(|e| e.occurred_at).collect();
+        tx.execute(&st.relocate, &[&ids, &parts, &offsets, &times])
+            .await
+            .map_err(|e| classify(e, "Failed to record where event ids applied"))?;
     }
     let dead: Vec<usize> = (0..msgs.len()).filter(|&i| matches!(fates[i], Fate::Dead(_))).collect();
     if !dead.is_empty() {
         let parts: Vec<i32> = dead.iter().map(|&i| msgs[i].partition).collect();
         let offsets: Vec<i64> = dead.iter().map(|&i| msgs[i].offset).collect();
+        let generations: Vec<i32> = dead.iter().map(|&i| generation[i]).collect();
         let keys: Vec<Option<&[u8]>> = dead.iter().map(|&i| msgs[i].key.as_deref()).collect();
         let payloads: Vec<Option<&[u8]>> = dead.iter().map(|&i| msgs[i].payload.as_deref()).collect();
         let headers: Vec<serde_json::Value> = dead.iter().map(|&i| super::headers_json(&msgs[i].headers)).collect();
@@ -456,34 +607,170 @@ async fn apply(
             .unzip();
         tx.execute(
             &st.dead_letter,
-            &[&group, &topic, &parts, &offsets, &keys, &payloads, &headers, &stamps, &ids, &reasons, &details],
+            &[
+                &group,
+                &topic,
+                &parts,
+                &offsets,
+                &generations,
+                &keys,
+                &payloads,
+                &headers,
+                &stamps,
+                &ids,
+                &reasons,
+                &details,
+            ],
         )
         .await
         .map_err(|e| classify(e, "Failed to record dead letters"))?;
     }
+    // The new positions: past the batch's messages and never back, except
+    // where the log was found reset (past the new log's messages only).
     let mut next: HashMap<i32, i64> = HashMap::new();
-    for m in msgs {
+    for (i, m) in msgs.iter().enumerate() {
+        let reset = resets.iter().any(|r| r.partition == m.partition);
+        if fates[i] == Fate::Reread || (reset && !new_log[i]) {
+            continue;
+        }
         let n = next.entry(m.partition).or_insert(0);
         *n = (*n).max(m.offset + 1);
     }
     let mut seek = Vec::new();
-    for (p, n) in next.iter_mut() {
-        if let Some(Some(s)) = stored.get(p) {
-            if *s - *n >= SEEK_AHEAD_MIN
-                && msgs.iter().zip(&fates).all(|(m, f)| m.partition != *p || *f == Fate::Redelivered)
-            {
-                seek.push((*p, *s));
-            }
-            *n = (*n).max(*s);
+    for (&p, &(s, _)) in &stored {
+        if resets.iter().any(|r| r.partition == p) {
+            continue;
         }
+        let Some(s) = s else { continue };
+        let n = next.entry(p).or_insert(s);
+        if s - *n >= SEEK_AHEAD_MIN && msgs.iter().zip(&fates).all(|(m, f)| m.partition != p || *f == Fate::Redelivered)
+        {
+            seek.push((p, s));
+        }
+        *n = (*n).max(s);
     }
     let mut next_offsets: Vec<(i32, i64)> = next.into_iter().collect();
     next_offsets.sort_unstable();
     let (ps, ns): (Vec<i32>, Vec<i64>) = next_offsets.iter().copied().unzip();
-    tx.execute(&st.advance, &[&group, &topic, &ps, &ns])
+    let gs: Vec<i32> = ps
+        .iter()
+        .map(|p| match resets.iter().find(|r| r.partition == *p) {
+            Some(r) => r.generation,
+            None => stored.get(p).map_or(0, |s| s.1),
+        })
+        .collect();
+    tx.execute(&st.advance, &[&group, &topic, &ps, &ns, &gs])
         .await
         .map_err(|e| classify(e, "Failed to store the positions"))?;
-    Ok(Outcome { fates, written, next_offsets, seek })
+    Ok(Outcome { fates, written, next_offsets, seek, resets, rewind })
+}
+
+/// A copy of an event id whose earlier copy in the batch was applied (or was
+/// a duplicate itself) is a duplicate; one whose earlier copy was
+/// dead-lettered stays pending, to be applied on its own merits.
+fn settle_copy(i: usize, earlier: &[Option<usize>], fates: &mut [Fate]) {
+    if let (Fate::Pending, Some(j)) = (&fates[i], earlier[i]) {
+        if matches!(fates[j], Fate::Applied | Fate::Duplicate) {
+            fates[i] = Fate::Duplicate;
+        }
+    }
+}
+
+/// Finds the partitions whose stored position belongs to a log that no
+/// longer exists, among those with messages below that position.
+///
+/// Such messages are normally redeliveries (after a crash, a rebalance). But
+/// a topic deleted and recreated (or a log otherwise reset) starts its
+/// offsets over, and its new messages come below the stored position too.
+/// The broker tells them apart: a log never ends below a position stored
+/// from it (the position follows messages read from the log, and a log's end
+/// never moves back), so a log ending below the stored position is another
+/// log. It is asked here, in the transaction that holds the partition's row
+/// lock, after the position was read: no other instance can move the position
+/// meanwhile, and the answer is younger than whatever the position was stored
+/// from. Only batches with messages below the position pay this round trip.
+///
+/// The new log's messages in the batch are those after the partition's last
+/// step back in offsets (before it: the old log, still queued), all below the
+/// log's end. When they do not start at the log's start (the consumer began
+/// inside the new log: Kafka kept the group's committed offset, or
+/// `auto.offset.reset=latest`), the partition is first read again from the
+/// log's start (`Rewind`), once per stale position: messages received before
+/// that seek are left for it to bring back; a run received after it that
+/// still does not start at the log's start (the seek did not take effect) is
+/// applied from where it starts, and the gap logged.
+async fn find_log_resets(
+    msgs: &[Message],
+    stored: &HashMap<i32, (Option<i64>, i32)>,
+    scope: &Scope,
+    rewound: &HashMap<i32, (i64, Instant)>,
+) -> Result<(Vec<LogReset>, Vec<Rewind>), WriteError> {
+    let Some(ends) = &scope.log_ends else { return Ok((Vec::new(), Vec::new())) };
+    let mut suspects: Vec<(i32, i64, i32)> = stored
+        .iter()
+        .filter_map(|(&p, &(s, g))| {
+            let s = s?;
+            msgs.iter().any(|m| m.partition == p && m.offset < s).then_some((p, s, g))
+        })
+        .collect();
+    suspects.sort_unstable();
+    if suspects.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let answers = futures_util::future::join_all(suspects.iter().map(|&(p, _, _)| ends.query(p))).await;
+    let (mut resets, mut rewinds) = (Vec::new(), Vec::new());
+    for (&(p, stale, g), answer) in suspects.iter().zip(answers) {
+        let (log_start, log_end) = answer.map_err(WriteError::Transient)?;
+        if log_end >= stale {
+            continue; // the position is in this log: redeliveries
+        }
+        let offsets: Vec<i64> = msgs.iter().filter(|m| m.partition == p).map(|m| m.offset).collect();
+        let Some(k) = new_log_run(&offsets, log_end) else { continue };
+        let (first, last) = (offsets[k], offsets[offsets.len() - 1]);
+        if first > log_start {
+            let received = msgs.iter().filter(|m| m.partition == p).nth(k).map(|m| m.received);
+            match rewound.get(&p) {
+                Some(&(s, at)) if s == stale && received.is_some_and(|r| r >= at) => {} // the seek did not help
+                Some(&(s, _)) if s == stale => {
+                    // Read before the seek: it brings them back.
+                    rewinds.push(Rewind { partition: p, to: log_start, stale, seek: false });
+                    continue;
+                }
+                _ => {
+                    rewinds.push(Rewind { partition: p, to: log_start, stale, seek: true });
+                    continue;
+                }
+            }
+        }
+        resets.push(LogReset {
+            partition: p,
+            stale,
+            log_start,
+            log_end,
+            first,
+            next: last + 1,
+            generation: g.saturating_add(1),
+        });
+    }
+    Ok((resets, rewinds))
+}
+
+/// Where a partition's new log begins among its messages in a batch (their
+/// offsets, in batch order): after the last step back in offsets, provided
+/// every message from there is below the log's `end`. None: the batch holds
+/// none of the new log's messages.
+fn new_log_run(offsets: &[i64], end: i64) -> Option<usize> {
+    let k = (1..offsets.len()).rev().find(|&k| offsets[k] < offsets[k - 1]).unwrap_or(0);
+    (*offsets.last()? < end).then_some(k)
+}
+
+/// The indices of partition `p`'s messages that belong to its new log (see
+/// `new_log_run`); `end`: the log's end (i64::MAX when already checked).
+fn new_log_messages(msgs: &[Message], p: i32, end: i64) -> impl Iterator<Item = usize> {
+    let of_p: Vec<usize> = (0..msgs.len()).filter(|&i| msgs[i].partition == p).collect();
+    let offsets: Vec<i64> = of_p.iter().map(|&i| msgs[i].offset).collect();
+    let from = new_log_run(&offsets, end).unwrap_or(of_p.len());
+    of_p.into_iter().skip(from)
 }
 
 /// A message's Kafka timestamp as `dead_letters.message_timestamp`, or NULL
@@ -528,18 +815,23 @@ impl Current {
 }
 
 /// Groups pending events so that each round holds at most one event per
-/// order, and an order's k-th event of the batch is in round k.
-fn rounds(msgs: &[Message], fates: &[Fate]) -> Vec<Vec<usize>> {
-    let mut seen: HashMap<&str, usize> = HashMap::new();
+/// order, an order's events are in rounds in offset order (its k-th event of
+/// the batch in round k or later), and a copy of an event id (`earlier`: the
+/// copy before it) is in a later round than that copy, so its fate is known.
+fn rounds(msgs: &[Message], fates: &[Fate], earlier: &[Option<usize>]) -> Vec<Vec<usize>> {
+    let mut next_round: HashMap<&str, usize> = HashMap::new();
+    let mut round_of = vec![0usize; msgs.len()];
     let mut rounds: Vec<Vec<usize>> = Vec::new();
     for (i, m) in msgs.iter().enumerate() {
         let (Fate::Pending, Some(e)) = (&fates[i], event_of(m)) else { continue };
-        let r = seen.entry(e.external_id.as_str()).or_insert(0);
-        if rounds.len() <= *r {
-            rounds.push(Vec::new());
+        let order_next = next_round.entry(e.external_id.as_str()).or_insert(0);
+        let r = (*order_next).max(earlier[i].map_or(0, |j| round_of[j] + 1));
+        round_of[i] = r;
+        *order_next = r + 1;
+        if rounds.len() <= r {
+            rounds.resize_with(r + 1, Vec::new);
         }
-        rounds[*r].push(i);
-        *r += 1;
+        rounds[r].push(i);
     }
     rounds
 }
@@ -747,6 +1039,7 @@ mod tests {
             headers: Vec::new(),
             timestamp_ms: None,
             decoded: parse_event(&v, Some(key)),
+            received: Instant::now(),
         }
     }
 
@@ -771,7 +1064,43 @@ mod tests {
         ];
         let mut fates = vec![Fate::Pending; msgs.len()];
         fates[3] = Fate::Duplicate;
-        assert_eq!(rounds(&msgs, &fates), vec![vec![0, 1], vec![2, 5], vec![4]]);
+        assert_eq!(rounds(&msgs, &fates, &[None; 6]), vec![vec![0, 1], vec![2, 5], vec![4]]);
+    }
+
+    /// A copy of an event id comes in a round after the copy before it, and
+    /// its order's later events after it, so it can be settled in turn.
+    #[test]
+    fn a_copy_of_an_event_id_waits_for_the_copy_before_it() {
+        let msgs = vec![
+            msg(0, "a", "order_created"),
+            msg(1, "b", "status_changed"),
+            msg(2, "c", "order_created"),
+            msg(3, "c", "status_changed"),
+            msg(4, "d", "status_changed"), // the same event id as 3, say
+            msg(5, "d", "status_changed"),
+            msg(6, "a", "status_changed"),
+        ];
+        let fates = vec![Fate::Pending; msgs.len()];
+        let mut earlier = vec![None; msgs.len()];
+        earlier[4] = Some(3);
+        earlier[6] = Some(1);
+        assert_eq!(rounds(&msgs, &fates, &earlier), vec![vec![0, 1, 2], vec![3, 6], vec![4], vec![5]]);
+
+        let mut fates = vec![Fate::Applied, Fate::Dead(Rejection::new(Reason::UnknownOrder, "x")), Fate::Pending];
+        settle_copy(2, &[None, None, Some(1)], &mut fates);
+        assert_eq!(fates[2], Fate::Pending, "its earlier copy was dead-lettered: processed on its own merits");
+        settle_copy(2, &[None, None, Some(0)], &mut fates);
+        assert_eq!(fates[2], Fate::Duplicate, "its earlier copy was applied");
+    }
+
+    #[test]
+    fn a_reset_logs_messages_are_those_after_the_last_step_back_below_its_end() {
+        assert_eq!(new_log_run(&[0, 1, 2], 3), Some(0));
+        assert_eq!(new_log_run(&[998, 999, 0, 1, 2], 3), Some(2), "the old log's queued messages come first");
+        assert_eq!(new_log_run(&[0, 1, 0, 1, 2], 3), Some(2), "read twice (a rebalance): the last reading");
+        assert_eq!(new_log_run(&[998, 999], 3), None, "only the old log's messages");
+        assert_eq!(new_log_run(&[1, 2, 5], 3), None, "not all below the end: not the log the broker has now");
+        assert_eq!(new_log_run(&[], 3), None);
     }
 
     #[test]

@@ -106,7 +106,7 @@ pub struct StatsDoc {
     pub products: serde_json::Value,
     pub position: i64,
     /// Kafka ingest counters of this instance: {enabled, consumed, written, duplicates,
-    /// redelivered, dead_lettered, dlq_published, dlq_pending, batches, retries,
+    /// redelivered, log_resets, dead_lettered, dlq_published, dlq_pending, batches, retries,
     /// lag: {partition: n}, lag_total, partitions: [...]}.
     pub ingest: serde_json::Value,
 }

@@ -158,6 +158,39 @@ pub fn names(broker: &dyn Broker, partitions: i32) -> Names {
     n
 }
 
+/// Another deployment reading the same topic: its own group and dead-letter topic.
+pub fn another_group(broker: &dyn Broker, n: &Names) -> Names {
+    let id = Uuid::new_v4().simple().to_string();
+    let other = Names { topic: n.topic.clone(), dlq: format!("orders-dlq-{id}"), group: format!("ordercast-{id}") };
+    broker.create_topic(&other.dlq, 1);
+    other
+}
+
+/// Deletes a topic and creates it again, empty, through the admin API.
+pub async fn recreate_topic(broker: &dyn Broker, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create().expect("create an admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    for result in admin.delete_topics(&[topic], &options).await.expect("delete the topic") {
+        result.unwrap_or_else(|(t, e)| panic!("delete topic {t}: {e}"));
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // The broker may still be deleting it.
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        match &admin.create_topics(&[new], &options).await.expect("create the topic")[0] {
+            Ok(_) => return,
+            Err((t, e)) => {
+                assert!(tokio::time::Instant::now() < deadline, "create topic {t} again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 pub fn producer(broker: &dyn Broker) -> FutureProducer {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", broker.bootstrap()).set("message.timeout.ms", "20000");

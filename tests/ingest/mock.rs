@@ -12,6 +12,7 @@ scenario_tests!(
     Some(Mock::start());
     events_become_rows_and_websocket_pushes,
     duplicate_events_change_nothing,
+    a_dead_lettered_event_sent_again_in_its_batch_is_retried,
     poison_messages_are_dead_lettered_while_the_partition_flows,
     a_row_the_database_rejects_is_dead_lettered_alone,
     avro_events_are_applied_like_json,
@@ -181,4 +182,92 @@ async fn dead_letters_of_another_group_or_topic_are_left_to_their_owner() {
         (h["kafka"]["dlq_pending"] == 0 && h["kafka"]["dlq_published"] == 1).then_some(())
     })
     .await;
+}
+
+/// Two consumer groups ingesting the same topic into one database (two
+/// deployments sharing it, or a blue/green switch to a new group) both
+/// reject the same poison message: each records its own dead letter and
+/// publishes it to its own dead-letter topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_groups_reading_one_topic_each_record_and_publish_their_dead_letter() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let blue = names(&broker, 1);
+    let green = another_group(&broker, &blue);
+    send(&producer(&broker), &blue.topic, Some("poison"), Some(b"not json"), &[]).await;
+
+    let mut first = spawn_ingest(&broker, &blue, |_| {}).await;
+    let published = |group: &str| {
+        format!("SELECT count(*) FROM dead_letters WHERE group_id = '{group}' AND published_at IS NOT NULL")
+    };
+    wait_count(&first.db_url, &published(&blue.group), 1, WAIT).await;
+    let second = spawn_ingest_on(&first.db_url, &broker, &green).await;
+    wait_count(&second.db_url, &published(&green.group), 1, WAIT).await;
+
+    let db = second.sql().await;
+    let rows = db
+        .query("SELECT group_id, kafka_offset, reason FROM dead_letters ORDER BY group_id = $1 DESC", &[&blue.group])
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        got,
+        [(blue.group.clone(), 0, "invalid_json".to_string()), (green.group.clone(), 0, "invalid_json".to_string())]
+    );
+    for n in [&blue, &green] {
+        let dlq = read_topic(&broker, &n.dlq, 1).await;
+        assert_eq!(dlq[0].payload(), Some(&b"not json"[..]));
+        assert_eq!(header(&dlq[0], "dlq-group").as_deref(), Some(n.group.as_str()));
+        assert_eq!(header(&dlq[0], "dlq-original-offset").as_deref(), Some("0"));
+        assert_eq!(high_watermark(&broker, &n.dlq).await, 1, "one dead letter on {}", n.dlq);
+    }
+    assert_eq!(first.state.ingest.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(second.state.ingest.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 1);
+    first.stop().await;
+}
+
+/// A stored position beyond the end of its partition's log cannot belong to
+/// that log (here: as if the topic had been recreated while Kafka kept the
+/// group's committed offset): the messages below it are not skipped as
+/// redeliveries. The consumer started inside the log, so the partition is
+/// read again from the log's start first; events applied before are
+/// duplicates, the others are applied, and the reset is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_position_beyond_the_logs_end_is_reset_and_the_log_read_from_its_start() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let producer = producer(&broker);
+    for i in 0..5 {
+        send_event(&producer, &n.topic, &created(&format!("before-{i}"))).await;
+    }
+    let mut first = spawn_ingest(&broker, &n, |_| {}).await;
+    wait_count(&first.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'before-%'", 5, WAIT).await;
+    first.stop().await; // commits 5 to Kafka
+    assert_eq!(committed(&broker, &n, 1).await, [Some(5)]);
+    let db = first.sql().await;
+    db.execute("UPDATE kafka_offsets SET next_offset = 1000 WHERE group_id = $1", &[&n.group]).await.unwrap();
+    for i in 0..3 {
+        send_event(&producer, &n.topic, &created(&format!("after-{i}"))).await;
+    }
+
+    let second = spawn_ingest_on(&first.db_url, &broker, &n).await;
+    wait_count(&second.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-%'", 3, WAIT).await;
+    let row = db
+        .query_one("SELECT next_offset, log_generation FROM kafka_offsets WHERE group_id = $1", &[&n.group])
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, Option<i64>>(0), row.get::<_, i32>(1)), (Some(8), 1));
+    let (_, health) = second.get_json("/api/health").await;
+    let k = &health["kafka"];
+    assert_eq!(
+        (k["log_resets"].as_u64(), k["written"].as_u64(), k["duplicates"].as_u64(), k["redelivered"].as_u64()),
+        (Some(1), Some(3), Some(5), Some(0)),
+        "read again from the start: the 5 events applied before are duplicates: {k}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
+    let metrics = second.http.get(second.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("ordercast_kafka_log_resets_total 1"), "{metrics}");
 }

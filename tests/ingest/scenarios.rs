@@ -137,6 +137,65 @@ pub async fn duplicate_events_change_nothing(broker: &dyn Broker) {
     assert_eq!(health["kafka"]["written"], 3);
 }
 
+/// A dead-lettered event sent again in the same batch is retried, as it is in
+/// a later batch: the copy is applied (or dead-lettered with its own reason)
+/// on its own merits, never counted as a duplicate of an event that was not
+/// applied. A copy of an applied event in the same batch stays a duplicate.
+pub async fn a_dead_lettered_event_sent_again_in_its_batch_is_retried(broker: &dyn Broker) {
+    let n = names(broker, 1);
+    let producer = producer(broker);
+    let early = status_changed("again-1", "processing"); // before its order exists
+    let never = status_changed("again-2", "processing"); // an order that never exists
+    let create = created("again-3");
+    let mut invalid = created("again-4");
+    invalid["order"]["quantity"] = json!("two");
+    let mut valid = created("again-4");
+    valid["event_id"] = invalid["event_id"].clone(); // the same event, corrected
+    for e in [&early, &created("again-1"), &early, &never, &never, &create, &create, &invalid, &valid] {
+        send_event(&producer, &n.topic, e).await;
+    }
+    // Everything is in the topic before the ingest starts: one batch.
+    let app = spawn_ingest(broker, &n, |s| s.kafka.batch_wait_ms = 1000).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'again-4'", 1, WAIT).await;
+
+    let (_, health) = app.get_json("/api/health").await;
+    let k = &health["kafka"];
+    assert_eq!(k["batches"], 1, "the test needs all of it in one batch: {k}");
+    assert_eq!(
+        (k["written"].as_u64(), k["duplicates"].as_u64(), k["dead_lettered"].as_u64()),
+        (Some(4), Some(1), Some(4)),
+        "only the copy of the applied create is a duplicate: {k}"
+    );
+    let o = order(&app, "again-1").await.unwrap();
+    assert_eq!((o["status"].as_str(), o["version"].as_i64()), (Some("processing"), Some(2)), "{o}");
+    assert_eq!(order(&app, "again-4").await.unwrap()["quantity"], 2);
+    assert!(order(&app, "again-2").await.is_none());
+    let db = app.sql().await;
+    let dead: Vec<(i64, String)> = db
+        .query("SELECT kafka_offset, reason FROM dead_letters ORDER BY kafka_offset", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want = [(0, "unknown_order"), (3, "unknown_order"), (4, "unknown_order"), (7, "validation_failed")];
+    assert_eq!(dead, want.map(|(o, r)| (o, r.to_string())));
+    // The event ids that applied are remembered where they applied; the
+    // one that never did is not (sending it again retries it).
+    let ids = |e: &Value| e["event_id"].as_str().unwrap().to_string();
+    let remembered: BTreeMap<String, i64> = db
+        .query("SELECT event_id::text, kafka_offset FROM ingested_events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(remembered.get(&ids(&early)), Some(&2), "the copy that applied");
+    assert_eq!(remembered.get(&ids(&never)), None);
+    assert_eq!(remembered.get(&ids(&create)), Some(&5));
+    assert_eq!(remembered.get(&ids(&valid)), Some(&8));
+}
+
 /// Garbage, wrong types, forbidden transitions and the like go to the
 /// dead-letter topic and table with their reason, while the good messages
 /// around them on the same partition are applied.
