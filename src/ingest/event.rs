@@ -215,16 +215,18 @@ fn parse_identified(map: &Map<String, Value>, event_id: Uuid, key: Option<&str>)
         Some(_) => return Err(envelope_error("order must be an object")),
         None => return Err(envelope_error("order is required")),
     };
-    let external_id = match order.get("external_id") {
-        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+    let (external_id, as_sent) = match order.get("external_id") {
+        Some(Value::String(s)) if !s.trim().is_empty() => (s.trim().to_string(), s.as_str()),
         Some(Value::String(_)) => {
             return Err(Rejection::new(Reason::ValidationFailed, "order.external_id: must not be empty"))
         }
         Some(_) => return Err(Rejection::new(Reason::ValidationFailed, "order.external_id: must be a string")),
         None => return Err(Rejection::new(Reason::ValidationFailed, "order.external_id: is required")),
     };
+    // The key may be the external_id as the producer sent it, before the
+    // surrounding spaces are trimmed off.
     if let Some(k) = key {
-        if k != external_id {
+        if k != external_id && k != as_sent {
             return Err(Rejection::new(
                 Reason::KeyMismatch,
                 format!("the message key {k:?} is not the order's external_id {external_id:?}"),
@@ -343,6 +345,16 @@ mod tests {
     fn the_key_must_be_the_external_id() {
         assert_eq!(reason(&created(), Some("ext-2")), Reason::KeyMismatch);
         assert!(parse_event(&created(), None).is_ok());
+        // An external_id sent with spaces around it is stored trimmed; the
+        // key may be either form, nothing else.
+        let mut padded = created();
+        padded["order"]["external_id"] = json!(" ext-1 ");
+        for key in [" ext-1 ", "ext-1"] {
+            let e = parse_event(&padded, Some(key)).unwrap();
+            assert_eq!(e.external_id, "ext-1", "key {key:?}");
+        }
+        assert_eq!(reason(&padded, Some("ext-1 ")), Reason::KeyMismatch);
+        assert_eq!(reason(&created(), Some(" ext-1")), Reason::KeyMismatch);
     }
 
     #[test]

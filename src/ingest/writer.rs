@@ -153,7 +153,11 @@ fn rejection_from_db(e: &tokio_postgres::Error) -> Rejection {
     match db.code().code() {
         "OC409" => Rejection::new(Reason::InvalidTransition, crate::db::message_with_hint(db)),
         "OC423" => Rejection::new(Reason::OrderLocked, crate::db::message_with_hint(db)),
-        "23505" => Rejection::new(Reason::OrderExists, format!("{} ({})", db.message(), db.detail().unwrap_or(""))),
+        // Only the external_id's key means the order exists; another unique
+        // index (a DBA's) is the database refusing the row.
+        "23505" if db.constraint() == Some("orders_external_id_key") => {
+            Rejection::new(Reason::OrderExists, format!("{} ({})", db.message(), db.detail().unwrap_or("")))
+        }
         code => Rejection::new(
             Reason::DatabaseRejected,
             format!("{} (SQLSTATE {code}){}", db.message(), db.detail().map(|d| format!(": {d}")).unwrap_or_default()),

@@ -52,8 +52,9 @@ async fn a_line_item_change_after_pending_is_dead_lettered_as_order_locked() {
     let rows =
         db.query("SELECT kafka_offset, reason, detail FROM dead_letters ORDER BY kafka_offset", &[]).await.unwrap();
     let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let details: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
     let want = [(3, "order_locked"), (4, "order_locked"), (6, "invalid_transition")];
-    assert_eq!(got, want.map(|(o, r)| (o, r.to_string())), "{rows:?}");
+    assert_eq!(got, want.map(|(o, r)| (o, r.to_string())), "{details:?}");
     let detail: String = rows[0].get(2);
     assert!(detail.contains("is processing"), "{detail}");
     let row = db
@@ -62,6 +63,36 @@ async fn a_line_item_change_after_pending_is_dead_lettered_as_order_locked() {
         .unwrap();
     let order: (i32, String, String, i32) = (row.get(0), row.get(1), row.get(2), row.get(3));
     assert_eq!(order, (5, "Ada L.".to_string(), "processing".to_string(), 4));
+}
+
+/// A unique index a DBA added refuses a new order: that is the database
+/// rejecting the row (`database_rejected`), not an existing order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dbas_unique_index_refusing_a_create_is_database_rejected_not_order_exists() {
+    use crate::kafka::*;
+    use serde_json::json;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |s| s.kafka.batch_wait_ms = 300).await;
+    app.sql().await.batch_execute("CREATE UNIQUE INDEX one_order_per_email ON orders (customer_email)").await.unwrap();
+    let producer = producer(&broker);
+    for x in ["uniq-1", "uniq-2", "uniq-3"] {
+        let mut e = created(x);
+        e["order"]["customer_email"] = json!(if x == "uniq-3" { "c@example.com" } else { "same@example.com" });
+        send_event(&producer, &n.topic, &e).await;
+    }
+    send_event(&producer, &n.topic, &created("uniq-1")).await; // 3: this one does exist
+    wait_count(&app.db_url, "SELECT count(*) FROM dead_letters", 2, WAIT).await;
+    let db = app.sql().await;
+    let rows =
+        db.query("SELECT kafka_offset, reason, detail FROM dead_letters ORDER BY kafka_offset", &[]).await.unwrap();
+    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let details: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
+    assert_eq!(got, [(1, "database_rejected".to_string()), (3, "order_exists".to_string())], "{details:?}");
+    let detail: String = rows[0].get(2);
+    assert!(detail.contains("one_order_per_email"), "{detail}");
+    assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id IN ('uniq-1', 'uniq-3')").await, 2);
 }
 
 /// The broker goes away for a while mid-stream: ingest pauses (health says
