@@ -430,6 +430,13 @@ pub async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")).get(0)
 }
 
+/// The dead letters, by offset: (offset, reason, detail).
+pub async fn dead_letters(db: &tokio_postgres::Client) -> Vec<(i64, String, String)> {
+    let rows =
+        db.query("SELECT kafka_offset, reason, detail FROM dead_letters ORDER BY kafka_offset", &[]).await.unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+}
+
 /// Waits until `sql` (a count) reaches `want`.
 pub async fn wait_count(db_url: &str, sql: &str, want: i64, wait: Duration) {
     let deadline = tokio::time::Instant::now() + wait;

@@ -49,14 +49,10 @@ async fn a_line_item_change_after_pending_is_dead_lettered_as_order_locked() {
 
     wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'lock-2'", 1, WAIT).await;
     let db = app.sql().await;
-    let rows =
-        db.query("SELECT kafka_offset, reason, detail FROM dead_letters ORDER BY kafka_offset", &[]).await.unwrap();
-    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let details: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
-    let want = [(3, "order_locked"), (4, "order_locked"), (6, "invalid_transition")];
-    assert_eq!(got, want.map(|(o, r)| (o, r.to_string())), "{details:?}");
-    let detail: String = rows[0].get(2);
-    assert!(detail.contains("is processing"), "{detail}");
+    let dead = dead_letters(&db).await;
+    let got: Vec<(i64, &str)> = dead.iter().map(|(o, r, _)| (*o, r.as_str())).collect();
+    assert_eq!(got, [(3, "order_locked"), (4, "order_locked"), (6, "invalid_transition")], "{dead:?}");
+    assert!(dead[0].2.contains("is processing"), "{dead:?}");
     let row = db
         .query_one("SELECT quantity, customer_name, status, version FROM orders WHERE external_id = 'lock-1'", &[])
         .await
@@ -85,13 +81,10 @@ async fn a_dbas_unique_index_refusing_a_create_is_database_rejected_not_order_ex
     send_event(&producer, &n.topic, &created("uniq-1")).await; // 3: this one does exist
     wait_count(&app.db_url, "SELECT count(*) FROM dead_letters", 2, WAIT).await;
     let db = app.sql().await;
-    let rows =
-        db.query("SELECT kafka_offset, reason, detail FROM dead_letters ORDER BY kafka_offset", &[]).await.unwrap();
-    let got: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let details: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
-    assert_eq!(got, [(1, "database_rejected".to_string()), (3, "order_exists".to_string())], "{details:?}");
-    let detail: String = rows[0].get(2);
-    assert!(detail.contains("one_order_per_email"), "{detail}");
+    let dead = dead_letters(&db).await;
+    let got: Vec<(i64, &str)> = dead.iter().map(|(o, r, _)| (*o, r.as_str())).collect();
+    assert_eq!(got, [(1, "database_rejected"), (3, "order_exists")], "{dead:?}");
+    assert!(dead[0].2.contains("one_order_per_email"), "{dead:?}");
     assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id IN ('uniq-1', 'uniq-3')").await, 2);
 }
 
