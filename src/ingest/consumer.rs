@@ -326,7 +326,6 @@ pub async fn read(
 
 /// Copies what the writer needs out of librdkafka's buffer and decodes it.
 fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSettings) -> Message {
-    let received = std::time::Instant::now(); // before decoding: as close to the poll as can be
     let headers = headers_of(m);
     let content_type =
         headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).and_then(|(_, v)| v.as_deref());
@@ -342,7 +341,6 @@ fn to_message(m: &rdkafka::message::BorrowedMessage<'_>, settings: &KafkaSetting
         headers,
         timestamp_ms: m.timestamp().to_millis(),
         decoded,
-        received,
     }
 }
 

@@ -55,8 +55,6 @@ pub struct Message {
     pub headers: Vec<(String, Option<Vec<u8>>)>,
     pub timestamp_ms: Option<i64>,
     pub decoded: Result<OrderEvent, Rejection>,
-    /// When the reader got it from librdkafka (before or after a seek).
-    pub received: Instant,
 }
 
 /// Messages applied together in one transaction.
@@ -542,7 +540,7 @@ async fn write_loop(
                         log::debug!("seek failed (the messages will be read and skipped): {e}");
                     }
                 }
-                for r in outcome.rewind.iter().filter(|r| r.seek) {
+                for r in &outcome.rewind {
                     log::warn!(
                         "Kafka partition {}/{}: its log was reset (the stored position is beyond its end) and the \
                          consumer did not start at the new log's start: reading it again from offset {}",
@@ -550,14 +548,13 @@ async fn write_loop(
                         r.partition,
                         r.to
                     );
+                    // Nothing of the partition was applied: should the seek
+                    // fail, its next batch asks for it again.
                     if let Err(e) =
                         consumer.seek(&settings.topic, r.partition, rdkafka::Offset::Offset(r.to), Duration::ZERO)
                     {
-                        log::warn!("seek failed (the new log is applied from where the consumer is): {e}");
+                        log::warn!("seek failed (asked again with the partition's next batch): {e}");
                     }
-                    // Messages received from now on come from the seek's
-                    // position (librdkafka drops what it fetched before).
-                    writer.rewound(r, Instant::now());
                 }
                 if outcome.fates.iter().any(|f| matches!(f, Fate::Dead(_))) {
                     dlq_wake.notify_one();
@@ -604,21 +601,11 @@ fn record(state: &IngestState, outcome: &writer::Outcome) {
     }
     state.applied(&outcome.next_offsets);
     for r in &outcome.resets {
-        let skipped = if r.first > r.log_start {
-            format!(
-                "; offsets {} to {} were not read (the consumer started past them, and reading again from the log's \
-                 start did not take effect)",
-                r.log_start,
-                r.first - 1
-            )
-        } else {
-            String::new()
-        };
         log::error!(
             "Kafka partition {}/{}: the stored position {} is beyond the end of the partition's log ({}): the topic was \
              deleted and recreated, or its log was reset. Messages below the stored position are no longer taken for \
              redeliveries: the new log is applied from offset {} (log generation {}), and events whose event_id was \
-             applied before are still skipped as duplicates{skipped}",
+             applied before are still skipped as duplicates",
             state.topic,
             r.partition,
             r.stale,

@@ -28,7 +28,7 @@
 //! savepoint, so only the culprit is dead-lettered.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::anyhow;
 use chrono::{DateTime, Datelike, Utc};
@@ -80,16 +80,22 @@ pub struct LogReset {
 }
 
 /// A partition whose new log the consumer did not read from its start:
-/// seek back to `to` (see `apply`).
+/// seek back to `to` (see `find_log_resets`). Nothing of it was applied, so
+/// a seek that does not take effect only means the next batch asks again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rewind {
     pub partition: i32,
     pub to: i64,
-    /// The stale stored position this rewind is for.
-    stale: i64,
-    /// False: the consumer was sought back already, and these messages were
-    /// received before that.
-    pub seek: bool,
+}
+
+/// A partition's row in `kafka_offsets`, as the batch locked it.
+#[derive(Debug, Clone, Copy)]
+struct Stored {
+    next: Option<i64>,
+    generation: i32,
+    /// When the position last moved: a redelivered message was in the log
+    /// before that, a recreated topic's new messages come after it.
+    updated_at: DateTime<Utc>,
 }
 
 /// What a committed batch did.
@@ -170,7 +176,7 @@ WITH actor AS (SELECT set_config('ordercast.actor', $3, true))
 INSERT INTO kafka_offsets (group_id, kafka_topic, kafka_partition)
 SELECT $1, $2, p FROM unnest($4::int[]) AS p, actor ORDER BY p
 ON CONFLICT (group_id, kafka_topic, kafka_partition) DO UPDATE SET updated_at = kafka_offsets.updated_at
-RETURNING kafka_partition, next_offset, log_generation";
+RETURNING kafka_partition, next_offset, log_generation, updated_at";
 
 // Sorted, the ids go into the index in order (about a quarter cheaper than
 // random order); without RETURNING, the common case (no duplicate) costs no
@@ -242,8 +248,11 @@ FROM unnest($3::int[], $4::bigint[], $5::int[], $6::bytea[], $7::bytea[], $8::js
             $10::text[], $11::text[], $12::text[]) AS v(p, o, g, k, b, h, ts, e, r, d)
 ON CONFLICT (group_id, kafka_topic, kafka_partition, kafka_offset, log_generation) DO NOTHING";
 
+// `updated_at` is when the position last moved (a batch of redeliveries
+// leaves it): `find_log_resets` compares messages' timestamps with it.
 const ADVANCE_SQL: &str = "\
-UPDATE kafka_offsets k SET next_offset = v.n, log_generation = v.g, updated_at = now()
+UPDATE kafka_offsets k SET next_offset = v.n, log_generation = v.g,
+    updated_at = CASE WHEN (k.next_offset, k.log_generation) IS DISTINCT FROM (v.n, v.g) THEN now() ELSE k.updated_at END
 FROM unnest($3::int[], $4::bigint[], $5::int[]) AS v(p, n, g)
 WHERE k.group_id = $1 AND k.kafka_topic = $2 AND k.kafka_partition = v.p";
 
@@ -288,9 +297,6 @@ struct Scope {
 pub struct Writer {
     url: String,
     scope: Scope,
-    /// Partitions this writer had read again from their new log's start:
-    /// the stale position they were found beyond, and when the seek was made.
-    rewound: HashMap<i32, (i64, Instant)>,
     conn: Option<Connection>,
 }
 
@@ -307,7 +313,6 @@ impl Writer {
                 actor: format!("kafka:{topic}"),
                 log_ends: None,
             },
-            rewound: HashMap::new(),
             conn: None,
         }
     }
@@ -366,30 +371,19 @@ impl Writer {
             }
             other => other,
         };
-        match &result {
+        if let Err(WriteError::Transient(_)) = &result {
             // The connection may be broken; a fresh one costs little next time.
-            Err(WriteError::Transient(_)) => self.conn = None,
-            Err(WriteError::Data(_)) => {}
-            Ok(outcome) => {
-                for r in &outcome.resets {
-                    self.rewound.remove(&r.partition);
-                }
-            }
+            self.conn = None;
         }
         result
     }
 
-    /// The consumer was sought back for `rewind` at `at`.
-    pub fn rewound(&mut self, rewind: &Rewind, at: Instant) {
-        self.rewound.insert(rewind.partition, (rewind.stale, at));
-    }
-
     async fn attempt(&mut self, batch: &Batch, careful: bool) -> Result<Outcome, WriteError> {
-        let (scope, rewound) = (self.scope.clone(), self.rewound.clone());
+        let scope = self.scope.clone();
         let conn = self.connect().await?;
         let run = async {
             let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
-            let outcome = apply(&mut tx, &conn.st, batch, &scope, &rewound, careful).await?;
+            let outcome = apply(&mut tx, &conn.st, batch, &scope, careful).await?;
             tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?;
             Ok(outcome)
         };
@@ -425,7 +419,6 @@ async fn apply(
     st: &Statements,
     batch: &Batch,
     scope: &Scope,
-    rewound: &HashMap<i32, (i64, Instant)>,
     careful: bool,
 ) -> Result<Outcome, WriteError> {
     let (group, topic, actor) = (scope.group_id.as_str(), scope.topic.as_str(), scope.actor.as_str());
@@ -436,18 +429,18 @@ async fn apply(
     let mut partitions: Vec<i32> = msgs.iter().map(|m| m.partition).collect();
     partitions.sort_unstable();
     partitions.dedup();
-    let stored: HashMap<i32, (Option<i64>, i32)> = tx
+    let stored: HashMap<i32, Stored> = tx
         .query(&st.lock, &[&group, &topic, &actor, &partitions])
         .await
         .map_err(|e| classify(e, "Failed to lock the partition positions"))?
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .map(|r| (r.get(0), Stored { next: r.get(1), generation: r.get(2), updated_at: r.get(3) }))
         .collect();
     // Each message's log generation, and whether it is compared with the
     // stored position (not when that position belongs to an older log).
-    let mut generation: Vec<i32> = msgs.iter().map(|m| stored.get(&m.partition).map_or(0, |s| s.1)).collect();
+    let mut generation: Vec<i32> = msgs.iter().map(|m| stored.get(&m.partition).map_or(0, |s| s.generation)).collect();
     let mut new_log = vec![false; msgs.len()];
-    let (resets, rewind) = find_log_resets(msgs, &stored, scope, rewound).await?;
+    let (resets, rewind) = find_log_resets(msgs, &stored, scope).await?;
     for r in &resets {
         for i in new_log_messages(msgs, r.partition, r.log_end) {
             new_log[i] = true;
@@ -463,7 +456,7 @@ async fn apply(
         if fates[i] == Fate::Reread {
             continue;
         }
-        let next = stored.get(&m.partition).and_then(|s| s.0);
+        let next = stored.get(&m.partition).and_then(|s| s.next);
         fates[i] = if !new_log[i] && next.is_some_and(|n| m.offset < n) {
             Fate::Redelivered
         } else {
@@ -641,11 +634,11 @@ async fn apply(
         *n = (*n).max(m.offset + 1);
     }
     let mut seek = Vec::new();
-    for (&p, &(s, _)) in &stored {
+    for (&p, stored) in &stored {
         if resets.iter().any(|r| r.partition == p) {
             continue;
         }
-        let Some(s) = s else { continue };
+        let Some(s) = stored.next else { continue };
         let n = next.entry(p).or_insert(s);
         if s - *n >= SEEK_AHEAD_MIN && msgs.iter().zip(&fates).all(|(m, f)| m.partition != p || *f == Fate::Redelivered)
         {
@@ -660,7 +653,7 @@ async fn apply(
         .iter()
         .map(|p| match resets.iter().find(|r| r.partition == *p) {
             Some(r) => r.generation,
-            None => stored.get(p).map_or(0, |s| s.1),
+            None => stored.get(p).map_or(0, |s| s.generation),
         })
         .collect();
     tx.execute(&st.advance, &[&group, &topic, &ps, &ns, &gs])
@@ -696,55 +689,60 @@ fn settle_copy(i: usize, earlier: &[Option<usize>], fates: &mut [Fate]) {
 ///
 /// The new log's messages in the batch are those after the partition's last
 /// step back in offsets (before it: the old log, still queued), all below the
-/// log's end. When they do not start at the log's start (the consumer began
-/// inside the new log: Kafka kept the group's committed offset, or
-/// `auto.offset.reset=latest`), the partition is first read again from the
-/// log's start (`Rewind`), once per stale position: messages received before
-/// that seek are left for it to bring back; a run received after it that
-/// still does not start at the log's start (the seek did not take effect) is
-/// applied from where it starts, and the gap logged.
+/// log's end. Two more conditions:
+/// - Their newest Kafka timestamp is not older than the stored position's
+///   last move (`Stored::updated_at`). Redeliveries were in the log before
+///   that move; a recreated topic's messages are produced after it. This
+///   keeps a log end reported too low (an isolation level other than the one
+///   the position was stored under, a broker whose end moved back) from
+///   replaying a partition.
+/// - They start at the log's start. Otherwise (the consumer began inside the
+///   new log: Kafka kept the group's committed offset, or
+///   `auto.offset.reset=latest`) none of them is applied and the partition
+///   is read again from the log's start (`Rewind`); batches still queued
+///   from before that seek ask for it again, and it converges.
 async fn find_log_resets(
     msgs: &[Message],
-    stored: &HashMap<i32, (Option<i64>, i32)>,
+    stored: &HashMap<i32, Stored>,
     scope: &Scope,
-    rewound: &HashMap<i32, (i64, Instant)>,
 ) -> Result<(Vec<LogReset>, Vec<Rewind>), WriteError> {
     let Some(ends) = &scope.log_ends else { return Ok((Vec::new(), Vec::new())) };
-    let mut suspects: Vec<(i32, i64, i32)> = stored
+    let mut suspects: Vec<(i32, i64, Stored)> = stored
         .iter()
-        .filter_map(|(&p, &(s, g))| {
-            let s = s?;
-            msgs.iter().any(|m| m.partition == p && m.offset < s).then_some((p, s, g))
+        .filter_map(|(&p, s)| {
+            let stale = s.next?;
+            msgs.iter().any(|m| m.partition == p && m.offset < stale).then_some((p, stale, *s))
         })
         .collect();
-    suspects.sort_unstable();
+    suspects.sort_unstable_by_key(|s| s.0);
     if suspects.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
     let answers = futures_util::future::join_all(suspects.iter().map(|&(p, _, _)| ends.query(p))).await;
     let (mut resets, mut rewinds) = (Vec::new(), Vec::new());
-    for (&(p, stale, g), answer) in suspects.iter().zip(answers) {
+    for (&(p, stale, s), answer) in suspects.iter().zip(answers) {
         let (log_start, log_end) = answer.map_err(WriteError::Transient)?;
         if log_end >= stale {
             continue; // the position is in this log: redeliveries
         }
-        let offsets: Vec<i64> = msgs.iter().filter(|m| m.partition == p).map(|m| m.offset).collect();
+        let of_p: Vec<&Message> = msgs.iter().filter(|m| m.partition == p).collect();
+        let offsets: Vec<i64> = of_p.iter().map(|m| m.offset).collect();
         let Some(k) = new_log_run(&offsets, log_end) else { continue };
+        let newest = of_p[k..].iter().filter_map(|m| m.timestamp_ms).max();
+        if newest.is_none_or(|t| t < s.updated_at.timestamp_millis()) {
+            log::warn!(
+                "Kafka partition {}/{p}: the broker says its log ends at {log_end}, below the stored position \
+                 {stale}, but its messages are not newer than that position (stored at {}): taken for \
+                 redeliveries, not for a new log",
+                scope.topic,
+                s.updated_at
+            );
+            continue;
+        }
         let (first, last) = (offsets[k], offsets[offsets.len() - 1]);
         if first > log_start {
-            let received = msgs.iter().filter(|m| m.partition == p).nth(k).map(|m| m.received);
-            match rewound.get(&p) {
-                Some(&(s, at)) if s == stale && received.is_some_and(|r| r >= at) => {} // the seek did not help
-                Some(&(s, _)) if s == stale => {
-                    // Read before the seek: it brings them back.
-                    rewinds.push(Rewind { partition: p, to: log_start, stale, seek: false });
-                    continue;
-                }
-                _ => {
-                    rewinds.push(Rewind { partition: p, to: log_start, stale, seek: true });
-                    continue;
-                }
-            }
+            rewinds.push(Rewind { partition: p, to: log_start });
+            continue;
         }
         resets.push(LogReset {
             partition: p,
@@ -753,7 +751,7 @@ async fn find_log_resets(
             log_end,
             first,
             next: last + 1,
-            generation: g.saturating_add(1),
+            generation: s.generation.saturating_add(1),
         });
     }
     Ok((resets, rewinds))
@@ -1043,7 +1041,6 @@ mod tests {
             headers: Vec::new(),
             timestamp_ms: None,
             decoded: parse_event(&v, Some(key)),
-            received: Instant::now(),
         }
     }
 

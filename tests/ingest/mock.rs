@@ -251,6 +251,61 @@ async fn two_groups_reading_one_topic_each_record_and_publish_their_dead_letter(
     first.stop().await;
 }
 
+/// Five created events (`{prefix}-0` ..), applied by an ingest that is then
+/// stopped; its producer and (stopped) app are handed back.
+async fn five_applied_then_stopped(
+    broker: &Mock,
+    n: &crate::kafka::Names,
+    prefix: &str,
+) -> (rdkafka::producer::FutureProducer, crate::helpers::TestApp) {
+    use crate::kafka::*;
+
+    let producer = producer(broker);
+    for i in 0..5 {
+        send_event(&producer, &n.topic, &created(&format!("{prefix}-{i}"))).await;
+    }
+    let mut app = spawn_ingest(broker, n, |_| {}).await;
+    let sql = format!("SELECT count(*) FROM orders WHERE external_id LIKE '{prefix}-%'");
+    wait_count(&app.db_url, &sql, 5, WAIT).await;
+    app.stop().await;
+    (producer, app)
+}
+
+/// A log end below the stored position is not enough to start over: when
+/// the messages below the position are not newer than the position's last
+/// move, they are redeliveries (a log end reported too low: another
+/// isolation level, a broker whose end moved back), never a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_end_below_the_position_with_only_older_messages_is_no_reset() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let (producer, first) = five_applied_then_stopped(&broker, &n, "old").await;
+    for i in 0..3 {
+        send_event(&producer, &n.topic, &created(&format!("later-{i}"))).await;
+    }
+    // As if the position had been stored past these messages after they
+    // were produced, and the broker now reported an end below it.
+    let db = first.sql().await;
+    db.execute(
+        "UPDATE kafka_offsets SET next_offset = 1000, updated_at = now() + interval '1 hour' WHERE group_id = $1",
+        &[&n.group],
+    )
+    .await
+    .unwrap();
+
+    let second = spawn_ingest_on(&first.db_url, &broker, &n).await;
+    let k = crate::helpers::eventually(WAIT, || async {
+        let (_, health) = second.get_json("/api/health").await;
+        (health["kafka"]["redelivered"].as_u64() == Some(3)).then(|| health["kafka"].clone())
+    })
+    .await;
+    assert_eq!((k["log_resets"].as_u64(), k["written"].as_u64()), (Some(0), Some(0)), "{k}");
+    assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id LIKE 'later-%'").await, 0);
+    assert_eq!(stored(&db, &n).await, [(0, Some(1000))]);
+}
+
 /// A stored position beyond the end of its partition's log cannot belong to
 /// that log (here: as if the topic had been recreated while Kafka kept the
 /// group's committed offset): the messages below it are not skipped as
@@ -263,13 +318,7 @@ async fn a_stored_position_beyond_the_logs_end_is_reset_and_the_log_read_from_it
 
     let broker = Mock::start();
     let n = names(&broker, 1);
-    let producer = producer(&broker);
-    for i in 0..5 {
-        send_event(&producer, &n.topic, &created(&format!("before-{i}"))).await;
-    }
-    let mut first = spawn_ingest(&broker, &n, |_| {}).await;
-    wait_count(&first.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'before-%'", 5, WAIT).await;
-    first.stop().await; // commits 5 to Kafka
+    let (producer, first) = five_applied_then_stopped(&broker, &n, "before").await; // commits 5 to Kafka
     assert_eq!(committed(&broker, &n, 1).await, [Some(5)]);
     let db = first.sql().await;
     db.execute("UPDATE kafka_offsets SET next_offset = 1000 WHERE group_id = $1", &[&n.group]).await.unwrap();
