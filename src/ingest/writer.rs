@@ -549,19 +549,22 @@ async fn apply(
     //    one again retries it), name the copy that applied where it was not
     //    the one recorded, record the dead letters, and move every
     //    partition's position past the batch.
-    let applied_ids: HashSet<Uuid> = (0..msgs.len())
-        .filter(|&i| fates[i] == Fate::Applied)
-        .filter_map(|i| event_of(&msgs[i]))
-        .map(|e| e.event_id)
-        .collect();
-    let undo: Vec<String> = (0..msgs.len())
+    let dead_ids: HashSet<Uuid> = (0..msgs.len())
         .filter(|&i| matches!(fates[i], Fate::Dead(_)))
         .filter_map(|i| event_of(&msgs[i]).map(|e| e.event_id))
-        .filter(|id| !applied_ids.contains(id))
-        .map(|id| id.to_string())
-        .collect::<HashSet<String>>()
-        .into_iter()
         .collect();
+    // Only when something was dead-lettered: which of those ids a copy applied.
+    let applied_ids: HashSet<Uuid> = if dead_ids.is_empty() {
+        HashSet::new()
+    } else {
+        (0..msgs.len())
+            .filter(|&i| fates[i] == Fate::Applied)
+            .filter_map(|i| event_of(&msgs[i]))
+            .map(|e| e.event_id)
+            .filter(|id| dead_ids.contains(id))
+            .collect()
+    };
+    let undo: Vec<String> = dead_ids.iter().filter(|id| !applied_ids.contains(id)).map(|id| id.to_string()).collect();
     if !undo.is_empty() {
         tx.execute(&st.undedupe, &[&undo]).await.map_err(|e| classify(e, "Failed to forget dead event ids"))?;
     }
