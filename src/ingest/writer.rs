@@ -68,10 +68,9 @@ pub struct LogReset {
     pub partition: i32,
     /// The stored position found beyond the log's end.
     pub stale: i64,
-    /// The log's start and end, as the broker reported them.
-    pub log_start: i64,
+    /// The log's end, as the broker reported it.
     pub log_end: i64,
-    /// The first offset applied from the new log.
+    /// The first offset applied from the new log: the log's start.
     pub first: i64,
     /// The new stored position.
     pub next: i64,
@@ -750,7 +749,6 @@ async fn find_log_resets(
         resets.push(LogReset {
             partition: p,
             stale,
-            log_start,
             log_end,
             first,
             next: last + 1,

@@ -295,18 +295,6 @@ fn not_found(id: i64) -> ApiError {
     ApiError::NotFound(format!("order {id} does not exist"))
 }
 
-/// Applies a patch; the database checks the transition and bumps the version.
-pub async fn apply_patch(
-    pool: &deadpool_postgres::Pool,
-    id: i64,
-    patch: &OrderPatch,
-    expected_version: Option<i32>,
-    actor: &str,
-    customer: Option<&str>,
-) -> Result<String, ApiError> {
-    write_patch(pool, id, patch, expected_version, actor, customer, None).await
-}
-
 /// The error for an order that is already in the status a request moves it to.
 fn already(id: i64, status: &str) -> ApiError {
     ApiError::InvalidTransition {
@@ -316,11 +304,12 @@ fn already(id: i64, status: &str) -> ApiError {
     }
 }
 
-/// [`apply_patch`], refused (409) when the order is already in status
-/// `unless`. The refusal is part of the UPDATE's condition, so it holds
-/// against concurrent writers: of two requests racing to set that status,
-/// the second finds the row changed and matches nothing.
-async fn write_patch(
+/// Applies a patch; the database checks the transition and bumps the version.
+/// With `unless`, refused (409) when the order is already in that status. The
+/// refusal is part of the UPDATE's condition, so it holds against concurrent
+/// writers: of two requests racing to set that status, the second finds the
+/// row changed and matches nothing.
+async fn apply_patch(
     pool: &deadpool_postgres::Pool,
     id: i64,
     patch: &OrderPatch,
@@ -417,7 +406,7 @@ async fn update(
         }
         (h, b) => h.or(b),
     };
-    let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref()).await?;
+    let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref(), None).await?;
     let version = order_version(&json);
     Ok(json_response(HttpResponse::Ok(), json, version))
 }
@@ -498,7 +487,7 @@ pub async fn cancel(
     // concurrent cancels exactly one succeeds and bumps the version.
     let patch = OrderPatch { status: Some(Status::Cancelled), ..Default::default() };
     let json =
-        write_patch(&state.pool, id, &patch, expected, &actor(&req), customer.as_deref(), Some(Status::Cancelled))
+        apply_patch(&state.pool, id, &patch, expected, &actor(&req), customer.as_deref(), Some(Status::Cancelled))
             .await?;
     let version = order_version(&json);
     Ok(json_response(HttpResponse::Ok(), json, version))

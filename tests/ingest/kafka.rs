@@ -430,6 +430,15 @@ pub async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")).get(0)
 }
 
+/// The position and log generation of a one-partition test's group.
+pub async fn position_and_generation(db: &tokio_postgres::Client, n: &Names) -> (Option<i64>, i32) {
+    let row = db
+        .query_one("SELECT next_offset, log_generation FROM kafka_offsets WHERE group_id = $1", &[&n.group])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 /// The dead letters, by offset: (offset, reason, detail).
 pub async fn dead_letters(db: &tokio_postgres::Client) -> Vec<(i64, String, String)> {
     let rows =

@@ -328,11 +328,7 @@ async fn a_stored_position_beyond_the_logs_end_is_reset_and_the_log_read_from_it
 
     let second = spawn_ingest_on(&first.db_url, &broker, &n).await;
     wait_count(&second.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-%'", 3, WAIT).await;
-    let row = db
-        .query_one("SELECT next_offset, log_generation FROM kafka_offsets WHERE group_id = $1", &[&n.group])
-        .await
-        .unwrap();
-    assert_eq!((row.get::<_, Option<i64>>(0), row.get::<_, i32>(1)), (Some(8), 1));
+    assert_eq!(position_and_generation(&db, &n).await, (Some(8), 1));
     let (_, health) = second.get_json("/api/health").await;
     let k = &health["kafka"];
     assert_eq!(

@@ -171,13 +171,7 @@ pub async fn a_dead_lettered_event_sent_again_in_its_batch_is_retried(broker: &d
     assert_eq!(order(&app, "again-4").await.unwrap()["quantity"], 2);
     assert!(order(&app, "again-2").await.is_none());
     let db = app.sql().await;
-    let dead: Vec<(i64, String)> = db
-        .query("SELECT kafka_offset, reason FROM dead_letters ORDER BY kafka_offset", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let dead: Vec<(i64, String)> = dead_letters(&db).await.into_iter().map(|(o, r, _)| (o, r)).collect();
     let want = [(0, "unknown_order"), (3, "unknown_order"), (4, "unknown_order"), (7, "validation_failed")];
     assert_eq!(dead, want.map(|(o, r)| (o, r.to_string())));
     // The event ids that applied are remembered where they applied; the

@@ -60,11 +60,7 @@ async fn a_recreated_topics_messages_are_applied_not_skipped_as_redelivered() {
 
     let after = spawn_ingest_on(&before.db_url, &broker, &n).await;
     wait_count(&after.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'new-%'", 2, WAIT).await;
-    let row = db
-        .query_one("SELECT next_offset, log_generation FROM kafka_offsets WHERE group_id = $1", &[&n.group])
-        .await
-        .unwrap();
-    assert_eq!((row.get::<_, Option<i64>>(0), row.get::<_, i32>(1)), (Some(3), 1));
+    assert_eq!(position_and_generation(&db, &n).await, (Some(3), 1));
     let dead: Vec<(i64, i32, Vec<u8>)> = db
         .query("SELECT kafka_offset, log_generation, payload FROM dead_letters ORDER BY id", &[])
         .await
