@@ -331,9 +331,12 @@ async fn a_stored_position_beyond_the_logs_end_is_reset_and_the_log_read_from_it
     assert_eq!(position_and_generation(&db, &n).await, (Some(8), 1));
     let (_, health) = second.get_json("/api/health").await;
     let k = &health["kafka"];
+    // `redelivered` is not asserted: a batch queued before the seek back
+    // may come after the reset, and its messages are then below the new
+    // position (nothing of them is applied twice: `written` says so).
     assert_eq!(
-        (k["log_resets"].as_u64(), k["written"].as_u64(), k["duplicates"].as_u64(), k["redelivered"].as_u64()),
-        (Some(1), Some(3), Some(5), Some(0)),
+        (k["log_resets"].as_u64(), k["written"].as_u64(), k["duplicates"].as_u64()),
+        (Some(1), Some(3), Some(5)),
         "read again from the start: the 5 events applied before are duplicates: {k}"
     );
     assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
