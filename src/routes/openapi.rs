@@ -99,10 +99,12 @@ pub struct HistoryDoc {
 #[schema(as = Stats)]
 pub struct StatsDoc {
     pub total_orders: i64,
+    /// Exact, with two decimals (`1234.50`), like an order's `unit_price`.
     pub total_amount: f64,
-    /// status -> {count, amount}
+    /// status -> {count, amount}; amounts exact, with two decimals.
     pub by_status: serde_json::Value,
-    /// [{product, count, avg_price}], most ordered first.
+    /// [{product, count, avg_price}], most ordered first; `avg_price` exact, rounded
+    /// half away from zero to two decimals.
     pub products: serde_json::Value,
     pub position: i64,
     /// Kafka ingest counters of this instance: {enabled, consumed, written, duplicates,

@@ -5,13 +5,49 @@
 use std::collections::BTreeMap;
 
 use actix_web::{get, web, HttpResponse};
-use rust_decimal::prelude::ToPrimitive;
-use rust_decimal::Decimal;
-use serde_json::json;
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 
 use crate::domain::Status;
 use crate::error::ApiError;
 use crate::startup::AppState;
+
+/// A money amount, sent as an exact JSON number with two decimals (`1234.50`),
+/// as orders' `unit_price` is: never through `f64`, which rounds sums beyond
+/// about 10^13 cents.
+struct Amount(Decimal);
+
+impl Serialize for Amount {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let cents = self.0.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
+        // `Decimal`'s text is digits, an optional sign and point: a JSON number.
+        RawValue::from_string(format!("{cents:.2}")).map_err(serde::ser::Error::custom)?.serialize(s)
+    }
+}
+
+#[derive(Serialize)]
+struct StatusTotals {
+    count: i64,
+    amount: Amount,
+}
+
+#[derive(Serialize)]
+struct ProductStats {
+    product: String,
+    count: i64,
+    avg_price: Amount,
+}
+
+#[derive(Serialize)]
+struct Stats {
+    total_orders: i64,
+    total_amount: Amount,
+    by_status: BTreeMap<&'static str, StatusTotals>,
+    products: Vec<ProductStats>,
+    position: i64,
+    ingest: serde_json::Value,
+}
 
 #[utoipa::path(get, path = "/api/stats", tag = "orders",
     responses((status = 200, description = "Order statistics", body = crate::routes::openapi::StatsDoc)))]
@@ -23,7 +59,7 @@ pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> R
     let client = state.pool.get().await?;
     let rows = client.query("SELECT status, product, n, amount, price_sum FROM order_stats_current", &[]).await?;
     let position: i64 = client.query_one("SELECT change_head()", &[]).await?.get(0);
-    let mut by_status: BTreeMap<&str, (i64, Decimal)> =
+    let mut by_status: BTreeMap<&'static str, (i64, Decimal)> =
         Status::ALL.iter().map(|s| (s.as_str(), (0, Decimal::ZERO))).collect();
     let mut products: BTreeMap<String, (i64, Decimal)> = BTreeMap::new();
     let (mut total, mut amount) = (0i64, Decimal::ZERO);
@@ -43,23 +79,27 @@ pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> R
         total += n;
         amount += amt;
     }
-    let mut products: Vec<_> = products
+    let mut products: Vec<ProductStats> = products
         .into_iter()
         .filter(|(_, (n, _))| *n > 0)
-        .map(|(product, (n, price_sum))| {
-            let avg = (price_sum / Decimal::from(n)).round_dp(2);
-            json!({"product": product, "count": n, "avg_price": avg.to_f64()})
+        .map(|(product, (n, price_sum))| ProductStats {
+            product,
+            count: n,
+            avg_price: Amount(price_sum / Decimal::from(n)),
         })
         .collect();
-    products.sort_by(|a, b| b["count"].as_i64().cmp(&a["count"].as_i64()));
-    let body = json!({
-        "total_orders": total,
-        "total_amount": amount.round_dp(2).to_f64(),
-        "by_status": by_status.iter().map(|(s, (n, a))| (s.to_string(), json!({"count": n, "amount": a.round_dp(2).to_f64()}))).collect::<serde_json::Map<_, _>>(),
-        "products": products,
-        "position": position,
-        "ingest": state.ingest.stats(),
-    });
+    products.sort_by_key(|p| std::cmp::Reverse(p.count));
+    let body = Stats {
+        total_orders: total,
+        total_amount: Amount(amount),
+        by_status: by_status
+            .into_iter()
+            .map(|(s, (count, a))| (s, StatusTotals { count, amount: Amount(a) }))
+            .collect(),
+        products,
+        position,
+        ingest: state.ingest.stats(),
+    };
     Ok(HttpResponse::Ok().json(body))
 }
 

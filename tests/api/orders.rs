@@ -486,6 +486,36 @@ async fn stats_count_statuses_and_average_prices_from_running_totals() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_amounts_are_exact_decimals_beyond_what_a_double_holds() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    // Three orders of 9,999,999,999.99 x 1,000,000 and one of 0.01: the sum
+    // needs 19 significant digits, more than an f64's 15-17.
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES \
+         ('Big', 'Ingot', 1000000, 9999999999.99), ('Big', 'Ingot', 1000000, 9999999999.99), \
+         ('Big', 'Ingot', 1000000, 9999999999.99), ('Small', 'Pin', 1, 0.01), ('Small', 'Pin', 1, 0.02)",
+    )
+    .await
+    .unwrap();
+    let r = app.http.get(app.url("/api/stats")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    for exact in [
+        r#""total_amount":29999999999970000.03"#,
+        r#""pending":{"count":5,"amount":29999999999970000.03}"#,
+        r#""cancelled":{"count":0,"amount":0.00}"#,
+        r#"{"product":"Ingot","count":3,"avg_price":9999999999.99}"#,
+        // 0.015 rounds away from zero, as PostgreSQL's round() does.
+        r#"{"product":"Pin","count":2,"avg_price":0.02}"#,
+    ] {
+        assert!(text.contains(exact), "{exact} not in {text}");
+    }
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["total_orders"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_database_and_listener() {
     let app = spawn_app().await;
     let (status, health) = crate::helpers::eventually(Duration::from_secs(5), || async {
