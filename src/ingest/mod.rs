@@ -427,11 +427,15 @@ async fn write_until_committed(
     let outcome = loop {
         match writer.write(part).await {
             Ok(o) => break Some(o),
-            Err(WriteError::Transient(e) | WriteError::Data(e)) => {
+            Err(e) => {
                 if !failing {
                     failing = true;
                     if state.failing_writers.fetch_add(1, Ordering::Relaxed) == 0 {
-                        log::warn!("ingest cannot write to PostgreSQL, retrying with backoff: {e:#}");
+                        let what = match e {
+                            WriteError::Broker(_) => "ask Kafka where a partition's log ends",
+                            WriteError::Transient(_) | WriteError::Data(_) => "write to PostgreSQL",
+                        };
+                        log::warn!("ingest cannot {what}, retrying with backoff: {e}");
                     }
                 }
                 *state.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: never poisoned

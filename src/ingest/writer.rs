@@ -6,8 +6,11 @@
 //!    a message below the stored `next_offset` was applied before (a
 //!    redelivery after a crash or a rebalance) and is skipped — unless the
 //!    partition's log now ends below the stored position (asked of the broker
-//!    only then): that position belongs to a log that no longer exists (a
-//!    topic deleted and recreated), and the new log's messages are applied;
+//!    only then, between two transactions: the batch's transaction is rolled
+//!    back, the broker asked, and the batch begun again with its answer, so a
+//!    slow or failing broker never holds the positions' locks): that position
+//!    belongs to a log that no longer exists (a topic deleted and recreated),
+//!    and the new log's messages are applied;
 //! 2. record the event ids in `ingested_events`; an id that is already there
 //!    is a producer's duplicate and is skipped. A second copy of an id in the
 //!    same batch is a duplicate only if the first copy is applied: a
@@ -129,6 +132,10 @@ pub enum WriteError {
     /// A statement failed because of one message's data: redo carefully.
     #[error("{0:#}")]
     Data(anyhow::Error),
+    /// The broker could not say where a partition's log ends: try the same
+    /// batch again later (the database connection is fine).
+    #[error("{0:#}")]
+    Broker(anyhow::Error),
 }
 
 /// Errors caused by the data of a row (SQL classes 22 and 23, a RAISE in a
@@ -379,17 +386,34 @@ impl Writer {
 
     async fn attempt(&mut self, batch: &Batch, careful: bool) -> Result<Outcome, WriteError> {
         let scope = self.scope.clone();
-        let conn = self.connect().await?;
-        let run = async {
-            let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
-            let outcome = apply(&mut tx, &conn.st, batch, &scope, careful).await?;
-            tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?;
-            Ok(outcome)
-        };
-        match tokio::time::timeout(ATTEMPT_TIMEOUT, run).await {
-            Ok(r) => r,
-            Err(_) => Err(WriteError::Transient(anyhow!("the database did not answer within {ATTEMPT_TIMEOUT:?}"))),
+        // Where the logs of partitions with messages below their stored
+        // positions end, asked of the broker between transactions.
+        let mut ends = LogEndAnswers::new();
+        for _ in 0..ASK_BROKER_ROUNDS {
+            let conn = self.connect().await?;
+            let run = async {
+                let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
+                let step = apply(&mut tx, &conn.st, batch, &scope, careful, &ends).await?;
+                match step {
+                    Step::Done(_) => tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?,
+                    Step::AskBroker(_) => tx.rollback().await.map_err(|e| classify(e, "ROLLBACK failed"))?,
+                }
+                Ok(step)
+            };
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, run).await {
+                Ok(Ok(Step::Done(outcome))) => return Ok(outcome),
+                Ok(Ok(Step::AskBroker(partitions))) => ends.extend(ask_log_ends(&scope, &partitions).await?),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(WriteError::Transient(anyhow!(
+                        "the database did not answer within {ATTEMPT_TIMEOUT:?}"
+                    )))
+                }
+            }
         }
+        Err(WriteError::Transient(anyhow!(
+            "the partitions' positions kept moving while the broker was asked where their logs end"
+        )))
     }
 
     /// Forgets old event ids and published dead letters.
@@ -413,13 +437,73 @@ fn event_of(m: &Message) -> Option<&super::event::OrderEvent> {
     m.decoded.as_ref().ok()
 }
 
+/// Where a partition's log starts and ends, from the broker, asked after
+/// the partition's position (`for_next`, `for_generation`) was read. It is
+/// used only while the position is still that one: then the answer is
+/// younger than whatever the position was stored from.
+#[derive(Debug, Clone, Copy)]
+struct LogEndAnswer {
+    for_next: i64,
+    for_generation: i32,
+    start: i64,
+    end: i64,
+}
+
+type LogEndAnswers = HashMap<i32, LogEndAnswer>;
+
+/// A partition whose log end must be asked, at its stored position.
+#[derive(Debug, Clone, Copy)]
+struct Ask {
+    partition: i32,
+    next: i64,
+    generation: i32,
+}
+
+/// How many times one attempt may roll back to ask the broker: once, and
+/// again only if another writer moved a position in between.
+const ASK_BROKER_ROUNDS: usize = 3;
+
+/// What `apply` did in its transaction.
+enum Step {
+    /// Applied: commit.
+    Done(Outcome),
+    /// Nothing done: roll back, ask the broker where these partitions' logs
+    /// end, and begin again with the answers.
+    AskBroker(Vec<Ask>),
+}
+
+/// Asks the broker where the partitions' logs end, all at once.
+async fn ask_log_ends(scope: &Scope, asks: &[Ask]) -> Result<LogEndAnswers, WriteError> {
+    let Some(ends) = &scope.log_ends else { return Ok(LogEndAnswers::new()) };
+    let answers = futures_util::future::join_all(asks.iter().map(|a| ends.query(a.partition))).await;
+    asks.iter()
+        .zip(answers)
+        .map(|(ask, a)| {
+            let (start, end) = a.map_err(WriteError::Broker)?;
+            // librdkafka reports a failed half of its two-part question as an
+            // empty log (start = end); a log that messages were just read
+            // from is not empty.
+            if start >= end {
+                return Err(WriteError::Broker(anyhow!(
+                    "Kafka says partition {} of {} is empty (its log starts and ends at {end}), but messages \
+                     below the stored position were just read from it: asking again",
+                    ask.partition,
+                    scope.topic
+                )));
+            }
+            Ok((ask.partition, LogEndAnswer { for_next: ask.next, for_generation: ask.generation, start, end }))
+        })
+        .collect()
+}
+
 async fn apply(
     tx: &mut Transaction<'_>,
     st: &Statements,
     batch: &Batch,
     scope: &Scope,
     careful: bool,
-) -> Result<Outcome, WriteError> {
+    ends: &LogEndAnswers,
+) -> Result<Step, WriteError> {
     let (group, topic, actor) = (scope.group_id.as_str(), scope.topic.as_str(), scope.actor.as_str());
     let msgs = &batch.messages;
     let mut fates = vec![Fate::Pending; msgs.len()];
@@ -439,7 +523,10 @@ async fn apply(
     // stored position (not when that position belongs to an older log).
     let mut generation: Vec<i32> = msgs.iter().map(|m| stored.get(&m.partition).map_or(0, |s| s.generation)).collect();
     let mut new_log = vec![false; msgs.len()];
-    let (resets, rewind) = find_log_resets(msgs, &stored, scope).await?;
+    let (resets, rewind) = match find_log_resets(msgs, &stored, scope, ends) {
+        Ok(found) => found,
+        Err(ask) => return Ok(Step::AskBroker(ask)),
+    };
     for r in &resets {
         for i in new_log_messages(msgs, r.partition, r.log_end) {
             new_log[i] = true;
@@ -661,7 +748,7 @@ async fn apply(
     tx.execute(&st.advance, &[&group, &topic, &ps, &ns, &gs])
         .await
         .map_err(|e| classify(e, "Failed to store the positions"))?;
-    Ok(Outcome { fates, written, next_offsets, seek, resets, rewind })
+    Ok(Step::Done(Outcome { fates, written, next_offsets, seek, resets, rewind }))
 }
 
 /// A copy of an event id whose earlier copy in the batch was applied (or was
@@ -684,10 +771,11 @@ fn settle_copy(i: usize, earlier: &[Option<usize>], fates: &mut [Fate]) {
 /// The broker tells them apart: a log never ends below a position stored
 /// from it (the position follows messages read from the log, and a log's end
 /// never moves back), so a log ending below the stored position is another
-/// log. It is asked here, in the transaction that holds the partition's row
-/// lock, after the position was read: no other instance can move the position
-/// meanwhile, and the answer is younger than whatever the position was stored
-/// from. Only batches with messages below the position pay this round trip.
+/// log. It is asked after the position was read, between two transactions
+/// (never while holding the position's lock), and its answer is used only if
+/// the next transaction finds the same position: then the answer is younger
+/// than whatever the position was stored from. Only batches with messages
+/// below the position pay this round trip and the extra transaction.
 ///
 /// The new log's messages in the batch are those after the partition's last
 /// step back in offsets (before it: the old log, still queued), all below the
@@ -703,12 +791,18 @@ fn settle_copy(i: usize, earlier: &[Option<usize>], fates: &mut [Fate]) {
 ///   `auto.offset.reset=latest`) none of them is applied and the partition
 ///   is read again from the log's start (`Rewind`); batches still queued
 ///   from before that seek ask for it again, and it converges.
-async fn find_log_resets(
+///
+/// `Err` lists the partitions whose log ends must be asked first (no answer
+/// in `ends` for their current position).
+fn find_log_resets(
     msgs: &[Message],
     stored: &HashMap<i32, Stored>,
     scope: &Scope,
-) -> Result<(Vec<LogReset>, Vec<Rewind>), WriteError> {
-    let Some(ends) = &scope.log_ends else { return Ok((Vec::new(), Vec::new())) };
+    ends: &LogEndAnswers,
+) -> Result<(Vec<LogReset>, Vec<Rewind>), Vec<Ask>> {
+    if scope.log_ends.is_none() {
+        return Ok((Vec::new(), Vec::new()));
+    }
     let mut suspects: Vec<(i32, i64, Stored)> = stored
         .iter()
         .filter_map(|(&p, s)| {
@@ -720,10 +814,20 @@ async fn find_log_resets(
     if suspects.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let answers = futures_util::future::join_all(suspects.iter().map(|&(p, _, _)| ends.query(p))).await;
+    let answer = |p: i32, stale: i64, s: &Stored| {
+        ends.get(&p).filter(|a| a.for_next == stale && a.for_generation == s.generation).copied()
+    };
+    let unasked: Vec<Ask> = suspects
+        .iter()
+        .filter(|(p, stale, s)| answer(*p, *stale, s).is_none())
+        .map(|&(partition, next, s)| Ask { partition, next, generation: s.generation })
+        .collect();
+    if !unasked.is_empty() {
+        return Err(unasked);
+    }
     let (mut resets, mut rewinds) = (Vec::new(), Vec::new());
-    for (&(p, stale, s), answer) in suspects.iter().zip(answers) {
-        let (log_start, log_end) = answer.map_err(WriteError::Transient)?;
+    for &(p, stale, s) in &suspects {
+        let LogEndAnswer { start: log_start, end: log_end, .. } = answer(p, stale, &s).expect("asked above");
         if log_end >= stale {
             continue; // the position is in this log: redeliveries
         }

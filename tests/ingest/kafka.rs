@@ -47,6 +47,18 @@ impl Mock {
     pub fn broker_up(&self) {
         self.cluster.broker_up(1).expect("bring the mock broker back");
     }
+
+    /// Delays every answer of the broker by `rtt`.
+    pub fn round_trip_time(&self, rtt: Duration) {
+        self.cluster.broker_round_trip_time(1, rtt).expect("set the mock broker's round-trip time");
+    }
+
+    /// The next `n` ListOffsets requests (where a partition's log starts and
+    /// ends) fail.
+    pub fn fail_list_offsets(&self, n: usize) {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        self.cluster.request_errors(RDKafkaApiKey::ListOffsets, &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; n]);
+    }
 }
 
 impl Broker for Mock {

@@ -343,3 +343,69 @@ async fn a_stored_position_beyond_the_logs_end_is_reset_and_the_log_read_from_it
     let metrics = second.http.get(second.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("ordercast_kafka_log_resets_total 1"), "{metrics}");
 }
+
+/// Asking the broker where a log ends happens between transactions: a slow
+/// broker does not hold the partition's position locked (another instance,
+/// or a DBA, can take the lock meanwhile), and a broker that fails to answer
+/// (librdkafka may turn a failed ListOffsets into an "empty log") is asked
+/// again, after which the reset is applied as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_is_asked_where_a_log_ends_outside_the_positions_lock_and_again_after_an_error() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let (producer, first) = five_applied_then_stopped(&broker, &n, "before").await;
+    let db = first.sql().await;
+    // The consumer starts at the committed offset: no ListOffsets of its own
+    // takes the failure meant for the ingest's question.
+    assert_eq!(committed(&broker, &n, 1).await, [Some(5)]);
+    // As if the log had been recreated after the position last moved: every
+    // message in it is newer than that move, however the slowed broker cuts
+    // the batches.
+    db.execute(
+        "UPDATE kafka_offsets SET next_offset = 1000, updated_at = now() - interval '1 hour' WHERE group_id = $1",
+        &[&n.group],
+    )
+    .await
+    .unwrap();
+    for i in 0..3 {
+        send_event(&producer, &n.topic, &created(&format!("after-{i}"))).await;
+    }
+    broker.round_trip_time(Duration::from_millis(1500));
+    broker.fail_list_offsets(1);
+
+    let second = spawn_ingest_on(&first.db_url, &broker, &n).await;
+    // Until the reset is applied, the position's row can be locked within
+    // half a second at any time: the writer holds it only while its short
+    // transactions run, never across the broker's 1.5 s answers.
+    let probe = first.sql().await;
+    probe.batch_execute("SET lock_timeout = '500ms'").await.unwrap();
+    let (mut probes, deadline) = (0, tokio::time::Instant::now() + WAIT);
+    while count(&db, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-%'").await < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the new log was not applied");
+        let locked = probe
+            .batch_execute(&format!(
+                "BEGIN; SELECT 1 FROM kafka_offsets WHERE group_id = '{}' FOR UPDATE; ROLLBACK",
+                n.group
+            ))
+            .await;
+        if let Err(e) = locked {
+            panic!("the position's row stayed locked for 500 ms: {e:?}");
+        }
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(probes >= 5, "too few probes ({probes}) to have covered a broker answer");
+    assert_eq!(position_and_generation(&db, &n).await, (Some(8), 1));
+    let (_, health) = second.get_json("/api/health").await;
+    let k = &health["kafka"];
+    // Read again from the log's start: the 5 events applied before are
+    // duplicates. (A failed answer taken for an empty log would have reset
+    // the partition from offset 5 on and skipped 0-4.)
+    assert_eq!(
+        (k["log_resets"].as_u64(), k["written"].as_u64(), k["duplicates"].as_u64()),
+        (Some(1), Some(3), Some(5)),
+        "{k}"
+    );
+}
