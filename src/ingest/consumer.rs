@@ -2,15 +2,23 @@
 //! reader loop that turns messages into bounded batches, and the courtesy
 //! commits of the stored position back to Kafka.
 //!
+//! An assigned partition starts at the position PostgreSQL stored for it,
+//! not at Kafka's committed offset: that one is only a courtesy copy, and may
+//! be missing (never committed before a crash, expired after a long stop:
+//! `auto.offset.reset` would then decide) or ahead (a database restored from
+//! a backup). Only partitions PostgreSQL has never seen start where Kafka says.
+//!
 //! Memory stays bounded: a batch holds at most `batch_max` messages and
 //! `batch_max_bytes` payload bytes, at most one more batch waits in the
 //! channel, and librdkafka's prefetch queue is capped. When the database is
 //! slow the writer takes longer, the channel stays full, the reader stops
 //! polling and librdkafka stops fetching: the database sets the pace.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -122,6 +130,46 @@ pub async fn off_runtime(what: &str, limit: Duration, f: impl FnOnce() + Send + 
 pub struct IngestContext {
     pub state: Arc<IngestState>,
     pub topic: String,
+    pub group_id: String,
+    /// Where the positions are (`kafka_offsets`).
+    pub database_url: String,
+}
+
+/// How long an assignment may wait for the stored positions.
+const POSITIONS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The positions PostgreSQL holds for `partitions` of the group's topic.
+/// Blocking (the rebalance callback is synchronous): the query runs on a
+/// thread of its own, with its own connection, and is waited for at most
+/// `POSITIONS_TIMEOUT`.
+fn stored_positions(ctx: &IngestContext, partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>> {
+    let (url, group, topic, partitions) =
+        (ctx.database_url.clone(), ctx.group_id.clone(), ctx.topic.clone(), partitions.to_vec());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("kafka-positions".into()).spawn(move || {
+        let query = async {
+            let mut config = crate::db::pg_config(&url)?;
+            config.application_name("ordercast-ingest").connect_timeout(POSITIONS_TIMEOUT);
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(crate::db::describe)?;
+            tokio::spawn(connection);
+            let rows = client
+                .query(
+                    "SELECT kafka_partition, next_offset FROM kafka_offsets \
+                     WHERE group_id = $1 AND kafka_topic = $2 AND kafka_partition = ANY($3) AND next_offset IS NOT NULL",
+                    &[&group, &topic, &partitions],
+                )
+                .await
+                .map_err(crate::db::describe)?;
+            anyhow::Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        };
+        let answer = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("a runtime for the query")
+            .and_then(|rt| rt.block_on(query));
+        let _ = tx.send(answer);
+    })?;
+    rx.recv_timeout(POSITIONS_TIMEOUT + Duration::from_secs(1)).context("no answer from PostgreSQL")?
 }
 
 impl ClientContext for IngestContext {
@@ -169,6 +217,48 @@ impl ClientContext for IngestContext {
 
 impl ConsumerContext for IngestContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Start each partition at its stored position (see the module's
+            // comment): the list is assigned as set here.
+            let mut elements = tpl.elements_for_topic(&self.topic);
+            let partitions: Vec<i32> = elements.iter().map(|e| e.partition()).collect();
+            match stored_positions(self, &partitions) {
+                Ok(stored) => {
+                    for e in &mut elements {
+                        let p = e.partition();
+                        let Some(&next) = stored.get(&p) else { continue };
+                        // A position beyond the log's end belongs to an older
+                        // log (a recreated topic): Kafka's offset or
+                        // `auto.offset.reset` decides, and the writer finds
+                        // the reset (some brokers would otherwise wait at the
+                        // position instead of answering "out of range").
+                        match consumer.fetch_watermarks(&self.topic, p, POSITIONS_TIMEOUT) {
+                            Ok((_, end)) if next > end => continue,
+                            Ok(_) => {}
+                            Err(err) => {
+                                log::warn!(
+                                    "Kafka partition {}/{p} starts at Kafka's committed offset: its log's end \
+                                     could not be read to check the stored position {next}: {err}",
+                                    self.topic
+                                );
+                                continue;
+                            }
+                        }
+                        if let Err(err) = e.set_offset(Offset::Offset(next)) {
+                            log::warn!("Kafka partition {}/{p}: cannot start at {next}: {err}", self.topic);
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::warn!(
+                        "Kafka partitions {} {partitions:?} start at Kafka's committed offsets: \
+                         the positions stored in PostgreSQL could not be read: {e:#}",
+                        self.topic
+                    );
+                    self.state.set_kafka_error(format!("stored positions not read at assignment: {e:#}"));
+                }
+            }
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<i32> =
                 tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
@@ -235,9 +325,19 @@ pub fn consumer_config(settings: &KafkaSettings, brokers: &str) -> Result<Client
 }
 
 /// Builds the consumer and subscribes it.
-pub fn create(settings: &KafkaSettings, brokers: &str, state: Arc<IngestState>) -> anyhow::Result<IngestConsumer> {
+pub fn create(
+    settings: &KafkaSettings,
+    brokers: &str,
+    database_url: &str,
+    state: Arc<IngestState>,
+) -> anyhow::Result<IngestConsumer> {
     let config = consumer_config(settings, brokers).map_err(|e| anyhow::anyhow!(e))?;
-    let context = IngestContext { state, topic: settings.topic.clone() };
+    let context = IngestContext {
+        state,
+        topic: settings.topic.clone(),
+        group_id: settings.group_id.clone(),
+        database_url: database_url.to_string(),
+    };
     let consumer: IngestConsumer =
         config.create_with_context(context).map_err(|e| anyhow::anyhow!("invalid Kafka configuration: {e}"))?;
     consumer

@@ -326,7 +326,7 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
         return Ok(Ingest { state: Arc::new(IngestState::disabled()), tasks: Vec::new() });
     };
     let state = Arc::new(IngestState::running(settings));
-    let consumer = SharedConsumer::new(consumer::create(settings, brokers, state.clone())?);
+    let consumer = SharedConsumer::new(consumer::create(settings, brokers, database_url, state.clone())?);
     let producer = dlq::create_producer(settings, brokers)?;
     log::info!(
         "Kafka ingest: reading {} as group {} from {brokers}; dead letters to {}",

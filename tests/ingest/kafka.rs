@@ -355,9 +355,23 @@ pub async fn spawn_ingest(broker: &dyn Broker, n: &Names, configure: impl FnOnce
 
 /// Another instance on the same database and group.
 pub async fn spawn_ingest_on(db_url: &str, broker: &dyn Broker, n: &Names) -> TestApp {
+    spawn_ingest_on_with(db_url, broker, n, |_| {}).await
+}
+
+/// Another instance on the same database, with settings of its own.
+pub async fn spawn_ingest_on_with(
+    db_url: &str,
+    broker: &dyn Broker,
+    n: &Names,
+    configure: impl FnOnce(&mut Settings),
+) -> TestApp {
     let bootstrap = broker.bootstrap();
     let n = n.clone();
-    spawn_app_on(db_url, move |s| kafka_settings(s, &bootstrap, &n)).await
+    spawn_app_on(db_url, move |s| {
+        kafka_settings(s, &bootstrap, &n);
+        configure(s);
+    })
+    .await
 }
 
 fn kafka_settings(s: &mut Settings, bootstrap: &str, n: &Names) {

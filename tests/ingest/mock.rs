@@ -409,3 +409,43 @@ async fn the_broker_is_asked_where_a_log_ends_outside_the_positions_lock_and_aga
         "{k}"
     );
 }
+
+/// An assigned partition starts at the position PostgreSQL stored, not at
+/// Kafka's committed offset, which is only a courtesy copy: here a group
+/// Kafka has no offset for (never committed before a crash, or expired
+/// after a long stop) with `auto.offset.reset=latest` would otherwise start
+/// at the log's end and never apply the messages after the stored position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_starts_at_the_position_postgresql_stored_not_where_kafka_says() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let (producer, first) = five_applied_then_stopped(&broker, &n, "before").await;
+    // Another group on the same topic that PostgreSQL knows at offset 3 and
+    // Kafka not at all.
+    let other = another_group(&broker, &n);
+    let db = first.sql().await;
+    db.execute(
+        "INSERT INTO kafka_offsets (group_id, kafka_topic, kafka_partition, next_offset) \
+         SELECT $2, kafka_topic, kafka_partition, 3 FROM kafka_offsets WHERE group_id = $1",
+        &[&n.group, &other.group],
+    )
+    .await
+    .unwrap();
+    assert_eq!(committed(&broker, &other, 1).await, [None]);
+    for i in 0..3 {
+        send_event(&producer, &n.topic, &created(&format!("after-{i}"))).await;
+    }
+
+    let second = spawn_ingest_on_with(&first.db_url, &broker, &other, |s| {
+        s.kafka.properties = Some("auto.offset.reset=latest".into())
+    })
+    .await;
+    wait_count(&second.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-%'", 3, WAIT).await;
+    let (_, health) = second.get_json("/api/health").await;
+    let k = &health["kafka"];
+    // 3 and 4 were applied by the first group: duplicates by event id.
+    assert_eq!((k["written"].as_u64(), k["duplicates"].as_u64()), (Some(3), Some(2)), "{k}");
+    assert_eq!(position_and_generation(&db, &other).await, (Some(8), 0));
+}

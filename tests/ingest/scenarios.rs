@@ -467,7 +467,9 @@ pub async fn a_killed_process_restarts_without_loss_or_double(broker: &dyn Broke
     wait_count(&db.url, "SELECT count(*) FROM orders WHERE status = 'processing'", total, WAIT * 2).await;
     assert_exactly_once(&sql, "crash", total, 2).await;
     let health = eventually(WAIT, || async { second.health().await }).await;
-    assert!(health["kafka"]["redelivered"].as_u64().unwrap() > 0, "the restart re-read applied messages: {health}");
+    // The restart starts each partition at PostgreSQL's position, ahead of
+    // Kafka's: nothing applied is read again.
+    assert_eq!(health["kafka"]["redelivered"], 0, "the restart re-read applied messages: {health}");
     assert_eq!(health["kafka"]["duplicates"], 0);
 }
 
