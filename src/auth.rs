@@ -265,13 +265,14 @@ fn peer_ip(req: &actix_web::HttpRequest) -> String {
     req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into())
 }
 
-/// Is the request's `Origin` acceptable for a WebSocket? Non-browser clients
+/// Is the request's `Origin` acceptable for a WebSocket or a write? Non-browser clients
 /// send none; browsers must be same-origin or on the allow-list, so another
 /// site cannot open a stream with the user's cookie.
 pub fn origin_allowed(req: &actix_web::HttpRequest, allowed: &[String]) -> bool {
-    let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+    let Some(origin) = req.headers().get(actix_web::http::header::ORIGIN) else {
         return true;
     };
+    let Ok(origin) = origin.to_str() else { return false };
     if allowed.iter().any(|a| a.trim_end_matches('/') == origin) {
         return true;
     }
@@ -279,7 +280,28 @@ pub fn origin_allowed(req: &actix_web::HttpRequest, allowed: &[String]) -> bool 
     origin.split_once("://").is_some_and(|(_, rest)| rest == host)
 }
 
-/// Middleware: authenticates, checks the route's scope and the write rate,
+/// Why a request that changes something is refused as coming from another
+/// site (cross-site request forgery), if it is. A browser sends `Origin` with
+/// every POST, PUT, PATCH and DELETE (a plain HTML form too), so a write from
+/// a page that is neither same-origin nor in `allowed` is refused; without
+/// `Origin`, a browser's `Sec-Fetch-Site: cross-site` is refused as well.
+/// Clients that send neither (curl, servers) are not browsers and pass.
+pub fn cross_site_write(req: &actix_web::HttpRequest, allowed: &[String]) -> Option<&'static str> {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return None;
+    }
+    if req.headers().contains_key(actix_web::http::header::ORIGIN) {
+        return (!origin_allowed(req, allowed))
+            .then_some("this origin may not make changes: only the server's own origin and ORDERCAST_ALLOWED_ORIGINS");
+    }
+    let fetch_site = req.headers().get("sec-fetch-site").and_then(|v| v.to_str().ok()).unwrap_or("");
+    fetch_site
+        .trim()
+        .eq_ignore_ascii_case("cross-site")
+        .then_some("a cross-site request may not make changes (Sec-Fetch-Site: cross-site)")
+}
+
+/// Middleware: refuses cross-site writes, authenticates, checks the route's scope and the write rate,
 /// and records the principal for the handlers. A failed WebSocket request is
 /// let through with the error attached, so it can be upgraded and closed
 /// with a code and reason a browser can see.
@@ -291,6 +313,10 @@ pub async fn guard(
     let Some(state) = req.app_data::<actix_web::web::Data<crate::startup::AppState>>().cloned() else {
         return next.call(req).await;
     };
+    if let Some(why) = cross_site_write(req.request(), &state.settings.allowed_origins) {
+        let resp = crate::error::problem_response(actix_web::http::StatusCode::FORBIDDEN, "origin_not_allowed", why);
+        return Ok(req.into_response(resp));
+    }
     // The path the router matches: percent-decoded (`/%61pi/orders` is
     // routed to `/api/orders`), unlike `req.path()`, the raw request target.
     let routed = req.match_info().as_str().to_owned();

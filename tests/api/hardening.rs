@@ -346,3 +346,86 @@ async fn connection_write_and_subscribe_limits_are_enforced() {
     let r = app.http.get(app.url("/api/events")).send().await.unwrap();
     assert_eq!(r.status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_from_another_sites_pages_are_refused() {
+    let app = crate::helpers::spawn_app_with(|s| s.allowed_origins = vec!["https://ops.example.com".into()]).await;
+    let order = app.create_order("Csrf").await;
+    let id = order["id"].as_i64().unwrap();
+    let refused = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.json::<Value>().await.unwrap()["code"], "origin_not_allowed");
+    };
+    // A plain HTML form on another site: cancel, and a text/plain body that is valid JSON.
+    let form = |path: String, origin: &str, body: &str, kind: &str| {
+        app.http
+            .post(app.url(&path))
+            .header("origin", origin)
+            .header("content-type", kind)
+            .body(body.to_string())
+            .send()
+    };
+    let cancel = format!("/api/orders/{id}/cancel");
+    refused(form(cancel.clone(), "https://evil.example", "", "application/x-www-form-urlencoded").await.unwrap()).await;
+    let json_text = r#"{"customer_name":"Mallory","product":"Cog=","quantity":1,"unit_price":1}"#;
+    refused(form("/api/orders".into(), "https://evil.example", json_text, "text/plain").await.unwrap()).await;
+    refused(form("/api/orders".into(), "null", json_text, "text/plain").await.unwrap()).await;
+    // Another port of the same host is another origin.
+    let other_port = format!("http://127.0.0.1:{}", app.port.wrapping_add(1));
+    refused(form(cancel, &other_port, "", "text/plain").await.unwrap()).await;
+    let r = app
+        .http
+        .delete(app.url(&format!("/api/orders/{id}")))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    refused(r).await;
+    let r = app.http.patch(app.url(&format!("/api/orders/{id}"))).header("sec-fetch-site", "cross-site");
+    refused(r.body(r#"{"quantity":3}"#).send().await.unwrap()).await;
+    // Nothing changed.
+    let (status, now) = app.get_json(&format!("/api/orders/{id}")).await;
+    assert_eq!((status, &now["status"], &now["quantity"]), (200, &json!("pending"), &json!(2)));
+    let (_, page) = app.get_json("/api/orders?customer=Mallory").await;
+    assert_eq!(page["items"], json!([]));
+    // Reads from anywhere are still answered (CORS decides what a page may see).
+    let r = app.http.get(app.url("/api/orders")).header("origin", "https://evil.example").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The server's own pages, the allow-list, same-site fetches and clients without Origin may write.
+    let own = format!("http://127.0.0.1:{}", app.port);
+    let r = form("/api/orders".into(), &own, json_text, "text/plain").await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = app
+        .http
+        .patch(app.url(&format!("/api/orders/{id}")))
+        .header("origin", "https://ops.example.com")
+        .header("sec-fetch-site", "cross-site")
+        .body(r#"{"quantity":3}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.http.patch(app.url(&format!("/api/orders/{id}"))).header("sec-fetch-site", "same-origin");
+    assert_eq!(r.body(r#"{"quantity":4}"#).send().await.unwrap().status(), 200);
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_site_page_cannot_write_with_the_token_cookie() {
+    let app = secured().await;
+    let created: Value = create_as(&app, "Cookie", "writersecret").await.json().await.unwrap();
+    let id = created["id"].as_i64().unwrap();
+    let cancel = |origin: &'static str| {
+        app.http
+            .post(app.url(&format!("/api/orders/{id}/cancel")))
+            .header("cookie", "ordercast_token=writersecret")
+            .header("origin", origin)
+            .send()
+    };
+    let r = cancel("https://sibling.example.com").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "origin_not_allowed");
+    let r = cancel("https://ops.example.com").await.unwrap();
+    assert_eq!(r.status(), 200);
+}
