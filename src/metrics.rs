@@ -63,17 +63,33 @@ impl Histogram {
     }
 }
 
-/// HTTP requests by method, route pattern and status.
+/// The `method` label of a request: one of a fixed set, so that arbitrary
+/// method tokens (HTTP allows any, actix accepts them) cannot add series.
+pub fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// HTTP requests by method (see `method_label`), route pattern and status.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
-    requests: Mutex<HashMap<(String, String, u16), u64>>,
+    requests: Mutex<HashMap<(&'static str, String, u16), u64>>,
 }
 
 impl HttpMetrics {
-    pub fn record(&self, method: &str, route: &str, status: u16) {
+    pub fn record(&self, method: &actix_web::http::Method, route: &str, status: u16) {
         // unwrap: the lock is never held across a panic
         let mut m = self.requests.lock().unwrap();
-        *m.entry((method.to_string(), route.to_string(), status)).or_default() += 1;
+        *m.entry((method_label(method), route.to_string(), status)).or_default() += 1;
     }
 
     pub fn render(&self, out: &mut String) {
@@ -97,4 +113,23 @@ impl HttpMetrics {
 /// Writes one counter or gauge.
 pub fn sample(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::http::Method;
+
+    #[test]
+    fn any_method_token_is_one_of_a_few_labels() {
+        let m = HttpMetrics::default();
+        for token in ["GET", "POST", "FOO", "BAR", "get", "X-ANYTHING-AT-ALL"] {
+            m.record(&Method::from_bytes(token.as_bytes()).unwrap(), "unmatched", 404);
+        }
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("method=\"other\",route=\"unmatched\",status=\"404\"} 4"), "{out}");
+        assert!(!out.contains("FOO") && !out.contains("ANYTHING"), "{out}");
+        assert_eq!(out.lines().filter(|l| l.starts_with("ordercast_http_requests_total{")).count(), 3, "{out}");
+    }
 }

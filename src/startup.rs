@@ -195,7 +195,7 @@ fn app(
                         Some(routes::fallback::NAME) => "unmatched".into(),
                         _ => res.request().match_pattern().unwrap_or_else(|| "unmatched".into()),
                     };
-                    data.http_metrics.record(res.request().method().as_str(), &route, res.status().as_u16());
+                    data.http_metrics.record(res.request().method(), &route, res.status().as_u16());
                     Ok(res)
                 }
             }

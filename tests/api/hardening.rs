@@ -429,3 +429,25 @@ async fn a_same_site_page_cannot_write_with_the_token_cookie() {
     let r = cancel("https://ops.example.com").await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_http_methods_do_not_add_metric_series() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    for token in ["FOOBAR", "XYZZY", "get"] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+        let req = format!("{token} /api/orders HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 4"), "{}", String::from_utf8_lossy(&answer));
+    }
+    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!text.contains("FOOBAR") && !text.contains("XYZZY") && !text.contains("method=\"get\""), "{text}");
+    let other: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("ordercast_http_requests_total{method=\"other\","))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(other, 3.0, "{text}");
+}
