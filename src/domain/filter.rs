@@ -8,11 +8,29 @@ use super::{Status, ValidationError};
 pub const MAX_IDS: usize = 1000;
 
 /// Case folding for customer names, the same everywhere (filters, the hub's
-/// index, token restrictions, and PostgreSQL's `lower()`, which folds
-/// character by character): `str::to_lowercase` is context-sensitive (a
-/// word-final `Σ` becomes `ς`, not `σ`) and would disagree.
+/// index, token restrictions) and the same as PostgreSQL's `lower()`, which
+/// the REST queries compare against: one character to one character, by the
+/// simple Unicode mapping. `str::to_lowercase` is context-sensitive (a
+/// word-final `Σ` becomes `ς`, not `σ`), and `char::to_lowercase` turns `İ`
+/// (U+0130) into two characters, `i` and a combining dot, where PostgreSQL
+/// gives `i`: either would let a name match in SQL and not in the stream, or
+/// the reverse.
 pub fn fold_case(s: &str) -> String {
-    s.chars().flat_map(char::to_lowercase).collect()
+    s.chars().map(fold_char).collect()
+}
+
+/// One character's lowercase as PostgreSQL's `lower()` gives it.
+pub fn fold_char(c: char) -> char {
+    if c == '\u{130}' {
+        return 'i';
+    }
+    let mut lower = c.to_lowercase();
+    match (lower.next(), lower.next()) {
+        (Some(l), None) => l,
+        // U+0130 is the only character whose lowercase is longer; keep any
+        // other such character as it is rather than disagree with lower().
+        _ => c,
+    }
 }
 
 /// Which changes a client wants. Fields combine with AND, values within a
@@ -63,7 +81,7 @@ impl Filter {
         }
         if let Some(want) = &self.customer {
             // Compared without allocating: this runs per candidate client per change.
-            let hit = |c: Option<&str>| c.is_some_and(|c| c.chars().flat_map(char::to_lowercase).eq(want.chars()));
+            let hit = |c: Option<&str>| c.is_some_and(|c| c.chars().map(fold_char).eq(want.chars()));
             if !hit(customer) && !hit(old_customer) {
                 return false;
             }
@@ -175,6 +193,18 @@ mod tests {
         f.set_customer("ΟΔΥΣΣΕΥΣ").unwrap();
         assert_eq!(f.customer.as_deref(), Some("οδυσσευσ"));
         assert!(f.matches(1, None, None, Some("ΟΔΥΣΣΕΥΣ"), None));
+    }
+
+    #[test]
+    fn a_dotted_capital_i_folds_to_one_i_as_in_postgresql() {
+        assert_eq!(fold_case("İsmail"), "ismail");
+        assert_eq!(fold_case("İSMAİL"), fold_case("Ismail"));
+        let mut f = Filter::default();
+        f.set_customer("Ismail").unwrap();
+        assert!(f.matches(1, None, None, Some("İsmail"), None));
+        f.set_customer("İsmail").unwrap();
+        assert_eq!(f.customer.as_deref(), Some("ismail"));
+        assert!(f.matches(1, None, None, Some("İsmail"), None) && f.matches(1, None, None, Some("ISMAIL"), None));
     }
     use serde_json::json;
 

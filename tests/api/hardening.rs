@@ -451,3 +451,52 @@ async fn made_up_http_methods_do_not_add_metric_series() {
         .sum();
     assert_eq!(other, 3.0, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_restrictions_fold_names_like_postgresql_in_rest_and_streams() {
+    let app = spawn_app_with(|s| {
+        s.api_keys = Some(ordercast::config::Secret(
+            "writer:writersecret:read+write,plain:plainsecret:read+write:customer=Ismail,\
+             dotted:dottedsecret:read+write:customer=İsmail"
+                .into(),
+        ));
+    })
+    .await;
+    // The same folding as PostgreSQL's lower(), character by character.
+    let db = app.sql().await;
+    for name in ["İsmail", "İSMAİL", "ΟΔΥΣΣΕΥΣ", "Σ", "\u{212A}elvin", "\u{2126}hm", "Ǆemal"] {
+        let lower: String = db.query_one("SELECT lower($1::text)", &[&name]).await.unwrap().get(0);
+        assert_eq!(ordercast::domain::fold_case(name), lower, "{name}");
+    }
+    // A token for "İsmail" sees the orders it creates.
+    let r = create_as(&app, "İsmail", "dottedsecret").await;
+    assert_eq!(r.status(), 201);
+    let mine: Value = r.json().await.unwrap();
+    let get = |path: String, token: &'static str| app.http.get(app.url(&path)).bearer_auth(token).send();
+    assert_eq!(get(format!("/api/orders/{}", mine["id"]), "dottedsecret").await.unwrap().status(), 200);
+    let page: Value = get("/api/orders".into(), "dottedsecret").await.unwrap().json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+    // A token for "Ismail" gets the same answer from REST and from the stream.
+    assert_eq!(get(format!("/api/orders/{}", mine["id"]), "plainsecret").await.unwrap().status(), 200);
+    let mut ws =
+        crate::helpers::WsClient::connect(&format!("ws://127.0.0.1:{}/ws?access_token=plainsecret", app.port)).await;
+    ws.ready().await;
+    let mut dotted =
+        crate::helpers::WsClient::connect(&format!("ws://127.0.0.1:{}/ws?access_token=dottedsecret", app.port)).await;
+    dotted.ready().await;
+    create_as(&app, "Zed", "writersecret").await;
+    let r = app
+        .http
+        .patch(app.url(&format!("/api/orders/{}", mine["id"])))
+        .bearer_auth("plainsecret")
+        .json(&json!({"quantity": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for client in [&mut ws, &mut dotted] {
+        let c = client.changes(1, WAIT).await;
+        assert_eq!((&c[0]["order"]["customer_name"], &c[0]["order"]["quantity"]), (&json!("İsmail"), &json!(7)));
+        client.expect_silence(Duration::from_millis(300)).await;
+    }
+}
