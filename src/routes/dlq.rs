@@ -81,10 +81,21 @@ fn text_or_base64(bytes: &[u8]) -> (String, &'static str) {
     ),
     responses(
         (status = 200, description = "Dead letters, newest first", body = DeadLetterPageDoc),
+        (status = 403, description = "A token restricted to one customer", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid parameter", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/dlq")]
-pub async fn list(query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    req: actix_web::HttpRequest,
+    query: QueryPairs,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    // Dead letters are any customer's messages, undecodable ones included.
+    if crate::auth::principal(&req).customer.is_some() {
+        return Err(ApiError::Forbidden(
+            "dead letters hold every customer's messages; a restricted token cannot read them".into(),
+        ));
+    }
     let mut limit = DEFAULT_LIMIT;
     let mut reason: Option<String> = None;
     let mut before: Option<i64> = None;

@@ -500,3 +500,33 @@ async fn customer_restrictions_fold_names_like_postgresql_in_rest_and_streams() 
         client.expect_silence(Duration::from_millis(300)).await;
     }
 }
+
+/// Records a dead letter as the Kafka ingest would.
+async fn dead_letter(app: &TestApp, offset: i64, payload: &[u8]) {
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, payload, reason, detail) \
+             VALUES ('ordercast', 'orders', 0, $1, $2, 'invalid_event', 'test')",
+            &[&offset, &payload],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_restricted_admin_token_cannot_read_dead_letters() {
+    let app = spawn_app_with(|s| {
+        s.api_keys =
+            Some(ordercast::config::Secret("ops:opssecret1:read+admin,ada:adasecret1:read+admin:customer=Ada".into()));
+    })
+    .await;
+    dead_letter(&app, 1, br#"{"order":{"customer_name":"Bob","customer_email":"bob@example.com"}}"#).await;
+    let dlq = |token: &'static str| app.http.get(app.url("/api/dlq")).bearer_auth(token).send();
+    let r = dlq("adasecret1").await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("\"code\":\"forbidden\"") && !body.contains("Bob"), "{body}");
+    let page: Value = dlq("opssecret1").await.unwrap().json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+}
