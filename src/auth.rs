@@ -213,12 +213,14 @@ impl Auth {
             (None, None) => Ok(Scope::Read.bit()),
         }
         .map_err(|_| AuthError::Invalid)?;
-        Ok(Principal {
-            name: c.sub,
-            scopes,
-            customer: c.customer.map(|s| crate::domain::fold_case(s.trim())).filter(|s| !s.is_empty()),
-            expires_at: Some(c.exp),
-        })
+        // A `customer` claim restricts the token; a blank one is a mistake
+        // in the issuer, never "no restriction" (API keys refuse it too).
+        let customer = match c.customer.as_deref().map(str::trim) {
+            None => None,
+            Some("") => return Err(AuthError::Invalid),
+            Some(name) => Some(crate::domain::fold_case(name)),
+        };
+        Ok(Principal { name: c.sub, scopes, customer, expires_at: Some(c.exp) })
     }
 }
 
@@ -414,6 +416,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(auth.authenticate(&forged), Err(AuthError::Invalid));
+    }
+
+    #[test]
+    fn a_jwt_with_a_blank_customer_claim_is_invalid() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let auth = Auth::from_config(None, Some(secret)).unwrap().unwrap();
+        let exp = chrono::Utc::now().timestamp() + 60;
+        let make = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        for blank in ["", "  ", "\t"] {
+            let token = make(serde_json::json!({"sub": "svc", "exp": exp, "scope": "read", "customer": blank}));
+            assert_eq!(auth.authenticate(&token), Err(AuthError::Invalid), "{blank:?}");
+        }
+        let unrestricted = auth.authenticate(&make(serde_json::json!({"sub": "svc", "exp": exp}))).unwrap();
+        assert_eq!(unrestricted.customer, None);
+        let null = make(serde_json::json!({"sub": "svc", "exp": exp, "customer": null}));
+        assert_eq!(auth.authenticate(&null).unwrap().customer, None);
+        let ada = make(serde_json::json!({"sub": "svc", "exp": exp, "customer": " Ada "}));
+        assert_eq!(auth.authenticate(&ada).unwrap().customer.as_deref(), Some("ada"));
     }
 
     #[test]
