@@ -172,6 +172,9 @@ impl Filter {
         if c.is_empty() || c.chars().count() > super::order::MAX_TEXT {
             return Err(ValidationError::new("customer", "must be 1 to 200 characters"));
         }
+        if c.contains('\0') {
+            return Err(ValidationError::new("customer", "must not contain NUL characters"));
+        }
         self.customer = Some(fold_case(c));
         Ok(())
     }
@@ -220,6 +223,11 @@ mod tests {
         assert!(f.apply_param("status", "nope").is_err());
         assert!(f.apply_param("id", "x").is_err());
         assert!(f.apply_param("id", "-1").is_err());
+        for nul in ["\0", "a\0b"] {
+            let e = f.apply_param("customer", nul).unwrap_err();
+            assert_eq!((e.field, e.code), ("customer", "validation_failed"));
+            assert!(Filter::from_json(&json!({"customer": nul})).is_err());
+        }
     }
 
     #[test]

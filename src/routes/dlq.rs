@@ -103,6 +103,9 @@ pub async fn list(
         match k.as_str() {
             "limit" => limit = parse_limit(v, MAX_LIMIT)?,
             "access_token" => {}
+            "reason" if v.contains('\0') => {
+                return Err(crate::domain::ValidationError::new("reason", "must not contain NUL characters").into())
+            }
             "reason" => reason = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
             "before" | "cursor" => before = Some(super::parse_cursor("before", v)?),
             other => return Err(super::unknown_parameter(other).into()),

@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::{parse_limit, QueryPairs};
-use crate::domain::{Filter, NewOrder, OrderPatch, Status};
+use crate::domain::{Filter, NewOrder, OrderPatch, Status, ValidationError};
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -156,6 +156,7 @@ pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState
             continue;
         }
         match k.as_str() {
+            "q" if v.contains('\0') => return Err(ValidationError::new("q", "must not contain NUL characters").into()),
             "q" => q = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
             "limit" => limit = parse_limit(v, LIST_MAX_LIMIT)?,
             "access_token" => {}

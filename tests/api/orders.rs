@@ -763,3 +763,30 @@ async fn a_dbas_raw_rows_are_normalised_by_the_guard_and_a_deleted_orders_histor
     db.execute("DELETE FROM orders WHERE id = $1", &[&b]).await.unwrap();
     assert_eq!((history(a).await, history(b).await), (1, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_in_a_query_filter_is_422_naming_the_parameter() {
+    let app = spawn_app().await;
+    app.create_order("Nul").await;
+    for (target, field) in [
+        ("/api/orders?q=%00", "q"),
+        ("/api/orders?q=a%00b", "q"),
+        ("/api/orders?customer=a%00b", "customer"),
+        ("/api/orders?customer=%00", "customer"),
+        ("/api/events?customer=%00&snapshot=true", "customer"),
+        ("/api/dlq?reason=%00", "reason"),
+    ] {
+        let (status, body) = app.get_json(target).await;
+        assert_eq!(
+            (status, &body["code"], &body["field"]),
+            (422, &json!("validation_failed"), &json!(field)),
+            "{target}"
+        );
+    }
+    // The WebSocket handshake is refused the same way.
+    let (status, body) = app.ws_refused("/ws?customer=%00&snapshot=true").await;
+    assert_eq!((status, &body["code"], &body["field"]), (422, &json!("validation_failed"), &json!("customer")));
+    // The same filters without the NUL still work.
+    let (status, page) = app.get_json("/api/orders?q=Nu&customer=nul").await;
+    assert_eq!((status, page["items"].as_array().unwrap().len()), (200, 1));
+}
