@@ -20,6 +20,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     TooMany(String),
+    /// The server holds all the streaming connections it takes (503).
+    #[error("{0}")]
+    Full(String),
     #[error("{message}")]
     InvalidTransition { message: String, from: Option<String>, to: Option<String> },
     #[error("{0}")]
@@ -59,7 +62,7 @@ impl ApiError {
             ApiError::Validation(v) => v.code,
             ApiError::NotFound(_) => "not_found",
             ApiError::Forbidden(_) => "forbidden",
-            ApiError::TooMany(_) => "too_many_connections",
+            ApiError::TooMany(_) | ApiError::Full(_) => "too_many_connections",
             ApiError::InvalidTransition { .. } => "invalid_transition",
             ApiError::Conflict(_) => "conflict",
             ApiError::Locked(_) => "order_locked",
@@ -82,7 +85,7 @@ impl ResponseError for ApiError {
             ApiError::InvalidTransition { .. } | ApiError::Conflict(_) | ApiError::Locked(_) => StatusCode::CONFLICT,
             ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

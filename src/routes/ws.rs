@@ -238,7 +238,7 @@ pub fn restrict(filter: &mut Filter, principal: &crate::auth::Principal) {
 pub fn too_many(refused: crate::limits::Refused) -> ApiError {
     match refused {
         crate::limits::Refused::Total => {
-            ApiError::Unavailable("the server holds its maximum of streaming connections".into())
+            ApiError::Full("the server holds its maximum of streaming connections; retry later".into())
         }
         crate::limits::Refused::PerIp => ApiError::TooMany("too many streaming connections from this address".into()),
     }

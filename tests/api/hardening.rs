@@ -343,8 +343,15 @@ async fn connection_write_and_subscribe_limits_are_enforced() {
     let app = spawn_app_with(|s| s.max_connections = 1).await;
     let mut one = app.ws("").await;
     one.ready().await;
+    let full = |status: u16, body: Value| {
+        assert_eq!((status, &body["code"]), (503, &json!("too_many_connections")), "{body}");
+        assert_eq!(body["message"], "the server holds its maximum of streaming connections; retry later");
+    };
     let r = app.http.get(app.url("/api/events")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    full(r.status().as_u16(), r.json().await.unwrap());
+    let (status, body) = app.ws_refused("/ws").await;
+    full(status, body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
