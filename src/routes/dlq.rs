@@ -61,10 +61,13 @@ pub struct DeadLetterPageDoc {
     pub next_cursor: Option<String>,
 }
 
-fn text_or_base64(bytes: &[u8]) -> (String, &'static str) {
+/// A payload's preview as text or base64. `cut`: the stored payload is
+/// longer than the preview, so an incomplete UTF-8 sequence at the end may
+/// be the preview's doing; otherwise it is in the message, which is not text.
+fn text_or_base64(bytes: &[u8], cut: bool) -> (String, &'static str) {
     match std::str::from_utf8(bytes) {
         Ok(s) => (s.to_string(), "utf8"),
-        Err(e) if e.error_len().is_none() && e.valid_up_to() + 4 > bytes.len() => {
+        Err(e) if cut && e.error_len().is_none() && e.valid_up_to() + 4 > bytes.len() => {
             // Cut inside a UTF-8 sequence by the preview limit: still text.
             (String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned(), "utf8")
         }
@@ -132,7 +135,7 @@ pub async fn list(
             let key: Option<Vec<u8>> = r.get(7);
             let payload: Option<Vec<u8>> = r.get(8);
             let size: i32 = r.get(9);
-            let (payload, encoding) = match payload.as_deref().map(text_or_base64) {
+            let (payload, encoding) = match payload.as_deref().map(|p| text_or_base64(p, size > PAYLOAD_PREVIEW)) {
                 Some((p, e)) => (Some(p), e),
                 None => (None, "utf8"),
             };
@@ -171,8 +174,17 @@ mod tests {
 
     #[test]
     fn payloads_are_text_when_they_are_utf8_even_when_cut_mid_character() {
-        assert_eq!(text_or_base64(b"{\"a\":1}"), ("{\"a\":1}".to_string(), "utf8"));
-        assert_eq!(text_or_base64("xé".as_bytes()[..2].as_ref()), ("x".to_string(), "utf8"));
-        assert_eq!(text_or_base64(&[0xff, 0xfe, 0x00, 0x01, 0x02]).1, "base64");
+        assert_eq!(text_or_base64(b"{\"a\":1}", false), ("{\"a\":1}".to_string(), "utf8"));
+        assert_eq!(text_or_base64("xé".as_bytes()[..2].as_ref(), true), ("x".to_string(), "utf8"));
+        assert_eq!(text_or_base64(&[0xff, 0xfe, 0x00, 0x01, 0x02], false).1, "base64");
+    }
+
+    #[test]
+    fn a_whole_payload_ending_in_an_incomplete_character_is_base64() {
+        let bytes = "xé".as_bytes()[..2].to_vec();
+        assert_eq!(text_or_base64(&bytes, false), ("eMM=".to_string(), "base64"));
+        let four = [b'{', 0xf0, 0x9f, 0x98];
+        assert_eq!(text_or_base64(&four, false).1, "base64");
+        assert_eq!(text_or_base64(&four, true), ("{".to_string(), "utf8"));
     }
 }

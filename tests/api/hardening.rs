@@ -537,3 +537,24 @@ async fn a_customer_restricted_admin_token_cannot_read_dead_letters() {
     let page: Value = dlq("opssecret1").await.unwrap().json().await.unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_ending_in_an_incomplete_character_is_shown_as_base64() {
+    use base64::Engine;
+    let app = spawn_app().await;
+    let broken = b"{\"product\":\"caf\xc3".to_vec();
+    dead_letter(&app, 1, &broken).await;
+    // A long text payload cut by the preview inside a character stays text.
+    let mut long = vec![b'a'; ordercast::routes::dlq::PAYLOAD_PREVIEW as usize - 1];
+    long.extend_from_slice("é and more".as_bytes());
+    dead_letter(&app, 2, &long).await;
+    let (status, page) = app.get_json("/api/dlq").await;
+    assert_eq!(status, 200, "{page}");
+    let cut = &page["items"][0];
+    assert_eq!((&cut["payload_encoding"], &cut["payload_truncated"]), (&json!("utf8"), &json!(true)), "{cut}");
+    assert_eq!(cut["payload"].as_str().unwrap().len(), long.len() - "é and more".len());
+    let whole = &page["items"][1];
+    assert_eq!((&whole["payload_encoding"], &whole["payload_truncated"]), (&json!("base64"), &json!(false)));
+    let shown = base64::engine::general_purpose::STANDARD.decode(whole["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(shown, broken);
+}
