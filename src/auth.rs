@@ -303,6 +303,34 @@ pub fn cross_site_write(req: &actix_web::HttpRequest, allowed: &[String]) -> Opt
         .then_some("a cross-site request may not make changes (Sec-Fetch-Site: cross-site)")
 }
 
+/// Why a request is refused as possibly a DNS-rebinding attack, if it is.
+/// With authentication off (loopback only, no `--insecure`), a web page on
+/// any domain that resolves to 127.0.0.1 would be "same-origin" with the
+/// server (its `Origin` and `Host` both name that domain) and could read and
+/// change orders. So such a server answers only requests addressed to a
+/// loopback name or address, or to a host of `ORDERCAST_ALLOWED_ORIGINS`.
+pub fn rebinding_host(req: &actix_web::HttpRequest, allowed: &[String]) -> Option<&'static str> {
+    let info = req.connection_info();
+    let authority = info.host();
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let loopback = host == "localhost"
+        || host.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let listed = allowed.iter().any(|a| {
+        let rest = a.split_once("://").map_or(a.as_str(), |(_, r)| r).trim_end_matches('/');
+        rest.eq_ignore_ascii_case(authority)
+            || rest.rsplit_once(':').map_or(rest, |(h, _)| h).eq_ignore_ascii_case(&host)
+    });
+    (!loopback && !listed).then_some(
+        "with authentication off, ordercast answers only requests addressed to localhost or a loopback address \
+         (configure tokens, or list the host in ORDERCAST_ALLOWED_ORIGINS)",
+    )
+}
+
 /// Middleware: refuses cross-site writes, authenticates, checks the route's scope and the write rate,
 /// and records the principal for the handlers. A failed WebSocket request is
 /// let through with the error attached, so it can be upgraded and closed
@@ -315,6 +343,12 @@ pub async fn guard(
     let Some(state) = req.app_data::<actix_web::web::Data<crate::startup::AppState>>().cloned() else {
         return next.call(req).await;
     };
+    if state.auth.is_none() && !state.settings.insecure {
+        if let Some(why) = rebinding_host(req.request(), &state.settings.allowed_origins) {
+            let resp = crate::error::problem_response(actix_web::http::StatusCode::FORBIDDEN, "host_not_allowed", why);
+            return Ok(req.into_response(resp));
+        }
+    }
     if let Some(why) = cross_site_write(req.request(), &state.settings.allowed_origins) {
         let resp = crate::error::problem_response(actix_web::http::StatusCode::FORBIDDEN, "origin_not_allowed", why);
         return Ok(req.into_response(resp));
