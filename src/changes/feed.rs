@@ -9,9 +9,15 @@
 //! it told to resync.
 //!
 //! `next()` is cancel-safe: state changes only after an await completes, so it
-//! can sit in a `select!` beside client frames and heartbeats.
+//! can sit in a `select!` beside client frames and heartbeats. A catch-up read
+//! in flight when `next()` is dropped is kept and resumed by the next call, not
+//! started again: a query already sent cannot be taken back (the database runs
+//! it anyway), so restarting it on every client frame would make a chatty
+//! client far behind never progress while the database ran every abandoned read.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +59,9 @@ pub struct Feed {
     /// The hub dropped the subscription (the client fell behind).
     resubscribe: bool,
     buf: VecDeque<Item>,
+    /// The catch-up read in flight, from `scan`: kept when `next()` is
+    /// dropped, resumed by the next call.
+    reading: Option<CatchUpRead>,
     /// How often this feed recovered from lagging, for tests and metrics.
     pub recoveries: u64,
 }
@@ -80,6 +89,7 @@ impl Feed {
             catch_up_to: None,
             resubscribe: false,
             buf: VecDeque::new(),
+            reading: None,
             recoveries: 0,
         };
         if let Some(since) = since {
@@ -208,7 +218,12 @@ impl Feed {
             self.catch_up_to = None;
             return true;
         }
-        match self.read_log().await {
+        // `scan` changes only when the read completes, so a read kept from a
+        // dropped call still reads from the right position.
+        let read = self.reading.get_or_insert_with(|| Box::pin(read_log(self.pool.clone(), self.scan)));
+        let result = read.await;
+        self.reading = None;
+        match result {
             Ok(changes) if changes.is_empty() => self.scan = until,
             Ok(changes) => {
                 // unwrap: not empty
@@ -222,27 +237,40 @@ impl Feed {
                 self.scan = until;
                 self.catch_up_to = None;
             }
-            Err(CatchUpError::Db(e)) => {
-                log::warn!("catch-up read failed, retrying: {e:#}");
-                tokio::time::sleep(RETRY_DELAY).await;
-            }
+            // `read_log` has waited before answering: try again.
+            Err(CatchUpError::Db(_)) => {}
         }
         true
     }
+}
 
-    async fn read_log(&self) -> Result<Vec<SharedChange>, CatchUpError> {
-        let client = self.pool.get().await.map_err(|e| CatchUpError::Db(e.into()))?;
-        let changes = read_after(&client, self.scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))?;
-        // The horizon is checked after the read, not before: the two are
-        // separate statements, and a prune committed between a check and the
-        // read would let the read skip the pruned changes unnoticed. Pruning
-        // only moves forward, so one that the read saw shows here too.
-        let (_, pruned) = log_bounds(&client).await.map_err(|e| CatchUpError::Db(e.into()))?;
-        if self.scan < pruned {
-            return Err(CatchUpError::Pruned);
-        }
-        Ok(changes)
+/// A catch-up read: owned, so that it can outlive the `next()` call that
+/// started it.
+type CatchUpRead = Pin<Box<dyn Future<Output = Result<Vec<SharedChange>, CatchUpError>> + Send>>;
+
+/// Reads the log after `scan`. A failure is answered only after
+/// `RETRY_DELAY`, so a retry is paced even when `next()` is dropped meanwhile.
+async fn read_log(pool: Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpError> {
+    let result = read_log_once(&pool, scan).await;
+    if let Err(CatchUpError::Db(e)) = &result {
+        log::warn!("catch-up read failed, retrying: {e:#}");
+        tokio::time::sleep(RETRY_DELAY).await;
     }
+    result
+}
+
+async fn read_log_once(pool: &Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpError> {
+    let client = pool.get().await.map_err(|e| CatchUpError::Db(e.into()))?;
+    let changes = read_after(&client, scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))?;
+    // The horizon is checked after the read, not before: the two are
+    // separate statements, and a prune committed between a check and the
+    // read would let the read skip the pruned changes unnoticed. Pruning
+    // only moves forward, so one that the read saw shows here too.
+    let (_, pruned) = log_bounds(&client).await.map_err(|e| CatchUpError::Db(e.into()))?;
+    if scan < pruned {
+        return Err(CatchUpError::Pruned);
+    }
+    Ok(changes)
 }
 
 enum CatchUpError {

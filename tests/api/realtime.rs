@@ -806,3 +806,65 @@ async fn a_transaction_with_immediate_constraints_gets_positions_of_its_own() {
     let got: Vec<i64> = ws.changes(4, WAIT).await.iter().map(seq).collect();
     assert_eq!(got, (head + 1..=head + 4).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_far_behind_that_pings_constantly_still_catches_up_without_rereading_the_log() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let since = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'behind ' || g, 'Nut', 1, 1 FROM generate_series(1, 3000) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    app.settled().await;
+    // From now on every read of the log is counted and takes a while, so a
+    // client frame always arrives while one is in flight.
+    db.batch_execute(
+        "CREATE SEQUENCE change_reads;
+         ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_counted;
+         CREATE FUNCTION change_read(after bigint, lim integer)
+         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
+                        customer text, old_customer text, after_row text, before_row text, actor text,
+                        at timestamptz)
+         LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM nextval('change_reads');
+             PERFORM pg_sleep(0.05);
+             RETURN QUERY SELECT * FROM change_read_counted(after, lim);
+         END
+         $$;",
+    )
+    .await
+    .unwrap();
+    let ws = app.ws(&format!("?since={since}")).await;
+    let (mut tx, mut rx) = ws.ws.split();
+    let pinger = tokio::spawn(async move {
+        loop {
+            if tx.send(Message::Text(r#"{"type":"ping"}"#.into())).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let mut changes = 0;
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while changes < 3000 {
+            match rx.next().await {
+                Some(Ok(Message::Text(t))) if t.contains(r#""type":"change""#) => changes += 1,
+                Some(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    })
+    .await;
+    pinger.abort();
+    let reads: i64 = db.query_one("SELECT last_value FROM change_reads", &[]).await.unwrap().get(0);
+    assert_eq!(changes, 3000, "the client caught up ({reads} log reads meanwhile)");
+    // Three batches of 1000 and the listener's idle ticks, not a read per ping.
+    assert!(reads < 100, "{reads} log reads");
+}
