@@ -474,7 +474,15 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
         outcome = tokio::select! {
             r = conn.socket.readable() => match r {
                 Ok(()) => match conn.socket.read_messages(&mut messages) {
-                    Ok(()) => Outcome::Continue,
+                    Ok(more) => {
+                        if more {
+                            // A client sending without pause gets its turn
+                            // again after the other connections on this
+                            // thread have had theirs.
+                            tokio::task::yield_now().await;
+                        }
+                        Outcome::Continue
+                    }
                     Err(e) => read_failed(e),
                 },
                 Err(_) => Outcome::Close(None),

@@ -26,6 +26,8 @@ use tokio::net::TcpStream;
 
 /// Bytes read per system call while a client is sending.
 const READ_CHUNK: usize = 4096;
+/// Bytes read (and parsed) per `read_messages` call at most.
+const READ_BUDGET: usize = 64 * 1024;
 /// Frames gathered into one vectored write.
 const MAX_IOVECS: usize = 64;
 
@@ -103,34 +105,42 @@ impl Socket {
     }
 
     /// Reads what the socket holds (without waiting) and parses complete
-    /// messages into `into`.
-    pub fn read_messages(&mut self, into: &mut Vec<Incoming>) -> Result<(), ReadError> {
-        loop {
+    /// messages into `into`. Stops after `READ_BUDGET` bytes or 64 messages
+    /// and returns true if the socket may hold more: the caller should yield
+    /// before reading again. Reading never waits, so it consumes no task
+    /// budget of its own: without the bound, a client sending faster than
+    /// the server parses (say, endless empty continuation frames, which
+    /// complete no message) would hold the worker thread and stall every
+    /// other connection on it.
+    pub fn read_messages(&mut self, into: &mut Vec<Incoming>) -> Result<bool, ReadError> {
+        let mut read = 0;
+        let more = loop {
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
                 self.rbuf.reserve(READ_CHUNK);
             }
             match self.io.try_read_buf(&mut self.rbuf) {
                 Ok(0) => return Err(ReadError::Gone),
-                Ok(_) => {
+                Ok(n) => {
                     self.parse(into)?;
+                    read += n;
                     // Bound what one client's burst can make us do at once.
-                    if into.len() >= 64 {
-                        break;
+                    if into.len() >= 64 || read >= READ_BUDGET {
+                        break true;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.parse(into)?;
-                    break;
+                    break false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return Err(ReadError::Gone),
             }
-        }
+        };
         if self.rbuf.is_empty() {
             // Idle again: give the buffer back.
             self.rbuf = BytesMut::new();
         }
-        Ok(())
+        Ok(more)
     }
 
     fn parse(&mut self, into: &mut Vec<Incoming>) -> Result<(), ReadError> {
@@ -383,6 +393,30 @@ mod tests {
                 other => panic!("{bytes:?}: {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn one_read_stops_after_its_budget_of_bytes() {
+        // A receive buffer that holds everything the client sends below.
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(512 * 1024).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let mut socket = Socket::new(server, BytesMut::new(), 1000);
+        // A message that never ends: more empty continuations than one read
+        // may take, all waiting in the socket before it is read.
+        let mut bytes = client_frame(0x01, b"{");
+        for _ in 0..(3 * READ_BUDGET / 2 / 6) {
+            bytes.extend(client_frame(0x00, b""));
+        }
+        tokio::time::timeout(Duration::from_secs(10), client.write_all(&bytes)).await.unwrap().unwrap();
+        socket.readable().await.unwrap();
+        let mut got = Vec::new();
+        assert!(socket.read_messages(&mut got).unwrap(), "the read stops with bytes left");
+        assert!(got.is_empty());
+        assert!(!socket.read_messages(&mut got).unwrap(), "the rest is read by the next call");
     }
 
     #[tokio::test]

@@ -601,3 +601,58 @@ async fn with_authentication_off_only_loopback_host_names_are_answered() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A raw WebSocket connection: the handshake written and its answer read.
+async fn raw_ws(app: &TestApp) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    tcp.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(tcp.read(&mut b).await.unwrap(), 1, "the handshake is answered");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tcp
+}
+
+/// A masked client frame: `first` is FIN, RSV and opcode.
+fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() <= 125);
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut f = vec![first, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_continuation_frames_does_not_stall_other_clients_on_its_worker() {
+    use tokio::io::AsyncWriteExt;
+    // One HTTP worker: every connection shares its thread.
+    let app = spawn_app_with(|s| s.workers = 1).await;
+    let mut healthy = app.ws("").await;
+    healthy.ready().await;
+    let mut flooder = raw_ws(&app).await;
+    // A text message that never ends: empty continuations, as fast as the
+    // socket takes them.
+    flooder.write_all(&client_frame(0x01, b"{")).await.unwrap();
+    let flood: Vec<u8> = (0..10_000).flat_map(|_| client_frame(0x00, b"")).collect();
+    let flooding = tokio::spawn(async move { while flooder.write_all(&flood).await.is_ok() {} });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.sql()
+        .await
+        .execute("INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Calm', 'Cog', 1, 1)", &[])
+        .await
+        .unwrap();
+    let got = healthy.changes(1, WAIT).await;
+    assert!(!flooding.is_finished(), "the flood went on all along");
+    flooding.abort();
+    assert_eq!(got[0]["order"]["customer_name"], "Calm");
+}
