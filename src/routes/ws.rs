@@ -537,7 +537,13 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
         None => wire::frame(wire::OP_CLOSE, b""),
     };
     // Queued changes go first, then the close frame; a client that stopped
-    // reading does not get to hold the connection open.
+    // reading does not get to hold the connection open. A slow consumer
+    // could not read what is queued in time for the close to follow it: it
+    // gets only the rest of a frame already begun, then the close (it resumes
+    // from the last change it received).
+    if reason.as_ref().is_some_and(|r| r.code == CloseCode::Other(CLOSE_SLOW_CONSUMER)) {
+        conn.socket.discard_unsent();
+    }
     Box::pin(conn.socket.shut_down(frame, CLOSE_LINGER)).await;
 }
 

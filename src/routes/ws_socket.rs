@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use actix_http::ws::{OpCode, Parser};
 use actix_ws::{CloseCode, CloseReason, ProtocolError};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -57,15 +57,18 @@ pub struct Socket {
     /// A fragmented message being assembled: its opcode and payload so far.
     fragments: Option<(OpCode, BytesMut)>,
     max_message: usize,
-    /// Frames waiting for the socket, oldest first; the first may be partly written.
+    /// Frames waiting for the socket, oldest first, each whole (a shared
+    /// batch is many frames in one buffer); the first may be partly written.
     out: VecDeque<Bytes>,
+    /// Bytes of the first queued buffer already written (0 while `out` is empty).
+    front_written: usize,
     out_bytes: usize,
 }
 
 impl Socket {
     /// `early`: bytes the client sent right behind its handshake.
     pub fn new(io: TcpStream, early: BytesMut, max_message: usize) -> Socket {
-        Socket { io, rbuf: early, fragments: None, max_message, out: VecDeque::new(), out_bytes: 0 }
+        Socket { io, rbuf: early, fragments: None, max_message, out: VecDeque::new(), front_written: 0, out_bytes: 0 }
     }
 
     /// Takes a connection over from the task that served its handshake.
@@ -191,17 +194,43 @@ impl Socket {
 
     /// Writes a frame now if nothing is queued before it and the socket
     /// takes it whole; queues (the rest of) it otherwise.
-    pub fn send(&mut self, mut frame: Bytes) -> io::Result<()> {
+    pub fn send(&mut self, frame: Bytes) -> io::Result<()> {
         if self.out.is_empty() {
             match self.io.try_write(&frame) {
                 Ok(n) if n == frame.len() => return Ok(()),
-                Ok(n) => frame.advance(n),
+                Ok(n) => {
+                    self.queue(frame);
+                    self.front_written = n;
+                    self.out_bytes -= n;
+                    return Ok(());
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
         self.queue(frame);
         Ok(())
+    }
+
+    /// Drops the queued frames the client has not received a byte of; a
+    /// frame partly written is kept (its rest must follow, or the stream is
+    /// broken). For a close that should not wait behind what a slow client
+    /// could not read anyway.
+    pub fn discard_unsent(&mut self) {
+        let Some(front) = self.out.front_mut() else { return };
+        if self.front_written == 0 {
+            self.out.clear();
+            self.out_bytes = 0;
+            return;
+        }
+        let end = frame_end(front, self.front_written);
+        front.truncate(end);
+        self.out.truncate(1);
+        self.out_bytes = end - self.front_written;
+        if self.out_bytes == 0 {
+            self.out.clear();
+            self.front_written = 0;
+        }
     }
 
     /// Gives back the queue's memory if nothing is waiting (an idle
@@ -225,7 +254,14 @@ impl Socket {
     pub fn flush(&mut self) -> io::Result<bool> {
         let mut progressed = false;
         while !self.out.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self.out.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect();
+            let skip = self.front_written;
+            let slices: Vec<IoSlice<'_>> = self
+                .out
+                .iter()
+                .take(MAX_IOVECS)
+                .enumerate()
+                .map(|(i, b)| IoSlice::new(if i == 0 { &b[skip..] } else { b }))
+                .collect();
             match self.io.try_write_vectored(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(mut n) => {
@@ -233,12 +269,13 @@ impl Socket {
                     self.out_bytes -= n;
                     while n > 0 {
                         // unwrap: n never exceeds what is queued
-                        let front = self.out.front_mut().unwrap();
-                        if n >= front.len() {
-                            n -= front.len();
+                        let left = self.out.front().unwrap().len() - self.front_written;
+                        if n >= left {
+                            n -= left;
                             self.out.pop_front();
+                            self.front_written = 0;
                         } else {
-                            front.advance(n);
+                            self.front_written += n;
                             n = 0;
                         }
                     }
@@ -288,6 +325,26 @@ impl Socket {
         })
         .await;
     }
+}
+
+/// Where the server frame that contains byte `offset` (> 0) of `frames`
+/// ends; `offset` itself when a frame starts there. Server frames are
+/// unmasked: a 2-byte header, then a 16- or 64-bit length if announced.
+fn frame_end(frames: &[u8], offset: usize) -> usize {
+    let mut pos = 0;
+    while pos < offset {
+        let Some(&[_, len7]) = frames.get(pos..pos + 2) else { return frames.len() };
+        let (header, len) = match len7 & 0x7f {
+            126 => (4, frames.get(pos + 2..pos + 4).map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)),
+            127 => {
+                (10, frames.get(pos + 2..pos + 10).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")) as usize))
+            }
+            n => (2, Some(n as usize)),
+        };
+        let Some(len) = len else { return frames.len() };
+        pos = pos.saturating_add(header + len);
+    }
+    pos.min(frames.len())
 }
 
 fn data_message(op: OpCode, payload: BytesMut) -> Result<Incoming, ReadError> {
@@ -417,6 +474,38 @@ mod tests {
         assert!(socket.read_messages(&mut got).unwrap(), "the read stops with bytes left");
         assert!(got.is_empty());
         assert!(!socket.read_messages(&mut got).unwrap(), "the rest is read by the next call");
+    }
+
+    #[test]
+    fn frame_end_finds_the_end_of_the_frame_begun() {
+        use crate::changes::wire::{frame, OP_TEXT};
+        let frames: Vec<u8> =
+            [frame(OP_TEXT, b"ab"), frame(OP_TEXT, &[b'x'; 300]), frame(OP_TEXT, &[b'y'; 70_000]), frame(OP_TEXT, b"")]
+                .concat();
+        let (a, b, c) = (4, 4 + 4 + 300, 4 + 4 + 300 + 10 + 70_000);
+        assert_eq!(frame_end(&frames, 1), a);
+        assert_eq!(frame_end(&frames, a), a, "a frame not begun is not kept");
+        assert_eq!(frame_end(&frames, a + 1), b);
+        assert_eq!(frame_end(&frames, b - 1), b);
+        assert_eq!(frame_end(&frames, b + 3), c);
+        assert_eq!(frame_end(&frames, c + 1), frames.len());
+    }
+
+    #[tokio::test]
+    async fn a_discard_keeps_only_the_rest_of_a_frame_begun() {
+        use crate::changes::wire::{frame, OP_TEXT};
+        let (mut socket, client) = pair().await;
+        let batch: Bytes = [frame(OP_TEXT, &[b'a'; 100]), frame(OP_TEXT, &[b'b'; 100])].concat().into();
+        socket.queue(batch.clone());
+        socket.queue(batch.clone());
+        socket.front_written = 50;
+        socket.out_bytes -= 50;
+        socket.discard_unsent();
+        assert_eq!(socket.pending(), 102 - 50);
+        socket.front_written = 0;
+        socket.discard_unsent();
+        assert_eq!(socket.pending(), 0);
+        drop(client);
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{spawn_app_with, TestApp};
+use crate::helpers::{eventually, spawn_app_with, TestApp};
 
 const KEYS: &str = "reader:readersecret:read,writer:writersecret:read+write,ops:opssecret1:read+write+admin,\
                     ada:adasecret1:read+write:customer=Ada";
@@ -604,8 +604,11 @@ async fn with_authentication_off_only_loopback_host_names_are_answered() {
 
 /// A raw WebSocket connection: the handshake written and its answer read.
 async fn raw_ws(app: &TestApp) -> tokio::net::TcpStream {
+    handshake(tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap()).await
+}
+
+async fn handshake(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
     tcp.write_all(
         b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -655,4 +658,72 @@ async fn a_flood_of_empty_continuation_frames_does_not_stall_other_clients_on_it
     assert!(!flooding.is_finished(), "the flood went on all along");
     flooding.abort();
     assert_eq!(got[0]["order"]["customer_name"], "Calm");
+}
+
+/// The server frames in `bytes`: (opcode, payload), and whether the last
+/// one is cut short.
+fn server_frames(mut bytes: &[u8]) -> (Vec<(u8, Vec<u8>)>, bool) {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 2 {
+            return (frames, true);
+        }
+        let (header, len) = match bytes[1] & 0x7f {
+            126 if bytes.len() >= 4 => (4, u16::from_be_bytes([bytes[2], bytes[3]]) as usize),
+            127 if bytes.len() >= 10 => (10, u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize),
+            126 | 127 => return (frames, true),
+            n => (2, n as usize),
+        };
+        if bytes.len() < header + len {
+            return (frames, true);
+        }
+        frames.push((bytes[0] & 0x0f, bytes[header..header + len].to_vec()));
+        bytes = &bytes[header + len..];
+    }
+    (frames, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_that_reads_again_receives_its_4008_close() {
+    use tokio::io::AsyncReadExt;
+    let app = spawn_app_with(|s| s.slow_client_secs = 2).await;
+    // A client that reads nothing...
+    let mut slow = raw_ws(&app).await;
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+             SELECT repeat('s', 8000) || g, 'Cog', 1, 1 FROM generate_series(1, 3000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    // ...until the server gives up on it...
+    let stats = app.state.hub.stats.clone();
+    eventually(Duration::from_secs(30), || {
+        let stats = stats.clone();
+        async move { (stats.slow_disconnects.load(std::sync::atomic::Ordering::Relaxed) >= 1).then_some(()) }
+    })
+    .await;
+    // ...then reads again, at a modest pace (at most 64 KiB per 20 ms), until
+    // the server closes. What the kernel holds (a few MB) comes first; then
+    // the close, not the many MB of changes queued behind it.
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match slow.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (frames, cut) = server_frames(&got);
+    assert!(!cut, "the stream ends mid-frame ({} bytes, {} frames, {:?})", got.len(), frames.len(), started.elapsed());
+    let (op, payload) = frames.last().expect("frames");
+    assert_eq!(*op, 0x8, "the last frame is a close");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 4008);
 }
