@@ -158,6 +158,9 @@ impl Socket {
             protocol(code, e.to_string())
         })? {
             let payload = payload.unwrap_or_default();
+            if !fin && matches!(op, OpCode::Ping | OpCode::Pong | OpCode::Close) {
+                return Err(protocol(CloseCode::Protocol, "a fragmented control frame".into()));
+            }
             let message = match op {
                 OpCode::Text | OpCode::Binary if self.fragments.is_some() => {
                     return Err(protocol(CloseCode::Protocol, "a new message inside a fragmented one".into()))
@@ -359,17 +362,31 @@ fn data_message(op: OpCode, payload: BytesMut) -> Result<Incoming, ReadError> {
     })
 }
 
+/// Whether a peer may send this close code (RFC 6455 section 7.4): the
+/// defined ones (1004-1006 and 1015 are never sent), and those for
+/// libraries, frameworks and applications (3000-4999).
+fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 /// A close frame's payload: nothing, or a code and a UTF-8 reason.
 fn close_reason(payload: &[u8]) -> Result<Option<CloseReason>, ReadError> {
     match payload {
         [] => Ok(None),
+        [a, b, _reason @ ..] if !sendable_close_code(u16::from_be_bytes([*a, *b])) => {
+            Err(ReadError::Protocol(CloseReason {
+                code: CloseCode::Protocol,
+                description: Some(format!("close code {} is not one to send", u16::from_be_bytes([*a, *b]))),
+            }))
+        }
         [a, b, reason @ ..] => match std::str::from_utf8(reason) {
             Ok(reason) => Ok(Some(CloseReason {
                 code: CloseCode::from(u16::from_be_bytes([*a, *b])),
                 description: (!reason.is_empty()).then(|| reason.to_string()),
             })),
+            // RFC 6455 section 8.1: invalid UTF-8 fails the connection with 1007.
             Err(_) => Err(ReadError::Protocol(CloseReason {
-                code: CloseCode::Protocol,
+                code: CloseCode::Invalid,
                 description: Some("close reason is not valid UTF-8".into()),
             })),
         },
@@ -442,6 +459,15 @@ mod tests {
             (client_frame(0x81, &[0xff, 0xfe]), CloseCode::Invalid), // not UTF-8
             (client_frame(0x81, &[b'a'; 1001]), CloseCode::Size), // over the limit
             ([0x81u8, 0x01, b'x'].to_vec(), CloseCode::Protocol), // unmasked client frame
+            (client_frame(0x09, b"p"), CloseCode::Protocol), // fragmented ping
+            (client_frame(0x0a, b""), CloseCode::Protocol),  // fragmented pong
+            (client_frame(0x08, &[0x03, 0xe8]), CloseCode::Protocol), // fragmented close
+            (client_frame(0x88, &[0x03, 0xe7]), CloseCode::Protocol), // close code 999
+            (client_frame(0x88, &[0x03, 0xed]), CloseCode::Protocol), // close code 1005
+            (client_frame(0x88, &[0x03, 0xf7]), CloseCode::Protocol), // close code 1015
+            (client_frame(0x88, &[0x0b, 0xb7]), CloseCode::Protocol), // close code 2999
+            (client_frame(0x88, &[0x13, 0x88]), CloseCode::Protocol), // close code 5000
+            (client_frame(0x88, &[0x03, 0xe8, 0xff]), CloseCode::Invalid), // reason not UTF-8
         ] {
             let (mut socket, mut client) = pair().await;
             client.write_all(&bytes).await.unwrap();
@@ -506,6 +532,16 @@ mod tests {
         socket.discard_unsent();
         assert_eq!(socket.pending(), 0);
         drop(client);
+    }
+
+    #[test]
+    fn close_codes_a_peer_may_send() {
+        for code in [1000, 1001, 1002, 1003, 1007, 1011, 1014, 3000, 4000, 4999] {
+            assert!(sendable_close_code(code), "{code}");
+        }
+        for code in [0, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000, 65535] {
+            assert!(!sendable_close_code(code), "{code}");
+        }
     }
 
     #[tokio::test]

@@ -727,3 +727,32 @@ async fn a_slow_consumer_that_reads_again_receives_its_4008_close() {
     assert_eq!(*op, 0x8, "the last frame is a close");
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 4008);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_frames_and_close_codes_follow_rfc_6455() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|_| {}).await;
+    for (frame, expected) in [
+        (client_frame(0x88, &4000u16.to_be_bytes()), 1000), // a valid close is answered in kind
+        (client_frame(0x88, b""), 1000),
+        (client_frame(0x09, b"p"), 1002),                   // fragmented ping
+        (client_frame(0x0a, b""), 1002),                    // fragmented pong
+        (client_frame(0x08, &1000u16.to_be_bytes()), 1002), // fragmented close
+        (client_frame(0x88, &999u16.to_be_bytes()), 1002),
+        (client_frame(0x88, &1005u16.to_be_bytes()), 1002),
+        (client_frame(0x88, &1006u16.to_be_bytes()), 1002),
+        (client_frame(0x88, &1015u16.to_be_bytes()), 1002),
+        (client_frame(0x88, &2999u16.to_be_bytes()), 1002),
+        (client_frame(0x88, &5000u16.to_be_bytes()), 1002),
+        (client_frame(0x88, &[0x03, 0xe8, b'o', 0xff]), 1007), // reason not UTF-8
+    ] {
+        let mut ws = raw_ws(&app).await;
+        ws.write_all(&frame).await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, ws.read_to_end(&mut got)).await.expect("the server closes").unwrap();
+        let (frames, _) = server_frames(&got);
+        let (op, payload) = frames.last().expect("frames");
+        assert_eq!(*op, 0x8, "{frame:?}: the last frame is a close");
+        assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), expected, "{frame:?}");
+    }
+}
