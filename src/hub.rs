@@ -101,6 +101,9 @@ enum Command {
     /// The live stream jumps to this position: what came before it is no
     /// longer in the log.
     Gap(i64),
+    /// The log went back to this position: the positions after it will be
+    /// numbered again.
+    Rewind(i64),
 }
 
 /// Handle to the hub task. Cheap to clone.
@@ -116,6 +119,9 @@ pub struct Subscription {
     id: u64,
     /// Every change after this position is delivered here (until lagged).
     pub start: i64,
+    /// How many times the log had gone back (`Hub::rewind`) when this
+    /// subscription was made.
+    pub epoch: u64,
     queue: Arc<Queue>,
     unsubscribe: mpsc::UnboundedSender<u64>,
 }
@@ -313,6 +319,7 @@ impl Hub {
             next_id: 0,
             max_queued: max_queued.max(1),
             position: hub.position.clone(),
+            epoch: 0,
             stats: hub.stats.clone(),
             unsubscribe,
         };
@@ -348,6 +355,13 @@ impl Hub {
     pub async fn gap(&self, pruned: i64) -> Result<(), HubClosed> {
         self.commands.send(Command::Gap(pruned)).await.map_err(|_| HubClosed)
     }
+
+    /// The log went back to `head` (the database lost commits that were
+    /// pushed): the live stream restarts after `head`, and every subscriber
+    /// is dropped, to learn it from its next subscription's `epoch`.
+    pub async fn rewind(&self, head: i64) -> Result<(), HubClosed> {
+        self.commands.send(Command::Rewind(head)).await.map_err(|_| HubClosed)
+    }
 }
 
 struct Sub {
@@ -380,6 +394,8 @@ struct Registry {
     next_id: u64,
     max_queued: usize,
     position: Arc<AtomicI64>,
+    /// See `Subscription::epoch`.
+    epoch: u64,
     stats: Arc<HubStats>,
     unsubscribe: mpsc::UnboundedSender<u64>,
 }
@@ -411,6 +427,7 @@ impl Registry {
                     Some(Command::Subscribe(filter, relay, reply)) => self.subscribe(filter, relay, reply),
                     Some(Command::Publish(changes)) => self.publish(changes),
                     Some(Command::Gap(pruned)) => self.gap(pruned),
+                    Some(Command::Rewind(head)) => self.rewind(head),
                     None => break,
                 },
             }
@@ -434,6 +451,7 @@ impl Registry {
         let subscription = Subscription {
             id,
             start: self.position.load(Ordering::Acquire),
+            epoch: self.epoch,
             queue: queue.clone(),
             unsubscribe: self.unsubscribe.clone(),
         };
@@ -492,6 +510,17 @@ impl Registry {
     fn gap(&mut self, pruned: i64) {
         // Subscribing from here on starts after the gap.
         self.position.fetch_max(pruned, Ordering::AcqRel);
+        self.lag_all();
+    }
+
+    fn rewind(&mut self, head: i64) {
+        self.epoch += 1;
+        self.position.store(head, Ordering::Release);
+        self.lag_all();
+    }
+
+    /// Drops every subscription as lagged: each session subscribes again.
+    fn lag_all(&mut self) {
         let ids: Vec<u64> = self.subs.keys().copied().collect();
         for id in ids {
             if let Some(sub) = self.subs.get(&id) {

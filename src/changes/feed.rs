@@ -205,8 +205,19 @@ impl Feed {
                 Ok(sub) => {
                     self.recoveries += 1;
                     self.resubscribe = false;
-                    self.scan = self.last;
-                    self.catch_up_to = Some(sub.start);
+                    let went_back = self.sub.as_ref().is_some_and(|old| old.epoch != sub.epoch);
+                    if went_back && self.last > sub.start {
+                        // The log went back (the database lost commits that
+                        // were pushed): the positions after `sub.start` are
+                        // numbered again, so the client must reload.
+                        self.buf.push_back(Item::Resync { reason: "position_unknown", position: sub.start });
+                        self.last = sub.start;
+                        self.scan = sub.start;
+                        self.catch_up_to = None;
+                    } else {
+                        self.scan = self.last;
+                        self.catch_up_to = Some(sub.start);
+                    }
                     self.sub = Some(sub);
                     true
                 }

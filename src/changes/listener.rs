@@ -109,6 +109,21 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, position: &mut i64
     }
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(crate::db::describe).context("LISTEN failed")?;
     let read = client.prepare(READ_SQL).await.map_err(crate::db::describe)?;
+    // Positions only grow, unless the database lost commits that were
+    // pushed (a failover to a standby that missed them, a restored backup):
+    // then the next commits are numbered with positions clients hold.
+    let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
+    if head < *position {
+        log::error!(
+            "the change log went back from position {position} to {head}: the database lost commits that \
+             were pushed; live clients are told to resync"
+        );
+        if hub.rewind(head).await.is_err() {
+            return Ok(());
+        }
+        *position = head;
+        state.position.store(head, Ordering::Relaxed);
+    }
     state.connected.store(true, Ordering::Relaxed);
     log::info!("listening for changes after position {position}");
 

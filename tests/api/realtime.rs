@@ -868,3 +868,67 @@ async fn a_client_far_behind_that_pings_constantly_still_catches_up_without_rere
     // Three batches of 1000 and the listener's idle ticks, not a read per ping.
     assert!(reads < 100, "{reads} log reads");
 }
+
+/// When the change log goes back (the database lost commits that were
+/// pushed: a failover to a standby that missed them, a restored backup), the
+/// next commits are numbered with positions clients already hold. A live
+/// client is told to resync after the head the listener finds, then gets the
+/// renumbered changes; without that it would skip them as already seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_log_goes_back_live_clients_resync_and_get_the_renumbered_changes() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let insert = "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Lost', 1, 1)";
+    db.execute(insert, &[&"kept"]).await.unwrap(); // positions start at 1
+    app.settled().await;
+    let mut ws = app.ws("").await;
+    let start = ws.ready().await["seq"].as_i64().unwrap();
+    assert!(start >= 1);
+    for name in ["lost-1", "lost-2", "lost-3"] {
+        db.execute(insert, &[&name]).await.unwrap();
+    }
+    let seen = ws.changes(3, Duration::from_secs(10)).await;
+    assert_eq!(seen[2]["seq"], start + 3);
+    // The database forgets those three commits' positions, and the listener
+    // reconnects (as after a failover).
+    db.batch_execute(&format!(
+        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
+         DELETE FROM change_tx WHERE end_pos > {start}; SELECT setval('change_position', {start})"
+    ))
+    .await
+    .unwrap();
+    let reconnects = || app.state.listener.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+    let before = reconnects();
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'ordercast-listener' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(20), || async {
+        (reconnects() > before && app.state.listener.connected.load(std::sync::atomic::Ordering::Relaxed)).then_some(())
+    })
+    .await;
+    db.execute(insert, &[&"renumbered"]).await.unwrap();
+    let resync = ws.next_json(Duration::from_secs(10)).await;
+    assert_eq!(
+        (resync["type"].as_str(), resync["reason"].as_str()),
+        (Some("resync"), Some("position_unknown")),
+        "{resync}"
+    );
+    assert_eq!(resync["seq"], start);
+    let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
+    assert_eq!(
+        (change["seq"].as_i64(), change["order"]["customer_name"].as_str()),
+        (Some(start + 1), Some("renumbered"))
+    );
+    // A client resuming after a position the log no longer has is told so too.
+    let mut late = app.ws(&format!("?since={}", start + 3)).await;
+    let first = late.next_json(Duration::from_secs(10)).await;
+    assert_eq!(
+        (first["type"].as_str(), first["reason"].as_str()),
+        (Some("resync"), Some("position_unknown")),
+        "{first}"
+    );
+}
