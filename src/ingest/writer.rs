@@ -262,6 +262,10 @@ UPDATE kafka_offsets k SET next_offset = v.n, log_generation = v.g,
 FROM unnest($3::int[], $4::bigint[], $5::int[]) AS v(p, n, g)
 WHERE k.group_id = $1 AND k.kafka_topic = $2 AND k.kafka_partition = v.p";
 
+/// Careful mode checks every constraint after each statement, except the
+/// change log's sequencer, which must run at commit.
+const CAREFUL_CONSTRAINTS_SQL: &str = "SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS change_tx_sequence DEFERRED";
+
 const PRUNE_EVENTS_SQL: &str = "\
 DELETE FROM ingested_events WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM ingested_events WHERE ingested_at < now() - make_interval(secs => $1) LIMIT 50000))";
@@ -393,6 +397,17 @@ impl Writer {
             let conn = self.connect().await?;
             let run = async {
                 let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
+                if careful {
+                    // A savepoint does not check deferred constraints (a
+                    // DBA's DEFERRABLE INITIALLY DEFERRED foreign key, say):
+                    // checked at COMMIT, the culprit would fail the batch
+                    // again and again. Checked at the end of each statement,
+                    // its message's savepoint sees it. The change log's
+                    // sequencer stays deferred: it must run at commit (V9).
+                    tx.batch_execute(CAREFUL_CONSTRAINTS_SQL)
+                        .await
+                        .map_err(|e| classify(e, "Failed to make the constraints immediate"))?;
+                }
                 let step = apply(&mut tx, &conn.st, batch, &scope, careful, &ends).await?;
                 match step {
                     Step::Done(_) => tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?,

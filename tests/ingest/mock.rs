@@ -448,4 +448,53 @@ async fn a_partition_starts_at_the_position_postgresql_stored_not_where_kafka_sa
     // 3 and 4 were applied by the first group: duplicates by event id.
     assert_eq!((k["written"].as_u64(), k["duplicates"].as_u64()), (Some(3), Some(2)), "{k}");
     assert_eq!(position_and_generation(&db, &other).await, (Some(8), 0));
+
+/// A deferred constraint a DBA added (here a DEFERRABLE INITIALLY DEFERRED
+/// foreign key to a products table) refuses one event's row only at COMMIT:
+/// the batch is redone one message at a time with constraints checked per
+/// statement, so only that event is dead-lettered, the others apply and the
+/// partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_constraint_refusing_one_event_dead_letters_it_alone() {
+    use crate::kafka::*;
+    use serde_json::json;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |s| s.kafka.batch_wait_ms = 500).await;
+    app.sql()
+        .await
+        .batch_execute(
+            "CREATE TABLE products (name text PRIMARY KEY); \
+             INSERT INTO products VALUES ('Widget'); \
+             ALTER TABLE orders ADD CONSTRAINT orders_product_fk FOREIGN KEY (product) REFERENCES products (name) \
+                 DEFERRABLE INITIALLY DEFERRED",
+        )
+        .await
+        .unwrap();
+    let producer = producer(&broker);
+    let mut bad = created("fk-bad");
+    bad["order"]["product"] = json!("Unlisted");
+    let good = |x: &str| {
+        let mut e = created(x);
+        e["order"]["product"] = json!("Widget");
+        e
+    };
+    for e in [good("fk-good-1"), bad, good("fk-good-2"), status_changed("fk-good-1", "processing")] {
+        send_event(&producer, &n.topic, &e).await;
+    }
+    wait_count(&app.db_url, "SELECT count(*) FROM dead_letters", 1, WAIT).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'fk-good-%'", 2, WAIT).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE status = 'processing'", 1, WAIT).await;
+    let db = app.sql().await;
+    let dead = dead_letters(&db).await;
+    assert_eq!((dead[0].0, dead[0].1.as_str()), (1, "database_rejected"), "{dead:?}");
+    assert!(dead[0].2.contains("orders_product_fk"), "{dead:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id = 'fk-bad'").await, 0);
+    // The partition moves on: a later event applies too.
+    send_event(&producer, &n.topic, &good("fk-good-3")).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'fk-good-3'", 1, WAIT).await;
+    assert_eq!(stored(&db, &n).await, [(0, Some(5))]);
+    // The change log's sequencer still ran at commit: positions are unique.
+    assert_eq!(count(&db, "SELECT count(*) - count(DISTINCT end_pos) FROM change_tx").await, 0);
 }
