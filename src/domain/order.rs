@@ -201,6 +201,12 @@ impl NewOrder {
     pub const FIELDS: [&'static str; 7] =
         ["external_id", "customer_name", "customer_email", "product", "quantity", "unit_price", "status"];
 
+    /// An external_id as every path must accept it: text, not blank, at
+    /// most MAX_TEXT characters, no NUL; trimmed.
+    pub fn parse_external_id(v: &Value) -> Result<String, ValidationError> {
+        text("external_id", v, MAX_TEXT)
+    }
+
     pub fn parse(value: &Value) -> Result<NewOrder, ValidationError> {
         let map = object(value)?;
         reject_unknown(map, &Self::FIELDS)?;

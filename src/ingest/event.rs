@@ -215,12 +215,11 @@ fn parse_identified(map: &Map<String, Value>, event_id: Uuid, key: Option<&str>)
         Some(_) => return Err(envelope_error("order must be an object")),
         None => return Err(envelope_error("order is required")),
     };
+    // The same rule for every event type as for creates (and REST): a NUL
+    // or an unbounded length would otherwise reach the batch statements
+    // (failing a whole multi-row UPDATE) and the dead letters' details.
     let (external_id, as_sent) = match order.get("external_id") {
-        Some(Value::String(s)) if !s.trim().is_empty() => (s.trim().to_string(), s.as_str()),
-        Some(Value::String(_)) => {
-            return Err(Rejection::new(Reason::ValidationFailed, "order.external_id: must not be empty"))
-        }
-        Some(_) => return Err(Rejection::new(Reason::ValidationFailed, "order.external_id: must be a string")),
+        Some(v) => (NewOrder::parse_external_id(v)?, v.as_str().unwrap_or_default()),
         None => return Err(Rejection::new(Reason::ValidationFailed, "order.external_id: is required")),
     };
     // The key may be the external_id as the producer sent it, before the
@@ -378,6 +377,35 @@ mod tests {
 
         let v = json!({"event_id": Uuid::new_v4(), "type": "order_updated", "order": {"external_id": "e", "quantity": 1, "version": 2}, "occurred_at": "2025-01-31T12:00:00Z"});
         assert_eq!(reason(&v, None), Reason::ValidationFailed);
+    }
+
+    /// An update, status change or cancellation checks its external_id as a
+    /// create does: a NUL or an over-long one is invalid alone, before any
+    /// statement sees it.
+    #[test]
+    fn every_event_types_external_id_is_validated_like_a_creates() {
+        let long = "x".repeat(201);
+        for kind in ["order_created", "order_updated", "status_changed", "order_cancelled"] {
+            for bad in [json!("a\u{0}b"), json!(long), json!("  "), json!(7), Value::Null] {
+                let mut v = created();
+                v["type"] = json!(kind);
+                if kind != "order_created" {
+                    v["order"] = json!({"status": "cancelled"});
+                }
+                v["order"]["external_id"] = bad.clone();
+                let r = parse_event(&v, None).unwrap_err();
+                assert_eq!(r.reason, Reason::ValidationFailed, "{kind} with {bad}: {r:?}");
+                assert!(r.detail.starts_with("order.external_id:"), "{kind}: {}", r.detail);
+                assert!(r.detail.len() < 200, "the detail does not repeat the value: {}", r.detail);
+            }
+            let mut v = created();
+            v["type"] = json!(kind);
+            if kind != "order_created" {
+                v["order"] = json!({"status": "cancelled"});
+            }
+            v["order"]["external_id"] = json!("y".repeat(200));
+            assert!(parse_event(&v, None).is_ok(), "{kind}: 200 characters are fine");
+        }
     }
 
     #[test]
