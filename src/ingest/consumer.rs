@@ -403,7 +403,7 @@ pub async fn read(
                     state.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     state.set_brokers_up(true);
                     let msg = to_message(&m, &settings);
-                    bytes += msg.payload.as_ref().map_or(0, Vec::len) + msg.key.as_ref().map_or(0, Vec::len);
+                    bytes += msg.size();
                     batch.push(msg);
                     if linger_until.is_none() {
                         linger_until = Some(tokio::time::Instant::now() + settings.batch_wait());

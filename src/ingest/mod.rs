@@ -57,6 +57,16 @@ pub struct Message {
     pub decoded: Result<OrderEvent, Rejection>,
 }
 
+impl Message {
+    /// What the message weighs against `ORDERCAST_INGEST_BATCH_MAX_BYTES`:
+    /// its key, value, and header keys and values (headers are copied and
+    /// kept as well, and a producer may send large ones).
+    pub fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+        self.payload.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len) + headers
+    }
+}
+
 /// Messages applied together in one transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -638,6 +648,22 @@ mod tests {
         assert_eq!(v[1], json!({"key": "bin", "value_base64": "/wA="}));
         assert_eq!(dlq::headers_from_json(&v)[1], ("bin".to_string(), Some(vec![0xff, 0x00])));
         assert_eq!(dlq::headers_from_json(&v)[2], ("none".to_string(), None));
+    }
+
+    #[test]
+    fn a_messages_size_counts_its_key_value_and_headers() {
+        let m = Message {
+            partition: 0,
+            offset: 0,
+            key: Some(b"key".to_vec()),
+            payload: Some(vec![0; 10]),
+            headers: vec![("content-type".into(), Some(b"application/json".to_vec())), ("none".into(), None)],
+            timestamp_ms: None,
+            decoded: Err(event::Rejection::new(event::Reason::EmptyPayload, "")),
+        };
+        assert_eq!(m.size(), 3 + 10 + "content-type".len() + "application/json".len() + "none".len());
+        let bare = Message { key: None, payload: None, headers: Vec::new(), ..m };
+        assert_eq!(bare.size(), 0);
     }
 
     #[test]
