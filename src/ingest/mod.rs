@@ -368,6 +368,16 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
             &shutdown,
         ),
         supervise(
+            "the ingest pruner",
+            prune_loop(
+                Writer::new(database_url, &settings.group_id, &settings.topic),
+                settings.clone(),
+                shutdown.clone(),
+            ),
+            &state,
+            &shutdown,
+        ),
+        supervise(
             "the dead-letter publisher",
             dlq::run(database_url.to_string(), producer, settings.clone(), state.clone(), wake, shutdown.clone()),
             &state,
@@ -462,6 +472,24 @@ async fn write_until_committed(
     outcome
 }
 
+/// Forgets event ids older than the dedupe window and published dead letters
+/// older than their retention, at start and every `PRUNE_EVERY`, on its own
+/// connection: it runs on schedule however busy the writers are, and removes
+/// everything due each time (in rounds, see `Writer::prune`).
+async fn prune_loop(mut writer: Writer, settings: KafkaSettings, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        match writer.prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs, &shutdown).await {
+            Ok((e, d)) if e + d > 0 => log::info!("pruned {e} old event ids and {d} published dead letters"),
+            Ok(_) => {}
+            Err(e) => log::warn!("pruning the ingest's old event ids and dead letters failed (retried later): {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// Writes batches as they come; commits positions to Kafka now and then; stops
 /// at shutdown after a last commit to Kafka.
 ///
@@ -519,12 +547,10 @@ async fn write_loop(
         }
         // Dropping the senders lets each writer finish what it has and stop.
     };
-    let write = |(i, (mut writer, mut parts)): (usize, (Writer, mpsc::Receiver<Batch>))| {
+    let write = |(mut writer, mut parts): (Writer, mpsc::Receiver<Batch>)| {
         let (consumer, settings, state, dlq_wake) = (&consumer, &settings, &state, &dlq_wake);
         let mut shutdown = shutdown.clone();
         async move {
-            // The first writer also prunes the ingest's bookkeeping.
-            let mut next_prune = (i == 0).then(tokio::time::Instant::now);
             loop {
                 let part = tokio::select! {
                     biased;
@@ -533,15 +559,6 @@ async fn write_loop(
                         Some(p) => p,
                         None => break,
                     },
-                    _ = tokio::time::sleep_until(next_prune.unwrap_or_else(tokio::time::Instant::now)), if next_prune.is_some() => {
-                        next_prune = Some(tokio::time::Instant::now() + PRUNE_EVERY);
-                        match writer.prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs).await {
-                            Ok((e, d)) if e + d > 0 => log::info!("pruned {e} old event ids and {d} published dead letters"),
-                            Ok(_) => {}
-                            Err(e) => log::debug!("pruning ingest bookkeeping failed: {e}"),
-                        }
-                        continue;
-                    }
                 };
                 let Some(outcome) = write_until_committed(&mut writer, &part, state, shutdown.clone()).await else {
                     break; // shutdown while retrying
@@ -576,7 +593,7 @@ async fn write_loop(
             }
         }
     };
-    let writing = futures_util::future::join_all(writers.into_iter().zip(receivers).enumerate().map(write));
+    let writing = futures_util::future::join_all(writers.into_iter().zip(receivers).map(write));
     tokio::join!(dispatch, writing);
     // Leave Kafka as current as PostgreSQL, so the next owner re-reads
     // little, then leave the group so it need not wait for a session timeout.

@@ -266,12 +266,18 @@ WHERE k.group_id = $1 AND k.kafka_topic = $2 AND k.kafka_partition = v.p";
 /// change log's sequencer, which must run at commit.
 const CAREFUL_CONSTRAINTS_SQL: &str = "SET CONSTRAINTS ALL IMMEDIATE; SET CONSTRAINTS change_tx_sequence DEFERRED";
 
+/// Rows one pruning DELETE removes at most: each round is a short
+/// transaction; rounds repeat until one removes fewer.
+pub const PRUNE_ROUND: i64 = 50_000;
+
 const PRUNE_EVENTS_SQL: &str = "\
 DELETE FROM ingested_events WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM ingested_events WHERE ingested_at < now() - make_interval(secs => $1) LIMIT 50000))";
+    SELECT ctid FROM ingested_events WHERE ingested_at < now() - make_interval(secs => $1) LIMIT $2))";
 
 const PRUNE_DEAD_LETTERS_SQL: &str = "\
-DELETE FROM dead_letters WHERE published_at IS NOT NULL AND received_at < now() - make_interval(secs => $1)";
+DELETE FROM dead_letters WHERE id = ANY(ARRAY(
+    SELECT id FROM dead_letters
+    WHERE published_at IS NOT NULL AND received_at < now() - make_interval(secs => $1) LIMIT $2))";
 
 struct Statements {
     lock: Statement,
@@ -431,20 +437,32 @@ impl Writer {
         )))
     }
 
-    /// Forgets old event ids and published dead letters.
-    pub async fn prune(&mut self, dedupe_secs: u64, dead_letter_secs: u64) -> Result<(u64, u64), WriteError> {
-        let conn = self.connect().await?;
-        let events = conn
-            .client
-            .execute(PRUNE_EVENTS_SQL, &[&(dedupe_secs as f64)])
-            .await
-            .map_err(|e| classify(e, "Failed to prune ingested_events"))?;
-        let letters = conn
-            .client
-            .execute(PRUNE_DEAD_LETTERS_SQL, &[&(dead_letter_secs as f64)])
-            .await
-            .map_err(|e| classify(e, "Failed to prune dead_letters"))?;
-        Ok((events, letters))
+    /// Forgets old event ids and published dead letters: `PRUNE_ROUND` rows
+    /// at a time until a round removes fewer (or `stop` says so), yielding
+    /// between rounds, so pruning keeps up with any ingest rate.
+    pub async fn prune(
+        &mut self,
+        dedupe_secs: u64,
+        dead_letter_secs: u64,
+        stop: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(u64, u64), WriteError> {
+        let mut removed = [0u64; 2];
+        for (total, (sql, secs, what)) in removed.iter_mut().zip([
+            (PRUNE_EVENTS_SQL, dedupe_secs, "Failed to prune ingested_events"),
+            (PRUNE_DEAD_LETTERS_SQL, dead_letter_secs, "Failed to prune dead_letters"),
+        ]) {
+            loop {
+                let conn = self.connect().await?;
+                let n =
+                    conn.client.execute(sql, &[&(secs as f64), &PRUNE_ROUND]).await.map_err(|e| classify(e, what))?;
+                *total += n;
+                if n < PRUNE_ROUND as u64 || *stop.borrow() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok((removed[0], removed[1]))
     }
 }
 

@@ -498,3 +498,46 @@ async fn a_deferred_constraint_refusing_one_event_dead_letters_it_alone() {
     // The change log's sequencer still ran at commit: positions are unique.
     assert_eq!(count(&db, "SELECT count(*) - count(DISTINCT end_pos) FROM change_tx").await, 0);
 }
+
+/// Old event ids and published dead letters are pruned all at once, however
+/// many are due: more than one pruning round's worth of each is gone after
+/// the start's pruning, while recent ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_removes_every_expired_event_id_and_dead_letter_not_just_one_round() {
+    use crate::kafka::*;
+    use ordercast::ingest::writer::PRUNE_ROUND;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let db = Db::create().await;
+    let sql = db.sql().await;
+    let expired = PRUNE_ROUND * 2 + 10;
+    sql.execute(
+        "INSERT INTO ingested_events (event_id, kafka_topic, kafka_partition, kafka_offset, occurred_at, ingested_at) \
+         SELECT gen_random_uuid(), 'old', 0, i, now(), now() - interval '8 days' FROM generate_series(1, $1::bigint) AS i",
+        &[&expired],
+    )
+    .await
+    .unwrap();
+    sql.execute(
+        "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, reason, detail, received_at, \
+                                   published_at) \
+         SELECT 'old', 'old', 0, i, 'invalid_json', 'x', now() - interval '31 days', now() - interval '31 days' \
+         FROM generate_series(1, $1::bigint) AS i",
+        &[&(PRUNE_ROUND + 10)],
+    )
+    .await
+    .unwrap();
+    sql.batch_execute(
+        "INSERT INTO ingested_events (event_id, kafka_topic, kafka_partition, kafka_offset, occurred_at) \
+         VALUES (gen_random_uuid(), 'recent', 0, 0, now())",
+    )
+    .await
+    .unwrap();
+
+    let _app = spawn_ingest_on(&db.url, &broker, &n).await;
+    wait_count(&db.url, "SELECT (count(*) = 0)::int::bigint FROM dead_letters", 1, WAIT).await;
+    wait_count(&db.url, "SELECT (count(*) = 1)::int::bigint FROM ingested_events", 1, WAIT).await;
+    let recent = count(&sql, "SELECT count(*) FROM ingested_events WHERE kafka_topic = 'recent'").await;
+    assert_eq!(recent, 1, "ids within the dedupe window stay");
+}
