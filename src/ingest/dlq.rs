@@ -28,11 +28,13 @@ use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::future::join_all;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::{watch, Notify};
 use tokio_postgres::NoTls;
 
+use super::event::cap_detail;
 use super::settings::KafkaSettings;
 use super::IngestState;
 
@@ -124,50 +126,28 @@ async fn publish_pending(
             .context("Failed to read unpublished dead letters")?;
         if rows.is_empty() {
             tx.commit().await.map_err(crate::db::describe)?;
-            let pending: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM dead_letters WHERE published_at IS NULL AND group_id = $1 AND kafka_topic = $2",
-                    &[group, source],
-                )
-                .await
-                .map_err(crate::db::describe)?
-                .get(0);
-            state.dlq_pending.store(pending, Ordering::Relaxed);
+            refresh_pending(client, settings, state).await?;
             return Ok(());
         }
-        let sends = rows.iter().map(|r| {
-            let key: Option<Vec<u8>> = r.get(1);
-            let payload: Option<Vec<u8>> = r.get(2);
-            let original: serde_json::Value = r.get(3);
-            let stamp: Option<DateTime<Utc>> = r.get(7);
-            let received: DateTime<Utc> = r.get(8);
-            let mut headers = OwnedHeaders::new();
-            for (k, v) in headers_from_json(&original) {
-                headers = headers.insert(Header { key: &k, value: v.as_deref() });
-            }
-            let meta: [(&str, String); 9] = [
-                ("dlq-reason", r.get::<_, String>(9)),
-                ("dlq-detail", r.get::<_, String>(10)),
-                ("dlq-original-topic", r.get::<_, String>(4)),
-                ("dlq-original-partition", r.get::<_, i32>(5).to_string()),
-                ("dlq-original-offset", r.get::<_, i64>(6).to_string()),
-                ("dlq-original-timestamp", stamp.map(|t| t.timestamp_millis().to_string()).unwrap_or_default()),
-                ("dlq-original-log-generation", r.get::<_, i32>(12).to_string()),
-                ("dlq-time", received.to_rfc3339_opts(SecondsFormat::Millis, true)),
-                ("dlq-group", r.get::<_, String>(11)),
-            ];
-            for (k, v) in &meta {
-                headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
-            }
-            async move {
-                let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(topic).headers(headers);
-                if let Some(k) = &key {
-                    record = record.key(k);
+        let sends = rows.iter().map(|r| async move {
+            let letter = Letter::from_row(r);
+            match producer.send(letter.record(topic, true), DELIVERY_TIMEOUT).await {
+                Err((KafkaError::MessageProduction(code), _)) if permanent(code) => {
+                    // The dead letter with its original key, value and
+                    // headers can never be produced (too large for the
+                    // dead-letter topic, say): it goes without them, saying
+                    // so; the original stays in the dead_letters table.
+                    log::warn!(
+                        "dead letter {} (partition {}, offset {}) cannot be produced with its original message \
+                         ({code}): producing it without its key, value and headers",
+                        letter.id,
+                        letter.meta[3].1,
+                        letter.meta[4].1
+                    );
+                    let record = letter.record(topic, false);
+                    producer.send(record, DELIVERY_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| e)
                 }
-                if let Some(p) = &payload {
-                    record = record.payload(p);
-                }
-                producer.send(record, DELIVERY_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| e)
+                other => other.map(|_| ()).map_err(|(e, _)| e),
             }
         });
         let results = join_all(sends).await;
@@ -177,9 +157,113 @@ async fn publish_pending(
             .map_err(crate::db::describe)?;
         tx.commit().await.map_err(crate::db::describe)?;
         state.dlq_published.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        refresh_pending(client, settings, state).await?;
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
             anyhow::bail!("{} of {} dead letters not delivered: {e}", rows.len() - ids.len(), rows.len());
         }
+    }
+}
+
+/// `dlq_pending`, counted after every round (not only once all is published).
+async fn refresh_pending(
+    client: &tokio_postgres::Client,
+    settings: &KafkaSettings,
+    state: &IngestState,
+) -> anyhow::Result<()> {
+    let pending: i64 = client
+        .query_one(
+            "SELECT count(*) FROM dead_letters WHERE published_at IS NULL AND group_id = $1 AND kafka_topic = $2",
+            &[&settings.group_id, &settings.topic],
+        )
+        .await
+        .map_err(crate::db::describe)?
+        .get(0);
+    state.dlq_pending.store(pending, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Produce errors that trying again cannot cure: the message itself is refused.
+fn permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+    )
+}
+
+/// A key longer than this is left out of a dead letter produced without its
+/// original message.
+const MAX_BARE_KEY: usize = 1024;
+
+/// One row of `dead_letters`, ready to produce.
+struct Letter {
+    id: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    original: Vec<(String, Option<Vec<u8>>)>,
+    meta: [(&'static str, String); 9],
+}
+
+impl Letter {
+    fn from_row(r: &tokio_postgres::Row) -> Letter {
+        let stamp: Option<DateTime<Utc>> = r.get(7);
+        let received: DateTime<Utc> = r.get(8);
+        Letter {
+            id: r.get(0),
+            key: r.get(1),
+            payload: r.get(2),
+            original: headers_from_json(&r.get::<_, serde_json::Value>(3)),
+            meta: [
+                ("dlq-reason", r.get::<_, String>(9)),
+                // Rows recorded before details were capped may be long.
+                ("dlq-detail", cap_detail(r.get::<_, String>(10))),
+                ("dlq-original-topic", r.get::<_, String>(4)),
+                ("dlq-original-partition", r.get::<_, i32>(5).to_string()),
+                ("dlq-original-offset", r.get::<_, i64>(6).to_string()),
+                ("dlq-original-timestamp", stamp.map(|t| t.timestamp_millis().to_string()).unwrap_or_default()),
+                ("dlq-original-log-generation", r.get::<_, i32>(12).to_string()),
+                ("dlq-time", received.to_rfc3339_opts(SecondsFormat::Millis, true)),
+                ("dlq-group", r.get::<_, String>(11)),
+            ],
+        }
+    }
+
+    /// The record to produce: with the original key, value and headers, or
+    /// (`whole` false) without them and with a `dlq-omitted` header saying so
+    /// (the key is kept when it is short).
+    fn record<'a>(&'a self, topic: &'a str, whole: bool) -> FutureRecord<'a, Vec<u8>, Vec<u8>> {
+        let mut headers = OwnedHeaders::new();
+        if whole {
+            for (k, v) in &self.original {
+                headers = headers.insert(Header { key: k, value: v.as_deref() });
+            }
+        }
+        for (k, v) in &self.meta {
+            headers = headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let key = self.key.as_ref().filter(|k| whole || k.len() <= MAX_BARE_KEY);
+        if !whole {
+            let omitted = format!(
+                "the original message ({} bytes of key, {} of value, {} headers) could not be produced to the \
+                 dead-letter topic; it is kept in the dead_letters table (id {}){}",
+                self.key.as_ref().map_or(0, Vec::len),
+                self.payload.as_ref().map_or(0, Vec::len),
+                self.original.len(),
+                self.id,
+                if key.is_some() { ", key included" } else { "" }
+            );
+            headers = headers.insert(Header { key: "dlq-omitted", value: Some(omitted.as_bytes()) });
+        }
+        let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(topic).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let (true, Some(p)) = (whole, &self.payload) {
+            record = record.payload(p);
+        }
+        record
     }
 }
 

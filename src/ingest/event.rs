@@ -82,8 +82,34 @@ pub struct Rejection {
 }
 
 impl Rejection {
+    /// The detail is cut to `MAX_DETAIL` bytes: it goes into the dead letter's
+    /// `dlq-detail` header next to the original message, and must not make
+    /// that message too large for the dead-letter topic.
     pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into(), event_id: None }
+        Rejection { reason, detail: cap_detail(detail.into()), event_id: None }
+    }
+}
+
+/// The longest dead-letter detail kept, in bytes.
+pub const MAX_DETAIL: usize = 1024;
+
+/// A detail cut to `MAX_DETAIL` bytes at a character boundary, marked as cut.
+pub fn cap_detail(s: String) -> String {
+    if s.len() <= MAX_DETAIL {
+        return s;
+    }
+    let mut end = MAX_DETAIL;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut, {} bytes in all)", &s[..end], s.len())
+}
+
+/// A value from the message quoted in a detail: at most 100 characters of it.
+pub fn quote(s: &str) -> String {
+    match s.char_indices().nth(100) {
+        None => format!("{s:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes in all)", &s[..end], s.len()),
     }
 }
 
@@ -180,11 +206,11 @@ fn envelope_error(detail: impl Into<String>) -> Rejection {
 pub fn parse_event(value: &Value, key: Option<&str>) -> Result<OrderEvent, Rejection> {
     let map = value.as_object().ok_or_else(|| envelope_error("the event must be a JSON object"))?;
     if let Some(k) = map.keys().find(|k| !ENVELOPE_FIELDS.contains(&k.as_str())) {
-        return Err(envelope_error(format!("unknown field {k:?}; expected {}", ENVELOPE_FIELDS.join(", "))));
+        return Err(envelope_error(format!("unknown field {}; expected {}", quote(k), ENVELOPE_FIELDS.join(", "))));
     }
     let event_id = match map.get("event_id") {
         Some(Value::String(s)) => {
-            Uuid::parse_str(s).map_err(|_| envelope_error(format!("event_id {s:?} is not a UUID")))?
+            Uuid::parse_str(s).map_err(|_| envelope_error(format!("event_id {} is not a UUID", quote(s))))?
         }
         Some(_) => return Err(envelope_error("event_id must be a UUID string")),
         None => return Err(envelope_error("event_id is required")),
@@ -196,7 +222,8 @@ fn parse_identified(map: &Map<String, Value>, event_id: Uuid, key: Option<&str>)
     let kind = match map.get("type") {
         Some(Value::String(s)) => EventType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| {
             envelope_error(format!(
-                "unknown event type {s:?}; expected one of: {}",
+                "unknown event type {}; expected one of: {}",
+                quote(s),
                 EventType::ALL.map(EventType::as_str).join(", ")
             ))
         })?,
@@ -205,7 +232,7 @@ fn parse_identified(map: &Map<String, Value>, event_id: Uuid, key: Option<&str>)
     };
     let occurred_at = match map.get("occurred_at") {
         Some(Value::String(s)) => DateTime::parse_from_rfc3339(s)
-            .map_err(|e| envelope_error(format!("occurred_at {s:?} is not an RFC 3339 time: {e}")))?
+            .map_err(|e| envelope_error(format!("occurred_at {} is not an RFC 3339 time: {e}", quote(s))))?
             .with_timezone(&Utc),
         Some(_) => return Err(envelope_error("occurred_at must be an RFC 3339 string")),
         None => return Err(envelope_error("occurred_at is required")),
@@ -228,7 +255,7 @@ fn parse_identified(map: &Map<String, Value>, event_id: Uuid, key: Option<&str>)
         if k != external_id && k != as_sent {
             return Err(Rejection::new(
                 Reason::KeyMismatch,
-                format!("the message key {k:?} is not the order's external_id {external_id:?}"),
+                format!("the message key {} is not the order's external_id {}", quote(k), quote(&external_id)),
             ));
         }
     }
@@ -406,6 +433,21 @@ mod tests {
             v["order"]["external_id"] = json!("y".repeat(200));
             assert!(parse_event(&v, None).is_ok(), "{kind}: 200 characters are fine");
         }
+    }
+
+    #[test]
+    fn details_and_the_values_they_quote_are_cut() {
+        let key = "k".repeat(500_000);
+        let r = parse_event(&created(), Some(&key)).unwrap_err();
+        assert_eq!(r.reason, Reason::KeyMismatch);
+        assert!(r.detail.len() < 300, "{}", r.detail);
+        assert!(r.detail.contains("(500000 bytes in all)"), "{}", r.detail);
+        let long = "é".repeat(1000); // 2 bytes each: a cut inside one must move back
+        let cut = Rejection::new(Reason::DatabaseRejected, format!("x{long}")).detail;
+        assert!(cut.len() <= MAX_DETAIL + 40 && cut.ends_with("… (cut, 2001 bytes in all)"), "{cut}");
+        assert!(cut.starts_with("xéé"));
+        assert_eq!(Rejection::new(Reason::DatabaseRejected, "short").detail, "short");
+        assert_eq!(quote("ab"), "\"ab\"");
     }
 
     #[test]

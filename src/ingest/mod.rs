@@ -176,6 +176,7 @@ impl IngestState {
         !self.enabled
             || (self.failing_writers.load(Ordering::Relaxed) == 0
                 && self.brokers_up.load(Ordering::Relaxed)
+                && self.dlq_error.lock().unwrap().is_none() // unwrap: never held across a panic
                 && self.task_failure.lock().unwrap().is_none()) // unwrap: never held across a panic
     }
 
@@ -722,5 +723,8 @@ mod tests {
         on.failing_writers.store(1, Ordering::Relaxed);
         assert_eq!(on.health()["state"], "degraded");
         assert_eq!(on.health()["healthy"], false);
+        let publishing = IngestState::running(&settings);
+        *publishing.dlq_error.lock().unwrap() = Some("dead letters not delivered".into());
+        assert_eq!(publishing.health()["state"], "degraded", "dead letters that cannot be published");
     }
 }

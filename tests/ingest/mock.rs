@@ -541,3 +541,51 @@ async fn pruning_removes_every_expired_event_id_and_dead_letter_not_just_one_rou
     let recent = count(&sql, "SELECT count(*) FROM ingested_events WHERE kafka_topic = 'recent'").await;
     assert_eq!(recent, 1, "ids within the dedupe window stay");
 }
+
+/// Dead letters the dead-letter topic cannot take as they are do not hold
+/// up the others: a message just under the size limit, which its dead-letter
+/// headers push over it, is published without its key, value and headers
+/// (a `dlq-omitted` header says so); a key mismatch with a huge key is
+/// published whole, its detail cut; the dead letters after them are
+/// published too, and the ingest stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_the_dead_letter_topic_does_not_block_the_others() {
+    use crate::kafka::*;
+    use rdkafka::message::Message;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let producer = producer(&broker);
+    // librdkafka's message.max.bytes is 1,000,000 (key + value + headers).
+    let near_limit = vec![b'x'; 999_800];
+    send(&producer, &n.topic, Some("big-1"), Some(&near_limit), &[]).await; // 0 invalid_json
+    let key = "k".repeat(400_000);
+    let mut padded = created("kb").to_string();
+    padded.push_str(&" ".repeat(400_000));
+    send(&producer, &n.topic, Some(&key), Some(padded.as_bytes()), &[]).await; // 1 key_mismatch
+    send(&producer, &n.topic, Some("small"), Some(b"not json"), &[]).await; // 2 invalid_json
+    let app = spawn_ingest(&broker, &n, |_| {}).await;
+
+    let dlq = read_topic(&broker, &n.dlq, 3).await;
+    let by_offset = |o: &str| dlq.iter().find(|m| header(m, "dlq-original-offset").as_deref() == Some(o)).unwrap();
+    let big = by_offset("0");
+    assert_eq!((big.payload(), big.key()), (None, Some(&b"big-1"[..])));
+    assert_eq!(header(big, "dlq-reason").as_deref(), Some("invalid_json"));
+    assert!(header(big, "dlq-omitted").unwrap().contains("999800 of value"), "{:?}", header(big, "dlq-omitted"));
+    let mismatch = by_offset("1");
+    assert_eq!(mismatch.payload(), Some(padded.as_bytes()), "published whole");
+    assert_eq!(mismatch.key(), Some(key.as_bytes()));
+    assert!(header(mismatch, "dlq-detail").unwrap().len() < 1200, "the detail is cut");
+    assert_eq!(by_offset("2").payload(), Some(&b"not json"[..]));
+    let k = crate::helpers::eventually(WAIT, || async {
+        let (_, h) = app.get_json("/api/health").await;
+        (h["kafka"]["dlq_published"] == 3 && h["kafka"]["dlq_pending"] == 0).then(|| h["kafka"].clone())
+    })
+    .await;
+    assert_eq!((k["state"].as_str(), &k["dlq_error"]), (Some("running"), &Value::Null), "{k}");
+    let db = app.sql().await;
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters WHERE published_at IS NULL").await, 0);
+    let original: Vec<u8> =
+        db.query_one("SELECT payload FROM dead_letters WHERE kafka_offset = 0", &[]).await.unwrap().get(0);
+    assert_eq!(original.len(), 999_800, "the original is kept in the table");
+}
