@@ -448,6 +448,7 @@ async fn a_partition_starts_at_the_position_postgresql_stored_not_where_kafka_sa
     // 3 and 4 were applied by the first group: duplicates by event id.
     assert_eq!((k["written"].as_u64(), k["duplicates"].as_u64()), (Some(3), Some(2)), "{k}");
     assert_eq!(position_and_generation(&db, &other).await, (Some(8), 0));
+}
 
 /// A deferred constraint a DBA added (here a DEFERRABLE INITIALLY DEFERRED
 /// foreign key to a products table) refuses one event's row only at COMMIT:
