@@ -205,11 +205,10 @@ impl Feed {
                 Ok(sub) => {
                     self.recoveries += 1;
                     self.resubscribe = false;
-                    let went_back = self.sub.as_ref().is_some_and(|old| old.epoch != sub.epoch);
-                    if went_back && self.last > sub.start {
-                        // The log went back (the database lost commits that
-                        // were pushed): the positions after `sub.start` are
-                        // numbered again, so the client must reload.
+                    if self.sub.as_ref().is_some_and(|old| old.epoch != sub.epoch) {
+                        // The log lost commits that were pushed (`Hub::rewind`):
+                        // positions the client holds may be numbered again,
+                        // so it must reload, then go on after `sub.start`.
                         self.buf.push_back(Item::Resync { reason: "position_unknown", position: sub.start });
                         self.last = sub.start;
                         self.scan = sub.start;

@@ -64,12 +64,12 @@ impl ListenerState {
 
 /// Runs until the hub shuts down.
 pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
-    let mut position = hub.position();
-    state.position.store(position, Ordering::Relaxed);
+    let mut at = Position { pos: hub.position(), committed_micros: None };
+    state.position.store(at.pos, Ordering::Relaxed);
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let result = session(&url, &hub, &state, &mut position).await;
+        let result = session(&url, &hub, &state, &mut at).await;
         state.connected.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return, // the hub is gone: shutting down
@@ -86,7 +86,35 @@ pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
     }
 }
 
-async fn session(url: &str, hub: &Hub, state: &ListenerState, position: &mut i64) -> anyhow::Result<()> {
+/// Where the listener is: the last position published, and the commit time
+/// of the change there (once it has read one), to recognise it on reconnect.
+struct Position {
+    pos: i64,
+    committed_micros: Option<i64>,
+}
+
+/// The commit time of the transaction that holds position `$1`.
+const COMMITTED_AT_SQL: &str = "SELECT committed_at FROM change_tx WHERE base_pos < $1 AND end_pos >= $1";
+
+/// Whether the log still holds the change the listener published last: the
+/// head is not below it, and the transaction at its position committed when
+/// it did. Otherwise the database lost commits that were pushed (a failover
+/// to a standby that missed them, a restored backup, a crash under
+/// `synchronous_commit = off` before V12), and their positions are, or will
+/// be, numbered again.
+async fn log_kept(client: &tokio_postgres::Client, at: &Position, head: i64) -> anyhow::Result<bool> {
+    if head < at.pos {
+        return Ok(false);
+    }
+    let Some(micros) = at.committed_micros else { return Ok(true) };
+    let row = client.query_opt(COMMITTED_AT_SQL, &[&at.pos]).await.map_err(crate::db::describe)?;
+    // No row: pruned (retention moved past it), which is no sign of loss.
+    Ok(row.is_none_or(|r| {
+        r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0).is_none_or(|t| t.timestamp_micros() == micros)
+    }))
+}
+
+async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position) -> anyhow::Result<()> {
     let mut config = crate::db::pg_config(url)?;
     config.application_name("ordercast-listener");
     let (client, mut connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
@@ -110,29 +138,30 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, position: &mut i64
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(crate::db::describe).context("LISTEN failed")?;
     let read = client.prepare(READ_SQL).await.map_err(crate::db::describe)?;
     // Positions only grow, unless the database lost commits that were
-    // pushed (a failover to a standby that missed them, a restored backup):
-    // then the next commits are numbered with positions clients hold.
+    // pushed: then commits are numbered again with positions clients hold,
+    // and every live client must reload (after the head).
     let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
-    if head < *position {
+    if !log_kept(&client, at, head).await? {
         log::error!(
-            "the change log went back from position {position} to {head}: the database lost commits that \
-             were pushed; live clients are told to resync"
+            "the change log no longer holds the change at position {} that was pushed (its head is {head}): \
+             the database lost commits; live clients are told to resync",
+            at.pos
         );
         if hub.rewind(head).await.is_err() {
             return Ok(());
         }
-        *position = head;
+        *at = Position { pos: head, committed_micros: None };
         state.position.store(head, Ordering::Relaxed);
     }
     state.connected.store(true, Ordering::Relaxed);
-    log::info!("listening for changes after position {position}");
+    log::info!("listening for changes after position {}", at.pos);
 
     let mut last_publish = Instant::now();
     loop {
         // Drain everything committed after our position.
         loop {
             let limit = READ_BATCH as i32;
-            let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&*position, &limit]))
+            let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&at.pos, &limit]))
                 .await
                 .context("watchdog: the change-log read did not answer")?
                 .map_err(crate::db::describe)?;
@@ -142,24 +171,25 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, position: &mut i64
             // yet (it was away or behind for longer than the retention).
             // Clients must not see the stream jump unannounced.
             let pruned: i64 = last.get("pruned");
-            if pruned > *position {
+            if pruned > at.pos {
                 log::error!(
                     "changes {}..={pruned} were pruned before the listener read them; \
                      live clients catch up from the log and are told to resync",
-                    *position + 1
+                    at.pos + 1
                 );
                 if hub.gap(pruned).await.is_err() {
                     return Ok(());
                 }
             }
-            *position = last.get(0);
+            at.pos = last.get(0);
             let full = rows.len() as i64 == READ_BATCH;
-            let changes = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();
+            let changes: Vec<_> = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();
+            at.committed_micros = changes.last().map(|c| c.committed_micros);
             last_publish = Instant::now();
             if hub.publish(changes).await.is_err() {
                 return Ok(());
             }
-            state.position.store(*position, Ordering::Relaxed);
+            state.position.store(at.pos, Ordering::Relaxed);
             if !full {
                 break;
             }

@@ -932,3 +932,51 @@ async fn when_the_log_goes_back_live_clients_resync_and_get_the_renumbered_chang
         "{first}"
     );
 }
+
+/// The same when more commits than were lost happen before the listener is
+/// back (the head is then past its position): the listener finds that the
+/// transaction at its position is not the one it published, and live
+/// clients resync after the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_lost_commits_are_outnumbered_before_the_listener_is_back_clients_still_resync() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let insert = "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Lost', 1, 1)";
+    db.execute(insert, &[&"kept"]).await.unwrap();
+    app.settled().await;
+    let mut ws = app.ws("").await;
+    let start = ws.ready().await["seq"].as_i64().unwrap();
+    for name in ["lost-1", "lost-2"] {
+        db.execute(insert, &[&name]).await.unwrap();
+    }
+    assert_eq!(ws.changes(2, Duration::from_secs(10)).await[1]["seq"], start + 2);
+    // The two commits are lost and the listener is cut off; while it cannot
+    // connect, three new commits take positions start+1 ..= start+3.
+    let name: String = db.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    let (admin, connection) =
+        tokio_postgres::connect(&crate::helpers::admin_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false")).await.unwrap();
+    db.batch_execute(&format!(
+        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
+         DELETE FROM change_tx WHERE end_pos > {start}; SELECT setval('change_position', {start}); \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+          WHERE application_name = 'ordercast-listener' AND datname = current_database()"
+    ))
+    .await
+    .unwrap();
+    for name in ["new-1", "new-2", "new-3"] {
+        db.execute(insert, &[&name]).await.unwrap();
+    }
+    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true")).await.unwrap();
+    let resync = ws.next_json(Duration::from_secs(20)).await;
+    assert_eq!(
+        (resync["type"].as_str(), resync["reason"].as_str()),
+        (Some("resync"), Some("position_unknown")),
+        "{resync}"
+    );
+    assert_eq!(resync["seq"], start + 3);
+    db.execute(insert, &[&"after"]).await.unwrap();
+    let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
+    assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 4), Some("after")));
+}
