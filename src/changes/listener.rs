@@ -100,8 +100,8 @@ const COMMITTED_AT_SQL: &str = "SELECT committed_at FROM change_tx WHERE base_po
 /// head is not below it, and the transaction at its position committed when
 /// it did. Otherwise the database lost commits that were pushed (a failover
 /// to a standby that missed them, a restored backup, a crash under
-/// `synchronous_commit = off` before V12), and their positions are, or will
-/// be, numbered again.
+/// `synchronous_commit = off`), and their positions are, or will be,
+/// numbered again.
 async fn log_kept(client: &tokio_postgres::Client, at: &Position, head: i64) -> anyhow::Result<bool> {
     if head < at.pos {
         return Ok(false);

@@ -216,35 +216,3 @@ async fn a_postgres_restart_mid_stream_is_survived_without_loss() {
     })
     .await;
 }
-
-/// A transaction that takes change-log positions commits durably even under
-/// `synchronous_commit = off`: a crash could otherwise forget a commit that
-/// clients already saw, and its positions would be handed out again. The
-/// sequencer raises the setting to `local`, and leaves stronger ones alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_that_takes_positions_commits_durably_under_synchronous_commit_off() {
-    let app = crate::helpers::spawn_app().await;
-    let db = app.sql().await;
-    let setting_at_commit = |sync: &'static str, write: &'static str| {
-        let db = &db;
-        async move {
-            db.batch_execute(&format!(
-                "BEGIN; SET LOCAL synchronous_commit = {sync}; {write}; SET CONSTRAINTS ALL IMMEDIATE"
-            ))
-            .await
-            .unwrap();
-            let s: String = db.query_one("SELECT current_setting('synchronous_commit')", &[]).await.unwrap().get(0);
-            db.batch_execute("COMMIT").await.unwrap();
-            s
-        }
-    };
-    let insert = "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Dur', 'Able', 1, 1)";
-    assert_eq!(setting_at_commit("off", insert).await, "local");
-    assert_eq!(setting_at_commit("remote_apply", insert).await, "remote_apply");
-    assert_eq!(
-        setting_at_commit("on", "UPDATE orders SET status = 'processing' WHERE customer_name = 'Dur'").await,
-        "on"
-    );
-    // Nothing written to orders: nothing numbered, the setting is the caller's.
-    assert_eq!(setting_at_commit("off", "SELECT 1").await, "off");
-}
