@@ -310,8 +310,13 @@ pub fn cross_site_write(req: &actix_web::HttpRequest, allowed: &[String]) -> Opt
 /// change orders. So such a server answers only requests addressed to a
 /// loopback name or address, or to a host of `ORDERCAST_ALLOWED_ORIGINS`.
 pub fn rebinding_host(req: &actix_web::HttpRequest, allowed: &[String]) -> Option<&'static str> {
-    let info = req.connection_info();
-    let authority = info.host();
+    // The Host header itself (the authority in HTTP/2), never
+    // `connection_info()`: that prefers `X-Forwarded-Host` and `Forwarded`,
+    // which the page's own script may set on a same-origin request.
+    let authority = match req.headers().get(actix_web::http::header::HOST) {
+        Some(h) => h.to_str().unwrap_or_default(),
+        None => req.uri().authority().map_or("", |a| a.as_str()),
+    };
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),

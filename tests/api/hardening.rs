@@ -587,6 +587,21 @@ async fn with_authentication_off_only_loopback_host_names_are_answered() {
         let (status, body) = get(host.clone()).await;
         assert_eq!((status, body["code"].as_str()), (403, Some("host_not_allowed")), "{host}");
     }
+    // The page's script may add forwarding headers to a same-origin request:
+    // they do not stand in for the Host it was sent to.
+    for (name, value) in [("x-forwarded-host", "localhost"), ("forwarded", "host=localhost")] {
+        let r = app
+            .http
+            .post(app.url("/api/orders"))
+            .header("host", format!("rebind.example:{port}"))
+            .header("origin", format!("http://rebind.example:{port}"))
+            .header(name, value)
+            .json(&serde_json::json!({"customer_name": "Eve", "product": "X", "quantity": 1, "unit_price": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{name}: {value}");
+    }
     let listed = spawn_app_with(|s| s.allowed_origins = vec!["http://orders.example:8080".into()]).await;
     let r = listed.http.get(listed.url("/api/orders")).header("host", "orders.example:8080").send().await.unwrap();
     assert_eq!(r.status(), 200);
