@@ -153,6 +153,14 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
         *at = Position { pos: head, committed_micros: None };
         state.position.store(head, Ordering::Relaxed);
     }
+    if at.committed_micros.is_none() {
+        // Nothing read yet (a quiet log since the start, or a rewind): learn
+        // the change at the position now, so that the next reconnect can
+        // recognise it.
+        let row = client.query_opt(COMMITTED_AT_SQL, &[&at.pos]).await.map_err(crate::db::describe)?;
+        at.committed_micros =
+            row.and_then(|r| r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0)).map(|t| t.timestamp_micros());
+    }
     state.connected.store(true, Ordering::Relaxed);
     log::info!("listening for changes after position {}", at.pos);
 

@@ -215,48 +215,66 @@ impl ClientContext for IngestContext {
     }
 }
 
+impl IngestContext {
+    /// Sets the assigned partitions' start offsets to the positions stored
+    /// in PostgreSQL, within `POSITIONS_TIMEOUT` for the stored positions and
+    /// as much again for all the log ends; a partition not settled in time
+    /// starts where Kafka says.
+    fn start_at_stored_positions(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let mut elements = tpl.elements_for_topic(&self.topic);
+        let partitions: Vec<i32> = elements.iter().map(|e| e.partition()).collect();
+        let stored = match stored_positions(self, &partitions) {
+            Ok(stored) => stored,
+            Err(e) => {
+                log::warn!(
+                    "Kafka partitions {} {partitions:?} start at Kafka's committed offsets: \
+                     the positions stored in PostgreSQL could not be read: {e:#}",
+                    self.topic
+                );
+                self.state.set_kafka_error(format!("stored positions not read at assignment: {e:#}"));
+                return;
+            }
+        };
+        let deadline = std::time::Instant::now() + POSITIONS_TIMEOUT;
+        for e in &mut elements {
+            let p = e.partition();
+            let Some(&next) = stored.get(&p) else { continue };
+            // A position beyond the log's end belongs to an older log (a
+            // recreated topic): Kafka's offset or `auto.offset.reset` decides,
+            // and the writer finds the reset (some brokers would otherwise
+            // wait at the position instead of answering "out of range").
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match consumer.fetch_watermarks(&self.topic, p, left) {
+                Ok((_, end)) if next > end => continue,
+                Ok(_) => {}
+                Err(err) => {
+                    log::warn!(
+                        "Kafka partition {}/{p} starts at Kafka's committed offset: its log's end \
+                         could not be read to check the stored position {next}: {err}",
+                        self.topic
+                    );
+                    self.state.set_kafka_error(format!("partition {p}'s log end not read at assignment: {err}"));
+                    continue;
+                }
+            }
+            if let Err(err) = e.set_offset(Offset::Offset(next)) {
+                log::warn!("Kafka partition {}/{p}: cannot start at {next}: {err}", self.topic);
+            }
+        }
+    }
+}
+
 impl ConsumerContext for IngestContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             // Start each partition at its stored position (see the module's
-            // comment): the list is assigned as set here.
-            let mut elements = tpl.elements_for_topic(&self.topic);
-            let partitions: Vec<i32> = elements.iter().map(|e| e.partition()).collect();
-            match stored_positions(self, &partitions) {
-                Ok(stored) => {
-                    for e in &mut elements {
-                        let p = e.partition();
-                        let Some(&next) = stored.get(&p) else { continue };
-                        // A position beyond the log's end belongs to an older
-                        // log (a recreated topic): Kafka's offset or
-                        // `auto.offset.reset` decides, and the writer finds
-                        // the reset (some brokers would otherwise wait at the
-                        // position instead of answering "out of range").
-                        match consumer.fetch_watermarks(&self.topic, p, POSITIONS_TIMEOUT) {
-                            Ok((_, end)) if next > end => continue,
-                            Ok(_) => {}
-                            Err(err) => {
-                                log::warn!(
-                                    "Kafka partition {}/{p} starts at Kafka's committed offset: its log's end \
-                                     could not be read to check the stored position {next}: {err}",
-                                    self.topic
-                                );
-                                continue;
-                            }
-                        }
-                        if let Err(err) = e.set_offset(Offset::Offset(next)) {
-                            log::warn!("Kafka partition {}/{p}: cannot start at {next}: {err}", self.topic);
-                        }
-                    }
-                }
-                Err(e) => {
-                    log::warn!(
-                        "Kafka partitions {} {partitions:?} start at Kafka's committed offsets: \
-                         the positions stored in PostgreSQL could not be read: {e:#}",
-                        self.topic
-                    );
-                    self.state.set_kafka_error(format!("stored positions not read at assignment: {e:#}"));
-                }
+            // comment): the list is assigned as set here. The callback runs
+            // inside the consumer's poll, on a runtime worker: the blocking
+            // questions below hand that worker's other tasks to another.
+            let start = || self.start_at_stored_positions(consumer, tpl);
+            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(start),
+                _ => start(),
             }
         }
         if let Rebalance::Revoke(tpl) = rebalance {

@@ -514,9 +514,11 @@ async fn ask_log_ends(scope: &Scope, asks: &[Ask]) -> Result<LogEndAnswers, Writ
         .map(|(ask, a)| {
             let (start, end) = a.map_err(WriteError::Broker)?;
             // librdkafka reports a failed half of its two-part question as an
-            // empty log (start = end); a log that messages were just read
-            // from is not empty.
-            if start >= end {
+            // empty log (start = end). The start matters only for a log that
+            // ends below the position, which messages were just read from:
+            // such a log is not empty. (A log emptied since, ending at or
+            // past the position, holds only redeliveries: no question.)
+            if start >= end && end < ask.next {
                 return Err(WriteError::Broker(anyhow!(
                     "Kafka says partition {} of {} is empty (its log starts and ends at {end}), but messages \
                      below the stored position were just read from it: asking again",

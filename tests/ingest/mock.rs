@@ -357,8 +357,6 @@ async fn the_broker_is_asked_where_a_log_ends_outside_the_positions_lock_and_aga
     let n = names(&broker, 1);
     let (producer, first) = five_applied_then_stopped(&broker, &n, "before").await;
     let db = first.sql().await;
-    // The consumer starts at the committed offset: no ListOffsets of its own
-    // takes the failure meant for the ingest's question.
     assert_eq!(committed(&broker, &n, 1).await, [Some(5)]);
     // As if the log had been recreated after the position last moved: every
     // message in it is newer than that move, however the slowed broker cuts
@@ -373,7 +371,10 @@ async fn the_broker_is_asked_where_a_log_ends_outside_the_positions_lock_and_aga
         send_event(&producer, &n.topic, &created(&format!("after-{i}"))).await;
     }
     broker.round_trip_time(Duration::from_millis(1500));
-    broker.fail_list_offsets(1);
+    // The assignment's own check of the stored position asks first (two
+    // ListOffsets) and starts at the committed offset on failure; the third
+    // failure meets the writer's question.
+    broker.fail_list_offsets(3);
 
     let second = spawn_ingest_on(&first.db_url, &broker, &n).await;
     // Until the reset is applied, the position's row can be locked within
@@ -408,6 +409,7 @@ async fn the_broker_is_asked_where_a_log_ends_outside_the_positions_lock_and_aga
         (Some(1), Some(3), Some(5)),
         "{k}"
     );
+    assert!(k["retries"].as_u64() >= Some(1), "the failed question was asked again: {k}");
 }
 
 /// An assigned partition starts at the position PostgreSQL stored, not at
