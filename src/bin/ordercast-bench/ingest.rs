@@ -113,14 +113,18 @@ async fn count_orders(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
 async fn written(server: &Server) -> anyhow::Result<i64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect((server.host.as_str(), server.port)).await?;
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await?;
+    // The server's own address as Host: without tokens it answers only
+    // requests addressed to a loopback name or address.
+    let request =
+        format!("GET /metrics HTTP/1.1\r\nHost: {}:{}\r\nConnection: close\r\n\r\n", server.host, server.port);
+    tcp.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tcp.read_to_end(&mut raw).await?;
     let text = String::from_utf8_lossy(&raw);
     text.lines()
         .find_map(|l| l.strip_prefix("ordercast_kafka_written_total "))
         .and_then(|v| v.trim().parse().ok())
-        .context("no ordercast_kafka_written_total in /metrics")
+        .with_context(|| format!("no ordercast_kafka_written_total in /metrics: {}", text.lines().next().unwrap_or("")))
 }
 
 /// Runs both measurements; `orders` were produced before the server started.
