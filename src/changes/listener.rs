@@ -93,8 +93,15 @@ struct Position {
     committed_micros: Option<i64>,
 }
 
-/// The commit time of the transaction that holds position `$1`.
-const COMMITTED_AT_SQL: &str = "SELECT committed_at FROM change_tx WHERE base_pos < $1 AND end_pos >= $1";
+/// The commit time (microseconds) of the transaction that holds position
+/// `pos`; None when no transaction holds it (pruned, or not yet written).
+async fn committed_micros_at(client: &tokio_postgres::Client, pos: i64) -> anyhow::Result<Option<i64>> {
+    let row = client
+        .query_opt("SELECT committed_at FROM change_tx WHERE base_pos < $1 AND end_pos >= $1", &[&pos])
+        .await
+        .map_err(crate::db::describe)?;
+    Ok(row.and_then(|r| r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0)).map(|t| t.timestamp_micros()))
+}
 
 /// Whether the log still holds the change the listener published last: the
 /// head is not below it, and the transaction at its position committed when
@@ -107,11 +114,8 @@ async fn log_kept(client: &tokio_postgres::Client, at: &Position, head: i64) -> 
         return Ok(false);
     }
     let Some(micros) = at.committed_micros else { return Ok(true) };
-    let row = client.query_opt(COMMITTED_AT_SQL, &[&at.pos]).await.map_err(crate::db::describe)?;
-    // No row: pruned (retention moved past it), which is no sign of loss.
-    Ok(row.is_none_or(|r| {
-        r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0).is_none_or(|t| t.timestamp_micros() == micros)
-    }))
+    // None: pruned (retention moved past it), which is no sign of loss.
+    Ok(committed_micros_at(client, at.pos).await?.is_none_or(|t| t == micros))
 }
 
 async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position) -> anyhow::Result<()> {
@@ -157,9 +161,7 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
         // Nothing read yet (a quiet log since the start, or a rewind): learn
         // the change at the position now, so that the next reconnect can
         // recognise it.
-        let row = client.query_opt(COMMITTED_AT_SQL, &[&at.pos]).await.map_err(crate::db::describe)?;
-        at.committed_micros =
-            row.and_then(|r| r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0)).map(|t| t.timestamp_micros());
+        at.committed_micros = committed_micros_at(&client, at.pos).await?;
     }
     state.connected.store(true, Ordering::Relaxed);
     log::info!("listening for changes after position {}", at.pos);

@@ -471,13 +471,12 @@ fn event_of(m: &Message) -> Option<&super::event::OrderEvent> {
 }
 
 /// Where a partition's log starts and ends, from the broker, asked after
-/// the partition's position (`for_next`, `for_generation`) was read. It is
-/// used only while the position is still that one: then the answer is
-/// younger than whatever the position was stored from.
+/// the partition's position (`asked`) was read. It is used only while the
+/// position is still that one: then the answer is younger than whatever the
+/// position was stored from.
 #[derive(Debug, Clone, Copy)]
 struct LogEndAnswer {
-    for_next: i64,
-    for_generation: i32,
+    asked: Ask,
     start: i64,
     end: i64,
 }
@@ -526,7 +525,7 @@ async fn ask_log_ends(scope: &Scope, asks: &[Ask]) -> Result<LogEndAnswers, Writ
                     scope.topic
                 )));
             }
-            Ok((ask.partition, LogEndAnswer { for_next: ask.next, for_generation: ask.generation, start, end }))
+            Ok((ask.partition, LogEndAnswer { asked: *ask, start, end }))
         })
         .collect()
 }
@@ -850,7 +849,7 @@ fn find_log_resets(
         return Ok((Vec::new(), Vec::new()));
     }
     let answer = |p: i32, stale: i64, s: &Stored| {
-        ends.get(&p).filter(|a| a.for_next == stale && a.for_generation == s.generation).copied()
+        ends.get(&p).filter(|a| a.asked.next == stale && a.asked.generation == s.generation).copied()
     };
     let unasked: Vec<Ask> = suspects
         .iter()

@@ -271,6 +271,28 @@ async fn five_applied_then_stopped(
     (producer, app)
 }
 
+/// The outcome of a reset after `five_applied_then_stopped` and three new
+/// events: the log read again from its start (the 5 events applied before
+/// are duplicates, the 3 new ones written), the position at 8 in generation
+/// 1. Returns the ingest's counters from `/api/health`.
+async fn read_again_from_the_start(
+    db: &tokio_postgres::Client,
+    n: &crate::kafka::Names,
+    app: &crate::helpers::TestApp,
+) -> Value {
+    use crate::kafka::*;
+
+    assert_eq!(position_and_generation(db, n).await, (Some(8), 1));
+    let (_, health) = app.get_json("/api/health").await;
+    let k = health["kafka"].clone();
+    assert_eq!(
+        (k["log_resets"].as_u64(), k["written"].as_u64(), k["duplicates"].as_u64()),
+        (Some(1), Some(3), Some(5)),
+        "read again from the start: the 5 events applied before are duplicates: {k}"
+    );
+    k
+}
+
 /// A log end below the stored position is not enough to start over: when
 /// the messages below the position are not newer than the position's last
 /// move, they are redeliveries (a log end reported too low: another
@@ -328,17 +350,10 @@ async fn a_stored_position_beyond_the_logs_end_is_reset_and_the_log_read_from_it
 
     let second = spawn_ingest_on(&first.db_url, &broker, &n).await;
     wait_count(&second.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-%'", 3, WAIT).await;
-    assert_eq!(position_and_generation(&db, &n).await, (Some(8), 1));
-    let (_, health) = second.get_json("/api/health").await;
-    let k = &health["kafka"];
     // `redelivered` is not asserted: a batch queued before the seek back
     // may come after the reset, and its messages are then below the new
     // position (nothing of them is applied twice: `written` says so).
-    assert_eq!(
-        (k["log_resets"].as_u64(), k["written"].as_u64(), k["duplicates"].as_u64()),
-        (Some(1), Some(3), Some(5)),
-        "read again from the start: the 5 events applied before are duplicates: {k}"
-    );
+    read_again_from_the_start(&db, &n, &second).await;
     assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
     let metrics = second.http.get(second.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("ordercast_kafka_log_resets_total 1"), "{metrics}");
@@ -398,17 +413,9 @@ async fn the_broker_is_asked_where_a_log_ends_outside_the_positions_lock_and_aga
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(probes >= 5, "too few probes ({probes}) to have covered a broker answer");
-    assert_eq!(position_and_generation(&db, &n).await, (Some(8), 1));
-    let (_, health) = second.get_json("/api/health").await;
-    let k = &health["kafka"];
-    // Read again from the log's start: the 5 events applied before are
-    // duplicates. (A failed answer taken for an empty log would have reset
-    // the partition from offset 5 on and skipped 0-4.)
-    assert_eq!(
-        (k["log_resets"].as_u64(), k["written"].as_u64(), k["duplicates"].as_u64()),
-        (Some(1), Some(3), Some(5)),
-        "{k}"
-    );
+    // (A failed answer taken for an empty log would have reset the partition
+    // from offset 5 on and skipped 0-4.)
+    let k = read_again_from_the_start(&db, &n, &second).await;
     assert!(k["retries"].as_u64() >= Some(1), "the failed question was asked again: {k}");
 }
 
