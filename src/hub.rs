@@ -327,7 +327,10 @@ impl Hub {
         hub
     }
 
-    /// The position of the last change published.
+    /// The position of the last change published. Stored after the change
+    /// is in the queue of every subscription it matches: a live subscription
+    /// whose queue is empty after this was read has had every change it
+    /// matches up to here (or was lagged, see `Subscription::lagged`).
     pub fn position(&self) -> i64 {
         self.position.load(Ordering::Acquire)
     }
@@ -507,16 +510,20 @@ impl Registry {
         true
     }
 
+    // `gap` and `rewind` mark every subscription lagged before they move
+    // `position`: a session that reads the moved position then finds its
+    // subscription lagged (see `Feed::progress`), never a live one that it
+    // could take the jump for published changes.
     fn gap(&mut self, pruned: i64) {
+        self.lag_all();
         // Subscribing from here on starts after the gap.
         self.position.fetch_max(pruned, Ordering::AcqRel);
-        self.lag_all();
     }
 
     fn rewind(&mut self, head: i64) {
         self.epoch += 1;
-        self.position.store(head, Ordering::Release);
         self.lag_all();
+        self.position.store(head, Ordering::Release);
     }
 
     /// Drops every subscription as lagged: each session subscribes again.

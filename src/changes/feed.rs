@@ -128,6 +128,37 @@ impl Feed {
         self.last
     }
 
+    /// Moves the resume position past changes this feed's filter skipped.
+    ///
+    /// A filtered client's position is its last *matching* change, however
+    /// far the log has moved on: resuming from there rescans everything
+    /// since, and once retention has passed it, gets `resync` although
+    /// nothing it wanted was lost. When the feed is live and has handed out
+    /// everything it has, every change up to the hub's position was either
+    /// handed out or did not match, so that position is where the client
+    /// stands. Returns it when it moved (the session tells the client), or
+    /// `None` when there is nothing new or items are still to be handed out.
+    ///
+    /// The hub's position is read before the queue is checked: it is stored
+    /// after every change up to it is in the queues, so if the queue is then
+    /// empty and the subscription not lagged, nothing up to it is missing.
+    pub fn progress(&mut self) -> Option<i64> {
+        if !self.buf.is_empty() || self.catch_up_to.is_some() || self.resubscribe {
+            return None;
+        }
+        let published = self.hub.position();
+        let sub = self.sub.as_mut()?;
+        if let Some(batch) = sub.try_recv() {
+            self.accept(batch);
+            return None;
+        }
+        if sub.lagged() || published <= self.last {
+            return None;
+        }
+        self.last = published;
+        Some(published)
+    }
+
     /// Hands out a buffered item, keeping the resume position.
     fn pop_buffered(&mut self) -> Option<Item> {
         while let Some(item) = self.buf.pop_front() {

@@ -14,7 +14,7 @@ use actix_web::http::header;
 use actix_web::{get, web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 
-use super::ws::{open_stream, ready_message, resync_message, snapshot_messages, Opened};
+use super::ws::{open_stream, position_message, ready_message, resync_message, snapshot_messages, Opened};
 use super::{parse_position, QueryPairs, StreamParams};
 use crate::changes::feed::Item;
 use crate::domain::ValidationError;
@@ -100,12 +100,18 @@ fn stream_response(
                 if st.principal.expired() {
                     st.done = true;
                     event("error", None, r#"{"type":"error","code":"token_expired","message":"token expired"}"#)
+                } else if let Some(p) = st.opened.feed.progress() {
+                    // A filtered stream whose last matching change is long
+                    // past moves its Last-Event-ID on: EventSource keeps the
+                    // id of any event, even one nobody listens for.
+                    event("position", Some(p), &position_message(p))
                 } else {
                     Bytes::from_static(b": keepalive\n\n")
                 }
             }
             _ = st.shutdown.wait_for(|s| *s) => {
                 st.done = true;
+                st.opened.feed.progress();
                 event("shutdown", None, &format!(r#"{{"type":"shutdown","seq":{}}}"#, st.opened.feed.position()))
             }
         };

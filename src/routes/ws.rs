@@ -346,6 +346,12 @@ pub fn snapshot_messages(page: &crate::routes::orders::Page) -> Vec<String> {
         .collect()
 }
 
+/// Where a filtered client stands: every change up to `seq` that it did not
+/// receive did not match its filter. A valid resume position.
+pub fn position_message(position: i64) -> String {
+    format!(r#"{{"type":"position","seq":{position}}}"#)
+}
+
 pub fn resync_message(reason: &str, position: i64) -> String {
     json!({
         "type": "resync",
@@ -503,7 +509,7 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
                         conn.write_some().await.err().unwrap_or(Outcome::Continue)
                     }
                 },
-                None => shutting_down(&session.opened.feed),
+                None => shutting_down(&mut session.opened.feed),
             },
             r = conn.socket.writable(), if conn.socket.pending() > 0 => match r {
                 Ok(()) => conn.write_some().await.err().unwrap_or(Outcome::Continue),
@@ -518,10 +524,15 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
                     } else if last_heard.elapsed() > CLIENT_TIMEOUT {
                         close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                     } else {
+                        // A filtered client whose last matching change is
+                        // long past learns where it stands (`position`).
+                        if let Some(p) = session.opened.feed.progress() {
+                            conn.socket.queue(wire::frame(wire::OP_TEXT, position_message(p).as_bytes()));
+                        }
                         conn.send_frames(wire::frame(wire::OP_PING, b"")).await.err().unwrap_or(Outcome::Continue)
                     }
                 }
-                Signal::Shutdown => shutting_down(&session.opened.feed),
+                Signal::Shutdown => shutting_down(&mut session.opened.feed),
             },
         };
     }
@@ -577,8 +588,10 @@ fn item_frames(item: Item) -> Bytes {
     }
 }
 
-/// The close for a server shutdown, carrying the client's resume position.
-fn shutting_down(feed: &Feed) -> Outcome {
+/// The close for a server shutdown, carrying the client's resume position
+/// (past the changes its filter skipped, when it has everything else).
+fn shutting_down(feed: &mut Feed) -> Outcome {
+    feed.progress();
     close(1001, format!("server shutting down; resume with since={}", feed.position()))
 }
 

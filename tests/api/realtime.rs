@@ -980,3 +980,75 @@ async fn when_lost_commits_are_outnumbered_before_the_listener_is_back_clients_s
     let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
     assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 4), Some("after")));
 }
+
+/// A filtered client's position is not its last matching change: while it
+/// has everything, the server tells it (`position`, the SSE event of that
+/// name whose id moves Last-Event-ID) where it stands in the log, and a
+/// shutdown's 1001 carries that position. So a quiet filter resumes after
+/// retention has passed its last match without a resync, and without
+/// rescanning the changes it skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_filter_learns_its_position_and_resumes_past_retention_without_a_resync() {
+    let mut app = spawn_app_with(|s| {
+        s.retention_rows = 5;
+        s.retention_secs = 0;
+    })
+    .await;
+    let db = app.sql().await;
+    let mut ws = app.ws("?customer=Quiet").await;
+    ws.ready().await;
+    let mut sse = app.sse("/api/events?customer=Quiet", None).await;
+    assert_eq!(sse.next_event(WAIT).await.event, "ready");
+    dba_insert(&db, "Quiet").await;
+    let matched = seq(&ws.changes(1, WAIT).await[0]);
+    for i in 0..20 {
+        dba_insert(&db, &format!("Noisy {i}")).await;
+    }
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    app.settled().await;
+
+    // The WebSocket learns it with the next heartbeat (every 10 s).
+    let position = ws.next_json(WAIT).await;
+    assert_eq!(position, json!({"type": "position", "seq": head}), "after the change at {matched}");
+    // SSE with the next keep-alive (every 15 s): a `position` event whose id
+    // is the position, so EventSource resumes from there.
+    let ev = loop {
+        let ev = sse.next_event(Duration::from_secs(20)).await;
+        if ev.event != "change" {
+            break ev;
+        }
+    };
+    assert_eq!((ev.event.as_str(), ev.id.as_deref()), ("position", Some(head.to_string().as_str())), "{ev:?}");
+    assert_eq!(ev.data, json!({"type": "position", "seq": head}));
+
+    // Retention passes the last match: resuming from it is a resync, from
+    // the position the server gave is not.
+    ordercast::changes::maintenance::run_once(&app.state.pool, &app.state.settings).await.unwrap();
+    let mut stale = app.ws(&format!("?customer=Quiet&since={matched}")).await;
+    assert_eq!(stale.next_json(WAIT).await["reason"], "position_expired");
+    let mut resumed = app.ws(&format!("?customer=Quiet&since={head}")).await;
+    assert_eq!(resumed.next_json(WAIT).await["type"], "ready");
+    let mut resumed_sse = app.sse("/api/events?customer=Quiet", Some(&head.to_string())).await;
+    assert_eq!(resumed_sse.next_event(WAIT).await.event, "ready");
+    dba_insert(&db, "quiet").await;
+    assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "quiet");
+    assert_eq!(resumed_sse.changes(1, WAIT).await[0].data["order"]["customer_name"], "quiet");
+
+    // More skipped changes, then a shutdown: the close says where to resume.
+    for i in 0..3 {
+        dba_insert(&db, &format!("Noisy again {i}")).await;
+    }
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    app.settled().await;
+    app.stop().await;
+    loop {
+        match resumed.next_event(WAIT).await {
+            WsEvent::Json(v) => assert_eq!(v["type"], "position", "{v}"),
+            WsEvent::Closed(Some((1001, reason))) => {
+                assert!(reason.ends_with(&format!("since={head}")), "{reason}");
+                break;
+            }
+            other => panic!("expected a 1001 close, got {other:?}"),
+        }
+    }
+}

@@ -74,6 +74,10 @@ export class Stream {
         this.position = msg.seq;
         this.h.onChange(msg);
         break;
+      case 'position':
+        // A filtered stream's resume position, past changes it skipped.
+        if (msg.seq > this.position) this.position = msg.seq;
+        break;
       case 'resync':
         this.resync();
         break;
