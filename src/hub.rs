@@ -622,6 +622,7 @@ mod tests {
             old_customer: None,
             ws_frame: Bytes::from_static(b"x"),
             sse: Bytes::from_static(b"x"),
+            moved: None,
         })
     }
 

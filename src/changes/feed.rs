@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{log_bounds, read_after, SharedChange};
+use super::{log_bounds, read_after, Frames, SharedChange};
 use crate::domain::Filter;
 use crate::hub::{Batch, Hub, HubClosed, SharedBatch, Subscription};
 
@@ -38,6 +38,13 @@ pub enum Item {
     /// A live batch shared with every unfiltered client, all of it after this
     /// feed's position: send its pre-built frames / events as one write.
     Batch(Arc<SharedBatch>),
+    /// A change that moved an order between customers, as a viewer confined
+    /// to one of them sees it (`leave` or `enter`: see `changes::Move`),
+    /// instead of the full change, which shows the other customer's row.
+    Redacted {
+        pos: i64,
+        frames: Frames,
+    },
     /// The client's position is no longer (or not yet) in the log: it must
     /// reload its state; the stream continues after `position`.
     Resync {
@@ -50,6 +57,9 @@ pub struct Feed {
     hub: Hub,
     pool: Pool,
     filter: Filter,
+    /// The customer (folded) the client's token is confined to: a move
+    /// between customers reaches it redacted (`Item::Redacted`).
+    viewer: Option<String>,
     sub: Option<Subscription>,
     /// Log position read up to (may pass non-matching changes).
     scan: i64,
@@ -75,14 +85,23 @@ pub enum FeedError {
 }
 
 impl Feed {
-    /// Opens a feed of changes after `since` (None: from now on).
-    pub async fn open(hub: &Hub, pool: &Pool, filter: Filter, since: Option<i64>) -> Result<Feed, FeedError> {
+    /// Opens a feed of changes after `since` (None: from now on). `viewer`:
+    /// the customer (folded) the client's token is confined to, if any; the
+    /// filter must then be confined to that customer too.
+    pub async fn open(
+        hub: &Hub,
+        pool: &Pool,
+        filter: Filter,
+        since: Option<i64>,
+        viewer: Option<String>,
+    ) -> Result<Feed, FeedError> {
         let sub = hub.subscribe(filter.clone()).await?;
         let live_from = sub.start;
         let mut feed = Feed {
             hub: hub.clone(),
             pool: pool.clone(),
             filter,
+            viewer,
             sub: Some(sub),
             scan: live_from,
             last: live_from,
@@ -164,8 +183,20 @@ impl Feed {
         while let Some(item) = self.buf.pop_front() {
             match &item {
                 Item::Change(c) if c.pos <= self.last => continue,
-                Item::Change(c) => self.last = c.pos,
+                Item::Change(c) => {
+                    self.last = c.pos;
+                    if let (Some(moved), Some(viewer)) = (&c.moved, &self.viewer) {
+                        // A confined viewer never gets the full change of a
+                        // move; one confined to neither customer (its filter
+                        // would not pass the change) gets nothing.
+                        match moved.view(viewer) {
+                            Some(frames) => return Some(Item::Redacted { pos: c.pos, frames: frames.clone() }),
+                            None => continue,
+                        }
+                    }
+                }
                 Item::Batch(b) => self.last = b.changes.last().map_or(self.last, |c| c.pos),
+                Item::Redacted { pos, .. } => self.last = *pos,
                 Item::Resync { position, .. } => {
                     self.hub.stats.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.last = self.last.max(*position)
@@ -178,9 +209,12 @@ impl Feed {
 
     /// Buffers a live batch: shared as a whole when all of it is new to this
     /// feed, else change by change (duplicates are skipped when handed out).
+    /// A confined viewer's feed takes every change on its own, to see moves
+    /// redacted (its filter names its customer, so the hub does not hand it
+    /// shared batches anyway).
     fn accept(&mut self, batch: Batch) {
         match batch {
-            Batch::Shared(b) if b.changes.first().is_some_and(|c| c.pos > self.last) => {
+            Batch::Shared(b) if self.viewer.is_none() && b.changes.first().is_some_and(|c| c.pos > self.last) => {
                 self.buf.push_back(Item::Batch(b))
             }
             batch => self.buf.extend(batch.changes().iter().cloned().map(Item::Change)),

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio_postgres::Row;
 
-use crate::domain::Filter;
+use crate::domain::{fold_case, Filter};
 
 /// The SQL every reader of the log uses (the listener, catch-up, the outbox
 /// relay): up to $2 changes after $1.
@@ -53,14 +53,20 @@ impl<'a> Envelope<'a> {
         let at: Option<DateTime<Utc>> = row.get(10);
         // The row images are JSON written by PostgreSQL (`to_json` in the
         // capture triggers): the envelope is assembled, not re-serialized.
-        let json = format!(
-            r#"{{"type":"change","seq":{pos},"op":"{op}","order":{order},"old":{},"actor":{},"at":"{}"}}"#,
-            old.unwrap_or("null"),
-            serde_json::Value::String(actor.to_string()),
-            at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default(),
-        );
+        let json = envelope_json(pos, op, order, old, actor, at);
         Envelope { pos, op, order_id: row.get(2), actor, at, json }
     }
+}
+
+/// The change envelope (see `Envelope`), assembled from the row images as
+/// PostgreSQL wrote them.
+fn envelope_json(pos: i64, op: &str, order: &str, old: Option<&str>, actor: &str, at: Option<DateTime<Utc>>) -> String {
+    format!(
+        r#"{{"type":"change","seq":{pos},"op":"{op}","order":{order},"old":{},"actor":{},"at":"{}"}}"#,
+        old.unwrap_or("null"),
+        serde_json::Value::String(actor.to_string()),
+        at.map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)).unwrap_or_default(),
+    )
 }
 
 /// One committed change, serialized once: `ws_frame` is the complete WebSocket
@@ -79,23 +85,102 @@ pub struct Change {
     pub old_customer: Option<String>,
     pub ws_frame: Bytes,
     pub sse: Bytes,
+    /// Set only when the change moves the order from one customer to
+    /// another: what a viewer confined to either of them gets instead of
+    /// the full change, which shows both customers' rows.
+    pub moved: Option<Box<Move>>,
+}
+
+/// A change as one WebSocket text frame and one SSE `change` event.
+#[derive(Debug, Clone)]
+pub struct Frames {
+    pub ws_frame: Bytes,
+    pub sse: Bytes,
+}
+
+impl Frames {
+    fn new(pos: i64, json: &str) -> Frames {
+        Frames {
+            ws_frame: wire::frame(wire::OP_TEXT, json.as_bytes()),
+            sse: Bytes::from(format!("id: {pos}\nevent: change\ndata: {json}\n\n")),
+        }
+    }
+}
+
+/// An order moved from customer `from` to customer `to` (both folded, see
+/// `fold_case`), and the change as each of them may see it: `leave`
+/// (`"op":"leave"`, the row before the change, no old image) for a viewer
+/// confined to `from`, `enter` (`"op":"enter"`, the row after, no old image)
+/// for one confined to `to`. Built once per move, shared like the full frames.
+#[derive(Debug)]
+pub struct Move {
+    pub from: String,
+    pub to: String,
+    pub leave: Frames,
+    pub enter: Frames,
+}
+
+impl Move {
+    /// The redacted variants of an update from `before` to `after`, when the
+    /// customer changes (case-insensitively, as filters compare): None
+    /// otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        pos: i64,
+        customer: Option<&str>,
+        old_customer: Option<&str>,
+        after: &str,
+        before: Option<&str>,
+        actor: &str,
+        at: Option<DateTime<Utc>>,
+    ) -> Option<Box<Move>> {
+        let (to, from, before) = (customer?, old_customer?, before?);
+        let (to, from) = (fold_case(to), fold_case(from));
+        if to == from {
+            return None;
+        }
+        let leave = Frames::new(pos, &envelope_json(pos, "leave", before, None, actor, at));
+        let enter = Frames::new(pos, &envelope_json(pos, "enter", after, None, actor, at));
+        Some(Box::new(Move { from, to, leave, enter }))
+    }
+
+    /// The frames for a viewer confined to `viewer` (folded); None for a
+    /// viewer confined to neither customer, who must not get the change.
+    pub fn view(&self, viewer: &str) -> Option<&Frames> {
+        if viewer == self.from {
+            Some(&self.leave)
+        } else if viewer == self.to {
+            Some(&self.enter)
+        } else {
+            None
+        }
+    }
 }
 
 impl Change {
     pub fn from_row(row: &Row) -> Change {
-        let Envelope { pos, order_id, at, json, .. } = Envelope::from_row(row);
+        let Envelope { pos, order_id, actor, at, json, .. } = Envelope::from_row(row);
         let committed_micros = at.map(|t| t.timestamp_micros()).unwrap_or_default();
-        let sse = format!("id: {pos}\nevent: change\ndata: {json}\n\n");
+        let customer: Option<String> = row.get(5);
+        let old_customer: Option<String> = row.get(6);
+        // Customers differ only when an update moves the order (an insert
+        // has no old customer, a delete the same one twice).
+        let moved = match (&customer, &old_customer) {
+            (Some(c), Some(o)) if c != o => Move::build(pos, Some(c), Some(o), row.get(7), row.get(8), actor, at),
+            _ => None,
+        };
+        let Frames { ws_frame, sse } = Frames::new(pos, &json);
         Change {
             pos,
             committed_micros,
             order_id,
             status: row.get(3),
             old_status: row.get(4),
-            customer: row.get(5),
-            old_customer: row.get(6),
-            ws_frame: wire::frame(wire::OP_TEXT, json.as_bytes()),
-            sse: Bytes::from(sse),
+            customer,
+            old_customer,
+            ws_frame,
+            sse,
+            moved,
         }
     }
 
@@ -129,4 +214,72 @@ pub async fn read_after(
 pub async fn log_bounds(client: &tokio_postgres::Client) -> Result<(i64, i64), tokio_postgres::Error> {
     let row = client.query_one("SELECT change_head(), (SELECT pruned_through FROM change_retention)", &[]).await?;
     Ok((row.get(0), row.get(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON in a server text frame.
+    fn payload(frame: &Bytes) -> serde_json::Value {
+        assert_eq!(frame[0], 0x80 | wire::OP_TEXT);
+        let header = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        serde_json::from_slice(&frame[header..]).unwrap()
+    }
+
+    fn sse_data(event: &Bytes) -> (String, serde_json::Value) {
+        let text = std::str::from_utf8(event).unwrap();
+        let (head, data) = text.split_once("data: ").unwrap();
+        (head.to_string(), serde_json::from_str(data.trim_end()).unwrap())
+    }
+
+    #[test]
+    fn a_move_between_customers_has_a_leave_and_an_enter_variant_without_the_other_side() {
+        let before = r#"{"id":7,"customer_name":"Ada","customer_email":"ada@a.example","quantity":1}"#;
+        let after = r#"{"id":7,"customer_name":"Bob","customer_email":"bob@b.example","quantity":1}"#;
+        let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z").unwrap().with_timezone(&Utc);
+        let moved =
+            Move::build(42, Some("Bob"), Some("ADA"), after, Some(before), "api:writer", Some(at)).expect("a move");
+        assert_eq!((moved.from.as_str(), moved.to.as_str()), ("ada", "bob"));
+
+        let leave = moved.view("ada").unwrap();
+        let expected = serde_json::json!({"type": "change", "seq": 42, "op": "leave",
+            "order": serde_json::from_str::<serde_json::Value>(before).unwrap(), "old": null,
+            "actor": "api:writer", "at": "2026-01-02T03:04:05.000000Z"});
+        assert_eq!(payload(&leave.ws_frame), expected);
+        let (head, data) = sse_data(&leave.sse);
+        assert_eq!(head, "id: 42\nevent: change\n");
+        assert_eq!(data, expected);
+        for bytes in [&leave.ws_frame, &leave.sse] {
+            let text = String::from_utf8_lossy(bytes);
+            assert!(!text.contains("Bob") && !text.contains("bob@"), "{text}");
+        }
+
+        let enter = moved.view("bob").unwrap();
+        assert_eq!(payload(&enter.ws_frame)["op"], "enter");
+        assert_eq!(payload(&enter.ws_frame)["order"]["customer_name"], "Bob");
+        assert_eq!(payload(&enter.ws_frame)["old"], serde_json::Value::Null);
+        assert_eq!(sse_data(&enter.sse).1, payload(&enter.ws_frame));
+        for bytes in [&enter.ws_frame, &enter.sse] {
+            let text = String::from_utf8_lossy(bytes);
+            assert!(!text.contains("Ada") && !text.contains("ada@"), "{text}");
+        }
+
+        assert!(moved.view("carol").is_none(), "a third customer sees neither side");
+    }
+
+    #[test]
+    fn changes_that_keep_the_customer_have_no_variants() {
+        let row = r#"{"id":1,"customer_name":"Ada"}"#;
+        // Insert (no old customer), delete or update within one customer,
+        // and a change of case only (the same customer to filters).
+        assert!(Move::build(1, Some("Ada"), None, row, None, "sql:x", None).is_none());
+        assert!(Move::build(1, Some("Ada"), Some("Ada"), row, Some(row), "sql:x", None).is_none());
+        assert!(Move::build(1, Some("ADA"), Some("ada"), row, Some(row), "sql:x", None).is_none());
+        assert!(Move::build(1, Some("İsmail"), Some("ismail"), row, Some(row), "sql:x", None).is_none());
+    }
 }

@@ -27,6 +27,9 @@ pub struct StreamParams {
     pub since: Option<i64>,
     pub snapshot: bool,
     pub snapshot_limit: i64,
+    /// The customer (folded) the caller's token is confined to; set with the
+    /// filter's customer by `ws::restrict`.
+    pub viewer: Option<String>,
 }
 
 pub const SNAPSHOT_DEFAULT_LIMIT: i64 = 1000;

@@ -90,6 +90,7 @@ fn stream_response(
             item = st.opened.feed.next() => match item {
                 Some(Item::Change(c)) => c.sse.clone(),
                 Some(Item::Batch(b)) => b.sse_events.clone(),
+                Some(Item::Redacted { frames, .. }) => frames.sse,
                 Some(Item::Resync { reason, position }) => event("resync", Some(position), &resync_message(reason, position)),
                 None => {
                     st.done = true;
@@ -162,7 +163,7 @@ pub async fn events(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
     let (slot, principal) = admit(&req, &state)?;
     let mut params = StreamParams::from_query(&query)?;
     apply_last_event_id(&req, &mut params)?;
-    super::ws::restrict(&mut params.filter, &principal);
+    super::ws::restrict(&mut params, &principal);
     let opened = open_stream(&state, &params).await?;
     Ok(stream_response(state.into_inner(), opened, &params, slot, principal))
 }
@@ -187,7 +188,7 @@ pub async fn order_events(
     let mut params = StreamParams { snapshot: true, snapshot_limit: 1, ..Default::default() };
     params.filter.ids.insert(id);
     apply_last_event_id(&req, &mut params)?;
-    super::ws::restrict(&mut params.filter, &principal);
+    super::ws::restrict(&mut params, &principal);
     let opened = open_stream(&state, &params).await?;
     if opened.snapshot.as_ref().is_some_and(|p| p.items.is_empty()) {
         return Err(ApiError::NotFound(format!("order {id} does not exist")));

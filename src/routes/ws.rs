@@ -121,10 +121,12 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
     } else {
         (params.since, None)
     };
-    let mut feed = Feed::open(&state.hub, &state.pool, params.filter.clone(), since).await.map_err(|e| match e {
-        FeedError::Hub(_) => ApiError::Unavailable("the server is shutting down".into()),
-        FeedError::Db(e) => e,
-    })?;
+    let mut feed = Feed::open(&state.hub, &state.pool, params.filter.clone(), since, params.viewer.clone())
+        .await
+        .map_err(|e| match e {
+            FeedError::Hub(_) => ApiError::Unavailable("the server is shutting down".into()),
+            FeedError::Db(e) => e,
+        })?;
     let resync = feed.take_initial_resync();
     Ok(Opened { seq: feed.position(), feed, snapshot, resync })
 }
@@ -165,7 +167,7 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
     let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let slot = state.connections.acquire(ip).map_err(too_many)?;
     let mut params = StreamParams::from_query(&query)?;
-    restrict(&mut params.filter, &principal);
+    restrict(&mut params, &principal);
     let handshake = handshake()?;
     let opened = open_stream(&state, &params).await?;
     let session = Session { state: state.into_inner(), opened, params, principal, _slot: slot };
@@ -228,10 +230,12 @@ pub fn start(io: tokio::net::TcpStream, early: bytes::BytesMut, handoff: Handoff
 }
 
 /// A restricted token only ever sees its own customer's orders, whatever
-/// filter it asks for.
-pub fn restrict(filter: &mut Filter, principal: &crate::auth::Principal) {
+/// filter it asks for, and sees an order that moves to or from another
+/// customer only as leaving or entering its view (`changes::Move`).
+pub fn restrict(params: &mut StreamParams, principal: &crate::auth::Principal) {
+    params.viewer.clone_from(&principal.customer);
     if let Some(c) = &principal.customer {
-        filter.customer = Some(c.clone());
+        params.filter.customer = Some(c.clone());
     }
 }
 
@@ -394,10 +398,11 @@ async fn handle_message(
                 conn.send_json(json!({"type": "error", "code": "too_many_subscribes", "message": format!("at most {max_subscribes} subscribe messages per minute")}))
                     .await
             }
-            Ok(ClientMessage::Subscribe { mut filter, since, snapshot }) => {
+            Ok(ClientMessage::Subscribe { filter, since, snapshot }) => {
                 session.subscribes.push_back(Instant::now());
-                restrict(&mut filter, &session.principal);
-                let next = StreamParams { filter, since, snapshot, snapshot_limit: session.params.snapshot_limit };
+                let mut next =
+                    StreamParams { filter, since, snapshot, snapshot_limit: session.params.snapshot_limit, viewer: None };
+                restrict(&mut next, &session.principal);
                 match open_stream(state, &next).await {
                     Ok(o) => {
                         session.opened = o;
@@ -584,6 +589,7 @@ fn item_frames(item: Item) -> Bytes {
     match item {
         Item::Change(c) => c.ws_frame.clone(),
         Item::Batch(b) => b.ws_frames.clone(),
+        Item::Redacted { frames, .. } => frames.ws_frame,
         Item::Resync { reason, position } => wire::frame(wire::OP_TEXT, resync_message(reason, position).as_bytes()),
     }
 }

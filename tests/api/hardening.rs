@@ -277,6 +277,166 @@ async fn a_customer_restricted_token_never_sees_another_customers_orders() {
     let _ = per_order.chunk().await;
 }
 
+/// A change as a restricted viewer received it must show only its own
+/// customer: `side` is the customer it may see, `other` the one it may not
+/// (a name and an email, anywhere in the message).
+fn assert_only(change: &Value, op: &str, side: &str, other: &[&str]) {
+    assert_eq!(change["type"], "change", "{change}");
+    assert_eq!(change["op"], op, "{change}");
+    assert_eq!(change["order"]["customer_name"], side, "{change}");
+    assert_eq!(change["old"], Value::Null, "{change}");
+    let text = change.to_string();
+    for hidden in other {
+        assert!(!text.contains(hidden), "{hidden:?} leaked to a viewer confined to {side}: {text}");
+    }
+}
+
+/// An unrestricted writer (REST, or a DBA's SQL) moves an order from Ada to
+/// Bob and back: streams confined to Ada or Bob see it leave or enter their
+/// view, never the other customer's row, live and when catching up from the
+/// log (WebSocket, SSE, the per-order stream); unrestricted streams, even
+/// filtered to one customer, still get the full change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_moving_between_customers_leaves_and_enters_confined_streams_without_the_other_side() {
+    let app = spawn_app_with(|s| {
+        s.api_keys = Some(ordercast::config::Secret(
+            "writer:writersecret:read+write,ada:adasecret1:read:customer=Ada,bob:bobsecret1:read:customer=Bob".into(),
+        ));
+    })
+    .await;
+    let ada_private = "ada-private@a.example";
+    let bob_private = "bob-private@b.example";
+    let r = app
+        .http
+        .post(app.url("/api/orders"))
+        .bearer_auth("writersecret")
+        .json(&json!({"customer_name": "Ada", "customer_email": ada_private, "product": "Cog", "quantity": 1, "unit_price": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    app.settled().await;
+
+    let port = app.port;
+    let ws = |query: String| async move {
+        crate::helpers::WsClient::connect(&format!("ws://127.0.0.1:{port}/ws{query}")).await
+    };
+    let mut ada = ws("?access_token=adasecret1".into()).await;
+    let before = ada.ready().await["seq"].as_i64().unwrap();
+    let mut bob = ws("?access_token=bobsecret1&customer=Ada".into()).await;
+    bob.ready().await;
+    let mut filtered = ws("?access_token=writersecret&customer=Ada".into()).await;
+    filtered.ready().await;
+    let mut everything = ws("?access_token=writersecret".into()).await;
+    everything.ready().await;
+    let mut ada_sse = app.sse("/api/events?access_token=adasecret1", None).await;
+    assert_eq!(ada_sse.next_event(WAIT).await.event, "ready");
+    let mut bob_sse = app.sse("/api/events?access_token=bobsecret1", None).await;
+    assert_eq!(bob_sse.next_event(WAIT).await.event, "ready");
+    let mut ada_order = app.sse(&format!("/api/orders/{id}/events?access_token=adasecret1"), None).await;
+    assert_eq!(ada_order.next_event(WAIT).await.event, "snapshot");
+    assert_eq!(ada_order.next_event(WAIT).await.event, "ready");
+
+    // Through the REST API: Ada's order becomes Bob's.
+    let r = app
+        .http
+        .patch(app.url(&format!("/api/orders/{id}")))
+        .bearer_auth("writersecret")
+        .json(&json!({"customer_name": "Bob", "customer_email": bob_private}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c = ada.changes(1, WAIT).await.remove(0);
+    assert_only(&c, "leave", "Ada", &["Bob", bob_private]);
+    assert_eq!(c["order"]["customer_email"], ada_private, "the last state Ada's token could see");
+    let moved_at = c["seq"].as_i64().unwrap();
+    assert!(moved_at > before);
+    assert_eq!((&c["actor"], c["at"].is_string()), (&json!("api:writer"), true));
+    let c = bob.changes(1, WAIT).await.remove(0);
+    assert_only(&c, "enter", "Bob", &["Ada", ada_private]);
+    assert_eq!((c["seq"].as_i64(), &c["order"]["customer_email"]), (Some(moved_at), &json!(bob_private)));
+    for client in [&mut filtered, &mut everything] {
+        let c = client.changes(1, WAIT).await.remove(0);
+        assert_eq!(
+            (&c["op"], &c["order"]["customer_name"], &c["old"]["customer_name"]),
+            (&json!("update"), &json!("Bob"), &json!("Ada"))
+        );
+    }
+    let e = ada_sse.changes(1, WAIT).await.remove(0);
+    assert_eq!(e.id, Some(moved_at.to_string()));
+    assert_only(&e.data, "leave", "Ada", &["Bob", bob_private]);
+    let e = bob_sse.changes(1, WAIT).await.remove(0);
+    assert_eq!(e.id, Some(moved_at.to_string()));
+    assert_only(&e.data, "enter", "Bob", &["Ada", ada_private]);
+    let e = ada_order.changes(1, WAIT).await.remove(0);
+    assert_only(&e.data, "leave", "Ada", &["Bob", bob_private]);
+    // The REST reads agree: the order is Bob's now.
+    let get = |token: &'static str| app.http.get(app.url(&format!("/api/orders/{id}"))).bearer_auth(token).send();
+    assert_eq!(get("adasecret1").await.unwrap().status(), 404);
+    assert_eq!(get("bobsecret1").await.unwrap().status(), 200);
+
+    // Through SQL, as a DBA would: back to Ada, case aside.
+    let db = app.sql().await;
+    db.execute("UPDATE orders SET customer_name = 'ADA', customer_email = $2 WHERE id = $1", &[&id, &ada_private])
+        .await
+        .unwrap();
+    let c = bob.changes(1, WAIT).await.remove(0);
+    assert_only(&c, "leave", "Bob", &["ADA", "Ada", ada_private]);
+    assert_eq!(c["order"]["customer_email"], bob_private);
+    assert!(c["actor"].as_str().unwrap().starts_with("sql:"), "{c}");
+    let moved_back = c["seq"].as_i64().unwrap();
+    let c = ada.changes(1, WAIT).await.remove(0);
+    assert_only(&c, "enter", "ADA", &["Bob", bob_private]);
+    let c = filtered.changes(1, WAIT).await.remove(0);
+    assert_eq!((&c["op"], &c["old"]["customer_name"]), (&json!("update"), &json!("Bob")));
+    assert_only(&bob_sse.changes(1, WAIT).await[0].data, "leave", "Bob", &["ADA", ada_private]);
+    assert_only(&ada_sse.changes(1, WAIT).await[0].data, "enter", "ADA", &["Bob", bob_private]);
+    for client in [&mut ada, &mut bob] {
+        client.expect_silence(Duration::from_millis(300)).await;
+    }
+
+    // Resuming from before the move reads the changes from the log: the
+    // same redacted variants.
+    let mut ada_again = ws(format!("?access_token=adasecret1&since={before}")).await;
+    ada_again.ready().await;
+    let cs = ada_again.changes(2, WAIT).await;
+    assert_only(&cs[0], "leave", "Ada", &["Bob", bob_private]);
+    assert_only(&cs[1], "enter", "ADA", &["Bob", bob_private]);
+    assert_eq!((seq_of(&cs[0]), seq_of(&cs[1])), (moved_at, moved_back));
+    // So does a subscribe message, whatever customer it asks for.
+    ada_again.send_json(json!({"type": "subscribe", "filter": {"customer": "Bob"}, "since": before})).await;
+    ada_again.ready().await;
+    let cs = ada_again.changes(2, WAIT).await;
+    assert_only(&cs[0], "leave", "Ada", &["Bob", bob_private]);
+    assert_only(&cs[1], "enter", "ADA", &["Bob", bob_private]);
+    let mut bob_again = ws(format!("?access_token=bobsecret1&since={before}")).await;
+    bob_again.ready().await;
+    let cs = bob_again.changes(2, WAIT).await;
+    assert_only(&cs[0], "enter", "Bob", &["Ada", ada_private]);
+    assert_only(&cs[1], "leave", "Bob", &["ADA", "Ada", ada_private]);
+    let mut bob_sse_again = app.sse("/api/events?access_token=bobsecret1", Some(&before.to_string())).await;
+    let es = bob_sse_again.changes(2, WAIT).await;
+    assert_only(&es[0].data, "enter", "Bob", &["Ada", ada_private]);
+    assert_only(&es[1].data, "leave", "Bob", &["ADA", "Ada", ada_private]);
+    let mut ada_order_again =
+        app.sse(&format!("/api/orders/{id}/events?access_token=adasecret1"), Some(&before.to_string())).await;
+    let es = ada_order_again.changes(2, WAIT).await;
+    assert_eq!((&es[0].data["op"], &es[1].data["op"]), (&json!("leave"), &json!("enter")));
+    assert_only(&es[0].data, "leave", "Ada", &["Bob", bob_private]);
+    // An unrestricted client resuming the same way gets the full changes.
+    let mut full_again = ws(format!("?access_token=writersecret&customer=Ada&since={before}")).await;
+    full_again.ready().await;
+    let cs = full_again.changes(2, WAIT).await;
+    assert_eq!((&cs[0]["op"], &cs[0]["old"]["customer_name"]), (&json!("update"), &json!("Ada")));
+    assert_eq!((&cs[1]["op"], &cs[1]["old"]["customer_name"]), (&json!("update"), &json!("Bob")));
+}
+
+fn seq_of(v: &Value) -> i64 {
+    v["seq"].as_i64().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_origins_and_cors_follow_the_allow_list() {
     let app = secured().await;

@@ -40,6 +40,7 @@ async fn in_order_through(
         match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
             Some(Item::Change(c)) => check(c.pos, &mut expected),
             Some(Item::Batch(b)) => b.changes.iter().for_each(|c| check(c.pos, &mut expected)),
+            Some(Item::Redacted { pos, .. }) => check(pos, &mut expected),
             Some(Item::Resync { reason, position }) => {
                 assert_eq!(reason, "position_expired");
                 resyncs.push(position);
@@ -669,7 +670,7 @@ async fn a_lagging_feed_whose_position_is_pruned_meanwhile_is_told_to_resync() {
     // A hub of its own (fed by hand, not by the listener) with a budget of
     // one queued change per client, so the second publish makes the feed lag.
     let hub = ordercast::hub::Hub::start(head, 1);
-    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), None).await.unwrap();
+    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), None, None).await.unwrap();
     for name in ["lag 1", "lag 2", "lag 3"] {
         dba_insert(&db, name).await;
     }
@@ -725,7 +726,7 @@ async fn a_prune_that_races_a_catch_up_read_is_told_as_a_resync() {
     // A hub of its own, at the head: the feed catches up (since, head] from
     // the log.
     let hub = ordercast::hub::Hub::start(head, 100);
-    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), Some(since)).await.unwrap();
+    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), Some(since), None).await.unwrap();
     // From now on, reading the log's bounds takes half a second after its
     // snapshot is taken; a prune commits meanwhile. Whatever the order of
     // the feed's statements, it must not hand out a change past the pruned
@@ -760,7 +761,7 @@ async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_re
     // A hub of its own whose listener is not running yet: it stands for a
     // LISTEN connection that was away while retention pruned the log.
     let hub = ordercast::hub::Hub::start(head, 100);
-    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), None).await.unwrap();
+    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), None, None).await.unwrap();
     for i in 0..10 {
         dba_insert(&db, &format!("gap {i}")).await;
     }
