@@ -26,6 +26,13 @@ export function describe(change, { link = true } = {}) {
     return [`created `, ref(o.id), ` · ${o.customer_name} · ${o.quantity} × ${o.product} · ${fmtMoney(o.amount)}`];
   }
   if (change.op === 'delete') return ['deleted ', ref(o.id), ` · ${o.customer_name}`];
+  // A token confined to one customer sees an order moved to another customer
+  // leave its view (no link: it can no longer be opened), and one moved from
+  // another customer enter it.
+  if (change.op === 'leave') return [`moved away #${o.id} · ${o.customer_name}`];
+  if (change.op === 'enter') {
+    return ['moved in ', ref(o.id), ` · ${o.customer_name} · ${o.quantity} × ${o.product} · ${fmtMoney(o.amount)}`];
+  }
   const parts = ['updated ', ref(o.id)];
   if (old && old.status !== o.status) {
     parts.push(' ', el('span', { class: `badge s-${old.status}` }, label(old.status)), ' → ',

@@ -125,7 +125,14 @@ export class OrderDetail {
       this.markDeleted();
       return;
     }
-    const statusChanged = c.old && c.old.status !== c.order.status;
+    if (c.op === 'leave') {
+      // Moved to a customer this token may not see: what is shown is the
+      // last state it could see.
+      this.markDeleted('This order moved to another customer and is no longer visible to you.');
+      return;
+    }
+    // An 'enter' carries no old row: the history is read again.
+    const statusChanged = c.op === 'enter' || (c.old && c.old.status !== c.order.status);
     this.show(c.order);
     if (statusChanged) this.loadHistory();
   }
@@ -164,9 +171,10 @@ export class OrderDetail {
     this.n.del.hidden = this.deleted || !this.n.confirm.hidden;
   }
 
-  markDeleted() {
+  markDeleted(text = 'This order has been deleted.') {
     this.deleted = true;
     this.stop();
+    this.n.gone.textContent = text;
     this.n.gone.hidden = false;
     this.n.statusForm.hidden = true;
     this.n.cancel.hidden = true;

@@ -117,6 +117,9 @@ export class Stats {
     const now = Date.now();
     const second = Math.floor(now / 1000);
     this.perSecond.set(second, (this.perSecond.get(second) || 0) + 1);
+    // Only creations count as new orders: an order moved in from another
+    // customer ('enter') was created before, and one moved away ('leave')
+    // still exists; both are one change each, counted once above.
     if (change.op === 'insert') this.perMinute.insert(change);
     if (this.timer) return;
     const wait = Math.max(0, this.last + STATS_INTERVAL_MS - now);

@@ -149,7 +149,10 @@ export class OrderTable {
   apply(change, highlight) {
     const order = change.order;
     const i = this.rows.findIndex((o) => o.id === order.id);
-    const keep = change.op !== 'delete' && matches(order, this.filter);
+    // 'leave': the order moved to a customer this token may not see (its
+    // row is the last state it could); it goes like a delete. 'enter': it
+    // came into view, like an insert or update.
+    const keep = change.op !== 'delete' && change.op !== 'leave' && matches(order, this.filter);
     if (i >= 0) {
       if (keep) {
         this.rows[i] = order;
@@ -167,7 +170,7 @@ export class OrderTable {
     const full = this.rows.length >= PAGE_SIZE;
     const lower = full || this.hasMore ? this.rows[this.rows.length - 1]?.id ?? 0 : 0;
     if (upper != null && order.id >= upper) {
-      if (change.op === 'insert') this.newerCount += 1;
+      if (change.op === 'insert' || change.op === 'enter') this.newerCount += 1;
       this.schedule();
       return;
     }
