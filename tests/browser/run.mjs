@@ -404,6 +404,45 @@ test('with tokens configured, the dashboard asks for one, then goes live', async
   await dialog.waitFor({ state: 'visible', timeout: 10000 });
 });
 
+test('with a customer-confined token, an order moved away leaves the page and one moved in appears', async (t) => {
+  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read:customer=Ada' });
+  t.cleanup = () => secured.cleanup();
+  await secured.start();
+  const insert = async (customer) => Number(await secured.sql(`INSERT INTO orders (customer_name, customer_email,
+    product, quantity, unit_price) VALUES (${sqlStr(customer)}, ${sqlStr(`${customer.toLowerCase()}@mail.example`)},
+    'Lamp', 1, 1) RETURNING id`));
+  const mine = await insert('Ada');
+  const theirs = await insert('Bob');
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  page.setDefaultTimeout(10000);
+  await page.goto(secured.url);
+  const signin = page.locator('#signin');
+  await signin.waitFor({ state: 'visible', timeout: 5000 });
+  await signin.getByLabel('Token').fill('ada-secret-1');
+  await signin.getByRole('button', { name: 'Sign in' }).click();
+  await live(page);
+  await row(page, mine).waitFor({ timeout: 2000 });
+  assert.deepEqual(await tableIds(page), [mine]);
+  // The order is open when a DBA gives it to Bob.
+  await row(page, mine).locator('button').click();
+  const dialog = page.locator('#detail');
+  await dialog.locator('#detail-fields dd', { hasText: 'ada@mail.example' }).waitFor();
+  await secured.sql(`UPDATE orders SET customer_name = 'Bob', customer_email = 'bob@mail.example' WHERE id = ${mine}`);
+  await dialog.locator('#detail-gone', { hasText: 'no longer visible' }).waitFor({ timeout: 3000 });
+  await dialog.locator('#detail-changes li', { hasText: 'moved away' }).waitFor({ timeout: 2000 });
+  await row(page, mine).waitFor({ state: 'detached', timeout: 2000 });
+  await page.locator('#activity-list li', { hasText: `moved away #${mine}` }).waitFor({ timeout: 2000 });
+  await dialog.locator('[data-close]').first().click();
+  // Bob's order becomes Ada's.
+  await secured.sql(`UPDATE orders SET customer_name = 'Ada', customer_email = 'ada@mail.example' WHERE id = ${theirs}`);
+  await row(page, theirs).locator('.customer', { hasText: 'Ada' }).waitFor({ timeout: 3000 });
+  await page.locator('#activity-list li', { hasText: `moved in #${theirs}` }).waitFor({ timeout: 2000 });
+  assert.deepEqual(await tableIds(page), [theirs]);
+  const text = await page.locator('body').textContent();
+  assert.ok(!/bob/i.test(text), 'nothing of Bob\'s reaches the page');
+});
+
 test('when WebSocket fails the page falls back to SSE', async (t) => {
   let attempts = 0;
   const { page } = await openDashboard(t, {

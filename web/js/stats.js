@@ -98,6 +98,7 @@ export class Stats {
     this.perSecond = new Map(); // second number -> changes received in it
     this.chart = null;
     this.dlqTimer = null;
+    this.forbidden = false; // the token may not read /api/stats (confined to one customer)
   }
 
   /** Dead letters, the chart's backfill and the once-a-second figures (the totals are read by refresh()). */
@@ -121,7 +122,7 @@ export class Stats {
     // customer ('enter') was created before, and one moved away ('leave')
     // still exists; both are one change each, counted once above.
     if (change.op === 'insert') this.perMinute.insert(change);
-    if (this.timer) return;
+    if (this.timer || this.forbidden) return;
     const wait = Math.max(0, this.last + STATS_INTERVAL_MS - now);
     this.timer = setTimeout(() => {
       this.timer = null;
@@ -135,7 +136,11 @@ export class Stats {
     try {
       s = await api.stats();
     } catch (e) {
-      if (e.status !== 0 && e.status !== 401) this.onError(`Could not load statistics: ${e.message}`);
+      // A token confined to one customer may not read the totals (they
+      // cover every customer): the figures stay empty, without an error
+      // at every change.
+      if (e.status === 403) this.forbidden = true;
+      else if (e.status !== 0 && e.status !== 401) this.onError(`Could not load statistics: ${e.message}`);
       return null;
     }
     this.n.orders.textContent = fmtCount(s.total_orders);
