@@ -124,7 +124,6 @@ impl Move {
     /// The redacted variants of an update from `before` to `after`, when the
     /// customer changes (case-insensitively, as filters compare): None
     /// otherwise.
-    #[allow(clippy::too_many_arguments)]
     pub fn build(
         pos: i64,
         customer: Option<&str>,
