@@ -302,8 +302,16 @@ async fn an_order_moving_between_customers_leaves_and_enters_confined_streams_wi
         s.api_keys = Some(ordercast::config::Secret(
             "writer:writersecret:read+write,ada:adasecret1:read:customer=Ada,bob:bobsecret1:read:customer=Bob".into(),
         ));
+        s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
     })
     .await;
+    // Bob's token as a JWT `customer` claim instead of an API key option.
+    let bob_jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "bob-app", "exp": chrono::Utc::now().timestamp() + 600, "scope": "read", "customer": "bob"}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
     let ada_private = "ada-private@a.example";
     let bob_private = "bob-private@b.example";
     let r = app
@@ -326,6 +334,8 @@ async fn an_order_moving_between_customers_leaves_and_enters_confined_streams_wi
     let before = ada.ready().await["seq"].as_i64().unwrap();
     let mut bob = ws("?access_token=bobsecret1&customer=Ada".into()).await;
     bob.ready().await;
+    let mut bob_by_jwt = ws(format!("?access_token={bob_jwt}")).await;
+    bob_by_jwt.ready().await;
     let mut filtered = ws("?access_token=writersecret&customer=Ada".into()).await;
     filtered.ready().await;
     let mut everything = ws("?access_token=writersecret".into()).await;
@@ -357,6 +367,7 @@ async fn an_order_moving_between_customers_leaves_and_enters_confined_streams_wi
     let c = bob.changes(1, WAIT).await.remove(0);
     assert_only(&c, "enter", "Bob", &["Ada", ada_private]);
     assert_eq!((c["seq"].as_i64(), &c["order"]["customer_email"]), (Some(moved_at), &json!(bob_private)));
+    assert_eq!(bob_by_jwt.changes(1, WAIT).await[0], c);
     for client in [&mut filtered, &mut everything] {
         let c = client.changes(1, WAIT).await.remove(0);
         assert_eq!(
