@@ -535,11 +535,17 @@ pub async fn delete_order(
     }
 }
 
-/// The status history of an order, oldest first.
+/// The status history of an order, oldest first. A token confined to one
+/// customer gets only the entries made while the order was that customer's
+/// (`order_status_history.customer`, compared with `lower()` like every
+/// REST read; see `sql/V12__history_customer.sql`): not those from before it
+/// was moved to the customer, nor one made by the statement that moved it,
+/// nor any written before V12, whose customer is unknown.
 #[utoipa::path(get, path = "/api/orders/{id}/history", tag = "orders",
     params(("id" = i64, Path, description = "Order id")),
     responses(
-        (status = 200, description = "Status changes: from, to, at, by", body = [crate::routes::openapi::HistoryDoc]),
+        (status = 200, description = "Status changes: from, to, at, by. A token confined to one customer gets only \
+            the entries made while the order belonged to that customer.", body = [crate::routes::openapi::HistoryDoc]),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/orders/{id}/history")]
@@ -555,7 +561,8 @@ pub async fn history(
             "SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)), \
                     COALESCE((SELECT json_agg(json_build_object('from', from_status, 'to', to_status, \
                               'at', changed_at, 'by', changed_by) ORDER BY id) \
-                              FROM order_status_history WHERE order_id = $1), '[]')::text",
+                              FROM order_status_history WHERE order_id = $1 \
+                                AND ($2::text IS NULL OR lower(customer) = $2)), '[]')::text",
             &[&id, &restriction(&req)],
         )
         .await?;

@@ -448,6 +448,105 @@ fn seq_of(v: &Value) -> i64 {
     v["seq"].as_i64().unwrap()
 }
 
+/// An order's status history, read by a token confined to one customer,
+/// holds only the entries made while the order was that customer's: after a
+/// move from Ada to Bob, Bob's token never sees Ada's statuses or her token's
+/// name, and an entry made by the statement that moved the order belongs to
+/// neither. Unconfined tokens see every entry; entries whose customer is not
+/// recorded (written before it was) only they see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_token_reads_only_its_customers_part_of_an_orders_history() {
+    let app = spawn_app_with(|s| {
+        s.api_keys = Some(ordercast::config::Secret(
+            "writer:writersecret:read+write,ada:adasecret1:read+write:customer=Ada,\
+             bob:bobsecret1:read+write:customer=Bob"
+                .into(),
+        ));
+        s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
+    })
+    .await;
+    let bob_jwt = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "bob-app", "exp": chrono::Utc::now().timestamp() + 600, "scope": "read", "customer": "BOB"}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    let patch = |id: i64, token: &'static str, body: Value| {
+        app.http.patch(app.url(&format!("/api/orders/{id}"))).bearer_auth(token).json(&body).send()
+    };
+    let history = |id: i64, token: String| {
+        let app = &app;
+        async move {
+            let r = app.http.get(app.url(&format!("/api/orders/{id}/history"))).bearer_auth(token).send().await;
+            let r = r.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let steps = |h: &Value| -> Vec<(Value, Value, Value)> {
+        h.as_array().unwrap().iter().map(|e| (e["from"].clone(), e["to"].clone(), e["by"].clone())).collect()
+    };
+    let step = |from: Value, to: &str, by: &str| (from, json!(to), json!(by));
+
+    // Ada's order, taken into processing by Ada's own token.
+    let r = create_as(&app, "Ada", "adasecret1").await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    assert_eq!(patch(id, "adasecret1", json!({"status": "processing"})).await.unwrap().status(), 200);
+    let (status, h) = history(id, "adasecret1".into()).await;
+    assert_eq!(status, 200);
+    let adas = vec![step(json!(null), "pending", "api:ada"), step(json!("pending"), "processing", "api:ada")];
+    assert_eq!(steps(&h), adas);
+
+    // A DBA moves it to Bob (no status change: no entry); Bob's token and
+    // the writer take it further, the writer changing only the name's case.
+    let db = app.sql().await;
+    db.execute("UPDATE orders SET customer_name = 'bob' WHERE id = $1", &[&id]).await.unwrap();
+    assert_eq!(patch(id, "bobsecret1", json!({"status": "processed"})).await.unwrap().status(), 200);
+    assert_eq!(
+        patch(id, "writersecret", json!({"status": "shipped", "customer_name": "BOB"})).await.unwrap().status(),
+        200
+    );
+    let bobs =
+        vec![step(json!("processing"), "processed", "api:bob"), step(json!("processed"), "shipped", "api:writer")];
+    for token in ["bobsecret1".to_string(), bob_jwt.clone()] {
+        let (status, h) = history(id, token).await;
+        assert_eq!(status, 200);
+        assert_eq!(steps(&h), bobs);
+        assert!(!h.to_string().contains("api:ada") && !h.to_string().contains("pending"), "{h}");
+    }
+    // Ada no longer sees the order at all.
+    assert_eq!(history(id, "adasecret1".into()).await.0, 404);
+    let r = app.http.get(app.url(&format!("/api/orders/{id}"))).bearer_auth("adasecret1").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    // The writer moves it back to Ada and delivers it in the same statement:
+    // that entry is neither customer's. Ada sees her own entries again.
+    assert_eq!(
+        patch(id, "writersecret", json!({"status": "delivered", "customer_name": "Ada"})).await.unwrap().status(),
+        200
+    );
+    let (status, h) = history(id, "adasecret1".into()).await;
+    assert_eq!(status, 200);
+    assert_eq!(steps(&h), adas);
+    assert_eq!(history(id, "bobsecret1".into()).await.0, 404);
+    // The unconfined writer sees all of it.
+    let (status, h) = history(id, "writersecret".into()).await;
+    assert_eq!(status, 200);
+    let mut all = adas.clone();
+    all.extend(bobs.clone());
+    all.push(step(json!("shipped"), "delivered", "api:writer"));
+    assert_eq!(steps(&h), all);
+
+    // Entries with no recorded customer (as written before it was recorded)
+    // are shown to unconfined tokens only.
+    let r = create_as(&app, "Bob", "bobsecret1").await;
+    let other = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    db.execute("UPDATE order_status_history SET customer = NULL WHERE order_id = $1", &[&other]).await.unwrap();
+    assert_eq!(history(other, "bobsecret1".into()).await, (200, json!([])));
+    assert_eq!(steps(&history(other, "writersecret".into()).await.1), [step(json!(null), "pending", "api:bob")]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_origins_and_cors_follow_the_allow_list() {
     let app = secured().await;
