@@ -113,10 +113,11 @@ impl Feed {
         };
         if let Some(since) = since {
             let client = pool.get().await.map_err(crate::error::ApiError::from)?;
-            let (head, pruned) = log_bounds(&client).await.map_err(crate::error::ApiError::from)?;
+            let (head, pruned, renumbered) =
+                resume_bounds(&client, since).await.map_err(crate::error::ApiError::from)?;
             if since < pruned {
                 feed.buf.push_back(Item::Resync { reason: "position_expired", position: live_from });
-            } else if since > head.max(live_from) {
+            } else if renumbered || since > head.max(live_from) {
                 feed.buf.push_back(Item::Resync { reason: "position_unknown", position: live_from });
             } else {
                 feed.scan = since;
@@ -317,6 +318,25 @@ impl Feed {
         }
         true
     }
+}
+
+/// Where the log stands for a client resuming after `since`: the head, the
+/// retention horizon, and whether `since` lies in a range of positions the
+/// database lost after they were pushed (recorded by the listener, see
+/// `change_rewinds`): the client may hold changes that are gone, and the
+/// changes now numbered before its position would be skipped.
+async fn resume_bounds(
+    client: &deadpool_postgres::Client,
+    since: i64,
+) -> Result<(i64, i64, bool), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT change_head(), (SELECT pruned_through FROM change_retention), \
+                    EXISTS (SELECT 1 FROM change_rewinds WHERE after_pos < $1 AND through_pos >= $1)",
+            &[&since],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2)))
 }
 
 /// A catch-up read: owned, so that it can outlive the `next()` call that

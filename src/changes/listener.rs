@@ -11,6 +11,7 @@
 //! Reconnects back off exponentially with jitter and catch up from the log,
 //! so connected clients lose nothing across a dropped connection.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -62,9 +63,14 @@ impl ListenerState {
     }
 }
 
+/// Published positions (the last of each batch) remembered with their
+/// commit times, to find how far back the log still holds what was pushed
+/// when it lost commits (`last_kept`).
+const RECENT: usize = 64;
+
 /// Runs until the hub shuts down.
 pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
-    let mut at = Position { pos: hub.position(), committed_micros: None };
+    let mut at = Position { pos: hub.position(), committed_micros: None, recent: VecDeque::new() };
     state.position.store(at.pos, Ordering::Relaxed);
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -91,6 +97,19 @@ pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
 struct Position {
     pos: i64,
     committed_micros: Option<i64>,
+    /// Recently published positions and their commit times, oldest first.
+    recent: VecDeque<(i64, i64)>,
+}
+
+impl Position {
+    fn published(&mut self, pos: i64, committed_micros: i64) {
+        self.pos = pos;
+        self.committed_micros = Some(committed_micros);
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((pos, committed_micros));
+    }
 }
 
 /// The commit time (microseconds) of the transaction that holds position
@@ -116,6 +135,32 @@ async fn log_kept(client: &tokio_postgres::Client, at: &Position, head: i64) -> 
     let Some(micros) = at.committed_micros else { return Ok(true) };
     // None: pruned (retention moved past it), which is no sign of loss.
     Ok(committed_micros_at(client, at.pos).await?.is_none_or(|t| t == micros))
+}
+
+/// The newest recently published position that the log still holds as it
+/// was pushed (at or below `head`, committed when it was): the positions
+/// after it, through the last one published, may be numbered again. A
+/// position pruned meanwhile counts as held (everything up to it is gone
+/// for every client anyway); 0 when none is found.
+async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, i64)>, head: i64) -> anyhow::Result<i64> {
+    let positions: Vec<i64> = recent.iter().map(|&(p, _)| p).filter(|&p| p <= head).collect();
+    let rows = client
+        .query(
+            "SELECT p, (SELECT committed_at FROM change_tx WHERE base_pos < p AND end_pos >= p) \
+             FROM unnest($1::bigint[]) p",
+            &[&positions],
+        )
+        .await
+        .map_err(crate::db::describe)?;
+    let now: std::collections::HashMap<i64, Option<i64>> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(1).map(|t| t.timestamp_micros())))
+        .collect();
+    Ok(recent
+        .iter()
+        .rev()
+        .find(|(p, micros)| now.get(p).is_some_and(|t| t.is_none_or(|t| t == *micros)))
+        .map_or(0, |&(p, _)| p))
 }
 
 async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position) -> anyhow::Result<()> {
@@ -146,22 +191,35 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
     // and every live client must reload (after the head).
     let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
     if !log_kept(&client, at, head).await? {
+        // Recorded before the hub rewinds: a client resuming from a lost
+        // position after this is told to resync by its feed (`Feed::open`);
+        // one that subscribed before is by the rewind.
+        let kept = last_kept(&client, &at.recent, head).await?;
         log::error!(
-            "the change log no longer holds the change at position {} that was pushed (its head is {head}): \
-             the database lost commits; live clients are told to resync",
+            "the change log no longer holds the change at position {} that was pushed (its head is {head}, \
+             positions after {kept} may be numbered again): the database lost commits; live clients and \
+             clients resuming from those positions are told to resync",
             at.pos
         );
+        if kept < at.pos {
+            client
+                .execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&kept, &at.pos])
+                .await
+                .map_err(crate::db::describe)?;
+        }
         if hub.rewind(head).await.is_err() {
             return Ok(());
         }
-        *at = Position { pos: head, committed_micros: None };
+        *at = Position { pos: head, committed_micros: None, recent: VecDeque::new() };
         state.position.store(head, Ordering::Relaxed);
     }
     if at.committed_micros.is_none() {
         // Nothing read yet (a quiet log since the start, or a rewind): learn
         // the change at the position now, so that the next reconnect can
         // recognise it.
-        at.committed_micros = committed_micros_at(&client, at.pos).await?;
+        if let Some(micros) = committed_micros_at(&client, at.pos).await? {
+            at.published(at.pos, micros);
+        }
     }
     state.connected.store(true, Ordering::Relaxed);
     log::info!("listening for changes after position {}", at.pos);
@@ -191,10 +249,11 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
                     return Ok(());
                 }
             }
-            at.pos = last.get(0);
             let full = rows.len() as i64 == READ_BATCH;
             let changes: Vec<_> = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();
-            at.committed_micros = changes.last().map(|c| c.committed_micros);
+            // unwrap: not empty
+            let newest = changes.last().unwrap();
+            at.published(newest.pos, newest.committed_micros);
             last_publish = Instant::now();
             if hub.publish(changes).await.is_err() {
                 return Ok(());

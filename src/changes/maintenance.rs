@@ -46,6 +46,11 @@ pub async fn run_once(pool: &Pool, settings: &Settings) -> anyhow::Result<i64> {
         return Ok(0);
     }
     let rows: i64 = client.query_one("SELECT change_prune($1)", &[&cutoff]).await.map_err(crate::db::describe)?.get(0);
+    // Lost positions now below the horizon: resuming there is expired anyway.
+    client
+        .execute("DELETE FROM change_rewinds WHERE through_pos < $1", &[&cutoff])
+        .await
+        .map_err(crate::db::describe)?;
     log::info!("pruned {rows} change-log rows through position {cutoff}");
     Ok(rows)
 }

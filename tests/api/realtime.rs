@@ -980,6 +980,29 @@ async fn when_lost_commits_are_outnumbered_before_the_listener_is_back_clients_s
     db.execute(insert, &[&"after"]).await.unwrap();
     let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
     assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 4), Some("after")));
+
+    // A client that was away holds the lost start+1 and start+2. Resuming
+    // after start+2 (below the head now) would hand it start+3 onwards and
+    // silently skip new-1 and new-2: it is told to resync, by WebSocket and
+    // by SSE alike.
+    for since in [start + 1, start + 2] {
+        let mut away = app.ws(&format!("?since={since}")).await;
+        let first = away.next_json(WAIT).await;
+        assert_eq!(
+            (first["type"].as_str(), first["reason"].as_str()),
+            (Some("resync"), Some("position_unknown")),
+            "since={since}: {first}"
+        );
+        let mut sse = app.sse("/api/events", Some(&since.to_string())).await;
+        let ev = sse.next_event(WAIT).await;
+        assert_eq!((ev.event.as_str(), ev.data["reason"].as_str()), ("resync", Some("position_unknown")), "{ev:?}");
+    }
+    // One that stopped at the last position the log kept resumes as usual.
+    let mut kept = app.ws(&format!("?since={start}")).await;
+    kept.ready().await;
+    let names: Vec<String> =
+        kept.changes(4, WAIT).await.iter().map(|c| c["order"]["customer_name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["new-1", "new-2", "new-3", "after"]);
 }
 
 /// A filtered client's position is not its last matching change: while it
