@@ -261,6 +261,10 @@ fn close(code: u16, description: impl Into<String>) -> Outcome {
 struct Conn {
     socket: Socket,
     write_timeout: Duration,
+    /// When the client's token expires (Unix seconds; JWTs only). Nothing
+    /// is written to the socket from then on: not a change, not even one
+    /// queued before.
+    token_expires: Option<i64>,
 }
 
 impl Conn {
@@ -268,19 +272,36 @@ impl Conn {
     /// the client is far behind (more than `OUT_LIMIT` bytes unwritten), at
     /// most `write_timeout`: a client that does not read is too slow.
     async fn send_frames(&mut self, frames: Bytes) -> Result<(), Outcome> {
+        self.check_token()?;
         self.socket.send(frames).map_err(|_| Outcome::Close(None))?;
         self.write_some().await
     }
 
+    /// 4001 once the token has expired.
+    fn check_token(&self) -> Result<(), Outcome> {
+        match self.token_expires {
+            Some(t) if t <= chrono::Utc::now().timestamp() => Err(close(CLOSE_TOKEN_EXPIRED, "token expired")),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes without waiting; then, if too much is still queued, waits for
-    /// the client to read.
+    /// the client to read, at most until the token expires.
     async fn write_some(&mut self) -> Result<(), Outcome> {
+        self.check_token()?;
         self.socket.flush().map_err(|_| Outcome::Close(None))?;
         if self.socket.pending() <= OUT_LIMIT {
             return Ok(());
         }
+        let wait = match self.token_expires {
+            Some(t) => {
+                let left = t.saturating_mul(1000).saturating_sub(chrono::Utc::now().timestamp_millis());
+                self.write_timeout.min(Duration::from_millis(left.max(0) as u64))
+            }
+            None => self.write_timeout,
+        };
         // Boxed: only a client far behind waits here.
-        let drained = Box::pin(tokio::time::timeout(self.write_timeout, async {
+        let drained = Box::pin(tokio::time::timeout(wait, async {
             while self.socket.pending() > OUT_LIMIT {
                 self.socket.writable().await?;
                 self.socket.flush()?;
@@ -291,7 +312,10 @@ impl Conn {
         match drained {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Outcome::Close(None)),
-            Err(_) => Err(close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading")),
+            Err(_) => {
+                self.check_token()?;
+                Err(close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading"))
+            }
         }
     }
 
@@ -451,7 +475,8 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
             return;
         }
     };
-    let mut conn = Conn { socket, write_timeout: state.settings.slow_client_timeout() };
+    let mut conn =
+        Conn { socket, write_timeout: state.settings.slow_client_timeout(), token_expires: principal.expires_at };
     let mut session = SessionState { opened, params, principal, subscribes: Default::default() };
     let mut heartbeat = state.heartbeat.clone();
     heartbeat.mark_unchanged();
@@ -552,15 +577,27 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
         Some(r) => wire::close_frame(u16::from(r.code), r.description.as_deref().unwrap_or("")),
         None => wire::frame(wire::OP_CLOSE, b""),
     };
-    // Queued changes go first, then the close frame; a client that stopped
-    // reading does not get to hold the connection open. A slow consumer
-    // could not read what is queued in time for the close to follow it: it
-    // gets only the rest of a frame already begun, then the close (it resumes
-    // from the last change it received).
-    if reason.as_ref().is_some_and(|r| r.code == CloseCode::Other(CLOSE_SLOW_CONSUMER)) {
+    // Closes that end a session the client cannot or may not go on with drop
+    // the changes queued for it: only the rest of a frame already begun goes
+    // out, then the close, so a client that reads again gets the close
+    // promptly and resumes from the last change it received. A slow consumer
+    // (4008) could not read them in time for the close to follow, a client
+    // silent past the heartbeat timeout (4000) is not reading either, and a
+    // client whose token expired (4001) may not receive them at all. Other
+    // closes go out after what is queued (a client that does not read does
+    // not get to hold the connection open: see `shut_down`): a shutdown's
+    // (1001) `since=N` is the position of the last change queued, so the
+    // client must receive all of them for the close to be right.
+    if reason.as_ref().is_some_and(drops_queued) {
         conn.socket.discard_unsent();
     }
     Box::pin(conn.socket.shut_down(frame, CLOSE_LINGER)).await;
+}
+
+/// Whether a close drops the changes queued for the client (see the end of
+/// `run_session`).
+fn drops_queued(reason: &CloseReason) -> bool {
+    matches!(reason.code, CloseCode::Other(CLOSE_SLOW_CONSUMER | CLOSE_HEARTBEAT_TIMEOUT | CLOSE_TOKEN_EXPIRED))
 }
 
 enum Signal {
@@ -615,6 +652,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn closes_the_client_cannot_or_may_not_go_on_after_drop_what_is_queued() {
+        let reason = |code: u16| CloseReason { code: CloseCode::Other(code), description: None };
+        for code in [CLOSE_HEARTBEAT_TIMEOUT, CLOSE_TOKEN_EXPIRED, CLOSE_SLOW_CONSUMER] {
+            assert!(drops_queued(&reason(code)), "{code}");
+        }
+        // A shutdown's `since=N` counts what is queued; a failed subscribe
+        // or a protocol error leaves the client's position as it is.
+        for code in [1001, CLOSE_UNAVAILABLE, 1002, 1007, 1009] {
+            assert!(!drops_queued(&reason(code)), "{code}");
+        }
+        for code in [CloseCode::Normal, CloseCode::Protocol, CloseCode::Size] {
+            assert!(!drops_queued(&CloseReason { code, description: None }), "{code:?}");
+        }
+    }
 
     #[test]
     fn client_messages_parse_or_say_why() {

@@ -52,9 +52,13 @@ async fn secured() -> TestApp {
 }
 
 fn jwt(exp_offset: i64, scope: &str) -> String {
+    jwt_expiring_at(chrono::Utc::now().timestamp() + exp_offset, scope)
+}
+
+fn jwt_expiring_at(exp: i64, scope: &str) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": "svc-jwt", "exp": chrono::Utc::now().timestamp() + exp_offset, "scope": scope}),
+        &json!({"sub": "svc-jwt", "exp": exp, "scope": scope}),
         &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )
     .unwrap()
@@ -892,14 +896,18 @@ async fn raw_ws(app: &TestApp) -> tokio::net::TcpStream {
     handshake(tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap()).await
 }
 
-async fn handshake(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
+async fn handshake(tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    handshake_with(tcp, "").await
+}
+
+/// `headers`: more header lines, each ending in CRLF.
+async fn handshake_with(mut tcp: tokio::net::TcpStream, headers: &str) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tcp.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{headers}\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
@@ -1040,4 +1048,64 @@ async fn control_frames_and_close_codes_follow_rfc_6455() {
         assert_eq!(*op, 0x8, "{frame:?}: the last frame is a close");
         assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), expected, "{frame:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committed_after() {
+    use tokio::io::AsyncReadExt;
+    let app = spawn_app_with(|s| {
+        s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
+        // Not a slow consumer within this test.
+        s.slow_client_secs = 60;
+    })
+    .await;
+    let exp = chrono::Utc::now().timestamp() + 3;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let auth = format!("Authorization: Bearer {}\r\n", jwt_expiring_at(exp, "read"));
+    let mut ws = handshake_with(tcp, &auth).await;
+    // The client reads nothing while 2 MB of changes commit (more than the
+    // kernel's buffers hold, unless they have grown large)...
+    let db = app.sql().await;
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT repeat('e', 50000) || g, 'Cog', 1, 1 FROM generate_series(1, 40) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    // ...and its token expires; then more changes commit.
+    while chrono::Utc::now().timestamp() < exp {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let head_at_expiry: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    for i in 0..5 {
+        db.execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Late ' || $1::text, 'Cog', 1, 1)",
+            &[&i.to_string()],
+        )
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The client reads again. It gets what the server wrote before the
+    // expiry, then the 4001 close at once (well before the next heartbeat,
+    // at most 10 s away), and none of the changes committed after it.
+    let resumed = std::time::Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), ws.read_to_end(&mut got)).await.expect("the server closes").unwrap();
+    let waited = resumed.elapsed();
+    let (frames, cut) = server_frames(&got);
+    assert!(!cut, "the stream ends mid-frame");
+    let late: Vec<i64> = frames
+        .iter()
+        .filter(|(op, _)| *op == 0x1)
+        .map(|(_, text)| serde_json::from_slice::<Value>(text).unwrap())
+        .filter(|v| v["type"] == "change" && v["seq"].as_i64().unwrap() > head_at_expiry)
+        .map(|v| v["seq"].as_i64().unwrap())
+        .collect();
+    let (op, payload) = frames.last().expect("frames");
+    assert_eq!(*op, 0x8, "the last frame is a close");
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 4001);
+    assert!(late.is_empty(), "changes committed after the token expired were sent: {late:?}");
+    assert!(waited < Duration::from_secs(3), "the close came {waited:?} after the client read again");
 }
