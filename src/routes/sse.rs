@@ -26,6 +26,9 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// EventSource reconnect delay suggested to browsers, in milliseconds.
 const RETRY_MS: u32 = 1000;
 
+/// The last event of a stream whose token expired.
+const TOKEN_EXPIRED: &str = r#"{"type":"error","code":"token_expired","message":"token expired"}"#;
+
 fn event(name: &str, id: Option<i64>, data: &str) -> Bytes {
     let id = id.map(|i| format!("id: {i}\n")).unwrap_or_default();
     Bytes::from(format!("event: {name}\n{id}data: {data}\n\n"))
@@ -100,7 +103,7 @@ fn stream_response(
             _ = st.keepalive.tick() => {
                 if st.principal.expired() {
                     st.done = true;
-                    event("error", None, r#"{"type":"error","code":"token_expired","message":"token expired"}"#)
+                    event("error", None, TOKEN_EXPIRED)
                 } else if let Some(p) = st.opened.feed.progress() {
                     // A filtered stream whose last matching change is long
                     // past moves its Last-Event-ID on: EventSource keeps the
@@ -115,6 +118,14 @@ fn stream_response(
                 st.opened.feed.progress();
                 event("shutdown", None, &format!(r#"{{"type":"shutdown","seq":{}}}"#, st.opened.feed.position()))
             }
+        };
+        // Nothing more once the token has expired, whatever woke the stream
+        // (the keep-alive check alone let changes through for up to 15 s).
+        let chunk = if !st.done && st.principal.expired() {
+            st.done = true;
+            event("error", None, TOKEN_EXPIRED)
+        } else {
+            chunk
         };
         Some((Ok(chunk), st))
     });

@@ -1109,3 +1109,24 @@ async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committ
     assert!(late.is_empty(), "changes committed after the token expired were sent: {late:?}");
     assert!(waited < Duration::from_secs(3), "the close came {waited:?} after the client read again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_whose_token_expires_ends_before_any_later_change() {
+    let app = spawn_app_with(|s| s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()))).await;
+    let exp = chrono::Utc::now().timestamp() + 2;
+    let mut sse = app.sse(&format!("/api/events?access_token={}", jwt_expiring_at(exp, "read")), None).await;
+    assert_eq!(sse.next_event(WAIT).await.event, "ready");
+    while chrono::Utc::now().timestamp() < exp {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.sql()
+        .await
+        .execute("INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Late', 'Cog', 1, 1)", &[])
+        .await
+        .unwrap();
+    // The change committed after the expiry is not sent: the stream's next
+    // (and last) event says why (it used to come with the keep-alive, up to
+    // 15 s later, after the change).
+    let next = sse.next_event(WAIT).await;
+    assert_eq!((next.event.as_str(), &next.data["code"]), ("error", &json!("token_expired")), "{next:?}");
+}
