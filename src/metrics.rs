@@ -79,6 +79,26 @@ pub fn method_label(method: &actix_web::http::Method) -> &'static str {
     }
 }
 
+/// Longest part of a method token outside `method_label`'s set that the
+/// access log prints.
+const LOGGED_METHOD_CHARS: usize = 16;
+
+/// The method as the access log prints it: those `method_label` names as
+/// they are; any other token (HTTP allows any, up to the header size limit)
+/// as `other:` and its first 16 characters, `...` marking a cut, so a client
+/// cannot write kilobytes into every log line it causes.
+pub fn method_for_log(method: &actix_web::http::Method) -> std::borrow::Cow<'static, str> {
+    match method_label(method) {
+        "other" => {
+            let token = method.as_str();
+            let cut: String = token.chars().take(LOGGED_METHOD_CHARS).collect();
+            let more = if cut.len() < token.len() { "..." } else { "" };
+            format!("other:{cut}{more}").into()
+        }
+        label => label.into(),
+    }
+}
+
 /// HTTP requests by method (see `method_label`), route pattern and status.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
@@ -131,5 +151,17 @@ mod tests {
         assert!(out.contains("method=\"other\",route=\"unmatched\",status=\"404\"} 4"), "{out}");
         assert!(!out.contains("FOO") && !out.contains("ANYTHING"), "{out}");
         assert_eq!(out.lines().filter(|l| l.starts_with("ordercast_http_requests_total{")).count(), 3, "{out}");
+    }
+
+    #[test]
+    fn the_access_log_prints_a_made_up_method_cut_short() {
+        let logged = |token: &str| method_for_log(&Method::from_bytes(token.as_bytes()).unwrap()).into_owned();
+        for token in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+            assert_eq!(logged(token), token);
+        }
+        assert_eq!(logged("get"), "other:get");
+        assert_eq!(logged("TRACE"), "other:TRACE");
+        assert_eq!(logged("ABCDEFGHIJKLMNOP"), "other:ABCDEFGHIJKLMNOP");
+        assert_eq!(logged(&"X".repeat(8000)), format!("other:{}...", "X".repeat(16)));
     }
 }

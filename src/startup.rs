@@ -181,7 +181,7 @@ fn app(
         .wrap(
             // %U: the path without the query string, which may hold a token.
             Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
-                .custom_request_replace("method", |req| req.method().to_string()),
+                .custom_request_replace("method", |req| crate::metrics::method_for_log(req.method()).into_owned()),
         )
         .wrap_fn({
             let data = data.clone();

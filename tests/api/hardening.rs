@@ -1130,3 +1130,55 @@ async fn an_event_stream_whose_token_expires_ends_before_any_later_change() {
     let next = sse.next_event(WAIT).await;
     assert_eq!((next.event.as_str(), &next.data["code"]), ("error", &json!("token_expired")), "{next:?}");
 }
+
+/// Access-log lines for paths starting with `/access-log-probe`, captured
+/// from every test in this process (the first call installs the logger).
+fn access_log_probe_lines() -> &'static std::sync::Mutex<Vec<String>> {
+    struct Capture(std::sync::Mutex<Vec<String>>);
+    impl log::Log for Capture {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.target().starts_with("actix_web::middleware::logger")
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            let line = r.args().to_string();
+            if self.enabled(r.metadata()) && line.contains(" /access-log-probe") {
+                self.0.lock().unwrap().push(line);
+            }
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: std::sync::OnceLock<&'static Capture> = std::sync::OnceLock::new();
+    &CAPTURE
+        .get_or_init(|| {
+            let capture: &'static Capture = Box::leak(Box::new(Capture(Default::default())));
+            log::set_logger(capture).expect("no other logger in the API tests");
+            log::set_max_level(log::LevelFilter::Info);
+            capture
+        })
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_prints_a_made_up_method_token_cut_short() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lines = access_log_probe_lines();
+    let app = spawn_app().await;
+    let long = "X".repeat(6000);
+    for token in ["GET", long.as_str()] {
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+        let req = format!("{token} /access-log-probe HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 4"), "{}", String::from_utf8_lossy(&answer));
+    }
+    let lines = eventually(Duration::from_secs(5), || async {
+        let lines = lines.lock().unwrap().clone();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    assert!(lines.iter().any(|l| l.contains("\"GET /access-log-probe\" 404")), "{lines:?}");
+    let made_up = format!("\"other:{}... /access-log-probe\" 404", "X".repeat(16));
+    assert!(lines.iter().any(|l| l.contains(&made_up)), "{lines:?}");
+    assert!(lines.iter().all(|l| l.len() < 200), "{lines:?}");
+}
