@@ -36,6 +36,9 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// The server is stopping: it opens no more streams (503).
+    #[error("the server is shutting down: retry shortly (another instance, or this one once restarted)")]
+    ShuttingDown,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::VersionConflict { .. } => "version_conflict",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Unavailable(_) => "database_unavailable",
+            ApiError::ShuttingDown => "shutting_down",
             ApiError::Unexpected(_) => "internal_error",
         }
     }
@@ -85,7 +89,7 @@ impl ResponseError for ApiError {
             ApiError::InvalidTransition { .. } | ApiError::Conflict(_) | ApiError::Locked(_) => StatusCode::CONFLICT,
             ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Full(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

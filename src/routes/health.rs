@@ -15,7 +15,7 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
     tag = "health",
     responses(
         (status = 200, description = "Everything is up", body = serde_json::Value),
-        (status = 503, description = "The database or the change listener is down", body = serde_json::Value)
+        (status = 503, description = "The database or the change listener is down, or the server is shutting down", body = serde_json::Value)
     )
 )]
 #[get("/api/health")]
@@ -31,9 +31,13 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let listener_ok = listener.healthy();
     let ingest = state.ingest_health();
     let ingest_ok = ingest["healthy"].as_bool().unwrap_or(true);
-    let ok = db.is_ok() && listener_ok && ingest_ok;
+    // A server that has begun to stop takes no new streams: a load balancer
+    // should send clients elsewhere, and a dashboard whose WebSocket it
+    // refused should not conclude that only WebSocket is broken.
+    let stopping = *state.shutdown.borrow();
+    let ok = db.is_ok() && listener_ok && ingest_ok && !stopping;
     let body = json!({
-        "status": if ok { "ok" } else { "degraded" },
+        "status": if stopping { "shutting_down" } else if ok { "ok" } else { "degraded" },
         "database": match &db {
             Ok(()) => json!({"ok": true}),
             Err(e) => json!({"ok": false, "error": e}),

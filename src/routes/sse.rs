@@ -212,6 +212,7 @@ fn admit(
     req: &HttpRequest,
     state: &AppState,
 ) -> Result<(crate::limits::ConnectionSlot, crate::auth::Principal), ApiError> {
+    super::ws::refuse_while_shutting_down(state)?;
     let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let slot = state.connections.acquire(ip).map_err(super::ws::too_many)?;
     Ok((slot, crate::auth::principal(req)))

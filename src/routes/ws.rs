@@ -124,7 +124,7 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
     let mut feed = Feed::open(&state.hub, &state.pool, params.filter.clone(), since, params.viewer.clone())
         .await
         .map_err(|e| match e {
-            FeedError::Hub(_) => ApiError::Unavailable("the server is shutting down".into()),
+            FeedError::Hub(_) => ApiError::ShuttingDown,
             FeedError::Db(e) => e,
         })?;
     let resync = feed.take_initial_resync();
@@ -163,6 +163,7 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
     if let Some((code, reason)) = refusal {
         return Ok(switch(handshake()?, Handoff::Refuse { code, reason }));
     }
+    refuse_while_shutting_down(&state)?;
     let principal = crate::auth::principal(&req);
     let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let slot = state.connections.acquire(ip).map_err(too_many)?;
@@ -236,6 +237,15 @@ pub fn restrict(params: &mut StreamParams, principal: &crate::auth::Principal) {
     params.viewer.clone_from(&principal.customer);
     if let Some(c) = &principal.customer {
         params.filter.customer = Some(c.clone());
+    }
+}
+
+/// A stream asked for once the server has begun to stop would only be
+/// closed again at once: 503 `shutting_down` instead.
+pub fn refuse_while_shutting_down(state: &AppState) -> Result<(), ApiError> {
+    match *state.shutdown.borrow() {
+        true => Err(ApiError::ShuttingDown),
+        false => Ok(()),
     }
 }
 

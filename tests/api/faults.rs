@@ -216,3 +216,79 @@ async fn a_postgres_restart_mid_stream_is_survived_without_loss() {
     })
     .await;
 }
+
+/// Sends a request on a new connection and returns its status line and
+/// headers, and its body.
+async fn raw_request(port: u16, request: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    // The head, and as much of the body as comes within a second (an event
+    // stream does not end by itself).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = tcp.read(&mut chunk).await {
+            answer.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_asked_for_while_the_server_shuts_down_get_503_shutting_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (db_url, _) = create_database().await;
+    let port = free_port();
+    let mut server = Server::start(&db_url, port).await;
+    // A WebSocket client that will not answer the server's close: its
+    // session lingers (up to a second), and the server accepts connections
+    // until its sessions have ended.
+    let mut holder = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    holder
+        .write_all(
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Until the close frame, 1001 (0x03e9), arrives.
+    while !got.windows(4).any(|w| w[0] == 0x88 && w[2..] == [0x03, 0xe9]) {
+        let n = tokio::time::timeout(WAIT, holder.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "the holder's connection ended: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+        if got.windows(7).any(|w| w == b"\"ready\"") {
+            server.signal(nix::sys::signal::Signal::SIGTERM);
+            got.clear();
+        }
+    }
+    // The shutdown has begun (the holder has its 1001 close). Streams asked
+    // for now are refused, saying why, rather than opened to be closed.
+    let host = format!("Host: 127.0.0.1:{port}\r\n");
+    let (head, body) = raw_request(port, &format!("GET /api/events HTTP/1.1\r\n{host}Connection: close\r\n\r\n")).await;
+    let ws = raw_request(
+        port,
+        &format!(
+            "GET /ws HTTP/1.1\r\n{host}Connection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        ),
+    )
+    .await;
+    let health = raw_request(port, &format!("GET /api/health HTTP/1.1\r\n{host}Connection: close\r\n\r\n")).await;
+    assert!(health.0.starts_with("HTTP/1.1 503") && health.1.contains(r#""status":"shutting_down""#), "{health:?}");
+    for (head, body) in [(head, body), ws] {
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}\n\n{body}");
+        assert!(head.to_ascii_lowercase().contains("\r\nretry-after: "), "{head}");
+        assert!(body.contains(r#""code":"shutting_down""#), "{head}\n\n{body}");
+    }
+    drop(holder);
+    assert!(server.wait_exit().await.success());
+}
