@@ -33,11 +33,26 @@ async fn index() -> HttpResponse {
     serve("index.html")
 }
 
-#[get("/{path:.*\\.(js|css|png|svg|ico|map|txt|html|json)}")]
 async fn asset(path: web::Path<String>) -> HttpResponse {
     serve(&path)
 }
 
+/// Whether the dashboard has the file a request names (the path as the
+/// router matches it: percent-decoded).
+fn has_file(ctx: &actix_web::guard::GuardContext<'_>) -> bool {
+    let url = actix_web::dev::Url::new(ctx.head().uri.clone());
+    Assets::get(url.path().trim_start_matches('/')).is_some()
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(index).service(asset);
+    cfg.service(index).service(
+        web::resource("/{path:.*\\.(js|css|png|svg|ico|map|txt|html|json)}")
+            // Checked before the method, so a path with no file is not this
+            // route's at all: 404 `not_found` from the catch-all whatever the
+            // method (`DELETE /api/x.json` was a 405 naming GET), while a
+            // file's path answers another method 405 with `Allow: GET`.
+            .guard(actix_web::guard::fn_guard(has_file))
+            .guard(actix_web::guard::Get())
+            .to(asset),
+    );
 }

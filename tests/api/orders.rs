@@ -647,6 +647,7 @@ async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_40
         // Two GET routes have this path (the document and the dashboard's files).
         ("POST", "/api/openapi.json", "GET, OPTIONS"),
         ("DELETE", "/js/app.js", "GET, OPTIONS"),
+        ("DELETE", "/js/%61pp.js", "GET, OPTIONS"),
         ("POST", "/", "GET, OPTIONS"),
         ("PATCH", "/metrics", "GET, OPTIONS"),
         ("POST", "/ws", "GET, OPTIONS"),
@@ -678,6 +679,11 @@ async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_40
         ("OPTIONS", "/api/nope"),
         ("POST", "/api/stats/"),
         ("PUT", "/api/orders/1/cancel/now"),
+        // Named like a dashboard file, but there is no such file.
+        ("DELETE", "/api/x.json"),
+        ("GET", "/api/x.json"),
+        ("DELETE", "/js/nope.js"),
+        ("POST", "/nope.html"),
     ] {
         let (status, allowed, content_type, body) = answer(&app, method, path).await;
         assert_eq!((status, body["code"].as_str(), allowed), (404, Some("not_found"), None), "{method} {path}");
@@ -687,6 +693,8 @@ async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_40
     // The routes themselves still answer.
     assert_eq!(app.get_json("/api/stats").await.0, 200);
     assert_eq!(app.get_json(&order).await.0, 200);
+    let app_js = app.http.get(app.url("/js/%61pp.js")).send().await.unwrap();
+    assert_eq!(app_js.status(), 200);
     // Every documented path's Allow is exactly its documented methods.
     let (_, doc) = app.get_json("/api/openapi.json").await;
     for (path, ops) in doc["paths"].as_object().unwrap() {
@@ -701,7 +709,7 @@ async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_40
     // Counted without a route, like a 404.
     let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(
-        metrics.contains(r#"ordercast_http_requests_total{method="DELETE",route="unmatched",status="405"} 3"#),
+        metrics.contains(r#"ordercast_http_requests_total{method="DELETE",route="unmatched",status="405"} 4"#),
         "{metrics}"
     );
 }
