@@ -392,7 +392,9 @@ pub async fn guard(
             req.extensions_mut().insert(p);
             next.call(req).await
         }
-        Err(e) if routed == "/ws" => {
+        // Only a handshake (GET) is upgraded to be refused with a close code;
+        // any other method is refused like every protected request.
+        Err(e) if routed == "/ws" && req.method() == Method::GET => {
             req.extensions_mut().insert(e);
             next.call(req).await
         }

@@ -1182,3 +1182,44 @@ async fn the_access_log_prints_a_made_up_method_token_cut_short() {
     assert!(lines.iter().any(|l| l.contains(&made_up)), "{lines:?}");
     assert!(lines.iter().all(|l| l.len() < 200), "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_protected_paths_authentication_and_scope_come_before_404_and_405() {
+    let app = secured().await;
+    let answer = |method: &str, path: &str, token: Option<&'static str>| {
+        let mut r = app.http.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), app.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            let www = r.headers().contains_key("www-authenticate");
+            (status, www, r.json::<Value>().await.unwrap_or(Value::Null)["code"].as_str().map(str::to_owned))
+        }
+    };
+    let no = |code: &str| Some(code.to_string());
+    for (method, path, token, expected) in [
+        // No (valid) token: 401 whatever the method and path under /api/ and /ws.
+        ("PUT", "/api/orders", None, (401, true, no("missing_token"))),
+        ("GET", "/api/nope", None, (401, true, no("missing_token"))),
+        ("DELETE", "/api/x.json", None, (401, true, no("missing_token"))),
+        ("POST", "/ws", None, (401, true, no("missing_token"))),
+        ("PATCH", "/ws", Some("bogus"), (401, true, no("invalid_token"))),
+        // A token without the scope the method needs (read for GET, HEAD and
+        // OPTIONS, write for the others): 403.
+        ("PUT", "/api/orders", Some("readersecret"), (403, false, no("insufficient_scope"))),
+        ("DELETE", "/api/nope", Some("readersecret"), (403, false, no("insufficient_scope"))),
+        // Authorized: what the routes say.
+        ("GET", "/api/nope", Some("readersecret"), (404, false, no("not_found"))),
+        ("PUT", "/api/orders", Some("writersecret"), (405, false, no("method_not_allowed"))),
+        ("POST", "/ws", Some("writersecret"), (405, false, no("method_not_allowed"))),
+        ("DELETE", "/api/nope", Some("writersecret"), (404, false, no("not_found"))),
+        // Public paths need no token.
+        ("POST", "/api/health", None, (405, false, no("method_not_allowed"))),
+        ("DELETE", "/js/app.js", None, (405, false, no("method_not_allowed"))),
+        ("DELETE", "/js/nope.js", None, (404, false, no("not_found"))),
+    ] {
+        assert_eq!(answer(method, path, token).await, expected, "{method} {path} with {token:?}");
+    }
+}
