@@ -583,29 +583,34 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
         }
         log::debug!("closing WebSocket: {:?} {:?}", r.code, r.description);
     }
+    Box::pin(finish(conn.socket, reason)).await;
+}
+
+/// Ends a session's connection with a close frame (`None`: without a code).
+///
+/// Closes that end a session the client cannot or may not go on with drop
+/// the changes queued for it: only the rest of a frame already begun goes
+/// out, then the close, so a client that reads again gets the close
+/// promptly and resumes from the last change it received. A slow consumer
+/// (4008) could not read them in time for the close to follow, a client
+/// silent past the heartbeat timeout (4000) is not reading either, and a
+/// client whose token expired (4001) may not receive them at all. Other
+/// closes go out after what is queued (a client that does not read does
+/// not get to hold the connection open: see `shut_down`): a shutdown's
+/// (1001) `since=N` covers every change queued, so the client must receive
+/// all of them for the close to be right.
+async fn finish(mut socket: Socket, reason: Option<CloseReason>) {
     let frame = match &reason {
         Some(r) => wire::close_frame(u16::from(r.code), r.description.as_deref().unwrap_or("")),
         None => wire::frame(wire::OP_CLOSE, b""),
     };
-    // Closes that end a session the client cannot or may not go on with drop
-    // the changes queued for it: only the rest of a frame already begun goes
-    // out, then the close, so a client that reads again gets the close
-    // promptly and resumes from the last change it received. A slow consumer
-    // (4008) could not read them in time for the close to follow, a client
-    // silent past the heartbeat timeout (4000) is not reading either, and a
-    // client whose token expired (4001) may not receive them at all. Other
-    // closes go out after what is queued (a client that does not read does
-    // not get to hold the connection open: see `shut_down`): a shutdown's
-    // (1001) `since=N` is the position of the last change queued, so the
-    // client must receive all of them for the close to be right.
     if reason.as_ref().is_some_and(drops_queued) {
-        conn.socket.discard_unsent();
+        socket.discard_unsent();
     }
-    Box::pin(conn.socket.shut_down(frame, CLOSE_LINGER)).await;
+    socket.shut_down(frame, CLOSE_LINGER).await;
 }
 
-/// Whether a close drops the changes queued for the client (see the end of
-/// `run_session`).
+/// Whether a close drops the changes queued for the client (see `finish`).
 fn drops_queued(reason: &CloseReason) -> bool {
     matches!(reason.code, CloseCode::Other(CLOSE_SLOW_CONSUMER | CLOSE_HEARTBEAT_TIMEOUT | CLOSE_TOKEN_EXPIRED))
 }
@@ -662,6 +667,69 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The frames a server sent: (opcode, payload); panics on a cut frame.
+    fn server_frames(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let (header, len) = match bytes[1] & 0x7f {
+                126 => (4, u16::from_be_bytes([bytes[2], bytes[3]]) as usize),
+                127 => (10, u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize),
+                n => (2, n as usize),
+            };
+            assert!(bytes.len() >= header + len, "the stream ends mid-frame");
+            frames.push((bytes[0] & 0x0f, bytes[header..header + len].to_vec()));
+            bytes = &bytes[header + len..];
+        }
+        frames
+    }
+
+    /// A client that stopped reading, with frames waiting in the kernel and
+    /// in the session's queue, reads again once the session closes: on 4000,
+    /// 4001 and 4008 it gets what the kernel held, the rest of the frame
+    /// begun, then the close; on 1001, everything queued first.
+    #[tokio::test]
+    async fn a_close_that_drops_the_queue_follows_the_frame_begun() {
+        use tokio::io::AsyncReadExt;
+        for (code, drops) in
+            [(CLOSE_HEARTBEAT_TIMEOUT, true), (CLOSE_TOKEN_EXPIRED, true), (CLOSE_SLOW_CONSUMER, true), (1001, false)]
+        {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = tokio::net::TcpSocket::new_v4().unwrap();
+            client.set_recv_buffer_size(4096).unwrap();
+            let mut client = client.connect(listener.local_addr().unwrap()).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let mut socket = Socket::new(server, bytes::BytesMut::new(), 1000);
+            // Numbered frames of one size, sent until the kernel takes no
+            // more, then 20 more queued.
+            let frame = |n: usize| wire::frame(wire::OP_TEXT, format!("{n:0>1000}").as_bytes());
+            let size = frame(0).len();
+            let (mut total, mut extra) = (0, 0);
+            while extra < 20 {
+                socket.send(frame(total)).unwrap();
+                total += 1;
+                if socket.pending() > 0 {
+                    extra += 1;
+                }
+            }
+            let written = total * size - socket.pending();
+            let reason = CloseReason { code: CloseCode::Other(code), description: Some("bye".into()) };
+            let closing = tokio::spawn(finish(socket, Some(reason)));
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut got)).await.unwrap().unwrap();
+            drop(client);
+            closing.await.unwrap();
+            let frames = server_frames(&got);
+            let (close, texts) = frames.split_last().unwrap();
+            assert_eq!((close.0, &close.1[..2]), (wire::OP_CLOSE, &code.to_be_bytes()[..]), "{code}");
+            let numbers: Vec<usize> =
+                texts.iter().map(|(_, t)| std::str::from_utf8(t).unwrap().parse().unwrap()).collect();
+            assert_eq!(numbers, (0..numbers.len()).collect::<Vec<_>>(), "{code}: in order, none missing");
+            // The frames the kernel took, the last perhaps in part.
+            let begun = written.div_ceil(size);
+            assert_eq!(numbers.len(), if drops { begun } else { total }, "{code}: {begun} begun of {total}");
+        }
+    }
 
     #[test]
     fn closes_the_client_cannot_or_may_not_go_on_after_drop_what_is_queued() {
