@@ -454,7 +454,7 @@ async fn write_until_committed(
                     if state.failing_writers.fetch_add(1, Ordering::Relaxed) == 0 {
                         let what = match e {
                             WriteError::Broker(_) => "ask Kafka where a partition's log ends",
-                            WriteError::Transient(_) | WriteError::Data(_) => "write to PostgreSQL",
+                            WriteError::Transient(_) | WriteError::Data { .. } => "write to PostgreSQL",
                         };
                         log::warn!("ingest cannot {what}, retrying with backoff: {e}");
                     }

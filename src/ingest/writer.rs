@@ -29,6 +29,16 @@
 //! reject a statement for one message (a constraint a DBA added), the batch is
 //! rolled back and redone "carefully": one message at a time, each under a
 //! savepoint, so only the culprit is dead-lettered.
+//!
+//! A careful redo can still fail as a whole with a data error: at COMMIT
+//! (what runs there cannot be made immediate: the change log's sequencer, and
+//! whatever triggers it sets off, e.g. a DBA's trigger on `change_tx` that
+//! sees a transaction's changes once they have positions), or in a statement
+//! outside the messages' savepoints. Then the batch is applied one
+//! transaction per message: a message whose own transaction fails with a data
+//! error (its COMMIT included) is dead-lettered in a transaction of its own,
+//! and the others are applied, each exactly once, since each transaction
+//! moves the position past its message.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -40,7 +50,7 @@ use tokio_postgres::{Client, GenericClient, NoTls, Statement, Transaction};
 use uuid::Uuid;
 
 use super::consumer::LogEnds;
-use super::event::{Change, Reason, Rejection};
+use super::event::{cap_detail, Change, Reason, Rejection};
 use super::{Batch, Message};
 use crate::domain::{OrderPatch, Status};
 
@@ -129,9 +139,11 @@ pub enum WriteError {
     /// serialization failure, a schema problem an operator must fix).
     #[error("{0:#}")]
     Transient(anyhow::Error),
-    /// A statement failed because of one message's data: redo carefully.
-    #[error("{0:#}")]
-    Data(anyhow::Error),
+    /// A statement or the COMMIT failed because of a row's data: redo
+    /// carefully, then one message per transaction. `rejection`: what the
+    /// message is dead-lettered with when its own transaction fails so.
+    #[error("{error:#}")]
+    Data { error: anyhow::Error, rejection: Rejection },
     /// The broker could not say where a partition's log ends: try the same
     /// batch again later (the database connection is fine).
     #[error("{0:#}")]
@@ -150,12 +162,12 @@ fn is_data_error(e: &tokio_postgres::Error) -> bool {
 }
 
 fn classify(e: tokio_postgres::Error, step: &'static str) -> WriteError {
-    let data = is_data_error(&e);
-    let err = crate::db::describe(e).context(step);
-    if data {
-        WriteError::Data(err)
+    if is_data_error(&e) {
+        let mut rejection = rejection_from_db(&e);
+        rejection.detail = cap_detail(format!("{step}: {}", rejection.detail));
+        WriteError::Data { error: crate::db::describe(e).context(step), rejection }
     } else {
-        WriteError::Transient(err)
+        WriteError::Transient(crate::db::describe(e).context(step))
     }
 }
 
@@ -261,6 +273,19 @@ UPDATE kafka_offsets k SET next_offset = v.n, log_generation = v.g,
     updated_at = CASE WHEN (k.next_offset, k.log_generation) IS DISTINCT FROM (v.n, v.g) THEN now() ELSE k.updated_at END
 FROM unnest($3::int[], $4::bigint[], $5::int[]) AS v(p, n, g)
 WHERE k.group_id = $1 AND k.kafka_topic = $2 AND k.kafka_partition = v.p";
+
+/// How `apply` applies the messages still to apply.
+#[derive(Debug, Clone, Copy)]
+enum Mode<'a> {
+    /// Multi-row statements, in rounds: the common path.
+    Batch,
+    /// One message at a time, each under a savepoint, every constraint that
+    /// can be checked per statement checked so.
+    Careful,
+    /// Applies nothing: records them as dead letters with this rejection
+    /// (their own transaction failed with it, see `Writer::one_by_one`).
+    DeadLetter(&'a Rejection),
+}
 
 /// Careful mode checks every constraint after each statement, except the
 /// change log's sequencer, which must run at commit.
@@ -379,11 +404,28 @@ impl Writer {
     /// Writes the batch; on a data error redoes it message by message. A
     /// transient error leaves nothing behind (the transaction rolls back) and
     /// is returned for the caller to retry the same batch.
+    ///
+    /// Should the careful redo fail as a whole with a data error too (at
+    /// COMMIT, say), the batch is applied one transaction per message
+    /// (`one_by_one`).
     pub async fn write(&mut self, batch: &Batch) -> Result<Outcome, WriteError> {
-        let result = match self.attempt(batch, false).await {
-            Err(WriteError::Data(e)) => {
-                log::warn!("a batch statement was rejected ({e:#}); applying the batch one message at a time");
-                self.attempt(batch, true).await
+        let msgs = &batch.messages;
+        // Log ends asked once serve every attempt while the position they
+        // were asked at holds.
+        let mut ends = LogEndAnswers::new();
+        let result = match self.attempt(msgs, Mode::Batch, &mut ends).await {
+            Err(WriteError::Data { error, .. }) => {
+                log::warn!("a batch statement was rejected ({error:#}); applying the batch one message at a time");
+                match self.attempt(msgs, Mode::Careful, &mut ends).await {
+                    Err(WriteError::Data { error, .. }) => {
+                        log::warn!(
+                            "the batch applied one message at a time was rejected as a whole ({error:#}); applying \
+                             it one transaction per message"
+                        );
+                        self.one_by_one(msgs, &mut ends).await
+                    }
+                    other => other,
+                }
             }
             other => other,
         };
@@ -394,16 +436,67 @@ impl Writer {
         result
     }
 
-    async fn attempt(&mut self, batch: &Batch, careful: bool) -> Result<Outcome, WriteError> {
+    /// Applies the messages one transaction each, in order, each moving its
+    /// partition's position past its message. A message whose transaction
+    /// fails with a data error (at COMMIT, or in a statement outside its
+    /// savepoint) is dead-lettered with that error in a transaction of its
+    /// own, which touches no order. Any other error stops here and is
+    /// returned: the messages committed so far are redeliveries when the
+    /// batch is written again.
+    async fn one_by_one(&mut self, msgs: &[Message], ends: &mut LogEndAnswers) -> Result<Outcome, WriteError> {
+        let mut all = Outcome::default();
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        let mut seek: HashMap<i32, i64> = HashMap::new();
+        let mut rewind: HashMap<i32, Rewind> = HashMap::new();
+        for m in msgs {
+            let one = std::slice::from_ref(m);
+            let outcome = match self.attempt(one, Mode::Careful, ends).await {
+                Err(WriteError::Data { error, rejection }) => {
+                    log::warn!(
+                        "partition {} offset {}: its own transaction was rejected ({error:#}): dead-lettering it",
+                        m.partition,
+                        m.offset
+                    );
+                    self.attempt(one, Mode::DeadLetter(&rejection), ends).await?
+                }
+                other => other?,
+            };
+            all.fates.extend(outcome.fates);
+            all.written += outcome.written;
+            all.resets.extend(outcome.resets);
+            // Each transaction's positions are the latest (a log reset may
+            // have moved one back).
+            next.extend(outcome.next_offsets);
+            seek.extend(outcome.seek);
+            rewind.extend(outcome.rewind.into_iter().map(|r| (r.partition, r)));
+        }
+        all.next_offsets = next.into_iter().collect();
+        all.next_offsets.sort_unstable();
+        // A seek ahead only for a partition whose messages were all redeliveries.
+        all.seek = seek
+            .into_iter()
+            .filter(|(p, _)| msgs.iter().zip(&all.fates).all(|(m, f)| m.partition != *p || *f == Fate::Redelivered))
+            .collect();
+        all.seek.sort_unstable();
+        all.rewind = rewind.into_values().collect();
+        all.rewind.sort_unstable_by_key(|r| r.partition);
+        Ok(all)
+    }
+
+    async fn attempt(
+        &mut self,
+        msgs: &[Message],
+        mode: Mode<'_>,
+        ends: &mut LogEndAnswers,
+    ) -> Result<Outcome, WriteError> {
         let scope = self.scope.clone();
-        // Where the logs of partitions with messages below their stored
-        // positions end, asked of the broker between transactions.
-        let mut ends = LogEndAnswers::new();
+        // `ends`: where the logs of partitions with messages below their
+        // stored positions end, asked of the broker between transactions.
         for _ in 0..ASK_BROKER_ROUNDS {
             let conn = self.connect().await?;
             let run = async {
                 let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
-                if careful {
+                if let Mode::Careful = mode {
                     // A savepoint does not check deferred constraints (a
                     // DBA's DEFERRABLE INITIALLY DEFERRED foreign key, say):
                     // checked at COMMIT, the culprit would fail the batch
@@ -414,7 +507,7 @@ impl Writer {
                         .await
                         .map_err(|e| classify(e, "Failed to make the constraints immediate"))?;
                 }
-                let step = apply(&mut tx, &conn.st, batch, &scope, careful, &ends).await?;
+                let step = apply(&mut tx, &conn.st, msgs, &scope, mode, ends).await?;
                 match step {
                     Step::Done(_) => tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?,
                     Step::AskBroker(_) => tx.rollback().await.map_err(|e| classify(e, "ROLLBACK failed"))?,
@@ -533,13 +626,12 @@ async fn ask_log_ends(scope: &Scope, asks: &[Ask]) -> Result<LogEndAnswers, Writ
 async fn apply(
     tx: &mut Transaction<'_>,
     st: &Statements,
-    batch: &Batch,
+    msgs: &[Message],
     scope: &Scope,
-    careful: bool,
+    mode: Mode<'_>,
     ends: &LogEndAnswers,
 ) -> Result<Step, WriteError> {
     let (group, topic, actor) = (scope.group_id.as_str(), scope.topic.as_str(), scope.actor.as_str());
-    let msgs = &batch.messages;
     let mut fates = vec![Fate::Pending; msgs.len()];
 
     // 1. Lock the partitions' positions, in a fixed order (no deadlocks).
@@ -580,9 +672,10 @@ async fn apply(
         fates[i] = if !new_log[i] && next.is_some_and(|n| m.offset < n) {
             Fate::Redelivered
         } else {
-            match &m.decoded {
-                Ok(_) => Fate::Pending,
-                Err(r) => Fate::Dead(r.clone()),
+            match (&m.decoded, mode) {
+                (Err(r), _) => Fate::Dead(r.clone()),
+                (Ok(_), Mode::DeadLetter(r)) => Fate::Dead(r.clone()),
+                (Ok(_), _) => Fate::Pending,
             }
         };
     }
@@ -629,7 +722,7 @@ async fn apply(
 
     // 3. Apply.
     let mut written = 0u64;
-    if careful {
+    if let Mode::Careful = mode {
         for i in 0..msgs.len() {
             settle_copy(i, &earlier, &mut fates);
             if fates[i] == Fate::Pending {

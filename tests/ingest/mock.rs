@@ -509,6 +509,67 @@ async fn a_deferred_constraint_refusing_one_event_dead_letters_it_alone() {
     assert_eq!(count(&db, "SELECT count(*) - count(DISTINCT end_pos) FROM change_tx").await, 0);
 }
 
+/// A row refused only at COMMIT, even with every constraint made immediate:
+/// a DBA's trigger on `change_tx` runs when the change log's sequencer gives
+/// the transaction its positions, which is at commit (here it copies the
+/// committed changes into an audit table whose CHECK refuses one order's
+/// quantity). The batch fails at COMMIT, and so does its careful redo; the
+/// batch is then applied one transaction per message: the culprit's own
+/// COMMIT fails, it is dead-lettered with the reason, the others apply
+/// exactly once and the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_refused_only_at_commit_dead_letters_its_message_alone() {
+    use crate::kafka::*;
+    use serde_json::json;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |s| s.kafka.batch_wait_ms = 500).await;
+    app.sql()
+        .await
+        .batch_execute(
+            "CREATE TABLE order_audit (pos bigint PRIMARY KEY, order_id bigint NOT NULL, \
+                                       quantity int NOT NULL CHECK (quantity <= 100)); \
+             CREATE FUNCTION order_audit_committed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+                 IF OLD.end_pos IS NULL AND NEW.end_pos IS NOT NULL THEN \
+                     INSERT INTO order_audit \
+                     SELECT NEW.base_pos + ord, order_id, (after_row ->> 'quantity')::int \
+                     FROM change_log WHERE txid = NEW.txid; \
+                 END IF; \
+                 RETURN NULL; \
+             END $$; \
+             CREATE TRIGGER order_audit_committed AFTER UPDATE ON change_tx \
+                 FOR EACH ROW EXECUTE FUNCTION order_audit_committed()",
+        )
+        .await
+        .unwrap();
+    let producer = producer(&broker);
+    let mut bad = created("ac-bad");
+    bad["order"]["quantity"] = json!(1000);
+    for e in [created("ac-good-1"), bad, created("ac-good-2"), status_changed("ac-good-1", "processing")] {
+        send_event(&producer, &n.topic, &e).await;
+    }
+    wait_count(&app.db_url, "SELECT count(*) FROM dead_letters", 1, WAIT).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE status = 'processing'", 1, WAIT).await;
+    let db = app.sql().await;
+    let dead = dead_letters(&db).await;
+    assert_eq!((dead[0].0, dead[0].1.as_str()), (1, "database_rejected"), "{dead:?}");
+    assert!(dead[0].2.contains("order_audit_quantity_check") && dead[0].2.contains("COMMIT"), "{dead:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id = 'ac-bad'").await, 0);
+    // Exactly once: two creates and one status change, each audited once.
+    assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id LIKE 'ac-good-%'").await, 2);
+    assert_eq!(count(&db, "SELECT version::bigint FROM orders WHERE external_id = 'ac-good-1'").await, 2);
+    assert_eq!(count(&db, "SELECT count(*) FROM order_audit").await, 3);
+    // The partition moves on.
+    send_event(&producer, &n.topic, &created("ac-good-3")).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'ac-good-3'", 1, WAIT).await;
+    assert_eq!(stored(&db, &n).await, [(0, Some(5))]);
+    let (_, health) = app.get_json("/api/health").await;
+    assert_eq!(health["kafka"]["dead_lettered"], 1, "{health}");
+    assert_eq!(count(&db, "SELECT count(*) - count(DISTINCT end_pos) FROM change_tx").await, 0);
+}
+
 /// Old event ids and published dead letters are pruned all at once, however
 /// many are due: more than one pruning round's worth of each is gone after
 /// the start's pruning, while recent ones stay.
