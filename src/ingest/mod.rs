@@ -422,6 +422,8 @@ fn supervise(
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
+/// The longest wait before pruning again after a failed pruning.
+const PRUNE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Each step of a graceful stop (last commit, leaving the group) waits this long at most.
 const SHUTDOWN_STEP: Duration = Duration::from_secs(4);
 
@@ -476,13 +478,44 @@ async fn write_until_committed(
 /// Forgets event ids older than the dedupe window and published dead letters
 /// older than their retention, at start and every `PRUNE_EVERY`, on its own
 /// connection: it runs on schedule however busy the writers are, and removes
-/// everything due each time (in rounds, see `Writer::prune`).
+/// everything due each time (in rounds, see `Writer::prune`). A failed
+/// pruning (the database down, say) is tried again with backoff, from
+/// `BACKOFF_MIN` doubling up to `PRUNE_BACKOFF_MAX`, and after a success the
+/// period is `PRUNE_EVERY` again. Shutdown stops it at once, during a
+/// pruning too (each round is its own statement: nothing is left half done).
 async fn prune_loop(mut writer: Writer, settings: KafkaSettings, mut shutdown: watch::Receiver<bool>) {
+    let stop = shutdown.clone();
+    let mut backoff = BACKOFF_MIN;
+    let mut failing = false;
     loop {
-        match writer.prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs, &shutdown).await {
-            Ok((e, d)) if e + d > 0 => log::info!("pruned {e} old event ids and {d} published dead letters"),
-            Ok(_) => {}
-            Err(e) => log::warn!("pruning the ingest's old event ids and dead letters failed (retried later): {e}"),
+        let pruned = tokio::select! {
+            pruned = writer.prune(settings.dedupe_retention_secs, settings.dead_letter_retention_secs, &stop) => pruned,
+            _ = shutdown.changed() => return,
+        };
+        match pruned {
+            Ok((e, d)) => {
+                if failing {
+                    log::info!("pruning the ingest's old event ids and dead letters works again");
+                    (failing, backoff) = (false, BACKOFF_MIN);
+                }
+                if e + d > 0 {
+                    log::info!("pruned {e} old event ids and {d} published dead letters");
+                }
+            }
+            Err(e) => {
+                if failing {
+                    log::debug!("pruning the ingest's old event ids and dead letters failed again: {e}");
+                } else {
+                    log::warn!(
+                        "pruning the ingest's old event ids and dead letters failed (retrying with backoff): {e}"
+                    );
+                    failing = true;
+                }
+                if crate::backoff::sleep(&mut backoff, PRUNE_BACKOFF_MAX, &mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(PRUNE_EVERY) => {}

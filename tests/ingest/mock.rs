@@ -613,6 +613,74 @@ async fn pruning_removes_every_expired_event_id_and_dead_letter_not_just_one_rou
     assert_eq!(recent, 1, "ids within the dedupe window stay");
 }
 
+/// Pruning that fails (here a trigger refuses its DELETE, as a revoked
+/// permission would) is tried again soon, with backoff, not after its
+/// 5-minute period: once the cause is gone, the expired event ids go within
+/// seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pruning_is_retried_with_backoff_not_after_its_period() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let db = Db::create().await;
+    let sql = db.sql().await;
+    // Each refused pruning counts itself in a sequence (not rolled back with it).
+    sql.batch_execute(
+        "INSERT INTO ingested_events (event_id, kafka_topic, kafka_partition, kafka_offset, occurred_at, ingested_at) \
+         SELECT gen_random_uuid(), 'old', 0, i, now(), now() - interval '8 days' FROM generate_series(1, 10) AS i; \
+         CREATE SEQUENCE prunes_refused; \
+         CREATE FUNCTION refuse_pruning() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+             PERFORM nextval('prunes_refused'); \
+             RAISE EXCEPTION 'permission denied for table ingested_events' USING ERRCODE = '42501'; \
+         END $$; \
+         CREATE TRIGGER refuse_pruning BEFORE DELETE ON ingested_events \
+             FOR EACH STATEMENT EXECUTE FUNCTION refuse_pruning()",
+    )
+    .await
+    .unwrap();
+    let refused = "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM prunes_refused";
+
+    let _app = spawn_ingest_on(&db.url, &broker, &n).await;
+    // Tried again and again while it fails (0.1 s, 0.2 s, 0.4 s, ...).
+    let bound = Duration::from_secs(20);
+    let start = std::time::Instant::now();
+    while count(&sql, refused).await < 3 {
+        assert!(start.elapsed() < bound, "{} refused prunings after {bound:?}", count(&sql, refused).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&sql, "SELECT count(*) FROM ingested_events").await, 10);
+    // The cause is gone: pruning succeeds at the next try, well before 5 minutes.
+    sql.batch_execute("DROP TRIGGER refuse_pruning ON ingested_events").await.unwrap();
+    wait_count(&db.url, "SELECT (count(*) = 0)::int::bigint FROM ingested_events", 1, bound).await;
+}
+
+/// Shutdown does not wait for a pruning that cannot finish (here it waits
+/// for a lock an open transaction holds): the ingest stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_stuck_pruning() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let db = Db::create().await;
+    let mut locker = db.sql().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE ingested_events IN ACCESS EXCLUSIVE MODE").await.unwrap();
+
+    let mut app = spawn_ingest_on(&db.url, &broker, &n).await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE application_name = 'ordercast-ingest' AND wait_event_type = 'Lock'";
+    wait_count(&db.url, waiting, 1, WAIT).await;
+    let start = std::time::Instant::now();
+    app.stop().await;
+    // Without waiting for the pruner, a stop takes about a second (leaving
+    // the group); the application gives up on the ingest after 10 s.
+    assert!(start.elapsed() < Duration::from_secs(5), "stopping took {:?}", start.elapsed());
+    lock.rollback().await.unwrap();
+}
+
 /// Dead letters the dead-letter topic cannot take as they are do not hold
 /// up the others: a message just under the size limit, which its dead-letter
 /// headers push over it, is published without its key, value and headers
