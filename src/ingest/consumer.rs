@@ -7,6 +7,9 @@
 //! be missing (never committed before a crash, expired after a long stop:
 //! `auto.offset.reset` would then decide) or ahead (a database restored from
 //! a backup). Only partitions PostgreSQL has never seen start where Kafka says.
+//! A partition whose stored position cannot be read at assignment (the
+//! database down) is paused until it can (`settle`), so it never starts
+//! where Kafka says instead, past messages PostgreSQL does not have.
 //!
 //! Memory stays bounded: a batch holds at most `batch_max` messages and
 //! `batch_max_bytes` payload bytes, at most one more batch waits in the
@@ -133,6 +136,13 @@ pub struct IngestContext {
     pub group_id: String,
     /// Where the positions are (`kafka_offsets`).
     pub database_url: String,
+    /// Partitions whose stored positions could not be read at assignment,
+    /// from `pre_rebalance` (where they are found) to `post_rebalance`
+    /// (where they are paused once assigned).
+    to_pause: std::sync::Mutex<Vec<i32>>,
+    /// Held while partitions are paused at assignment and by `settle` while
+    /// it starts paused ones (see `IngestContext::pause`).
+    rebalance: std::sync::Mutex<()>,
 }
 
 /// How long an assignment may wait for the stored positions.
@@ -219,7 +229,7 @@ impl IngestContext {
     /// Sets the assigned partitions' start offsets to the positions stored
     /// in PostgreSQL, within `POSITIONS_TIMEOUT` for the stored positions and
     /// as much again for all the log ends; a partition not settled in time
-    /// starts where Kafka says.
+    /// is paused once assigned (`to_pause`), and started by `settle`.
     fn start_at_stored_positions(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let mut elements = tpl.elements_for_topic(&self.topic);
         let partitions: Vec<i32> = elements.iter().map(|e| e.partition()).collect();
@@ -227,11 +237,12 @@ impl IngestContext {
             Ok(stored) => stored,
             Err(e) => {
                 log::warn!(
-                    "Kafka partitions {} {partitions:?} start at Kafka's committed offsets: \
-                     the positions stored in PostgreSQL could not be read: {e:#}",
+                    "Kafka partitions {} {partitions:?} are paused until the positions stored in PostgreSQL can \
+                     be read: {e:#}",
                     self.topic
                 );
                 self.state.set_kafka_error(format!("stored positions not read at assignment: {e:#}"));
+                self.to_pause.lock().unwrap().extend(partitions); // unwrap: never held across a panic
                 return;
             }
         };
@@ -249,17 +260,52 @@ impl IngestContext {
                 Ok(_) => {}
                 Err(err) => {
                     log::warn!(
-                        "Kafka partition {}/{p} starts at Kafka's committed offset: its log's end \
-                         could not be read to check the stored position {next}: {err}",
+                        "Kafka partition {}/{p} is paused until its log's end can be read to check the stored \
+                         position {next}: {err}",
                         self.topic
                     );
                     self.state.set_kafka_error(format!("partition {p}'s log end not read at assignment: {err}"));
+                    self.to_pause.lock().unwrap().push(p); // unwrap: never held across a panic
                     continue;
                 }
             }
             if let Err(err) = e.set_offset(Offset::Offset(next)) {
                 log::warn!("Kafka partition {}/{p}: cannot start at {next}: {err}", self.topic);
             }
+        }
+    }
+}
+
+impl IngestContext {
+    /// Pauses newly assigned partitions whose stored positions could not be
+    /// read, for `settle` to start. At once: librdkafka drops what it may
+    /// have fetched for them before (a pause bumps a partition's version).
+    /// Under the rebalance lock, so that `settle`, while it starts a
+    /// partition of an earlier assignment, never resumes one paused here
+    /// after its check (it waits; a resume before this pause is undone by
+    /// it, and the reader, polling in this callback, received nothing in
+    /// between).
+    fn pause(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        let pause = || {
+            let _settling = self.rebalance.lock().unwrap_or_else(|e| e.into_inner());
+            let mut paused = TopicPartitionList::new();
+            for p in partitions {
+                paused.add_partition(&self.topic, *p);
+            }
+            match consumer.pause(&paused) {
+                Ok(()) => self.state.set_awaiting_position(partitions, true),
+                Err(e) => log::error!(
+                    "Kafka partitions {} {partitions:?} could not be paused ({e}): they start at Kafka's committed \
+                     offsets, and the messages between their stored positions and those are not applied",
+                    self.topic
+                ),
+            }
+        };
+        // `settle` may hold the lock for a seek: hand this worker's other
+        // tasks to another meanwhile.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(pause),
+            _ => pause(),
         }
     }
 }
@@ -271,6 +317,8 @@ impl ConsumerContext for IngestContext {
             // comment): the list is assigned as set here. The callback runs
             // inside the consumer's poll, on a runtime worker: the blocking
             // questions below hand that worker's other tasks to another.
+            // Partitions not settled here are paused in `post_rebalance`.
+            self.to_pause.lock().unwrap().clear(); // unwrap: never held across a panic
             let start = || self.start_at_stored_positions(consumer, tpl);
             match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
                 Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(start),
@@ -290,13 +338,17 @@ impl ConsumerContext for IngestContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let assigned: Vec<i32> =
                     tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect();
                 self.state.set_assigned(&assigned, true);
                 log::info!("Kafka partitions assigned: {} {:?}", self.topic, assigned);
+                let to_pause = std::mem::take(&mut *self.to_pause.lock().unwrap()); // unwrap: never held across a panic
+                if !to_pause.is_empty() {
+                    self.pause(consumer, &to_pause);
+                }
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => {
@@ -355,6 +407,8 @@ pub fn create(
         topic: settings.topic.clone(),
         group_id: settings.group_id.clone(),
         database_url: database_url.to_string(),
+        to_pause: Default::default(),
+        rebalance: Default::default(),
     };
     let consumer: IngestConsumer =
         config.create_with_context(context).map_err(|e| anyhow::anyhow!("invalid Kafka configuration: {e}"))?;
@@ -362,6 +416,102 @@ pub fn create(
         .subscribe(&[&settings.topic])
         .map_err(|e| anyhow::anyhow!("Failed to subscribe to {}: {e}", settings.topic))?;
     Ok(consumer)
+}
+
+/// How long a seek to a stored position may wait for librdkafka.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts the partitions paused at assignment because their stored positions
+/// could not be read then (`IngestContext::start_at_stored_positions`): reads
+/// them again, with backoff, until it can, then seeks each partition to its
+/// stored position (checked against the log's end, as at assignment) and
+/// resumes it. Nothing of a paused partition is read meanwhile, so no
+/// message between its stored position and Kafka's committed offset (ahead
+/// of the database after a restore from a backup, or missing, with
+/// `auto.offset.reset=latest`) is skipped. The database is unreachable
+/// meanwhile in the common case, so nothing could have been written anyway.
+pub async fn settle(consumer: std::sync::Weak<SharedConsumer>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = super::BACKOFF_MIN;
+    loop {
+        let Some(c) = consumer.upgrade() else { return }; // closed at shutdown
+        let waiting = c.context().state.awaiting_positions();
+        if waiting.is_empty() {
+            drop(c);
+            backoff = super::BACKOFF_MIN;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
+        let started = tokio::select! {
+            started = start_waiting(c, waiting) => started,
+            _ = shutdown.changed() => return,
+        };
+        if let Err(e) = started {
+            log::warn!("Kafka partitions waiting for their stored positions: {e:#} (retrying with backoff)");
+        }
+        if crate::backoff::sleep(&mut backoff, super::BACKOFF_MAX, &mut shutdown).await {
+            return;
+        }
+    }
+}
+
+/// One round of `settle`; its blocking parts run on threads of their own.
+async fn start_waiting(consumer: Arc<SharedConsumer>, waiting: Vec<i32>) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let partitions = waiting.clone();
+    let c = consumer.clone();
+    std::thread::Builder::new().name("kafka-positions".into()).spawn(move || {
+        let _ = tx.send(stored_positions(c.context(), &partitions));
+    })?;
+    let stored = rx.await.map_err(|_| anyhow::anyhow!("the query was dropped"))??;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("kafka-seek".into()).spawn(move || {
+        let _ = tx.send(seek_and_resume(&consumer, &waiting, &stored));
+    })?;
+    rx.await.map_err(|_| anyhow::anyhow!("the seek was dropped"))?
+}
+
+/// Seeks each partition that still waits to its stored position (none for a
+/// partition PostgreSQL has never seen, or whose position is beyond its
+/// log's end: Kafka's offset decides, as at assignment) and resumes it.
+/// Blocking; under the rebalance lock.
+fn seek_and_resume(consumer: &SharedConsumer, waiting: &[i32], stored: &HashMap<i32, i64>) -> anyhow::Result<()> {
+    let ctx = consumer.context();
+    let _settling = ctx.rebalance.lock().unwrap_or_else(|e| e.into_inner());
+    let still = ctx.state.awaiting_positions();
+    let mut failed = Vec::new();
+    for &p in waiting.iter().filter(|p| still.contains(p)) {
+        let at = match stored.get(&p) {
+            None => "Kafka's committed offset (PostgreSQL has no position for it)".to_string(),
+            Some(&next) => match consumer.fetch_watermarks(&ctx.topic, p, LOG_ENDS_TIMEOUT) {
+                Ok((_, end)) if next > end => {
+                    format!("Kafka's committed offset (the stored position {next} is beyond the log's end {end})")
+                }
+                Ok(_) => match consumer.seek(&ctx.topic, p, Offset::Offset(next), SEEK_TIMEOUT) {
+                    Ok(()) => format!("its stored position {next}"),
+                    Err(e) => {
+                        failed.push(format!("partition {p}: cannot seek to {next}: {e}"));
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    failed.push(format!("partition {p}: its log's end could not be read: {e}"));
+                    continue;
+                }
+            },
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&ctx.topic, p);
+        if let Err(e) = consumer.resume(&tpl) {
+            failed.push(format!("partition {p}: cannot resume: {e}"));
+            continue;
+        }
+        ctx.state.set_awaiting_position(&[p], false);
+        log::info!("Kafka partition {}/{p} resumed at {at}", ctx.topic);
+    }
+    anyhow::ensure!(failed.is_empty(), "{}", failed.join("; "));
+    Ok(())
 }
 
 /// Commits the positions applied to PostgreSQL that Kafka does not have yet,

@@ -105,6 +105,9 @@ pub struct PartitionState {
     /// From librdkafka's statistics: the group's committed offset, or the
     /// oldest retained message; where lag counts from before `applied` is known.
     pub group_position: Option<i64>,
+    /// Paused since its assignment: where it must start (its stored
+    /// position) could not be read then. See `consumer::settle`.
+    pub awaiting_position: bool,
 }
 
 impl PartitionState {
@@ -177,7 +180,24 @@ impl IngestState {
             || (self.failing_writers.load(Ordering::Relaxed) == 0
                 && self.brokers_up.load(Ordering::Relaxed)
                 && self.dlq_error.lock().unwrap().is_none() // unwrap: never held across a panic
-                && self.task_failure.lock().unwrap().is_none()) // unwrap: never held across a panic
+                && self.task_failure.lock().unwrap().is_none() // unwrap: never held across a panic
+                && self.awaiting_positions().is_empty())
+    }
+
+    /// Assigned partitions paused until their stored positions can be read.
+    pub fn awaiting_positions(&self) -> Vec<i32> {
+        let parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        parts.iter().filter(|(_, s)| s.assigned && s.awaiting_position).map(|(p, _)| *p).collect()
+    }
+
+    /// Marks partitions as waiting for their stored positions (or no longer).
+    pub fn set_awaiting_position(&self, partitions: &[i32], awaiting: bool) {
+        let mut parts = self.partitions.lock().unwrap(); // unwrap: never held across a panic
+        for p in partitions {
+            if let Some(entry) = parts.get_mut(p) {
+                entry.awaiting_position = awaiting;
+            }
+        }
     }
 
     /// A task stopped before shutdown: logged, and kept (the first one, the
@@ -270,7 +290,8 @@ impl IngestState {
         let partitions: Vec<Value> = parts
             .iter()
             .map(|(p, s)| {
-                json!({"partition": p, "next_offset": s.applied, "high_watermark": s.high_watermark, "lag": s.lag()})
+                json!({"partition": p, "next_offset": s.applied, "high_watermark": s.high_watermark, "lag": s.lag(),
+                       "awaiting_position": s.awaiting_position})
             })
             .collect();
         let mut m = serde_json::Map::new();
@@ -355,6 +376,7 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
                 .with_log_ends(consumer::LogEnds::new(&consumer, &settings.topic))
         })
         .collect();
+    let settler = consumer::settle(Arc::downgrade(&consumer), shutdown.clone());
     let tasks = vec![
         supervise(
             "the Kafka reader",
@@ -368,6 +390,7 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
             &state,
             &shutdown,
         ),
+        supervise("the Kafka position settler", settler, &state, &shutdown),
         supervise(
             "the ingest pruner",
             prune_loop(
