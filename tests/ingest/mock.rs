@@ -19,6 +19,7 @@ scenario_tests!(
     a_database_outage_mid_stream_loses_nothing,
     a_killed_process_restarts_without_loss_or_double,
     two_instances_share_partitions_through_rebalances,
+    a_partition_whose_stored_position_is_unreadable_at_assignment_waits_for_it,
 );
 
 /// An order_updated event that changes the line item of an order that has
@@ -253,8 +254,8 @@ async fn two_groups_reading_one_topic_each_record_and_publish_their_dead_letter(
 
 /// Five created events (`{prefix}-0` ..), applied by an ingest that is then
 /// stopped; its producer and (stopped) app are handed back.
-async fn five_applied_then_stopped(
-    broker: &Mock,
+pub async fn five_applied_then_stopped(
+    broker: &dyn crate::kafka::Broker,
     n: &crate::kafka::Names,
     prefix: &str,
 ) -> (rdkafka::producer::FutureProducer, crate::helpers::TestApp) {
@@ -464,84 +465,6 @@ async fn a_partition_starts_at_the_position_postgresql_stored_not_where_kafka_sa
     assert_eq!(position_and_generation(&db, &other).await, (Some(8), 0));
 }
 
-/// Another group on a topic with five events applied and three more after
-/// them: PostgreSQL knows it at offset 3, Kafka not at all (so with
-/// `auto.offset.reset=latest` it would start at the log's end, 8). Returns the
-/// first (stopped) app and the other group.
-async fn known_at_3_to_postgresql_only_and_3_events_after(
-    broker: &Mock,
-) -> (crate::helpers::TestApp, crate::kafka::Names) {
-    use crate::kafka::*;
-
-    let n = names(broker, 1);
-    let (producer, first) = five_applied_then_stopped(broker, &n, "before").await;
-    let other = another_group(broker, &n);
-    first
-        .sql()
-        .await
-        .execute(
-            "INSERT INTO kafka_offsets (group_id, kafka_topic, kafka_partition, next_offset) \
-             SELECT $2, kafka_topic, kafka_partition, 3 FROM kafka_offsets WHERE group_id = $1",
-            &[&n.group, &other.group],
-        )
-        .await
-        .unwrap();
-    assert_eq!(committed(broker, &other, 1).await, [None]);
-    for i in 0..3 {
-        send_event(&producer, &n.topic, &created(&format!("after-{i}"))).await;
-    }
-    (first, other)
-}
-
-/// The other group of `known_at_3_to_postgresql_only_and_3_events_after`
-/// applied the events from its stored position on: 3 and 4 were applied by
-/// the first group (duplicates by event id), 5 to 7 are written.
-async fn applied_from_the_stored_position(app: &crate::helpers::TestApp, other: &crate::kafka::Names) -> Value {
-    use crate::kafka::*;
-
-    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-%'", 3, WAIT).await;
-    let (_, health) = app.get_json("/api/health").await;
-    let k = health["kafka"].clone();
-    assert_eq!((k["written"].as_u64(), k["duplicates"].as_u64()), (Some(3), Some(2)), "{k}");
-    assert_eq!(position_and_generation(&app.sql().await, other).await, (Some(8), 0));
-    k
-}
-
-/// A partition whose stored position cannot be read at assignment (here
-/// `kafka_offsets` is briefly missing, as with a database that is down) is
-/// paused until it can, then starts there: not where Kafka says, which for a
-/// group Kafka has no offset for and `auto.offset.reset=latest` is the log's
-/// end, past messages PostgreSQL never applied.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_whose_stored_position_is_unreadable_at_assignment_waits_for_it() {
-    use crate::kafka::*;
-
-    let broker = Mock::start();
-    let (first, other) = known_at_3_to_postgresql_only_and_3_events_after(&broker).await;
-    let db = first.sql().await;
-    db.batch_execute("ALTER TABLE kafka_offsets RENAME TO kafka_offsets_away").await.unwrap();
-
-    let second = spawn_ingest_on_with(&first.db_url, &broker, &other, |s| {
-        s.kafka.properties = Some("auto.offset.reset=latest".into())
-    })
-    .await;
-    crate::helpers::eventually(WAIT, || async {
-        let (_, h) = second.get_json("/api/health").await;
-        let error = h["kafka"]["last_kafka_error"].as_str().unwrap_or_default().to_string();
-        error.contains("stored positions not read at assignment").then_some(())
-    })
-    .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (_, waiting) = second.get_json("/api/health").await;
-    db.batch_execute("ALTER TABLE kafka_offsets_away RENAME TO kafka_offsets").await.unwrap();
-
-    let k = applied_from_the_stored_position(&second, &other).await;
-    let w = &waiting["kafka"];
-    assert_eq!((w["state"].as_str(), &w["partitions"][0]["awaiting_position"]), (Some("degraded"), &Value::Bool(true)));
-    assert_eq!(w["written"], 0, "{w}");
-    assert_eq!((k["state"].as_str(), &k["partitions"][0]["awaiting_position"]), (Some("running"), &Value::Bool(false)));
-}
-
 /// The same when the stored position is read but the partition's log end,
 /// which it is checked against, cannot be (the broker fails the question):
 /// the partition is paused until the check can be made, then starts at its
@@ -551,14 +474,14 @@ async fn a_partition_whose_log_end_is_unknown_at_assignment_waits_for_it() {
     use crate::kafka::*;
 
     let broker = Mock::start();
-    let (first, other) = known_at_3_to_postgresql_only_and_3_events_after(&broker).await;
+    let (first, other) = crate::scenarios::known_at_3_to_postgresql_only_and_3_events_after(&broker).await;
     // Both halves of the assignment's question (log start and end) fail.
     broker.fail_list_offsets(2);
     let second = spawn_ingest_on_with(&first.db_url, &broker, &other, |s| {
         s.kafka.properties = Some("auto.offset.reset=latest".into())
     })
     .await;
-    let k = applied_from_the_stored_position(&second, &other).await;
+    let k = crate::scenarios::applied_from_the_stored_position(&second, &other).await;
     let error = k["last_kafka_error"].as_str().unwrap_or_default();
     assert!(error.contains("log end not read at assignment"), "{k}");
 }

@@ -510,3 +510,71 @@ pub async fn two_instances_share_partitions_through_rebalances(broker: &dyn Brok
     assert_eq!(a_written + b_written, 2 * total as u64, "each event applied by exactly one instance");
     b.stop().await;
 }
+
+/// Another group on a topic with five events applied and three more after
+/// them: PostgreSQL knows it at offset 3, Kafka not at all (so with
+/// `auto.offset.reset=latest` it would start at the log's end, 8). Returns the
+/// first (stopped) app and the other group.
+pub async fn known_at_3_to_postgresql_only_and_3_events_after(broker: &dyn Broker) -> (TestApp, crate::kafka::Names) {
+    let n = names(broker, 1);
+    let (producer, first) = crate::mock::five_applied_then_stopped(broker, &n, "before").await;
+    let other = another_group(broker, &n);
+    first
+        .sql()
+        .await
+        .execute(
+            "INSERT INTO kafka_offsets (group_id, kafka_topic, kafka_partition, next_offset) \
+             SELECT $2, kafka_topic, kafka_partition, 3 FROM kafka_offsets WHERE group_id = $1",
+            &[&n.group, &other.group],
+        )
+        .await
+        .unwrap();
+    assert_eq!(committed(broker, &other, 1).await, [None]);
+    for i in 0..3 {
+        send_event(&producer, &n.topic, &created(&format!("after-{i}"))).await;
+    }
+    (first, other)
+}
+
+/// The other group of `known_at_3_to_postgresql_only_and_3_events_after`
+/// applied the events from its stored position on: 3 and 4 were applied by
+/// the first group (duplicates by event id), 5 to 7 are written.
+pub async fn applied_from_the_stored_position(app: &TestApp, other: &crate::kafka::Names) -> Value {
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-%'", 3, WAIT).await;
+    let (_, health) = app.get_json("/api/health").await;
+    let k = health["kafka"].clone();
+    assert_eq!((k["written"].as_u64(), k["duplicates"].as_u64()), (Some(3), Some(2)), "{k}");
+    assert_eq!(position_and_generation(&app.sql().await, other).await, (Some(8), 0));
+    k
+}
+
+/// A partition whose stored position cannot be read at assignment (here
+/// `kafka_offsets` is briefly missing, as with a database that is down) is
+/// paused until it can, then starts there: not where Kafka says, which for a
+/// group Kafka has no offset for and `auto.offset.reset=latest` is the log's
+/// end, past messages PostgreSQL never applied.
+pub async fn a_partition_whose_stored_position_is_unreadable_at_assignment_waits_for_it(broker: &dyn Broker) {
+    let (first, other) = known_at_3_to_postgresql_only_and_3_events_after(broker).await;
+    let db = first.sql().await;
+    db.batch_execute("ALTER TABLE kafka_offsets RENAME TO kafka_offsets_away").await.unwrap();
+
+    let second = spawn_ingest_on_with(&first.db_url, broker, &other, |s| {
+        s.kafka.properties = Some("auto.offset.reset=latest".into())
+    })
+    .await;
+    eventually(WAIT, || async {
+        let (_, h) = second.get_json("/api/health").await;
+        let error = h["kafka"]["last_kafka_error"].as_str().unwrap_or_default().to_string();
+        error.contains("stored positions not read at assignment").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, waiting) = second.get_json("/api/health").await;
+    db.batch_execute("ALTER TABLE kafka_offsets_away RENAME TO kafka_offsets").await.unwrap();
+
+    let k = applied_from_the_stored_position(&second, &other).await;
+    let w = &waiting["kafka"];
+    assert_eq!((w["state"].as_str(), &w["partitions"][0]["awaiting_position"]), (Some("degraded"), &Value::Bool(true)));
+    assert_eq!(w["written"], 0, "{w}");
+    assert_eq!((k["state"].as_str(), &k["partitions"][0]["awaiting_position"]), (Some("running"), &Value::Bool(false)));
+}
