@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::{log_bounds, read_after, Frames, SharedChange};
+use super::{log_bounds, read_after, Frames, SharedChange, Side};
 use crate::domain::Filter;
 use crate::hub::{Batch, Hub, HubClosed, SharedBatch, Subscription};
 
@@ -41,10 +41,8 @@ pub enum Item {
     /// A change that moved an order between customers, as a viewer confined
     /// to one of them sees it (`leave` or `enter`: see `changes::Move`),
     /// instead of the full change, which shows the other customer's row.
-    Redacted {
-        pos: i64,
-        frames: Frames,
-    },
+    /// (The change and the side: an item stays as small as the others.)
+    Redacted(SharedChange, Side),
     /// The client's position is no longer (or not yet) in the log: it must
     /// reload its state; the stream continues after `position`.
     Resync {
@@ -179,6 +177,16 @@ impl Feed {
         Some(published)
     }
 
+    /// Whether the filter passes a move on the viewer's side alone: the row
+    /// before the change for `leave`, after it for `enter`.
+    fn passes_side(&self, c: &super::Change, side: Side) -> bool {
+        let (status, customer) = match side {
+            Side::Leave => (c.old_status.as_deref(), c.old_customer.as_deref()),
+            Side::Enter => (c.status.as_deref(), c.customer.as_deref()),
+        };
+        self.filter.matches(c.order_id, status, None, customer, None)
+    }
+
     /// Hands out a buffered item, keeping the resume position.
     fn pop_buffered(&mut self) -> Option<Item> {
         while let Some(item) = self.buf.pop_front() {
@@ -188,16 +196,18 @@ impl Feed {
                     self.last = c.pos;
                     if let (Some(moved), Some(viewer)) = (&c.moved, &self.viewer) {
                         // A confined viewer never gets the full change of a
-                        // move; one confined to neither customer (its filter
-                        // would not pass the change) gets nothing.
-                        match moved.view(viewer) {
-                            Some(frames) => return Some(Item::Redacted { pos: c.pos, frames: frames.clone() }),
-                            None => continue,
+                        // move, nor one that its filter passes only for the
+                        // other customer's side (the status the order has
+                        // there, say); one confined to neither customer (its
+                        // filter would not pass the change) gets nothing.
+                        match moved.side(viewer) {
+                            Some(side) if self.passes_side(c, side) => return Some(Item::Redacted(c.clone(), side)),
+                            _ => continue,
                         }
                     }
                 }
                 Item::Batch(b) => self.last = b.changes.last().map_or(self.last, |c| c.pos),
-                Item::Redacted { pos, .. } => self.last = *pos,
+                Item::Redacted(c, _) => self.last = c.pos,
                 Item::Resync { position, .. } => {
                     self.hub.stats.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.last = self.last.max(*position)
@@ -320,6 +330,12 @@ impl Feed {
     }
 }
 
+/// The frames of a redacted item (`Item::Redacted`).
+pub fn redacted(c: &super::Change, side: Side) -> &Frames {
+    // expect: an item is redacted only for a change that moved
+    c.moved.as_ref().expect("a redacted change is a move").frames(side)
+}
+
 /// Where the log stands for a client resuming after `since`: the head, the
 /// retention horizon, and whether `since` lies in a range of positions the
 /// database lost after they were pushed (recorded by the listener, see
@@ -373,4 +389,16 @@ enum CatchUpError {
     Pruned,
     /// The database is away; try again.
     Db(anyhow::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions buffer items by the thousand (a catch-up read) and move them
+    /// through every `next()`: a redacted change must not make them larger.
+    #[test]
+    fn an_item_stays_four_words() {
+        assert!(std::mem::size_of::<Item>() <= 32, "{}", std::mem::size_of::<Item>());
+    }
 }

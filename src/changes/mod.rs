@@ -143,17 +143,34 @@ impl Move {
         Some(Box::new(Move { from, to, leave, enter }))
     }
 
-    /// The frames for a viewer confined to `viewer` (folded); None for a
-    /// viewer confined to neither customer, who must not get the change.
-    pub fn view(&self, viewer: &str) -> Option<&Frames> {
+    /// The side of the move a viewer confined to `viewer` (folded) sees;
+    /// None for a viewer confined to neither customer, who must not get the
+    /// change.
+    pub fn side(&self, viewer: &str) -> Option<Side> {
         if viewer == self.from {
-            Some(&self.leave)
+            Some(Side::Leave)
         } else if viewer == self.to {
-            Some(&self.enter)
+            Some(Side::Enter)
         } else {
             None
         }
     }
+
+    pub fn frames(&self, side: Side) -> &Frames {
+        match side {
+            Side::Leave => &self.leave,
+            Side::Enter => &self.enter,
+        }
+    }
+}
+
+/// Which side of a move between customers a confined viewer is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The order was its customer's before the change (`"op":"leave"`).
+    Leave,
+    /// The order is its customer's after the change (`"op":"enter"`).
+    Enter,
 }
 
 impl Change {
@@ -245,7 +262,7 @@ mod tests {
             Move::build(42, Some("Bob"), Some("ADA"), after, Some(before), "api:writer", Some(at)).expect("a move");
         assert_eq!((moved.from.as_str(), moved.to.as_str()), ("ada", "bob"));
 
-        let leave = moved.view("ada").unwrap();
+        let leave = moved.frames(moved.side("ada").unwrap());
         let expected = serde_json::json!({"type": "change", "seq": 42, "op": "leave",
             "order": serde_json::from_str::<serde_json::Value>(before).unwrap(), "old": null,
             "actor": "api:writer", "at": "2026-01-02T03:04:05.000000Z"});
@@ -258,7 +275,7 @@ mod tests {
             assert!(!text.contains("Bob") && !text.contains("bob@"), "{text}");
         }
 
-        let enter = moved.view("bob").unwrap();
+        let enter = moved.frames(moved.side("bob").unwrap());
         assert_eq!(payload(&enter.ws_frame)["op"], "enter");
         assert_eq!(payload(&enter.ws_frame)["order"]["customer_name"], "Bob");
         assert_eq!(payload(&enter.ws_frame)["old"], serde_json::Value::Null);
@@ -268,7 +285,7 @@ mod tests {
             assert!(!text.contains("Ada") && !text.contains("ada@"), "{text}");
         }
 
-        assert!(moved.view("carol").is_none(), "a third customer sees neither side");
+        assert!(moved.side("carol").is_none(), "a third customer sees neither side");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::ws::{open_stream, position_message, ready_message, resync_message, snapshot_messages, Opened};
 use super::{parse_position, QueryPairs, StreamParams};
-use crate::changes::feed::Item;
+use crate::changes::feed::{redacted, Item};
 use crate::domain::ValidationError;
 use crate::error::ApiError;
 use crate::startup::AppState;
@@ -93,7 +93,7 @@ fn stream_response(
             item = st.opened.feed.next() => match item {
                 Some(Item::Change(c)) => c.sse.clone(),
                 Some(Item::Batch(b)) => b.sse_events.clone(),
-                Some(Item::Redacted { frames, .. }) => frames.sse,
+                Some(Item::Redacted(c, side)) => redacted(&c, side).sse.clone(),
                 Some(Item::Resync { reason, position }) => event("resync", Some(position), &resync_message(reason, position)),
                 None => {
                     st.done = true;

@@ -641,7 +641,7 @@ fn item_frames(item: Item) -> Bytes {
     match item {
         Item::Change(c) => c.ws_frame.clone(),
         Item::Batch(b) => b.ws_frames.clone(),
-        Item::Redacted { frames, .. } => frames.ws_frame,
+        Item::Redacted(c, side) => crate::changes::feed::redacted(&c, side).ws_frame.clone(),
         Item::Resync { reason, position } => wire::frame(wire::OP_TEXT, resync_message(reason, position).as_bytes()),
     }
 }

@@ -1223,3 +1223,63 @@ async fn on_protected_paths_authentication_and_scope_come_before_404_and_405() {
         assert_eq!(answer(method, path, token).await, expected, "{method} {path} with {token:?}");
     }
 }
+
+/// A confined viewer's filter is applied to its own side of a move only: a
+/// token confined to Ada that follows `processing` orders does not learn
+/// that her order became Bob's and `processing` in one statement (its
+/// `leave` would say so), nor does Bob following `pending` learn the status
+/// it had under Ada.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_filter_sees_a_move_only_through_its_own_side() {
+    let app = spawn_app_with(|s| {
+        s.api_keys = Some(ordercast::config::Secret(
+            "writer:writersecret:read+write,ada:adasecret1:read:customer=Ada,bob:bobsecret1:read:customer=Bob".into(),
+        ));
+    })
+    .await;
+    let db = app.sql().await;
+    let id: i64 = db
+        .query_one(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Ada', 'Cog', 1, 1) RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    app.settled().await;
+    let port = app.port;
+    let ws = |query: &str| {
+        let url = format!("ws://127.0.0.1:{port}/ws?{query}");
+        async move {
+            let mut c = crate::helpers::WsClient::connect(&url).await;
+            c.ready().await;
+            c
+        }
+    };
+    let mut ada_processing = ws("access_token=adasecret1&status=processing").await;
+    let mut ada_pending = ws("access_token=adasecret1&status=pending").await;
+    let mut bob_pending = ws("access_token=bobsecret1&status=pending").await;
+    let mut bob_processing = ws("access_token=bobsecret1&status=processing").await;
+    db.execute("UPDATE orders SET customer_name = 'Bob', status = 'processing' WHERE id = $1", &[&id]).await.unwrap();
+    // A change after the move that every one of them receives, so that the
+    // first message each gets tells whether the move reached it.
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Ada', 'Cog', 1, 1), ('Bob', 'Cog', 1, 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE orders SET status = 'processing' WHERE id > $1", &[&id]).await.unwrap();
+    let first = |v: Value| (v["op"].as_str().unwrap_or_default().to_string(), v["order"]["id"].as_i64());
+    let leave = ada_pending.changes(1, WAIT).await.remove(0);
+    assert_eq!(first(leave.clone()), ("leave".into(), Some(id)));
+    assert_eq!(leave["order"]["status"], "pending");
+    let enter = bob_processing.changes(1, WAIT).await.remove(0);
+    assert_eq!(first(enter.clone()), ("enter".into(), Some(id)));
+    for (name, client) in
+        [("ada following processing", &mut ada_processing), ("bob following pending", &mut bob_pending)]
+    {
+        let got = first(client.changes(1, WAIT).await.remove(0));
+        assert_ne!(got.1, Some(id), "{name} got the move: {got:?}");
+    }
+}

@@ -40,7 +40,7 @@ async fn in_order_through(
         match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
             Some(Item::Change(c)) => check(c.pos, &mut expected),
             Some(Item::Batch(b)) => b.changes.iter().for_each(|c| check(c.pos, &mut expected)),
-            Some(Item::Redacted { pos, .. }) => check(pos, &mut expected),
+            Some(Item::Redacted(c, _)) => check(c.pos, &mut expected),
             Some(Item::Resync { reason, position }) => {
                 assert_eq!(reason, "position_expired");
                 resyncs.push(position);

@@ -148,7 +148,7 @@ export class Stream {
   openEventSource() {
     const es = new EventSource(`/api/events?since=${this.position}`);
     this.conn = { es, close: () => es.close() };
-    for (const type of ['ready', 'change', 'resync', 'shutdown']) {
+    for (const type of ['ready', 'change', 'position', 'resync', 'shutdown']) {
       es.addEventListener(type, (ev) => {
         let msg;
         try {
