@@ -7,8 +7,13 @@
 -- range is told to resync (position_unknown) instead of being served the
 -- renumbered changes after it, which would silently skip the ones before.
 -- `after_pos` is the newest published position the listener found intact
--- (0 when it could not find one). Rows go once retention has passed
--- `through_pos` (resuming there is position_expired anyway).
+-- (0 when it could not find one); `through_pos` the highest position handed
+-- to any client. In the same transaction the listener makes the log skip
+-- the range (an empty transaction takes the positions through
+-- `through_pos + 1` at least), so no later commit is numbered with a lost
+-- position and a client that reloads is given one past the range. Rows go
+-- once retention has passed `through_pos` (resuming there is
+-- position_expired anyway).
 CREATE TABLE change_rewinds (
     after_pos   bigint      NOT NULL,
     through_pos bigint      NOT NULL,

@@ -111,6 +111,11 @@ enum Command {
 pub struct Hub {
     commands: mpsc::Sender<Command>,
     position: Arc<AtomicI64>,
+    /// The highest position handed to a client by anything but the live
+    /// stream (catch-up reads, the positions of REST pages and snapshots),
+    /// which can be ahead of `position`: the listener counts it as pushed
+    /// when it checks that the log kept what was pushed.
+    handed_out: Arc<AtomicI64>,
     pub stats: Arc<HubStats>,
 }
 
@@ -309,7 +314,12 @@ impl Hub {
     pub fn start(position: i64, max_queued: usize) -> Hub {
         let (commands, command_rx) = mpsc::channel(256);
         let (unsubscribe, unsubscribe_rx) = mpsc::unbounded_channel();
-        let hub = Hub { commands, position: Arc::new(AtomicI64::new(position)), stats: Arc::default() };
+        let hub = Hub {
+            commands,
+            position: Arc::new(AtomicI64::new(position)),
+            handed_out: Arc::new(AtomicI64::new(position)),
+            stats: Arc::default(),
+        };
         let registry = Registry {
             subs: HashMap::new(),
             all: Vec::new(),
@@ -319,6 +329,7 @@ impl Hub {
             next_id: 0,
             max_queued: max_queued.max(1),
             position: hub.position.clone(),
+            handed_out: hub.handed_out.clone(),
             epoch: 0,
             stats: hub.stats.clone(),
             unsubscribe,
@@ -333,6 +344,17 @@ impl Hub {
     /// matches up to here (or was lagged, see `Subscription::lagged`).
     pub fn position(&self) -> i64 {
         self.position.load(Ordering::Acquire)
+    }
+
+    /// Notes a position handed to a client outside the live stream (see
+    /// `handed_out`). Once per catch-up read or page, not per change.
+    pub fn note_handed_out(&self, pos: i64) {
+        self.handed_out.fetch_max(pos, Ordering::Relaxed);
+    }
+
+    /// The highest position handed to a client, live or not.
+    pub fn handed_out(&self) -> i64 {
+        self.handed_out.load(Ordering::Relaxed).max(self.position())
     }
 
     pub async fn subscribe(&self, filter: Filter) -> Result<Subscription, HubClosed> {
@@ -397,6 +419,7 @@ struct Registry {
     next_id: u64,
     max_queued: usize,
     position: Arc<AtomicI64>,
+    handed_out: Arc<AtomicI64>,
     /// See `Subscription::epoch`.
     epoch: u64,
     stats: Arc<HubStats>,
@@ -524,6 +547,7 @@ impl Registry {
         self.epoch += 1;
         self.lag_all();
         self.position.store(head, Ordering::Release);
+        self.handed_out.store(head, Ordering::Relaxed);
     }
 
     /// Drops every subscription as lagged: each session subscribes again.

@@ -314,6 +314,7 @@ impl Feed {
             Ok(changes) => {
                 // unwrap: not empty
                 self.scan = changes.last().unwrap().pos;
+                self.hub.note_handed_out(self.scan);
                 self.buf.extend(changes.into_iter().filter(|c| c.matches(&self.filter)).map(Item::Change));
             }
             Err(CatchUpError::Pruned) => {

@@ -11,7 +11,7 @@
 //! Reconnects back off exponentially with jitter and catch up from the log,
 //! so connected clients lose nothing across a dropped connection.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -70,7 +70,7 @@ const RECENT: usize = 64;
 
 /// Runs until the hub shuts down.
 pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
-    let mut at = Position { pos: hub.position(), committed_micros: None, recent: VecDeque::new() };
+    let mut at = Position { pos: hub.position(), committed_micros: None, recent: VecDeque::new(), unrecorded: None };
     state.position.store(at.pos, Ordering::Relaxed);
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -99,6 +99,9 @@ struct Position {
     committed_micros: Option<i64>,
     /// Recently published positions and their commit times, oldest first.
     recent: VecDeque<(i64, i64)>,
+    /// Lost positions (after, through] not yet recorded (`record_loss`
+    /// failed): retried while listening.
+    unrecorded: Option<(i64, i64)>,
 }
 
 impl Position {
@@ -112,61 +115,112 @@ impl Position {
     }
 }
 
-/// The commit time (microseconds) of the transaction that holds position
-/// `pos`; None when no transaction holds it (pruned, or not yet written).
-async fn committed_micros_at(client: &tokio_postgres::Client, pos: i64) -> anyhow::Result<Option<i64>> {
-    let row = client
-        .query_opt("SELECT committed_at FROM change_tx WHERE base_pos < $1 AND end_pos >= $1", &[&pos])
-        .await
-        .map_err(crate::db::describe)?;
-    Ok(row.and_then(|r| r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0)).map(|t| t.timestamp_micros()))
+/// What the log holds at a position that was published.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Held {
+    /// The transaction there, and when it committed (microseconds).
+    Committed(i64),
+    /// Retention has passed it: gone for every client alike, no sign of loss.
+    Pruned,
+    /// No transaction holds it: the database lost the commit.
+    Missing,
 }
 
-/// Whether the log still holds the change the listener published last: the
-/// head is not below it, and the transaction at its position committed when
-/// it did. Otherwise the database lost commits that were pushed (a failover
-/// to a standby that missed them, a restored backup, a crash under
-/// `synchronous_commit = off`), and their positions are, or will be,
-/// numbered again.
-async fn log_kept(client: &tokio_postgres::Client, at: &Position, head: i64) -> anyhow::Result<bool> {
-    if head < at.pos {
-        return Ok(false);
-    }
-    let Some(micros) = at.committed_micros else { return Ok(true) };
-    // None: pruned (retention moved past it), which is no sign of loss.
-    Ok(committed_micros_at(client, at.pos).await?.is_none_or(|t| t == micros))
-}
-
-/// The newest recently published position that the log still holds as it
-/// was pushed (at or below `head`, committed when it was): the positions
-/// after it, through the last one published, may be numbered again. A
-/// position pruned meanwhile counts as held (everything up to it is gone
-/// for every client anyway); 0 when none is found.
-async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, i64)>, head: i64) -> anyhow::Result<i64> {
-    let positions: Vec<i64> = recent.iter().map(|&(p, _)| p).filter(|&p| p <= head).collect();
+/// What the log holds at each of `positions`.
+async fn held(client: &tokio_postgres::Client, positions: &[i64]) -> anyhow::Result<HashMap<i64, Held>> {
     let rows = client
         .query(
-            "SELECT p, (SELECT committed_at FROM change_tx WHERE base_pos < p AND end_pos >= p) \
+            "SELECT p, (SELECT committed_at FROM change_tx WHERE base_pos < p AND end_pos >= p), \
+                    p <= (SELECT pruned_through FROM change_retention) \
              FROM unnest($1::bigint[]) p",
             &[&positions],
         )
         .await
         .map_err(crate::db::describe)?;
-    let now: std::collections::HashMap<i64, Option<i64>> = rows
+    Ok(rows
         .iter()
-        .map(|r| (r.get(0), r.get::<_, Option<chrono::DateTime<chrono::Utc>>>(1).map(|t| t.timestamp_micros())))
-        .collect();
+        .map(|r| {
+            let at: Option<chrono::DateTime<chrono::Utc>> = r.get(1);
+            let held = match (at, r.get::<_, bool>(2)) {
+                (Some(t), _) => Held::Committed(t.timestamp_micros()),
+                (None, true) => Held::Pruned,
+                (None, false) => Held::Missing,
+            };
+            (r.get(0), held)
+        })
+        .collect())
+}
+
+/// Whether the log still holds what was pushed: the head is not below the
+/// highest position handed out (`top`), and the transaction at the
+/// listener's position committed when it did. Otherwise the database lost
+/// commits that were pushed (a failover to a standby that missed them, a
+/// restored backup, a crash under `synchronous_commit = off`), and their
+/// positions are, or will be, numbered again.
+async fn log_kept(client: &tokio_postgres::Client, at: &Position, top: i64, head: i64) -> anyhow::Result<bool> {
+    if head < top {
+        return Ok(false);
+    }
+    let Some(micros) = at.committed_micros else { return Ok(true) };
+    Ok(match held(client, &[at.pos]).await?.get(&at.pos) {
+        Some(Held::Committed(t)) => *t == micros,
+        Some(Held::Pruned) => true,
+        _ => false,
+    })
+}
+
+/// The newest recently published position that the log still holds as it
+/// was pushed (at or below `head`, committed when it was, or pruned since):
+/// the positions after it may be numbered again. 0 when none is found.
+async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, i64)>, head: i64) -> anyhow::Result<i64> {
+    let positions: Vec<i64> = recent.iter().map(|&(p, _)| p).filter(|&p| p <= head).collect();
+    let now = held(client, &positions).await?;
     Ok(recent
         .iter()
         .rev()
-        .find(|(p, micros)| now.get(p).is_some_and(|t| t.is_none_or(|t| t == *micros)))
+        .find(|(p, micros)| match now.get(p) {
+            Some(Held::Committed(t)) => t == micros,
+            Some(Held::Pruned) => true,
+            _ => false,
+        })
         .map_or(0, |&(p, _)| p))
+}
+
+/// Records that positions `after+1 ..= through` were pushed and lost, and
+/// makes the log skip them: an empty transaction takes positions through
+/// `through + 1` at least (under the sequencer's lock), so no commit is
+/// numbered with a lost position again and the head is past the range at
+/// once (a client that reloads is given a position outside it). Returns the
+/// skip's last position and commit time: the listener goes on after it.
+async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i64) -> anyhow::Result<(i64, i64)> {
+    let tx = client.build_transaction().read_only(false).start().await.map_err(crate::db::describe)?;
+    tx.execute("SELECT pg_advisory_xact_lock(1869767779, 1)", &[]).await.map_err(crate::db::describe)?;
+    let last: i64 = tx
+        .query_one("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM change_position", &[])
+        .await
+        .map_err(crate::db::describe)?
+        .get(0);
+    let n = (through + 1 - last).clamp(1, i32::MAX as i64) as i32;
+    let txid: String = tx
+        .query_one("INSERT INTO change_tx (txid, n) VALUES (pg_current_xact_id(), $1) RETURNING txid::text", &[&n])
+        .await
+        .map_err(crate::db::describe)?
+        .get(0);
+    tx.execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&after, &through])
+        .await
+        .map_err(crate::db::describe)?;
+    tx.commit().await.map_err(crate::db::describe)?;
+    let row = client
+        .query_one("SELECT end_pos, committed_at FROM change_tx WHERE txid = $1::text::xid8", &[&txid])
+        .await
+        .map_err(crate::db::describe)?;
+    Ok((row.get(0), row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros()))
 }
 
 async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position) -> anyhow::Result<()> {
     let mut config = crate::db::pg_config(url)?;
     config.application_name("ordercast-listener");
-    let (client, mut connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
+    let (mut client, mut connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
     let wake = Arc::new(Notify::new());
     let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<String>();
     {
@@ -190,34 +244,38 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
     // pushed: then commits are numbered again with positions clients hold,
     // and every live client must reload (after the head).
     let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
-    if !log_kept(&client, at, head).await? {
+    let top = hub.handed_out().max(at.pos);
+    if !log_kept(&client, at, top, head).await? {
         // Recorded before the hub rewinds: a client resuming from a lost
         // position after this is told to resync by its feed (`Feed::open`);
         // one that subscribed before is by the rewind.
-        let kept = last_kept(&client, &at.recent, head).await?;
+        let kept = last_kept(&client, &at.recent, head).await?.min(top - 1);
         log::error!(
-            "the change log no longer holds the change at position {} that was pushed (its head is {head}, \
+            "the change log no longer holds what was pushed through position {top} (its head is {head}, \
              positions after {kept} may be numbered again): the database lost commits; live clients and \
-             clients resuming from those positions are told to resync",
-            at.pos
+             clients resuming from those positions are told to resync"
         );
-        if kept < at.pos {
-            client
-                .execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&kept, &at.pos])
-                .await
-                .map_err(crate::db::describe)?;
-        }
-        if hub.rewind(head).await.is_err() {
+        let (pos, unrecorded) = match record_loss(&mut client, kept, top).await {
+            Ok((end, _)) => (end, None),
+            Err(e) => {
+                // A database that refuses writes (read-only after a
+                // failover, say) must not keep live clients from hearing of
+                // the loss: they resync now, the record is retried.
+                log::error!("could not record the lost positions (will retry): {e:#}");
+                (head, Some((kept, top)))
+            }
+        };
+        if hub.rewind(pos).await.is_err() {
             return Ok(());
         }
-        *at = Position { pos: head, committed_micros: None, recent: VecDeque::new() };
-        state.position.store(head, Ordering::Relaxed);
+        *at = Position { pos, committed_micros: None, recent: VecDeque::new(), unrecorded };
+        state.position.store(pos, Ordering::Relaxed);
     }
     if at.committed_micros.is_none() {
         // Nothing read yet (a quiet log since the start, or a rewind): learn
         // the change at the position now, so that the next reconnect can
         // recognise it.
-        if let Some(micros) = committed_micros_at(&client, at.pos).await? {
+        if let Some(Held::Committed(micros)) = held(&client, &[at.pos]).await?.get(&at.pos).copied() {
             at.published(at.pos, micros);
         }
     }
@@ -279,7 +337,19 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
             _ = wake.notified() => {
                 state.notifications.fetch_add(1, Ordering::Relaxed);
             }
-            _ = tokio::time::sleep(IDLE_TICK) => {}
+            _ = tokio::time::sleep(IDLE_TICK) => {
+                if let Some((after, through)) = at.unrecorded {
+                    // The live stream goes on where it is; the record makes
+                    // resumes from the lost positions resync from now on.
+                    match record_loss(&mut client, after, through).await {
+                        Ok(_) => {
+                            log::info!("recorded the lost positions {}..={through}", after + 1);
+                            at.unrecorded = None;
+                        }
+                        Err(e) => log::debug!("could not record the lost positions yet: {e:#}"),
+                    }
+                }
+            }
             reason = &mut closed => {
                 anyhow::bail!("the LISTEN connection closed: {}", reason.unwrap_or_default());
             }

@@ -168,6 +168,7 @@ pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState
         filter.customer = Some(c);
     }
     let page = list_page(&state.pool, &filter, q.as_deref(), limit, cursor).await?;
+    state.hub.note_handed_out(page.position);
     Ok(HttpResponse::Ok().content_type("application/json").body(page.to_json()))
 }
 

@@ -59,6 +59,7 @@ pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> R
     let client = state.pool.get().await?;
     let rows = client.query("SELECT status, product, n, amount, price_sum FROM order_stats_current", &[]).await?;
     let position: i64 = client.query_one("SELECT change_head()", &[]).await?.get(0);
+    state.hub.note_handed_out(position);
     let mut by_status: BTreeMap<&'static str, (i64, Decimal)> =
         Status::ALL.iter().map(|s| (s.as_str(), (0, Decimal::ZERO))).collect();
     let mut products: BTreeMap<String, (i64, Decimal)> = BTreeMap::new();

@@ -117,6 +117,7 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
     let (since, snapshot) = if params.snapshot {
         let page =
             crate::routes::orders::list_page(&state.pool, &params.filter, None, params.snapshot_limit, None).await?;
+        state.hub.note_handed_out(page.position);
         (Some(page.position), Some(page))
     } else {
         (params.since, None)

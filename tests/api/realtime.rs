@@ -870,6 +870,43 @@ async fn a_client_far_behind_that_pings_constantly_still_catches_up_without_rere
     assert!(reads < 100, "{reads} log reads");
 }
 
+/// A `resync` that says the client's position is unknown to the log.
+fn assert_position_unknown(v: &Value) {
+    assert_eq!((v["type"].as_str(), v["reason"].as_str()), (Some("resync"), Some("position_unknown")), "{v}");
+}
+
+/// The single-row insert the lost-commit tests write with.
+const LOST_INSERT: &str = "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Lost', 1, 1)";
+
+/// A live client that has received `lost` changes after `start`, its
+/// position (the changes are named lost-1, lost-2, ...).
+async fn a_client_with_changes_to_lose(
+    app: &crate::helpers::TestApp,
+    db: &tokio_postgres::Client,
+    lost: usize,
+) -> (crate::helpers::WsClient, i64) {
+    db.execute(LOST_INSERT, &[&"kept"]).await.unwrap(); // positions start at 1
+    app.settled().await;
+    let mut ws = app.ws("").await;
+    let start = ws.ready().await["seq"].as_i64().unwrap();
+    for i in 1..=lost {
+        db.execute(LOST_INSERT, &[&format!("lost-{i}")]).await.unwrap();
+    }
+    assert_eq!(ws.changes(lost, WAIT).await[lost - 1]["seq"], start + lost as i64);
+    (ws, start)
+}
+
+/// SQL that makes the database forget every commit after `start`, as a
+/// failover or a crash can; with `renumber`, the next commits take their
+/// positions again.
+fn forget_after(start: i64, renumber: bool) -> String {
+    let setval = if renumber { format!("SELECT setval('change_position', {start});") } else { String::new() };
+    format!(
+        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
+         DELETE FROM change_tx WHERE end_pos > {start}; {setval}"
+    )
+}
+
 /// When the change log goes back (the database lost commits that were
 /// pushed: a failover to a standby that missed them, a restored backup), the
 /// next commits are numbered with positions clients already hold. A live
@@ -879,25 +916,10 @@ async fn a_client_far_behind_that_pings_constantly_still_catches_up_without_rere
 async fn when_the_log_goes_back_live_clients_resync_and_get_the_renumbered_changes() {
     let app = spawn_app().await;
     let db = app.sql().await;
-    let insert = "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Lost', 1, 1)";
-    db.execute(insert, &[&"kept"]).await.unwrap(); // positions start at 1
-    app.settled().await;
-    let mut ws = app.ws("").await;
-    let start = ws.ready().await["seq"].as_i64().unwrap();
-    assert!(start >= 1);
-    for name in ["lost-1", "lost-2", "lost-3"] {
-        db.execute(insert, &[&name]).await.unwrap();
-    }
-    let seen = ws.changes(3, Duration::from_secs(10)).await;
-    assert_eq!(seen[2]["seq"], start + 3);
+    let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 3).await;
     // The database forgets those three commits' positions, and the listener
     // reconnects (as after a failover).
-    db.batch_execute(&format!(
-        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
-         DELETE FROM change_tx WHERE end_pos > {start}; SELECT setval('change_position', {start})"
-    ))
-    .await
-    .unwrap();
+    db.batch_execute(&forget_after(start, true)).await.unwrap();
     let reconnects = || app.state.listener.reconnects.load(std::sync::atomic::Ordering::Relaxed);
     let before = reconnects();
     db.execute(
@@ -911,27 +933,24 @@ async fn when_the_log_goes_back_live_clients_resync_and_get_the_renumbered_chang
         (reconnects() > before && app.state.listener.connected.load(std::sync::atomic::Ordering::Relaxed)).then_some(())
     })
     .await;
-    db.execute(insert, &[&"renumbered"]).await.unwrap();
+    db.execute(LOST_INSERT, &[&"next"]).await.unwrap();
     let resync = ws.next_json(Duration::from_secs(10)).await;
-    assert_eq!(
-        (resync["type"].as_str(), resync["reason"].as_str()),
-        (Some("resync"), Some("position_unknown")),
-        "{resync}"
-    );
-    assert_eq!(resync["seq"], start);
+    assert_position_unknown(&resync);
+    // The log skips the lost positions (and one more, so that the head is
+    // past them at once): no commit is numbered with them again.
+    assert_eq!(resync["seq"], start + 4);
     let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
-    assert_eq!(
-        (change["seq"].as_i64(), change["order"]["customer_name"].as_str()),
-        (Some(start + 1), Some("renumbered"))
-    );
+    assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 5), Some("next")));
+    // A client that reloads now is given a position past the lost ones, and
+    // resumes from it without a resync.
+    let (_, page) = app.get_json("/api/orders?limit=1").await;
+    assert_eq!(page["position"], start + 5, "{page}");
+    let mut reloaded = app.ws(&format!("?since={}", start + 5)).await;
+    assert_eq!(reloaded.next_json(WAIT).await["type"], "ready");
     // A client resuming after a position the log no longer has is told so too.
     let mut late = app.ws(&format!("?since={}", start + 3)).await;
     let first = late.next_json(Duration::from_secs(10)).await;
-    assert_eq!(
-        (first["type"].as_str(), first["reason"].as_str()),
-        (Some("resync"), Some("position_unknown")),
-        "{first}"
-    );
+    assert_position_unknown(&first);
 }
 
 /// The same when more commits than were lost happen before the listener is
@@ -942,44 +961,23 @@ async fn when_the_log_goes_back_live_clients_resync_and_get_the_renumbered_chang
 async fn when_lost_commits_are_outnumbered_before_the_listener_is_back_clients_still_resync() {
     let app = spawn_app().await;
     let db = app.sql().await;
-    let insert = "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Lost', 1, 1)";
-    db.execute(insert, &[&"kept"]).await.unwrap();
-    app.settled().await;
-    let mut ws = app.ws("").await;
-    let start = ws.ready().await["seq"].as_i64().unwrap();
-    for name in ["lost-1", "lost-2"] {
-        db.execute(insert, &[&name]).await.unwrap();
-    }
-    assert_eq!(ws.changes(2, Duration::from_secs(10)).await[1]["seq"], start + 2);
+    let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 2).await;
     // The two commits are lost and the listener is cut off; while it cannot
     // connect, three new commits take positions start+1 ..= start+3.
-    let name: String = db.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
-    let (admin, connection) =
-        tokio_postgres::connect(&crate::helpers::admin_url(), tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false")).await.unwrap();
-    db.batch_execute(&format!(
-        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
-         DELETE FROM change_tx WHERE end_pos > {start}; SELECT setval('change_position', {start}); \
-         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-          WHERE application_name = 'ordercast-listener' AND datname = current_database()"
-    ))
-    .await
-    .unwrap();
+    let (admin, name) = cut_off_listener(&db).await;
+    db.batch_execute(&forget_after(start, true)).await.unwrap();
     for name in ["new-1", "new-2", "new-3"] {
-        db.execute(insert, &[&name]).await.unwrap();
+        db.execute(LOST_INSERT, &[&name]).await.unwrap();
     }
-    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true")).await.unwrap();
+    let_in(&admin, &name).await;
     let resync = ws.next_json(Duration::from_secs(20)).await;
-    assert_eq!(
-        (resync["type"].as_str(), resync["reason"].as_str()),
-        (Some("resync"), Some("position_unknown")),
-        "{resync}"
-    );
-    assert_eq!(resync["seq"], start + 3);
-    db.execute(insert, &[&"after"]).await.unwrap();
+    assert_position_unknown(&resync);
+    // The lost start+1 and start+2 were numbered again before the listener
+    // was back; the log skips one position past them then.
+    assert_eq!(resync["seq"], start + 4);
+    db.execute(LOST_INSERT, &[&"after"]).await.unwrap();
     let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
-    assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 4), Some("after")));
+    assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 5), Some("after")));
 
     // A client that was away holds the lost start+1 and start+2. Resuming
     // after start+2 (below the head now) would hand it start+3 onwards and
@@ -1075,4 +1073,120 @@ async fn a_quiet_filter_learns_its_position_and_resumes_past_retention_without_a
             other => panic!("expected a 1001 close, got {other:?}"),
         }
     }
+}
+
+/// Cuts the listener off: new connections to the app's database are refused
+/// and its LISTEN backend is ended. Returns the admin connection that lets
+/// them in again (`let_in`).
+async fn cut_off_listener(db: &tokio_postgres::Client) -> (tokio_postgres::Client, String) {
+    let name: String = db.query_one("SELECT current_database()", &[]).await.unwrap().get(0);
+    let (admin, connection) =
+        tokio_postgres::connect(&crate::helpers::admin_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false")).await.unwrap();
+    db.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'ordercast-listener' AND datname = current_database()",
+    )
+    .await
+    .unwrap();
+    (admin, name)
+}
+
+async fn let_in(admin: &tokio_postgres::Client, name: &str) {
+    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true")).await.unwrap();
+}
+
+/// Commits can be lost without their positions being numbered again (the
+/// sequence is ahead of them after recovery): the position the listener
+/// published then has no transaction at all, which is a loss, not pruning.
+/// Live clients, which hold the lost changes, are told to reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_commits_whose_positions_are_skipped_are_still_recognised() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 2).await;
+    let (admin, name) = cut_off_listener(&db).await;
+    db.batch_execute(&forget_after(start, false)).await.unwrap();
+    db.execute(LOST_INSERT, &[&"new"]).await.unwrap(); // start+3: the head is past the listener again
+    let_in(&admin, &name).await;
+    let resync = ws.next_json(Duration::from_secs(20)).await;
+    assert_position_unknown(&resync);
+    let mut away = app.ws(&format!("?since={}", start + 2)).await;
+    assert_eq!(away.next_json(WAIT).await["reason"], "position_unknown");
+}
+
+/// A position handed out ahead of the listener (a REST page's, read while
+/// the listener was away) counts as pushed: when the database loses the
+/// commits up to it, a client resuming from it is told to resync, also once
+/// the log has grown past it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_position_handed_out_ahead_of_the_listener_is_recognised() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    db.execute(LOST_INSERT, &[&"kept"]).await.unwrap();
+    app.settled().await;
+    let start: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    let (admin, name) = cut_off_listener(&db).await;
+    for name in ["lost-1", "lost-2", "lost-3"] {
+        db.execute(LOST_INSERT, &[&name]).await.unwrap();
+    }
+    // The dashboard loads its page (the pool's connections are open).
+    let (_, page) = app.get_json("/api/orders?limit=1").await;
+    assert_eq!(page["position"], start + 3);
+    db.batch_execute(&forget_after(start, true)).await.unwrap();
+    db.execute(LOST_INSERT, &[&"new-1"]).await.unwrap();
+    let_in(&admin, &name).await;
+    // The listener is back once it has moved on from `start`.
+    eventually(Duration::from_secs(20), || async {
+        (app.state.listener.connected.load(std::sync::atomic::Ordering::Relaxed) && app.state.hub.position() > start)
+            .then_some(())
+    })
+    .await;
+    for name in ["new-2", "new-3", "new-4"] {
+        db.execute(LOST_INSERT, &[&name]).await.unwrap();
+    }
+    let mut resumed = app.ws(&format!("?since={}", start + 3)).await;
+    let first = resumed.next_json(WAIT).await;
+    assert_position_unknown(&first);
+}
+
+/// When the database refuses to record a loss (read-only after a failover,
+/// say), live clients are still told to resync at once, and the record is
+/// retried until it is made; then resuming from a lost position resyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_the_database_refuses_to_record_still_resyncs_live_clients_and_is_recorded_later() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 3).await;
+    db.batch_execute(
+        "CREATE TABLE refuse_records (on_ boolean NOT NULL); INSERT INTO refuse_records VALUES (true); \
+         CREATE FUNCTION refuse_record() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF (SELECT on_ FROM refuse_records) THEN RAISE EXCEPTION 'cannot execute INSERT in a read-only transaction' \
+           USING ERRCODE = '25006'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_record BEFORE INSERT ON change_rewinds FOR EACH ROW EXECUTE FUNCTION refuse_record();",
+    )
+    .await
+    .unwrap();
+    db.batch_execute(&format!(
+        "{} SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+          WHERE application_name = 'ordercast-listener' AND datname = current_database()",
+        forget_after(start, true)
+    ))
+    .await
+    .unwrap();
+    let resync = ws.next_json(Duration::from_secs(20)).await;
+    assert_position_unknown(&resync);
+    let recorded = || async {
+        let n: i64 = db.query_one("SELECT count(*) FROM change_rewinds", &[]).await.unwrap().get(0);
+        n
+    };
+    assert_eq!(recorded().await, 0);
+    db.execute("UPDATE refuse_records SET on_ = false", &[]).await.unwrap();
+    eventually(Duration::from_secs(20), || async { (recorded().await == 1).then_some(()) }).await;
+    let mut away = app.ws(&format!("?since={}", start + 2)).await;
+    assert_eq!(away.next_json(WAIT).await["reason"], "position_unknown");
+    // And the live stream goes on.
+    db.execute(LOST_INSERT, &[&"after"]).await.unwrap();
+    assert_eq!(ws.changes(1, WAIT).await[0]["order"]["customer_name"], "after");
 }
