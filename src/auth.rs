@@ -392,9 +392,10 @@ pub async fn guard(
             req.extensions_mut().insert(p);
             next.call(req).await
         }
-        // Only a handshake (GET) is upgraded to be refused with a close code;
-        // any other method is refused like every protected request.
-        Err(e) if routed == "/ws" && req.method() == Method::GET => {
+        // Only a handshake (a GET with the upgrade headers the handler
+        // accepts) is upgraded to be refused with a close code; any other
+        // request, a plain GET too, is refused like every protected request.
+        Err(e) if routed == "/ws" && actix_http::ws::verify_handshake(req.head()).is_ok() => {
             req.extensions_mut().insert(e);
             next.call(req).await
         }

@@ -1206,6 +1206,10 @@ async fn on_protected_paths_authentication_and_scope_come_before_404_and_405() {
         ("DELETE", "/api/x.json", None, (401, true, no("missing_token"))),
         ("POST", "/ws", None, (401, true, no("missing_token"))),
         ("PATCH", "/ws", Some("bogus"), (401, true, no("invalid_token"))),
+        // A GET that is not a WebSocket handshake (no upgrade headers) is not
+        // let through to be refused with a close code.
+        ("GET", "/ws", None, (401, true, no("missing_token"))),
+        ("GET", "/ws", Some("bogus"), (401, true, no("invalid_token"))),
         // A token without the scope the method needs (read for GET, HEAD and
         // OPTIONS, write for the others): 403.
         ("PUT", "/api/orders", Some("readersecret"), (403, false, no("insufficient_scope"))),
@@ -1214,6 +1218,7 @@ async fn on_protected_paths_authentication_and_scope_come_before_404_and_405() {
         ("GET", "/api/nope", Some("readersecret"), (404, false, no("not_found"))),
         ("PUT", "/api/orders", Some("writersecret"), (405, false, no("method_not_allowed"))),
         ("POST", "/ws", Some("writersecret"), (405, false, no("method_not_allowed"))),
+        ("GET", "/ws", Some("readersecret"), (400, false, no("websocket_handshake_failed"))),
         ("DELETE", "/api/nope", Some("writersecret"), (404, false, no("not_found"))),
         // Public paths need no token.
         ("POST", "/api/health", None, (405, false, no("method_not_allowed"))),
