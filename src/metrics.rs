@@ -99,6 +99,20 @@ pub fn method_for_log(method: &actix_web::http::Method) -> std::borrow::Cow<'sta
     }
 }
 
+/// Longest part of a request path, in bytes, that the access log prints.
+const LOGGED_PATH_BYTES: usize = 256;
+
+/// The request path (without its query string) as the access log prints it:
+/// its first 256 bytes (cut at a character boundary), `...` marking a cut, so
+/// a client cannot write kilobytes into every log line it causes.
+pub fn path_for_log(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= LOGGED_PATH_BYTES {
+        return path.into();
+    }
+    let end = (0..=LOGGED_PATH_BYTES).rev().find(|&i| path.is_char_boundary(i)).unwrap_or(0);
+    format!("{}...", &path[..end]).into()
+}
+
 /// HTTP requests by method (see `method_label`), route pattern and status.
 #[derive(Debug, Default)]
 pub struct HttpMetrics {
@@ -163,5 +177,20 @@ mod tests {
         assert_eq!(logged("TRACE"), "other:TRACE");
         assert_eq!(logged("ABCDEFGHIJKLMNOP"), "other:ABCDEFGHIJKLMNOP");
         assert_eq!(logged(&"X".repeat(8000)), format!("other:{}...", "X".repeat(16)));
+    }
+
+    #[test]
+    fn the_access_log_prints_a_long_path_cut_short() {
+        assert_eq!(path_for_log("/api/orders/7"), "/api/orders/7");
+        let exact = format!("/{}", "a".repeat(255));
+        assert_eq!(path_for_log(&exact), exact);
+        let long = format!("/{}", "a".repeat(8000));
+        assert_eq!(path_for_log(&long), format!("{}...", &long[..256]));
+        // Cut at a character boundary: "é" is 2 bytes, the 256th byte is the
+        // first half of one.
+        let wide = format!("/{}", "é".repeat(300));
+        let logged = path_for_log(&wide);
+        assert_eq!(logged, format!("/{}...", "é".repeat(127)));
+        assert!(logged.len() <= 256 + 3);
     }
 }

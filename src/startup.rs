@@ -179,9 +179,11 @@ fn app(
         .wrap(actix_web::middleware::from_fn(crate::auth::guard))
         .wrap(cors)
         .wrap(
-            // %U: the path without the query string, which may hold a token.
-            Logger::new("%a \"%{method}xi %U\" %s %b %Dms")
-                .custom_request_replace("method", |req| crate::metrics::method_for_log(req.method()).into_owned()),
+            // The path without the query string, which may hold a token, and
+            // cut short like a made-up method (`metrics::path_for_log`).
+            Logger::new("%a \"%{method}xi %{path}xi\" %s %b %Dms")
+                .custom_request_replace("method", |req| crate::metrics::method_for_log(req.method()).into_owned())
+                .custom_request_replace("path", |req| crate::metrics::path_for_log(req.path()).into_owned()),
         )
         .wrap_fn({
             let data = data.clone();
