@@ -420,6 +420,11 @@ async fn handle_message(
     session: &mut SessionState,
     message: Incoming,
 ) -> Outcome {
+    // A client whose token has expired is not answered (a `subscribe` would
+    // run its queries first): it gets the 4001 close.
+    if let Err(expired) = conn.check_token() {
+        return expired;
+    }
     let max_subscribes = state.settings.max_subscribes_per_minute;
     let sent = match message {
         Incoming::Text(text) => match ClientMessage::parse(&text) {
@@ -577,7 +582,13 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
             },
         };
     }
-    let Outcome::Close(reason) = outcome else { return };
+    let Outcome::Close(mut reason) = outcome else { return };
+    // Whatever ended the session (the client's close, a shutdown, a protocol
+    // error, a failed subscribe), once the token has expired the close is
+    // 4001, which drops what is queued: nothing more goes out after `exp`.
+    if let Err(Outcome::Close(expired)) = conn.check_token() {
+        reason = expired;
+    }
     if let Some(r) = &reason {
         if r.code == CloseCode::Other(CLOSE_SLOW_CONSUMER) {
             state.hub.stats.slow_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -595,11 +606,12 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
 /// promptly and resumes from the last change it received. A slow consumer
 /// (4008) could not read them in time for the close to follow, a client
 /// silent past the heartbeat timeout (4000) is not reading either, and a
-/// client whose token expired (4001) may not receive them at all. Other
-/// closes go out after what is queued (a client that does not read does
-/// not get to hold the connection open: see `shut_down`): a shutdown's
-/// (1001) `since=N` covers every change queued, so the client must receive
-/// all of them for the close to be right.
+/// client whose token expired (4001) may not receive them at all (a session
+/// ending for another reason after the expiry closes with 4001 too: see
+/// `run_session`). Other closes go out after what is queued (a client that
+/// does not read does not get to hold the connection open: see
+/// `shut_down`): a shutdown's (1001) `since=N` covers every change queued,
+/// so the client must receive all of them for the close to be right.
 async fn finish(mut socket: Socket, reason: Option<CloseReason>) {
     let frame = match &reason {
         Some(r) => wire::close_frame(u16::from(r.code), r.description.as_deref().unwrap_or("")),

@@ -1110,6 +1110,170 @@ async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committ
     assert!(waited < Duration::from_secs(3), "the close came {waited:?} after the client read again");
 }
 
+/// Bytes the kernel holds on a loopback connection from the server's
+/// `server_port` to the client's `client_port`: what the server's socket has
+/// not had acknowledged (its `tx_queue`) plus what the client's has received
+/// and not read (its `rx_queue`), from `/proc/net/tcp`.
+fn kernel_held(server_port: u16, client_port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    let mut held = 0;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (local, remote) = (port(f[1]), port(f[2]));
+        let (tx, rx) = f[4].split_once(':').unwrap();
+        if (local, remote) == (server_port, client_port) {
+            held += usize::from_str_radix(tx, 16).unwrap();
+        } else if (local, remote) == (client_port, server_port) {
+            held += usize::from_str_radix(rx, 16).unwrap();
+        }
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_websockets_token_expires_any_close_drops_the_changes_queued_before() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for ending in ["client close", "shutdown"] {
+        let app = spawn_app_with(|s| {
+            s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
+            s.slow_client_secs = 60;
+        })
+        .await;
+        let exp = chrono::Utc::now().timestamp() + 8;
+        let tcp = tokio::net::TcpSocket::new_v4().unwrap();
+        tcp.set_recv_buffer_size(4096).unwrap();
+        let tcp = tcp.connect(([127, 0, 0, 1], app.port).into()).await.unwrap();
+        let client_port = tcp.local_addr().unwrap().port();
+        let auth = format!("Authorization: Bearer {}\r\n", jwt_expiring_at(exp, "read"));
+        let mut ws = handshake_with(tcp, &auth).await;
+        let held = || kernel_held(app.port, client_port);
+        // The client reads nothing while 1 MB of changes commit (the kernel
+        // takes them: its buffers for a loopback connection hold a few MB),
+        // then changes of 32 KB, one at a time, until the kernel no longer
+        // takes all of one...
+        let db = app.sql().await;
+        let insert = |rows: i32, size: i32| {
+            let db = &db;
+            async move {
+                db.execute(
+                    "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+                     SELECT repeat('q', $2) || g, 'Cog', 1, 1 FROM generate_series(1, $1) g",
+                    &[&rows, &size],
+                )
+                .await
+                .unwrap();
+            }
+        };
+        insert(32, 32_000).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut before = held();
+        for _ in 0..1000 {
+            insert(1, 32_000).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let now = held();
+            if now < before + 32_000 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if held() == now {
+                    break;
+                }
+            }
+            before = held();
+        }
+        assert!(chrono::Utc::now().timestamp() < exp - 2, "{ending}: the kernel's buffers filled too late");
+        // ...then, until the token expires, changes of 2 KB whenever the
+        // kernel took more (its buffers grow now and then): they wait in the
+        // session's queue (with the rest of the last 32 KB, less than the
+        // 64 KiB at which the session would wait for the client, so it goes
+        // on as if all were well).
+        insert(4, 2_000).await;
+        let mut before = held();
+        while chrono::Utc::now().timestamp() < exp {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if held() >= before + 9_000 && chrono::Utc::now().timestamp() < exp {
+                insert(4, 2_000).await;
+                before = held();
+            }
+        }
+        // The token has expired; the session ends for another reason.
+        let full = held();
+        match ending {
+            "client close" => ws.write_all(&client_frame(0x88, &1000u16.to_be_bytes())).await.unwrap(),
+            _ => {
+                let _ = app.state.shutdown.send(true);
+            }
+        }
+        // The client reads again: what the kernel held, the rest of the frame
+        // it held part of, then the 4001 close; not one frame that began in
+        // the session's queue.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), ws.read_to_end(&mut got))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        let (frames, cut) = server_frames(&got);
+        assert!(!cut, "{ending}: the stream ends mid-frame");
+        let (op, payload) = frames.last().expect("frames");
+        assert_eq!(*op, 0x8, "{ending}: the last frame is a close");
+        let code = u16::from_be_bytes([payload[0], payload[1]]);
+        let mut start = 0;
+        let mut queued = 0;
+        for (_, payload) in &frames[..frames.len() - 1] {
+            queued += usize::from(start >= full);
+            start += payload.len()
+                + match payload.len() {
+                    0..=125 => 2,
+                    126..=65535 => 4,
+                    _ => 10,
+                };
+        }
+        assert_eq!(queued, 0, "{ending}: the kernel held {full} bytes; {queued} frames queued after them were sent");
+        assert_eq!(code, 4001, "{ending}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_message_after_the_token_expired_is_not_answered_but_closed_with_4001() {
+    use futures_util::SinkExt;
+    let app = spawn_app_with(|s| s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()))).await;
+    let exp = chrono::Utc::now().timestamp() + 2;
+    let mut req = format!("ws://127.0.0.1:{}/ws", app.port).into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {}", jwt_expiring_at(exp, "read")).parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap() {
+            Message::Text(t) if serde_json::from_str::<Value>(&t).unwrap()["type"] == "ready" => break,
+            _ => {}
+        }
+    }
+    // A snapshot would wait for this lock: the subscribe must not get as far
+    // as its query.
+    let mut locker = app.sql().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    while chrono::Utc::now().timestamp() < exp {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ws.send(Message::Text(json!({"type": "subscribe", "snapshot": true}).to_string())).await.unwrap();
+    let mut got = Vec::new();
+    let close = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(m)) => got.push(m),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await;
+    drop(lock);
+    assert_eq!(close, Ok(Some(4001)), "after {got:?}");
+    assert!(
+        !got.iter().any(|m| matches!(m, Message::Text(t) if t.contains("\"snapshot\""))),
+        "a snapshot was sent: {got:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_whose_token_expires_ends_before_any_later_change() {
     let app = spawn_app_with(|s| s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()))).await;
