@@ -130,7 +130,9 @@ enum Held {
 async fn held(client: &tokio_postgres::Client, positions: &[i64]) -> anyhow::Result<HashMap<i64, Held>> {
     let rows = client
         .query(
-            "SELECT p, (SELECT committed_at FROM change_tx WHERE base_pos < p AND end_pos >= p), \
+            "SELECT p, (SELECT committed_at FROM \
+                        (SELECT base_pos, committed_at FROM change_tx WHERE end_pos >= p ORDER BY end_pos LIMIT 1) t \
+                        WHERE t.base_pos < p), \
                     p <= (SELECT pruned_through FROM change_retention) \
              FROM unnest($1::bigint[]) p",
             &[&positions],
@@ -187,34 +189,38 @@ async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, i64)
 }
 
 /// Records that positions `after+1 ..= through` were pushed and lost, and
-/// makes the log skip them: an empty transaction takes positions through
-/// `through + 1` at least (under the sequencer's lock), so no commit is
-/// numbered with a lost position again and the head is past the range at
-/// once (a client that reloads is given a position outside it). Returns the
-/// skip's last position and commit time: the listener goes on after it.
-async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i64) -> anyhow::Result<(i64, i64)> {
-    let tx = client.build_transaction().read_only(false).start().await.map_err(crate::db::describe)?;
-    tx.execute("SELECT pg_advisory_xact_lock(1869767779, 1)", &[]).await.map_err(crate::db::describe)?;
-    let last: i64 = tx
-        .query_one("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM change_position", &[])
+/// moves the log past them: under the sequencer's lock, the position
+/// sequence goes past `through + 1` (no commit is numbered with a lost
+/// position again) and the record makes `change_head()` answer at least
+/// `through + 1` (a client that reloads is given a position past the range
+/// at once). Returns the head then: every position up to it is committed,
+/// lost or skipped, and the next commit comes after it.
+async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i64) -> anyhow::Result<i64> {
+    let record = async {
+        let tx = client.build_transaction().read_only(false).start().await?;
+        // A writer holding the sequencer's lock (a transaction left open
+        // after `SET CONSTRAINTS ALL IMMEDIATE`) must not hold the listener.
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'; SELECT pg_advisory_xact_lock(1869767779, 1)").await?;
+        tx.execute(
+            "SELECT setval('change_position', $1) FROM change_position \
+             WHERE (CASE WHEN is_called THEN last_value ELSE last_value - 1 END) < $1",
+            &[&(through + 1)],
+        )
+        .await?;
+        tx.execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&after, &through]).await?;
+        let head: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
+        tx.commit().await?;
+        Ok::<_, tokio_postgres::Error>(head)
+    };
+    tokio::time::timeout(QUERY_TIMEOUT * 2, record)
         .await
-        .map_err(crate::db::describe)?
-        .get(0);
-    let n = (through + 1 - last).clamp(1, i32::MAX as i64) as i32;
-    let txid: String = tx
-        .query_one("INSERT INTO change_tx (txid, n) VALUES (pg_current_xact_id(), $1) RETURNING txid::text", &[&n])
-        .await
-        .map_err(crate::db::describe)?
-        .get(0);
-    tx.execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&after, &through])
-        .await
-        .map_err(crate::db::describe)?;
-    tx.commit().await.map_err(crate::db::describe)?;
-    let row = client
-        .query_one("SELECT end_pos, committed_at FROM change_tx WHERE txid = $1::text::xid8", &[&txid])
-        .await
-        .map_err(crate::db::describe)?;
-    Ok((row.get(0), row.get::<_, chrono::DateTime<chrono::Utc>>(1).timestamp_micros()))
+        .context("recording the loss did not answer")?
+        .map_err(crate::db::describe)
+}
+
+/// Merges two lost ranges (after, through] into one that covers both.
+fn merge(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
+    a.map_or(b, |a| (a.0.min(b.0), a.1.max(b.1)))
 }
 
 async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position) -> anyhow::Result<()> {
@@ -243,8 +249,10 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
     // Positions only grow, unless the database lost commits that were
     // pushed: then commits are numbered again with positions clients hold,
     // and every live client must reload (after the head).
-    let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
+    // Read before the head: a position handed out after the head was read
+    // is no sign of loss.
     let top = hub.handed_out().max(at.pos);
+    let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
     if !log_kept(&client, at, top, head).await? {
         // Recorded before the hub rewinds: a client resuming from a lost
         // position after this is told to resync by its feed (`Feed::open`);
@@ -255,14 +263,15 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
              positions after {kept} may be numbered again): the database lost commits; live clients and \
              clients resuming from those positions are told to resync"
         );
-        let (pos, unrecorded) = match record_loss(&mut client, kept, top).await {
-            Ok((end, _)) => (end, None),
+        let lost = merge(at.unrecorded, (kept, top));
+        let (pos, unrecorded) = match record_loss(&mut client, lost.0, lost.1).await {
+            Ok(end) => (end, None),
             Err(e) => {
                 // A database that refuses writes (read-only after a
                 // failover, say) must not keep live clients from hearing of
                 // the loss: they resync now, the record is retried.
                 log::error!("could not record the lost positions (will retry): {e:#}");
-                (head, Some((kept, top)))
+                (head, Some(lost))
             }
         };
         if hub.rewind(pos).await.is_err() {
@@ -283,6 +292,7 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
     log::info!("listening for changes after position {}", at.pos);
 
     let mut last_publish = Instant::now();
+    let mut last_record_try = Instant::now();
     loop {
         // Drain everything committed after our position.
         loop {
@@ -321,6 +331,19 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
                 break;
             }
         }
+        if let Some((after, through)) = at.unrecorded.filter(|_| last_record_try.elapsed() >= IDLE_TICK) {
+            // A loss the database refused to record: retried once a second
+            // at most. The live stream goes on where it is; the record makes
+            // resumes from the lost positions resync from now on.
+            last_record_try = Instant::now();
+            match record_loss(&mut client, after, through).await {
+                Ok(_) => {
+                    log::info!("recorded the lost positions {}..={through}", after + 1);
+                    at.unrecorded = None;
+                }
+                Err(e) => log::debug!("could not record the lost positions yet: {e:#}"),
+            }
+        }
         // Coalesce bursts of small commits. Every published batch wakes every
         // subscriber once, so the publish rate times the subscriber count is
         // the fan-out's cost: at 1,000 clients x 1,000 single-row commits/s,
@@ -337,19 +360,7 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
             _ = wake.notified() => {
                 state.notifications.fetch_add(1, Ordering::Relaxed);
             }
-            _ = tokio::time::sleep(IDLE_TICK) => {
-                if let Some((after, through)) = at.unrecorded {
-                    // The live stream goes on where it is; the record makes
-                    // resumes from the lost positions resync from now on.
-                    match record_loss(&mut client, after, through).await {
-                        Ok(_) => {
-                            log::info!("recorded the lost positions {}..={through}", after + 1);
-                            at.unrecorded = None;
-                        }
-                        Err(e) => log::debug!("could not record the lost positions yet: {e:#}"),
-                    }
-                }
-            }
+            _ = tokio::time::sleep(IDLE_TICK) => {}
             reason = &mut closed => {
                 anyhow::bail!("the LISTEN connection closed: {}", reason.unwrap_or_default());
             }

@@ -875,6 +875,10 @@ fn assert_position_unknown(v: &Value) {
     assert_eq!((v["type"].as_str(), v["reason"].as_str()), (Some("resync"), Some("position_unknown")), "{v}");
 }
 
+/// Ends the listener's connection (it reconnects, as after a failover).
+const KILL_LISTENER: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+     WHERE application_name = 'ordercast-listener' AND datname = current_database()";
+
 /// The single-row insert the lost-commit tests write with.
 const LOST_INSERT: &str = "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Lost', 1, 1)";
 
@@ -922,13 +926,7 @@ async fn when_the_log_goes_back_live_clients_resync_and_get_the_renumbered_chang
     db.batch_execute(&forget_after(start, true)).await.unwrap();
     let reconnects = || app.state.listener.reconnects.load(std::sync::atomic::Ordering::Relaxed);
     let before = reconnects();
-    db.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'ordercast-listener' AND datname = current_database()",
-        &[],
-    )
-    .await
-    .unwrap();
+    db.execute(KILL_LISTENER, &[]).await.unwrap();
     eventually(Duration::from_secs(20), || async {
         (reconnects() > before && app.state.listener.connected.load(std::sync::atomic::Ordering::Relaxed)).then_some(())
     })
@@ -973,11 +971,11 @@ async fn when_lost_commits_are_outnumbered_before_the_listener_is_back_clients_s
     let resync = ws.next_json(Duration::from_secs(20)).await;
     assert_position_unknown(&resync);
     // The lost start+1 and start+2 were numbered again before the listener
-    // was back; the log skips one position past them then.
-    assert_eq!(resync["seq"], start + 4);
+    // was back (new-1 and new-2); the live stream goes on after the head.
+    assert_eq!(resync["seq"], start + 3);
     db.execute(LOST_INSERT, &[&"after"]).await.unwrap();
     let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
-    assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 5), Some("after")));
+    assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 4), Some("after")));
 
     // A client that was away holds the lost start+1 and start+2. Resuming
     // after start+2 (below the head now) would hand it start+3 onwards and
@@ -1084,12 +1082,7 @@ async fn cut_off_listener(db: &tokio_postgres::Client) -> (tokio_postgres::Clien
         tokio_postgres::connect(&crate::helpers::admin_url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false")).await.unwrap();
-    db.batch_execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'ordercast-listener' AND datname = current_database()",
-    )
-    .await
-    .unwrap();
+    db.batch_execute(KILL_LISTENER).await.unwrap();
     (admin, name)
 }
 
@@ -1168,13 +1161,7 @@ async fn a_loss_the_database_refuses_to_record_still_resyncs_live_clients_and_is
     )
     .await
     .unwrap();
-    db.batch_execute(&format!(
-        "{} SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-          WHERE application_name = 'ordercast-listener' AND datname = current_database()",
-        forget_after(start, true)
-    ))
-    .await
-    .unwrap();
+    db.batch_execute(&format!("{} {KILL_LISTENER}", forget_after(start, true))).await.unwrap();
     let resync = ws.next_json(Duration::from_secs(20)).await;
     assert_position_unknown(&resync);
     let recorded = || async {
@@ -1189,4 +1176,34 @@ async fn a_loss_the_database_refuses_to_record_still_resyncs_live_clients_and_is
     // And the live stream goes on.
     db.execute(LOST_INSERT, &[&"after"]).await.unwrap();
     assert_eq!(ws.changes(1, WAIT).await[0]["order"]["customer_name"], "after");
+}
+
+/// A loss wider than one read of the log (a lost bulk insert of 2,500 rows):
+/// the positions skipped after it leave no reader behind: a client resuming
+/// from before the loss gets the changes after it, and the live stream goes
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_wider_than_one_read_leaves_no_reader_behind() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 1).await;
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'bulk ' || i, 'Lost', 1, 1 FROM generate_series(1, 2500) i",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(seq(ws.changes(2500, WAIT).await.last().unwrap()), start + 2501);
+    db.batch_execute(&format!("{} {KILL_LISTENER}", forget_after(start, true))).await.unwrap();
+    assert_position_unknown(&ws.next_json(Duration::from_secs(20)).await);
+    db.execute(LOST_INSERT, &[&"after"]).await.unwrap();
+    let live = ws.changes(1, WAIT).await.remove(0);
+    assert_eq!(live["order"]["customer_name"], "after");
+    assert!(seq(&live) > start + 2501, "{live}");
+    let mut resumed = app.ws(&format!("?since={start}")).await;
+    resumed.ready().await;
+    assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "after");
+    let mut sse = app.sse("/api/events", Some(&start.to_string())).await;
+    assert_eq!(sse.changes(1, WAIT).await[0].data["order"]["customer_name"], "after");
 }
