@@ -116,6 +116,9 @@ pub struct Hub {
     /// which can be ahead of `position`: the listener counts it as pushed
     /// when it checks that the log kept what was pushed.
     handed_out: Arc<AtomicI64>,
+    /// The newest change a catch-up read handed out, with its commit time
+    /// (microseconds): the listener checks that the log still holds it.
+    caught_up: Arc<Mutex<Option<(i64, i64)>>>,
     pub stats: Arc<HubStats>,
 }
 
@@ -318,6 +321,7 @@ impl Hub {
             commands,
             position: Arc::new(AtomicI64::new(position)),
             handed_out: Arc::new(AtomicI64::new(position)),
+            caught_up: Arc::default(),
             stats: Arc::default(),
         };
         let registry = Registry {
@@ -330,6 +334,7 @@ impl Hub {
             max_queued: max_queued.max(1),
             position: hub.position.clone(),
             handed_out: hub.handed_out.clone(),
+            caught_up: hub.caught_up.clone(),
             epoch: 0,
             stats: hub.stats.clone(),
             unsubscribe,
@@ -350,6 +355,21 @@ impl Hub {
     /// `handed_out`). Once per catch-up read or page, not per change.
     pub fn note_handed_out(&self, pos: i64) {
         self.handed_out.fetch_max(pos, Ordering::Relaxed);
+    }
+
+    /// Notes the newest change of a catch-up read (see `caught_up`).
+    pub fn note_caught_up(&self, pos: i64, committed_micros: i64) {
+        self.note_handed_out(pos);
+        // unwrap: never held across a panic
+        let mut newest = self.caught_up.lock().unwrap();
+        if newest.is_none_or(|(p, _)| p < pos) {
+            *newest = Some((pos, committed_micros));
+        }
+    }
+
+    /// The newest change a catch-up read handed out and its commit time.
+    pub fn caught_up(&self) -> Option<(i64, i64)> {
+        *self.caught_up.lock().unwrap() // unwrap: see `note_caught_up`
     }
 
     /// The highest position handed to a client, live or not.
@@ -420,6 +440,7 @@ struct Registry {
     max_queued: usize,
     position: Arc<AtomicI64>,
     handed_out: Arc<AtomicI64>,
+    caught_up: Arc<Mutex<Option<(i64, i64)>>>,
     /// See `Subscription::epoch`.
     epoch: u64,
     stats: Arc<HubStats>,
@@ -548,6 +569,7 @@ impl Registry {
         self.lag_all();
         self.position.store(head, Ordering::Release);
         self.handed_out.store(head, Ordering::Relaxed);
+        *self.caught_up.lock().unwrap() = None; // unwrap: see `Hub::note_caught_up`
     }
 
     /// Drops every subscription as lagged: each session subscribes again.

@@ -313,8 +313,9 @@ impl Feed {
             Ok(changes) if changes.is_empty() => self.scan = until,
             Ok(changes) => {
                 // unwrap: not empty
-                self.scan = changes.last().unwrap().pos;
-                self.hub.note_handed_out(self.scan);
+                let newest = changes.last().unwrap();
+                self.scan = newest.pos;
+                self.hub.note_caught_up(newest.pos, newest.committed_micros);
                 self.buf.extend(changes.into_iter().filter(|c| c.matches(&self.filter)).map(Item::Change));
             }
             Err(CatchUpError::Pruned) => {

@@ -159,16 +159,32 @@ async fn held(client: &tokio_postgres::Client, positions: &[i64]) -> anyhow::Res
 /// commits that were pushed (a failover to a standby that missed them, a
 /// restored backup, a crash under `synchronous_commit = off`), and their
 /// positions are, or will be, numbered again.
-async fn log_kept(client: &tokio_postgres::Client, at: &Position, top: i64, head: i64) -> anyhow::Result<bool> {
+///
+/// Besides the listener's own position, the newest change a catch-up read
+/// handed out (`caught_up`) is checked the same way when it is further on:
+/// catch-up reads run ahead of the listener.
+async fn log_kept(
+    client: &tokio_postgres::Client,
+    at: &Position,
+    caught_up: Option<(i64, i64)>,
+    top: i64,
+    head: i64,
+) -> anyhow::Result<bool> {
     if head < top {
         return Ok(false);
     }
-    let Some(micros) = at.committed_micros else { return Ok(true) };
-    Ok(match held(client, &[at.pos]).await?.get(&at.pos) {
-        Some(Held::Committed(t)) => *t == micros,
+    let checks: Vec<(i64, i64)> =
+        at.committed_micros.map(|m| (at.pos, m)).into_iter().chain(caught_up.filter(|&(p, _)| p > at.pos)).collect();
+    if checks.is_empty() {
+        return Ok(true);
+    }
+    let positions: Vec<i64> = checks.iter().map(|&(p, _)| p).collect();
+    let now = held(client, &positions).await?;
+    Ok(checks.iter().all(|(p, micros)| match now.get(p) {
+        Some(Held::Committed(t)) => t == micros,
         Some(Held::Pruned) => true,
         _ => false,
-    })
+    }))
 }
 
 /// The newest recently published position that the log still holds as it
@@ -252,8 +268,9 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
     // Read before the head: a position handed out after the head was read
     // is no sign of loss.
     let top = hub.handed_out().max(at.pos);
+    let caught_up = hub.caught_up();
     let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
-    if !log_kept(&client, at, top, head).await? {
+    if !log_kept(&client, at, caught_up, top, head).await? {
         // Recorded before the hub rewinds: a client resuming from a lost
         // position after this is told to resync by its feed (`Feed::open`);
         // one that subscribed before is by the rewind.

@@ -1086,6 +1086,31 @@ async fn cut_off_listener(db: &tokio_postgres::Client) -> (tokio_postgres::Clien
     (admin, name)
 }
 
+/// Commits `kept` (at the returned position, which the listener publishes),
+/// cuts the listener off, and commits lost-1, lost-2 and lost-3 meanwhile.
+async fn commits_while_the_listener_is_away(
+    app: &crate::helpers::TestApp,
+    db: &tokio_postgres::Client,
+) -> (i64, tokio_postgres::Client, String) {
+    db.execute(LOST_INSERT, &[&"kept"]).await.unwrap();
+    app.settled().await;
+    let start: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    let (admin, name) = cut_off_listener(db).await;
+    for name in ["lost-1", "lost-2", "lost-3"] {
+        db.execute(LOST_INSERT, &[&name]).await.unwrap();
+    }
+    (start, admin, name)
+}
+
+/// Waits until the listener is connected again and has moved on from `start`.
+async fn listener_back_past(app: &crate::helpers::TestApp, start: i64) {
+    eventually(Duration::from_secs(20), || async {
+        (app.state.listener.connected.load(std::sync::atomic::Ordering::Relaxed) && app.state.hub.position() > start)
+            .then_some(())
+    })
+    .await;
+}
+
 async fn let_in(admin: &tokio_postgres::Client, name: &str) {
     admin.batch_execute(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true")).await.unwrap();
 }
@@ -1117,25 +1142,14 @@ async fn lost_commits_whose_positions_are_skipped_are_still_recognised() {
 async fn a_lost_position_handed_out_ahead_of_the_listener_is_recognised() {
     let app = spawn_app().await;
     let db = app.sql().await;
-    db.execute(LOST_INSERT, &[&"kept"]).await.unwrap();
-    app.settled().await;
-    let start: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
-    let (admin, name) = cut_off_listener(&db).await;
-    for name in ["lost-1", "lost-2", "lost-3"] {
-        db.execute(LOST_INSERT, &[&name]).await.unwrap();
-    }
+    let (start, admin, name) = commits_while_the_listener_is_away(&app, &db).await;
     // The dashboard loads its page (the pool's connections are open).
     let (_, page) = app.get_json("/api/orders?limit=1").await;
     assert_eq!(page["position"], start + 3);
     db.batch_execute(&forget_after(start, true)).await.unwrap();
     db.execute(LOST_INSERT, &[&"new-1"]).await.unwrap();
     let_in(&admin, &name).await;
-    // The listener is back once it has moved on from `start`.
-    eventually(Duration::from_secs(20), || async {
-        (app.state.listener.connected.load(std::sync::atomic::Ordering::Relaxed) && app.state.hub.position() > start)
-            .then_some(())
-    })
-    .await;
+    listener_back_past(&app, start).await;
     for name in ["new-2", "new-3", "new-4"] {
         db.execute(LOST_INSERT, &[&name]).await.unwrap();
     }
@@ -1206,4 +1220,29 @@ async fn a_loss_wider_than_one_read_leaves_no_reader_behind() {
     assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "after");
     let mut sse = app.sse("/api/events", Some(&start.to_string())).await;
     assert_eq!(sse.changes(1, WAIT).await[0].data["order"]["customer_name"], "after");
+}
+
+/// A change a catch-up read handed out ahead of the listener is checked on
+/// reconnect like the listener's own: when the database lost it and new
+/// commits took its position before the listener was back, a client
+/// resuming from it is told to resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_change_a_catch_up_read_handed_out_is_recognised_after_its_position_is_reused() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    db.execute(LOST_INSERT, &[&"kept-1"]).await.unwrap();
+    let (start, admin, name) = commits_while_the_listener_is_away(&app, &db).await;
+    // A client resumes meanwhile from before `start`: its catch-up read
+    // runs past the listener's position and hands out the three.
+    let mut early = app.ws(&format!("?since={}", start - 1)).await;
+    early.ready().await;
+    assert_eq!(seq(&early.changes(4, WAIT).await[3]), start + 3);
+    db.batch_execute(&forget_after(start, true)).await.unwrap();
+    for name in ["new-1", "new-2", "new-3", "new-4"] {
+        db.execute(LOST_INSERT, &[&name]).await.unwrap();
+    }
+    let_in(&admin, &name).await;
+    listener_back_past(&app, start).await;
+    let mut resumed = app.ws(&format!("?since={}", start + 3)).await;
+    assert_position_unknown(&resumed.next_json(WAIT).await);
 }
