@@ -70,7 +70,7 @@ const RECENT: usize = 64;
 
 /// Runs until the hub shuts down.
 pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
-    let mut at = Position { pos: hub.position(), committed_micros: None, recent: VecDeque::new(), unrecorded: None };
+    let mut at = Position { pos: hub.position(), mark: None, recent: VecDeque::new(), unrecorded: None };
     state.position.store(at.pos, Ordering::Relaxed);
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -92,48 +92,78 @@ pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
     }
 }
 
-/// Where the listener is: the last position published, and the commit time
-/// of the change there (once it has read one), to recognise it on reconnect.
+/// Where the listener is: the last position published, and what tells it
+/// apart (once known), to recognise it on reconnect.
 struct Position {
     pos: i64,
-    committed_micros: Option<i64>,
-    /// Recently published positions and their commit times, oldest first.
-    recent: VecDeque<(i64, i64)>,
+    mark: Option<Mark>,
+    /// Recently published positions and their marks, oldest first.
+    recent: VecDeque<(i64, Mark)>,
     /// Lost positions (after, through] not yet recorded (`record_loss`
     /// failed): retried while listening.
     unrecorded: Option<(i64, i64)>,
 }
 
+/// What tells a position the listener stands at apart from the same
+/// number in another history of the log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mark {
+    /// The commit time (microseconds) of the transaction that holds it.
+    Commit(i64),
+    /// It is the position just past a recorded loss, which no transaction
+    /// holds: when that record (`change_rewinds`) was made (microseconds).
+    Floor(i64),
+}
+
 impl Position {
     fn published(&mut self, pos: i64, committed_micros: i64) {
         self.pos = pos;
-        self.committed_micros = Some(committed_micros);
+        self.remember(Mark::Commit(committed_micros));
+    }
+
+    fn remember(&mut self, mark: Mark) {
+        self.mark = Some(mark);
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back((pos, committed_micros));
+        self.recent.push_back((self.pos, mark));
     }
 }
 
-/// What the log holds at a position that was published.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What the log holds at a position the listener stood at.
+#[derive(Debug, Clone, PartialEq)]
 enum Held {
     /// The transaction there, and when it committed (microseconds).
     Committed(i64),
     /// Retention has passed it: gone for every client alike, no sign of loss.
     Pruned,
-    /// No transaction holds it: the database lost the commit.
-    Missing,
+    /// No transaction holds it: lost, unless it is the position just past a
+    /// recorded loss; then when those records were made (microseconds).
+    Missing(Vec<i64>),
+}
+
+impl Held {
+    /// Whether this is still the position `mark` was taken at.
+    fn still(&self, mark: Mark) -> bool {
+        match (self, mark) {
+            (Held::Committed(t), Mark::Commit(m)) => *t == m,
+            (Held::Missing(floors), Mark::Floor(d)) => floors.contains(&d),
+            (Held::Pruned, _) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What the log holds at each of `positions`.
 async fn held(client: &tokio_postgres::Client, positions: &[i64]) -> anyhow::Result<HashMap<i64, Held>> {
+    type Time = chrono::DateTime<chrono::Utc>;
     let rows = client
         .query(
             "SELECT p, (SELECT committed_at FROM \
                         (SELECT base_pos, committed_at FROM change_tx WHERE end_pos >= p ORDER BY end_pos LIMIT 1) t \
                         WHERE t.base_pos < p), \
-                    p <= (SELECT pruned_through FROM change_retention) \
+                    p <= (SELECT pruned_through FROM change_retention), \
+                    ARRAY(SELECT detected_at FROM change_rewinds WHERE through_pos = p - 1) \
              FROM unnest($1::bigint[]) p",
             &[&positions],
         )
@@ -142,11 +172,10 @@ async fn held(client: &tokio_postgres::Client, positions: &[i64]) -> anyhow::Res
     Ok(rows
         .iter()
         .map(|r| {
-            let at: Option<chrono::DateTime<chrono::Utc>> = r.get(1);
-            let held = match (at, r.get::<_, bool>(2)) {
+            let held = match (r.get::<_, Option<Time>>(1), r.get::<_, bool>(2)) {
                 (Some(t), _) => Held::Committed(t.timestamp_micros()),
                 (None, true) => Held::Pruned,
-                (None, false) => Held::Missing,
+                (None, false) => Held::Missing(r.get::<_, Vec<Time>>(3).iter().map(Time::timestamp_micros).collect()),
             };
             (r.get(0), held)
         })
@@ -154,11 +183,13 @@ async fn held(client: &tokio_postgres::Client, positions: &[i64]) -> anyhow::Res
 }
 
 /// Whether the log still holds what was pushed: the head is not below the
-/// highest position handed out (`top`), and the transaction at the
-/// listener's position committed when it did. Otherwise the database lost
-/// commits that were pushed (a failover to a standby that missed them, a
-/// restored backup, a crash under `synchronous_commit = off`), and their
-/// positions are, or will be, numbered again.
+/// highest position handed out (`top`), and the listener's position is
+/// still the one it stood at (the transaction there committed when it did,
+/// or it is still the position just past the same recorded loss).
+/// Otherwise the database lost commits that were pushed (a failover to a
+/// standby that missed them, a restored backup, a crash under
+/// `synchronous_commit = off`), and their positions are, or will be,
+/// numbered again.
 ///
 /// Besides the listener's own position, the newest change a catch-up read
 /// handed out (`caught_up`) is checked the same way when it is further on:
@@ -173,35 +204,27 @@ async fn log_kept(
     if head < top {
         return Ok(false);
     }
-    let checks: Vec<(i64, i64)> =
-        at.committed_micros.map(|m| (at.pos, m)).into_iter().chain(caught_up.filter(|&(p, _)| p > at.pos)).collect();
+    let checks: Vec<(i64, Mark)> = at
+        .mark
+        .map(|m| (at.pos, m))
+        .into_iter()
+        .chain(caught_up.filter(|&(p, _)| p > at.pos).map(|(p, m)| (p, Mark::Commit(m))))
+        .collect();
     if checks.is_empty() {
         return Ok(true);
     }
     let positions: Vec<i64> = checks.iter().map(|&(p, _)| p).collect();
     let now = held(client, &positions).await?;
-    Ok(checks.iter().all(|(p, micros)| match now.get(p) {
-        Some(Held::Committed(t)) => t == micros,
-        Some(Held::Pruned) => true,
-        _ => false,
-    }))
+    Ok(checks.iter().all(|(p, mark)| now.get(p).is_some_and(|h| h.still(*mark))))
 }
 
-/// The newest recently published position that the log still holds as it
-/// was pushed (at or below `head`, committed when it was, or pruned since):
-/// the positions after it may be numbered again. 0 when none is found.
-async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, i64)>, head: i64) -> anyhow::Result<i64> {
+/// The newest position the listener recently stood at that the log still
+/// holds as it was (at or below `head`): the positions after it may be
+/// numbered again. 0 when none is found.
+async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, Mark)>, head: i64) -> anyhow::Result<i64> {
     let positions: Vec<i64> = recent.iter().map(|&(p, _)| p).filter(|&p| p <= head).collect();
     let now = held(client, &positions).await?;
-    Ok(recent
-        .iter()
-        .rev()
-        .find(|(p, micros)| match now.get(p) {
-            Some(Held::Committed(t)) => t == micros,
-            Some(Held::Pruned) => true,
-            _ => false,
-        })
-        .map_or(0, |&(p, _)| p))
+    Ok(recent.iter().rev().find(|(p, mark)| now.get(p).is_some_and(|h| h.still(*mark))).map_or(0, |&(p, _)| p))
 }
 
 /// Records that positions `after+1 ..= through` were pushed and lost, and
@@ -232,6 +255,14 @@ async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i
         .await
         .context("recording the loss did not answer")?
         .map_err(crate::db::describe)
+}
+
+/// A query of the listener's start, bounded like its reads: a connection
+/// that stopped answering is replaced.
+async fn bounded<T>(query: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::time::timeout(QUERY_TIMEOUT, query)
+        .await
+        .context("watchdog: a query of the listener's start did not answer")?
 }
 
 /// Merges two lost ranges (after, through] into one that covers both.
@@ -267,14 +298,16 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
     // and every live client must reload (after the head).
     // Read before the head: a position handed out after the head was read
     // is no sign of loss.
-    let top = hub.handed_out().max(at.pos);
     let caught_up = hub.caught_up();
-    let head: i64 = client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe)?.get(0);
-    if !log_kept(&client, at, caught_up, top, head).await? {
+    let top = hub.handed_out().max(at.pos).max(caught_up.map_or(0, |(p, _)| p));
+    let head: i64 = bounded(async { client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe) })
+        .await?
+        .get(0);
+    if !bounded(log_kept(&client, at, caught_up, top, head)).await? {
         // Recorded before the hub rewinds: a client resuming from a lost
         // position after this is told to resync by its feed (`Feed::open`);
         // one that subscribed before is by the rewind.
-        let kept = last_kept(&client, &at.recent, head).await?.min(top - 1);
+        let kept = bounded(last_kept(&client, &at.recent, head)).await?.min(top - 1);
         log::error!(
             "the change log no longer holds what was pushed through position {top} (its head is {head}, \
              positions after {kept} may be numbered again): the database lost commits; live clients and \
@@ -294,15 +327,21 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
         if hub.rewind(pos).await.is_err() {
             return Ok(());
         }
-        *at = Position { pos, committed_micros: None, recent: VecDeque::new(), unrecorded };
+        *at = Position { pos, mark: None, recent: VecDeque::new(), unrecorded };
         state.position.store(pos, Ordering::Relaxed);
     }
-    if at.committed_micros.is_none() {
+    if at.mark.is_none() {
         // Nothing read yet (a quiet log since the start, or a rewind): learn
-        // the change at the position now, so that the next reconnect can
-        // recognise it.
-        if let Some(Held::Committed(micros)) = held(&client, &[at.pos]).await?.get(&at.pos).copied() {
-            at.published(at.pos, micros);
+        // what is at the position now (a commit, or the end of a recorded
+        // loss), so that the next reconnect can recognise it.
+        match bounded(held(&client, &[at.pos])).await?.remove(&at.pos) {
+            Some(Held::Committed(micros)) => at.remember(Mark::Commit(micros)),
+            Some(Held::Missing(floors)) => {
+                if let Some(&made) = floors.iter().max() {
+                    at.remember(Mark::Floor(made));
+                }
+            }
+            _ => {}
         }
     }
     state.connected.store(true, Ordering::Relaxed);

@@ -1246,3 +1246,30 @@ async fn a_lost_change_a_catch_up_read_handed_out_is_recognised_after_its_positi
     let mut resumed = app.ws(&format!("?since={}", start + 3)).await;
     assert_position_unknown(&resumed.next_json(WAIT).await);
 }
+
+/// The listener can stand at the position just past a recorded loss, which
+/// no transaction holds (a quiet log after the loss). When the database
+/// then loses the record too, and new commits reach that position before
+/// the listener is back, it still recognises the loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loss_right_after_a_recorded_one_is_recognised_in_a_quiet_log() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 3).await;
+    db.batch_execute(&format!("{} {KILL_LISTENER}", forget_after(start, true))).await.unwrap();
+    let first = ws.next_json(Duration::from_secs(20)).await;
+    assert_position_unknown(&first);
+    let floor = seq(&first);
+    assert_eq!(floor, start + 4);
+    // The record and the sequence's move are lost in turn; four new commits
+    // take the positions up to the floor.
+    db.batch_execute(&format!("DELETE FROM change_rewinds; {}", forget_after(start, true))).await.unwrap();
+    for name in ["new-1", "new-2", "new-3", "new-4"] {
+        db.execute(LOST_INSERT, &[&name]).await.unwrap();
+    }
+    assert_eq!(db.query_one("SELECT change_head()", &[]).await.unwrap().get::<_, i64>(0), floor);
+    db.batch_execute(KILL_LISTENER).await.unwrap();
+    assert_position_unknown(&ws.next_json(Duration::from_secs(20)).await);
+    let mut resumed = app.ws(&format!("?since={floor}")).await;
+    assert_position_unknown(&resumed.next_json(WAIT).await);
+}
