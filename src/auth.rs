@@ -84,8 +84,14 @@ impl Principal {
     }
 
     pub fn expired(&self) -> bool {
-        self.expires_at.is_some_and(|t| t <= chrono::Utc::now().timestamp())
+        expired(self.expires_at)
     }
+}
+
+/// Whether a token expiring at `expires_at` (Unix seconds; None: never)
+/// has expired.
+pub fn expired(expires_at: Option<i64>) -> bool {
+    expires_at.is_some_and(|t| t <= chrono::Utc::now().timestamp())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -61,3 +61,14 @@ pub mod metrics;
 pub mod routes;
 pub mod startup;
 pub mod workflow;
+
+/// The longest prefix of `s` of at most `max_bytes` bytes that ends at a
+/// character boundary: text cut to a limit (a close reason, a log line, a
+/// dead letter's detail) stays valid UTF-8.
+pub fn prefix_within(s: &str, max_bytes: usize) -> &str {
+    let mut end = s.len().min(max_bytes);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -109,8 +109,7 @@ pub fn path_for_log(path: &str) -> std::borrow::Cow<'_, str> {
     if path.len() <= LOGGED_PATH_BYTES {
         return path.into();
     }
-    let end = (0..=LOGGED_PATH_BYTES).rev().find(|&i| path.is_char_boundary(i)).unwrap_or(0);
-    format!("{}...", &path[..end]).into()
+    format!("{}...", crate::prefix_within(path, LOGGED_PATH_BYTES)).into()
 }
 
 /// HTTP requests by method (see `method_label`), route pattern and status.

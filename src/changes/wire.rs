@@ -51,13 +51,10 @@ pub fn frame(opcode: u8, payload: &[u8]) -> Bytes {
 /// A close frame: the code, then the reason cut to fit a control frame (125
 /// bytes of payload) at a character boundary.
 pub fn close_frame(code: u16, reason: &str) -> Bytes {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut payload = Vec::with_capacity(2 + end);
+    let reason = crate::prefix_within(reason, 123);
+    let mut payload = Vec::with_capacity(2 + reason.len());
     payload.extend_from_slice(&code.to_be_bytes());
-    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    payload.extend_from_slice(reason.as_bytes());
     frame(OP_CLOSE, &payload)
 }
 

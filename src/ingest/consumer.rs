@@ -274,9 +274,7 @@ impl IngestContext {
             }
         }
     }
-}
 
-impl IngestContext {
     /// Pauses newly assigned partitions whose stored positions could not be
     /// read, for `settle` to start. At once: librdkafka drops what it may
     /// have fetched for them before (a pause bumps a partition's version).
@@ -301,12 +299,18 @@ impl IngestContext {
                 ),
             }
         };
-        // `settle` may hold the lock for a seek: hand this worker's other
-        // tasks to another meanwhile.
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(pause),
-            _ => pause(),
-        }
+        // `settle` may hold the lock for a seek.
+        blocking(pause)
+    }
+}
+
+/// Runs blocking work from a rebalance callback, which runs inside the
+/// consumer's poll on a runtime worker: on a multi-threaded runtime, that
+/// worker's other tasks are handed to another meanwhile.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -319,11 +323,7 @@ impl ConsumerContext for IngestContext {
             // questions below hand that worker's other tasks to another.
             // Partitions not settled here are paused in `post_rebalance`.
             self.to_pause.lock().unwrap().clear(); // unwrap: never held across a panic
-            let start = || self.start_at_stored_positions(consumer, tpl);
-            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(start),
-                _ => start(),
-            }
+            blocking(|| self.start_at_stored_positions(consumer, tpl));
         }
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<i32> =
@@ -456,20 +456,16 @@ pub async fn settle(consumer: std::sync::Weak<SharedConsumer>, mut shutdown: wat
     }
 }
 
-/// One round of `settle`; its blocking parts run on threads of their own.
+/// One round of `settle`, blocking, on a thread of its own (not
+/// spawn_blocking: see `off_runtime`).
 async fn start_waiting(consumer: Arc<SharedConsumer>, waiting: Vec<i32>) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let partitions = waiting.clone();
-    let c = consumer.clone();
-    std::thread::Builder::new().name("kafka-positions".into()).spawn(move || {
-        let _ = tx.send(stored_positions(c.context(), &partitions));
+    std::thread::Builder::new().name("kafka-settle".into()).spawn(move || {
+        let started = stored_positions(consumer.context(), &waiting)
+            .and_then(|stored| seek_and_resume(&consumer, &waiting, &stored));
+        let _ = tx.send(started);
     })?;
-    let stored = rx.await.map_err(|_| anyhow::anyhow!("the query was dropped"))??;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("kafka-seek".into()).spawn(move || {
-        let _ = tx.send(seek_and_resume(&consumer, &waiting, &stored));
-    })?;
-    rx.await.map_err(|_| anyhow::anyhow!("the seek was dropped"))?
+    rx.await.map_err(|_| anyhow::anyhow!("the settling was dropped"))?
 }
 
 /// Seeks each partition that still waits to its stored position (none for a

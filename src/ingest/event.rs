@@ -98,11 +98,7 @@ pub fn cap_detail(s: String) -> String {
     if s.len() <= MAX_DETAIL {
         return s;
     }
-    let mut end = MAX_DETAIL;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… (cut, {} bytes in all)", &s[..end], s.len())
+    format!("{}… (cut, {} bytes in all)", crate::prefix_within(&s, MAX_DETAIL), s.len())
 }
 
 /// A value from the message quoted in a detail: at most 100 characters of it.

@@ -100,11 +100,9 @@ fn stream_response(
                     event("shutdown", None, r#"{"type":"shutdown"}"#)
                 }
             },
+            // (An expired token is answered below.)
             _ = st.keepalive.tick() => {
-                if st.principal.expired() {
-                    st.done = true;
-                    event("error", None, TOKEN_EXPIRED)
-                } else if let Some(p) = st.opened.feed.progress() {
+                if let Some(p) = st.opened.feed.progress() {
                     // A filtered stream whose last matching change is long
                     // past moves its Last-Event-ID on: EventSource keeps the
                     // id of any event, even one nobody listens for.

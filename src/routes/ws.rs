@@ -290,9 +290,9 @@ impl Conn {
 
     /// 4001 once the token has expired.
     fn check_token(&self) -> Result<(), Outcome> {
-        match self.token_expires {
-            Some(t) if t <= chrono::Utc::now().timestamp() => Err(close(CLOSE_TOKEN_EXPIRED, "token expired")),
-            _ => Ok(()),
+        match crate::auth::expired(self.token_expires) {
+            true => Err(close(CLOSE_TOKEN_EXPIRED, "token expired")),
+            false => Ok(()),
         }
     }
 
@@ -565,9 +565,9 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
                 Signal::Heartbeat => {
                     signal.set(next_signal(heartbeat, shutdown));
                     conn.socket.release_idle_buffers();
-                    if session.principal.expired() {
-                        close(CLOSE_TOKEN_EXPIRED, "token expired")
-                    } else if last_heard.elapsed() > CLIENT_TIMEOUT {
+                    // An expired token is closed by the ping's write (see
+                    // `Conn::check_token`).
+                    if last_heard.elapsed() > CLIENT_TIMEOUT {
                         close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                     } else {
                         // A filtered client whose last matching change is

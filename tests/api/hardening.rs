@@ -56,13 +56,32 @@ fn jwt(exp_offset: i64, scope: &str) -> String {
 }
 
 fn jwt_expiring_at(exp: i64, scope: &str) -> String {
+    signed_jwt(&json!({"sub": "svc-jwt", "exp": exp, "scope": scope}))
+}
+
+/// A JWT with these claims, signed with the servers' `JWT_SECRET`.
+fn signed_jwt(claims: &Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": "svc-jwt", "exp": exp, "scope": scope}),
+        claims,
         &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )
     .unwrap()
 }
+
+/// A server with these API keys, and JWTs signed with `JWT_SECRET`.
+async fn with_keys(keys: &str) -> TestApp {
+    let keys = keys.to_string();
+    spawn_app_with(move |s| {
+        s.api_keys = Some(ordercast::config::Secret(keys));
+        s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
+    })
+    .await
+}
+
+/// A writer for every customer, and read tokens confined to Ada and to Bob.
+const ADA_AND_BOB: &str =
+    "writer:writersecret:read+write,ada:adasecret1:read:customer=Ada,bob:bobsecret1:read:customer=Bob";
 
 /// Creates an order through the API with a token.
 async fn create_as(app: &TestApp, customer: &str, token: &str) -> reqwest::Response {
@@ -158,13 +177,8 @@ async fn tokens_and_scopes_guard_every_route() {
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "token_expired");
     assert_eq!(post(Some(jwt(60, "read"))).await.unwrap().status(), 403);
     // Not yet valid (`nbf` an hour ahead).
-    let early = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": "svc-jwt", "exp": chrono::Utc::now().timestamp() + 7200,
-                "nbf": chrono::Utc::now().timestamp() + 3600, "scope": "read write"}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap();
+    let early = signed_jwt(&json!({"sub": "svc-jwt", "exp": chrono::Utc::now().timestamp() + 7200,
+                                   "nbf": chrono::Utc::now().timestamp() + 3600, "scope": "read write"}));
     let r = post(Some(early)).await.unwrap();
     assert_eq!((r.status().as_u16(), r.json::<Value>().await.unwrap()["code"].clone()), (401, json!("invalid_token")));
     // Admin routes.
@@ -302,20 +316,11 @@ fn assert_only(change: &Value, op: &str, side: &str, other: &[&str]) {
 /// filtered to one customer, still get the full change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_moving_between_customers_leaves_and_enters_confined_streams_without_the_other_side() {
-    let app = spawn_app_with(|s| {
-        s.api_keys = Some(ordercast::config::Secret(
-            "writer:writersecret:read+write,ada:adasecret1:read:customer=Ada,bob:bobsecret1:read:customer=Bob".into(),
-        ));
-        s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
-    })
-    .await;
+    let app = with_keys(ADA_AND_BOB).await;
     // Bob's token as a JWT `customer` claim instead of an API key option.
-    let bob_jwt = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+    let bob_jwt = signed_jwt(
         &json!({"sub": "bob-app", "exp": chrono::Utc::now().timestamp() + 600, "scope": "read", "customer": "bob"}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
-    )
-    .unwrap();
+    );
     let ada_private = "ada-private@a.example";
     let bob_private = "bob-private@b.example";
     let r = app
@@ -460,21 +465,14 @@ fn seq_of(v: &Value) -> i64 {
 /// recorded (written before it was) only they see.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confined_token_reads_only_its_customers_part_of_an_orders_history() {
-    let app = spawn_app_with(|s| {
-        s.api_keys = Some(ordercast::config::Secret(
-            "writer:writersecret:read+write,ada:adasecret1:read+write:customer=Ada,\
-             bob:bobsecret1:read+write:customer=Bob"
-                .into(),
-        ));
-        s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
-    })
-    .await;
-    let bob_jwt = jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": "bob-app", "exp": chrono::Utc::now().timestamp() + 600, "scope": "read", "customer": "BOB"}),
-        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    let app = with_keys(
+        "writer:writersecret:read+write,ada:adasecret1:read+write:customer=Ada,\
+         bob:bobsecret1:read+write:customer=Bob",
     )
-    .unwrap();
+    .await;
+    let bob_jwt = signed_jwt(
+        &json!({"sub": "bob-app", "exp": chrono::Utc::now().timestamp() + 600, "scope": "read", "customer": "BOB"}),
+    );
     let patch = |id: i64, token: &'static str, body: Value| {
         app.http.patch(app.url(&format!("/api/orders/{id}"))).bearer_auth(token).json(&body).send()
     };
@@ -1419,12 +1417,7 @@ async fn on_protected_paths_authentication_and_scope_come_before_404_and_405() {
 /// it had under Ada.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confined_filter_sees_a_move_only_through_its_own_side() {
-    let app = spawn_app_with(|s| {
-        s.api_keys = Some(ordercast::config::Secret(
-            "writer:writersecret:read+write,ada:adasecret1:read:customer=Ada,bob:bobsecret1:read:customer=Bob".into(),
-        ));
-    })
-    .await;
+    let app = with_keys(ADA_AND_BOB).await;
     let db = app.sql().await;
     let id: i64 = db
         .query_one(

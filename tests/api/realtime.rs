@@ -17,6 +17,17 @@ async fn dba_insert(db: &tokio_postgres::Client, customer: &str) -> i64 {
     .get(0)
 }
 
+/// A WebSocket client resuming with `since` and an SSE client with
+/// `Last-Event-ID` from `position` each get `ready`, then first the change to
+/// the order of `customer`.
+async fn resuming_from_gets(app: &crate::helpers::TestApp, position: i64, customer: &str) {
+    let mut resumed = app.ws(&format!("?since={position}")).await;
+    resumed.ready().await;
+    assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], customer);
+    let mut sse = app.sse("/api/events", Some(&position.to_string())).await;
+    assert_eq!(sse.changes(1, WAIT).await[0].data["order"]["customer_name"], customer);
+}
+
 fn seq(v: &Value) -> i64 {
     v["seq"].as_i64().unwrap_or_else(|| panic!("no seq in {v}"))
 }
@@ -253,11 +264,7 @@ async fn an_out_of_order_commit_and_an_open_transaction_lose_nothing() {
     assert!(early["order"]["id"].as_i64() < late["order"]["id"].as_i64(), "ids were taken in the other order");
     assert!(seq(&early) > p_late, "positions follow commit order");
     // Resuming from the position of "late" still yields "early".
-    let mut resumed = app.ws(&format!("?since={p_late}")).await;
-    resumed.ready().await;
-    assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "early");
-    let mut sse = app.sse("/api/events", Some(&p_late.to_string())).await;
-    assert_eq!(sse.changes(1, WAIT).await[0].data["order"]["customer_name"], "early");
+    resuming_from_gets(&app, p_late, "early").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1215,11 +1222,7 @@ async fn a_loss_wider_than_one_read_leaves_no_reader_behind() {
     let live = ws.changes(1, WAIT).await.remove(0);
     assert_eq!(live["order"]["customer_name"], "after");
     assert!(seq(&live) > start + 2501, "{live}");
-    let mut resumed = app.ws(&format!("?since={start}")).await;
-    resumed.ready().await;
-    assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "after");
-    let mut sse = app.sse("/api/events", Some(&start.to_string())).await;
-    assert_eq!(sse.changes(1, WAIT).await[0].data["order"]["customer_name"], "after");
+    resuming_from_gets(&app, start, "after").await;
 }
 
 /// A change a catch-up read handed out ahead of the listener is checked on

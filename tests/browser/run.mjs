@@ -51,6 +51,23 @@ async function openDashboard(t, { viewport = { width: 1366, height: 900 }, color
   return { page, errors };
 }
 
+/** A fresh page on a server with tokens, once its sign-in dialog shows: { page, dialog }. */
+async function openSignIn(t, app) {
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  page.setDefaultTimeout(10000);
+  await page.goto(app.url);
+  const dialog = page.locator('#signin');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  return { page, dialog };
+}
+
+/** Signs in with `token` through the dialog. */
+async function submitToken(dialog, token) {
+  await dialog.getByLabel('Token').fill(token);
+  await dialog.getByRole('button', { name: 'Sign in' }).click();
+}
+
 const live = (page, timeout = 15000) => page.locator('#connection[data-phase="connected"]').waitFor({ timeout });
 const row = (page, id) => page.locator(`#orders-body tr[data-id="${id}"]`);
 const tableIds = (page) => page.$$eval('#orders-body tr', (trs) => trs.map((tr) => Number(tr.dataset.id)));
@@ -380,17 +397,10 @@ test('with tokens configured, the dashboard asks for one, then goes live', async
   const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'viewer:viewer-secret-1:read,ops:ops-secret-2:read+write' });
   t.cleanup = () => secured.cleanup();
   await secured.start();
-  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
-  t.page = page;
-  page.setDefaultTimeout(10000);
-  await page.goto(secured.url);
-  const dialog = page.locator('#signin');
-  await dialog.waitFor({ state: 'visible', timeout: 5000 });
-  await dialog.getByLabel('Token').fill('wrong-token');
-  await dialog.getByRole('button', { name: 'Sign in' }).click();
+  const { page, dialog } = await openSignIn(t, secured);
+  await submitToken(dialog, 'wrong-token');
   await dialog.locator('#e-token', { hasText: 'Not accepted' }).waitFor({ timeout: 3000 });
-  await dialog.getByLabel('Token').fill('viewer-secret-1');
-  await dialog.getByRole('button', { name: 'Sign in' }).click();
+  await submitToken(dialog, 'viewer-secret-1');
   await live(page);
   assert.equal(await page.locator('#signin').isVisible(), false);
   const id = Number(await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
@@ -413,14 +423,8 @@ test('with a customer-confined token, an order moved away leaves the page and on
     'Lamp', 1, 1) RETURNING id`));
   const mine = await insert('Ada');
   const theirs = await insert('Bob');
-  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
-  t.page = page;
-  page.setDefaultTimeout(10000);
-  await page.goto(secured.url);
-  const signin = page.locator('#signin');
-  await signin.waitFor({ state: 'visible', timeout: 5000 });
-  await signin.getByLabel('Token').fill('ada-secret-1');
-  await signin.getByRole('button', { name: 'Sign in' }).click();
+  const { page, dialog: signin } = await openSignIn(t, secured);
+  await submitToken(signin, 'ada-secret-1');
   await live(page);
   await row(page, mine).waitFor({ timeout: 2000 });
   assert.deepEqual(await tableIds(page), [mine]);

@@ -498,17 +498,15 @@ async fn a_deferred_constraint_refusing_one_event_dead_letters_it_alone() {
 
     let broker = Mock::start();
     let n = names(&broker, 1);
-    let app = spawn_ingest(&broker, &n, |s| s.kafka.batch_wait_ms = 500).await;
-    app.sql()
-        .await
-        .batch_execute(
-            "CREATE TABLE products (name text PRIMARY KEY); \
-             INSERT INTO products VALUES ('Widget'); \
-             ALTER TABLE orders ADD CONSTRAINT orders_product_fk FOREIGN KEY (product) REFERENCES products (name) \
-                 DEFERRABLE INITIALLY DEFERRED",
-        )
-        .await
-        .unwrap();
+    let app = ingest_after_dba_sql(
+        &broker,
+        &n,
+        "CREATE TABLE products (name text PRIMARY KEY); \
+         INSERT INTO products VALUES ('Widget'); \
+         ALTER TABLE orders ADD CONSTRAINT orders_product_fk FOREIGN KEY (product) REFERENCES products (name) \
+             DEFERRABLE INITIALLY DEFERRED",
+    )
+    .await;
     let producer = producer(&broker);
     let mut bad = created("fk-bad");
     bad["order"]["product"] = json!("Unlisted");
@@ -523,16 +521,39 @@ async fn a_deferred_constraint_refusing_one_event_dead_letters_it_alone() {
     wait_count(&app.db_url, "SELECT count(*) FROM dead_letters", 1, WAIT).await;
     wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'fk-good-%'", 2, WAIT).await;
     wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE status = 'processing'", 1, WAIT).await;
+    only_the_culprit_was_dead_lettered(&app, &producer, &n, "fk-bad", &["orders_product_fk"], &good("fk-good-3")).await;
+}
+
+/// An ingest server (batches of up to 500 ms) on a database where a DBA ran
+/// `sql` first.
+async fn ingest_after_dba_sql(broker: &Mock, n: &crate::kafka::Names, sql: &str) -> crate::helpers::TestApp {
+    let app = crate::kafka::spawn_ingest(broker, n, |s| s.kafka.batch_wait_ms = 500).await;
+    app.sql().await.batch_execute(sql).await.unwrap();
+    app
+}
+
+/// After four events, one of them `bad`: `bad` alone was dead-lettered
+/// (`database_rejected`, its detail naming each of `detail`), and the
+/// partition moves on: `next` applies, and the stored position is after it;
+/// the change log's sequencer still ran at commit (positions are unique).
+async fn only_the_culprit_was_dead_lettered(
+    app: &crate::helpers::TestApp,
+    producer: &rdkafka::producer::FutureProducer,
+    n: &crate::kafka::Names,
+    bad: &str,
+    detail: &[&str],
+    next: &Value,
+) {
+    use crate::kafka::{count, dead_letters, send_event, stored, wait_count, WAIT};
     let db = app.sql().await;
     let dead = dead_letters(&db).await;
     assert_eq!((dead[0].0, dead[0].1.as_str()), (1, "database_rejected"), "{dead:?}");
-    assert!(dead[0].2.contains("orders_product_fk"), "{dead:?}");
-    assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id = 'fk-bad'").await, 0);
-    // The partition moves on: a later event applies too.
-    send_event(&producer, &n.topic, &good("fk-good-3")).await;
-    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'fk-good-3'", 1, WAIT).await;
-    assert_eq!(stored(&db, &n).await, [(0, Some(5))]);
-    // The change log's sequencer still ran at commit: positions are unique.
+    assert!(detail.iter().all(|d| dead[0].2.contains(d)), "{dead:?}");
+    assert_eq!(count(&db, &format!("SELECT count(*) FROM orders WHERE external_id = '{bad}'")).await, 0);
+    send_event(producer, &n.topic, next).await;
+    let next_id = next["order"]["external_id"].as_str().unwrap();
+    wait_count(&app.db_url, &format!("SELECT count(*) FROM orders WHERE external_id = '{next_id}'"), 1, WAIT).await;
+    assert_eq!(stored(&db, n).await, [(0, Some(5))]);
     assert_eq!(count(&db, "SELECT count(*) - count(DISTINCT end_pos) FROM change_tx").await, 0);
 }
 
@@ -551,26 +572,24 @@ async fn a_row_refused_only_at_commit_dead_letters_its_message_alone() {
 
     let broker = Mock::start();
     let n = names(&broker, 1);
-    let app = spawn_ingest(&broker, &n, |s| s.kafka.batch_wait_ms = 500).await;
-    app.sql()
-        .await
-        .batch_execute(
-            "CREATE TABLE order_audit (pos bigint PRIMARY KEY, order_id bigint NOT NULL, \
-                                       quantity int NOT NULL CHECK (quantity <= 100)); \
-             CREATE FUNCTION order_audit_committed() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN \
-                 IF OLD.end_pos IS NULL AND NEW.end_pos IS NOT NULL THEN \
-                     INSERT INTO order_audit \
-                     SELECT NEW.base_pos + ord, order_id, (after_row ->> 'quantity')::int \
-                     FROM change_log WHERE txid = NEW.txid; \
-                 END IF; \
-                 RETURN NULL; \
-             END $$; \
-             CREATE TRIGGER order_audit_committed AFTER UPDATE ON change_tx \
-                 FOR EACH ROW EXECUTE FUNCTION order_audit_committed()",
-        )
-        .await
-        .unwrap();
+    let app = ingest_after_dba_sql(
+        &broker,
+        &n,
+        "CREATE TABLE order_audit (pos bigint PRIMARY KEY, order_id bigint NOT NULL, \
+                                   quantity int NOT NULL CHECK (quantity <= 100)); \
+         CREATE FUNCTION order_audit_committed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+             IF OLD.end_pos IS NULL AND NEW.end_pos IS NOT NULL THEN \
+                 INSERT INTO order_audit \
+                 SELECT NEW.base_pos + ord, order_id, (after_row ->> 'quantity')::int \
+                 FROM change_log WHERE txid = NEW.txid; \
+             END IF; \
+             RETURN NULL; \
+         END $$; \
+         CREATE TRIGGER order_audit_committed AFTER UPDATE ON change_tx \
+             FOR EACH ROW EXECUTE FUNCTION order_audit_committed()",
+    )
+    .await;
     let producer = producer(&broker);
     let mut bad = created("ac-bad");
     bad["order"]["quantity"] = json!(1000);
@@ -580,21 +599,21 @@ async fn a_row_refused_only_at_commit_dead_letters_its_message_alone() {
     wait_count(&app.db_url, "SELECT count(*) FROM dead_letters", 1, WAIT).await;
     wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE status = 'processing'", 1, WAIT).await;
     let db = app.sql().await;
-    let dead = dead_letters(&db).await;
-    assert_eq!((dead[0].0, dead[0].1.as_str()), (1, "database_rejected"), "{dead:?}");
-    assert!(dead[0].2.contains("order_audit_quantity_check") && dead[0].2.contains("COMMIT"), "{dead:?}");
-    assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id = 'ac-bad'").await, 0);
     // Exactly once: two creates and one status change, each audited once.
     assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id LIKE 'ac-good-%'").await, 2);
     assert_eq!(count(&db, "SELECT version::bigint FROM orders WHERE external_id = 'ac-good-1'").await, 2);
     assert_eq!(count(&db, "SELECT count(*) FROM order_audit").await, 3);
-    // The partition moves on.
-    send_event(&producer, &n.topic, &created("ac-good-3")).await;
-    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id = 'ac-good-3'", 1, WAIT).await;
-    assert_eq!(stored(&db, &n).await, [(0, Some(5))]);
+    only_the_culprit_was_dead_lettered(
+        &app,
+        &producer,
+        &n,
+        "ac-bad",
+        &["order_audit_quantity_check", "COMMIT"],
+        &created("ac-good-3"),
+    )
+    .await;
     let (_, health) = app.get_json("/api/health").await;
     assert_eq!(health["kafka"]["dead_lettered"], 1, "{health}");
-    assert_eq!(count(&db, "SELECT count(*) - count(DISTINCT end_pos) FROM change_tx").await, 0);
 }
 
 /// Old event ids and published dead letters are pruned all at once, however
