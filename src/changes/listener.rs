@@ -232,9 +232,10 @@ async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, Mark
 /// sequence goes past `through + 1` (no commit is numbered with a lost
 /// position again) and the record makes `change_head()` answer at least
 /// `through + 1` (a client that reloads is given a position past the range
-/// at once). Returns the head then: every position up to it is committed,
-/// lost or skipped, and the next commit comes after it.
-async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i64) -> anyhow::Result<i64> {
+/// at once). Returns the head then (every position up to it is committed,
+/// lost or skipped, and the next commit comes after it) and when the record
+/// was made (microseconds).
+async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i64) -> anyhow::Result<(i64, i64)> {
     let record = async {
         let tx = client.build_transaction().read_only(false).start().await?;
         // A writer holding the sequencer's lock (a transaction left open
@@ -246,10 +247,16 @@ async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i
             &[&(through + 1)],
         )
         .await?;
-        tx.execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&after, &through]).await?;
+        let made: chrono::DateTime<chrono::Utc> = tx
+            .query_one(
+                "INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2) RETURNING detected_at",
+                &[&after, &through],
+            )
+            .await?
+            .get(0);
         let head: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
         tx.commit().await?;
-        Ok::<_, tokio_postgres::Error>(head)
+        Ok::<_, tokio_postgres::Error>((head, made.timestamp_micros()))
     };
     tokio::time::timeout(QUERY_TIMEOUT * 2, record)
         .await
@@ -314,21 +321,30 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
              clients resuming from those positions are told to resync"
         );
         let lost = merge(at.unrecorded, (kept, top));
-        let (pos, unrecorded) = match record_loss(&mut client, lost.0, lost.1).await {
-            Ok(end) => (end, None),
+        *at = match record_loss(&mut client, lost.0, lost.1).await {
+            Ok((end, made)) => {
+                let mut past = Position { pos: end, mark: None, recent: VecDeque::new(), unrecorded: None };
+                // Standing just past the record, the listener knows it by
+                // the record's own time, before any client is told to
+                // resync and could write again (a position learnt later
+                // could already be another history's).
+                if end == lost.1 + 1 {
+                    past.remember(Mark::Floor(made));
+                }
+                past
+            }
             Err(e) => {
                 // A database that refuses writes (read-only after a
                 // failover, say) must not keep live clients from hearing of
                 // the loss: they resync now, the record is retried.
                 log::error!("could not record the lost positions (will retry): {e:#}");
-                (head, Some(lost))
+                Position { pos: head, mark: None, recent: VecDeque::new(), unrecorded: Some(lost) }
             }
         };
-        if hub.rewind(pos).await.is_err() {
+        if hub.rewind(at.pos).await.is_err() {
             return Ok(());
         }
-        *at = Position { pos, mark: None, recent: VecDeque::new(), unrecorded };
-        state.position.store(pos, Ordering::Relaxed);
+        state.position.store(at.pos, Ordering::Relaxed);
     }
     if at.mark.is_none() {
         // Nothing read yet (a quiet log since the start, or a rewind): learn
