@@ -233,9 +233,15 @@ async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, Mark
 /// position again) and the record makes `change_head()` answer at least
 /// `through + 1` (a client that reloads is given a position past the range
 /// at once). Returns the head then (every position up to it is committed,
-/// lost or skipped, and the next commit comes after it) and when the record
-/// was made (microseconds).
-async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i64) -> anyhow::Result<(i64, i64)> {
+/// lost or skipped, and the next commit comes after it) and what tells it
+/// apart, read in the same transaction, before any client is told to resync
+/// and could write again: the commit there, or this record when it is the
+/// position just past it.
+async fn record_loss(
+    client: &mut tokio_postgres::Client,
+    after: i64,
+    through: i64,
+) -> anyhow::Result<(i64, Option<Mark>)> {
     let record = async {
         let tx = client.build_transaction().read_only(false).start().await?;
         // A writer holding the sequencer's lock (a transaction left open
@@ -255,8 +261,22 @@ async fn record_loss(client: &mut tokio_postgres::Client, after: i64, through: i
             .await?
             .get(0);
         let head: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
+        let committed: Option<chrono::DateTime<chrono::Utc>> = tx
+            .query_opt(
+                "SELECT committed_at FROM \
+                 (SELECT base_pos, committed_at FROM change_tx WHERE end_pos >= $1 ORDER BY end_pos LIMIT 1) t \
+                 WHERE t.base_pos < $1",
+                &[&head],
+            )
+            .await?
+            .map(|r| r.get(0));
         tx.commit().await?;
-        Ok::<_, tokio_postgres::Error>((head, made.timestamp_micros()))
+        let mark = match committed {
+            Some(t) => Some(Mark::Commit(t.timestamp_micros())),
+            None if head == through + 1 => Some(Mark::Floor(made.timestamp_micros())),
+            None => None,
+        };
+        Ok::<_, tokio_postgres::Error>((head, mark))
     };
     tokio::time::timeout(QUERY_TIMEOUT * 2, record)
         .await
@@ -322,14 +342,12 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
         );
         let lost = merge(at.unrecorded, (kept, top));
         *at = match record_loss(&mut client, lost.0, lost.1).await {
-            Ok((end, made)) => {
+            Ok((end, mark)) => {
                 let mut past = Position { pos: end, mark: None, recent: VecDeque::new(), unrecorded: None };
-                // Standing just past the record, the listener knows it by
-                // the record's own time, before any client is told to
-                // resync and could write again (a position learnt later
-                // could already be another history's).
-                if end == lost.1 + 1 {
-                    past.remember(Mark::Floor(made));
+                // Learnt before the rewind: a mark read after it could
+                // already be another history's.
+                if let Some(mark) = mark {
+                    past.remember(mark);
                 }
                 past
             }

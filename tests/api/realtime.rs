@@ -980,6 +980,15 @@ async fn when_lost_commits_are_outnumbered_before_the_listener_is_back_clients_s
     // The lost start+1 and start+2 were numbered again before the listener
     // was back (new-1 and new-2); the live stream goes on after the head.
     assert_eq!(resync["seq"], start + 3);
+    // The listener stands at new-3, a commit just past the recorded loss: a
+    // reconnect now finds nothing lost.
+    let reconnects = || app.state.listener.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+    let before = reconnects();
+    db.batch_execute(KILL_LISTENER).await.unwrap();
+    eventually(Duration::from_secs(20), || async {
+        (reconnects() > before && app.state.listener.connected.load(std::sync::atomic::Ordering::Relaxed)).then_some(())
+    })
+    .await;
     db.execute(LOST_INSERT, &[&"after"]).await.unwrap();
     let change = ws.changes(1, Duration::from_secs(10)).await.remove(0);
     assert_eq!((change["seq"].as_i64(), change["order"]["customer_name"].as_str()), (Some(start + 4), Some("after")));
