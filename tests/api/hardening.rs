@@ -272,7 +272,9 @@ async fn a_customer_restricted_token_never_sees_another_customers_orders() {
         app.http.delete(app.url(&format!("/api/orders/{}", bob["id"]))).bearer_auth("adasecret1").send().await.unwrap();
     assert_eq!(r.status(), 404);
 
-    // Streams: even asking for Bob, Ada's token receives only Ada's changes.
+    // Streams: even asking for Bob, Ada's token receives only Ada's changes
+    // (opened once the creations above have been fanned out).
+    app.settled().await;
     let mut ws = crate::helpers::WsClient::connect(&format!(
         "ws://127.0.0.1:{}/ws?access_token=adasecret1&customer=Bob",
         app.port
@@ -1003,9 +1005,9 @@ async fn a_slow_consumer_that_reads_again_receives_its_4008_close() {
         async move { (stats.slow_disconnects.load(std::sync::atomic::Ordering::Relaxed) >= 1).then_some(()) }
     })
     .await;
-    // ...then reads again, at a modest pace (at most 64 KiB per 20 ms), until
-    // the server closes. What the kernel holds (a few MB) comes first; then
-    // the close, not the many MB of changes queued behind it.
+    // ...then reads again until the server closes (it lingers 1 s for that).
+    // What the kernel holds (a few MB) comes first; then the close, not the
+    // many MB of changes queued behind it.
     let started = std::time::Instant::now();
     let mut got = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -1015,7 +1017,6 @@ async fn a_slow_consumer_that_reads_again_receives_its_4008_close() {
                 Ok(0) | Err(_) => return,
                 Ok(n) => got.extend_from_slice(&chunk[..n]),
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
@@ -1064,7 +1065,7 @@ async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committ
         s.slow_client_secs = 60;
     })
     .await;
-    let exp = chrono::Utc::now().timestamp() + 3;
+    let exp = chrono::Utc::now().timestamp() + 4;
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
     let auth = format!("Authorization: Bearer {}\r\n", jwt_expiring_at(exp, "read"));
     let mut ws = handshake_with(tcp, &auth).await;
@@ -1078,10 +1079,22 @@ async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committ
     )
     .await
     .unwrap();
-    // ...and its token expires; then more changes commit.
+    // ...and its token expires. The client reads again. It gets what the
+    // server wrote before the expiry, then the 4001 close at once (well
+    // before the next heartbeat, at most 10 s away; the server lingers 1 s
+    // for the client to take it), and none of the changes committed after.
     while chrono::Utc::now().timestamp() < exp {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let resumed = std::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), ws.read_to_end(&mut got))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        (got, resumed.elapsed())
+    });
     let head_at_expiry: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
     for i in 0..5 {
         db.execute(
@@ -1091,14 +1104,7 @@ async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committ
         .await
         .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // The client reads again. It gets what the server wrote before the
-    // expiry, then the 4001 close at once (well before the next heartbeat,
-    // at most 10 s away), and none of the changes committed after it.
-    let resumed = std::time::Instant::now();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), ws.read_to_end(&mut got)).await.expect("the server closes").unwrap();
-    let waited = resumed.elapsed();
+    let (got, waited) = reader.await.unwrap();
     let (frames, cut) = server_frames(&got);
     assert!(!cut, "the stream ends mid-frame");
     let late: Vec<i64> = frames
@@ -1241,7 +1247,9 @@ async fn after_a_websockets_token_expires_any_close_drops_the_changes_queued_bef
 async fn a_websocket_message_after_the_token_expired_is_not_answered_but_closed_with_4001() {
     use futures_util::SinkExt;
     let app = spawn_app_with(|s| s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()))).await;
-    let exp = chrono::Utc::now().timestamp() + 2;
+    // (Whole seconds: valid for 3 to 4 s, time enough to connect on a loaded
+    // machine.)
+    let exp = chrono::Utc::now().timestamp() + 4;
     let mut req = format!("ws://127.0.0.1:{}/ws", app.port).into_client_request().unwrap();
     req.headers_mut().insert("authorization", format!("Bearer {}", jwt_expiring_at(exp, "read")).parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
@@ -1282,7 +1290,9 @@ async fn a_websocket_message_after_the_token_expired_is_not_answered_but_closed_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_whose_token_expires_ends_before_any_later_change() {
     let app = spawn_app_with(|s| s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()))).await;
-    let exp = chrono::Utc::now().timestamp() + 2;
+    // (Whole seconds: valid for 3 to 4 s, time enough to connect on a loaded
+    // machine.)
+    let exp = chrono::Utc::now().timestamp() + 4;
     let mut sse = app.sse(&format!("/api/events?access_token={}", jwt_expiring_at(exp, "read")), None).await;
     assert_eq!(sse.next_event(WAIT).await.event, "ready");
     while chrono::Utc::now().timestamp() < exp {

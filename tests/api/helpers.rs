@@ -228,8 +228,12 @@ impl WsClient {
             if v["type"] == "ready" {
                 return v;
             }
-            // Changes of a previous subscription may still be in flight.
-            assert!(v["type"] == "snapshot" || v["type"] == "change", "unexpected message before ready: {v}");
+            // Changes of a previous subscription may still be in flight, and
+            // the heartbeat may tell a filtered stream its position.
+            assert!(
+                v["type"] == "snapshot" || v["type"] == "change" || v["type"] == "position",
+                "unexpected message before ready: {v}"
+            );
         }
     }
 
@@ -247,11 +251,13 @@ impl WsClient {
         out
     }
 
-    /// Asserts nothing but pings arrives for `wait`.
+    /// Asserts nothing but pings and `position` messages (the heartbeat's,
+    /// for a filtered stream) arrives for `wait`.
     pub async fn expect_silence(&mut self, wait: Duration) {
         let r = tokio::time::timeout(wait, async {
             loop {
                 match self.ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.starts_with(r#"{"type":"position","#) => continue,
                     Some(Ok(Message::Text(t))) => return Some(t.to_string()),
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     _ => return None,
