@@ -278,16 +278,32 @@ impl Processor {
         if candidates.is_empty() {
             return Ok(0);
         }
-        let locked = conn
+        let locked: Vec<i64> = conn
             .client
             .query(
                 "SELECT id FROM unnest($2::bigint[]) id WHERE pg_try_advisory_lock($1, workflow_lock_key(id))",
                 &[&LOCK_CLASS, &candidates],
             )
             .await
-            .map_err(crate::db::describe)?;
-        for row in locked {
-            let id: i64 = row.get(0);
+            .map_err(crate::db::describe)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Their owner may have finished some between the scan and the locks,
+        // and let go of them: those are not taken over (a new statement sees
+        // what committed before the locks were taken).
+        let orphans: Vec<i64> = conn
+            .client
+            .query("SELECT id FROM orders WHERE id = ANY($1) AND status = 'processing' ORDER BY id", &[&locked])
+            .await
+            .map_err(crate::db::describe)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for id in locked.iter().filter(|id| !orphans.contains(id)) {
+            conn.client.execute(UNLOCK_SQL, &[&LOCK_CLASS, id]).await.map_err(crate::db::describe)?;
+        }
+        for id in orphans {
             log::info!("order processor: resuming order {id}, left in processing");
             self.ctx.state.resumed.fetch_add(1, Ordering::Relaxed);
             work.spawn(&self.ctx, id);
