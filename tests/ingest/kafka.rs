@@ -473,6 +473,25 @@ pub async fn dead_letters(db: &tokio_postgres::Client) -> Vec<(i64, String, Stri
 }
 
 /// Waits until `sql` (a count) reaches `want`.
+/// The ingest's counters (the `kafka` object of `/api/health`) once it has
+/// applied partition 0 up to `next_offset`: its rows are visible to other
+/// connections before the writer has counted its batch.
+pub async fn counters_at(app: &TestApp, next_offset: i64) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, health) = app.get_json("/api/health").await;
+        let k = health["kafka"].clone();
+        let at = k["partitions"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["partition"] == 0).and_then(|p| p["next_offset"].as_i64()));
+        if at >= Some(next_offset) {
+            return k;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "partition 0 not applied up to {next_offset}: {k}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn wait_count(db_url: &str, sql: &str, want: i64, wait: Duration) {
     let deadline = tokio::time::Instant::now() + wait;
     let mut last = -1;

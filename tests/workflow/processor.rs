@@ -292,9 +292,13 @@ async fn an_order_cancelled_while_it_is_processed_gets_its_steps_undone() {
 
     // Assert: both steps undone, the order stays cancelled.
     let db = app.sql().await;
+    // (A step is recorded as started before it is called.)
     eventually(WAIT, || {
         let db = &db;
-        async move { (steps_of(db, id).await.len() == 4).then_some(()) }
+        async move {
+            let steps = steps_of(db, id).await;
+            (steps.len() == 4 && steps.iter().all(|s| s.2 != "started")).then_some(())
+        }
     })
     .await;
     let steps = steps_of(&db, id).await;
