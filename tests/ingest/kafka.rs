@@ -109,22 +109,33 @@ pub fn tansu_binary() -> Option<PathBuf> {
 
 impl Tansu {
     pub fn start(binary: PathBuf) -> Tansu {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&binary)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
+        // The port found free may be taken before tansu binds it (another
+        // test's connection): tansu then exits, and starts again elsewhere.
+        for _ in 0..3 {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let mut child = Command::new(&binary)
+                .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+                .args(["--storage-engine", "memory://tansu/"])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start tansu");
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Tansu { child, binary, port };
+                }
+                if let Some(status) = child.try_wait().expect("tansu's state") {
+                    eprintln!("tansu exited ({status}) on port {port}; starting it on another");
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "tansu did not listen on {port}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        Tansu { child, binary, port }
+        panic!("tansu did not start on three ports");
     }
 }
 
