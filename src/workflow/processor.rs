@@ -291,10 +291,20 @@ impl Processor {
             .collect();
         // Their owner may have finished some between the scan and the locks,
         // and let go of them: those are not taken over (a new statement sees
-        // what committed before the locks were taken).
+        // what committed before the locks were taken). One cancelled
+        // meanwhile whose done steps are not all undone is: `drive`
+        // compensates them.
         let orphans: Vec<i64> = conn
             .client
-            .query("SELECT id FROM orders WHERE id = ANY($1) AND status = 'processing' ORDER BY id", &[&locked])
+            .query(
+                "SELECT id FROM orders WHERE id = ANY($1) AND (status = 'processing' OR status = 'cancelled' AND EXISTS \
+                   (SELECT 1 FROM order_steps e WHERE e.order_id = orders.id AND e.action = 'execute' \
+                      AND e.outcome = 'done' AND NOT EXISTS \
+                        (SELECT 1 FROM order_steps c WHERE c.order_id = e.order_id AND c.step = e.step \
+                           AND c.action = 'compensate' AND c.outcome IN ('done', 'failed')))) \
+                 ORDER BY id",
+                &[&locked],
+            )
             .await
             .map_err(crate::db::describe)?
             .iter()
