@@ -152,10 +152,20 @@ impl Held {
             _ => false,
         }
     }
+
+    /// What to remember of a position the log holds so: its commit, or the
+    /// newest recorded loss it is just past. Nothing when pruned, or lost.
+    fn mark(&self) -> Option<Mark> {
+        match self {
+            Held::Committed(micros) => Some(Mark::Commit(*micros)),
+            Held::Missing(floors) => floors.iter().max().map(|&made| Mark::Floor(made)),
+            Held::Pruned => None,
+        }
+    }
 }
 
 /// What the log holds at each of `positions`.
-async fn held(client: &tokio_postgres::Client, positions: &[i64]) -> anyhow::Result<HashMap<i64, Held>> {
+async fn held(client: &impl tokio_postgres::GenericClient, positions: &[i64]) -> anyhow::Result<HashMap<i64, Held>> {
     type Time = chrono::DateTime<chrono::Utc>;
     let rows = client
         .query(
@@ -235,53 +245,37 @@ async fn last_kept(client: &tokio_postgres::Client, recent: &VecDeque<(i64, Mark
 /// at once). Returns the head then (every position up to it is committed,
 /// lost or skipped, and the next commit comes after it) and what tells it
 /// apart, read in the same transaction, before any client is told to resync
-/// and could write again: the commit there, or this record when it is the
-/// position just past it.
+/// and could write again: the commit there, or the end of a recorded loss
+/// (this one, or an earlier one).
 async fn record_loss(
     client: &mut tokio_postgres::Client,
     after: i64,
     through: i64,
 ) -> anyhow::Result<(i64, Option<Mark>)> {
     let record = async {
-        let tx = client.build_transaction().read_only(false).start().await?;
+        let d = crate::db::describe;
+        let tx = client.build_transaction().read_only(false).start().await.map_err(d)?;
         // A writer holding the sequencer's lock (a transaction left open
         // after `SET CONSTRAINTS ALL IMMEDIATE`) must not hold the listener.
-        tx.batch_execute("SET LOCAL lock_timeout = '5s'; SELECT pg_advisory_xact_lock(1869767779, 1)").await?;
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'; SELECT pg_advisory_xact_lock(1869767779, 1)")
+            .await
+            .map_err(d)?;
         tx.execute(
             "SELECT setval('change_position', $1) FROM change_position \
              WHERE (CASE WHEN is_called THEN last_value ELSE last_value - 1 END) < $1",
             &[&(through + 1)],
         )
-        .await?;
-        let made: chrono::DateTime<chrono::Utc> = tx
-            .query_one(
-                "INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2) RETURNING detected_at",
-                &[&after, &through],
-            )
-            .await?
-            .get(0);
-        let head: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
-        let committed: Option<chrono::DateTime<chrono::Utc>> = tx
-            .query_opt(
-                "SELECT committed_at FROM \
-                 (SELECT base_pos, committed_at FROM change_tx WHERE end_pos >= $1 ORDER BY end_pos LIMIT 1) t \
-                 WHERE t.base_pos < $1",
-                &[&head],
-            )
-            .await?
-            .map(|r| r.get(0));
-        tx.commit().await?;
-        let mark = match committed {
-            Some(t) => Some(Mark::Commit(t.timestamp_micros())),
-            None if head == through + 1 => Some(Mark::Floor(made.timestamp_micros())),
-            None => None,
-        };
-        Ok::<_, tokio_postgres::Error>((head, mark))
-    };
-    tokio::time::timeout(QUERY_TIMEOUT * 2, record)
         .await
-        .context("recording the loss did not answer")?
-        .map_err(crate::db::describe)
+        .map_err(d)?;
+        tx.execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&after, &through])
+            .await
+            .map_err(d)?;
+        let head: i64 = tx.query_one("SELECT change_head()", &[]).await.map_err(d)?.get(0);
+        let mark = held(&tx, &[head]).await?.get(&head).and_then(Held::mark);
+        tx.commit().await.map_err(d)?;
+        Ok::<_, anyhow::Error>((head, mark))
+    };
+    tokio::time::timeout(QUERY_TIMEOUT * 2, record).await.context("recording the loss did not answer")?
 }
 
 /// A query of the listener's start, bounded like its reads: a connection
@@ -368,14 +362,8 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
         // Nothing read yet (a quiet log since the start, or a rewind): learn
         // what is at the position now (a commit, or the end of a recorded
         // loss), so that the next reconnect can recognise it.
-        match bounded(held(&client, &[at.pos])).await?.remove(&at.pos) {
-            Some(Held::Committed(micros)) => at.remember(Mark::Commit(micros)),
-            Some(Held::Missing(floors)) => {
-                if let Some(&made) = floors.iter().max() {
-                    at.remember(Mark::Floor(made));
-                }
-            }
-            _ => {}
+        if let Some(mark) = bounded(held(&client, &[at.pos])).await?.get(&at.pos).and_then(Held::mark) {
+            at.remember(mark);
         }
     }
     state.connected.store(true, Ordering::Relaxed);
