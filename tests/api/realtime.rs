@@ -920,6 +920,14 @@ fn forget_after(start: i64, renumber: bool) -> String {
     )
 }
 
+/// The database forgets every commit after `start` (the next commits take
+/// their positions again), then the listener reconnects. Two statements: in
+/// one, the listener could be back before the forgetting commits.
+async fn lose_after(db: &tokio_postgres::Client, start: i64) {
+    db.batch_execute(&forget_after(start, true)).await.unwrap();
+    db.batch_execute(KILL_LISTENER).await.unwrap();
+}
+
 /// When the change log goes back (the database lost commits that were
 /// pushed: a failover to a standby that missed them, a restored backup), the
 /// next commits are numbered with positions clients already hold. A live
@@ -932,7 +940,7 @@ async fn when_the_log_goes_back_live_clients_resync_and_get_the_renumbered_chang
     let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 3).await;
     // The database forgets those three commits' positions, and the listener
     // reconnects (as after a failover).
-    db.batch_execute(&format!("{} {KILL_LISTENER}", forget_after(start, true))).await.unwrap();
+    lose_after(&db, start).await;
     let resync = ws.next_json(Duration::from_secs(20)).await;
     assert_position_unknown(&resync);
     // The log skips the lost positions (and one more, so that the head is
@@ -1193,7 +1201,7 @@ async fn a_loss_the_database_refuses_to_record_still_resyncs_live_clients_and_is
     )
     .await
     .unwrap();
-    db.batch_execute(&format!("{} {KILL_LISTENER}", forget_after(start, true))).await.unwrap();
+    lose_after(&db, start).await;
     let resync = ws.next_json(Duration::from_secs(20)).await;
     assert_position_unknown(&resync);
     let recorded = || async {
@@ -1227,7 +1235,7 @@ async fn a_loss_wider_than_one_read_leaves_no_reader_behind() {
     .await
     .unwrap();
     assert_eq!(seq(ws.changes(2500, WAIT).await.last().unwrap()), start + 2501);
-    db.batch_execute(&format!("{} {KILL_LISTENER}", forget_after(start, true))).await.unwrap();
+    lose_after(&db, start).await;
     assert_position_unknown(&ws.next_json(Duration::from_secs(20)).await);
     db.execute(LOST_INSERT, &[&"after"]).await.unwrap();
     let live = ws.changes(1, WAIT).await.remove(0);
@@ -1270,7 +1278,7 @@ async fn a_loss_right_after_a_recorded_one_is_recognised_in_a_quiet_log() {
     let app = spawn_app().await;
     let db = app.sql().await;
     let (mut ws, start) = a_client_with_changes_to_lose(&app, &db, 3).await;
-    db.batch_execute(&format!("{} {KILL_LISTENER}", forget_after(start, true))).await.unwrap();
+    lose_after(&db, start).await;
     let first = ws.next_json(Duration::from_secs(20)).await;
     assert_position_unknown(&first);
     let floor = seq(&first);

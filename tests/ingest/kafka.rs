@@ -124,12 +124,18 @@ impl Tansu {
                 .expect("start tansu");
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Tansu { child, binary, port };
+                // (Still running once the port answers: not another
+                // program's listener that made it exit.)
+                let answers = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+                if answers {
+                    std::thread::sleep(Duration::from_millis(100));
                 }
                 if let Some(status) = child.try_wait().expect("tansu's state") {
                     eprintln!("tansu exited ({status}) on port {port}; starting it on another");
                     break;
+                }
+                if answers {
+                    return Tansu { child, binary, port };
                 }
                 assert!(std::time::Instant::now() < deadline, "tansu did not listen on {port}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -483,7 +489,6 @@ pub async fn dead_letters(db: &tokio_postgres::Client) -> Vec<(i64, String, Stri
     rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
 }
 
-/// Waits until `sql` (a count) reaches `want`.
 /// The ingest's counters (the `kafka` object of `/api/health`) once it has
 /// applied partition 0 up to `next_offset`: its rows are visible to other
 /// connections before the writer has counted its batch.
@@ -503,6 +508,7 @@ pub async fn counters_at(app: &TestApp, next_offset: i64) -> Value {
     }
 }
 
+/// Waits until `sql` (a count) reaches `want`.
 pub async fn wait_count(db_url: &str, sql: &str, want: i64, wait: Duration) {
     let deadline = tokio::time::Instant::now() + wait;
     let mut last = -1;
