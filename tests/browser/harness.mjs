@@ -67,7 +67,11 @@ export class Ordercast {
   async start(port) {
     this.port = port ?? this.port ?? (await freePort());
     this.url = `http://127.0.0.1:${this.port}`;
-    const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || 'info,actix_web::middleware::logger=warn', ...this.env };
+    // ordercast's own info lines are read below (its PostgreSQL URL, that it
+    // listens), whatever RUST_LOG the caller set.
+    const given = process.env.RUST_LOG || 'info,actix_web::middleware::logger=warn';
+    const logging = /(^|,)ordercast(=|,|$)/.test(given) ? given : `${given},ordercast=info`;
+    const env = { ...process.env, RUST_LOG: logging, ...this.env };
     delete env.DATABASE_URL;
     const proc = spawn(this.bin, ['--bind', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir],
       { env, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -94,7 +98,9 @@ export class Ordercast {
       proc.stderr.on('data', onData);
       exited.then(({ code, signal }) => reject(new Error(`ordercast exited early (code ${code}, signal ${signal})\n${this.tail()}`)));
     });
-    await within(90000, 'ordercast to start', ready);
+    await within(90000, 'ordercast to start', ready).catch((e) => {
+      throw new Error(`${e.message}\n${this.tail()}`);
+    });
     if (!this.pgUrl) throw new Error(`ordercast did not log its PostgreSQL URL\n${this.tail()}`);
   }
 
