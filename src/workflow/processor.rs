@@ -259,15 +259,24 @@ impl Processor {
     }
 
     /// Takes over orders in processing whose owner is gone (their lock is
-    /// free). Scans in id order from `after`, so orders held by live
-    /// processors do not hide the orphans behind them. Returns where to go on.
+    /// free), and cancelled orders whose undoing was begun and not finished
+    /// (a compensation unavailable, its processor gone mid-way). Scans in id
+    /// order from `after`, so orders held by live processors do not hide the
+    /// orphans behind them. Returns where to go on.
     async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<i64> {
         let limit = work.free(self.concurrency) as i64;
         let mine: Vec<i64> = work.orders.values().copied().collect();
+        // Two indexed scans: `orders_status_id_idx`, and the few compensations
+        // begun (`order_steps_compensating`).
         let candidates: Vec<i64> = conn
             .client
             .query(
-                "SELECT id FROM orders WHERE status = 'processing' AND id > $1 AND id <> ALL($2) ORDER BY id LIMIT $3",
+                "SELECT id FROM ( \
+                   SELECT id FROM orders WHERE status = 'processing' AND id > $1 \
+                   UNION \
+                   SELECT o.id FROM order_steps s JOIN orders o ON o.id = s.order_id \
+                    WHERE s.action = 'compensate' AND s.outcome = 'started' AND o.status = 'cancelled' AND o.id > $1 \
+                 ) c WHERE id <> ALL($2) ORDER BY id LIMIT $3",
                 &[&after, &mine, &limit],
             )
             .await
@@ -314,7 +323,7 @@ impl Processor {
             conn.client.execute(UNLOCK_SQL, &[&LOCK_CLASS, id]).await.map_err(crate::db::describe)?;
         }
         for id in orphans {
-            log::info!("order processor: resuming order {id}, left in processing");
+            log::info!("order processor: taking over order {id}, left unfinished");
             self.ctx.state.resumed.fetch_add(1, Ordering::Relaxed);
             work.spawn(&self.ctx, id);
         }
@@ -348,7 +357,7 @@ impl Processor {
             }
             Ok((_, Finish::Skipped)) => {}
             Ok((_, Finish::Retry(why))) => {
-                log::warn!("order {id}: {why}; it stays in processing and will be resumed");
+                log::warn!("order {id}: {why}; it is taken up again later");
                 state.retries.fetch_add(1, Ordering::Relaxed);
                 state.error(format!("order {id}: {why}"));
             }

@@ -41,6 +41,8 @@ struct TestStep {
     /// Effects by order id: how many times each order was really charged.
     effects: Mutex<HashMap<i64, u32>>,
     compensations: Mutex<HashMap<i64, u32>>,
+    /// How many compensation calls to answer "unavailable" first.
+    refused_compensations: AtomicU32,
     entered: Notify,
     release: Notify,
 }
@@ -53,6 +55,7 @@ impl TestStep {
             calls: AtomicU32::new(0),
             effects: Mutex::default(),
             compensations: Mutex::default(),
+            refused_compensations: AtomicU32::new(0),
             entered: Notify::new(),
             release: Notify::new(),
         })
@@ -98,6 +101,11 @@ impl Step for TestStep {
 
     fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
         Box::pin(async move {
+            let refuse =
+                self.refused_compensations.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if refuse.is_ok() {
+                return Err(StepError::Unavailable(format!("{} cannot undo yet", self.name)));
+            }
             *self.compensations.lock().unwrap().entry(order.id).or_default() += 1;
             Ok(format!("{} undone for {}", self.name, order.id))
         })
@@ -332,6 +340,45 @@ async fn an_unavailable_step_is_retried_until_it_answers() {
     assert_eq!(payment.calls.load(Ordering::SeqCst), 2);
     assert_eq!(payment.effects(id), 1);
     assert_eq!(p.state.retries.load(Ordering::Relaxed), 1);
+}
+
+/// Undoing a cancelled order's steps is taken up again when a compensation
+/// is unavailable at first: the order is cancelled, so the scan for orders
+/// in processing would never see it again, and the payment stayed charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_whose_refund_is_unavailable_at_first_is_refunded_later() {
+    // Arrange: the payment service cannot refund at the first try.
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    payment.refused_compensations.store(1, Ordering::SeqCst);
+    let inventory = TestStep::new("inventory", Mode::WaitForRelease);
+    let p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    tokio::time::timeout(WAIT, inventory.entered.notified()).await.expect("inventory is called");
+
+    // Act: a user cancels mid-way, then the warehouse answers.
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    inventory.release.notify_one();
+
+    // Assert: both steps undone in the end, the payment refunded once.
+    let db = app.sql().await;
+    eventually(WAIT, || {
+        let db = &db;
+        async move {
+            let steps = steps_of(db, id).await;
+            (steps.len() == 4 && steps.iter().all(|s| s.2 == "done")).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(payment.compensations(id), 1);
+    assert_eq!(inventory.compensations(id), 1);
+    let steps = steps_of(&db, id).await;
+    let refund = steps.iter().find(|s| (s.0.as_str(), s.1.as_str()) == ("payment", "compensate")).unwrap();
+    assert_eq!(refund.3, 2, "the refund was asked twice: {steps:?}");
+    assert_eq!(p.state.resumed.load(Ordering::Relaxed), 1);
+    let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
+    assert_eq!(order["status"], "cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
