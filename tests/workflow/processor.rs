@@ -283,33 +283,45 @@ async fn a_failure_after_two_steps_compensates_both_in_reverse() {
     assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
 }
 
+/// A processor whose inventory step waits for the test, and an order a user
+/// cancels while inventory is called; then the warehouse answers.
+async fn cancelled_mid_way(app: &TestApp, payment: &Arc<TestStep>, inventory: &Arc<TestStep>) -> (Running, i64) {
+    let p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    tokio::time::timeout(WAIT, inventory.entered.notified()).await.expect("inventory is called");
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    inventory.release.notify_one();
+    (p, id)
+}
+
+/// The order's four step records (two steps, each done and undone) once
+/// none is still `started` (a step is recorded as started before it is
+/// called).
+async fn all_four_finished(app: &TestApp, id: i64) -> Vec<(String, String, String, i32, String)> {
+    let db = app.sql().await;
+    eventually(WAIT, || {
+        let db = &db;
+        async move {
+            let steps = steps_of(db, id).await;
+            (steps.len() == 4 && steps.iter().all(|s| s.2 != "started")).then_some(steps)
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_cancelled_while_it_is_processed_gets_its_steps_undone() {
     // Arrange: inventory waits for the test.
     let app = spawn_app().await;
     let payment = TestStep::new("payment", Mode::Succeed);
     let inventory = TestStep::new("inventory", Mode::WaitForRelease);
-    let _p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
-    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
-    tokio::time::timeout(WAIT, inventory.entered.notified()).await.expect("inventory is called");
 
     // Act: a user cancels mid-way, then the warehouse answers.
-    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    inventory.release.notify_one();
+    let (_p, id) = cancelled_mid_way(&app, &payment, &inventory).await;
 
     // Assert: both steps undone, the order stays cancelled.
-    let db = app.sql().await;
-    // (A step is recorded as started before it is called.)
-    eventually(WAIT, || {
-        let db = &db;
-        async move {
-            let steps = steps_of(db, id).await;
-            (steps.len() == 4 && steps.iter().all(|s| s.2 != "started")).then_some(())
-        }
-    })
-    .await;
-    let steps = steps_of(&db, id).await;
+    let steps = all_four_finished(&app, id).await;
     assert_eq!(
         outcomes(&steps),
         [
@@ -352,28 +364,15 @@ async fn a_cancellation_whose_refund_is_unavailable_at_first_is_refunded_later()
     let payment = TestStep::new("payment", Mode::Succeed);
     payment.refused_compensations.store(1, Ordering::SeqCst);
     let inventory = TestStep::new("inventory", Mode::WaitForRelease);
-    let p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
-    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
-    tokio::time::timeout(WAIT, inventory.entered.notified()).await.expect("inventory is called");
 
     // Act: a user cancels mid-way, then the warehouse answers.
-    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    inventory.release.notify_one();
+    let (p, id) = cancelled_mid_way(&app, &payment, &inventory).await;
 
     // Assert: both steps undone in the end, the payment refunded once.
-    let db = app.sql().await;
-    eventually(WAIT, || {
-        let db = &db;
-        async move {
-            let steps = steps_of(db, id).await;
-            (steps.len() == 4 && steps.iter().all(|s| s.2 == "done")).then_some(())
-        }
-    })
-    .await;
+    let steps = all_four_finished(&app, id).await;
+    assert!(steps.iter().all(|s| s.2 == "done"), "{steps:?}");
     assert_eq!(payment.compensations(id), 1);
     assert_eq!(inventory.compensations(id), 1);
-    let steps = steps_of(&db, id).await;
     let refund = steps.iter().find(|s| (s.0.as_str(), s.1.as_str()) == ("payment", "compensate")).unwrap();
     assert_eq!(refund.3, 2, "the refund was asked twice: {steps:?}");
     assert_eq!(p.state.resumed.load(Ordering::Relaxed), 1);
