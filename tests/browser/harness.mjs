@@ -45,6 +45,21 @@ export function psql(url, sql, { timeoutMs = 60000 } = {}) {
 }
 
 /**
+ * RUST_LOG for ordercast: the caller's, with ordercast's own info lines kept
+ * (the harness reads its PostgreSQL URL and that it listens from them).
+ * Left alone when it names ordercast or lets info through by default.
+ */
+export function withOwnInfo(given = 'info,actix_web::middleware::logger=warn') {
+  const slash = given.indexOf('/');
+  const [spec, pattern] = slash < 0 ? [given, ''] : [given.slice(0, slash), given.slice(slash)];
+  const directives = spec.split(',').map((d) => d.trim()).filter(Boolean);
+  const named = directives.some((d) => /^ordercast($|=|::)/.test(d));
+  const level = directives.filter((d) => !d.includes('=')).pop()?.toLowerCase();
+  if (named || ['info', 'debug', 'trace'].includes(level)) return given;
+  return [...directives, 'ordercast=info'].join(',') + pattern;
+}
+
+/**
  * One ordercast process: `$ORDERCAST_BIN --bind 127.0.0.1:PORT --data-dir DIR`.
  * Without DATABASE_URL it runs its own PostgreSQL in DIR. `restart()` starts
  * a new process on the same port and data dir (after `kill()`).
@@ -67,11 +82,7 @@ export class Ordercast {
   async start(port) {
     this.port = port ?? this.port ?? (await freePort());
     this.url = `http://127.0.0.1:${this.port}`;
-    // ordercast's own info lines are read below (its PostgreSQL URL, that it
-    // listens), whatever RUST_LOG the caller set.
-    const given = process.env.RUST_LOG || 'info,actix_web::middleware::logger=warn';
-    const logging = /(^|,)ordercast(=|,|$)/.test(given) ? given : `${given},ordercast=info`;
-    const env = { ...process.env, RUST_LOG: logging, ...this.env };
+    const env = { ...process.env, RUST_LOG: withOwnInfo(process.env.RUST_LOG), ...this.env };
     delete env.DATABASE_URL;
     const proc = spawn(this.bin, ['--bind', `127.0.0.1:${this.port}`, '--data-dir', this.dataDir],
       { env, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -99,7 +110,8 @@ export class Ordercast {
       exited.then(({ code, signal }) => reject(new Error(`ordercast exited early (code ${code}, signal ${signal})\n${this.tail()}`)));
     });
     await within(90000, 'ordercast to start', ready).catch((e) => {
-      throw new Error(`${e.message}\n${this.tail()}`);
+      // (An early exit's message has the last lines already.)
+      throw this.proc.exitCode === null && this.proc.signalCode === null ? new Error(`${e.message}\n${this.tail()}`) : e;
     });
     if (!this.pgUrl) throw new Error(`ordercast did not log its PostgreSQL URL\n${this.tail()}`);
   }

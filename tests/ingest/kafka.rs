@@ -110,7 +110,8 @@ pub fn tansu_binary() -> Option<PathBuf> {
 impl Tansu {
     pub fn start(binary: PathBuf) -> Tansu {
         // The port found free may be taken before tansu binds it (another
-        // test's connection): tansu then exits, and starts again elsewhere.
+        // test's connection or listener): tansu then exits, and starts again
+        // elsewhere. It counts as started once it listens itself.
         for _ in 0..3 {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
@@ -124,18 +125,12 @@ impl Tansu {
                 .expect("start tansu");
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             loop {
-                // (Still running once the port answers: not another
-                // program's listener that made it exit.)
-                let answers = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
-                if answers {
-                    std::thread::sleep(Duration::from_millis(100));
+                if listens(child.id(), port) {
+                    return Tansu { child, binary, port };
                 }
                 if let Some(status) = child.try_wait().expect("tansu's state") {
                     eprintln!("tansu exited ({status}) on port {port}; starting it on another");
                     break;
-                }
-                if answers {
-                    return Tansu { child, binary, port };
                 }
                 assert!(std::time::Instant::now() < deadline, "tansu did not listen on {port}");
                 std::thread::sleep(Duration::from_millis(50));
@@ -143,6 +138,26 @@ impl Tansu {
         }
         panic!("tansu did not start on three ports");
     }
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
+/// (`/proc/net/tcp`'s inode of it among the process's descriptors).
+fn listens(pid: u32, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            let inode = f.get(9)?;
+            (local == port && *f.get(3)? == LISTEN).then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str())))
 }
 
 impl Drop for Tansu {
