@@ -192,6 +192,12 @@ async fn held(client: &impl tokio_postgres::GenericClient, positions: &[i64]) ->
         .collect())
 }
 
+/// What to remember of position `pos` as the log holds it now (see
+/// `Held::mark`).
+async fn mark_at(client: &impl tokio_postgres::GenericClient, pos: i64) -> anyhow::Result<Option<Mark>> {
+    Ok(held(client, &[pos]).await?.get(&pos).and_then(Held::mark))
+}
+
 /// Whether the log still holds what was pushed: the head is not below the
 /// highest position handed out (`top`), and the listener's position is
 /// still the one it stood at (the transaction there committed when it did,
@@ -271,7 +277,7 @@ async fn record_loss(
             .await
             .map_err(d)?;
         let head: i64 = tx.query_one("SELECT change_head()", &[]).await.map_err(d)?.get(0);
-        let mark = held(&tx, &[head]).await?.get(&head).and_then(Held::mark);
+        let mark = mark_at(&tx, head).await?;
         tx.commit().await.map_err(d)?;
         Ok::<_, anyhow::Error>((head, mark))
     };
@@ -362,7 +368,7 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
         // Nothing read yet (a quiet log since the start, or a rewind): learn
         // what is at the position now (a commit, or the end of a recorded
         // loss), so that the next reconnect can recognise it.
-        if let Some(mark) = bounded(held(&client, &[at.pos])).await?.get(&at.pos).and_then(Held::mark) {
+        if let Some(mark) = bounded(mark_at(&client, at.pos)).await? {
             at.remember(mark);
         }
     }

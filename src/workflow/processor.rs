@@ -319,8 +319,15 @@ impl Processor {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        for id in locked.iter().filter(|id| !orphans.contains(id)) {
-            conn.client.execute(UNLOCK_SQL, &[&LOCK_CLASS, id]).await.map_err(crate::db::describe)?;
+        let finished: Vec<i64> = locked.iter().copied().filter(|id| !orphans.contains(id)).collect();
+        if !finished.is_empty() {
+            conn.client
+                .execute(
+                    "SELECT pg_advisory_unlock($1, workflow_lock_key(id)) FROM unnest($2::bigint[]) id",
+                    &[&LOCK_CLASS, &finished],
+                )
+                .await
+                .map_err(crate::db::describe)?;
         }
         for id in orphans {
             log::info!("order processor: taking over order {id}, left unfinished");

@@ -1126,20 +1126,14 @@ async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committ
 /// not had acknowledged (its `tx_queue`) plus what the client's has received
 /// and not read (its `rx_queue`), from `/proc/net/tcp`.
 fn kernel_held(server_port: u16, client_port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
-    let mut held = 0;
-    for line in table.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (local, remote) = (port(f[1]), port(f[2]));
-        let (tx, rx) = f[4].split_once(':').unwrap();
-        if (local, remote) == (server_port, client_port) {
-            held += usize::from_str_radix(tx, 16).unwrap();
-        } else if (local, remote) == (client_port, server_port) {
-            held += usize::from_str_radix(rx, 16).unwrap();
-        }
-    }
-    held
+    crate::helpers::tcp_sockets()
+        .iter()
+        .map(|s| match (s.local_port, s.remote_port) {
+            ends if ends == (server_port, client_port) => s.tx_queue,
+            ends if ends == (client_port, server_port) => s.rx_queue,
+            _ => 0,
+        })
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

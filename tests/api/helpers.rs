@@ -10,6 +10,41 @@ use ordercast::startup::{AppHandle, Application};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+/// A row of `/proc/net/tcp` (IPv4 sockets), the fields the tests read.
+#[allow(dead_code)] // `state` and `inode`: read by the ingest tests only
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// The state as the kernel numbers it (`0x0A`: listening).
+    pub state: u8,
+    pub tx_queue: usize,
+    pub rx_queue: usize,
+    pub inode: u64,
+}
+
+/// Every IPv4 TCP socket of this machine's network namespace.
+pub fn tcp_sockets() -> Vec<TcpSocket> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let hex = |s: &str| usize::from_str_radix(s, 16).expect("a hexadecimal field of /proc/net/tcp");
+    let port = |addr: &str| hex(addr.rsplit(':').next().unwrap()) as u16;
+    table
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (tx, rx) = f[4].split_once(':').unwrap();
+            TcpSocket {
+                local_port: port(f[1]),
+                remote_port: port(f[2]),
+                state: hex(f[3]) as u8,
+                tx_queue: hex(tx),
+                rx_queue: hex(rx),
+                inode: f[9].parse().expect("an inode"),
+            }
+        })
+        .collect()
+}
+
 /// The admin URL of the PostgreSQL server tests create their databases on.
 /// `scripts/test` starts a private server and sets it.
 pub fn admin_url() -> String {

@@ -143,17 +143,11 @@ impl Tansu {
 /// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
 /// (`/proc/net/tcp`'s inode of it among the process's descriptors).
 fn listens(pid: u32, port: u16) -> bool {
-    const LISTEN: &str = "0A";
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            let inode = f.get(9)?;
-            (local == port && *f.get(3)? == LISTEN).then(|| format!("socket:[{inode}]"))
-        })
+    const LISTEN: u8 = 0x0A;
+    let inodes: Vec<String> = crate::helpers::tcp_sockets()
+        .iter()
+        .filter(|s| s.local_port == port && s.state == LISTEN)
+        .map(|s| format!("socket:[{}]", s.inode))
         .collect();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
     fds.flatten()
