@@ -71,8 +71,12 @@ UPDATE orders SET status = $2, error_message = $3 FROM a WHERE id = $1 AND statu
 
 const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount FROM orders WHERE id = $1";
 
+/// The steps to undo: those done, and those begun and never answered (their
+/// call may have taken effect). A step is begun only after the ones before it
+/// are done, so only an order cancelled while its processor waited for a step
+/// (or was gone) has one of the latter.
 const DONE_STEPS_SQL: &str =
-    "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome = 'done'";
+    "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
 /// See `begin`: a step's record is created, or counted as one more attempt
 /// while it is `started`; nothing is returned when it is already finished.
@@ -259,15 +263,18 @@ impl Processor {
     }
 
     /// Takes over orders in processing whose owner is gone (their lock is
-    /// free), and cancelled orders whose undoing was begun and not finished
-    /// (a compensation unavailable, its processor gone mid-way). Scans in id
-    /// order from `after`, so orders held by live processors do not hide the
-    /// orphans behind them. Returns where to go on.
+    /// free), and cancelled orders whose undoing is not finished: begun and
+    /// interrupted (a compensation unavailable, its processor gone mid-way),
+    /// or never begun because the order was cancelled while its processor
+    /// was gone (`order_undo`). Scans in id order from `after`, so orders held
+    /// by live processors do not hide the orphans behind them. Returns where
+    /// to go on.
     async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<i64> {
         let limit = work.free(self.concurrency) as i64;
         let mine: Vec<i64> = work.orders.values().copied().collect();
-        // Two indexed scans: `orders_status_id_idx`, and the few compensations
-        // begun (`order_steps_compensating`).
+        // Three indexed scans: `orders_status_id_idx`, the few compensations
+        // begun (`order_steps_compensating`), and the few orders cancelled in
+        // processing whose undoing is not known to be finished (`order_undo`).
         let candidates: Vec<i64> = conn
             .client
             .query(
@@ -276,6 +283,8 @@ impl Processor {
                    UNION \
                    SELECT o.id FROM order_steps s JOIN orders o ON o.id = s.order_id \
                     WHERE s.action = 'compensate' AND s.outcome = 'started' AND o.status = 'cancelled' AND o.id > $1 \
+                   UNION \
+                   SELECT order_id FROM order_undo WHERE order_id > $1 \
                  ) c WHERE id <> ALL($2) ORDER BY id LIMIT $3",
                 &[&after, &mine, &limit],
             )
@@ -300,15 +309,15 @@ impl Processor {
             .collect();
         // Their owner may have finished some between the scan and the locks,
         // and let go of them: those are not taken over (a new statement sees
-        // what committed before the locks were taken). One cancelled
-        // meanwhile whose done steps are not all undone is: `drive`
-        // compensates them.
+        // what committed before the locks were taken). A cancelled one whose
+        // steps (done, or begun and never answered) are not all undone is:
+        // `drive` compensates them.
         let orphans: Vec<i64> = conn
             .client
             .query(
                 "SELECT id FROM orders WHERE id = ANY($1) AND (status = 'processing' OR status = 'cancelled' AND EXISTS \
                    (SELECT 1 FROM order_steps e WHERE e.order_id = orders.id AND e.action = 'execute' \
-                      AND e.outcome = 'done' AND NOT EXISTS \
+                      AND e.outcome IN ('done', 'started') AND NOT EXISTS \
                         (SELECT 1 FROM order_steps c WHERE c.order_id = e.order_id AND c.step = e.step \
                            AND c.action = 'compensate' AND c.outcome IN ('done', 'failed')))) \
                  ORDER BY id",
@@ -319,11 +328,14 @@ impl Processor {
             .iter()
             .map(|r| r.get(0))
             .collect();
+        // Nothing is left to undo for the rest: their notes go (still under
+        // the lock, so no drive of theirs is running), then the locks.
         let finished: Vec<i64> = locked.iter().copied().filter(|id| !orphans.contains(id)).collect();
         if !finished.is_empty() {
             conn.client
                 .execute(
-                    "SELECT pg_advisory_unlock($1, workflow_lock_key(id)) FROM unnest($2::bigint[]) id",
+                    "WITH undone AS (DELETE FROM order_undo WHERE order_id = ANY($2)) \
+                     SELECT pg_advisory_unlock($1, workflow_lock_key(id)) FROM unnest($2::bigint[]) id",
                     &[&LOCK_CLASS, &finished],
                 )
                 .await
@@ -349,6 +361,14 @@ impl Processor {
             Err(e) => e.id(),
         };
         let Some(id) = work.orders.remove(&task) else { return Ok(()) };
+        if matches!(done, Ok((_, Finish::Cancelled))) {
+            // Every step is undone: the note of a cancellation in processing
+            // goes, under the lock (else the next scan would take it).
+            conn.client
+                .execute("DELETE FROM order_undo WHERE order_id = $1", &[&id])
+                .await
+                .map_err(crate::db::describe)?;
+        }
         conn.client.execute(unlock, &[&LOCK_CLASS, &id]).await.map_err(crate::db::describe)?;
         let state = &self.ctx.state;
         match done {

@@ -44,8 +44,11 @@ pub trait Step: Send + Sync {
     /// Stable: it is stored in `order_steps.step`.
     fn name(&self) -> &'static str;
     fn execute<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>>;
-    /// Undoes a successful `execute` (refund, release). Called only for a
-    /// step whose `execute` was recorded as done.
+    /// Undoes a successful `execute` (refund, release). Called for a step
+    /// whose `execute` was recorded as done, and, when the order was
+    /// cancelled meanwhile, for one whose `execute` was called and never
+    /// answered (it may or may not have taken effect): with nothing to undo,
+    /// it succeeds, as a provider's refund of an unknown charge does.
     fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>>;
 }
 

@@ -333,6 +333,8 @@ async fn an_order_cancelled_while_it_is_processed_gets_its_steps_undone() {
     );
     assert_eq!(wait_status(&app, id, "cancelled").await["error_message"], Value::Null);
     assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
+    // The note of the cancellation in processing goes once all is undone.
+    until(&app.sql().await, &format!("SELECT count(*) FROM order_undo WHERE order_id = {id}"), |n| n == 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,19 +382,26 @@ async fn a_cancellation_whose_refund_is_unavailable_at_first_is_refunded_later()
     assert_eq!(order["status"], "cancelled");
 }
 
+/// A processor with `steps` that dies while `waited` is called (the test
+/// step never answers it): the order it leaves behind.
+async fn died_during(app: &TestApp, steps: [&Arc<TestStep>; 2], waited: &Arc<TestStep>) -> i64 {
+    let first = start(&app.db_url, steps.iter().map(|s| Arc::clone(*s) as Arc<dyn Step>).collect());
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    tokio::time::timeout(WAIT, waited.entered.notified()).await.expect("the step is called");
+    first.task.abort();
+    let _ = first.task.await;
+    id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
     // Arrange: the payment service charges, then its answer is lost.
     let app = spawn_app().await;
     let payment = TestStep::new("payment", Mode::EffectThenHang);
     let inventory = TestStep::new("inventory", Mode::Succeed);
-    let first = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
-    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
-    tokio::time::timeout(WAIT, payment.entered.notified()).await.expect("payment is called");
 
-    // Act: the processor dies; a new one starts.
-    first.task.abort();
-    let _ = first.task.await;
+    // Act: the processor dies while the payment is called; a new one starts.
+    let id = died_during(&app, [&payment, &inventory], &payment).await;
     let second = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
 
     // Assert: the order completes exactly once, charged once.
@@ -407,6 +416,52 @@ async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
     assert_eq!(h.iter().filter(|(_, to, _)| to == "processing").count(), 1);
     assert_eq!(h.iter().filter(|(_, to, _)| to == "processed").count(), 1);
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
+}
+
+/// An order cancelled while no processor runs, after its owner died in the
+/// middle of a step: no compensation had begun and the order had left
+/// `processing`, so no scan found it and the payment stayed charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_cancelled_after_its_processor_died_gets_its_steps_undone_by_the_next() {
+    // Arrange: the payment is taken; the warehouse reserves, then its answer
+    // is lost and the processor dies waiting.
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::EffectThenHang);
+    let id = died_during(&app, [&payment, &inventory], &inventory).await;
+
+    // Act: a user cancels while no processor runs; then one starts.
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let db = app.sql().await;
+    let noted = format!("SELECT count(*) FROM order_undo WHERE order_id = {id}");
+    assert_eq!(scalar::<i64>(&db, &noted).await, 1, "the cancellation in processing is noted");
+    let second = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+
+    // Assert: both undone once (the reservation whose answer was lost too),
+    // nothing called again, the note gone, the order still cancelled.
+    let steps = eventually(WAIT, || {
+        let db = &db;
+        async move {
+            let steps = steps_of(db, id).await;
+            (steps.iter().filter(|s| s.1 == "compensate" && s.2 == "done").count() == 2).then_some(steps)
+        }
+    })
+    .await;
+    assert_eq!(
+        outcomes(&steps),
+        [
+            ("payment", "execute", "done"),
+            ("inventory", "execute", "started"),
+            ("inventory", "compensate", "done"),
+            ("payment", "compensate", "done"),
+        ]
+    );
+    assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
+    assert_eq!((payment.calls.load(Ordering::SeqCst), inventory.calls.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
+    until(&db, &noted, |n| n == 0).await;
+    assert_eq!(wait_status(&app, id, "cancelled").await["status"], "cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
