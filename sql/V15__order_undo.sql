@@ -1,12 +1,12 @@
--- Orders cancelled while a processor worked on them, until their steps are
--- undone. The processor that owns such an order undoes its steps itself; but
--- when that processor died first, no compensation had begun, the order was
--- no longer in `processing`, and the takeover scan never saw it: its payment
--- stayed charged. The takeover scan now also reads this table (few rows: the
--- processor deletes a row once nothing is left to undo).
+-- Cancelled orders whose steps (payment, inventory) may need undoing, until
+-- the processor has undone them. The processor that owns an order cancelled
+-- in `processing` undoes its steps itself; but when that processor had died,
+-- no compensation had begun, the order was no longer in `processing`, and the
+-- takeover scan never saw it: its payment stayed charged. Nor did anything
+-- refund a `processed` order that was cancelled later. The takeover scan now
+-- also reads this table (few rows: the processor deletes a row once nothing
+-- is left to undo automatically).
 --
--- Only `processing -> cancelled` is noted: a `processed` order that is
--- cancelled later keeps its steps, as before (a person decides on a refund).
 -- Orders cancelled before this migration are not noted.
 CREATE TABLE order_undo (
     order_id     bigint PRIMARY KEY,
@@ -22,9 +22,10 @@ END
 $$;
 
 -- Whatever wrote the cancellation (REST, Kafka, a DBA's UPDATE), in the same
--- transaction. The WHEN test keeps every other update from calling PL/pgSQL.
-CREATE TRIGGER orders_cancelled_in_processing
+-- transaction. Only orders that can have steps are noted (`pending` ones have
+-- none). The WHEN test keeps every other update from calling PL/pgSQL.
+CREATE TRIGGER orders_cancelled_with_steps
     AFTER UPDATE OF status ON orders
     FOR EACH ROW
-    WHEN (OLD.status = 'processing' AND NEW.status = 'cancelled')
+    WHEN (OLD.status IN ('processing', 'processed') AND NEW.status = 'cancelled')
     EXECUTE FUNCTION orders_note_undo();

@@ -4,8 +4,9 @@
 //! -> `processed`. When a step fails for good, the steps already done are
 //! compensated in reverse (the payment is refunded when inventory fails) and
 //! the order becomes `failed` with an `error_message` saying what happened.
-//! An order a user cancels while it is processed gets its done steps
-//! compensated too. Statuses change through the database's own rules
+//! An order a user cancels while it is processed, or once it is processed,
+//! gets its steps compensated too (a trigger notes the cancellation in
+//! `order_undo`, so it is found even when its processor is gone). Statuses change through the database's own rules
 //! (`orders_guard`), as actor `processor`, so the history and every browser
 //! see each move.
 //!
@@ -72,9 +73,9 @@ UPDATE orders SET status = $2, error_message = $3 FROM a WHERE id = $1 AND statu
 const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount FROM orders WHERE id = $1";
 
 /// The steps to undo: those done, and those begun and never answered (their
-/// call may have taken effect). A step is begun only after the ones before it
-/// are done, so only an order cancelled while its processor waited for a step
-/// (or was gone) has one of the latter.
+/// call may have taken effect; `Step::compensate` voids its key). A step is
+/// begun only after the ones before it are done, so only an order cancelled
+/// while its processor waited for a step (or was gone) has one of the latter.
 const DONE_STEPS_SQL: &str =
     "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
@@ -115,7 +116,8 @@ pub struct ProcessorState {
     pub resumed: AtomicU64,
     pub processed: AtomicU64,
     pub failed: AtomicU64,
-    /// Orders cancelled by someone else while processed (their steps compensated).
+    /// Orders cancelled by someone else while or after they were processed
+    /// (their steps compensated).
     pub cancelled: AtomicU64,
     pub compensations: AtomicU64,
     /// Order attempts that stopped on an error and wait to be resumed.
@@ -155,7 +157,8 @@ pub enum Finish {
     Processed,
     /// Failed with this error message, the done steps compensated.
     Failed(String),
-    /// Cancelled by someone else meanwhile; the done steps compensated.
+    /// Cancelled by someone else; its steps compensated (done, or begun and
+    /// never answered).
     Cancelled,
     /// Deleted, or no longer in processing: nothing to do.
     Skipped,
@@ -265,16 +268,16 @@ impl Processor {
     /// Takes over orders in processing whose owner is gone (their lock is
     /// free), and cancelled orders whose undoing is not finished: begun and
     /// interrupted (a compensation unavailable, its processor gone mid-way),
-    /// or never begun because the order was cancelled while its processor
-    /// was gone (`order_undo`). Scans in id order from `after`, so orders held
-    /// by live processors do not hide the orphans behind them. Returns where
-    /// to go on.
+    /// or not begun because the order was cancelled while its processor was
+    /// gone, or once it was processed (`order_undo`). Scans in id order from
+    /// `after`, so orders held by live processors do not hide the orphans
+    /// behind them. Returns where to go on.
     async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<i64> {
         let limit = work.free(self.concurrency) as i64;
         let mine: Vec<i64> = work.orders.values().copied().collect();
         // Three indexed scans: `orders_status_id_idx`, the few compensations
-        // begun (`order_steps_compensating`), and the few orders cancelled in
-        // processing whose undoing is not known to be finished (`order_undo`).
+        // begun (`order_steps_compensating`), and the few cancellations whose
+        // undoing is not known to be finished (`order_undo`).
         let candidates: Vec<i64> = conn
             .client
             .query(
@@ -328,21 +331,25 @@ impl Processor {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        // Nothing is left to undo for the rest: their notes go (still under
-        // the lock, so no drive of theirs is running), then the locks.
+        // Nothing is left to undo automatically for the rest: their notes go
+        // (while the locks are held, so no drive of theirs is running), then
+        // the locks.
         let finished: Vec<i64> = locked.iter().copied().filter(|id| !orphans.contains(id)).collect();
         if !finished.is_empty() {
             conn.client
+                .execute("DELETE FROM order_undo WHERE order_id = ANY($1)", &[&finished])
+                .await
+                .map_err(crate::db::describe)?;
+            conn.client
                 .execute(
-                    "WITH undone AS (DELETE FROM order_undo WHERE order_id = ANY($2)) \
-                     SELECT pg_advisory_unlock($1, workflow_lock_key(id)) FROM unnest($2::bigint[]) id",
+                    "SELECT pg_advisory_unlock($1, workflow_lock_key(id)) FROM unnest($2::bigint[]) id",
                     &[&LOCK_CLASS, &finished],
                 )
                 .await
                 .map_err(crate::db::describe)?;
         }
         for id in orphans {
-            log::info!("order processor: taking over order {id}, left unfinished");
+            log::info!("order processor: taking over order {id}, its processing or undoing unfinished");
             self.ctx.state.resumed.fetch_add(1, Ordering::Relaxed);
             work.spawn(&self.ctx, id);
         }
@@ -362,8 +369,9 @@ impl Processor {
         };
         let Some(id) = work.orders.remove(&task) else { return Ok(()) };
         if matches!(done, Ok((_, Finish::Cancelled))) {
-            // Every step is undone: the note of a cancellation in processing
-            // goes, under the lock (else the next scan would take it).
+            // Every step is undone (or its undoing failed, left for a
+            // person): the cancellation's note goes, under the lock (else the
+            // next scan would take the order up again).
             conn.client
                 .execute("DELETE FROM order_undo WHERE order_id = $1", &[&id])
                 .await
@@ -521,9 +529,10 @@ impl Ctx {
         })
     }
 
-    /// Compensates every step recorded as done, last first, each at most
-    /// once. Returns what was done (for the error message), or the `Retry`
-    /// to return when a compensation could not be reached.
+    /// Compensates every step recorded as done, or begun and never answered
+    /// (`DONE_STEPS_SQL`), last first, each at most once. Returns what was
+    /// done (for the error message), or the `Retry` to return when a
+    /// compensation could not be reached.
     async fn compensate(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Result<Vec<String>, Finish>> {
         let done: HashSet<String> = {
             // Back to the pool before any step is called.

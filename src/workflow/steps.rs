@@ -45,10 +45,11 @@ pub trait Step: Send + Sync {
     fn name(&self) -> &'static str;
     fn execute<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>>;
     /// Undoes a successful `execute` (refund, release). Called for a step
-    /// whose `execute` was recorded as done, and, when the order was
-    /// cancelled meanwhile, for one whose `execute` was called and never
-    /// answered (it may or may not have taken effect): with nothing to undo,
-    /// it succeeds, as a provider's refund of an unknown charge does.
+    /// whose `execute` was recorded as done, and, for a cancelled order, for
+    /// one whose `execute` was called and never answered (it may or may not
+    /// have taken effect, and its request may still arrive): then it must
+    /// succeed with nothing to undo and void the idempotency key, so that a
+    /// late `execute` with it has no effect (a provider's cancel by key).
     fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>>;
 }
 
@@ -112,6 +113,9 @@ fn roll(rate: f64) -> bool {
 enum Charge {
     Captured(Decimal),
     Refunded(Decimal),
+    /// Cancelled before any charge was known: a charge request still on its
+    /// way (from a processor that died waiting for it) is refused.
+    Voided,
 }
 
 /// A payment provider that declines a share of cards.
@@ -140,6 +144,9 @@ impl Step for SimulatedPayment {
                     return Ok(format!("charge ch_{} of {amount} (already captured)", order.id))
                 }
                 Some(Charge::Refunded(_)) => return Err(StepError::Rejected("the charge was refunded".into())),
+                Some(Charge::Voided) => {
+                    return Err(StepError::Rejected("the charge was voided: the order was cancelled".into()))
+                }
                 None => {}
             }
             if roll(self.failure_rate) {
@@ -159,8 +166,14 @@ impl Step for SimulatedPayment {
                     Ok(format!("refunded {amount} of ch_{}", order.id))
                 }
                 Some(Charge::Refunded(amount)) => Ok(format!("refunded {amount} of ch_{} (already)", order.id)),
-                // Forgotten across a restart of the simulation: nothing to give back here.
-                None => Ok(format!("refund of ch_{} requested", order.id)),
+                Some(Charge::Voided) => Ok(format!("ch_{} voided (already)", order.id)),
+                // Never charged, or a charge request still on its way, or
+                // forgotten across a restart of the simulation: the key is
+                // voided, so no charge can be captured with it afterwards.
+                None => {
+                    self.charges.put(order.id, Charge::Voided);
+                    Ok(format!("nothing charged; ch_{} voided", order.id))
+                }
             }
         })
     }
@@ -187,8 +200,12 @@ impl Step for SimulatedInventory {
     fn execute<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
         Box::pin(async move {
             simulate_latency(self.latency).await;
-            if self.reservations.get(order.id) == Some(true) {
-                return Ok(format!("reserved {} x {} (already)", order.quantity, order.product));
+            match self.reservations.get(order.id) {
+                Some(true) => return Ok(format!("reserved {} x {} (already)", order.quantity, order.product)),
+                // Released (the order was cancelled): a reservation request
+                // still on its way is refused.
+                Some(false) => return Err(StepError::Rejected("the reservation was released".into())),
+                None => {}
             }
             if roll(self.failure_rate) {
                 return Err(StepError::Rejected(format!("out of stock: {} x {}", order.quantity, order.product)));
@@ -224,6 +241,16 @@ mod tests {
         assert!(again.contains("already captured"), "{again}");
         assert!(pay.compensate(&order()).await.unwrap().starts_with("refunded 19.00"));
         assert!(pay.compensate(&order()).await.unwrap().contains("already"));
+    }
+
+    #[tokio::test]
+    async fn undoing_what_was_never_answered_voids_the_key_for_a_late_request() {
+        let pay = SimulatedPayment::new(0.0, Duration::ZERO);
+        assert!(pay.compensate(&order()).await.unwrap().contains("voided"));
+        assert!(matches!(pay.execute(&order()).await, Err(StepError::Rejected(_))));
+        let inventory = SimulatedInventory::new(0.0, Duration::ZERO);
+        inventory.compensate(&order()).await.unwrap();
+        assert!(matches!(inventory.execute(&order()).await, Err(StepError::Rejected(_))));
     }
 
     #[tokio::test]

@@ -418,6 +418,28 @@ async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
 }
 
+/// Both steps called once and undone once, last first; `inventory_call`
+/// is how the reservation's call stands in the record.
+fn undone_once(
+    steps: &[(String, String, String, i32, String)],
+    inventory_call: &str,
+    payment: &TestStep,
+    inventory: &TestStep,
+    id: i64,
+) {
+    assert_eq!(
+        outcomes(steps),
+        [
+            ("payment", "execute", "done"),
+            ("inventory", "execute", inventory_call),
+            ("inventory", "compensate", "done"),
+            ("payment", "compensate", "done"),
+        ]
+    );
+    assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
+    assert_eq!((payment.calls.load(Ordering::SeqCst), inventory.calls.load(Ordering::SeqCst)), (1, 1));
+}
+
 /// An order cancelled while no processor runs, after its owner died in the
 /// middle of a step: no compensation had begun and the order had left
 /// `processing`, so no scan found it and the payment stayed charged.
@@ -448,20 +470,34 @@ async fn an_order_cancelled_after_its_processor_died_gets_its_steps_undone_by_th
         }
     })
     .await;
-    assert_eq!(
-        outcomes(&steps),
-        [
-            ("payment", "execute", "done"),
-            ("inventory", "execute", "started"),
-            ("inventory", "compensate", "done"),
-            ("payment", "compensate", "done"),
-        ]
-    );
-    assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
-    assert_eq!((payment.calls.load(Ordering::SeqCst), inventory.calls.load(Ordering::SeqCst)), (1, 1));
+    undone_once(&steps, "started", &payment, &inventory, id);
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
     until(&db, &noted, |n| n == 0).await;
-    assert_eq!(wait_status(&app, id, "cancelled").await["status"], "cancelled");
+    wait_status(&app, id, "cancelled").await;
+}
+
+/// Nothing undid the steps of an order cancelled once it was processed: the
+/// payment stayed charged and the stock reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processed_order_that_is_cancelled_gets_its_steps_undone() {
+    // Arrange: an order processed through both steps.
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+    let p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    wait_status(&app, id, "processed").await;
+
+    // Act: a DBA cancels it in psql.
+    let db = app.sql().await;
+    db.batch_execute(&format!("UPDATE orders SET status = 'cancelled' WHERE id = {id}")).await.unwrap();
+
+    // Assert: both undone once, last first; the note gone.
+    let steps = all_four_finished(&app, id).await;
+    undone_once(&steps, "done", &payment, &inventory, id);
+    until(&db, &format!("SELECT count(*) FROM order_undo WHERE order_id = {id}"), |n| n == 0).await;
+    assert_eq!(p.state.resumed.load(Ordering::Relaxed), 1);
+    assert_eq!(p.state.cancelled.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
