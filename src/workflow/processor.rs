@@ -75,7 +75,8 @@ const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount 
 /// The steps to undo: those done, and those begun and never answered (their
 /// call may have taken effect; `Step::compensate` voids its key). A step is
 /// begun only after the ones before it are done, so only an order cancelled
-/// while its processor waited for a step (or was gone) has one of the latter.
+/// while its processor waited for a step (or was gone), or a step given up
+/// after `MAX_ATTEMPTS` unanswered calls, has one of the latter.
 const DONE_STEPS_SQL: &str =
     "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
@@ -460,17 +461,24 @@ impl Ctx {
                 }
             }
             let rec = begin(db, id, step.name(), EXECUTE).await?;
+            if rec.outcome == "started" && rec.attempts > MAX_ATTEMPTS {
+                // Given up: none of its calls was answered, and any may have
+                // taken effect, so it is undone with the done ones (its
+                // compensation voids the key) before it is recorded failed.
+                let why = format!(
+                    "gave up after {MAX_ATTEMPTS} attempts: {}",
+                    rec.detail.as_deref().unwrap_or("unavailable")
+                );
+                let compensated = match self.compensate(db, &order).await? {
+                    Ok(done) => done,
+                    Err(retry) => return Ok(retry),
+                };
+                finish(db, id, step.name(), EXECUTE, "failed", &why).await?;
+                return self.failed(db, &order, step.name(), &why, compensated).await;
+            }
             let failure = match rec.outcome.as_str() {
                 "done" => None,
                 "failed" => Some(rec.detail.unwrap_or_default()),
-                _ if rec.attempts > MAX_ATTEMPTS => {
-                    let why = format!(
-                        "gave up after {MAX_ATTEMPTS} attempts: {}",
-                        rec.detail.as_deref().unwrap_or("unavailable")
-                    );
-                    finish(db, id, step.name(), EXECUTE, "failed", &why).await?;
-                    Some(why)
-                }
                 _ => match step.execute(&order).await {
                     Ok(detail) => {
                         finish(db, id, step.name(), EXECUTE, "done", &detail).await?;
@@ -491,20 +499,33 @@ impl Ctx {
                     Ok(done) => done,
                     Err(retry) => return Ok(retry),
                 };
-                let mut message = format!("{} failed: {why}", step.name());
-                if !compensated.is_empty() {
-                    message.push_str(&format!("; compensated: {}", compensated.join("; ")));
-                }
-                let message: String = message.chars().take(MAX_MESSAGE).collect();
-                return Ok(match set_status(db, id, "failed", Some(&message)).await? {
-                    true => Finish::Failed(message),
-                    false => self.after_race(db, &order).await?,
-                });
+                return self.failed(db, &order, step.name(), &why, compensated).await;
             }
         }
         Ok(match set_status(db, id, "processed", None).await? {
             true => Finish::Processed,
             false => self.after_race(db, &order).await?,
+        })
+    }
+
+    /// `step` failed for good and the steps before it are undone: the order
+    /// fails with a message saying so (unless it left processing meanwhile).
+    async fn failed(
+        &self,
+        db: &Pool,
+        order: &OrderRef,
+        step: &str,
+        why: &str,
+        compensated: Vec<String>,
+    ) -> anyhow::Result<Finish> {
+        let mut message = format!("{step} failed: {why}");
+        if !compensated.is_empty() {
+            message.push_str(&format!("; compensated: {}", compensated.join("; ")));
+        }
+        let message: String = message.chars().take(MAX_MESSAGE).collect();
+        Ok(match set_status(db, order.id, "failed", Some(&message)).await? {
+            true => Finish::Failed(message),
+            false => self.after_race(db, order).await?,
         })
     }
 

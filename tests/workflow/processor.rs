@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use ordercast::workflow::processor::{Processor, ProcessorState};
+use ordercast::workflow::processor::{Processor, ProcessorState, MAX_ATTEMPTS};
 use ordercast::workflow::steps::{OrderRef, Step, StepError, Steps};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
@@ -393,6 +393,38 @@ async fn died_during(app: &TestApp, steps: [&Arc<TestStep>; 2], waited: &Arc<Tes
     id
 }
 
+/// A step given up after `MAX_ATTEMPTS` unanswered calls may have taken
+/// effect as well: it is undone with the steps before it. Before, only the
+/// payment was refunded and the stock stayed reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_given_up_after_unanswered_calls_is_undone_with_the_others() {
+    // Arrange: an order left in processing with its payment done and its
+    // reservation asked the last allowed time, never answered.
+    let app = spawn_app().await;
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    let db = app.sql().await;
+    db.batch_execute(&format!(
+        "UPDATE orders SET status = 'processing' WHERE id = {id}; \
+         INSERT INTO order_steps (order_id, step, action, outcome, detail, attempts) VALUES \
+           ({id}, 'payment', 'execute', 'done', 'charged', 1), \
+           ({id}, 'inventory', 'execute', 'started', 'warehouse timed out', {MAX_ATTEMPTS})"
+    ))
+    .await
+    .unwrap();
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+
+    // Act: a processor takes the order over.
+    let _p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+
+    // Assert: given up without another call, both undone, last first.
+    let order = wait_status(&app, id, "failed").await;
+    let message = order["error_message"].as_str().unwrap();
+    assert!(message.starts_with("inventory failed: gave up after 10 attempts: warehouse timed out"), "{message}");
+    assert!(message.contains("compensated: inventory (inventory undone"), "{message}");
+    undone_once(&steps_of(&db, id).await, "failed", (0, 0), &payment, &inventory, id);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
     // Arrange: the payment service charges, then its answer is lost.
@@ -418,11 +450,13 @@ async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
 }
 
-/// Both steps called once and undone once, last first; `inventory_call`
-/// is how the reservation's call stands in the record.
+/// Both steps undone once, last first; `inventory_call` is how the
+/// reservation's call stands in the record, `calls` how often each step was
+/// called by the test's processors.
 fn undone_once(
     steps: &[(String, String, String, i32, String)],
     inventory_call: &str,
+    calls: (u32, u32),
     payment: &TestStep,
     inventory: &TestStep,
     id: i64,
@@ -437,7 +471,7 @@ fn undone_once(
         ]
     );
     assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
-    assert_eq!((payment.calls.load(Ordering::SeqCst), inventory.calls.load(Ordering::SeqCst)), (1, 1));
+    assert_eq!((payment.calls.load(Ordering::SeqCst), inventory.calls.load(Ordering::SeqCst)), calls);
 }
 
 /// An order cancelled while no processor runs, after its owner died in the
@@ -470,7 +504,7 @@ async fn an_order_cancelled_after_its_processor_died_gets_its_steps_undone_by_th
         }
     })
     .await;
-    undone_once(&steps, "started", &payment, &inventory, id);
+    undone_once(&steps, "started", (1, 1), &payment, &inventory, id);
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
     until(&db, &noted, |n| n == 0).await;
     wait_status(&app, id, "cancelled").await;
@@ -494,7 +528,7 @@ async fn a_processed_order_that_is_cancelled_gets_its_steps_undone() {
 
     // Assert: both undone once, last first; the note gone.
     let steps = all_four_finished(&app, id).await;
-    undone_once(&steps, "done", &payment, &inventory, id);
+    undone_once(&steps, "done", (1, 1), &payment, &inventory, id);
     until(&db, &format!("SELECT count(*) FROM order_undo WHERE order_id = {id}"), |n| n == 0).await;
     assert_eq!(p.state.resumed.load(Ordering::Relaxed), 1);
     assert_eq!(p.state.cancelled.load(Ordering::Relaxed), 1);
