@@ -4,8 +4,9 @@
 -- no compensation had begun, the order was no longer in `processing`, and the
 -- takeover scan never saw it: its payment stayed charged. Nor did anything
 -- refund a `processed` order that was cancelled later. The takeover scan now
--- also reads this table (few rows: the processor deletes a row once nothing
--- is left to undo automatically).
+-- also reads this table: one row per such cancellation, until a processor
+-- has undone its steps (or found nothing left to undo automatically) and
+-- deleted it; so few rows while a processor runs.
 --
 -- Orders cancelled before this migration are not noted.
 CREATE TABLE order_undo (

@@ -77,6 +77,13 @@ const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount 
 /// begun only after the ones before it are done, so only an order cancelled
 /// while its processor waited for a step (or was gone), or a step given up
 /// after `MAX_ATTEMPTS` unanswered calls, has one of the latter.
+/// For a row of `orders`: it has steps to undo (as `DONE_STEPS_SQL` finds
+/// them) without a finished compensation.
+const STEPS_LEFT_SQL: &str = "EXISTS (SELECT 1 FROM order_steps e WHERE e.order_id = orders.id \
+    AND e.action = 'execute' AND e.outcome IN ('done', 'started') AND NOT EXISTS \
+      (SELECT 1 FROM order_steps c WHERE c.order_id = e.order_id AND c.step = e.step \
+         AND c.action = 'compensate' AND c.outcome IN ('done', 'failed')))";
+
 const DONE_STEPS_SQL: &str =
     "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
@@ -319,12 +326,10 @@ impl Processor {
         let orphans: Vec<i64> = conn
             .client
             .query(
-                "SELECT id FROM orders WHERE id = ANY($1) AND (status = 'processing' OR status = 'cancelled' AND EXISTS \
-                   (SELECT 1 FROM order_steps e WHERE e.order_id = orders.id AND e.action = 'execute' \
-                      AND e.outcome IN ('done', 'started') AND NOT EXISTS \
-                        (SELECT 1 FROM order_steps c WHERE c.order_id = e.order_id AND c.step = e.step \
-                           AND c.action = 'compensate' AND c.outcome IN ('done', 'failed')))) \
-                 ORDER BY id",
+                &format!(
+                    "SELECT id FROM orders WHERE id = ANY($1) \
+                       AND (status = 'processing' OR status = 'cancelled' AND {STEPS_LEFT_SQL}) ORDER BY id"
+                ),
                 &[&locked],
             )
             .await
@@ -334,11 +339,19 @@ impl Processor {
             .collect();
         // Nothing is left to undo automatically for the rest: their notes go
         // (while the locks are held, so no drive of theirs is running), then
-        // the locks.
+        // the locks. One cancelled since the check above (it was processed
+        // then) keeps the note its cancellation just made.
         let finished: Vec<i64> = locked.iter().copied().filter(|id| !orphans.contains(id)).collect();
         if !finished.is_empty() {
             conn.client
-                .execute("DELETE FROM order_undo WHERE order_id = ANY($1)", &[&finished])
+                .execute(
+                    &format!(
+                        "DELETE FROM order_undo u WHERE u.order_id = ANY($1) AND NOT EXISTS \
+                           (SELECT 1 FROM orders WHERE orders.id = u.order_id AND orders.status = 'cancelled' \
+                              AND {STEPS_LEFT_SQL})"
+                    ),
+                    &[&finished],
+                )
                 .await
                 .map_err(crate::db::describe)?;
             conn.client

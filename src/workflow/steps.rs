@@ -45,11 +45,12 @@ pub trait Step: Send + Sync {
     fn name(&self) -> &'static str;
     fn execute<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>>;
     /// Undoes a successful `execute` (refund, release). Called for a step
-    /// whose `execute` was recorded as done, and, for a cancelled order, for
-    /// one whose `execute` was called and never answered (it may or may not
-    /// have taken effect, and its request may still arrive): then it must
-    /// succeed with nothing to undo and void the idempotency key, so that a
-    /// late `execute` with it has no effect (a provider's cancel by key).
+    /// whose `execute` was recorded as done, and for one whose `execute` was
+    /// called and never answered (the order was cancelled meanwhile, or the
+    /// step was given up after `MAX_ATTEMPTS` calls): that call may or may not
+    /// have taken effect, and its request may still arrive, so with nothing
+    /// to undo it must succeed and void the idempotency key, so that a late
+    /// `execute` with it has no effect (a provider's cancel by key).
     fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>>;
 }
 
@@ -168,11 +169,12 @@ impl Step for SimulatedPayment {
                 Some(Charge::Refunded(amount)) => Ok(format!("refunded {amount} of ch_{} (already)", order.id)),
                 Some(Charge::Voided) => Ok(format!("ch_{} voided (already)", order.id)),
                 // Never charged, or a charge request still on its way, or
-                // forgotten across a restart of the simulation: the key is
-                // voided, so no charge can be captured with it afterwards.
+                // forgotten (the simulation's ledger lives in this process):
+                // the key is voided, so no charge can be captured with it
+                // afterwards.
                 None => {
                     self.charges.put(order.id, Charge::Voided);
-                    Ok(format!("nothing charged; ch_{} voided", order.id))
+                    Ok(format!("no charge known; ch_{} voided", order.id))
                 }
             }
         })
