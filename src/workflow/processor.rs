@@ -6,9 +6,9 @@
 //! the order becomes `failed` with an `error_message` saying what happened.
 //! An order a user cancels while it is processed, or once it is processed,
 //! gets its steps compensated too (a trigger notes the cancellation in
-//! `order_undo`, so it is found even when its processor is gone). Statuses change through the database's own rules
-//! (`orders_guard`), as actor `processor`, so the history and every browser
-//! see each move.
+//! `order_undo`, so it is found even when its processor is gone). Statuses
+//! change through the database's own rules (`orders_guard`), as actor
+//! `processor`, so the history and every browser see each move.
 //!
 //! Ownership: a batch of pending orders is claimed with one statement
 //! (`FOR UPDATE SKIP LOCKED`, so instances never claim the same order) that
@@ -77,15 +77,15 @@ const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount 
 /// begun only after the ones before it are done, so only an order cancelled
 /// while its processor waited for a step (or was gone), or a step given up
 /// after `MAX_ATTEMPTS` unanswered calls, has one of the latter.
+const DONE_STEPS_SQL: &str =
+    "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
+
 /// For a row of `orders`: it has steps to undo (as `DONE_STEPS_SQL` finds
 /// them) without a finished compensation.
 const STEPS_LEFT_SQL: &str = "EXISTS (SELECT 1 FROM order_steps e WHERE e.order_id = orders.id \
     AND e.action = 'execute' AND e.outcome IN ('done', 'started') AND NOT EXISTS \
       (SELECT 1 FROM order_steps c WHERE c.order_id = e.order_id AND c.step = e.step \
          AND c.action = 'compensate' AND c.outcome IN ('done', 'failed')))";
-
-const DONE_STEPS_SQL: &str =
-    "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
 /// See `begin`: a step's record is created, or counted as one more attempt
 /// while it is `started`; nothing is returned when it is already finished.
