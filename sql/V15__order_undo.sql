@@ -8,11 +8,21 @@
 -- has undone its steps (or found nothing left to undo automatically) and
 -- deleted it; so few rows while a processor runs.
 --
--- Orders cancelled before this migration are not noted.
+-- The notes also cover what V14's index was for (a cancelled order whose
+-- compensation was begun and not finished keeps its note), so those orders
+-- are noted here now and the index goes: the scan has one way to find a
+-- cancelled order. Orders cancelled before this migration with no
+-- compensation begun are not noted.
 CREATE TABLE order_undo (
     order_id     bigint PRIMARY KEY,
     cancelled_at timestamptz NOT NULL DEFAULT now()
 );
+
+INSERT INTO order_undo (order_id)
+SELECT DISTINCT s.order_id FROM order_steps s JOIN orders o ON o.id = s.order_id
+ WHERE s.action = 'compensate' AND s.outcome = 'started' AND o.status = 'cancelled';
+
+DROP INDEX order_steps_compensating;
 
 CREATE FUNCTION orders_note_undo() RETURNS trigger
 LANGUAGE plpgsql AS $$

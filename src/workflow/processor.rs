@@ -283,17 +283,14 @@ impl Processor {
     async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<i64> {
         let limit = work.free(self.concurrency) as i64;
         let mine: Vec<i64> = work.orders.values().copied().collect();
-        // Three indexed scans: `orders_status_id_idx`, the few compensations
-        // begun (`order_steps_compensating`), and the few cancellations whose
-        // undoing is not known to be finished (`order_undo`).
+        // Two indexed scans: `orders_status_id_idx`, and the few
+        // cancellations whose undoing is not known to be finished
+        // (`order_undo`; a note stays while a compensation is unavailable).
         let candidates: Vec<i64> = conn
             .client
             .query(
                 "SELECT id FROM ( \
                    SELECT id FROM orders WHERE status = 'processing' AND id > $1 \
-                   UNION \
-                   SELECT o.id FROM order_steps s JOIN orders o ON o.id = s.order_id \
-                    WHERE s.action = 'compensate' AND s.outcome = 'started' AND o.status = 'cancelled' AND o.id > $1 \
                    UNION \
                    SELECT order_id FROM order_undo WHERE order_id > $1 \
                  ) c WHERE id <> ALL($2) ORDER BY id LIMIT $3",
