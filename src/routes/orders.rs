@@ -306,11 +306,40 @@ fn already(id: i64, status: &str) -> ApiError {
     }
 }
 
+/// Whether a patch changes the row it is compared with (`orders`), with the
+/// patch's nine values as parameters `$n ..= $n+8`: customer name, whether
+/// the email is set and to what, product, quantity, unit price, status,
+/// whether the error message is set and to what.
+fn changes_sql(n: usize) -> String {
+    let p = |i: usize| format!("${}", n + i);
+    format!(
+        "(customer_name, customer_email, product, quantity, unit_price, status, error_message) IS DISTINCT FROM \
+         (COALESCE({0}, customer_name), CASE WHEN {1} THEN {2} ELSE customer_email END, COALESCE({3}, product), \
+          COALESCE({4}, quantity), COALESCE({5}, unit_price), COALESCE({6}, status), \
+          CASE WHEN {7} THEN {8} ELSE error_message END)",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+        p(8)
+    )
+}
+
+/// How often an update is tried again when its order was replaced under it
+/// (deleted and inserted again with its id in one transaction).
+const PATCH_ATTEMPTS: usize = 3;
+
 /// Applies a patch; the database checks the transition and bumps the version.
-/// With `unless`, refused (409) when the order is already in that status. The
-/// refusal is part of the UPDATE's condition, so it holds against concurrent
-/// writers: of two requests racing to set that status, the second finds the
-/// row changed and matches nothing.
+/// A patch that changes nothing writes nothing: the order is answered as it
+/// is, with no new version and no change pushed, so a retried PUT is
+/// harmless. With `unless`, refused (409) when the order is already in that
+/// status. The refusal is part of the UPDATE's condition, so it holds against
+/// concurrent writers: of two requests racing to set that status, the second
+/// finds the row changed and matches nothing.
 async fn apply_patch(
     pool: &deadpool_postgres::Pool,
     id: i64,
@@ -335,8 +364,20 @@ async fn apply_patch(
         None => (false, None),
     };
     let unit_price: Option<Decimal> = patch.unit_price;
-    let row = client
-        .query_opt(
+    let status = patch.status.map(Status::as_str);
+    let values: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+        &patch.customer_name,
+        &email_set,
+        &email,
+        &patch.product,
+        &patch.quantity,
+        &unit_price,
+        &status,
+        &err_set,
+        &err,
+    ];
+    let update = client
+        .prepare_cached(&format!(
             "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
              UPDATE orders SET \
                 customer_name = COALESCE($2, customer_name), \
@@ -348,46 +389,46 @@ async fn apply_patch(
                 error_message = CASE WHEN $9 THEN $10 ELSE error_message END \
              FROM a WHERE id = $11 AND ($12::int IS NULL OR version = $12) \
                AND ($13::text IS NULL OR lower(customer_name) = $13) \
-               AND ($14::text IS NULL OR status <> $14) \
+               AND ($14::text IS NULL OR status <> $14) AND {} \
              RETURNING to_jsonb(orders)::text",
-            &[
-                &actor,
-                &patch.customer_name,
-                &email_set,
-                &email,
-                &patch.product,
-                &patch.quantity,
-                &unit_price,
-                &patch.status.map(Status::as_str),
-                &err_set,
-                &err,
-                &id,
-                &expected_version,
-                &customer,
-                &unless.map(Status::as_str),
-            ],
-        )
+            changes_sql(2)
+        ))
         .await?;
-    match row {
-        Some(r) => Ok(r.get(0)),
-        None => {
-            // Why nothing matched. Already in `unless` comes first, before a
-            // stale version, as the status is what the caller asked to change.
-            let current: Option<(i32, String)> = client
-                .query_opt(
-                    "SELECT version, status FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
-                    &[&id, &customer],
-                )
-                .await?
-                .map(|r| (r.get(0), r.get(1)));
-            match (current, expected_version) {
-                (None, _) => Err(not_found(id)),
-                (Some((_, status)), _) if unless.is_some_and(|u| u.as_str() == status) => Err(already(id, &status)),
-                (Some((current, _)), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
-                (Some(_), None) => Err(ApiError::Unexpected(anyhow::anyhow!("update of order {id} matched no row"))),
+    let current = client
+        .prepare_cached(&format!(
+            "SELECT version, status, to_jsonb(orders)::text, {} FROM orders \
+             WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
+            changes_sql(3)
+        ))
+        .await?;
+    let unless = unless.map(Status::as_str);
+    for _ in 0..PATCH_ATTEMPTS {
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&actor];
+        params.extend(values);
+        params.extend::<[&(dyn tokio_postgres::types::ToSql + Sync); 4]>([&id, &expected_version, &customer, &unless]);
+        if let Some(r) = client.query_opt(&update, &params).await? {
+            return Ok(r.get(0));
+        }
+        // Why nothing matched, read afresh. Already in `unless` comes first,
+        // before a stale version, as the status is what the caller asked to
+        // change.
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id, &customer];
+        params.extend(values);
+        let Some(row) = client.query_opt(&current, &params).await? else { return Err(not_found(id)) };
+        let (version, now, json, changes): (i32, &str, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        match expected_version {
+            _ if unless == Some(now) => return Err(already(id, now)),
+            Some(expected) if expected != version => {
+                return Err(ApiError::VersionConflict { expected, current: version })
             }
+            _ if !changes => return Ok(json),
+            // The order was replaced after the UPDATE's snapshot was taken
+            // (deleted and inserted again under its id): it skipped the row
+            // it saw gone. The next try sees the new one.
+            _ => {}
         }
     }
+    Err(ApiError::Conflict(format!("order {id} kept being replaced while it was updated; try again")))
 }
 
 async fn update(

@@ -798,3 +798,83 @@ async fn a_nul_in_a_query_filter_is_422_naming_the_parameter() {
     let (status, page) = app.get_json("/api/orders?q=Nu&customer=nul").await;
     assert_eq!((status, page["items"].as_array().unwrap().len()), (200, 1));
 }
+
+/// A PATCH or PUT that changes nothing (a retried request, a client that
+/// sends what it has) writes nothing: 200 with the order as it is, no new
+/// version, no history entry and no change pushed to the streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_that_changes_nothing_writes_nothing() {
+    let app = spawn_app().await;
+    let order = app.create_order("Idle").await;
+    let id = order["id"].as_i64().unwrap();
+    // Live from after the insert: the stream carries only what follows.
+    app.settled().await;
+    let mut ws = app.ws(&format!("?id={id}")).await;
+    ws.ready().await;
+    let r = app.patch(id, &json!({"status": "cancelled"})).await;
+    assert_eq!(r.status(), 200);
+    let cancelled: Value = r.json().await.unwrap();
+    assert_eq!(cancelled["version"], 2);
+    assert_eq!(ws.changes(1, Duration::from_secs(10)).await[0]["order"]["status"], "cancelled");
+    for body in [json!({"status": "cancelled"}), json!({"status": "cancelled", "quantity": order["quantity"]})] {
+        for method in [reqwest::Method::PATCH, reqwest::Method::PUT] {
+            let r = app
+                .http
+                .request(method.clone(), app.url(&format!("/api/orders/{id}")))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{method} {body}");
+            assert_eq!(r.headers()["etag"], "\"2\"", "{method} {body}");
+            let now: Value = r.json().await.unwrap();
+            assert_eq!(now, cancelled, "{method} {body}: answered as it is");
+        }
+    }
+    // With a stale If-Match it is still a 412, even though nothing would change.
+    let r = app
+        .http
+        .patch(app.url(&format!("/api/orders/{id}")))
+        .header("If-Match", "\"1\"")
+        .json(&json!({"status": "cancelled"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 412);
+    ws.expect_silence(Duration::from_millis(500)).await;
+    let (_, history) = app.get_json(&format!("/api/orders/{id}/history")).await;
+    assert_eq!(history.as_array().unwrap().iter().filter(|h| h["to"] == "cancelled").count(), 1, "{history}");
+    let db = app.sql().await;
+    let changes: i64 =
+        db.query_one("SELECT count(*) FROM change_log WHERE order_id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(changes, 2, "the insert and the one cancel");
+}
+
+/// An update whose order a DBA replaces under it (deleted and inserted again
+/// under its id, in one transaction) is applied to the new row: before, the
+/// UPDATE skipped the row it saw deleted and the client got a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_racing_a_replacement_of_its_order_is_applied_to_the_new_row() {
+    let app = spawn_app().await;
+    let id = app.create_order("Replaced").await["id"].as_i64().unwrap();
+    let dba = app.sql().await;
+    dba.batch_execute(&format!(
+        "BEGIN; DELETE FROM orders WHERE id = {id}; \
+         INSERT INTO orders (id, customer_name, product, quantity, unit_price) VALUES ({id}, 'Replaced', 'New', 1, 2.00)"
+    ))
+    .await
+    .unwrap();
+    let patch = {
+        let (http, url) = (app.http.clone(), app.url(&format!("/api/orders/{id}")));
+        tokio::spawn(async move {
+            let r = http.patch(url).json(&json!({"quantity": 7})).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    // The PATCH now waits for the DBA's row lock.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dba.batch_execute("COMMIT").await.unwrap();
+    let (status, body) = patch.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["product"].as_str(), body["quantity"].as_i64()), (Some("New"), Some(7)), "{body}");
+}
