@@ -30,6 +30,9 @@ pub enum ApiError {
     /// The order has left `pending`: its line item can no longer change.
     #[error("{0}")]
     Locked(String),
+    /// The order's steps (payment, stock) are not undone: it cannot be deleted.
+    #[error("{0}")]
+    Unsettled(String),
     #[error("version {expected} does not match the current version {current}")]
     VersionConflict { expected: i32, current: i32 },
     #[error("the request body is larger than {0} bytes")]
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::InvalidTransition { .. } => "invalid_transition",
             ApiError::Conflict(_) => "conflict",
             ApiError::Locked(_) => "order_locked",
+            ApiError::Unsettled(_) => "order_not_settled",
             ApiError::VersionConflict { .. } => "version_conflict",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Unavailable(_) => "database_unavailable",
@@ -86,7 +90,10 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::InvalidTransition { .. } | ApiError::Conflict(_) | ApiError::Locked(_) => StatusCode::CONFLICT,
+            ApiError::InvalidTransition { .. }
+            | ApiError::Conflict(_)
+            | ApiError::Locked(_)
+            | ApiError::Unsettled(_) => StatusCode::CONFLICT,
             ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::Full(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -155,6 +162,7 @@ impl From<tokio_postgres::Error> for ApiError {
                 }
             }
             "OC423" => ApiError::Locked(crate::db::message_with_hint(db)),
+            "OC424" => ApiError::Unsettled(crate::db::message_with_hint(db)),
             "OC400" => ApiError::BadRequest(db.message().to_string(), "invalid_change"),
             "23505" => ApiError::Conflict(format!("{} ({})", db.message(), db.detail().unwrap_or("duplicate key"))),
             "23514" | "23502" | "22001" | "22003" | "22P02" => ApiError::Validation(ValidationError {

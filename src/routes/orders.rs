@@ -542,6 +542,7 @@ pub async fn cancel(
     responses(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Its processor steps (payment, stock) are not undone: cancel it first (order_not_settled)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[delete("/api/orders/{id}")]

@@ -878,3 +878,88 @@ async fn an_update_racing_a_replacement_of_its_order_is_applied_to_the_new_row()
     assert_eq!(status, 200, "{body}");
     assert_eq!((body["product"].as_str(), body["quantity"].as_i64()), (Some("New"), Some(7)), "{body}");
 }
+
+/// An order whose steps still hold effects (a charged payment, held stock)
+/// cannot be deleted, by REST or by a DBA: its steps went with it, so nothing
+/// refunded it. Once they are undone (or shipped: final), it can go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_steps_are_not_undone_cannot_be_deleted() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let delete = |id: i64| {
+        let r = app.http.delete(app.url(&format!("/api/orders/{id}")));
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let step = |id: i64, step: &'static str, action: &'static str, outcome: &'static str| {
+        let db = &db;
+        async move {
+            db.execute(
+                "INSERT INTO order_steps (order_id, step, action, outcome) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (order_id, step, action) DO UPDATE SET outcome = EXCLUDED.outcome",
+                &[&id, &step, &action, &outcome],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let order = |statuses: &'static [&'static str]| {
+        let (app, db) = (&app, &db);
+        async move {
+            let id = app.create_order("Settle").await["id"].as_i64().unwrap();
+            for s in statuses {
+                db.execute("UPDATE orders SET status = $2 WHERE id = $1", &[&id, s]).await.unwrap();
+            }
+            id
+        }
+    };
+
+    // Processed: charged and reserved.
+    let processed = order(&["processing", "processed"]).await;
+    step(processed, "payment", "execute", "done").await;
+    step(processed, "inventory", "execute", "done").await;
+    let (status, body) = delete(processed).await;
+    assert_eq!((status, body["code"].as_str()), (409, Some("order_not_settled")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("cancel it first"), "{body}");
+    let e = db.execute("DELETE FROM orders WHERE id = $1", &[&processed]).await.unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "OC424", "a DBA's DELETE is refused too");
+    // Undone: it can go.
+    step(processed, "inventory", "compensate", "done").await;
+    assert_eq!(delete(processed).await.0, 409, "the payment is still charged");
+    step(processed, "payment", "compensate", "done").await;
+    assert_eq!(delete(processed).await.0, 204);
+
+    // Processing, a call not answered: it may have taken effect.
+    let processing = order(&["processing"]).await;
+    step(processing, "payment", "execute", "started").await;
+    assert_eq!(delete(processing).await.0, 409);
+
+    // Cancelled, its undoing begun; then failed and left to an operator.
+    let cancelled = order(&["processing", "cancelled"]).await;
+    step(cancelled, "payment", "execute", "done").await;
+    step(cancelled, "payment", "compensate", "started").await;
+    let (status, body) = delete(cancelled).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("being undone"), "{body}");
+    step(cancelled, "payment", "compensate", "failed").await;
+    assert_eq!(delete(cancelled).await.0, 204);
+
+    // Shipped: its steps are final.
+    let shipped = order(&["processing", "processed", "shipped"]).await;
+    step(shipped, "payment", "execute", "done").await;
+    assert_eq!(delete(shipped).await.0, 204);
+    // And an order no processor touched, as before.
+    let plain = order(&[]).await;
+    assert_eq!(delete(plain).await.0, 204);
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM orders WHERE id = ANY($1)",
+            &[&vec![processed, processing, cancelled, shipped, plain]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1, "only the processing order is left");
+}
