@@ -542,7 +542,12 @@ impl Registry {
             if q.closed {
                 return false;
             }
-            if q.changes + n > self.max_queued {
+            // A client is slow when what it has not taken yet would go past
+            // its budget. One with nothing queued takes any batch: a batch
+            // larger than the budget (the listener reads up to 2,000 changes
+            // at once) says nothing about the client, and the queue stays
+            // bounded by the larger of the two.
+            if q.changes > 0 && q.changes + n > self.max_queued {
                 q.lagged = true;
                 return false;
             }
@@ -768,6 +773,31 @@ mod tests {
         hub_rt.block_on(hub.publish(vec![change(7)])).unwrap();
         publish_tx.send(()).unwrap();
         assert_eq!(session.join().unwrap(), [7]);
+    }
+
+    /// A batch larger than the per-client budget goes to a client with
+    /// nothing queued; it is the next one, on top of what it has not taken,
+    /// that finds the client slow. Before, every client was let go (and
+    /// caught up from the log) for one large transaction.
+    #[test]
+    fn a_batch_larger_than_the_budget_reaches_a_client_that_keeps_up() {
+        let rt = multi_thread();
+        rt.block_on(async {
+            let hub = Hub::start(0, 10);
+            let mut sub = hub.subscribe(Filter::default()).await.unwrap();
+            hub.publish((1..=11).map(change).collect()).await.unwrap();
+            assert_eq!(woken(&mut sub).await.changes().len(), 11);
+            assert!(!sub.lagged());
+            // Taken: the next large batch is welcome too.
+            hub.publish((12..=30).map(change).collect()).await.unwrap();
+            assert_eq!(woken(&mut sub).await.changes().len(), 19);
+            // Not taken: the one after it finds the client slow.
+            hub.publish((31..=42).map(change).collect()).await.unwrap();
+            hub.publish(vec![change(43)]).await.unwrap();
+            assert_eq!(woken(&mut sub).await.changes().len(), 12);
+            assert_eq!(sub.recv().await.map(|b| b.changes().len()), None, "let go after what it was given");
+            assert!(sub.lagged());
+        });
     }
 
     /// On a multi-threaded runtime a session's task may move between
