@@ -274,6 +274,20 @@ where
     }
 }
 
+/// How long (milliseconds) what the server sends on a connection may stay
+/// unacknowledged, or unsent because the client's window stays closed,
+/// before the kernel drops the connection (`TCP_USER_TIMEOUT`): twice the
+/// slow-client limit. A WebSocket session closes a client that reads nothing
+/// for the slow-client limit itself (4008); an SSE stream or a large REST
+/// answer has no such deadline of its own, as the HTTP layer stops asking
+/// for more while its buffer is full, so a client that stopped reading
+/// would otherwise hold its connection, its slot and its queued changes for
+/// as long as its TCP connection lived. Also frees a peer gone from the
+/// network sooner than the kernel's default (about 15 minutes of retries).
+fn unacknowledged_limit(settings: &Settings) -> u32 {
+    (settings.slow_client_timeout() * 2).as_millis().min(u32::MAX as u128) as u32
+}
+
 impl Application {
     pub async fn build(settings: Settings, database_url: &str) -> anyhow::Result<Application> {
         let auth = crate::auth::Auth::from_config(
@@ -347,6 +361,7 @@ impl Application {
         let port = tcp.local_addr()?.port();
         let data = web::Data::from(state.clone());
         let origins = settings.allowed_origins.clone();
+        let unacknowledged = unacknowledged_limit(&settings);
         // Per worker: an HTTP/1 service for requests, and for WebSocket
         // handshakes an upgrade service that runs the same application and
         // then takes the connection over from the HTTP dispatcher.
@@ -367,11 +382,13 @@ impl Application {
                 .client_disconnect_timeout(Duration::from_secs(1))
                 .upgrade(upgrade)
                 .h1(map_config(app(data.clone(), &origins), |_| AppConfig::default()));
-            fn_service(|io: TcpStream| async move {
+            fn_service(move |io: TcpStream| async move {
                 // Pushes are small frames that must leave at once: without
                 // this, Nagle's algorithm holds a frame until the client ACKs
                 // the previous one, and delayed ACKs make that up to 40 ms.
                 io.set_nodelay(true).map_err(DispatchError::Io)?;
+                nix::sys::socket::setsockopt(&io, nix::sys::socket::sockopt::TcpUserTimeout, &unacknowledged)
+                    .map_err(|e| DispatchError::Io(e.into()))?;
                 let peer = io.peer_addr().ok();
                 Ok((io, peer))
             })

@@ -471,6 +471,52 @@ async fn a_client_that_never_reads_is_cut_off_and_others_are_unaffected() {
     }
 }
 
+/// An SSE client that stops reading is disconnected too: an event stream has
+/// no close frame, and the HTTP layer stops asking it for more while its
+/// buffer is full, so before, the connection, its slot and its queued
+/// changes stayed for as long as the client kept its TCP connection open.
+/// Now the kernel drops a connection whose data stays unacknowledged, or
+/// unsent behind a closed window, for twice the slow-client limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_client_that_never_reads_is_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|s| {
+        s.client_buffer = 64;
+        s.slow_client_secs = 2;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(([127, 0, 0, 1], app.port).into()).await.unwrap();
+    stalled.write_all(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+    let mut healthy = app.sse("/api/events", None).await;
+    eventually(WAIT, || async {
+        (app.state.sessions.sse.load(std::sync::atomic::Ordering::Relaxed) == 2).then_some(())
+    })
+    .await;
+    let db = app.sql().await;
+    let big = "S".repeat(50 * 1024);
+    for _ in 0..20 {
+        db.execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) SELECT $1, 'Bulk', 1, 1 FROM generate_series(1, 20)",
+            &[&big],
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(healthy.changes(400, Duration::from_secs(60)).await.len(), 400);
+    // The stalled one goes: its stream, its session and its slot.
+    eventually(Duration::from_secs(60), || async {
+        (app.state.sessions.sse.load(std::sync::atomic::Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
+    // The healthy one goes on.
+    let id = dba_insert(&db, "After").await;
+    let after = healthy.changes(1, WAIT).await;
+    assert_eq!(after[0].data["order"]["id"], id);
+    drop(stalled);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_through_one_instance_reaches_the_clients_of_another() {
     let a = spawn_app().await;
