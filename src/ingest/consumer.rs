@@ -346,6 +346,21 @@ impl ConsumerContext for IngestContext {
                 self.state.set_assigned(&assigned, true);
                 log::info!("Kafka partitions assigned: {} {:?}", self.topic, assigned);
                 let to_pause = std::mem::take(&mut *self.to_pause.lock().unwrap()); // unwrap: never held across a panic
+                                                                                    // librdkafka keeps a partition's pause across a revoke and a
+                                                                                    // new assignment: only a resume clears it. One paused at an
+                                                                                    // earlier assignment (its position unreadable then), taken
+                                                                                    // away before it was resumed and given back now, would never
+                                                                                    // be read again, while nothing waits for it any more.
+                let mut resume = TopicPartitionList::new();
+                for p in assigned.iter().filter(|p| !to_pause.contains(p)) {
+                    resume.add_partition(&self.topic, *p);
+                }
+                if resume.count() > 0 {
+                    if let Err(e) = consumer.resume(&resume) {
+                        log::error!("Kafka partitions {} {assigned:?} could not be resumed: {e}", self.topic);
+                        self.state.set_kafka_error(format!("partitions could not be resumed at assignment: {e}"));
+                    }
+                }
                 if !to_pause.is_empty() {
                     self.pause(consumer, &to_pause);
                 }

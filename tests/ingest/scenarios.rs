@@ -511,6 +511,43 @@ pub async fn two_instances_share_partitions_through_rebalances(broker: &dyn Brok
     b.stop().await;
 }
 
+/// A partition paused because its stored position could not be read, taken
+/// away by a rebalance (a second member joins) and given back once it can be
+/// read (that member stops), is read again. librdkafka keeps a partition's
+/// pause across a revoke and a new assignment; before, nothing resumed it,
+/// and it was never read again while health said `running`.
+pub async fn a_paused_partition_given_back_after_a_rebalance_is_read(broker: &dyn Broker) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = names(broker, 2);
+    let db_app = crate::helpers::spawn_app().await;
+    let db = db_app.sql().await;
+    db.batch_execute("ALTER TABLE kafka_offsets RENAME TO kafka_offsets_away").await.unwrap();
+    // (assigned, awaiting) partitions of a member.
+    let parts = |app: &TestApp| {
+        let p = app.state.ingest.partitions.lock().unwrap();
+        let assigned: BTreeSet<i32> = p.iter().filter(|(_, s)| s.assigned).map(|(p, _)| *p).collect();
+        let awaiting: BTreeSet<i32> = p.iter().filter(|(_, s)| s.awaiting_position).map(|(p, _)| *p).collect();
+        (assigned, awaiting)
+    };
+    let a = spawn_ingest_on_with(&db_app.db_url, broker, &n, |_| {}).await;
+    eventually(WAIT, || async { (parts(&a).1.len() == 2).then_some(()) }).await;
+    let mut b = spawn_ingest_on_with(&db_app.db_url, broker, &n, |_| {}).await;
+    eventually(WAIT, || async { (parts(&a).0.len() == 1 && parts(&b).1.len() == 1).then_some(()) }).await;
+    db.batch_execute("ALTER TABLE kafka_offsets_away RENAME TO kafka_offsets").await.unwrap();
+    // Each member resumes the partition it waits for.
+    eventually(WAIT, || async { (parts(&a).1.is_empty() && parts(&b).1.is_empty()).then_some(()) }).await;
+    b.stop().await;
+    eventually(WAIT, || async { (parts(&a).0.len() == 2).then_some(()) }).await;
+    let producer = producer(broker);
+    for i in 0..20 {
+        send_event(&producer, &n.topic, &created(&format!("back-{i}"))).await;
+    }
+    wait_count(&db_app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'back-%'", 20, WAIT).await;
+    let positions = stored(&db, &n).await;
+    assert!(positions.iter().all(|(_, next)| next.is_some_and(|o| o > 0)), "both partitions read: {positions:?}");
+    assert_eq!(a.state.ingest.written.load(Relaxed), 20);
+}
+
 /// Another group on a topic with five events applied and three more after
 /// them: PostgreSQL knows it at offset 3, Kafka not at all (so with
 /// `auto.offset.reset=latest` it would start at the log's end, 8). Returns the

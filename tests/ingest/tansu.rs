@@ -16,6 +16,7 @@ scenario_tests!(
     a_killed_process_restarts_without_loss_or_double,
     two_instances_share_partitions_through_rebalances,
     a_partition_whose_stored_position_is_unreadable_at_assignment_waits_for_it,
+    a_paused_partition_given_back_after_a_rebalance_is_read,
 );
 
 /// A topic deleted and recreated starts its offsets over, below the stored
