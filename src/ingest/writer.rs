@@ -10,7 +10,9 @@
 //!    back, the broker asked, and the batch begun again with its answer, so a
 //!    slow or failing broker never holds the positions' locks): that position
 //!    belongs to a log that no longer exists (a topic deleted and recreated),
-//!    and the new log's messages are applied;
+//!    and the new log's messages are applied. A message at or below an
+//!    offset of its partition (and log) earlier in the same batch is a copy
+//!    read again within the batch, a redelivery too;
 //! 2. record the event ids in `ingested_events`; an id that is already there
 //!    is a producer's duplicate and is skipped. A second copy of an id in the
 //!    same batch is a duplicate only if the first copy is applied: a
@@ -664,12 +666,22 @@ async fn apply(
             fates[i] = Fate::Reread;
         }
     }
+    // The highest offset before each message in the batch, per partition
+    // and log: a message at or below it was read again within the batch (a
+    // seek back, a rebalance that fetched again what the batch already
+    // held), a copy of one before it. Linked only by event id, a copy of a
+    // dead-lettered event would be applied on its own merits, after the
+    // events that followed it.
+    let mut top: HashMap<(i32, bool), i64> = HashMap::new();
     for (i, m) in msgs.iter().enumerate() {
         if fates[i] == Fate::Reread {
             continue;
         }
         let next = stored.get(&m.partition).and_then(|s| s.next);
-        fates[i] = if !new_log[i] && next.is_some_and(|n| m.offset < n) {
+        let seen = top.entry((m.partition, new_log[i])).or_insert(i64::MIN);
+        let again = m.offset <= *seen;
+        *seen = (*seen).max(m.offset);
+        fates[i] = if again || !new_log[i] && next.is_some_and(|n| m.offset < n) {
             Fate::Redelivered
         } else {
             match (&m.decoded, mode) {

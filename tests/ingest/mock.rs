@@ -781,3 +781,59 @@ async fn a_dead_letter_too_large_for_the_dead_letter_topic_does_not_block_the_ot
         db.query_one("SELECT payload FROM dead_letters WHERE kafka_offset = 0", &[]).await.unwrap().get(0);
     assert_eq!(original.len(), 999_800, "the original is kept in the table");
 }
+
+/// Messages read twice within one batch (a seek back, or a rebalance that
+/// fetched again what the batch already held) are redeliveries of the copies
+/// before them. Before, a copy was linked to the first only by event id, so
+/// the copy of a dead-lettered event was applied on its own merits, after
+/// the event that followed it: here the order ended `shipped` (processed,
+/// then the dead-lettered `shipped` again) instead of `processed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_read_twice_in_one_batch_counts_once() {
+    use ordercast::ingest::writer::{Fate, Writer};
+    use ordercast::ingest::{event, settings::Format, Batch, Message};
+
+    let app = crate::helpers::spawn_app().await;
+    let id = "twice-1";
+    let events = [
+        (9, crate::kafka::created(id)),
+        (10, crate::kafka::status_changed(id, "shipped")),
+        (11, crate::kafka::status_changed(id, "processed")),
+    ];
+    let message = |offset: i64, e: &Value| {
+        let payload = serde_json::to_vec(e).unwrap();
+        Message {
+            partition: 0,
+            offset,
+            key: Some(id.as_bytes().to_vec()),
+            decoded: event::decode(Some(&payload), Some(id.as_bytes()), Format::Json),
+            payload: Some(payload),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }
+    };
+    let order = [0, 1, 2, 1, 2];
+    let batch = Batch { messages: order.iter().map(|&k| message(events[k].0, &events[k].1)).collect() };
+    let mut writer = Writer::new(&app.db_url, "twice-group", "twice-topic");
+    let outcome = writer.write(&batch).await.expect("written");
+    let fates: Vec<&'static str> = outcome
+        .fates
+        .iter()
+        .map(|f| match f {
+            Fate::Applied => "applied",
+            Fate::Dead(_) => "dead",
+            Fate::Redelivered => "redelivered",
+            Fate::Duplicate => "duplicate",
+            Fate::Pending => "pending",
+            Fate::Reread => "reread",
+        })
+        .collect();
+    assert_eq!(fates, ["applied", "dead", "applied", "redelivered", "redelivered"]);
+    assert_eq!(outcome.next_offsets, [(0, 12)]);
+    let db = app.sql().await;
+    let status: String = db.query_one("SELECT status FROM orders WHERE external_id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!(status, "processed");
+    let dead: Vec<i64> =
+        db.query("SELECT kafka_offset FROM dead_letters", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(dead, [10]);
+}
