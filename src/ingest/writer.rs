@@ -259,14 +259,16 @@ FROM orders o WHERE o.external_id = ANY($1::text[])";
 
 // A message is one group's dead letter once per log generation (V11): the
 // key holds the group, as another group reading the same topic records its
-// own, and the generation, as a recreated topic's offsets repeat the old ones.
+// own, and the generation, as a recreated topic's offsets repeat the old ones;
+// and the message's digest (V17), as a position deleted to recover from a
+// recreated topic starts the generation over at 0.
 const DEAD_LETTER_SQL: &str = "\
 INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, log_generation, message_key, payload,
                           headers, message_timestamp, event_id, reason, detail)
 SELECT $1, $2, p, o, g, k, b, h, ts, e::uuid, r, d
 FROM unnest($3::int[], $4::bigint[], $5::int[], $6::bytea[], $7::bytea[], $8::jsonb[], $9::timestamptz[],
             $10::text[], $11::text[], $12::text[]) AS v(p, o, g, k, b, h, ts, e, r, d)
-ON CONFLICT (group_id, kafka_topic, kafka_partition, kafka_offset, log_generation) DO NOTHING";
+ON CONFLICT (group_id, kafka_topic, kafka_partition, kafka_offset, log_generation, message_digest) DO NOTHING";
 
 // `updated_at` is when the position last moved (a batch of redeliveries
 // leaves it): `find_log_resets` compares messages' timestamps with it.

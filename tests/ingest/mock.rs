@@ -837,3 +837,50 @@ async fn a_message_read_twice_in_one_batch_counts_once() {
         db.query("SELECT kafka_offset FROM dead_letters", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(dead, [10]);
 }
+
+/// The documented recovery from a recreated topic deletes the group's
+/// `kafka_offsets` rows, which starts its log generation over at 0. The new
+/// log's poison message at an offset the old log had dead-lettered is
+/// recorded (before, it hit the old record's key and was dropped: never
+/// recorded, published or applied), while the same message read again is
+/// recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_at_an_offset_dead_lettered_before_a_reset_position_is_recorded() {
+    use ordercast::ingest::writer::{Fate, Writer};
+    use ordercast::ingest::{event, settings::Format, Batch, Message};
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    let poison = |payload: &[u8]| Batch {
+        messages: vec![Message {
+            partition: 0,
+            offset: 0,
+            key: Some(b"k".to_vec()),
+            decoded: event::decode(Some(payload), Some(b"k"), Format::Json),
+            payload: Some(payload.to_vec()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        }],
+    };
+    let mut writer = Writer::new(&app.db_url, "reset-group", "reset-topic");
+    let recorded = || async {
+        db.query("SELECT convert_from(payload, 'UTF8') FROM dead_letters ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    for (payload, expected) in [
+        (&b"old log"[..], &["old log"][..]),
+        // The operator deletes the position; the recreated topic's offset 0.
+        (b"new log", &["old log", "new log"]),
+        // The same message read again from a deleted position: once.
+        (b"new log", &["old log", "new log"]),
+    ] {
+        db.execute("DELETE FROM kafka_offsets", &[]).await.unwrap();
+        let outcome = writer.write(&poison(payload)).await.expect("written");
+        assert!(matches!(outcome.fates[0], Fate::Dead(_)));
+        assert_eq!(recorded().await, expected);
+    }
+}
