@@ -5,8 +5,9 @@
 //! compensated in reverse (the payment is refunded when inventory fails) and
 //! the order becomes `failed` with an `error_message` saying what happened.
 //! An order a user cancels while it is processed, or once it is processed,
-//! gets its steps compensated too (a trigger notes the cancellation in
-//! `order_undo`, so it is found even when its processor is gone). Statuses
+//! gets its steps compensated too, and so does one another writer marks
+//! `failed` while it is processed (a trigger notes the cancellation or
+//! failure in `order_undo`, so it is found even when its processor is gone). Statuses
 //! change through the database's own rules (`orders_guard`), as actor
 //! `processor`, so the history and every browser see each move.
 //!
@@ -124,8 +125,9 @@ pub struct ProcessorState {
     pub resumed: AtomicU64,
     pub processed: AtomicU64,
     pub failed: AtomicU64,
-    /// Orders cancelled by someone else while or after they were processed
-    /// (their steps compensated).
+    /// Orders cancelled by someone else while or after they were processed,
+    /// or marked failed by someone else while processed (their steps
+    /// compensated).
     pub cancelled: AtomicU64,
     pub compensations: AtomicU64,
     /// Order attempts that stopped on an error and wait to be resumed.
@@ -165,8 +167,8 @@ pub enum Finish {
     Processed,
     /// Failed with this error message, the done steps compensated.
     Failed(String),
-    /// Cancelled by someone else; its steps compensated (done, or begun and
-    /// never answered).
+    /// Cancelled, or marked failed, by another writer; its steps
+    /// compensated (done, or begun and never answered).
     Cancelled,
     /// Deleted, or no longer in processing: nothing to do.
     Skipped,
@@ -325,7 +327,8 @@ impl Processor {
             .query(
                 &format!(
                     "SELECT id FROM orders WHERE id = ANY($1) \
-                       AND (status = 'processing' OR status = 'cancelled' AND {STEPS_LEFT_SQL}) ORDER BY id"
+                       AND (status = 'processing' OR status IN ('cancelled', 'failed') AND {STEPS_LEFT_SQL}) \
+                     ORDER BY id"
                 ),
                 &[&locked],
             )
@@ -344,8 +347,8 @@ impl Processor {
                 .execute(
                     &format!(
                         "DELETE FROM order_undo u WHERE u.order_id = ANY($1) AND NOT EXISTS \
-                           (SELECT 1 FROM orders WHERE orders.id = u.order_id AND orders.status = 'cancelled' \
-                              AND {STEPS_LEFT_SQL})"
+                           (SELECT 1 FROM orders WHERE orders.id = u.order_id \
+                              AND orders.status IN ('cancelled', 'failed') AND {STEPS_LEFT_SQL})"
                     ),
                     &[&finished],
                 )
@@ -458,7 +461,7 @@ impl Ctx {
         let Some((status, order)) = load(db, id).await? else { return Ok(Finish::Skipped) };
         match status.as_str() {
             "processing" => {}
-            "cancelled" => return self.cancelled(db, &order).await,
+            "cancelled" | "failed" => return self.undo(db, &order, &status).await,
             _ => return Ok(Finish::Skipped),
         }
         for (i, step) in self.steps.iter().enumerate() {
@@ -466,7 +469,7 @@ impl Ctx {
             if i > 0 {
                 match load(db, id).await?.map(|(s, _)| s).as_deref() {
                     Some("processing") => {}
-                    Some("cancelled") => return self.cancelled(db, &order).await,
+                    Some(s @ ("cancelled" | "failed")) => return self.undo(db, &order, s).await,
                     _ => return Ok(Finish::Skipped),
                 }
             }
@@ -539,20 +542,22 @@ impl Ctx {
         })
     }
 
-    /// The order left processing under our feet: if it was cancelled, undo
-    /// what was done.
+    /// The order left processing under our feet: if another writer
+    /// cancelled it or marked it failed, undo what was done.
     async fn after_race(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Finish> {
         match load(db, order.id).await?.map(|(s, _)| s).as_deref() {
-            Some("cancelled") => self.cancelled(db, order).await,
+            Some(s @ ("cancelled" | "failed")) => self.undo(db, order, s).await,
             _ => Ok(Finish::Skipped),
         }
     }
 
-    async fn cancelled(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Finish> {
+    /// Another writer cancelled the order, or marked it failed (`status`):
+    /// neither may keep a payment or a reservation, so its steps are undone.
+    async fn undo(&self, db: &Pool, order: &OrderRef, status: &str) -> anyhow::Result<Finish> {
         Ok(match self.compensate(db, order).await? {
             Ok(done) => {
                 if !done.is_empty() {
-                    log::info!("order {} was cancelled while processed; compensated: {}", order.id, done.join("; "));
+                    log::info!("order {} was {status} by another writer; compensated: {}", order.id, done.join("; "));
                 }
                 Finish::Cancelled
             }

@@ -30,6 +30,8 @@ enum Mode {
     WaitForRelease,
     /// Every call takes a while, then succeeds.
     Slow,
+    /// Every call is refused for good (a declined card).
+    Decline,
 }
 
 /// A stand-in for a remote service that keeps its own idempotency ledger,
@@ -92,6 +94,7 @@ impl Step for TestStep {
                 Mode::UnavailableOnce if call == 0 => return Err(StepError::Unavailable("connection refused".into())),
                 Mode::WaitForRelease => self.release.notified().await,
                 Mode::Slow => tokio::time::sleep(Duration::from_millis(100)).await,
+                Mode::Decline => return Err(StepError::Rejected("declined".into())),
                 _ => {}
             }
             self.apply(order.id);
@@ -643,4 +646,64 @@ async fn a_killed_process_command_leaves_every_order_to_its_successor() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// An order another writer marks `failed` while it is processed (`processing
+/// -> failed` is allowed to every write path) keeps no payment and no
+/// reservation: its steps are undone, by its processor at once, or by the
+/// next one when its processor is gone. Before, the processor saw the order
+/// leave `processing` and stopped, and the payment stayed charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_another_writer_fails_while_it_is_processed_gets_its_steps_undone() {
+    let app = spawn_app().await;
+    let fail = |id: i64| {
+        let r = app.http.patch(app.url(&format!("/api/orders/{id}"))).json(&json!({"status": "failed"}));
+        async move { assert_eq!(r.send().await.unwrap().status(), 200) }
+    };
+
+    // Its processor running: inventory waits for the test meanwhile.
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::WaitForRelease);
+    let p = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    tokio::time::timeout(WAIT, inventory.entered.notified()).await.expect("inventory is called");
+    fail(id).await;
+    inventory.release.notify_one();
+    let steps = all_four_finished(&app, id).await;
+    undone_once(&steps, "done", (1, 1), &payment, &inventory, id);
+    assert_eq!(wait_status(&app, id, "failed").await["status"], "failed");
+    let db = app.sql().await;
+    until(&db, &format!("SELECT count(*) FROM order_undo WHERE order_id = {id}"), |n| n == 0).await;
+    p.task.abort();
+    let _ = p.task.await;
+
+    // Its processor gone: the failure is noted, and the next one undoes it.
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::EffectThenHang);
+    let id = died_during(&app, [&payment, &inventory], &inventory).await;
+    fail(id).await;
+    let noted = format!("SELECT count(*) FROM order_undo WHERE order_id = {id}");
+    assert_eq!(scalar::<i64>(&db, &noted).await, 1, "the failure in processing is noted");
+    let second = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let steps = eventually(WAIT, || {
+        let db = &db;
+        async move {
+            let steps = steps_of(db, id).await;
+            (steps.iter().filter(|s| s.1 == "compensate" && s.2 == "done").count() == 2).then_some(steps)
+        }
+    })
+    .await;
+    undone_once(&steps, "started", (1, 1), &payment, &inventory, id);
+    assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
+    until(&db, &noted, |n| n == 0).await;
+    // The processor's own failures are not noted: their steps are undone
+    // before the status is set.
+    let declined = TestStep::new("payment", Mode::Decline);
+    let third = start(&app.db_url, vec![declined.clone(), TestStep::new("inventory", Mode::Succeed)]);
+    second.task.abort();
+    let _ = second.task.await;
+    let id = app.create_order("Bo").await["id"].as_i64().unwrap();
+    wait_status(&app, id, "failed").await;
+    assert_eq!(scalar::<i64>(&db, &format!("SELECT count(*) FROM order_undo WHERE order_id = {id}")).await, 0);
+    drop(third);
 }
