@@ -288,6 +288,32 @@ fn unacknowledged_limit(settings: &Settings) -> u32 {
     (settings.slow_client_timeout() * 2).as_millis().min(u32::MAX as u128) as u32
 }
 
+/// Customer names compare case-insensitively: in SQL with `lower()`, which
+/// follows the database's character type, and in the server with
+/// `domain::fold_case`, which folds all of Unicode. A database whose
+/// character type is `C` or `POSIX` (and whose default collation is not ICU)
+/// folds only ASCII, so a token confined to "Élan" would find its orders in
+/// the streams and not through REST: said once at start.
+async fn warn_on_ascii_case_folding(client: &tokio_postgres::Client) {
+    let row = client
+        .query_one(
+            "SELECT current_setting('lc_ctype'), \
+                    (SELECT to_jsonb(d) ->> 'datlocprovider' FROM pg_database d WHERE datname = current_database())",
+            &[],
+        )
+        .await;
+    let Ok(row) = row else { return };
+    let (ctype, provider): (String, Option<String>) = (row.get(0), row.get(1));
+    if matches!(ctype.as_str(), "C" | "POSIX") && provider.as_deref() != Some("i") {
+        log::warn!(
+            "the database's character type is {ctype}: PostgreSQL's lower() folds only ASCII letters there, so \
+             customer names with other letters compare differently in SQL and in the server (a token confined \
+             to such a customer may miss its orders through REST). Create the database with a UTF-8 locale \
+             (e.g. LC_CTYPE 'C.UTF-8') or an ICU collation"
+        );
+    }
+}
+
 impl Application {
     pub async fn build(settings: Settings, database_url: &str) -> anyhow::Result<Application> {
         let auth = crate::auth::Auth::from_config(
@@ -309,6 +335,7 @@ impl Application {
         let pool = crate::db::pool(database_url, settings.db_pool_size, settings.db_timeout())?;
         let head = {
             let client = pool.get().await.context("Failed to connect to the database")?;
+            warn_on_ascii_case_folding(&client).await;
             crate::changes::log_bounds(&client).await.map_err(crate::db::describe)?.0
         };
         let hub = Hub::start(head, settings.client_buffer);

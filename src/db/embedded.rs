@@ -121,9 +121,19 @@ impl EmbeddedPostgres {
             }
         }
         log::info!("initialising a private PostgreSQL in {}", self.data_dir.display());
-        let mut cmd = self.command("initdb");
-        cmd.arg("-D").arg(&self.data_dir).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
-        self.run(cmd, "initdb")
+        // A UTF-8 character type whatever the environment's locale: with `C`,
+        // PostgreSQL's lower() folds only ASCII, and customer names would
+        // compare otherwise in SQL than in the server (`fold_case`).
+        let initdb = |locale: Option<&str>| {
+            let mut cmd = self.command("initdb");
+            cmd.arg("-D").arg(&self.data_dir).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+            cmd.args(locale.map(|l| format!("--locale={l}")));
+            self.run(cmd, "initdb")
+        };
+        initdb(Some("C.UTF-8")).or_else(|e| {
+            log::warn!("initdb with the C.UTF-8 locale failed ({e:#}): using the environment's locale");
+            initdb(None)
+        })
     }
 
     fn start_server(&mut self) -> anyhow::Result<()> {

@@ -94,6 +94,10 @@ async fn the_demo_starts_and_orders_reach_a_websocket_client() {
         .env_remove("DATABASE_URL")
         .env_remove("KAFKA_BROKERS")
         .env("ORDERCAST_STEP_LATENCY_MS", "20")
+        // The embedded PostgreSQL gets a UTF-8 character type whatever the
+        // environment's locale (lower() would fold only ASCII under C).
+        .env("LANG", "C")
+        .env("LC_ALL", "C")
         .env("RUST_LOG", "info,librdkafka=warn,actix_web=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -123,6 +127,7 @@ async fn the_demo_starts_and_orders_reach_a_websocket_client() {
     }
     let log = demo.log();
     assert!(log.contains("embedded Kafka-protocol broker"), "the broker's address is logged:\n{log}");
+    assert!(!log.contains("folds only ASCII"), "the embedded database folds all letters:\n{log}");
     let health: serde_json::Value =
         reqwest::get(format!("http://127.0.0.1:{port}/api/health")).await.unwrap().json().await.unwrap();
     assert_eq!(health["workflow"]["processor"]["enabled"], true, "{health}");
