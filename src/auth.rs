@@ -230,11 +230,17 @@ impl Auth {
     }
 }
 
-/// The token of a request, from the header, the cookie or the query.
+/// The token of a request, from the header, the cookie or the query. The
+/// scheme is matched without regard to case (RFC 9110); an `Authorization`
+/// of another scheme (a proxy's Basic credentials, say) is not ordercast's,
+/// and the cookie or the query may still carry the token.
 pub fn token(req: &ServiceRequest) -> Option<String> {
-    if let Some(h) = req.headers().get(actix_web::http::header::AUTHORIZATION) {
-        let v = h.to_str().ok()?.trim();
-        return v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(|t| t.trim().to_string());
+    if let Some(v) = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
+        if let Some((scheme, token)) = v.trim().split_once(' ') {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                return Some(token.trim().to_string());
+            }
+        }
     }
     if let Some(cookies) = req.headers().get(actix_web::http::header::COOKIE).and_then(|c| c.to_str().ok()) {
         if let Some(v) = cookies.split(';').find_map(|c| c.trim().strip_prefix("ordercast_token=")) {

@@ -202,6 +202,21 @@ async fn tokens_and_scopes_guard_every_route() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // The scheme in any case; another scheme (a proxy's) leaves the cookie to speak.
+    let r = app.http.get(app.url("/api/orders")).header("authorization", "BEARER readersecret").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app
+        .http
+        .get(app.url("/api/orders"))
+        .header("authorization", "Basic cHJveHk6c2VjcmV0")
+        .header("cookie", "ordercast_token=readersecret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r =
+        app.http.get(app.url("/api/orders")).header("authorization", "Basic cHJveHk6c2VjcmV0").send().await.unwrap();
+    assert_eq!(r.status(), 401);
     let mut sse = app.sse("/api/events?access_token=readersecret", None).await;
     assert_eq!(sse.next_event(Duration::from_secs(5)).await.event, "ready");
     // WebSocket: refused with a close code a browser can read.
