@@ -104,7 +104,7 @@ pub struct Settings {
 
     /// Browser origins allowed to open WebSockets and make CORS requests
     /// (comma-separated, e.g. `https://ops.example.com`). Same-origin is always allowed.
-    #[arg(long, env = "ORDERCAST_ALLOWED_ORIGINS", value_delimiter = ',', global = true)]
+    #[arg(long, env = "ORDERCAST_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = origin, global = true)]
     pub allowed_origins: Vec<String>,
 
     /// Streaming connections (WebSocket + SSE) the server holds at most (503 beyond).
@@ -157,6 +157,17 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// One allowed origin as a browser sends it: spaces around it (after a comma)
+/// and a trailing `/` go; an empty one (a stray comma) is refused, as it
+/// would match nothing.
+fn origin(s: &str) -> Result<String, String> {
+    let o = s.trim().trim_end_matches('/');
+    if o.is_empty() {
+        return Err("an empty origin (a stray comma?)".into());
+    }
+    Ok(o.to_string())
+}
+
 impl Settings {
     pub fn db_timeout(&self) -> Duration {
         Duration::from_secs(self.db_timeout_secs.max(1))
@@ -187,6 +198,20 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_origins_are_taken_as_browsers_send_them() {
+        let parse = |list: &str| {
+            Cli::try_parse_from(["ordercast", "--database-url", "postgres://127.0.0.1/x", "--allowed-origins", list])
+                .map(|cli| cli.settings.allowed_origins)
+        };
+        assert_eq!(
+            parse("https://a.example, https://b.example/ ,http://127.0.0.1:8080").unwrap(),
+            ["https://a.example", "https://b.example", "http://127.0.0.1:8080"]
+        );
+        let e = parse("https://a.example,,https://b.example").unwrap_err().to_string();
+        assert!(e.contains("an empty origin"), "{e}");
+    }
 
     #[test]
     fn http_workers_leave_a_core_to_the_main_runtime_unless_set() {
