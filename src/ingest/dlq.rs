@@ -183,7 +183,7 @@ async fn refresh_pending(
 }
 
 /// Produce errors that trying again cannot cure: the message itself is refused.
-fn permanent(code: RDKafkaErrorCode) -> bool {
+pub(crate) fn permanent(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::MessageSizeTooLarge

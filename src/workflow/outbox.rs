@@ -26,7 +26,12 @@
 //! WebSocket `change` message (`{"type":"change","seq":N,"op":...,"order":{...},
 //! "old":{...},"actor":"...","at":"..."}`), headers `ordercast-position`,
 //! `ordercast-op`, `ordercast-actor`, `content-type: application/json`,
-//! timestamp = the commit time.
+//! timestamp = the commit time. A change the topic cannot take whole (larger
+//! than the producer's or the broker's message size limit: a DBA's long text,
+//! say) is published as a stub, so it never holds up the changes after it:
+//! `{"type":"change","seq":N,"op":...,"order":{"id":ID},"old":null,"actor":...,
+//! "at":...,"truncated":true}` with the header `ordercast-truncated: true`; the
+//! order itself is read through the REST API.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,8 +39,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::future::join_all;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
@@ -286,26 +292,75 @@ async fn publish(producer: &FutureProducer, topic: &str, rows: &[tokio_postgres:
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
         // The same envelope as the WebSocket `change` message, so one parser serves both.
-        let Envelope { pos, op, order_id, actor, at, json: payload } = Envelope::from_row(row);
-        let key = order_id.to_string();
-        let position = pos.to_string();
-        let headers = OwnedHeaders::new_with_capacity(4)
-            .insert(Header { key: "ordercast-position", value: Some(position.as_str()) })
-            .insert(Header { key: "ordercast-op", value: Some(op) })
-            .insert(Header { key: "ordercast-actor", value: Some(actor) })
-            .insert(Header { key: "content-type", value: Some("application/json") });
-        let mut record = FutureRecord::to(topic).key(key.as_str()).payload(payload.as_bytes()).headers(headers);
-        if let Some(at) = at {
-            record = record.timestamp(at.timestamp_millis());
-        }
-        deliveries.push(super::enqueue(producer, record).await.context("Kafka refused a message")?);
+        let change = Envelope::from_row(row);
+        let delivery = match Outgoing::of(&change, false).send(producer, topic).await {
+            Err(KafkaError::MessageProduction(code)) if crate::ingest::dlq::permanent(code) => {
+                Outgoing::of(&change, true).send(producer, topic).await
+            }
+            other => other,
+        };
+        deliveries.push(delivery.context("Kafka refused a message")?);
     }
-    for delivery in join_all(deliveries).await {
+    let mut stubs = Vec::new();
+    for (delivery, row) in join_all(deliveries).await.into_iter().zip(rows) {
         match delivery {
             Ok(Ok(_)) => {}
+            // Refused by the broker (its own size limit): the stub goes instead.
+            Ok(Err((KafkaError::MessageProduction(code), _))) if crate::ingest::dlq::permanent(code) => {
+                let stub = Outgoing::of(&Envelope::from_row(row), true);
+                stubs.push(stub.send(producer, topic).await.context("Kafka refused a stub")?);
+            }
             Ok(Err((e, _))) => return Err(anyhow::anyhow!("Kafka did not acknowledge a change: {e}")),
             Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging"),
         }
     }
+    for delivery in join_all(stubs).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(anyhow::anyhow!("Kafka did not acknowledge a change's stub: {e}")),
+            Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging"),
+        }
+    }
     Ok(())
+}
+
+/// The message of one change, or the stub that stands for a change the
+/// topic cannot take whole (see the module's comment).
+struct Outgoing {
+    key: String,
+    payload: String,
+    headers: OwnedHeaders,
+    timestamp: Option<i64>,
+}
+
+impl Outgoing {
+    fn of(change: &Envelope<'_>, stub: bool) -> Outgoing {
+        let position = change.pos.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(5)
+            .insert(Header { key: "ordercast-position", value: Some(position.as_str()) })
+            .insert(Header { key: "ordercast-op", value: Some(change.op) })
+            .insert(Header { key: "ordercast-actor", value: Some(change.actor) })
+            .insert(Header { key: "content-type", value: Some("application/json") });
+        let payload = if stub {
+            headers = headers.insert(Header { key: "ordercast-truncated", value: Some("true") });
+            let mut v: Value = serde_json::from_str(&change.json).unwrap_or_default();
+            v["order"] = json!({"id": change.order_id});
+            v["old"] = Value::Null;
+            v["truncated"] = Value::Bool(true);
+            v.to_string()
+        } else {
+            change.json.clone()
+        };
+        let timestamp = change.at.map(|at| at.timestamp_millis());
+        Outgoing { key: change.order_id.to_string(), payload, headers, timestamp }
+    }
+
+    async fn send(self, producer: &FutureProducer, topic: &str) -> Result<DeliveryFuture, KafkaError> {
+        let mut record =
+            FutureRecord::to(topic).key(self.key.as_str()).payload(self.payload.as_bytes()).headers(self.headers);
+        if let Some(t) = self.timestamp {
+            record = record.timestamp(t);
+        }
+        super::enqueue(producer, record).await
+    }
 }

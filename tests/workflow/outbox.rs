@@ -225,3 +225,36 @@ async fn a_broker_outage_delays_changes_but_loses_none() {
     let (_, health) = app.get_json("/api/health").await;
     assert_eq!(health["workflow"]["outbox"]["state"], "running", "{health}");
 }
+
+/// A change too large for the topic (a DBA's 2 MB error message: the old and
+/// new rows both carry it) goes as a stub that says so, and the changes after
+/// it follow. Before, Kafka's refusal was retried forever and nothing after
+/// it was published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_too_large_for_the_topic_goes_as_a_stub_and_holds_nothing_up() {
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    let db = app.sql().await;
+    db.execute("UPDATE orders SET error_message = repeat('x', 2000000) WHERE id = $1", &[&id]).await.unwrap();
+    // Cleared again (its old row still carries it), then a plain change.
+    assert_eq!(app.patch(id, &json!({"error_message": null})).await.status(), 200);
+    assert_eq!(app.patch(id, &json!({"status": "processing"})).await.status(), 200);
+
+    let msgs = reader.read_until(WAIT, move |m| of_order(m, id).len() >= 4).await;
+    let mine = of_order(&msgs, id);
+    assert_eq!(mine.len(), 4);
+    for m in &mine[1..3] {
+        let stub = payload(m);
+        assert_eq!(header(m, "ordercast-truncated").as_deref(), Some("true"));
+        assert_eq!(
+            (stub["truncated"].as_bool(), &stub["order"], &stub["old"]),
+            (Some(true), &json!({"id": id}), &json!(null))
+        );
+        assert_eq!((stub["seq"].as_i64(), stub["op"].as_str()), (Some(position(m)), Some("update")));
+    }
+    assert_eq!(header(mine[3], "ordercast-truncated"), None);
+    assert_eq!(payload(mine[3])["order"]["status"], "processing");
+    assert!(mine.windows(2).all(|w| position(w[0]) < position(w[1])));
+}
