@@ -19,7 +19,7 @@
 //! following one order cost O(matching clients) per change, not O(all).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
@@ -532,6 +532,55 @@ impl Registry {
         self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
     }
 
+    /// Removes several subscriptions, each bucket they were in scanned once
+    /// (one by one, many clients lagging together in one bucket would cost a
+    /// scan of the bucket each).
+    fn remove_many(&mut self, ids: &[u64]) {
+        if ids.len() < 2 {
+            ids.iter().for_each(|&id| self.remove(id));
+            return;
+        }
+        let gone: HashSet<u64> = ids.iter().copied().collect();
+        let (mut all, mut statuses) = (false, [false; 7]);
+        let (mut order_ids, mut customers) = (HashSet::new(), HashSet::new());
+        for id in ids {
+            let Some(sub) = self.subs.remove(id) else { continue };
+            for b in buckets(&sub.filter) {
+                match b {
+                    Bucket::All => all = true,
+                    Bucket::Id(i) => _ = order_ids.insert(i),
+                    Bucket::Customer(c) => _ = customers.insert(c),
+                    Bucket::Status(s) => statuses[s.index()] = true,
+                }
+            }
+        }
+        if all {
+            self.all.retain(|x| !gone.contains(x));
+        }
+        for (i, bucket) in self.by_status.iter_mut().enumerate() {
+            if statuses[i] {
+                bucket.retain(|x| !gone.contains(x));
+            }
+        }
+        for i in order_ids {
+            if let Some(bucket) = self.by_id.get_mut(&i) {
+                bucket.retain(|x| !gone.contains(x));
+                if bucket.is_empty() {
+                    self.by_id.remove(&i);
+                }
+            }
+        }
+        for c in customers {
+            if let Some(bucket) = self.by_customer.get_mut(&c) {
+                bucket.retain(|x| !gone.contains(x));
+                if bucket.is_empty() {
+                    self.by_customer.remove(&c);
+                }
+            }
+        }
+        self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
+    }
+
     /// Hands a batch to one subscription without waiting. Returns false when
     /// the subscription must go (lagged or gone).
     fn deliver(&self, id: u64, batch: Batch, wakes: &mut Wakes) -> bool {
@@ -578,14 +627,19 @@ impl Registry {
     }
 
     /// Drops every subscription as lagged: each session subscribes again.
+    /// The indexes are emptied whole (removing the subscriptions one by one
+    /// scans a bucket each: quadratic, at 10,000 clients in one bucket, while
+    /// publishing waits).
     fn lag_all(&mut self) {
-        let ids: Vec<u64> = self.subs.keys().copied().collect();
-        for id in ids {
-            if let Some(sub) = self.subs.get(&id) {
-                sub.queue.inner.lock().unwrap().lagged = true;
-            }
-            self.remove(id);
+        for sub in self.subs.values() {
+            sub.queue.inner.lock().unwrap().lagged = true;
         }
+        self.subs.clear();
+        self.all.clear();
+        self.by_id.clear();
+        self.by_customer.clear();
+        self.by_status.iter_mut().for_each(Vec::clear);
+        self.stats.subscriptions.store(0, Ordering::Relaxed);
     }
 
     fn publish(&mut self, changes: Vec<SharedChange>) {
@@ -647,12 +701,12 @@ impl Registry {
         }
 
         wakes.flush();
-        for id in dropped {
-            if self.subs.get(&id).is_some_and(|s| s.queue.inner.lock().unwrap().lagged) {
+        for id in &dropped {
+            if self.subs.get(id).is_some_and(|s| s.queue.inner.lock().unwrap().lagged) {
                 self.stats.lagged.fetch_add(1, Ordering::Relaxed);
             }
-            self.remove(id);
         }
+        self.remove_many(&dropped);
         self.position.store(last, Ordering::Release);
     }
 }
@@ -684,6 +738,17 @@ mod tests {
             biased;
             _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("not woken within 5 s"),
             batch = sub.recv() => batch.expect("a batch"),
+        }
+    }
+
+    /// Waits until the hub's counters say what `done` asks (the hub task
+    /// works on its own: a publish is queued, not yet delivered, when
+    /// `publish` returns).
+    async fn until(hub: &Hub, done: impl Fn(&HubStats) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done(&hub.stats) {
+            assert!(tokio::time::Instant::now() < deadline, "the hub did not get there within 5 s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -794,9 +859,51 @@ mod tests {
             // Not taken: the one after it finds the client slow.
             hub.publish((31..=42).map(change).collect()).await.unwrap();
             hub.publish(vec![change(43)]).await.unwrap();
+            until(&hub, |s| s.lagged.load(Ordering::Relaxed) == 1).await;
             assert_eq!(woken(&mut sub).await.changes().len(), 12);
             assert_eq!(sub.recv().await.map(|b| b.changes().len()), None, "let go after what it was given");
             assert!(sub.lagged());
+        });
+    }
+
+    /// Clients that lag in the same publish go together (each bucket they
+    /// were in scanned once); the others, in the same buckets or not, go on.
+    #[test]
+    fn clients_lagging_together_are_let_go_and_the_rest_go_on() {
+        let rt = multi_thread();
+        rt.block_on(async {
+            let hub = Hub::start(0, 2);
+            let pending = Filter { statuses: [Status::Pending].into(), ..Filter::default() };
+            let one = Filter { ids: [1].into(), ..Filter::default() };
+            let mut readers =
+                vec![hub.subscribe(Filter::default()).await.unwrap(), hub.subscribe(pending.clone()).await.unwrap()];
+            let mut idle = Vec::new();
+            for f in [Filter::default(), Filter::default(), pending, one] {
+                idle.push(hub.subscribe(f).await.unwrap());
+            }
+            hub.publish(vec![change(1)]).await.unwrap();
+            for r in &mut readers {
+                assert_eq!(woken(r).await.changes().len(), 1);
+            }
+            hub.publish(vec![change(2), change(3)]).await.unwrap();
+            // Three idle ones lagged; the one following order 1 got nothing more.
+            until(&hub, |s| s.subscriptions.load(Ordering::Relaxed) == 3).await;
+            assert_eq!(hub.stats.lagged.load(Ordering::Relaxed), 3);
+            for r in &mut readers {
+                assert_eq!(woken(r).await.changes().len(), 2);
+            }
+            hub.publish(vec![change(4)]).await.unwrap();
+            for r in &mut readers {
+                assert_eq!(woken(r).await.changes()[0].pos, 4);
+            }
+            for (i, sub) in idle.iter_mut().enumerate() {
+                assert_eq!(sub.recv().await.map(|b| b.changes().len()), Some(1), "{i}: what it was given");
+                if i < 3 {
+                    assert_eq!(sub.recv().await.map(|_| ()), None, "{i}: then let go");
+                    assert!(sub.lagged());
+                }
+            }
+            assert!(!idle[3].lagged());
         });
     }
 
