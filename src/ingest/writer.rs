@@ -59,6 +59,12 @@ use crate::domain::{OrderPatch, Status};
 /// A whole attempt (all statements and the commit) must finish in this time,
 /// or the connection is presumed dead and replaced.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a careful attempt may take on top, per message: it costs three
+/// round trips each (SAVEPOINT, the statement, RELEASE), so a batch of
+/// thousands on a database a few milliseconds away takes minutes. With one
+/// fixed limit, that redo timed out, counted as transient, and the batch
+/// began again from its batch statements, forever.
+const CAREFUL_PER_MESSAGE: Duration = Duration::from_millis(20);
 
 /// What happened to one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,6 +349,7 @@ pub struct Writer {
     url: String,
     scope: Scope,
     conn: Option<Connection>,
+    attempt_timeout: Duration,
 }
 
 /// Far enough behind the stored position to be worth a seek.
@@ -359,7 +366,15 @@ impl Writer {
                 log_ends: None,
             },
             conn: None,
+            attempt_timeout: ATTEMPT_TIMEOUT,
         }
+    }
+
+    /// Another limit for an attempt than `ATTEMPT_TIMEOUT` (a careful one
+    /// gets `CAREFUL_PER_MESSAGE` more per message).
+    pub fn with_attempt_timeout(mut self, limit: Duration) -> Writer {
+        self.attempt_timeout = limit;
+        self
     }
 
     /// Checks, when a batch holds messages below the stored position, that
@@ -494,6 +509,10 @@ impl Writer {
         ends: &mut LogEndAnswers,
     ) -> Result<Outcome, WriteError> {
         let scope = self.scope.clone();
+        let limit = match mode {
+            Mode::Careful => self.attempt_timeout + CAREFUL_PER_MESSAGE * msgs.len().min(u32::MAX as usize) as u32,
+            _ => self.attempt_timeout,
+        };
         // `ends`: where the logs of partitions with messages below their
         // stored positions end, asked of the broker between transactions.
         for _ in 0..ASK_BROKER_ROUNDS {
@@ -518,15 +537,11 @@ impl Writer {
                 }
                 Ok(step)
             };
-            match tokio::time::timeout(ATTEMPT_TIMEOUT, run).await {
+            match tokio::time::timeout(limit, run).await {
                 Ok(Ok(Step::Done(outcome))) => return Ok(outcome),
                 Ok(Ok(Step::AskBroker(partitions))) => ends.extend(ask_log_ends(&scope, &partitions).await?),
                 Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(WriteError::Transient(anyhow!(
-                        "the database did not answer within {ATTEMPT_TIMEOUT:?}"
-                    )))
-                }
+                Err(_) => return Err(WriteError::Transient(anyhow!("the database did not answer within {limit:?}"))),
             }
         }
         Err(WriteError::Transient(anyhow!(

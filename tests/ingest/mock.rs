@@ -884,3 +884,51 @@ async fn a_poison_message_at_an_offset_dead_lettered_before_a_reset_position_is_
         assert_eq!(recorded().await, expected);
     }
 }
+
+/// The one-message-at-a-time redo of a batch the database rejected (a DBA's
+/// rule) costs three round trips per message, so it gets time in proportion
+/// to the batch. Before, it had the limit of a whole batch attempt: a large
+/// batch on a slow link timed out, counted as transient, and started again
+/// from its batch statement, forever. Here a single-row insert takes 10 ms
+/// and an attempt 1 s: 200 messages take 2 s to redo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_careful_redo_of_a_large_batch_gets_time_in_proportion() {
+    use ordercast::ingest::writer::{Fate, Writer};
+    use ordercast::ingest::{event, settings::Format, Batch, Message};
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    db.batch_execute(
+        "ALTER TABLE orders ADD CONSTRAINT no_rejected CHECK (customer_name <> 'Rejected'); \
+         CREATE FUNCTION slow_single() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF (SELECT count(*) FROM new_rows) = 1 THEN PERFORM pg_sleep(0.01); END IF; RETURN NULL; END $$; \
+         CREATE TRIGGER slow_single AFTER INSERT ON orders REFERENCING NEW TABLE AS new_rows \
+           FOR EACH STATEMENT EXECUTE FUNCTION slow_single()",
+    )
+    .await
+    .unwrap();
+    let messages = (0..200)
+        .map(|i| {
+            let id = format!("slow-{i}");
+            let mut e = crate::kafka::created(&id);
+            if i == 100 {
+                e["order"]["customer_name"] = "Rejected".into();
+            }
+            let payload = serde_json::to_vec(&e).unwrap();
+            Message {
+                partition: 0,
+                offset: i,
+                key: Some(id.as_bytes().to_vec()),
+                decoded: event::decode(Some(&payload), Some(id.as_bytes()), Format::Json),
+                payload: Some(payload),
+                headers: Vec::new(),
+                timestamp_ms: None,
+            }
+        })
+        .collect();
+    let mut writer = Writer::new(&app.db_url, "slow-group", "slow-topic").with_attempt_timeout(Duration::from_secs(1));
+    let outcome = writer.write(&Batch { messages }).await.expect("written, not timed out");
+    assert_eq!(outcome.written, 199);
+    assert_eq!(outcome.fates.iter().filter(|f| matches!(f, Fate::Dead(_))).count(), 1);
+    assert!(matches!(outcome.fates[100], Fate::Dead(_)));
+}
