@@ -460,9 +460,11 @@ async fn update(
     request_body(content = crate::routes::openapi::OrderPatchDoc, content_type = "application/json"),
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
+        (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Status transition not allowed (invalid_transition), or a line-item change of an order that has left pending (order_locked)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+        (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[patch("/api/orders/{id}")]
@@ -481,9 +483,12 @@ pub async fn patch_order(
     request_body(content = crate::routes::openapi::OrderPatchDoc, content_type = "application/json"),
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
+        (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Status transition not allowed (invalid_transition), or a line-item change of an order that has left pending (order_locked)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+        (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[put("/api/orders/{id}")]
 pub async fn put_order(
@@ -500,8 +505,10 @@ pub async fn put_order(
     params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
     responses(
         (status = 200, description = "The cancelled order", body = crate::routes::openapi::OrderDoc),
+        (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Cannot be cancelled in its status", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[post("/api/orders/{id}/cancel")]
 pub async fn cancel(
@@ -541,6 +548,7 @@ pub async fn cancel(
     params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Its processor steps (payment, stock) are not undone: cancel it first (order_not_settled)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
