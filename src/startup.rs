@@ -289,28 +289,22 @@ fn unacknowledged_limit(settings: &Settings) -> u32 {
 }
 
 /// Customer names compare case-insensitively: in SQL with `lower()`, which
-/// follows the database's character type, and in the server with
-/// `domain::fold_case`, which folds all of Unicode. A database whose
-/// character type is `C` or `POSIX` (and whose default collation is not ICU)
-/// folds only ASCII, so a token confined to "Élan" would find its orders in
-/// the streams and not through REST: said once at start.
+/// follows the database's character type (or its ICU or builtin collation),
+/// and in the server with `domain::fold_case`, which folds all of Unicode. A
+/// database that folds only ASCII (character type `C` or `POSIX`) would let a
+/// token confined to "Élan" find its orders in the streams and not through
+/// REST: said once at start. Asked of `lower()` itself, as the settings that
+/// decide it differ between PostgreSQL versions.
 async fn warn_on_ascii_case_folding(client: &tokio_postgres::Client) {
-    let row = client
-        .query_one(
-            "SELECT current_setting('lc_ctype'), \
-                    (SELECT to_jsonb(d) ->> 'datlocprovider' FROM pg_database d WHERE datname = current_database())",
-            &[],
-        )
-        .await;
-    let Ok(row) = row else { return };
-    let (ctype, provider): (String, Option<String>) = (row.get(0), row.get(1));
-    if matches!(ctype.as_str(), "C" | "POSIX") && provider.as_deref() != Some("i") {
-        log::warn!(
-            "the database's character type is {ctype}: PostgreSQL's lower() folds only ASCII letters there, so \
-             customer names with other letters compare differently in SQL and in the server (a token confined \
-             to such a customer may miss its orders through REST). Create the database with a UTF-8 locale \
-             (e.g. LC_CTYPE 'C.UTF-8') or an ICU collation"
-        );
+    match client.query_one("SELECT lower('ÉΣ') = 'éσ'", &[]).await {
+        Ok(row) if row.get::<_, bool>(0) => {}
+        Ok(_) => log::warn!(
+            "the database's lower() folds only ASCII letters (its character type is C or POSIX), so customer \
+             names with other letters compare differently in SQL and in the server (a token confined to such a \
+             customer may miss its orders through REST). Create the database with a UTF-8 locale (e.g. \
+             LC_CTYPE 'C.UTF-8') or an ICU collation"
+        ),
+        Err(e) => log::warn!("could not check how the database folds letters: {}", crate::db::describe(e)),
     }
 }
 

@@ -462,7 +462,7 @@ async fn update(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
         (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "Status transition not allowed (invalid_transition), or a line-item change of an order that has left pending (order_locked)", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Status transition not allowed (invalid_transition), a line-item change of an order that has left pending (order_locked), or the order replaced under the update again and again (conflict)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
         (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
@@ -485,7 +485,7 @@ pub async fn patch_order(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
         (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "Status transition not allowed (invalid_transition), or a line-item change of an order that has left pending (order_locked)", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Status transition not allowed (invalid_transition), a line-item change of an order that has left pending (order_locked), or the order replaced under the update again and again (conflict)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
         (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
@@ -550,7 +550,7 @@ pub async fn cancel(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "Its processor steps (payment, stock) are not undone: cancel it first (order_not_settled)", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Its processor steps (payment, stock) are not undone (order_not_settled): cancel it first; a failed or cancelled one is being undone", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[delete("/api/orders/{id}")]

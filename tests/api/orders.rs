@@ -871,8 +871,24 @@ async fn an_update_racing_a_replacement_of_its_order_is_applied_to_the_new_row()
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         })
     };
-    // The PATCH now waits for the DBA's row lock.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Committed only once the PATCH waits for the DBA's row lock, so that its
+    // UPDATE finds the row it saw deleted.
+    let watcher = app.sql().await;
+    crate::helpers::eventually(Duration::from_secs(10), || {
+        let watcher = &watcher;
+        async move {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE orders SET%'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
     dba.batch_execute("COMMIT").await.unwrap();
     let (status, body) = patch.await.unwrap();
     assert_eq!(status, 200, "{body}");
@@ -946,6 +962,16 @@ async fn an_order_whose_steps_are_not_undone_cannot_be_deleted() {
     step(cancelled, "payment", "compensate", "failed").await;
     assert_eq!(delete(cancelled).await.0, 204);
 
+    // Failed by another writer with its payment taken: being undone (it
+    // cannot be cancelled); once the refund is done it can go.
+    let failed = order(&["processing", "failed"]).await;
+    step(failed, "payment", "execute", "done").await;
+    let (status, body) = delete(failed).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("being undone"), "{body}");
+    step(failed, "payment", "compensate", "done").await;
+    assert_eq!(delete(failed).await.0, 204);
+
     // Shipped: its steps are final.
     let shipped = order(&["processing", "processed", "shipped"]).await;
     step(shipped, "payment", "execute", "done").await;
@@ -956,7 +982,7 @@ async fn an_order_whose_steps_are_not_undone_cannot_be_deleted() {
     let left: i64 = db
         .query_one(
             "SELECT count(*) FROM orders WHERE id = ANY($1)",
-            &[&vec![processed, processing, cancelled, shipped, plain]],
+            &[&vec![processed, processing, cancelled, failed, shipped, plain]],
         )
         .await
         .unwrap()
