@@ -252,6 +252,8 @@ where
         Some(handoff) if head.status() == StatusCode::SWITCHING_PROTOCOLS => {
             framed.send(Message::Item((head, BodySize::None))).await?;
             let parts = framed.into_parts();
+            // The session's own 4008 and heartbeat deadlines apply instead.
+            set_unacknowledged_limit(&parts.io, 0);
             routes::ws::start(parts.io, parts.read_buf, handoff);
             Ok(())
         }
@@ -284,8 +286,24 @@ where
 /// would otherwise hold its connection, its slot and its queued changes for
 /// as long as its TCP connection lived. Also frees a peer gone from the
 /// network sooner than the kernel's default (about 15 minutes of retries).
+///
+/// A WebSocket connection leaves it at the handshake (see `upgrade`): its
+/// session closes a stalled client itself, with 4008, which the kernel's
+/// clock (started as soon as the client's window closes, before the
+/// session's buffers fill) could beat. Linux only (5.11 or later for a
+/// closed window); elsewhere, and should the option be refused, a
+/// connection goes on without it.
 fn unacknowledged_limit(settings: &Settings) -> u32 {
-    (settings.slow_client_timeout() * 2).as_millis().min(u32::MAX as u128) as u32
+    settings.slow_client_secs.max(1).saturating_mul(2000).min(u32::MAX as u64) as u32
+}
+
+fn set_unacknowledged_limit(io: &TcpStream, millis: u32) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::socket::setsockopt(io, nix::sys::socket::sockopt::TcpUserTimeout, &millis) {
+        log::debug!("TCP_USER_TIMEOUT not set on a connection: {e}");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (io, millis);
 }
 
 /// Customer names compare case-insensitively: in SQL with `lower()`, which
@@ -408,8 +426,7 @@ impl Application {
                 // this, Nagle's algorithm holds a frame until the client ACKs
                 // the previous one, and delayed ACKs make that up to 40 ms.
                 io.set_nodelay(true).map_err(DispatchError::Io)?;
-                nix::sys::socket::setsockopt(&io, nix::sys::socket::sockopt::TcpUserTimeout, &unacknowledged)
-                    .map_err(|e| DispatchError::Io(e.into()))?;
+                set_unacknowledged_limit(&io, unacknowledged);
                 let peer = io.peer_addr().ok();
                 Ok((io, peer))
             })

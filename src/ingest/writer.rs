@@ -59,6 +59,19 @@ use crate::domain::{OrderPatch, Status};
 /// A whole attempt (all statements and the commit) must finish in this time,
 /// or the connection is presumed dead and replaced.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// An attempt that did not finish within its limit: the connection is
+/// presumed dead.
+#[derive(Debug)]
+struct TimedOut(Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the database did not answer within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
 /// What a careful attempt may take on top, per message: it costs three
 /// round trips each (SAVEPOINT, the statement, RELEASE), so a batch of
 /// thousands on a database a few milliseconds away takes minutes. With one
@@ -443,6 +456,17 @@ impl Writer {
                         );
                         self.one_by_one(msgs, &mut ends).await
                     }
+                    // Too slow as one transaction (a database far away):
+                    // one transaction per message, each with its own limit,
+                    // makes progress where starting over would not.
+                    Err(WriteError::Transient(e)) if e.is::<TimedOut>() => {
+                        log::warn!(
+                            "applying the batch one message at a time took too long ({e:#}): applying it one \
+                             transaction per message"
+                        );
+                        self.conn = None;
+                        self.one_by_one(msgs, &mut ends).await
+                    }
                     other => other,
                 }
             }
@@ -541,7 +565,7 @@ impl Writer {
                 Ok(Ok(Step::Done(outcome))) => return Ok(outcome),
                 Ok(Ok(Step::AskBroker(partitions))) => ends.extend(ask_log_ends(&scope, &partitions).await?),
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(WriteError::Transient(anyhow!("the database did not answer within {limit:?}"))),
+                Err(_) => return Err(WriteError::Transient(TimedOut(limit).into())),
             }
         }
         Err(WriteError::Transient(anyhow!(

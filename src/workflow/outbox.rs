@@ -26,12 +26,15 @@
 //! WebSocket `change` message (`{"type":"change","seq":N,"op":...,"order":{...},
 //! "old":{...},"actor":"...","at":"..."}`), headers `ordercast-position`,
 //! `ordercast-op`, `ordercast-actor`, `content-type: application/json`,
-//! timestamp = the commit time. A change the topic cannot take whole (larger
-//! than the producer's or the broker's message size limit: a DBA's long text,
-//! say) is published as a stub, so it never holds up the changes after it:
+//! timestamp = the commit time. A change larger than the producer's message
+//! size limit (`message.max.bytes`: a DBA's long text, say) is published as a
+//! stub, in its place, so it never holds up the changes after it:
 //! `{"type":"change","seq":N,"op":...,"order":{"id":ID},"old":null,"actor":...,
 //! "at":...,"truncated":true}` with the header `ordercast-truncated: true`; the
-//! order itself is read through the REST API.
+//! order itself is read through the REST API. A topic whose own limit is
+//! lower makes the broker refuse the batch: the relay retries it, with the
+//! error in `/api/health`, until the producer's limit is set no higher than
+//! the topic's (`KAFKA_PROPERTIES`).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -301,23 +304,15 @@ async fn publish(producer: &FutureProducer, topic: &str, rows: &[tokio_postgres:
         };
         deliveries.push(delivery.context("Kafka refused a message")?);
     }
-    let mut stubs = Vec::new();
-    for (delivery, row) in join_all(deliveries).await.into_iter().zip(rows) {
+    // A refusal by the broker (a topic limit below the producer's) is not
+    // stubbed: the broker judges a whole record batch, small changes with
+    // it, and a stub sent now would come after the changes enqueued behind
+    // the refused one. The batch is tried again, and the error is in
+    // `/api/health` (see the module's comment).
+    for delivery in join_all(deliveries).await {
         match delivery {
             Ok(Ok(_)) => {}
-            // Refused by the broker (its own size limit): the stub goes instead.
-            Ok(Err((KafkaError::MessageProduction(code), _))) if crate::ingest::dlq::permanent(code) => {
-                let stub = Outgoing::of(&Envelope::from_row(row), true);
-                stubs.push(stub.send(producer, topic).await.context("Kafka refused a stub")?);
-            }
             Ok(Err((e, _))) => return Err(anyhow::anyhow!("Kafka did not acknowledge a change: {e}")),
-            Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging"),
-        }
-    }
-    for delivery in join_all(stubs).await {
-        match delivery {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(anyhow::anyhow!("Kafka did not acknowledge a change's stub: {e}")),
             Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging"),
         }
     }

@@ -893,6 +893,20 @@ async fn a_poison_message_at_an_offset_dead_lettered_before_a_reset_position_is_
 /// and an attempt 1 s: 200 messages take 2 s to redo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_careful_redo_of_a_large_batch_gets_time_in_proportion() {
+    slow_redo(200, "0.01").await;
+}
+
+/// A redo slower still than its limit (here 40 messages at 100 ms each,
+/// against 1 s and 20 ms per message) goes on one transaction per message,
+/// each within the limit: before, it timed out and began again, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_careful_redo_that_times_out_goes_on_one_transaction_per_message() {
+    slow_redo(40, "0.1").await;
+}
+
+/// `n` messages, the middle one rejected by a DBA's rule, each single-row
+/// insert taking `sleep` seconds, written with a 1 s attempt limit.
+async fn slow_redo(n: i64, sleep: &str) {
     use ordercast::ingest::writer::{Fate, Writer};
     use ordercast::ingest::{event, settings::Format, Batch, Message};
 
@@ -901,17 +915,21 @@ async fn the_careful_redo_of_a_large_batch_gets_time_in_proportion() {
     db.batch_execute(
         "ALTER TABLE orders ADD CONSTRAINT no_rejected CHECK (customer_name <> 'Rejected'); \
          CREATE FUNCTION slow_single() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN IF (SELECT count(*) FROM new_rows) = 1 THEN PERFORM pg_sleep(0.01); END IF; RETURN NULL; END $$; \
+         BEGIN IF (SELECT count(*) FROM new_rows) = 1 THEN PERFORM pg_sleep(current_setting('slow.sleep')::float8); \
+         END IF; RETURN NULL; END $$; \
          CREATE TRIGGER slow_single AFTER INSERT ON orders REFERENCING NEW TABLE AS new_rows \
            FOR EACH STATEMENT EXECUTE FUNCTION slow_single()",
     )
     .await
     .unwrap();
-    let messages = (0..200)
+    db.batch_execute(&format!("ALTER DATABASE {} SET slow.sleep = '{sleep}'", app.db_url.rsplit('/').next().unwrap()))
+        .await
+        .unwrap();
+    let messages = (0..n)
         .map(|i| {
             let id = format!("slow-{i}");
             let mut e = crate::kafka::created(&id);
-            if i == 100 {
+            if i == n / 2 {
                 e["order"]["customer_name"] = "Rejected".into();
             }
             let payload = serde_json::to_vec(&e).unwrap();
@@ -928,7 +946,7 @@ async fn the_careful_redo_of_a_large_batch_gets_time_in_proportion() {
         .collect();
     let mut writer = Writer::new(&app.db_url, "slow-group", "slow-topic").with_attempt_timeout(Duration::from_secs(1));
     let outcome = writer.write(&Batch { messages }).await.expect("written, not timed out");
-    assert_eq!(outcome.written, 199);
+    assert_eq!(outcome.written, n as u64 - 1);
     assert_eq!(outcome.fates.iter().filter(|f| matches!(f, Fate::Dead(_))).count(), 1);
-    assert!(matches!(outcome.fates[100], Fate::Dead(_)));
+    assert!(matches!(outcome.fates[n as usize / 2], Fate::Dead(_)));
 }
