@@ -60,8 +60,12 @@ impl Filter {
         self.statuses.is_empty() && self.ids.is_empty() && self.customer.is_none()
     }
 
-    /// Does a change to an order match? Both the row before and after are
-    /// considered, so a client watching `pending` also sees an order leave it.
+    /// Does a change to an order match? It does when the row before or the
+    /// row after matches the whole filter, so a client watching `pending`
+    /// also sees an order leave it; a status matched by one row and a
+    /// customer by the other (an order moved from Ada to Bob as it entered
+    /// `processing`) is not a match for `customer=Ada&status=processing`:
+    /// neither row was Ada's processing order.
     pub fn matches(
         &self,
         order_id: i64,
@@ -73,20 +77,15 @@ impl Filter {
         if !self.ids.is_empty() && !self.ids.contains(&order_id) {
             return false;
         }
-        if !self.statuses.is_empty() {
-            let hit = |s: Option<&str>| s.is_some_and(|s| self.statuses.iter().any(|st| st.as_str() == s));
-            if !hit(status) && !hit(old_status) {
-                return false;
-            }
-        }
-        if let Some(want) = &self.customer {
-            // Compared without allocating: this runs per candidate client per change.
-            let hit = |c: Option<&str>| c.is_some_and(|c| c.chars().map(fold_char).eq(want.chars()));
-            if !hit(customer) && !hit(old_customer) {
-                return false;
-            }
-        }
-        true
+        let status_hit = |s: Option<&str>| {
+            self.statuses.is_empty() || s.is_some_and(|s| self.statuses.iter().any(|st| st.as_str() == s))
+        };
+        // Compared without allocating: this runs per candidate client per change.
+        let customer_hit = |c: Option<&str>| match &self.customer {
+            None => true,
+            Some(want) => c.is_some_and(|c| c.chars().map(fold_char).eq(want.chars())),
+        };
+        status_hit(status) && customer_hit(customer) || status_hit(old_status) && customer_hit(old_customer)
     }
 
     /// Applies one `key=value` query parameter. Returns false for keys that are

@@ -345,6 +345,20 @@ async fn filters_by_status_id_and_customer_are_applied_by_the_server() {
     by_customer.expect_silence(Duration::from_millis(300)).await;
     let e = sse.changes(2, WAIT).await;
     assert!(e.iter().all(|e| e.data["order"]["customer_name"] == "Bob"));
+    // Both fields on one row, before or after: Alice's order moved to Dora
+    // as it entered processing was neither row Alice's processing order;
+    // Alice's own order entering processing is.
+    let mut both = app.ws("?customer=alice&status=processing").await;
+    both.ready().await;
+    let moved = dba_insert(&db, "Alice").await;
+    let stays = dba_insert(&db, "Alice").await;
+    db.execute("UPDATE orders SET customer_name = 'Dora', status = 'processing' WHERE id = $1", &[&moved])
+        .await
+        .unwrap();
+    db.execute("UPDATE orders SET status = 'processing' WHERE id = $1", &[&stays]).await.unwrap();
+    let c = both.changes(1, WAIT).await;
+    assert_eq!(c[0]["order"]["id"], stays);
+    both.expect_silence(Duration::from_millis(300)).await;
     // A bad filter is refused before the upgrade.
     let r = app.http.get(app.url("/ws?status=bogus")).send().await.unwrap();
     assert_eq!(r.status(), 422);
