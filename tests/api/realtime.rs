@@ -7,6 +7,21 @@ use crate::helpers::{eventually, spawn_app, spawn_app_on, spawn_app_with, WsEven
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// 400 changes of about 50 KB each (20 statements of 20 orders whose
+/// customer's name is `letter` 50 KiB times): enough to fill a stalled
+/// client's buffers.
+async fn large_changes(db: &tokio_postgres::Client, letter: &str) {
+    let big = letter.repeat(50 * 1024);
+    for _ in 0..20 {
+        db.execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) SELECT $1, 'Bulk', 1, 1 FROM generate_series(1, 20)",
+            &[&big],
+        )
+        .await
+        .unwrap();
+    }
+}
+
 async fn dba_insert(db: &tokio_postgres::Client, customer: &str) -> i64 {
     db.query_one(
         "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Bolt', 1, 2) RETURNING id",
@@ -444,15 +459,7 @@ async fn a_client_that_never_reads_is_cut_off_and_others_are_unaffected() {
     healthy.ready().await;
 
     let db = app.sql().await;
-    let big = "B".repeat(50 * 1024);
-    for _ in 0..20 {
-        db.execute(
-            "INSERT INTO orders (customer_name, product, quantity, unit_price) SELECT $1, 'Bulk', 1, 1 FROM generate_series(1, 20)",
-            &[&big],
-        )
-        .await
-        .unwrap();
-    }
+    large_changes(&db, "B").await;
     // The healthy client receives all 400 large changes.
     let got = healthy.changes(400, Duration::from_secs(60)).await;
     assert_eq!(got.len(), 400);
@@ -509,15 +516,7 @@ async fn an_sse_client_that_never_reads_is_disconnected() {
     })
     .await;
     let db = app.sql().await;
-    let big = "S".repeat(50 * 1024);
-    for _ in 0..20 {
-        db.execute(
-            "INSERT INTO orders (customer_name, product, quantity, unit_price) SELECT $1, 'Bulk', 1, 1 FROM generate_series(1, 20)",
-            &[&big],
-        )
-        .await
-        .unwrap();
-    }
+    large_changes(&db, "S").await;
     assert_eq!(healthy.changes(400, Duration::from_secs(60)).await.len(), 400);
     // The stalled one goes: its stream, its session and its slot.
     eventually(Duration::from_secs(60), || async {

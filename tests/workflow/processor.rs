@@ -453,6 +453,15 @@ async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
 }
 
+/// The order's step records once both its compensations are done.
+async fn both_compensated(db: &tokio_postgres::Client, id: i64) -> Vec<(String, String, String, i32, String)> {
+    eventually(WAIT, || async move {
+        let steps = steps_of(db, id).await;
+        (steps.iter().filter(|s| s.1 == "compensate" && s.2 == "done").count() == 2).then_some(steps)
+    })
+    .await
+}
+
 /// Both steps undone once, last first; `inventory_call` is how the
 /// reservation's call stands in the record, `calls` how often each step was
 /// called by the test's processors.
@@ -499,14 +508,7 @@ async fn an_order_cancelled_after_its_processor_died_gets_its_steps_undone_by_th
 
     // Assert: both undone once (the reservation whose answer was lost too),
     // nothing called again, the note gone, the order still cancelled.
-    let steps = eventually(WAIT, || {
-        let db = &db;
-        async move {
-            let steps = steps_of(db, id).await;
-            (steps.iter().filter(|s| s.1 == "compensate" && s.2 == "done").count() == 2).then_some(steps)
-        }
-    })
-    .await;
+    let steps = both_compensated(&db, id).await;
     undone_once(&steps, "started", (1, 1), &payment, &inventory, id);
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
     until(&db, &noted, |n| n == 0).await;
@@ -685,14 +687,7 @@ async fn an_order_another_writer_fails_while_it_is_processed_gets_its_steps_undo
     let noted = format!("SELECT count(*) FROM order_undo WHERE order_id = {id}");
     assert_eq!(scalar::<i64>(&db, &noted).await, 1, "the failure in processing is noted");
     let second = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
-    let steps = eventually(WAIT, || {
-        let db = &db;
-        async move {
-            let steps = steps_of(db, id).await;
-            (steps.iter().filter(|s| s.1 == "compensate" && s.2 == "done").count() == 2).then_some(steps)
-        }
-    })
-    .await;
+    let steps = both_compensated(&db, id).await;
     undone_once(&steps, "started", (1, 1), &payment, &inventory, id);
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
     until(&db, &noted, |n| n == 0).await;
