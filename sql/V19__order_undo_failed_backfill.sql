@@ -7,7 +7,7 @@
 --    with steps left are the ones another writer failed.
 -- 2. The delete guard (V16) told the caller of any such order to cancel it
 --    first, but `failed -> cancelled` is not allowed: for a failed order, as
---    for a cancelled one, its steps are being undone.
+--    for a cancelled one, a running order processor undoes its steps.
 INSERT INTO order_undo (order_id)
 SELECT o.id FROM orders o
  WHERE o.status = 'failed'
@@ -32,7 +32,7 @@ BEGIN
             USING ERRCODE = 'OC424',
                   DETAIL = json_build_object('status', OLD.status)::text,
                   HINT = CASE WHEN OLD.status IN ('cancelled', 'failed')
-                              THEN 'its steps are being undone: delete it once that is done'
+                              THEN 'a running order processor undoes its steps: delete it once that is done'
                               ELSE 'cancel it first: its steps are undone, then it can be deleted' END;
     END IF;
     RETURN OLD;

@@ -314,13 +314,15 @@ fn set_unacknowledged_limit(io: &TcpStream, millis: u32) {
 /// REST: said once at start. Asked of `lower()` itself, as the settings that
 /// decide it differ between PostgreSQL versions.
 async fn warn_on_ascii_case_folding(client: &tokio_postgres::Client) {
-    match client.query_one("SELECT lower('ÉΣ') = 'éσ'", &[]).await {
+    // `É` exists in every encoding PostgreSQL serves that has letters beyond
+    // ASCII (UTF-8, Latin-1, the Windows code pages).
+    match client.query_one("SELECT lower('É') = 'é'", &[]).await {
         Ok(row) if row.get::<_, bool>(0) => {}
         Ok(_) => log::warn!(
-            "the database's lower() folds only ASCII letters (its character type is C or POSIX), so customer \
-             names with other letters compare differently in SQL and in the server (a token confined to such a \
-             customer may miss its orders through REST). Create the database with a UTF-8 locale (e.g. \
-             LC_CTYPE 'C.UTF-8') or an ICU collation"
+            "the database's lower() folds only ASCII letters (its character type is C or POSIX, or its encoding \
+             SQL_ASCII), so customer names with other letters compare differently in SQL and in the server (a \
+             token confined to such a customer may miss its orders through REST). Create the database with the \
+             UTF8 encoding and a UTF-8 locale (e.g. LC_CTYPE 'C.UTF-8') or an ICU collation"
         ),
         Err(e) => log::warn!("could not check how the database folds letters: {}", crate::db::describe(e)),
     }

@@ -550,7 +550,7 @@ pub async fn cancel(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "Its processor steps (payment, stock) are not undone (order_not_settled): cancel it first; a failed or cancelled one is being undone", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Its processor steps (payment, stock) are not undone (order_not_settled): cancel it first; a running order processor undoes a failed or cancelled one", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[delete("/api/orders/{id}")]

@@ -31,10 +31,11 @@
 //! stub, in its place, so it never holds up the changes after it:
 //! `{"type":"change","seq":N,"op":...,"order":{"id":ID},"old":null,"actor":...,
 //! "at":...,"truncated":true}` with the header `ordercast-truncated: true`; the
-//! order itself is read through the REST API. A topic whose own limit is
-//! lower makes the broker refuse the batch: the relay retries it, with the
-//! error in `/api/health`, until the producer's limit is set no higher than
-//! the topic's (`KAFKA_PROPERTIES`).
+//! order itself is read through the REST API. The broker judges a whole
+//! record batch (some 100 bytes of framing more than its messages): a topic
+//! limit not above the producer's makes it refuse the batch, and the relay
+//! retries it, with the error in `/api/health`, until the producer's limit is
+//! set clearly below the topic's (by 1 KB or more; `KAFKA_PROPERTIES`).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -958,17 +958,17 @@ async fn an_order_whose_steps_are_not_undone_cannot_be_deleted() {
     step(cancelled, "payment", "compensate", "started").await;
     let (status, body) = delete(cancelled).await;
     assert_eq!(status, 409, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("being undone"), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("processor undoes its steps"), "{body}");
     step(cancelled, "payment", "compensate", "failed").await;
     assert_eq!(delete(cancelled).await.0, 204);
 
-    // Failed by another writer with its payment taken: being undone (it
+    // Failed by another writer with its payment taken: undone by a processor (it
     // cannot be cancelled); once the refund is done it can go.
     let failed = order(&["processing", "failed"]).await;
     step(failed, "payment", "execute", "done").await;
     let (status, body) = delete(failed).await;
     assert_eq!(status, 409, "{body}");
-    assert!(body["message"].as_str().unwrap().contains("being undone"), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("processor undoes its steps"), "{body}");
     step(failed, "payment", "compensate", "done").await;
     assert_eq!(delete(failed).await.0, 204);
 
