@@ -353,11 +353,15 @@ test('the dashboard is accessible in light and dark and usable by keyboard', asy
     await page.keyboard.press('ArrowRight');
     await page.locator('#tab-pending[aria-selected="true"]').waitFor({ timeout: 5000 });
     assert.equal(await page.evaluate(() => document.activeElement.id), 'tab-pending');
+    // The tab reloads the table: a row focused before its page arrives can
+    // be rendered anew under the key press (seen once on a loaded machine).
+    const reloaded = page.waitForResponse((r) => new URL(r.url()).pathname === '/api/orders');
     await page.keyboard.press('Home');
     await page.locator('#tab-all[aria-selected="true"]').waitFor({ timeout: 5000 });
+    await (await reloaded).finished();
+    await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
     // Rows open with Enter; the dialog closes with Escape.
-    await page.locator('#orders-body tr button').first().focus();
-    await page.keyboard.press('Enter');
+    await page.locator('#orders-body tr button').first().press('Enter');
     await page.locator('#detail-history li').first().waitFor();
     assert.deepEqual(await audit(), [], `${colorScheme}: order detail`);
     await page.keyboard.press('Escape');
