@@ -59,6 +59,9 @@ use crate::domain::{OrderPatch, Status};
 /// A whole attempt (all statements and the commit) must finish in this time,
 /// or the connection is presumed dead and replaced.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long cancelling a timed-out attempt's query may take.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// An attempt that did not finish within its limit: the connection is
 /// presumed dead.
 #[derive(Debug)]
@@ -565,7 +568,18 @@ impl Writer {
                 Ok(Ok(Step::Done(outcome))) => return Ok(outcome),
                 Ok(Ok(Step::AskBroker(partitions))) => ends.extend(ask_log_ends(&scope, &partitions).await?),
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(WriteError::Transient(TimedOut(limit).into())),
+                Err(_) => {
+                    // Its backend may still be at work, or waiting for a
+                    // lock (a DBA's transaction on an order): cancelled, its
+                    // transaction ends and lets the partitions' positions
+                    // go. Dropped only, it would hold them until its wait
+                    // ended, and every retry would queue up behind it.
+                    let cancel = conn.client.cancel_token();
+                    if let Ok(Err(e)) = tokio::time::timeout(CANCEL_TIMEOUT, cancel.cancel_query(NoTls)).await {
+                        log::debug!("could not cancel the timed-out attempt's query: {e}");
+                    }
+                    return Err(WriteError::Transient(TimedOut(limit).into()));
+                }
             }
         }
         Err(WriteError::Transient(anyhow!(

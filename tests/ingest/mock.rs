@@ -791,7 +791,7 @@ async fn a_dead_letter_too_large_for_the_dead_letter_topic_does_not_block_the_ot
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_read_twice_in_one_batch_counts_once() {
     use ordercast::ingest::writer::{Fate, Writer};
-    use ordercast::ingest::{event, settings::Format, Batch, Message};
+    use ordercast::ingest::Batch;
 
     let app = crate::helpers::spawn_app().await;
     let id = "twice-1";
@@ -800,18 +800,7 @@ async fn a_message_read_twice_in_one_batch_counts_once() {
         (10, crate::kafka::status_changed(id, "shipped")),
         (11, crate::kafka::status_changed(id, "processed")),
     ];
-    let message = |offset: i64, e: &Value| {
-        let payload = serde_json::to_vec(e).unwrap();
-        Message {
-            partition: 0,
-            offset,
-            key: Some(id.as_bytes().to_vec()),
-            decoded: event::decode(Some(&payload), Some(id.as_bytes()), Format::Json),
-            payload: Some(payload),
-            headers: Vec::new(),
-            timestamp_ms: None,
-        }
-    };
+    let message = |offset: i64, e: &Value| message(offset, id.as_bytes(), &serde_json::to_vec(e).unwrap());
     let order = [0, 1, 2, 1, 2];
     let batch = Batch { messages: order.iter().map(|&k| message(events[k].0, &events[k].1)).collect() };
     let mut writer = Writer::new(&app.db_url, "twice-group", "twice-topic");
@@ -847,21 +836,11 @@ async fn a_message_read_twice_in_one_batch_counts_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_at_an_offset_dead_lettered_before_a_reset_position_is_recorded() {
     use ordercast::ingest::writer::{Fate, Writer};
-    use ordercast::ingest::{event, settings::Format, Batch, Message};
+    use ordercast::ingest::Batch;
 
     let app = crate::helpers::spawn_app().await;
     let db = app.sql().await;
-    let poison = |payload: &[u8]| Batch {
-        messages: vec![Message {
-            partition: 0,
-            offset: 0,
-            key: Some(b"k".to_vec()),
-            decoded: event::decode(Some(payload), Some(b"k"), Format::Json),
-            payload: Some(payload.to_vec()),
-            headers: Vec::new(),
-            timestamp_ms: None,
-        }],
-    };
+    let poison = |payload: &[u8]| Batch { messages: vec![message(0, b"k", payload)] };
     let mut writer = Writer::new(&app.db_url, "reset-group", "reset-topic");
     let recorded = || async {
         db.query("SELECT convert_from(payload, 'UTF8') FROM dead_letters ORDER BY id", &[])
@@ -908,7 +887,7 @@ async fn a_careful_redo_that_times_out_goes_on_one_transaction_per_message() {
 /// insert taking `sleep` seconds, written with a 1 s attempt limit.
 async fn slow_redo(n: i64, sleep: &str) {
     use ordercast::ingest::writer::{Fate, Writer};
-    use ordercast::ingest::{event, settings::Format, Batch, Message};
+    use ordercast::ingest::Batch;
 
     let app = crate::helpers::spawn_app().await;
     let db = app.sql().await;
@@ -932,16 +911,7 @@ async fn slow_redo(n: i64, sleep: &str) {
             if i == n / 2 {
                 e["order"]["customer_name"] = "Rejected".into();
             }
-            let payload = serde_json::to_vec(&e).unwrap();
-            Message {
-                partition: 0,
-                offset: i,
-                key: Some(id.as_bytes().to_vec()),
-                decoded: event::decode(Some(&payload), Some(id.as_bytes()), Format::Json),
-                payload: Some(payload),
-                headers: Vec::new(),
-                timestamp_ms: None,
-            }
+            message(i, id.as_bytes(), &serde_json::to_vec(&e).unwrap())
         })
         .collect();
     let mut writer = Writer::new(&app.db_url, "slow-group", "slow-topic").with_attempt_timeout(Duration::from_secs(1));
@@ -949,4 +919,62 @@ async fn slow_redo(n: i64, sleep: &str) {
     assert_eq!(outcome.written, n as u64 - 1);
     assert_eq!(outcome.fates.iter().filter(|f| matches!(f, Fate::Dead(_))).count(), 1);
     assert!(matches!(outcome.fates[n as usize / 2], Fate::Dead(_)));
+}
+
+/// A message of partition 0 as the consumer hands it to the writer: `key`
+/// and `payload` (JSON) decoded as the ingest decodes them.
+fn message(offset: i64, key: &[u8], payload: &[u8]) -> ordercast::ingest::Message {
+    use ordercast::ingest::{event, settings::Format};
+    ordercast::ingest::Message {
+        partition: 0,
+        offset,
+        key: Some(key.to_vec()),
+        decoded: event::decode(Some(payload), Some(key), Format::Json),
+        payload: Some(payload.to_vec()),
+        headers: Vec::new(),
+        timestamp_ms: None,
+    }
+}
+
+/// An attempt that times out while its statement waits for a lock (a DBA's
+/// transaction holding an order) has its query cancelled, so its transaction
+/// ends and lets the partition's position go. Before, the connection was
+/// only dropped: its backend went on waiting, holding the position's row
+/// lock, and every retry queued up behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_attempt_waiting_for_a_lock_is_cancelled() {
+    use ordercast::ingest::writer::Writer;
+    use ordercast::ingest::Batch;
+
+    let app = crate::helpers::spawn_app().await;
+    let json = |e: &Value| serde_json::to_vec(e).unwrap();
+    let mut writer = Writer::new(&app.db_url, "lock-group", "lock-topic").with_attempt_timeout(Duration::from_secs(1));
+    let created = crate::kafka::created("locked-1");
+    writer.write(&Batch { messages: vec![message(0, b"locked-1", &json(&created))] }).await.expect("created");
+    let dba = app.sql().await;
+    dba.batch_execute("BEGIN; SELECT 1 FROM orders WHERE external_id = 'locked-1' FOR UPDATE").await.unwrap();
+    let change = crate::kafka::status_changed("locked-1", "processing");
+    let batch = Batch { messages: vec![message(1, b"locked-1", &json(&change))] };
+    assert!(writer.write(&batch).await.is_err(), "timed out behind the DBA's lock");
+    // No backend of the writer is left waiting.
+    let watcher = app.sql().await;
+    crate::helpers::eventually(Duration::from_secs(5), || {
+        let watcher = &watcher;
+        async move {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ordercast-ingest' AND datname = current_database() \
+                       AND state <> 'idle'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (waiting == 0).then_some(())
+        }
+    })
+    .await;
+    dba.batch_execute("COMMIT").await.unwrap();
+    let outcome = writer.write(&batch).await.expect("written once the lock is gone");
+    assert_eq!(outcome.written, 1);
 }
