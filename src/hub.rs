@@ -423,6 +423,7 @@ impl Drop for Sub {
     }
 }
 
+#[derive(PartialEq, Eq, Hash)]
 enum Bucket {
     All,
     Id(i64),
@@ -513,10 +514,23 @@ impl Registry {
     }
 
     fn remove(&mut self, id: u64) {
-        let Some(sub) = self.subs.remove(&id) else { return };
-        for b in buckets(&sub.filter) {
+        self.remove_many(&[id]);
+    }
+
+    /// Removes subscriptions, each bucket they were in scanned once (one by
+    /// one, many clients lagging together in one bucket would cost a scan of
+    /// the bucket each); buckets of one order or customer left empty go.
+    fn remove_many(&mut self, ids: &[u64]) {
+        let gone: HashSet<u64> = ids.iter().copied().collect();
+        let mut touched = HashSet::new();
+        for id in ids {
+            if let Some(sub) = self.subs.remove(id) {
+                touched.extend(buckets(&sub.filter));
+            }
+        }
+        for b in touched {
             let bucket = self.bucket_mut(&b);
-            bucket.retain(|x| *x != id);
+            bucket.retain(|x| !gone.contains(x));
             if bucket.is_empty() {
                 match b {
                     Bucket::Id(i) => {
@@ -526,55 +540,6 @@ impl Registry {
                         self.by_customer.remove(&c);
                     }
                     _ => {}
-                }
-            }
-        }
-        self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
-    }
-
-    /// Removes several subscriptions, each bucket they were in scanned once
-    /// (one by one, many clients lagging together in one bucket would cost a
-    /// scan of the bucket each).
-    fn remove_many(&mut self, ids: &[u64]) {
-        if ids.len() < 2 {
-            ids.iter().for_each(|&id| self.remove(id));
-            return;
-        }
-        let gone: HashSet<u64> = ids.iter().copied().collect();
-        let (mut all, mut statuses) = (false, [false; 7]);
-        let (mut order_ids, mut customers) = (HashSet::new(), HashSet::new());
-        for id in ids {
-            let Some(sub) = self.subs.remove(id) else { continue };
-            for b in buckets(&sub.filter) {
-                match b {
-                    Bucket::All => all = true,
-                    Bucket::Id(i) => _ = order_ids.insert(i),
-                    Bucket::Customer(c) => _ = customers.insert(c),
-                    Bucket::Status(s) => statuses[s.index()] = true,
-                }
-            }
-        }
-        if all {
-            self.all.retain(|x| !gone.contains(x));
-        }
-        for (i, bucket) in self.by_status.iter_mut().enumerate() {
-            if statuses[i] {
-                bucket.retain(|x| !gone.contains(x));
-            }
-        }
-        for i in order_ids {
-            if let Some(bucket) = self.by_id.get_mut(&i) {
-                bucket.retain(|x| !gone.contains(x));
-                if bucket.is_empty() {
-                    self.by_id.remove(&i);
-                }
-            }
-        }
-        for c in customers {
-            if let Some(bucket) = self.by_customer.get_mut(&c) {
-                bucket.retain(|x| !gone.contains(x));
-                if bucket.is_empty() {
-                    self.by_customer.remove(&c);
                 }
             }
         }

@@ -346,11 +346,12 @@ impl ConsumerContext for IngestContext {
                 self.state.set_assigned(&assigned, true);
                 log::info!("Kafka partitions assigned: {} {:?}", self.topic, assigned);
                 let to_pause = std::mem::take(&mut *self.to_pause.lock().unwrap()); // unwrap: never held across a panic
-                                                                                    // librdkafka keeps a partition's pause across a revoke and a
-                                                                                    // new assignment: only a resume clears it. One paused at an
-                                                                                    // earlier assignment (its position unreadable then), taken
-                                                                                    // away before it was resumed and given back now, would never
-                                                                                    // be read again, while nothing waits for it any more.
+
+                // librdkafka keeps a partition's pause across a revoke and a
+                // new assignment: only a resume clears it. One paused at an
+                // earlier assignment (its position unreadable then), taken
+                // away before it was resumed and given back now, would never
+                // be read again, while nothing waits for it any more.
                 let mut resume = TopicPartitionList::new();
                 for p in assigned.iter().filter(|p| !to_pause.contains(p)) {
                     resume.add_partition(&self.topic, *p);

@@ -306,28 +306,60 @@ fn already(id: i64, status: &str) -> ApiError {
     }
 }
 
-/// Whether a patch changes the row it is compared with (`orders`), with the
-/// patch's nine values as parameters `$n ..= $n+8`: customer name, whether
-/// the email is set and to what, product, quantity, unit price, status,
-/// whether the error message is set and to what.
-fn changes_sql(n: usize) -> String {
+/// The columns a patch may set and their new values, from the patch's nine
+/// values as parameters `$n ..= $n+8`: customer name, whether the email is
+/// set and to what, product, quantity, unit price, status, whether the error
+/// message is set and to what.
+fn patched(n: usize) -> [(&'static str, String); 7] {
     let p = |i: usize| format!("${}", n + i);
-    format!(
-        "(customer_name, customer_email, product, quantity, unit_price, status, error_message) IS DISTINCT FROM \
-         (COALESCE({0}, customer_name), CASE WHEN {1} THEN {2} ELSE customer_email END, COALESCE({3}, product), \
-          COALESCE({4}, quantity), COALESCE({5}, unit_price), COALESCE({6}, status), \
-          CASE WHEN {7} THEN {8} ELSE error_message END)",
-        p(0),
-        p(1),
-        p(2),
-        p(3),
-        p(4),
-        p(5),
-        p(6),
-        p(7),
-        p(8)
-    )
+    [
+        ("customer_name", format!("COALESCE({}, customer_name)", p(0))),
+        ("customer_email", format!("CASE WHEN {} THEN {} ELSE customer_email END", p(1), p(2))),
+        ("product", format!("COALESCE({}, product)", p(3))),
+        ("quantity", format!("COALESCE({}, quantity)", p(4))),
+        ("unit_price", format!("COALESCE({}, unit_price)", p(5))),
+        ("status", format!("COALESCE({}, status)", p(6))),
+        ("error_message", format!("CASE WHEN {} THEN {} ELSE error_message END", p(7), p(8))),
+    ]
 }
+
+/// The UPDATE's SET list for a patch (see `patched`).
+fn set_sql(n: usize) -> String {
+    patched(n).iter().map(|(column, value)| format!("{column} = {value}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether a patch changes the row it is compared with (see `patched`).
+fn changes_sql(n: usize) -> String {
+    let (columns, values): (Vec<_>, Vec<_>) = patched(n).into_iter().unzip();
+    format!("({}) IS DISTINCT FROM ({})", columns.join(", "), values.join(", "))
+}
+
+/// A patch, as one UPDATE: `$1` the actor, `$2 ..= $10` the patch's values
+/// (see `patched`), `$11` the id, `$12` the expected version, `$13` the
+/// customer a token is confined to, `$14` a status it must not have. It
+/// matches nothing when the patch would change nothing.
+static PATCH_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
+         UPDATE orders SET {} \
+         FROM a WHERE id = $11 AND ($12::int IS NULL OR version = $12) \
+           AND ($13::text IS NULL OR lower(customer_name) = $13) \
+           AND ($14::text IS NULL OR status <> $14) AND {} \
+         RETURNING to_jsonb(orders)::text",
+        set_sql(2),
+        changes_sql(2)
+    )
+});
+
+/// Why a patch matched nothing: the order as it is (`$1` the id, `$2` the
+/// confining customer) and whether the patch (`$3 ..= $11`) would change it.
+static PATCH_CHECK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT version, status, to_jsonb(orders)::text, {} FROM orders \
+         WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
+        changes_sql(3)
+    )
+});
 
 /// How often an update is tried again when its order was replaced under it
 /// (deleted and inserted again with its id in one transaction).
@@ -376,31 +408,8 @@ async fn apply_patch(
         &err_set,
         &err,
     ];
-    let update = client
-        .prepare_cached(&format!(
-            "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
-             UPDATE orders SET \
-                customer_name = COALESCE($2, customer_name), \
-                customer_email = CASE WHEN $3 THEN $4 ELSE customer_email END, \
-                product = COALESCE($5, product), \
-                quantity = COALESCE($6, quantity), \
-                unit_price = COALESCE($7, unit_price), \
-                status = COALESCE($8, status), \
-                error_message = CASE WHEN $9 THEN $10 ELSE error_message END \
-             FROM a WHERE id = $11 AND ($12::int IS NULL OR version = $12) \
-               AND ($13::text IS NULL OR lower(customer_name) = $13) \
-               AND ($14::text IS NULL OR status <> $14) AND {} \
-             RETURNING to_jsonb(orders)::text",
-            changes_sql(2)
-        ))
-        .await?;
-    let current = client
-        .prepare_cached(&format!(
-            "SELECT version, status, to_jsonb(orders)::text, {} FROM orders \
-             WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
-            changes_sql(3)
-        ))
-        .await?;
+    let update = client.prepare_cached(&PATCH_SQL).await?;
+    let current = client.prepare_cached(&PATCH_CHECK_SQL).await?;
     let unless = unless.map(Status::as_str);
     for _ in 0..PATCH_ATTEMPTS {
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&actor];

@@ -296,10 +296,10 @@ async fn publish(producer: &FutureProducer, topic: &str, rows: &[tokio_postgres:
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
         // The same envelope as the WebSocket `change` message, so one parser serves both.
-        let change = Envelope::from_row(row);
-        let delivery = match Outgoing::of(&change, false).send(producer, topic).await {
+        let delivery = match Outgoing::of(Envelope::from_row(row), false).send(producer, topic).await {
+            // Refused whole (rarely): the envelope is assembled again for the stub.
             Err(KafkaError::MessageProduction(code)) if crate::ingest::dlq::permanent(code) => {
-                Outgoing::of(&change, true).send(producer, topic).await
+                Outgoing::of(Envelope::from_row(row), true).send(producer, topic).await
             }
             other => other,
         };
@@ -330,7 +330,7 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn of(change: &Envelope<'_>, stub: bool) -> Outgoing {
+    fn of(change: Envelope<'_>, stub: bool) -> Outgoing {
         let position = change.pos.to_string();
         let mut headers = OwnedHeaders::new_with_capacity(5)
             .insert(Header { key: "ordercast-position", value: Some(position.as_str()) })
@@ -345,7 +345,7 @@ impl Outgoing {
             v["truncated"] = Value::Bool(true);
             v.to_string()
         } else {
-            change.json.clone()
+            change.json
         };
         let timestamp = change.at.map(|at| at.timestamp_millis());
         Outgoing { key: change.order_id.to_string(), payload, headers, timestamp }

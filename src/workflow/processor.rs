@@ -7,9 +7,9 @@
 //! An order a user cancels while it is processed, or once it is processed,
 //! gets its steps compensated too, and so does one another writer marks
 //! `failed` while it is processed (a trigger notes the cancellation or
-//! failure in `order_undo`, so it is found even when its processor is gone). Statuses
-//! change through the database's own rules (`orders_guard`), as actor
-//! `processor`, so the history and every browser see each move.
+//! failure in `order_undo`, so it is found even when its processor is
+//! gone). Statuses change through the database's own rules (`orders_guard`),
+//! as actor `processor`, so the history and every browser see each move.
 //!
 //! Ownership: a batch of pending orders is claimed with one statement
 //! (`FOR UPDATE SKIP LOCKED`, so instances never claim the same order) that
@@ -81,12 +81,10 @@ const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount 
 const DONE_STEPS_SQL: &str =
     "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
-/// For a row of `orders`: it has steps to undo (as `DONE_STEPS_SQL` finds
-/// them) without a finished compensation.
-const STEPS_LEFT_SQL: &str = "EXISTS (SELECT 1 FROM order_steps e WHERE e.order_id = orders.id \
-    AND e.action = 'execute' AND e.outcome IN ('done', 'started') AND NOT EXISTS \
-      (SELECT 1 FROM order_steps c WHERE c.order_id = e.order_id AND c.step = e.step \
-         AND c.action = 'compensate' AND c.outcome IN ('done', 'failed')))";
+/// For a row of `orders`: another writer cancelled it or marked it failed,
+/// and it has steps to undo (as `DONE_STEPS_SQL` finds them) without a
+/// finished compensation (`order_steps_left`, V19).
+const UNDO_DUE_SQL: &str = "orders.status IN ('cancelled', 'failed') AND order_steps_left(orders.id)";
 
 /// See `begin`: a step's record is created, or counted as one more attempt
 /// while it is `started`; nothing is returned when it is already finished.
@@ -327,8 +325,7 @@ impl Processor {
             .query(
                 &format!(
                     "SELECT id FROM orders WHERE id = ANY($1) \
-                       AND (status = 'processing' OR status IN ('cancelled', 'failed') AND {STEPS_LEFT_SQL}) \
-                     ORDER BY id"
+                       AND (status = 'processing' OR {UNDO_DUE_SQL}) ORDER BY id"
                 ),
                 &[&locked],
             )
@@ -347,8 +344,7 @@ impl Processor {
                 .execute(
                     &format!(
                         "DELETE FROM order_undo u WHERE u.order_id = ANY($1) AND NOT EXISTS \
-                           (SELECT 1 FROM orders WHERE orders.id = u.order_id \
-                              AND orders.status IN ('cancelled', 'failed') AND {STEPS_LEFT_SQL})"
+                           (SELECT 1 FROM orders WHERE orders.id = u.order_id AND {UNDO_DUE_SQL})"
                     ),
                     &[&finished],
                 )
