@@ -19,6 +19,8 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
         // `ordercast` is built beside the bench binary for integration tests.
         .args(["--server", env!("CARGO_BIN_EXE_ordercast")])
         .args(["ws-latency:5:50", "sse-latency:3:50", "fanout:5:200", "idle:20", "write-cost:300", "ingest:300:20"])
+        // The same two measurements against the reference broadcaster.
+        .args(["ref-latency:5:50", "ref-fanout:5:200"])
         .output()
         .expect("run ordercast-bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -31,7 +33,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
     let json_start = stdout.find("\n{").expect("a JSON report after the table") + 1;
     let report: Value = serde_json::from_str(&stdout[json_start..]).expect("the report is JSON");
     let results = report["results"].as_array().expect("results");
-    assert_eq!(results.len(), 6, "{report:#}");
+    assert_eq!(results.len(), 8, "{report:#}");
 
     for r in results {
         let name = r["scenario"].as_str().unwrap();
@@ -61,7 +63,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
         assert!(changes > 0.0, "{name}: nothing written");
         assert_eq!(num("deliveries"), clients * changes, "{name}: every client gets every change");
         assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
-        if name.contains("latency") || name.starts_with("fanout") {
+        if name.contains("latency") || name.contains("fanout") {
             // Where the CPU went during the run: the server, the load
             // generator, the whole machine.
             // (The process figures are differences of growing counters: what

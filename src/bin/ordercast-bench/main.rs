@@ -8,6 +8,7 @@
 
 mod clients;
 mod ingest;
+mod reference;
 mod scenarios;
 mod server;
 
@@ -70,22 +71,36 @@ struct Args {
     json: Option<PathBuf>,
 
     /// Scenarios (default: all): ws-latency:CLIENTS:RATE, sse-latency:CLIENTS:RATE,
-    /// fanout:CLIENTS:RATE, idle:CONNECTIONS, write-cost:ROWS, ingest:ORDERS:RATE.
+    /// fanout:CLIENTS:RATE, idle:CONNECTIONS, write-cost:ROWS, ingest:ORDERS:RATE;
+    /// ref-latency:CLIENTS:RATE and ref-fanout:CLIENTS:RATE run ws-latency and
+    /// fanout against the reference broadcaster (a minimal LISTEN/NOTIFY server)
+    /// instead of ordercast.
     scenarios: Vec<String>,
 }
 
-#[tokio::main]
-async fn main() {
-    if let Err(e) = run(Args::parse()).await {
+fn main() {
+    // The reference broadcaster is this binary started again (see reference.rs).
+    if std::env::args().nth(1).as_deref() == Some(reference::FLAG) {
+        reference::main();
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("a Tokio runtime");
+    if let Err(e) = runtime.block_on(run(Args::parse())) {
         eprintln!("ordercast-bench: {e:#}");
         std::process::exit(1);
     }
 }
 
+/// What a latency or fan-out scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Subject {
+    Ordercast,
+    Reference,
+}
+
 #[derive(Debug, Clone)]
 enum Scenario {
-    Latency(Transport, usize, f64),
-    Fanout(usize, f64),
+    Latency(Subject, Transport, usize, f64),
+    Fanout(Subject, usize, f64),
     Idle(usize),
     WriteCost(usize),
     /// Orders produced up front, then events per second end to end.
@@ -102,9 +117,11 @@ fn parse_scenario(spec: &str) -> anyhow::Result<Scenario> {
             .with_context(|| spec.to_string())
     };
     Ok(match parts[0] {
-        "ws-latency" => Scenario::Latency(Transport::Ws, num(1)? as usize, num(2)?),
-        "sse-latency" => Scenario::Latency(Transport::Sse, num(1)? as usize, num(2)?),
-        "fanout" => Scenario::Fanout(num(1)? as usize, num(2)?),
+        "ws-latency" => Scenario::Latency(Subject::Ordercast, Transport::Ws, num(1)? as usize, num(2)?),
+        "sse-latency" => Scenario::Latency(Subject::Ordercast, Transport::Sse, num(1)? as usize, num(2)?),
+        "ref-latency" => Scenario::Latency(Subject::Reference, Transport::Ws, num(1)? as usize, num(2)?),
+        "fanout" => Scenario::Fanout(Subject::Ordercast, num(1)? as usize, num(2)?),
+        "ref-fanout" => Scenario::Fanout(Subject::Reference, num(1)? as usize, num(2)?),
         "idle" => Scenario::Idle(num(1)? as usize),
         "write-cost" => Scenario::WriteCost(num(1)? as usize),
         "ingest" => Scenario::Ingest(num(1)? as usize, num(2)?),
@@ -169,9 +186,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// One run: a fresh database and server, the measurement, then cleanup.
 async fn run_once(target: &Target, admin: &str, scenario: &Scenario, duration: Duration) -> anyhow::Result<Figures> {
+    let reference =
+        matches!(scenario, Scenario::Latency(Subject::Reference, ..) | Scenario::Fanout(Subject::Reference, ..));
+    if reference && matches!(target, Target::Url { .. }) {
+        // It would install its trigger on that server's database.
+        bail!("the ref- scenarios start their own server on a fresh database (not with --url)");
+    }
     let (db, db_url) = match target {
         Target::Url { .. } => (None, admin.to_string()),
-        Target::Spawn { .. } => {
+        Target::Spawn { .. } | Target::Reference => {
             let db = BenchDb::create(admin).await?;
             let url = db.url.clone();
             (Some(db), url)
@@ -193,10 +216,11 @@ async fn run_once(target: &Target, admin: &str, scenario: &Scenario, duration: D
             }
             _ => None,
         };
-        let server = Server::start(broker.as_ref().map_or(target, |(_, t)| t), &db_url)?;
+        let target = if reference { &Target::Reference } else { broker.as_ref().map_or(target, |(_, t)| t) };
+        let server = Server::start(target, &db_url)?;
         let r = match scenario {
-            Scenario::Latency(t, n, rate) => scenarios::latency(&server, &db_url, *t, *n, *rate, duration).await,
-            Scenario::Fanout(n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration).await,
+            Scenario::Latency(_, t, n, rate) => scenarios::latency(&server, &db_url, *t, *n, *rate, duration).await,
+            Scenario::Fanout(_, n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration).await,
             Scenario::Idle(n) => scenarios::idle(&server, &db_url, *n).await,
             Scenario::WriteCost(rows) => scenarios::write_cost(&db_url, *rows).await,
             Scenario::Ingest(orders, rate) => {
@@ -273,7 +297,7 @@ fn print_table(report: &Value) {
         "bench",
         "chg/recv"
     );
-    for (s, m) in medians(&results, |s| s.contains("latency") || s.starts_with("fanout")) {
+    for (s, m) in medians(&results, |s| s.contains("latency") || s.contains("fanout")) {
         println!(
             "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7} {:>9}",
             s,

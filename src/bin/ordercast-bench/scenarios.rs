@@ -103,8 +103,11 @@ impl Clients {
     }
 }
 
-pub async fn head(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
-    Ok(db.query_one("SELECT change_head()", &[]).await.map_err(ordercast::db::describe)?.get(0))
+/// The newest position the server's clients must reach: ordercast's change
+/// log head, or the reference broadcaster's last number.
+pub async fn head(server: &Server, db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    let sql = if server.reference { crate::reference::HEAD_SQL } else { "SELECT change_head()" };
+    Ok(db.query_one(sql, &[]).await.map_err(ordercast::db::describe)?.get(0))
 }
 
 /// What a paced writer did.
@@ -207,7 +210,7 @@ pub async fn latency(
     anyhow::ensure!(clients.ready > 0, "no client connected: {:?}", clients.first_error);
     let cpu = CpuWindow::start(server);
     let written = write_paced(db_url, rate, 1, duration).await?;
-    let head = head(&db).await?;
+    let head = head(server, &db).await?;
     let mut tallies = clients.finish(head).await;
     let mut f = Figures::new();
     cpu.finish(server, run_secs(&written, &tallies), &mut f);
@@ -276,7 +279,7 @@ pub async fn fanout(server: &Server, db_url: &str, n: usize, rate: f64, duration
     let rows = ((rate / 100.0).round() as usize).clamp(1, 100);
     let cpu = CpuWindow::start(server);
     let written = write_paced(db_url, rate, rows, duration).await?;
-    let head = head(&db).await?;
+    let head = head(server, &db).await?;
     let mut tallies = clients.finish(head).await;
     let secs = run_secs(&written, &tallies);
     let mut f = Figures::new();
@@ -299,7 +302,7 @@ pub async fn idle(server: &Server, db_url: &str, n: usize) -> anyhow::Result<Fig
     let db = ordercast::db::connect(db_url).await?;
     // Warm the server up (worker threads, pools, first-request allocations).
     let mut warm = open_clients(server, Transport::Ws, 1, false).await;
-    let h = head(&db).await?;
+    let h = head(server, &db).await?;
     drop(warm.finish(h).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = server.rss_bytes();
@@ -307,7 +310,7 @@ pub async fn idle(server: &Server, db_url: &str, n: usize) -> anyhow::Result<Fig
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_after = server.rss_bytes();
     let written = write_paced(db_url, 1.0, 1, Duration::from_secs(1)).await?;
-    let head = head(&db).await?;
+    let head = head(server, &db).await?;
     let mut tallies = clients.finish(head).await;
     let mut f = Figures::new();
     f.insert("connect_secs".into(), json!(round2(clients.connect_secs)));

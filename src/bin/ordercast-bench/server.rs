@@ -41,14 +41,24 @@ pub struct Server {
     pub host: String,
     /// Known only for a server we started (or one given with `--pid`).
     pub pid: Option<u32>,
+    /// The reference broadcaster (`reference.rs`), not ordercast.
+    pub reference: bool,
     child: Option<Child>,
 }
 
 /// How to reach or start the server.
 #[derive(Clone, Debug)]
 pub enum Target {
-    Spawn { binary: PathBuf, extra_env: Vec<(String, String)> },
-    Url { url: String, pid: Option<u32> },
+    Spawn {
+        binary: PathBuf,
+        extra_env: Vec<(String, String)>,
+    },
+    Url {
+        url: String,
+        pid: Option<u32>,
+    },
+    /// The reference broadcaster: this binary with `reference::FLAG`.
+    Reference,
 }
 
 impl Server {
@@ -61,19 +71,31 @@ impl Server {
                     port: port.parse().context("bad port in --url")?,
                     host: host.to_string(),
                     pid: *pid,
+                    reference: false,
                     child: None,
                 })
             }
-            Target::Spawn { binary, extra_env } => Self::spawn(binary, extra_env, database_url),
+            Target::Spawn { binary, extra_env } => Self::spawn(binary, &[], extra_env, database_url),
+            Target::Reference => {
+                let mut server = Self::spawn(&std::env::current_exe()?, &[crate::reference::FLAG], &[], database_url)?;
+                server.reference = true;
+                Ok(server)
+            }
         }
     }
 
-    fn spawn(binary: &PathBuf, extra_env: &[(String, String)], database_url: &str) -> anyhow::Result<Server> {
+    fn spawn(
+        binary: &PathBuf,
+        args: &[&str],
+        extra_env: &[(String, String)],
+        database_url: &str,
+    ) -> anyhow::Result<Server> {
         if !binary.exists() {
             bail!("{} does not exist: build it with `cargo build --release --bin ordercast`", binary.display());
         }
         let mut cmd = Command::new(binary);
-        cmd.env("DATABASE_URL", database_url)
+        cmd.args(args)
+            .env("DATABASE_URL", database_url)
             .env("ORDERCAST_BIND", "127.0.0.1:0")
             .env("RUST_LOG", "warn,ordercast=info")
             // The benchmark opens up to 19,000 connections from 253 addresses.
@@ -105,7 +127,9 @@ impl Server {
         });
         let pid = child.id();
         match port_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(port) => Ok(Server { port, host: "127.0.0.1".into(), pid: Some(pid), child: Some(child) }),
+            Ok(port) => {
+                Ok(Server { port, host: "127.0.0.1".into(), pid: Some(pid), reference: false, child: Some(child) })
+            }
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
