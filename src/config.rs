@@ -127,7 +127,7 @@ pub struct Settings {
     #[arg(long, env = "ORDERCAST_MAX_SUBSCRIBES_PER_MINUTE", default_value_t = 60, global = true)]
     pub max_subscribes_per_minute: u32,
 
-    /// HTTP worker threads (0: one per core but one, at least one).
+    /// HTTP worker threads (0: one per core).
     #[arg(long, env = "ORDERCAST_WORKERS", default_value_t = 0, global = true)]
     pub workers: usize,
 
@@ -177,13 +177,13 @@ impl Settings {
         Duration::from_secs(self.slow_client_secs.max(1))
     }
 
-    /// The HTTP worker threads to start: `workers`, or with 0, one per core
-    /// but one, which is left to the runtime that runs the listener, the hub
-    /// and the ingest (at least one). On a 2-core machine one worker gave the
-    /// lower tail at 1,000 clients (docs/performance.md, "HTTP workers").
+    /// The HTTP worker threads to start: `workers`, or with 0, one per core.
+    /// On a 2-core machine two workers gave the lower latency at 100 and
+    /// 1,000 clients, one the higher throughput at 10,000 clients
+    /// (docs/performance.md, "Thirteenth session").
     pub fn http_workers(&self) -> usize {
         match self.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         }
     }
@@ -214,12 +214,12 @@ mod tests {
     }
 
     #[test]
-    fn http_workers_leave_a_core_to_the_main_runtime_unless_set() {
+    fn http_workers_are_one_per_core_unless_set() {
         let mut settings = Settings::for_database("postgres://127.0.0.1/x");
         settings.workers = 3;
         assert_eq!(settings.http_workers(), 3);
         settings.workers = 0;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(settings.http_workers(), if cores > 1 { cores - 1 } else { 1 });
+        assert_eq!(settings.http_workers(), cores);
     }
 }
