@@ -33,8 +33,8 @@ pub enum ApiError {
     /// The order's steps (payment, stock) are not undone: it cannot be deleted.
     #[error("{0}")]
     Unsettled(String),
-    #[error("version {expected} does not match the current version {current}")]
-    VersionConflict { expected: i32, current: i32 },
+    #[error("{}", version_conflict(expected, *current))]
+    VersionConflict { expected: Vec<i32>, current: i32 },
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
     #[error("the database is unavailable: {0}")]
@@ -137,6 +137,24 @@ impl ResponseError for ApiError {
 }
 
 /// A JSON error body for errors raised outside handlers (extractors, limits).
+/// Versions as a request named them: `3`, or `2, 3`.
+pub fn versions_text(versions: &[i32]) -> String {
+    versions.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// Why a version precondition failed: the versions it named, or that it
+/// named only weak tags, which never match.
+fn version_conflict(expected: &[i32], current: i32) -> String {
+    match expected {
+        [] => format!(
+            "If-Match names only weak entity tags, which never match (it compares strongly); \
+             the current version is {current}, ETag \"{current}\""
+        ),
+        [one] => format!("version {one} does not match the current version {current}"),
+        many => format!("none of the versions {} is the current version {current}", versions_text(many)),
+    }
+}
+
 pub fn problem_response(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     HttpResponse::build(status).content_type("application/problem+json").json(serde_json::json!({
         "status": status.as_u16(),

@@ -56,20 +56,43 @@ pub fn parse_id(raw: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::BadRequest(format!("{raw:?} is not an order id"), "invalid_id"))
 }
 
-/// `If-Match: 3`, `If-Match: "3"` or `W/"3"`; `*` (any current version, RFC
-/// 9110) checks nothing beyond the order existing, like no header.
-fn if_match(req: &HttpRequest) -> Result<Option<i32>, ApiError> {
+/// The versions an `If-Match` header accepts (RFC 9110, 13.1.1): `None`
+/// without the header or with `*` (any current version: the order must only
+/// exist). A list of entity tags matches when any one does; orders' ETags
+/// are strong (`"3"`), and If-Match compares strongly, so a weak tag
+/// (`W/"3"`) matches no version: a header of weak tags only gives an empty
+/// list, which every update refuses with 412. A bare `3` is taken as `"3"`.
+fn if_match(req: &HttpRequest) -> Result<Option<Vec<i32>>, ApiError> {
     let Some(v) = req.headers().get(header::IF_MATCH) else { return Ok(None) };
-    let s = v.to_str().unwrap_or("").trim();
+    let invalid =
+        || ApiError::BadRequest("If-Match must be an order version or a list of them".into(), "invalid_if_match");
+    let s = v.to_str().map_err(|_| invalid())?.trim();
     if s == "*" {
         return Ok(None);
     }
-    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
-    s.parse::<i32>()
-        .ok()
-        .filter(|n| *n > 0)
-        .map(Some)
-        .ok_or_else(|| ApiError::BadRequest("If-Match must be an order version".into(), "invalid_if_match"))
+    let mut versions = Vec::new();
+    let mut tags = 0;
+    // Empty list elements are ignored (RFC 9110, 5.6.1).
+    for tag in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        tags += 1;
+        let (weak, tag) = match tag.strip_prefix("W/") {
+            Some(rest) => (true, rest),
+            None => (false, tag),
+        };
+        let inner = match tag.strip_prefix('"') {
+            Some(rest) => rest.strip_suffix('"').ok_or_else(invalid)?,
+            None if !weak => tag,
+            None => return Err(invalid()),
+        };
+        let version = inner.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(invalid)?;
+        if !weak {
+            versions.push(version);
+        }
+    }
+    if tags == 0 {
+        return Err(invalid());
+    }
+    Ok(Some(versions))
 }
 
 fn json_response(mut builder: actix_web::HttpResponseBuilder, body: String, version: Option<i32>) -> HttpResponse {
@@ -335,14 +358,14 @@ fn changes_sql(n: usize) -> String {
 }
 
 /// A patch, as one UPDATE: `$1` the actor, `$2 ..= $10` the patch's values
-/// (see `patched`), `$11` the id, `$12` the expected version, `$13` the
+/// (see `patched`), `$11` the id, `$12` the versions it may have, `$13` the
 /// customer a token is confined to, `$14` a status it must not have. It
 /// matches nothing when the patch would change nothing.
 static PATCH_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
          UPDATE orders SET {} \
-         FROM a WHERE id = $11 AND ($12::int IS NULL OR version = $12) \
+         FROM a WHERE id = $11 AND ($12::int[] IS NULL OR version = ANY($12)) \
            AND ($13::text IS NULL OR lower(customer_name) = $13) \
            AND ($14::text IS NULL OR status <> $14) AND {} \
          RETURNING to_jsonb(orders)::text",
@@ -376,7 +399,7 @@ async fn apply_patch(
     pool: &deadpool_postgres::Pool,
     id: i64,
     patch: &OrderPatch,
-    expected_version: Option<i32>,
+    expected_version: Option<Vec<i32>>,
     actor: &str,
     customer: Option<&str>,
     unless: Option<Status>,
@@ -425,10 +448,10 @@ async fn apply_patch(
         params.extend(values);
         let Some(row) = client.query_opt(&current, &params).await? else { return Err(not_found(id)) };
         let (version, now, json, changes): (i32, &str, String, bool) = (row.get(0), row.get(1), row.get(2), row.get(3));
-        match expected_version {
+        match &expected_version {
             _ if unless == Some(now) => return Err(already(id, now)),
-            Some(expected) if expected != version => {
-                return Err(ApiError::VersionConflict { expected, current: version })
+            Some(expected) if !expected.contains(&version) => {
+                return Err(ApiError::VersionConflict { expected: expected.clone(), current: version })
             }
             _ if !changes => return Ok(json),
             // The order was replaced after the UPDATE's snapshot was taken
@@ -450,13 +473,16 @@ async fn update(
     let body = read_body(&req, body, state.settings.max_body_bytes).await?;
     let patch = OrderPatch::parse(&parse_body(&body)?)?;
     let expected = match (if_match(&req)?, patch.version) {
-        (Some(h), Some(b)) if h != b => {
+        // Weak tags only: nothing matches, whatever the body says (412).
+        (Some(h), Some(_)) if h.is_empty() => Some(h),
+        (Some(h), Some(b)) if !h.contains(&b) => {
             return Err(ApiError::BadRequest(
-                format!("If-Match ({h}) and body version ({b}) disagree"),
+                format!("If-Match ({}) and body version ({b}) disagree", crate::error::versions_text(&h)),
                 "version_mismatch",
             ))
         }
-        (h, b) => h.or(b),
+        (_, Some(b)) => Some(vec![b]),
+        (h, None) => h,
     };
     let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref(), None).await?;
     let version = order_version(&json);
@@ -465,7 +491,7 @@ async fn update(
 
 /// Change some fields of an order (partial update).
 #[utoipa::path(patch, path = "/api/orders/{id}", tag = "orders",
-    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version: \"3\" (the ETag), or a list such as \"2\", \"3\"; a weak tag (W/\"3\") never matches")),
     request_body(content = crate::routes::openapi::OrderPatchDoc, content_type = "application/json"),
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
@@ -488,7 +514,7 @@ pub async fn patch_order(
 
 /// Same as PATCH: existing clients send `PUT /api/orders/1 {"status":"shipped"}`.
 #[utoipa::path(put, path = "/api/orders/{id}", tag = "orders",
-    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version: \"3\" (the ETag), or a list such as \"2\", \"3\"; a weak tag (W/\"3\") never matches")),
     request_body(content = crate::routes::openapi::OrderPatchDoc, content_type = "application/json"),
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
@@ -511,7 +537,7 @@ pub async fn put_order(
 
 /// Cancel an order (allowed from pending, processing and processed).
 #[utoipa::path(post, path = "/api/orders/{id}/cancel", tag = "orders",
-    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version: \"3\" (the ETag), or a list such as \"2\", \"3\"; a weak tag (W/\"3\") never matches")),
     responses(
         (status = 200, description = "The cancelled order", body = crate::routes::openapi::OrderDoc),
         (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
@@ -554,7 +580,7 @@ pub async fn cancel(
 
 /// Delete an order.
 #[utoipa::path(delete, path = "/api/orders/{id}", tag = "orders",
-    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version")),
+    params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version: \"3\" (the ETag), or a list such as \"2\", \"3\"; a weak tag (W/\"3\") never matches")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
@@ -574,7 +600,7 @@ pub async fn delete_order(
     let deleted = client
         .query_opt(
             "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
-             DELETE FROM orders USING a WHERE id = $2 AND ($3::int IS NULL OR version = $3) \
+             DELETE FROM orders USING a WHERE id = $2 AND ($3::int[] IS NULL OR version = ANY($3)) \
                AND ($4::text IS NULL OR lower(customer_name) = $4) RETURNING id",
             &[&actor(&req), &id, &expected, &restriction(&req)],
         )

@@ -302,6 +302,52 @@ async fn two_patches_with_the_same_version_one_wins_one_gets_412() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn if_match_compares_strongly_and_takes_a_list_of_versions() {
+    let app = spawn_app().await;
+    let id = app.create_order("Ottoline").await["id"].as_i64().unwrap();
+    let path = format!("/api/orders/{id}");
+    let patch = |if_match: &'static str, body: Value| {
+        let r = app.http.patch(app.url(&path)).header("If-Match", if_match).json(&body).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let code = |v: &Value| v["code"].as_str().map(str::to_owned);
+    // A weak tag never matches (RFC 9110: If-Match compares strongly), not
+    // even the current version's: nothing is written.
+    let (s, b) = patch("W/\"1\"", json!({"quantity": 2})).await;
+    assert_eq!((s, code(&b), b["current_version"].as_i64()), (412, Some("version_conflict".into()), Some(1)), "{b}");
+    assert!(b["message"].as_str().unwrap().contains("weak"), "{b}");
+    let (s, b) = patch("W/\"1\"", json!({"quantity": 2, "version": 1})).await;
+    assert_eq!((s, code(&b)), (412, Some("version_conflict".into())), "{b}");
+    assert_eq!(app.get_json(&path).await.1["version"], 1);
+    // A list matches when one of its tags does; a weak one in it counts for nothing.
+    let (s, b) = patch("\"7\", W/\"1\", \"1\"", json!({"quantity": 3})).await;
+    assert_eq!((s, b["version"].as_i64(), b["quantity"].as_i64()), (200, Some(2), Some(3)), "{b}");
+    let (s, b) = patch("\"1\", W/\"2\", \"3\"", json!({"quantity": 4})).await;
+    assert_eq!((s, code(&b), b["current_version"].as_i64()), (412, Some("version_conflict".into()), Some(2)), "{b}");
+    assert_eq!(b["message"], "none of the versions 1, 3 is the current version 2");
+    // The body's version must be one of the list's.
+    let (s, b) = patch("\"1\", \"2\"", json!({"quantity": 4, "version": 2})).await;
+    assert_eq!((s, b["version"].as_i64()), (200, Some(3)), "{b}");
+    let (s, b) = patch("\"1\", \"2\"", json!({"quantity": 5, "version": 3})).await;
+    assert_eq!((s, code(&b)), (400, Some("version_mismatch".into())), "{b}");
+    // Malformed: an unquoted weak tag, an unclosed quote, no tag at all, two
+    // tags without a comma. (Empty list elements are ignored: below.)
+    for bad in ["W/3", "\"3", " , ", "\"3\" \"4\""] {
+        let (s, b) = patch(bad, json!({"quantity": 6})).await;
+        assert_eq!((s, code(&b)), (400, Some("invalid_if_match".into())), "{bad}: {b}");
+    }
+    // Delete and cancel take the same header.
+    let delete = |if_match: &'static str| app.http.delete(app.url(&path)).header("If-Match", if_match).send();
+    assert_eq!(delete("W/\"3\"").await.unwrap().status(), 412);
+    let cancel = app.http.post(app.url(&format!("{path}/cancel"))).header("If-Match", "W/\"3\"").send();
+    assert_eq!(cancel.await.unwrap().status(), 412);
+    assert_eq!(delete(", \"9\",, \"3\",").await.unwrap().status(), 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cancels_of_one_order_let_exactly_one_through() {
     const CANCELS: usize = 12;
     let app = spawn_app().await;
