@@ -10,7 +10,7 @@ use std::time::Duration;
 use std::rc::Rc;
 
 use actix_codec::Framed;
-use actix_http::body::{BodySize, BoxBody, MessageBody};
+use actix_http::body::{BodySize, BoxBody, EitherBody, MessageBody};
 use actix_http::error::DispatchError;
 use actix_http::h1::{self, Message};
 use actix_http::{ConnectionType, HttpService, KeepAlive, Request, Response};
@@ -151,6 +151,24 @@ impl AppHandle {
     }
 }
 
+/// A CORS refusal (a preflight from an origin, or asking for a method or
+/// header, that is not allowed) as a problem like every other error: actix-cors
+/// answers plain text. An origin not on the list is 403 `origin_not_allowed`,
+/// as for the requests themselves; the rest 400 `cors_refused`.
+fn cors_problem<B>(res: ServiceResponse<B>) -> ServiceResponse<EitherBody<B>> {
+    let refusal = res.response().error().and_then(|e| e.as_error::<actix_cors::CorsError>()).map(|e| {
+        let (status, code) = match e {
+            actix_cors::CorsError::OriginNotAllowed => (StatusCode::FORBIDDEN, "origin_not_allowed"),
+            _ => (StatusCode::BAD_REQUEST, "cors_refused"),
+        };
+        problem_response(status, code, &format!("CORS: {e}"))
+    });
+    match refusal {
+        Some(problem) => res.into_response(problem).map_into_right_body(),
+        None => res.map_into_left_body(),
+    }
+}
+
 /// The application: middleware and routes. Built per worker, twice (the
 /// request service and the WebSocket upgrade service).
 fn app(
@@ -192,7 +210,7 @@ fn app(
                 let data = data.clone();
                 let fut = srv.call(req);
                 async move {
-                    let res = fut.await?;
+                    let res = cors_problem(fut.await?);
                     let route = match res.request().match_name() {
                         Some(routes::fallback::NAME) => "unmatched".into(),
                         _ => res.request().match_pattern().unwrap_or_else(|| "unmatched".into()),

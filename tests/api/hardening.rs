@@ -593,6 +593,23 @@ async fn websocket_origins_and_cors_follow_the_allow_list() {
     assert_eq!(ok.headers()["access-control-allow-origin"], "https://ops.example.com");
     let denied = preflight("https://evil.example").await.unwrap();
     assert!(denied.headers().get("access-control-allow-origin").is_none());
+    // Refusals are problems with a stable code, like every other error.
+    assert_eq!(denied.status(), 403);
+    let body: Value = denied.json().await.unwrap();
+    assert_eq!(body["code"], "origin_not_allowed", "{body}");
+    let r = app
+        .http
+        .request(reqwest::Method::OPTIONS, app.url("/api/orders"))
+        .header("origin", "https://ops.example.com")
+        .header("access-control-request-method", "TRACE")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "cors_refused", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("method"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
