@@ -582,29 +582,22 @@ async fn websocket_origins_and_cors_follow_the_allow_list() {
     let host = format!("http://127.0.0.1:{}", app.port);
     let (close, _) = ws_with(&app, "", &[auth, ("origin", host.as_str())]).await;
     assert!(close.is_none(), "same origin is allowed");
-    let preflight = |origin: &'static str| {
+    let preflight = |origin: &'static str, method: &'static str| {
         app.http
             .request(reqwest::Method::OPTIONS, app.url("/api/orders"))
             .header("origin", origin)
-            .header("access-control-request-method", "POST")
+            .header("access-control-request-method", method)
             .send()
     };
-    let ok = preflight("https://ops.example.com").await.unwrap();
+    let ok = preflight("https://ops.example.com", "POST").await.unwrap();
     assert_eq!(ok.headers()["access-control-allow-origin"], "https://ops.example.com");
-    let denied = preflight("https://evil.example").await.unwrap();
+    let denied = preflight("https://evil.example", "POST").await.unwrap();
     assert!(denied.headers().get("access-control-allow-origin").is_none());
     // Refusals are problems with a stable code, like every other error.
     assert_eq!(denied.status(), 403);
     let body: Value = denied.json().await.unwrap();
     assert_eq!(body["code"], "origin_not_allowed", "{body}");
-    let r = app
-        .http
-        .request(reqwest::Method::OPTIONS, app.url("/api/orders"))
-        .header("origin", "https://ops.example.com")
-        .header("access-control-request-method", "TRACE")
-        .send()
-        .await
-        .unwrap();
+    let r = preflight("https://ops.example.com", "TRACE").await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     let body: Value = r.json().await.unwrap();
