@@ -42,16 +42,30 @@ const BACKLOG: usize = 16 * 1024;
 /// The trigger, installed at start on the benchmark's fresh database. The
 /// payload is ordercast's change envelope: `{"type":"change","seq":N,
 /// "op":"insert","order":{...},"old":null,"actor":"...","at":"..."}`.
+///
+/// `at` is taken once per transaction, by its first row's trigger at commit,
+/// as ordercast's sequencer takes one commit time per transaction (the
+/// sequencer runs after these triggers, so the reference's is the earlier).
+/// The numbering holds for one writer committing one transaction at a time,
+/// which is what the benchmark's writer does: with concurrent writers,
+/// `nextval` order is not commit order, and a rolled-back transaction's
+/// numbers would count as lost.
 const INSTALL_SQL: &str = r#"
 CREATE SEQUENCE IF NOT EXISTS bench_reference_seq;
 CREATE OR REPLACE FUNCTION bench_reference_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    at text := current_setting('bench_reference.at', true);
 BEGIN
+    IF at IS NULL OR at = '' THEN
+        at := to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"');
+        PERFORM set_config('bench_reference.at', at, true);
+    END IF;
     PERFORM pg_notify('bench_reference',
         '{"type":"change","seq":' || nextval('bench_reference_seq')
         || ',"op":"' || lower(TG_OP) || '","order":' || to_json(NEW)
         || ',"old":null,"actor":' || to_json(ordercast_actor())
-        || ',"at":"' || to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"}');
+        || ',"at":"' || at || '"}');
     RETURN NULL;
 END
 $$;
@@ -119,7 +133,7 @@ async fn serve(url: &str, bind: &str) -> anyhow::Result<()> {
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     let payload = n.payload();
                     if let Some(seq) = seq_of(payload) {
-                        last = seq;
+                        last = last.max(seq);
                     }
                     // No receivers (no client yet) is not an error.
                     let _ = tx.send(wire::frame(wire::OP_TEXT, payload.as_bytes()));
@@ -129,7 +143,15 @@ async fn serve(url: &str, bind: &str) -> anyhow::Result<()> {
                 None => bail!("the listener's connection closed"),
             },
             a = listener.accept() => {
-                let Ok((tcp, _)) = a else { continue };
+                let tcp = match a {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of file descriptors, say: do not spin.
+                        eprintln!("WARN reference server: accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
                 // Subscribed and told its start in one step of the task
                 // that also sends: no notification falls between the two.
                 let rx = tx.subscribe();
@@ -153,7 +175,10 @@ fn seq_of(payload: &str) -> Option<i64> {
 /// frame queued for it, as many as have queued per write.
 async fn client(mut tcp: TcpStream, mut rx: broadcast::Receiver<Bytes>, start: i64) -> anyhow::Result<()> {
     tcp.set_nodelay(true)?;
-    let key = read_upgrade(&mut tcp).await?;
+    // A client that never finishes its request lets its receiver go.
+    let key = tokio::time::timeout(std::time::Duration::from_secs(30), read_upgrade(&mut tcp))
+        .await
+        .context("no upgrade request within 30 s")??;
     let mut out = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {}\r\n\r\n",

@@ -77,7 +77,11 @@ impl Server {
             }
             Target::Spawn { binary, extra_env } => Self::spawn(binary, &[], extra_env, database_url),
             Target::Reference => {
-                let mut server = Self::spawn(&std::env::current_exe()?, &[crate::reference::FLAG], &[], database_url)?;
+                // Tokio's default runtime, one thread per core, whatever this
+                // process's own setting (docs/performance.md).
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let env = [("TOKIO_WORKER_THREADS".to_string(), cores.to_string())];
+                let mut server = Self::spawn(&std::env::current_exe()?, &[crate::reference::FLAG], &env, database_url)?;
                 server.reference = true;
                 Ok(server)
             }
@@ -91,7 +95,7 @@ impl Server {
         database_url: &str,
     ) -> anyhow::Result<Server> {
         if !binary.exists() {
-            bail!("{} does not exist: build it with `cargo build --release --bin ordercast`", binary.display());
+            bail!("{} does not exist: build it with `cargo build --release --bins`", binary.display());
         }
         let mut cmd = Command::new(binary);
         cmd.args(args)
