@@ -136,9 +136,8 @@ impl ResponseError for ApiError {
     }
 }
 
-/// A JSON error body for errors raised outside handlers (extractors, limits).
 /// Versions as a request named them: `3`, or `2, 3`.
-pub fn versions_text(versions: &[i32]) -> String {
+fn versions_text(versions: &[i32]) -> String {
     versions.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
 }
 
@@ -147,14 +146,15 @@ pub fn versions_text(versions: &[i32]) -> String {
 fn version_conflict(expected: &[i32], current: i32) -> String {
     match expected {
         [] => format!(
-            "If-Match names only weak entity tags, which never match (it compares strongly); \
-             the current version is {current}, ETag \"{current}\""
+            "If-Match names no tag that can match: weak tags never do (it compares strongly), and an \
+             order's ETag is its version in quotes; the current version is {current}, ETag \"{current}\""
         ),
         [one] => format!("version {one} does not match the current version {current}"),
         many => format!("none of the versions {} is the current version {current}", versions_text(many)),
     }
 }
 
+/// A JSON error body for errors raised outside handlers (extractors, limits).
 pub fn problem_response(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     HttpResponse::build(status).content_type("application/problem+json").json(serde_json::json!({
         "status": status.as_u16(),

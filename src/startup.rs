@@ -164,7 +164,13 @@ fn cors_problem<B>(res: ServiceResponse<B>) -> ServiceResponse<EitherBody<B>> {
         problem_response(status, code, &format!("CORS: {e}"))
     });
     match refusal {
-        Some(problem) => res.into_response(problem).map_into_right_body(),
+        Some(mut problem) => {
+            // What actix-cors said varies with (`Vary: Origin, ...`) still does.
+            for v in res.headers().get_all(actix_web::http::header::VARY) {
+                problem.headers_mut().append(actix_web::http::header::VARY, v.clone());
+            }
+            res.into_response(problem).map_into_right_body()
+        }
         None => res.map_into_left_body(),
     }
 }
@@ -196,6 +202,12 @@ fn app(
     App::new()
         .wrap(actix_web::middleware::from_fn(crate::auth::guard))
         .wrap(cors)
+        // Inside the access log, so it logs what the client gets.
+        .wrap_fn(|req, srv| {
+            use actix_web::dev::Service;
+            let fut = srv.call(req);
+            async move { Ok(cors_problem(fut.await?)) }
+        })
         .wrap(
             // The path without the query string, which may hold a token, and
             // cut short like a made-up method (`metrics::path_for_log`).
@@ -210,7 +222,7 @@ fn app(
                 let data = data.clone();
                 let fut = srv.call(req);
                 async move {
-                    let res = cors_problem(fut.await?);
+                    let res = fut.await?;
                     let route = match res.request().match_name() {
                         Some(routes::fallback::NAME) => "unmatched".into(),
                         _ => res.request().match_pattern().unwrap_or_else(|| "unmatched".into()),

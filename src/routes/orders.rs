@@ -58,41 +58,79 @@ pub fn parse_id(raw: &str) -> Result<i64, ApiError> {
 
 /// The versions an `If-Match` header accepts (RFC 9110, 13.1.1): `None`
 /// without the header or with `*` (any current version: the order must only
-/// exist). A list of entity tags matches when any one does; orders' ETags
-/// are strong (`"3"`), and If-Match compares strongly, so a weak tag
-/// (`W/"3"`) matches no version: a header of weak tags only gives an empty
-/// list, which every update refuses with 412. A bare `3` is taken as `"3"`.
-fn if_match(req: &HttpRequest) -> Result<Option<Vec<i32>>, ApiError> {
-    let Some(v) = req.headers().get(header::IF_MATCH) else { return Ok(None) };
+/// exist). A list of entity tags (over one header line or several) matches
+/// when any one does. If-Match compares strongly, and an order's ETag is its
+/// version in quotes (`"3"`): a weak tag (`W/"3"`), or any other well-formed
+/// tag (`"x"`, `"03"`), matches no version, so a list of such tags only is
+/// an empty list, which every update refuses with 412. A bare `3` is taken as
+/// `"3"`. Malformed syntax is a 400. The second value is the header as sent.
+fn if_match(req: &HttpRequest) -> Result<Option<(Vec<i32>, String)>, ApiError> {
     let invalid =
         || ApiError::BadRequest("If-Match must be an order version or a list of them".into(), "invalid_if_match");
-    let s = v.to_str().map_err(|_| invalid())?.trim();
-    if s == "*" {
+    let mut lines = req.headers().get_all(header::IF_MATCH).peekable();
+    if lines.peek().is_none() {
         return Ok(None);
     }
-    let mut versions = Vec::new();
-    let mut tags = 0;
-    // Empty list elements are ignored (RFC 9110, 5.6.1).
-    for tag in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+    let mut sent = String::new();
+    for line in lines {
+        if !sent.is_empty() {
+            sent.push_str(", ");
+        }
+        sent.push_str(line.to_str().map_err(|_| invalid())?.trim());
+    }
+    if sent == "*" {
+        return Ok(None);
+    }
+    let (mut versions, mut tags) = (Vec::new(), 0);
+    let mut rest = sent.as_str();
+    loop {
+        // Empty list elements are ignored (RFC 9110, 5.6.1).
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            break;
+        }
         tags += 1;
-        let (weak, tag) = match tag.strip_prefix("W/") {
-            Some(rest) => (true, rest),
-            None => (false, tag),
+        let (weak, tagged) = match rest.strip_prefix("W/") {
+            Some(r) => (true, r),
+            None => (false, rest),
         };
-        let inner = match tag.strip_prefix('"') {
-            Some(rest) => rest.strip_suffix('"').ok_or_else(invalid)?,
-            None if !weak => tag,
-            None => return Err(invalid()),
+        let (tag, quoted, after) = match tagged.strip_prefix('"') {
+            Some(r) => {
+                let end = r.find('"').ok_or_else(invalid)?;
+                (&r[..end], true, &r[end + 1..])
+            }
+            None if weak => return Err(invalid()),
+            None => {
+                let end = tagged.find([',', ' ', '\t']).unwrap_or(tagged.len());
+                (&tagged[..end], false, &tagged[end..])
+            }
         };
-        let version = inner.parse::<i32>().ok().filter(|n| *n > 0).ok_or_else(invalid)?;
-        if !weak {
-            versions.push(version);
+        // etagc: visible characters but DQUOTE (found above as the end).
+        if tag.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(invalid());
+        }
+        rest = after.trim_start_matches([' ', '\t']);
+        if !(rest.is_empty() || rest.starts_with(',')) {
+            return Err(invalid());
+        }
+        match (canonical_version(tag), quoted) {
+            (Some(v), _) if !weak => versions.push(v),
+            (None, false) => return Err(invalid()),
+            _ => {}
         }
     }
     if tags == 0 {
         return Err(invalid());
     }
-    Ok(Some(versions))
+    Ok(Some((versions, sent)))
+}
+
+/// An order version as its ETag writes it: decimal, no sign, no leading zero.
+fn canonical_version(tag: &str) -> Option<i32> {
+    if tag.starts_with('0') || tag.is_empty() || !tag.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    tag.parse().ok()
 }
 
 fn json_response(mut builder: actix_web::HttpResponseBuilder, body: String, version: Option<i32>) -> HttpResponse {
@@ -473,16 +511,16 @@ async fn update(
     let body = read_body(&req, body, state.settings.max_body_bytes).await?;
     let patch = OrderPatch::parse(&parse_body(&body)?)?;
     let expected = match (if_match(&req)?, patch.version) {
-        // Weak tags only: nothing matches, whatever the body says (412).
-        (Some(h), Some(_)) if h.is_empty() => Some(h),
-        (Some(h), Some(b)) if !h.contains(&b) => {
+        // No tag that can match: nothing matches, whatever the body says (412).
+        (Some((h, _)), Some(_)) if h.is_empty() => Some(h),
+        (Some((h, sent)), Some(b)) if !h.contains(&b) => {
             return Err(ApiError::BadRequest(
-                format!("If-Match ({}) and body version ({b}) disagree", crate::error::versions_text(&h)),
+                format!("If-Match ({sent}) and body version ({b}) disagree"),
                 "version_mismatch",
             ))
         }
         (_, Some(b)) => Some(vec![b]),
-        (h, None) => h,
+        (h, None) => h.map(|(h, _)| h),
     };
     let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref(), None).await?;
     let version = order_version(&json);
@@ -498,7 +536,7 @@ async fn update(
         (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Status transition not allowed (invalid_transition), a line-item change of an order that has left pending (order_locked), or the order replaced under the update again and again (conflict)", body = crate::routes::openapi::ProblemDoc),
-        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
         (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
     ))]
@@ -521,7 +559,7 @@ pub async fn patch_order(
         (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Status transition not allowed (invalid_transition), a line-item change of an order that has left pending (order_locked), or the order replaced under the update again and again (conflict)", body = crate::routes::openapi::ProblemDoc),
-        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
         (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
     ))]
@@ -543,7 +581,7 @@ pub async fn put_order(
         (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Cannot be cancelled in its status", body = crate::routes::openapi::ProblemDoc),
-        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[post("/api/orders/{id}/cancel")]
 pub async fn cancel(
@@ -554,7 +592,7 @@ pub async fn cancel(
     let id = parse_id(&path)?;
     let customer = restriction(&req);
     let expected = match if_match(&req) {
-        Ok(v) => v,
+        Ok(v) => v.map(|(versions, _)| versions),
         // An order that is already cancelled says so even when If-Match is
         // malformed (the status has always been checked first).
         Err(e) => {
@@ -586,7 +624,7 @@ pub async fn cancel(
         (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Its processor steps (payment, stock) are not undone (order_not_settled): cancel it first; a running order processor undoes a failed or cancelled one", body = crate::routes::openapi::ProblemDoc),
-        (status = 412, description = "Version is stale", body = crate::routes::openapi::ProblemDoc),
+        (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[delete("/api/orders/{id}")]
 pub async fn delete_order(
@@ -595,7 +633,7 @@ pub async fn delete_order(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
-    let expected = if_match(&req)?;
+    let expected = if_match(&req)?.map(|(versions, _)| versions);
     let client = state.pool.get().await?;
     let deleted = client
         .query_opt(

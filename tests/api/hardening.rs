@@ -582,13 +582,15 @@ async fn websocket_origins_and_cors_follow_the_allow_list() {
     let host = format!("http://127.0.0.1:{}", app.port);
     let (close, _) = ws_with(&app, "", &[auth, ("origin", host.as_str())]).await;
     assert!(close.is_none(), "same origin is allowed");
-    let preflight = |origin: &'static str, method: &'static str| {
-        app.http
+    let preflight_with = |origin: &'static str, method: &'static str, headers: &'static str| {
+        let r = app
+            .http
             .request(reqwest::Method::OPTIONS, app.url("/api/orders"))
             .header("origin", origin)
-            .header("access-control-request-method", method)
-            .send()
+            .header("access-control-request-method", method);
+        if headers.is_empty() { r } else { r.header("access-control-request-headers", headers) }.send()
     };
+    let preflight = |origin: &'static str, method: &'static str| preflight_with(origin, method, "");
     let ok = preflight("https://ops.example.com", "POST").await.unwrap();
     assert_eq!(ok.headers()["access-control-allow-origin"], "https://ops.example.com");
     let denied = preflight("https://evil.example", "POST").await.unwrap();
@@ -603,6 +605,11 @@ async fn websocket_origins_and_cors_follow_the_allow_list() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "cors_refused", "{body}");
     assert!(body["message"].as_str().unwrap().contains("method"), "{body}");
+    let r = preflight_with("https://ops.example.com", "POST", "x-evil").await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "cors_refused", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("header"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
