@@ -60,7 +60,14 @@ impl<'a> Envelope<'a> {
 
 /// The change envelope (see `Envelope`), assembled from the row images as
 /// PostgreSQL wrote them.
-fn envelope_json(pos: i64, op: &str, order: &str, old: Option<&str>, actor: &str, at: Option<DateTime<Utc>>) -> String {
+pub(crate) fn envelope_json(
+    pos: i64,
+    op: &str,
+    order: &str,
+    old: Option<&str>,
+    actor: &str,
+    at: Option<DateTime<Utc>>,
+) -> String {
     format!(
         r#"{{"type":"change","seq":{pos},"op":"{op}","order":{order},"old":{},"actor":{},"at":"{}"}}"#,
         old.unwrap_or("null"),

@@ -64,16 +64,9 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An attempt that did not finish within its limit: the connection is
 /// presumed dead.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the database did not answer within {0:?}")]
 struct TimedOut(Duration);
-
-impl std::fmt::Display for TimedOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the database did not answer within {:?}", self.0)
-    }
-}
-
-impl std::error::Error for TimedOut {}
 
 /// What a careful attempt may take on top, per message: it costs three
 /// round trips each (SAVEPOINT, the statement, RELEASE), so a batch of

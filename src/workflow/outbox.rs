@@ -51,7 +51,7 @@ use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 
 use super::Dedicated;
-use crate::changes::Envelope;
+use crate::changes::{envelope_json, Envelope};
 use crate::ingest::KafkaSettings;
 
 /// Session advisory lock class 'ocob'; the key is the relay's name.
@@ -339,11 +339,10 @@ impl Outgoing {
             .insert(Header { key: "content-type", value: Some("application/json") });
         let payload = if stub {
             headers = headers.insert(Header { key: "ordercast-truncated", value: Some("true") });
-            let mut v: Value = serde_json::from_str(&change.json).unwrap_or_default();
-            v["order"] = json!({"id": change.order_id});
-            v["old"] = Value::Null;
-            v["truncated"] = Value::Bool(true);
-            v.to_string()
+            let order = format!(r#"{{"id":{}}}"#, change.order_id);
+            let stub = envelope_json(change.pos, change.op, &order, None, change.actor, change.at);
+            // The envelope ends with `at`: the flag goes after it.
+            format!(r#"{},"truncated":true}}"#, &stub[..stub.len() - 1])
         } else {
             change.json
         };

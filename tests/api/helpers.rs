@@ -381,6 +381,19 @@ where
     }
 }
 
+/// Waits until the count `sql` returns satisfies `done`, for at most `wait`.
+pub async fn until_count(db: &tokio_postgres::Client, sql: &str, wait: Duration, done: impl Fn(i64) -> bool) {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let n: i64 = db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")).get(0);
+        if done(n) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sql}: {n} after {wait:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 impl TestApp {
     /// A WebSocket handshake the server answers with an error instead of
     /// 101: its status and JSON body (read to the end; the server closes).

@@ -936,21 +936,9 @@ async fn an_update_racing_a_replacement_of_its_order_is_applied_to_the_new_row()
     // Committed only once the PATCH waits for the DBA's row lock, so that its
     // UPDATE finds the row it saw deleted.
     let watcher = app.sql().await;
-    crate::helpers::eventually(Duration::from_secs(10), || {
-        let watcher = &watcher;
-        async move {
-            let waiting: i64 = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE orders SET%'",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (waiting > 0).then_some(())
-        }
-    })
-    .await;
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE orders SET%'";
+    crate::helpers::until_count(&watcher, waiting, Duration::from_secs(10), |n| n > 0).await;
     dba.batch_execute("COMMIT").await.unwrap();
     let (status, body) = patch.await.unwrap();
     assert_eq!(status, 200, "{body}");

@@ -958,22 +958,9 @@ async fn a_timed_out_attempt_waiting_for_a_lock_is_cancelled() {
     assert!(writer.write(&batch).await.is_err(), "timed out behind the DBA's lock");
     // No backend of the writer is left waiting.
     let watcher = app.sql().await;
-    crate::helpers::eventually(Duration::from_secs(5), || {
-        let watcher = &watcher;
-        async move {
-            let waiting: i64 = watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ordercast-ingest' AND datname = current_database() \
-                       AND state <> 'idle'",
-                    &[],
-                )
-                .await
-                .ok()?
-                .get(0);
-            (waiting == 0).then_some(())
-        }
-    })
-    .await;
+    let busy = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ordercast-ingest' \
+                AND datname = current_database() AND state <> 'idle'";
+    crate::helpers::until_count(&watcher, busy, Duration::from_secs(5), |n| n == 0).await;
     dba.batch_execute("COMMIT").await.unwrap();
     let outcome = writer.write(&batch).await.expect("written once the lock is gone");
     assert_eq!(outcome.written, 1);

@@ -147,13 +147,5 @@ pub async fn scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(db: &tokio_po
 
 /// Waits until the count `sql` returns satisfies `done`.
 pub async fn until(db: &tokio_postgres::Client, sql: &str, done: impl Fn(i64) -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let n: i64 = scalar(db, sql).await;
-        if done(n) {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{sql}: {n} after {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    helpers::until_count(db, sql, WAIT, done).await
 }

@@ -32,6 +32,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use ordercast::changes::wire;
 
+use crate::clients::{parse_msg, Msg};
+
 /// The first argument that makes `ordercast-bench` this server.
 pub const FLAG: &str = "--reference-server";
 
@@ -132,7 +134,8 @@ async fn serve(url: &str, bind: &str) -> anyhow::Result<()> {
             m = messages.next() => match m {
                 Some(Ok(AsyncMessage::Notification(n))) => {
                     let payload = n.payload();
-                    if let Some(seq) = seq_of(payload) {
+                    // Read as the bench's clients read it.
+                    if let Msg::Change { seq, .. } = parse_msg(payload) {
                         last = last.max(seq);
                     }
                     // No receivers (no client yet) is not an error.
@@ -162,13 +165,6 @@ async fn serve(url: &str, bind: &str) -> anyhow::Result<()> {
             }
         }
     }
-}
-
-/// The `seq` of a payload built by `INSTALL_SQL`.
-fn seq_of(payload: &str) -> Option<i64> {
-    let rest = payload.strip_prefix(r#"{"type":"change","seq":"#)?;
-    let end = rest.find(|c: char| !c.is_ascii_digit())?;
-    rest[..end].parse().ok()
 }
 
 /// One client: the WebSocket handshake, `ready` with its start, then every
@@ -228,16 +224,4 @@ async fn read_upgrade(tcp: &mut TcpStream) -> anyhow::Result<String> {
         .find(|(name, _)| name.trim().eq_ignore_ascii_case("sec-websocket-key"))
         .map(|(_, v)| v.trim().to_string())
         .context("no Sec-WebSocket-Key")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_seq_of_a_payload_is_its_leading_number() {
-        assert_eq!(seq_of(r#"{"type":"change","seq":42,"op":"insert"}"#), Some(42));
-        assert_eq!(seq_of(r#"{"type":"ready","seq":42}"#), None);
-        assert_eq!(seq_of(r#"{"type":"change","seq":,"#), None);
-    }
 }
