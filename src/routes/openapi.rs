@@ -130,7 +130,7 @@ pub struct ProblemDoc {
         title = "ordercast",
         description = "Live order changes from PostgreSQL to browsers. Realtime protocol (WebSocket /ws and SSE /api/events): see the README. \
                        With authentication on, every route but /api/health, this document and the dashboard's files answers \
-                       401 (missing_token, invalid_token) without a valid token and 403 (forbidden) without its scope; \
+                       401 (missing_token, invalid_token, token_expired) without a valid token and 403 (insufficient_scope) without its scope; \
                        writes over the rate limit answer 429 (rate_limited), and any route 503 (database_unavailable, \
                        shutting_down) with Retry-After. Errors are application/problem+json with a stable code."
     ),

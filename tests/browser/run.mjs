@@ -7,6 +7,7 @@
 // end, failure or not.
 
 import assert from 'node:assert/strict';
+import { createHmac } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join, resolve } from 'node:path';
@@ -99,6 +100,13 @@ async function waitRows(page, pred, { min = 1, timeout = 3000 } = {}) {
     // eslint-disable-next-line no-new-func
     return rows.length >= n && rows.every(new Function(`return (${src})`)());
   }, [pred.toString(), min], { timeout });
+}
+
+/** An HS256 JWT signed with `secret`. */
+function jwt(secret, claims) {
+  const part = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
 }
 
 // --- tests ---------------------------------------------------------------------------
@@ -233,6 +241,43 @@ test('older pages are reached by keyset paging, and newer orders are announced t
   await notice.click();
   await row(page, id).waitFor({ timeout: 5000 });
   assert.equal((await tableIds(page))[0], id);
+});
+
+test('a tab clicked before the first page arrives still opens the stream at the page\'s position', async (t) => {
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  page.setDefaultTimeout(10000);
+  const head = Number(await server.sql('SELECT change_head()'));
+  // The first two pages (the start-up's and the tab's) are held until released, in that order.
+  const held = [];
+  await page.route(/\/api\/orders\?/, async (route) => {
+    if (held.length >= 2) return route.continue();
+    await new Promise((release) => held.push(release));
+    return route.continue();
+  });
+  const sockets = [];
+  page.on('websocket', (ws) => sockets.push(ws.url()));
+  await page.goto(server.url);
+  await page.waitForFunction(() => document.readyState === 'complete');
+  await within(5000, 'the first page request', (async () => {
+    while (held.length < 1) await sleep(20);
+  })());
+  await page.locator('#tab-pending').click();
+  await within(5000, 'the tab\'s page request', (async () => {
+    while (held.length < 2) await sleep(20);
+  })());
+  held[0]();
+  await sleep(500); // the start-up's page is answered (and superseded) first
+  held[1]();
+  await live(page);
+  await waitRows(page, (r) => r.status === 'pending');
+  assert.ok(sockets.length >= 1, 'the stream opened');
+  for (const url of sockets) {
+    assert.equal(new URL(url).searchParams.get('since'), String(head), `${url} resumes at the page's position`);
+  }
+  const id = await insertOrder({ customer: 'After a quick click' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('#activity-list li', { hasText: 'created #' }).count(), 1, 'no history replayed as live');
 });
 
 test('an order created through the form appears in the table', async (t) => {
@@ -457,6 +502,34 @@ test('with a customer-confined token, an order moved away leaves the page and on
   assert.ok(!/bob/i.test(text), 'nothing of Bob\'s reaches the page');
 });
 
+test('over SSE, a token that expires opens the sign-in, and nothing after the expiry is shown', async (t) => {
+  const secret = 'browser-test-jwt-secret-0123456789';
+  const secured = new Ordercast(BIN, { ORDERCAST_JWT_SECRET: secret });
+  t.cleanup = () => secured.cleanup();
+  await secured.start();
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  page.setDefaultTimeout(10000);
+  await page.routeWebSocket(/\/ws/, (ws) => ws.close({ code: 1011, reason: 'WebSocket blocked by the test' }));
+  await page.goto(secured.url);
+  const dialog = page.locator('#signin');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  const exp = Math.floor(Date.now() / 1000) + 8;
+  await submitToken(dialog, jwt(secret, { sub: 'short-lived', exp, scope: 'read' }));
+  await live(page);
+  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
+  assert.equal(await dialog.isVisible(), false);
+  const before = Number(await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
+    VALUES ('Before expiry', 'Clock', 1, 1) RETURNING id`));
+  await row(page, before).waitFor({ timeout: 5000 });
+  while (Date.now() / 1000 <= exp + 0.5) await sleep(200);
+  // The stream is woken by a change, which an expired token may not see.
+  const after = Number(await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
+    VALUES ('After expiry', 'Clock', 1, 1) RETURNING id`));
+  await dialog.waitFor({ state: 'visible', timeout: 10000 });
+  assert.equal(await row(page, after).count(), 0, 'the change after the expiry is not shown');
+});
+
 test('when WebSocket fails the page falls back to SSE', async (t) => {
   let attempts = 0;
   const { page } = await openDashboard(t, {
@@ -525,6 +598,74 @@ test('a resume from a position the server no longer has resyncs and reloads', as
   const id = await insertOrder({ customer: 'After the resync' });
   await row(page, id).waitFor({ timeout: 5000 });
   assert.equal(await page.evaluate(() => globalThis.notReloaded), true, 'resynced without reloading the page');
+});
+
+test('a resume from a position ahead of the server\'s log (a restored database) resyncs and reloads', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.evaluate(() => {
+    globalThis.notReloaded = true;
+  });
+  const position = Number((await page.locator('#connection-detail').textContent()).replace(/\D/g, ''));
+  const port = server.port;
+  await server.kill();
+  await page.locator('#connection[data-phase="reconnecting"]').waitFor({ timeout: 5000 });
+  // Another database behind the same address, its log shorter than what the page has seen.
+  const restored = new Ordercast(BIN);
+  t.cleanup = async () => {
+    await restored.cleanup();
+    if (!server.proc || server.proc.exitCode != null || server.proc.signalCode != null) await server.start(port);
+  };
+  await restored.start(port);
+  const head = Number(await restored.sql('SELECT change_head()'));
+  assert.ok(head < position, `the restored log (${head}) is behind the page (${position})`);
+  await page.locator('.toast', { hasText: 'the orders were reloaded' }).waitFor({ timeout: 20000 });
+  await live(page, 5000);
+  const expected = (await restored.sql('SELECT id FROM orders ORDER BY id DESC LIMIT 50')).split('\n').filter(Boolean).map(Number);
+  assert.deepEqual(await tableIds(page), expected, 'the page shows the restored database\'s orders');
+  const id = Number(await restored.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
+    VALUES ('After the restore', 'Map', 1, 1) RETURNING id`));
+  await row(page, id).waitFor({ timeout: 5000 });
+  await sleep(1500);
+  assert.equal(await page.locator('.toast', { hasText: 'consistent page' }).count(), 0, 'the reload succeeded at once');
+  assert.equal(await page.locator('#connection').getAttribute('data-phase'), 'connected');
+  assert.equal(await page.evaluate(() => globalThis.notReloaded), true, 'resynced without reloading the page');
+});
+
+test('the order detail follows its order again after its stream was refused', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Refused Follower', product: 'Sextant' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  let refuse = false;
+  let refused = 0;
+  await page.route(new RegExp(`/api/orders/${id}/events`), (route) => {
+    if (!refuse) return route.continue();
+    refuse = false;
+    refused += 1;
+    return route.fulfill({
+      status: 503, contentType: 'application/problem+json', headers: { 'Retry-After': '1' },
+      body: JSON.stringify({ status: 503, code: 'shutting_down', message: 'the server is stopping' }),
+    });
+  });
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await followed;
+  await dialog.locator('#detail-fields dd .badge', { hasText: 'Pending' }).waitFor({ timeout: 5000 });
+  // The server goes away; the browser's own reconnect is refused, as by a server that is stopping.
+  refuse = true;
+  await server.kill();
+  await within(15000, 'the refused reconnect', (async () => {
+    while (!refused) await sleep(50);
+  })());
+  const again = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`) && r.status() === 200,
+    { timeout: 30000 });
+  await server.start(server.port);
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await dialog.locator('#detail-fields dd .badge', { hasText: 'Processing' }).waitFor({ timeout: 20000 });
+  await again;
+  await server.sql(`UPDATE orders SET status = 'processed' WHERE id = ${id}`);
+  await dialog.locator('#detail-changes li', { hasText: 'sql:postgres' }).waitFor({ timeout: 5000 });
+  await dialog.locator('#detail-fields dd .badge', { hasText: 'Processed' }).waitFor({ timeout: 5000 });
 });
 
 test('the page stays responsive with 100,000 orders and 500 changes per second', async (t) => {

@@ -31,6 +31,9 @@ const FIELDS = [
 ];
 
 const MAX_CHANGES = 50;
+/** Pauses before following the order again after its stream was refused. */
+const RETRY_START_MS = 1000;
+const RETRY_MAX_MS = 10000;
 
 export class OrderDetail {
   /** @param transitions () => Promise<{status: [next...]}> */
@@ -86,11 +89,27 @@ export class OrderDetail {
   stop() {
     this.es?.close();
     this.es = null;
+    clearTimeout(this.retry);
+    this.retry = null;
   }
 
-  follow(id) {
+  follow(id, attempt = 0) {
     const es = new EventSource(`/api/orders/${id}/events`);
     this.es = es;
+    es.addEventListener('open', () => {
+      attempt = 0;
+    });
+    // EventSource reconnects by itself (resuming with Last-Event-ID) after
+    // a dropped connection, but gives up for good on a refusal: a 401 once
+    // the token has expired, 503 while the server stops, 429. Then the order
+    // is read again (a 401 there opens the sign-in, a 404 means it is gone)
+    // and followed afresh, with growing pauses.
+    es.addEventListener('error', () => {
+      if (this.es !== es || es.readyState !== EventSource.CLOSED) return;
+      this.es = null;
+      const delay = Math.min(RETRY_MAX_MS, RETRY_START_MS * 2 ** attempt);
+      this.retry = setTimeout(() => this.refollow(id, attempt + 1), delay);
+    });
     const parse = (ev) => {
       try {
         return JSON.parse(ev.data);
@@ -109,6 +128,28 @@ export class OrderDetail {
     es.addEventListener('resync', () => {
       if (this.es === es) this.open(id);
     });
+  }
+
+  async refollow(id, attempt) {
+    this.retry = null;
+    if (this.id !== id || !this.d.open || this.deleted) return;
+    let order;
+    try {
+      order = await api.getOrder(id);
+    } catch (e) {
+      if (this.id !== id || !this.d.open) return;
+      if (e.status === 404) {
+        this.markDeleted('This order has been deleted, or is no longer visible to you.');
+        return;
+      }
+      const delay = Math.min(RETRY_MAX_MS, RETRY_START_MS * 2 ** attempt);
+      this.retry = setTimeout(() => this.refollow(id, attempt + 1), delay);
+      return;
+    }
+    if (this.id !== id || !this.d.open) return;
+    this.show(order);
+    this.loadHistory().catch(() => {});
+    this.follow(id, attempt);
   }
 
   changed(c) {

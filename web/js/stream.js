@@ -79,7 +79,7 @@ export class Stream {
         if (msg.seq > this.position) this.position = msg.seq;
         break;
       case 'resync':
-        this.resync();
+        this.resync(msg.seq);
         break;
       case 'shutdown':
         this.dropConnection();
@@ -147,7 +147,11 @@ export class Stream {
 
   openEventSource() {
     const es = new EventSource(`/api/events?since=${this.position}`);
+    let ready = false;
     this.conn = { es, close: () => es.close() };
+    es.addEventListener('ready', () => {
+      ready = true;
+    });
     for (const type of ['ready', 'change', 'position', 'resync', 'shutdown']) {
       es.addEventListener(type, (ev) => {
         let msg;
@@ -162,9 +166,22 @@ export class Stream {
     // EventSource would reconnect by itself, but only with Last-Event-ID of
     // the last event it saw; reconnecting here keeps one backoff and one
     // position for both transports.
-    es.addEventListener('error', () => {
+    //
+    // `error` is both the server's own event (`token_expired`, after which
+    // it ends the stream) and EventSource's report of a failed connection,
+    // whose status it does not show: a stream refused before `ready` asks
+    // the REST API, whose 401 opens the sign-in (as WebSocket's 4001 does).
+    es.addEventListener('error', (ev) => {
       if (this.conn?.es !== es) return;
+      let code = null;
+      try {
+        code = ev.data ? JSON.parse(ev.data).code : null;
+      } catch {
+        code = null;
+      }
       this.dropConnection();
+      if (code === 'token_expired') this.h.onUnauthorized();
+      else if (!ready) api.listOrders({ limit: 1 }).catch(() => {});
       this.scheduleReconnect();
     });
   }
@@ -186,8 +203,15 @@ export class Stream {
     this.timer = setTimeout(() => this.connect(), delay);
   }
 
-  async resync() {
+  /**
+   * @param head the server's position when it said so: the reload reflects
+   *   at least that. It replaces this stream's position, which may be ahead
+   *   of the server's (a database restored from a backup), so that the owner
+   *   does not wait for changes up to a position the server may never reach.
+   */
+  async resync(head) {
     this.dropConnection();
+    this.position = Number.isSafeInteger(head) && head >= 0 ? head : 0;
     this.setPhase('resyncing');
     try {
       this.position = await this.h.onResync();

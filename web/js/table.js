@@ -103,8 +103,19 @@ export class OrderTable {
     return this.load();
   }
 
-  /** Loads the current page and brings it up to the stream's position. False when it could not. */
-  async load() {
+  /**
+   * Loads the current page and brings it up to the stream's position. False
+   * when it could not. A load overtaken by a newer one (another tab, a new
+   * search) answers with the newer one's outcome, so whoever waits for it
+   * finds the page and its position set.
+   */
+  load() {
+    const loading = this.loadPage();
+    this.latest = loading;
+    return loading;
+  }
+
+  async loadPage() {
     const token = ++this.loading;
     for (let tries = 0; tries < 3; tries++) {
       let page;
@@ -116,11 +127,12 @@ export class OrderTable {
           cursor: this.cursor,
         });
       } catch (e) {
+        if (token !== this.loading) return this.latest;
         // A 401 opens the sign-in dialog; no need to say it twice.
-        if (token === this.loading && e.status !== 401) this.o.onError(`Could not load orders: ${e.message}`);
+        if (e.status !== 401) this.o.onError(`Could not load orders: ${e.message}`);
         return false;
       }
-      if (token !== this.loading) return true; // a newer load superseded this one
+      if (token !== this.loading) return this.latest;
       const recent = this.o.recent();
       // Can every change after the page's position still be replayed?
       const streamAhead = this.o.streamPosition() > page.position;
