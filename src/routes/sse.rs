@@ -169,9 +169,18 @@ fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(
     ))]
 #[get("/api/events")]
 pub async fn events(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let (slot, principal) = admit(&req, &state)?;
+    let opened = open_events(&req, query, state).await;
+    retry_later(&req, opened)
+}
+
+async fn open_events(
+    req: &HttpRequest,
+    query: QueryPairs,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let (slot, principal) = admit(req, &state)?;
     let mut params = StreamParams::from_query(&query)?;
-    apply_last_event_id(&req, &mut params)?;
+    apply_last_event_id(req, &mut params)?;
     super::ws::restrict(&mut params, &principal);
     let opened = open_stream(&state, &params).await?;
     Ok(stream_response(state.into_inner(), opened, &params, slot, principal))
@@ -192,17 +201,56 @@ pub async fn order_events(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = super::orders::parse_id(&path)?;
-    let (slot, principal) = admit(&req, &state)?;
+    let opened = open_order_events(&req, &path, state).await;
+    retry_later(&req, opened)
+}
+
+async fn open_order_events(
+    req: &HttpRequest,
+    path: &str,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let id = super::orders::parse_id(path)?;
+    let (slot, principal) = admit(req, &state)?;
     let mut params = StreamParams { snapshot: true, snapshot_limit: 1, ..Default::default() };
     params.filter.ids.insert(id);
-    apply_last_event_id(&req, &mut params)?;
+    apply_last_event_id(req, &mut params)?;
     super::ws::restrict(&mut params, &principal);
     let opened = open_stream(&state, &params).await?;
     if opened.snapshot.as_ref().is_some_and(|p| p.items.is_empty()) {
         return Err(ApiError::NotFound(format!("order {id} does not exist")));
     }
     Ok(stream_response(state.into_inner(), opened, &params, slot, principal))
+}
+
+/// A refusal for now (503: the server is stopping, the database is away,
+/// the server holds its maximum of connections), asked for by an event-stream
+/// client, is answered as a stream: `retry:`, an `error` event carrying the
+/// problem's code, and the end. EventSource gives up for good on any status
+/// but 200; this way it tries again after the pause, resuming with its
+/// `Last-Event-ID`. Other clients, and every other refusal, get the problem.
+fn retry_later(req: &HttpRequest, opened: Result<HttpResponse, ApiError>) -> Result<HttpResponse, ApiError> {
+    use actix_web::ResponseError;
+    let e = match opened {
+        Err(e) if e.status_code() == actix_web::http::StatusCode::SERVICE_UNAVAILABLE && wants_event_stream(req) => e,
+        other => return other,
+    };
+    let data = serde_json::json!({ "type": "error", "status": 503, "code": e.code(), "message": e.to_string() });
+    let mut body = format!("retry: {RETRY_MS}\n\n").into_bytes();
+    body.extend_from_slice(&event("error", None, &data.to_string()));
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .body(body))
+}
+
+/// Whether the request's `Accept` names `text/event-stream`, as EventSource's does.
+fn wants_event_stream(req: &HttpRequest) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| m.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream")))
 }
 
 /// Takes a connection slot for the caller (429/503 when over the limits).

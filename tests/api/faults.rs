@@ -239,7 +239,7 @@ async fn raw_request(port: u16, request: &str) -> (String, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_asked_for_while_the_server_shuts_down_get_503_shutting_down() {
+async fn streams_asked_for_while_the_server_shuts_down_get_503_shutting_down_or_a_retry() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (db_url, _) = create_database().await;
     let port = free_port();
@@ -281,14 +281,28 @@ async fn streams_asked_for_while_the_server_shuts_down_get_503_shutting_down() {
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     let health = format!("GET /api/health HTTP/1.1\r\n{host}Connection: close\r\n\r\n");
-    let ((head, body), ws, health) =
-        tokio::join!(raw_request(port, &events), raw_request(port, &upgrade), raw_request(port, &health));
+    // EventSource asks with `Accept: text/event-stream` (and gives up for
+    // good on any status but 200).
+    let event_source = format!(
+        "GET /api/events HTTP/1.1\r\n{host}Accept: text/event-stream\r\nLast-Event-ID: 0\r\nConnection: close\r\n\r\n"
+    );
+    let ((head, body), ws, health, (es_head, es_body)) = tokio::join!(
+        raw_request(port, &events),
+        raw_request(port, &upgrade),
+        raw_request(port, &health),
+        raw_request(port, &event_source)
+    );
     assert!(health.0.starts_with("HTTP/1.1 503") && health.1.contains(r#""status":"shutting_down""#), "{health:?}");
     for (head, body) in [(head, body), ws] {
         assert!(head.starts_with("HTTP/1.1 503"), "{head}\n\n{body}");
         assert!(head.to_ascii_lowercase().contains("\r\nretry-after: "), "{head}");
         assert!(body.contains(r#""code":"shutting_down""#), "{head}\n\n{body}");
     }
+    // It gets a stream that tells it to try again, and why.
+    assert!(es_head.starts_with("HTTP/1.1 200"), "{es_head}\n\n{es_body}");
+    assert!(es_head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{es_head}");
+    assert!(es_body.starts_with("retry: 1000\n\nevent: error\ndata: {"), "{es_body}");
+    assert!(es_body.contains(r#""code":"shutting_down""#) && !es_body.contains("event: ready"), "{es_body}");
     drop(holder);
     assert!(server.wait_exit().await.success());
 }

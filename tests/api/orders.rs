@@ -623,6 +623,18 @@ async fn health_is_503_when_the_database_is_gone() {
     let r = app.post_order(&order_body()).await;
     assert_eq!(r.status(), 503);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "database_unavailable");
+    // A resume needs the log: a stream client gets 503, EventSource (which
+    // would give up for good on it) a stream saying to try again.
+    let events = format!("{}/api/events?since=0", app.address);
+    let r = app.http.get(&events).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "database_unavailable");
+    let r = app.http.get(&events).header("Accept", "text/event-stream").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let body = r.text().await.unwrap();
+    assert!(body.starts_with("retry: 1000\n\nevent: error\n"), "{body}");
+    assert!(body.contains(r#""code":"database_unavailable""#), "{body}");
     assert!(started.elapsed() < Duration::from_secs(15));
     admin.batch_execute(&format!("ALTER DATABASE {0}_away RENAME TO {0}", app.db_name)).await.unwrap();
 }

@@ -167,10 +167,11 @@ export class Stream {
     // the last event it saw; reconnecting here keeps one backoff and one
     // position for both transports.
     //
-    // `error` is both the server's own event (`token_expired`, after which
-    // it ends the stream) and EventSource's report of a failed connection,
-    // whose status it does not show: a stream refused before `ready` asks
-    // the REST API, whose 401 opens the sign-in (as WebSocket's 4001 does).
+    // `error` is both the server's own event (`token_expired`, or a refusal
+    // for now such as `shutting_down`, after which it ends the stream) and
+    // EventSource's report of a failed connection, whose status it does not
+    // show: a stream refused before `ready` without a word asks the REST API,
+    // whose 401 opens the sign-in (as WebSocket's 4001 does).
     es.addEventListener('error', (ev) => {
       if (this.conn?.es !== es) return;
       let code = null;
@@ -181,7 +182,7 @@ export class Stream {
       }
       this.dropConnection();
       if (code === 'token_expired') this.h.onUnauthorized();
-      else if (!ready) api.listOrders({ limit: 1 }).catch(() => {});
+      else if (!ready && !code) api.listOrders({ limit: 1 }).catch(() => {});
       this.scheduleReconnect();
     });
   }
