@@ -17,13 +17,24 @@ mod migrations {
 /// do not race each other.
 const MIGRATION_LOCK: i64 = 0x6f72_6463_0000_0001;
 
+/// How long sent data may go unacknowledged before a connection counts as
+/// dead (TCP_USER_TIMEOUT).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Parses a URL and applies the connection settings every ordercast
-/// connection uses: a connect timeout and TCP keepalives, so a dead peer is
-/// noticed instead of hanging forever.
+/// connection uses: a connect timeout, TCP keepalives (an idle connection to
+/// a dead peer is noticed) and a TCP user timeout (so is a busy one: without
+/// it a query sent to a host that went away, a failover to another address
+/// or a partition, waits for the kernel's retransmissions, about 15 minutes,
+/// and with it every stream resuming through that pooled connection). A URL's
+/// own `connect_timeout` or `tcp_user_timeout` (seconds) wins.
 pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
     let mut config: tokio_postgres::Config = url.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
     config.keepalives(true).keepalives_idle(Duration::from_secs(10));
     if config.get_application_name().is_none() {
@@ -93,5 +104,24 @@ pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {
             db.detail().map(|d| format!(": {d}")).unwrap_or_default()
         ),
         None => anyhow::anyhow!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_connection_notices_a_dead_peer_unless_the_url_says_otherwise() {
+        let c = pg_config("postgres://u@db/orders").unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(c.get_application_name(), Some("ordercast"));
+        let c = pg_config("postgres://u@db/orders?connect_timeout=2&tcp_user_timeout=7&application_name=x").unwrap();
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+        assert_eq!(c.get_application_name(), Some("x"));
     }
 }
