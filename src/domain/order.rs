@@ -150,7 +150,13 @@ fn email(v: &Value) -> Result<Option<String>, ValidationError> {
 }
 
 fn quantity(v: &Value) -> Result<i32, ValidationError> {
-    let q = v.as_i64().ok_or_else(|| ValidationError::new("quantity", "must be a whole number"))?;
+    // A whole number written with a fraction or an exponent (`2.0`, `1e3`)
+    // is an integer to JSON Schema, and to the published event schema.
+    let whole = |f: f64| (f.fract() == 0.0 && f.abs() <= 1e15).then_some(f as i64);
+    let q = v
+        .as_i64()
+        .or_else(|| v.as_f64().and_then(whole))
+        .ok_or_else(|| ValidationError::new("quantity", "must be a whole number"))?;
     if !(1..=MAX_QUANTITY).contains(&q) {
         return Err(ValidationError::new("quantity", format!("must be between 1 and {MAX_QUANTITY}")));
     }
@@ -323,6 +329,23 @@ mod tests {
             let err = NewOrder::parse(&v).unwrap_err();
             assert_eq!(err.field, field, "{field} = {bad}");
         }
+    }
+
+    #[test]
+    fn a_whole_quantity_may_be_written_with_a_fraction_or_an_exponent() {
+        for (q, expected) in [(json!(2.0), 2), (json!(1e3), 1000), (json!(1_000_000.0), 1_000_000)] {
+            let mut v = valid();
+            v["quantity"] = q.clone();
+            assert_eq!(NewOrder::parse(&v).unwrap().quantity, expected, "{q}");
+        }
+        for (q, says) in [(json!(2.5), "whole number"), (json!(0.0), "between"), (json!(1e7), "between")] {
+            let mut v = valid();
+            v["quantity"] = q.clone();
+            let err = NewOrder::parse(&v).unwrap_err();
+            assert_eq!(err.field, "quantity", "{q}");
+            assert!(err.message.contains(says), "{q}: {}", err.message);
+        }
+        assert_eq!(OrderPatch::parse(&json!({"quantity": 4.0})).unwrap().quantity, Some(4));
     }
 
     #[test]
