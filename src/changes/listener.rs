@@ -381,7 +381,8 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
         // Drain everything committed after our position.
         loop {
             let limit = READ_BATCH as i32;
-            let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&at.pos, &limit]))
+            let after = at.pos;
+            let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&after, &limit]))
                 .await
                 .context("watchdog: the change-log read did not answer")?
                 .map_err(crate::db::describe)?;
@@ -401,10 +402,14 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
                     return Ok(());
                 }
             }
-            let full = rows.len() as i64 == READ_BATCH;
             let changes: Vec<_> = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();
             // unwrap: not empty
             let newest = changes.last().unwrap();
+            // More may wait: a full read, or one that ends past its window
+            // (positions up to `after + READ_BATCH`), which a wide gap in the
+            // positions (a transaction that failed after the sequencer had
+            // numbered it) cuts down to the first transaction after the gap.
+            let full = rows.len() as i64 == READ_BATCH || newest.pos >= after + READ_BATCH;
             at.published(newest.pos, newest.committed_micros);
             last_publish = Instant::now();
             if hub.publish(changes).await.is_err() {

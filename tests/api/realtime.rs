@@ -690,6 +690,34 @@ async fn a_gap_in_positions_does_not_stall_live_or_resuming_readers() {
     assert_eq!(resumed.changes(1, WAIT).await[0]["order"]["customer_name"], "after gap");
 }
 
+/// A gap wider than one read, right after the listener's position, is read
+/// past in the same drain: the commits after it go out together, not the
+/// first now and the rest on the next idle tick (a second later) when no
+/// doorbell follows, as after the listener's reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_after_a_wide_gap_go_out_in_one_drain() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    dba_insert(&db, "before gap").await;
+    ws.changes(1, WAIT).await;
+    let (admin, name) = cut_off_listener(&db).await;
+    db.execute("SELECT setval('change_position', (SELECT last_value FROM change_position) + 5000)", &[]).await.unwrap();
+    dba_insert(&db, "after gap 1").await;
+    dba_insert(&db, "after gap 2").await;
+    let_in(&admin, &name).await;
+    let first = ws.changes(1, Duration::from_secs(20)).await.remove(0);
+    let published = std::time::Instant::now();
+    let second = ws.changes(1, WAIT).await.remove(0);
+    let apart = published.elapsed();
+    assert_eq!(
+        (&first["order"]["customer_name"], &second["order"]["customer_name"]),
+        (&json!("after gap 1"), &json!("after gap 2"))
+    );
+    assert!(apart < Duration::from_millis(500), "the second commit came {apart:?} after the first");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_requests_to_other_routes_get_their_ordinary_answer_streamed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
