@@ -434,8 +434,9 @@ impl Writer {
     /// is returned for the caller to retry the same batch.
     ///
     /// Should the careful redo fail as a whole with a data error too (at
-    /// COMMIT, say), the batch is applied one transaction per message
-    /// (`one_by_one`).
+    /// COMMIT, say), or the batch or its careful redo take longer than its
+    /// limit, the batch is applied one transaction per message
+    /// (`one_by_one`), each with a limit of its own.
     pub async fn write(&mut self, batch: &Batch) -> Result<Outcome, WriteError> {
         let msgs = &batch.messages;
         // Log ends asked once serve every attempt while the position they
@@ -465,6 +466,14 @@ impl Writer {
                     }
                     other => other,
                 }
+            }
+            // The same for the batch itself: an order with many events in
+            // it takes one round (one or two statements) per event, so the
+            // whole can outlast the limit where each message fits in it.
+            Err(WriteError::Transient(e)) if e.is::<TimedOut>() && msgs.len() > 1 => {
+                log::warn!("applying the batch took too long ({e:#}): applying it one transaction per message");
+                self.conn = None;
+                self.one_by_one(msgs, &mut ends).await
             }
             other => other,
         };

@@ -921,6 +921,46 @@ async fn slow_redo(n: i64, sleep: &str) {
     assert!(matches!(outcome.fates[n as usize / 2], Fate::Dead(_)));
 }
 
+/// Many events for one order in a batch take one round each (a round holds
+/// at most one event per order), so the batch's statements together can
+/// outlast the attempt's limit while each message alone fits in it: the
+/// batch goes on one transaction per message. Before, it timed out and
+/// began again the same way, forever, holding its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_many_rounds_that_times_out_goes_on_one_transaction_per_message() {
+    use ordercast::ingest::writer::{Fate, Writer};
+    use ordercast::ingest::Batch;
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    db.batch_execute(
+        "CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN PERFORM pg_sleep(0.1); RETURN NULL; END $$; \
+         CREATE TRIGGER slow_update AFTER UPDATE ON orders FOR EACH STATEMENT EXECUTE FUNCTION slow_update()",
+    )
+    .await
+    .unwrap();
+    let json = |e: &Value| serde_json::to_vec(e).unwrap();
+    let mut events = vec![crate::kafka::created("rounds-1")];
+    for i in 0..15 {
+        let email = format!("r{i}@mail.example");
+        events.push(crate::kafka::event(
+            "order_updated",
+            serde_json::json!({"external_id": "rounds-1", "customer_email": email}),
+        ));
+    }
+    let messages = events.iter().enumerate().map(|(i, e)| message(i as i64, b"rounds-1", &json(e))).collect();
+    // 15 rounds of updates, 0.1 s each: past the 1 s limit together.
+    let mut writer =
+        Writer::new(&app.db_url, "rounds-group", "rounds-topic").with_attempt_timeout(Duration::from_secs(1));
+    let outcome = writer.write(&Batch { messages }).await.expect("written, not timed out");
+    assert_eq!(outcome.written, 16);
+    assert!(outcome.fates.iter().all(|f| *f == Fate::Applied), "{:?}", outcome.fates);
+    let email: String =
+        db.query_one("SELECT customer_email FROM orders WHERE external_id = 'rounds-1'", &[]).await.unwrap().get(0);
+    assert_eq!(email, "r14@mail.example");
+}
+
 /// A message of partition 0 as the consumer hands it to the writer: `key`
 /// and `payload` (JSON) decoded as the ingest decodes them.
 fn message(offset: i64, key: &[u8], payload: &[u8]) -> ordercast::ingest::Message {
