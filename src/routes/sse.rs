@@ -25,6 +25,8 @@ use crate::startup::AppState;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// EventSource reconnect delay suggested to browsers, in milliseconds.
 const RETRY_MS: u32 = 1000;
+/// The same after a refusal while the database is away or the server full.
+const REFUSED_RETRY_MS: std::ops::Range<u32> = 2000..5000;
 
 /// The last event of a stream whose token expired.
 const TOKEN_EXPIRED: &str = r#"{"type":"error","code":"token_expired","message":"token expired"}"#;
@@ -228,15 +230,24 @@ async fn open_order_events(
 /// client, is answered as a stream: `retry:`, an `error` event carrying the
 /// problem's code, and the end. EventSource gives up for good on any status
 /// but 200; this way it tries again after the pause, resuming with its
-/// `Last-Event-ID`. Other clients, and every other refusal, get the problem.
+/// `Last-Event-ID`. The pause is a second when the server stops (another
+/// instance, or this one restarted, takes over at once), 2-5 s, spread at
+/// random, otherwise: clients refused together do not all come back
+/// together, and a refusal that lasts costs one request per client every
+/// few seconds. Other clients, and every other refusal, get the problem.
 fn retry_later(req: &HttpRequest, opened: Result<HttpResponse, ApiError>) -> Result<HttpResponse, ApiError> {
     use actix_web::ResponseError;
+    use rand::Rng;
     let e = match opened {
         Err(e) if e.status_code() == actix_web::http::StatusCode::SERVICE_UNAVAILABLE && wants_event_stream(req) => e,
         other => return other,
     };
+    let retry = match e {
+        ApiError::ShuttingDown => RETRY_MS,
+        _ => rand::thread_rng().gen_range(REFUSED_RETRY_MS),
+    };
     let data = serde_json::json!({ "type": "error", "status": 503, "code": e.code(), "message": e.to_string() });
-    let mut body = format!("retry: {RETRY_MS}\n\n").into_bytes();
+    let mut body = format!("retry: {retry}\n\n").into_bytes();
     body.extend_from_slice(&event("error", None, &data.to_string()));
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))

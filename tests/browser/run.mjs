@@ -514,7 +514,8 @@ test('over SSE, a token that expires opens the sign-in, and nothing after the ex
   await page.goto(secured.url);
   const dialog = page.locator('#signin');
   await dialog.waitFor({ state: 'visible', timeout: 5000 });
-  const exp = Math.floor(Date.now() / 1000) + 8;
+  // Long enough for signing in and going live on a slow machine.
+  const exp = Math.floor(Date.now() / 1000) + 15;
   await submitToken(dialog, jwt(secret, { sub: 'short-lived', exp, scope: 'read' }));
   await live(page);
   await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
@@ -609,6 +610,15 @@ test('a resume from a position ahead of the server\'s log (a restored database) 
   const port = server.port;
   await server.kill();
   await page.locator('#connection[data-phase="reconnecting"]').waitFor({ timeout: 5000 });
+  // The first reload fails (the database still coming up, say): the page must try again, not resume.
+  let failed = 0;
+  await page.route(/\/api\/orders\?/, (route) => {
+    if (failed++) return route.continue();
+    return route.fulfill({
+      status: 503, contentType: 'application/problem+json',
+      body: JSON.stringify({ status: 503, code: 'database_unavailable', message: 'the database is unavailable' }),
+    });
+  });
   // Another database behind the same address, its log shorter than what the page has seen.
   const restored = new Ordercast(BIN);
   t.cleanup = async () => {
@@ -618,7 +628,8 @@ test('a resume from a position ahead of the server\'s log (a restored database) 
   await restored.start(port);
   const head = Number(await restored.sql('SELECT change_head()'));
   assert.ok(head < position, `the restored log (${head}) is behind the page (${position})`);
-  await page.locator('.toast', { hasText: 'the orders were reloaded' }).waitFor({ timeout: 20000 });
+  await page.locator('.toast', { hasText: 'the orders were reloaded' }).waitFor({ timeout: 30000 });
+  assert.ok(failed >= 2, 'the reload was refused once, then tried again');
   await live(page, 5000);
   const expected = (await restored.sql('SELECT id FROM orders ORDER BY id DESC LIMIT 50')).split('\n').filter(Boolean).map(Number);
   assert.deepEqual(await tableIds(page), expected, 'the page shows the restored database\'s orders');

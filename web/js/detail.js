@@ -91,6 +91,8 @@ export class OrderDetail {
     this.es = null;
     clearTimeout(this.retry);
     this.retry = null;
+    // A refollow still waiting for its answer belongs to what was stopped.
+    this.following = (this.following ?? 0) + 1;
   }
 
   follow(id, attempt = 0) {
@@ -101,9 +103,10 @@ export class OrderDetail {
     });
     // EventSource reconnects by itself (resuming with Last-Event-ID) after
     // a dropped connection, but gives up for good on a refusal: a 401 once
-    // the token has expired, 503 while the server stops, 429. Then the order
-    // is read again (a 401 there opens the sign-in, a 404 means it is gone)
-    // and followed afresh, with growing pauses.
+    // the token has expired, a 429, a 503 from a proxy with no server behind
+    // it (ordercast's own 503s come to EventSource as a stream that says to
+    // retry). Then the order is read again (a 401 there opens the sign-in, a
+    // 404 means it is gone) and followed afresh, with growing pauses.
     es.addEventListener('error', () => {
       if (this.es !== es || es.readyState !== EventSource.CLOSED) return;
       this.es = null;
@@ -133,11 +136,13 @@ export class OrderDetail {
   async refollow(id, attempt) {
     this.retry = null;
     if (this.id !== id || !this.d.open || this.deleted) return;
+    const following = this.following;
+    const current = () => this.following === following && this.id === id && this.d.open;
     let order;
     try {
       order = await api.getOrder(id);
     } catch (e) {
-      if (this.id !== id || !this.d.open) return;
+      if (!current()) return;
       if (e.status === 404) {
         this.markDeleted('This order has been deleted, or is no longer visible to you.');
         return;
@@ -146,7 +151,7 @@ export class OrderDetail {
       this.retry = setTimeout(() => this.refollow(id, attempt + 1), delay);
       return;
     }
-    if (this.id !== id || !this.d.open) return;
+    if (!current()) return;
     this.show(order);
     this.loadHistory().catch(() => {});
     this.follow(id, attempt);

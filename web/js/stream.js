@@ -212,12 +212,17 @@ export class Stream {
    */
   async resync(head) {
     this.dropConnection();
+    const before = this.position;
     this.position = Number.isSafeInteger(head) && head >= 0 ? head : 0;
     this.setPhase('resyncing');
     try {
       this.position = await this.h.onResync();
       this.connect();
     } catch {
+      // Not reloaded: the reconnect asks from where the page still is, so
+      // the server says resync again and the reload is tried again (from
+      // `head` it would resume as if the page had been reloaded).
+      this.position = before;
       this.scheduleReconnect();
     }
   }
