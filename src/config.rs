@@ -54,6 +54,12 @@ pub struct Settings {
     #[arg(long, env = "ORDERCAST_DB_POOL_SIZE", default_value_t = 16, global = true)]
     pub db_pool_size: usize,
 
+    /// Maximum connections for the streams' reads (catch-up from the log,
+    /// snapshots, resume checks), a pool of their own: however many streams
+    /// catch up at once, the REST API keeps its connections.
+    #[arg(long, env = "ORDERCAST_STREAM_POOL_SIZE", default_value_t = 8, global = true)]
+    pub stream_pool_size: usize,
+
     /// Seconds a REST request waits for a database connection before answering 503.
     #[arg(long, env = "ORDERCAST_DB_TIMEOUT_SECS", default_value_t = 3, global = true)]
     pub db_timeout_secs: u64,

@@ -4,7 +4,7 @@
 //! read (`routes::orders::read_body`, the WebSocket stream).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -38,6 +38,7 @@ impl Connections {
     }
 
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Refused> {
+        let ip = client_key(ip);
         let mut g = self.inner.lock().unwrap();
         if g.0 >= self.max_total {
             return Err(Refused::Total);
@@ -53,6 +54,23 @@ impl Connections {
 
     pub fn open(&self) -> usize {
         self.inner.lock().unwrap().0
+    }
+}
+
+/// What a client's connections are counted under: its IPv4 address, or the
+/// /64 network of its IPv6 address (a host commonly holds a whole /64, and
+/// counting single addresses would let it take the per-IP limit over and
+/// over). An IPv4-mapped IPv6 address counts as the IPv4 one.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -121,6 +139,22 @@ mod tests {
         assert_eq!(c.acquire(b).unwrap_err(), Refused::Total);
         drop(s1);
         assert!(c.acquire(a).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_its_64_network_and_a_mapped_ipv4_as_itself() {
+        let c = Connections::new(10, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = c.acquire(ip("2001:db8:1:2::1")).unwrap();
+        let _b = c.acquire(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert_eq!(c.acquire(ip("2001:db8:1:2:abcd::1")).unwrap_err(), Refused::PerIp, "same /64");
+        let other = c.acquire(ip("2001:db8:1:3::1")).unwrap();
+        let _v4 = c.acquire(ip("192.0.2.7")).unwrap();
+        let _mapped = c.acquire(ip("::ffff:192.0.2.7")).unwrap();
+        assert_eq!(c.acquire(ip("192.0.2.7")).unwrap_err(), Refused::PerIp, "mapped counts as IPv4");
+        drop(other);
+        assert_eq!(c.open(), 4);
+        assert!(c.inner.lock().unwrap().1.len() == 2, "released slots leave no entry");
     }
 
     #[test]

@@ -43,7 +43,10 @@ pub struct SessionCounters {
 
 /// Shared by every request handler and session.
 pub struct AppState {
+    /// The REST API's connections.
     pub pool: Pool,
+    /// The streams' connections (`ORDERCAST_STREAM_POOL_SIZE`).
+    pub stream_pool: Pool,
     pub hub: Hub,
     pub listener: Arc<ListenerState>,
     pub settings: Settings,
@@ -377,6 +380,7 @@ impl Application {
         }
         crate::db::migrate(database_url).await?;
         let pool = crate::db::pool(database_url, settings.db_pool_size, settings.db_timeout())?;
+        let stream_pool = crate::db::pool(database_url, settings.stream_pool_size, settings.db_timeout())?;
         let head = {
             let client = pool.get().await.context("Failed to connect to the database")?;
             warn_on_ascii_case_folding(&client).await;
@@ -414,6 +418,7 @@ impl Application {
         };
         let state = Arc::new(AppState {
             pool,
+            stream_pool,
             hub,
             listener: listener_state,
             settings: settings.clone(),

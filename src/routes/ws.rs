@@ -116,13 +116,14 @@ pub struct Opened {
 pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Opened, ApiError> {
     let (since, snapshot) = if params.snapshot {
         let page =
-            crate::routes::orders::list_page(&state.pool, &params.filter, None, params.snapshot_limit, None).await?;
+            crate::routes::orders::list_page(&state.stream_pool, &params.filter, None, params.snapshot_limit, None)
+                .await?;
         state.hub.note_handed_out(page.position);
         (Some(page.position), Some(page))
     } else {
         (params.since, None)
     };
-    let mut feed = Feed::open(&state.hub, &state.pool, params.filter.clone(), since, params.viewer.clone())
+    let mut feed = Feed::open(&state.hub, &state.stream_pool, params.filter.clone(), since, params.viewer.clone())
         .await
         .map_err(|e| match e {
             FeedError::Hub(_) => ApiError::ShuttingDown,

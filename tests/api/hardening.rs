@@ -665,6 +665,40 @@ async fn connection_write_and_subscribe_limits_are_enforced() {
     full(status, body);
 }
 
+/// Streams read the log through connections of their own: however many of
+/// them catch up at once (here they wait behind a DBA's lock on the log),
+/// the REST API keeps its connections. Before, they shared one pool and the
+/// REST answer was 503 database_unavailable after the pool's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_catching_up_do_not_take_the_rest_apis_connections() {
+    let app = spawn_app_with(|s| {
+        s.db_pool_size = 2;
+        s.stream_pool_size = 2;
+    })
+    .await;
+    let id = app.create_order("Pool").await["id"].as_i64().unwrap();
+    let dba = app.sql().await;
+    dba.batch_execute("BEGIN; LOCK TABLE change_log IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    // As many as the streams' pool holds: each waits in its catch-up read.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        streams.push(app.sse("/api/events?since=0", None).await);
+    }
+    let watcher = app.sql().await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND wait_event_type = 'Lock' AND query LIKE '%change_read%'";
+    crate::helpers::until_count(&watcher, waiting, Duration::from_secs(10), |n| n >= 2).await;
+    let started = std::time::Instant::now();
+    let (status, page) = app.get_json("/api/orders?limit=1").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["items"][0]["id"], id);
+    assert!(started.elapsed() < Duration::from_secs(2), "answered in {:?}", started.elapsed());
+    dba.batch_execute("COMMIT").await.unwrap();
+    for stream in &mut streams {
+        assert_eq!(stream.changes(1, Duration::from_secs(15)).await.len(), 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_from_another_sites_pages_are_refused() {
     let app = crate::helpers::spawn_app_with(|s| s.allowed_origins = vec!["https://ops.example.com".into()]).await;
