@@ -280,14 +280,28 @@ async fn session(
     }
 }
 
+/// Stores the relay's position. Its row deleted meanwhile (to start the
+/// relay over, docs/workflow.md) ends the session: the next one starts over
+/// from the oldest retained change, as a relay started afresh does.
 async fn store(db: &tokio_postgres::Client, name: &str, position: i64) -> anyhow::Result<()> {
-    db.execute(
-        "UPDATE outbox_positions SET position = $2, updated_at = now() WHERE name = $1 AND position < $2",
-        &[&name, &position],
-    )
-    .await
-    .map_err(crate::db::describe)
-    .context("Failed to store the outbox position")?;
+    let stored = db
+        .execute(
+            "UPDATE outbox_positions SET position = $2, updated_at = now() WHERE name = $1 AND position < $2",
+            &[&name, &position],
+        )
+        .await
+        .map_err(crate::db::describe)
+        .context("Failed to store the outbox position")?;
+    if stored == 0
+        && db
+            .query_opt("SELECT 1 FROM outbox_positions WHERE name = $1", &[&name])
+            .await
+            .map_err(crate::db::describe)
+            .context("Failed to read the outbox position")?
+            .is_none()
+    {
+        anyhow::bail!("the relay's row in outbox_positions was deleted: starting over from the oldest retained change");
+    }
     Ok(())
 }
 

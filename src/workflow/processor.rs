@@ -103,6 +103,23 @@ WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
 UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() FROM a \
 WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
 
+/// `FINISH_SQL` committed durably, for a refusal (`failed`): the steps
+/// before it are compensated next, outside the database, and a refusal a
+/// database crash forgot would have the step called again, succeed (a stock
+/// answer differs from one call to the next) and the order go on with its
+/// payment refunded.
+const FINISH_DURABLE_SQL: &str = "\
+UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() \
+WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
+
+/// Which of the two finishes `outcome` takes.
+fn finish_sql(outcome: &str) -> &'static str {
+    match outcome {
+        "failed" => FINISH_DURABLE_SQL,
+        _ => FINISH_SQL,
+    }
+}
+
 const NOTE_SQL: &str = "\
 WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
 UPDATE order_steps SET detail = $4 FROM a \
@@ -646,7 +663,7 @@ async fn begin(db: &Pool, id: i64, step: &str, action: &str) -> anyhow::Result<R
 }
 
 async fn finish(db: &Pool, id: i64, step: &str, action: &str, outcome: &str, detail: &str) -> anyhow::Result<()> {
-    let (client, stmt) = prepared(db, FINISH_SQL).await?;
+    let (client, stmt) = prepared(db, finish_sql(outcome)).await?;
     client.execute(&stmt, &[&id, &step, &action, &outcome, &detail]).await.map_err(crate::db::describe)?;
     Ok(())
 }
@@ -678,4 +695,13 @@ pub async fn run_standalone(
     let processor = Processor::new(url, super::steps::simulated(wf), wf.concurrency, Arc::default())?;
     processor.run(shutdown).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_refusal_is_committed_durably_and_other_finishes_are_not() {
+        assert!(!super::finish_sql("failed").contains("synchronous_commit"));
+        assert!(super::finish_sql("done").contains("set_config('synchronous_commit', 'off', true)"));
+    }
 }

@@ -155,6 +155,31 @@ async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
     assert_eq!(of_order(&all, b).len(), 2);
 }
 
+/// Deleting the relay's row starts it over from the oldest retained change,
+/// also while it runs. Before, a running relay went on from its position in
+/// memory without a row, and started over at some later reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_relays_row_while_it_runs_starts_it_over() {
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let a = app.create_order("First").await["id"].as_i64().unwrap();
+    reader.read_until(WAIT, move |m| !of_order(m, a).is_empty()).await;
+    let db = app.sql().await;
+    let stored = || {
+        let db = &db;
+        async move { db.query_opt("SELECT position FROM outbox_positions", &[]).await.unwrap().map(|r| r.get::<_, i64>(0)) }
+    };
+    eventually(WAIT, || async { stored().await.filter(|p| *p > 0) }).await;
+    db.batch_execute("DELETE FROM outbox_positions").await.unwrap();
+    let b = app.create_order("Second").await["id"].as_i64().unwrap();
+    // Order a's insert again (the start over), and b's.
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, a).is_empty() && !of_order(m, b).is_empty()).await;
+    assert!(!of_order(&msgs, a).is_empty(), "the relay started over");
+    let head: i64 = scalar(&db, "SELECT change_head()").await;
+    eventually(WAIT, || async { stored().await.filter(|p| *p >= head) }).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_relay_publishes_while_another_stands_by_and_takes_over() {
     // Arrange: two instances on one database.
