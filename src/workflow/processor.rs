@@ -50,6 +50,10 @@ const LOCK_CLASS: i32 = 0x6f63_7072;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often orders left in `processing` are looked for.
 const RESUME_EVERY: Duration = Duration::from_secs(5);
+/// How many candidates one takeover scan looks at, however few slots are
+/// free: orders held by live processors come first in id order and would
+/// otherwise hide an orphan behind them for a scan each.
+const RESUME_WINDOW: i64 = 256;
 /// Calls of a step that keeps being unavailable before the order fails.
 pub const MAX_ATTEMPTS: i32 = 10;
 /// How long a stopping processor lets its orders finish before leaving them
@@ -299,6 +303,10 @@ impl Processor {
     /// behind them. Returns where to go on.
     async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<i64> {
         let limit = work.free(self.concurrency) as i64;
+        if limit == 0 {
+            return Ok(after);
+        }
+        let window = limit.max(RESUME_WINDOW);
         let mine: Vec<i64> = work.orders.values().copied().collect();
         // Two indexed scans: `orders_status_id_idx`, and the few
         // cancellations whose undoing is not known to be finished
@@ -311,7 +319,7 @@ impl Processor {
                    UNION \
                    SELECT order_id FROM order_undo WHERE order_id > $1 \
                  ) c WHERE id <> ALL($2) ORDER BY id LIMIT $3",
-                &[&after, &mine, &limit],
+                &[&after, &mine, &window],
             )
             .await
             .map_err(crate::db::describe)?
@@ -321,11 +329,13 @@ impl Processor {
         if candidates.is_empty() {
             return Ok(0);
         }
+        // In id order, until `limit` are held: the rest are not tried (the
+        // scan stops pulling rows at the limit).
         let locked: Vec<i64> = conn
             .client
             .query(
-                "SELECT id FROM unnest($2::bigint[]) id WHERE pg_try_advisory_lock($1, workflow_lock_key(id))",
-                &[&LOCK_CLASS, &candidates],
+                "SELECT id FROM unnest($2::bigint[]) id WHERE pg_try_advisory_lock($1, workflow_lock_key(id)) LIMIT $3",
+                &[&LOCK_CLASS, &candidates, &limit],
             )
             .await
             .map_err(crate::db::describe)?
@@ -380,7 +390,16 @@ impl Processor {
             self.ctx.state.resumed.fetch_add(1, Ordering::Relaxed);
             work.spawn(&self.ctx, id);
         }
-        Ok(if (candidates.len() as i64) < limit { 0 } else { candidates[candidates.len() - 1] })
+        // Where the next scan goes on: after the last order locked when the
+        // slots ran out (the candidates after it were not tried), else after
+        // the window, or from the start once the scan reached the end.
+        Ok(if locked.len() as i64 == limit {
+            *locked.iter().max().expect("limit > 0 locked")
+        } else if (candidates.len() as i64) < window {
+            0
+        } else {
+            candidates[candidates.len() - 1]
+        })
     }
 
     async fn finished(

@@ -572,6 +572,47 @@ async fn two_processors_share_the_orders_and_do_none_twice() {
     assert_eq!(attempts, 120);
 }
 
+/// An orphan behind orders a live processor holds is taken over at the
+/// next scan, even by a processor with one free slot. Before, a scan looked
+/// at as many candidates as it had free slots: one held order per scan,
+/// five seconds each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_behind_orders_another_processor_holds_is_taken_over_at_once() {
+    // Arrange: processor a holds eight orders in processing (its payments
+    // wait), and an order with a higher id is in processing without a
+    // processor (moved there by hand).
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::WaitForRelease);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+    let db = app.sql().await;
+    let _a = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Held ' || i, 'Nut', 1, 0.1 FROM generate_series(1, 8) i",
+    )
+    .await
+    .unwrap();
+    until(&db, "SELECT count(*) FROM orders WHERE status = 'processing'", |n| n == 8).await;
+    let orphan = app.create_order("Orphan").await["id"].as_i64().unwrap();
+    db.batch_execute(&format!("UPDATE orders SET status = 'processing' WHERE id = {orphan}")).await.unwrap();
+
+    // Act: a processor with one slot, whose steps answer at once.
+    let quick = TestStep::new("payment", Mode::Succeed);
+    let state = Arc::new(ProcessorState::default());
+    let steps: Steps = vec![quick.clone(), inventory.clone()];
+    let processor = Processor::new(&app.db_url, steps, 1, state.clone()).expect("build the processor");
+    let (_stop, shutdown) = watch::channel(false);
+    let _b = tokio::spawn(processor.run(shutdown));
+
+    // Assert: its first scan takes the orphan over (eight scans, forty
+    // seconds, before).
+    let started = std::time::Instant::now();
+    wait_status(&app, orphan, "processed").await;
+    assert!(started.elapsed() < Duration::from_secs(10), "taken over after {:?}", started.elapsed());
+    assert_eq!(state.resumed.load(Ordering::Relaxed), 1);
+    assert_eq!(quick.calls.load(Ordering::SeqCst), 1);
+}
+
 /// `ordercast process` as a child process.
 struct ProcessChild(std::process::Child);
 
