@@ -539,6 +539,19 @@ async fn a_processed_order_that_is_cancelled_gets_its_steps_undone() {
     eventually(WAIT, || async { (p.state.cancelled.load(Ordering::Relaxed) == 1).then_some(()) }).await;
 }
 
+/// `processor` with `n` new orders to work on, once the count of orders in
+/// processing satisfies `ready`.
+async fn busy(db: &tokio_postgres::Client, processor: Running, n: i64, ready: impl Fn(i64) -> bool) -> Running {
+    db.batch_execute(&format!(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Bulk ' || i, 'Nut', 1, 0.1 FROM generate_series(1, {n}) i"
+    ))
+    .await
+    .unwrap();
+    until(db, "SELECT count(*) FROM orders WHERE status = 'processing'", ready).await;
+    processor
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processors_share_the_orders_and_do_none_twice() {
     // Arrange: one processor is busy with slow payments when the second
@@ -547,14 +560,7 @@ async fn two_processors_share_the_orders_and_do_none_twice() {
     let payment = TestStep::new("payment", Mode::Slow);
     let inventory = TestStep::new("inventory", Mode::Succeed);
     let db = app.sql().await;
-    let a = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
-    db.batch_execute(
-        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-         SELECT 'Bulk ' || i, 'Nut', 1, 0.1 FROM generate_series(1, 60) i",
-    )
-    .await
-    .unwrap();
-    until(&db, "SELECT count(*) FROM orders WHERE status = 'processing'", |n| n > 0).await;
+    let a = busy(&db, start(&app.db_url, vec![payment.clone(), inventory.clone()]), 60, |n| n > 0).await;
 
     // Act
     let b = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
@@ -585,14 +591,7 @@ async fn an_orphan_behind_orders_another_processor_holds_is_taken_over_at_once()
     let payment = TestStep::new("payment", Mode::WaitForRelease);
     let inventory = TestStep::new("inventory", Mode::Succeed);
     let db = app.sql().await;
-    let _a = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
-    db.batch_execute(
-        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-         SELECT 'Held ' || i, 'Nut', 1, 0.1 FROM generate_series(1, 8) i",
-    )
-    .await
-    .unwrap();
-    until(&db, "SELECT count(*) FROM orders WHERE status = 'processing'", |n| n == 8).await;
+    let _a = busy(&db, start(&app.db_url, vec![payment.clone(), inventory.clone()]), 8, |n| n == 8).await;
     let orphan = app.create_order("Orphan").await["id"].as_i64().unwrap();
     db.batch_execute(&format!("UPDATE orders SET status = 'processing' WHERE id = {orphan}")).await.unwrap();
 
