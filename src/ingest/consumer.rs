@@ -96,6 +96,13 @@ impl LogEnds {
         LogEnds { consumer: Arc::downgrade(consumer), topic: topic.to_string() }
     }
 
+    /// One whose consumer is gone (its queries fail), for tests of what is
+    /// decided from answers already given.
+    #[cfg(test)]
+    pub fn detached(topic: &str) -> LogEnds {
+        LogEnds { consumer: std::sync::Weak::new(), topic: topic.to_string() }
+    }
+
     /// (log start, log end) of `partition`, fresh from the broker.
     pub async fn query(&self, partition: i32) -> anyhow::Result<(i64, i64)> {
         let consumer = self.consumer.upgrade().ok_or_else(|| anyhow::anyhow!("the Kafka consumer is closed"))?;

@@ -1010,8 +1010,21 @@ fn find_log_resets(
     if suspects.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
+    // An answer serves at the position it was asked at. It serves a later
+    // position of the same generation too when it found the log reaching
+    // the position it was asked at: the position has only moved on along
+    // that log since (a reset starts a new generation), so what lies below it
+    // was read from that log. Without this, a partition whose position
+    // another instance keeps moving (it took the partition over while this
+    // one still held a batch of it) was asked about again and again and the
+    // batch never written.
     let answer = |p: i32, stale: i64, s: &Stored| {
-        ends.get(&p).filter(|a| a.asked.next == stale && a.asked.generation == s.generation).copied()
+        ends.get(&p)
+            .filter(|a| {
+                a.asked.generation == s.generation
+                    && (a.asked.next == stale || (a.asked.next < stale && a.end >= a.asked.next))
+            })
+            .copied()
     };
     let unasked: Vec<Ask> = suspects
         .iter()
@@ -1023,10 +1036,11 @@ fn find_log_resets(
     }
     let (mut resets, mut rewinds) = (Vec::new(), Vec::new());
     for &(p, stale, s) in &suspects {
-        let LogEndAnswer { start: log_start, end: log_end, .. } = answer(p, stale, &s).expect("asked above");
-        if log_end >= stale {
+        let LogEndAnswer { asked, start: log_start, end: log_end } = answer(p, stale, &s).expect("asked above");
+        if log_end >= asked.next {
             continue; // the position is in this log: redeliveries
         }
+        // (Asked at `stale` itself, as only such an answer gets here.)
         let of_p: Vec<&Message> = msgs.iter().filter(|m| m.partition == p).collect();
         let offsets: Vec<i64> = of_p.iter().map(|m| m.offset).collect();
         let Some(k) = new_log_run(&offsets, log_end) else { continue };
@@ -1403,6 +1417,34 @@ mod tests {
         assert_eq!(new_log_run(&[998, 999], 3), None, "only the old log's messages");
         assert_eq!(new_log_run(&[1, 2, 5], 3), None, "not all below the end: not the log the broker has now");
         assert_eq!(new_log_run(&[], 3), None);
+    }
+
+    #[test]
+    fn a_log_end_asked_at_an_earlier_position_of_the_same_log_still_tells_redeliveries() {
+        let scope = Scope {
+            group_id: "g".into(),
+            topic: "t".into(),
+            actor: "kafka:t".into(),
+            log_ends: Some(crate::ingest::consumer::LogEnds::detached("t")),
+        };
+        let msgs: Vec<Message> = (5..8).map(|o| msg(o, "k", "status_changed")).collect();
+        let stored = HashMap::from([(0, Stored { next: Some(20), generation: 1, updated_at: Utc::now() })]);
+        let asked = |next: i64, generation: i32, end: i64| {
+            HashMap::from([(0, LogEndAnswer { asked: Ask { partition: 0, next, generation }, start: 0, end })])
+        };
+        let found = |ends: &LogEndAnswers| {
+            find_log_resets(&msgs, &stored, &scope, ends).map(|(r, w)| (r.len(), w.len())).map_err(|a| a.len())
+        };
+        // Asked at 10, the log reached 15: the position moved on to 20 along it.
+        assert_eq!(found(&asked(10, 1, 15)), Ok((0, 0)));
+        assert_eq!(found(&asked(20, 1, 25)), Ok((0, 0)), "asked at the position itself");
+        // Asked again: the log ended below where it was asked (a reset, judged only at
+        // the position itself), another generation, or a position that went back.
+        for ends in [asked(10, 1, 5), asked(10, 0, 15), asked(30, 1, 40)] {
+            assert!(
+                matches!(find_log_resets(&msgs, &stored, &scope, &ends), Err(ref a) if a.len() == 1 && a[0].next == 20)
+            );
+        }
     }
 
     #[test]
