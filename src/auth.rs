@@ -387,7 +387,13 @@ pub async fn guard(
     match result {
         Ok(p) => {
             if scope == Scope::Write {
-                if let Err(retry) = state.write_limiter.check(&p.name) {
+                // Per token; without authentication per client address (an
+                // IPv6 host as its /64, as for connections).
+                let key = match (&state.auth, req.peer_addr()) {
+                    (None, Some(peer)) => crate::limits::client_key(peer.ip()).to_string(),
+                    _ => p.name.clone(),
+                };
+                if let Err(retry) = state.write_limiter.check(&key) {
                     let resp = crate::error::problem_response(
                         actix_web::http::StatusCode::TOO_MANY_REQUESTS,
                         "rate_limited",

@@ -57,11 +57,12 @@ impl Connections {
     }
 }
 
-/// What a client's connections are counted under: its IPv4 address, or the
-/// /64 network of its IPv6 address (a host commonly holds a whole /64, and
-/// counting single addresses would let it take the per-IP limit over and
-/// over). An IPv4-mapped IPv6 address counts as the IPv4 one.
-fn client_key(ip: IpAddr) -> IpAddr {
+/// What a client's connections (and, without authentication, its writes)
+/// are counted under: its IPv4 address, or the /64 network of its IPv6
+/// address (a host commonly holds a whole /64, and counting single addresses
+/// would let it take the per-IP limits over and over). An IPv4-mapped IPv6
+/// address counts as the IPv4 one.
+pub fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
