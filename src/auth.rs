@@ -275,6 +275,15 @@ pub fn principal(req: &actix_web::HttpRequest) -> Principal {
     req.extensions().get::<Principal>().cloned().unwrap_or_else(|| Principal::anonymous(peer_ip(req)))
 }
 
+/// What the write rate is counted under: the token; without authentication
+/// the client's address (an IPv6 host as its /64, as for connections).
+fn rate_key(authenticated: bool, peer: Option<std::net::SocketAddr>, principal: &Principal) -> String {
+    match peer {
+        Some(peer) if !authenticated => crate::limits::client_key(peer.ip()).to_string(),
+        _ => principal.name.clone(),
+    }
+}
+
 fn peer_ip(req: &actix_web::HttpRequest) -> String {
     req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into())
 }
@@ -387,12 +396,7 @@ pub async fn guard(
     match result {
         Ok(p) => {
             if scope == Scope::Write {
-                // Per token; without authentication per client address (an
-                // IPv6 host as its /64, as for connections).
-                let key = match (&state.auth, req.peer_addr()) {
-                    (None, Some(peer)) => crate::limits::client_key(peer.ip()).to_string(),
-                    _ => p.name.clone(),
-                };
+                let key = rate_key(state.auth.is_some(), req.peer_addr(), &p);
                 if let Err(retry) = state.write_limiter.check(&key) {
                     let resp = crate::error::problem_response(
                         actix_web::http::StatusCode::TOO_MANY_REQUESTS,
@@ -435,6 +439,17 @@ pub async fn guard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_are_counted_per_token_or_without_one_per_client_address() {
+        let peer = |s: &str| Some(s.parse::<std::net::SocketAddr>().unwrap());
+        let anonymous = Principal::anonymous("2001:db8::1".into());
+        assert_eq!(rate_key(false, peer("[2001:db8:0:0:1::7]:5000"), &anonymous), "2001:db8::");
+        assert_eq!(rate_key(false, peer("[2001:db8:0:0:ffff::9]:6000"), &anonymous), "2001:db8::");
+        assert_eq!(rate_key(false, peer("192.0.2.7:5000"), &anonymous), "192.0.2.7");
+        let token = Principal { name: "ops".into(), scopes: 7, customer: None, expires_at: None };
+        assert_eq!(rate_key(true, peer("192.0.2.7:5000"), &token), "ops");
+    }
 
     #[test]
     fn api_keys_parse_with_scopes_and_restrictions() {
