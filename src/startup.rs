@@ -386,6 +386,11 @@ impl Application {
             warn_on_ascii_case_folding(&client).await;
             crate::changes::log_bounds(&client).await.map_err(crate::db::describe)?.0
         };
+        // Each pool starts with a connection made (kept for reuse): the first
+        // stream does not wait for one to be set up, and resumes keep working
+        // while the database takes no new connections (it is shutting down,
+        // or at max_connections) as REST does.
+        drop(stream_pool.get().await.context("Failed to connect to the database")?);
         let hub = Hub::start(head, settings.client_buffer);
         let listener_state = Arc::new(ListenerState::default());
         let mut tasks = vec![
