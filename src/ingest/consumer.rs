@@ -150,6 +150,10 @@ pub struct IngestContext {
     /// Held while partitions are paused at assignment and by `settle` while
     /// it starts paused ones (see `IngestContext::pause`).
     rebalance: std::sync::Mutex<()>,
+    /// Partitions this consumer paused and has not resumed since: librdkafka
+    /// keeps a pause across a revoke and a new assignment, and a resume of a
+    /// partition that is not paused is not harmless (see `post_rebalance`).
+    paused: std::sync::Mutex<std::collections::HashSet<i32>>,
 }
 
 /// How long an assignment may wait for the stored positions.
@@ -298,7 +302,10 @@ impl IngestContext {
                 paused.add_partition(&self.topic, *p);
             }
             match consumer.pause(&paused) {
-                Ok(()) => self.state.set_awaiting_position(partitions, true),
+                Ok(()) => {
+                    self.paused.lock().unwrap().extend(partitions); // unwrap: never held across a panic
+                    self.state.set_awaiting_position(partitions, true)
+                }
                 Err(e) => log::error!(
                     "Kafka partitions {} {partitions:?} could not be paused ({e}): they start at Kafka's committed \
                      offsets, and the messages between their stored positions and those are not applied",
@@ -308,6 +315,14 @@ impl IngestContext {
         };
         // `settle` may hold the lock for a seek.
         blocking(pause)
+    }
+
+    /// Notes partitions resumed (no longer paused by this consumer).
+    fn resumed(&self, partitions: &[i32]) {
+        let mut paused = self.paused.lock().unwrap(); // unwrap: never held across a panic
+        for p in partitions {
+            paused.remove(p);
+        }
     }
 }
 
@@ -359,14 +374,30 @@ impl ConsumerContext for IngestContext {
                 // earlier assignment (its position unreadable then), taken
                 // away before it was resumed and given back now, would never
                 // be read again, while nothing waits for it any more.
+                //
+                // Only such partitions are resumed: a resume bumps the
+                // partition's version in librdkafka even when it is not
+                // paused, which drops the messages already fetched for it
+                // without fetching them again. Resuming every assigned
+                // partition lost the first fetch of one whose fetch had begun
+                // before the resume was handled (a loaded machine), and the
+                // messages after that fetch were applied past the gap.
                 let mut resume = TopicPartitionList::new();
-                for p in assigned.iter().filter(|p| !to_pause.contains(p)) {
-                    resume.add_partition(&self.topic, *p);
+                let mut resumed = Vec::new();
+                {
+                    let paused = self.paused.lock().unwrap(); // unwrap: never held across a panic
+                    for p in assigned.iter().filter(|p| paused.contains(p) && !to_pause.contains(p)) {
+                        resume.add_partition(&self.topic, *p);
+                        resumed.push(*p);
+                    }
                 }
                 if resume.count() > 0 {
-                    if let Err(e) = consumer.resume(&resume) {
-                        log::error!("Kafka partitions {} {assigned:?} could not be resumed: {e}", self.topic);
-                        self.state.set_kafka_error(format!("partitions could not be resumed at assignment: {e}"));
+                    match consumer.resume(&resume) {
+                        Ok(()) => self.resumed(&resumed),
+                        Err(e) => {
+                            log::error!("Kafka partitions {} {resumed:?} could not be resumed: {e}", self.topic);
+                            self.state.set_kafka_error(format!("partitions could not be resumed at assignment: {e}"));
+                        }
                     }
                 }
                 if !to_pause.is_empty() {
@@ -432,6 +463,7 @@ pub fn create(
         database_url: database_url.to_string(),
         to_pause: Default::default(),
         rebalance: Default::default(),
+        paused: Default::default(),
     };
     let consumer: IngestConsumer =
         config.create_with_context(context).map_err(|e| anyhow::anyhow!("invalid Kafka configuration: {e}"))?;
@@ -526,6 +558,7 @@ fn seek_and_resume(consumer: &SharedConsumer, waiting: &[i32], stored: &HashMap<
             failed.push(format!("partition {p}: cannot resume: {e}"));
             continue;
         }
+        ctx.resumed(&[p]);
         ctx.state.set_awaiting_position(&[p], false);
         log::info!("Kafka partition {}/{p} resumed at {at}", ctx.topic);
     }
