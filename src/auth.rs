@@ -277,10 +277,14 @@ pub fn principal(req: &actix_web::HttpRequest) -> Principal {
 
 /// What the write rate is counted under: the token; without authentication
 /// the client's address (an IPv6 host as its /64, as for connections).
-fn rate_key(authenticated: bool, peer: Option<std::net::SocketAddr>, principal: &Principal) -> String {
+fn rate_key(
+    authenticated: bool,
+    peer: Option<std::net::SocketAddr>,
+    principal: &Principal,
+) -> std::borrow::Cow<'_, str> {
     match peer {
-        Some(peer) if !authenticated => crate::limits::client_key(peer.ip()).to_string(),
-        _ => principal.name.clone(),
+        Some(peer) if !authenticated => crate::limits::client_key(peer.ip()).to_string().into(),
+        _ => principal.name.as_str().into(),
     }
 }
 

@@ -6,6 +6,7 @@
 import { api } from './api.js';
 import { describe } from './activity.js';
 import { el, fmtCount, fmtFull, fmtMoney, fmtWhen, label, statusBadge, splitActor } from './format.js';
+import { backoff } from './stream.js';
 import { toast, toastError } from './toast.js';
 
 const FIELDS = [
@@ -31,9 +32,6 @@ const FIELDS = [
 ];
 
 const MAX_CHANGES = 50;
-/** Pauses before following the order again after its stream was refused. */
-const RETRY_START_MS = 1000;
-const RETRY_MAX_MS = 10000;
 
 export class OrderDetail {
   /** @param transitions () => Promise<{status: [next...]}> */
@@ -110,8 +108,7 @@ export class OrderDetail {
     es.addEventListener('error', () => {
       if (this.es !== es || es.readyState !== EventSource.CLOSED) return;
       this.es = null;
-      const delay = Math.min(RETRY_MAX_MS, RETRY_START_MS * 2 ** attempt);
-      this.retry = setTimeout(() => this.refollow(id, attempt + 1), delay);
+      this.retry = setTimeout(() => this.refollow(id, attempt + 1), backoff(attempt));
     });
     const parse = (ev) => {
       try {
@@ -147,8 +144,7 @@ export class OrderDetail {
         this.markDeleted('This order has been deleted, or is no longer visible to you.');
         return;
       }
-      const delay = Math.min(RETRY_MAX_MS, RETRY_START_MS * 2 ** attempt);
-      this.retry = setTimeout(() => this.refollow(id, attempt + 1), delay);
+      this.retry = setTimeout(() => this.refollow(id, attempt + 1), backoff(attempt));
       return;
     }
     if (!current()) return;

@@ -13,6 +13,9 @@ import { api } from './api.js';
 /** First reconnect delay; doubled per failed attempt up to the maximum. */
 const BACKOFF_START_MS = 1000;
 const BACKOFF_MAX_MS = 10000;
+
+/** The pause before attempt `attempt + 1` of a reconnect (0: the first). */
+export const backoff = (attempt) => Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** attempt);
 /** The client pings this often so a dead connection is noticed... */
 const PING_INTERVAL_MS = 15000;
 /** ...when nothing at all has arrived for this long. */
@@ -197,7 +200,7 @@ export class Stream {
 
   scheduleReconnect() {
     clearTimeout(this.timer);
-    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** this.attempt);
+    const base = backoff(this.attempt);
     const delay = Math.round(base * (0.8 + Math.random() * 0.4));
     this.attempt += 1;
     this.setPhase('reconnecting', Date.now() + delay);
