@@ -234,7 +234,7 @@ impl Auth {
 /// scheme is matched without regard to case (RFC 9110); an `Authorization`
 /// of another scheme (a proxy's Basic credentials, say) is not ordercast's,
 /// and the cookie or the query may still carry the token.
-pub fn token(req: &ServiceRequest) -> Option<String> {
+pub fn token(req: &actix_web::HttpRequest) -> Option<String> {
     if let Some(v) = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
         if let Some((scheme, token)) = v.trim().split_once(' ') {
             if scheme.eq_ignore_ascii_case("bearer") {
@@ -391,7 +391,7 @@ pub async fn guard(
     };
     let result = match &state.auth {
         None => Ok(Principal::anonymous(peer_ip(req.request()))),
-        Some(auth) => match token(&req) {
+        Some(auth) => match token(req.request()) {
             None => Err(AuthError::Missing),
             Some(t) => auth.authenticate(&t),
         }

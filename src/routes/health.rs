@@ -1,25 +1,32 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use actix_web::{get, web, HttpResponse};
-use serde_json::json;
+use actix_web::{get, web, HttpRequest, HttpResponse};
+use serde_json::{json, Value};
 
 use crate::startup::AppState;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What `/api/health` shows a caller who may not see its details: the
+/// status and whether each part is up, none of the positions, counters,
+/// names or error texts (which can name hosts, users and topics).
+const SUMMARY_KEYS: &[&str] = &["status", "ok", "connected", "enabled", "healthy", "state"];
+
 /// The state of ordercast and its dependencies. 503 when one is down.
+/// Public; the details (positions, counters, errors) only with the admin
+/// scope, or with authentication off.
 #[utoipa::path(
     get,
     path = "/api/health",
     tag = "health",
     responses(
-        (status = 200, description = "Everything is up", body = serde_json::Value),
+        (status = 200, description = "Everything is up (positions, counters and errors only with the admin scope)", body = serde_json::Value),
         (status = 503, description = "The database or the change listener is down, or the server is shutting down", body = serde_json::Value)
     )
 )]
 #[get("/api/health")]
-pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+pub async fn health(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let db = tokio::time::timeout(CHECK_TIMEOUT, async {
         let client = state.pool.get().await.map_err(|e| e.to_string())?;
         client.query_one("SELECT 1", &[]).await.map_err(|e| crate::db::describe(e).to_string())?;
@@ -60,6 +67,19 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         // the processor resumes by themselves, and neither affects serving.
         "workflow": state.workflow.health(state.hub.position()),
     });
+    let admin = match &state.auth {
+        None => true,
+        Some(auth) => crate::auth::token(&req)
+            .and_then(|t| auth.authenticate(&t).ok())
+            .is_some_and(|p| p.has(crate::auth::Scope::Admin)),
+    };
+    let body = if admin {
+        body
+    } else {
+        let mut summary = summary(body);
+        summary["details"] = "shown with the admin scope".into();
+        summary
+    };
     if ok {
         HttpResponse::Ok().json(body)
     } else {
@@ -67,6 +87,54 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// `health` without anything but [`SUMMARY_KEYS`] and the objects that hold them.
+fn summary(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .filter_map(|(k, v)| match v {
+                    Value::Object(_) => {
+                        let inner = summary(v);
+                        (!inner.as_object().is_some_and(|o| o.is_empty())).then_some((k, inner))
+                    }
+                    v if SUMMARY_KEYS.contains(&k.as_str()) => Some((k, v)),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        v => v,
+    }
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(health);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_keeps_states_and_drops_details() {
+        let full = json!({
+            "status": "degraded",
+            "database": {"ok": false, "error": "password authentication failed for user \"ops\""},
+            "listener": {"ok": true, "connected": true, "position": 12, "last_error": "db.internal:5432 refused"},
+            "hub": {"position": 12, "subscriptions": 3},
+            "kafka": {"enabled": true, "healthy": false, "state": "degraded", "topic": "orders",
+                      "partitions": [{"partition": 0}], "lag": {"0": 5}, "last_error": "broker b1:9092 down"},
+            "workflow": {"outbox": {"enabled": true, "state": "running", "last_error": null},
+                         "processor": {"enabled": false}},
+        });
+        assert_eq!(
+            summary(full),
+            json!({
+                "status": "degraded",
+                "database": {"ok": false},
+                "listener": {"ok": true, "connected": true},
+                "kafka": {"enabled": true, "healthy": false, "state": "degraded"},
+                "workflow": {"outbox": {"enabled": true, "state": "running"}, "processor": {"enabled": false}},
+            })
+        );
+    }
 }

@@ -192,6 +192,30 @@ async fn tokens_and_scopes_guard_every_route() {
         (app.http.get(app.url("/api/health")).send().await.unwrap().status() == 200).then_some(())
     })
     .await;
+    // Health's details (positions, counters, error texts naming hosts and
+    // users) only with the admin scope; the states to everyone.
+    let health = |t: Option<&'static str>| {
+        let r = app.http.get(app.url("/api/health"));
+        let r = match t {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        };
+        async move { r.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    for token in [None, Some("readersecret"), Some("nonsense")] {
+        let h = health(token).await;
+        assert_eq!(
+            (&h["status"], &h["database"], &h["listener"]["ok"]),
+            (&json!("ok"), &json!({"ok": true}), &json!(true))
+        );
+        assert!(h.get("hub").is_none() && h["listener"].get("position").is_none(), "{token:?}: {h}");
+        assert_eq!(h["details"], "shown with the admin scope");
+    }
+    let h = health(Some("opssecret1")).await;
+    assert!(
+        h["hub"]["position"].is_i64() && h["listener"]["last_error"].is_null() && h.get("details").is_none(),
+        "{h}"
+    );
     assert_eq!(app.http.get(app.url("/")).send().await.unwrap().status(), 200);
     // Cookie and access_token (for EventSource).
     let r = app
