@@ -45,6 +45,33 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The first directory above `dir` that users other than its owner and
+/// group cannot pass through (no execute bit for others), if any: the
+/// postgres user cannot reach `dir` then.
+fn blocked_ancestor(dir: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in dir.ancestors().skip(1) {
+        if d.exists() && std::fs::metadata(d)?.permissions().mode() & 0o001 == 0 {
+            return Ok(Some(d.to_path_buf()));
+        }
+    }
+    Ok(None)
+}
+
+/// Where the data of `data_dir` goes when the postgres user cannot reach it:
+/// a directory under /var/tmp named by a stable hash (FNV-1a) of the path, so
+/// the same checkout finds its database again, and the socket's path stays
+/// short.
+fn reachable_home(data_dir: &Path) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = data_dir
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
+    PathBuf::from(format!("/var/tmp/ordercast-embedded-{hash:016x}/pg"))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -55,7 +82,7 @@ impl EmbeddedPostgres {
     pub fn start(dir: &Path, extra_options: &str) -> anyhow::Result<EmbeddedPostgres> {
         let bin_dir = find_bin_dir()?;
         std::fs::create_dir_all(dir).with_context(|| format!("Failed to create {}", dir.display()))?;
-        let data_dir = std::fs::canonicalize(dir)?.join("pg");
+        let mut data_dir = std::fs::canonicalize(dir)?.join("pg");
         let run_as = if nix::unistd::geteuid().is_root() {
             let user = nix::unistd::User::from_name("postgres")
                 .ok()
@@ -65,6 +92,21 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+        // Root's directory (a checkout under /root, which is 0700) may be out
+        // of the postgres user's reach: the data then goes to a directory of
+        // its own under /var/tmp, the same one every time for this `dir`.
+        if run_as.is_some() && !data_dir.join("PG_VERSION").exists() {
+            if let Some(blocked) = blocked_ancestor(&data_dir)? {
+                let home = reachable_home(&data_dir);
+                log::warn!(
+                    "{} is not reachable by the postgres user: the embedded PostgreSQL keeps its data in {} instead \
+                     (choose another place with --data-dir)",
+                    blocked.display(),
+                    home.display()
+                );
+                data_dir = home;
+            }
+        }
         let mut pg = EmbeddedPostgres {
             bin_dir,
             data_dir,
@@ -107,17 +149,11 @@ impl EmbeddedPostgres {
         if let Some((uid, gid)) = self.run_as {
             nix::unistd::chown(&self.data_dir, Some(uid.into()), Some(gid.into()))?;
             // The postgres user must be able to reach the data directory.
-            let mut dir = self.data_dir.parent();
-            while let Some(d) = dir {
-                let meta = std::fs::metadata(d)?;
-                use std::os::unix::fs::PermissionsExt;
-                if meta.permissions().mode() & 0o001 == 0 {
-                    bail!(
-                        "{} is not reachable by the postgres user; choose another --data-dir (e.g. /var/tmp/ordercast)",
-                        d.display()
-                    );
-                }
-                dir = d.parent();
+            if let Some(d) = blocked_ancestor(&self.data_dir)? {
+                bail!(
+                    "{} is not reachable by the postgres user; choose another --data-dir (e.g. /var/tmp/ordercast)",
+                    d.display()
+                );
             }
         }
         log::info!("initialising a private PostgreSQL in {}", self.data_dir.display());
@@ -230,5 +266,28 @@ impl Drop for EmbeddedPostgres {
         if let Err(e) = self.stop() {
             log::warn!("failed to stop the private PostgreSQL: {e:#}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_out_of_reach_is_found_and_given_a_stable_home_elsewhere() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("oc-reach-{}", std::process::id()));
+        let closed = base.join("closed");
+        std::fs::create_dir_all(closed.join("inner")).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let data = closed.join("inner").join("pg");
+        assert_eq!(blocked_ancestor(&data).unwrap(), Some(closed.clone()));
+        assert_eq!(blocked_ancestor(&base.join("pg")).unwrap(), None);
+        let home = reachable_home(&data);
+        assert_eq!(home, reachable_home(&data));
+        assert_ne!(home, reachable_home(&base.join("pg")));
+        assert!(home.starts_with("/var/tmp") && home.ends_with("pg"), "{}", home.display());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
