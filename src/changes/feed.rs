@@ -374,12 +374,18 @@ async fn read_log(pool: Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpErr
 
 async fn read_log_once(pool: &Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpError> {
     let client = pool.get().await.map_err(|e| CatchUpError::Db(e.into()))?;
-    let changes = read_after(&client, scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))?;
-    // The horizon is checked after the read, not before: the two are
-    // separate statements, and a prune committed between a check and the
-    // read would let the read skip the pruned changes unnoticed. Pruning
-    // only moves forward, so one that the read saw shows here too.
-    let (_, pruned) = log_bounds(&client).await.map_err(|e| CatchUpError::Db(e.into()))?;
+    let (changes, seen) = read_after(&client, scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))?;
+    // Rows come with the horizon of their own snapshot: past `scan`, some
+    // changes after it were gone before the read. A prune committed after
+    // the read does not matter to it (the next read sees it). A read with
+    // no rows has no horizon: it is checked by a second statement, after
+    // the read, not before (a prune committed between a check and the read
+    // would let the read skip the pruned changes unnoticed; pruning only
+    // moves forward, so one that the read saw shows here too).
+    let pruned = match seen {
+        Some(pruned) => pruned,
+        None => log_bounds(&client).await.map_err(|e| CatchUpError::Db(e.into()))?.1,
+    };
     if scan < pruned {
         return Err(CatchUpError::Pruned);
     }

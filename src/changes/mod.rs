@@ -221,15 +221,18 @@ impl Change {
 
 pub type SharedChange = Arc<Change>;
 
-/// Reads up to `limit` changes after `after` with a pooled client.
+/// Reads up to `limit` changes after `after` with a pooled client, and the
+/// retention horizon in the same snapshot as the rows (None when there are
+/// none).
 pub async fn read_after(
     client: &deadpool_postgres::Client,
     after: i64,
     limit: i32,
-) -> Result<Vec<SharedChange>, tokio_postgres::Error> {
+) -> Result<(Vec<SharedChange>, Option<i64>), tokio_postgres::Error> {
     let stmt = client.prepare_cached(READ_SQL).await?;
     let rows = client.query(&stmt, &[&after, &limit]).await?;
-    Ok(rows.iter().map(|r| Arc::new(Change::from_row(r))).collect())
+    let pruned = rows.last().map(|r| r.get("pruned"));
+    Ok((rows.iter().map(|r| Arc::new(Change::from_row(r))).collect(), pruned))
 }
 
 /// Where the log stands: the newest committed position and the retention

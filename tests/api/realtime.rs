@@ -771,7 +771,7 @@ async fn a_lagging_feed_whose_position_is_pruned_meanwhile_is_told_to_resync() {
         dba_insert(&db, name).await;
     }
     let client = pool.get().await.unwrap();
-    let changes = ordercast::changes::read_after(&client, head, 10).await.unwrap();
+    let (changes, _) = ordercast::changes::read_after(&client, head, 10).await.unwrap();
     assert_eq!(changes.len(), 3);
     hub.publish(vec![changes[0].clone()]).await.unwrap();
     hub.publish(vec![changes[1].clone()]).await.unwrap();
@@ -847,6 +847,48 @@ async fn a_prune_that_races_a_catch_up_read_is_told_as_a_resync() {
     pruner.await.unwrap();
 }
 
+/// A prune that commits after a catch-up read took its snapshot, through
+/// positions the read returned, takes nothing from that read: the feed
+/// hands out every change without a resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_committed_after_a_complete_catch_up_read_is_no_resync() {
+    use ordercast::changes::feed::Feed;
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let pool = &app.state.pool;
+    let since = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    for i in 0..20 {
+        dba_insert(&db, &format!("late prune {i}")).await;
+    }
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    let hub = ordercast::hub::Hub::start(head, 100);
+    let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), Some(since), None).await.unwrap();
+    // From now on a log read sleeps half a second after its snapshot is
+    // taken; the prune commits meanwhile.
+    db.batch_execute(
+        "ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
+         CREATE FUNCTION change_read(after bigint, lim integer)
+         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
+                        customer text, old_customer text, after_row text, before_row text, actor text,
+                        at timestamptz)
+         LANGUAGE sql STABLE AS $$
+             SELECT * FROM change_read_at_once(after, lim) WHERE (SELECT pg_sleep(0.5)) IS NOT NULL
+         $$",
+    )
+    .await
+    .unwrap();
+    let pruner = {
+        let db = app.sql().await;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            db.query_one("SELECT change_prune($1)", &[&(since + 10)]).await.unwrap();
+        })
+    };
+    let resyncs = in_order_through(&mut feed, Some(since + 1), head).await;
+    assert_eq!(resyncs, Vec::<i64>::new(), "the read held every change it was asked for");
+    pruner.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_resync() {
     use ordercast::changes::feed::Feed;
@@ -894,7 +936,7 @@ async fn a_transaction_with_immediate_constraints_gets_positions_of_its_own() {
     dba_insert(&db, "imm 4").await;
     let pool = &app.state.pool;
     let client = pool.get().await.unwrap();
-    let changes = ordercast::changes::read_after(&client, head, 100).await.unwrap();
+    let (changes, _) = ordercast::changes::read_after(&client, head, 100).await.unwrap();
     let positions: Vec<i64> = changes.iter().map(|c| c.pos).collect();
     assert_eq!(positions, (head + 1..=head + 4).collect::<Vec<_>>());
     let customers: Vec<Option<&str>> = changes.iter().map(|c| c.customer.as_deref()).collect();
