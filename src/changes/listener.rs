@@ -73,9 +73,10 @@ pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
     let mut at = Position { pos: hub.position(), mark: None, recent: VecDeque::new(), unrecorded: None };
     state.position.store(at.pos, Ordering::Relaxed);
     let mut backoff = BACKOFF_MIN;
+    let mut read_limit = READ_BATCH;
     loop {
         let started = Instant::now();
-        let result = session(&url, &hub, &state, &mut at).await;
+        let result = session(&url, &hub, &state, &mut at, &mut read_limit).await;
         state.connected.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return, // the hub is gone: shutting down
@@ -297,7 +298,26 @@ fn merge(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
     a.map_or(b, |a| (a.0.min(b.0), a.1.max(b.1)))
 }
 
-async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position) -> anyhow::Result<()> {
+/// How many changes the next read asks for: `READ_BATCH`, cut to an
+/// eighth by each read that outlasts `QUERY_TIMEOUT` (rows are counted,
+/// not measured: 2,000 changes of megabyte rows cannot arrive in time, and
+/// the same read again would time out again, forever), and doubled back by
+/// each read that answers within an eighth of it.
+fn next_read_limit(limit: i64, answered_in: Option<Duration>) -> i64 {
+    match answered_in {
+        None => (limit / 8).max(1),
+        Some(t) if t < QUERY_TIMEOUT / 8 => (limit * 2).min(READ_BATCH),
+        Some(_) => limit,
+    }
+}
+
+async fn session(
+    url: &str,
+    hub: &Hub,
+    state: &ListenerState,
+    at: &mut Position,
+    read_limit: &mut i64,
+) -> anyhow::Result<()> {
     let mut config = crate::db::pg_config(url)?;
     config.application_name("ordercast-listener");
     let (mut client, mut connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
@@ -380,12 +400,22 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
     loop {
         // Drain everything committed after our position.
         loop {
-            let limit = READ_BATCH as i32;
+            let limit = *read_limit;
             let after = at.pos;
-            let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&after, &limit]))
-                .await
-                .context("watchdog: the change-log read did not answer")?
-                .map_err(crate::db::describe)?;
+            let asked = Instant::now();
+            let rows = match tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&after, &(limit as i32)])).await
+            {
+                Ok(rows) => rows.map_err(crate::db::describe)?,
+                Err(_) => {
+                    *read_limit = next_read_limit(limit, None);
+                    anyhow::bail!(
+                        "watchdog: the change-log read of up to {limit} changes did not answer in {} s \
+                         (the next reads ask for up to {read_limit})",
+                        QUERY_TIMEOUT.as_secs()
+                    );
+                }
+            };
+            *read_limit = next_read_limit(limit, Some(asked.elapsed()));
             *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
             let Some(last) = rows.last() else { break };
             // A gap: retention pruned changes this connection had not read
@@ -406,10 +436,10 @@ async fn session(url: &str, hub: &Hub, state: &ListenerState, at: &mut Position)
             // unwrap: not empty
             let newest = changes.last().unwrap();
             // More may wait: a full read, or one that ends past its window
-            // (positions up to `after + READ_BATCH`), which a wide gap in the
+            // (positions up to `after + limit`), which a wide gap in the
             // positions (a transaction that failed after the sequencer had
             // numbered it) cuts down to the first transaction after the gap.
-            let full = rows.len() as i64 == READ_BATCH || newest.pos >= after + READ_BATCH;
+            let full = rows.len() as i64 == limit || newest.pos >= after + limit;
             at.published(newest.pos, newest.committed_micros);
             last_publish = Instant::now();
             if hub.publish(changes).await.is_err() {

@@ -718,6 +718,69 @@ async fn commits_after_a_wide_gap_go_out_in_one_drain() {
     assert!(apart < Duration::from_millis(500), "the second commit came {apart:?} after the first");
 }
 
+/// The same with the gap after a commit that is in the listener's read: the
+/// commit past the gap goes out in the same drain, not at the idle tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_past_a_wide_gap_after_another_goes_out_in_the_same_drain() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    dba_insert(&db, "before gap").await;
+    ws.changes(1, WAIT).await;
+    let (admin, name) = cut_off_listener(&db).await;
+    dba_insert(&db, "before the gap").await;
+    db.execute("SELECT setval('change_position', (SELECT last_value FROM change_position) + 5000)", &[]).await.unwrap();
+    dba_insert(&db, "past the gap").await;
+    let_in(&admin, &name).await;
+    let first = ws.changes(1, Duration::from_secs(20)).await.remove(0);
+    let published = std::time::Instant::now();
+    let second = ws.changes(1, WAIT).await.remove(0);
+    let apart = published.elapsed();
+    assert_eq!(
+        (&first["order"]["customer_name"], &second["order"]["customer_name"]),
+        (&json!("before the gap"), &json!("past the gap"))
+    );
+    assert!(apart < Duration::from_millis(500), "the commit past the gap came {apart:?} after the one before it");
+}
+
+/// A read too large to arrive within the listener's watchdog (2,000
+/// changes of megabyte rows, here: any read of over 300 changes of one big
+/// transaction, made to take 6 s) is not asked again as it was, forever:
+/// the next reads ask for fewer changes, and live clients get them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_too_large_for_the_watchdog_goes_on_in_smaller_reads() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    let end = head + 600;
+    db.batch_execute(&format!(
+        "ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
+         CREATE FUNCTION change_read(after bigint, lim integer)
+         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
+                        customer text, old_customer text, after_row text, before_row text, actor text,
+                        at timestamptz)
+         LANGUAGE sql STABLE AS $$
+             SELECT * FROM change_read_at_once(after, lim)
+             WHERE (SELECT pg_sleep(CASE WHEN lim > 300 AND after < {end} THEN 6 ELSE 0 END)) IS NOT NULL
+         $$;
+         {KILL_LISTENER}"
+    ))
+    .await
+    .unwrap();
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price)
+         SELECT 'Bulk ' || g, 'Bolt', 1, 2 FROM generate_series(1, 600) g",
+    )
+    .await
+    .unwrap();
+    let got = ws.changes(600, Duration::from_secs(60)).await;
+    let positions: Vec<i64> = got.iter().map(|c| c["seq"].as_i64().unwrap()).collect();
+    assert_eq!(positions, (head + 1..=end).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_requests_to_other_routes_get_their_ordinary_answer_streamed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
