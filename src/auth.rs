@@ -226,6 +226,12 @@ impl Auth {
             Some("") => return Err(AuthError::Invalid),
             Some(name) => Some(crate::domain::fold_case(name)),
         };
+        // Both go to the database (the actor of every write, the customer of
+        // every read), which refuses a NUL in text: a token carrying one
+        // could do nothing but fail.
+        if c.sub.contains('\0') || customer.as_deref().is_some_and(|c| c.contains('\0')) {
+            return Err(AuthError::Invalid);
+        }
         Ok(Principal { name: c.sub, scopes, customer, expires_at: Some(c.exp) })
     }
 }
@@ -520,6 +526,13 @@ mod tests {
         assert_eq!(auth.authenticate(&null).unwrap().customer, None);
         let ada = make(serde_json::json!({"sub": "svc", "exp": exp, "customer": " Ada "}));
         assert_eq!(auth.authenticate(&ada).unwrap().customer.as_deref(), Some("ada"));
+        // A NUL, which the database refuses in text, in either claim it is given.
+        for claims in [
+            serde_json::json!({"sub": "svc", "exp": exp, "customer": "A\u{0}da"}),
+            serde_json::json!({"sub": "s\u{0}vc", "exp": exp}),
+        ] {
+            assert_eq!(auth.authenticate(&make(claims.clone())), Err(AuthError::Invalid), "{claims}");
+        }
     }
 
     #[test]

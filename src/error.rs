@@ -27,6 +27,9 @@ pub enum ApiError {
     InvalidTransition { message: String, from: Option<String>, to: Option<String> },
     #[error("{0}")]
     Conflict(String),
+    /// Another order holds the `external_id` (unique across customers).
+    #[error("{0}")]
+    DuplicateExternalId(String),
     /// The order has left `pending`: its line item can no longer change.
     #[error("{0}")]
     Locked(String),
@@ -71,6 +74,7 @@ impl ApiError {
             ApiError::TooMany(_) | ApiError::Full(_) => "too_many_connections",
             ApiError::InvalidTransition { .. } => "invalid_transition",
             ApiError::Conflict(_) => "conflict",
+            ApiError::DuplicateExternalId(_) => "duplicate_external_id",
             ApiError::Locked(_) => "order_locked",
             ApiError::Unsettled(_) => "order_not_settled",
             ApiError::VersionConflict { .. } => "version_conflict",
@@ -92,6 +96,7 @@ impl ResponseError for ApiError {
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::InvalidTransition { .. }
             | ApiError::Conflict(_)
+            | ApiError::DuplicateExternalId(_)
             | ApiError::Locked(_)
             | ApiError::Unsettled(_) => StatusCode::CONFLICT,
             ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
@@ -124,6 +129,7 @@ impl ResponseError for ApiError {
             message,
             field: match self {
                 ApiError::Validation(v) => Some(v.field),
+                ApiError::DuplicateExternalId(_) => Some("external_id"),
                 _ => None,
             },
             from,
@@ -182,12 +188,21 @@ impl From<tokio_postgres::Error> for ApiError {
             "OC423" => ApiError::Locked(crate::db::message_with_hint(db)),
             "OC424" => ApiError::Unsettled(crate::db::message_with_hint(db)),
             "OC400" => ApiError::BadRequest(db.message().to_string(), "invalid_change"),
+            // The database's words name the constraint and repeat the key:
+            // the client hears which field, in ours.
+            "23505" if db.constraint() == Some("orders_external_id_key") => ApiError::DuplicateExternalId(
+                "another order already has this external_id (it is unique across all orders)".into(),
+            ),
             "23505" => ApiError::Conflict(format!("{} ({})", db.message(), db.detail().unwrap_or("duplicate key"))),
-            "23514" | "23502" | "22001" | "22003" | "22P02" => ApiError::Validation(ValidationError {
-                field: constraint_field(db.constraint().or(db.column()).unwrap_or("")),
-                code: "validation_failed",
-                message: db.message().to_string(),
-            }),
+            // 22021: a NUL or bytes not in the encoding; 22P05: a character
+            // the database's encoding (LATIN1, say) cannot hold.
+            "23514" | "23502" | "22001" | "22003" | "22P02" | "22021" | "22P05" => {
+                ApiError::Validation(ValidationError {
+                    field: constraint_field(db.constraint().or(db.column()).unwrap_or("")),
+                    code: "validation_failed",
+                    message: db.message().to_string(),
+                })
+            }
             // Connection-class and shutdown errors: the database is not there.
             c if c.starts_with("08") || c.starts_with("57") || c == "53300" => {
                 ApiError::Unavailable(db.message().to_string())

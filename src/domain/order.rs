@@ -149,14 +149,15 @@ fn email(v: &Value) -> Result<Option<String>, ValidationError> {
     Ok(Some(s))
 }
 
+/// A JSON number that is a whole number, also when written with a fraction
+/// or an exponent (`2.0`, `1e3`): an integer to JSON Schema, and to the
+/// published event schema.
+fn whole_number(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= 1e15).map(|f| f as i64))
+}
+
 fn quantity(v: &Value) -> Result<i32, ValidationError> {
-    // A whole number written with a fraction or an exponent (`2.0`, `1e3`)
-    // is an integer to JSON Schema, and to the published event schema.
-    let whole = |f: f64| (f.fract() == 0.0 && f.abs() <= 1e15).then_some(f as i64);
-    let q = v
-        .as_i64()
-        .or_else(|| v.as_f64().and_then(whole))
-        .ok_or_else(|| ValidationError::new("quantity", "must be a whole number"))?;
+    let q = whole_number(v).ok_or_else(|| ValidationError::new("quantity", "must be a whole number"))?;
     if !(1..=MAX_QUANTITY).contains(&q) {
         return Err(ValidationError::new("quantity", format!("must be between 1 and {MAX_QUANTITY}")));
     }
@@ -258,7 +259,7 @@ impl OrderPatch {
             error_message: map.get("error_message").map(error_message).transpose()?,
             version: non_null("version")?
                 .map(|v| {
-                    v.as_i64()
+                    whole_number(v)
                         .filter(|n| (1..=i32::MAX as i64).contains(n))
                         .map(|n| n as i32)
                         .ok_or_else(|| ValidationError::new("version", "must be a positive whole number"))
@@ -346,6 +347,9 @@ mod tests {
             assert!(err.message.contains(says), "{q}: {}", err.message);
         }
         assert_eq!(OrderPatch::parse(&json!({"quantity": 4.0})).unwrap().quantity, Some(4));
+        // The body's version is read the same way.
+        assert_eq!(OrderPatch::parse(&json!({"quantity": 4, "version": 2.0})).unwrap().version, Some(2));
+        assert_eq!(OrderPatch::parse(&json!({"quantity": 4, "version": 2.5})).unwrap_err().field, "version");
     }
 
     #[test]

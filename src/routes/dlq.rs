@@ -104,7 +104,7 @@ pub async fn list(
     let mut before: Option<i64> = None;
     for (k, v) in query.iter() {
         match k.as_str() {
-            "limit" => limit = parse_limit(v, MAX_LIMIT)?,
+            "limit" => limit = parse_limit("limit", v, MAX_LIMIT)?,
             "access_token" => {}
             "reason" if v.contains('\0') => {
                 return Err(crate::domain::ValidationError::new("reason", "must not contain NUL characters").into())

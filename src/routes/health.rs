@@ -22,7 +22,7 @@ const SUMMARY_KEYS: &[&str] = &["status", "ok", "connected", "enabled", "healthy
     tag = "health",
     responses(
         (status = 200, description = "Everything is up (positions, counters and errors only with the admin scope)", body = serde_json::Value),
-        (status = 503, description = "The database or the change listener is down, or the server is shutting down", body = serde_json::Value)
+        (status = 503, description = "The database, the change listener or the Kafka ingest is down, or the server is shutting down", body = serde_json::Value)
     )
 )]
 #[get("/api/health")]

@@ -45,7 +45,7 @@ impl StreamParams {
             match k.as_str() {
                 "since" => p.since = Some(parse_position(v)?),
                 "snapshot" => p.snapshot = parse_bool("snapshot", v)?,
-                "snapshot_limit" => p.snapshot_limit = parse_limit(v, SNAPSHOT_MAX_LIMIT)?,
+                "snapshot_limit" => p.snapshot_limit = parse_limit("snapshot_limit", v, SNAPSHOT_MAX_LIMIT)?,
                 "access_token" => {}
                 other => return Err(unknown_parameter(other).into()),
             }
@@ -71,10 +71,10 @@ pub fn parse_bool(field: &'static str, v: &str) -> Result<bool, ValidationError>
     }
 }
 
-pub fn parse_limit(v: &str, max: i64) -> Result<i64, ValidationError> {
-    let n: i64 = v.trim().parse().map_err(|_| ValidationError::new("limit", "must be a whole number"))?;
+pub fn parse_limit(field: &'static str, v: &str, max: i64) -> Result<i64, ValidationError> {
+    let n: i64 = v.trim().parse().map_err(|_| ValidationError::new(field, "must be a whole number"))?;
     if n < 1 {
-        return Err(ValidationError::new("limit", "must be at least 1"));
+        return Err(ValidationError::new(field, "must be at least 1"));
     }
     Ok(n.min(max))
 }
@@ -84,11 +84,13 @@ pub fn unknown_parameter(name: &str) -> ValidationError {
     ValidationError::with_code("query", "unknown_parameter", format!("unknown query parameter {name:?}"))
 }
 
-/// A keyset cursor handed out by this API (an id).
+/// A keyset cursor handed out by this API (an id, so at least 1).
 pub fn parse_cursor(field: &'static str, v: &str) -> Result<i64, ValidationError> {
     v.trim()
         .parse::<i64>()
-        .map_err(|_| ValidationError::with_code(field, "invalid_cursor", "not a cursor from this API"))
+        .ok()
+        .filter(|c| *c >= 1)
+        .ok_or_else(|| ValidationError::with_code(field, "invalid_cursor", "not a cursor from this API"))
 }
 
 /// The raw query pairs, in order (repeated keys allowed).

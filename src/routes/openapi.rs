@@ -120,8 +120,14 @@ pub struct ProblemDoc {
     pub status: u16,
     pub code: String,
     pub message: String,
-    /// The field at fault, for validation errors.
+    /// The field at fault, for validation errors (and `duplicate_external_id`).
     pub field: Option<String>,
+    /// `invalid_transition`: the status the order is in.
+    pub from: Option<String>,
+    /// `invalid_transition`: the status asked for.
+    pub to: Option<String>,
+    /// `version_conflict`: the order's version now.
+    pub current_version: Option<i32>,
 }
 
 #[derive(OpenApi)]

@@ -150,7 +150,8 @@ fn order_version(json: &str) -> Option<i32> {
     responses(
         (status = 201, description = "Created", body = crate::routes::openapi::OrderDoc, headers(("Location" = String, description = "URL of the new order"))),
         (status = 400, description = "Malformed JSON", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "external_id already exists", body = crate::routes::openapi::ProblemDoc),
+        (status = 403, description = "An order for another customer, by a token confined to one customer (forbidden)", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "external_id already exists (duplicate_external_id)", body = crate::routes::openapi::ProblemDoc),
         (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
     ))]
@@ -196,7 +197,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/api/orders", tag = "orders",
     params(
         ("status" = Option<String>, Query, description = "One or several statuses, comma-separated or repeated"),
-        ("q" = Option<String>, Query, description = "Search in customer, product, external id and id"),
+        ("q" = Option<String>, Query, description = "Search in customer, email, product, external id and id"),
         ("customer" = Option<String>, Query, description = "Exact customer name (case-insensitive)"),
         ("id" = Option<String>, Query, description = "Order ids, comma-separated"),
         ("limit" = Option<i64>, Query, description = "Page size (default 50, at most 500)"),
@@ -219,7 +220,7 @@ pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState
         match k.as_str() {
             "q" if v.contains('\0') => return Err(ValidationError::new("q", "must not contain NUL characters").into()),
             "q" => q = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
-            "limit" => limit = parse_limit(v, LIST_MAX_LIMIT)?,
+            "limit" => limit = parse_limit("limit", v, LIST_MAX_LIMIT)?,
             "access_token" => {}
             "cursor" => cursor = Some(super::parse_cursor("cursor", v)?),
             other => return Err(super::unknown_parameter(other).into()),
@@ -534,6 +535,7 @@ async fn update(
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
         (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
+        (status = 403, description = "A move of the order to another customer, by a token confined to one customer (forbidden)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Status transition not allowed (invalid_transition), a line-item change of an order that has left pending (order_locked), or the order replaced under the update again and again (conflict)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
@@ -557,6 +559,7 @@ pub async fn patch_order(
     responses(
         (status = 200, description = "The updated order", body = crate::routes::openapi::OrderDoc),
         (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
+        (status = 403, description = "A move of the order to another customer, by a token confined to one customer (forbidden)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Status transition not allowed (invalid_transition), a line-item change of an order that has left pending (order_locked), or the order replaced under the update again and again (conflict)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
@@ -670,6 +673,7 @@ pub async fn delete_order(
     responses(
         (status = 200, description = "Status changes: from, to, at, by. A token confined to one customer gets only \
             the entries made while the order belonged to that customer.", body = [crate::routes::openapi::HistoryDoc]),
+        (status = 400, description = "Not an order id (invalid_id)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/orders/{id}/history")]

@@ -162,11 +162,12 @@ fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(
         ("id" = Option<String>, Query, description = "Only these order ids"),
         ("customer" = Option<String>, Query, description = "Only this customer"),
         ("since" = Option<i64>, Query, description = "Resume after this position"),
-        ("snapshot" = Option<bool>, Query, description = "Send the matching current rows first"),
+        ("snapshot" = Option<bool>, Query, description = "Send the matching current rows first, newest first"),
+        ("snapshot_limit" = Option<i64>, Query, description = "At most this many snapshot rows (default 1000, at most 10000); the last snapshot message says truncated: true when more matched"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume position (sent by EventSource on reconnect)"),
     ),
     responses(
-        (status = 200, description = "text/event-stream: events snapshot, ready, change, resync, shutdown", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream: events snapshot, ready, change, position, resync, shutdown; error (then the end) for a refusal asked with Accept: text/event-stream", content_type = "text/event-stream", body = String),
         (status = 422, description = "Invalid filter or position", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/events")]
@@ -191,30 +192,45 @@ async fn open_events(
 #[utoipa::path(get, path = "/api/orders/{id}/events", tag = "realtime",
     params(
         ("id" = i64, Path, description = "Order id"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Resume position"),
+        ("since" = Option<i64>, Query, description = "Resume after this position (no snapshot)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume position (sent by EventSource on reconnect; wins over since)"),
     ),
     responses(
         (status = 200, description = "text/event-stream: the order's current state (snapshot), then its changes", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Invalid order id", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "Invalid position or unknown query parameter", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/orders/{id}/events")]
 pub async fn order_events(
     req: HttpRequest,
     path: web::Path<String>,
+    query: QueryPairs,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let opened = open_order_events(&req, &path, state).await;
+    let opened = open_order_events(&req, &path, &query, state).await;
     retry_later(&req, opened)
 }
 
 async fn open_order_events(
     req: &HttpRequest,
     path: &str,
+    query: &[(String, String)],
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = super::orders::parse_id(path)?;
-    let (slot, principal) = admit(req, &state)?;
     let mut params = StreamParams { snapshot: true, snapshot_limit: 1, ..Default::default() };
+    for (k, v) in query {
+        match k.as_str() {
+            "since" => {
+                params.since = Some(parse_position(v)?);
+                params.snapshot = false;
+            }
+            "access_token" => {}
+            other => return Err(super::unknown_parameter(other).into()),
+        }
+    }
+    let (slot, principal) = admit(req, &state)?;
     params.filter.ids.insert(id);
     apply_last_event_id(req, &mut params)?;
     super::ws::restrict(&mut params, &principal);

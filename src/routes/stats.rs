@@ -50,7 +50,10 @@ struct Stats {
 }
 
 #[utoipa::path(get, path = "/api/stats", tag = "orders",
-    responses((status = 200, description = "Order statistics", body = crate::routes::openapi::StatsDoc)))]
+    responses(
+        (status = 200, description = "Order statistics", body = crate::routes::openapi::StatsDoc),
+        (status = 403, description = "A token confined to one customer (forbidden): the statistics cover every customer", body = crate::routes::openapi::ProblemDoc),
+    ))]
 #[get("/api/stats")]
 pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if crate::auth::principal(&req).customer.is_some() {

@@ -71,10 +71,24 @@ pub struct TestApp {
 }
 
 pub async fn create_database() -> (String, String) {
+    create_database_with("").await
+}
+
+/// A fresh database created with `options` (`ENCODING 'LATIN1' ...`).
+pub async fn create_database_with(options: &str) -> (String, String) {
     let name = format!("oc_test_{}", uuid::Uuid::new_v4().simple());
     let admin = ordercast::db::connect(&admin_url()).await.expect("connect to the test server");
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    admin.batch_execute(&format!("CREATE DATABASE {name} {options}")).await.expect("create test database");
     (database_url(&admin_url(), &name), name)
+}
+
+/// An app on a fresh database created with `options`.
+pub async fn spawn_app_in(options: &str) -> TestApp {
+    let (db_url, db_name) = create_database_with(options).await;
+    let mut app = spawn_app_on(&db_url, |_| {}).await;
+    app.db_name = db_name;
+    app.owns_db = true;
+    app
 }
 
 pub async fn spawn_app() -> TestApp {

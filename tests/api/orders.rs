@@ -28,6 +28,42 @@ async fn creating_an_order_returns_201_with_location_and_the_row() {
     assert_eq!(fetched, order);
 }
 
+/// A second order with an `external_id` already taken: 409 with a code of
+/// its own and the field, in ordercast's words (the database's name the
+/// constraint and repeat the key), and nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_external_id_is_409_naming_the_field() {
+    let app = spawn_app().await;
+    let mut body = order_body();
+    body["external_id"] = json!("EXT-7");
+    assert_eq!(app.post_order(&body).await.status(), 201);
+    body["customer_name"] = json!("Someone Else");
+    let r = app.post_order(&body).await;
+    assert_eq!(r.status(), 409);
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!((&problem["code"], &problem["field"]), (&json!("duplicate_external_id"), &json!("external_id")));
+    let message = problem["message"].as_str().unwrap();
+    assert!(!message.contains("orders_external_id_key") && !message.contains("EXT-7"), "{message}");
+    let (_, list) = app.get_json("/api/orders").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
+
+/// A database in an encoding narrower than UTF-8 refuses what it cannot
+/// hold: that is the client's input, a 422, not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_the_databases_encoding_cannot_hold_is_422() {
+    let app = crate::helpers::spawn_app_in("ENCODING 'WIN1252' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").await;
+    let mut body = order_body();
+    body["customer_name"] = json!("Élan");
+    assert_eq!(app.post_order(&body).await.status(), 201, "Windows-1252 holds É");
+    body["customer_name"] = json!("日本");
+    let r = app.post_order(&body).await;
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "validation_failed");
+    let (_, list) = app.get_json("/api/orders").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validation_errors_name_the_field() {
     let app = spawn_app().await;
@@ -105,6 +141,17 @@ async fn bad_input_never_yields_a_500() {
     for q in ["?limit=abc", "?limit=0", "?status=nope", "?cursor=zz", "?bogus=1", "?id=x"] {
         let (status, body) = app.get_json(&format!("/api/orders{q}")).await;
         assert_eq!(status, 422, "{q}: {body}");
+    }
+    // A cursor is an id this API handed out: never 0 or below (not an
+    // empty last page).
+    for q in ["/api/orders?cursor=0", "/api/orders?cursor=-1", "/api/dlq?before=-1"] {
+        let (status, body) = app.get_json(q).await;
+        assert_eq!((status, &body["code"]), (422, &json!("invalid_cursor")), "{q}: {body}");
+    }
+    // The field at fault is the one named.
+    for (q, field) in [("/api/orders?limit=0", "limit"), ("/api/events?snapshot_limit=0", "snapshot_limit")] {
+        let (status, body) = app.get_json(q).await;
+        assert_eq!((status, &body["field"]), (422, &json!(field)), "{q}: {body}");
     }
     // An unknown route is a JSON 404 too.
     let (status, body) = app.get_json("/api/nothing-here").await;

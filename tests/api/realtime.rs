@@ -642,6 +642,18 @@ async fn the_per_order_stream_sends_current_state_then_changes() {
     assert_eq!(e[0].data["order"]["id"], id);
     let r = app.http.get(app.url("/api/orders/999999/events")).send().await.unwrap();
     assert_eq!(r.status(), 404);
+    // `since` resumes, as Last-Event-ID does: the order's changes after
+    // it, no snapshot.
+    let before: i64 = e[0].id.as_deref().unwrap().parse::<i64>().unwrap() - 1;
+    let mut resumed = app.sse(&format!("/api/orders/{id}/events?since={before}"), None).await;
+    assert_eq!(resumed.next_event(WAIT).await.event, "ready");
+    let again = resumed.changes(1, WAIT).await;
+    assert_eq!((&again[0].id, &again[0].data["order"]["status"]), (&e[0].id, &json!("processing")));
+    // Anything else is refused, as on /api/events.
+    for (q, code) in [("?snapshot=false", "unknown_parameter"), ("?since=soon", "invalid_position")] {
+        let (status, body) = app.get_json(&format!("/api/orders/{id}/events{q}")).await;
+        assert_eq!((status, &body["code"]), (422, &json!(code)), "{q}: {body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
