@@ -120,6 +120,9 @@ pub struct Hub {
     /// (microseconds): the listener checks that the log still holds it.
     caught_up: Arc<Mutex<Option<(i64, i64)>>>,
     pub stats: Arc<HubStats>,
+    /// Catch-up reads of the log in flight, shared by the feeds that read
+    /// from the same position (`changes::feed`).
+    pub catch_up_reads: Arc<crate::changes::feed::SharedReads>,
 }
 
 /// A session's live feed. Dropping it unsubscribes.
@@ -323,6 +326,7 @@ impl Hub {
             handed_out: Arc::new(AtomicI64::new(position)),
             caught_up: Arc::default(),
             stats: Arc::default(),
+            catch_up_reads: Arc::default(),
         };
         let registry = Registry {
             subs: HashMap::new(),

@@ -14,14 +14,19 @@
 //! started again: a query already sent cannot be taken back (the database runs
 //! it anyway), so restarting it on every client frame would make a chatty
 //! client far behind never progress while the database ran every abandoned read.
+//!
+//! Feeds that catch up from the same position at the same time (clients that
+//! reconnect together after a restart, or fell behind together) share one
+//! read and its changes (`SharedReads`): one query, one copy in memory.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use futures_util::future::{FutureExt, Shared, WeakShared};
 
 use super::{log_bounds, read_after, Frames, SharedChange, Side};
 use crate::domain::Filter;
@@ -306,7 +311,10 @@ impl Feed {
         }
         // `scan` changes only when the read completes, so a read kept from a
         // dropped call still reads from the right position.
-        let read = self.reading.get_or_insert_with(|| Box::pin(read_log(self.pool.clone(), self.scan)));
+        let read = self.reading.get_or_insert_with(|| {
+            let epoch = self.sub.as_ref().map_or(0, |s| s.epoch);
+            self.hub.catch_up_reads.read(&self.pool, &self.hub, epoch, self.scan, until)
+        });
         let result = read.await;
         self.reading = None;
         match result {
@@ -316,7 +324,7 @@ impl Feed {
                 let newest = changes.last().unwrap();
                 self.scan = newest.pos;
                 self.hub.note_caught_up(newest.pos, newest.committed_micros);
-                self.buf.extend(changes.into_iter().filter(|c| c.matches(&self.filter)).map(Item::Change));
+                self.buf.extend(changes.iter().filter(|c| c.matches(&self.filter)).cloned().map(Item::Change));
             }
             Err(CatchUpError::Pruned) => {
                 // The log dropped the client's position while it was behind:
@@ -358,23 +366,68 @@ async fn resume_bounds(
 }
 
 /// A catch-up read: owned, so that it can outlive the `next()` call that
-/// started it.
-type CatchUpRead = Pin<Box<dyn Future<Output = Result<Vec<SharedChange>, CatchUpError>> + Send>>;
+/// started it, and shared by the feeds that read from the same position.
+type CatchUpRead = Shared<LogRead>;
+type LogRead = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
+type ReadOutcome = Result<Arc<Vec<SharedChange>>, CatchUpError>;
+/// The hub's epoch and the position a read is after.
+type ReadKey = (u64, i64);
+
+/// The catch-up reads in flight, by the hub's epoch and the position they
+/// read after, each with the hub's position when it was started. A feed
+/// joins a read only if that position is at or past the end of its own
+/// catch-up: every change up to there had been published, so committed,
+/// before the read began, and the read sees them (a read begun earlier could
+/// come back empty, which would end the feed's catch-up short). Entries
+/// whose read no feed holds any longer are swept from time to time.
+#[derive(Default)]
+pub struct SharedReads {
+    reads: std::sync::Mutex<HashMap<ReadKey, (i64, WeakShared<LogRead>)>>,
+    /// The map's size at which the next sweep runs (amortised: doubles).
+    sweep_at: std::sync::atomic::AtomicUsize,
+}
+
+impl SharedReads {
+    /// The read of the log after `scan` for a feed catching up to `until`:
+    /// one in flight that it may join, or a new one.
+    fn read(&self, pool: &Pool, hub: &Hub, epoch: u64, scan: i64, until: i64) -> CatchUpRead {
+        use std::sync::atomic::Ordering;
+        let mut reads = self.reads.lock().unwrap(); // unwrap: never held across a panic
+        if let Some((started_at, weak)) = reads.get(&(epoch, scan)) {
+            if let Some(read) = weak.upgrade().filter(|_| *started_at >= until) {
+                return read;
+            }
+        }
+        if reads.len() >= self.sweep_at.load(Ordering::Relaxed) {
+            reads.retain(|_, (_, weak)| weak.upgrade().is_some());
+            self.sweep_at.store((reads.len() * 2).max(64), Ordering::Relaxed);
+        }
+        // The hub's position now, before the read takes its snapshot (it is
+        // taken when the read is first polled, after this).
+        let started_at = hub.position();
+        let read: LogRead = Box::pin(read_log(pool.clone(), scan));
+        let read = read.shared();
+        // expect: a read not yet polled has no result, so it downgrades
+        reads.insert((epoch, scan), (started_at, read.downgrade().expect("a fresh read")));
+        read
+    }
+}
 
 /// Reads the log after `scan`. A failure is answered only after
 /// `RETRY_DELAY`, so a retry is paced even when `next()` is dropped meanwhile.
-async fn read_log(pool: Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpError> {
+async fn read_log(pool: Pool, scan: i64) -> ReadOutcome {
     let result = read_log_once(&pool, scan).await;
     if let Err(CatchUpError::Db(e)) = &result {
         log::warn!("catch-up read failed, retrying: {e:#}");
         tokio::time::sleep(RETRY_DELAY).await;
     }
-    result
+    result.map(Arc::new)
 }
 
 async fn read_log_once(pool: &Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpError> {
-    let client = pool.get().await.map_err(|e| CatchUpError::Db(e.into()))?;
-    let (changes, seen) = read_after(&client, scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(e.into()))?;
+    let client = pool.get().await.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?;
+    let (changes, seen) =
+        read_after(&client, scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?;
     // Rows come with the horizon of their own snapshot: past `scan`, some
     // changes after it were gone before the read. A prune committed after
     // the read does not matter to it (the next read sees it). A read with
@@ -384,7 +437,7 @@ async fn read_log_once(pool: &Pool, scan: i64) -> Result<Vec<SharedChange>, Catc
     // moves forward, so one that the read saw shows here too).
     let pruned = match seen {
         Some(pruned) => pruned,
-        None => log_bounds(&client).await.map_err(|e| CatchUpError::Db(e.into()))?.1,
+        None => log_bounds(&client).await.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?.1,
     };
     if scan < pruned {
         return Err(CatchUpError::Pruned);
@@ -392,11 +445,12 @@ async fn read_log_once(pool: &Pool, scan: i64) -> Result<Vec<SharedChange>, Catc
     Ok(changes)
 }
 
+#[derive(Clone)]
 enum CatchUpError {
     /// The position to continue from is no longer in the log.
     Pruned,
     /// The database is away; try again.
-    Db(anyhow::Error),
+    Db(Arc<anyhow::Error>),
 }
 
 #[cfg(test)]

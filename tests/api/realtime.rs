@@ -922,6 +922,56 @@ async fn a_prune_that_races_a_catch_up_read_is_told_as_a_resync() {
     pruner.await.unwrap();
 }
 
+/// Feeds catching up from the same position at once (clients reconnecting
+/// together) share one read of the log, and hold its changes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_catching_up_from_one_position_share_one_read() {
+    use ordercast::changes::feed::{Feed, Item};
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let pool = &app.state.pool;
+    let since = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    for i in 0..30 {
+        dba_insert(&db, &format!("shared {i}")).await;
+    }
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    // Reads after `since` are counted, and take a fifth of a second.
+    db.batch_execute(&format!(
+        "CREATE SEQUENCE reads_after_since;
+         ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
+         CREATE FUNCTION change_read(after bigint, lim integer)
+         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
+                        customer text, old_customer text, after_row text, before_row text, actor text,
+                        at timestamptz)
+         LANGUAGE sql VOLATILE AS $$
+             SELECT * FROM change_read_at_once(after, lim)
+             WHERE (SELECT CASE WHEN after = {since} THEN nextval('reads_after_since') END
+                    FROM pg_sleep(CASE WHEN after = {since} THEN 0.2 ELSE 0 END)) IS NOT NULL
+                OR after <> {since}
+         $$"
+    ))
+    .await
+    .unwrap();
+    let hub = ordercast::hub::Hub::start(head, 100);
+    let mut feeds = Vec::new();
+    for _ in 0..40 {
+        feeds.push(Feed::open(&hub, pool, ordercast::domain::Filter::default(), Some(since), None).await.unwrap());
+    }
+    let firsts = futures_util::future::join_all(feeds.iter_mut().map(|f| async move {
+        let first = match tokio::time::timeout(WAIT, f.next()).await.expect("the feed answers") {
+            Some(Item::Change(c)) => c,
+            _ => panic!("a change first"),
+        };
+        assert_eq!(first.pos, since + 1);
+        in_order_through(f, Some(since + 2), head).await;
+        first
+    }))
+    .await;
+    let reads: i64 = db.query_one("SELECT last_value FROM reads_after_since", &[]).await.unwrap().get(0);
+    assert!(reads <= 2, "{reads} reads after {since} for 40 feeds");
+    assert!(firsts.iter().all(|c| std::sync::Arc::ptr_eq(c, &firsts[0])), "one copy of each change");
+}
+
 /// A prune that commits after a catch-up read took its snapshot, through
 /// positions the read returned, takes nothing from that read: the feed
 /// hands out every change without a resync.
