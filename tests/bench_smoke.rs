@@ -19,6 +19,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
         // `ordercast` is built beside the bench binary for integration tests.
         .args(["--server", env!("CARGO_BIN_EXE_ordercast")])
         .args(["ws-latency:5:50", "sse-latency:3:50", "fanout:5:200", "idle:20", "write-cost:300", "ingest:300:20"])
+        .args(["resume:5:300"])
         // The same two measurements against the reference broadcaster.
         .args(["ref-latency:5:50", "ref-fanout:5:200"])
         .output()
@@ -33,7 +34,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
     let json_start = stdout.find("\n{").expect("a JSON report after the table") + 1;
     let report: Value = serde_json::from_str(&stdout[json_start..]).expect("the report is JSON");
     let results = report["results"].as_array().expect("results");
-    assert_eq!(results.len(), 8, "{report:#}");
+    assert_eq!(results.len(), 9, "{report:#}");
 
     for r in results {
         let name = r["scenario"].as_str().unwrap();
@@ -46,6 +47,18 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
             assert_eq!(m["e2e_events"].as_f64(), Some(20.0), "{name}: {m}");
             assert_eq!(m["lost"].as_f64(), Some(0.0), "{name} lost events: {m}");
             assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
+            continue;
+        }
+        if name.starts_with("resume") {
+            // Every client resumed from before the 300 changes and got each
+            // of them once, in order.
+            for (k, want) in
+                [("clients", 5.0), ("behind", 300.0), ("deliveries", 1500.0), ("lost", 0.0), ("duplicates", 0.0)]
+            {
+                assert_eq!(m[k].as_f64(), Some(want), "{name}: {k} in {m}\n{stderr}");
+            }
+            assert_eq!(m["client_errors"].as_f64(), Some(0.0), "{name}: {m}\n{stderr}");
+            assert!(m["caught_up_secs"].as_f64().is_some() && m["server_peak_rss_mib"].is_number(), "{name}: {m}");
             continue;
         }
         if name.starts_with("write-cost") {

@@ -31,6 +31,7 @@ const FULL: &[&str] = &[
     "fanout:10000:100",
     "idle:10000",
     "idle:19000",
+    "resume:1000:5000",
     "write-cost:30000",
 ];
 
@@ -102,6 +103,8 @@ enum Scenario {
     Latency(Subject, Transport, usize, f64),
     Fanout(Subject, usize, f64),
     Idle(usize),
+    /// Clients resuming at once from before this many changes.
+    Resume(usize, usize),
     WriteCost(usize),
     /// Orders produced up front, then events per second end to end.
     Ingest(usize, f64),
@@ -123,6 +126,7 @@ fn parse_scenario(spec: &str) -> anyhow::Result<Scenario> {
         "fanout" => Scenario::Fanout(Subject::Ordercast, num(1)? as usize, num(2)?),
         "ref-fanout" => Scenario::Fanout(Subject::Reference, num(1)? as usize, num(2)?),
         "idle" => Scenario::Idle(num(1)? as usize),
+        "resume" => Scenario::Resume(num(1)? as usize, num(2)? as usize),
         "write-cost" => Scenario::WriteCost(num(1)? as usize),
         "ingest" => Scenario::Ingest(num(1)? as usize, num(2)?),
         other => bail!("unknown scenario {other:?}"),
@@ -222,6 +226,7 @@ async fn run_once(target: &Target, admin: &str, scenario: &Scenario, duration: D
             Scenario::Latency(_, t, n, rate) => scenarios::latency(&server, &db_url, *t, *n, *rate, duration).await,
             Scenario::Fanout(_, n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration).await,
             Scenario::Idle(n) => scenarios::idle(&server, &db_url, *n).await,
+            Scenario::Resume(n, behind) => scenarios::resume(&server, &db_url, *n, *behind).await,
             Scenario::WriteCost(rows) => scenarios::write_cost(&db_url, *rows).await,
             Scenario::Ingest(orders, rate) => {
                 // unwrap: set above for this scenario
@@ -331,6 +336,23 @@ fn print_table(report: &Value) {
             get(m, "bytes_per_connection"),
             get(m, "max_ms"),
             get(m, "lost")
+        );
+    }
+    println!(
+        "\n{:<22} {:>7} {:>8} {:>13} {:>12} {:>12} {:>6} {:>5}",
+        "resume (catch-up)", "clients", "behind", "caught up s", "RSS before", "RSS peak", "lost", "dup"
+    );
+    for (s, m) in medians(&results, |s| s.starts_with("resume")) {
+        println!(
+            "{:<22} {:>7} {:>8} {:>13} {:>8} MiB {:>8} MiB {:>6} {:>5}",
+            s,
+            get(m, "clients"),
+            get(m, "behind"),
+            get(m, "caught_up_secs"),
+            get(m, "server_rss_before_mib"),
+            get(m, "server_peak_rss_mib"),
+            get(m, "lost"),
+            get(m, "duplicates")
         );
     }
     println!(

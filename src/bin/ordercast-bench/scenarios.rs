@@ -42,6 +42,17 @@ pub struct Clients {
 /// Opens `n` clients (at most `CONNECT_CONCURRENCY` handshakes in flight, from
 /// 127.0.0.2..254) and waits until each is subscribed or failed.
 pub async fn open_clients(server: &Server, transport: Transport, n: usize, keep_latencies: bool) -> Clients {
+    open_clients_with(server, transport, n, keep_latencies, "").await
+}
+
+/// `open_clients` with a query string (`?since=N`) on the stream's URL.
+pub async fn open_clients_with(
+    server: &Server,
+    transport: Transport,
+    n: usize,
+    keep_latencies: bool,
+    query: &str,
+) -> Clients {
     let addr: SocketAddr = format!("{}:{}", server.host, server.port).parse().expect("numeric host");
     let (finish_tx, finish_rx) = watch::channel(None);
     let (ready_tx, mut ready_rx) = mpsc::channel(n.max(1));
@@ -72,12 +83,22 @@ pub async fn open_clients(server: &Server, transport: Transport, n: usize, keep_
         let src = source_ip(i);
         let (ready, finish) = (ready_tx.clone(), finish_rx.clone());
         let handle = match transport {
-            Transport::Ws => {
-                tokio::spawn(clients::ws_client(server.ws_url("/ws"), addr, src, keep_latencies, ready, finish))
-            }
-            Transport::Sse => {
-                tokio::spawn(clients::sse_client("/api/events".into(), addr, src, keep_latencies, ready, finish))
-            }
+            Transport::Ws => tokio::spawn(clients::ws_client(
+                server.ws_url(&format!("/ws{query}")),
+                addr,
+                src,
+                keep_latencies,
+                ready,
+                finish,
+            )),
+            Transport::Sse => tokio::spawn(clients::sse_client(
+                format!("/api/events{query}"),
+                addr,
+                src,
+                keep_latencies,
+                ready,
+                finish,
+            )),
         };
         clients.handles.push(handle);
         pending += 1;
@@ -326,6 +347,37 @@ pub async fn idle(server: &Server, db_url: &str, n: usize) -> anyhow::Result<Fig
         );
     }
     percentiles(&mut f, &mut samples);
+    Ok(f)
+}
+
+/// A catch-up storm: `behind` changes are committed (statements of 100
+/// rows), then `n` WebSocket clients resume from before them at once, as
+/// clients do when a server comes back. Each must get exactly those
+/// changes, in order. Measures the time from the first connection to the
+/// last client caught up, and the server's peak memory (`VmHWM`) over its
+/// memory before.
+pub async fn resume(server: &Server, db_url: &str, n: usize, behind: usize) -> anyhow::Result<Figures> {
+    let db = ordercast::db::connect(db_url).await?;
+    let mut warm = open_clients(server, Transport::Ws, 1, false).await;
+    let since = head(server, &db).await?;
+    drop(warm.finish(since).await);
+    insert_rows(&db, "orders", behind, 100).await?;
+    let head = head(server, &db).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = server.rss_bytes();
+    let started = Instant::now();
+    let mut clients = open_clients_with(server, Transport::Ws, n, false, &format!("?since={since}")).await;
+    let mut tallies = clients.finish(head).await;
+    let secs = started.elapsed().as_secs_f64();
+    let mut f = Figures::new();
+    f.insert("behind".into(), json!(head - since));
+    f.insert("changes".into(), json!(head - since));
+    tally_figures(&mut f, &clients, &mut tallies);
+    f.insert("caught_up_secs".into(), json!(round2(secs)));
+    if let (Some(before), Some(peak)) = (rss_before, server.peak_rss_bytes()) {
+        f.insert("server_rss_before_mib".into(), json!(round2(before as f64 / 1048576.0)));
+        f.insert("server_peak_rss_mib".into(), json!(round2(peak as f64 / 1048576.0)));
+    }
     Ok(f)
 }
 
