@@ -50,6 +50,8 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Close codes, documented in the README.
 pub const CLOSE_HEARTBEAT_TIMEOUT: u16 = 4000;
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// The handshake's query is invalid (a filter, `since`, an unknown parameter).
+pub const CLOSE_INVALID_QUERY: u16 = 4422;
 pub const CLOSE_UNAVAILABLE: u16 = 4503;
 pub const CLOSE_FORBIDDEN: u16 = 4003;
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
@@ -145,7 +147,7 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
     responses(
         (status = 101, description = "WebSocket upgrade; see the README for the message protocol"),
         (status = 400, description = "Not a WebSocket handshake", body = crate::routes::openapi::ProblemDoc),
-        (status = 422, description = "Invalid filter or position", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "Invalid filter or position, for a request that is not a WebSocket handshake (a handshake is upgraded and closed with 4422 and the problem's code and message)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/ws")]
 pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -166,11 +168,21 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
     if let Some((code, reason)) = refusal {
         return Ok(switch(handshake()?, Handoff::Refuse { code, reason }));
     }
+    // A query a browser got wrong is refused so that it can read why too
+    // (a browser's WebSocket shows neither the status nor the body of a
+    // refused handshake): 4422 with the problem's code and message.
+    let mut params = match StreamParams::from_query(&query) {
+        Ok(params) => params,
+        Err(e) if actix_http::ws::verify_handshake(req.head()).is_ok() => {
+            let reason = format!("{}: {e}", e.code());
+            return Ok(switch(handshake()?, Handoff::Refuse { code: CLOSE_INVALID_QUERY, reason }));
+        }
+        Err(e) => return Err(e),
+    };
     refuse_while_shutting_down(&state)?;
     let principal = crate::auth::principal(&req);
     let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let slot = state.connections.acquire(ip).map_err(too_many)?;
-    let mut params = StreamParams::from_query(&query)?;
     restrict(&mut params, &principal);
     let handshake = handshake()?;
     let opened = open_stream(&state, &params).await?;

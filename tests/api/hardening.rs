@@ -98,7 +98,11 @@ async fn ws_with(app: &TestApp, query: &str, headers: &[(&'static str, &str)]) -
     ws_at(app, &format!("/ws{query}"), headers).await
 }
 
-async fn ws_at(app: &TestApp, target: &str, headers: &[(&'static str, &str)]) -> (Option<(u16, String)>, Vec<Value>) {
+pub(crate) async fn ws_at(
+    app: &TestApp,
+    target: &str,
+    headers: &[(&'static str, &str)],
+) -> (Option<(u16, String)>, Vec<Value>) {
     let mut req = format!("ws://127.0.0.1:{}{target}", app.port).into_client_request().unwrap();
     for (k, v) in headers {
         req.headers_mut().insert(*k, v.parse().unwrap());

@@ -913,9 +913,17 @@ async fn a_nul_in_a_query_filter_is_422_naming_the_parameter() {
             "{target}"
         );
     }
-    // The WebSocket handshake is refused the same way.
-    let (status, body) = app.ws_refused("/ws?customer=%00&snapshot=true").await;
-    assert_eq!((status, &body["code"], &body["field"]), (422, &json!("validation_failed"), &json!("customer")));
+    // A WebSocket handshake is upgraded and closed, so that a browser can
+    // read why: 4422, the problem's code and message.
+    for (target, reason) in [
+        ("/ws?customer=%00&snapshot=true", "validation_failed: customer: must not contain NUL characters"),
+        ("/ws?since=yesterday", "invalid_position: "),
+        ("/ws?colour=red", "unknown_parameter: "),
+    ] {
+        let (close, messages) = crate::hardening::ws_at(&app, target, &[]).await;
+        let (code, why) = close.expect("a close frame");
+        assert!(code == 4422 && why.starts_with(reason) && messages.is_empty(), "{target}: {code} {why} {messages:?}");
+    }
     // The same filters without the NUL still work.
     let (status, page) = app.get_json("/api/orders?q=Nu&customer=nul").await;
     assert_eq!((status, page["items"].as_array().unwrap().len()), (200, 1));

@@ -374,7 +374,7 @@ async fn filters_by_status_id_and_customer_are_applied_by_the_server() {
     let c = both.changes(1, WAIT).await;
     assert_eq!(c[0]["order"]["id"], stays);
     both.expect_silence(Duration::from_millis(300)).await;
-    // A bad filter is refused before the upgrade.
+    // A bad filter in a request that is not a handshake: 422.
     let r = app.http.get(app.url("/ws?status=bogus")).send().await.unwrap();
     assert_eq!(r.status(), 422);
     let r = app.http.get(app.url("/api/events?since=abc")).send().await.unwrap();
