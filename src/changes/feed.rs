@@ -379,7 +379,8 @@ type ReadKey = (u64, i64);
 /// catch-up: every change up to there had been published, so committed,
 /// before the read began, and the read sees them (a read begun earlier could
 /// come back empty, which would end the feed's catch-up short). Entries
-/// whose read no feed holds any longer are swept from time to time.
+/// whose read no feed holds any longer are swept from time to time; a read
+/// that has finished is never joined.
 #[derive(Default)]
 pub struct SharedReads {
     reads: std::sync::Mutex<HashMap<ReadKey, (i64, WeakShared<LogRead>)>>,
@@ -394,7 +395,10 @@ impl SharedReads {
         use std::sync::atomic::Ordering;
         let mut reads = self.reads.lock().unwrap(); // unwrap: never held across a panic
         if let Some((started_at, weak)) = reads.get(&(epoch, scan)) {
-            if let Some(read) = weak.upgrade().filter(|_| *started_at >= until) {
+            // Never one that has finished: its answer is old (a failure
+            // would be handed out again at once, with no pause, to a feed
+            // that retries in a loop).
+            if let Some(read) = weak.upgrade().filter(|r| r.peek().is_none() && *started_at >= until) {
                 return read;
             }
         }

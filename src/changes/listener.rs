@@ -302,11 +302,12 @@ fn merge(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
 /// eighth by each read that outlasts `QUERY_TIMEOUT` (rows are counted,
 /// not measured: 2,000 changes of megabyte rows cannot arrive in time, and
 /// the same read again would time out again, forever), and doubled back by
-/// each read that answers within an eighth of it.
-fn next_read_limit(limit: i64, answered_in: Option<Duration>) -> i64 {
-    match answered_in {
+/// each full read that answers within an eighth of it (a short or empty
+/// read, at the idle tick say, says nothing about how large a full one is).
+fn next_read_limit(limit: i64, answered: Option<(Duration, bool)>) -> i64 {
+    match answered {
         None => (limit / 8).max(1),
-        Some(t) if t < QUERY_TIMEOUT / 8 => (limit * 2).min(READ_BATCH),
+        Some((t, true)) if t < QUERY_TIMEOUT / 8 => (limit * 2).min(READ_BATCH),
         Some(_) => limit,
     }
 }
@@ -415,7 +416,7 @@ async fn session(
                     );
                 }
             };
-            *read_limit = next_read_limit(limit, Some(asked.elapsed()));
+            *read_limit = next_read_limit(limit, Some((asked.elapsed(), rows.len() as i64 == limit)));
             *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
             let Some(last) = rows.last() else { break };
             // A gap: retention pruned changes this connection had not read
@@ -484,5 +485,23 @@ async fn session(
                 anyhow::bail!("the LISTEN connection closed: {}", reason.unwrap_or_default());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_limit_shrinks_on_a_timeout_and_grows_back_on_fast_full_reads_only() {
+        assert_eq!(next_read_limit(READ_BATCH, None), 250);
+        assert_eq!(next_read_limit(3, None), 1);
+        assert_eq!(next_read_limit(1, None), 1);
+        let fast = Duration::from_millis(5);
+        assert_eq!(next_read_limit(250, Some((fast, true))), 500);
+        assert_eq!(next_read_limit(1500, Some((fast, true))), READ_BATCH);
+        // An empty or short read (the idle tick's), or a slow one: no growth.
+        assert_eq!(next_read_limit(250, Some((fast, false))), 250);
+        assert_eq!(next_read_limit(250, Some((QUERY_TIMEOUT / 2, true))), 250);
     }
 }

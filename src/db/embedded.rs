@@ -59,9 +59,9 @@ fn blocked_ancestor(dir: &Path) -> std::io::Result<Option<PathBuf>> {
 }
 
 /// Where the data of `data_dir` goes when the postgres user cannot reach it:
-/// a directory under /var/tmp named by a stable hash (FNV-1a) of the path, so
-/// the same checkout finds its database again, and the socket's path stays
-/// short.
+/// a directory under /var/lib/ordercast named by a stable hash (FNV-1a) of
+/// the path, so the same checkout finds its database again, and the socket's
+/// path stays short.
 fn reachable_home(data_dir: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     let hash = data_dir
@@ -69,7 +69,29 @@ fn reachable_home(data_dir: &Path) -> PathBuf {
         .as_bytes()
         .iter()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
-    PathBuf::from(format!("/var/tmp/ordercast-embedded-{hash:016x}/pg"))
+    PathBuf::from(format!("/var/lib/ordercast/embedded-{hash:016x}/pg"))
+}
+
+/// Creates `home`'s parents below /var/lib as directories root owns that
+/// others may pass through (0755, whatever the umask), and refuses one that
+/// is a link or not root's alone.
+fn make_reachable_parent(home: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let mut parents: Vec<&Path> = home.ancestors().skip(1).take_while(|p| *p != Path::new("/var/lib")).collect();
+    parents.reverse();
+    for dir in parents {
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o755).create(dir) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e).with_context(|| format!("Failed to create {}", dir.display()));
+            }
+        }
+        let meta = std::fs::symlink_metadata(dir)?;
+        if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            bail!("{} is not a directory that root alone may write: choose a --data-dir", dir.display());
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -94,10 +116,12 @@ impl EmbeddedPostgres {
         };
         // Root's directory (a checkout under /root, which is 0700) may be out
         // of the postgres user's reach: the data then goes to a directory of
-        // its own under /var/tmp, the same one every time for this `dir`.
+        // its own under /var/lib/ordercast (root's: no other user can put a
+        // directory or a link there first), the same one every time for `dir`.
         if run_as.is_some() && !data_dir.join("PG_VERSION").exists() {
             if let Some(blocked) = blocked_ancestor(&data_dir)? {
                 let home = reachable_home(&data_dir);
+                make_reachable_parent(&home)?;
                 log::warn!(
                     "{} is not reachable by the postgres user: the embedded PostgreSQL keeps its data in {} instead \
                      (choose another place with --data-dir)",
@@ -287,7 +311,7 @@ mod tests {
         let home = reachable_home(&data);
         assert_eq!(home, reachable_home(&data));
         assert_ne!(home, reachable_home(&base.join("pg")));
-        assert!(home.starts_with("/var/tmp") && home.ends_with("pg"), "{}", home.display());
+        assert!(home.starts_with("/var/lib/ordercast/") && home.ends_with("pg"), "{}", home.display());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -972,6 +972,44 @@ async fn feeds_catching_up_from_one_position_share_one_read() {
     assert!(firsts.iter().all(|c| std::sync::Arc::ptr_eq(c, &firsts[0])), "one copy of each change");
 }
 
+/// A shared read that fails (the database refuses it once) is not handed
+/// out again: each feed pauses, reads again, and every one catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_sharing_a_read_that_fails_read_again_and_catch_up() {
+    use ordercast::changes::feed::Feed;
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let pool = &app.state.pool;
+    let since = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    for i in 0..10 {
+        dba_insert(&db, &format!("failed once {i}")).await;
+    }
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    db.batch_execute(&format!(
+        "CREATE SEQUENCE reads_after_since;
+         ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
+         CREATE FUNCTION change_read(after bigint, lim integer)
+         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
+                        customer text, old_customer text, after_row text, before_row text, actor text,
+                        at timestamptz)
+         LANGUAGE sql VOLATILE AS $$
+             SELECT * FROM change_read_at_once(after, lim)
+             WHERE (SELECT CASE WHEN after = {since} THEN 1 / (nextval('reads_after_since') - 1) ELSE 1 END
+                    FROM pg_sleep(CASE WHEN after = {since} THEN 0.2 ELSE 0 END)) IS NOT NULL
+         $$"
+    ))
+    .await
+    .unwrap();
+    let hub = ordercast::hub::Hub::start(head, 100);
+    let mut feeds = Vec::new();
+    for _ in 0..5 {
+        feeds.push(Feed::open(&hub, pool, ordercast::domain::Filter::default(), Some(since), None).await.unwrap());
+    }
+    futures_util::future::join_all(feeds.iter_mut().map(|f| in_order_through(f, Some(since + 1), head))).await;
+    let reads: i64 = db.query_one("SELECT last_value FROM reads_after_since", &[]).await.unwrap().get(0);
+    assert!(reads >= 2, "the failed read was read again ({reads} reads)");
+}
+
 /// A prune that commits after a catch-up read took its snapshot, through
 /// positions the read returned, takes nothing from that read: the feed
 /// hands out every change without a resync.
@@ -988,24 +1026,30 @@ async fn a_prune_committed_after_a_complete_catch_up_read_is_no_resync() {
     let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
     let hub = ordercast::hub::Hub::start(head, 100);
     let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), Some(since), None).await.unwrap();
-    // From now on a log read sleeps half a second after its snapshot is
-    // taken; the prune commits meanwhile.
-    db.batch_execute(
-        "ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
+    // From now on the feed's log read says so once its snapshot is taken
+    // (a sequence: seen at once, outside any transaction), then sleeps half
+    // a second; the prune commits meanwhile.
+    db.batch_execute(&format!(
+        "CREATE SEQUENCE read_started;
+         ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
          CREATE FUNCTION change_read(after bigint, lim integer)
          RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
                         customer text, old_customer text, after_row text, before_row text, actor text,
                         at timestamptz)
-         LANGUAGE sql STABLE AS $$
-             SELECT * FROM change_read_at_once(after, lim) WHERE (SELECT pg_sleep(0.5)) IS NOT NULL
-         $$",
-    )
+         LANGUAGE sql VOLATILE AS $$
+             SELECT * FROM change_read_at_once(after, lim)
+             WHERE after <> {since}
+                OR (SELECT pg_sleep(0.5) FROM (SELECT nextval('read_started')) started) IS NOT NULL
+         $$"
+    ))
     .await
     .unwrap();
     let pruner = {
         let db = app.sql().await;
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            let started =
+                || async { db.query_one("SELECT is_called FROM read_started", &[]).await.unwrap().get::<_, bool>(0) };
+            crate::helpers::eventually(Duration::from_secs(10), || async { started().await.then_some(()) }).await;
             db.query_one("SELECT change_prune($1)", &[&(since + 10)]).await.unwrap();
         })
     };
