@@ -335,6 +335,32 @@ test('an invalid form shows the server\'s error next to the field', async (t) =>
   assert.equal(await server.sql('SELECT count(*) FROM orders'), count, 'nothing was created');
 });
 
+test('a change to the open order keeps the status the user chose, unless the status itself moved', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Choice Keeper', product: 'Dial' });
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await followed;
+  await dialog.locator('#status-select option[value="processed"]').waitFor({ state: 'attached' });
+  await dialog.locator('#status-select').selectOption('processed');
+  // Another field changes elsewhere: the choices are rebuilt, the choice stays.
+  await server.sql(`UPDATE orders SET quantity = 4 WHERE id = ${id}`);
+  await dialog.locator('#detail-changes li', { hasText: 'quantity' }).waitFor({ timeout: 5000 });
+  await sleep(300);
+  assert.equal(await dialog.locator('#status-select').inputValue(), 'processed');
+  // The status moves elsewhere: no choice carries over, Apply waits for one.
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await dialog.locator('#detail-fields dd .badge', { hasText: 'Processing' }).waitFor({ timeout: 5000 });
+  await sleep(300);
+  assert.equal(await dialog.locator('#status-select').inputValue(), '');
+  assert.equal(await dialog.getByRole('button', { name: 'Apply' }).isDisabled(), true);
+  await dialog.locator('#status-select').selectOption('processed');
+  await dialog.getByRole('button', { name: 'Apply' }).click();
+  await dialog.locator('#detail-fields dd .badge', { hasText: 'Processed' }).waitFor({ timeout: 5000 });
+  assert.equal(await server.sql(`SELECT status FROM orders WHERE id = ${id}`), 'processed');
+});
+
 test('the order detail shows history, offers only allowed transitions and stays live', async (t) => {
   const { page } = await openDashboard(t);
   const id = await insertOrder({ customer: 'Detail Watcher', product: 'Globe' });

@@ -53,6 +53,10 @@ export class OrderDetail {
       ev.preventDefault();
       this.changeStatus(this.n.statusSelect.value);
     });
+    this.n.apply = this.n.statusForm.querySelector('button[type="submit"]');
+    this.n.statusSelect.addEventListener('change', () => {
+      this.n.apply.disabled = !this.n.statusSelect.value;
+    });
     this.n.cancel.addEventListener('click', () => this.act('cancel', () => api.cancelOrder(this.order.id, this.order.version)));
     this.n.del.addEventListener('click', () => this.askDelete(true));
     this.n.no.addEventListener('click', () => this.askDelete(false));
@@ -64,6 +68,7 @@ export class OrderDetail {
     this.id = id;
     this.order = null;
     this.deleted = false;
+    this.offeredFor = undefined;
     this.n.title.textContent = `Order #${id}`;
     this.n.gone.hidden = true;
     this.n.fields.replaceChildren();
@@ -207,7 +212,16 @@ export class OrderDetail {
     if (this.order !== order) return;
     const sel = this.n.statusSelect;
     const moves = next.filter((s) => s !== 'cancelled');
+    // A change to the order (live, or this dialog's own) must not change
+    // what the user chose: kept while the status is the same; when the
+    // status moved, nothing is chosen (the choices are new) until they pick.
+    const chosen = sel.value;
+    const moved = this.offeredFor !== undefined && this.offeredFor !== order.status;
     sel.replaceChildren(...moves.map((s) => el('option', { value: s }, label(s))));
+    if (moved) sel.selectedIndex = -1;
+    else if (moves.includes(chosen)) sel.value = chosen;
+    this.offeredFor = order.status;
+    this.n.apply.disabled = !sel.value;
     this.n.statusForm.hidden = this.deleted || moves.length === 0;
     this.n.cancel.hidden = this.deleted || !next.includes('cancelled');
     this.n.del.hidden = this.deleted || !this.n.confirm.hidden;

@@ -171,7 +171,7 @@ export class OrderTable {
         this.dirty.add(order.id);
         if (highlight) this.flash.add(order.id);
       } else {
-        this.rows.splice(i, 1);
+        this.forget(this.rows.splice(i, 1));
         if (this.hasMore) this.refillSoon();
       }
       this.schedule();
@@ -192,10 +192,22 @@ export class OrderTable {
     this.rows.splice(at, 0, order);
     if (highlight) this.flash.add(order.id);
     if (this.rows.length > PAGE_SIZE) {
-      this.rows.length = PAGE_SIZE;
+      this.forget(this.rows.splice(PAGE_SIZE));
       this.hasMore = true;
     }
     this.schedule();
+  }
+
+  /**
+   * Rows that left the page need no redraw or highlight. (Renders wait for an
+   * animation frame, which a hidden tab never gets: without this, every order
+   * inserted meanwhile would stay in these sets.)
+   */
+  forget(orders) {
+    for (const o of orders) {
+      this.dirty.delete(o.id);
+      this.flash.delete(o.id);
+    }
   }
 
   /** Rows left the page (their status moved out of the tab): fetch the page again, at most once per interval. */
