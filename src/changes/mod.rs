@@ -235,6 +235,32 @@ pub async fn read_after(
     Ok((rows.iter().map(|r| Arc::new(Change::from_row(r))).collect(), pruned))
 }
 
+/// The JSON of a change row (a row in `READ_SQL`'s shape) that a viewer may
+/// see: all of it for an unconfined one (`viewer` None); for one confined to
+/// a customer (folded), the change of its customer's order, or of a move
+/// between customers its own side (`leave`: the row before, `enter`: the row
+/// after, as the streams send it; see `Move`); None for another customer's.
+pub fn visible_json(row: &Row, viewer: Option<&str>) -> Option<String> {
+    let envelope = Envelope::from_row(row);
+    let Some(viewer) = viewer else { return Some(envelope.json) };
+    let customer: Option<&str> = row.get(5);
+    let old_customer: Option<&str> = row.get(6);
+    let (now, before) = (customer.map(fold_case), old_customer.map(fold_case));
+    match (now, before) {
+        (Some(now), Some(before)) if now != before => {
+            let (op, image) = if before == viewer {
+                ("leave", row.get::<_, Option<&str>>(8)?)
+            } else if now == viewer {
+                ("enter", row.get(7))
+            } else {
+                return None;
+            };
+            Some(envelope_json(envelope.pos, op, image, None, envelope.actor, envelope.at))
+        }
+        (now, before) => (now.as_deref() == Some(viewer) || before.as_deref() == Some(viewer)).then_some(envelope.json),
+    }
+}
+
 /// Where the log stands: the newest committed position and the retention
 /// horizon (positions at or below it are gone).
 pub async fn log_bounds(client: &tokio_postgres::Client) -> Result<(i64, i64), tokio_postgres::Error> {

@@ -2,6 +2,7 @@
 //! (`ws`, `sse`), the OpenAPI document, the dashboard assets, and the 404/405
 //! for what no route takes (`fallback`).
 
+pub mod changes;
 pub mod dlq;
 pub mod fallback;
 pub mod health;

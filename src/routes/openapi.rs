@@ -156,6 +156,7 @@ pub struct ProblemDoc {
         crate::routes::ws::ws,
         crate::routes::sse::events,
         crate::routes::sse::order_events,
+        crate::routes::changes::recent,
         crate::routes::metrics::metrics,
         openapi_json,
     ),

@@ -83,7 +83,39 @@ async fn with_keys(keys: &str) -> TestApp {
 const ADA_AND_BOB: &str =
     "writer:writersecret:read+write,ada:adasecret1:read:customer=Ada,bob:bobsecret1:read:customer=Bob";
 
-/// Creates an order through the API with a token.
+/// A token confined to one customer lists that customer's recent changes
+/// only, and a move between customers as its own side, as its streams get
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_changes_for_a_confined_token_are_its_customers() {
+    let app = with_keys(ADA_AND_BOB).await;
+    let ada = create_as(&app, "Ada", "writersecret").await.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let bob = create_as(&app, "Bob", "writersecret").await.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let db = app.sql().await;
+    db.execute("UPDATE orders SET customer_name = 'Ada' WHERE id = $1", &[&bob]).await.unwrap();
+    app.settled().await;
+    let list = |token: &'static str| {
+        let r = app.http.get(app.url("/api/changes")).bearer_auth(token).send();
+        async move { r.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let seen = |page: &Value| -> Vec<(String, i64)> {
+        page["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["op"].as_str().unwrap().to_string(), c["order"]["id"].as_i64().unwrap()))
+            .collect()
+    };
+    let for_ada = list("adasecret1").await;
+    assert_eq!(seen(&for_ada), vec![("enter".to_string(), bob), ("insert".to_string(), ada)]);
+    assert_eq!(for_ada["changes"][0]["old"], Value::Null);
+    let for_bob = list("bobsecret1").await;
+    assert_eq!(seen(&for_bob), vec![("leave".to_string(), bob), ("insert".to_string(), bob)]);
+    assert_eq!(for_bob["changes"][0]["order"]["customer_name"], "Bob", "the row as Bob last saw it");
+    assert_eq!(seen(&list("writersecret").await).len(), 3);
+}
+
+/// Creates an order through the API with a token./// Creates an order through the API with a token.
 async fn create_as(app: &TestApp, customer: &str, token: &str) -> reqwest::Response {
     app.http
         .post(app.url("/api/orders"))

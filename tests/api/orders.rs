@@ -706,6 +706,7 @@ async fn the_openapi_document_matches_the_real_routes() {
         ("/api/orders/{id}/cancel", "post"),
         ("/api/orders/{id}/history", "get"),
         ("/api/orders/{id}/events", "get"),
+        ("/api/changes", "get"),
         ("/api/transitions", "get"),
         ("/api/stats", "get"),
         ("/api/dlq", "get"),

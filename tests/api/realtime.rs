@@ -625,6 +625,48 @@ async fn a_snapshot_then_changes_has_no_gap_under_concurrent_writes() {
     ws.expect_silence(Duration::from_millis(500)).await;
 }
 
+/// `GET /api/changes`: the newest changes first, each exactly as the
+/// streams send it, page by page back to the start of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_changes_are_listed_newest_first_as_the_streams_send_them() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let a = app.create_order("Recent A").await["id"].as_i64().unwrap();
+    let b = dba_insert(&db, "Recent B").await;
+    app.patch(a, &json!({"status": "processing"})).await;
+    app.settled().await;
+    let (status, page) = app.get_json("/api/changes?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    let got = page["changes"].as_array().unwrap();
+    let head = page["position"].as_i64().unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|c| (c["seq"].as_i64().unwrap(), c["op"].as_str().unwrap(), c["order"]["id"].as_i64().unwrap()))
+            .collect::<Vec<_>>(),
+        vec![(head, "update", a), (head - 1, "insert", b)]
+    );
+    assert!(
+        got[0]["actor"].as_str().unwrap().starts_with("api:") && got[1]["actor"].as_str().unwrap().starts_with("sql:")
+    );
+    assert_eq!(page["next_before"], head - 1);
+    let (_, older) = app.get_json(&format!("/api/changes?before={}", head - 1)).await;
+    assert_eq!(older["changes"].as_array().unwrap().len(), 1);
+    assert_eq!((&older["changes"][0]["order"]["id"], &older["next_before"]), (&json!(a), &Value::Null));
+    // The same messages a client resuming from the start gets, reversed.
+    let mut ws = app.ws("?since=0").await;
+    ws.ready().await;
+    let mut streamed = ws.changes(3, WAIT).await;
+    streamed.reverse();
+    let (_, all) = app.get_json("/api/changes").await;
+    assert_eq!(all["changes"].as_array().unwrap(), &streamed);
+    for (q, code) in
+        [("?before=0", "invalid_cursor"), ("?limit=0", "validation_failed"), ("?since=1", "unknown_parameter")]
+    {
+        let (status, body) = app.get_json(&format!("/api/changes{q}")).await;
+        assert_eq!((status, &body["code"]), (422, &json!(code)), "{q}: {body}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_order_stream_sends_current_state_then_changes() {
     let app = spawn_app().await;

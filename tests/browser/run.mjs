@@ -277,7 +277,23 @@ test('a tab clicked before the first page arrives still opens the stream at the 
   }
   const id = await insertOrder({ customer: 'After a quick click' });
   await row(page, id).waitFor({ timeout: 5000 });
-  assert.equal(await page.locator('#activity-list li', { hasText: 'created #' }).count(), 1, 'no history replayed as live');
+  // (The entries from before the page are marked as such: see the next test.)
+  assert.equal(await page.locator('#activity-list li:not(.act-earlier)', { hasText: 'created #' }).count(), 1, 'no history replayed as live');
+});
+
+test('the activity feed starts with what happened before the page, newest first, live changes above', async (t) => {
+  const earlier = await insertOrder({ customer: 'Before the page' });
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${earlier}`);
+  const { page } = await openDashboard(t);
+  const entries = page.locator('#activity-list li.act-earlier');
+  await entries.nth(1).waitFor({ timeout: 5000 });
+  const [newest, before] = await entries.evaluateAll((lis) => lis.slice(0, 2).map((li) => li.textContent));
+  assert.match(newest, new RegExp(`updated #${earlier}\\b`));
+  assert.match(newest, /sql\s*postgres/, 'who made it');
+  assert.match(before, new RegExp(`created #${earlier}\\b`));
+  const later = await insertOrder({ customer: 'After the page' });
+  await page.locator('#activity-list li:first-child:not(.act-earlier)', { hasText: `created #${later}` }).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('#activity-list li', { hasText: `created #${earlier} ` }).count(), 1, 'shown once');
 });
 
 test('an order created through the form appears in the table', async (t) => {

@@ -1,6 +1,8 @@
 // The activity feed: every change as it happens, whoever made it (the API,
 // the Kafka ingest, or someone in psql). Entries are queued and drawn a few
-// times a second at most; only the newest ones are kept in the DOM.
+// times a second at most; only the newest ones are kept in the DOM. At
+// start-up it is filled with the changes before the page's position (GET
+// /api/changes), drawn below whatever came live meanwhile.
 
 import { el, fmtMoney, fmtWhen, label, splitActor } from './format.js';
 import { FrameThrottle } from './frame.js';
@@ -64,6 +66,20 @@ export class ActivityFeed {
     const items = this.queue.splice(0).reverse().map((c) => this.entry(c));
     this.list.prepend(...items);
     while (this.list.children.length > KEEP) this.list.lastElementChild.remove();
+  }
+
+  /**
+   * Adds earlier changes (newest first, all before any live one) below the
+   * entries there are, up to the feed's size.
+   */
+  backfill(changes) {
+    const room = KEEP - this.list.children.length - this.queue.length;
+    if (room <= 0) return;
+    this.list.append(...changes.slice(0, room).map((c) => {
+      const li = this.entry(c);
+      li.classList.add('act-earlier');
+      return li;
+    }));
   }
 
   entry(change) {

@@ -63,6 +63,7 @@ export const api = {
   listOrders: (params) => request('GET', `/api/orders${query(params)}`),
   getOrder: (id) => request('GET', `/api/orders/${id}`),
   history: (id) => request('GET', `/api/orders/${id}/history`),
+  recentChanges: (params) => request('GET', `/api/changes${query(params)}`),
   createOrder: (order) => request('POST', '/api/orders', { body: order }),
   patchOrder: (id, patch, version) =>
     request('PATCH', `/api/orders/${id}`, { body: patch, headers: version ? { 'If-Match': `"${version}"` } : {} }),

@@ -211,5 +211,13 @@ async function start() {
   stream.start(table.position);
   // The chart's backfill reads up to a few thousand orders: after the table.
   stats.start();
+  // What happened before the page's position: the activity feed's start.
+  // Without it (an older server, an error) the feed shows live changes only.
+  try {
+    const earlier = await api.recentChanges({ before: table.position + 1, limit: 60 });
+    activity.backfill(earlier.changes);
+  } catch {
+    // Live changes only.
+  }
 }
 start();

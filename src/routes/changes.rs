@@ -1,0 +1,88 @@
+//! `GET /api/changes`: the change log's most recent changes, newest first,
+//! in the shape the streams send them: what happened lately and who did it
+//! (the dashboard's activity feed starts from it), without a stream.
+
+use actix_web::{get, web, HttpRequest, HttpResponse};
+
+use super::{parse_cursor, parse_limit, QueryPairs};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+const DEFAULT_LIMIT: i64 = 50;
+const MAX_LIMIT: i64 = 200;
+/// How many transactions back a token confined to one customer is looked
+/// for, per request (`next_before` then goes on from there).
+const CONFINED_SCAN: i64 = 2000;
+
+/// The newest changes at positions below `$1`, at most `$2`, from the newest
+/// `$3` transactions, of the customer `$4` (folded as REST reads do; NULL:
+/// every customer). Columns as `changes::READ_SQL`'s.
+const RECENT_SQL: &str = "SELECT t.base_pos + c.ord AS pos, c.op, c.order_id, c.status, c.old_status, \
+            c.customer, c.old_customer, c.after_row::text, c.before_row::text, c.actor, t.committed_at \
+     FROM (SELECT txid, base_pos, end_pos, committed_at FROM change_tx \
+           WHERE base_pos < $1 ORDER BY end_pos DESC LIMIT $3) t \
+     CROSS JOIN LATERAL ( \
+         SELECT * FROM change_log c \
+         WHERE c.txid = t.txid AND t.base_pos + c.ord < $1 \
+           AND ($4::text IS NULL OR lower(c.customer) = $4 OR lower(c.old_customer) = $4) \
+         ORDER BY c.ord DESC LIMIT $2) c \
+     ORDER BY t.end_pos DESC, c.ord DESC \
+     LIMIT $2";
+
+/// Where the scan of `$2` transactions below position `$1` ended: its lowest
+/// transaction's first position, and how many it found.
+const WINDOW_SQL: &str = "SELECT min(base_pos), count(*) FROM \
+     (SELECT base_pos FROM change_tx WHERE base_pos < $1 ORDER BY end_pos DESC LIMIT $2) w";
+
+/// Recent changes, newest first.
+#[utoipa::path(get, path = "/api/changes", tag = "realtime",
+    params(
+        ("before" = Option<i64>, Query, description = "Only changes at positions below this (next_before of the previous answer); default: the newest"),
+        ("limit" = Option<i64>, Query, description = "At most this many changes (default 50, at most 200)"),
+    ),
+    responses(
+        (status = 200, description = "{\"changes\": [change messages, as the streams send them, newest first], \"position\": the log's head, \"next_before\": where older changes go on, or null at the start of the log}. A token confined to one customer gets its customer's changes (a move between customers as leave or enter), from the newest 2,000 transactions per request", body = serde_json::Value),
+        (status = 422, description = "Invalid parameter (invalid_cursor, validation_failed, unknown_parameter)", body = crate::routes::openapi::ProblemDoc),
+    ))]
+#[get("/api/changes")]
+pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let mut before: Option<i64> = None;
+    let mut limit = DEFAULT_LIMIT;
+    for (k, v) in query.iter() {
+        match k.as_str() {
+            "before" => before = Some(parse_cursor("before", v)?),
+            "limit" => limit = parse_limit("limit", v, MAX_LIMIT)?,
+            "access_token" => {}
+            other => return Err(super::unknown_parameter(other).into()),
+        }
+    }
+    let viewer = crate::auth::principal(&req).customer;
+    let client = state.pool.get().await?;
+    let head: i64 = client.query_one("SELECT change_head()", &[]).await?.get(0);
+    let before = before.unwrap_or(head + 1).min(head + 1);
+    let scan = if viewer.is_some() { CONFINED_SCAN } else { limit };
+    let stmt = client.prepare_cached(RECENT_SQL).await?;
+    let rows = client.query(&stmt, &[&before, &limit, &scan, &viewer]).await?;
+    let changes: Vec<String> = rows.iter().filter_map(|r| crate::changes::visible_json(r, viewer.as_deref())).collect();
+    let next_before = if rows.len() as i64 == limit {
+        rows.last().map(|r| r.get::<_, i64>(0))
+    } else if viewer.is_some() {
+        // Fewer than asked: the scan's window ended, or the log did.
+        let window = client.query_one(WINDOW_SQL, &[&before, &scan]).await?;
+        let (first, scanned): (Option<i64>, i64) = (window.get(0), window.get(1));
+        first.filter(|_| scanned == scan).map(|b| b + 1)
+    } else {
+        None
+    };
+    state.hub.note_handed_out(head);
+    let body = format!(
+        r#"{{"changes":[{}],"position":{head},"next_before":{}}}"#,
+        changes.join(","),
+        next_before.map_or("null".to_string(), |p| p.to_string())
+    );
+    Ok(HttpResponse::Ok().content_type("application/json").body(body))
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(recent);
+}
