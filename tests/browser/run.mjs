@@ -319,6 +319,28 @@ test('an order created through the form appears in the table', async (t) => {
   await page.waitForFunction((max) => Number(document.querySelector('#orders-body tr')?.dataset.id) > max, before, { timeout: 5000 });
 });
 
+test('an error raised in a dialog is shown above it and can be dismissed there', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.route('**/api/orders', (route) => (route.request().method() === 'POST'
+    ? route.fulfill({ status: 503, contentType: 'application/problem+json',
+      body: JSON.stringify({ status: 503, code: 'database_unavailable', message: 'the database is unavailable: restarting' }) })
+    : route.continue()));
+  await page.getByRole('button', { name: 'New order' }).click();
+  const dialog = page.locator('#create');
+  await dialog.getByLabel('Customer name').fill('Behind The Backdrop');
+  await dialog.getByLabel('Product').fill('Lamp');
+  await dialog.getByLabel('Quantity').fill('1');
+  await dialog.getByLabel('Unit price').fill('5');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  const shown = page.locator('.toast-error', { hasText: 'restarting' });
+  await shown.waitFor({ timeout: 5000 });
+  // A click reaches it (under the backdrop, the dialog's would take it).
+  await shown.getByRole('button', { name: 'Dismiss' }).click({ timeout: 3000 });
+  await shown.waitFor({ state: 'detached', timeout: 2000 });
+  assert.equal(await dialog.isVisible(), true, 'the form stays open with what was typed');
+  assert.equal(await dialog.getByLabel('Customer name').inputValue(), 'Behind The Backdrop');
+});
+
 test('an invalid form shows the server\'s error next to the field', async (t) => {
   const { page } = await openDashboard(t);
   await page.getByRole('button', { name: 'New order' }).click();
