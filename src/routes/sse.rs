@@ -110,7 +110,9 @@ fn stream_response(
                     // id of any event, even one nobody listens for.
                     event("position", Some(p), &position_message(p))
                 } else {
-                    Bytes::from_static(b": keepalive\n\n")
+                    // An event, not a comment: a page can tell a quiet
+                    // stream from a dead one (EventSource hides comments).
+                    Bytes::from_static(b"event: heartbeat\ndata: {\"type\":\"heartbeat\"}\n\n")
                 }
             }
             _ = st.shutdown.wait_for(|s| *s) => {

@@ -333,8 +333,20 @@ pub struct SseClient {
 }
 
 impl SseClient {
-    /// The next event (comments and retry lines skipped).
+    /// The next event (comments, retry lines and heartbeats skipped).
     pub async fn next_event(&mut self, wait: Duration) -> SseEvent {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ev = self.next_any_event(left).await;
+            if ev.event != "heartbeat" {
+                return ev;
+            }
+        }
+    }
+
+    /// The next event, heartbeats too (comments and retry lines skipped).
+    pub async fn next_any_event(&mut self, wait: Duration) -> SseEvent {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             if let Some(end) = self.buf.find("\n\n") {

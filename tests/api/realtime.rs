@@ -625,6 +625,17 @@ async fn a_snapshot_then_changes_has_no_gap_under_concurrent_writes() {
     ws.expect_silence(Duration::from_millis(500)).await;
 }
 
+/// A quiet SSE stream sends a heartbeat event every 15 s, which a page can
+/// see (EventSource hides comments) and tell a quiet stream from a dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_sse_stream_sends_heartbeat_events() {
+    let app = spawn_app().await;
+    let mut sse = app.sse("/api/events", None).await;
+    assert_eq!(sse.next_event(WAIT).await.event, "ready");
+    let beat = sse.next_any_event(Duration::from_secs(20)).await;
+    assert_eq!((beat.event.as_str(), &beat.data, &beat.id), ("heartbeat", &json!({"type": "heartbeat"}), &None));
+}
+
 /// `GET /api/changes`: the newest changes first, each exactly as the
 /// streams send it, page by page back to the start of the log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -155,8 +155,21 @@ export class Stream {
     es.addEventListener('ready', () => {
       ready = true;
     });
+    // The server sends at least a heartbeat every 15 s: a stream silent for
+    // longer is dead on the way (a NAT that forgot it, a laptop that slept)
+    // although EventSource still calls it open.
+    this.lastHeard = Date.now();
+    this.pinger = setInterval(() => {
+      if (this.conn?.es !== es || Date.now() - this.lastHeard <= SILENCE_LIMIT_MS) return;
+      this.dropConnection();
+      this.scheduleReconnect();
+    }, PING_INTERVAL_MS);
+    es.addEventListener('heartbeat', () => {
+      this.lastHeard = Date.now();
+    });
     for (const type of ['ready', 'change', 'position', 'resync', 'shutdown']) {
       es.addEventListener(type, (ev) => {
+        this.lastHeard = Date.now();
         let msg;
         try {
           msg = JSON.parse(ev.data);
