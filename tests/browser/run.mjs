@@ -621,6 +621,9 @@ test('a killed server shows reconnecting, and rows written meanwhile appear exac
   const oldPg = server.pgUrl;
   await server.kill();
   await page.locator('#connection[data-phase="reconnecting"]', { hasText: 'Reconnecting' }).waitFor({ timeout: 5000 });
+  // A screen reader hears the phase once, not the countdown beside it.
+  assert.equal(await page.locator('#connection [aria-live]').count(), 1);
+  assert.equal(await page.locator('#connection [aria-live]').textContent(), 'Reconnecting');
   await page.screenshot({ path: join(SHOTS, 'reconnecting.png') });
   // ordercast is gone; its PostgreSQL is not. Write there while the page is cut off.
   const ids = (await psql(oldPg, `INSERT INTO orders (customer_name, product, quantity, unit_price)

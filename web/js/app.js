@@ -140,6 +140,10 @@ function showConnection() {
     if (s > 0) text = `Reconnecting in ${s} s…`;
   }
   if ($('connection-text').textContent !== text) $('connection-text').textContent = text;
+  // Screen readers hear the phase when it changes, not the countdown or the
+  // position, which change every second while changes flow.
+  const said = PHASE_TEXT[phase].replace('…', '');
+  if ($('connection-status').textContent !== said) $('connection-status').textContent = said;
   const detailText = `${transport === 'sse' ? 'SSE' : 'WebSocket'} · position ${fmtCount(stream.position)}`;
   if ($('connection-detail').textContent !== detailText) $('connection-detail').textContent = detailText;
 }

@@ -121,8 +121,11 @@ export class Stream {
       if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
         this.h.onUnauthorized();
         this.scheduleReconnect();
-      } else if (ready) this.scheduleReconnect();
-      else this.afterWebSocketFailure();
+      } else if (ready || ev.code >= 4000) {
+        // A close code of the server's own (4503: it could not open the
+        // stream for now) means WebSocket itself works: try it again.
+        this.scheduleReconnect();
+      } else this.afterWebSocketFailure();
     });
     this.conn.ws = ws;
   }
