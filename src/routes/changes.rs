@@ -10,29 +10,26 @@ use crate::startup::AppState;
 
 const DEFAULT_LIMIT: i64 = 50;
 const MAX_LIMIT: i64 = 200;
-/// How many transactions back a token confined to one customer is looked
-/// for, per request (`next_before` then goes on from there).
-const CONFINED_SCAN: i64 = 2000;
+/// How many positions back a token confined to one customer is looked
+/// for, per request (`next_before` then goes on from there): the rows read
+/// stay bounded however rare the customer's changes.
+const CONFINED_WINDOW: i64 = 10_000;
 
-/// The newest changes at positions below `$1`, at most `$2`, from the newest
-/// `$3` transactions, of the customer `$4` (folded as REST reads do; NULL:
-/// every customer). Columns as `changes::READ_SQL`'s.
+/// The newest changes at positions in [`$3`, `$1`), at most `$2`, from the
+/// newest `$5` transactions there, of the customer `$4` (folded as REST reads
+/// do; NULL: every customer). A transaction's positions are `base_pos + 1`
+/// to `end_pos`. Columns as `changes::READ_SQL`'s.
 const RECENT_SQL: &str = "SELECT t.base_pos + c.ord AS pos, c.op, c.order_id, c.status, c.old_status, \
             c.customer, c.old_customer, c.after_row::text, c.before_row::text, c.actor, t.committed_at \
      FROM (SELECT txid, base_pos, end_pos, committed_at FROM change_tx \
-           WHERE base_pos < $1 ORDER BY end_pos DESC LIMIT $3) t \
+           WHERE base_pos + 1 < $1 AND end_pos >= $3 ORDER BY end_pos DESC LIMIT $5) t \
      CROSS JOIN LATERAL ( \
          SELECT * FROM change_log c \
-         WHERE c.txid = t.txid AND t.base_pos + c.ord < $1 \
+         WHERE c.txid = t.txid AND c.ord < $1 - t.base_pos AND c.ord >= $3 - t.base_pos \
            AND ($4::text IS NULL OR lower(c.customer) = $4 OR lower(c.old_customer) = $4) \
          ORDER BY c.ord DESC LIMIT $2) c \
      ORDER BY t.end_pos DESC, c.ord DESC \
      LIMIT $2";
-
-/// Where the scan of `$2` transactions below position `$1` ended: its lowest
-/// transaction's first position, and how many it found.
-const WINDOW_SQL: &str = "SELECT min(base_pos), count(*) FROM \
-     (SELECT base_pos FROM change_tx WHERE base_pos < $1 ORDER BY end_pos DESC LIMIT $2) w";
 
 /// Recent changes, newest first.
 #[utoipa::path(get, path = "/api/changes", tag = "realtime",
@@ -41,7 +38,7 @@ const WINDOW_SQL: &str = "SELECT min(base_pos), count(*) FROM \
         ("limit" = Option<i64>, Query, description = "At most this many changes (default 50, at most 200)"),
     ),
     responses(
-        (status = 200, description = "{\"changes\": [change messages, as the streams send them, newest first], \"position\": the log's head, \"next_before\": where older changes go on, or null at the start of the log}. A token confined to one customer gets its customer's changes (a move between customers as leave or enter), from the newest 2,000 transactions per request", body = serde_json::Value),
+        (status = 200, description = "{\"changes\": [change messages, as the streams send them, newest first], \"position\": the log's head, \"next_before\": where older changes go on, or null at the start of the log}. A token confined to one customer gets its customer's changes (a move between customers as leave or enter), looked for among 10,000 positions per request", body = serde_json::Value),
         (status = 422, description = "Invalid parameter (invalid_cursor, validation_failed, unknown_parameter)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/changes")]
@@ -58,21 +55,24 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
     }
     let viewer = crate::auth::principal(&req).customer;
     let client = state.pool.get().await?;
-    let head: i64 = client.query_one("SELECT change_head()", &[]).await?.get(0);
+    let bounds = client.query_one("SELECT change_head(), (SELECT pruned_through FROM change_retention)", &[]).await?;
+    let (head, pruned): (i64, i64) = (bounds.get(0), bounds.get(1));
     let before = before.unwrap_or(head + 1).min(head + 1);
-    let scan = if viewer.is_some() { CONFINED_SCAN } else { limit };
+    // An unconfined token's `limit` newest changes lie in the newest `limit`
+    // transactions; a confined one's are looked for in a window of positions.
+    let (from, transactions) = match viewer {
+        Some(_) => ((before - CONFINED_WINDOW).max(1), CONFINED_WINDOW),
+        None => (1, limit),
+    };
     let stmt = client.prepare_cached(RECENT_SQL).await?;
-    let rows = client.query(&stmt, &[&before, &limit, &scan, &viewer]).await?;
+    let rows = client.query(&stmt, &[&before, &limit, &from, &viewer, &transactions]).await?;
     let changes: Vec<String> = rows.iter().filter_map(|r| crate::changes::visible_json(r, viewer.as_deref())).collect();
     let next_before = if rows.len() as i64 == limit {
         rows.last().map(|r| r.get::<_, i64>(0))
-    } else if viewer.is_some() {
-        // Fewer than asked: the scan's window ended, or the log did.
-        let window = client.query_one(WINDOW_SQL, &[&before, &scan]).await?;
-        let (first, scanned): (Option<i64>, i64) = (window.get(0), window.get(1));
-        first.filter(|_| scanned == scan).map(|b| b + 1)
     } else {
-        None
+        // Fewer than asked: the window ended (older positions the log still
+        // holds go on below it), or the log did.
+        Some(from).filter(|&f| f > pruned + 1)
     };
     state.hub.note_handed_out(head);
     let body = format!(

@@ -169,7 +169,7 @@ fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(
         ("Last-Event-ID" = Option<String>, Header, description = "Resume position (sent by EventSource on reconnect)"),
     ),
     responses(
-        (status = 200, description = "text/event-stream: events snapshot, ready, change, position, resync, shutdown; error (then the end) for a refusal asked with Accept: text/event-stream", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream: events snapshot, ready, change, position, resync, shutdown, heartbeat (every 15 s); error (then the end) for a refusal asked with Accept: text/event-stream", content_type = "text/event-stream", body = String),
         (status = 422, description = "Invalid filter or position", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/events")]

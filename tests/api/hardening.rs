@@ -115,7 +115,7 @@ async fn recent_changes_for_a_confined_token_are_its_customers() {
     assert_eq!(seen(&list("writersecret").await).len(), 3);
 }
 
-/// Creates an order through the API with a token./// Creates an order through the API with a token.
+/// Creates an order through the API with a token.
 async fn create_as(app: &TestApp, customer: &str, token: &str) -> reqwest::Response {
     app.http
         .post(app.url("/api/orders"))

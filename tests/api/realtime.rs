@@ -670,6 +670,24 @@ async fn recent_changes_are_listed_newest_first_as_the_streams_send_them() {
     streamed.reverse();
     let (_, all) = app.get_json("/api/changes").await;
     assert_eq!(all["changes"].as_array().unwrap(), &streamed);
+    // Paging two at a time lists every change once, back to the first.
+    for i in 0..5 {
+        dba_insert(&db, &format!("Recent more {i}")).await;
+    }
+    let (mut seen, mut next) = (Vec::new(), None::<i64>);
+    loop {
+        let q = match next {
+            None => "/api/changes?limit=2".to_string(),
+            Some(before) => format!("/api/changes?limit=2&before={before}"),
+        };
+        let (_, page) = app.get_json(&q).await;
+        seen.extend(page["changes"].as_array().unwrap().iter().map(|c| c["seq"].as_i64().unwrap()));
+        next = page["next_before"].as_i64();
+        if next.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, (1..=head + 5).rev().collect::<Vec<_>>());
     for (q, code) in
         [("?before=0", "invalid_cursor"), ("?limit=0", "validation_failed"), ("?since=1", "unknown_parameter")]
     {

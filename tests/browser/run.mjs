@@ -397,6 +397,13 @@ test('a change to the open order keeps the status the user chose, unless the sta
   await dialog.getByRole('button', { name: 'Apply' }).click();
   await dialog.locator('#detail-fields dd .badge', { hasText: 'Processed' }).waitFor({ timeout: 5000 });
   assert.equal(await server.sql(`SELECT status FROM orders WHERE id = ${id}`), 'processed');
+  // After its own change (and the stream's echo of it), and another change
+  // elsewhere, the panel still offers no choice nobody made.
+  await server.sql(`UPDATE orders SET customer_email = 'keeper@mail.example' WHERE id = ${id}`);
+  await dialog.locator('#detail-fields dd', { hasText: 'keeper@mail.example' }).waitFor({ timeout: 5000 });
+  await sleep(300);
+  assert.equal(await dialog.locator('#status-select').inputValue(), '');
+  assert.equal(await dialog.getByRole('button', { name: 'Apply' }).isDisabled(), true);
 });
 
 test('the order detail shows history, offers only allowed transitions and stays live', async (t) => {

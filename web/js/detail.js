@@ -69,6 +69,7 @@ export class OrderDetail {
     this.order = null;
     this.deleted = false;
     this.offeredFor = undefined;
+    this.n.statusSelect.replaceChildren();
     this.n.title.textContent = `Order #${id}`;
     this.n.gone.hidden = true;
     this.n.fields.replaceChildren();
@@ -216,9 +217,12 @@ export class OrderDetail {
     // what the user chose: kept while the status is the same; when the
     // status moved, nothing is chosen (the choices are new) until they pick.
     const chosen = sel.value;
-    const moved = this.offeredFor !== undefined && this.offeredFor !== order.status;
+    const first = this.offeredFor === undefined;
+    const moved = !first && this.offeredFor !== order.status;
     sel.replaceChildren(...moves.map((s) => el('option', { value: s }, label(s))));
-    if (moved) sel.selectedIndex = -1;
+    // (The browser selects the first option of a rebuilt list: undone
+    // unless this is the order's first offer.)
+    if (moved || (!first && !chosen)) sel.selectedIndex = -1;
     else if (moves.includes(chosen)) sel.value = chosen;
     this.offeredFor = order.status;
     this.n.apply.disabled = !sel.value;

@@ -23,6 +23,7 @@ const SILENCE_LIMIT_MS = 40000;
 /** Close codes of a WebSocket refused for want of a (sufficient) token. */
 const CLOSE_UNAUTHORIZED = 4001;
 const CLOSE_FORBIDDEN = 4003;
+const CLOSE_UNAVAILABLE = 4503;
 
 export class Stream {
   /**
@@ -121,9 +122,9 @@ export class Stream {
       if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
         this.h.onUnauthorized();
         this.scheduleReconnect();
-      } else if (ready || ev.code >= 4000) {
-        // A close code of the server's own (4503: it could not open the
-        // stream for now) means WebSocket itself works: try it again.
+      } else if (ready || ev.code === CLOSE_UNAVAILABLE) {
+        // 4503 (the server could not open the stream for now) means
+        // WebSocket itself works: try it again.
         this.scheduleReconnect();
       } else this.afterWebSocketFailure();
     });

@@ -190,6 +190,8 @@ export class OrderTable {
     let at = this.rows.findIndex((o) => o.id < order.id);
     if (at < 0) at = this.rows.length;
     this.rows.splice(at, 0, order);
+    // A row back on the page before the next render still has its old cells.
+    if (this.trs.has(order.id)) this.dirty.add(order.id);
     if (highlight) this.flash.add(order.id);
     if (this.rows.length > PAGE_SIZE) {
       this.forget(this.rows.splice(PAGE_SIZE));

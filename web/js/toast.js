@@ -1,9 +1,9 @@
 // Toast notifications for the results of actions and for errors. The region
 // is an aria-live log, so screen readers announce each one. It is a manual
-// popover, shown again with every toast, so it is drawn above a modal dialog
-// opened since (the order panel, the new-order form); and while one is open
-// it moves into that dialog, as everything outside a modal dialog is inert:
-// the toast can be read and dismissed there, not only seen.
+// popover, and while a modal dialog is open (the order panel, the new-order
+// form) it moves into that dialog before a toast is added, and is shown
+// again: so it is drawn above the dialog, and is not inert as everything
+// outside a modal dialog is; the toast can be read and dismissed there.
 
 import { el } from './format.js';
 
@@ -23,14 +23,25 @@ export function initToasts(node) {
   }, true);
 }
 
-/** The region in the topmost modal dialog (or the page), above everything. */
+/** The open modal dialog last in the page (the sign-in comes last: it may open over the others). */
+function topModal() {
+  const open = [...document.querySelectorAll('dialog[open]')];
+  try {
+    return open.filter((d) => d.matches(':modal')).pop();
+  } catch {
+    return open.pop(); // a browser without :modal
+  }
+}
+
+/**
+ * The region in the topmost modal dialog (or the page), shown. Moved and
+ * shown again only when its place changes (a move closes a popover), so a
+ * second toast does not take the focus from the first one's button.
+ */
 function showRegion() {
-  const modal = [...document.querySelectorAll('dialog[open]')].filter((d) => d.matches(':modal')).pop();
-  const host = modal || document.body;
+  const host = topModal() || document.body;
   if (region.parentElement !== host) host.append(region);
-  if (!region.popover) return;
-  if (region.matches(':popover-open')) region.hidePopover();
-  region.showPopover();
+  if (region.popover && !region.matches(':popover-open')) region.showPopover();
 }
 
 export function toast(message, kind = 'info') {
@@ -43,9 +54,9 @@ export function toast(message, kind = 'info') {
     if (!region.children.length && region.popover && region.matches(':popover-open')) region.hidePopover();
   };
   close.addEventListener('click', remove);
+  showRegion();
   region.append(node);
   while (region.children.length > MAX_TOASTS) region.firstElementChild.remove();
-  showRegion();
   setTimeout(remove, SHOW_MS[kind] || SHOW_MS.info);
 }
 
