@@ -339,6 +339,16 @@ test('an error raised in a dialog is shown above it and can be dismissed there',
   await shown.waitFor({ state: 'detached', timeout: 2000 });
   assert.equal(await dialog.isVisible(), true, 'the form stays open with what was typed');
   assert.equal(await dialog.getByLabel('Customer name').inputValue(), 'Behind The Backdrop');
+  // A toast already on screen when a dialog opens moves above it too.
+  await dialog.locator('[data-close]').first().click();
+  await page.unroute('**/api/orders');
+  await page.getByRole('button', { name: 'Random order' }).click();
+  const earlier = page.locator('.toast', { hasText: /Order #\d+ created/ });
+  await earlier.waitFor({ timeout: 5000 });
+  await page.getByRole('button', { name: 'New order' }).click();
+  await dialog.waitFor({ state: 'visible' });
+  await earlier.getByRole('button', { name: 'Dismiss' }).click({ timeout: 3000 });
+  await earlier.waitFor({ state: 'detached', timeout: 2000 });
 });
 
 test('an invalid form shows the server\'s error next to the field', async (t) => {

@@ -99,6 +99,8 @@ export class Stats {
     this.chart = null;
     this.dlqTimer = null;
     this.forbidden = false; // the token may not read /api/stats (confined to one customer)
+    this.asked = 0; // requests for the totals sent so far
+    this.lastError = null; // the error last said, until an answer comes
   }
 
   /** Dead letters, the chart's backfill and the once-a-second figures (the totals are read by refresh()). */
@@ -132,17 +134,27 @@ export class Stats {
 
   async refresh() {
     this.last = Date.now();
+    // Only the newest request's answer counts: one that took longer than
+    // the next poll must not bring back older totals.
+    const asked = ++this.asked;
     let s;
     try {
       s = await api.stats();
     } catch (e) {
+      if (asked !== this.asked) return null;
       // A token confined to one customer may not read the totals (they
       // cover every customer): the figures stay empty, without an error
-      // at every change.
+      // at every change. Another error is said once, not at every poll.
       if (e.status === 403) this.forbidden = true;
-      else if (e.status !== 0 && e.status !== 401) this.onError(`Could not load statistics: ${e.message}`);
+      else if (e.status !== 0 && e.status !== 401) {
+        const said = `Could not load statistics: ${e.message}`;
+        if (said !== this.lastError) this.onError(said);
+        this.lastError = said;
+      }
       return null;
     }
+    if (asked !== this.asked) return null;
+    this.lastError = null;
     this.n.orders.textContent = fmtCount(s.total_orders);
     this.n.amount.textContent = fmtMoney(s.total_amount);
     this.onCounts(s.total_orders, s.by_status);

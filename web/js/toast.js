@@ -14,13 +14,12 @@ let region;
 
 export function initToasts(node) {
   region = node;
-  // Back to the page when the dialog it moved into closes (`close` does not
-  // bubble: caught on the way down).
-  document.addEventListener('close', (ev) => {
-    if (region.parentElement !== ev.target) return;
-    document.body.append(region);
+  // A dialog opened or closed: toasts on screen follow to the topmost one
+  // (or back to the page), not left under a backdrop or in a closed dialog.
+  new MutationObserver(() => {
     if (region.children.length) showRegion();
-  }, true);
+    else if (region.parentElement !== document.body) document.body.append(region);
+  }).observe(document.body, { subtree: true, attributes: true, attributeFilter: ['open'] });
 }
 
 /** The open modal dialog last in the page (the sign-in comes last: it may open over the others). */
