@@ -171,6 +171,25 @@ test('a row inserted with psql appears live, newest first and highlighted', asyn
   await row(page, id).locator('.badge', { hasText: 'Processing' }).waitFor({ timeout: 5000 });
 });
 
+test('rows stay put while the pointer moves over them, and new ones come in after', async (t) => {
+  const { page } = await openDashboard(t);
+  const first = (await tableIds(page))[0];
+  const box = await row(page, first).boundingBox();
+  const y = box.y + box.height / 2;
+  await page.mouse.move(box.x + 40, y);
+  const id = await insertOrder({ customer: 'Held Back' });
+  for (let i = 0; i < 6; i++) {
+    await sleep(200);
+    await page.mouse.move(box.x + 41 + i, y);
+  }
+  assert.equal((await tableIds(page))[0], first, 'the row under the pointer did not move');
+  assert.equal(await row(page, id).count(), 0);
+  assert.match(await page.locator('#orders-summary').textContent(), /wait while the pointer moves/);
+  await page.mouse.move(2, 2);
+  await row(page, id).waitFor({ timeout: 5000 });
+  assert.equal((await tableIds(page))[0], id);
+});
+
 test('status tabs filter the loaded rows and the incoming ones', async (t) => {
   const { page } = await openDashboard(t);
   await clickTab(page, 'processing');

@@ -17,6 +17,8 @@ export const PAGE_SIZE = 50;
 const RENDER_GAP_MS = 100;
 /** A page that lost rows is reloaded after this delay, so a burst of departures costs one request. */
 const REFILL_DELAY_MS = 800;
+/** How long rows stay put after the pointer last moved over them. */
+const HOLD_MS = 1500;
 
 /** Mirrors the server's search: customer, product, external id or email contain q (case-insensitive), or id = q. */
 export function matches(order, filter) {
@@ -60,6 +62,20 @@ export class OrderTable {
     opts.tbody.addEventListener('click', (ev) => {
       const tr = ev.target.closest('tr[data-id]');
       if (tr) this.o.onOpen(Number(tr.dataset.id));
+    });
+    // While the pointer moves over the rows, and for HOLD_MS after, they
+    // stay where they are (changed cells are still redrawn): a row the user
+    // aims at does not slide away under a stream of new orders. A pointer
+    // that rests there (a dialog closed over the table) holds nothing.
+    this.holdUntil = 0;
+    opts.tbody.addEventListener('pointermove', () => {
+      this.holdUntil = performance.now() + HOLD_MS;
+      clearTimeout(this.holdTimer);
+      this.holdTimer = setTimeout(() => this.schedule(), HOLD_MS + 20);
+    });
+    opts.tbody.addEventListener('pointerleave', () => {
+      this.holdUntil = 0;
+      this.schedule();
     });
     opts.buttons.newest.addEventListener('click', () => this.goNewest());
     opts.buttons.newer.addEventListener('click', () => this.goNewer());
@@ -229,8 +245,25 @@ export class OrderTable {
     this.painter.now();
   }
 
+  get holding() {
+    return performance.now() < this.holdUntil;
+  }
+
   draw() {
     const { tbody } = this.o;
+    if (this.holding && this.trs.size) {
+      // Rows stay put: only the cells of the rows shown are redrawn; the
+      // rest waits for the pointer and the focus to leave.
+      for (const order of this.rows) {
+        const tr = this.trs.get(order.id);
+        if (tr && this.dirty.has(order.id)) {
+          this.fill(tr, order);
+          this.dirty.delete(order.id);
+        }
+      }
+      this.summary();
+      return;
+    }
     const wanted = new Set(this.rows.map((o) => o.id));
     for (const [id, tr] of this.trs) {
       if (!wanted.has(id)) {
@@ -298,6 +331,7 @@ export class OrderTable {
     summary.textContent = n
       ? `Page ${page} · ${n} order${n === 1 ? '' : 's'} · #${this.rows[0].id} to #${this.rows[n - 1].id}`
       : `Page ${page}`;
+    if (this.holding && this.trs.size) summary.textContent += ' · new rows wait while the pointer moves over the table';
     newer.hidden = this.onNewest || this.newerCount === 0;
     newer.textContent = `${fmtCount(this.newerCount)} newer order${this.newerCount === 1 ? '' : 's'} · show newest`;
     buttons.newest.disabled = this.onNewest;
