@@ -164,13 +164,41 @@ fn quantity(v: &Value) -> Result<i32, ValidationError> {
     Ok(q as i32)
 }
 
+/// JSON numbers reach a `Value` through `f64`, which rounds: a price of
+/// `19.999999999999999999` would be read as 20, a quantity of
+/// `1.0000000000000001` as 1. `unit_price` and `quantity` written as numbers
+/// are checked here as the client wrote them, before that; the rest of their
+/// rules (and every other field) are the parser's.
+pub fn check_number_texts(body: &[u8]) -> Result<(), ValidationError> {
+    // A body that is not an object: the parser says so.
+    let Ok(fields) = serde_json::from_slice::<std::collections::HashMap<String, &serde_json::value::RawValue>>(body)
+    else {
+        return Ok(());
+    };
+    for field in ["unit_price", "quantity"] {
+        let Some(text) = fields.get(field).map(|raw| raw.get()) else { continue };
+        if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+            continue; // a string, null, ...: not a number's text
+        }
+        let exact = Decimal::from_str_exact(text).or_else(|_| Decimal::from_scientific(text)).map(|d| d.normalize());
+        match (field, exact) {
+            ("unit_price", Ok(d)) if d.scale() <= 2 => {}
+            ("unit_price", _) => return Err(ValidationError::new(field, "must have at most 2 decimal places")),
+            (_, Ok(d)) if d.fract().is_zero() => {}
+            _ => return Err(ValidationError::new(field, "must be a whole number")),
+        }
+    }
+    Ok(())
+}
+
 fn price(v: &Value) -> Result<Decimal, ValidationError> {
     let raw = match v {
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.trim().to_string(),
         _ => return Err(ValidationError::new("unit_price", "must be a number")),
     };
-    let d = Decimal::from_str(&raw)
+    // Exact: beyond 28 digits `from_str` rounds (0.999...9 would become 1).
+    let d = Decimal::from_str_exact(&raw)
         .or_else(|_| Decimal::from_scientific(&raw))
         .map_err(|_| ValidationError::new("unit_price", "must be a number"))?
         .normalize();
@@ -360,6 +388,21 @@ mod tests {
         v["admin"] = json!(true);
         assert_eq!(NewOrder::parse(&v).unwrap_err().code, "unknown_field");
         assert_eq!(NewOrder::parse(&json!([1])).unwrap_err().code, "invalid_body");
+    }
+
+    #[test]
+    fn numbers_are_judged_as_written_not_as_f64_reads_them() {
+        let check = |body: &str| check_number_texts(body.as_bytes()).map_err(|e| e.field);
+        assert_eq!(check(r#"{"unit_price": 19.999999999999999999, "quantity": 1}"#), Err("unit_price"));
+        assert_eq!(check(r#"{"unit_price": 19.99, "quantity": 1.0000000000000001}"#), Err("quantity"));
+        assert_eq!(check(r#"{"unit_price": 0.99999999999999999999999999999}"#), Err("unit_price"));
+        assert_eq!(check(r#"{"unit_price": 1e3, "quantity": 2.0}"#), Ok(()));
+        assert_eq!(check(r#"{"unit_price": 12.50, "quantity": 1e3}"#), Ok(()));
+        assert_eq!(check(r#"{"unit_price": "12.5", "quantity": null}"#), Ok(()), "not numbers: the parser's");
+        assert_eq!(check("[1, 2]"), Ok(()), "not an object: the parser's");
+        let mut v = valid();
+        v["unit_price"] = json!("0.99999999999999999999999999999");
+        assert_eq!(NewOrder::parse(&v).unwrap_err().field, "unit_price");
     }
 
     #[test]
