@@ -6,7 +6,7 @@ pub mod filter;
 mod order;
 
 pub use filter::{fold_case, Filter};
-pub use order::{check_number_texts, NewOrder, OrderPatch, Status};
+pub use order::{NewOrder, OrderPatch, Status};
 
 /// A rejected input: which field, a stable code, and a human message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
