@@ -190,6 +190,27 @@ test('rows stay put while the pointer moves over them, and new ones come in afte
   assert.equal((await tableIds(page))[0], id);
 });
 
+test('with a slow /api/stats, one request at a time, and the totals still come', async (t) => {
+  let inFlight = 0;
+  let most = 0;
+  const { page } = await openDashboard(t, {
+    before: (p) => p.route('**/api/stats', async (route) => {
+      inFlight += 1;
+      most = Math.max(most, inFlight);
+      await sleep(2500);
+      inFlight -= 1;
+      await route.continue();
+    }),
+  });
+  for (let i = 0; i < 3; i++) {
+    await insertOrder({ customer: `Slow Stats ${i}` });
+    await sleep(1000);
+  }
+  const total = Number(await server.sql('SELECT count(*) FROM orders'));
+  await page.locator('#kpi-orders', { hasText: new RegExp(`^${total.toLocaleString('en-US')}$`) }).waitFor({ timeout: 15000 });
+  assert.equal(most, 1, 'never two requests for the totals at once');
+});
+
 test('status tabs filter the loaded rows and the incoming ones', async (t) => {
   const { page } = await openDashboard(t);
   await clickTab(page, 'processing');

@@ -99,7 +99,8 @@ export class Stats {
     this.chart = null;
     this.dlqTimer = null;
     this.forbidden = false; // the token may not read /api/stats (confined to one customer)
-    this.asked = 0; // requests for the totals sent so far
+    this.reading = null; // the request for the totals under way
+    this.again = false; // another refresh was asked for meanwhile
     this.lastError = null; // the error last said, until an answer comes
   }
 
@@ -132,16 +133,32 @@ export class Stats {
     }, wait);
   }
 
-  async refresh() {
+  /**
+   * Reads the totals. One request at a time: a refresh asked for while one
+   * is under way runs after it (answers cannot then come back out of order,
+   * and a server slower than the polls is not asked ever more often).
+   */
+  refresh() {
+    if (this.reading) {
+      this.again = true;
+      return this.reading;
+    }
+    this.reading = this.read().finally(() => {
+      this.reading = null;
+      if (this.again) {
+        this.again = false;
+        this.refresh();
+      }
+    });
+    return this.reading;
+  }
+
+  async read() {
     this.last = Date.now();
-    // Only the newest request's answer counts: one that took longer than
-    // the next poll must not bring back older totals.
-    const asked = ++this.asked;
     let s;
     try {
       s = await api.stats();
     } catch (e) {
-      if (asked !== this.asked) return null;
       // A token confined to one customer may not read the totals (they
       // cover every customer): the figures stay empty, without an error
       // at every change. Another error is said once, not at every poll.
@@ -153,7 +170,6 @@ export class Stats {
       }
       return null;
     }
-    if (asked !== this.asked) return null;
     this.lastError = null;
     this.n.orders.textContent = fmtCount(s.total_orders);
     this.n.amount.textContent = fmtMoney(s.total_amount);

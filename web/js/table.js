@@ -89,6 +89,7 @@ export class OrderTable {
 
   /** Changes the filter: rows already shown are filtered at once, then the page is reloaded from the server. */
   setFilter(filter) {
+    this.holdUntil = 0; // the user asked for other rows: no holding the old ones
     this.filter = { ...this.filter, ...filter };
     this.rows = this.rows.filter((o) => matches(o, this.filter));
     this.cursors = [];
@@ -99,6 +100,7 @@ export class OrderTable {
   }
 
   goNewest() {
+    this.holdUntil = 0;
     this.cursors = [];
     this.cursor = null;
     this.newerCount = 0;
@@ -107,6 +109,7 @@ export class OrderTable {
 
   goOlder() {
     if (!this.rows.length || !this.hasMore) return undefined;
+    this.holdUntil = 0;
     this.cursors.push(this.cursor);
     this.cursor = this.rows[this.rows.length - 1].id;
     return this.load();
@@ -114,6 +117,7 @@ export class OrderTable {
 
   goNewer() {
     if (this.onNewest) return undefined;
+    this.holdUntil = 0;
     this.cursor = this.cursors.pop() ?? null;
     if (this.onNewest) this.newerCount = 0;
     return this.load();
@@ -253,7 +257,7 @@ export class OrderTable {
     const { tbody } = this.o;
     if (this.holding && this.trs.size) {
       // Rows stay put: only the cells of the rows shown are redrawn; the
-      // rest waits for the pointer and the focus to leave.
+      // rest waits for the pointer to leave or rest.
       for (const order of this.rows) {
         const tr = this.trs.get(order.id);
         if (tr && this.dirty.has(order.id)) {
@@ -261,7 +265,7 @@ export class OrderTable {
           this.dirty.delete(order.id);
         }
       }
-      this.summary();
+      this.summary(this.rows.length !== this.trs.size || this.rows.some((o) => !this.trs.has(o.id)));
       return;
     }
     const wanted = new Set(this.rows.map((o) => o.id));
@@ -323,7 +327,8 @@ export class OrderTable {
     updated.textContent = fmtWhen(o.updated_at);
   }
 
-  summary() {
+  /** @param waiting rows are held back (see `holding`) */
+  summary(waiting = false) {
     const { summary, empty, newer, buttons } = this.o;
     const n = this.rows.length;
     empty.hidden = !this.loaded || n > 0;
@@ -331,7 +336,7 @@ export class OrderTable {
     summary.textContent = n
       ? `Page ${page} · ${n} order${n === 1 ? '' : 's'} · #${this.rows[0].id} to #${this.rows[n - 1].id}`
       : `Page ${page}`;
-    if (this.holding && this.trs.size) summary.textContent += ' · new rows wait while the pointer moves over the table';
+    if (waiting) summary.textContent += ' · new rows wait while the pointer moves over the table';
     newer.hidden = this.onNewest || this.newerCount === 0;
     newer.textContent = `${fmtCount(this.newerCount)} newer order${this.newerCount === 1 ? '' : 's'} · show newest`;
     buttons.newest.disabled = this.onNewest;
