@@ -211,6 +211,16 @@ test('with a slow /api/stats, one request at a time, and the totals still come',
   assert.equal(most, 1, 'never two requests for the totals at once');
 });
 
+test('the keyboard focus stays on a row\'s button while its order changes', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Focus Keeper' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  await row(page, id).locator('button').focus();
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await row(page, id).locator('.badge', { hasText: 'Processing' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.evaluate(() => document.activeElement?.closest('tr')?.dataset.id), String(id));
+});
+
 test('status tabs filter the loaded rows and the incoming ones', async (t) => {
   const { page } = await openDashboard(t);
   await clickTab(page, 'processing');

@@ -308,14 +308,17 @@ export class OrderTable {
     for (const cls of ['c-id', 'c-created', 'c-customer', 'c-product', 'c-qty num', 'c-amount num', 'c-status', 'c-updated']) {
       tr.append(el('td', { class: cls }));
     }
+    // Made once: a row's order never changes id, and a button replaced at
+    // every change would take the keyboard focus with it.
+    tr.firstElementChild.append(
+      el('button', { class: 'link', type: 'button', 'aria-label': `Open order ${order.id}` }, `#${order.id}`));
     this.fill(tr, order);
     return tr;
   }
 
   fill(tr, o) {
-    const [id, created, customer, product, qty, amount, status, updated] = tr.children;
+    const [, created, customer, product, qty, amount, status, updated] = tr.children;
     tr.dataset.status = o.status;
-    id.replaceChildren(el('button', { class: 'link', type: 'button', 'aria-label': `Open order ${o.id}` }, `#${o.id}`));
     created.textContent = fmtWhen(o.created_at);
     customer.replaceChildren(el('span', { class: 'customer' }, o.customer_name));
     if (o.customer_email) customer.append(el('span', { class: 'email' }, o.customer_email));
