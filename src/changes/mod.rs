@@ -140,11 +140,8 @@ impl Move {
         actor: &str,
         at: Option<DateTime<Utc>>,
     ) -> Option<Box<Move>> {
-        let (to, from, before) = (customer?, old_customer?, before?);
-        let (to, from) = (fold_case(to), fold_case(from));
-        if to == from {
-            return None;
-        }
+        let (from, to) = moved_between(customer, old_customer)?;
+        let before = before?;
         let leave = Frames::new(pos, &envelope_json(pos, "leave", before, None, actor, at));
         let enter = Frames::new(pos, &envelope_json(pos, "enter", after, None, actor, at));
         Some(Box::new(Move { from, to, leave, enter }))
@@ -169,6 +166,13 @@ impl Move {
             Side::Enter => &self.enter,
         }
     }
+}
+
+/// The customers (folded, see `fold_case`) an order moved from and to, when
+/// a change with these customers after and before it moved it.
+fn moved_between(customer: Option<&str>, old_customer: Option<&str>) -> Option<(String, String)> {
+    let (to, from) = (fold_case(customer?), fold_case(old_customer?));
+    (to != from).then_some((from, to))
 }
 
 /// Which side of a move between customers a confined viewer is on.
@@ -245,19 +249,18 @@ pub fn visible_json(row: &Row, viewer: Option<&str>) -> Option<String> {
     let Some(viewer) = viewer else { return Some(envelope.json) };
     let customer: Option<&str> = row.get(5);
     let old_customer: Option<&str> = row.get(6);
-    let (now, before) = (customer.map(fold_case), old_customer.map(fold_case));
-    match (now, before) {
-        (Some(now), Some(before)) if now != before => {
-            let (op, image) = if before == viewer {
+    match moved_between(customer, old_customer) {
+        Some((from, to)) => {
+            let (op, image) = if from == viewer {
                 ("leave", row.get::<_, Option<&str>>(8)?)
-            } else if now == viewer {
+            } else if to == viewer {
                 ("enter", row.get(7))
             } else {
                 return None;
             };
             Some(envelope_json(envelope.pos, op, image, None, envelope.actor, envelope.at))
         }
-        (now, before) => (now.as_deref() == Some(viewer) || before.as_deref() == Some(viewer)).then_some(envelope.json),
+        None => [customer, old_customer].into_iter().flatten().any(|c| fold_case(c) == viewer).then_some(envelope.json),
     }
 }
 

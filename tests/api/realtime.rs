@@ -779,25 +779,8 @@ async fn a_gap_in_positions_does_not_stall_live_or_resuming_readers() {
 /// doorbell follows, as after the listener's reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_after_a_wide_gap_go_out_in_one_drain() {
-    let app = spawn_app().await;
-    let db = app.sql().await;
-    let mut ws = app.ws("").await;
-    ws.ready().await;
-    dba_insert(&db, "before gap").await;
-    ws.changes(1, WAIT).await;
-    let (admin, name) = cut_off_listener(&db).await;
-    db.execute("SELECT setval('change_position', (SELECT last_value FROM change_position) + 5000)", &[]).await.unwrap();
-    dba_insert(&db, "after gap 1").await;
-    dba_insert(&db, "after gap 2").await;
-    let_in(&admin, &name).await;
-    let first = ws.changes(1, Duration::from_secs(20)).await.remove(0);
-    let published = std::time::Instant::now();
-    let second = ws.changes(1, WAIT).await.remove(0);
-    let apart = published.elapsed();
-    assert_eq!(
-        (&first["order"]["customer_name"], &second["order"]["customer_name"]),
-        (&json!("after gap 1"), &json!("after gap 2"))
-    );
+    let (first, second, apart) = across_a_wide_gap(&[], &["after gap 1", "after gap 2"]).await;
+    assert_eq!((&first[..], &second[..]), ("after gap 1", "after gap 2"));
     assert!(apart < Duration::from_millis(500), "the second commit came {apart:?} after the first");
 }
 
@@ -805,6 +788,16 @@ async fn commits_after_a_wide_gap_go_out_in_one_drain() {
 /// commit past the gap goes out in the same drain, not at the idle tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_past_a_wide_gap_after_another_goes_out_in_the_same_drain() {
+    let (first, second, apart) = across_a_wide_gap(&["before the gap"], &["past the gap"]).await;
+    assert_eq!((&first[..], &second[..]), ("before the gap", "past the gap"));
+    assert!(apart < Duration::from_millis(500), "the commit past the gap came {apart:?} after the one before it");
+}
+
+/// With the listener cut off: `before` committed, the positions moved 5,000
+/// on (a gap wider than one read), `after` committed. Once the listener is
+/// back: the customers of the first two changes a live client gets, and
+/// how long after the first the second came.
+async fn across_a_wide_gap(before: &[&str], after: &[&str]) -> (String, String, Duration) {
     let app = spawn_app().await;
     let db = app.sql().await;
     let mut ws = app.ws("").await;
@@ -812,19 +805,20 @@ async fn a_commit_past_a_wide_gap_after_another_goes_out_in_the_same_drain() {
     dba_insert(&db, "before gap").await;
     ws.changes(1, WAIT).await;
     let (admin, name) = cut_off_listener(&db).await;
-    dba_insert(&db, "before the gap").await;
+    for customer in before {
+        dba_insert(&db, customer).await;
+    }
     db.execute("SELECT setval('change_position', (SELECT last_value FROM change_position) + 5000)", &[]).await.unwrap();
-    dba_insert(&db, "past the gap").await;
+    for customer in after {
+        dba_insert(&db, customer).await;
+    }
     let_in(&admin, &name).await;
     let first = ws.changes(1, Duration::from_secs(20)).await.remove(0);
     let published = std::time::Instant::now();
     let second = ws.changes(1, WAIT).await.remove(0);
     let apart = published.elapsed();
-    assert_eq!(
-        (&first["order"]["customer_name"], &second["order"]["customer_name"]),
-        (&json!("before the gap"), &json!("past the gap"))
-    );
-    assert!(apart < Duration::from_millis(500), "the commit past the gap came {apart:?} after the one before it");
+    let customer = |c: &Value| c["order"]["customer_name"].as_str().unwrap().to_string();
+    (customer(&first), customer(&second), apart)
 }
 
 /// A read too large to arrive within the listener's watchdog (2,000
@@ -839,20 +833,12 @@ async fn a_read_too_large_for_the_watchdog_goes_on_in_smaller_reads() {
     ws.ready().await;
     let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
     let end = head + 600;
-    db.batch_execute(&format!(
-        "ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
-         CREATE FUNCTION change_read(after bigint, lim integer)
-         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
-                        customer text, old_customer text, after_row text, before_row text, actor text,
-                        at timestamptz)
-         LANGUAGE sql STABLE AS $$
-             SELECT * FROM change_read_at_once(after, lim)
-             WHERE (SELECT pg_sleep(CASE WHEN lim > 300 AND after < {end} THEN 6 ELSE 0 END)) IS NOT NULL
-         $$;
-         {KILL_LISTENER}"
-    ))
-    .await
-    .unwrap();
+    wrap_change_read(
+        &db,
+        &format!("(SELECT pg_sleep(CASE WHEN lim > 300 AND after < {end} THEN 6 ELSE 0 END)) IS NOT NULL"),
+    )
+    .await;
+    db.batch_execute(KILL_LISTENER).await.unwrap();
     db.batch_execute(
         "INSERT INTO orders (customer_name, product, quantity, unit_price)
          SELECT 'Bulk ' || g, 'Bolt', 1, 2 FROM generate_series(1, 600) g",
@@ -1007,22 +993,16 @@ async fn feeds_catching_up_from_one_position_share_one_read() {
     }
     let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
     // Reads after `since` are counted, and take a fifth of a second.
-    db.batch_execute(&format!(
-        "CREATE SEQUENCE reads_after_since;
-         ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
-         CREATE FUNCTION change_read(after bigint, lim integer)
-         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
-                        customer text, old_customer text, after_row text, before_row text, actor text,
-                        at timestamptz)
-         LANGUAGE sql VOLATILE AS $$
-             SELECT * FROM change_read_at_once(after, lim)
-             WHERE (SELECT CASE WHEN after = {since} THEN nextval('reads_after_since') END
-                    FROM pg_sleep(CASE WHEN after = {since} THEN 0.2 ELSE 0 END)) IS NOT NULL
-                OR after <> {since}
-         $$"
-    ))
-    .await
-    .unwrap();
+    db.batch_execute("CREATE SEQUENCE reads_after_since").await.unwrap();
+    wrap_change_read(
+        &db,
+        &format!(
+            "(SELECT CASE WHEN after = {since} THEN nextval('reads_after_since') END
+              FROM pg_sleep(CASE WHEN after = {since} THEN 0.2 ELSE 0 END)) IS NOT NULL
+             OR after <> {since}"
+        ),
+    )
+    .await;
     let hub = ordercast::hub::Hub::start(head, 100);
     let mut feeds = Vec::new();
     for _ in 0..40 {
@@ -1056,21 +1036,15 @@ async fn feeds_sharing_a_read_that_fails_read_again_and_catch_up() {
         dba_insert(&db, &format!("failed once {i}")).await;
     }
     let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
-    db.batch_execute(&format!(
-        "CREATE SEQUENCE reads_after_since;
-         ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
-         CREATE FUNCTION change_read(after bigint, lim integer)
-         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
-                        customer text, old_customer text, after_row text, before_row text, actor text,
-                        at timestamptz)
-         LANGUAGE sql VOLATILE AS $$
-             SELECT * FROM change_read_at_once(after, lim)
-             WHERE (SELECT CASE WHEN after = {since} THEN 1 / (nextval('reads_after_since') - 1) ELSE 1 END
-                    FROM pg_sleep(CASE WHEN after = {since} THEN 0.2 ELSE 0 END)) IS NOT NULL
-         $$"
-    ))
-    .await
-    .unwrap();
+    db.batch_execute("CREATE SEQUENCE reads_after_since").await.unwrap();
+    wrap_change_read(
+        &db,
+        &format!(
+            "(SELECT CASE WHEN after = {since} THEN 1 / (nextval('reads_after_since') - 1) ELSE 1 END
+              FROM pg_sleep(CASE WHEN after = {since} THEN 0.2 ELSE 0 END)) IS NOT NULL"
+        ),
+    )
+    .await;
     let hub = ordercast::hub::Hub::start(head, 100);
     let mut feeds = Vec::new();
     for _ in 0..5 {
@@ -1100,21 +1074,15 @@ async fn a_prune_committed_after_a_complete_catch_up_read_is_no_resync() {
     // From now on the feed's log read says so once its snapshot is taken
     // (a sequence: seen at once, outside any transaction), then sleeps half
     // a second; the prune commits meanwhile.
-    db.batch_execute(&format!(
-        "CREATE SEQUENCE read_started;
-         ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
-         CREATE FUNCTION change_read(after bigint, lim integer)
-         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
-                        customer text, old_customer text, after_row text, before_row text, actor text,
-                        at timestamptz)
-         LANGUAGE sql VOLATILE AS $$
-             SELECT * FROM change_read_at_once(after, lim)
-             WHERE after <> {since}
-                OR (SELECT pg_sleep(0.5) FROM (SELECT nextval('read_started')) started) IS NOT NULL
-         $$"
-    ))
-    .await
-    .unwrap();
+    db.batch_execute("CREATE SEQUENCE read_started").await.unwrap();
+    wrap_change_read(
+        &db,
+        &format!(
+            "after <> {since}
+             OR (SELECT pg_sleep(0.5) FROM (SELECT nextval('read_started')) started) IS NOT NULL"
+        ),
+    )
+    .await;
     let pruner = {
         let db = app.sql().await;
         tokio::spawn(async move {
@@ -1254,6 +1222,25 @@ fn assert_position_unknown(v: &Value) {
 }
 
 /// Ends the listener's connection (it reconnects, as after a failover).
+/// Puts `condition` in front of every log read: `change_read` becomes the
+/// original (kept as `change_read_at_once`) filtered by it, with `after` and
+/// `lim` in scope, so that a test can slow, count or fail reads. Volatile:
+/// the condition may call `nextval`.
+async fn wrap_change_read(db: &tokio_postgres::Client, condition: &str) {
+    db.batch_execute(&format!(
+        "ALTER FUNCTION change_read(bigint, integer) RENAME TO change_read_at_once;
+         CREATE FUNCTION change_read(after bigint, lim integer)
+         RETURNS TABLE (pos bigint, op text, order_id bigint, status text, old_status text,
+                        customer text, old_customer text, after_row text, before_row text, actor text,
+                        at timestamptz)
+         LANGUAGE sql VOLATILE AS $$
+             SELECT * FROM change_read_at_once(after, lim) WHERE {condition}
+         $$"
+    ))
+    .await
+    .unwrap();
+}
+
 const KILL_LISTENER: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
      WHERE application_name = 'ordercast-listener' AND datname = current_database()";
 
