@@ -86,6 +86,11 @@ impl Principal {
     pub fn expired(&self) -> bool {
         expired(self.expires_at)
     }
+
+    /// The scopes held, by name, narrowest first.
+    pub fn scope_names(&self) -> Vec<&'static str> {
+        [Scope::Read, Scope::Write, Scope::Admin].into_iter().filter(|s| self.has(*s)).map(Scope::as_str).collect()
+    }
 }
 
 /// Whether a token expiring at `expires_at` (Unix seconds; None: never)
@@ -264,7 +269,13 @@ pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     if path == "/metrics" || path.starts_with("/api/dlq") {
         return Some(Scope::Admin);
     }
-    if path == "/api/health" || path == "/api/openapi.json" || !(path.starts_with("/api/") || path == "/ws") {
+    // `/api/session` authenticates the token itself: signing in needs none,
+    // and signing out or asking who one is no particular scope.
+    if path == "/api/health"
+        || path == "/api/openapi.json"
+        || path == "/api/session"
+        || !(path.starts_with("/api/") || path == "/ws")
+    {
         return None;
     }
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
@@ -408,17 +419,7 @@ pub async fn guard(
             if scope == Scope::Write {
                 let key = rate_key(state.auth.is_some(), req.peer_addr(), &p);
                 if let Err(retry) = state.write_limiter.check(&key) {
-                    let resp = crate::error::problem_response(
-                        actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-                        "rate_limited",
-                        &format!("too many writes; retry in {retry} s"),
-                    );
-                    let mut resp = resp;
-                    resp.headers_mut().insert(
-                        actix_web::http::header::RETRY_AFTER,
-                        actix_web::http::header::HeaderValue::from(retry),
-                    );
-                    return Ok(req.into_response(resp));
+                    return Ok(req.into_response(rate_limited("too many writes", retry)));
                 }
             }
             req.extensions_mut().insert(p);
@@ -431,19 +432,33 @@ pub async fn guard(
             req.extensions_mut().insert(e);
             next.call(req).await
         }
-        Err(e) => {
-            let status =
-                actix_web::http::StatusCode::from_u16(e.status()).unwrap_or(actix_web::http::StatusCode::UNAUTHORIZED);
-            let mut resp = crate::error::problem_response(status, e.code(), &e.to_string());
-            if e.status() == 401 {
-                resp.headers_mut().insert(
-                    actix_web::http::header::WWW_AUTHENTICATE,
-                    actix_web::http::header::HeaderValue::from_static("Bearer"),
-                );
-            }
-            Ok(req.into_response(resp))
-        }
+        Err(e) => Ok(req.into_response(refusal(&e))),
     }
+}
+
+/// The answer to a request refused for its token: 401 (with
+/// `WWW-Authenticate: Bearer`) or 403, with the reason's code.
+pub fn refusal(e: &AuthError) -> actix_web::HttpResponse {
+    let status = actix_web::http::StatusCode::from_u16(e.status()).unwrap_or(actix_web::http::StatusCode::UNAUTHORIZED);
+    let mut resp = crate::error::problem_response(status, e.code(), &e.to_string());
+    if e.status() == 401 {
+        resp.headers_mut().insert(
+            actix_web::http::header::WWW_AUTHENTICATE,
+            actix_web::http::header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+/// 429 `rate_limited`: `what` (too many writes, say), retry in `retry` s.
+pub fn rate_limited(what: &str, retry: u64) -> actix_web::HttpResponse {
+    let mut resp = crate::error::problem_response(
+        actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        &format!("{what}; retry in {retry} s"),
+    );
+    resp.headers_mut().insert(actix_web::http::header::RETRY_AFTER, actix_web::http::header::HeaderValue::from(retry));
+    resp
 }
 
 #[cfg(test)]
@@ -542,6 +557,8 @@ mod tests {
         assert_eq!(required_scope(&Method::GET, "/ws"), Some(Scope::Read));
         assert_eq!(required_scope(&Method::GET, "/metrics"), Some(Scope::Admin));
         assert_eq!(required_scope(&Method::GET, "/api/dlq"), Some(Scope::Admin));
+        assert_eq!(required_scope(&Method::POST, "/api/session"), None);
+        assert_eq!(required_scope(&Method::DELETE, "/api/session"), None);
         assert_eq!(required_scope(&Method::GET, "/api/health"), None);
         assert_eq!(required_scope(&Method::GET, "/"), None);
         assert_eq!(required_scope(&Method::GET, "/js/app.js"), None);

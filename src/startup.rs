@@ -247,6 +247,7 @@ fn app(
         .configure(routes::health::configure)
         .configure(routes::orders::configure)
         .configure(routes::stats::configure)
+        .configure(routes::session::configure)
         .configure(routes::changes::configure)
         .configure(routes::dlq::configure)
         .configure(routes::sse::configure)

@@ -6,6 +6,7 @@ pub mod filter;
 mod order;
 
 pub use filter::{fold_case, Filter};
+pub(crate) use order::{object, reject_unknown};
 pub use order::{NewOrder, OrderPatch, Status};
 
 /// A rejected input: which field, a stable code, and a human message.

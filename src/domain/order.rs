@@ -103,11 +103,11 @@ pub struct OrderPatch {
     pub version: Option<i32>,
 }
 
-fn object(value: &Value) -> Result<&Map<String, Value>, ValidationError> {
+pub(crate) fn object(value: &Value) -> Result<&Map<String, Value>, ValidationError> {
     value.as_object().ok_or_else(|| ValidationError::with_code("body", "invalid_body", "expected a JSON object"))
 }
 
-fn reject_unknown(map: &Map<String, Value>, known: &[&str]) -> Result<(), ValidationError> {
+pub(crate) fn reject_unknown(map: &Map<String, Value>, known: &[&str]) -> Result<(), ValidationError> {
     match map.keys().find(|k| !known.contains(&k.as_str())) {
         None => Ok(()),
         Some(k) => Err(ValidationError::with_code(

@@ -9,6 +9,7 @@ pub mod health;
 pub mod metrics;
 pub mod openapi;
 pub mod orders;
+pub mod session;
 pub mod sse;
 pub mod stats;
 pub mod web;

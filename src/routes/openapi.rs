@@ -135,7 +135,7 @@ pub struct ProblemDoc {
     info(
         title = "ordercast",
         description = "Live order changes from PostgreSQL to browsers. Realtime protocol (WebSocket /ws and SSE /api/events): see the README. \
-                       With authentication on, every route but /api/health, this document and the dashboard's files answers \
+                       With authentication on, every route but /api/health, /api/session, this document and the dashboard's files answers \
                        401 (missing_token, invalid_token, token_expired) without a valid token and 403 (insufficient_scope) without its scope; \
                        writes over the rate limit answer 429 (rate_limited), and any route 503 (database_unavailable, \
                        shutting_down) with Retry-After. Errors are application/problem+json with a stable code."
@@ -158,6 +158,9 @@ pub struct ProblemDoc {
         crate::routes::sse::order_events,
         crate::routes::changes::recent,
         crate::routes::metrics::metrics,
+        crate::routes::session::sign_in,
+        crate::routes::session::who,
+        crate::routes::session::sign_out,
         openapi_json,
     ),
     components(schemas(

@@ -42,7 +42,7 @@ const KEYS: &str = "reader:readersecret:read,writer:writersecret:read+write,ops:
                     ada:adasecret1:read+write:customer=Ada";
 const JWT_SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-async fn secured() -> TestApp {
+pub(crate) async fn secured() -> TestApp {
     spawn_app_with(|s| {
         s.api_keys = Some(ordercast::config::Secret(KEYS.into()));
         s.jwt_secret = Some(ordercast::config::Secret(JWT_SECRET.into()));
@@ -51,7 +51,7 @@ async fn secured() -> TestApp {
     .await
 }
 
-fn jwt(exp_offset: i64, scope: &str) -> String {
+pub(crate) fn jwt(exp_offset: i64, scope: &str) -> String {
     jwt_expiring_at(chrono::Utc::now().timestamp() + exp_offset, scope)
 }
 
@@ -70,7 +70,7 @@ fn signed_jwt(claims: &Value) -> String {
 }
 
 /// A server with these API keys, and JWTs signed with `JWT_SECRET`.
-async fn with_keys(keys: &str) -> TestApp {
+pub(crate) async fn with_keys(keys: &str) -> TestApp {
     let keys = keys.to_string();
     spawn_app_with(move |s| {
         s.api_keys = Some(ordercast::config::Secret(keys));

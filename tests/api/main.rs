@@ -5,3 +5,4 @@ mod hardening;
 mod helpers;
 mod orders;
 mod realtime;
+mod session;

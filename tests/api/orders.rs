@@ -723,6 +723,9 @@ async fn the_openapi_document_matches_the_real_routes() {
         ("/ws", "get"),
         ("/api/openapi.json", "get"),
         ("/metrics", "get"),
+        ("/api/session", "get"),
+        ("/api/session", "post"),
+        ("/api/session", "delete"),
     ];
     let documented: HashSet<(String, String)> = paths
         .iter()

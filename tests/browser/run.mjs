@@ -589,12 +589,42 @@ test('with tokens configured, the dashboard asks for one, then goes live', async
   const id = Number(await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
     VALUES ('Token Holder', 'Key', 1, 1) RETURNING id`));
   await row(page, id).waitFor({ timeout: 5000 });
-  // A read-only token may look but not touch: the server's refusal is shown.
-  await page.getByRole('button', { name: 'Random order' }).click();
-  await page.locator('.toast-error', { hasText: /write/ }).waitFor({ timeout: 5000 });
+  // The token is in an HttpOnly cookie: no script on the page can read it.
+  assert.equal(await page.evaluate(() => document.cookie), '');
+  const [cookie] = await page.context().cookies();
+  assert.deepEqual([cookie.name, cookie.value, cookie.httpOnly, cookie.sameSite], ['ordercast_token', 'viewer-secret-1', true, 'Strict']);
+  // A read-only token may look but is offered no changes.
+  await page.locator('html[data-read-only]').waitFor({ state: 'attached', timeout: 5000 });
+  assert.equal(await page.getByRole('button', { name: 'New order' }).isVisible(), false);
+  assert.equal(await page.getByRole('button', { name: 'Random order' }).isVisible(), false);
+  await row(page, id).locator('button').click();
+  await page.locator('#detail-fields dd', { hasText: 'Token Holder' }).waitFor();
+  assert.equal(await page.locator('#detail-actions').isVisible(), false, 'no status change, cancel or delete');
+  await page.locator('#detail [data-close]').first().click();
   assert.equal(await page.locator('#dlq-section').isVisible(), false, 'dead letters need the admin scope');
   await page.getByRole('button', { name: 'Sign out' }).click();
   await dialog.waitFor({ state: 'visible', timeout: 10000 });
+  assert.deepEqual(await page.context().cookies(), [], 'signing out removes the cookie');
+  // A writer is offered changes.
+  await submitToken(dialog, 'ops-secret-2');
+  await live(page);
+  await page.getByRole('button', { name: 'New order' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('html[data-read-only]').count(), 0);
+});
+
+test('a token an older dashboard kept readable by scripts is handed to the server and kept out of their reach', async (t) => {
+  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
+  t.cleanup = () => secured.cleanup();
+  await secured.start();
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  await page.context().addCookies([{ name: 'ordercast_token', value: 'ops-secret-2', url: secured.url, sameSite: 'Strict' }]);
+  await page.goto(secured.url);
+  await live(page);
+  await page.waitForFunction(() => document.cookie === '', null, { timeout: 5000 });
+  const [cookie] = await page.context().cookies();
+  assert.deepEqual([cookie.value, cookie.httpOnly], ['ops-secret-2', true]);
+  assert.equal(await page.locator('#signin').isVisible(), false);
 });
 
 test('with a customer-confined token, an order moved away leaves the page and one moved in appears', async (t) => {

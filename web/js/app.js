@@ -208,6 +208,9 @@ showThemeButton();
 
 // --- start ------------------------------------------------------------------------------
 async function start() {
+  // What the token may do (a 401 opens the sign-in); meanwhile, and if
+  // unknown, everything shows and the server refuses what it must.
+  signIn.load();
   stats.refresh();
   for (let delay = 1000; !(await table.load()); delay = Math.min(delay * 2, 10000)) {
     await new Promise((r) => setTimeout(r, delay));

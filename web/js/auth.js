@@ -1,21 +1,16 @@
-// Signing in, for servers started with API keys or a JWT secret. The token
-// is kept in the `ordercast_token` cookie, which the server reads on every
-// request, WebSocket and EventSource of this origin: nothing else in the
-// dashboard needs to know about it. With authentication off (the default on
-// loopback) none of this shows.
+// Signing in, for servers started with API keys or a JWT secret. The server
+// keeps the token in the `ordercast_token` cookie (POST /api/session), which
+// it sets HttpOnly: it goes with every request, WebSocket and EventSource of
+// this origin, and no script on the page can read it, an injected one
+// neither. GET /api/session says what the token may do, and the page offers
+// only that. With authentication off (the default on loopback) none of this
+// shows.
 
 import { ApiError, request, setUnauthorizedHandler } from './api.js';
+import { toast } from './toast.js';
 
+/** The cookie's name: dashboards before /api/session kept it readable by scripts. */
 const COOKIE = 'ordercast_token';
-/** Characters a cookie value can carry as is. */
-const COOKIE_SAFE = /^[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]+$/;
-
-export const signedIn = () => document.cookie.split(';').some((c) => c.trim().startsWith(`${COOKIE}=`));
-
-function setCookie(value, maxAge) {
-  const secure = location.protocol === 'https:' ? '; Secure' : '';
-  document.cookie = `${COOKIE}=${value}; Path=/; Max-Age=${maxAge}; SameSite=Strict${secure}`;
-}
 
 export class SignIn {
   constructor(dialog, signOutButton) {
@@ -23,16 +18,55 @@ export class SignIn {
     this.form = dialog.querySelector('form');
     this.input = dialog.querySelector('#f-token');
     this.error = dialog.querySelector('#e-token');
+    this.signOut = signOutButton;
     this.form.addEventListener('submit', (ev) => {
       ev.preventDefault();
       this.submit();
     });
-    signOutButton.hidden = !signedIn();
-    signOutButton.addEventListener('click', () => {
-      setCookie('', 0);
+    signOutButton.addEventListener('click', async () => {
+      try {
+        await request('DELETE', '/api/session');
+      } catch (e) {
+        toast(`Not signed out: ${e.message}`, 'error');
+        return;
+      }
       location.reload();
     });
     setUnauthorizedHandler(() => this.open());
+  }
+
+  /**
+   * Who the page's token is: {authentication, name, scopes, customer,
+   * expires_at}, or null when the server cannot tell now (a 401 has then
+   * opened the sign-in). Shows what the token may do: without `write`, the
+   * page offers no changes.
+   */
+  async load() {
+    await this.secureOlderCookie();
+    let me;
+    try {
+      me = await request('GET', '/api/session');
+    } catch {
+      return null;
+    }
+    this.signOut.hidden = !me.authentication;
+    document.documentElement.toggleAttribute('data-read-only', !me.scopes.includes('write'));
+    return me;
+  }
+
+  /**
+   * A token an older dashboard kept in a cookie scripts can read goes to
+   * the server, which keeps it in its HttpOnly cookie in its place.
+   */
+  async secureOlderCookie() {
+    const old = document.cookie.split(';').map((c) => c.trim()).find((c) => c.startsWith(`${COOKIE}=`));
+    if (!old) return;
+    try {
+      await request('POST', '/api/session', { body: { token: old.slice(COOKIE.length + 1) } });
+    } catch {
+      // No longer valid (or authentication is off): forget it.
+      document.cookie = `${COOKIE}=; Path=/; Max-Age=0; SameSite=Strict`;
+    }
   }
 
   open() {
@@ -45,19 +79,16 @@ export class SignIn {
   async submit() {
     const token = this.input.value.trim();
     this.error.textContent = '';
-    if (!COOKIE_SAFE.test(token)) {
-      this.error.textContent = 'Enter the token as issued (no spaces, quotes, commas or semicolons).';
+    if (!token) {
+      this.error.textContent = 'Enter the token as issued.';
       return;
     }
     try {
-      // What every token with the read scope may ask, also one confined to
-      // a customer (which /api/stats refuses with 403).
-      await request('GET', '/api/orders?limit=1', { headers: { Authorization: `Bearer ${token}` } });
+      await request('POST', '/api/session', { body: { token } });
     } catch (e) {
       this.error.textContent = e instanceof ApiError && e.status === 401 ? `Not accepted: ${e.message}` : e.message;
       return;
     }
-    setCookie(token, 30 * 24 * 3600);
     location.reload();
   }
 }
