@@ -708,6 +708,33 @@ test('when WebSocket fails the page falls back to SSE', async (t) => {
   await row(page, id).locator('.badge', { hasText: 'Failed' }).waitFor({ timeout: 5000 });
 });
 
+test('over SSE, a stream silent for 40 s is taken as dead and opened again from its position', async (t) => {
+  const opened = [];
+  const { page } = await openDashboard(t, {
+    before: async (p) => {
+      // The page's clock can jump: 40 s of silence without waiting for them.
+      await p.clock.install();
+      await p.routeWebSocket(/\/ws/, (ws) => ws.close({ code: 1011, reason: 'WebSocket blocked by the test' }));
+      p.on('request', (r) => {
+        if (new URL(r.url()).pathname === '/api/events') opened.push(new URL(r.url()).searchParams.get('since'));
+      });
+    },
+  });
+  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
+  const id = await insertOrder({ customer: 'Before the silence' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  const streams = opened.length;
+  // The server's heartbeats come every 15 s of real time: none arrives
+  // while the page's clock jumps 45 s, as when a NAT forgot the connection.
+  await page.clock.fastForward('00:45');
+  await page.waitForFunction(() => document.querySelector('#connection').dataset.phase !== 'connected', null, { timeout: 5000 });
+  await live(page);
+  assert.ok(opened.length > streams, 'a new stream was opened');
+  assert.ok(Number(opened.at(-1)) > Number(opened[0]), `the new stream resumes past the order shown (${opened})`);
+  const after = await insertOrder({ customer: 'After the silence' });
+  await row(page, after).waitFor({ timeout: 5000 });
+});
+
 test('a killed server shows reconnecting, and rows written meanwhile appear exactly once', async (t) => {
   const { page } = await openDashboard(t);
   await page.evaluate(() => {
