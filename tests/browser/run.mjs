@@ -280,6 +280,10 @@ test('older pages are reached by keyset paging, and newer orders are announced t
   const expected = (await server.sql(`SELECT id FROM orders WHERE id < ${first[49]} ORDER BY id DESC LIMIT 50`)).split('\n').map(Number);
   assert.deepEqual(second, expected);
   assert.match(await page.locator('#orders-summary').textContent(), /Page 2/);
+  // Screen readers are told the page once; the summary itself is not live.
+  const said = page.locator('#orders-status[role="status"]');
+  assert.equal(await said.textContent(), `Page 2 · 50 orders · #${second[0]} to #${second[49]}`);
+  assert.equal(await page.locator('#orders-summary').getAttribute('aria-live'), null);
   // A new order does not push rows around on page 2; it is announced.
   const id = await insertOrder({ customer: 'While on page two' });
   const notice = page.locator('#newer-notice', { hasText: '1 newer order' });
@@ -291,6 +295,11 @@ test('older pages are reached by keyset paging, and newer orders are announced t
   await notice.click();
   await row(page, id).waitFor({ timeout: 5000 });
   assert.equal((await tableIds(page))[0], id);
+  await said.filter({ hasText: `Page 1 · 50 orders · #${id} to` }).waitFor({ timeout: 5000 });
+  // Live orders on page 1 change the summary, not what was said.
+  const later = await insertOrder({ customer: 'After the announcement' });
+  await page.locator('#orders-summary', { hasText: `#${later} to` }).waitFor({ timeout: 5000 });
+  assert.match(await said.textContent(), new RegExp(`^Page 1 · 50 orders · #${id} to`));
 });
 
 test('a tab clicked before the first page arrives still opens the stream at the page\'s position', async (t) => {

@@ -44,6 +44,7 @@ const table = new OrderTable({
   tbody: $('orders-body'),
   empty: $('orders-empty'),
   summary: $('orders-summary'),
+  status: $('orders-status'),
   newer: $('newer-notice'),
   buttons: { newest: $('page-newest'), newer: $('page-newer'), older: $('page-older') },
   recent: () => recent,

@@ -37,6 +37,7 @@ export class OrderTable {
   /**
    * @param {object} opts
    *   tbody, empty, summary, newer, buttons {newest, newer, older}
+   *   status: a live region, told what a page the user asked for holds
    *   recent: () => changes received so far that may be newer than a page (oldest first)
    *   streamPosition: () => the position the stream has reached
    *   onOpen(id): open an order
@@ -165,6 +166,7 @@ export class OrderTable {
       this.position = Math.max(this.position, this.o.streamPosition());
       this.loaded = true;
       this.render();
+      this.announce();
       return true;
     }
     this.o.onError('Could not load a consistent page of orders: too many changes at once; try again');
@@ -335,15 +337,36 @@ export class OrderTable {
     const { summary, empty, newer, buttons } = this.o;
     const n = this.rows.length;
     empty.hidden = !this.loaded || n > 0;
-    const page = this.cursors.length + 1;
-    summary.textContent = n
-      ? `Page ${page} · ${n} order${n === 1 ? '' : 's'} · #${this.rows[0].id} to #${this.rows[n - 1].id}`
-      : `Page ${page}`;
-    if (waiting) summary.textContent += ' · new rows wait while the pointer moves over the table';
+    let text = this.describe();
+    if (waiting) text += ' · new rows wait while the pointer moves over the table';
+    // Written only when it changes: at every draw it would be a new text
+    // node each time, which assistive technology may read out again.
+    if (summary.textContent !== text) summary.textContent = text;
     newer.hidden = this.onNewest || this.newerCount === 0;
     newer.textContent = `${fmtCount(this.newerCount)} newer order${this.newerCount === 1 ? '' : 's'} · show newest`;
     buttons.newest.disabled = this.onNewest;
     buttons.newer.disabled = this.onNewest;
     buttons.older.disabled = !this.hasMore || n === 0;
+  }
+
+  describe() {
+    const n = this.rows.length;
+    const page = this.cursors.length + 1;
+    return n
+      ? `Page ${page} · ${n} order${n === 1 ? '' : 's'} · #${this.rows[0].id} to #${this.rows[n - 1].id}`
+      : `Page ${page}`;
+  }
+
+  /**
+   * Says what a loaded page holds, once: screen readers hear the outcome of
+   * a page, tab or search the user asked for, not every live change to the
+   * rows (the summary beside the pager, which follows them, is not live).
+   */
+  announce() {
+    const { status } = this.o;
+    if (!status) return;
+    const text = this.rows.length ? this.describe() : `Page ${this.cursors.length + 1} · no orders match`;
+    // The same words again (the same page reloaded) are still said.
+    status.textContent = status.textContent === text ? `${text}\u00a0` : text;
   }
 }
