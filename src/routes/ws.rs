@@ -165,8 +165,13 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
         actix_http::ws::handshake(req.head())
             .map_err(|e| ApiError::BadRequest(format!("not a WebSocket handshake: {e}"), "websocket_handshake_failed"))
     };
+    // A refused handshake holds a place under the connection limits too
+    // while it closes (up to CLOSE_LINGER): refusals cannot pile up beyond
+    // what one address, or everyone, may hold.
+    let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     if let Some((code, reason)) = refusal {
-        return Ok(switch(handshake()?, Handoff::Refuse { code, reason }));
+        let slot = state.connections.acquire(ip).map_err(too_many)?;
+        return Ok(switch(handshake()?, Handoff::Refuse { code, reason, slot }));
     }
     // A query a browser got wrong is refused so that it can read why too
     // (a browser's WebSocket shows neither the status nor the body of a
@@ -175,13 +180,13 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
         Ok(params) => params,
         Err(e) if actix_http::ws::verify_handshake(req.head()).is_ok() => {
             let reason = format!("{}: {e}", e.code());
-            return Ok(switch(handshake()?, Handoff::Refuse { code: CLOSE_INVALID_QUERY, reason }));
+            let slot = state.connections.acquire(ip).map_err(too_many)?;
+            return Ok(switch(handshake()?, Handoff::Refuse { code: CLOSE_INVALID_QUERY, reason, slot }));
         }
         Err(e) => return Err(e),
     };
     refuse_while_shutting_down(&state)?;
     let principal = crate::auth::principal(&req);
-    let ip = req.peer_addr().map(|a| a.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     let slot = state.connections.acquire(ip).map_err(too_many)?;
     restrict(&mut params, &principal);
     let handshake = handshake()?;
@@ -200,8 +205,9 @@ fn switch(mut handshake: actix_http::ResponseBuilder, handoff: Handoff) -> HttpR
 
 /// What an accepted WebSocket handshake continues with.
 pub enum Handoff {
-    /// Close at once with this code and reason (auth, origin).
-    Refuse { code: u16, reason: String },
+    /// Close at once with this code and reason (auth, origin, query),
+    /// holding a place under the connection limits until closed.
+    Refuse { code: u16, reason: String, slot: crate::limits::ConnectionSlot },
     /// Stream changes.
     Session(Box<Session>),
 }
@@ -221,8 +227,9 @@ pub struct Session {
 /// its handshake.
 pub fn start(io: tokio::net::TcpStream, early: bytes::BytesMut, handoff: Handoff) {
     match handoff {
-        Handoff::Refuse { code, reason } => {
+        Handoff::Refuse { code, reason, slot } => {
             actix_web::rt::spawn(async move {
+                let _slot = slot;
                 let socket = match Socket::take_over(io, early, 125) {
                     Ok(s) => s,
                     Err(e) => {

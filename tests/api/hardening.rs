@@ -725,6 +725,29 @@ async fn connection_write_and_subscribe_limits_are_enforced() {
     full(status, body);
 }
 
+/// A refused WebSocket handshake (a bad token, a bad query) holds a place
+/// under the connection limits while it closes (up to a second when the
+/// client does not answer the close): refusals cannot pile up beyond what an
+/// address may hold. Before, they were not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_handshakes_count_against_the_connection_limits_while_they_close() {
+    let app = spawn_app_with(|s| {
+        s.api_keys = Some(ordercast::config::Secret("reader:readersecret:read".into()));
+        s.max_connections_per_ip = 2;
+    })
+    .await;
+    let url = |query: &str| format!("ws://127.0.0.1:{}/ws?{query}", app.port);
+    // Neither client reads, so neither answers its close.
+    let (_bad_token, _) = tokio_tungstenite::connect_async(url("access_token=nope")).await.unwrap();
+    let (_bad_query, _) = tokio_tungstenite::connect_async(url("access_token=readersecret&status=nope")).await.unwrap();
+    let (status, body) = app.ws_refused("/ws?access_token=nope").await;
+    assert_eq!((status, body["code"].as_str()), (429, Some("too_many_connections")), "{body}");
+    // Once they have closed, their places are free again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (closed, msgs) = ws_at(&app, "/ws?access_token=readersecret", &[]).await;
+    assert_eq!((closed, msgs.last().map(|m| m["type"].clone())), (None, Some(json!("ready"))));
+}
+
 /// Streams read the log through connections of their own: however many of
 /// them catch up at once (here they wait behind a DBA's lock on the log),
 /// the REST API keeps its connections. Before, they shared one pool and the
