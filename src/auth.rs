@@ -109,6 +109,9 @@ pub enum AuthError {
     Expired,
     #[error("this token lacks the {0} scope")]
     Forbidden(&'static str),
+    /// This address failed too many token checks: retry in this many seconds.
+    #[error("too many invalid tokens from this address; retry in {0} s")]
+    Throttled(u64),
 }
 
 impl AuthError {
@@ -118,12 +121,14 @@ impl AuthError {
             AuthError::Invalid => "invalid_token",
             AuthError::Expired => "token_expired",
             AuthError::Forbidden(_) => "insufficient_scope",
+            AuthError::Throttled(_) => "rate_limited",
         }
     }
 
     pub fn status(&self) -> u16 {
         match self {
             AuthError::Forbidden(_) => 403,
+            AuthError::Throttled(_) => 429,
             _ => 401,
         }
     }
@@ -132,6 +137,8 @@ impl AuthError {
     pub fn close_code(&self) -> u16 {
         match self {
             AuthError::Forbidden(_) => 4003,
+            // Try Again Later (RFC 6455's registry).
+            AuthError::Throttled(_) => 1013,
             _ => 4001,
         }
     }
@@ -142,7 +149,14 @@ pub struct Auth {
     /// secret -> principal
     keys: HashMap<String, Principal>,
     jwt: Option<DecodingKey>,
+    /// Invalid tokens per client address (see [`Auth::check`]).
+    failures: crate::limits::RateLimiter,
 }
+
+/// Invalid tokens one address may send at once, and then per second: far
+/// more than typing mistakes need, far too few to guess a key.
+const FAILURE_BURST: f64 = 50.0;
+const FAILURE_RATE: f64 = 5.0;
 
 #[derive(Deserialize)]
 struct Claims {
@@ -201,7 +215,26 @@ impl Auth {
             Some(s) => Some(DecodingKey::from_secret(s.as_bytes())),
             None => None,
         };
-        Ok((!keys.is_empty() || jwt.is_some()).then_some(Auth { keys, jwt }))
+        let failures = crate::limits::RateLimiter::new(FAILURE_RATE, FAILURE_BURST);
+        Ok((!keys.is_empty() || jwt.is_some()).then_some(Auth { keys, jwt, failures }))
+    }
+
+    /// [`Auth::authenticate`] for a request from `client`: each invalid
+    /// token counts against the client's address (an IPv6 client's /64),
+    /// and an address over [`FAILURE_BURST`] invalid tokens, then
+    /// [`FAILURE_RATE`] per second, has none checked until it is back under
+    /// (`Throttled`, 429), a valid one neither: guessing a key gets no
+    /// answer faster than that, on any route.
+    pub fn check(&self, client: Option<std::net::IpAddr>, token: &str) -> Result<Principal, AuthError> {
+        let key = client.map(|ip| crate::limits::client_key(ip).to_string());
+        if let Some(retry) = key.as_deref().and_then(|k| self.failures.blocked(k)) {
+            return Err(AuthError::Throttled(retry));
+        }
+        let result = self.authenticate(token);
+        if let (Err(AuthError::Invalid), Some(k)) = (&result, &key) {
+            let _ = self.failures.check(k);
+        }
+        result
     }
 
     pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
@@ -246,21 +279,39 @@ impl Auth {
 /// of another scheme (a proxy's Basic credentials, say) is not ordercast's,
 /// and the cookie or the query may still carry the token.
 pub fn token(req: &actix_web::HttpRequest) -> Option<String> {
+    token_from(req).map(|(t, _)| t)
+}
+
+/// Where a request's token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Header,
+    /// A cookie: the one named here.
+    Cookie(&'static str),
+    Query,
+}
+
+/// The token of a request, and where it came from (see [`token`]).
+pub fn token_from(req: &actix_web::HttpRequest) -> Option<(String, TokenSource)> {
     if let Some(v) = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
         if let Some((scheme, token)) = v.trim().split_once(' ') {
             if scheme.eq_ignore_ascii_case("bearer") {
-                return Some(token.trim().to_string());
+                return Some((token.trim().to_string(), TokenSource::Header));
             }
         }
     }
     if let Some(cookies) = req.headers().get(actix_web::http::header::COOKIE).and_then(|c| c.to_str().ok()) {
-        if let Some(v) = cookies.split(';').find_map(|c| c.trim().strip_prefix("ordercast_token=")) {
-            return Some(v.to_string());
+        // The cookie `POST /api/session` sets over HTTPS first: no other
+        // site can set one of that name (a sibling domain could set the other).
+        for name in crate::routes::session::COOKIES {
+            if let Some(v) = cookies.split(';').find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('=')) {
+                return Some((v.to_string(), TokenSource::Cookie(name)));
+            }
         }
     }
     form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "access_token")
-        .map(|(_, v)| v.into_owned())
+        .map(|(_, v)| (v.into_owned(), TokenSource::Query))
 }
 
 /// Which scope a request needs; `None`: public (health, docs, the
@@ -410,7 +461,7 @@ pub async fn guard(
         None => Ok(Principal::anonymous(peer_ip(req.request()))),
         Some(auth) => match token(req.request()) {
             None => Err(AuthError::Missing),
-            Some(t) => auth.authenticate(&t),
+            Some(t) => auth.check(req.peer_addr().map(|a| a.ip()), &t),
         }
         .and_then(|p| if p.has(scope) { Ok(p) } else { Err(AuthError::Forbidden(scope.as_str())) }),
     };
@@ -446,6 +497,10 @@ pub fn refusal(e: &AuthError) -> actix_web::HttpResponse {
             actix_web::http::header::WWW_AUTHENTICATE,
             actix_web::http::header::HeaderValue::from_static("Bearer"),
         );
+    }
+    if let AuthError::Throttled(retry) = e {
+        resp.headers_mut()
+            .insert(actix_web::http::header::RETRY_AFTER, actix_web::http::header::HeaderValue::from(*retry));
     }
     resp
 }

@@ -101,6 +101,18 @@ impl RateLimiter {
         RateLimiter { rate, burst: burst.max(1.0), buckets: Mutex::new(HashMap::new()) }
     }
 
+    /// The whole seconds until `key` may go on, if it has nothing left now;
+    /// takes nothing from its bucket.
+    pub fn blocked(&self, key: &str) -> Option<u64> {
+        if self.rate <= 0.0 {
+            return None;
+        }
+        let buckets = self.buckets.lock().unwrap();
+        let (tokens, last) = buckets.get(key)?;
+        let tokens = (tokens + last.elapsed().as_secs_f64() * self.rate).min(self.burst);
+        (tokens < 1.0).then(|| ((1.0 - tokens) / self.rate).ceil().max(1.0) as u64)
+    }
+
     /// Ok, or the number of whole seconds to wait before retrying.
     pub fn check(&self, key: &str) -> Result<(), u64> {
         if self.rate <= 0.0 {
@@ -165,5 +177,17 @@ mod tests {
         assert_eq!(r.check("k"), Err(1));
         assert!(r.check("other").is_ok());
         assert!(RateLimiter::new(0.0, 1.0).check("k").is_ok());
+    }
+
+    #[test]
+    fn blocked_looks_without_taking() {
+        let r = RateLimiter::new(1.0, 2.0);
+        assert_eq!(r.blocked("k"), None, "an unknown key has its whole burst");
+        assert!(r.check("k").is_ok());
+        assert_eq!(r.blocked("k"), None);
+        assert_eq!(r.blocked("k"), None, "looking takes nothing");
+        assert!(r.check("k").is_ok());
+        assert_eq!(r.blocked("k"), Some(1));
+        assert_eq!(RateLimiter::new(0.0, 1.0).blocked("k"), None);
     }
 }

@@ -70,7 +70,7 @@ pub async fn health(req: HttpRequest, state: web::Data<AppState>) -> HttpRespons
     let admin = match &state.auth {
         None => true,
         Some(auth) => crate::auth::token(&req)
-            .and_then(|t| auth.authenticate(&t).ok())
+            .and_then(|t| auth.check(req.peer_addr().map(|a| a.ip()), &t).ok())
             .is_some_and(|p| p.has(crate::auth::Scope::Admin)),
     };
     let body = if admin {

@@ -1,9 +1,11 @@
 //! `/api/session`: signing a browser in and out, and who the caller is.
 //!
-//! `POST` checks a token and keeps it in the `ordercast_token` cookie,
-//! `HttpOnly` (a script on the page, an injected one too, cannot read it),
-//! `SameSite=Strict`, `Secure` over HTTPS, for as long as the token is valid
-//! (30 days at most). The browser then sends it with every request,
+//! `POST` checks a token and keeps it in a cookie, `HttpOnly` (a script on
+//! the page, an injected one too, cannot read it) and `SameSite=Strict`, for
+//! as long as the token is valid (30 days at most). Over HTTPS the cookie is
+//! `Secure` and named `__Host-ordercast_token`, which only this host can set
+//! (a sibling domain could plant an `ordercast_token` cookie); over plain
+//! HTTP it is `ordercast_token`. The browser then sends it with every request,
 //! WebSocket handshake and EventSource of this origin. `GET` says who the
 //! token is: its name, scopes and customer, so the dashboard offers only
 //! what the token may do. `DELETE` forgets the cookie.
@@ -21,7 +23,13 @@ use crate::domain::ValidationError;
 use crate::error::{problem_response, ApiError};
 use crate::startup::AppState;
 
-pub const COOKIE: &str = "ordercast_token";
+/// The cookies a token is read from, in this order (`auth::token`).
+pub const COOKIES: [&str; 2] = [SECURE_COOKIE, COOKIE];
+const SECURE_COOKIE: &str = "__Host-ordercast_token";
+const COOKIE: &str = "ordercast_token";
+/// The longest cookie browsers keep (RFC 6265 asks for at least 4,096
+/// bytes of name and value; they keep no more).
+const COOKIE_MAX: usize = 4096;
 /// How long a cookie keeps a token that does not expire (an API key).
 const MAX_AGE_SECS: i64 = 30 * 24 * 3600;
 /// A sign-in body is a token and its JSON: far below this.
@@ -44,11 +52,41 @@ pub fn cookie_safe(token: &str) -> bool {
         && token.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E))
 }
 
-/// The `Set-Cookie` value keeping `token` (cookie-safe) for `max_age`
-/// seconds; 0 removes the cookie.
-fn set_cookie(req: &HttpRequest, token: &str, max_age: i64) -> (&'static str, String) {
-    let secure = if req.connection_info().scheme() == "https" { "; Secure" } else { "" };
-    ("Set-Cookie", format!("{COOKIE}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"))
+/// Did the browser reach the server over HTTPS? Behind a proxy that ends
+/// TLS, as the proxy says (`X-Forwarded-Proto`, `Forwarded`), or as the
+/// page's origin says (a POST or DELETE carries `Origin`, which the auth
+/// guard has already found to be this server's or an allowed one).
+fn over_https(req: &HttpRequest) -> bool {
+    req.connection_info().scheme().eq_ignore_ascii_case("https")
+        || req
+            .headers()
+            .get(actix_web::http::header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|o| o.split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("https")))
+}
+
+/// The `Set-Cookie` value keeping `token` (cookie-safe) in `name` for
+/// `max_age` seconds; 0 removes the cookie.
+fn set_cookie(name: &str, secure: bool, token: &str, max_age: i64) -> (&'static str, String) {
+    let secure = if secure { "; Secure" } else { "" };
+    ("Set-Cookie", format!("{name}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"))
+}
+
+/// A 200 that keeps `token` (checked, cookie-safe) in the cookie for as
+/// long as it is valid: over HTTPS in the `__Host-` cookie, and a plain one
+/// is removed; over HTTP in the plain one.
+fn keep(req: &HttpRequest, token: &str, principal: &Principal) -> actix_web::HttpResponseBuilder {
+    let now = chrono::Utc::now().timestamp();
+    let max_age = principal.expires_at.map_or(MAX_AGE_SECS, |exp| (exp - now).clamp(1, MAX_AGE_SECS));
+    let mut resp = HttpResponse::Ok();
+    resp.insert_header(("Cache-Control", "no-store"));
+    if over_https(req) {
+        resp.append_header(set_cookie(SECURE_COOKIE, true, token, max_age));
+        resp.append_header(set_cookie(COOKIE, true, "", 0));
+    } else {
+        resp.append_header(set_cookie(COOKIE, false, token, max_age));
+    }
+    resp
 }
 
 /// The token of a sign-in body: `{"token": "..."}` and nothing else.
@@ -68,11 +106,11 @@ fn token_of(body: &[u8]) -> Result<String, ApiError> {
 #[utoipa::path(post, path = "/api/session", tag = "session",
     request_body(content = serde_json::Value, description = "{\"token\": \"...\"}: an API key or a JWT"),
     responses(
-        (status = 200, description = "Signed in: Set-Cookie ordercast_token (HttpOnly, SameSite=Strict); the body as GET's", body = serde_json::Value),
+        (status = 200, description = "Signed in: Set-Cookie __Host-ordercast_token over HTTPS (Secure), ordercast_token over HTTP, HttpOnly, SameSite=Strict; the body as GET's", body = serde_json::Value),
         (status = 401, description = "The token is not valid (invalid_token) or has expired (token_expired)", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Authentication is off: this server takes no tokens (authentication_off)", body = crate::routes::openapi::ProblemDoc),
-        (status = 422, description = "No token in the body, or one a cookie cannot carry (token_not_cookie_safe: send it as Authorization: Bearer)", body = crate::routes::openapi::ProblemDoc),
-        (status = 429, description = "Too many sign-in attempts from this address (rate_limited)", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "No token in the body, or one a cookie cannot carry (token_not_cookie_safe: characters or length; send it as Authorization: Bearer)", body = crate::routes::openapi::ProblemDoc),
+        (status = 429, description = "Too many invalid tokens from this address (rate_limited, with Retry-After)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[post("/api/session")]
 pub async fn sign_in(
@@ -87,52 +125,49 @@ pub async fn sign_in(
             "authentication is off on this server: it takes no tokens, and every request may do everything",
         ));
     };
-    // Each attempt counts against the write rate of the client's address,
-    // so tokens cannot be guessed here faster than writes can be made.
-    if let Some(peer) = req.peer_addr() {
-        if let Err(retry) = state.write_limiter.check(&crate::limits::client_key(peer.ip()).to_string()) {
-            return Ok(crate::auth::rate_limited("too many sign-in attempts", retry));
-        }
-    }
     let body = super::orders::read_body(&req, payload, BODY_LIMIT).await?;
     let token = token_of(&body)?;
-    let principal = match auth.authenticate(&token) {
+    let principal = match auth.check(req.peer_addr().map(|a| a.ip()), &token) {
         Ok(p) => p,
         Err(e) => return Ok(crate::auth::refusal(&e)),
     };
-    if !cookie_safe(&token) {
-        return Err(ValidationError::with_code(
-            "token",
-            "token_not_cookie_safe",
-            "this token holds characters a cookie cannot carry (spaces, quotes, commas, semicolons or \
-             backslashes): send it as Authorization: Bearer instead",
-        )
-        .into());
+    let name = if over_https(&req) { SECURE_COOKIE } else { COOKIE };
+    let problem = if !cookie_safe(&token) {
+        Some("holds characters a cookie cannot carry (spaces, quotes, commas, semicolons or backslashes)")
+    } else if name.len() + 1 + token.len() > COOKIE_MAX {
+        Some("is longer than browsers keep in a cookie (4,096 bytes with its name)")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        let message = format!("this token {problem}: send it as Authorization: Bearer instead");
+        return Err(ValidationError::with_code("token", "token_not_cookie_safe", message).into());
     }
-    let now = chrono::Utc::now().timestamp();
-    let max_age = principal.expires_at.map_or(MAX_AGE_SECS, |exp| (exp - now).clamp(1, MAX_AGE_SECS));
-    Ok(HttpResponse::Ok()
-        .insert_header(("Cache-Control", "no-store"))
-        .insert_header(set_cookie(&req, &token, max_age))
-        .json(describe(&principal, true)))
+    Ok(keep(&req, &token, &principal).json(describe(&principal, true)))
 }
 
 /// Who the caller is: the token's name, scopes, customer and expiry.
 #[utoipa::path(get, path = "/api/session", tag = "session",
     responses(
-        (status = 200, description = "{authentication, name, scopes, customer, expires_at}; with authentication off, every scope", body = serde_json::Value),
+        (status = 200, description = "{authentication, name, scopes, customer, expires_at}; with authentication off, every scope. A token from the plain ordercast_token cookie is set again as POST sets it (HttpOnly; over HTTPS as __Host-ordercast_token)", body = serde_json::Value),
         (status = 401, description = "No token (missing_token), or not a valid one (invalid_token, token_expired)", body = crate::routes::openapi::ProblemDoc),
+        (status = 429, description = "Too many invalid tokens from this address (rate_limited, with Retry-After)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/session")]
 pub async fn who(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let Some(auth) = &state.auth else {
         return HttpResponse::Ok().json(describe(&crate::auth::principal(&req), false));
     };
-    let result = match crate::auth::token(&req) {
-        None => Err(AuthError::Missing),
-        Some(t) => auth.authenticate(&t),
+    let Some((token, source)) = crate::auth::token_from(&req) else {
+        return crate::auth::refusal(&AuthError::Missing);
     };
-    match result {
+    match auth.check(req.peer_addr().map(|a| a.ip()), &token) {
+        // A token from a cookie is kept again as `POST` keeps it: a cookie
+        // an older dashboard set, readable by scripts, becomes HttpOnly
+        // (over HTTPS, the `__Host-` one). A `__Host-` cookie is as set.
+        Ok(p) if matches!(source, crate::auth::TokenSource::Cookie(COOKIE)) && cookie_safe(&token) => {
+            keep(&req, &token, &p).json(describe(&p, true))
+        }
         Ok(p) => HttpResponse::Ok().insert_header(("Cache-Control", "no-store")).json(describe(&p, true)),
         Err(e) => crate::auth::refusal(&e),
     }
@@ -140,10 +175,15 @@ pub async fn who(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 
 /// Signs the browser out: the cookie is removed.
 #[utoipa::path(delete, path = "/api/session", tag = "session",
-    responses((status = 204, description = "Signed out: Set-Cookie removes ordercast_token")))]
+    responses((status = 204, description = "Signed out: Set-Cookie removes the cookie (both names over HTTPS)")))]
 #[delete("/api/session")]
 pub async fn sign_out(req: HttpRequest) -> HttpResponse {
-    HttpResponse::NoContent().insert_header(set_cookie(&req, "", 0)).finish()
+    let mut resp = HttpResponse::NoContent();
+    resp.insert_header(("Cache-Control", "no-store"));
+    if over_https(&req) {
+        resp.append_header(set_cookie(SECURE_COOKIE, true, "", 0));
+    }
+    resp.append_header(set_cookie(COOKIE, over_https(&req), "", 0)).finish()
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

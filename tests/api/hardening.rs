@@ -60,7 +60,7 @@ fn jwt_expiring_at(exp: i64, scope: &str) -> String {
 }
 
 /// A JWT with these claims, signed with the servers' `JWT_SECRET`.
-fn signed_jwt(claims: &Value) -> String {
+pub(crate) fn signed_jwt(claims: &Value) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         claims,

@@ -586,7 +586,9 @@ test('the layout fits a phone screen', async (t) => {
 });
 
 test('with tokens configured, the dashboard asks for one, then goes live', async (t) => {
-  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'viewer:viewer-secret-1:read,ops:ops-secret-2:read+write' });
+  const secured = new Ordercast(BIN, {
+    ORDERCAST_API_KEYS: 'viewer:viewer-secret-1:read,ops:ops-secret-2:read+write,writer:writer-secret-3:write',
+  });
   t.cleanup = () => secured.cleanup();
   await secured.start();
   const { page, dialog } = await openSignIn(t, secured);
@@ -614,14 +616,19 @@ test('with tokens configured, the dashboard asks for one, then goes live', async
   await page.getByRole('button', { name: 'Sign out' }).click();
   await dialog.waitFor({ state: 'visible', timeout: 10000 });
   assert.deepEqual(await page.context().cookies(), [], 'signing out removes the cookie');
-  // A writer is offered changes.
+  // A token that cannot read orders is turned away, and not kept.
+  await submitToken(dialog, 'writer-secret-3');
+  await dialog.locator('#e-token', { hasText: 'lacks the read scope' }).waitFor({ timeout: 5000 });
+  assert.deepEqual(await page.context().cookies(), []);
+  // A writer is offered changes (once the page knows who it is: Sign out shows).
   await submitToken(dialog, 'ops-secret-2');
   await live(page);
-  await page.getByRole('button', { name: 'New order' }).waitFor({ timeout: 5000 });
+  await page.getByRole('button', { name: 'Sign out' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.getByRole('button', { name: 'New order' }).isVisible(), true);
   assert.equal(await page.locator('html[data-read-only]').count(), 0);
 });
 
-test('a token an older dashboard kept readable by scripts is handed to the server and kept out of their reach', async (t) => {
+test('a token an older dashboard kept readable by scripts is set again by the server, out of their reach', async (t) => {
   const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
   t.cleanup = () => secured.cleanup();
   await secured.start();
@@ -633,6 +640,7 @@ test('a token an older dashboard kept readable by scripts is handed to the serve
   await page.waitForFunction(() => document.cookie === '', null, { timeout: 5000 });
   const [cookie] = await page.context().cookies();
   assert.deepEqual([cookie.value, cookie.httpOnly], ['ops-secret-2', true]);
+  await page.getByRole('button', { name: 'Sign out' }).waitFor({ timeout: 5000 });
   assert.equal(await page.locator('#signin').isVisible(), false);
 });
 

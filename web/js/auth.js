@@ -1,16 +1,12 @@
 // Signing in, for servers started with API keys or a JWT secret. The server
-// keeps the token in the `ordercast_token` cookie (POST /api/session), which
-// it sets HttpOnly: it goes with every request, WebSocket and EventSource of
-// this origin, and no script on the page can read it, an injected one
-// neither. GET /api/session says what the token may do, and the page offers
-// only that. With authentication off (the default on loopback) none of this
-// shows.
+// keeps the token in a cookie (POST /api/session) it sets HttpOnly: it goes
+// with every request, WebSocket and EventSource of this origin, and no
+// script on the page can read it, an injected one neither. GET /api/session
+// says what the token may do, and the page offers only that. With
+// authentication off (the default on loopback) none of this shows.
 
 import { ApiError, request, setUnauthorizedHandler } from './api.js';
 import { toast } from './toast.js';
-
-/** The cookie's name: dashboards before /api/session kept it readable by scripts. */
-const COOKIE = 'ordercast_token';
 
 export class SignIn {
   constructor(dialog, signOutButton) {
@@ -33,39 +29,43 @@ export class SignIn {
       location.reload();
     });
     setUnauthorizedHandler(() => this.open());
+    document.addEventListener('visibilitychange', () => {
+      if (document.visibilityState === 'visible') this.load();
+    });
   }
 
   /**
    * Who the page's token is: {authentication, name, scopes, customer,
-   * expires_at}, or null when the server cannot tell now (a 401 has then
-   * opened the sign-in). Shows what the token may do: without `write`, the
-   * page offers no changes.
+   * expires_at}, or null when the server cannot tell (a 401 has then opened
+   * the sign-in). Shows what the token may do: without `write`, the page
+   * offers no changes. Asked again when the tab comes back into view
+   * (another tab may have signed in or out), and until the server answers.
    */
   async load() {
-    await this.secureOlderCookie();
-    let me;
-    try {
-      me = await request('GET', '/api/session');
-    } catch {
+    clearTimeout(this.retry);
+    // The answer also sets the cookie HttpOnly, should an older dashboard
+    // have set it readable by scripts.
+    const me = await this.who();
+    if (!me) {
+      if (me === null) this.retry = setTimeout(() => this.load(), 5000);
       return null;
+    }
+    // Signed in meanwhile, in another tab: start afresh, as after signing in here.
+    if (this.d.open) {
+      location.reload();
+      return me;
     }
     this.signOut.hidden = !me.authentication;
     document.documentElement.toggleAttribute('data-read-only', !me.scopes.includes('write'));
     return me;
   }
 
-  /**
-   * A token an older dashboard kept in a cookie scripts can read goes to
-   * the server, which keeps it in its HttpOnly cookie in its place.
-   */
-  async secureOlderCookie() {
-    const old = document.cookie.split(';').map((c) => c.trim()).find((c) => c.startsWith(`${COOKIE}=`));
-    if (!old) return;
+  /** The session; undefined: no valid token (401); null: no answer. */
+  async who() {
     try {
-      await request('POST', '/api/session', { body: { token: old.slice(COOKIE.length + 1) } });
-    } catch {
-      // No longer valid (or authentication is off): forget it.
-      document.cookie = `${COOKIE}=; Path=/; Max-Age=0; SameSite=Strict`;
+      return await request('GET', '/api/session');
+    } catch (e) {
+      return e instanceof ApiError && e.status === 401 ? undefined : null;
     }
   }
 
@@ -83,10 +83,17 @@ export class SignIn {
       this.error.textContent = 'Enter the token as issued.';
       return;
     }
+    let me;
     try {
-      await request('POST', '/api/session', { body: { token } });
+      me = await request('POST', '/api/session', { body: { token } });
     } catch (e) {
       this.error.textContent = e instanceof ApiError && e.status === 401 ? `Not accepted: ${e.message}` : e.message;
+      return;
+    }
+    if (!me.scopes.includes('read')) {
+      // It could not show a single order.
+      this.error.textContent = 'Not accepted: this token lacks the read scope, which the dashboard needs.';
+      await request('DELETE', '/api/session').catch(() => {});
       return;
     }
     location.reload();
