@@ -211,6 +211,15 @@ test('with a slow /api/stats, one request at a time, and the totals still come',
   assert.equal(most, 1, 'never two requests for the totals at once');
 });
 
+test('with the browser\'s clock ten minutes fast, this minute\'s orders still count as the last 60 s\'s', async (t) => {
+  const { page } = await openDashboard(t, { before: (p) => p.clock.install({ time: Date.now() + 10 * 60000 }) });
+  for (let i = 0; i < 3; i++) await insertOrder({ customer: `Clock skew ${i}` });
+  // Counted on the server's clock (its Date headers), not the browser's,
+  // by which they were ten minutes old.
+  await page.waitForFunction(() => Number(document.querySelector('#kpi-rate').textContent.replace(/[^0-9]/g, '')) >= 3,
+    null, { timeout: 5000 });
+});
+
 test('the keyboard focus stays on a row\'s button while its order changes', async (t) => {
   const { page } = await openDashboard(t);
   const id = await insertOrder({ customer: 'Focus Keeper' });

@@ -2,6 +2,8 @@
 // {status, code, message, field}; they are thrown as ApiError so callers can
 // show a validation message next to the field it names.
 
+import { noteServerDate } from './clock.js';
+
 export class ApiError extends Error {
   constructor(status, code, message, field) {
     super(message);
@@ -32,6 +34,7 @@ export async function request(method, path, { body, headers = {} } = {}) {
   } catch (e) {
     throw new ApiError(0, 'network', e.name === 'TimeoutError' ? 'the server did not answer in time' : 'the server cannot be reached');
   }
+  noteServerDate(res.headers.get('date'));
   if (res.status === 204) return null;
   const text = await res.text();
   let data = null;

@@ -5,6 +5,7 @@
 // from GET /api/dlq while the server offers it.
 
 import { api } from './api.js';
+import { serverNow } from './clock.js';
 import { el, fmtCount, fmtMoney, fmtWhen } from './format.js';
 
 const STATS_INTERVAL_MS = 1500;
@@ -39,7 +40,7 @@ class PerMinute {
   }
 
   async backfill() {
-    const oldest = minuteOf(Date.now()) - MINUTES;
+    const oldest = minuteOf(serverNow()) - MINUTES;
     let cursor = null;
     let complete = false;
     let last = null;
@@ -66,7 +67,7 @@ class PerMinute {
   }
 
   series() {
-    const now = minuteOf(Date.now());
+    const now = minuteOf(serverNow());
     const xs = [];
     const ys = [];
     for (let m = now - MINUTES + 1; m <= now; m++) {
@@ -78,7 +79,7 @@ class PerMinute {
 
   /** Orders created in the last 60 s, and whether that count is complete. */
   lastMinute() {
-    const now = Date.now();
+    const now = serverNow();
     const m = minuteOf(now);
     const frac = (now % 60000) / 60000;
     // This minute so far plus the matching share of the previous one.
