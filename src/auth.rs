@@ -36,7 +36,7 @@ impl Scope {
         }
     }
 
-    fn parse(s: &str) -> Option<Scope> {
+    pub fn parse(s: &str) -> Option<Scope> {
         match s {
             "read" => Some(Scope::Read),
             "write" => Some(Scope::Write),
@@ -153,8 +153,9 @@ pub struct Auth {
     failures: crate::limits::RateLimiter,
 }
 
-/// Invalid tokens one address may send at once, and then per second: far
-/// more than typing mistakes need, far too few to guess a key.
+/// Invalid tokens one address may send at once, and then per second, unless
+/// configured otherwise: far more than typing mistakes need, far too few to
+/// guess a key.
 const FAILURE_BURST: f64 = 50.0;
 const FAILURE_RATE: f64 = 5.0;
 
@@ -219,12 +220,18 @@ impl Auth {
         Ok((!keys.is_empty() || jwt.is_some()).then_some(Auth { keys, jwt, failures }))
     }
 
+    /// The same, throttling `rate` invalid tokens per second per address
+    /// after a `burst` (0: no throttle).
+    pub fn throttling(self, rate: f64, burst: f64) -> Auth {
+        Auth { failures: crate::limits::RateLimiter::new(rate, burst), ..self }
+    }
+
     /// [`Auth::authenticate`] for a request from `client`: each invalid
     /// token counts against the client's address (an IPv6 client's /64),
-    /// and an address over [`FAILURE_BURST`] invalid tokens, then
-    /// [`FAILURE_RATE`] per second, has none checked until it is back under
-    /// (`Throttled`, 429), a valid one neither: guessing a key gets no
-    /// answer faster than that, on any route.
+    /// and an address over the burst of invalid tokens, then the rate per
+    /// second ([`Auth::throttling`]), has none checked until it is back
+    /// under (`Throttled`, 429), a valid one neither: guessing a key gets no
+    /// answer faster than that, on any route that checks tokens.
     pub fn check(&self, client: Option<std::net::IpAddr>, token: &str) -> Result<Principal, AuthError> {
         let key = client.map(|ip| crate::limits::client_key(ip).to_string());
         if let Some(retry) = key.as_deref().and_then(|k| self.failures.blocked(k)) {
@@ -301,9 +308,12 @@ pub fn token_from(req: &actix_web::HttpRequest) -> Option<(String, TokenSource)>
         }
     }
     if let Some(cookies) = req.headers().get(actix_web::http::header::COOKIE).and_then(|c| c.to_str().ok()) {
-        // The cookie `POST /api/session` sets over HTTPS first: no other
-        // site can set one of that name (a sibling domain could set the other).
-        for name in crate::routes::session::COOKIES {
+        // The cookie `POST /api/session` sets over HTTPS, which no other
+        // site can set; the plain one only over HTTP: over HTTPS it could
+        // have been planted by a sibling domain (`Domain=example.com`).
+        let names: &[&'static str] =
+            if over_https(req) { &[crate::routes::session::SECURE_COOKIE] } else { &crate::routes::session::COOKIES };
+        for name in names {
             if let Some(v) = cookies.split(';').find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('=')) {
                 return Some((v.to_string(), TokenSource::Cookie(name)));
             }
@@ -312,6 +322,19 @@ pub fn token_from(req: &actix_web::HttpRequest) -> Option<(String, TokenSource)>
     form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "access_token")
         .map(|(_, v)| (v.into_owned(), TokenSource::Query))
+}
+
+/// Did the browser reach the server over HTTPS? Behind a proxy that ends
+/// TLS, as the proxy says (`X-Forwarded-Proto`, `Forwarded`), or as the
+/// request's `Origin` says (browsers send it with every POST and DELETE, and
+/// with WebSocket handshakes).
+pub fn over_https(req: &actix_web::HttpRequest) -> bool {
+    req.connection_info().scheme().eq_ignore_ascii_case("https")
+        || req
+            .headers()
+            .get(actix_web::http::header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|o| o.split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("https")))
 }
 
 /// Which scope a request needs; `None`: public (health, docs, the

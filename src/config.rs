@@ -129,6 +129,15 @@ pub struct Settings {
     #[arg(long, env = "ORDERCAST_WRITE_BURST", default_value_t = 400.0, global = true)]
     pub write_burst: f64,
 
+    /// Invalid tokens one client address may send per second, after a burst (see the
+    /// next); beyond, no token from the address is checked (429). 0: unlimited.
+    #[arg(long, env = "ORDERCAST_AUTH_FAILURE_RATE", default_value_t = 5.0, global = true)]
+    pub auth_failure_rate: f64,
+
+    /// Invalid tokens one client address may send at once.
+    #[arg(long, env = "ORDERCAST_AUTH_FAILURE_BURST", default_value_t = 50.0, global = true)]
+    pub auth_failure_burst: f64,
+
     /// Subscribe messages one WebSocket may send per minute (each replaces its subscription).
     #[arg(long, env = "ORDERCAST_MAX_SUBSCRIBES_PER_MINUTE", default_value_t = 60, global = true)]
     pub max_subscribes_per_minute: u32,

@@ -93,12 +93,16 @@ impl Drop for ConnectionSlot {
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// key -> (tokens, when counted); and when idle keys were last swept.
+    buckets: Mutex<(HashMap<String, (f64, Instant)>, Instant)>,
 }
+
+/// Keys kept before idle ones are swept out, at most once a second.
+const SWEEP_ABOVE: usize = 100_000;
 
 impl RateLimiter {
     pub fn new(rate: f64, burst: f64) -> RateLimiter {
-        RateLimiter { rate, burst: burst.max(1.0), buckets: Mutex::new(HashMap::new()) }
+        RateLimiter { rate, burst: burst.max(1.0), buckets: Mutex::new((HashMap::new(), Instant::now())) }
     }
 
     /// The whole seconds until `key` may go on, if it has nothing left now;
@@ -108,7 +112,7 @@ impl RateLimiter {
             return None;
         }
         let buckets = self.buckets.lock().unwrap();
-        let (tokens, last) = buckets.get(key)?;
+        let (tokens, last) = buckets.0.get(key)?;
         let tokens = (tokens + last.elapsed().as_secs_f64() * self.rate).min(self.burst);
         (tokens < 1.0).then(|| ((1.0 - tokens) / self.rate).ceil().max(1.0) as u64)
     }
@@ -119,10 +123,15 @@ impl RateLimiter {
             return Ok(());
         }
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap();
-        if buckets.len() > 100_000 {
-            // Forget idle callers rather than grow without bound.
-            buckets.retain(|_, (_, t)| now.duration_since(*t).as_secs_f64() * self.rate < self.burst);
+        let mut guard = self.buckets.lock().unwrap();
+        let (buckets, swept) = &mut *guard;
+        if buckets.len() > SWEEP_ABOVE && now.duration_since(*swept) >= std::time::Duration::from_secs(1) {
+            // Forget callers whose bucket has filled up again (they are as
+            // new ones) rather than grow without bound; once a second at
+            // most, not at every call while the map is large.
+            *swept = now;
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, (tokens, t)| *tokens + now.duration_since(*t).as_secs_f64() * rate < burst);
         }
         let (tokens, last) = buckets.entry(key.to_string()).or_insert((self.burst, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst);
@@ -177,6 +186,18 @@ mod tests {
         assert_eq!(r.check("k"), Err(1));
         assert!(r.check("other").is_ok());
         assert!(RateLimiter::new(0.0, 1.0).check("k").is_ok());
+    }
+
+    #[test]
+    fn keys_whose_bucket_filled_again_are_swept_once_the_map_is_large() {
+        let r = RateLimiter::new(1000.0, 1.0);
+        for i in 0..=SWEEP_ABOVE {
+            assert!(r.check(&i.to_string()).is_ok());
+        }
+        assert_eq!(r.buckets.lock().unwrap().0.len(), SWEEP_ABOVE + 1, "not before a second has passed");
+        std::thread::sleep(std::time::Duration::from_millis(1010));
+        assert!(r.check("next").is_ok());
+        assert_eq!(r.buckets.lock().unwrap().0.len(), 1, "every full bucket forgotten");
     }
 
     #[test]

@@ -368,7 +368,8 @@ impl Application {
         let auth = crate::auth::Auth::from_config(
             settings.api_keys.as_ref().map(|s| s.0.as_str()),
             settings.jwt_secret.as_ref().map(|s| s.0.as_str()),
-        )?;
+        )?
+        .map(|a| a.throttling(settings.auth_failure_rate, settings.auth_failure_burst));
         // Secure by default: never expose an open server by accident.
         if auth.is_none() && !settings.bind.ip().is_loopback() && !settings.insecure {
             anyhow::bail!(

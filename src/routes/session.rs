@@ -18,14 +18,14 @@ use actix_web::http::StatusCode;
 use actix_web::{delete, get, post, web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
-use crate::auth::{AuthError, Principal};
+use crate::auth::{AuthError, Principal, Scope};
 use crate::domain::ValidationError;
 use crate::error::{problem_response, ApiError};
 use crate::startup::AppState;
 
 /// The cookies a token is read from, in this order (`auth::token`).
 pub const COOKIES: [&str; 2] = [SECURE_COOKIE, COOKIE];
-const SECURE_COOKIE: &str = "__Host-ordercast_token";
+pub const SECURE_COOKIE: &str = "__Host-ordercast_token";
 const COOKIE: &str = "ordercast_token";
 /// The longest cookie browsers keep (RFC 6265 asks for at least 4,096
 /// bytes of name and value; they keep no more).
@@ -52,19 +52,6 @@ pub fn cookie_safe(token: &str) -> bool {
         && token.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E))
 }
 
-/// Did the browser reach the server over HTTPS? Behind a proxy that ends
-/// TLS, as the proxy says (`X-Forwarded-Proto`, `Forwarded`), or as the
-/// page's origin says (a POST or DELETE carries `Origin`, which the auth
-/// guard has already found to be this server's or an allowed one).
-fn over_https(req: &HttpRequest) -> bool {
-    req.connection_info().scheme().eq_ignore_ascii_case("https")
-        || req
-            .headers()
-            .get(actix_web::http::header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
-            .is_some_and(|o| o.split_once("://").is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("https")))
-}
-
 /// The `Set-Cookie` value keeping `token` (cookie-safe) in `name` for
 /// `max_age` seconds; 0 removes the cookie.
 fn set_cookie(name: &str, secure: bool, token: &str, max_age: i64) -> (&'static str, String) {
@@ -80,7 +67,7 @@ fn keep(req: &HttpRequest, token: &str, principal: &Principal) -> actix_web::Htt
     let max_age = principal.expires_at.map_or(MAX_AGE_SECS, |exp| (exp - now).clamp(1, MAX_AGE_SECS));
     let mut resp = HttpResponse::Ok();
     resp.insert_header(("Cache-Control", "no-store"));
-    if over_https(req) {
+    if crate::auth::over_https(req) {
         resp.append_header(set_cookie(SECURE_COOKIE, true, token, max_age));
         resp.append_header(set_cookie(COOKIE, true, "", 0));
     } else {
@@ -89,14 +76,20 @@ fn keep(req: &HttpRequest, token: &str, principal: &Principal) -> actix_web::Htt
     resp
 }
 
-/// The token of a sign-in body: `{"token": "..."}` and nothing else.
-fn token_of(body: &[u8]) -> Result<String, ApiError> {
+/// A sign-in body: `{"token": "...", "scope": "read"}`, the scope optional:
+/// one the token must hold to be kept.
+fn token_of(body: &[u8]) -> Result<(String, Option<Scope>), ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}"), "malformed_json"))?;
     let fields = crate::domain::object(&value)?;
-    crate::domain::reject_unknown(fields, &["token"])?;
+    crate::domain::reject_unknown(fields, &["token", "scope"])?;
+    let scope = match fields.get("scope") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if Scope::parse(s).is_some() => Scope::parse(s),
+        Some(_) => return Err(ValidationError::new("scope", "must be read, write or admin").into()),
+    };
     match fields.get("token") {
-        Some(Value::String(t)) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+        Some(Value::String(t)) if !t.trim().is_empty() => Ok((t.trim().to_owned(), scope)),
         _ => Err(ValidationError::new("token", "must be the token as issued (a non-empty string)").into()),
     }
 }
@@ -104,10 +97,11 @@ fn token_of(body: &[u8]) -> Result<String, ApiError> {
 /// Signs the browser in: checks the token and keeps it in an `HttpOnly`
 /// cookie.
 #[utoipa::path(post, path = "/api/session", tag = "session",
-    request_body(content = serde_json::Value, description = "{\"token\": \"...\"}: an API key or a JWT"),
+    request_body(content = serde_json::Value, description = "{\"token\": \"...\", \"scope\": \"read\"}: an API key or a JWT, and optionally a scope it must hold to be kept"),
     responses(
         (status = 200, description = "Signed in: Set-Cookie __Host-ordercast_token over HTTPS (Secure), ordercast_token over HTTP, HttpOnly, SameSite=Strict; the body as GET's", body = serde_json::Value),
         (status = 401, description = "The token is not valid (invalid_token) or has expired (token_expired)", body = crate::routes::openapi::ProblemDoc),
+        (status = 403, description = "The token lacks the scope asked for (insufficient_scope); nothing is kept", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Authentication is off: this server takes no tokens (authentication_off)", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "No token in the body, or one a cookie cannot carry (token_not_cookie_safe: characters or length; send it as Authorization: Bearer)", body = crate::routes::openapi::ProblemDoc),
         (status = 429, description = "Too many invalid tokens from this address (rate_limited, with Retry-After)", body = crate::routes::openapi::ProblemDoc),
@@ -126,12 +120,15 @@ pub async fn sign_in(
         ));
     };
     let body = super::orders::read_body(&req, payload, BODY_LIMIT).await?;
-    let token = token_of(&body)?;
+    let (token, scope) = token_of(&body)?;
     let principal = match auth.check(req.peer_addr().map(|a| a.ip()), &token) {
         Ok(p) => p,
         Err(e) => return Ok(crate::auth::refusal(&e)),
     };
-    let name = if over_https(&req) { SECURE_COOKIE } else { COOKIE };
+    if let Some(scope) = scope.filter(|s| !principal.has(*s)) {
+        return Ok(crate::auth::refusal(&AuthError::Forbidden(scope.as_str())));
+    }
+    let name = if crate::auth::over_https(&req) { SECURE_COOKIE } else { COOKIE };
     let problem = if !cookie_safe(&token) {
         Some("holds characters a cookie cannot carry (spaces, quotes, commas, semicolons or backslashes)")
     } else if name.len() + 1 + token.len() > COOKIE_MAX {
@@ -158,16 +155,10 @@ pub async fn who(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let Some(auth) = &state.auth else {
         return HttpResponse::Ok().json(describe(&crate::auth::principal(&req), false));
     };
-    let Some((token, source)) = crate::auth::token_from(&req) else {
+    let Some(token) = crate::auth::token(&req) else {
         return crate::auth::refusal(&AuthError::Missing);
     };
     match auth.check(req.peer_addr().map(|a| a.ip()), &token) {
-        // A token from a cookie is kept again as `POST` keeps it: a cookie
-        // an older dashboard set, readable by scripts, becomes HttpOnly
-        // (over HTTPS, the `__Host-` one). A `__Host-` cookie is as set.
-        Ok(p) if matches!(source, crate::auth::TokenSource::Cookie(COOKIE)) && cookie_safe(&token) => {
-            keep(&req, &token, &p).json(describe(&p, true))
-        }
         Ok(p) => HttpResponse::Ok().insert_header(("Cache-Control", "no-store")).json(describe(&p, true)),
         Err(e) => crate::auth::refusal(&e),
     }
@@ -180,10 +171,10 @@ pub async fn who(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 pub async fn sign_out(req: HttpRequest) -> HttpResponse {
     let mut resp = HttpResponse::NoContent();
     resp.insert_header(("Cache-Control", "no-store"));
-    if over_https(&req) {
+    if crate::auth::over_https(&req) {
         resp.append_header(set_cookie(SECURE_COOKIE, true, "", 0));
     }
-    resp.append_header(set_cookie(COOKIE, over_https(&req), "", 0)).finish()
+    resp.append_header(set_cookie(COOKIE, crate::auth::over_https(&req), "", 0)).finish()
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -205,7 +196,8 @@ mod tests {
 
     #[test]
     fn a_sign_in_body_is_a_token_and_nothing_else() {
-        assert_eq!(token_of(br#"{"token": " abc12345 "}"#).unwrap(), "abc12345");
+        assert_eq!(token_of(br#"{"token": " abc12345 "}"#).unwrap(), ("abc12345".into(), None));
+        assert_eq!(token_of(br#"{"token": "abc12345", "scope": "write"}"#).unwrap().1, Some(Scope::Write));
         for (body, code) in [
             (&br#"{"token": "#[..], "malformed_json"),
             (br#"["abc12345"]"#, "invalid_body"),
@@ -213,6 +205,7 @@ mod tests {
             (br#"{"token": ""}"#, "validation_failed"),
             (br#"{"token": 12345678}"#, "validation_failed"),
             (br#"{"token": "abc12345", "remember": true}"#, "unknown_field"),
+            (br#"{"token": "abc12345", "scope": "root"}"#, "validation_failed"),
         ] {
             let e = token_of(body).unwrap_err();
             assert_eq!(e.code(), code, "{}", String::from_utf8_lossy(body));

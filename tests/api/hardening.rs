@@ -854,7 +854,8 @@ async fn a_same_site_page_cannot_write_with_the_token_cookie() {
     let cancel = |origin: &'static str| {
         app.http
             .post(app.url(&format!("/api/orders/{id}/cancel")))
-            .header("cookie", "ordercast_token=writersecret")
+            // Pages on https: the cookie the server sets there.
+            .header("cookie", "__Host-ordercast_token=writersecret")
             .header("origin", origin)
             .send()
     };

@@ -88,28 +88,20 @@ async fn signing_in_keeps_the_token_in_an_http_only_cookie_that_authenticates_th
     let both = format!("ordercast_token=opssecret1; {}", sent_back(secure));
     assert_eq!(who(&app, Some(&both)).await.1["name"], "reader");
 
-    // A cookie an older dashboard set (readable by scripts) is set again as
-    // the server sets it; over HTTPS as the __Host- one, the plain one removed.
-    let set_by_who = |cookie: &'static str, https: bool| {
-        let mut req = app.http.get(app.url("/api/session")).header("Cookie", cookie);
+    // Over HTTPS a plain cookie is not taken (a sibling domain could have
+    // set it); over HTTP it is, as it is, and nothing is set again.
+    let plain = |https: bool| {
+        let mut req = app.http.get(app.url("/api/session")).header("Cookie", "ordercast_token=readersecret");
         if https {
             req = req.header("X-Forwarded-Proto", "https");
         }
         async move {
             let res = req.send().await.unwrap();
-            assert_eq!(res.status(), 200);
-            res.headers().get_all("set-cookie").iter().map(|c| c.to_str().unwrap().to_string()).collect::<Vec<_>>()
+            (res.status().as_u16(), res.headers().get_all("set-cookie").iter().count())
         }
     };
-    assert_eq!(
-        set_by_who("ordercast_token=readersecret", false).await,
-        ["ordercast_token=readersecret; Path=/; Max-Age=2592000; HttpOnly; SameSite=Strict"]
-    );
-    assert_eq!(
-        set_by_who("ordercast_token=readersecret", true).await,
-        [secure, "ordercast_token=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict; Secure"]
-    );
-    assert_eq!(set_by_who("__Host-ordercast_token=readersecret", true).await, Vec::<String>::new());
+    assert_eq!(plain(true).await, (401, 0));
+    assert_eq!(plain(false).await, (200, 0));
 
     // Signing out removes the cookie, over HTTPS both.
     let out = app.http.delete(app.url("/api/session")).send().await.unwrap();
@@ -141,6 +133,8 @@ async fn a_refused_sign_in_says_why_and_sets_no_cookie() {
         (json!({"token": ""}), &[][..], 422, "validation_failed"),
         (json!({"token": "readersecret", "remember": true}), &[][..], 422, "unknown_field"),
         (json!(["readersecret"]), &[][..], 422, "invalid_body"),
+        // A token without the scope the page needs is not kept.
+        (json!({"token": "readersecret", "scope": "write"}), &[][..], 403, "insufficient_scope"),
         // Another site cannot sign the browser in with a token of its own.
         (json!({"token": "readersecret"}), &[("Origin", "https://evil.example")][..], 403, "origin_not_allowed"),
     ] {
@@ -171,12 +165,18 @@ async fn a_refused_sign_in_says_why_and_sets_no_cookie() {
     assert_eq!((got, problem["code"].as_str().unwrap(), cookie), (422, "token_not_cookie_safe", None), "{problem}");
 }
 
-/// Guessing a key: after 50 invalid tokens from one address, on any route,
-/// that address has no token checked (429, a right one neither) until it
-/// is back under 5 per second.
+/// Guessing a key: after a burst of invalid tokens from one address (10
+/// here), on any route, that address has no token checked (429, a right one
+/// neither) until it is back under the rate (0.5 per second here: slow
+/// enough that the bucket stays empty through the checks below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_tokens_from_one_address_are_throttled_on_every_route() {
-    let app = spawn_app_with(|s| s.api_keys = Some(ordercast::config::Secret("reader:readersecret:read".into()))).await;
+    let app = spawn_app_with(|s| {
+        s.api_keys = Some(ordercast::config::Secret("reader:readersecret:read".into()));
+        s.auth_failure_rate = 0.5;
+        s.auth_failure_burst = 10.0;
+    })
+    .await;
     let get = |path: &'static str, token: &'static str| {
         let r = app.http.get(app.url(path)).bearer_auth(token).send();
         async move { r.await.unwrap().status().as_u16() }
@@ -185,7 +185,7 @@ async fn invalid_tokens_from_one_address_are_throttled_on_every_route() {
     let mut refused = 0;
     let throttled = loop {
         // Valid tokens never count.
-        if refused == 10 {
+        if refused == 5 {
             assert_eq!(get("/api/orders", "readersecret").await, 200);
         }
         let status = match refused % 3 {
@@ -197,10 +197,10 @@ async fn invalid_tokens_from_one_address_are_throttled_on_every_route() {
             break status;
         }
         refused += 1;
-        assert!(refused <= 50 + (started.elapsed().as_secs_f64() * 5.0).ceil() as usize, "{refused} refused");
+        assert!(refused <= 10 + (started.elapsed().as_secs_f64() * 0.5).ceil() as usize, "{refused} refused");
     };
     assert_eq!(throttled, 429);
-    assert!(refused >= 50, "only {refused} refused before the throttle");
+    assert!(refused >= 10, "only {refused} refused before the throttle");
     let res = app.http.get(app.url("/api/events")).bearer_auth("guess-1234").send().await.unwrap();
     assert_eq!(res.status(), 429);
     assert!(res.headers()["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
@@ -210,7 +210,7 @@ async fn invalid_tokens_from_one_address_are_throttled_on_every_route() {
     // A WebSocket handshake is closed with 1013 (try again later).
     let (closed, _) = crate::hardening::ws_at(&app, "/ws?access_token=readersecret", &[]).await;
     assert_eq!(closed.map(|c| c.0), Some(1013));
-    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(get("/api/orders", "readersecret").await, 200);
 }
 

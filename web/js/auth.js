@@ -8,6 +8,17 @@
 import { ApiError, request, setUnauthorizedHandler } from './api.js';
 import { toast } from './toast.js';
 
+/**
+ * A token cookie scripts can read was set by an older dashboard (the server
+ * sets it HttpOnly): it goes, and the user signs in once more. Over HTTPS
+ * the server no longer takes it anyway.
+ */
+function forgetReadableCookie() {
+  if (!document.cookie.split(';').some((c) => c.trim().startsWith('ordercast_token='))) return;
+  const secure = location.protocol === 'https:' ? '; Secure' : '';
+  document.cookie = `ordercast_token=; Path=/; Max-Age=0; SameSite=Strict${secure}`;
+}
+
 export class SignIn {
   constructor(dialog, signOutButton) {
     this.d = dialog;
@@ -41,17 +52,31 @@ export class SignIn {
    * offers no changes. Asked again when the tab comes back into view
    * (another tab may have signed in or out), and until the server answers.
    */
-  async load() {
+  load() {
+    this.loading ??= this.ask().finally(() => {
+      this.loading = null;
+    });
+    return this.loading;
+  }
+
+  async ask() {
     clearTimeout(this.retry);
-    // The answer also sets the cookie HttpOnly, should an older dashboard
-    // have set it readable by scripts.
+    forgetReadableCookie();
     const me = await this.who();
-    if (!me) {
-      if (me === null) this.retry = setTimeout(() => this.load(), 5000);
+    if (me === null) {
+      this.retry = setTimeout(() => this.load(), 5000);
+      return null;
+    }
+    const before = this.me;
+    this.me = me ?? false;
+    if (!me) return null; // the 401 opened the sign-in
+    if (!me.scopes.includes('read')) {
+      this.me = false;
+      this.open('This token lacks the read scope, which the dashboard needs to show orders.');
       return null;
     }
     // Signed in meanwhile, in another tab: start afresh, as after signing in here.
-    if (this.d.open) {
+    if (before === false) {
       location.reload();
       return me;
     }
@@ -69,9 +94,9 @@ export class SignIn {
     }
   }
 
-  open() {
+  open(why = '') {
     if (this.d.open) return;
-    this.error.textContent = '';
+    this.error.textContent = why;
     this.d.showModal();
     this.input.focus();
   }
@@ -83,17 +108,12 @@ export class SignIn {
       this.error.textContent = 'Enter the token as issued.';
       return;
     }
-    let me;
     try {
-      me = await request('POST', '/api/session', { body: { token } });
+      // Kept only if it may read: without, the page could not show an order.
+      await request('POST', '/api/session', { body: { token, scope: 'read' } });
     } catch (e) {
-      this.error.textContent = e instanceof ApiError && e.status === 401 ? `Not accepted: ${e.message}` : e.message;
-      return;
-    }
-    if (!me.scopes.includes('read')) {
-      // It could not show a single order.
-      this.error.textContent = 'Not accepted: this token lacks the read scope, which the dashboard needs.';
-      await request('DELETE', '/api/session').catch(() => {});
+      const refused = e instanceof ApiError && (e.status === 401 || e.status === 403);
+      this.error.textContent = refused ? `Not accepted: ${e.message}` : e.message;
       return;
     }
     location.reload();

@@ -24,6 +24,7 @@ const SILENCE_LIMIT_MS = 40000;
 const CLOSE_UNAUTHORIZED = 4001;
 const CLOSE_FORBIDDEN = 4003;
 const CLOSE_UNAVAILABLE = 4503;
+const CLOSE_TRY_LATER = 1013;
 
 export class Stream {
   /**
@@ -122,8 +123,9 @@ export class Stream {
       if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
         this.h.onUnauthorized();
         this.scheduleReconnect();
-      } else if (ready || ev.code === CLOSE_UNAVAILABLE) {
-        // 4503 (the server could not open the stream for now) means
+      } else if (ready || ev.code === CLOSE_UNAVAILABLE || ev.code === CLOSE_TRY_LATER) {
+        // 4503 (the server could not open the stream for now) and 1013
+        // (too many invalid tokens from this address, for now) mean
         // WebSocket itself works: try it again.
         this.scheduleReconnect();
       } else this.afterWebSocketFailure();
