@@ -94,8 +94,10 @@ pub struct RateLimiter {
     rate: f64,
     burst: f64,
     /// key -> (tokens, when counted); and when idle keys were last swept.
-    buckets: Mutex<(HashMap<String, (f64, Instant)>, Instant)>,
+    buckets: Mutex<(Buckets, Instant)>,
 }
+
+type Buckets = HashMap<String, (f64, Instant)>;
 
 /// Keys kept before idle ones are swept out, at most once a second.
 const SWEEP_ABOVE: usize = 100_000;
