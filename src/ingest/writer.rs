@@ -228,7 +228,12 @@ const DUPLICATES_SQL: &str = "\
 SELECT event_id::text FROM ingested_events
 WHERE event_id = ANY($1::text[]::uuid[]) AND xmin <> pg_current_xact_id()::xid";
 
-const UNDEDUPE_SQL: &str = "DELETE FROM ingested_events WHERE event_id = ANY($1::text[]::uuid[])";
+// Only the rows this transaction recorded (top-level, as above): a message
+// dead-lettered without its id being recorded here (its own transaction
+// failed, see `Mode::DeadLetter`) must not forget a record another
+// transaction made meanwhile, or a later copy would apply twice.
+const UNDEDUPE_SQL: &str = "\
+DELETE FROM ingested_events WHERE event_id = ANY($1::text[]::uuid[]) AND xmin = pg_current_xact_id()::xid";
 
 // An event applied by a later copy in its batch than the one recorded (the
 // earlier copy was dead-lettered): the row names the copy that applied.
