@@ -220,6 +220,53 @@ test('with the browser\'s clock ten minutes fast, this minute\'s orders still co
     null, { timeout: 5000 });
 });
 
+test('the chart\'s counts are read again after a failed first read, and the error is said once', async (t) => {
+  let refused = 0;
+  const { page } = await openDashboard(t, {
+    before: (p) => p.route((url) => url.pathname === '/api/orders' && url.searchParams.get('limit') === '500', (route) => {
+      if (refused++ < 2) return route.fulfill({ status: 503, contentType: 'application/problem+json', body: '{"status":503,"code":"database_unavailable","message":"the database is unavailable: test"}' });
+      return route.continue();
+    }),
+  });
+  // Before, the chart stayed at "counted for the last 0 min" for the page's life.
+  await page.waitForFunction(() => !/last 0 min/.test(document.querySelector('#chart-note').textContent) &&
+    document.querySelector('#chart-note').textContent !== '', null, { timeout: 15000 });
+  assert.equal(refused, 3);
+  assert.equal(await page.locator('.toast', { hasText: 'Could not load recent orders for the chart' }).count(), 1);
+});
+
+test('the order dialog keeps the keyboard focus when the focused action goes away', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Focus Keeper' });
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await dialog.locator('#detail-fields dd', { hasText: 'Focus Keeper' }).waitFor();
+  const focusIn = () => page.evaluate(() => {
+    const a = document.activeElement;
+    return a && document.querySelector('#detail').contains(a) && a.offsetParent !== null ? (a.id || a.tagName) : null;
+  });
+  // Keep: back on Delete…
+  await page.locator('#detail-delete').focus();
+  await page.keyboard.press('Enter');
+  await page.locator('#delete-no').waitFor();
+  await page.keyboard.press('Enter');
+  assert.equal(await focusIn(), 'detail-delete');
+  // Deleted by a DBA while its Delete… has the focus: the banner takes it.
+  await server.sql(`DELETE FROM orders WHERE id = ${id}`);
+  await page.locator('#detail-gone').waitFor({ timeout: 5000 });
+  assert.equal(await focusIn(), 'detail-gone');
+  await page.keyboard.press('Escape');
+  // Cancelling hides Cancel order, which had the focus.
+  const other = await insertOrder({ customer: 'Focus Keeper Two' });
+  await row(page, other).locator('button').click();
+  await dialog.locator('#detail-fields dd', { hasText: 'Focus Keeper Two' }).waitFor();
+  await page.locator('#detail-cancel').focus();
+  await page.keyboard.press('Enter');
+  await page.locator('.toast', { hasText: `Order #${other} cancelled` }).waitFor({ timeout: 5000 });
+  await page.locator('#detail-cancel').waitFor({ state: 'hidden' });
+  assert.equal(await focusIn(), 'detail-title');
+});
+
 test('the keyboard focus stays on a row\'s button while its order changes', async (t) => {
   const { page } = await openDashboard(t);
   const id = await insertOrder({ customer: 'Focus Keeper' });
@@ -283,7 +330,8 @@ test('older pages are reached by keyset paging, and newer orders are announced t
   const { page } = await openDashboard(t);
   const first = await tableIds(page);
   assert.equal(first.length, 50);
-  await page.getByRole('button', { name: 'Older →' }).click();
+  // A double click moves one page: the second lands while the page is on its way.
+  await page.getByRole('button', { name: 'Older →' }).dblclick();
   await page.waitForFunction((last) => Number(document.querySelector('#orders-body tr')?.dataset.id) < last, first[49], { timeout: 5000 });
   const second = await tableIds(page);
   const expected = (await server.sql(`SELECT id FROM orders WHERE id < ${first[49]} ORDER BY id DESC LIMIT 50`)).split('\n').map(Number);
@@ -689,6 +737,21 @@ test('with a customer-confined token, an order moved away leaves the page and on
   assert.deepEqual(await tableIds(page), [theirs]);
   const text = await page.locator('body').textContent();
   assert.ok(!/bob/i.test(text), 'nothing of Bob\'s reaches the page');
+});
+
+test('a customer-confined writer\'s random orders are its customer\'s', async (t) => {
+  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read+write:customer=Ada' });
+  t.cleanup = () => secured.cleanup();
+  await secured.start();
+  const { page, dialog } = await openSignIn(t, secured);
+  await submitToken(dialog, 'ada-secret-1');
+  await live(page);
+  await page.getByRole('button', { name: 'Sign out' }).waitFor({ timeout: 5000 });
+  // Before, a random customer's name: refused with 403 every time.
+  await page.getByRole('button', { name: 'Random order' }).click();
+  await page.locator('.toast-ok', { hasText: 'created for ada' }).waitFor({ timeout: 5000 });
+  await page.locator('#orders-body tr .customer', { hasText: 'ada' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('.toast-error').count(), 0);
 });
 
 test('over SSE, a token that expires opens the sign-in, and nothing after the expiry is shown', async (t) => {

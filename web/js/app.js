@@ -25,10 +25,16 @@ const $ = (id) => document.getElementById(id);
 initToasts($('toasts'));
 const signIn = new SignIn($('signin'), $('sign-out'));
 
+// Every change the stream delivered after `recentFrom`, oldest first. (Not
+// every position: a filtered or confined stream skips the others'.)
 let recent = [];
+let recentFrom = 0;
 const remember = (change) => {
   recent.push(change);
-  if (recent.length > RECENT_MAX * 1.5) recent = recent.slice(-RECENT_MAX);
+  if (recent.length > RECENT_MAX * 1.5) {
+    recentFrom = recent[recent.length - RECENT_MAX - 1].seq;
+    recent = recent.slice(-RECENT_MAX);
+  }
 };
 
 let transitions = null;
@@ -48,6 +54,7 @@ const table = new OrderTable({
   newer: $('newer-notice'),
   buttons: { newest: $('page-newest'), newer: $('page-newer'), older: $('page-older') },
   recent: () => recent,
+  recentFrom: () => recentFrom,
   streamPosition: () => stream.position,
   onOpen: openOrder,
   onError: (m) => toast(m, 'error'),
@@ -169,8 +176,9 @@ const stream = new Stream({
   },
   async onResync() {
     recent = [];
+    recentFrom = stream.position;
     if (!(await table.load())) throw new Error('reload failed');
-    stats.refresh();
+    stats.resync();
     toast('The stream had a gap: the orders were reloaded', 'info');
     return table.position;
   },
@@ -178,9 +186,11 @@ const stream = new Stream({
 setInterval(showConnection, 500);
 
 // --- dialogs and actions ----------------------------------------------------------------
-const create = new CreateForm($('create'));
+// A token confined to one customer creates that customer's orders only.
+const confinedTo = () => signIn.me?.customer ?? null;
+const create = new CreateForm($('create'), confinedTo);
 $('new-order').addEventListener('click', () => create.open());
-$('random-order').addEventListener('click', () => createRandomOrder());
+$('random-order').addEventListener('click', () => createRandomOrder(confinedTo()));
 
 // --- theme ------------------------------------------------------------------------------
 const darkQuery = matchMedia('(prefers-color-scheme: dark)');
@@ -216,6 +226,7 @@ async function start() {
   for (let delay = 1000; !(await table.load()); delay = Math.min(delay * 2, 10000)) {
     await new Promise((r) => setTimeout(r, delay));
   }
+  recentFrom = table.position;
   stream.start(table.position);
   // The chart's backfill reads up to a few thousand orders: after the table.
   stats.start();

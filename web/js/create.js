@@ -19,7 +19,8 @@ function values(form) {
 }
 
 export class CreateForm {
-  constructor(dialog) {
+  /** @param customer () => the customer a confined token may create orders for, or null */
+  constructor(dialog, customer = () => null) {
     this.d = dialog;
     this.form = dialog.querySelector('form');
     this.form.addEventListener('submit', (ev) => {
@@ -30,7 +31,7 @@ export class CreateForm {
       if (ev.target.name) this.setError(ev.target.name, '');
     });
     dialog.querySelectorAll('[data-close]').forEach((b) => b.addEventListener('click', () => dialog.close()));
-    dialog.querySelector('#create-random').addEventListener('click', () => this.fill(randomOrder()));
+    dialog.querySelector('#create-random').addEventListener('click', () => this.fill(randomOrder(customer())));
   }
 
   open() {
@@ -84,10 +85,10 @@ export class CreateForm {
   }
 }
 
-/** The "Random order" button: one plausible order, created at once. */
-export async function createRandomOrder() {
+/** The "Random order" button: one plausible order, created at once (for `customer` if given). */
+export async function createRandomOrder(customer = null) {
   try {
-    const order = await api.createOrder(randomOrder());
+    const order = await api.createOrder(randomOrder(customer));
     toast(`Order #${order.id} created for ${order.customer_name}`, 'ok');
   } catch (e) {
     toastError('Could not create a random order', e);

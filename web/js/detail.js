@@ -77,12 +77,16 @@ export class OrderDetail {
     this.n.changes.replaceChildren(el('li', { class: 'muted' }, 'None yet.'));
     this.askDelete(false);
     if (!this.d.open) this.d.showModal();
+    // Closed (or another order opened) while the order was on its way: the
+    // answer is for nobody, and nothing is followed for a closed dialog.
+    const asked = this.following;
+    const wanted = () => this.id === id && this.d.open && this.following === asked;
     try {
       const [order] = await Promise.all([api.getOrder(id), this.loadHistory()]);
-      if (this.id !== id) return;
+      if (!wanted()) return;
       this.show(order);
     } catch (e) {
-      if (this.id !== id) return;
+      if (!wanted()) return;
       toastError(`Order #${id}`, e);
       if (e.status === 404) this.markDeleted();
       return;
@@ -132,7 +136,7 @@ export class OrderDetail {
       if (this.es === es && c) this.changed(c);
     });
     es.addEventListener('resync', () => {
-      if (this.es === es) this.open(id);
+      if (this.es === es && this.d.open) this.open(id);
     });
   }
 
@@ -211,6 +215,7 @@ export class OrderDetail {
     const order = this.order;
     const next = (await this.transitions())[order.status] || [];
     if (this.order !== order) return;
+    const focused = document.activeElement;
     const sel = this.n.statusSelect;
     const moves = next.filter((s) => s !== 'cancelled');
     // A change to the order (live, or this dialog's own) must not change
@@ -229,9 +234,11 @@ export class OrderDetail {
     this.n.statusForm.hidden = this.deleted || moves.length === 0;
     this.n.cancel.hidden = this.deleted || !next.includes('cancelled');
     this.n.del.hidden = this.deleted || !this.n.confirm.hidden;
+    this.refocus(focused);
   }
 
   markDeleted(text = 'This order has been deleted.') {
+    const focused = document.activeElement;
     this.deleted = true;
     this.stop();
     this.n.gone.textContent = text;
@@ -240,12 +247,31 @@ export class OrderDetail {
     this.n.cancel.hidden = true;
     this.n.del.hidden = true;
     this.n.confirm.hidden = true;
+    this.refocus(focused);
   }
 
   askDelete(ask) {
+    const focused = document.activeElement;
     this.n.confirm.hidden = !ask;
     this.n.del.hidden = ask || this.deleted;
     if (ask) this.n.no.focus();
+    else if (this.n.confirm.contains(focused) && !this.n.del.hidden) this.n.del.focus();
+    this.refocus(focused);
+  }
+
+  /**
+   * The control focused before a change (`focused`) was just hidden
+   * (Cancel after cancelling, the actions of an order deleted meanwhile):
+   * the focus goes to the banner saying why, or the dialog's title, not
+   * out of the dialog.
+   */
+  refocus(focused) {
+    if (!this.d.open || !this.d.contains(focused)) return;
+    const at = document.activeElement;
+    if (this.d.contains(at) && at.offsetParent !== null) return;
+    const to = this.n.gone.hidden ? this.n.title : this.n.gone;
+    to.tabIndex = -1;
+    to.focus();
   }
 
   async act(what, call) {

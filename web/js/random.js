@@ -15,15 +15,16 @@ const PRODUCTS = [
 
 const pick = (a) => a[Math.floor(Math.random() * a.length)];
 
-export function randomOrder() {
+/** @param customer the customer a confined token may create orders for (its orders are all that one's) */
+export function randomOrder(customer = null) {
   const first = pick(FIRST);
   const last = pick(LAST);
   const [product, base] = pick(PRODUCTS);
   const price = Math.round(base * (0.85 + Math.random() * 0.3) * 100) / 100;
   const quantity = Math.random() < 0.7 ? 1 : 1 + Math.floor(Math.random() * 5);
   return {
-    customer_name: `${first} ${last}`,
-    customer_email: `${first}.${last}`.toLowerCase().replace(/[^a-z.]/g, '') + '@example.com',
+    customer_name: customer ?? `${first} ${last}`,
+    customer_email: customer ? null : `${first}.${last}`.toLowerCase().replace(/[^a-z.]/g, '') + '@example.com',
     product,
     quantity,
     unit_price: price.toFixed(2),

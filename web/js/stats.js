@@ -20,9 +20,16 @@ const PRODUCTS_SHOWN = 12;
 const minuteOf = (ms) => Math.floor(ms / 60000);
 const hourMinute = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit', hourCycle: 'h23' });
 
+/** Inserts kept while the backfill has not said its position: the newest (older ones are in its pages). */
+const EARLY_MAX = 5000;
+
 /** Orders created per minute, and how far back the counts are complete. */
 class PerMinute {
   constructor() {
+    this.reset();
+  }
+
+  reset() {
     this.buckets = new Map(); // minute number -> orders created in it
     this.completeFrom = null; // first minute whose count is complete; null: not known yet
     this.position = null; // inserts at or below this were counted by the backfill
@@ -35,35 +42,51 @@ class PerMinute {
   }
 
   insert(change) {
-    if (this.position == null) this.early.push(change);
-    else if (change.seq > this.position) this.add(change.order.created_at);
+    if (this.position == null) {
+      // An insert the backfill's first page will hold is counted from it:
+      // only the last ones can be newer than that page.
+      this.early.push(change);
+      if (this.early.length > EARLY_MAX * 1.5) this.early = this.early.slice(-EARLY_MAX);
+    } else if (change.seq > this.position) this.add(change.order.created_at);
+    // Minutes that left the chart are forgotten.
+    if (this.buckets.size > MINUTES * 2) {
+      const oldest = minuteOf(serverNow()) - MINUTES;
+      for (const m of this.buckets.keys()) if (m < oldest) this.buckets.delete(m);
+    }
   }
 
+  /** Counts the newest orders, back an hour or as far as BACKFILL_PAGES go; throws if the first page fails. */
   async backfill() {
     const oldest = minuteOf(serverNow()) - MINUTES;
     let cursor = null;
     let complete = false;
     let last = null;
-    for (let i = 0; i < BACKFILL_PAGES; i++) {
-      const page = await api.listOrders({ limit: BACKFILL_PAGE, cursor });
-      if (this.position == null) {
-        this.position = page.position;
-        for (const c of this.early.splice(0)) this.insert(c);
+    try {
+      for (let i = 0; i < BACKFILL_PAGES; i++) {
+        const page = await api.listOrders({ limit: BACKFILL_PAGE, cursor });
+        if (this.position == null) {
+          this.position = page.position;
+          for (const c of this.early.splice(0)) this.insert(c);
+        }
+        for (const o of page.items) this.add(o.created_at);
+        last = page.items[page.items.length - 1];
+        if (page.next_cursor == null) {
+          complete = true;
+          break;
+        }
+        if (last && minuteOf(Date.parse(last.created_at)) < oldest) {
+          complete = true;
+          break;
+        }
+        cursor = page.next_cursor;
       }
-      for (const o of page.items) this.add(o.created_at);
-      last = page.items[page.items.length - 1];
-      if (page.next_cursor == null) {
-        complete = true;
-        break;
+    } finally {
+      // As far back as the pages read went: the minute of the last order
+      // read may have more orders further back.
+      if (this.position != null) {
+        this.completeFrom = complete || !last ? -Infinity : minuteOf(Date.parse(last.created_at)) + 1;
       }
-      if (last && minuteOf(Date.parse(last.created_at)) < oldest) {
-        complete = true;
-        break;
-      }
-      cursor = page.next_cursor;
     }
-    // The minute of the last order read may have more orders further back.
-    this.completeFrom = complete || !last ? -Infinity : minuteOf(Date.parse(last.created_at)) + 1;
   }
 
   series() {
@@ -103,18 +126,42 @@ export class Stats {
     this.reading = null; // the request for the totals under way
     this.again = false; // another refresh was asked for meanwhile
     this.lastError = null; // the error last said, until an answer comes
+    this.backfills = 0; // the backfill under way (a newer one replaces it)
   }
 
   /** Dead letters, the chart's backfill and the once-a-second figures (the totals are read by refresh()). */
-  async start() {
+  start() {
     this.pollDeadLetters();
-    try {
-      await this.perMinute.backfill();
-    } catch (e) {
-      this.onError(`Could not load recent orders for the chart: ${e.message}`);
-    }
-    this.drawChart();
+    this.backfill();
     setInterval(() => this.tick(), 1000);
+  }
+
+  /**
+   * Counts the recent orders per minute from the server, until it answers
+   * (a failure is said once; the chart shows what is known meanwhile).
+   */
+  async backfill() {
+    const run = ++this.backfills;
+    for (let delay = 2000, said = false; run === this.backfills; delay = Math.min(delay * 2, 30000)) {
+      try {
+        await this.perMinute.backfill();
+        break;
+      } catch (e) {
+        if (run !== this.backfills) return;
+        if (this.perMinute.position != null) break; // later pages: counted as far as they went
+        if (!said && e.status !== 401) this.onError(`Could not load recent orders for the chart: ${e.message}`);
+        said = true;
+        await new Promise((r) => setTimeout(r, delay));
+      }
+    }
+    if (run === this.backfills) this.drawChart();
+  }
+
+  /** The stream had a gap: the per-minute counts are read again. */
+  resync() {
+    this.perMinute.reset();
+    this.backfill();
+    this.refresh();
   }
 
   /** A change arrived: count it and re-read the totals soon. */

@@ -39,6 +39,7 @@ export class OrderTable {
    *   tbody, empty, summary, newer, buttons {newest, newer, older}
    *   status: a live region, told what a page the user asked for holds
    *   recent: () => changes received so far that may be newer than a page (oldest first)
+   *   recentFrom: () => the position after which `recent` holds every change the stream delivered
    *   streamPosition: () => the position the stream has reached
    *   onOpen(id): open an order
    *   onError(message)
@@ -97,7 +98,7 @@ export class OrderTable {
     this.cursor = null;
     this.newerCount = 0;
     this.render();
-    return this.load();
+    return this.load({ announce: true });
   }
 
   goNewest() {
@@ -105,23 +106,24 @@ export class OrderTable {
     this.cursors = [];
     this.cursor = null;
     this.newerCount = 0;
-    return this.load();
+    return this.load({ announce: true });
   }
 
   goOlder() {
-    if (!this.rows.length || !this.hasMore) return undefined;
+    // Not while a page is on its way: its rows are not the ones shown yet.
+    if (!this.rows.length || !this.hasMore || this.paging) return undefined;
     this.holdUntil = 0;
     this.cursors.push(this.cursor);
     this.cursor = this.rows[this.rows.length - 1].id;
-    return this.load();
+    return this.load({ announce: true });
   }
 
   goNewer() {
-    if (this.onNewest) return undefined;
+    if (this.onNewest || this.paging) return undefined;
     this.holdUntil = 0;
     this.cursor = this.cursors.pop() ?? null;
     if (this.onNewest) this.newerCount = 0;
-    return this.load();
+    return this.load({ announce: true });
   }
 
   /**
@@ -130,13 +132,25 @@ export class OrderTable {
    * search) answers with the newer one's outcome, so whoever waits for it
    * finds the page and its position set.
    */
-  load() {
-    const loading = this.loadPage();
+  load({ announce = false } = {}) {
+    const loading = this.loadPage(announce);
     this.latest = loading;
     return loading;
   }
 
-  async loadPage() {
+  /** @param announce say what the page holds (a page the user asked for, or the first) */
+  async loadPage(announce) {
+    const first = !this.loaded;
+    this.paging = true;
+    try {
+      return await this.fetchPage(announce || first);
+    } finally {
+      this.paging = false;
+      this.summary();
+    }
+  }
+
+  async fetchPage(announce) {
     const token = ++this.loading;
     for (let tries = 0; tries < 3; tries++) {
       let page;
@@ -155,9 +169,11 @@ export class OrderTable {
       }
       if (token !== this.loading) return this.latest;
       const recent = this.o.recent();
-      // Can every change after the page's position still be replayed?
+      // Can every change after the page's position still be replayed? The
+      // buffer holds every change the stream delivered after recentFrom
+      // (positions between them need not be changes this stream gets).
       const streamAhead = this.o.streamPosition() > page.position;
-      if (streamAhead && (!recent.length || recent[0].seq > page.position + 1)) continue;
+      if (streamAhead && page.position < this.o.recentFrom()) continue;
       this.rows = page.items;
       this.position = page.position;
       this.hasMore = page.next_cursor != null;
@@ -166,7 +182,7 @@ export class OrderTable {
       this.position = Math.max(this.position, this.o.streamPosition());
       this.loaded = true;
       this.render();
-      this.announce();
+      if (announce) this.announce();
       return true;
     }
     this.o.onError('Could not load a consistent page of orders: too many changes at once; try again');
@@ -345,8 +361,8 @@ export class OrderTable {
     newer.hidden = this.onNewest || this.newerCount === 0;
     newer.textContent = `${fmtCount(this.newerCount)} newer order${this.newerCount === 1 ? '' : 's'} · show newest`;
     buttons.newest.disabled = this.onNewest;
-    buttons.newer.disabled = this.onNewest;
-    buttons.older.disabled = !this.hasMore || n === 0;
+    buttons.newer.disabled = this.onNewest || this.paging;
+    buttons.older.disabled = !this.hasMore || n === 0 || this.paging;
   }
 
   describe() {

@@ -45,6 +45,10 @@ function showRegion() {
 
 export function toast(message, kind = 'info') {
   if (!region) return;
+  // The same words already on screen (a failure repeated by retries) are not said again.
+  const same = [...region.children].some((n) => n.classList.contains(`toast-${kind}`) &&
+    n.querySelector('.toast-text')?.textContent === message);
+  if (same) return;
   const close = el('button', { class: 'toast-close', type: 'button', 'aria-label': 'Dismiss' }, '×');
   const node = el('div', { class: `toast toast-${kind}`, role: kind === 'error' ? 'alert' : 'status' },
     el('span', { class: 'toast-text' }, message), close);
@@ -56,7 +60,10 @@ export function toast(message, kind = 'info') {
   showRegion();
   region.append(node);
   while (region.children.length > MAX_TOASTS) region.firstElementChild.remove();
-  setTimeout(remove, SHOW_MS[kind] || SHOW_MS.info);
+  const shown = SHOW_MS[kind] || SHOW_MS.info;
+  // Not taken away from under the keyboard focus: it waits for the focus to leave.
+  const expire = () => (node.contains(document.activeElement) ? setTimeout(expire, shown / 4) : remove());
+  setTimeout(expire, shown);
 }
 
 export const toastError = (prefix, e) => toast(`${prefix}: ${e.message}`, 'error');
