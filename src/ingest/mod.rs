@@ -628,10 +628,23 @@ async fn write_loop(
                         log::debug!("seek failed (the messages will be read and skipped): {e}");
                     }
                 }
-                for r in &outcome.rewind {
+                let rewinds = outcome.rewind.iter().map(|r| {
+                    (
+                        r,
+                        "its log was reset (the stored position is beyond its \
+                     end) and the consumer did not start at the new log's start",
+                    )
+                });
+                let went_back = outcome.went_back.iter().map(|r| {
+                    (
+                        r,
+                        "the stored position went back below what this \
+                     instance had stored (a restored database, a failover, an operator's rewind)",
+                    )
+                });
+                for (r, why) in rewinds.chain(went_back) {
                     log::warn!(
-                        "Kafka partition {}/{}: its log was reset (the stored position is beyond its end) and the \
-                         consumer did not start at the new log's start: reading it again from offset {}",
+                        "Kafka partition {}/{}: {why}: reading it again from offset {}",
                         settings.topic,
                         r.partition,
                         r.to

@@ -141,6 +141,13 @@ pub struct Outcome {
     pub resets: Vec<LogReset>,
     /// Partitions to read again from an earlier offset.
     pub rewind: Vec<Rewind>,
+    /// Partitions whose stored position went back below what this writer
+    /// had committed (the database restored from a backup, a failover to a
+    /// replica that lacked the last commits, an operator's rewind): read
+    /// again from the stored position.
+    pub went_back: Vec<Rewind>,
+    /// The stored positions: (partition, log generation, position).
+    pub positions: Vec<(i32, i32, i64)>,
 }
 
 impl Outcome {
@@ -364,7 +371,13 @@ pub struct Writer {
     scope: Scope,
     conn: Option<Connection>,
     attempt_timeout: Duration,
+    /// Per partition, the position this writer last committed, and its log
+    /// generation: a stored position found below it went back in time.
+    committed: Committed,
 }
+
+/// partition -> (log generation, position committed).
+type Committed = HashMap<i32, (i32, i64)>;
 
 /// Far enough behind the stored position to be worth a seek.
 const SEEK_AHEAD_MIN: i64 = 1000;
@@ -381,6 +394,7 @@ impl Writer {
             },
             conn: None,
             attempt_timeout: ATTEMPT_TIMEOUT,
+            committed: Committed::new(),
         }
     }
 
@@ -501,6 +515,8 @@ impl Writer {
         let mut next: HashMap<i32, i64> = HashMap::new();
         let mut seek: HashMap<i32, i64> = HashMap::new();
         let mut rewind: HashMap<i32, Rewind> = HashMap::new();
+        let mut went_back: HashMap<i32, Rewind> = HashMap::new();
+        let mut positions: HashMap<i32, (i32, i64)> = HashMap::new();
         for m in msgs {
             let one = std::slice::from_ref(m);
             let outcome = match self.attempt(one, Mode::Careful, ends).await {
@@ -522,6 +538,8 @@ impl Writer {
             next.extend(outcome.next_offsets);
             seek.extend(outcome.seek);
             rewind.extend(outcome.rewind.into_iter().map(|r| (r.partition, r)));
+            went_back.extend(outcome.went_back.into_iter().map(|r| (r.partition, r)));
+            positions.extend(outcome.positions.into_iter().map(|(p, g, n)| (p, (g, n))));
         }
         all.next_offsets = next.into_iter().collect();
         all.next_offsets.sort_unstable();
@@ -532,6 +550,8 @@ impl Writer {
             .collect();
         all.seek.sort_unstable();
         all.rewind = rewind.into_values().collect();
+        all.went_back = went_back.into_values().collect();
+        all.positions = positions.into_iter().map(|(p, (g, n))| (p, g, n)).collect();
         all.rewind.sort_unstable_by_key(|r| r.partition);
         Ok(all)
     }
@@ -550,6 +570,7 @@ impl Writer {
         // `ends`: where the logs of partitions with messages below their
         // stored positions end, asked of the broker between transactions.
         for _ in 0..ASK_BROKER_ROUNDS {
+            let committed = self.committed.clone();
             let conn = self.connect().await?;
             let run = async {
                 let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
@@ -564,7 +585,7 @@ impl Writer {
                         .await
                         .map_err(|e| classify(e, "Failed to make the constraints immediate"))?;
                 }
-                let step = apply(&mut tx, &conn.st, msgs, &scope, mode, ends).await?;
+                let step = apply(&mut tx, &conn.st, msgs, &scope, mode, ends, &committed).await?;
                 match step {
                     Step::Done(_) => tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?,
                     Step::AskBroker(_) => tx.rollback().await.map_err(|e| classify(e, "ROLLBACK failed"))?,
@@ -572,7 +593,16 @@ impl Writer {
                 Ok(step)
             };
             match tokio::time::timeout(limit, run).await {
-                Ok(Ok(Step::Done(outcome))) => return Ok(outcome),
+                Ok(Ok(Step::Done(outcome))) => {
+                    // What the database now holds, but where it was found
+                    // gone back: that is caught up with by reading again.
+                    for &(p, generation, next) in &outcome.positions {
+                        if !outcome.went_back.iter().any(|r| r.partition == p) {
+                            self.committed.insert(p, (generation, next));
+                        }
+                    }
+                    return Ok(outcome);
+                }
                 Ok(Ok(Step::AskBroker(partitions))) => ends.extend(ask_log_ends(&scope, &partitions).await?),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
@@ -694,6 +724,7 @@ async fn apply(
     scope: &Scope,
     mode: Mode<'_>,
     ends: &LogEndAnswers,
+    committed: &Committed,
 ) -> Result<Step, WriteError> {
     let (group, topic, actor) = (scope.group_id.as_str(), scope.topic.as_str(), scope.actor.as_str());
     let mut fates = vec![Fate::Pending; msgs.len()];
@@ -726,6 +757,26 @@ async fn apply(
     for r in &rewind {
         for i in new_log_messages(msgs, r.partition, i64::MAX) {
             fates[i] = Fate::Reread;
+        }
+    }
+    // A stored position below the one this writer committed in the same
+    // log went back in time, and the messages between were lost with it:
+    // read again from it. Not if a message of the partition in the batch
+    // comes before what was committed: then the batch was read since the
+    // partition was sent back, and is applied as usual (from the stored
+    // position, a gap of transaction markers or compacted messages at most).
+    let mut went_back = Vec::new();
+    for (&p, s) in &stored {
+        let (Some(next), Some(&(generation, was))) = (s.next, committed.get(&p)) else { continue };
+        let first = msgs.iter().filter(|m| m.partition == p).map(|m| m.offset).min();
+        let touched = resets.iter().any(|r| r.partition == p) || rewind.iter().any(|r| r.partition == p);
+        if generation == s.generation && next < was && first.is_some_and(|f| f >= was) && !touched {
+            went_back.push(Rewind { partition: p, to: next });
+            for (i, m) in msgs.iter().enumerate() {
+                if m.partition == p {
+                    fates[i] = Fate::Reread;
+                }
+            }
         }
     }
     // The highest offset before each message in the batch, per partition
@@ -949,7 +1000,8 @@ async fn apply(
     tx.execute(&st.advance, &[&group, &topic, &ps, &ns, &gs])
         .await
         .map_err(|e| classify(e, "Failed to store the positions"))?;
-    Ok(Step::Done(Outcome { fates, written, next_offsets, seek, resets, rewind }))
+    let positions = ps.iter().zip(&gs).zip(&ns).map(|((&p, &g), &n)| (p, g, n)).collect();
+    Ok(Step::Done(Outcome { fates, written, next_offsets, seek, resets, rewind, went_back, positions }))
 }
 
 /// A copy of an event id whose earlier copy in the batch was applied (or was
