@@ -642,6 +642,10 @@ async fn write_loop(
                      instance had stored (a restored database, a failover, an operator's rewind)",
                     )
                 });
+                for r in &outcome.went_back {
+                    // Health shows the position read again from, not the one lost.
+                    state.reset_position(r.partition, r.to);
+                }
                 for (r, why) in rewinds.chain(went_back) {
                     log::warn!(
                         "Kafka partition {}/{}: {why}: reading it again from offset {}",

@@ -374,7 +374,13 @@ pub struct Writer {
     /// Per partition, the position this writer last committed, and its log
     /// generation: a stored position found below it went back in time.
     committed: Committed,
+    /// Partitions read again since a position that went back: where from, since when.
+    going_back: HashMap<i32, (i64, std::time::Instant)>,
 }
+
+/// How long a partition whose position went back may wait for the messages
+/// from there before the ingest goes on without them (see `Writer::attempt`).
+const GO_BACK_LIMIT: Duration = Duration::from_secs(30);
 
 /// partition -> (log generation, position committed).
 type Committed = HashMap<i32, (i32, i64)>;
@@ -395,6 +401,7 @@ impl Writer {
             conn: None,
             attempt_timeout: ATTEMPT_TIMEOUT,
             committed: Committed::new(),
+            going_back: HashMap::new(),
         }
     }
 
@@ -596,9 +603,28 @@ impl Writer {
                 Ok(Ok(Step::Done(outcome))) => {
                     // What the database now holds, but where it was found
                     // gone back: that is caught up with by reading again.
+                    let now = std::time::Instant::now();
                     for &(p, generation, next) in &outcome.positions {
-                        if !outcome.went_back.iter().any(|r| r.partition == p) {
+                        let Some(r) = outcome.went_back.iter().find(|r| r.partition == p) else {
                             self.committed.insert(p, (generation, next));
+                            self.going_back.remove(&p);
+                            continue;
+                        };
+                        // Batches read before the seek back come first, for
+                        // a moment; still nothing from before the position
+                        // this writer committed after GO_BACK_LIMIT, the log
+                        // no longer holds it (retention, compaction) or the
+                        // seek does not take: go on from what it holds.
+                        let (to, since) = *self.going_back.entry(p).or_insert((r.to, now));
+                        if to == r.to && now.duration_since(since) > GO_BACK_LIMIT {
+                            log::error!(
+                                "Kafka partition {}/{p}: its stored position went back to {to}, but the messages \
+                                 from there were not read again within {GO_BACK_LIMIT:?}: going on from what the \
+                                 log holds; the messages between are not applied",
+                                scope.topic
+                            );
+                            self.committed.insert(p, (generation, next));
+                            self.going_back.remove(&p);
                         }
                     }
                     return Ok(outcome);
@@ -768,14 +794,23 @@ async fn apply(
     let mut went_back = Vec::new();
     for (&p, s) in &stored {
         let (Some(next), Some(&(generation, was))) = (s.next, committed.get(&p)) else { continue };
-        let first = msgs.iter().filter(|m| m.partition == p).map(|m| m.offset).min();
         let touched = resets.iter().any(|r| r.partition == p) || rewind.iter().any(|r| r.partition == p);
-        if generation == s.generation && next < was && first.is_some_and(|f| f >= was) && !touched {
+        if generation != s.generation || next >= was || touched {
+            continue;
+        }
+        // What the batch holds of the partition after its last step back
+        // in offsets; before it, messages read before a seek back (or a
+        // reassignment) that come again after it.
+        let run: Vec<usize> = new_log_messages(msgs, p, i64::MAX).collect();
+        for (i, m) in msgs.iter().enumerate() {
+            if m.partition == p && !run.contains(&i) {
+                fates[i] = Fate::Reread;
+            }
+        }
+        if run.first().is_some_and(|&i| msgs[i].offset >= was) {
             went_back.push(Rewind { partition: p, to: next });
-            for (i, m) in msgs.iter().enumerate() {
-                if m.partition == p {
-                    fates[i] = Fate::Reread;
-                }
+            for &i in &run {
+                fates[i] = Fate::Reread;
             }
         }
     }

@@ -142,13 +142,16 @@ export class Stats {
    */
   async backfill() {
     const run = ++this.backfills;
+    // An older run still waiting for a page writes to its own counts, which
+    // a resync has replaced: nothing is counted twice.
+    const counts = this.perMinute;
     for (let delay = 2000, said = false; run === this.backfills; delay = Math.min(delay * 2, 30000)) {
       try {
-        await this.perMinute.backfill();
+        await counts.backfill();
         break;
       } catch (e) {
         if (run !== this.backfills) return;
-        if (this.perMinute.position != null) break; // later pages: counted as far as they went
+        if (counts.position != null) break; // later pages: counted as far as they went
         if (!said && e.status !== 401) this.onError(`Could not load recent orders for the chart: ${e.message}`);
         said = true;
         await new Promise((r) => setTimeout(r, delay));
@@ -159,7 +162,7 @@ export class Stats {
 
   /** The stream had a gap: the per-minute counts are read again. */
   resync() {
-    this.perMinute.reset();
+    this.perMinute = new PerMinute();
     this.backfill();
     this.refresh();
   }

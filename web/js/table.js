@@ -141,12 +141,16 @@ export class OrderTable {
   /** @param announce say what the page holds (a page the user asked for, or the first) */
   async loadPage(announce) {
     const first = !this.loaded;
-    this.paging = true;
+    // Only a page the user asked for holds Older and Newer back (a refill
+    // or a reload after a resync does not).
+    if (announce) this.paging = true;
     try {
       return await this.fetchPage(announce || first);
     } finally {
-      this.paging = false;
-      this.summary();
+      if (announce) {
+        this.paging = false;
+        this.summary();
+      }
     }
   }
 
@@ -181,6 +185,7 @@ export class OrderTable {
       for (const c of recent) if (c.seq > this.position) this.apply(c, false);
       this.position = Math.max(this.position, this.o.streamPosition());
       this.loaded = true;
+      this.paging = false;
       this.render();
       if (announce) this.announce();
       return true;
