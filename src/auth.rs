@@ -286,24 +286,10 @@ impl Auth {
 /// of another scheme (a proxy's Basic credentials, say) is not ordercast's,
 /// and the cookie or the query may still carry the token.
 pub fn token(req: &actix_web::HttpRequest) -> Option<String> {
-    token_from(req).map(|(t, _)| t)
-}
-
-/// Where a request's token came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenSource {
-    Header,
-    /// A cookie: the one named here.
-    Cookie(&'static str),
-    Query,
-}
-
-/// The token of a request, and where it came from (see [`token`]).
-pub fn token_from(req: &actix_web::HttpRequest) -> Option<(String, TokenSource)> {
     if let Some(v) = req.headers().get(actix_web::http::header::AUTHORIZATION).and_then(|h| h.to_str().ok()) {
         if let Some((scheme, token)) = v.trim().split_once(' ') {
             if scheme.eq_ignore_ascii_case("bearer") {
-                return Some((token.trim().to_string(), TokenSource::Header));
+                return Some(token.trim().to_string());
             }
         }
     }
@@ -311,17 +297,17 @@ pub fn token_from(req: &actix_web::HttpRequest) -> Option<(String, TokenSource)>
         // The cookie `POST /api/session` sets over HTTPS, which no other
         // site can set; the plain one only over HTTP: over HTTPS it could
         // have been planted by a sibling domain (`Domain=example.com`).
-        let names: &[&'static str] =
+        let names: &[&str] =
             if over_https(req) { &[crate::routes::session::SECURE_COOKIE] } else { &crate::routes::session::COOKIES };
         for name in names {
             if let Some(v) = cookies.split(';').find_map(|c| c.trim().strip_prefix(name)?.strip_prefix('=')) {
-                return Some((v.to_string(), TokenSource::Cookie(name)));
+                return Some(v.to_string());
             }
         }
     }
     form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "access_token")
-        .map(|(_, v)| (v.into_owned(), TokenSource::Query))
+        .map(|(_, v)| v.into_owned())
 }
 
 /// Did the browser reach the server over HTTPS? Behind a proxy that ends

@@ -802,8 +802,9 @@ async fn apply(
         // in offsets; before it, messages read before a seek back (or a
         // reassignment) that come again after it.
         let run: Vec<usize> = new_log_messages(msgs, p, i64::MAX).collect();
-        for (i, m) in msgs.iter().enumerate() {
-            if m.partition == p && !run.contains(&i) {
+        let run_start = run.first().copied().unwrap_or(msgs.len());
+        for (i, m) in msgs.iter().enumerate().take(run_start) {
+            if m.partition == p {
                 fates[i] = Fate::Reread;
             }
         }

@@ -62,12 +62,12 @@ fn set_cookie(name: &str, secure: bool, token: &str, max_age: i64) -> (&'static 
 /// A 200 that keeps `token` (checked, cookie-safe) in the cookie for as
 /// long as it is valid: over HTTPS in the `__Host-` cookie, and a plain one
 /// is removed; over HTTP in the plain one.
-fn keep(req: &HttpRequest, token: &str, principal: &Principal) -> actix_web::HttpResponseBuilder {
+fn keep(https: bool, token: &str, principal: &Principal) -> actix_web::HttpResponseBuilder {
     let now = chrono::Utc::now().timestamp();
     let max_age = principal.expires_at.map_or(MAX_AGE_SECS, |exp| (exp - now).clamp(1, MAX_AGE_SECS));
     let mut resp = HttpResponse::Ok();
     resp.insert_header(("Cache-Control", "no-store"));
-    if crate::auth::over_https(req) {
+    if https {
         resp.append_header(set_cookie(SECURE_COOKIE, true, token, max_age));
         resp.append_header(set_cookie(COOKIE, true, "", 0));
     } else {
@@ -85,8 +85,10 @@ fn token_of(body: &[u8]) -> Result<(String, Option<Scope>), ApiError> {
     crate::domain::reject_unknown(fields, &["token", "scope"])?;
     let scope = match fields.get("scope") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if Scope::parse(s).is_some() => Scope::parse(s),
-        Some(_) => return Err(ValidationError::new("scope", "must be read, write or admin").into()),
+        other => match other.and_then(Value::as_str).and_then(Scope::parse) {
+            Some(scope) => Some(scope),
+            None => return Err(ValidationError::new("scope", "must be read, write or admin").into()),
+        },
     };
     match fields.get("token") {
         Some(Value::String(t)) if !t.trim().is_empty() => Ok((t.trim().to_owned(), scope)),
@@ -128,7 +130,8 @@ pub async fn sign_in(
     if let Some(scope) = scope.filter(|s| !principal.has(*s)) {
         return Ok(crate::auth::refusal(&AuthError::Forbidden(scope.as_str())));
     }
-    let name = if crate::auth::over_https(&req) { SECURE_COOKIE } else { COOKIE };
+    let https = crate::auth::over_https(&req);
+    let name = if https { SECURE_COOKIE } else { COOKIE };
     let problem = if !cookie_safe(&token) {
         Some("holds characters a cookie cannot carry (spaces, quotes, commas, semicolons or backslashes)")
     } else if name.len() + 1 + token.len() > COOKIE_MAX {
@@ -140,7 +143,7 @@ pub async fn sign_in(
         let message = format!("this token {problem}: send it as Authorization: Bearer instead");
         return Err(ValidationError::with_code("token", "token_not_cookie_safe", message).into());
     }
-    Ok(keep(&req, &token, &principal).json(describe(&principal, true)))
+    Ok(keep(https, &token, &principal).json(describe(&principal, true)))
 }
 
 /// Who the caller is: the token's name, scopes, customer and expiry.
@@ -169,12 +172,13 @@ pub async fn who(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     responses((status = 204, description = "Signed out: Set-Cookie removes the cookie (both names over HTTPS)")))]
 #[delete("/api/session")]
 pub async fn sign_out(req: HttpRequest) -> HttpResponse {
+    let https = crate::auth::over_https(&req);
     let mut resp = HttpResponse::NoContent();
     resp.insert_header(("Cache-Control", "no-store"));
-    if crate::auth::over_https(&req) {
+    if https {
         resp.append_header(set_cookie(SECURE_COOKIE, true, "", 0));
     }
-    resp.append_header(set_cookie(COOKIE, crate::auth::over_https(&req), "", 0)).finish()
+    resp.append_header(set_cookie(COOKIE, https, "", 0)).finish()
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -26,10 +26,6 @@ const EARLY_MAX = 5000;
 /** Orders created per minute, and how far back the counts are complete. */
 class PerMinute {
   constructor() {
-    this.reset();
-  }
-
-  reset() {
     this.buckets = new Map(); // minute number -> orders created in it
     this.completeFrom = null; // first minute whose count is complete; null: not known yet
     this.position = null; // inserts at or below this were counted by the backfill
