@@ -376,6 +376,7 @@ pub struct Writer {
     committed: Committed,
     /// Partitions read again since a position that went back: where from, since when.
     going_back: HashMap<i32, (i64, std::time::Instant)>,
+    go_back_limit: Duration,
 }
 
 /// How long a partition whose position went back may wait for the messages
@@ -402,7 +403,15 @@ impl Writer {
             attempt_timeout: ATTEMPT_TIMEOUT,
             committed: Committed::new(),
             going_back: HashMap::new(),
+            go_back_limit: GO_BACK_LIMIT,
         }
+    }
+
+    /// Another wait than `GO_BACK_LIMIT` for the messages from a position
+    /// that went back.
+    pub fn with_go_back_limit(mut self, limit: Duration) -> Writer {
+        self.go_back_limit = limit;
+        self
     }
 
     /// Another limit for an attempt than `ATTEMPT_TIMEOUT` (a careful one
@@ -616,11 +625,12 @@ impl Writer {
                         // no longer holds it (retention, compaction) or the
                         // seek does not take: go on from what it holds.
                         let (to, since) = *self.going_back.entry(p).or_insert((r.to, now));
-                        if to == r.to && now.duration_since(since) > GO_BACK_LIMIT {
+                        let wait = self.go_back_limit;
+                        if to == r.to && now.duration_since(since) > wait {
                             log::error!(
                                 "Kafka partition {}/{p}: its stored position went back to {to}, but the messages \
-                                 from there were not read again within {GO_BACK_LIMIT:?}: going on from what the \
-                                 log holds; the messages between are not applied",
+                                 from there were not read again within {wait:?}: going on from what the log \
+                                 holds; the messages between are not applied",
                                 scope.topic
                             );
                             self.committed.insert(p, (generation, next));
