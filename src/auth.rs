@@ -62,6 +62,9 @@ pub struct Principal {
     scopes: u8,
     /// Row restriction: only this customer's orders (lowercased).
     pub customer: Option<String>,
+    /// That customer as the token names it (trimmed, case kept): the name a
+    /// dashboard gives the orders it creates for it.
+    pub customer_name: Option<String>,
     /// Unix seconds after which the token is no longer valid (JWTs).
     pub expires_at: Option<i64>,
 }
@@ -76,7 +79,7 @@ impl std::fmt::Debug for Principal {
 impl Principal {
     /// Everyone, when authentication is off.
     pub fn anonymous(name: String) -> Principal {
-        Principal { name, scopes: 7, customer: None, expires_at: None }
+        Principal { name, scopes: 7, customer: None, customer_name: None, expires_at: None }
     }
 
     pub fn has(&self, scope: Scope) -> bool {
@@ -200,16 +203,16 @@ impl Auth {
                 anyhow::bail!("API key {name:?}: the name must be set and the secret at least 8 characters");
             }
             let scopes = parse_scopes(scopes.split('+')).map_err(|e| anyhow::anyhow!("API key {name:?}: {e}"))?;
-            let mut customer = None;
+            let mut customer_name = None;
             for extra in &parts[3..] {
                 match extra.split_once('=') {
-                    Some(("customer", c)) if !c.trim().is_empty() => {
-                        customer = Some(crate::domain::fold_case(c.trim()))
-                    }
+                    Some(("customer", c)) if !c.trim().is_empty() => customer_name = Some(c.trim().to_string()),
                     _ => anyhow::bail!("API key {name:?}: unknown option {extra:?} (customer=Name)"),
                 }
             }
-            keys.insert(secret.to_string(), Principal { name: name.to_string(), scopes, customer, expires_at: None });
+            let customer = customer_name.as_deref().map(crate::domain::fold_case);
+            let principal = Principal { name: name.to_string(), scopes, customer, customer_name, expires_at: None };
+            keys.insert(secret.to_string(), principal);
         }
         let jwt = match jwt_secret.map(str::trim).filter(|s| !s.is_empty()) {
             Some(s) if s.len() < 16 => anyhow::bail!("the JWT secret must be at least 16 bytes"),
@@ -266,18 +269,19 @@ impl Auth {
         .map_err(|_| AuthError::Invalid)?;
         // A `customer` claim restricts the token; a blank one is a mistake
         // in the issuer, never "no restriction" (API keys refuse it too).
-        let customer = match c.customer.as_deref().map(str::trim) {
+        let customer_name = match c.customer.as_deref().map(str::trim) {
             None => None,
             Some("") => return Err(AuthError::Invalid),
-            Some(name) => Some(crate::domain::fold_case(name)),
+            Some(name) => Some(name.to_string()),
         };
+        let customer = customer_name.as_deref().map(crate::domain::fold_case);
         // Both go to the database (the actor of every write, the customer of
         // every read), which refuses a NUL in text: a token carrying one
         // could do nothing but fail.
         if c.sub.contains('\0') || customer.as_deref().is_some_and(|c| c.contains('\0')) {
             return Err(AuthError::Invalid);
         }
-        Ok(Principal { name: c.sub, scopes, customer, expires_at: Some(c.exp) })
+        Ok(Principal { name: c.sub, scopes, customer, customer_name, expires_at: Some(c.exp) })
     }
 }
 
@@ -536,7 +540,7 @@ mod tests {
         assert_eq!(rate_key(false, peer("[2001:db8:0:0:1::7]:5000"), &anonymous), "2001:db8::");
         assert_eq!(rate_key(false, peer("[2001:db8:0:0:ffff::9]:6000"), &anonymous), "2001:db8::");
         assert_eq!(rate_key(false, peer("192.0.2.7:5000"), &anonymous), "192.0.2.7");
-        let token = Principal { name: "ops".into(), scopes: 7, customer: None, expires_at: None };
+        let token = Principal { name: "ops".into(), scopes: 7, customer: None, customer_name: None, expires_at: None };
         assert_eq!(rate_key(true, peer("192.0.2.7:5000"), &token), "ops");
     }
 
@@ -549,6 +553,7 @@ mod tests {
         assert!(dash.has(Scope::Read) && dash.has(Scope::Write) && !dash.has(Scope::Admin));
         let ada = auth.authenticate("adasecret").unwrap();
         assert_eq!(ada.customer.as_deref(), Some("ada"));
+        assert_eq!(ada.customer_name.as_deref(), Some("Ada"));
         assert_eq!(auth.authenticate("nope"), Err(AuthError::Invalid));
         assert!(Auth::from_config(None, None).unwrap().is_none());
         for bad in ["x", "a:short:read", "a:longenough:fly", "a:longenough:read:colour=red"] {
@@ -604,7 +609,8 @@ mod tests {
         let null = make(serde_json::json!({"sub": "svc", "exp": exp, "customer": null}));
         assert_eq!(auth.authenticate(&null).unwrap().customer, None);
         let ada = make(serde_json::json!({"sub": "svc", "exp": exp, "customer": " Ada "}));
-        assert_eq!(auth.authenticate(&ada).unwrap().customer.as_deref(), Some("ada"));
+        let ada = auth.authenticate(&ada).unwrap();
+        assert_eq!((ada.customer.as_deref(), ada.customer_name.as_deref()), (Some("ada"), Some("Ada")));
         // A NUL, which the database refuses in text, in either claim it is given.
         for claims in [
             serde_json::json!({"sub": "svc", "exp": exp, "customer": "A\u{0}da"}),

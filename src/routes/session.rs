@@ -42,6 +42,7 @@ fn describe(p: &Principal, authentication: bool) -> Value {
         "name": p.name,
         "scopes": p.scope_names(),
         "customer": p.customer,
+        "customer_name": p.customer_name,
         "expires_at": p.expires_at.and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
     })
 }
@@ -149,7 +150,7 @@ pub async fn sign_in(
 /// Who the caller is: the token's name, scopes, customer and expiry.
 #[utoipa::path(get, path = "/api/session", tag = "session",
     responses(
-        (status = 200, description = "{authentication, name, scopes, customer, expires_at}; with authentication off, every scope. A token from the plain ordercast_token cookie is set again as POST sets it (HttpOnly; over HTTPS as __Host-ordercast_token)", body = serde_json::Value),
+        (status = 200, description = "{authentication, name, scopes, customer (lowercased, as orders are matched), customer_name (as the token names it), expires_at}; with authentication off, every scope. Sets no cookie", body = serde_json::Value),
         (status = 401, description = "No token (missing_token), or not a valid one (invalid_token, token_expired)", body = crate::routes::openapi::ProblemDoc),
         (status = 429, description = "Too many invalid tokens from this address (rate_limited, with Retry-After)", body = crate::routes::openapi::ProblemDoc),
     ))]

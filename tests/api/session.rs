@@ -43,7 +43,7 @@ async fn signing_in_keeps_the_token_in_an_http_only_cookie_that_authenticates_th
     assert_eq!(res.headers()["cache-control"], "no-store");
     assert_eq!(
         body,
-        json!({"authentication": true, "name": "reader", "scopes": ["read"], "customer": null, "expires_at": null})
+        json!({"authentication": true, "name": "reader", "scopes": ["read"], "customer": null, "customer_name": null, "expires_at": null})
     );
 
     // The cookie is the browser's credential from now on, with its scopes.
@@ -68,6 +68,7 @@ async fn signing_in_keeps_the_token_in_an_http_only_cookie_that_authenticates_th
     // A confined writer's session says so.
     let (_, _, ada) = sign_in(&app, &json!({"token": "adasecret1"}), &[]).await;
     assert_eq!((&ada["scopes"], &ada["customer"]), (&json!(["read", "write"]), &json!("ada")));
+    assert_eq!(ada["customer_name"], "Ada", "as the key names it");
 
     // A JWT's cookie lasts as long as the token.
     let (status, cookie, body) = sign_in(&app, &json!({"token": jwt(120, "read write")}), &[]).await;

@@ -186,8 +186,9 @@ const stream = new Stream({
 setInterval(showConnection, 500);
 
 // --- dialogs and actions ----------------------------------------------------------------
-// A token confined to one customer creates that customer's orders only.
-const confinedTo = () => signIn.me?.customer ?? null;
+// A token confined to one customer creates that customer's orders only,
+// named as the token names it (the match is case-blind).
+const confinedTo = () => signIn.me?.customer_name ?? signIn.me?.customer ?? null;
 const create = new CreateForm($('create'), confinedTo);
 $('new-order').addEventListener('click', () => create.open());
 $('random-order').addEventListener('click', () => createRandomOrder(confinedTo()));
