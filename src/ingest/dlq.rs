@@ -5,9 +5,11 @@
 //! yet `published_at` to `KAFKA_DLQ_TOPIC` after the commit, then marks it.
 //! A crash between producing and marking produces the row again on restart,
 //! so the topic gets every dead letter at least once (a consumer of the DLQ
-//! can deduplicate on the original topic/partition/offset headers). Rows are
-//! claimed with `FOR UPDATE SKIP LOCKED`, so two instances do not publish the
-//! same row at the same time. Only rows of this ingest's own group and topic
+//! can deduplicate on the original topic/partition/offset headers). A round
+//! claims its rows with a lease (`claimed_until`, see `lease`) in a statement of
+//! its own, so two instances do not publish the same row at the same time,
+//! and no transaction stays open while the broker is waited for (that would
+//! hold back vacuum in the whole database). Only rows of this ingest's own group and topic
 //! are claimed: another deployment sharing the database (another group or
 //! topic, another dead-letter topic) publishes its own.
 //!
@@ -43,6 +45,18 @@ const CLAIM: i64 = 200;
 /// How long a produce may wait for the broker before the round gives up: the
 /// producer's default `message.timeout.ms` too.
 const DELIVERY_TIMEOUT: Duration = crate::workflow::MESSAGE_TIMEOUT;
+/// How long a round's claim on its rows lasts: three times the producer's
+/// delivery timeout (`message.timeout.ms`, 30 s unless the Kafka settings
+/// say otherwise), past every produce the round makes (the original, then,
+/// if that is refused for good, the bare one). The rows of a publisher that
+/// died mid-round are claimed again after it.
+pub fn lease(settings: &KafkaSettings) -> Duration {
+    let delivery = producer_config(settings, "")
+        .ok()
+        .and_then(|c| c.get("message.timeout.ms").and_then(|v| v.parse::<u64>().ok()))
+        .map_or(DELIVERY_TIMEOUT, Duration::from_millis);
+    delivery.max(DELIVERY_TIMEOUT) * 3
+}
 /// Rows left behind (a crash, another instance's failure) are found by this poll.
 const POLL: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -70,8 +84,9 @@ pub async fn run(
     let mut client: Option<tokio_postgres::Client> = None;
     let mut backoff = Duration::from_millis(200);
     let topic = &settings.dlq_topic;
+    let lease = lease(&settings);
     loop {
-        match publish_pending(&url, &mut client, &producer, &settings, &state).await {
+        match publish_pending(&url, &mut client, &producer, &settings, &state, lease).await {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
                 *state.dlq_error.lock().unwrap() = None; // unwrap: never held across a panic
@@ -99,6 +114,7 @@ async fn publish_pending(
     producer: &FutureProducer,
     settings: &KafkaSettings,
     state: &IngestState,
+    lease: Duration,
 ) -> anyhow::Result<()> {
     let (topic, group, source) = (settings.dlq_topic.as_str(), &settings.group_id, &settings.topic);
     if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -112,23 +128,28 @@ async fn publish_pending(
     }
     let client = client.as_mut().expect("connected just above");
     loop {
-        let tx = client.transaction().await.map_err(crate::db::describe)?;
-        let rows = tx
+        let mut rows = client
             .query(
-                "SELECT id, message_key, payload, headers, kafka_topic, kafka_partition, kafka_offset, \
-                        message_timestamp, received_at, reason, detail, group_id, log_generation \
-                 FROM dead_letters WHERE published_at IS NULL AND group_id = $2 AND kafka_topic = $3 \
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                &[&CLAIM, group, source],
+                "UPDATE dead_letters d SET claimed_until = now() + make_interval(secs => $4) \
+                 FROM (SELECT id FROM dead_letters \
+                       WHERE published_at IS NULL AND group_id = $2 AND kafka_topic = $3 \
+                         AND (claimed_until IS NULL OR claimed_until < now()) \
+                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c \
+                 WHERE d.id = c.id \
+                 RETURNING d.id, d.message_key, d.payload, d.headers, d.kafka_topic, d.kafka_partition, \
+                           d.kafka_offset, d.message_timestamp, d.received_at, d.reason, d.detail, d.group_id, \
+                           d.log_generation, d.claimed_until",
+                &[&CLAIM, group, source, &lease.as_secs_f64()],
             )
             .await
             .map_err(crate::db::describe)
-            .context("Failed to read unpublished dead letters")?;
+            .context("Failed to claim unpublished dead letters")?;
         if rows.is_empty() {
-            tx.commit().await.map_err(crate::db::describe)?;
             refresh_pending(client, settings, state).await?;
             return Ok(());
         }
+        rows.sort_by_key(|r| r.get::<_, i64>(0));
+        let claim: DateTime<Utc> = rows[0].get(13);
         let sends = rows.iter().map(|r| async move {
             let letter = Letter::from_row(r);
             match producer.send(letter.record(topic, true), DELIVERY_TIMEOUT).await {
@@ -151,11 +172,19 @@ async fn publish_pending(
             }
         });
         let results = join_all(sends).await;
+        let claimed: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         let ids: Vec<i64> = rows.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(row, _)| row.get(0)).collect();
-        tx.execute("UPDATE dead_letters SET published_at = now() WHERE id = ANY($1)", &[&ids])
+        // The rows produced are published; the others are let go for the
+        // next round. Not a row whose lease ran out and another instance
+        // claimed meanwhile (its lease is not this one).
+        client
+            .execute(
+                "UPDATE dead_letters SET published_at = CASE WHEN id = ANY($1) THEN now() END, claimed_until = NULL \
+                 WHERE id = ANY($2) AND claimed_until = $3 AND published_at IS NULL",
+                &[&ids, &claimed, &claim],
+            )
             .await
             .map_err(crate::db::describe)?;
-        tx.commit().await.map_err(crate::db::describe)?;
         state.dlq_published.fetch_add(ids.len() as u64, Ordering::Relaxed);
         refresh_pending(client, settings, state).await?;
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
@@ -285,4 +314,20 @@ pub fn headers_from_json(v: &serde_json::Value) -> Vec<(String, Option<Vec<u8>>)
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rounds_lease_outlasts_the_producers_delivery_timeout_three_times() {
+        let mut s = crate::config::Settings::for_database("postgres://localhost/x").kafka;
+        assert_eq!(lease(&s), Duration::from_secs(90));
+        s.properties = Some("message.timeout.ms=120000".into());
+        assert_eq!(lease(&s), Duration::from_secs(360));
+        // Shorter, or 0 (librdkafka's "no limit"): never below the default's.
+        s.properties = Some("message.timeout.ms=0".into());
+        assert_eq!(lease(&s), Duration::from_secs(90));
+    }
 }

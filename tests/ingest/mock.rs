@@ -1151,3 +1151,47 @@ async fn a_position_gone_back_to_messages_the_log_no_longer_holds_goes_on_after_
         (vec!["expired-0".into(), "expired-1".into(), "expired-5".into(), "expired-6".into()], Some(7))
     );
 }
+
+/// While the broker is away, each round of the dead-letter publisher waits
+/// for it up to `message.timeout.ms` (30 s), again and again. Its rows are
+/// claimed with a lease, so no transaction of it stays open meanwhile (one
+/// open that long holds back vacuum in the whole database), and the dead
+/// letter is published once the broker is back. Before, the round held its
+/// rows' locks in a transaction left open for the whole wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_publisher_keeps_no_transaction_open_while_the_broker_is_away() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |_| {}).await;
+    let db = app.sql().await;
+    broker.broker_down();
+    // As the writer records a rejected message.
+    db.execute(
+        "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, payload, reason, detail) \
+         VALUES ($1, $2, 0, 7, 'not json', 'invalid_json', 'recorded by the test')",
+        &[&n.group, &n.topic],
+    )
+    .await
+    .unwrap();
+    let open = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ordercast-dlq' \
+                AND datname = current_database() AND state LIKE 'idle in transaction%'";
+    let claimed = "SELECT count(*) FROM dead_letters WHERE claimed_until > now() AND published_at IS NULL";
+    // The publisher finds the row within its 5 s poll, and waits for the
+    // broker for the rest of the watch.
+    let deadline = std::time::Instant::now() + Duration::from_secs(9);
+    let mut seen_claimed = false;
+    while std::time::Instant::now() < deadline {
+        assert_eq!(count(&db, open).await, 0, "a transaction left open while the broker is waited for");
+        seen_claimed |= count(&db, claimed).await == 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen_claimed, "the publisher claimed the dead letter during the outage");
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters WHERE published_at IS NOT NULL").await, 0);
+    broker.broker_up();
+    let letters = read_topic(&broker, &n.dlq, 1).await;
+    assert_eq!(header(&letters[0], "dlq-detail").as_deref(), Some("recorded by the test"));
+    let done = "SELECT count(*) FROM dead_letters WHERE published_at IS NOT NULL AND claimed_until IS NULL";
+    wait_count(&app.db_url, done, 1, WAIT).await;
+}
