@@ -46,16 +46,23 @@ const CLAIM: i64 = 200;
 /// producer's default `message.timeout.ms` too.
 const DELIVERY_TIMEOUT: Duration = crate::workflow::MESSAGE_TIMEOUT;
 /// How long a round's claim on its rows lasts: three times the producer's
-/// delivery timeout (`message.timeout.ms`, 30 s unless the Kafka settings
-/// say otherwise), past every produce the round makes (the original, then,
-/// if that is refused for good, the bare one). The rows of a publisher that
-/// died mid-round are claimed again after it.
+/// delivery timeout (`message.timeout.ms` or its other name
+/// `delivery.timeout.ms`, 30 s unless the Kafka settings say otherwise),
+/// past every produce the round makes (the original, then, if that is
+/// refused for good, the bare one). A round that is not done by
+/// `round_limit` stops waiting and lets its rows go. The rows of a publisher
+/// that died mid-round are claimed again once its lease ran out.
 pub fn lease(settings: &KafkaSettings) -> Duration {
-    let delivery = producer_config(settings, "")
-        .ok()
-        .and_then(|c| c.get("message.timeout.ms").and_then(|v| v.parse::<u64>().ok()))
-        .map_or(DELIVERY_TIMEOUT, Duration::from_millis);
-    delivery.max(DELIVERY_TIMEOUT) * 3
+    let config = producer_config(settings, "").ok();
+    let set = |name: &str| config.as_ref()?.get(name)?.parse::<u64>().ok().map(Duration::from_millis);
+    // 0 is librdkafka's "no limit": the round's own limit bounds it.
+    let delivery = [set("message.timeout.ms"), set("delivery.timeout.ms")].into_iter().flatten().max();
+    delivery.unwrap_or(DELIVERY_TIMEOUT).max(DELIVERY_TIMEOUT) * 3
+}
+
+/// How long a round waits for its produces: well inside its lease.
+fn round_limit(lease: Duration) -> Duration {
+    lease * 2 / 3
 }
 /// Rows left behind (a crash, another instance's failure) are found by this poll.
 const POLL: Duration = Duration::from_secs(5);
@@ -86,7 +93,7 @@ pub async fn run(
     let topic = &settings.dlq_topic;
     let lease = lease(&settings);
     loop {
-        match publish_pending(&url, &mut client, &producer, &settings, &state, lease).await {
+        match publish_pending(&url, &mut client, &producer, &settings, &state, lease, &mut shutdown).await {
             Ok(()) => {
                 backoff = Duration::from_millis(200);
                 *state.dlq_error.lock().unwrap() = None; // unwrap: never held across a panic
@@ -97,6 +104,10 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                if *shutdown.borrow() {
+                    log::info!("publishing dead letters to {topic} stopped at shutdown: {e:#}");
+                    return;
+                }
                 log::warn!("publishing dead letters to {topic} failed, will retry: {e:#}");
                 *state.dlq_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: see above
                 client = None;
@@ -115,6 +126,7 @@ async fn publish_pending(
     settings: &KafkaSettings,
     state: &IngestState,
     lease: Duration,
+    shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (topic, group, source) = (settings.dlq_topic.as_str(), &settings.group_id, &settings.topic);
     if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -171,24 +183,41 @@ async fn publish_pending(
                 other => other.map(|_| ()).map_err(|(e, _)| e),
             }
         });
-        let results = join_all(sends).await;
+        // Past the round's limit (a delivery timeout of 0 waits forever),
+        // or at shutdown, nothing is taken for produced: those rows may be
+        // produced again, as after a crash.
+        let stopped = tokio::select! {
+            results = join_all(sends) => Ok(results),
+            _ = tokio::time::sleep(round_limit(lease)) => Err("its time ran out"),
+            _ = shutdown.changed() => Err("shutting down"),
+        };
         let claimed: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        let ids: Vec<i64> = rows.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(row, _)| row.get(0)).collect();
+        let ids: Vec<i64> = match &stopped {
+            Ok(results) => rows.iter().zip(results).filter(|(_, r)| r.is_ok()).map(|(row, _)| row.get(0)).collect(),
+            Err(_) => Vec::new(),
+        };
         // The rows produced are published; the others are let go for the
         // next round. Not a row whose lease ran out and another instance
         // claimed meanwhile (its lease is not this one).
-        client
-            .execute(
+        let marked = client
+            .query(
                 "UPDATE dead_letters SET published_at = CASE WHEN id = ANY($1) THEN now() END, claimed_until = NULL \
-                 WHERE id = ANY($2) AND claimed_until = $3 AND published_at IS NULL",
+                 WHERE id = ANY($2) AND claimed_until = $3 AND published_at IS NULL \
+                 RETURNING published_at IS NOT NULL",
                 &[&ids, &claimed, &claim],
             )
             .await
             .map_err(crate::db::describe)?;
-        state.dlq_published.fetch_add(ids.len() as u64, Ordering::Relaxed);
+        let published = marked.iter().filter(|r| r.get::<_, bool>(0)).count();
+        state.dlq_published.fetch_add(published as u64, Ordering::Relaxed);
         refresh_pending(client, settings, state).await?;
-        if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-            anyhow::bail!("{} of {} dead letters not delivered: {e}", rows.len() - ids.len(), rows.len());
+        match stopped {
+            Err(why) => anyhow::bail!("a round of {} dead letters stopped: {why}", rows.len()),
+            Ok(results) => {
+                if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                    anyhow::bail!("{} of {} dead letters not delivered: {e}", rows.len() - ids.len(), rows.len());
+                }
+            }
         }
     }
 }
@@ -326,6 +355,8 @@ mod tests {
         assert_eq!(lease(&s), Duration::from_secs(90));
         s.properties = Some("message.timeout.ms=120000".into());
         assert_eq!(lease(&s), Duration::from_secs(360));
+        s.properties = Some("delivery.timeout.ms=200000".into());
+        assert_eq!(lease(&s), Duration::from_secs(600), "its other name");
         // Shorter, or 0 (librdkafka's "no limit"): never below the default's.
         s.properties = Some("message.timeout.ms=0".into());
         assert_eq!(lease(&s), Duration::from_secs(90));

@@ -621,7 +621,7 @@ impl Writer {
                         };
                         // Batches read before the seek back come first, for
                         // a moment; still nothing from before the position
-                        // this writer committed after GO_BACK_LIMIT, the log
+                        // this writer committed after `go_back_limit`, the log
                         // no longer holds it (retention, compaction) or the
                         // seek does not take: go on from what it holds.
                         let (to, since) = *self.going_back.entry(p).or_insert((r.to, now));

@@ -47,7 +47,7 @@ export class SignIn {
 
   /**
    * Who the page's token is: {authentication, name, scopes, customer,
-   * expires_at}, or null when the server cannot tell (a 401 has then opened
+   * customer_name, expires_at}, or null when the server cannot tell (a 401 has then opened
    * the sign-in). Shows what the token may do: without `write`, the page
    * offers no changes. Asked again when the tab comes back into view
    * (another tab may have signed in or out), and until the server answers.
