@@ -1164,17 +1164,7 @@ async fn the_dead_letter_publisher_keeps_no_transaction_open_while_the_broker_is
 
     let broker = Mock::start();
     let n = names(&broker, 1);
-    let app = spawn_ingest(&broker, &n, |_| {}).await;
-    let db = app.sql().await;
-    broker.broker_down();
-    // As the writer records a rejected message.
-    db.execute(
-        "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, payload, reason, detail) \
-         VALUES ($1, $2, 0, 7, 'not json', 'invalid_json', 'recorded by the test')",
-        &[&n.group, &n.topic],
-    )
-    .await
-    .unwrap();
+    let (app, db) = dead_letter_while_the_broker_is_away(&broker, &n).await;
     let open = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ordercast-dlq' \
                 AND datname = current_database() AND state LIKE 'idle in transaction%'";
     let claimed = "SELECT count(*) FROM dead_letters WHERE claimed_until > now() AND published_at IS NULL";
@@ -1194,4 +1184,40 @@ async fn the_dead_letter_publisher_keeps_no_transaction_open_while_the_broker_is
     assert_eq!(header(&letters[0], "dlq-detail").as_deref(), Some("recorded by the test"));
     let done = "SELECT count(*) FROM dead_letters WHERE published_at IS NOT NULL AND claimed_until IS NULL";
     wait_count(&app.db_url, done, 1, WAIT).await;
+}
+
+/// Stopped while a round waits for a broker that is away, the publisher lets
+/// its rows go at once: the next start (or another instance) publishes them
+/// without waiting for the lease (90 s) to run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_round_stopped_at_shutdown_lets_its_rows_go() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let (mut app, db) = dead_letter_while_the_broker_is_away(&broker, &n).await;
+    let claimed = "SELECT count(*) FROM dead_letters WHERE claimed_until > now() AND published_at IS NULL";
+    crate::helpers::until_count(&db, claimed, Duration::from_secs(10), |c| c == 1).await;
+    app.stop().await;
+    let free = "SELECT count(*) FROM dead_letters WHERE claimed_until IS NULL AND published_at IS NULL";
+    assert_eq!(count(&db, free).await, 1, "the stopped round let its row go");
+}
+
+/// Starts the ingest, takes the broker away and records a dead letter, as
+/// the writer records a rejected message.
+async fn dead_letter_while_the_broker_is_away(
+    broker: &crate::kafka::Mock,
+    n: &crate::kafka::Names,
+) -> (crate::helpers::TestApp, tokio_postgres::Client) {
+    let app = crate::kafka::spawn_ingest(broker, n, |_| {}).await;
+    let db = app.sql().await;
+    broker.broker_down();
+    db.execute(
+        "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, payload, reason, detail) \
+         VALUES ($1, $2, 0, 7, 'not json', 'invalid_json', 'recorded by the test')",
+        &[&n.group, &n.topic],
+    )
+    .await
+    .unwrap();
+    (app, db)
 }
