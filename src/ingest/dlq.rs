@@ -3,8 +3,8 @@
 //! The `dead_letters` table is the outbox: the writer records a rejected
 //! message in the batch's transaction, and this task produces every row not
 //! yet `published_at` to `KAFKA_DLQ_TOPIC` after the commit, then marks it.
-//! A crash between producing and marking produces the row again on restart,
-//! so the topic gets every dead letter at least once (a consumer of the DLQ
+//! A crash between producing and marking produces the row again once its
+//! lease ran out (see `lease`), so the topic gets every dead letter at least once (a consumer of the DLQ
 //! can deduplicate on the original topic/partition/offset headers). A round
 //! claims its rows with a lease (`claimed_until`, see `lease`) in a statement of
 //! its own, so two instances do not publish the same row at the same time,
@@ -21,6 +21,7 @@
 //! was found reset before: a recreated topic's offsets repeat the old ones),
 //! `dlq-time` (RFC 3339) and `dlq-group`.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,11 +29,11 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine;
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures_util::future::join_all;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::{watch, Notify};
 use tokio_postgres::NoTls;
 
@@ -47,17 +48,17 @@ const CLAIM: i64 = 200;
 const DELIVERY_TIMEOUT: Duration = crate::workflow::MESSAGE_TIMEOUT;
 /// How long a round's claim on its rows lasts: three times the producer's
 /// delivery timeout (`message.timeout.ms` or its other name
-/// `delivery.timeout.ms`, 30 s unless the Kafka settings say otherwise),
-/// past every produce the round makes (the original, then, if that is
-/// refused for good, the bare one). A round that is not done by
-/// `round_limit` stops waiting and lets its rows go. The rows of a publisher
-/// that died mid-round are claimed again once its lease ran out.
+/// `delivery.timeout.ms`, 30 s unless the Kafka settings say otherwise) and
+/// at least 90 s, past every produce the round makes (the original, then, if
+/// that is refused for good, the bare one). A round that is not done by
+/// `round_limit` stops waiting, drops what it still has queued and lets
+/// those rows go. The rows of a publisher that died mid-round are claimed
+/// again once its lease ran out.
 pub fn lease(settings: &KafkaSettings) -> Duration {
     let config = producer_config(settings, "").ok();
-    let set = |name: &str| config.as_ref()?.get(name)?.parse::<u64>().ok().map(Duration::from_millis);
     // 0 is librdkafka's "no limit": the round's own limit bounds it.
-    let delivery = [set("message.timeout.ms"), set("delivery.timeout.ms")].into_iter().flatten().max();
-    delivery.unwrap_or(DELIVERY_TIMEOUT).max(DELIVERY_TIMEOUT) * 3
+    let delivery = config.as_ref().and_then(|c| c.get("message.timeout.ms")?.parse::<u64>().ok());
+    delivery.map(Duration::from_millis).unwrap_or(DELIVERY_TIMEOUT).max(DELIVERY_TIMEOUT) * 3
 }
 
 /// How long a round waits for its produces: well inside its lease.
@@ -183,19 +184,10 @@ async fn publish_pending(
                 other => other.map(|_| ()).map_err(|(e, _)| e),
             }
         });
-        // Past the round's limit (a delivery timeout of 0 waits forever),
-        // or at shutdown, nothing is taken for produced: those rows may be
-        // produced again, as after a crash.
-        let stopped = tokio::select! {
-            results = join_all(sends) => Ok(results),
-            _ = tokio::time::sleep(round_limit(lease)) => Err("its time ran out"),
-            _ = shutdown.changed() => Err("shutting down"),
-        };
+        let (results, stopped) = await_round(producer, sends, round_limit(lease), shutdown).await;
         let claimed: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        let ids: Vec<i64> = match &stopped {
-            Ok(results) => rows.iter().zip(results).filter(|(_, r)| r.is_ok()).map(|(row, _)| row.get(0)).collect(),
-            Err(_) => Vec::new(),
-        };
+        let ids: Vec<i64> =
+            rows.iter().zip(&results).filter(|(_, r)| matches!(r, Some(Ok(())))).map(|(row, _)| row.get(0)).collect();
         // The rows produced are published; the others are let go for the
         // next round. Not a row whose lease ran out and another instance
         // claimed meanwhile (its lease is not this one).
@@ -211,15 +203,48 @@ async fn publish_pending(
         let published = marked.iter().filter(|r| r.get::<_, bool>(0)).count();
         state.dlq_published.fetch_add(published as u64, Ordering::Relaxed);
         refresh_pending(client, settings, state).await?;
-        match stopped {
-            Err(why) => anyhow::bail!("a round of {} dead letters stopped: {why}", rows.len()),
-            Ok(results) => {
-                if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
-                    anyhow::bail!("{} of {} dead letters not delivered: {e}", rows.len() - ids.len(), rows.len());
-                }
-            }
+        if let Some(why) = stopped {
+            anyhow::bail!("a round of {} dead letters stopped ({} delivered): {why}", rows.len(), ids.len());
+        }
+        if let Some(Some(Err(e))) = results.iter().find(|r| matches!(r, Some(Err(_)))) {
+            anyhow::bail!("{} of {} dead letters not delivered: {e}", rows.len() - ids.len(), rows.len());
         }
     }
+}
+
+/// Waits for a round's produces: each one's result (None: not known when
+/// the round stopped), and why the round stopped before all were known.
+/// Past `limit` (a delivery timeout of 0 waits forever), or at shutdown, the
+/// round keeps what was delivered so far and the producer drops what it
+/// still holds, so a row let go is not delivered late by this round as well
+/// as by the next one.
+async fn await_round<F: Future<Output = Result<(), KafkaError>>>(
+    producer: &FutureProducer,
+    sends: impl IntoIterator<Item = F>,
+    limit: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> (Vec<Option<Result<(), KafkaError>>>, Option<&'static str>) {
+    let mut pending: FuturesUnordered<_> =
+        sends.into_iter().enumerate().map(|(i, send)| async move { (i, send.await) }).collect();
+    let mut results: Vec<Option<Result<(), KafkaError>>> = (0..pending.len()).map(|_| None).collect();
+    let limit = tokio::time::sleep(limit);
+    tokio::pin!(limit);
+    let stopped = loop {
+        tokio::select! {
+            biased;
+            sent = pending.next() => match sent {
+                Some((i, result)) => results[i] = Some(result),
+                None => break None,
+            },
+            _ = &mut limit => break Some("its time ran out"),
+            _ = shutdown.changed() => break Some("shutting down"),
+        }
+    };
+    if stopped.is_some() {
+        drop(pending);
+        producer.purge(PurgeConfig::default().queue().inflight());
+    }
+    (results, stopped)
 }
 
 /// `dlq_pending`, counted after every round (not only once all is published).
@@ -349,6 +374,91 @@ pub fn headers_from_json(v: &serde_json::Value) -> Vec<(String, Option<Vec<u8>>)
 mod tests {
     use super::*;
 
+    use rdkafka::mocking::MockCluster;
+
+    const TOPIC: &str = "dead-letters";
+
+    /// A producer that waits for the broker for ever (delivery timeout 0).
+    fn patient_producer(cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("message.timeout.ms", "0")
+            .create()
+            .unwrap()
+    }
+
+    async fn send(producer: &FutureProducer, partition: i32, payload: String) -> Result<(), KafkaError> {
+        let record = FutureRecord::<str, str>::to(TOPIC).partition(partition).payload(&payload);
+        producer.send(record, DELIVERY_TIMEOUT).await.map(|_| ()).map_err(|(e, _)| e)
+    }
+
+    /// With a delivery timeout of 0 and the broker away, a round's produces
+    /// never end; once it stops waiting, what the producer still holds must
+    /// not be delivered when the broker is back (the rows are let go and
+    /// the next round produces them again).
+    #[tokio::test]
+    async fn a_round_that_stops_waiting_drops_what_the_producer_still_holds() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        use rdkafka::{Offset, TopicPartitionList};
+
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let producer = patient_producer(&cluster);
+        cluster.broker_down(1).unwrap();
+        let (_stop, mut shutdown) = watch::channel(false);
+        let sends = (0..3).map(|i| send(&producer, 0, format!("letter {i}")));
+        let (results, stopped) = await_round(&producer, sends, Duration::from_millis(500), &mut shutdown).await;
+        assert_eq!(stopped, Some("its time ran out"));
+        assert!(results.iter().all(Option::is_none), "nothing delivered while the broker is away");
+        cluster.broker_up(1).unwrap();
+        // Anything the round left queued would reach the partition before this.
+        send(&producer, 0, "after".into()).await.unwrap();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "dlq-round-test")
+            .create()
+            .unwrap();
+        let mut partitions = TopicPartitionList::new();
+        partitions.add_partition_offset(TOPIC, 0, Offset::Beginning).unwrap();
+        consumer.assign(&partitions).unwrap();
+        let read = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut read = Vec::new();
+            while read.last().is_none_or(|last| last != "after") && std::time::Instant::now() < deadline {
+                if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+                    let m = m.unwrap();
+                    read.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
+                }
+            }
+            read
+        })
+        .await
+        .unwrap();
+        assert_eq!(read, ["after"], "the stopped round's messages were dropped");
+    }
+
+    /// A round stopped (here at shutdown) while some of its produces wait
+    /// keeps the results of those delivered: their rows are marked
+    /// published, not let go to be produced again.
+    #[tokio::test]
+    async fn a_round_that_stops_waiting_keeps_what_was_delivered() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 2, 1).unwrap();
+        // Produces to partition 1 wait for a leader for ever.
+        cluster.partition_leader(TOPIC, 1, None).unwrap();
+        let producer = patient_producer(&cluster);
+        let (stop, mut shutdown) = watch::channel(false);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            stop.send(true).unwrap();
+        });
+        let sends = [0, 1, 0].map(|partition| send(&producer, partition, format!("to {partition}")));
+        let (results, stopped) = await_round(&producer, sends, Duration::from_secs(60), &mut shutdown).await;
+        assert_eq!(stopped, Some("shutting down"));
+        assert!(matches!(results[..], [Some(Ok(())), None, Some(Ok(()))]), "{results:?}");
+    }
+
     #[test]
     fn a_rounds_lease_outlasts_the_producers_delivery_timeout_three_times() {
         let mut s = crate::config::Settings::for_database("postgres://localhost/x").kafka;
@@ -357,6 +467,14 @@ mod tests {
         assert_eq!(lease(&s), Duration::from_secs(360));
         s.properties = Some("delivery.timeout.ms=200000".into());
         assert_eq!(lease(&s), Duration::from_secs(600), "its other name");
+        // Both names: one property for librdkafka, the one set later.
+        s.properties = Some("delivery.timeout.ms=200000,message.timeout.ms=100000".into());
+        assert_eq!(lease(&s), Duration::from_secs(300));
+        s.properties = Some("message.timeout.ms=100000,delivery.timeout.ms=200000".into());
+        let config = producer_config(&s, "").unwrap();
+        assert_eq!(config.get("message.timeout.ms"), Some("200000"));
+        assert_eq!(config.get("delivery.timeout.ms"), None);
+        assert_eq!(lease(&s), Duration::from_secs(600));
         // Shorter, or 0 (librdkafka's "no limit"): never below the default's.
         s.properties = Some("message.timeout.ms=0".into());
         assert_eq!(lease(&s), Duration::from_secs(90));

@@ -168,6 +168,10 @@ pub fn producer_config(
         .set("client.id", client_id)
         .set("message.timeout.ms", MESSAGE_TIMEOUT.as_millis().to_string());
     for (k, v) in kafka.librdkafka_properties().map_err(|e| anyhow::anyhow!(e))? {
+        // One name for the delivery timeout: librdkafka takes both, and
+        // with both in the (unordered) map which one it applied last would
+        // depend on the process. Set later wins, as for every property.
+        let k = if k == "delivery.timeout.ms" { "message.timeout.ms".to_string() } else { k };
         config.set(k, v);
     }
     for (k, v) in forced {
