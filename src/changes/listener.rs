@@ -293,6 +293,18 @@ async fn bounded<T>(query: impl std::future::Future<Output = anyhow::Result<T>>)
         .context("watchdog: a query of the listener's start did not answer")?
 }
 
+/// Changes after `at` up to `pruned` were pruned before the listener read
+/// them: the hub lets every subscription go, so each catches up from the log
+/// and its client is told to resync.
+async fn gap(hub: &Hub, at: i64, pruned: i64) -> Result<(), crate::hub::HubClosed> {
+    log::error!(
+        "changes {}..={pruned} were pruned before the listener read them; \
+         live clients catch up from the log and are told to resync",
+        at + 1
+    );
+    hub.gap(pruned).await
+}
+
 /// Merges two lost ranges (after, through] into one that covers both.
 fn merge(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
     a.map_or(b, |a| (a.0.min(b.0), a.1.max(b.1)))
@@ -341,6 +353,7 @@ async fn session(
     }
     client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(crate::db::describe).context("LISTEN failed")?;
     let read = client.prepare(READ_SQL).await.map_err(crate::db::describe)?;
+    let horizon = client.prepare("SELECT pruned_through FROM change_retention").await.map_err(crate::db::describe)?;
     // Positions only grow, unless the database lost commits that were
     // pushed: then commits are numbered again with positions clients hold,
     // and every live client must reload (after the head).
@@ -418,20 +431,33 @@ async fn session(
             };
             *read_limit = next_read_limit(limit, Some((asked.elapsed(), rows.len() as i64 == limit)));
             *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
-            let Some(last) = rows.last() else { break };
-            // A gap: retention pruned changes this connection had not read
-            // yet (it was away or behind for longer than the retention).
-            // Clients must not see the stream jump unannounced.
-            let pruned: i64 = last.get("pruned");
-            if pruned > at.pos {
-                log::error!(
-                    "changes {}..={pruned} were pruned before the listener read them; \
-                     live clients catch up from the log and are told to resync",
-                    at.pos + 1
-                );
-                if hub.gap(pruned).await.is_err() {
-                    return Ok(());
+                                                                     // A gap: retention pruned changes this connection had not read
+                                                                     // yet (it was away or behind for longer than the retention).
+                                                                     // Clients must not see the stream jump unannounced.
+            let Some(last) = rows.last() else {
+                // A read that found nothing carries no horizon: the log may
+                // have been pruned past this position and be empty now. Live
+                // clients are told now, not at the next commit (hours away,
+                // on a quiet system).
+                let pruned = tokio::time::timeout(QUERY_TIMEOUT, client.query_one(&horizon, &[]))
+                    .await
+                    .context("watchdog: reading the retention horizon did not answer")?
+                    .map_err(crate::db::describe)?
+                    .get(0);
+                if pruned > at.pos {
+                    if gap(hub, at.pos, pruned).await.is_err() {
+                        return Ok(());
+                    }
+                    // No transaction holds it any more: nothing to mark.
+                    at.pos = pruned;
+                    at.mark = None;
+                    state.position.store(at.pos, Ordering::Relaxed);
                 }
+                break;
+            };
+            let pruned: i64 = last.get("pruned");
+            if pruned > at.pos && gap(hub, at.pos, pruned).await.is_err() {
+                return Ok(());
             }
             let changes: Vec<_> = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();
             // unwrap: not empty

@@ -46,11 +46,14 @@ pub async fn run_once(pool: &Pool, settings: &Settings) -> anyhow::Result<i64> {
         return Ok(0);
     }
     let rows: i64 = client.query_one("SELECT change_prune($1)", &[&cutoff]).await.map_err(crate::db::describe)?.get(0);
+    // The horizon now: below `cutoff` when a transaction holds it and goes
+    // on past it (a transaction is pruned whole or not at all).
+    let horizon = crate::changes::log_bounds(&client).await.map_err(crate::db::describe)?.1;
     // Lost positions now below the horizon: resuming there is expired anyway.
     client
-        .execute("DELETE FROM change_rewinds WHERE through_pos < $1", &[&cutoff])
+        .execute("DELETE FROM change_rewinds WHERE through_pos < $1", &[&horizon])
         .await
         .map_err(crate::db::describe)?;
-    log::info!("pruned {rows} change-log rows through position {cutoff}");
+    log::info!("pruned {rows} change-log rows through position {horizon}");
     Ok(rows)
 }

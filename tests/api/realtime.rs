@@ -281,6 +281,31 @@ async fn an_out_of_order_commit_and_an_open_transaction_lose_nothing() {
     resuming_from_gets(&app, p_late, "early").await;
 }
 
+/// Pruning through a position inside a transaction keeps that transaction
+/// whole, and the horizon stops before it: a client that had the first of
+/// its changes resumes with the rest, not with a resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_inside_a_transaction_keeps_it_whole_and_resumable() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Whole ' || g, 'Bolt', 1, 2 FROM generate_series(1, 3) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.query_one("SELECT change_prune($1)", &[&(head + 2)]).await.unwrap();
+    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
+    assert_eq!(pruned, head, "the horizon stops before the transaction it keeps");
+    let mut resumed = app.ws(&format!("?since={}", head + 1)).await;
+    resumed.ready().await;
+    let rest = resumed.changes(2, WAIT).await;
+    assert_eq!(rest.iter().map(seq).collect::<Vec<_>>(), [head + 2, head + 3]);
+    assert_eq!(rest[1]["order"]["customer_name"], "Whole 3");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_beyond_retention_gets_an_explicit_resync() {
     let app = spawn_app_with(|s| {
@@ -1097,31 +1122,52 @@ async fn a_prune_committed_after_a_complete_catch_up_read_is_no_resync() {
     pruner.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_resync() {
+/// A hub of its own whose listener is not running yet stands for a LISTEN
+/// connection that was away while retention pruned the log: a live feed
+/// opens, ten changes commit, the first `prune` of them are pruned, then the
+/// listener starts. Returns the head before the changes, the horizon, the
+/// feed's resyncs until it has handed out the last change, and where the
+/// hub stands then. Nothing may come before a resync.
+async fn listener_back_after_pruning(prune: i64) -> (i64, i64, Vec<i64>, i64) {
     use ordercast::changes::feed::Feed;
     let app = spawn_app().await;
     let db = app.sql().await;
     let pool = &app.state.pool;
     let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
-    // A hub of its own whose listener is not running yet: it stands for a
-    // LISTEN connection that was away while retention pruned the log.
     let hub = ordercast::hub::Hub::start(head, 100);
     let mut feed = Feed::open(&hub, pool, ordercast::domain::Filter::default(), None, None).await.unwrap();
     for i in 0..10 {
         dba_insert(&db, &format!("gap {i}")).await;
     }
-    let pruned = head + 5;
-    db.query_one("SELECT change_prune($1)", &[&pruned]).await.unwrap();
+    db.query_one("SELECT change_prune($1)", &[&(head + prune)]).await.unwrap();
+    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
     let listener = tokio::spawn(ordercast::changes::listener::run(
         app.db_url.clone(),
         hub.clone(),
         std::sync::Arc::new(ordercast::changes::listener::ListenerState::default()),
     ));
-    // Nothing may come before the resync: no change is expected yet.
     let resyncs = in_order_through(&mut feed, None, head + 10).await;
-    assert!(resyncs.iter().all(|&p| p >= pruned), "resyncs at {resyncs:?}, pruned through {pruned}");
+    let position = hub.position();
     listener.abort();
+    (head, pruned, resyncs, position)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_pruned_while_the_listener_was_behind_reach_live_clients_as_a_resync() {
+    let (head, pruned, resyncs, _) = listener_back_after_pruning(5).await;
+    assert_eq!(pruned, head + 5);
+    assert!(resyncs.iter().all(|&p| p >= pruned), "resyncs at {resyncs:?}, pruned through {pruned}");
+}
+
+/// The same with every change pruned: the log is empty when the listener
+/// comes back, so no read carries the horizon. Live clients are told at
+/// once, not at the next commit (none follows here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_all_pruned_while_the_listener_was_behind_reach_live_clients_as_a_resync() {
+    let (head, pruned, resyncs, position) = listener_back_after_pruning(10).await;
+    assert_eq!(pruned, head + 10);
+    assert_eq!(resyncs, [pruned]);
+    assert_eq!(position, pruned, "the live stream goes on after the pruned changes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
