@@ -107,6 +107,20 @@ pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {
     }
 }
 
+/// A read-only REPEATABLE READ transaction: every statement in it sees one
+/// snapshot, so a position read in it (positions are visible as a prefix)
+/// covers exactly the rows read beside it.
+pub async fn snapshot(
+    client: &mut deadpool_postgres::Client,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -287,12 +287,7 @@ pub async fn list_page(
     cursor: Option<i64>,
 ) -> Result<Page, ApiError> {
     let mut client = pool.get().await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = crate::db::snapshot(&mut client).await?;
     let position: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
     let ids: Option<Vec<i64>> = (!filter.ids.is_empty()).then(|| filter.ids.iter().copied().collect());
     let q_id: Option<i64> = q.and_then(|q| q.trim_start_matches('#').parse().ok());

@@ -59,9 +59,14 @@ pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> R
     if crate::auth::principal(&req).customer.is_some() {
         return Err(ApiError::Forbidden("statistics cover every customer; a restricted token cannot read them".into()));
     }
-    let client = state.pool.get().await?;
-    let rows = client.query("SELECT status, product, n, amount, price_sum FROM order_stats_current", &[]).await?;
-    let position: i64 = client.query_one("SELECT change_head()", &[]).await?.get(0);
+    let mut client = state.pool.get().await?;
+    // One snapshot for the totals and their position (positions are visible
+    // as a prefix): a change committed between two statements would be in
+    // the position but not in the totals.
+    let tx = crate::db::snapshot(&mut client).await?;
+    let position: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
+    let rows = tx.query("SELECT status, product, n, amount, price_sum FROM order_stats_current", &[]).await?;
+    tx.commit().await?;
     state.hub.note_handed_out(position);
     let mut by_status: BTreeMap<&'static str, (i64, Decimal)> =
         Status::ALL.iter().map(|s| (s.as_str(), (0, Decimal::ZERO))).collect();

@@ -603,6 +603,41 @@ async fn stats_count_statuses_and_average_prices_from_running_totals() {
     assert_eq!(pending, 0);
 }
 
+/// The totals and their `position` are read in one snapshot: with a writer
+/// committing single-row inserts meanwhile (one position each), every
+/// answer's count of orders moves exactly with its position. Read apart, a
+/// commit between the two reads was in the position but not in the totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_totals_and_their_position_are_of_one_moment() {
+    let app = spawn_app().await;
+    let (_, first) = app.get_json("/api/stats").await;
+    let (orders0, head0) = (first["total_orders"].as_i64().unwrap(), first["position"].as_i64().unwrap());
+    let db = app.sql().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut n = 0;
+        while !writing.load(std::sync::atomic::Ordering::Relaxed) {
+            db.execute(
+                "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('Moment', 'Bolt', 1, 2)",
+                &[],
+            )
+            .await
+            .unwrap();
+            n += 1;
+        }
+        n
+    });
+    for _ in 0..300 {
+        let (status, stats) = app.get_json("/api/stats").await;
+        assert_eq!(status, 200);
+        let (orders, position) = (stats["total_orders"].as_i64().unwrap(), stats["position"].as_i64().unwrap());
+        assert_eq!(orders - orders0, position - head0, "totals of {orders} orders at position {position}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(writer.await.unwrap() > 0, "the writer committed meanwhile");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_amounts_are_exact_decimals_beyond_what_a_double_holds() {
     let app = spawn_app().await;
