@@ -411,6 +411,7 @@ async fn session(
 
     let mut last_publish = Instant::now();
     let mut last_record_try = Instant::now();
+    let mut last_horizon: Option<Instant> = None;
     loop {
         // Drain everything committed after our position.
         loop {
@@ -431,14 +432,21 @@ async fn session(
             };
             *read_limit = next_read_limit(limit, Some((asked.elapsed(), rows.len() as i64 == limit)));
             *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
-                                                                     // A gap: retention pruned changes this connection had not read
-                                                                     // yet (it was away or behind for longer than the retention).
-                                                                     // Clients must not see the stream jump unannounced.
+
+            // A gap: retention pruned changes this connection had not read
+            // yet (it was away or behind for longer than the retention).
+            // Clients must not see the stream jump unannounced.
             let Some(last) = rows.last() else {
                 // A read that found nothing carries no horizon: the log may
                 // have been pruned past this position and be empty now. Live
                 // clients are told now, not at the next commit (hours away,
-                // on a quiet system).
+                // on a quiet system). Asked at the first such read of a
+                // connection, then once per idle tick at most (empty reads
+                // also follow doorbells of changes already read).
+                if last_horizon.is_some_and(|t| t.elapsed() < IDLE_TICK) {
+                    break;
+                }
+                last_horizon = Some(Instant::now());
                 let pruned = tokio::time::timeout(QUERY_TIMEOUT, client.query_one(&horizon, &[]))
                     .await
                     .context("watchdog: reading the retention horizon did not answer")?
