@@ -5,13 +5,15 @@
 -- there, and a listener standing there let every live client go.
 --
 -- Now the horizon is lowered to the start of a transaction that holds
--- `through` and goes on past it (its positions are (base_pos, end_pos]).
+-- `through` and goes on past it (its positions are (base_pos, end_pos]), and
+-- it never goes past the head (the next commit would straddle it).
 CREATE OR REPLACE FUNCTION change_prune(through bigint) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_rows bigint;
     v_base bigint;
 BEGIN
+    through := least(through, change_head());
     SELECT base_pos INTO v_base FROM change_tx
      WHERE end_pos IS NOT NULL AND end_pos > through
      ORDER BY end_pos LIMIT 1;
@@ -28,3 +30,9 @@ BEGIN
     RETURN v_rows;
 END
 $$;
+
+-- A horizon set inside a transaction before this migration is lowered to
+-- that transaction's start: every one of its changes is still in the log.
+UPDATE change_retention r SET pruned_through = t.base_pos
+  FROM change_tx t
+ WHERE t.end_pos IS NOT NULL AND t.base_pos < r.pruned_through AND t.end_pos > r.pruned_through;

@@ -460,6 +460,8 @@ async fn session(
                     at.pos = pruned;
                     at.mark = None;
                     state.position.store(at.pos, Ordering::Relaxed);
+                    // What committed after the horizon was read is read now.
+                    continue;
                 }
                 break;
             };

@@ -426,8 +426,8 @@ mod tests {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             let mut read = Vec::new();
             while read.last().is_none_or(|last| last != "after") && std::time::Instant::now() < deadline {
-                if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-                    let m = m.unwrap();
+                // (An error event, such as a connection being set up, is not a message.)
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
                     read.push(String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned());
                 }
             }
@@ -449,11 +449,22 @@ mod tests {
         cluster.partition_leader(TOPIC, 1, None).unwrap();
         let producer = patient_producer(&cluster);
         let (stop, mut shutdown) = watch::channel(false);
+        // Shutdown comes once both produces to partition 0 are delivered.
+        let (delivered, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            stop.send(true).unwrap();
+            for _ in 0..2 {
+                deliveries.recv().await;
+            }
+            let _ = stop.send(true);
         });
-        let sends = [0, 1, 0].map(|partition| send(&producer, partition, format!("to {partition}")));
+        let sends = [0, 1, 0].map(|partition| {
+            let (producer, delivered) = (&producer, delivered.clone());
+            async move {
+                let sent = send(producer, partition, format!("to {partition}")).await;
+                let _ = delivered.send(());
+                sent
+            }
+        });
         let (results, stopped) = await_round(&producer, sends, Duration::from_secs(60), &mut shutdown).await;
         assert_eq!(stopped, Some("shutting down"));
         assert!(matches!(results[..], [Some(Ok(())), None, Some(Ok(()))]), "{results:?}");

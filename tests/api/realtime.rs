@@ -304,6 +304,10 @@ async fn pruning_inside_a_transaction_keeps_it_whole_and_resumable() {
     let rest = resumed.changes(2, WAIT).await;
     assert_eq!(rest.iter().map(seq).collect::<Vec<_>>(), [head + 2, head + 3]);
     assert_eq!(rest[1]["order"]["customer_name"], "Whole 3");
+    // Never past the head: the next transaction would straddle the horizon.
+    db.query_one("SELECT change_prune($1)", &[&(head + 100)]).await.unwrap();
+    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
+    assert_eq!(pruned, head + 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -927,9 +927,12 @@ test('a resume from a position the server no longer has resyncs and reloads', as
   const oldPg = server.pgUrl;
   await server.kill();
   await page.locator('#connection[data-phase="reconnecting"]').waitFor({ timeout: 5000 });
-  const ids = (await psql(oldPg, `INSERT INTO orders (customer_name, product, quantity, unit_price)
-      SELECT 'After the gap ' || g, 'Compass', 1, 7 FROM generate_series(1, 30) g RETURNING id`)).split('\n').map(Number);
-  // What retention does after a while: the changes the page has not seen are gone.
+  // Two transactions: retention prunes a transaction whole or not at all.
+  const insert = async (from, to) => (await psql(oldPg, `INSERT INTO orders (customer_name, product, quantity, unit_price)
+      SELECT 'After the gap ' || g, 'Compass', 1, 7 FROM generate_series(${from}, ${to}) g RETURNING id`)).split('\n').map(Number);
+  const ids = [...(await insert(1, 25)), ...(await insert(26, 30))];
+  // What retention does after a while: the changes the page has not seen are gone
+  // (all of the first transaction's).
   await psql(oldPg, 'SELECT change_prune(change_head() - 5)');
   await server.start(server.port);
   await page.locator('.toast', { hasText: 'the orders were reloaded' }).waitFor({ timeout: 20000 });
