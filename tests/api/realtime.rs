@@ -310,6 +310,34 @@ async fn pruning_inside_a_transaction_keeps_it_whole_and_resumable() {
     assert_eq!(pruned, head + 3);
 }
 
+mod migrations {
+    refinery::embed_migrations!("sql");
+}
+
+/// A horizon that a prune before V22 left inside a transaction it kept is
+/// lowered to that transaction's start when V22 is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_lowers_a_horizon_left_inside_a_kept_transaction() {
+    let (url, _) = crate::helpers::create_database().await;
+    let mut db = ordercast::db::connect(&url).await.unwrap();
+    let before = migrations::migrations::runner().set_target(refinery::Target::Version(21));
+    before.run_async(&mut db).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Kept ' || g, 'Bolt', 1, 2 FROM generate_series(1, 3) g",
+    )
+    .await
+    .unwrap();
+    let horizon = "SELECT pruned_through FROM change_retention";
+    // The prune of before V22: the transaction (0, 3] is kept, the horizon set inside it.
+    db.query_one("SELECT change_prune(2)", &[]).await.unwrap();
+    assert_eq!(db.query_one(horizon, &[]).await.unwrap().get::<_, i64>(0), 2);
+    ordercast::db::migrate(&url).await.unwrap();
+    assert_eq!(db.query_one(horizon, &[]).await.unwrap().get::<_, i64>(0), 0);
+    let kept: i64 = db.query_one("SELECT count(*) FROM change_log", &[]).await.unwrap().get(0);
+    assert_eq!(kept, 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_beyond_retention_gets_an_explicit_resync() {
     let app = spawn_app_with(|s| {
