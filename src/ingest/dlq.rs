@@ -4,8 +4,9 @@
 //! message in the batch's transaction, and this task produces every row not
 //! yet `published_at` to `KAFKA_DLQ_TOPIC` after the commit, then marks it.
 //! A crash between producing and marking produces the row again once its
-//! lease ran out (see `lease`), so the topic gets every dead letter at least once (a consumer of the DLQ
-//! can deduplicate on the original topic/partition/offset headers). A round
+//! lease ran out (see `lease`), so the topic gets every dead letter at least
+//! once (a consumer of the DLQ can deduplicate on the original
+//! topic/partition/offset headers). A round
 //! claims its rows with a lease (`claimed_until`, see `lease`) in a statement of
 //! its own, so two instances do not publish the same row at the same time,
 //! and no transaction stays open while the broker is waited for (that would

@@ -22,6 +22,22 @@ async fn large_changes(db: &tokio_postgres::Client, letter: &str) {
     }
 }
 
+/// Commits `n` orders, `name 1` to `name n`, in one transaction.
+async fn dba_insert_many(db: &tokio_postgres::Client, name: &str, n: i64) {
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT $1::text || ' ' || g, 'Bolt', 1, 2 FROM generate_series(1, $2::bigint) g",
+        &[&name, &n],
+    )
+    .await
+    .unwrap();
+}
+
+/// Where retention's horizon stands.
+async fn horizon(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0)
+}
+
 async fn dba_insert(db: &tokio_postgres::Client, customer: &str) -> i64 {
     db.query_one(
         "INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Bolt', 1, 2) RETURNING id",
@@ -289,16 +305,9 @@ async fn pruning_inside_a_transaction_keeps_it_whole_and_resumable() {
     let app = spawn_app().await;
     let db = app.sql().await;
     let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
-    db.execute(
-        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-         SELECT 'Whole ' || g, 'Bolt', 1, 2 FROM generate_series(1, 3) g",
-        &[],
-    )
-    .await
-    .unwrap();
+    dba_insert_many(&db, "Whole", 3).await;
     db.query_one("SELECT change_prune($1)", &[&(head + 2)]).await.unwrap();
-    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
-    assert_eq!(pruned, head, "the horizon stops before the transaction it keeps");
+    assert_eq!(horizon(&db).await, head, "the horizon stops before the transaction it keeps");
     let mut resumed = app.ws(&format!("?since={}", head + 1)).await;
     resumed.ready().await;
     let rest = resumed.changes(2, WAIT).await;
@@ -306,8 +315,7 @@ async fn pruning_inside_a_transaction_keeps_it_whole_and_resumable() {
     assert_eq!(rest[1]["order"]["customer_name"], "Whole 3");
     // Never past the head: the next transaction would straddle the horizon.
     db.query_one("SELECT change_prune($1)", &[&(head + 100)]).await.unwrap();
-    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
-    assert_eq!(pruned, head + 3);
+    assert_eq!(horizon(&db).await, head + 3);
 }
 
 mod migrations {
@@ -322,18 +330,12 @@ async fn migrating_lowers_a_horizon_left_inside_a_kept_transaction() {
     let mut db = ordercast::db::connect(&url).await.unwrap();
     let before = migrations::migrations::runner().set_target(refinery::Target::Version(21));
     before.run_async(&mut db).await.unwrap();
-    db.batch_execute(
-        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-         SELECT 'Kept ' || g, 'Bolt', 1, 2 FROM generate_series(1, 3) g",
-    )
-    .await
-    .unwrap();
-    let horizon = "SELECT pruned_through FROM change_retention";
+    dba_insert_many(&db, "Kept", 3).await;
     // The prune of before V22: the transaction (0, 3] is kept, the horizon set inside it.
     db.query_one("SELECT change_prune(2)", &[]).await.unwrap();
-    assert_eq!(db.query_one(horizon, &[]).await.unwrap().get::<_, i64>(0), 2);
+    assert_eq!(horizon(&db).await, 2);
     ordercast::db::migrate(&url).await.unwrap();
-    assert_eq!(db.query_one(horizon, &[]).await.unwrap().get::<_, i64>(0), 0);
+    assert_eq!(horizon(&db).await, 0);
     let kept: i64 = db.query_one("SELECT count(*) FROM change_log", &[]).await.unwrap().get(0);
     assert_eq!(kept, 3);
 }
@@ -351,7 +353,7 @@ async fn a_resume_beyond_retention_gets_an_explicit_resync() {
     }
     // (The maintenance run at start may have pruned part of it already.)
     ordercast::changes::maintenance::run_once(&app.state.pool, &app.state.settings).await.unwrap();
-    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
+    let pruned = horizon(&db).await;
     let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
     assert_eq!(head - pruned, 3);
     // The hub's position (what `resync` reports) must have reached the head.
@@ -1172,7 +1174,7 @@ async fn listener_back_after_pruning(prune: i64) -> (i64, i64, Vec<i64>, i64) {
         dba_insert(&db, &format!("gap {i}")).await;
     }
     db.query_one("SELECT change_prune($1)", &[&(head + prune)]).await.unwrap();
-    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
+    let pruned = horizon(&db).await;
     let listener = tokio::spawn(ordercast::changes::listener::run(
         app.db_url.clone(),
         hub.clone(),
