@@ -28,6 +28,12 @@ pub trait Broker {
     fn create_topic(&self, topic: &str, partitions: i32);
     /// Producer properties this broker needs.
     fn producer_properties(&self) -> Vec<(&'static str, &'static str)>;
+    /// How long a member killed without leaving its group must be gone before
+    /// a new member joins (zero: the broker's coordinator handles a join while
+    /// the dead member's session runs out, as Kafka's does).
+    fn dead_member_wait(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 pub struct Mock {
@@ -177,6 +183,16 @@ impl Broker for Tansu {
         // tansu 0.6 answers a fetch inside a record batch with the NEXT batch:
         // one record per batch keeps every offset a batch start.
         vec![("batch.num.messages", "1"), ("linger.ms", "0")]
+    }
+    fn dead_member_wait(&self) -> Duration {
+        // tansu 0.6's coordinator ends a dead leader's session lazily, at the
+        // next request it handles. When that request is a follower's
+        // SyncGroup (the follower joined while the leader still counted), it
+        // takes the follower's empty assignment as the group's: the new
+        // member owns no partition and, heartbeating in a stable group, is
+        // never given one. Past the session timeout the new member's first
+        // JoinGroup ends the dead session, and it joins as the leader.
+        Duration::from_millis(CHILD_SESSION_TIMEOUT_MS + 1000)
     }
 }
 
@@ -560,6 +576,10 @@ pub async fn assert_exactly_once(db: &tokio_postgres::Client, prefix: &str, orde
     assert_eq!(dead, 0, "dead letters (a doubled create would be order_exists)");
 }
 
+/// The Kafka session timeout of a `Child`: a killed one leaves its group
+/// after this long.
+pub const CHILD_SESSION_TIMEOUT_MS: u64 = 6000;
+
 /// ordercast as a real child process, so it can be killed with SIGKILL.
 pub struct Child {
     child: std::process::Child,
@@ -580,7 +600,7 @@ impl Child {
             .env("KAFKA_TOPIC", &n.topic)
             .env("KAFKA_DLQ_TOPIC", &n.dlq)
             .env("KAFKA_GROUP_ID", &n.group)
-            .env("ORDERCAST_KAFKA_SESSION_TIMEOUT_MS", "6000")
+            .env("ORDERCAST_KAFKA_SESSION_TIMEOUT_MS", CHILD_SESSION_TIMEOUT_MS.to_string())
             .env("ORDERCAST_KAFKA_HEARTBEAT_INTERVAL_MS", "500")
             .env("RUST_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())

@@ -451,6 +451,7 @@ pub async fn a_killed_process_restarts_without_loss_or_double(broker: &dyn Broke
     };
     wait_count(&db.url, "SELECT least(count(*), 300) FROM orders", 300, WAIT).await;
     first.kill();
+    let killed = tokio::time::Instant::now();
     let sql = db.sql().await;
     let written_before: i64 = count(&sql, "SELECT count(*) FROM orders").await;
     assert!(written_before < total, "killed mid-stream ({written_before} of {total} orders written)");
@@ -463,6 +464,7 @@ pub async fn a_killed_process_restarts_without_loss_or_double(broker: &dyn Broke
     assert!(in_pg > in_kafka, "some positions are only in PostgreSQL (PostgreSQL {in_pg}, Kafka {in_kafka})");
 
     more.await.unwrap();
+    tokio::time::sleep_until(killed + broker.dead_member_wait()).await;
     let second = Child::start(&db.url, broker, &n, &[]);
     wait_count(&db.url, "SELECT count(*) FROM orders WHERE status = 'processing'", total, WAIT * 2).await;
     assert_exactly_once(&sql, "crash", total, 2).await;
