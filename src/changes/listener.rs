@@ -193,6 +193,22 @@ async fn held(client: &impl tokio_postgres::GenericClient, positions: &[i64]) ->
         .collect())
 }
 
+/// Whether the log still holds, at `pos`, a change committed in millisecond
+/// `committed_ms` (a Kafka timestamp's precision; `None`: any commit time):
+/// `None` when retention has passed `pos` (the log cannot tell). The outbox
+/// relay's check of what it published against the log (`workflow::outbox`).
+pub(crate) async fn holds_commit_ms(
+    client: &impl tokio_postgres::GenericClient,
+    pos: i64,
+    committed_ms: Option<i64>,
+) -> anyhow::Result<Option<bool>> {
+    Ok(match held(client, &[pos]).await?.remove(&pos) {
+        Some(Held::Committed(micros)) => Some(committed_ms.is_none_or(|ms| micros.div_euclid(1000) == ms)),
+        Some(Held::Pruned) => None,
+        Some(Held::Missing(_)) | None => Some(false),
+    })
+}
+
 /// What to remember of position `pos` as the log holds it now (see
 /// `Held::mark`).
 async fn mark_at(client: &impl tokio_postgres::GenericClient, pos: i64) -> anyhow::Result<Option<Mark>> {

@@ -18,6 +18,12 @@
 //! - one relay at a time per topic: the relay holds a session advisory lock;
 //!   other instances stand by and take over when its session ends.
 //!
+//! A database that lost changes already published (a failover, a restored
+//! backup) numbers the next commits with their positions: before it
+//! publishes anything, a relay that takes over checks the newest change the
+//! topic holds against the log, and on a mismatch sends a `rewind` message to
+//! every partition first (`rewind_if_lost`).
+//!
 //! A relay left stopped for longer than the change log's retention cannot
 //! publish what was pruned meanwhile: it says so loudly (`skipped` in
 //! `/api/health`) and continues after the gap.
@@ -43,8 +49,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::future::join_all;
+use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -78,6 +85,8 @@ pub struct OutboxState {
     pub retries: AtomicU64,
     /// Changes pruned from the log before the relay could publish them.
     pub skipped: AtomicU64,
+    /// Rewind messages sent: the database had lost changes already published.
+    pub rewinds: AtomicU64,
     pub failing: AtomicBool,
     pub last_error: Mutex<Option<String>>,
 }
@@ -109,6 +118,7 @@ impl OutboxState {
             "batches": self.batches.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
             "skipped": self.skipped.load(Ordering::Relaxed),
+            "rewinds": self.rewinds.load(Ordering::Relaxed),
             "last_error": *self.last_error.lock().unwrap(), // unwrap: never held across a panic
         })
     }
@@ -215,6 +225,26 @@ async fn session(
     state.position.store(position, Ordering::Relaxed);
     state.active.store(true, Ordering::Relaxed);
     log::info!("outbox relay for {topic}: publishing changes after position {position}");
+    // Before anything new goes out: did the database lose changes that were
+    // published (see `rewind_if_lost`)? Kafka answers what was published,
+    // so this holds for any instance, also one started after the loss.
+    loop {
+        match rewind_if_lost(db, producer, (kafka, brokers), topic, position).await {
+            Ok(rewound) => {
+                if rewound {
+                    state.rewinds.fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
+            Err(e) => {
+                log::warn!("outbox relay for {topic}: {e:#}; trying again");
+                state.error(&e);
+                if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
     loop {
@@ -278,6 +308,154 @@ async fn session(
             }
         }
     }
+}
+
+/// A change as the topic holds it: its position, and its commit time (ms)
+/// unless the topic stamps messages itself.
+type Published = (i64, Option<i64>);
+
+/// How long the check of what the topic holds waits for the broker.
+const PUBLISHED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends a rewind message to every partition of `topic` when the database
+/// no longer holds the newest change the topic does (a failover to a
+/// standby that missed commits, a restored backup): the next commits are
+/// numbered with positions already published, and a consumer that skips
+/// positions at or below what it applied for an order would drop them. The
+/// message, `{"type":"rewind","after":A,"through":T}` (headers
+/// `ordercast-op: rewind`, `ordercast-rewind-after`,
+/// `ordercast-rewind-through`; no key), tells consumers to forget the
+/// positions after A that they applied, up to T, and to reload those
+/// orders: the changes at them are gone from the database. A is the
+/// relay's stored position, which the database kept with the changes before
+/// it. Sent before any change of this session, and acknowledged on every
+/// partition, so on each partition it comes before the changes that reuse
+/// positions. Answers whether it was sent.
+async fn rewind_if_lost(
+    db: &tokio_postgres::Client,
+    producer: &FutureProducer,
+    (kafka, brokers): (&KafkaSettings, &str),
+    topic: &str,
+    position: i64,
+) -> anyhow::Result<bool> {
+    let config = reader_config(kafka, brokers)?;
+    let owned = topic.to_string();
+    let (partitions, newest) = tokio::task::spawn_blocking(move || newest_published(config, &owned))
+        .await
+        .context("reading the topic's last messages panicked")??;
+    let Some((through, committed_ms)) = newest.filter(|&(p, _)| p > position) else {
+        return Ok(false);
+    };
+    if crate::changes::listener::holds_commit_ms(db, through, committed_ms).await? != Some(false) {
+        return Ok(false);
+    }
+    log::error!(
+        "outbox relay for {topic}: the database no longer holds the change published at position {through} \
+         (it lost commits: a failover, a restored backup); positions {}..={through} may be numbered again. \
+         Sending a rewind message to all {partitions} partitions before the next changes",
+        position + 1
+    );
+    let payload = json!({"type": "rewind", "after": position, "through": through}).to_string();
+    let (after, through) = (position.to_string(), through.to_string());
+    let mut deliveries = Vec::with_capacity(partitions as usize);
+    for partition in 0..partitions {
+        let headers = OwnedHeaders::new_with_capacity(4)
+            .insert(Header { key: "ordercast-op", value: Some("rewind") })
+            .insert(Header { key: "ordercast-rewind-after", value: Some(after.as_str()) })
+            .insert(Header { key: "ordercast-rewind-through", value: Some(through.as_str()) })
+            .insert(Header { key: "content-type", value: Some("application/json") });
+        let record = FutureRecord::to(topic).partition(partition).payload(payload.as_bytes()).headers(headers);
+        deliveries.push(super::enqueue(producer, record).await.context("Kafka refused the rewind message")?);
+    }
+    for delivery in join_all(deliveries).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("Kafka did not acknowledge the rewind message: {e}"),
+            Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging the rewind message"),
+        }
+    }
+    Ok(true)
+}
+
+/// A consumer that reads without a group: the pass-through properties (TLS,
+/// SASL, ...) apply to it as to the producer.
+fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientConfig> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (k, v) in kafka.librdkafka_properties().map_err(|e| anyhow::anyhow!(e))? {
+        config.set(k, v);
+    }
+    config
+        .set("client.id", "ordercast-outbox-check")
+        .set("group.id", "ordercast-outbox-check")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    Ok(config)
+}
+
+/// The number of partitions of `topic`, and the newest change published to
+/// it: the highest `ordercast-position` among the partitions' last messages,
+/// with its timestamp (the commit time, in ms; none when the topic stamps
+/// messages itself). A partition whose last
+/// message is not a change (a rewind message) or cannot be read in time (the
+/// last offset a transaction marker) is passed over, with a warning for the
+/// latter. A topic that does not exist yet holds nothing.
+fn newest_published(config: ClientConfig, topic: &str) -> anyhow::Result<(i32, Option<Published>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    use std::collections::HashSet;
+
+    let consumer: BaseConsumer = config.create().context("invalid Kafka configuration for the outbox relay")?;
+    let metadata = consumer.fetch_metadata(Some(topic), PUBLISHED_TIMEOUT).context("reading the topic's metadata")?;
+    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic).filter(|t| t.error().is_none()) else {
+        return Ok((0, None));
+    };
+    let partitions = meta.partitions().len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    let mut pending = HashSet::new();
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, PUBLISHED_TIMEOUT)
+            .with_context(|| format!("reading where partition {p} of {topic} ends"))?;
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(high - 1))?;
+            pending.insert(p);
+        }
+    }
+    if pending.is_empty() {
+        return Ok((partitions, None));
+    }
+    consumer.assign(&tpl).context("reading the topic's last messages")?;
+    let deadline = std::time::Instant::now() + PUBLISHED_TIMEOUT;
+    let mut newest: Option<Published> = None;
+    while !pending.is_empty() {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            log::warn!(
+                "outbox relay for {topic}: the last message of partitions {pending:?} could not be read; not checked"
+            );
+            break;
+        };
+        let Some(message) = consumer.poll(left) else { continue };
+        let message = message.context("reading the topic's last messages")?;
+        if !pending.remove(&message.partition()) {
+            continue;
+        }
+        let position = message.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == "ordercast-position")
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok())
+        });
+        // The commit time, unless the topic stamps messages with the time
+        // the broker appended them (`LogAppendTime`).
+        let committed_ms = match message.timestamp() {
+            rdkafka::Timestamp::CreateTime(ms) => Some(ms),
+            _ => None,
+        };
+        if let Some(position) = position.filter(|&p| newest.is_none_or(|(n, _)| n < p)) {
+            newest = Some((position, committed_ms));
+        }
+    }
+    Ok((partitions, newest))
 }
 
 /// Stores the relay's position. Its row deleted meanwhile (to start the

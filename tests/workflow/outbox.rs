@@ -283,3 +283,145 @@ async fn a_change_too_large_for_the_topic_goes_as_a_stub_and_holds_nothing_up() 
     assert_eq!(payload(mine[3])["order"]["status"], "processing");
     assert!(mine.windows(2).all(|w| position(w[0]) < position(w[1])));
 }
+
+/// The rewind messages among `msgs`, by partition.
+fn rewinds(msgs: &[OwnedMessage]) -> HashMap<i32, serde_json::Value> {
+    msgs.iter()
+        .filter(|m| header(m, "ordercast-op").as_deref() == Some("rewind"))
+        .map(|m| (m.partition(), payload(m)))
+        .collect()
+}
+
+/// Orders `Kept` then `Lost`, each published and the relay's position stored
+/// past it; answers their ids and positions.
+async fn publish_kept_and_lost(app: &crate::helpers::TestApp, reader: &crate::Reader) -> [(i64, i64); 2] {
+    let db = app.sql().await;
+    let mut out = [(0, 0); 2];
+    for (i, name) in ["Kept", "Lost"].into_iter().enumerate() {
+        let id = app.create_order(name).await["id"].as_i64().unwrap();
+        let msgs = reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
+        let pos = position(of_order(&msgs, id)[0]);
+        crate::until(&db, "SELECT max(position) FROM outbox_positions", |p| p >= pos).await;
+        out[i] = (id, pos);
+    }
+    out
+}
+
+/// `publish_kept_and_lost` on an instance that is then stopped; answers it
+/// (its database stays), a reader of the topic and a database connection.
+async fn published_then_stopped(
+    kafka: &Kafka,
+) -> (crate::helpers::TestApp, crate::Reader, tokio_postgres::Client, [(i64, i64); 2]) {
+    let mut app = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let published = publish_kept_and_lost(&app, &reader).await;
+    app.stop().await;
+    let db = app.sql().await;
+    (app, reader, db, published)
+}
+
+/// SQL that makes the database forget every commit after `kept`, the relay's
+/// stored position with them, as a failover to a standby that missed them or
+/// a restored backup does: the next commit takes the first lost position.
+fn lose_after(kept: i64) -> String {
+    format!(
+        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {kept}); \
+         DELETE FROM change_tx WHERE end_pos > {kept}; SELECT setval('change_position', {kept}); \
+         UPDATE outbox_positions SET position = {kept}"
+    )
+}
+
+const DBA_INSERT: &str = "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+                          VALUES ('After the loss', 'Nut', 1, 1) RETURNING id";
+
+/// The rewind on every partition, then the change that reuses the lost
+/// position, after the rewind on its partition.
+async fn assert_rewound_before_reuse(reader: &crate::Reader, kept: i64, lost: i64, after_loss: i64) {
+    let msgs = reader
+        .read_until(WAIT, move |m| {
+            rewinds(m).len() == crate::PARTITIONS as usize && !of_order(m, after_loss).is_empty()
+        })
+        .await;
+    for (partition, rewind) in rewinds(&msgs) {
+        assert_eq!(rewind, json!({"type": "rewind", "after": kept, "through": lost}), "partition {partition}");
+    }
+    let reused = of_order(&msgs, after_loss)[0];
+    assert_eq!(position(reused), lost, "the commit after the loss took the lost position");
+    let rewind_at = msgs
+        .iter()
+        .find(|m| m.partition() == reused.partition() && header(m, "ordercast-op").as_deref() == Some("rewind"))
+        .map(|m| m.offset());
+    assert!(rewind_at < Some(reused.offset()), "the rewind comes first on partition {}", reused.partition());
+}
+
+/// The database loses a commit the relay published (a failover to a standby
+/// that missed it, a restored backup), and the next commit is numbered with
+/// its position. Consumers skip positions at or below what they applied, so
+/// before that commit goes out, every partition gets a rewind message naming
+/// the positions to forget. Before, the new change went out unannounced with
+/// a position consumers had seen, and was dropped by them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_lost_published_changes_gets_a_rewind_before_their_positions_return() {
+    // Arrange
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let [(_, kept), (_, lost)] = publish_kept_and_lost(&app, &reader).await;
+    let db = app.sql().await;
+
+    // Act: the loss, a commit after it, and the relay's connection drops (as
+    // at a failover; the live session reads only after its own position).
+    db.batch_execute(&lose_after(kept)).await.unwrap();
+    let after_loss: i64 = scalar(&db, DBA_INSERT).await;
+    db.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'ordercast-outbox' AND datname = current_database()",
+    )
+    .await
+    .unwrap();
+
+    // Assert
+    assert_rewound_before_reuse(&reader, kept, lost, after_loss).await;
+    let (_, health) = app.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["outbox"]["rewinds"], 1, "{health}");
+}
+
+/// The same loss while no ordercast runs: the instance started afterwards
+/// has published nothing itself, and finds the loss from what the topic
+/// holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_after_the_database_lost_published_changes_sends_the_rewind() {
+    // Arrange
+    let kafka = Kafka::start();
+    let (first, reader, db, [(_, kept), (_, lost)]) = published_then_stopped(&kafka).await;
+    db.batch_execute(&lose_after(kept)).await.unwrap();
+    let after_loss: i64 = scalar(&db, DBA_INSERT).await;
+
+    // Act
+    let _second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+
+    // Assert
+    assert_rewound_before_reuse(&reader, kept, lost, after_loss).await;
+}
+
+/// A restart with nothing lost sends no rewind, also when the last change
+/// published went out but its position was not stored (a crash between the
+/// two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_without_a_loss_sends_no_rewind() {
+    // Arrange
+    let kafka = Kafka::start();
+    let (first, reader, db, [(_, kept), (lost_id, _)]) = published_then_stopped(&kafka).await;
+    db.batch_execute(&format!("UPDATE outbox_positions SET position = {kept}")).await.unwrap();
+
+    // Act
+    let second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+    let after: i64 = scalar(&db, DBA_INSERT).await;
+
+    // Assert: `Lost` again (at least once), then the new change; no rewind.
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, after).is_empty()).await;
+    assert_eq!(rewinds(&msgs).len(), 0, "no rewind");
+    assert_eq!(of_order(&msgs, lost_id).len(), 1, "published again from the stored position");
+    let (_, health) = second.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["outbox"]["rewinds"], 0, "{health}");
+}
