@@ -193,17 +193,17 @@ async fn held(client: &impl tokio_postgres::GenericClient, positions: &[i64]) ->
         .collect())
 }
 
-/// Whether the log still holds, at `pos`, a change committed in millisecond
-/// `committed_ms` (a Kafka timestamp's precision; `None`: any commit time):
-/// `None` when retention has passed `pos` (the log cannot tell). The outbox
-/// relay's check of what it published against the log (`workflow::outbox`).
-pub(crate) async fn holds_commit_ms(
+/// Whether the log still holds, at `pos`, a change whose commit time
+/// (microseconds) `committed` accepts: `None` when retention has passed
+/// `pos` (the log cannot tell). The outbox relay's check of what it
+/// published against the log (`workflow::outbox`).
+pub(crate) async fn holds_commit(
     client: &impl tokio_postgres::GenericClient,
     pos: i64,
-    committed_ms: Option<i64>,
+    committed: impl Fn(i64) -> bool,
 ) -> anyhow::Result<Option<bool>> {
     Ok(match held(client, &[pos]).await?.remove(&pos) {
-        Some(Held::Committed(micros)) => Some(committed_ms.is_none_or(|ms| micros.div_euclid(1000) == ms)),
+        Some(Held::Committed(micros)) => Some(committed(micros)),
         Some(Held::Pruned) => None,
         Some(Held::Missing(_)) | None => Some(false),
     })

@@ -31,8 +31,9 @@
 //! Message: key = order id (decimal text), value = the same JSON as the
 //! WebSocket `change` message (`{"type":"change","seq":N,"op":...,"order":{...},
 //! "old":{...},"actor":"...","at":"..."}`), headers `ordercast-position`,
-//! `ordercast-op`, `ordercast-actor`, `content-type: application/json`,
-//! timestamp = the commit time. A change larger than the producer's message
+//! `ordercast-op`, `ordercast-actor`, `ordercast-committed-at` (the commit
+//! time in microseconds), `content-type: application/json`, timestamp = the
+//! commit time. A change larger than the producer's message
 //! size limit (`message.max.bytes`: a DBA's long text, say) is published as a
 //! stub, in its place, so it never holds up the changes after it:
 //! `{"type":"change","seq":N,"op":...,"order":{"id":ID},"old":null,"actor":...,
@@ -228,22 +229,8 @@ async fn session(
     // Before anything new goes out: did the database lose changes that were
     // published (see `rewind_if_lost`)? Kafka answers what was published,
     // so this holds for any instance, also one started after the loss.
-    loop {
-        match rewind_if_lost(db, producer, (kafka, brokers), topic, position).await {
-            Ok(rewound) => {
-                if rewound {
-                    state.rewinds.fetch_add(1, Ordering::Relaxed);
-                }
-                break;
-            }
-            Err(e) => {
-                log::warn!("outbox relay for {topic}: {e:#}; trying again");
-                state.error(&e);
-                if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
-                    return Ok(());
-                }
-            }
-        }
+    if rewind_if_lost(db, producer, (kafka, brokers), topic, position, state, shutdown, backoff).await? {
+        return Ok(());
     }
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
@@ -310,53 +297,163 @@ async fn session(
     }
 }
 
-/// A change as the topic holds it: its position, and its commit time (ms)
-/// unless the topic stamps messages itself.
-type Published = (i64, Option<i64>);
+/// The newest change a topic holds: its position, and its commit time as
+/// the message carries it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Published {
+    position: i64,
+    committed: Committed,
+}
 
-/// How long the check of what the topic holds waits for the broker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Committed {
+    /// The `ordercast-committed-at` header (microseconds).
+    Micros(i64),
+    /// The message's timestamp (milliseconds), for messages published
+    /// before that header was.
+    Millis(i64),
+    /// Neither: the topic stamps messages itself (`LogAppendTime`).
+    Unknown,
+}
+
+impl Committed {
+    fn matches(self, micros: i64) -> bool {
+        match self {
+            Committed::Micros(m) => m == micros,
+            Committed::Millis(ms) => micros.div_euclid(1000) == ms,
+            Committed::Unknown => true,
+        }
+    }
+}
+
+/// How long reading what the topic holds waits for the broker, in all.
 const PUBLISHED_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a relay waits for another instance's last produces to land
+/// or expire before it sends a rewind (see `rewind_if_lost`).
+const FENCE_MAX: Duration = Duration::from_secs(120);
 
 /// Sends a rewind message to every partition of `topic` when the database
 /// no longer holds the newest change the topic does (a failover to a
 /// standby that missed commits, a restored backup): the next commits are
 /// numbered with positions already published, and a consumer that skips
 /// positions at or below what it applied for an order would drop them. The
-/// message, `{"type":"rewind","after":A,"through":T}` (headers
+/// message, `{"type":"rewind","after":A,"through":T}` (key `rewind`, headers
 /// `ordercast-op: rewind`, `ordercast-rewind-after`,
-/// `ordercast-rewind-through`; no key), tells consumers to forget the
-/// positions after A that they applied, up to T, and to reload those
-/// orders: the changes at them are gone from the database. A is the
-/// relay's stored position, which the database kept with the changes before
-/// it. Sent before any change of this session, and acknowledged on every
+/// `ordercast-rewind-through`), tells consumers to forget the positions
+/// after A that they applied, up to T, and to reload those orders: the
+/// changes at them are gone from the database. A is the relay's stored
+/// position, which the database kept with the changes before it.
+///
+/// Sent before any change of this session, and acknowledged on every
 /// partition, so on each partition it comes before the changes that reuse
-/// positions. Answers whether it was sent.
+/// positions. Before it is sent the relay waits out the producer's delivery
+/// timeout (at most `FENCE_MAX`) and reads the topic again: another
+/// instance that was publishing when the database went may still have
+/// messages in flight, and they must land before the rewind. Kafka errors
+/// are retried with backoff; a database error ends the session. Answers
+/// whether shutdown came first.
+#[allow(clippy::too_many_arguments)]
 async fn rewind_if_lost(
     db: &tokio_postgres::Client,
     producer: &FutureProducer,
     (kafka, brokers): (&KafkaSettings, &str),
     topic: &str,
     position: i64,
+    state: &OutboxState,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
 ) -> anyhow::Result<bool> {
-    let config = reader_config(kafka, brokers)?;
-    let owned = topic.to_string();
-    let (partitions, newest) = tokio::task::spawn_blocking(move || newest_published(config, &owned))
-        .await
-        .context("reading the topic's last messages panicked")??;
-    let Some((through, committed_ms)) = newest.filter(|&(p, _)| p > position) else {
-        return Ok(false);
-    };
-    if crate::changes::listener::holds_commit_ms(db, through, committed_ms).await? != Some(false) {
-        return Ok(false);
+    let mut fenced = false;
+    loop {
+        let read = async {
+            let config = reader_config(kafka, brokers)?;
+            let owned = topic.to_string();
+            tokio::task::spawn_blocking(move || newest_published(config, &owned))
+                .await
+                .context("reading the topic's last messages panicked")?
+        };
+        let kafka_step = tokio::select! {
+            r = read => match r {
+                Ok((partitions, newest)) => {
+                    let lost = match newest.filter(|n| n.position > position) {
+                        // Database errors end the session.
+                        Some(n) => crate::changes::listener::holds_commit(db, n.position, |m| n.committed.matches(m))
+                            .await?
+                            == Some(false),
+                        None => false,
+                    };
+                    match newest.filter(|_| lost) {
+                        None => break,
+                        Some(n) if !fenced => {
+                            log::error!(
+                                "outbox relay for {topic}: the database no longer holds the change published at \
+                                 position {} (it lost commits: a failover, a restored backup); positions {}..={} may \
+                                 be numbered again. A rewind message goes to every partition before the next changes",
+                                n.position,
+                                position + 1,
+                                n.position
+                            );
+                            let wait = fence(kafka, brokers);
+                            log::info!(
+                                "outbox relay for {topic}: waiting {} s for produces still in flight (the delivery \
+                                 timeout) before the rewind",
+                                wait.as_secs()
+                            );
+                            tokio::select! {
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = shutdown.changed() => return Ok(true),
+                            }
+                            fenced = true;
+                            continue;
+                        }
+                        Some(n) => send_rewind(producer, topic, partitions, position, n.position).await,
+                    }
+                }
+                Err(e) => Err(e),
+            },
+            _ = shutdown.changed() => return Ok(true),
+        };
+        match kafka_step {
+            Ok(()) => {
+                state.rewinds.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            Err(e) => {
+                log::warn!("outbox relay for {topic}: {e:#}; trying again");
+                state.error(&e);
+                if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
+                    return Ok(true);
+                }
+            }
+        }
     }
-    log::error!(
-        "outbox relay for {topic}: the database no longer holds the change published at position {through} \
-         (it lost commits: a failover, a restored backup); positions {}..={through} may be numbered again. \
-         Sending a rewind message to all {partitions} partitions before the next changes",
-        position + 1
-    );
-    let payload = json!({"type": "rewind", "after": position, "through": through}).to_string();
-    let (after, through) = (position.to_string(), through.to_string());
+    // A check that failed before is behind: health says so.
+    state.failing.store(false, Ordering::Relaxed);
+    Ok(false)
+}
+
+/// The producer's delivery timeout (`message.timeout.ms`; 0, no limit, and
+/// anything above counts as `FENCE_MAX`).
+fn fence(kafka: &KafkaSettings, brokers: &str) -> Duration {
+    let config = super::producer_config(kafka, brokers, "ordercast-outbox", &[]).ok();
+    let ms = config.as_ref().and_then(|c| c.get("message.timeout.ms")?.parse::<u64>().ok());
+    match ms {
+        Some(0) => FENCE_MAX,
+        Some(ms) => Duration::from_millis(ms).min(FENCE_MAX),
+        None => super::MESSAGE_TIMEOUT.min(FENCE_MAX),
+    }
+}
+
+/// Produces the rewind message to each partition and waits for every ack.
+async fn send_rewind(
+    producer: &FutureProducer,
+    topic: &str,
+    partitions: i32,
+    after: i64,
+    through: i64,
+) -> anyhow::Result<()> {
+    let payload = json!({"type": "rewind", "after": after, "through": through}).to_string();
+    let (after, through) = (after.to_string(), through.to_string());
     let mut deliveries = Vec::with_capacity(partitions as usize);
     for partition in 0..partitions {
         let headers = OwnedHeaders::new_with_capacity(4)
@@ -364,7 +461,9 @@ async fn rewind_if_lost(
             .insert(Header { key: "ordercast-rewind-after", value: Some(after.as_str()) })
             .insert(Header { key: "ordercast-rewind-through", value: Some(through.as_str()) })
             .insert(Header { key: "content-type", value: Some("application/json") });
-        let record = FutureRecord::to(topic).partition(partition).payload(payload.as_bytes()).headers(headers);
+        // A key, so that a compacted topic takes it too.
+        let record =
+            FutureRecord::to(topic).key("rewind").partition(partition).payload(payload.as_bytes()).headers(headers);
         deliveries.push(super::enqueue(producer, record).await.context("Kafka refused the rewind message")?);
     }
     for delivery in join_all(deliveries).await {
@@ -374,11 +473,13 @@ async fn rewind_if_lost(
             Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging the rewind message"),
         }
     }
-    Ok(true)
+    Ok(())
 }
 
-/// A consumer that reads without a group: the pass-through properties (TLS,
-/// SASL, ...) apply to it as to the producer.
+/// A consumer that reads by assignment: the pass-through properties (TLS,
+/// SASL, ...) apply to it as to the producer. It joins no group and commits
+/// nothing, but needs a `group.id` for rdkafka to hand it the messages (an
+/// error about that group, such as a missing ACL, only passes by).
 fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientConfig> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
@@ -393,66 +494,90 @@ fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientC
     Ok(config)
 }
 
+/// Whether a Kafka error says this client may not read what it asked for.
+fn not_allowed(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(e.rdkafka_error_code(), Some(TopicAuthorizationFailed | ClusterAuthorizationFailed))
+}
+
 /// The number of partitions of `topic`, and the newest change published to
-/// it: the highest `ordercast-position` among the partitions' last messages,
-/// with its timestamp (the commit time, in ms; none when the topic stamps
-/// messages itself). A partition whose last
-/// message is not a change (a rewind message) or cannot be read in time (the
-/// last offset a transaction marker) is passed over, with a warning for the
-/// latter. A topic that does not exist yet holds nothing.
+/// it: the highest `ordercast-position` among the partitions' last messages.
+/// A partition whose last message is not a change (a rewind message) is
+/// passed over; so, with a warning, is one that cannot be read in time (the
+/// last offset a transaction marker) or that this client may not read (the
+/// relay's credentials allow writes only). A topic that does not exist yet
+/// holds nothing.
 fn newest_published(config: ClientConfig, topic: &str) -> anyhow::Result<(i32, Option<Published>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     use std::collections::HashSet;
 
+    let deadline = std::time::Instant::now() + PUBLISHED_TIMEOUT;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     let consumer: BaseConsumer = config.create().context("invalid Kafka configuration for the outbox relay")?;
-    let metadata = consumer.fetch_metadata(Some(topic), PUBLISHED_TIMEOUT).context("reading the topic's metadata")?;
-    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic).filter(|t| t.error().is_none()) else {
-        return Ok((0, None));
-    };
+    let metadata = consumer.fetch_metadata(Some(topic), left()).context("reading the topic's metadata")?;
+    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else { return Ok((0, None)) };
+    match meta.error().map(rdkafka::types::RDKafkaErrorCode::from) {
+        None => {}
+        Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok((0, None)),
+        Some(code) => {
+            log::warn!("outbox relay for {topic}: the topic's metadata says {code}; what it holds is not checked");
+            return Ok((0, None));
+        }
+    }
     let partitions = meta.partitions().len() as i32;
     let mut tpl = TopicPartitionList::new();
     let mut pending = HashSet::new();
     for p in 0..partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, PUBLISHED_TIMEOUT)
-            .with_context(|| format!("reading where partition {p} of {topic} ends"))?;
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Offset(high - 1))?;
-            pending.insert(p);
+        match consumer.fetch_watermarks(topic, p, left()) {
+            Ok((low, high)) if high > low => {
+                tpl.add_partition_offset(topic, p, Offset::Offset(high - 1))?;
+                pending.insert(p);
+            }
+            Ok(_) => {}
+            Err(e) if not_allowed(&e) => {
+                log::warn!("outbox relay for {topic}: partition {p} may not be read ({e}); not checked")
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading where partition {p} of {topic} ends")),
         }
     }
     if pending.is_empty() {
         return Ok((partitions, None));
     }
     consumer.assign(&tpl).context("reading the topic's last messages")?;
-    let deadline = std::time::Instant::now() + PUBLISHED_TIMEOUT;
     let mut newest: Option<Published> = None;
     while !pending.is_empty() {
-        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+        if left().is_zero() {
             log::warn!(
                 "outbox relay for {topic}: the last message of partitions {pending:?} could not be read; not checked"
             );
             break;
+        }
+        let message = match consumer.poll(left()) {
+            None => continue,
+            // Passing errors (a broker's connection) are retried by librdkafka.
+            Some(Err(e)) => {
+                log::debug!("outbox relay for {topic}: reading the last messages: {e}");
+                continue;
+            }
+            Some(Ok(m)) => m,
         };
-        let Some(message) = consumer.poll(left) else { continue };
-        let message = message.context("reading the topic's last messages")?;
         if !pending.remove(&message.partition()) {
             continue;
         }
-        let position = message.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == "ordercast-position")
-                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok())
-        });
-        // The commit time, unless the topic stamps messages with the time
-        // the broker appended them (`LogAppendTime`).
-        let committed_ms = match message.timestamp() {
-            rdkafka::Timestamp::CreateTime(ms) => Some(ms),
-            _ => None,
+        let header = |key: &str| {
+            message.headers().and_then(|h| {
+                h.iter().find(|h| h.key == key).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok())
+            })
         };
-        if let Some(position) = position.filter(|&p| newest.is_none_or(|(n, _)| n < p)) {
-            newest = Some((position, committed_ms));
+        let Some(position) = header("ordercast-position") else { continue };
+        let committed = match (header("ordercast-committed-at"), message.timestamp()) {
+            (Some(micros), _) => Committed::Micros(micros),
+            (None, rdkafka::Timestamp::CreateTime(ms)) => Committed::Millis(ms),
+            (None, _) => Committed::Unknown,
+        };
+        if newest.is_none_or(|n| n.position < position) {
+            newest = Some(Published { position, committed });
         }
     }
     Ok((partitions, newest))
@@ -524,11 +649,15 @@ struct Outgoing {
 impl Outgoing {
     fn of(change: Envelope<'_>, stub: bool) -> Outgoing {
         let position = change.pos.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(5)
+        let mut headers = OwnedHeaders::new_with_capacity(6)
             .insert(Header { key: "ordercast-position", value: Some(position.as_str()) })
             .insert(Header { key: "ordercast-op", value: Some(change.op) })
             .insert(Header { key: "ordercast-actor", value: Some(change.actor) })
             .insert(Header { key: "content-type", value: Some("application/json") });
+        let committed = change.at.map(|at| at.timestamp_micros().to_string());
+        if let Some(micros) = committed.as_deref() {
+            headers = headers.insert(Header { key: "ordercast-committed-at", value: Some(micros) });
+        }
         let payload = if stub {
             headers = headers.insert(Header { key: "ordercast-truncated", value: Some("true") });
             let order = format!(r#"{{"id":{}}}"#, change.order_id);
@@ -549,5 +678,36 @@ impl Outgoing {
             record = record.timestamp(t);
         }
         super::enqueue(producer, record).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_published_commit_time_matches_the_logs_to_its_precision() {
+        let micros = 1_763_000_000_123_456;
+        assert!(Committed::Micros(micros).matches(micros));
+        assert!(!Committed::Micros(micros).matches(micros + 1), "the header is exact");
+        assert!(Committed::Millis(micros / 1000).matches(micros), "a timestamp is to the millisecond");
+        assert!(!Committed::Millis(micros / 1000).matches(micros + 1000));
+        // Before 1970 (a restored clock?): chrono rounds down, so must this.
+        assert!(Committed::Millis(-2).matches(-1_500));
+        assert!(Committed::Unknown.matches(0), "a topic that stamps messages itself cannot tell");
+    }
+
+    #[test]
+    fn the_wait_before_a_rewind_is_the_delivery_timeout_within_bounds() {
+        let with = |properties: Option<&str>| {
+            let mut kafka = crate::config::Settings::for_database("postgres://localhost/x").kafka;
+            kafka.properties = properties.map(str::to_string);
+            fence(&kafka, "127.0.0.1:9092")
+        };
+        assert_eq!(with(None), crate::workflow::MESSAGE_TIMEOUT);
+        assert_eq!(with(Some("message.timeout.ms=2000")), Duration::from_secs(2));
+        assert_eq!(with(Some("delivery.timeout.ms=5000")), Duration::from_secs(5), "its other name");
+        assert_eq!(with(Some("message.timeout.ms=0")), FENCE_MAX, "no limit");
+        assert_eq!(with(Some("message.timeout.ms=900000")), FENCE_MAX);
     }
 }

@@ -47,7 +47,8 @@ async fn a_rest_created_order_appears_on_order_changes() {
     assert_eq!(first["order"]["customer_name"], "Ada");
     assert_eq!(payload(mine[1])["order"]["status"], "processing");
     assert_eq!(payload(mine[1])["old"]["status"], "pending");
-    assert!(mine[0].timestamp().to_millis().is_some(), "the commit time is the message timestamp");
+    let committed: i64 = header(mine[0], "ordercast-committed-at").expect("the commit time").parse().unwrap();
+    assert_eq!(mine[0].timestamp().to_millis(), Some(committed.div_euclid(1000)), "the commit time is the timestamp");
 
     // ... and the relay stored how far it got.
     let db = app.sql().await;
@@ -284,6 +285,13 @@ async fn a_change_too_large_for_the_topic_goes_as_a_stub_and_holds_nothing_up() 
     assert!(mine.windows(2).all(|w| position(w[0]) < position(w[1])));
 }
 
+/// `Kafka::configure`, with a delivery timeout of 2 s: a relay that finds a
+/// loss waits that long before its rewind (see `docs/workflow.md`).
+fn relay_settings(kafka: &Kafka, s: &mut ordercast::config::Settings) {
+    kafka.configure(s);
+    s.kafka.properties = Some("message.timeout.ms=2000".into());
+}
+
 /// The rewind messages among `msgs`, by partition.
 fn rewinds(msgs: &[OwnedMessage]) -> HashMap<i32, serde_json::Value> {
     msgs.iter()
@@ -312,7 +320,7 @@ async fn publish_kept_and_lost(app: &crate::helpers::TestApp, reader: &crate::Re
 async fn published_then_stopped(
     kafka: &Kafka,
 ) -> (crate::helpers::TestApp, crate::Reader, tokio_postgres::Client, [(i64, i64); 2]) {
-    let mut app = spawn_app_with(|s| kafka.configure(s)).await;
+    let mut app = spawn_app_with(|s| relay_settings(kafka, s)).await;
     let reader = kafka.reader(&kafka.changes);
     let published = publish_kept_and_lost(&app, &reader).await;
     app.stop().await;
@@ -364,7 +372,7 @@ async fn assert_rewound_before_reuse(reader: &crate::Reader, kept: i64, lost: i6
 async fn a_database_that_lost_published_changes_gets_a_rewind_before_their_positions_return() {
     // Arrange
     let kafka = Kafka::start();
-    let app = spawn_app_with(|s| kafka.configure(s)).await;
+    let app = spawn_app_with(|s| relay_settings(&kafka, s)).await;
     let reader = kafka.reader(&kafka.changes);
     let [(_, kept), (_, lost)] = publish_kept_and_lost(&app, &reader).await;
     let db = app.sql().await;
@@ -398,7 +406,7 @@ async fn a_relay_started_after_the_database_lost_published_changes_sends_the_rew
     let after_loss: i64 = scalar(&db, DBA_INSERT).await;
 
     // Act
-    let _second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+    let _second = spawn_app_on(&first.db_url, |s| relay_settings(&kafka, s)).await;
 
     // Assert
     assert_rewound_before_reuse(&reader, kept, lost, after_loss).await;
@@ -415,7 +423,7 @@ async fn a_restart_without_a_loss_sends_no_rewind() {
     db.batch_execute(&format!("UPDATE outbox_positions SET position = {kept}")).await.unwrap();
 
     // Act
-    let second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+    let second = spawn_app_on(&first.db_url, |s| relay_settings(&kafka, s)).await;
     let after: i64 = scalar(&db, DBA_INSERT).await;
 
     // Assert: `Lost` again (at least once), then the new change; no rewind.
