@@ -88,6 +88,9 @@ pub struct OutboxState {
     pub skipped: AtomicU64,
     /// Rewind messages sent: the database had lost changes already published.
     pub rewinds: AtomicU64,
+    /// The newest position the topic held when the relay last took over
+    /// (0: none), which it checked against the log (`rewind_if_lost`).
+    pub checked: AtomicI64,
     pub failing: AtomicBool,
     pub last_error: Mutex<Option<String>>,
 }
@@ -120,6 +123,7 @@ impl OutboxState {
             "retries": self.retries.load(Ordering::Relaxed),
             "skipped": self.skipped.load(Ordering::Relaxed),
             "rewinds": self.rewinds.load(Ordering::Relaxed),
+            "checked": self.checked.load(Ordering::Relaxed),
             "last_error": *self.last_error.lock().unwrap(), // unwrap: never held across a panic
         })
     }
@@ -326,8 +330,10 @@ impl Committed {
     }
 }
 
-/// How long reading what the topic holds waits for the broker, in all.
+/// How long reading what the topic holds waits for the broker, in all
+/// (plus `PER_PARTITION` for each partition).
 const PUBLISHED_TIMEOUT: Duration = Duration::from_secs(10);
+const PER_PARTITION: Duration = Duration::from_millis(200);
 /// The longest a relay waits for another instance's last produces to land
 /// or expire before it sends a rewind (see `rewind_if_lost`).
 const FENCE_MAX: Duration = Duration::from_secs(120);
@@ -368,13 +374,20 @@ async fn rewind_if_lost(
         let read = async {
             let config = reader_config(kafka, brokers)?;
             let owned = topic.to_string();
-            tokio::task::spawn_blocking(move || newest_published(config, &owned))
-                .await
-                .context("reading the topic's last messages panicked")?
+            // Not spawn_blocking: the runtime's shutdown would wait for it.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("outbox-check".into())
+                .spawn(move || {
+                    let _ = tx.send(newest_published(config, &owned));
+                })
+                .context("starting the topic's read")?;
+            rx.await.context("reading the topic's last messages panicked")?
         };
         let kafka_step = tokio::select! {
             r = read => match r {
                 Ok((partitions, newest)) => {
+                    state.checked.store(newest.map_or(0, |n| n.position), Ordering::Relaxed);
                     let lost = match newest.filter(|n| n.position > position) {
                         // Database errors end the session.
                         Some(n) => crate::changes::listener::holds_commit(db, n.position, |m| n.committed.matches(m))
@@ -406,7 +419,10 @@ async fn rewind_if_lost(
                             fenced = true;
                             continue;
                         }
-                        Some(n) => send_rewind(producer, topic, partitions, position, n.position).await,
+                        Some(n) => tokio::select! {
+                            r = send_rewind(producer, topic, partitions, position, n.position) => r,
+                            _ = shutdown.changed() => return Ok(true),
+                        },
                     }
                 }
                 Err(e) => Err(e),
@@ -498,6 +514,7 @@ fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientC
 fn not_allowed(e: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode::*;
     matches!(e.rdkafka_error_code(), Some(TopicAuthorizationFailed | ClusterAuthorizationFailed))
+        || matches!(e, rdkafka::error::KafkaError::MessageConsumption(TopicAuthorizationFailed))
 }
 
 /// The number of partitions of `topic`, and the newest change published to
@@ -526,6 +543,9 @@ fn newest_published(config: ClientConfig, topic: &str) -> anyhow::Result<(i32, O
         }
     }
     let partitions = meta.partitions().len() as i32;
+    // Where each partition ends is asked one partition at a time.
+    let deadline = deadline + PER_PARTITION * partitions as u32;
+    let left = || deadline.saturating_duration_since(std::time::Instant::now());
     let mut tpl = TopicPartitionList::new();
     let mut pending = HashSet::new();
     for p in 0..partitions {
@@ -546,8 +566,15 @@ fn newest_published(config: ClientConfig, topic: &str) -> anyhow::Result<(i32, O
     }
     consumer.assign(&tpl).context("reading the topic's last messages")?;
     let mut newest: Option<Published> = None;
+    let mut failed: Option<rdkafka::error::KafkaError> = None;
     while !pending.is_empty() {
         if left().is_zero() {
+            // After errors, the broker is the trouble: asked again. Without
+            // any, what ends the partitions is no message (a transaction's
+            // marker): no change to check there.
+            if let Some(e) = failed {
+                return Err(e).with_context(|| format!("reading the last message of partitions {pending:?}"));
+            }
             log::warn!(
                 "outbox relay for {topic}: the last message of partitions {pending:?} could not be read; not checked"
             );
@@ -555,9 +582,17 @@ fn newest_published(config: ClientConfig, topic: &str) -> anyhow::Result<(i32, O
         }
         let message = match consumer.poll(left()) {
             None => continue,
-            // Passing errors (a broker's connection) are retried by librdkafka.
+            Some(Err(e)) if not_allowed(&e) => {
+                log::warn!(
+                    "outbox relay for {topic}: the topic may not be read ({e}); partitions {pending:?} not checked"
+                );
+                break;
+            }
+            // Passing errors (a broker's connection) are retried by
+            // librdkafka until the time is up.
             Some(Err(e)) => {
                 log::debug!("outbox relay for {topic}: reading the last messages: {e}");
+                failed = Some(e);
                 continue;
             }
             Some(Ok(m)) => m,

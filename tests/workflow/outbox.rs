@@ -392,6 +392,20 @@ async fn a_database_that_lost_published_changes_gets_a_rewind_before_their_posit
     assert_rewound_before_reuse(&reader, kept, lost, after_loss).await;
     let (_, health) = app.get_json("/api/health").await;
     assert_eq!(health["workflow"]["outbox"]["rewinds"], 1, "{health}");
+
+    // The next takeover finds the reused position as the log holds it.
+    db.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'ordercast-outbox' AND datname = current_database()",
+    )
+    .await
+    .unwrap();
+    let next: i64 = scalar(&db, DBA_INSERT).await;
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, next).is_empty()).await;
+    assert_eq!(rewinds(&msgs).len(), 0, "no second rewind");
+    let (_, health) = app.get_json("/api/health").await;
+    assert_eq!(health["workflow"]["outbox"]["rewinds"], 1, "{health}");
+    assert_eq!(health["workflow"]["outbox"]["checked"], lost, "the reused position was checked: {health}");
 }
 
 /// The same loss while no ordercast runs: the instance started afterwards
@@ -419,7 +433,7 @@ async fn a_relay_started_after_the_database_lost_published_changes_sends_the_rew
 async fn a_restart_without_a_loss_sends_no_rewind() {
     // Arrange
     let kafka = Kafka::start();
-    let (first, reader, db, [(_, kept), (lost_id, _)]) = published_then_stopped(&kafka).await;
+    let (first, reader, db, [(_, kept), (lost_id, lost)]) = published_then_stopped(&kafka).await;
     db.batch_execute(&format!("UPDATE outbox_positions SET position = {kept}")).await.unwrap();
 
     // Act
@@ -432,4 +446,5 @@ async fn a_restart_without_a_loss_sends_no_rewind() {
     assert_eq!(of_order(&msgs, lost_id).len(), 1, "published again from the stored position");
     let (_, health) = second.get_json("/api/health").await;
     assert_eq!(health["workflow"]["outbox"]["rewinds"], 0, "{health}");
+    assert_eq!(health["workflow"]["outbox"]["checked"], lost, "the newest change was checked: {health}");
 }
