@@ -56,9 +56,8 @@ const DELIVERY_TIMEOUT: Duration = crate::workflow::MESSAGE_TIMEOUT;
 /// those rows go. The rows of a publisher that died mid-round are claimed
 /// again once its lease ran out.
 pub fn lease(settings: &KafkaSettings) -> Duration {
-    let config = producer_config(settings, "").ok();
     // 0 is librdkafka's "no limit": the round's own limit bounds it.
-    let delivery = config.as_ref().and_then(|c| c.get("message.timeout.ms")?.parse::<u64>().ok());
+    let delivery = crate::workflow::message_timeout_ms(settings);
     delivery.map(Duration::from_millis).unwrap_or(DELIVERY_TIMEOUT).max(DELIVERY_TIMEOUT) * 3
 }
 

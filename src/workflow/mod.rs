@@ -153,6 +153,14 @@ impl Dedicated {
 /// unless the Kafka settings say otherwise.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The delivery timeout (`message.timeout.ms`, or its other name
+/// `delivery.timeout.ms`) the Kafka settings give producers, in ms; 0 is
+/// librdkafka's "no limit". `None`: not set, `MESSAGE_TIMEOUT` applies.
+pub fn message_timeout_ms(kafka: &crate::ingest::KafkaSettings) -> Option<u64> {
+    let config = producer_config(kafka, "", "", &[]).ok()?;
+    config.get("message.timeout.ms")?.parse().ok()
+}
+
 /// A producer with ordercast's defaults, then the pass-through properties of
 /// the Kafka settings (TLS, SASL, ...), then `forced`, which the caller's
 /// guarantees depend on.

@@ -406,7 +406,7 @@ async fn rewind_if_lost(
                                 position + 1,
                                 n.position
                             );
-                            let wait = fence(kafka, brokers);
+                            let wait = fence(kafka);
                             log::info!(
                                 "outbox relay for {topic}: waiting {} s for produces still in flight (the delivery \
                                  timeout) before the rewind",
@@ -450,10 +450,8 @@ async fn rewind_if_lost(
 
 /// The producer's delivery timeout (`message.timeout.ms`; 0, no limit, and
 /// anything above counts as `FENCE_MAX`).
-fn fence(kafka: &KafkaSettings, brokers: &str) -> Duration {
-    let config = super::producer_config(kafka, brokers, "ordercast-outbox", &[]).ok();
-    let ms = config.as_ref().and_then(|c| c.get("message.timeout.ms")?.parse::<u64>().ok());
-    match ms {
+fn fence(kafka: &KafkaSettings) -> Duration {
+    match super::message_timeout_ms(kafka) {
         Some(0) => FENCE_MAX,
         Some(ms) => Duration::from_millis(ms).min(FENCE_MAX),
         None => super::MESSAGE_TIMEOUT.min(FENCE_MAX),
@@ -492,21 +490,17 @@ async fn send_rewind(
     Ok(())
 }
 
-/// A consumer that reads by assignment: the pass-through properties (TLS,
-/// SASL, ...) apply to it as to the producer. It joins no group and commits
-/// nothing, but needs a `group.id` for rdkafka to hand it the messages (an
-/// error about that group, such as a missing ACL, only passes by).
+/// The ingest's consumer configuration (the pass-through properties: TLS,
+/// SASL, ...; nothing committed), for a consumer that reads by assignment.
+/// It joins no group, but needs a `group.id` for rdkafka to hand it the
+/// messages (an error about that group, such as a missing ACL, only passes
+/// by).
 fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientConfig> {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", brokers);
-    for (k, v) in kafka.librdkafka_properties().map_err(|e| anyhow::anyhow!(e))? {
-        config.set(k, v);
-    }
+    let mut config = crate::ingest::consumer::consumer_config(kafka, brokers).map_err(|e| anyhow::anyhow!(e))?;
     config
         .set("client.id", "ordercast-outbox-check")
         .set("group.id", "ordercast-outbox-check")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
+        .set("statistics.interval.ms", "0");
     Ok(config)
 }
 
@@ -514,7 +508,6 @@ fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientC
 fn not_allowed(e: &rdkafka::error::KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode::*;
     matches!(e.rdkafka_error_code(), Some(TopicAuthorizationFailed | ClusterAuthorizationFailed))
-        || matches!(e, rdkafka::error::KafkaError::MessageConsumption(TopicAuthorizationFailed))
 }
 
 /// The number of partitions of `topic`, and the newest change published to
@@ -737,7 +730,7 @@ mod tests {
         let with = |properties: Option<&str>| {
             let mut kafka = crate::config::Settings::for_database("postgres://localhost/x").kafka;
             kafka.properties = properties.map(str::to_string);
-            fence(&kafka, "127.0.0.1:9092")
+            fence(&kafka)
         };
         assert_eq!(with(None), crate::workflow::MESSAGE_TIMEOUT);
         assert_eq!(with(Some("message.timeout.ms=2000")), Duration::from_secs(2));

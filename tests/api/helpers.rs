@@ -440,3 +440,14 @@ impl TestApp {
         (status, body)
     }
 }
+
+/// SQL that makes the database forget every commit after `start`, as a
+/// failover or a crash can; with `renumber`, the next commits take their
+/// positions again.
+pub fn forget_after(start: i64, renumber: bool) -> String {
+    let setval = if renumber { format!("SELECT setval('change_position', {start});") } else { String::new() };
+    format!(
+        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
+         DELETE FROM change_tx WHERE end_pos > {start}; {setval}"
+    )
+}

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, spawn_app, spawn_app_on, spawn_app_with, WsEvent};
+use crate::helpers::{eventually, forget_after, spawn_app, spawn_app_on, spawn_app_with, WsEvent};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -1343,17 +1343,6 @@ async fn a_client_with_changes_to_lose(
     }
     assert_eq!(ws.changes(lost, WAIT).await[lost - 1]["seq"], start + lost as i64);
     (ws, start)
-}
-
-/// SQL that makes the database forget every commit after `start`, as a
-/// failover or a crash can; with `renumber`, the next commits take their
-/// positions again.
-fn forget_after(start: i64, renumber: bool) -> String {
-    let setval = if renumber { format!("SELECT setval('change_position', {start});") } else { String::new() };
-    format!(
-        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
-         DELETE FROM change_tx WHERE end_pos > {start}; {setval}"
-    )
 }
 
 /// The database forgets every commit after `start` (the next commits take

@@ -332,11 +332,7 @@ async fn published_then_stopped(
 /// stored position with them, as a failover to a standby that missed them or
 /// a restored backup does: the next commit takes the first lost position.
 fn lose_after(kept: i64) -> String {
-    format!(
-        "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {kept}); \
-         DELETE FROM change_tx WHERE end_pos > {kept}; SELECT setval('change_position', {kept}); \
-         UPDATE outbox_positions SET position = {kept}"
-    )
+    format!("{} UPDATE outbox_positions SET position = {kept}", crate::helpers::forget_after(kept, true))
 }
 
 const DBA_INSERT: &str = "INSERT INTO orders (customer_name, product, quantity, unit_price) \
