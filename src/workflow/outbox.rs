@@ -500,7 +500,9 @@ fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientC
     config
         .set("client.id", "ordercast-outbox-check")
         .set("group.id", "ordercast-outbox-check")
-        .set("statistics.interval.ms", "0");
+        .set("statistics.interval.ms", "0")
+        // An offset gone before the fetch: no message, never an older one.
+        .set("auto.offset.reset", "latest");
     Ok(config)
 }
 
