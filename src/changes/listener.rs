@@ -193,20 +193,30 @@ async fn held(client: &impl tokio_postgres::GenericClient, positions: &[i64]) ->
         .collect())
 }
 
-/// Whether the log still holds, at `pos`, a change whose commit time
-/// (microseconds) `committed` accepts: `None` when retention has passed
-/// `pos` (the log cannot tell). The outbox relay's check of what it
-/// published against the log (`workflow::outbox`).
-pub(crate) async fn holds_commit(
+/// Those of `published` that the log no longer holds as published: no
+/// transaction at their position (`pos`), or one whose commit time
+/// (microseconds) `committed` refuses. Positions retention has passed are
+/// not among them (the log cannot tell). The outbox relay's check of what
+/// it published against the log (`workflow::outbox`).
+pub(crate) async fn not_held<'a, T>(
     client: &impl tokio_postgres::GenericClient,
-    pos: i64,
-    committed: impl Fn(i64) -> bool,
-) -> anyhow::Result<Option<bool>> {
-    Ok(match held(client, &[pos]).await?.remove(&pos) {
-        Some(Held::Committed(micros)) => Some(committed(micros)),
-        Some(Held::Pruned) => None,
-        Some(Held::Missing(_)) | None => Some(false),
-    })
+    published: &'a [T],
+    pos: impl Fn(&T) -> i64,
+    committed: impl Fn(&T, i64) -> bool,
+) -> anyhow::Result<Vec<&'a T>> {
+    let mut lost = Vec::new();
+    // One statement per few thousand positions: a takeover's late read can
+    // bring tens of thousands.
+    for chunk in published.chunks(5000) {
+        let positions: Vec<i64> = chunk.iter().map(&pos).collect();
+        let held = held(client, &positions).await?;
+        lost.extend(chunk.iter().filter(|p| match held.get(&pos(p)) {
+            Some(Held::Committed(micros)) => !committed(p, *micros),
+            Some(Held::Pruned) => false,
+            Some(Held::Missing(_)) | None => true,
+        }));
+    }
+    Ok(lost)
 }
 
 /// What to remember of position `pos` as the log holds it now (see

@@ -20,9 +20,11 @@
 //!
 //! A database that lost changes already published (a failover, a restored
 //! backup) numbers the next commits with their positions: before it
-//! publishes anything, a relay that takes over checks the newest change the
-//! topic holds against the log, and on a mismatch sends a `rewind` message to
-//! every partition first (`rewind_if_lost`).
+//! publishes anything, a relay that takes over checks the last change of
+//! each partition against the log, and on a mismatch sends a `rewind`
+//! message to every partition first (`rewind_if_lost`). Once the delivery
+//! timeout has passed, it checks what landed since the takeover the same
+//! way: another instance's late produce of a lost change (`late_check`).
 //!
 //! A relay left stopped for longer than the change log's retention cannot
 //! publish what was pruned meanwhile: it says so loudly (`skipped` in
@@ -44,16 +46,20 @@
 //! retries it, with the error in `/api/health`, until the producer's limit is
 //! set clearly below the topic's (by 1 KB or more; `KAFKA_PROPERTIES`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::future::join_all;
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
@@ -91,6 +97,9 @@ pub struct OutboxState {
     /// The newest position the topic held when the relay last took over
     /// (0: none), which it checked against the log (`rewind_if_lost`).
     pub checked: AtomicI64,
+    /// The changes the late check read, once it has run after the last
+    /// takeover (-1: not yet; see `late_check`).
+    pub late_checked: AtomicI64,
     pub failing: AtomicBool,
     pub last_error: Mutex<Option<String>>,
 }
@@ -98,6 +107,7 @@ pub struct OutboxState {
 impl OutboxState {
     pub fn start(&self, topic: &str) {
         self.enabled.store(true, Ordering::Relaxed);
+        self.late_checked.store(-1, Ordering::Relaxed);
         *self.topic.lock().unwrap() = topic.to_string(); // unwrap: never held across a panic
     }
 
@@ -124,6 +134,7 @@ impl OutboxState {
             "skipped": self.skipped.load(Ordering::Relaxed),
             "rewinds": self.rewinds.load(Ordering::Relaxed),
             "checked": self.checked.load(Ordering::Relaxed),
+            "late_checked": Some(self.late_checked.load(Ordering::Relaxed)).filter(|&n| n >= 0),
             "last_error": *self.last_error.lock().unwrap(), // unwrap: never held across a panic
         })
     }
@@ -152,6 +163,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    // A late check not done when its session ended is done by the next one.
+    let mut late = None;
     loop {
         match session(
             &url,
@@ -160,8 +173,8 @@ pub async fn run(
             &topic,
             batch.max(1),
             &state,
-            &mut shutdown,
-            &mut backoff,
+            (&mut shutdown, &mut backoff),
+            &mut late,
         )
         .await
         {
@@ -189,8 +202,8 @@ async fn session(
     topic: &str,
     batch: u32,
     state: &OutboxState,
-    shutdown: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
+    (shutdown, backoff): (&mut watch::Receiver<bool>, &mut Duration),
+    late: &mut Option<Late>,
 ) -> anyhow::Result<()> {
     let conn = Dedicated::open(url, "ordercast-outbox").await?;
     let db = &conn.client;
@@ -222,25 +235,40 @@ async fn session(
     )
     .await
     .map_err(crate::db::describe)?;
+    let took_over = Instant::now();
     let mut position: i64 = db
         .query_one("SELECT position FROM outbox_positions WHERE name = $1", &[&topic])
         .await
         .map_err(crate::db::describe)?
         .get(0);
     state.position.store(position, Ordering::Relaxed);
+    state.late_checked.store(-1, Ordering::Relaxed);
     state.active.store(true, Ordering::Relaxed);
     log::info!("outbox relay for {topic}: publishing changes after position {position}");
     // Before anything new goes out: did the database lose changes that were
     // published (see `rewind_if_lost`)? Kafka answers what was published,
     // so this holds for any instance, also one started after the loss.
-    if rewind_if_lost(db, producer, (kafka, brokers), topic, position, state, shutdown, backoff).await? {
-        return Ok(());
+    let takeover = rewind_if_lost(db, producer, (kafka, brokers), topic, position, state, shutdown, backoff).await?;
+    // What another instance still had in flight has landed by then.
+    let at = took_over + fence(kafka) + LATE_MARGIN;
+    match (takeover, late.take()) {
+        (Takeover::Shutdown, _) => return Ok(()),
+        // The earlier session's takeover is read from: what landed since.
+        (_, Some(Late { since, .. })) => *late = Some(Late { at, since }),
+        (Takeover::Clean(since), None) => *late = Some(Late { at, since }),
+        (Takeover::Rewound, None) => {}
     }
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
     loop {
         if *shutdown.borrow() {
             return Ok(());
+        }
+        if let Some(Late { since, .. }) = late.as_ref().filter(|l| Instant::now() >= l.at) {
+            if late_check(db, producer, (kafka, brokers), topic, since.clone(), state, shutdown, backoff).await? {
+                return Ok(());
+            }
+            *late = None;
         }
         let after: [&(dyn ToSql + Sync); 2] = [&position, &limit];
         let rows = db.query(&read, &after).await.map_err(crate::db::describe)?;
@@ -301,8 +329,8 @@ async fn session(
     }
 }
 
-/// The newest change a topic holds: its position, and its commit time as
-/// the message carries it.
+/// A change a topic holds: its position, and its commit time as the message
+/// carries it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Published {
     position: i64,
@@ -318,6 +346,24 @@ enum Committed {
     Millis(i64),
     /// Neither: the topic stamps messages itself (`LogAppendTime`).
     Unknown,
+}
+
+impl Published {
+    /// The change a message carries: none for a rewind message.
+    fn of(message: &impl Message) -> Option<Published> {
+        let header = |key: &str| {
+            message.headers().and_then(|h| {
+                h.iter().find(|h| h.key == key).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok())
+            })
+        };
+        let position = header("ordercast-position")?;
+        let committed = match (header("ordercast-committed-at"), message.timestamp()) {
+            (Some(micros), _) => Committed::Micros(micros),
+            (None, rdkafka::Timestamp::CreateTime(ms)) => Committed::Millis(ms),
+            (None, _) => Committed::Unknown,
+        };
+        Some(Published { position, committed })
+    }
 }
 
 impl Committed {
@@ -337,14 +383,38 @@ const PER_PARTITION: Duration = Duration::from_millis(200);
 /// The longest a relay waits for another instance's last produces to land
 /// or expire before it sends a rewind (see `rewind_if_lost`).
 const FENCE_MAX: Duration = Duration::from_secs(120);
+/// The late check's read comes this long after the delivery timeout: a
+/// produce request on its way when its message timed out may still be
+/// appended.
+const LATE_MARGIN: Duration = Duration::from_secs(5);
+/// How long the late check's read of what landed since the takeover may
+/// take, in all (plus `PER_PARTITION` for each partition).
+const LATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A late check to come (`late_check`): when, and from where each
+/// partition ended at the takeover.
+struct Late {
+    at: Instant,
+    since: HashMap<i32, i64>,
+}
+
+/// What a takeover's check found.
+enum Takeover {
+    Shutdown,
+    /// A rewind went out, after the wait for messages in flight.
+    Rewound,
+    /// Nothing lost: where each partition ended at the check, from where
+    /// the late check reads (`late_check`).
+    Clean(HashMap<i32, i64>),
+}
 
 /// Sends a rewind message to every partition of `topic` when the database
-/// no longer holds the newest change the topic does (a failover to a
-/// standby that missed commits, a restored backup): the next commits are
-/// numbered with positions already published, and a consumer that skips
-/// positions at or below what it applied for an order would drop them. The
-/// message, `{"type":"rewind","after":A,"through":T}` (key `rewind`, headers
-/// `ordercast-op: rewind`, `ordercast-rewind-after`,
+/// no longer holds a change the topic holds as the last of a partition (a
+/// failover to a standby that missed commits, a restored backup): the next
+/// commits are numbered with positions already published, and a consumer
+/// that skips positions at or below what it applied for an order would drop
+/// them. The message, `{"type":"rewind","after":A,"through":T}` (key
+/// `rewind`, headers `ordercast-op: rewind`, `ordercast-rewind-after`,
 /// `ordercast-rewind-through`), tells consumers to forget the positions
 /// after A that they applied, up to T, and to reload those orders: the
 /// changes at them are gone from the database. A is the relay's stored
@@ -355,9 +425,9 @@ const FENCE_MAX: Duration = Duration::from_secs(120);
 /// positions. Before it is sent the relay waits out the producer's delivery
 /// timeout (at most `FENCE_MAX`) and reads the topic again: another
 /// instance that was publishing when the database went may still have
-/// messages in flight, and they must land before the rewind. Kafka errors
-/// are retried with backoff; a database error ends the session. Answers
-/// whether shutdown came first.
+/// messages in flight, and they must land before the rewind. When nothing
+/// is lost, those messages are looked for later, by `late_check`. Kafka
+/// errors are retried with backoff; a database error ends the session.
 #[allow(clippy::too_many_arguments)]
 async fn rewind_if_lost(
     db: &tokio_postgres::Client,
@@ -368,43 +438,31 @@ async fn rewind_if_lost(
     state: &OutboxState,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Takeover> {
     let mut fenced = false;
     loop {
-        let read = async {
-            let config = reader_config(kafka, brokers)?;
-            let owned = topic.to_string();
-            // Not spawn_blocking: the runtime's shutdown would wait for it.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            std::thread::Builder::new()
-                .name("outbox-check".into())
-                .spawn(move || {
-                    let _ = tx.send(newest_published(config, &owned));
-                })
-                .context("starting the topic's read")?;
-            rx.await.context("reading the topic's last messages panicked")?
-        };
+        let read = on_thread(reader_config(kafka, brokers), topic, |consumer, topic| {
+            read_topic(consumer, topic, None, PUBLISHED_TIMEOUT)
+        });
         let kafka_step = tokio::select! {
             r = read => match r {
-                Ok((partitions, newest)) => {
-                    state.checked.store(newest.map_or(0, |n| n.position), Ordering::Relaxed);
-                    let lost = match newest.filter(|n| n.position > position) {
-                        // Database errors end the session.
-                        Some(n) => crate::changes::listener::holds_commit(db, n.position, |m| n.committed.matches(m))
-                            .await?
-                            == Some(false),
-                        None => false,
-                    };
-                    match newest.filter(|_| lost) {
-                        None => break,
-                        Some(n) if !fenced => {
+                Ok(Read { partitions, published, ends }) => {
+                    let newest = published.iter().map(|p| p.position).max();
+                    state.checked.store(newest.unwrap_or(0), Ordering::Relaxed);
+                    let after: Vec<Published> = published.into_iter().filter(|p| p.position > position).collect();
+                    // Database errors end the session.
+                    let lost = crate::changes::listener::not_held(db, &after, |p| p.position, |p, m| p.committed.matches(m))
+                        .await?
+                        .iter()
+                        .map(|p| p.position)
+                        .max();
+                    match (lost, newest) {
+                        (Some(lost), Some(newest)) if !fenced => {
                             log::error!(
                                 "outbox relay for {topic}: the database no longer holds the change published at \
-                                 position {} (it lost commits: a failover, a restored backup); positions {}..={} may \
-                                 be numbered again. A rewind message goes to every partition before the next changes",
-                                n.position,
+                                 position {lost} (it lost commits: a failover, a restored backup); positions {}..={newest} \
+                                 may be numbered again. A rewind message goes to every partition before the next changes",
                                 position + 1,
-                                n.position
                             );
                             let wait = fence(kafka);
                             log::info!(
@@ -414,28 +472,112 @@ async fn rewind_if_lost(
                             );
                             tokio::select! {
                                 _ = tokio::time::sleep(wait) => {}
-                                _ = shutdown.changed() => return Ok(true),
+                                _ = shutdown.changed() => return Ok(Takeover::Shutdown),
                             }
                             fenced = true;
                             continue;
                         }
-                        Some(n) => tokio::select! {
-                            r = send_rewind(producer, topic, partitions, position, n.position) => r,
-                            _ = shutdown.changed() => return Ok(true),
+                        (Some(_), Some(newest)) => tokio::select! {
+                            r = send_rewind(producer, topic, partitions, position, newest) => r,
+                            _ = shutdown.changed() => return Ok(Takeover::Shutdown),
                         },
+                        _ => {
+                            state.failing.store(false, Ordering::Relaxed);
+                            return Ok(Takeover::Clean(ends));
+                        }
                     }
+                }
+                Err(e) => Err(e),
+            },
+            _ = shutdown.changed() => return Ok(Takeover::Shutdown),
+        };
+        match kafka_step {
+            Ok(()) => {
+                state.rewinds.fetch_add(1, Ordering::Relaxed);
+                // A check that failed before is behind: health says so.
+                state.failing.store(false, Ordering::Relaxed);
+                return Ok(Takeover::Rewound);
+            }
+            Err(e) => {
+                log::warn!("outbox relay for {topic}: {e:#}; trying again");
+                state.error(&e);
+                if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
+                    return Ok(Takeover::Shutdown);
+                }
+            }
+        }
+    }
+}
+
+/// The late check, once the takeover's wait for messages in flight is over
+/// (the delivery timeout and `LATE_MARGIN` after the takeover): another
+/// instance's produce of a change the database lost, still being retried
+/// when this relay took over, was not in the topic for `rewind_if_lost` to
+/// see, and may have landed since, among this relay's changes. Every change
+/// that landed after where the partitions ended at the takeover (`since`)
+/// is checked against the log, and if one is not held as published, a
+/// rewind goes to every partition: after the position before the lowest
+/// such change, through the newest position read. Runs between two
+/// batches, so the rewind comes after everything read. Kafka errors are
+/// retried with backoff; a database error ends the session (the next one
+/// checks again). Answers whether shutdown came first.
+#[allow(clippy::too_many_arguments)]
+async fn late_check(
+    db: &tokio_postgres::Client,
+    producer: &FutureProducer,
+    (kafka, brokers): (&KafkaSettings, &str),
+    topic: &str,
+    since: HashMap<i32, i64>,
+    state: &OutboxState,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
+) -> anyhow::Result<bool> {
+    let since = Arc::new(since);
+    loop {
+        let from = since.clone();
+        let read = on_thread(reader_config(kafka, brokers), topic, move |consumer, topic| {
+            read_topic(consumer, topic, Some(&from), LATE_TIMEOUT)
+        });
+        let kafka_step = tokio::select! {
+            r = read => match r {
+                Ok(Read { partitions, published, .. }) => {
+                    let lost = crate::changes::listener::not_held(db, &published, |p| p.position, |p, m| p.committed.matches(m))
+                        .await?
+                        .iter()
+                        .map(|p| p.position)
+                        .min();
+                    let newest = published.iter().map(|p| p.position).max();
+                    match (lost, newest) {
+                        (Some(lost), Some(newest)) => {
+                            log::error!(
+                                "outbox relay for {topic}: a change published at position {lost} after this relay took \
+                                 over is not in the database (another instance's produce, still in flight when the \
+                                 database lost it); a rewind message goes to every partition"
+                            );
+                            tokio::select! {
+                                r = send_rewind(producer, topic, partitions, lost - 1, newest) => r.map(|()| true),
+                                _ = shutdown.changed() => return Ok(true),
+                            }
+                        }
+                        _ => Ok(false),
+                    }
+                    .map(|rewound| (rewound, published.len()))
                 }
                 Err(e) => Err(e),
             },
             _ = shutdown.changed() => return Ok(true),
         };
         match kafka_step {
-            Ok(()) => {
-                state.rewinds.fetch_add(1, Ordering::Relaxed);
-                break;
+            Ok((rewound, checked)) => {
+                if rewound {
+                    state.rewinds.fetch_add(1, Ordering::Relaxed);
+                }
+                state.late_checked.store(checked as i64, Ordering::Relaxed);
+                state.failing.store(false, Ordering::Relaxed);
+                return Ok(false);
             }
             Err(e) => {
-                log::warn!("outbox relay for {topic}: {e:#}; trying again");
+                log::warn!("outbox relay for {topic}: the late check: {e:#}; trying again");
                 state.error(&e);
                 if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
                     return Ok(true);
@@ -443,9 +585,6 @@ async fn rewind_if_lost(
             }
         }
     }
-    // A check that failed before is behind: health says so.
-    state.failing.store(false, Ordering::Relaxed);
-    Ok(false)
 }
 
 /// The producer's delivery timeout (`message.timeout.ms`; 0, no limit, and
@@ -501,6 +640,8 @@ fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientC
         .set("client.id", "ordercast-outbox-check")
         .set("group.id", "ordercast-outbox-check")
         .set("statistics.interval.ms", "0")
+        // Tells where a partition's read is done, also when no message ends it.
+        .set("enable.partition.eof", "true")
         // An offset gone before the fetch: no message, never an older one.
         .set("auto.offset.reset", "latest");
     Ok(config)
@@ -508,109 +649,145 @@ fn reader_config(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<ClientC
 
 /// Whether a Kafka error says this client may not read what it asked for.
 fn not_allowed(e: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode::*;
+    use RDKafkaErrorCode::*;
     matches!(e.rdkafka_error_code(), Some(TopicAuthorizationFailed | ClusterAuthorizationFailed))
 }
 
-/// The number of partitions of `topic`, and the newest change published to
-/// it: the highest `ordercast-position` among the partitions' last messages.
-/// A partition whose last message is not a change (a rewind message) is
-/// passed over; so, with a warning, is one that cannot be read in time (the
-/// last offset a transaction marker) or that this client may not read (the
-/// relay's credentials allow writes only). A topic that does not exist yet
-/// holds nothing.
-fn newest_published(config: ClientConfig, topic: &str) -> anyhow::Result<(i32, Option<Published>)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Message, Offset, TopicPartitionList};
-    use std::collections::HashSet;
+/// What a read of the topic found.
+struct Read {
+    partitions: i32,
+    /// The changes read, in no particular order (rewind messages are not
+    /// changes).
+    published: Vec<Published>,
+    /// Where each partition this client may read ended (its high watermark)
+    /// when the read began.
+    ends: HashMap<i32, i64>,
+}
 
-    let deadline = std::time::Instant::now() + PUBLISHED_TIMEOUT;
-    let left = || deadline.saturating_duration_since(std::time::Instant::now());
-    let consumer: BaseConsumer = config.create().context("invalid Kafka configuration for the outbox relay")?;
+/// Runs `read` with a consumer made from `config`, on a thread of its own:
+/// librdkafka's calls block, and the runtime's shutdown would wait for a
+/// blocking task.
+async fn on_thread(
+    config: anyhow::Result<ClientConfig>,
+    topic: &str,
+    read: impl FnOnce(BaseConsumer, &str) -> anyhow::Result<Read> + Send + 'static,
+) -> anyhow::Result<Read> {
+    let config = config?;
+    let topic = topic.to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("outbox-check".into())
+        .spawn(move || {
+            let consumer = config.create().context("invalid Kafka configuration for the outbox relay");
+            let _ = tx.send(consumer.and_then(|c| read(c, &topic)));
+        })
+        .context("starting the topic's read")?;
+    rx.await.context("reading the topic panicked")?
+}
+
+/// Reads what `topic` holds: with `since`, every message after those
+/// offsets (all of a partition not in it) up to where each partition ends
+/// now; without, the last message of each partition. Within `budget` plus
+/// `PER_PARTITION` for each partition. A partition that this client may not
+/// read (the relay's credentials allow writes only) is passed over with a
+/// warning, and so is one that could not be read in time without an error
+/// from the broker; after errors the read fails, to be tried again. A topic
+/// that does not exist yet holds nothing.
+fn read_topic(
+    consumer: BaseConsumer,
+    topic: &str,
+    since: Option<&HashMap<i32, i64>>,
+    budget: Duration,
+) -> anyhow::Result<Read> {
+    let deadline = Instant::now() + budget;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let nothing = |partitions| Read { partitions, published: Vec::new(), ends: HashMap::new() };
     let metadata = consumer.fetch_metadata(Some(topic), left()).context("reading the topic's metadata")?;
-    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else { return Ok((0, None)) };
-    match meta.error().map(rdkafka::types::RDKafkaErrorCode::from) {
+    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else { return Ok(nothing(0)) };
+    match meta.error().map(RDKafkaErrorCode::from) {
         None => {}
-        Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok((0, None)),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(nothing(0)),
         Some(code) => {
             log::warn!("outbox relay for {topic}: the topic's metadata says {code}; what it holds is not checked");
-            return Ok((0, None));
+            return Ok(nothing(0));
         }
     }
     let partitions = meta.partitions().len() as i32;
     // Where each partition ends is asked one partition at a time.
     let deadline = deadline + PER_PARTITION * partitions as u32;
-    let left = || deadline.saturating_duration_since(std::time::Instant::now());
+    let left = || deadline.saturating_duration_since(Instant::now());
     let mut tpl = TopicPartitionList::new();
-    let mut pending = HashSet::new();
+    let mut ends = HashMap::new();
+    // The partitions still to read, each with its end.
+    let mut pending = HashMap::new();
     for p in 0..partitions {
         match consumer.fetch_watermarks(topic, p, left()) {
-            Ok((low, high)) if high > low => {
-                tpl.add_partition_offset(topic, p, Offset::Offset(high - 1))?;
-                pending.insert(p);
+            Ok((low, high)) => {
+                ends.insert(p, high);
+                let from = match since {
+                    None => high - 1,
+                    Some(since) => since.get(&p).copied().unwrap_or(low),
+                };
+                if from.max(low) < high {
+                    tpl.add_partition_offset(topic, p, Offset::Offset(from.max(low)))?;
+                    pending.insert(p, high);
+                }
             }
-            Ok(_) => {}
             Err(e) if not_allowed(&e) => {
                 log::warn!("outbox relay for {topic}: partition {p} may not be read ({e}); not checked")
             }
             Err(e) => return Err(e).with_context(|| format!("reading where partition {p} of {topic} ends")),
         }
     }
+    let mut read = Read { partitions, published: Vec::new(), ends };
     if pending.is_empty() {
-        return Ok((partitions, None));
+        return Ok(read);
     }
-    consumer.assign(&tpl).context("reading the topic's last messages")?;
-    let mut newest: Option<Published> = None;
-    let mut failed: Option<rdkafka::error::KafkaError> = None;
+    consumer.assign(&tpl).context("reading the topic")?;
+    let mut failed: Option<KafkaError> = None;
     while !pending.is_empty() {
+        let unread = || pending.keys().collect::<Vec<_>>();
         if left().is_zero() {
-            // After errors, the broker is the trouble: asked again. Without
-            // any, what ends the partitions is no message (a transaction's
-            // marker): no change to check there.
+            // After errors, the broker is the trouble: asked again.
             if let Some(e) = failed {
-                return Err(e).with_context(|| format!("reading the last message of partitions {pending:?}"));
+                return Err(e).with_context(|| format!("reading partitions {:?} of {topic}", unread()));
             }
-            log::warn!(
-                "outbox relay for {topic}: the last message of partitions {pending:?} could not be read; not checked"
-            );
+            log::warn!("outbox relay for {topic}: partitions {:?} could not be read in time; not checked", unread());
             break;
         }
         let message = match consumer.poll(left()) {
             None => continue,
+            // The end (`enable.partition.eof`), also when what ends the
+            // partition is no message (a transaction's marker).
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                pending.remove(&p);
+                continue;
+            }
             Some(Err(e)) if not_allowed(&e) => {
                 log::warn!(
-                    "outbox relay for {topic}: the topic may not be read ({e}); partitions {pending:?} not checked"
+                    "outbox relay for {topic}: the topic may not be read ({e}); partitions {:?} not checked",
+                    unread()
                 );
                 break;
             }
             // Passing errors (a broker's connection) are retried by
             // librdkafka until the time is up.
             Some(Err(e)) => {
-                log::debug!("outbox relay for {topic}: reading the last messages: {e}");
+                log::debug!("outbox relay for {topic}: reading the topic: {e}");
                 failed = Some(e);
                 continue;
             }
             Some(Ok(m)) => m,
         };
-        if !pending.remove(&message.partition()) {
-            continue;
+        let Some(&end) = pending.get(&message.partition()) else { continue };
+        if message.offset() + 1 >= end {
+            pending.remove(&message.partition());
         }
-        let header = |key: &str| {
-            message.headers().and_then(|h| {
-                h.iter().find(|h| h.key == key).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok())
-            })
-        };
-        let Some(position) = header("ordercast-position") else { continue };
-        let committed = match (header("ordercast-committed-at"), message.timestamp()) {
-            (Some(micros), _) => Committed::Micros(micros),
-            (None, rdkafka::Timestamp::CreateTime(ms)) => Committed::Millis(ms),
-            (None, _) => Committed::Unknown,
-        };
-        if newest.is_none_or(|n| n.position < position) {
-            newest = Some(Published { position, committed });
+        if message.offset() < end {
+            read.published.extend(Published::of(&message));
         }
     }
-    Ok((partitions, newest))
+    Ok(read)
 }
 
 /// Stores the relay's position. Its row deleted meanwhile (to start the

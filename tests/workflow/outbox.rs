@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use serde_json::json;
 
 use crate::helpers::{eventually, spawn_app_on, spawn_app_with};
@@ -432,15 +432,98 @@ async fn a_restart_without_a_loss_sends_no_rewind() {
     let (first, reader, db, [(_, kept), (lost_id, lost)]) = published_then_stopped(&kafka).await;
     db.batch_execute(&format!("UPDATE outbox_positions SET position = {kept}")).await.unwrap();
 
-    // Act
+    // Act: the new instance takes over, and then the first one's late copy
+    // of `Lost` lands (its produce was still being retried).
     let second = spawn_app_on(&first.db_url, |s| relay_settings(&kafka, s)).await;
     let after: i64 = scalar(&db, DBA_INSERT).await;
-
-    // Assert: `Lost` again (at least once), then the new change; no rewind.
     let msgs = reader.read_until(WAIT, move |m| !of_order(m, after).is_empty()).await;
+    produce_late_copy(&kafka, of_order(&msgs, lost_id)[0], None).await;
+
+    // Assert: `Lost` again (at least once), then the new change; no rewind,
+    // also once the late check has read the late copy.
     assert_eq!(rewinds(&msgs).len(), 0, "no rewind");
     assert_eq!(of_order(&msgs, lost_id).len(), 1, "published again from the stored position");
-    let (_, health) = second.get_json("/api/health").await;
-    assert_eq!(health["workflow"]["outbox"]["rewinds"], 0, "{health}");
-    assert_eq!(health["workflow"]["outbox"]["checked"], lost, "the newest change was checked: {health}");
+    let health = late_checked(&second).await;
+    assert_eq!(health["rewinds"], 0, "{health}");
+    assert_eq!(health["checked"], lost, "the newest change was checked: {health}");
+    assert!(health["late_checked"].as_i64() >= Some(3), "Lost again, the new change, the late copy: {health}");
+    assert_eq!(rewinds(&reader.drain(Duration::from_secs(1)).await).len(), 0, "no rewind");
+}
+
+/// Produces a copy of `m`, as another instance would have: with the
+/// commit time `committed_at` (microseconds) instead of the copy's when
+/// given.
+async fn produce_late_copy(kafka: &Kafka, m: &OwnedMessage, committed_at: Option<i64>) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().unwrap();
+    let mut headers = OwnedHeaders::new();
+    for h in m.headers().expect("headers").iter() {
+        let value = match (h.key, committed_at) {
+            ("ordercast-committed-at", Some(micros)) => micros.to_string().into_bytes(),
+            _ => h.value.unwrap_or_default().to_vec(),
+        };
+        headers = headers.insert(Header { key: h.key, value: Some(&value) });
+    }
+    let record = rdkafka::producer::FutureRecord::to(m.topic())
+        .key(m.key().unwrap())
+        .partition(m.partition())
+        .payload(m.payload().unwrap())
+        .headers(headers);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+}
+
+/// The relay's health once its late check has run (the delivery timeout,
+/// 2 s here, and 5 s after it took over).
+async fn late_checked(app: &crate::helpers::TestApp) -> serde_json::Value {
+    eventually(WAIT, || async {
+        let (_, health) = app.get_json("/api/health").await;
+        let outbox = &health["workflow"]["outbox"];
+        outbox["late_checked"].is_i64().then(|| outbox.clone())
+    })
+    .await
+}
+
+/// Another instance was publishing a change when the database lost it (a
+/// failover), and its produce was still being retried when this relay took
+/// over: the takeover's check found nothing lost, the next commit took the
+/// lost position, and then the late message landed with that position.
+/// Consumers could apply it though the change is gone, and drop the new
+/// commit at the position for its order. Once the delivery timeout is
+/// over, the late check finds it and sends a rewind, after it on its
+/// partition. Before, the late message went unannounced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_change_landing_after_the_takeover_gets_a_rewind() {
+    // Arrange: a relay that took over (it published a change), and the
+    // commit that takes the position the lost change had.
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| relay_settings(&kafka, s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let db = app.sql().await;
+    let reused: i64 = scalar(&db, DBA_INSERT).await;
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, reused).is_empty()).await;
+    let new = of_order(&msgs, reused)[0];
+    let pos = position(new);
+    let committed: i64 = header(new, "ordercast-committed-at").unwrap().parse().unwrap();
+
+    // Act: the lost change lands late, with that position and the lost
+    // commit's time.
+    produce_late_copy(&kafka, new, Some(committed - 1_000_000)).await;
+
+    // Assert
+    let msgs = reader.read_until(WAIT, |m| rewinds(m).len() == crate::PARTITIONS as usize).await;
+    for (partition, rewind) in rewinds(&msgs) {
+        assert_eq!(rewind, json!({"type": "rewind", "after": pos - 1, "through": pos}), "partition {partition}");
+    }
+    // (The reader goes on after the new change.)
+    let late = of_order(&msgs, reused)[0];
+    assert_eq!(header(late, "ordercast-committed-at"), Some((committed - 1_000_000).to_string()));
+    let rewind_at = msgs
+        .iter()
+        .find(|m| m.partition() == late.partition() && header(m, "ordercast-op").as_deref() == Some("rewind"))
+        .map(|m| m.offset());
+    assert!(rewind_at > Some(late.offset()), "the rewind comes after the late message");
+    let health = late_checked(&app).await;
+    assert_eq!(health["rewinds"], 1, "{health}");
+    assert_eq!(health["late_checked"], 2, "the new change and the late one: {health}");
 }
