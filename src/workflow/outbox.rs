@@ -97,6 +97,9 @@ pub struct OutboxState {
     /// The newest position the topic held when the relay last took over
     /// (0: none), which it checked against the log (`rewind_if_lost`).
     pub checked: AtomicI64,
+    /// True while the relay waits out the delivery timeout before a rewind
+    /// (`rewind_if_lost`): nothing is published meanwhile.
+    pub rewinding: AtomicBool,
     /// The changes the late check read, once it has run after the last
     /// takeover (-1: not yet; see `late_check`).
     pub late_checked: AtomicI64,
@@ -124,7 +127,15 @@ impl OutboxState {
         let position = self.position.load(Ordering::Relaxed);
         json!({
             "enabled": true,
-            "state": if !active { "standby" } else if self.failing.load(Ordering::Relaxed) { "retrying" } else { "running" },
+            "state": if !active {
+                "standby"
+            } else if self.rewinding.load(Ordering::Relaxed) {
+                "rewinding"
+            } else if self.failing.load(Ordering::Relaxed) {
+                "retrying"
+            } else {
+                "running"
+            },
             "topic": *self.topic.lock().unwrap(), // unwrap: never held across a panic
             "position": position,
             "lag": if active { Value::from((head - position).max(0)) } else { Value::Null },
@@ -248,7 +259,9 @@ async fn session(
     // Before anything new goes out: did the database lose changes that were
     // published (see `rewind_if_lost`)? Kafka answers what was published,
     // so this holds for any instance, also one started after the loss.
-    let takeover = rewind_if_lost(db, producer, (kafka, brokers), topic, position, state, shutdown, backoff).await?;
+    let takeover = rewind_if_lost(db, producer, (kafka, brokers), topic, position, state, shutdown, backoff).await;
+    state.rewinding.store(false, Ordering::Relaxed);
+    let takeover = takeover?;
     // What another instance still had in flight has landed by then.
     let at = took_over + fence(kafka) + LATE_MARGIN;
     match (takeover, late.take()) {
@@ -470,6 +483,7 @@ async fn rewind_if_lost(
                                  timeout) before the rewind",
                                 wait.as_secs()
                             );
+                            state.rewinding.store(true, Ordering::Relaxed);
                             tokio::select! {
                                 _ = tokio::time::sleep(wait) => {}
                                 _ = shutdown.changed() => return Ok(Takeover::Shutdown),

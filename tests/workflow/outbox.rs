@@ -527,3 +527,41 @@ async fn a_lost_change_landing_after_the_takeover_gets_a_rewind() {
     assert_eq!(health["rewinds"], 1, "{health}");
     assert_eq!(health["late_checked"], 2, "the new change and the late one: {health}");
 }
+
+/// While a relay that found a loss waits out the delivery timeout before its
+/// rewind (for another instance's produces still in flight), it publishes
+/// nothing, says so in `/api/health`, and a shutdown does not wait for the
+/// end of the wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_before_a_rewind_publishes_nothing_and_gives_way_to_shutdown() {
+    // Arrange: a loss, a commit after it, and a delivery timeout of 60 s.
+    let kafka = Kafka::start();
+    let (first, reader, db, [(_, kept), _]) = published_then_stopped(&kafka).await;
+    db.batch_execute(&lose_after(kept)).await.unwrap();
+    scalar::<i64>(&db, DBA_INSERT).await;
+    let mut second = spawn_app_on(&first.db_url, |s| {
+        kafka.configure(s);
+        s.kafka.properties = Some("message.timeout.ms=60000".into());
+    })
+    .await;
+    let health = eventually(WAIT, || async {
+        let (_, health) = second.get_json("/api/health").await;
+        (health["workflow"]["outbox"]["state"] == "rewinding").then_some(health)
+    })
+    .await;
+
+    // Assert: nothing published while it waits.
+    assert_eq!(health["workflow"]["outbox"]["rewinds"], 0, "{health}");
+    let published = reader.drain(Duration::from_secs(2)).await;
+    assert!(published.is_empty(), "{} messages published during the wait", published.len());
+
+    // Act
+    let stopping = std::time::Instant::now();
+    second.stop().await;
+
+    // Assert: the server gives the relay 10 s to stop before it aborts it
+    // (and the ingest first, as long: here some 3 s). A relay that waited
+    // on would take 10 s or more.
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(9), "the stop took {took:?}");
+}
