@@ -23,8 +23,10 @@
 //! publishes anything, a relay that takes over checks the last change of
 //! each partition against the log, and on a mismatch sends a `rewind`
 //! message to every partition first (`rewind_if_lost`). Once the delivery
-//! timeout has passed, it checks what landed since the takeover the same
-//! way: another instance's late produce of a lost change (`late_check`).
+//! and request timeouts have passed, it checks what landed since the
+//! takeover the same way, for another instance's late produce of a lost
+//! change (`late_check`; where the takeover found the partitions ending is
+//! stored, so the check survives a restart).
 //!
 //! A relay left stopped for longer than the change log's retention cannot
 //! publish what was pruned meanwhile: it says so loudly (`skipped` in
@@ -174,8 +176,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
-    // A late check not done when its session ended is done by the next one.
-    let mut late = None;
     loop {
         match session(
             &url,
@@ -184,8 +184,8 @@ pub async fn run(
             &topic,
             batch.max(1),
             &state,
-            (&mut shutdown, &mut backoff),
-            &mut late,
+            &mut shutdown,
+            &mut backoff,
         )
         .await
         {
@@ -213,8 +213,8 @@ async fn session(
     topic: &str,
     batch: u32,
     state: &OutboxState,
-    (shutdown, backoff): (&mut watch::Receiver<bool>, &mut Duration),
-    late: &mut Option<Late>,
+    shutdown: &mut watch::Receiver<bool>,
+    backoff: &mut Duration,
 ) -> anyhow::Result<()> {
     let conn = Dedicated::open(url, "ordercast-outbox").await?;
     let db = &conn.client;
@@ -247,11 +247,12 @@ async fn session(
     .await
     .map_err(crate::db::describe)?;
     let took_over = Instant::now();
-    let mut position: i64 = db
-        .query_one("SELECT position FROM outbox_positions WHERE name = $1", &[&topic])
+    let row = db
+        .query_one("SELECT position, late_since FROM outbox_positions WHERE name = $1", &[&topic])
         .await
-        .map_err(crate::db::describe)?
-        .get(0);
+        .map_err(crate::db::describe)?;
+    let mut position: i64 = row.get(0);
+    let pending: Option<Value> = row.get(1);
     state.position.store(position, Ordering::Relaxed);
     state.late_checked.store(-1, Ordering::Relaxed);
     state.active.store(true, Ordering::Relaxed);
@@ -261,27 +262,37 @@ async fn session(
     // so this holds for any instance, also one started after the loss.
     let takeover = rewind_if_lost(db, producer, (kafka, brokers), topic, position, state, shutdown, backoff).await;
     state.rewinding.store(false, Ordering::Relaxed);
-    let takeover = takeover?;
-    // What another instance still had in flight has landed by then.
-    let at = took_over + fence(kafka) + LATE_MARGIN;
-    match (takeover, late.take()) {
-        (Takeover::Shutdown, _) => return Ok(()),
-        // The earlier session's takeover is read from: what landed since.
-        (_, Some(Late { since, .. })) => *late = Some(Late { at, since }),
-        (Takeover::Clean(since), None) => *late = Some(Late { at, since }),
-        (Takeover::Rewound, None) => {}
-    }
+    let Some(ends) = takeover? else { return Ok(()) };
+    // Then the late check (`late_check`), from where the partitions ended
+    // at this takeover, or at an earlier one whose check is still pending.
+    let since = match pending.as_ref().and_then(offsets) {
+        Some(since) => Some(since),
+        None => {
+            if let Some(ends) = &ends {
+                db.execute(
+                    "UPDATE outbox_positions SET late_since = $2 WHERE name = $1",
+                    &[&topic, &json!(ends.iter().map(|(p, o)| (p.to_string(), o)).collect::<HashMap<_, _>>())],
+                )
+                .await
+                .map_err(crate::db::describe)?;
+            }
+            ends
+        }
+    };
+    let mut late = since.map(|since| Late { at: took_over + fence(kafka) + late_margin(kafka), since, read: None });
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        if let Some(Late { since, .. }) = late.as_ref().filter(|l| Instant::now() >= l.at) {
-            if late_check(db, producer, (kafka, brokers), topic, since.clone(), state, shutdown, backoff).await? {
-                return Ok(());
+        if let Some(check) = late.as_mut() {
+            if late_check(db, producer, (kafka, brokers), topic, check, state, shutdown).await? {
+                db.execute("UPDATE outbox_positions SET late_since = NULL WHERE name = $1", &[&topic])
+                    .await
+                    .map_err(crate::db::describe)?;
+                late = None;
             }
-            *late = None;
         }
         let after: [&(dyn ToSql + Sync); 2] = [&position, &limit];
         let rows = db.query(&read, &after).await.map_err(crate::db::describe)?;
@@ -364,13 +375,8 @@ enum Committed {
 impl Published {
     /// The change a message carries: none for a rewind message.
     fn of(message: &impl Message) -> Option<Published> {
-        let header = |key: &str| {
-            message.headers().and_then(|h| {
-                h.iter().find(|h| h.key == key).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse::<i64>().ok())
-            })
-        };
-        let position = header("ordercast-position")?;
-        let committed = match (header("ordercast-committed-at"), message.timestamp()) {
+        let position = header_number(message, "ordercast-position")?;
+        let committed = match (header_number(message, "ordercast-committed-at"), message.timestamp()) {
             (Some(micros), _) => Committed::Micros(micros),
             (None, rdkafka::Timestamp::CreateTime(ms)) => Committed::Millis(ms),
             (None, _) => Committed::Unknown,
@@ -396,29 +402,22 @@ const PER_PARTITION: Duration = Duration::from_millis(200);
 /// The longest a relay waits for another instance's last produces to land
 /// or expire before it sends a rewind (see `rewind_if_lost`).
 const FENCE_MAX: Duration = Duration::from_secs(120);
-/// The late check's read comes this long after the delivery timeout: a
-/// produce request on its way when its message timed out may still be
-/// appended.
-const LATE_MARGIN: Duration = Duration::from_secs(5);
-/// How long the late check's read of what landed since the takeover may
-/// take, in all (plus `PER_PARTITION` for each partition).
-const LATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the late check's read may go without a message or a
+/// partition's end before it is given up and tried again.
+const LATE_STALL: Duration = Duration::from_secs(30);
+/// How long after a failed late check it is tried again.
+const LATE_RETRY: Duration = Duration::from_secs(5);
 
-/// A late check to come (`late_check`): when, and from where each
-/// partition ended at the takeover.
+/// Where each partition of the topic ended, by partition; `None`: the
+/// topic could not be described (its metadata named an error).
+type Ends = Option<HashMap<i32, i64>>;
+
+/// The late check (`late_check`) of a session: when it is due, from where
+/// it reads, and its read once under way.
 struct Late {
     at: Instant,
     since: HashMap<i32, i64>,
-}
-
-/// What a takeover's check found.
-enum Takeover {
-    Shutdown,
-    /// A rewind went out, after the wait for messages in flight.
-    Rewound,
-    /// Nothing lost: where each partition ended at the check, from where
-    /// the late check reads (`late_check`).
-    Clean(HashMap<i32, i64>),
+    read: Option<tokio::sync::oneshot::Receiver<anyhow::Result<Read>>>,
 }
 
 /// Sends a rewind message to every partition of `topic` when the database
@@ -438,9 +437,10 @@ enum Takeover {
 /// positions. Before it is sent the relay waits out the producer's delivery
 /// timeout (at most `FENCE_MAX`) and reads the topic again: another
 /// instance that was publishing when the database went may still have
-/// messages in flight, and they must land before the rewind. When nothing
-/// is lost, those messages are looked for later, by `late_check`. Kafka
-/// errors are retried with backoff; a database error ends the session.
+/// messages in flight, and they must land before the rewind. Those that
+/// land later are `late_check`'s. Kafka errors are retried with backoff; a
+/// database error ends the session. Answers where the partitions ended at
+/// the last read, or `None` when shutdown came first.
 #[allow(clippy::too_many_arguments)]
 async fn rewind_if_lost(
     db: &tokio_postgres::Client,
@@ -451,12 +451,12 @@ async fn rewind_if_lost(
     state: &OutboxState,
     shutdown: &mut watch::Receiver<bool>,
     backoff: &mut Duration,
-) -> anyhow::Result<Takeover> {
+) -> anyhow::Result<Option<Ends>> {
     let mut fenced = false;
     loop {
-        let read = on_thread(reader_config(kafka, brokers), topic, |consumer, topic| {
-            read_topic(consumer, topic, None, PUBLISHED_TIMEOUT)
-        });
+        let read = async {
+            spawn_read(reader_config(kafka, brokers), topic, None)?.await.context("reading the topic panicked")?
+        };
         let kafka_step = tokio::select! {
             r = read => match r {
                 Ok(Read { partitions, published, ends }) => {
@@ -486,119 +486,130 @@ async fn rewind_if_lost(
                             state.rewinding.store(true, Ordering::Relaxed);
                             tokio::select! {
                                 _ = tokio::time::sleep(wait) => {}
-                                _ = shutdown.changed() => return Ok(Takeover::Shutdown),
+                                _ = shutdown.changed() => return Ok(None),
                             }
                             fenced = true;
                             continue;
                         }
                         (Some(_), Some(newest)) => tokio::select! {
-                            r = send_rewind(producer, topic, partitions, position, newest) => r,
-                            _ = shutdown.changed() => return Ok(Takeover::Shutdown),
+                            r = send_rewind(producer, topic, partitions, position, newest) => r.map(|()| (true, ends)),
+                            _ = shutdown.changed() => return Ok(None),
                         },
-                        _ => {
-                            state.failing.store(false, Ordering::Relaxed);
-                            return Ok(Takeover::Clean(ends));
-                        }
+                        _ => Ok((false, ends)),
                     }
                 }
                 Err(e) => Err(e),
             },
-            _ = shutdown.changed() => return Ok(Takeover::Shutdown),
+            _ = shutdown.changed() => return Ok(None),
         };
         match kafka_step {
-            Ok(()) => {
-                state.rewinds.fetch_add(1, Ordering::Relaxed);
+            Ok((rewound, ends)) => {
+                if rewound {
+                    state.rewinds.fetch_add(1, Ordering::Relaxed);
+                }
                 // A check that failed before is behind: health says so.
                 state.failing.store(false, Ordering::Relaxed);
-                return Ok(Takeover::Rewound);
+                return Ok(Some(ends));
             }
             Err(e) => {
                 log::warn!("outbox relay for {topic}: {e:#}; trying again");
                 state.error(&e);
                 if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
-                    return Ok(Takeover::Shutdown);
+                    return Ok(None);
                 }
             }
         }
     }
 }
 
-/// The late check, once the takeover's wait for messages in flight is over
-/// (the delivery timeout and `LATE_MARGIN` after the takeover): another
-/// instance's produce of a change the database lost, still being retried
-/// when this relay took over, was not in the topic for `rewind_if_lost` to
-/// see, and may have landed since, among this relay's changes. Every change
+/// The late check. Another instance's produce of a change the database
+/// lost, still being retried when this relay took over, was not in the
+/// topic for `rewind_if_lost` to see, and may land later, among this
+/// relay's changes. So once that produce has landed or expired (the
+/// delivery timeout and `late_margin` after the takeover), every change
 /// that landed after where the partitions ended at the takeover (`since`)
-/// is checked against the log, and if one is not held as published, a
-/// rewind goes to every partition: after the position before the lowest
-/// such change, through the newest position read. Runs between two
-/// batches, so the rewind comes after everything read. Kafka errors are
-/// retried with backoff; a database error ends the session (the next one
-/// checks again). Answers whether shutdown came first.
+/// is read and checked against the log (this relay's own pass), and if one
+/// is not held as published, a rewind goes to every partition: after the
+/// position before the lowest such change, through the newest position
+/// read. A change that a rewind after it on its partition covers is not
+/// counted. The read runs on a thread of its own while the relay publishes;
+/// each call looks in on it and answers whether the check is done. Kafka
+/// errors retry the check after `LATE_RETRY`; a database error ends the
+/// session (the next takeover does the check: `since` is stored).
 #[allow(clippy::too_many_arguments)]
 async fn late_check(
     db: &tokio_postgres::Client,
     producer: &FutureProducer,
     (kafka, brokers): (&KafkaSettings, &str),
     topic: &str,
-    since: HashMap<i32, i64>,
+    check: &mut Late,
     state: &OutboxState,
     shutdown: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
 ) -> anyhow::Result<bool> {
-    let since = Arc::new(since);
-    loop {
-        let from = since.clone();
-        let read = on_thread(reader_config(kafka, brokers), topic, move |consumer, topic| {
-            read_topic(consumer, topic, Some(&from), LATE_TIMEOUT)
-        });
-        let kafka_step = tokio::select! {
-            r = read => match r {
-                Ok(Read { partitions, published, .. }) => {
-                    let lost = crate::changes::listener::not_held(db, &published, |p| p.position, |p, m| p.committed.matches(m))
-                        .await?
-                        .iter()
-                        .map(|p| p.position)
-                        .min();
-                    let newest = published.iter().map(|p| p.position).max();
-                    match (lost, newest) {
-                        (Some(lost), Some(newest)) => {
-                            log::error!(
-                                "outbox relay for {topic}: a change published at position {lost} after this relay took \
-                                 over is not in the database (another instance's produce, still in flight when the \
-                                 database lost it); a rewind message goes to every partition"
-                            );
-                            tokio::select! {
-                                r = send_rewind(producer, topic, partitions, lost - 1, newest) => r.map(|()| true),
-                                _ = shutdown.changed() => return Ok(true),
-                            }
-                        }
-                        _ => Ok(false),
-                    }
-                    .map(|rewound| (rewound, published.len()))
-                }
-                Err(e) => Err(e),
-            },
-            _ = shutdown.changed() => return Ok(true),
-        };
-        match kafka_step {
-            Ok((rewound, checked)) => {
-                if rewound {
-                    state.rewinds.fetch_add(1, Ordering::Relaxed);
-                }
-                state.late_checked.store(checked as i64, Ordering::Relaxed);
-                state.failing.store(false, Ordering::Relaxed);
-                return Ok(false);
-            }
-            Err(e) => {
-                log::warn!("outbox relay for {topic}: the late check: {e:#}; trying again");
-                state.error(&e);
-                if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
-                    return Ok(true);
-                }
+    let retry = |check: &mut Late, e: anyhow::Error| {
+        log::warn!("outbox relay for {topic}: the late check: {e:#}; trying again in {} s", LATE_RETRY.as_secs());
+        state.error(&e);
+        check.at = Instant::now() + LATE_RETRY;
+        Ok(false)
+    };
+    let Some(under_way) = check.read.as_mut() else {
+        if Instant::now() >= check.at {
+            match spawn_read(reader_config(kafka, brokers), topic, Some(check.since.clone())) {
+                Ok(read) => check.read = Some(read),
+                Err(e) => return retry(check, e),
             }
         }
+        return Ok(false);
+    };
+    let read = match under_way.try_recv() {
+        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(false),
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(anyhow::anyhow!("reading the topic panicked")),
+        Ok(read) => read,
+    };
+    check.read = None;
+    let Read { partitions, published, .. } = match read {
+        Ok(read) => read,
+        Err(e) => return retry(check, e),
+    };
+    let lost = crate::changes::listener::not_held(db, &published, |p| p.position, |p, m| p.committed.matches(m))
+        .await?
+        .iter()
+        .map(|p| p.position)
+        .min();
+    if let (Some(lost), Some(newest)) = (lost, published.iter().map(|p| p.position).max()) {
+        log::error!(
+            "outbox relay for {topic}: a change published at position {lost} after this relay took over is not in \
+             the database (another instance's produce, still in flight when the database lost it); a rewind message \
+             goes to every partition"
+        );
+        let sent = tokio::select! {
+            r = send_rewind(producer, topic, partitions, lost - 1, newest) => r,
+            _ = shutdown.changed() => return Ok(false),
+        };
+        if let Err(e) = sent {
+            return retry(check, e);
+        }
+        state.rewinds.fetch_add(1, Ordering::Relaxed);
     }
+    state.late_checked.store(published.len() as i64, Ordering::Relaxed);
+    Ok(true)
+}
+
+/// How long after the delivery timeout the late check reads: a produce
+/// request on its way when its message timed out can still be appended
+/// while the broker waits for its replicas, as long as the producer's
+/// `request.timeout.ms` (30 s by default; at most `FENCE_MAX`).
+fn late_margin(kafka: &KafkaSettings) -> Duration {
+    let ms = super::producer_config(kafka, "", "", &[])
+        .ok()
+        .and_then(|c| c.get("request.timeout.ms").and_then(|v| v.parse().ok()))
+        .unwrap_or(30_000);
+    Duration::from_millis(ms).min(FENCE_MAX)
+}
+
+/// The late check's stored `since` (`{"partition": offset, ...}`).
+fn offsets(stored: &Value) -> Option<HashMap<i32, i64>> {
+    stored.as_object()?.iter().map(|(p, o)| Some((p.parse().ok()?, o.as_i64()?))).collect()
 }
 
 /// The producer's delivery timeout (`message.timeout.ms`; 0, no limit, and
@@ -675,17 +686,17 @@ struct Read {
     published: Vec<Published>,
     /// Where each partition this client may read ended (its high watermark)
     /// when the read began.
-    ends: HashMap<i32, i64>,
+    ends: Ends,
 }
 
-/// Runs `read` with a consumer made from `config`, on a thread of its own:
-/// librdkafka's calls block, and the runtime's shutdown would wait for a
-/// blocking task.
-async fn on_thread(
+/// Starts `read_topic` with a consumer made from `config`, on a thread of
+/// its own: librdkafka's calls block, and the runtime's shutdown would wait
+/// for a blocking task.
+fn spawn_read(
     config: anyhow::Result<ClientConfig>,
     topic: &str,
-    read: impl FnOnce(BaseConsumer, &str) -> anyhow::Result<Read> + Send + 'static,
-) -> anyhow::Result<Read> {
+    since: Option<HashMap<i32, i64>>,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<anyhow::Result<Read>>> {
     let config = config?;
     let topic = topic.to_string();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -693,49 +704,51 @@ async fn on_thread(
         .name("outbox-check".into())
         .spawn(move || {
             let consumer = config.create().context("invalid Kafka configuration for the outbox relay");
-            let _ = tx.send(consumer.and_then(|c| read(c, &topic)));
+            let _ = tx.send(consumer.and_then(|c| read_topic(c, &topic, since.as_ref())));
         })
         .context("starting the topic's read")?;
-    rx.await.context("reading the topic panicked")?
+    Ok(rx)
 }
 
-/// Reads what `topic` holds: with `since`, every message after those
+/// Reads what `topic` holds. Without `since`, the last message of each
+/// partition, within `PUBLISHED_TIMEOUT` plus `PER_PARTITION` for each
+/// partition: a partition that could not be read in time without an error
+/// from the broker is passed over with a warning; after errors the read
+/// fails, to be tried again. With `since`, every message after those
 /// offsets (all of a partition not in it) up to where each partition ends
-/// now; without, the last message of each partition. Within `budget` plus
-/// `PER_PARTITION` for each partition. A partition that this client may not
-/// read (the relay's credentials allow writes only) is passed over with a
-/// warning, and so is one that could not be read in time without an error
-/// from the broker; after errors the read fails, to be tried again. A topic
-/// that does not exist yet holds nothing.
-fn read_topic(
-    consumer: BaseConsumer,
-    topic: &str,
-    since: Option<&HashMap<i32, i64>>,
-    budget: Duration,
-) -> anyhow::Result<Read> {
-    let deadline = Instant::now() + budget;
-    let left = || deadline.saturating_duration_since(Instant::now());
-    let nothing = |partitions| Read { partitions, published: Vec::new(), ends: HashMap::new() };
-    let metadata = consumer.fetch_metadata(Some(topic), left()).context("reading the topic's metadata")?;
-    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else { return Ok(nothing(0)) };
+/// now; a change that a rewind message after it on its partition covers
+/// is left out. That read fails when it goes `LATE_STALL` without a
+/// message or a partition's end. A partition that this client may not read
+/// (the relay's credentials allow writes only) is passed over with a
+/// warning. A topic that does not exist yet holds nothing.
+fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i64>>) -> anyhow::Result<Read> {
+    let mut deadline = Instant::now() + PUBLISHED_TIMEOUT;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), deadline.saturating_duration_since(Instant::now()))
+        .context("reading the topic's metadata")?;
+    let nothing = |partitions, ends| Read { partitions, published: Vec::new(), ends };
+    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(nothing(0, Some(HashMap::new())));
+    };
     match meta.error().map(RDKafkaErrorCode::from) {
         None => {}
-        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(nothing(0)),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(nothing(0, Some(HashMap::new()))),
+        Some(code) if since.is_some() => anyhow::bail!("the metadata of {topic} says {code}"),
         Some(code) => {
             log::warn!("outbox relay for {topic}: the topic's metadata says {code}; what it holds is not checked");
-            return Ok(nothing(0));
+            return Ok(nothing(0, None));
         }
     }
     let partitions = meta.partitions().len() as i32;
     // Where each partition ends is asked one partition at a time.
-    let deadline = deadline + PER_PARTITION * partitions as u32;
-    let left = || deadline.saturating_duration_since(Instant::now());
+    deadline += PER_PARTITION * partitions as u32;
+    let left = |deadline: Instant| deadline.saturating_duration_since(Instant::now());
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
     // The partitions still to read, each with its end.
     let mut pending = HashMap::new();
     for p in 0..partitions {
-        match consumer.fetch_watermarks(topic, p, left()) {
+        match consumer.fetch_watermarks(topic, p, left(deadline)) {
             Ok((low, high)) => {
                 ends.insert(p, high);
                 let from = match since {
@@ -753,23 +766,32 @@ fn read_topic(
             Err(e) => return Err(e).with_context(|| format!("reading where partition {p} of {topic} ends")),
         }
     }
-    let mut read = Read { partitions, published: Vec::new(), ends };
+    let mut read = Read { partitions, published: Vec::new(), ends: Some(ends) };
     if pending.is_empty() {
         return Ok(read);
     }
     consumer.assign(&tpl).context("reading the topic")?;
+    // The changes read so far, by partition.
+    let mut changes: HashMap<i32, Vec<Published>> = HashMap::new();
     let mut failed: Option<KafkaError> = None;
+    if since.is_some() {
+        deadline = Instant::now() + LATE_STALL;
+    }
     while !pending.is_empty() {
         let unread = || pending.keys().collect::<Vec<_>>();
-        if left().is_zero() {
-            // After errors, the broker is the trouble: asked again.
+        if left(deadline).is_zero() {
+            // After errors, the broker is the trouble: asked again. The late
+            // check must read everything.
             if let Some(e) = failed {
                 return Err(e).with_context(|| format!("reading partitions {:?} of {topic}", unread()));
+            }
+            if since.is_some() {
+                anyhow::bail!("partitions {:?} of {topic} could not be read in time", unread());
             }
             log::warn!("outbox relay for {topic}: partitions {:?} could not be read in time; not checked", unread());
             break;
         }
-        let message = match consumer.poll(left()) {
+        let message = match consumer.poll(left(deadline)) {
             None => continue,
             // The end (`enable.partition.eof`), also when what ends the
             // partition is no message (a transaction's marker).
@@ -793,15 +815,47 @@ fn read_topic(
             }
             Some(Ok(m)) => m,
         };
-        let Some(&end) = pending.get(&message.partition()) else { continue };
-        if message.offset() + 1 >= end {
-            pending.remove(&message.partition());
+        if since.is_some() {
+            deadline = Instant::now() + LATE_STALL;
         }
-        if message.offset() < end {
-            read.published.extend(Published::of(&message));
+        let partition = message.partition();
+        let Some(&end) = pending.get(&partition) else { continue };
+        if message.offset() + 1 >= end {
+            pending.remove(&partition);
+        }
+        if message.offset() >= end {
+            continue;
+        }
+        let mine = changes.entry(partition).or_default();
+        match (Published::of(&message), Rewind::of(&message)) {
+            (Some(change), _) => mine.push(change),
+            // What it announced is no longer the check's.
+            (None, Some(rewind)) => mine.retain(|c| c.position <= rewind.after || c.position > rewind.through),
+            (None, None) => {}
         }
     }
+    read.published = changes.into_values().flatten().collect();
     Ok(read)
+}
+
+/// A rewind message's range.
+struct Rewind {
+    after: i64,
+    through: i64,
+}
+
+impl Rewind {
+    fn of(message: &impl Message) -> Option<Rewind> {
+        Some(Rewind {
+            after: header_number(message, "ordercast-rewind-after")?,
+            through: header_number(message, "ordercast-rewind-through")?,
+        })
+    }
+}
+
+/// The header `key` of `message`, as a number.
+fn header_number(message: &impl Message, key: &str) -> Option<i64> {
+    message.headers()?.iter().find(|h| h.key == key).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
 }
 
 /// Stores the relay's position. Its row deleted meanwhile (to start the

@@ -286,10 +286,12 @@ async fn a_change_too_large_for_the_topic_goes_as_a_stub_and_holds_nothing_up() 
 }
 
 /// `Kafka::configure`, with a delivery timeout of 2 s: a relay that finds a
-/// loss waits that long before its rewind (see `docs/workflow.md`).
+/// loss waits that long before its rewind; and a produce request timeout of
+/// 10 s: the late check reads 12 s after the takeover (see
+/// `docs/workflow.md`).
 fn relay_settings(kafka: &Kafka, s: &mut ordercast::config::Settings) {
     kafka.configure(s);
-    s.kafka.properties = Some("message.timeout.ms=2000".into());
+    s.kafka.properties = Some("message.timeout.ms=2000,request.timeout.ms=10000".into());
 }
 
 /// The rewind messages among `msgs`, by partition.
@@ -402,6 +404,11 @@ async fn a_database_that_lost_published_changes_gets_a_rewind_before_their_posit
     let (_, health) = app.get_json("/api/health").await;
     assert_eq!(health["workflow"]["outbox"]["rewinds"], 1, "{health}");
     assert_eq!(health["workflow"]["outbox"]["checked"], lost, "the reused position was checked: {health}");
+
+    // The late check (from the first takeover, still pending) reads the lost
+    // change too, before the rewind that covers it: no rewind of its own.
+    let health = late_checked(&app).await;
+    assert_eq!(health["rewinds"], 1, "{health}");
 }
 
 /// The same loss while no ordercast runs: the instance started afterwards
@@ -473,8 +480,8 @@ async fn produce_late_copy(kafka: &Kafka, m: &OwnedMessage, committed_at: Option
     producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
 }
 
-/// The relay's health once its late check has run (the delivery timeout,
-/// 2 s here, and 5 s after it took over).
+/// The relay's health once its late check has run (12 s after it took
+/// over, with `relay_settings`).
 async fn late_checked(app: &crate::helpers::TestApp) -> serde_json::Value {
     eventually(WAIT, || async {
         let (_, health) = app.get_json("/api/health").await;
@@ -564,4 +571,78 @@ async fn the_wait_before_a_rewind_publishes_nothing_and_gives_way_to_shutdown() 
     // on would take 10 s or more.
     let took = stopping.elapsed();
     assert!(took < Duration::from_secs(9), "the stop took {took:?}");
+}
+
+/// The late check is stored with the relay's position: an instance
+/// restarted before its late check was done leaves it to the next one,
+/// which reads from where the partitions ended at the earlier takeover.
+/// Here the late message has a position the relay had stored, so the next
+/// takeover's own check passes it by. Before, the check was lost with the
+/// process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_check_left_by_a_stopped_instance_is_done_by_the_next() {
+    // Arrange: an instance whose late check is a minute away publishes a
+    // change, the lost change with its position lands late, and the instance
+    // stops.
+    let kafka = Kafka::start();
+    let mut first = spawn_app_with(|s| {
+        relay_settings(&kafka, s);
+        s.kafka.properties = Some("message.timeout.ms=2000,request.timeout.ms=60000".into());
+    })
+    .await;
+    let reader = kafka.reader(&kafka.changes);
+    let db = first.sql().await;
+    let reused: i64 = scalar(&db, DBA_INSERT).await;
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, reused).is_empty()).await;
+    let new = of_order(&msgs, reused)[0];
+    let pos = position(new);
+    crate::until(&db, "SELECT max(position) FROM outbox_positions", |p| p >= pos).await;
+    let committed: i64 = header(new, "ordercast-committed-at").unwrap().parse().unwrap();
+    produce_late_copy(&kafka, new, Some(committed - 1_000_000)).await;
+    first.stop().await;
+
+    // Act
+    let second = spawn_app_on(&first.db_url, |s| relay_settings(&kafka, s)).await;
+
+    // Assert
+    let health = late_checked(&second).await;
+    assert_eq!(health["rewinds"], 1, "{health}");
+    assert_eq!(health["late_checked"], 2, "the change and the late one: {health}");
+    let msgs = reader.read_until(WAIT, |m| rewinds(m).len() == crate::PARTITIONS as usize).await;
+    for (partition, rewind) in rewinds(&msgs) {
+        assert_eq!(rewind, json!({"type": "rewind", "after": pos - 1, "through": pos}), "partition {partition}");
+    }
+    let pending: Option<serde_json::Value> = scalar(&db, "SELECT late_since FROM outbox_positions").await;
+    assert_eq!(pending, None, "done");
+}
+
+/// The late check reads what landed after the takeover, not the topic's
+/// history: a change from before it, which the takeover's check did not
+/// see (it was not the last message of its partition), is not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_late_check_reads_only_what_landed_after_the_takeover() {
+    // Arrange: an old change the log does not hold, then a message that is
+    // no change, on one partition.
+    use rdkafka::message::{Header, OwnedHeaders};
+    let kafka = Kafka::start();
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().unwrap();
+    let old = OwnedHeaders::new()
+        .insert(Header { key: "ordercast-position", value: Some("1") })
+        .insert(Header { key: "ordercast-committed-at", value: Some("1000000") });
+    for (key, headers) in [("1", Some(old)), ("other", None)] {
+        let mut record = rdkafka::producer::FutureRecord::to(&kafka.changes).key(key).partition(0).payload("{}");
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+
+    // Act
+    let app = spawn_app_with(|s| relay_settings(&kafka, s)).await;
+
+    // Assert
+    let health = late_checked(&app).await;
+    assert_eq!(health["late_checked"], 0, "{health}");
+    assert_eq!(health["rewinds"], 0, "{health}");
 }
