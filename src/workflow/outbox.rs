@@ -554,7 +554,13 @@ async fn late_check(
     };
     let Some(under_way) = check.read.as_mut() else {
         if Instant::now() >= check.at {
-            match spawn_read(reader_config(kafka, brokers), topic, Some(check.since.clone())) {
+            // An offset gone before the fetch (retention): from the oldest
+            // there is, never past what is left.
+            let config = reader_config(kafka, brokers).map(|mut c| {
+                c.set("auto.offset.reset", "earliest");
+                c
+            });
+            match spawn_read(config, topic, Some(check.since.clone())) {
                 Ok(read) => check.read = Some(read),
                 Err(e) => return retry(check, e),
             }
@@ -592,6 +598,8 @@ async fn late_check(
         state.rewinds.fetch_add(1, Ordering::Relaxed);
     }
     state.late_checked.store(published.len() as i64, Ordering::Relaxed);
+    // A try that failed before is behind: health says so.
+    state.failing.store(false, Ordering::Relaxed);
     Ok(true)
 }
 
@@ -716,8 +724,8 @@ fn spawn_read(
 /// from the broker is passed over with a warning; after errors the read
 /// fails, to be tried again. With `since`, every message after those
 /// offsets (all of a partition not in it) up to where each partition ends
-/// now; a change that a rewind message after it on its partition covers
-/// is left out. That read fails when it goes `LATE_STALL` without a
+/// now; a change before a rewind message on its partition, past that
+/// rewind's `after`, is left out (the rewind announced it). That read fails when it goes `LATE_STALL` without a
 /// message or a partition's end. A partition that this client may not read
 /// (the relay's credentials allow writes only) is passed over with a
 /// warning. A topic that does not exist yet holds nothing.
@@ -733,6 +741,13 @@ fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i
     match meta.error().map(RDKafkaErrorCode::from) {
         None => {}
         Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Ok(nothing(0, Some(HashMap::new()))),
+        Some(code @ (RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed)) => {
+            log::warn!(
+                "outbox relay for {topic}: the topic may not be described ({code}); what it holds is not checked"
+            );
+            return Ok(nothing(0, None));
+        }
+        // The late check must read everything: asked again.
         Some(code) if since.is_some() => anyhow::bail!("the metadata of {topic} says {code}"),
         Some(code) => {
             log::warn!("outbox relay for {topic}: the topic's metadata says {code}; what it holds is not checked");
@@ -796,7 +811,9 @@ fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i
             // The end (`enable.partition.eof`), also when what ends the
             // partition is no message (a transaction's marker).
             Some(Err(KafkaError::PartitionEOF(p))) => {
-                pending.remove(&p);
+                if pending.remove(&p).is_some() {
+                    done(&consumer, topic, p);
+                }
                 continue;
             }
             Some(Err(e)) if not_allowed(&e) => {
@@ -815,22 +832,25 @@ fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i
             }
             Some(Ok(m)) => m,
         };
+        let partition = message.partition();
+        let Some(&end) = pending.get(&partition) else { continue };
+        if message.offset() >= end {
+            continue;
+        }
+        // Progress on a partition still to read.
         if since.is_some() {
             deadline = Instant::now() + LATE_STALL;
         }
-        let partition = message.partition();
-        let Some(&end) = pending.get(&partition) else { continue };
         if message.offset() + 1 >= end {
             pending.remove(&partition);
-        }
-        if message.offset() >= end {
-            continue;
+            done(&consumer, topic, partition);
         }
         let mine = changes.entry(partition).or_default();
         match (Published::of(&message), Rewind::of(&message)) {
             (Some(change), _) => mine.push(change),
-            // What it announced is no longer the check's.
-            (None, Some(rewind)) => mine.retain(|c| c.position <= rewind.after || c.position > rewind.through),
+            // Consumers reset every order applied past its `after`: what
+            // came before it there is no longer the check's.
+            (None, Some(rewind)) => mine.retain(|c| c.position <= rewind.after),
             (None, None) => {}
         }
     }
@@ -838,18 +858,23 @@ fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i
     Ok(read)
 }
 
-/// A rewind message's range.
+/// Stops fetching a partition read to its end (the relay goes on
+/// publishing to it).
+fn done(consumer: &BaseConsumer, topic: &str, partition: i32) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    // Not stopped: its messages are passed over.
+    let _ = consumer.pause(&tpl);
+}
+
+/// A rewind message's position: consumers reset every order applied past it.
 struct Rewind {
     after: i64,
-    through: i64,
 }
 
 impl Rewind {
     fn of(message: &impl Message) -> Option<Rewind> {
-        Some(Rewind {
-            after: header_number(message, "ordercast-rewind-after")?,
-            through: header_number(message, "ordercast-rewind-through")?,
-        })
+        Some(Rewind { after: header_number(message, "ordercast-rewind-after")? })
     }
 }
 

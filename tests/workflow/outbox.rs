@@ -287,11 +287,11 @@ async fn a_change_too_large_for_the_topic_goes_as_a_stub_and_holds_nothing_up() 
 
 /// `Kafka::configure`, with a delivery timeout of 2 s: a relay that finds a
 /// loss waits that long before its rewind; and a produce request timeout of
-/// 10 s: the late check reads 12 s after the takeover (see
-/// `docs/workflow.md`).
+/// 18 s: the late check reads 20 s after the takeover, when the tests'
+/// late messages have landed (see `docs/workflow.md`).
 fn relay_settings(kafka: &Kafka, s: &mut ordercast::config::Settings) {
     kafka.configure(s);
-    s.kafka.properties = Some("message.timeout.ms=2000,request.timeout.ms=10000".into());
+    s.kafka.properties = Some("message.timeout.ms=2000,request.timeout.ms=18000".into());
 }
 
 /// The rewind messages among `msgs`, by partition.
@@ -480,7 +480,7 @@ async fn produce_late_copy(kafka: &Kafka, m: &OwnedMessage, committed_at: Option
     producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
 }
 
-/// The relay's health once its late check has run (12 s after it took
+/// The relay's health once its late check has run (20 s after it took
 /// over, with `relay_settings`).
 async fn late_checked(app: &crate::helpers::TestApp) -> serde_json::Value {
     eventually(WAIT, || async {
