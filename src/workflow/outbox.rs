@@ -20,7 +20,7 @@
 //!
 //! A database that lost changes already published (a failover, a restored
 //! backup) numbers the next commits with their positions: before it
-//! publishes anything, a relay that takes over checks the last change of
+//! publishes anything, a relay that takes over checks the last changes of
 //! each partition against the log, and on a mismatch sends a `rewind`
 //! message to every partition first (`rewind_if_lost`). Once the delivery
 //! and request timeouts have passed, it checks what landed since the
@@ -402,6 +402,10 @@ const PER_PARTITION: Duration = Duration::from_millis(200);
 /// The longest a relay waits for another instance's last produces to land
 /// or expire before it sends a rewind (see `rewind_if_lost`).
 const FENCE_MAX: Duration = Duration::from_secs(120);
+/// How many of each partition's last offsets the takeover's check reads:
+/// the last change may be followed by messages that are none (a rewind, a
+/// transaction's marker).
+const LAST_MESSAGES: i64 = 16;
 /// How long the late check's read may go without a message or a
 /// partition's end before it is given up and tried again.
 const LATE_STALL: Duration = Duration::from_secs(30);
@@ -421,7 +425,7 @@ struct Late {
 }
 
 /// Sends a rewind message to every partition of `topic` when the database
-/// no longer holds a change the topic holds as the last of a partition (a
+/// no longer holds a change among the last of a partition of the topic (a
 /// failover to a standby that missed commits, a restored backup): the next
 /// commits are numbered with positions already published, and a consumer
 /// that skips positions at or below what it applied for an order would drop
@@ -718,8 +722,8 @@ fn spawn_read(
     Ok(rx)
 }
 
-/// Reads what `topic` holds. Without `since`, the last message of each
-/// partition, within `PUBLISHED_TIMEOUT` plus `PER_PARTITION` for each
+/// Reads what `topic` holds. Without `since`, the last `LAST_MESSAGES`
+/// offsets of each partition, within `PUBLISHED_TIMEOUT` plus `PER_PARTITION` for each
 /// partition: a partition that could not be read in time without an error
 /// from the broker is passed over with a warning; after errors the read
 /// fails, to be tried again. With `since`, every message after those
@@ -767,7 +771,7 @@ fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i
             Ok((low, high)) => {
                 ends.insert(p, high);
                 let from = match since {
-                    None => high - 1,
+                    None => high - LAST_MESSAGES,
                     Some(since) => since.get(&p).copied().unwrap_or(low),
                 };
                 if from.max(low) < high {

@@ -646,3 +646,36 @@ async fn the_late_check_reads_only_what_landed_after_the_takeover() {
     assert_eq!(health["late_checked"], 0, "{health}");
     assert_eq!(health["rewinds"], 0, "{health}");
 }
+
+/// The last change published to a partition may be followed by messages
+/// that are none: here an aborted transaction's message and its marker.
+/// The takeover's check reads the last offsets of each partition, not only
+/// the last one, and finds the lost change behind them. Before, it read
+/// the last offset alone, found no change there, and saw no loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_change_behind_a_transactions_marker_is_found() {
+    // Arrange: `Lost`'s partition ends with an aborted transaction.
+    use rdkafka::producer::Producer;
+    let kafka = Kafka::start();
+    let (first, reader, db, [(_, kept), (lost_id, lost)]) = published_then_stopped(&kafka).await;
+    let msgs = kafka.reader(&kafka.changes).read_until(WAIT, move |m| !of_order(m, lost_id).is_empty()).await;
+    let partition = of_order(&msgs, lost_id)[0].partition();
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("transactional.id", format!("other-{}", uuid::Uuid::new_v4()))
+        .create()
+        .unwrap();
+    producer.init_transactions(WAIT).unwrap();
+    producer.begin_transaction().unwrap();
+    let record = rdkafka::producer::FutureRecord::to(&kafka.changes).key("other").partition(partition).payload("{}");
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    producer.abort_transaction(WAIT).unwrap();
+    db.batch_execute(&lose_after(kept)).await.unwrap();
+    let after_loss: i64 = scalar(&db, DBA_INSERT).await;
+
+    // Act
+    let _second = spawn_app_on(&first.db_url, |s| relay_settings(&kafka, s)).await;
+
+    // Assert
+    assert_rewound_before_reuse(&reader, kept, lost, after_loss).await;
+}
