@@ -729,8 +729,9 @@ fn spawn_read(
 /// fails, to be tried again. With `since`, every message after those
 /// offsets (all of a partition not in it) up to where each partition ends
 /// now; a change before a rewind message on its partition, past that
-/// rewind's `after`, is left out (the rewind announced it). That read fails when it goes `LATE_STALL` without a
-/// message or a partition's end. A partition that this client may not read
+/// rewind's `after`, is left out (the rewind announced it). That read fails
+/// when it goes `LATE_STALL` without progress on a partition it has not
+/// read to its end. A partition that this client may not read
 /// (the relay's credentials allow writes only) is passed over with a
 /// warning. A topic that does not exist yet holds nothing.
 fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i64>>) -> anyhow::Result<Read> {
