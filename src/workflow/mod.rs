@@ -157,8 +157,12 @@ pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// `delivery.timeout.ms`) the Kafka settings give producers, in ms; 0 is
 /// librdkafka's "no limit". `None`: not set, `MESSAGE_TIMEOUT` applies.
 pub fn message_timeout_ms(kafka: &crate::ingest::KafkaSettings) -> Option<u64> {
-    let config = producer_config(kafka, "", "", &[]).ok()?;
-    config.get("message.timeout.ms")?.parse().ok()
+    producer_ms(kafka, "message.timeout.ms")
+}
+
+/// A time in ms (`key`) the Kafka settings give producers; `None`: not set.
+pub fn producer_ms(kafka: &crate::ingest::KafkaSettings, key: &str) -> Option<u64> {
+    producer_config(kafka, "", "", &[]).ok()?.get(key)?.parse().ok()
 }
 
 /// A producer with ordercast's defaults, then the pass-through properties of

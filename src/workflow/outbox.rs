@@ -612,10 +612,7 @@ async fn late_check(
 /// while the broker waits for its replicas, as long as the producer's
 /// `request.timeout.ms` (30 s by default; at most `FENCE_MAX`).
 fn late_margin(kafka: &KafkaSettings) -> Duration {
-    let ms = super::producer_config(kafka, "", "", &[])
-        .ok()
-        .and_then(|c| c.get("request.timeout.ms").and_then(|v| v.parse().ok()))
-        .unwrap_or(30_000);
+    let ms = super::producer_ms(kafka, "request.timeout.ms").unwrap_or(30_000);
     Duration::from_millis(ms).min(FENCE_MAX)
 }
 

@@ -64,6 +64,11 @@ impl Kafka {
         s.workflow.outbox_topic = self.changes.clone();
     }
 
+    /// A plain producer to this broker.
+    pub fn producer(&self) -> rdkafka::producer::FutureProducer {
+        ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create().expect("create a test producer")
+    }
+
     /// A reader of every partition of `topic` from its beginning.
     pub fn reader(&self, topic: &str) -> Reader {
         let consumer: BaseConsumer = ClientConfig::new()

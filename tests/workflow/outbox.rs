@@ -74,8 +74,7 @@ async fn changes_from_every_write_path_are_published_in_commit_order_per_order()
     let kafka = Kafka::start();
     let app = spawn_app_with(|s| kafka.configure(s)).await;
     let reader = kafka.reader(&kafka.changes);
-    let producer: rdkafka::producer::FutureProducer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().unwrap();
+    let producer = kafka.producer();
 
     // Act: REST, a DBA in psql, and a Kafka event, interleaved on two orders.
     let a = app.create_order("Rest Customer").await["id"].as_i64().unwrap();
@@ -302,6 +301,13 @@ fn rewinds(msgs: &[OwnedMessage]) -> HashMap<i32, serde_json::Value> {
         .collect()
 }
 
+/// The offset of the first rewind message on `partition` among `msgs`.
+fn rewind_offset(msgs: &[OwnedMessage], partition: i32) -> Option<i64> {
+    msgs.iter()
+        .find(|m| m.partition() == partition && header(m, "ordercast-op").as_deref() == Some("rewind"))
+        .map(|m| m.offset())
+}
+
 /// Orders `Kept` then `Lost`, each published and the relay's position stored
 /// past it; answers their ids and positions.
 async fn publish_kept_and_lost(app: &crate::helpers::TestApp, reader: &crate::Reader) -> [(i64, i64); 2] {
@@ -353,10 +359,7 @@ async fn assert_rewound_before_reuse(reader: &crate::Reader, kept: i64, lost: i6
     }
     let reused = of_order(&msgs, after_loss)[0];
     assert_eq!(position(reused), lost, "the commit after the loss took the lost position");
-    let rewind_at = msgs
-        .iter()
-        .find(|m| m.partition() == reused.partition() && header(m, "ordercast-op").as_deref() == Some("rewind"))
-        .map(|m| m.offset());
+    let rewind_at = rewind_offset(&msgs, reused.partition());
     assert!(rewind_at < Some(reused.offset()), "the rewind comes first on partition {}", reused.partition());
 }
 
@@ -462,8 +465,7 @@ async fn a_restart_without_a_loss_sends_no_rewind() {
 /// given.
 async fn produce_late_copy(kafka: &Kafka, m: &OwnedMessage, committed_at: Option<i64>) {
     use rdkafka::message::{Header, OwnedHeaders};
-    let producer: rdkafka::producer::FutureProducer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().unwrap();
+    let producer = kafka.producer();
     let mut headers = OwnedHeaders::new();
     for h in m.headers().expect("headers").iter() {
         let value = match (h.key, committed_at) {
@@ -525,10 +527,7 @@ async fn a_lost_change_landing_after_the_takeover_gets_a_rewind() {
     // (The reader goes on after the new change.)
     let late = of_order(&msgs, reused)[0];
     assert_eq!(header(late, "ordercast-committed-at"), Some((committed - 1_000_000).to_string()));
-    let rewind_at = msgs
-        .iter()
-        .find(|m| m.partition() == late.partition() && header(m, "ordercast-op").as_deref() == Some("rewind"))
-        .map(|m| m.offset());
+    let rewind_at = rewind_offset(&msgs, late.partition());
     assert!(rewind_at > Some(late.offset()), "the rewind comes after the late message");
     let health = late_checked(&app).await;
     assert_eq!(health["rewinds"], 1, "{health}");
@@ -626,8 +625,7 @@ async fn the_late_check_reads_only_what_landed_after_the_takeover() {
     // are no change, on one partition.
     use rdkafka::message::{Header, OwnedHeaders};
     let kafka = Kafka::start();
-    let producer: rdkafka::producer::FutureProducer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().unwrap();
+    let producer = kafka.producer();
     let old = OwnedHeaders::new()
         .insert(Header { key: "ordercast-position", value: Some("1") })
         .insert(Header { key: "ordercast-committed-at", value: Some("1000000") });
