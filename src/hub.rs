@@ -116,9 +116,11 @@ pub struct Hub {
     /// which can be ahead of `position`: the listener counts it as pushed
     /// when it checks that the log kept what was pushed.
     handed_out: Arc<AtomicI64>,
-    /// The newest change a catch-up read handed out, with its commit time
-    /// (microseconds): the listener checks that the log still holds it.
-    caught_up: Arc<Mutex<Option<(i64, i64)>>>,
+    /// The newest position handed out outside the live stream whose commit
+    /// is known (a catch-up read's newest change, a page's head), with the
+    /// commit time (microseconds) of the transaction there: the listener
+    /// checks that the log still holds that commit there.
+    handed_out_commit: Arc<Mutex<Option<(i64, i64)>>>,
     pub stats: Arc<HubStats>,
     /// Catch-up reads of the log in flight, shared by the feeds that read
     /// from the same position (`changes::feed`).
@@ -324,7 +326,7 @@ impl Hub {
             commands,
             position: Arc::new(AtomicI64::new(position)),
             handed_out: Arc::new(AtomicI64::new(position)),
-            caught_up: Arc::default(),
+            handed_out_commit: Arc::default(),
             stats: Arc::default(),
             catch_up_reads: Arc::default(),
         };
@@ -338,7 +340,7 @@ impl Hub {
             max_queued: max_queued.max(1),
             position: hub.position.clone(),
             handed_out: hub.handed_out.clone(),
-            caught_up: hub.caught_up.clone(),
+            handed_out_commit: hub.handed_out_commit.clone(),
             epoch: 0,
             stats: hub.stats.clone(),
             unsubscribe,
@@ -356,24 +358,25 @@ impl Hub {
     }
 
     /// Notes a position handed to a client outside the live stream (see
-    /// `handed_out`). Once per catch-up read or page, not per change.
-    pub fn note_handed_out(&self, pos: i64) {
+    /// `handed_out`), with the commit time (microseconds) of the transaction
+    /// that holds it when known (see `handed_out_commit`; none for a head
+    /// that is the retention horizon, or just past a recorded loss). Once
+    /// per catch-up read or page, not per change.
+    pub fn note_handed_out(&self, pos: i64, committed_micros: Option<i64>) {
         self.handed_out.fetch_max(pos, Ordering::Relaxed);
-    }
-
-    /// Notes the newest change of a catch-up read (see `caught_up`).
-    pub fn note_caught_up(&self, pos: i64, committed_micros: i64) {
-        self.note_handed_out(pos);
-        // unwrap: never held across a panic
-        let mut newest = self.caught_up.lock().unwrap();
-        if newest.is_none_or(|(p, _)| p < pos) {
-            *newest = Some((pos, committed_micros));
+        if let Some(micros) = committed_micros {
+            // unwrap: never held across a panic
+            let mut newest = self.handed_out_commit.lock().unwrap();
+            if newest.is_none_or(|(p, _)| p < pos) {
+                *newest = Some((pos, micros));
+            }
         }
     }
 
-    /// The newest change a catch-up read handed out and its commit time.
-    pub fn caught_up(&self) -> Option<(i64, i64)> {
-        *self.caught_up.lock().unwrap() // unwrap: see `note_caught_up`
+    /// The newest position handed out outside the live stream whose commit
+    /// is known, and its commit time.
+    pub fn handed_out_commit(&self) -> Option<(i64, i64)> {
+        *self.handed_out_commit.lock().unwrap() // unwrap: see `note_handed_out`
     }
 
     /// The highest position handed to a client, live or not.
@@ -445,7 +448,7 @@ struct Registry {
     max_queued: usize,
     position: Arc<AtomicI64>,
     handed_out: Arc<AtomicI64>,
-    caught_up: Arc<Mutex<Option<(i64, i64)>>>,
+    handed_out_commit: Arc<Mutex<Option<(i64, i64)>>>,
     /// See `Subscription::epoch`.
     epoch: u64,
     stats: Arc<HubStats>,
@@ -592,7 +595,7 @@ impl Registry {
         self.lag_all();
         self.position.store(head, Ordering::Release);
         self.handed_out.store(head, Ordering::Relaxed);
-        *self.caught_up.lock().unwrap() = None; // unwrap: see `Hub::note_caught_up`
+        *self.handed_out_commit.lock().unwrap() = None; // unwrap: see `Hub::note_handed_out`
     }
 
     /// Drops every subscription as lagged: each session subscribes again.

@@ -323,7 +323,7 @@ impl Feed {
                 // unwrap: not empty
                 let newest = changes.last().unwrap();
                 self.scan = newest.pos;
-                self.hub.note_caught_up(newest.pos, newest.committed_micros);
+                self.hub.note_handed_out(newest.pos, Some(newest.committed_micros));
                 self.buf.extend(changes.iter().filter(|c| c.matches(&self.filter)).cloned().map(Item::Change));
             }
             Err(CatchUpError::Pruned) => {

@@ -234,13 +234,15 @@ async fn mark_at(client: &impl tokio_postgres::GenericClient, pos: i64) -> anyho
 /// `synchronous_commit = off`), and their positions are, or will be,
 /// numbered again.
 ///
-/// Besides the listener's own position, the newest change a catch-up read
-/// handed out (`caught_up`) is checked the same way when it is further on:
-/// catch-up reads run ahead of the listener.
+/// Besides the listener's own position, the newest position handed out
+/// outside the live stream whose commit is known (`handed_out`: a catch-up
+/// read's newest change, a page's head) is checked the same way when it is
+/// further on: catch-up reads and pages run ahead of the listener, and new
+/// commits can take a lost position before the listener is back.
 async fn log_kept(
     client: &tokio_postgres::Client,
     at: &Position,
-    caught_up: Option<(i64, i64)>,
+    handed_out: Option<(i64, i64)>,
     top: i64,
     head: i64,
 ) -> anyhow::Result<bool> {
@@ -251,7 +253,7 @@ async fn log_kept(
         .mark
         .map(|m| (at.pos, m))
         .into_iter()
-        .chain(caught_up.filter(|&(p, _)| p > at.pos).map(|(p, m)| (p, Mark::Commit(m))))
+        .chain(handed_out.filter(|&(p, _)| p > at.pos).map(|(p, m)| (p, Mark::Commit(m))))
         .collect();
     if checks.is_empty() {
         return Ok(true);
@@ -385,12 +387,12 @@ async fn session(
     // and every live client must reload (after the head).
     // Read before the head: a position handed out after the head was read
     // is no sign of loss.
-    let caught_up = hub.caught_up();
-    let top = hub.handed_out().max(at.pos).max(caught_up.map_or(0, |(p, _)| p));
+    let handed_out = hub.handed_out_commit();
+    let top = hub.handed_out().max(at.pos).max(handed_out.map_or(0, |(p, _)| p));
     let head: i64 = bounded(async { client.query_one("SELECT change_head()", &[]).await.map_err(crate::db::describe) })
         .await?
         .get(0);
-    if !bounded(log_kept(&client, at, caught_up, top, head)).await? {
+    if !bounded(log_kept(&client, at, handed_out, top, head)).await? {
         // Recorded before the hub rewinds: a client resuming from a lost
         // position after this is told to resync by its feed (`Feed::open`);
         // one that subscribed before is by the rewind.

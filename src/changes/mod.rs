@@ -264,6 +264,36 @@ pub fn visible_json(row: &Row, viewer: Option<&str>) -> Option<String> {
     }
 }
 
+/// The log's head as a read hands it to a client (a page's position), with
+/// what the listener checks it by after a reconnect (`Hub::note_handed_out`).
+pub struct HandedHead {
+    pub pos: i64,
+    /// The commit time (microseconds) of the transaction that ends at the
+    /// head; none when the head is the retention horizon or just past a
+    /// recorded loss.
+    pub committed_micros: Option<i64>,
+    /// The retention horizon (positions at or below it are gone).
+    pub pruned: i64,
+}
+
+/// Reads the head to hand out (in a page's snapshot: the position its rows
+/// reflect).
+pub async fn handed_head(client: &impl tokio_postgres::GenericClient) -> Result<HandedHead, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT h, (SELECT committed_at FROM change_tx WHERE end_pos = h), \
+                    (SELECT pruned_through FROM change_retention) \
+             FROM change_head() h",
+            &[],
+        )
+        .await?;
+    Ok(HandedHead {
+        pos: row.get(0),
+        committed_micros: row.get::<_, Option<DateTime<Utc>>>(1).map(|t| t.timestamp_micros()),
+        pruned: row.get(2),
+    })
+}
+
 /// Where the log stands: the newest committed position and the retention
 /// horizon (positions at or below it are gone).
 pub async fn log_bounds(client: &tokio_postgres::Client) -> Result<(i64, i64), tokio_postgres::Error> {

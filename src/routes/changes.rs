@@ -55,8 +55,8 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
     }
     let viewer = crate::auth::principal(&req).customer;
     let client = state.pool.get().await?;
-    let bounds = client.query_one("SELECT change_head(), (SELECT pruned_through FROM change_retention)", &[]).await?;
-    let (head, pruned): (i64, i64) = (bounds.get(0), bounds.get(1));
+    let handed = crate::changes::handed_head(&**client).await?;
+    let (head, pruned) = (handed.pos, handed.pruned);
     let before = before.unwrap_or(head + 1).min(head + 1);
     // An unconfined token's `limit` newest changes lie in the newest `limit`
     // transactions; a confined one's are looked for in a window of positions.
@@ -74,7 +74,7 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
         // holds go on below it), or the log did.
         Some(from).filter(|&f| f > pruned + 1)
     };
-    state.hub.note_handed_out(head);
+    state.hub.note_handed_out(head, handed.committed_micros);
     let body = format!(
         r#"{{"changes":[{}],"position":{head},"next_before":{}}}"#,
         changes.join(","),

@@ -230,7 +230,7 @@ pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState
         filter.customer = Some(c);
     }
     let page = list_page(&state.pool, &filter, q.as_deref(), limit, cursor).await?;
-    state.hub.note_handed_out(page.position);
+    state.hub.note_handed_out(page.position, page.committed_micros);
     Ok(HttpResponse::Ok().content_type("application/json").body(page.to_json()))
 }
 
@@ -254,6 +254,9 @@ pub struct Page {
     pub items: Vec<String>,
     pub next_cursor: Option<i64>,
     pub position: i64,
+    /// The commit time of the transaction at `position`, when one ends
+    /// there (`changes::HandedHead`).
+    pub committed_micros: Option<i64>,
 }
 
 impl Page {
@@ -288,7 +291,7 @@ pub async fn list_page(
 ) -> Result<Page, ApiError> {
     let mut client = pool.get().await?;
     let tx = crate::db::snapshot(&mut client).await?;
-    let position: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
+    let head = crate::changes::handed_head(&*tx).await?;
     let ids: Option<Vec<i64>> = (!filter.ids.is_empty()).then(|| filter.ids.iter().copied().collect());
     let q_id: Option<i64> = q.and_then(|q| q.trim_start_matches('#').parse().ok());
     let rows = tx
@@ -310,7 +313,8 @@ pub async fn list_page(
     Ok(Page {
         next_cursor: if more { rows.last().map(|r| r.get(0)) } else { None },
         items: rows.iter().map(|r| r.get(1)).collect(),
-        position,
+        position: head.pos,
+        committed_micros: head.committed_micros,
     })
 }
 

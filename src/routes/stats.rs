@@ -64,10 +64,11 @@ pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> R
     // as a prefix): a change committed between two statements would be in
     // the position but not in the totals.
     let tx = crate::db::snapshot(&mut client).await?;
-    let position: i64 = tx.query_one("SELECT change_head()", &[]).await?.get(0);
+    let head = crate::changes::handed_head(&*tx).await?;
+    let position = head.pos;
     let rows = tx.query("SELECT status, product, n, amount, price_sum FROM order_stats_current", &[]).await?;
     tx.commit().await?;
-    state.hub.note_handed_out(position);
+    state.hub.note_handed_out(position, head.committed_micros);
     let mut by_status: BTreeMap<&'static str, (i64, Decimal)> =
         Status::ALL.iter().map(|s| (s.as_str(), (0, Decimal::ZERO))).collect();
     let mut products: BTreeMap<String, (i64, Decimal)> = BTreeMap::new();

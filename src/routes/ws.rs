@@ -120,7 +120,7 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
         let page =
             crate::routes::orders::list_page(&state.stream_pool, &params.filter, None, params.snapshot_limit, None)
                 .await?;
-        state.hub.note_handed_out(page.position);
+        state.hub.note_handed_out(page.position, page.committed_micros);
         (Some(page.position), Some(page))
     } else {
         (params.since, None)

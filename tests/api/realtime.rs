@@ -1609,6 +1609,46 @@ async fn a_lost_position_handed_out_ahead_of_the_listener_is_recognised() {
     assert_position_unknown(&first);
 }
 
+/// The same when new commits take the lost positions, and one more, before
+/// the listener is back: the head is past the position handed out, which
+/// is then recognised by the commit it was handed out at. Whichever read
+/// handed it out: a catch-up read (a client resuming from before `start`
+/// meanwhile runs past the listener's position), a page of orders, the
+/// recent changes, the statistics, a stream's snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_position_handed_out_ahead_of_the_listener_is_recognised_after_it_is_reused() {
+    for source in ["catch-up", "/api/orders?limit=1", "/api/changes?limit=1", "/api/stats", "snapshot"] {
+        let app = spawn_app().await;
+        let db = app.sql().await;
+        db.execute(LOST_INSERT, &[&"kept-1"]).await.unwrap();
+        let (start, admin, name) = commits_while_the_listener_is_away(&app, &db).await;
+        let position = match source {
+            "catch-up" => {
+                let mut early = app.ws(&format!("?since={}", start - 1)).await;
+                early.ready().await;
+                early.changes(4, WAIT).await[3]["seq"].clone()
+            }
+            "snapshot" => {
+                let mut ws = app.ws("?snapshot=true").await;
+                let snapshot = ws.next_json(WAIT).await;
+                assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+                snapshot["seq"].clone()
+            }
+            path => app.get_json(path).await.1["position"].clone(),
+        };
+        assert_eq!(position, start + 3, "{source}");
+        db.batch_execute(&forget_after(start, true)).await.unwrap();
+        for name in ["new-1", "new-2", "new-3", "new-4"] {
+            db.execute(LOST_INSERT, &[&name]).await.unwrap();
+        }
+        let_in(&admin, &name).await;
+        listener_back_past(&app, start).await;
+        let mut resumed = app.ws(&format!("?since={}", start + 3)).await;
+        let first = resumed.next_json(WAIT).await;
+        assert_eq!(first["reason"], "position_unknown", "handed out by {source}: {first}");
+    }
+}
+
 /// When the database refuses to record a loss (read-only after a failover,
 /// say), live clients are still told to resync at once, and the record is
 /// retried until it is made; then resuming from a lost position resyncs.
@@ -1667,31 +1707,6 @@ async fn a_loss_wider_than_one_read_leaves_no_reader_behind() {
     assert_eq!(live["order"]["customer_name"], "after");
     assert!(seq(&live) > start + 2501, "{live}");
     resuming_from_gets(&app, start, "after").await;
-}
-
-/// A change a catch-up read handed out ahead of the listener is checked on
-/// reconnect like the listener's own: when the database lost it and new
-/// commits took its position before the listener was back, a client
-/// resuming from it is told to resync.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_change_a_catch_up_read_handed_out_is_recognised_after_its_position_is_reused() {
-    let app = spawn_app().await;
-    let db = app.sql().await;
-    db.execute(LOST_INSERT, &[&"kept-1"]).await.unwrap();
-    let (start, admin, name) = commits_while_the_listener_is_away(&app, &db).await;
-    // A client resumes meanwhile from before `start`: its catch-up read
-    // runs past the listener's position and hands out the three.
-    let mut early = app.ws(&format!("?since={}", start - 1)).await;
-    early.ready().await;
-    assert_eq!(seq(&early.changes(4, WAIT).await[3]), start + 3);
-    db.batch_execute(&forget_after(start, true)).await.unwrap();
-    for name in ["new-1", "new-2", "new-3", "new-4"] {
-        db.execute(LOST_INSERT, &[&name]).await.unwrap();
-    }
-    let_in(&admin, &name).await;
-    listener_back_past(&app, start).await;
-    let mut resumed = app.ws(&format!("?since={}", start + 3)).await;
-    assert_position_unknown(&resumed.next_json(WAIT).await);
 }
 
 /// The listener can stand at the position just past a recorded loss, which
