@@ -102,6 +102,15 @@ async function waitRows(page, pred, { min = 1, timeout = 3000 } = {}) {
   }, [pred.toString(), min], { timeout });
 }
 
+/** Waits (up to 5 s, polling) until `cond()` holds. */
+async function until(cond, what) {
+  const end = Date.now() + 5000;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out: ${what}`);
+    await sleep(50);
+  }
+}
+
 /** An HS256 JWT signed with `secret`. */
 function jwt(secret, claims) {
   const part = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
@@ -359,6 +368,28 @@ test('older pages are reached by keyset paging, and newer orders are announced t
   assert.match(await said.textContent(), new RegExp(`^Page 1 · 50 orders · #${id} to`));
 });
 
+test('an order that comes into a full last page makes an older page', async (t) => {
+  const { page } = await openDashboard(t);
+  const product = `Fullpage${Date.now()}`;
+  const older = await insertOrder({ customer: 'Older than the page', product: 'Elsewhere' });
+  await server.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
+    SELECT 'Full ' || g, '${product}', 1, 2 FROM generate_series(1, 50) g`);
+  await search(page, product);
+  await page.waitForFunction((text) => {
+    const rows = [...document.querySelectorAll('#orders-body tr')];
+    return rows.length === 50 && rows.every((tr) => tr.textContent.includes(text));
+  }, product, { timeout: 5000 });
+  const olderButton = page.locator('#page-older');
+  assert.equal(await olderButton.isDisabled(), true, 'exactly 50 match: no older page yet');
+  // The older order comes into the search: it belongs on a page after this one.
+  await server.sql(`UPDATE orders SET product = '${product}' WHERE id = ${older}`);
+  await page.locator('#page-older:not([disabled])').waitFor({ timeout: 5000 });
+  assert.equal((await tableIds(page)).length, 50);
+  await olderButton.click();
+  await row(page, older).waitFor({ timeout: 5000 });
+  assert.deepEqual(await tableIds(page), [older]);
+});
+
 test('a tab clicked before the first page arrives still opens the stream at the page\'s position', async (t) => {
   const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
   t.page = page;
@@ -530,6 +561,65 @@ test('a change to the open order keeps the status the user chose, unless the sta
   await sleep(300);
   assert.equal(await dialog.locator('#status-select').inputValue(), '');
   assert.equal(await dialog.getByRole('button', { name: 'Apply' }).isDisabled(), true);
+});
+
+test('an action\'s answer that arrives after a newer version of the order is not shown over it', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Late Answer', product: 'Clock' });
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await followed;
+  await dialog.locator('#status-select option[value="processing"]').waitFor({ state: 'attached' });
+  // The PATCH is answered, but its answer reaches the page only after the
+  // order has moved on (the processor's next step) and the stream said so.
+  await page.route(`**/api/orders/${id}`, async (route) => {
+    if (route.request().method() !== 'PATCH') return route.continue();
+    const answer = await route.fetch();
+    await server.sql(`UPDATE orders SET status = 'processed' WHERE id = ${id}`);
+    await dialog.locator('#detail-fields dd .badge', { hasText: 'Processed' }).waitFor({ timeout: 5000 });
+    await route.fulfill({ response: answer });
+  });
+  await dialog.locator('#status-select').selectOption('processing');
+  await dialog.getByRole('button', { name: 'Apply' }).click();
+  await page.locator('.toast', { hasText: `Order #${id} is now Processing` }).waitFor({ timeout: 10000 });
+  await sleep(300);
+  assert.equal(await dialog.locator('#detail-fields dd .badge').first().textContent(), 'Processed');
+  const offered = await dialog.locator('#status-select option').evaluateAll((os) => os.map((o) => o.value));
+  assert.deepEqual(offered, ['shipped']);
+});
+
+test('the order detail shows the history last asked for, whatever order the answers come in', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'History Racer', product: 'Hourglass' });
+  let asked = 0;
+  let release;
+  const held = new Promise((resolve) => {
+    release = resolve;
+  });
+  const answered = [];
+  await page.route(`**/api/orders/${id}/history`, async (route) => {
+    asked += 1;
+    const n = asked;
+    const answer = await route.fetch();
+    // The reload after the first status change answers last.
+    if (n === 2) await held;
+    await route.fulfill({ response: answer });
+    answered.push(n);
+  });
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await followed;
+  await dialog.locator('#detail-history li', { hasText: 'Created as' }).waitFor();
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await until(() => asked >= 2, 'the reload after the first change is asked');
+  await server.sql(`UPDATE orders SET status = 'processed' WHERE id = ${id}`);
+  await dialog.locator('#detail-history li', { hasText: /Processing\s*→\s*Processed/ }).waitFor({ timeout: 5000 });
+  release();
+  await until(() => answered.includes(2), 'the held reload is answered');
+  await sleep(300);
+  assert.equal(await dialog.locator('#detail-history li', { hasText: /Processing\s*→\s*Processed/ }).count(), 1);
 });
 
 test('the order detail shows history, offers only allowed transitions and stays live', async (t) => {
@@ -883,6 +973,95 @@ test('over SSE, a stream silent for 40 s is taken as dead and opened again from 
   assert.ok(Number(opened.at(-1)) > Number(opened[0]), `the new stream resumes past the order shown (${opened})`);
   const after = await insertOrder({ customer: 'After the silence' });
   await row(page, after).waitFor({ timeout: 5000 });
+});
+
+test('a quiet WebSocket whose pings are answered stays open while the page\'s timers run once a minute', async (t) => {
+  let sockets = 0;
+  const { page } = await openDashboard(t, {
+    before: async (p) => {
+      await p.clock.install();
+      p.on('websocket', () => {
+        sockets += 1;
+      });
+    },
+  });
+  const opened = sockets;
+  // As in a tab hidden for a while: each jump runs the page's ping timer
+  // once; no change arrives, only the answers to the page's own pings.
+  for (let i = 0; i < 4; i += 1) {
+    await page.clock.fastForward('01:00');
+    await sleep(500);
+  }
+  assert.equal(await page.locator('#connection').getAttribute('data-phase'), 'connected');
+  assert.equal(sockets, opened, 'no WebSocket was opened again');
+  const id = await insertOrder({ customer: 'After a quiet hour' });
+  await row(page, id).waitFor({ timeout: 5000 });
+});
+
+test('a WebSocket whose ping goes unanswered is taken as dead and opened again from its position', async (t) => {
+  const opened = [];
+  let swallowPings = false;
+  const { page } = await openDashboard(t, {
+    before: async (p) => {
+      await p.clock.install();
+      await p.routeWebSocket(/\/ws/, (ws) => {
+        opened.push(new URL(ws.url()).searchParams.get('since'));
+        const upstream = ws.connectToServer();
+        ws.onMessage((m) => {
+          if (!(swallowPings && String(m).includes('"ping"'))) upstream.send(m);
+        });
+      });
+    },
+  });
+  const id = await insertOrder({ customer: 'Before the dead path' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  const sockets = opened.length;
+  // The way to the server drops everything now: the next ping is never answered.
+  swallowPings = true;
+  await page.clock.fastForward('00:15');
+  await sleep(300);
+  await page.clock.fastForward('00:15');
+  await page.waitForFunction(() => document.querySelector('#connection').dataset.phase !== 'connected', null, { timeout: 5000 });
+  swallowPings = false;
+  await page.clock.fastForward('00:02'); // the reconnect's pause
+  await live(page);
+  assert.ok(opened.length > sockets, 'a new WebSocket was opened');
+  assert.ok(Number(opened.at(-1)) > Number(opened[0]), `the new WebSocket resumes past the order shown (${opened})`);
+  const after = await insertOrder({ customer: 'After the dead path' });
+  await row(page, after).waitFor({ timeout: 5000 });
+});
+
+test('after falling back to SSE the page tries WebSocket again later, and goes on there exactly once', async (t) => {
+  let refuse = true;
+  const opened = [];
+  const { page } = await openDashboard(t, {
+    before: async (p) => {
+      await p.clock.install();
+      await p.routeWebSocket(/\/ws/, (ws) => {
+        opened.push(new URL(ws.url()).searchParams.get('since'));
+        // A refusal for now (a full server, say) looks to the page like a broken WebSocket.
+        if (refuse) ws.close({ code: 1011, reason: 'WebSocket refused by the test, for now' });
+        else ws.connectToServer();
+      });
+    },
+  });
+  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
+  const id = await insertOrder({ customer: 'Over SSE for now' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  refuse = false;
+  const tries = opened.length;
+  await page.clock.fastForward('01:01');
+  await page.locator('#connection-detail', { hasText: 'WebSocket' }).waitFor({ timeout: 5000 });
+  await live(page);
+  assert.ok(opened.length > tries, 'WebSocket was tried again');
+  assert.ok(Number(opened.at(-1)) > Number(opened[0]), `it resumes past the order shown over SSE (${opened})`);
+  const after = await insertOrder({ customer: 'Back on WebSocket' });
+  await row(page, after).waitFor({ timeout: 5000 });
+  await server.sql(`UPDATE orders SET status = 'failed' WHERE id = ${id}`);
+  await row(page, id).locator('.badge', { hasText: 'Failed' }).waitFor({ timeout: 5000 });
+  const ids = await tableIds(page);
+  assert.equal(ids.filter((x) => x === id).length, 1);
+  assert.equal(ids.filter((x) => x === after).length, 1);
 });
 
 test('a killed server shows reconnecting, and rows written meanwhile appear exactly once', async (t) => {

@@ -191,8 +191,11 @@ export class OrderDetail {
 
   async loadHistory() {
     const id = this.id;
+    // Reloads triggered by live changes can answer out of order: only the
+    // latest one asked is shown.
+    const asked = (this.historyAsked = (this.historyAsked ?? 0) + 1);
     const items = await api.history(id);
-    if (this.id !== id) return;
+    if (this.id !== id || asked !== this.historyAsked) return;
     this.n.history.replaceChildren(...items.map((h) =>
       el('li', { class: 'tl-item' },
         el('span', { class: `tl-dot d-${h.to}`, 'aria-hidden': 'true' }),
@@ -202,6 +205,10 @@ export class OrderDetail {
   }
 
   show(order) {
+    // An answer that arrives after a newer version of the order did (the
+    // PATCH's, while the stream already brought the processor's next step)
+    // is not shown over it.
+    if (this.order?.id === order.id && order.version < this.order.version) return;
     this.order = order;
     this.n.fields.replaceChildren(...FIELDS.flatMap(([key, name, fmt]) => {
       const v = order[key];

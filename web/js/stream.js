@@ -16,10 +16,19 @@ const BACKOFF_MAX_MS = 10000;
 
 /** The pause before attempt `attempt + 1` of a reconnect (0: the first). */
 export const backoff = (attempt) => Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** attempt);
-/** The client pings this often so a dead connection is noticed... */
+/** A WebSocket client pings this often so a dead connection is noticed... */
 const PING_INTERVAL_MS = 15000;
-/** ...when nothing at all has arrived for this long. */
+/** ...when a ping has had no answer (nor anything else) for this long. */
+const PONG_LIMIT_MS = 10000;
+/** An SSE stream is dead when nothing at all (the server's heartbeats come every 15 s) arrives for this long. */
 const SILENCE_LIMIT_MS = 40000;
+/**
+ * After falling back to SSE, WebSocket is tried again this long after (a
+ * refusal for now, such as a full server, also looks like a broken
+ * WebSocket); doubled per failed try up to the maximum.
+ */
+const WEBSOCKET_RETRY_MS = 60000;
+const WEBSOCKET_RETRY_MAX_MS = 30 * 60000;
 /** Close codes of a WebSocket refused for want of a (sufficient) token. */
 const CLOSE_UNAUTHORIZED = 4001;
 const CLOSE_FORBIDDEN = 4003;
@@ -45,6 +54,8 @@ export class Stream {
     this.timer = null;
     this.pinger = null;
     this.lastHeard = 0;
+    this.upgrade = null;
+    this.upgradeTries = 0;
   }
 
   start(position) {
@@ -72,6 +83,7 @@ export class Stream {
     switch (msg.type) {
       case 'ready':
         this.attempt = 0;
+        if (this.transport === 'websocket') this.upgradeTries = 0;
         this.setPhase('connected');
         break;
       case 'change':
@@ -112,9 +124,22 @@ export class Stream {
     });
     ws.addEventListener('open', () => {
       this.lastHeard = Date.now();
+      // Judged by the answer to its own ping, not by how long the stream
+      // has been quiet: a hidden tab's timers may run once a minute, and a
+      // quiet stream brings nothing between two pings.
+      let pingedAt = null;
       this.pinger = setInterval(() => {
-        if (Date.now() - this.lastHeard > SILENCE_LIMIT_MS) ws.close(4000, 'no message from the server');
-        else if (ws.readyState === WebSocket.OPEN) ws.send('{"type":"ping"}');
+        if (this.conn?.ws !== ws || ws.readyState !== WebSocket.OPEN) return;
+        const unanswered = pingedAt !== null && this.lastHeard < pingedAt;
+        if (unanswered && Date.now() - pingedAt > PONG_LIMIT_MS) {
+          // Dead on the way: the browser could wait a long time for the
+          // close handshake; reconnect now.
+          this.dropConnection();
+          this.scheduleReconnect();
+        } else if (!unanswered) {
+          ws.send('{"type":"ping"}');
+          pingedAt = Date.now();
+        }
       }, PING_INTERVAL_MS);
     });
     ws.addEventListener('close', (ev) => {
@@ -149,9 +174,29 @@ export class Stream {
     if (httpWorks) {
       this.transport = 'sse';
       this.connect();
+      this.retryWebSocketLater();
     } else {
       this.scheduleReconnect();
     }
+  }
+
+  /** On SSE after a WebSocket failed: WebSocket is tried again after a while. */
+  retryWebSocketLater() {
+    clearTimeout(this.upgrade);
+    const delay = Math.min(WEBSOCKET_RETRY_MAX_MS, WEBSOCKET_RETRY_MS * 2 ** this.upgradeTries);
+    this.upgradeTries += 1;
+    this.upgrade = setTimeout(() => {
+      this.upgrade = null;
+      if (this.transport !== 'sse') return;
+      // The position resumes exactly on either transport: nothing is lost
+      // or doubled by the switch. A stream reconnecting or resyncing picks
+      // WebSocket at its next connect.
+      this.transport = 'websocket';
+      if (this.phase === 'connected') {
+        this.dropConnection();
+        this.connect();
+      }
+    }, delay);
   }
 
   openEventSource() {

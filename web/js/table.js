@@ -229,7 +229,14 @@ export class OrderTable {
       this.schedule();
       return;
     }
-    if (order.id <= lower) return; // belongs on a later page
+    if (order.id <= lower) {
+      // It belongs on a later page; a full last page now has one.
+      if (!this.hasMore) {
+        this.hasMore = true;
+        this.schedule();
+      }
+      return;
+    }
     let at = this.rows.findIndex((o) => o.id < order.id);
     if (at < 0) at = this.rows.length;
     this.rows.splice(at, 0, order);
