@@ -55,7 +55,7 @@ impl Drop for Stream {
 
 fn stream_response(
     state: Arc<AppState>,
-    opened: Opened,
+    mut opened: Opened,
     params: &StreamParams,
     slot: crate::limits::ConnectionSlot,
     principal: crate::auth::Principal,
@@ -65,8 +65,9 @@ fn stream_response(
     if let Some((reason, position)) = opened.resync {
         prelude.push_back(event("resync", Some(position), &resync_message(reason, position)));
     }
-    if let Some(page) = &opened.snapshot {
-        for msg in snapshot_messages(page) {
+    // The rows go out from the prelude: the page itself is not kept.
+    if let Some(page) = opened.snapshot.take() {
+        for msg in snapshot_messages(&page) {
             prelude.push_back(event("snapshot", None, &msg));
         }
     }

@@ -109,6 +109,8 @@ pub struct Opened {
     pub resync: Option<(&'static str, i64)>,
     /// Resume position valid from the start (`since`, or the live start).
     pub seq: i64,
+    /// The snapshot's rows, until they are sent: taken then, so that an
+    /// idle stream does not hold them (up to 10,000 rows of JSON).
     pub snapshot: Option<crate::routes::orders::Page>,
 }
 
@@ -362,12 +364,12 @@ impl Conn {
     /// A resync if the position is gone, snapshot chunks (if asked for),
     /// then `ready`: a client that has
     /// `ready` has everything up to its `seq`.
-    async fn announce(&mut self, opened: &Opened, params: &StreamParams) -> Result<(), Outcome> {
+    async fn announce(&mut self, opened: &mut Opened, params: &StreamParams) -> Result<(), Outcome> {
         if let Some((reason, position)) = opened.resync {
             self.send(resync_message(reason, position)).await?;
         }
-        if let Some(page) = &opened.snapshot {
-            for msg in snapshot_messages(page) {
+        if let Some(page) = opened.snapshot.take() {
+            for msg in snapshot_messages(&page) {
                 self.send(msg).await?;
             }
         }
@@ -379,7 +381,7 @@ pub fn ready_message(opened: &Opened, params: &StreamParams) -> String {
     json!({
         "type": "ready",
         "seq": opened.seq,
-        "snapshot": opened.snapshot.is_some(),
+        "snapshot": params.snapshot,
         "filter": filter_json(&params.filter),
     })
     .to_string()
@@ -468,7 +470,7 @@ async fn handle_message(
                     Ok(o) => {
                         session.opened = o;
                         session.params = next;
-                        conn.announce(&session.opened, &session.params).await
+                        conn.announce(&mut session.opened, &session.params).await
                     }
                     Err(ApiError::Validation(e)) => conn.send_json(error_message(&e)).await,
                     Err(e) => Err(close(CLOSE_UNAVAILABLE, format!("cannot subscribe: {}", e.code()))),
@@ -523,7 +525,7 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
     let mut last_heard = Instant::now();
     let mut messages = Vec::new();
 
-    let mut outcome = match Box::pin(conn.announce(&session.opened, &session.params)).await {
+    let mut outcome = match Box::pin(conn.announce(&mut session.opened, &session.params)).await {
         Ok(()) => Outcome::Continue,
         Err(o) => o,
     };

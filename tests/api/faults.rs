@@ -3,70 +3,14 @@
 //! 127.0.0.1 only. (The LISTEN backend killed repeatedly: realtime.rs.)
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ordercast::db::embedded::EmbeddedPostgres;
 use serde_json::Value;
 
-use crate::helpers::{create_database, spawn_app_on, WsClient, WsEvent};
+use crate::helpers::{create_database, free_port, spawn_app_on, Server, WsClient, WsEvent};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The real `ordercast` binary as a child process.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    async fn start(db_url: &str, port: u16) -> Server {
-        let child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
-            .args(["--bind", &format!("127.0.0.1:{port}")])
-            .env("DATABASE_URL", db_url)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start ordercast");
-        let server = Server { child };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let ok =
-                http.get(format!("http://127.0.0.1:{port}/api/health")).send().await.is_ok_and(|r| r.status() == 200);
-            if ok {
-                return server;
-            }
-            assert!(Instant::now() < deadline, "ordercast did not become healthy");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "ordercast did not exit");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn insert(db: &tokio_postgres::Client, name: &str) {
     db.execute("INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Axle', 1, 1)", &[&name])

@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{create_database, free_port, spawn_app, Server, WsClient};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -1633,4 +1633,50 @@ async fn a_confined_filter_sees_a_move_only_through_its_own_side() {
         let got = first(client.changes(1, WAIT).await.remove(0));
         assert_ne!(got.1, Some(id), "{name} got the move: {got:?}");
     }
+}
+
+/// A stream opened with a snapshot lets the rows go once they are sent: 60
+/// WebSockets that each took a snapshot of 2,000 orders (about 0.8 MB of
+/// JSON apiece) and then sit idle hold a few megabytes of a real server's
+/// memory, not the 50 MB their pages would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_opened_with_a_snapshot_do_not_hold_its_rows() {
+    let (db_url, _) = create_database().await;
+    let port = free_port();
+    // Applies the migrations.
+    let server = Server::start(&db_url, port).await;
+    let db = ordercast::db::connect(&db_url).await.unwrap();
+    db.execute(
+        "INSERT INTO orders (customer_name, customer_email, product, quantity, unit_price) \
+         SELECT 'Customer number ' || g, 'customer' || g || '@mail.example', 'A product with a long name', 1, 9.5 \
+         FROM generate_series(1, 2000) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/ws?snapshot=true&snapshot_limit=2000");
+    let open = || async {
+        let mut ws = WsClient::connect(&url).await;
+        let mut rows = 0;
+        loop {
+            let v = ws.next_json(WAIT).await;
+            match v["type"].as_str() {
+                Some("snapshot") => rows += v["orders"].as_array().unwrap().len(),
+                Some("ready") => break,
+                _ => panic!("unexpected before ready: {v}"),
+            }
+        }
+        assert_eq!(rows, 2000);
+        ws
+    };
+    // The first ones warm the server up (its allocator, the streams' pool).
+    let mut clients = vec![open().await, open().await];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss();
+    for _ in 0..60 {
+        clients.push(open().await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let grown = server.rss().saturating_sub(before);
+    assert!(grown < 15 << 20, "60 idle snapshot streams grew the server by {} KiB", grown >> 10);
 }

@@ -2,7 +2,8 @@
 //! database (dropped afterwards) and the real application on port 0, driven
 //! over real HTTP, WebSocket and SSE.
 
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use ordercast::config::Settings;
@@ -450,4 +451,73 @@ pub fn forget_after(start: i64, renumber: bool) -> String {
         "DELETE FROM change_log WHERE txid IN (SELECT txid FROM change_tx WHERE end_pos > {start}); \
          DELETE FROM change_tx WHERE end_pos > {start}; {setval}"
     )
+}
+
+/// How long a server child process may take to start or stop.
+const SERVER_WAIT: Duration = Duration::from_secs(20);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real `ordercast` binary as a child process.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    pub async fn start(db_url: &str, port: u16) -> Server {
+        let child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", db_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start ordercast");
+        let server = Server { child };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + SERVER_WAIT;
+        loop {
+            let ok =
+                http.get(format!("http://127.0.0.1:{port}/api/health")).send().await.is_ok_and(|r| r.status() == 200);
+            if ok {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "ordercast did not become healthy");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// What the server's process holds in memory now (`VmRSS`), in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + SERVER_WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ordercast did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
