@@ -684,11 +684,11 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn change(pos: i64) -> SharedChange {
+    pub(crate) fn change(pos: i64) -> SharedChange {
         Arc::new(crate::changes::Change {
             pos,
             committed_micros: 0,

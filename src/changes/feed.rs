@@ -36,6 +36,8 @@ use crate::hub::{Batch, Hub, HubClosed, SharedBatch, Subscription};
 const CATCH_UP_BATCH: i32 = 1000;
 /// Pause before retrying a catch-up read while the database is away.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Slots a drained buffer may keep (32 bytes each).
+const KEEP_BUFFERED: usize = 64;
 
 #[derive(Debug, Clone)]
 pub enum Item {
@@ -219,6 +221,12 @@ impl Feed {
                 }
             }
             return Some(item);
+        }
+        // Drained. A catch-up read (1,000 changes) or a large batch for a
+        // filtered client grew the buffer to thousands of slots: a session
+        // that goes quiet does not keep them.
+        if self.buf.capacity() > KEEP_BUFFERED {
+            self.buf = VecDeque::new();
         }
         None
     }
@@ -460,11 +468,39 @@ enum CatchUpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Status;
 
     /// Sessions buffer items by the thousand (a catch-up read) and move them
     /// through every `next()`: a redacted change must not make them larger.
     #[test]
     fn an_item_stays_four_words() {
         assert!(std::mem::size_of::<Item>() <= 32, "{}", std::mem::size_of::<Item>());
+    }
+
+    /// A session that caught up on thousands of changes and goes quiet
+    /// holds no buffer sized for them.
+    #[test]
+    fn a_drained_buffer_gives_its_memory_back() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let hub = Hub::start(0, 10_000);
+            // Never connected: a feed without `since` reads nothing.
+            let pool =
+                crate::db::pool("postgres://nobody@127.0.0.1:1/none", 1, std::time::Duration::from_secs(1)).unwrap();
+            // A filtered feed takes a batch change by change.
+            let pending = Filter { statuses: [Status::Pending].into(), ..Filter::default() };
+            let mut feed = Feed::open(&hub, &pool, pending, None, None).await.unwrap();
+            hub.publish((1..=2000).map(crate::hub::tests::change).collect()).await.unwrap();
+            let mut last = 0;
+            while last < 2000 {
+                match feed.next().await {
+                    Some(Item::Change(c)) => last = c.pos,
+                    other => panic!("expected a change, got {}", other.is_some()),
+                }
+            }
+            assert!(feed.buf.capacity() >= 2000, "{}", feed.buf.capacity());
+            assert!(feed.try_next().is_none());
+            assert!(feed.buf.capacity() <= KEEP_BUFFERED, "{}", feed.buf.capacity());
+        });
     }
 }
