@@ -164,16 +164,41 @@ fn quantity(v: &Value) -> Result<i32, ValidationError> {
     Ok(q as i32)
 }
 
-/// A decimal read exactly from its text, `12.50` or `1.5e3`: None when it has
+/// A decimal read exactly from its text, `12.50` or `1.5e3`, written as a
+/// JSON number is (`-`, digits, an optional fraction, an optional exponent;
+/// no `_` separators, `+` only in the exponent): None when it is not, or has
 /// more digits than a `Decimal` holds (28), where `Decimal::from_str` and
-/// `from_scientific` would round (`0.999...9`, 29 nines, to 1).
+/// `from_scientific` would round (`0.999...9`, 29 nines, to 1). The work is
+/// bounded whatever the exponent (`0e2147483647` is 0 at once).
 fn exact_decimal(text: &str) -> Option<Decimal> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     let (mantissa, exponent) = match text.split_once(['e', 'E']) {
-        Some((m, e)) => (m, e.strip_prefix('+').unwrap_or(e).parse::<i32>().ok()?),
+        Some((m, e)) => {
+            let unsigned = e.strip_prefix(['+', '-']).unwrap_or(e);
+            if !digits(unsigned) {
+                return None;
+            }
+            (m, e.strip_prefix('+').unwrap_or(e).parse::<i32>().ok()?)
+        }
         None => (text, 0),
     };
+    let (whole, fraction) = match mantissa.strip_prefix('-').unwrap_or(mantissa).split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (mantissa.strip_prefix('-').unwrap_or(mantissa), None),
+    };
+    if !digits(whole) || fraction.is_some_and(|f| !digits(f)) {
+        return None;
+    }
     let mut d = Decimal::from_str_exact(mantissa).ok()?;
+    if d.is_zero() {
+        return Some(Decimal::ZERO);
+    }
     if exponent >= 0 {
+        // Past this, a mantissa that is not zero no longer fits (at most
+        // 28 digits, 10^28 and more after the point moved by its scale).
+        if exponent > 28 + d.scale() as i32 {
+            return None;
+        }
         for _ in 0..exponent {
             d = d.checked_mul(Decimal::TEN)?;
         }
@@ -403,6 +428,30 @@ mod tests {
             ("19.999", None),
             ("1e-40", None),
             ("abc", None),
+            // Zero and any exponent: zero, at once (it never overflows, so a
+            // multiplication per unit of exponent ran two billion times).
+            ("0e2147483647", Some("0")),
+            ("0.00E2147483647", Some("0")),
+            ("1e2147483647", None),
+            ("0.0000000001e2147483647", None),
+            ("1e99999999999", None),
+            // Only the JSON number's grammar: no separators, no sign after a
+            // sign, no bare point.
+            ("1_000", None),
+            ("1_2.5_0", None),
+            ("1e+-2", None),
+            ("1e-+2", None),
+            ("1e", None),
+            ("e2", None),
+            ("+5", None),
+            (".5", None),
+            ("5.", None),
+            ("1.2.3", None),
+            (" 5", Some("5")),
+            ("007.50", Some("7.5")),
+            ("1.5e-1", Some("0.15")),
+            ("1.5e-3", None),
+            ("150e-2", Some("1.5")),
         ] {
             let mut v = valid();
             v["unit_price"] = json!(text);
