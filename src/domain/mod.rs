@@ -7,7 +7,7 @@ mod order;
 
 pub use filter::{fold_case, Filter};
 pub(crate) use order::{object, reject_unknown};
-pub use order::{NewOrder, OrderPatch, Status};
+pub use order::{parse_version_body, NewOrder, OrderPatch, Status};
 
 /// A rejected input: which field, a stable code, and a human message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

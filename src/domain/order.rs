@@ -238,6 +238,25 @@ fn price(v: &Value) -> Result<Decimal, ValidationError> {
     Ok(d)
 }
 
+fn version(v: &Value) -> Result<i32, ValidationError> {
+    whole_number(v)
+        .filter(|n| (1..=i32::MAX as i64).contains(n))
+        .map(|n| n as i32)
+        .ok_or_else(|| ValidationError::new("version", "must be a positive whole number"))
+}
+
+/// The body a cancel or a delete may carry: `{"version": N}`, the expected
+/// current version (like If-Match), or nothing (`None`).
+pub fn parse_version_body(value: &Value) -> Result<Option<i32>, ValidationError> {
+    let map = object(value)?;
+    reject_unknown(map, &["version"])?;
+    match map.get("version") {
+        None => Ok(None),
+        Some(Value::Null) => Err(ValidationError::new("version", "cannot be null")),
+        Some(v) => version(v).map(Some),
+    }
+}
+
 fn status(v: &Value) -> Result<Status, ValidationError> {
     v.as_str().ok_or_else(|| ValidationError::new("status", "must be a string"))?.parse()
 }
@@ -309,14 +328,7 @@ impl OrderPatch {
             unit_price: non_null("unit_price")?.map(price).transpose()?,
             status: non_null("status")?.map(status).transpose()?,
             error_message: map.get("error_message").map(error_message).transpose()?,
-            version: non_null("version")?
-                .map(|v| {
-                    whole_number(v)
-                        .filter(|n| (1..=i32::MAX as i64).contains(n))
-                        .map(|n| n as i32)
-                        .ok_or_else(|| ValidationError::new("version", "must be a positive whole number"))
-                })
-                .transpose()?,
+            version: non_null("version")?.map(version).transpose()?,
         };
         if patch.is_empty() {
             return Err(ValidationError::with_code(

@@ -71,6 +71,14 @@ pub struct OrderPatchDoc {
     pub version: Option<i32>,
 }
 
+/// The optional body of a cancel or a delete.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ExpectedVersion)]
+pub struct VersionDoc {
+    /// Expected current version (like If-Match).
+    pub version: Option<i32>,
+}
+
 /// A page of orders.
 #[derive(Serialize, ToSchema)]
 #[schema(as = OrderPage)]
@@ -167,6 +175,7 @@ pub struct ProblemDoc {
         OrderDoc,
         NewOrderDoc,
         OrderPatchDoc,
+        VersionDoc,
         OrderPageDoc,
         HistoryDoc,
         StatsDoc,

@@ -510,7 +510,16 @@ async fn update(
     let id = parse_id(&path)?;
     let body = read_body(&req, body, state.settings.max_body_bytes).await?;
     let patch = OrderPatch::parse(&parse_body(&body)?)?;
-    let expected = match (if_match(&req)?, patch.version) {
+    let expected = expected_versions(if_match(&req)?, patch.version)?;
+    let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref(), None).await?;
+    let version = order_version(&json);
+    Ok(json_response(HttpResponse::Ok(), json, version))
+}
+
+/// The versions a write may apply to, from If-Match (`header`, see
+/// `if_match`) and the body's `"version"`: both, when given, must agree.
+fn expected_versions(header: Option<(Vec<i32>, String)>, body: Option<i32>) -> Result<Option<Vec<i32>>, ApiError> {
+    Ok(match (header, body) {
         // No tag that can match: nothing matches, whatever the body says (412).
         (Some((h, _)), Some(_)) if h.is_empty() => Some(h),
         (Some((h, sent)), Some(b)) if !h.contains(&b) => {
@@ -521,10 +530,16 @@ async fn update(
         }
         (_, Some(b)) => Some(vec![b]),
         (h, None) => h.map(|(h, _)| h),
-    };
-    let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref(), None).await?;
-    let version = order_version(&json);
-    Ok(json_response(HttpResponse::Ok(), json, version))
+    })
+}
+
+/// The `"version"` of a cancel's or a delete's body, which may be empty.
+async fn body_version(req: &HttpRequest, body: web::Payload, limit: usize) -> Result<Option<i32>, ApiError> {
+    let body = read_body(req, body, limit).await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    Ok(crate::domain::parse_version_body(&parse_body(&body)?)?)
 }
 
 /// Change some fields of an order (partial update).
@@ -578,9 +593,10 @@ pub async fn put_order(
 /// Cancel an order (allowed from pending, processing and processed).
 #[utoipa::path(post, path = "/api/orders/{id}/cancel", tag = "orders",
     params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version: \"3\" (the ETag), or a list such as \"2\", \"3\"; a weak tag (W/\"3\") never matches")),
+    request_body(content = Option<crate::routes::openapi::VersionDoc>, content_type = "application/json", description = "Optional: the expected version, like If-Match"),
     responses(
         (status = 200, description = "The cancelled order", body = crate::routes::openapi::OrderDoc),
-        (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
+        (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Cannot be cancelled in its status", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
@@ -589,12 +605,14 @@ pub async fn put_order(
 pub async fn cancel(
     req: HttpRequest,
     path: web::Path<String>,
+    body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
     let customer = restriction(&req);
+    let version = body_version(&req, body, state.settings.max_body_bytes).await?;
     let expected = match if_match(&req) {
-        Ok(v) => v.map(|(versions, _)| versions),
+        Ok(header) => expected_versions(header, version)?,
         // An order that is already cancelled says so even when If-Match is
         // malformed (the status has always been checked first).
         Err(e) => {
@@ -621,9 +639,10 @@ pub async fn cancel(
 /// Delete an order.
 #[utoipa::path(delete, path = "/api/orders/{id}", tag = "orders",
     params(("id" = i64, Path, description = "Order id"), ("If-Match" = Option<String>, Header, description = "Expected version: \"3\" (the ETag), or a list such as \"2\", \"3\"; a weak tag (W/\"3\") never matches")),
+    request_body(content = Option<crate::routes::openapi::VersionDoc>, content_type = "application/json", description = "Optional: the expected version, like If-Match"),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 400, description = "Not an order id (invalid_id), or an If-Match that is not a version (invalid_if_match)", body = crate::routes::openapi::ProblemDoc),
+        (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Its processor steps (payment, stock) are not undone (order_not_settled): cancel it first; a running order processor undoes a failed or cancelled one", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
@@ -632,10 +651,12 @@ pub async fn cancel(
 pub async fn delete_order(
     req: HttpRequest,
     path: web::Path<String>,
+    body: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&path)?;
-    let expected = if_match(&req)?.map(|(versions, _)| versions);
+    let version = body_version(&req, body, state.settings.max_body_bytes).await?;
+    let expected = expected_versions(if_match(&req)?, version)?;
     let client = state.pool.get().await?;
     let deleted = client
         .query_opt(

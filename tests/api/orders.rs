@@ -419,6 +419,59 @@ async fn if_match_compares_strongly_and_takes_a_list_of_versions() {
     assert_eq!(delete(", \"9\",, \"5\",").await.unwrap().status(), 204);
 }
 
+/// Cancel and delete take the expected version in the body too, as PATCH
+/// does: a stale one gets 412 and changes nothing, one that disagrees with
+/// If-Match 400, and a body that is not `{"version": N}` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_delete_take_the_expected_version_in_the_body() {
+    let app = spawn_app().await;
+    let id = app.create_order("Versioned").await["id"].as_i64().unwrap();
+    let path = format!("/api/orders/{id}");
+    app.patch(id, &json!({"quantity": 5})).await; // version 2
+    let send = |method: reqwest::Method, path: String, if_match: Option<&'static str>, body: Option<&'static str>| {
+        let mut r = app.http.request(method, app.url(&path));
+        if let Some(h) = if_match {
+            r = r.header("If-Match", h);
+        }
+        if let Some(b) = body {
+            r = r.header("content-type", "application/json").body(b);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let cancel = |if_match, body| send(reqwest::Method::POST, format!("{path}/cancel"), if_match, body);
+    let delete = |if_match, body| send(reqwest::Method::DELETE, path.clone(), if_match, body);
+    let code = |v: &Value| v["code"].as_str().map(str::to_owned);
+    for (call, body, if_match, status, want) in [
+        ("cancel", r#"{"version": 1}"#, None, 412, "version_conflict"),
+        ("delete", r#"{"version": 1}"#, None, 412, "version_conflict"),
+        ("cancel", r#"{"version": 2}"#, Some("\"1\""), 400, "version_mismatch"),
+        ("delete", r#"{"version": 2}"#, Some("\"1\""), 400, "version_mismatch"),
+        ("cancel", r#"{"version": 2, "reason": "x"}"#, None, 422, "unknown_field"),
+        ("delete", r#"{"version": 0}"#, None, 422, "validation_failed"),
+        ("cancel", r#"{"version": null}"#, None, 422, "validation_failed"),
+        ("delete", r#"[2]"#, None, 422, "invalid_body"),
+        ("cancel", r#"{"version": "#, None, 400, "malformed_json"),
+    ] {
+        let (s, b) =
+            if call == "cancel" { cancel(if_match, Some(body)).await } else { delete(if_match, Some(body)).await };
+        assert_eq!((s, code(&b)), (status, Some(want.to_string())), "{call} {body}: {b}");
+    }
+    let (_, order) = app.get_json(&path).await;
+    assert_eq!((order["status"].as_str(), order["version"].as_i64()), (Some("pending"), Some(2)), "{order}");
+    // The current version, in the body alone or agreeing with If-Match; an
+    // empty body is no version at all.
+    let (s, b) = cancel(None, Some(r#"{"version": 2}"#)).await;
+    assert_eq!((s, b["status"].as_str(), b["version"].as_i64()), (200, Some("cancelled"), Some(3)), "{b}");
+    let (s, b) = delete(Some("\"3\""), Some(r#"{"version": 2}"#)).await;
+    assert_eq!((s, code(&b)), (400, Some("version_mismatch".into())), "{b}");
+    let (s, _) = delete(Some("\"3\""), Some(" \n")).await;
+    assert_eq!(s, 204);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cancels_of_one_order_let_exactly_one_through() {
     const CANCELS: usize = 12;
