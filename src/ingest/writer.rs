@@ -374,14 +374,22 @@ pub struct Writer {
     /// Per partition, the position this writer last committed, and its log
     /// generation: a stored position found below it went back in time.
     committed: Committed,
-    /// Partitions read again since a position that went back: where from, since when.
-    going_back: HashMap<i32, (i64, std::time::Instant)>,
+    /// Partitions read again since a position that went back: where from,
+    /// since when, and how many writes sent messages of it back since.
+    going_back: HashMap<i32, (i64, std::time::Instant, u32)>,
     go_back_limit: Duration,
 }
 
 /// How long a partition whose position went back may wait for the messages
 /// from there before the ingest goes on without them (see `Writer::attempt`).
 const GO_BACK_LIMIT: Duration = Duration::from_secs(30);
+/// ...and how many writes must have sent its messages back meanwhile. What
+/// was read before the seek back reaches the writer first: the reader's
+/// batch, the one waiting for a writer, the writer's own, a few at most. A
+/// write that takes long (a database that fails over again, a batch
+/// applied one transaction per message) is no sign that the seek did not
+/// take, so time alone does not decide.
+const GO_BACK_WRITES: u32 = 8;
 
 /// partition -> (log generation, position committed).
 type Committed = HashMap<i32, (i32, i64)>;
@@ -621,16 +629,19 @@ impl Writer {
                         };
                         // Batches read before the seek back come first, for
                         // a moment; still nothing from before the position
-                        // this writer committed after `go_back_limit`, the log
-                        // no longer holds it (retention, compaction) or the
-                        // seek does not take: go on from what it holds.
-                        let (to, since) = *self.going_back.entry(p).or_insert((r.to, now));
+                        // this writer committed after `go_back_limit` and
+                        // `GO_BACK_WRITES` writes, the log no longer holds it
+                        // (retention, compaction) or the seek does not take:
+                        // go on from what it holds.
+                        let entry = self.going_back.entry(p).or_insert((r.to, now, 0));
+                        entry.2 += 1;
+                        let (to, since, writes) = *entry;
                         let wait = self.go_back_limit;
-                        if to == r.to && now.duration_since(since) > wait {
+                        if to == r.to && now.duration_since(since) > wait && writes > GO_BACK_WRITES {
                             log::error!(
                                 "Kafka partition {}/{p}: its stored position went back to {to}, but the messages \
-                                 from there were not read again within {wait:?}: going on from what the log \
-                                 holds; the messages between are not applied",
+                                 from there were not read again within {wait:?} and {writes} writes: going on \
+                                 from what the log holds; the messages between are not applied",
                                 scope.topic
                             );
                             self.committed.insert(p, (generation, next));

@@ -1132,7 +1132,8 @@ async fn a_batch_read_across_the_seek_back_of_a_position_gone_back_loses_nothing
 /// The database went back from position 5 to 2, and the log no longer holds
 /// offsets 2 to 4 (retention): what comes is 5, again and again. The writer
 /// sends it back while it waits for the messages from 2, then, past its
-/// limit, goes on from what the log holds. Before, it sent 5 back forever.
+/// limit in time and in writes, goes on from what the log holds. Before, it
+/// sent 5 back forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_gone_back_to_messages_the_log_no_longer_holds_goes_on_after_its_limit() {
     use ordercast::ingest::writer::{Fate, Rewind};
@@ -1145,9 +1146,12 @@ async fn a_position_gone_back_to_messages_the_log_no_longer_holds_goes_on_after_
     let outcome = writer.write(&batch(&[5])).await.expect("written");
     assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![sent_back.clone()]));
     tokio::time::sleep(Duration::from_millis(700)).await;
-    // Past the limit: this batch is still sent back, the next is applied.
-    let outcome = writer.write(&batch(&[5])).await.expect("written");
-    assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![sent_back]));
+    // Past the limit in time, 5 keeps coming: sent back until the writes
+    // are past theirs too (the eighth after the first); the next is applied.
+    for _ in 0..8 {
+        let outcome = writer.write(&batch(&[5])).await.expect("written");
+        assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![sent_back.clone()]));
+    }
     let outcome = writer.write(&batch(&[5, 6])).await.expect("written");
     assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Applied, Fate::Applied], vec![]));
     let (orders, next) = orders_and_position(&db, "expired").await;
@@ -1155,6 +1159,34 @@ async fn a_position_gone_back_to_messages_the_log_no_longer_holds_goes_on_after_
         (orders, next),
         (vec!["expired-0".into(), "expired-1".into(), "expired-5".into(), "expired-6".into()], Some(7))
     );
+}
+
+/// The database went back from position 5 to 2, and the batches read
+/// before the seek back take long to reach the writer (the database failed
+/// over again meanwhile, say): past the time limit, they are still sent
+/// back, and the messages from 2 are applied when they come. Before, the
+/// time limit alone let the next batch of 5 and 6 through, and 2 to 4,
+/// read again after it, were skipped as redeliveries: lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_read_before_a_seek_back_that_come_late_are_still_sent_back() {
+    use ordercast::ingest::writer::Fate;
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    let (mut writer, batch) = restore_test(&app, "late", Duration::from_millis(500)).await;
+    go_back_to_2(&db, "late").await;
+    let outcome = writer.write(&batch(&[5])).await.expect("written");
+    assert_eq!(outcome.fates, [Fate::Reread]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for offsets in [&[5, 6][..], &[6]] {
+        let outcome = writer.write(&batch(offsets)).await.expect("written");
+        assert!(outcome.fates.iter().all(|f| *f == Fate::Reread), "{offsets:?}: {:?}", outcome.fates);
+    }
+    let outcome = writer.write(&batch(&[2, 3, 4, 5, 6])).await.expect("written");
+    assert!(outcome.fates.iter().all(|f| *f == Fate::Applied), "{:?}", outcome.fates);
+    let (orders, next) = orders_and_position(&db, "late").await;
+    let all: Vec<String> = (0..7).map(|i| format!("late-{i}")).collect();
+    assert_eq!((orders, next), (all, Some(7)));
 }
 
 /// While the broker is away, each round of the dead-letter publisher waits
