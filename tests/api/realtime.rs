@@ -1735,3 +1735,54 @@ async fn a_loss_right_after_a_recorded_one_is_recognised_in_a_quiet_log() {
     let mut resumed = app.ws(&format!("?since={floor}")).await;
     assert_position_unknown(&resumed.next_json(WAIT).await);
 }
+
+/// A read of the log visits the transactions of its window, not every one
+/// after its position. With a window that holds fewer transactions than the
+/// read's limit (multi-row transactions, a gap), the read walked the index
+/// to the log's head: a client far behind paid for the whole backlog at
+/// every read, and a listener back after retention passed its position
+/// could time out on every read, again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_read_visits_its_window_not_the_backlog() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    // Ten transactions of 100 rows (positions 1 to 1,000), then 3,000 of one.
+    db.batch_execute(
+        "DO $$ BEGIN
+           FOR t IN 1..10 LOOP
+             INSERT INTO orders (customer_name, product, quantity, unit_price)
+             SELECT 'bulk ' || t || '-' || g, 'Read', 1, 1 FROM generate_series(1, 100) g;
+             COMMIT;
+           END LOOP;
+           FOR t IN 1..3000 LOOP
+             INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('one ' || t, 'Read', 1, 1);
+             COMMIT;
+           END LOOP;
+         END $$",
+    )
+    .await
+    .unwrap();
+    // Rows read, and transactions fetched by the read's index scans (the
+    // counter also holds this connection's earlier work not yet reported,
+    // so the difference; nothing is reported inside a transaction).
+    let read = |after: i64| {
+        let db = &db;
+        async move {
+            let counter = "SELECT idx_tup_fetch FROM pg_stat_xact_user_tables WHERE relname = 'change_tx'";
+            db.batch_execute("BEGIN").await.unwrap();
+            let before: i64 = db.query_one(counter, &[]).await.unwrap().get(0);
+            let rows = db.query("SELECT pos FROM change_read($1, 1000)", &[&after]).await.unwrap().len();
+            let fetched: i64 = db.query_one(counter, &[]).await.unwrap().get(0);
+            db.batch_execute("COMMIT").await.unwrap();
+            (rows, fetched - before)
+        }
+    };
+    // The window (0, 1000] holds the ten bulk transactions.
+    let (rows, fetched) = read(0).await;
+    assert_eq!(rows, 1000);
+    assert!(fetched < 100, "a read of 10 transactions fetched {fetched} of them");
+    // A window of single-row transactions stops at the limit as before.
+    let (rows, fetched) = read(1500).await;
+    assert_eq!(rows, 1000);
+    assert!(fetched < 1100, "a read of 1,000 transactions fetched {fetched} of them");
+}
