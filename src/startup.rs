@@ -387,6 +387,7 @@ impl Application {
         let head = {
             let client = pool.get().await.context("Failed to connect to the database")?;
             warn_on_ascii_case_folding(&client).await;
+            prune_foreign_transactions(&client).await?;
             crate::changes::log_bounds(&client).await.map_err(crate::db::describe)?.0
         };
         // Each pool starts with a connection made (kept for reuse): the first
@@ -518,4 +519,30 @@ impl Application {
         }
         result
     }
+}
+
+/// A change log carried into another cluster (a logical dump restored, a
+/// move by logical replication) keeps the old cluster's transaction ids,
+/// which the new cluster's transactions reach in time: a transaction whose
+/// id matches a kept entry would add its changes to that entry, at old
+/// positions, under the readers' feet. Every entry with an id this cluster
+/// has not handed out yet is such a one (no transaction of this cluster
+/// committed with an id above the one handed out now), so the log is pruned
+/// through them: clients resuming before are told to resync, as after
+/// retention.
+async fn prune_foreign_transactions(client: &deadpool_postgres::Client) -> anyhow::Result<()> {
+    let d = crate::db::describe;
+    let foreign: Option<i64> = client
+        .query_one("SELECT max(end_pos) FROM change_tx WHERE txid >= pg_current_xact_id()", &[])
+        .await
+        .map_err(d)?
+        .get(0);
+    if let Some(through) = foreign {
+        log::warn!(
+            "the change log holds transactions of another PostgreSQL cluster (restored from a logical dump?): \
+             pruning it through position {through}; clients resuming before it are told to resync"
+        );
+        client.query_one("SELECT change_prune($1)", &[&through]).await.map_err(d)?;
+    }
+    Ok(())
 }

@@ -1786,3 +1786,43 @@ async fn a_log_read_visits_its_window_not_the_backlog() {
     assert_eq!(rows, 1000);
     assert!(fetched < 1100, "a read of 1,000 transactions fetched {fetched} of them");
 }
+
+/// A change log carried into another cluster (a logical dump restored)
+/// keeps the old cluster's transaction ids, which this cluster's
+/// transactions reach in time: one whose id matched a kept entry added its
+/// changes to it, at old positions, and the next commits collided with the
+/// log. At start-up the server prunes the log through such entries; this
+/// cluster's transactions then pass their ids and are numbered and pushed
+/// as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_carried_from_another_cluster_is_pruned_through_its_transactions_at_start() {
+    let mut first = spawn_app().await;
+    let db = first.sql().await;
+    db.execute(LOST_INSERT, &[&"before"]).await.unwrap();
+    first.stop().await;
+    // As a logical restore leaves it: an entry whose transaction id this
+    // cluster reaches 300 transactions from now (the sequencer numbers it
+    // after the head).
+    db.execute(
+        "INSERT INTO change_tx (txid, n) VALUES ((pg_current_xact_id()::text::bigint + 300)::text::xid8, 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let end: i64 = db.query_one("SELECT max(end_pos) FROM change_tx", &[]).await.unwrap().get(0);
+    let app = crate::helpers::spawn_app_on(&first.db_url, |_| {}).await;
+    let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
+    assert_eq!(pruned, end);
+    let mut ws = app.ws(&format!("?since={end}")).await;
+    ws.ready().await;
+    db.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..400 LOOP
+           INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('after ' || i, 'Moved', 1, 1);
+           COMMIT;
+         END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    let seqs: Vec<i64> = ws.changes(400, WAIT).await.iter().map(seq).collect();
+    assert_eq!(seqs, (end + 1..end + 401).collect::<Vec<i64>>());
+}
