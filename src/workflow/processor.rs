@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use futures_util::future::BoxFuture;
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -56,6 +57,12 @@ const RESUME_EVERY: Duration = Duration::from_secs(5);
 const RESUME_WINDOW: i64 = 256;
 /// Calls of a step that keeps being unavailable before the order fails.
 pub const MAX_ATTEMPTS: i32 = 10;
+/// A step's call (execute or compensate) not answered within this long is
+/// taken as unavailable: retried with the same idempotency key, counted
+/// toward `MAX_ATTEMPTS`. Without a limit, a service that took the request
+/// and never answered held the order, and its lock, for good: not even a
+/// cancel could undo its charge.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopping processor lets its orders finish before leaving them
 /// to be resumed.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -206,6 +213,7 @@ struct Ctx {
     pool: Pool,
     steps: Steps,
     state: Arc<ProcessorState>,
+    step_timeout: Duration,
 }
 
 impl Processor {
@@ -217,9 +225,17 @@ impl Processor {
         state.enabled.store(true, Ordering::Relaxed);
         Ok(Processor {
             url: url.to_string(),
-            ctx: Arc::new(Ctx { pool, steps, state }),
+            ctx: Arc::new(Ctx { pool, steps, state, step_timeout: STEP_TIMEOUT }),
             concurrency: concurrency.max(1),
         })
+    }
+
+    /// The time a step's call may take before it counts as unavailable
+    /// (`STEP_TIMEOUT` unless set).
+    pub fn with_step_timeout(mut self, limit: Duration) -> Processor {
+        // expect: set right after `new`, before any task holds the context
+        Arc::get_mut(&mut self.ctx).expect("the context is not shared yet").step_timeout = limit;
+        self
     }
 
     /// Runs until `shutdown` flips; reconnects with backoff on database errors.
@@ -485,6 +501,14 @@ const EXECUTE: &str = "execute";
 const COMPENSATE: &str = "compensate";
 
 impl Ctx {
+    /// A step's call, answered within `step_timeout` or taken as unavailable.
+    async fn call(&self, call: BoxFuture<'_, Result<String, StepError>>) -> Result<String, StepError> {
+        match tokio::time::timeout(self.step_timeout, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(StepError::Unavailable(format!("no answer within {} s", self.step_timeout.as_secs_f64()))),
+        }
+    }
+
     /// One attempt at an order, from wherever its records say it stands.
     async fn drive(&self, id: i64) -> anyhow::Result<Finish> {
         // A connection is taken per statement, never held across a step: the
@@ -524,7 +548,7 @@ impl Ctx {
             let failure = match rec.outcome.as_str() {
                 "done" => None,
                 "failed" => Some(rec.detail.unwrap_or_default()),
-                _ => match step.execute(&order).await {
+                _ => match self.call(step.execute(&order)).await {
                     Ok(detail) => {
                         finish(db, id, step.name(), EXECUTE, "done", &detail).await?;
                         None
@@ -613,7 +637,7 @@ impl Ctx {
             let detail = match rec.outcome.as_str() {
                 "done" => rec.detail.unwrap_or_default(),
                 "failed" => format!("FAILED: {}", rec.detail.unwrap_or_default()),
-                _ => match step.compensate(order).await {
+                _ => match self.call(step.compensate(order)).await {
                     Ok(detail) => {
                         finish(db, order.id, step.name(), COMPENSATE, "done", &detail).await?;
                         self.state.compensations.fetch_add(1, Ordering::Relaxed);

@@ -453,6 +453,32 @@ async fn a_processor_that_dies_mid_payment_is_resumed_without_charging_twice() {
     assert_eq!(second.state.resumed.load(Ordering::Relaxed), 1);
 }
 
+/// A payment service that takes the request (and charges) but never
+/// answers, while the processor lives on: the call is given up after the
+/// step's time limit and asked again with the same key, so the order goes
+/// on, charged once. Before, the call waited for ever and held the order,
+/// and its lock, for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_never_answers_is_asked_again_after_its_time_limit() {
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::EffectThenHang);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+    let state = Arc::new(ProcessorState::default());
+    let processor = Processor::new(&app.db_url, vec![payment.clone(), inventory.clone()], 8, state.clone())
+        .expect("build the processor")
+        .with_step_timeout(Duration::from_secs(1));
+    let (_stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(processor.run(shutdown));
+    let id = app.create_order("Hung Payment").await["id"].as_i64().unwrap();
+    wait_status(&app, id, "processed").await;
+    task.abort();
+    assert_eq!(payment.calls.load(Ordering::SeqCst), 2, "asked again after the time limit");
+    assert_eq!(payment.effects(id), 1, "and charged once");
+    let steps = steps_of(&app.sql().await, id).await;
+    assert_eq!(outcomes(&steps), [("payment", "execute", "done"), ("inventory", "execute", "done")]);
+    assert_eq!(steps[0].3, 2, "two payment attempts recorded");
+}
+
 /// The order's step records once both its compensations are done.
 async fn both_compensated(db: &tokio_postgres::Client, id: i64) -> Vec<(String, String, String, i32, String)> {
     eventually(WAIT, || async move {
