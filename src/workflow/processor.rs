@@ -99,12 +99,32 @@ const UNDO_DUE_SQL: &str = "orders.status IN ('cancelled', 'failed') AND order_s
 
 /// See `begin`: a step's record is created, or counted as one more attempt
 /// while it is `started`; nothing is returned when it is already finished.
+/// A compensation's is committed asynchronously: should a database crash
+/// forget it, the compensation is called again, which is idempotent.
 const BEGIN_SQL: &str = "\
 WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
 INSERT INTO order_steps (order_id, step, action, outcome) SELECT $1, $2, $3, 'started' FROM a \
 ON CONFLICT (order_id, step, action) DO UPDATE \
    SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
 RETURNING outcome, detail, attempts";
+
+/// `BEGIN_SQL` committed durably, before a step's `execute` is called: it is
+/// the only sign that the call (a charge, a reservation) may have taken
+/// effect. Forgotten by a database crash, an order cancelled afterwards
+/// would find no step to undo and keep its charge.
+const BEGIN_DURABLE_SQL: &str = "\
+INSERT INTO order_steps (order_id, step, action, outcome) VALUES ($1, $2, $3, 'started') \
+ON CONFLICT (order_id, step, action) DO UPDATE \
+   SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
+RETURNING outcome, detail, attempts";
+
+/// Which of the two begins `action` takes.
+fn begin_sql(action: &str) -> &'static str {
+    match action {
+        EXECUTE => BEGIN_DURABLE_SQL,
+        _ => BEGIN_SQL,
+    }
+}
 
 const RECORD_SQL: &str =
     "SELECT outcome, detail, attempts FROM order_steps WHERE order_id = $1 AND step = $2 AND action = $3";
@@ -692,7 +712,7 @@ async fn load(db: &Pool, id: i64) -> anyhow::Result<Option<(String, OrderRef)>> 
 /// with the same idempotency key — the case every step handles anyway. The
 /// status updates stay synchronous, and flush every record before them.
 async fn begin(db: &Pool, id: i64, step: &str, action: &str) -> anyhow::Result<Record> {
-    let (client, stmt) = prepared(db, BEGIN_SQL).await?;
+    let (client, stmt) = prepared(db, begin_sql(action)).await?;
     let row = client.query_opt(&stmt, &[&id, &step, &action]).await.map_err(crate::db::describe)?;
     drop(client);
     let row = match row {
@@ -742,6 +762,12 @@ pub async fn run_standalone(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_steps_start_is_committed_durably_and_a_compensations_is_not() {
+        assert!(!super::begin_sql(super::EXECUTE).contains("synchronous_commit"));
+        assert!(super::begin_sql(super::COMPENSATE).contains("set_config('synchronous_commit', 'off', true)"));
+    }
+
     #[test]
     fn a_refusal_is_committed_durably_and_other_finishes_are_not() {
         assert!(!super::finish_sql("failed").contains("synchronous_commit"));
