@@ -182,10 +182,8 @@ fn exact_decimal(text: &str) -> Option<Decimal> {
         }
         None => (text, 0),
     };
-    let (whole, fraction) = match mantissa.strip_prefix('-').unwrap_or(mantissa).split_once('.') {
-        Some((w, f)) => (w, Some(f)),
-        None => (mantissa.strip_prefix('-').unwrap_or(mantissa), None),
-    };
+    let unsigned = mantissa.strip_prefix('-').unwrap_or(mantissa);
+    let (whole, fraction) = unsigned.split_once('.').map_or((unsigned, None), |(w, f)| (w, Some(f)));
     if !digits(whole) || fraction.is_some_and(|f| !digits(f)) {
         return None;
     }
