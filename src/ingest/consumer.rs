@@ -156,6 +156,13 @@ pub struct IngestContext {
     paused: std::sync::Mutex<std::collections::HashSet<i32>>,
 }
 
+/// A partition's stored position, as read at its assignment.
+#[derive(Debug, Clone, Copy)]
+struct StoredStart {
+    next: i64,
+    generation: i32,
+}
+
 /// How long an assignment may wait for the stored positions.
 const POSITIONS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -163,7 +170,7 @@ const POSITIONS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Blocking (the rebalance callback is synchronous): the query runs on a
 /// thread of its own, with its own connection, and is waited for at most
 /// `POSITIONS_TIMEOUT`.
-fn stored_positions(ctx: &IngestContext, partitions: &[i32]) -> anyhow::Result<HashMap<i32, i64>> {
+fn stored_positions(ctx: &IngestContext, partitions: &[i32]) -> anyhow::Result<HashMap<i32, StoredStart>> {
     let (url, group, topic, partitions) =
         (ctx.database_url.clone(), ctx.group_id.clone(), ctx.topic.clone(), partitions.to_vec());
     let (tx, rx) = std::sync::mpsc::channel();
@@ -175,13 +182,13 @@ fn stored_positions(ctx: &IngestContext, partitions: &[i32]) -> anyhow::Result<H
             tokio::spawn(connection);
             let rows = client
                 .query(
-                    "SELECT kafka_partition, next_offset FROM kafka_offsets \
+                    "SELECT kafka_partition, next_offset, log_generation FROM kafka_offsets \
                      WHERE group_id = $1 AND kafka_topic = $2 AND kafka_partition = ANY($3) AND next_offset IS NOT NULL",
                     &[&group, &topic, &partitions],
                 )
                 .await
                 .map_err(crate::db::describe)?;
-            anyhow::Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+            anyhow::Ok(rows.iter().map(|r| (r.get(0), StoredStart { next: r.get(1), generation: r.get(2) })).collect())
         };
         let answer = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -260,7 +267,7 @@ impl IngestContext {
         let deadline = std::time::Instant::now() + POSITIONS_TIMEOUT;
         for e in &mut elements {
             let p = e.partition();
-            let Some(&next) = stored.get(&p) else { continue };
+            let Some(&StoredStart { next, generation }) = stored.get(&p) else { continue };
             // A position beyond the log's end belongs to an older log (a
             // recreated topic): Kafka's offset or `auto.offset.reset` decides,
             // and the writer finds the reset (some brokers would otherwise
@@ -280,8 +287,9 @@ impl IngestContext {
                     continue;
                 }
             }
-            if let Err(err) = e.set_offset(Offset::Offset(next)) {
-                log::warn!("Kafka partition {}/{p}: cannot start at {next}: {err}", self.topic);
+            match e.set_offset(Offset::Offset(next)) {
+                Ok(()) => self.state.starts.note(p, generation, next),
+                Err(err) => log::warn!("Kafka partition {}/{p}: cannot start at {next}: {err}", self.topic),
             }
         }
     }
@@ -527,7 +535,11 @@ async fn start_waiting(consumer: Arc<SharedConsumer>, waiting: Vec<i32>) -> anyh
 /// partition PostgreSQL has never seen, or whose position is beyond its
 /// log's end: Kafka's offset decides, as at assignment) and resumes it.
 /// Blocking; under the rebalance lock.
-fn seek_and_resume(consumer: &SharedConsumer, waiting: &[i32], stored: &HashMap<i32, i64>) -> anyhow::Result<()> {
+fn seek_and_resume(
+    consumer: &SharedConsumer,
+    waiting: &[i32],
+    stored: &HashMap<i32, StoredStart>,
+) -> anyhow::Result<()> {
     let ctx = consumer.context();
     let _settling = ctx.rebalance.lock().unwrap_or_else(|e| e.into_inner());
     let still = ctx.state.awaiting_positions();
@@ -535,12 +547,16 @@ fn seek_and_resume(consumer: &SharedConsumer, waiting: &[i32], stored: &HashMap<
     for &p in waiting.iter().filter(|p| still.contains(p)) {
         let at = match stored.get(&p) {
             None => "Kafka's committed offset (PostgreSQL has no position for it)".to_string(),
-            Some(&next) => match consumer.fetch_watermarks(&ctx.topic, p, LOG_ENDS_TIMEOUT) {
+            Some(&StoredStart { next, generation }) => match consumer.fetch_watermarks(&ctx.topic, p, LOG_ENDS_TIMEOUT)
+            {
                 Ok((_, end)) if next > end => {
                     format!("Kafka's committed offset (the stored position {next} is beyond the log's end {end})")
                 }
                 Ok(_) => match consumer.seek(&ctx.topic, p, Offset::Offset(next), SEEK_TIMEOUT) {
-                    Ok(()) => format!("its stored position {next}"),
+                    Ok(()) => {
+                        ctx.state.starts.note(p, generation, next);
+                        format!("its stored position {next}")
+                    }
                     Err(e) => {
                         failed.push(format!("partition {p}: cannot seek to {next}: {e}"));
                         continue;

@@ -157,6 +157,9 @@ pub struct IngestState {
     /// the process restarts.
     pub task_failure: Mutex<Option<String>>,
     pub partitions: Mutex<BTreeMap<i32, PartitionState>>,
+    /// Where assigned partitions started: their stored positions, for the
+    /// writers to check the database against before their first commit.
+    pub starts: writer::Starts,
 }
 
 impl IngestState {
@@ -374,6 +377,7 @@ pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Rece
         .map(|_| {
             Writer::new(database_url, &settings.group_id, &settings.topic)
                 .with_log_ends(consumer::LogEnds::new(&consumer, &settings.topic))
+                .with_starts(state.starts.clone())
         })
         .collect();
     let settler = consumer::settle(Arc::downgrade(&consumer), shutdown.clone());

@@ -43,6 +43,7 @@
 //! moves the position past its message.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -378,6 +379,7 @@ pub struct Writer {
     /// since when, and how many writes sent messages of it back since.
     going_back: HashMap<i32, (i64, std::time::Instant, u32)>,
     go_back_limit: Duration,
+    starts: Option<Starts>,
 }
 
 /// How long a partition whose position went back may wait for the messages
@@ -393,6 +395,31 @@ const GO_BACK_WRITES: u32 = 8;
 
 /// partition -> (log generation, position committed).
 type Committed = HashMap<i32, (i32, i64)>;
+
+/// The positions assigned partitions started from, noted by the consumer at
+/// each assignment and taken by the writer that writes the partition. They
+/// are what the database held then: one found below it before this
+/// writer's first commit went back in time as surely as one found below
+/// what it committed (a failover that lost the previous owner's last
+/// commits while this instance was taking over).
+#[derive(Debug, Default, Clone)]
+pub struct Starts(Arc<Mutex<HashMap<i32, (i32, i64)>>>);
+
+impl Starts {
+    /// Partition `p` starts at `next` of log generation `generation`.
+    pub fn note(&self, p: i32, generation: i32, next: i64) {
+        self.0.lock().unwrap().insert(p, (generation, next)); // unwrap: never held across a panic
+    }
+
+    /// Takes the starts of `partitions` noted since the last take.
+    fn take(&self, partitions: impl Iterator<Item = i32>) -> Vec<(i32, (i32, i64))> {
+        let mut starts = self.0.lock().unwrap(); // unwrap: never held across a panic
+        if starts.is_empty() {
+            return Vec::new();
+        }
+        partitions.filter_map(|p| starts.remove(&p).map(|s| (p, s))).collect()
+    }
+}
 
 /// Far enough behind the stored position to be worth a seek.
 const SEEK_AHEAD_MIN: i64 = 1000;
@@ -412,7 +439,15 @@ impl Writer {
             committed: Committed::new(),
             going_back: HashMap::new(),
             go_back_limit: GO_BACK_LIMIT,
+            starts: None,
         }
+    }
+
+    /// Where the consumer started the partitions it was assigned (see
+    /// `Starts`).
+    pub fn with_starts(mut self, starts: Starts) -> Writer {
+        self.starts = Some(starts);
+        self
     }
 
     /// Another wait than `GO_BACK_LIMIT` for the messages from a position
@@ -591,6 +626,16 @@ impl Writer {
             Mode::Careful => self.attempt_timeout + CAREFUL_PER_MESSAGE * msgs.len().min(u32::MAX as usize) as u32,
             _ => self.attempt_timeout,
         };
+        // Where the partitions started at their last assignment counts as
+        // committed by this writer, unless it committed further since (or
+        // in a later log). Taken once: a writer that gave up waiting for a
+        // position gone back goes on from it.
+        if let Some(starts) = &self.starts {
+            for (p, start) in starts.take(msgs.iter().map(|m| m.partition)) {
+                let known = self.committed.entry(p).or_insert(start);
+                *known = (*known).max(start);
+            }
+        }
         // `ends`: where the logs of partitions with messages below their
         // stored positions end, asked of the broker between transactions.
         for _ in 0..ASK_BROKER_ROUNDS {

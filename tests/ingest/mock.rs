@@ -1032,15 +1032,33 @@ async fn a_database_gone_back_in_time_is_caught_up_from_its_stored_position() {
     let db = app.sql().await;
     crate::helpers::eventually(WAIT, || async { (stored(&db, &n).await == [(0, Some(5))]).then_some(()) }).await;
     // The backup was taken after the first two events.
+    lost_2_to_4_then_5_and_6_bring_all_seven(&app, &db, &producer, &n, "restore").await;
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
+}
+
+/// The database goes back from position 5 to 2 (the orders `{prefix}-2` to
+/// `{prefix}-4` and their event ids lost with it); events 5 and 6 come: all
+/// seven orders are there in the end, each event recorded as applied from
+/// its own offset, the lost ones too, and the position is 7.
+async fn lost_2_to_4_then_5_and_6_bring_all_seven(
+    app: &crate::helpers::TestApp,
+    db: &tokio_postgres::Client,
+    kafka: &rdkafka::producer::FutureProducer,
+    n: &crate::kafka::Names,
+    prefix: &str,
+) {
+    use crate::kafka::*;
+
     db.execute("DELETE FROM ingested_events WHERE kafka_topic = $1 AND kafka_offset >= 2", &[&n.topic]).await.unwrap();
-    db.batch_execute("DELETE FROM orders WHERE external_id IN ('restore-2', 'restore-3', 'restore-4')").await.unwrap();
+    let lost: Vec<String> = (2..5).map(|i| format!("{prefix}-{i}")).collect();
+    db.execute("DELETE FROM orders WHERE external_id = ANY($1)", &[&lost]).await.unwrap();
     db.execute("UPDATE kafka_offsets SET next_offset = 2 WHERE group_id = $1", &[&n.group]).await.unwrap();
     for i in 5..7 {
-        send_event(&producer, &n.topic, &created(&format!("restore-{i}"))).await;
+        send_event(kafka, &n.topic, &created(&format!("{prefix}-{i}"))).await;
     }
-    wait_count(&app.db_url, orders, 7, WAIT).await;
-    crate::helpers::eventually(WAIT, || async { (stored(&db, &n).await == [(0, Some(7))]).then_some(()) }).await;
-    // Each event recorded as applied from its own offset, the lost ones too.
+    let orders = format!("SELECT count(*) FROM orders WHERE external_id LIKE '{prefix}-%'");
+    wait_count(&app.db_url, &orders, 7, WAIT).await;
+    crate::helpers::eventually(WAIT, || async { (stored(db, n).await == [(0, Some(7))]).then_some(()) }).await;
     let offsets: Vec<i64> = db
         .query("SELECT kafka_offset FROM ingested_events WHERE kafka_topic = $1 ORDER BY 1", &[&n.topic])
         .await
@@ -1049,7 +1067,6 @@ async fn a_database_gone_back_in_time_is_caught_up_from_its_stored_position() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(offsets, (0..7).collect::<Vec<i64>>());
-    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0);
 }
 
 /// The database of `restore_test` after it went back from position 5 to 2:
@@ -1087,6 +1104,23 @@ async fn restore_test(
     let outcome = writer.write(&batch(&[0, 1, 2, 3, 4])).await.expect("written");
     assert_eq!(outcome.written, 5, "{:?}", outcome.fates);
     (writer, batch)
+}
+
+/// Offsets 2 to 6 read again after being sent back are all applied: the
+/// seven orders, and the position at 7.
+async fn all_seven_once_read_again(
+    writer: &mut ordercast::ingest::writer::Writer,
+    batch: &impl Fn(&[i64]) -> ordercast::ingest::Batch,
+    db: &tokio_postgres::Client,
+    prefix: &str,
+) {
+    use ordercast::ingest::writer::Fate;
+
+    let outcome = writer.write(&batch(&[2, 3, 4, 5, 6])).await.expect("written");
+    assert!(outcome.fates.iter().all(|f| *f == Fate::Applied), "{:?}", outcome.fates);
+    let (orders, next) = orders_and_position(db, prefix).await;
+    let all: Vec<String> = (0..7).map(|i| format!("{prefix}-{i}")).collect();
+    assert_eq!((orders, next), (all, Some(7)));
 }
 
 async fn orders_and_position(db: &tokio_postgres::Client, prefix: &str) -> (Vec<String>, Option<i64>) {
@@ -1182,11 +1216,53 @@ async fn batches_read_before_a_seek_back_that_come_late_are_still_sent_back() {
         let outcome = writer.write(&batch(offsets)).await.expect("written");
         assert!(outcome.fates.iter().all(|f| *f == Fate::Reread), "{offsets:?}: {:?}", outcome.fates);
     }
-    let outcome = writer.write(&batch(&[2, 3, 4, 5, 6])).await.expect("written");
-    assert!(outcome.fates.iter().all(|f| *f == Fate::Applied), "{:?}", outcome.fates);
-    let (orders, next) = orders_and_position(&db, "late").await;
-    let all: Vec<String> = (0..7).map(|i| format!("late-{i}")).collect();
-    assert_eq!((orders, next), (all, Some(7)));
+    all_seven_once_read_again(&mut writer, &batch, &db, "late").await;
+}
+
+/// The database went back from position 5 to 2 after a new owner of the
+/// partition started it at 5, and before that owner's first commit (a
+/// failover that lost the previous owner's last commits while this instance
+/// took over): what comes is 5 and 6. They are sent back, and 2 to 4 are
+/// applied when they are read again. Before, the writer had committed
+/// nothing to compare with: 5 and 6 were applied, moving the position past
+/// 2 to 4, lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_gone_back_before_a_new_owners_first_commit_loses_nothing() {
+    use ordercast::ingest::writer::{Fate, Rewind, Starts, Writer};
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    let (_previous_owner, batch) = restore_test(&app, "early", Duration::from_secs(30)).await;
+    let starts = Starts::default();
+    starts.note(0, 0, 5);
+    let mut writer = Writer::new(&app.db_url, "early-group", "early-topic").with_starts(starts);
+    go_back_to_2(&db, "early").await;
+    let outcome = writer.write(&batch(&[5, 6])).await.expect("written");
+    assert_eq!(outcome.fates, [Fate::Reread, Fate::Reread]);
+    assert_eq!(outcome.went_back, [Rewind { partition: 0, to: 2 }]);
+    all_seven_once_read_again(&mut writer, &batch, &db, "early").await;
+}
+
+/// The same through the consumer: an instance takes over a partition stored
+/// at 5, the database goes back to 2 before anything new arrives, and the
+/// next events (5 and 6) find it there. The consumer noted where it started
+/// the partition, so the writer reads it again from 2: all seven orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_taking_over_catches_up_a_database_gone_back_before_its_first_write() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let (producer, first) = five_applied_then_stopped(&broker, &n, "takeover").await;
+    let db = first.sql().await;
+    assert_eq!(stored(&db, &n).await, [(0, Some(5))]);
+    let second = spawn_ingest_on(&first.db_url, &broker, &n).await;
+    crate::helpers::eventually(WAIT, || async {
+        let (_, health) = second.get_json("/api/health").await;
+        (health["kafka"]["partitions"].as_array().is_some_and(|p| p.len() == 1)).then_some(())
+    })
+    .await;
+    lost_2_to_4_then_5_and_6_bring_all_seven(&second, &db, &producer, &n, "takeover").await;
 }
 
 /// While the broker is away, each round of the dead-letter publisher waits
