@@ -142,7 +142,7 @@ impl AppHandle {
     /// Sessions get a close frame carrying their resume position, then the
     /// HTTP server stops.
     pub async fn stop(&self) {
-        let _ = self.state.shutdown.send(true);
+        self.state.shutdown.send_replace(true);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while tokio::time::Instant::now() < deadline
             && (self.state.sessions.ws.load(std::sync::atomic::Ordering::Relaxed) > 0
@@ -505,7 +505,7 @@ impl Application {
     /// Serves until stopped through an `AppHandle`; then stops the background tasks.
     pub async fn run_until_stopped(mut self) -> std::io::Result<()> {
         let result = self.server.await;
-        let _ = self.state.shutdown.send(true);
+        self.state.shutdown.send_replace(true);
         let ingest_stopped = futures_util::future::join_all(self.ingest_tasks.iter_mut());
         if tokio::time::timeout(Duration::from_secs(10), ingest_stopped).await.is_err() {
             log::warn!("the Kafka ingest did not stop within 10 s");

@@ -161,6 +161,20 @@ async fn a_postgres_restart_mid_stream_is_survived_without_loss() {
     .await;
 }
 
+/// A graceful stop with no stream open and no Kafka ingest or processor:
+/// nothing subscribes to the shutdown signal, and the server must still know
+/// it is stopping (health answers 503 `shutting_down` to a load balancer's
+/// kept-alive connection, new streams are refused with their retry). Before,
+/// the flag was sent to no receiver and so never set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_with_no_stream_open_still_says_shutting_down() {
+    let mut app = crate::helpers::spawn_app().await;
+    assert!(!*app.state.shutdown.borrow());
+    app.handle.stop().await;
+    assert!(*app.state.shutdown.borrow(), "the server does not know it is stopping");
+    app.stop().await;
+}
+
 /// Sends a request on a new connection and returns its status line and
 /// headers, and its body.
 async fn raw_request(port: u16, request: &str) -> (String, String) {
