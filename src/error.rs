@@ -128,7 +128,7 @@ impl ResponseError for ApiError {
             code: self.code(),
             message,
             field: match self {
-                ApiError::Validation(v) => Some(v.field),
+                ApiError::Validation(v) => Some(&v.field),
                 ApiError::DuplicateExternalId(_) => Some("external_id"),
                 _ => None,
             },
@@ -198,7 +198,7 @@ impl From<tokio_postgres::Error> for ApiError {
             // the database's encoding (LATIN1, say) cannot hold.
             "23514" | "23502" | "22001" | "22003" | "22P02" | "22021" | "22P05" => {
                 ApiError::Validation(ValidationError {
-                    field: constraint_field(db.constraint().or(db.column()).unwrap_or("")),
+                    field: constraint_field(db.constraint().or(db.column()).unwrap_or("")).into(),
                     code: "validation_failed",
                     message: db.message().to_string(),
                 })

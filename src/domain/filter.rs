@@ -224,7 +224,7 @@ mod tests {
         assert!(f.apply_param("id", "-1").is_err());
         for nul in ["\0", "a\0b"] {
             let e = f.apply_param("customer", nul).unwrap_err();
-            assert_eq!((e.field, e.code), ("customer", "validation_failed"));
+            assert_eq!((&*e.field, e.code), ("customer", "validation_failed"));
             assert!(Filter::from_json(&json!({"customer": nul})).is_err());
         }
     }

@@ -110,9 +110,8 @@ pub(crate) fn object(value: &Value) -> Result<&Map<String, Value>, ValidationErr
 pub(crate) fn reject_unknown(map: &Map<String, Value>, known: &[&str]) -> Result<(), ValidationError> {
     match map.keys().find(|k| !known.contains(&k.as_str())) {
         None => Ok(()),
-        Some(k) => Err(ValidationError::with_code(
-            "body",
-            "unknown_field",
+        Some(k) => Err(ValidationError::unknown_field(
+            k,
             format!("unknown field {k:?}; expected one of: {}", known.join(", ")),
         )),
     }
@@ -417,10 +416,19 @@ mod tests {
     #[test]
     fn missing_and_unknown_fields_are_rejected() {
         let err = NewOrder::parse(&json!({"product": "x", "quantity": 1, "unit_price": 1})).unwrap_err();
-        assert_eq!((err.field, err.code), ("customer_name", "missing_field"));
+        assert_eq!((&*err.field, err.code), ("customer_name", "missing_field"));
         let mut v = valid();
         v["admin"] = json!(true);
-        assert_eq!(NewOrder::parse(&v).unwrap_err().code, "unknown_field");
+        let err = NewOrder::parse(&v).unwrap_err();
+        assert_eq!((&*err.field, err.code), ("admin", "unknown_field"));
+        // A long key is cut in `field` (whole in the message), on a
+        // character's boundary.
+        let key = "é".repeat(100);
+        let mut v = valid();
+        v[&key] = json!(1);
+        let err = OrderPatch::parse(&v).unwrap_err();
+        assert_eq!((&*err.field, err.code), (format!("{}...", "é".repeat(64)).as_str(), "unknown_field"));
+        assert!(err.message.contains(&key));
         assert_eq!(NewOrder::parse(&json!([1])).unwrap_err().code, "invalid_body");
     }
 

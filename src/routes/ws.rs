@@ -74,7 +74,7 @@ impl ClientMessage {
             Some("ping") => Ok(ClientMessage::Ping),
             Some("subscribe") => {
                 if let Some(k) = obj.keys().find(|k| !["type", "filter", "since", "snapshot"].contains(&k.as_str())) {
-                    return Err(ValidationError::with_code("message", "unknown_field", format!("unknown field {k:?}")));
+                    return Err(ValidationError::unknown_field(k, format!("unknown field {k:?}")));
                 }
                 let since = match obj.get("since") {
                     None | Some(Value::Null) => None,
@@ -805,5 +805,7 @@ mod tests {
         ] {
             assert_eq!(ClientMessage::parse(bad).unwrap_err().code, code, "{bad}");
         }
+        // An unknown key is named in `field`.
+        assert_eq!(ClientMessage::parse(r#"{"type":"subscribe","extra":1}"#).unwrap_err().field, "extra");
     }
 }

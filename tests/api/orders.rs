@@ -90,7 +90,7 @@ async fn validation_errors_name_the_field() {
         (
             json!({"customer_name": "a", "product": "x", "quantity": 1, "unit_price": 1, "colour": "red"}),
             422,
-            "body",
+            "colour",
             "unknown_field",
         ),
         (
