@@ -101,10 +101,20 @@ impl AppState {
                 "Kafka partitions whose stored position was beyond the end of their log (a recreated topic): reset.",
             ),
             ("dead_lettered", "Kafka messages recorded as dead letters."),
+            ("dlq_published", "Dead letters published to the dead-letter topic."),
+            ("batches", "Kafka batches written to PostgreSQL."),
             ("retries", "Kafka batches retried after a transient database failure."),
         ] {
             let name = format!("ordercast_kafka_{key}_total");
             crate::metrics::sample(out, &name, "counter", help, h[key].as_u64().unwrap_or(0));
+        }
+        for (key, help) in [
+            ("dlq_pending", "Dead letters recorded and not yet published to the dead-letter topic."),
+            ("lag_total", "Messages behind the ends of all assigned partitions."),
+        ] {
+            if let Some(n) = h[key].as_i64() {
+                crate::metrics::sample(out, &format!("ordercast_kafka_{key}"), "gauge", help, n);
+            }
         }
         if let Some(lag) = h["lag"].as_object() {
             out.push_str("# HELP ordercast_kafka_lag Messages behind the end of each assigned partition.\n");

@@ -299,6 +299,16 @@ pub async fn poison_messages_are_dead_lettered_while_the_partition_flows(broker:
     let (_, stats) = app.get_json("/api/stats").await;
     assert_eq!(stats["ingest"]["dead_lettered"], expected.len(), "{stats}");
     assert_eq!(stats["ingest"]["written"], 3);
+    // The same in /metrics, for alerts.
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        format!("ordercast_kafka_dead_lettered_total {}", expected.len()),
+        format!("ordercast_kafka_dlq_published_total {}", expected.len()),
+        "ordercast_kafka_dlq_pending 0".to_string(),
+        "ordercast_kafka_lag_total 0".to_string(),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in {metrics}");
+    }
     let db = app.sql().await;
     assert_eq!(stored(&db, &n).await, [(0, Some(13))], "the position moved past the poison");
 }
