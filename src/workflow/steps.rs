@@ -89,7 +89,7 @@ impl<T: Clone> Ledger<T> {
 
     fn put(&self, key: i64, value: T) {
         let mut entries = self.entries.lock().unwrap(); // unwrap: never held across a panic
-        if entries.len() % 1024 == 0 {
+        if entries.len().is_multiple_of(1024) {
             entries.retain(|_, (at, _)| at.elapsed() < KEY_RETENTION);
         }
         entries.insert(key, (Instant::now(), value));
