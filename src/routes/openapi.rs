@@ -98,7 +98,7 @@ pub struct HistoryDoc {
     pub from: Option<Status>,
     pub to: Status,
     pub at: String,
-    /// `api:<caller>`, `kafka:<topic>` or `sql:<database user>`.
+    /// `api:<caller>`, `kafka:<topic>`, `sql:<database user>` or `processor`.
     pub by: String,
 }
 
