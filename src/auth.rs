@@ -212,7 +212,9 @@ impl Auth {
             }
             let customer = customer_name.as_deref().map(crate::domain::fold_case);
             let principal = Principal { name: name.to_string(), scopes, customer, customer_name, expires_at: None };
-            keys.insert(secret.to_string(), principal);
+            if let Some(other) = keys.insert(secret.to_string(), principal) {
+                anyhow::bail!("API keys {:?} and {name:?} have the same secret: each key needs its own", other.name);
+            }
         }
         let jwt = match jwt_secret.map(str::trim).filter(|s| !s.is_empty()) {
             Some(s) if s.len() < 16 => anyhow::bail!("the JWT secret must be at least 16 bytes"),
@@ -556,7 +558,13 @@ mod tests {
         assert_eq!(ada.customer_name.as_deref(), Some("Ada"));
         assert_eq!(auth.authenticate("nope"), Err(AuthError::Invalid));
         assert!(Auth::from_config(None, None).unwrap().is_none());
-        for bad in ["x", "a:short:read", "a:longenough:fly", "a:longenough:read:colour=red"] {
+        for bad in [
+            "x",
+            "a:short:read",
+            "a:longenough:fly",
+            "a:longenough:read:colour=red",
+            "a:samesecret:admin,b:samesecret:read",
+        ] {
             assert!(Auth::from_config(Some(bad), None).is_err(), "{bad}");
         }
     }

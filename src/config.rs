@@ -126,7 +126,7 @@ pub struct Settings {
     pub write_rate: f64,
 
     /// Burst of REST writes allowed above the rate.
-    #[arg(long, env = "ORDERCAST_WRITE_BURST", default_value_t = 400.0, global = true)]
+    #[arg(long, env = "ORDERCAST_WRITE_BURST", default_value_t = 400.0, value_parser = burst, global = true)]
     pub write_burst: f64,
 
     /// Invalid tokens one client address may send per second, after a burst (see the
@@ -135,7 +135,7 @@ pub struct Settings {
     pub auth_failure_rate: f64,
 
     /// Invalid tokens one client address may send at once.
-    #[arg(long, env = "ORDERCAST_AUTH_FAILURE_BURST", default_value_t = 50.0, global = true)]
+    #[arg(long, env = "ORDERCAST_AUTH_FAILURE_BURST", default_value_t = 50.0, value_parser = burst, global = true)]
     pub auth_failure_burst: f64,
 
     /// Subscribe messages one WebSocket may send per minute (each replaces its subscription).
@@ -172,15 +172,39 @@ impl std::str::FromStr for Secret {
     }
 }
 
-/// One allowed origin as a browser sends it: spaces around it (after a comma)
-/// and a trailing `/` go; an empty one (a stray comma) is refused, as it
-/// would match nothing.
+/// One allowed origin as a browser sends it, `scheme://host[:port]`: spaces
+/// around it (after a comma) and a trailing `/` go, the scheme and host are
+/// lowercased and a default port (`:443` for https, `:80` for http) dropped,
+/// as a browser writes them in `Origin`. Anything that would match nothing
+/// is refused: an empty one (a stray comma), a path, a query, user
+/// information, a scheme other than http or https, and `*` (every origin is
+/// not an option: list them).
 fn origin(s: &str) -> Result<String, String> {
     let o = s.trim().trim_end_matches('/');
     if o.is_empty() {
         return Err("an empty origin (a stray comma?)".into());
     }
-    Ok(o.to_string())
+    let shape = || format!("{o:?} is not an origin: scheme://host[:port], with no path (https://ops.example.com)");
+    if o.contains('*') {
+        return Err(format!("{o:?}: wildcards are not supported; list each origin"));
+    }
+    let (scheme, host) = o.split_once("://").ok_or_else(shape)?;
+    let scheme = scheme.to_ascii_lowercase();
+    if !matches!(scheme.as_str(), "http" | "https") || host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+        return Err(shape());
+    }
+    let host = host.to_ascii_lowercase();
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    let host = host.strip_suffix(default_port).unwrap_or(&host);
+    Ok(format!("{scheme}://{host}"))
+}
+
+/// A rate limiter's burst: at least one (a rate of 0 turns the limit off).
+fn burst(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(b) if b.is_finite() && b >= 1.0 => Ok(b),
+        _ => Err(format!("{s:?}: a burst is a number of at least 1 (a rate of 0 turns the limit off)")),
+    }
 }
 
 impl Settings {
@@ -226,6 +250,37 @@ mod tests {
         );
         let e = parse("https://a.example,,https://b.example").unwrap_err().to_string();
         assert!(e.contains("an empty origin"), "{e}");
+        // As a browser writes them in Origin: lowercase, no default port.
+        assert_eq!(
+            parse("HTTPS://Ops.Example.com:443,http://[::1]:80,http://host:8443,https://x.example:80").unwrap(),
+            ["https://ops.example.com", "http://[::1]", "http://host:8443", "https://x.example:80"]
+        );
+        // What would match nothing, or everything, is refused at start.
+        for bad in [
+            "*",
+            "https://*.example.com",
+            "ops.example.com",
+            "https://a.example/app",
+            "ftp://a.example",
+            "https://user@a.example",
+            "https://",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_burst_is_at_least_one() {
+        let parse = |flag: &str, v: &str| {
+            Cli::try_parse_from(["ordercast", "--database-url", "postgres://127.0.0.1/x", flag, v])
+                .map(|cli| (cli.settings.auth_failure_burst, cli.settings.write_burst))
+        };
+        assert_eq!(parse("--auth-failure-burst", "1").unwrap().0, 1.0);
+        assert_eq!(parse("--write-burst", "2.5").unwrap().1, 2.5);
+        for bad in ["0", "0.5", "-1", "NaN", "inf", "many"] {
+            assert!(parse("--auth-failure-burst", bad).is_err(), "{bad}");
+            assert!(parse("--write-burst", bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
