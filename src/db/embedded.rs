@@ -18,6 +18,10 @@ pub struct EmbeddedPostgres {
     run_as: Option<(u32, u32)>,
     extra_options: String,
     stopped: bool,
+    /// `<dir>/lock`, held (an exclusive lock) for the instance's life: a
+    /// second ordercast on the same directory is refused instead of
+    /// stopping this one's server to start its own.
+    _lock: std::fs::File,
 }
 
 /// Where the PostgreSQL server binaries are: `ORDERCAST_PG_BIN`, else the
@@ -94,6 +98,40 @@ fn make_reachable_parent(home: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Takes `<dir>/lock` for this process, and writes its pid there; refused
+/// while another process holds it.
+fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("Failed to open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            bail!(
+                "{} is in use by another ordercast (pid {}): stop it, give this one its DATABASE_URL, or choose \
+                 another --data-dir",
+                dir.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("Failed to lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(file)
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -104,6 +142,7 @@ impl EmbeddedPostgres {
     pub fn start(dir: &Path, extra_options: &str) -> anyhow::Result<EmbeddedPostgres> {
         let bin_dir = find_bin_dir()?;
         std::fs::create_dir_all(dir).with_context(|| format!("Failed to create {}", dir.display()))?;
+        let lock = lock_dir(dir)?;
         let mut data_dir = std::fs::canonicalize(dir)?.join("pg");
         let run_as = if nix::unistd::geteuid().is_root() {
             let user = nix::unistd::User::from_name("postgres")
@@ -138,6 +177,7 @@ impl EmbeddedPostgres {
             run_as,
             extra_options: extra_options.to_string(),
             stopped: true,
+            _lock: lock,
         };
         pg.init()?;
         pg.start_server()?;
@@ -196,20 +236,25 @@ impl EmbeddedPostgres {
         })
     }
 
+    /// The server's options (`pg_ctl -o`, read by a shell): its port, TCP on
+    /// 127.0.0.1 only, and no Unix socket. A socket's path must fit in 107
+    /// bytes, which a data directory deep in a checkout does not, and the
+    /// directory's path itself would need quoting for the shell.
+    fn server_options(&self) -> String {
+        format!("-p {} -c unix_socket_directories='' -c listen_addresses=127.0.0.1 {}", self.port, self.extra_options)
+    }
+
     fn start_server(&mut self) -> anyhow::Result<()> {
-        // A previous run killed with SIGKILL may have left the server running.
+        // A previous run killed with SIGKILL may have left the server
+        // running (this process holds the directory's lock: no live
+        // ordercast owns it).
         if self.data_dir.join("postmaster.pid").exists() {
             let mut stop = self.command("pg_ctl");
             stop.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
             let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
         self.port = free_port()?;
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
-            self.port,
-            self.data_dir.display(),
-            self.extra_options
-        );
+        let options = self.server_options();
         let mut cmd = self.command("pg_ctl");
         cmd.arg("-D")
             .arg(&self.data_dir)
@@ -239,12 +284,7 @@ impl EmbeddedPostgres {
     /// Starts a stopped server again on the same port.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop()?;
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 {}",
-            self.port,
-            self.data_dir.display(),
-            self.extra_options
-        );
+        let options = self.server_options();
         let mut cmd = self.command("pg_ctl");
         cmd.arg("-D")
             .arg(&self.data_dir)

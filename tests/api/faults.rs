@@ -74,6 +74,34 @@ async fn sigterm_closes_sessions_with_their_resume_position_and_exits_cleanly() 
     assert!(reqwest::get(format!("http://127.0.0.1:{port}/api/health")).await.is_err());
 }
 
+/// A second ordercast started on the same data directory (a `migrate` in
+/// another terminal, say) is refused, and leaves the first one's server
+/// running. Before, it stopped that server to start its own on another port,
+/// and the first instance lost its database. The directory's path has a
+/// space and is too deep for a Unix socket (over 107 bytes), which failed
+/// the start before too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_embedded_start_on_the_same_directory_is_refused_and_the_first_keeps_its_server() {
+    let dir = std::env::temp_dir()
+        .join(format!("ordercast lock {}", uuid::Uuid::new_v4().simple()))
+        .join("a-directory-deep-enough-that-a-unix-socket-path-in-it-would-be-too-long-for-postgresql");
+    std::fs::create_dir_all(&dir).unwrap();
+    let start =
+        |dir: std::path::PathBuf| tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, "-c fsync=off"));
+    let first = start(dir.clone()).await.unwrap().expect("the first start");
+    let second = start(dir.clone()).await.unwrap();
+    let e = format!("{:#}", second.err().expect("the second start is refused"));
+    assert!(e.contains("in use by another ordercast") && e.contains(&std::process::id().to_string()), "{e}");
+    let db = ordercast::db::connect(&first.url("postgres")).await.expect("the first server still runs");
+    db.query_one("SELECT 1", &[]).await.unwrap();
+    drop(db);
+    drop(first);
+    // Once the first is gone, the directory can be used again.
+    let again = start(dir.clone()).await.unwrap().expect("a start after the first stopped");
+    drop(again);
+    std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_mid_stream_is_survived_without_loss() {
     // A private PostgreSQL, so restarting it disturbs no other test.
