@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures_util::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use super::{Change, READ_SQL};
 use crate::hub::Hub;
@@ -361,7 +361,7 @@ async fn session(
 ) -> anyhow::Result<()> {
     let mut config = crate::db::pg_config(url)?;
     config.application_name("ordercast-listener");
-    let (mut client, mut connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
+    let (mut client, mut connection) = config.connect(crate::db::tls(url)?).await.map_err(crate::db::describe)?;
     let wake = Arc::new(Notify::new());
     let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<String>();
     {

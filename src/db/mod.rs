@@ -2,12 +2,14 @@
 //! PostgreSQL used when no `DATABASE_URL` is given.
 
 pub mod embedded;
+mod tls;
+
+pub use tls::Tls;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
-use tokio_postgres::NoTls;
 
 mod migrations {
     refinery::embed_migrations!("sql");
@@ -27,9 +29,12 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// it a query sent to a host that went away, a failover to another address
 /// or a partition, waits for the kernel's retransmissions, about 15 minutes,
 /// and with it every stream resuming through that pooled connection). A URL's
-/// own `connect_timeout` or `tcp_user_timeout` (seconds) wins.
+/// own `connect_timeout` or `tcp_user_timeout` (seconds) wins. Its TLS
+/// parameters are for `tls`.
 pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    let split = tls::split(url).context("DATABASE_URL's TLS parameters")?;
+    let mut config: tokio_postgres::Config =
+        split.rest.parse().context("DATABASE_URL is not a valid PostgreSQL URL")?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(5));
     }
@@ -43,11 +48,17 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
     Ok(config)
 }
 
+/// TLS for connections to `url`, as its `sslmode`, `sslrootcert`, `sslcert`
+/// and `sslkey` ask (see `tls`): every ordercast connection is opened with it.
+pub fn tls(url: &str) -> anyhow::Result<Tls> {
+    tls::split(url).and_then(|s| s.connector()).context("TLS to PostgreSQL")
+}
+
 /// The pool behind the REST API. Waits are bounded so a request answers 503
 /// when the database is away instead of hanging.
 pub fn pool(url: &str, size: usize, timeout: Duration) -> anyhow::Result<Pool> {
     let manager =
-        Manager::from_config(pg_config(url)?, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        Manager::from_config(pg_config(url)?, tls(url)?, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(size.max(1))
         .runtime(Runtime::Tokio1)
@@ -59,7 +70,7 @@ pub fn pool(url: &str, size: usize, timeout: Duration) -> anyhow::Result<Pool> {
 /// Opens a plain connection and drives it on a task.
 pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) =
-        pg_config(url)?.connect(NoTls).await.map_err(describe).context("Failed to connect to PostgreSQL")?;
+        pg_config(url)?.connect(tls(url)?).await.map_err(describe).context("Failed to connect to PostgreSQL")?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             log::debug!("database connection closed: {e}");
@@ -94,7 +105,9 @@ pub fn message_with_hint(db: &tokio_postgres::error::DbError) -> String {
 }
 
 /// tokio-postgres prints only "db error" for server errors: this spells out
-/// the message, code and detail.
+/// the message, code and detail. For other errors it prints only their kind
+/// ("error connecting to server", "error performing TLS handshake"): this
+/// adds what caused it (connection refused, certificate verify failed).
 pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {
     match e.as_db_error() {
         Some(db) => anyhow::anyhow!(
@@ -103,7 +116,15 @@ pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {
             db.code().code(),
             db.detail().map(|d| format!(": {d}")).unwrap_or_default()
         ),
-        None => anyhow::anyhow!("{e}"),
+        None => {
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text = format!("{text}: {c}");
+                cause = c.source();
+            }
+            anyhow::anyhow!(text)
+        }
     }
 }
 

@@ -178,7 +178,7 @@ fn stored_positions(ctx: &IngestContext, partitions: &[i32]) -> anyhow::Result<H
         let query = async {
             let mut config = crate::db::pg_config(&url)?;
             config.application_name("ordercast-ingest").connect_timeout(POSITIONS_TIMEOUT);
-            let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(crate::db::describe)?;
+            let (client, connection) = config.connect(crate::db::tls(&url)?).await.map_err(crate::db::describe)?;
             tokio::spawn(connection);
             let rows = client
                 .query(

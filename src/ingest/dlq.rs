@@ -36,7 +36,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::{watch, Notify};
-use tokio_postgres::NoTls;
 
 use super::event::cap_detail;
 use super::settings::KafkaSettings;
@@ -133,7 +132,7 @@ async fn publish_pending(
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         let mut config = crate::db::pg_config(url)?;
         config.application_name("ordercast-dlq");
-        let (c, connection) = config.connect(NoTls).await.map_err(crate::db::describe)?;
+        let (c, connection) = config.connect(crate::db::tls(url)?).await.map_err(crate::db::describe)?;
         tokio::spawn(async move {
             let _ = connection.await;
         });

@@ -49,7 +49,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 use chrono::{DateTime, Datelike, Utc};
 use rust_decimal::Decimal;
-use tokio_postgres::{Client, GenericClient, NoTls, Statement, Transaction};
+use tokio_postgres::{Client, GenericClient, Statement, Transaction};
 use uuid::Uuid;
 
 use super::consumer::LogEnds;
@@ -352,6 +352,8 @@ struct Statements {
 struct Connection {
     client: Client,
     st: Statements,
+    /// What it was opened with, for cancelling its queries.
+    tls: crate::db::Tls,
 }
 
 /// What a writer writes for: its group and topic, and how it asks where a
@@ -478,7 +480,8 @@ impl Writer {
         if self.conn.is_none() {
             let mut config = crate::db::pg_config(&self.url).map_err(WriteError::Transient)?;
             config.application_name("ordercast-ingest");
-            let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+            let tls = crate::db::tls(&self.url).map_err(WriteError::Transient)?;
+            let (client, connection) = config.connect(tls.clone()).await.map_err(|e| {
                 WriteError::Transient(crate::db::describe(e).context("Failed to connect to PostgreSQL"))
             })?;
             tokio::spawn(async move {
@@ -502,7 +505,7 @@ impl Writer {
                 dead_letter: prepare(DEAD_LETTER_SQL).await?,
                 advance: prepare(ADVANCE_SQL).await?,
             };
-            self.conn = Some(Connection { client, st });
+            self.conn = Some(Connection { client, st, tls });
         }
         Ok(self.conn.as_mut().expect("connected just above"))
     }
@@ -704,7 +707,9 @@ impl Writer {
                     // go. Dropped only, it would hold them until its wait
                     // ended, and every retry would queue up behind it.
                     let cancel = conn.client.cancel_token();
-                    if let Ok(Err(e)) = tokio::time::timeout(CANCEL_TIMEOUT, cancel.cancel_query(NoTls)).await {
+                    if let Ok(Err(e)) =
+                        tokio::time::timeout(CANCEL_TIMEOUT, cancel.cancel_query(conn.tls.clone())).await
+                    {
                         log::debug!("could not cancel the timed-out attempt's query: {e}");
                     }
                     return Err(WriteError::Transient(TimedOut(limit).into()));

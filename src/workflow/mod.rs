@@ -30,7 +30,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 pub use settings::WorkflowSettings;
 
@@ -105,8 +105,11 @@ impl Dedicated {
     pub async fn open(url: &str, application_name: &str) -> anyhow::Result<Dedicated> {
         let mut config = crate::db::pg_config(url)?;
         config.application_name(application_name);
-        let (client, mut connection) =
-            config.connect(NoTls).await.map_err(crate::db::describe).context("Failed to connect to PostgreSQL")?;
+        let (client, mut connection) = config
+            .connect(crate::db::tls(url)?)
+            .await
+            .map_err(crate::db::describe)
+            .context("Failed to connect to PostgreSQL")?;
         let doorbell = Arc::new(Notify::new());
         let closed = Arc::new((Notify::new(), std::sync::Mutex::new(None)));
         let (ring, close) = (doorbell.clone(), closed.clone());

@@ -6,3 +6,4 @@ mod helpers;
 mod orders;
 mod realtime;
 mod session;
+mod tls;

@@ -1,0 +1,168 @@
+//! TLS to PostgreSQL, as libpq's URL parameters ask for it: `sslmode`
+//! (`disable`, `allow`, `prefer`, `require`, `verify-ca`, `verify-full`),
+//! `sslrootcert`, `sslcert` and `sslkey`. tokio-postgres knows only
+//! `disable`, `prefer` and `require`, and no certificate files: those
+//! parameters are taken out of the URL here, and a connector is built from
+//! them.
+//!
+//! As with libpq: `prefer` (the default) encrypts when the server offers it;
+//! `require` encrypts, and checks the server's certificate against
+//! `sslrootcert` only when one is given; `verify-ca` checks the certificate
+//! chain (against `sslrootcert`, or the system's trusted roots); `verify-full`
+//! checks the host name too. `sslcert` and `sslkey` give a client
+//! certificate.
+
+use anyhow::{bail, Context};
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use postgres_openssl::MakeTlsConnector;
+
+/// What every ordercast connection is opened with.
+pub type Tls = MakeTlsConnector;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Mode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// The TLS parameters of a connection string, and the string without them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Split {
+    /// What tokio-postgres reads: the rest, and `sslmode` as it knows it.
+    pub rest: String,
+    mode: Mode,
+    root_cert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// Splits the TLS parameters off a URL (`postgres://...?sslmode=...`) or a
+/// key-value string (`host=db sslmode=...`).
+pub(crate) fn split(conn: &str) -> anyhow::Result<Split> {
+    let mut split = Split::default();
+    let mut take = |key: &str, value: String| -> anyhow::Result<()> {
+        match key {
+            "sslmode" => {
+                split.mode = match value.as_str() {
+                    "disable" => Mode::Disable,
+                    "allow" | "prefer" => Mode::Prefer,
+                    "require" => Mode::Require,
+                    "verify-ca" => Mode::VerifyCa,
+                    "verify-full" => Mode::VerifyFull,
+                    other => {
+                        bail!("sslmode {other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")
+                    }
+                }
+            }
+            "sslrootcert" => split.root_cert = Some(value),
+            "sslcert" => split.cert = Some(value),
+            _ => split.key = Some(value),
+        }
+        Ok(())
+    };
+    let mut kept: Vec<String> = Vec::new();
+    let url = conn.starts_with("postgres://") || conn.starts_with("postgresql://");
+    let base = if url {
+        let (base, query) = conn.split_once('?').unwrap_or((conn, ""));
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if TLS_KEYS.contains(&k) {
+                let v = percent_encoding::percent_decode_str(v).decode_utf8().context("a TLS parameter")?;
+                take(k, v.into_owned())?;
+            } else {
+                kept.push(pair.to_string());
+            }
+        }
+        base.to_string()
+    } else {
+        // Quoted values are left to tokio-postgres (which knows no
+        // certificate files, and says so).
+        if conn.contains('\'') {
+            return Ok(Split { rest: conn.to_string(), ..Split::default() });
+        }
+        let mut rest = Vec::new();
+        for pair in conn.split_whitespace() {
+            match pair.split_once('=') {
+                Some((k, v)) if TLS_KEYS.contains(&k) => take(k, v.to_string())?,
+                _ => rest.push(pair),
+            }
+        }
+        rest.join(" ")
+    };
+    let mode = match split.mode {
+        Mode::Disable => "disable",
+        Mode::Prefer => "prefer",
+        Mode::Require | Mode::VerifyCa | Mode::VerifyFull => "require",
+    };
+    split.rest = if url {
+        kept.push(format!("sslmode={mode}"));
+        format!("{base}?{}", kept.join("&"))
+    } else {
+        format!("{base} sslmode={mode}")
+    };
+    Ok(split)
+}
+
+impl Split {
+    /// The connector for these parameters.
+    pub(crate) fn connector(&self) -> anyhow::Result<Tls> {
+        let mut builder = SslConnector::builder(SslMethod::tls_client())?;
+        let verify = match self.mode {
+            Mode::VerifyCa | Mode::VerifyFull => true,
+            Mode::Require => self.root_cert.is_some(),
+            Mode::Disable | Mode::Prefer => false,
+        };
+        if let Some(root) = &self.root_cert {
+            builder.set_ca_file(root).with_context(|| format!("sslrootcert {root:?} could not be read"))?;
+        }
+        builder.set_verify(if verify { SslVerifyMode::PEER } else { SslVerifyMode::NONE });
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                builder
+                    .set_certificate_chain_file(cert)
+                    .with_context(|| format!("sslcert {cert:?} could not be read"))?;
+                builder
+                    .set_private_key_file(key, SslFiletype::PEM)
+                    .with_context(|| format!("sslkey {key:?} could not be read"))?;
+            }
+            (None, None) => {}
+            _ => bail!("sslcert and sslkey go together"),
+        }
+        let mut tls = MakeTlsConnector::new(builder.build());
+        if self.mode != Mode::VerifyFull {
+            tls.set_callback(|config, _| {
+                config.set_verify_hostname(false);
+                Ok(())
+            });
+        }
+        Ok(tls)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_parameters_are_taken_out_and_sslmode_put_as_tokio_postgres_knows_it() {
+        let s =
+            split("postgres://u@db:5432/orders?application_name=x&sslmode=verify-full&sslrootcert=%2Fca.crt").unwrap();
+        assert_eq!(s.rest, "postgres://u@db:5432/orders?application_name=x&sslmode=require");
+        assert_eq!((s.mode, s.root_cert.as_deref()), (Mode::VerifyFull, Some("/ca.crt")));
+        let s = split("postgres://u@db/orders").unwrap();
+        assert_eq!((s.rest.as_str(), s.mode), ("postgres://u@db/orders?sslmode=prefer", Mode::Prefer));
+        let s = split("host=db user=u sslmode=verify-ca sslcert=/c sslkey=/k").unwrap();
+        assert_eq!(s.rest, "host=db user=u sslmode=require");
+        assert_eq!((s.mode, s.cert.as_deref(), s.key.as_deref()), (Mode::VerifyCa, Some("/c"), Some("/k")));
+        assert_eq!(split("postgresql://db/x?sslmode=disable").unwrap().rest, "postgresql://db/x?sslmode=disable");
+        assert_eq!(split("postgres://db/x?sslmode=allow").unwrap().mode, Mode::Prefer);
+        assert!(split("postgres://db/x?sslmode=always").is_err());
+        assert!(split("postgres://db/x?sslcert=/c").unwrap().connector().is_err(), "a certificate with no key");
+    }
+}
