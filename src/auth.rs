@@ -152,6 +152,10 @@ pub struct Auth {
     /// secret -> principal
     keys: HashMap<String, Principal>,
     jwt: Option<DecodingKey>,
+    /// A JWT's `aud` must hold this one when set (not checked otherwise).
+    audience: Option<String>,
+    /// A JWT's `iss` must be this one when set.
+    issuer: Option<String>,
     /// Invalid tokens per client address (see [`Auth::check`]).
     failures: crate::limits::RateLimiter,
 }
@@ -222,7 +226,15 @@ impl Auth {
             None => None,
         };
         let failures = crate::limits::RateLimiter::new(FAILURE_RATE, FAILURE_BURST);
-        Ok((!keys.is_empty() || jwt.is_some()).then_some(Auth { keys, jwt, failures }))
+        Ok((!keys.is_empty() || jwt.is_some()).then_some(Auth { keys, jwt, audience: None, issuer: None, failures }))
+    }
+
+    /// The same, checking JWTs' `aud` (it must hold `audience`) and `iss`
+    /// (it must be `issuer`) when they are set. Without an audience, `aud`
+    /// is not checked: an identity provider's tokens carry one.
+    pub fn expecting(self, audience: Option<&str>, issuer: Option<&str>) -> Auth {
+        let set = |v: Option<&str>| v.map(str::trim).filter(|v| !v.is_empty()).map(str::to_owned);
+        Auth { audience: set(audience), issuer: set(issuer), ..self }
     }
 
     /// The same, throttling `rate` invalid tokens per second per address
@@ -258,17 +270,34 @@ impl Auth {
         validation.leeway = 0;
         // A token is not valid before its `nbf` (jsonwebtoken skips it by default).
         validation.validate_nbf = true;
+        let mut required = vec!["exp"];
+        match &self.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e.kind() {
             jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
             _ => AuthError::Invalid,
         })?;
         let c = data.claims;
+        // Scopes of other services (`openid`, `profile`) are not ordercast's:
+        // only its own count. A token with none of them has none.
+        let ours = |list: &mut dyn Iterator<Item = &str>| {
+            list.filter_map(|s| Scope::parse(s.trim())).fold(0, |b, s| b | s.bit())
+        };
         let scopes = match (c.scopes, c.scope) {
-            (Some(list), _) => parse_scopes(list),
-            (None, Some(s)) => parse_scopes(s.split(' ')),
-            (None, None) => Ok(Scope::Read.bit()),
-        }
-        .map_err(|_| AuthError::Invalid)?;
+            (Some(list), _) => ours(&mut list.iter().map(String::as_str)),
+            (None, Some(s)) => ours(&mut s.split(' ')),
+            (None, None) => Scope::Read.bit(),
+        };
         // A `customer` claim restricts the token; a blank one is a mistake
         // in the issuer, never "no restriction" (API keys refuse it too).
         let customer_name = match c.customer.as_deref().map(str::trim) {
@@ -593,6 +622,43 @@ mod tests {
         )
         .unwrap();
         assert_eq!(auth.authenticate(&forged), Err(AuthError::Invalid));
+    }
+
+    /// An identity provider's token: an `aud`, an `iss`, and scopes of other
+    /// services beside ordercast's. Before, any `aud` made the token
+    /// invalid (jsonwebtoken checks it unless told otherwise, and there was
+    /// no setting for it), and so did a scope ordercast does not know.
+    #[test]
+    fn a_jwt_from_an_identity_provider_is_checked_for_its_audience_and_issuer_when_set() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let exp = chrono::Utc::now().timestamp() + 60;
+        let make = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(Algorithm::HS256),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+            )
+            .unwrap()
+        };
+        let idp = make(serde_json::json!({"sub": "svc", "exp": exp, "aud": ["ordercast", "billing"],
+                                          "iss": "https://id.example", "scope": "openid read write"}));
+        let open = Auth::from_config(None, Some(secret)).unwrap().unwrap();
+        let p = open.authenticate(&idp).unwrap();
+        assert!(p.has(Scope::Read) && p.has(Scope::Write) && !p.has(Scope::Admin));
+        let strict = |aud: Option<&str>, iss: Option<&str>| {
+            Auth::from_config(None, Some(secret)).unwrap().unwrap().expecting(aud, iss)
+        };
+        assert!(strict(Some("ordercast"), Some("https://id.example")).authenticate(&idp).is_ok());
+        assert_eq!(strict(Some("shipping"), None).authenticate(&idp), Err(AuthError::Invalid));
+        assert_eq!(strict(None, Some("https://other.example")).authenticate(&idp), Err(AuthError::Invalid));
+        // A token without the claim a setting asks for is refused too.
+        let bare = make(serde_json::json!({"sub": "svc", "exp": exp, "scope": "read"}));
+        assert_eq!(strict(Some("ordercast"), None).authenticate(&bare), Err(AuthError::Invalid));
+        assert_eq!(strict(None, Some("https://id.example")).authenticate(&bare), Err(AuthError::Invalid));
+        // Only other services' scopes: none of ordercast's.
+        let theirs = make(serde_json::json!({"sub": "svc", "exp": exp, "scopes": ["openid", "profile"]}));
+        let p = open.authenticate(&theirs).unwrap();
+        assert!(!p.has(Scope::Read) && !p.has(Scope::Write) && !p.has(Scope::Admin));
     }
 
     #[test]

@@ -104,6 +104,14 @@ pub struct Settings {
     #[arg(long, env = "ORDERCAST_JWT_SECRET", hide_env_values = true, global = true)]
     pub jwt_secret: Option<Secret>,
 
+    /// The audience a JWT's `aud` must hold (not checked when unset).
+    #[arg(long, env = "ORDERCAST_JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+
+    /// The issuer a JWT's `iss` must be (not checked when unset).
+    #[arg(long, env = "ORDERCAST_JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+
     /// Allow listening on a non-loopback address without any tokens configured.
     #[arg(long, env = "ORDERCAST_INSECURE", global = true)]
     pub insecure: bool,

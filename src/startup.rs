@@ -379,7 +379,10 @@ impl Application {
             settings.api_keys.as_ref().map(|s| s.0.as_str()),
             settings.jwt_secret.as_ref().map(|s| s.0.as_str()),
         )?
-        .map(|a| a.throttling(settings.auth_failure_rate, settings.auth_failure_burst));
+        .map(|a| {
+            a.throttling(settings.auth_failure_rate, settings.auth_failure_burst)
+                .expecting(settings.jwt_audience.as_deref(), settings.jwt_issuer.as_deref())
+        });
         // Secure by default: never expose an open server by accident.
         if auth.is_none() && !settings.bind.ip().is_loopback() && !settings.insecure {
             anyhow::bail!(
