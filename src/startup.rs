@@ -394,6 +394,9 @@ impl Application {
         if auth.is_none() {
             log::warn!("authentication is off (no API keys, no JWT secret): every caller may read and write");
         }
+        // Before anything starts: a port in use stops the start here, with
+        // no migration run, no Kafka group joined and no order claimed.
+        let tcp = TcpListener::bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
         crate::db::migrate(database_url).await?;
         let pool = crate::db::pool(database_url, settings.db_pool_size, settings.db_timeout())?;
         let stream_pool = crate::db::pool(database_url, settings.stream_pool_size, settings.db_timeout())?;
@@ -455,7 +458,6 @@ impl Application {
             workflow: workflow.state,
         });
 
-        let tcp = TcpListener::bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
         let port = tcp.local_addr()?.port();
         let data = web::Data::from(state.clone());
         let origins = settings.allowed_origins.clone();
@@ -491,15 +493,15 @@ impl Application {
             })
             .and_then(http)
         };
-        tcp.set_nonblocking(true)?;
         let workers = settings.http_workers();
         log::info!("{workers} HTTP worker thread(s)");
-        let server = Server::build()
-            .listen("ordercast", tcp, factory)?
-            .workers(workers)
-            .disable_signals()
-            .shutdown_timeout(5)
-            .run();
+        let server = match tcp.set_nonblocking(true).and_then(|()| Server::build().listen("ordercast", tcp, factory)) {
+            Ok(server) => server.workers(workers).disable_signals().shutdown_timeout(5).run(),
+            Err(e) => {
+                tasks.iter().chain(&ingest.tasks).chain(&workflow.tasks).for_each(JoinHandle::abort);
+                return Err(e.into());
+            }
+        };
         Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks, workflow_tasks: workflow.tasks })
     }
 

@@ -74,6 +74,30 @@ async fn sigterm_closes_sessions_with_their_resume_position_and_exits_cleanly() 
     assert!(reqwest::get(format!("http://127.0.0.1:{port}/api/health")).await.is_err());
 }
 
+/// A server whose port is taken does not start: it fails before it has
+/// started anything. Before, it bound last, after the listener (and any
+/// Kafka ingest or processor) had started, and left them running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_fails_the_start_before_anything_runs() {
+    let (db_url, _) = create_database().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut settings = ordercast::config::Settings::for_database(&db_url);
+    settings.bind = taken.local_addr().unwrap();
+    let e = ordercast::startup::Application::build(settings, &db_url).await.err().expect("the port is taken");
+    assert!(format!("{e:#}").contains("Failed to bind"), "{e:#}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let db = ordercast::db::connect(&db_url).await.unwrap();
+    let sessions: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sessions, 0, "a session of the server that did not start is still open");
+}
+
 /// A second ordercast started on the same data directory (a `migrate` in
 /// another terminal, say) is refused, and leaves the first one's server
 /// running. Before, it stopped that server to start its own on another port,
