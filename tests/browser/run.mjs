@@ -9,6 +9,8 @@
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
 import { createRequire } from 'node:module';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -1029,6 +1031,60 @@ test('a WebSocket whose ping goes unanswered is taken as dead and opened again f
   assert.ok(Number(opened.at(-1)) > Number(opened[0]), `the new WebSocket resumes past the order shown (${opened})`);
   const after = await insertOrder({ customer: 'After the dead path' });
   await row(page, after).waitFor({ timeout: 5000 });
+});
+
+/**
+ * A proxy in front of the server that passes HTTP on (streams too) and holds
+ * every WebSocket upgrade request without a word, as some proxies do.
+ */
+async function proxyHoldingUpgrades() {
+  const upstream = new URL(server.url);
+  const sockets = new Set();
+  const proxy = http.createServer((req, res) => {
+    const out = http.request(
+      { host: upstream.hostname, port: upstream.port, path: req.url, method: req.method, headers: req.headers },
+      (answer) => {
+        res.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(res);
+      },
+    );
+    out.on('error', () => res.destroy());
+    req.pipe(out);
+  });
+  let held = 0;
+  proxy.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
+  proxy.on('upgrade', () => {
+    held += 1; // never answered
+  });
+  const port = await freePort();
+  await new Promise((ok) => proxy.listen(port, '127.0.0.1', ok));
+  return {
+    url: `http://127.0.0.1:${port}`,
+    held: () => held,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise((ok) => proxy.close(ok));
+    },
+  };
+}
+
+test('a WebSocket whose handshake is never answered is given up, and the page goes live over SSE', async (t) => {
+  const proxy = await proxyHoldingUpgrades();
+  t.cleanup = () => proxy.close();
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  await page.clock.install();
+  await page.goto(proxy.url, { timeout: 15000 });
+  await until(() => proxy.held() > 0, 'the WebSocket upgrade reached the proxy');
+  await page.waitForFunction(() => document.querySelector('#connection').dataset.phase !== 'connected');
+  await page.clock.fastForward('00:11');
+  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
+  await live(page);
+  const id = await insertOrder({ customer: 'Past a proxy that holds upgrades' });
+  await row(page, id).waitFor({ timeout: 5000 });
 });
 
 test('after falling back to SSE the page tries WebSocket again later, and goes on there exactly once', async (t) => {

@@ -21,6 +21,12 @@ export const backoff = (attempt) => Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 
  * (no answer, no message) by the next one means the connection is dead.
  */
 const PING_INTERVAL_MS = 15000;
+/**
+ * A WebSocket whose opening handshake is not answered within this long is
+ * given up as one that failed (a proxy that holds upgrade requests without a
+ * word, say): the browser itself may wait minutes.
+ */
+const OPEN_TIMEOUT_MS = 10000;
 /** An SSE stream is dead when nothing at all (the server's heartbeats come every 15 s) arrives for this long. */
 const SILENCE_LIMIT_MS = 40000;
 /**
@@ -113,6 +119,11 @@ export class Stream {
     const ws = new WebSocket(`${proto}//${location.host}/ws?since=${this.position}`);
     let ready = false;
     this.conn = { close: () => ws.close(1000) };
+    const opening = setTimeout(() => {
+      if (this.conn?.ws !== ws || ws.readyState !== WebSocket.CONNECTING) return;
+      this.dropConnection();
+      this.afterWebSocketFailure();
+    }, OPEN_TIMEOUT_MS);
     ws.addEventListener('message', (ev) => {
       let msg;
       try {
@@ -124,6 +135,7 @@ export class Stream {
       this.handle(msg);
     });
     ws.addEventListener('open', () => {
+      clearTimeout(opening);
       this.lastHeard = Date.now();
       // Judged by the answer to its own ping, not by how long the stream
       // has been quiet: a hidden tab's timers may run once a minute, and a
@@ -143,6 +155,7 @@ export class Stream {
       }, PING_INTERVAL_MS);
     });
     ws.addEventListener('close', (ev) => {
+      clearTimeout(opening);
       if (this.conn?.ws !== ws) return; // replaced on purpose
       this.dropConnection();
       if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
