@@ -51,6 +51,9 @@ const LOCK_CLASS: i32 = 0x6f63_7072;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often orders left in `processing` are looked for.
 const RESUME_EVERY: Duration = Duration::from_secs(5);
+/// How long an order this processor sent back to retry (a step unavailable)
+/// waits before it is taken again: the pause between a step's attempts.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How many candidates one takeover scan looks at, however few slots are
 /// free: orders held by live processors come first in id order and would
 /// otherwise hide an orphan behind them for a scan each.
@@ -294,18 +297,28 @@ impl Processor {
         let claim = conn.client.prepare(CLAIM_SQL).await.map_err(crate::db::describe)?;
         let unlock = conn.client.prepare(UNLOCK_SQL).await.map_err(crate::db::describe)?;
         self.ctx.state.connected.store(true, Ordering::Relaxed);
-        let mut work = Work { tasks: JoinSet::new(), orders: HashMap::new() };
+        let mut work = Work { tasks: JoinSet::new(), orders: HashMap::new(), retry_at: HashMap::new() };
         let mut next_scan = Instant::now();
         let mut scan_after = 0i64;
+        // Orders to take over (or to try again) come before new ones: while
+        // a scan fills every free slot with them, there may be more, and the
+        // next free slot goes to the next scan, not to a claim.
+        let mut backlog = false;
         while !*shutdown.borrow() {
             if Instant::now() >= next_scan && work.free(self.concurrency) > 0 {
-                scan_after = self.resume(&conn, &mut work, scan_after).await?;
-                next_scan = Instant::now() + RESUME_EVERY;
+                let (after, filled) = self.resume(&conn, &mut work, scan_after).await?;
+                scan_after = after;
+                backlog = filled;
+                next_scan = if filled { Instant::now() } else { Instant::now() + RESUME_EVERY };
+            }
+            // An order sent back to retry is looked for once it is due.
+            if let Some(due) = work.retry_at.values().min() {
+                next_scan = next_scan.min(*due);
             }
             // Claim in batches (a quarter of the capacity at least, or when
             // idle): each claim is a synchronous commit.
             let free = work.free(self.concurrency) as i64;
-            if free > 0 && (free * 4 >= self.concurrency as i64 || work.tasks.is_empty()) {
+            if !backlog && free > 0 && (free * 4 >= self.concurrency as i64 || work.tasks.is_empty()) {
                 let rows = conn.client.query(&claim, &[&free, &LOCK_CLASS]).await.map_err(crate::db::describe)?;
                 for row in rows {
                     self.ctx.state.claimed.fetch_add(1, Ordering::Relaxed);
@@ -336,14 +349,19 @@ impl Processor {
     /// or not begun because the order was cancelled while its processor was
     /// gone, or once it was processed (`order_undo`). Scans in id order from
     /// `after`, so orders held by live processors do not hide the orphans
-    /// behind them. Returns where to go on.
-    async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<i64> {
+    /// behind them. Orders this processor sent back to retry are not taken
+    /// again before they are due (`RETRY_AFTER`). Returns where to go on,
+    /// and whether the orders taken filled every free slot (there may be
+    /// more).
+    async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<(i64, bool)> {
         let limit = work.free(self.concurrency) as i64;
         if limit == 0 {
-            return Ok(after);
+            return Ok((after, false));
         }
         let window = limit.max(RESUME_WINDOW);
-        let mine: Vec<i64> = work.orders.values().copied().collect();
+        let now = Instant::now();
+        work.retry_at.retain(|_, due| *due > now);
+        let mine: Vec<i64> = work.orders.values().chain(work.retry_at.keys()).copied().collect();
         // Two indexed scans: `orders_status_id_idx`, and the few
         // cancellations whose undoing is not known to be finished
         // (`order_undo`; a note stays while a compensation is unavailable).
@@ -363,7 +381,7 @@ impl Processor {
             .map(|r| r.get(0))
             .collect();
         if candidates.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         // In id order, until `limit` are held: the rest are not tried (the
         // scan stops pulling rows at the limit).
@@ -421,6 +439,7 @@ impl Processor {
                 .await
                 .map_err(crate::db::describe)?;
         }
+        let filled = orphans.len() as i64 == limit;
         for id in orphans {
             log::info!("order processor: taking over order {id}, its processing or undoing unfinished");
             self.ctx.state.resumed.fetch_add(1, Ordering::Relaxed);
@@ -429,13 +448,14 @@ impl Processor {
         // Where the next scan goes on: after the last order locked when the
         // slots ran out (the candidates after it were not tried), else after
         // the window, or from the start once the scan reached the end.
-        Ok(if locked.len() as i64 == limit {
+        let next = if locked.len() as i64 == limit {
             *locked.iter().max().expect("limit > 0 locked")
         } else if (candidates.len() as i64) < window {
             0
         } else {
             candidates[candidates.len() - 1]
-        })
+        };
+        Ok((next, filled))
     }
 
     async fn finished(
@@ -474,11 +494,13 @@ impl Processor {
             }
             Ok((_, Finish::Skipped)) => {}
             Ok((_, Finish::Retry(why))) => {
+                work.retry_at.insert(id, Instant::now() + RETRY_AFTER);
                 log::warn!("order {id}: {why}; it is taken up again later");
                 state.retries.fetch_add(1, Ordering::Relaxed);
                 state.error(format!("order {id}: {why}"));
             }
             Err(e) => {
+                work.retry_at.insert(id, Instant::now() + RETRY_AFTER);
                 log::error!("order {id}: the processing task ended abnormally: {e}");
                 state.retries.fetch_add(1, Ordering::Relaxed);
             }
@@ -491,6 +513,8 @@ impl Processor {
 struct Work {
     tasks: JoinSet<Finish>,
     orders: HashMap<tokio::task::Id, i64>,
+    /// Orders sent back to retry, and when they are due again.
+    retry_at: HashMap<i64, Instant>,
 }
 
 impl Work {

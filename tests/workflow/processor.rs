@@ -45,6 +45,8 @@ struct TestStep {
     compensations: Mutex<HashMap<i64, u32>>,
     /// How many compensation calls to answer "unavailable" first.
     refused_compensations: AtomicU32,
+    /// While set, every call is unavailable (the service is down).
+    down: std::sync::atomic::AtomicBool,
     entered: Notify,
     release: Notify,
 }
@@ -58,6 +60,7 @@ impl TestStep {
             effects: Mutex::default(),
             compensations: Mutex::default(),
             refused_compensations: AtomicU32::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
             entered: Notify::new(),
             release: Notify::new(),
         })
@@ -86,6 +89,9 @@ impl Step for TestStep {
         Box::pin(async move {
             let call = self.calls.fetch_add(1, Ordering::SeqCst);
             self.entered.notify_one();
+            if self.down.load(Ordering::SeqCst) {
+                return Err(StepError::Unavailable("the service is down".into()));
+            }
             match self.mode {
                 Mode::EffectThenHang if call == 0 => {
                     self.apply(order.id);
@@ -357,6 +363,43 @@ async fn an_unavailable_step_is_retried_until_it_answers() {
     assert_eq!(payment.calls.load(Ordering::SeqCst), 2);
     assert_eq!(payment.effects(id), 1);
     assert_eq!(p.state.retries.load(Ordering::Relaxed), 1);
+}
+
+/// Orders sent back to retry while a service was down come before new
+/// orders once they are due: a backlog of new ones does not hold them up.
+/// Before, each scan took as many as it had free slots at that moment (one,
+/// usually), every 5 s, and new claims filled the rest: eight retried
+/// orders waited behind hundreds of new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_sent_back_to_retry_come_before_a_backlog_of_new_ones() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let payment = TestStep::new("payment", Mode::Slow);
+    let p = start(&app.db_url, vec![payment.clone(), TestStep::new("inventory", Mode::Succeed)]);
+    payment.down.store(true, Ordering::SeqCst);
+    let mut retried = Vec::new();
+    for i in 0..8 {
+        retried.push(app.create_order(&format!("Retried {i}")).await["id"].as_i64().unwrap());
+    }
+    eventually(WAIT, || async { (p.state.retries.load(Ordering::Relaxed) >= 8).then_some(()) }).await;
+    payment.down.store(false, Ordering::SeqCst);
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Backlog ' || i, 'Nut', 1, 0.1 FROM generate_series(1, 1500) i",
+    )
+    .await
+    .unwrap();
+    let done = format!("SELECT count(*) FROM orders WHERE id = ANY('{{{}}}') AND status = 'processed'", {
+        let ids: Vec<String> = retried.iter().map(i64::to_string).collect();
+        ids.join(",")
+    });
+    until(&db, &done, |n| n == 8).await;
+    let backlog: i64 =
+        scalar(&db, "SELECT count(*) FROM orders WHERE customer_name LIKE 'Backlog %' AND status <> 'processed'").await;
+    assert!(backlog > 500, "the retried orders finished behind the backlog: {backlog} of 1500 left");
+    for id in retried {
+        assert_eq!(payment.effects(id), 1);
+    }
 }
 
 /// Undoing a cancelled order's steps is taken up again when a compensation
