@@ -35,7 +35,21 @@ pub struct Tally {
     /// server's writes reached this client (`received / receives` changes
     /// arrived together on average).
     pub receives: u64,
+    /// The last position the client reached (None: it never was ready).
+    pub reached: Option<i64>,
     pub error: Option<String>,
+}
+
+impl Tally {
+    /// Counts as lost every change up to `head` the client did not reach:
+    /// also for one that stopped before the head was known (its connection
+    /// closed by the server, say), whose missing changes would otherwise
+    /// count nowhere.
+    pub fn settle(&mut self, head: i64) {
+        if let Some(last) = self.reached {
+            self.lost += (head - last).max(0) as u64;
+        }
+    }
 }
 
 /// Where the clients stop: the writer publishes the final head here.
@@ -213,12 +227,9 @@ impl Counter {
         }
     }
 
-    fn finish(mut self, head: Option<i64>) -> Tally {
-        if let Some(h) = head {
-            if h > self.last {
-                self.tally.lost += (h - self.last) as u64;
-            }
-        }
+    /// What the client saw; `Tally::settle` counts what it did not reach.
+    fn finish(mut self) -> Tally {
+        self.tally.reached = Some(self.last);
         self.tally
     }
 }
@@ -613,7 +624,7 @@ pub async fn ws_client(
     };
     counter.tally.error = error;
     ws.close().await;
-    counter.finish(head)
+    counter.finish()
 }
 
 /// One SSE client on `GET path`, same bookkeeping as `ws_client`.
@@ -680,7 +691,7 @@ pub async fn sse_client(
             }
         }
     }
-    counter.finish(head)
+    counter.finish()
 }
 
 /// A minimal `text/event-stream` reader over HTTP/1.1 chunked encoding.
@@ -816,8 +827,23 @@ mod tests {
         }
         // A duplicate is not a receive, whenever it comes.
         c.change(16, 0, 2_500);
-        let t = c.finish(Some(16));
+        let mut t = c.finish();
+        t.settle(16);
         assert_eq!((t.received, t.receives, t.duplicates, t.lost), (6, 3, 1, 0));
+    }
+
+    #[test]
+    fn a_client_that_stopped_early_counts_what_it_did_not_reach_as_lost() {
+        let mut c = Counter::new(10, false);
+        c.change(11, 0, 1_000);
+        c.change(13, 0, 1_000); // 12 skipped
+        let mut t = c.finish();
+        t.settle(20);
+        assert_eq!((t.received, t.lost), (2, 1 + 7));
+        // One never ready has no position: its failure is a client error.
+        let mut never = Tally::default();
+        never.settle(20);
+        assert_eq!(never.lost, 0);
     }
 
     #[test]

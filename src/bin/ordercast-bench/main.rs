@@ -285,10 +285,10 @@ fn print_table(report: &Value) {
         report["runs_per_scenario"], report["write_seconds"]
     );
     println!(
-        "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7} {:>9}",
+        "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>5} {:>7} {:>7} {:>7} {:>9}",
         "latency / fan-out",
         "clients",
-        "chg/s",
+        "wrote/s",
         "p50 ms",
         "p90 ms",
         "p99 ms",
@@ -297,6 +297,7 @@ fn print_table(report: &Value) {
         "deliveries/s",
         "lost",
         "dup",
+        "errs",
         "busy %",
         "server",
         "bench",
@@ -304,10 +305,10 @@ fn print_table(report: &Value) {
     );
     for (s, m) in medians(&results, |s| s.contains("latency") || s.contains("fanout")) {
         println!(
-            "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>7} {:>7} {:>7} {:>9}",
+            "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>5} {:>7} {:>7} {:>7} {:>9}",
             s,
             get(m, "clients"),
-            get(m, "offered_changes_per_s"),
+            get(m, "write_changes_per_s"),
             get(m, "p50_ms"),
             get(m, "p90_ms"),
             get(m, "p99_ms"),
@@ -316,6 +317,7 @@ fn print_table(report: &Value) {
             get(m, "deliveries_per_s"),
             get(m, "lost"),
             get(m, "duplicates"),
+            get(m, "client_errors"),
             get(m, "machine_busy_pct"),
             get(m, "server_cpu_cores"),
             get(m, "bench_cpu_cores"),

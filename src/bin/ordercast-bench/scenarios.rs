@@ -118,7 +118,9 @@ impl Clients {
         let _ = self.finish.send(Some(head));
         let mut out = Vec::with_capacity(self.handles.len());
         for h in std::mem::take(&mut self.handles) {
-            out.push(h.await.unwrap_or_else(|e| Tally { error: Some(e.to_string()), ..Default::default() }));
+            let mut t = h.await.unwrap_or_else(|e| Tally { error: Some(e.to_string()), ..Default::default() });
+            t.settle(head);
+            out.push(t);
         }
         out
     }
@@ -308,6 +310,7 @@ pub async fn fanout(server: &Server, db_url: &str, n: usize, rate: f64, duration
     f.insert("offered_changes_per_s".into(), json!(rate));
     f.insert("rows_per_statement".into(), json!(rows));
     f.insert("changes".into(), json!(written.changes));
+    f.insert("write_changes_per_s".into(), json!(round(written.changes as f64 / written.secs)));
     f.insert("offered_deliveries_per_s".into(), json!(round(rate * clients.ready as f64)));
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
     let received = f["deliveries"].as_u64().unwrap_or(0);
