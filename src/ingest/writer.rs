@@ -489,6 +489,12 @@ impl Writer {
                     log::debug!("ingest database connection closed: {e}");
                 }
             });
+            // The transaction's row locks (partitions' positions) are let
+            // go within seconds of this host's death, not hours.
+            client
+                .batch_execute(crate::db::SESSION_KEEPALIVES)
+                .await
+                .map_err(|e| classify(e, "Failed to set the session's keepalives"))?;
             let prepare = |sql: &'static str| {
                 let client = &client;
                 async move { client.prepare(sql).await.map_err(|e| classify(e, "Failed to prepare a statement")) }

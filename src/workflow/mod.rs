@@ -128,7 +128,7 @@ impl Dedicated {
             close.0.notify_one();
         });
         client
-            .batch_execute(&format!("LISTEN {}", crate::changes::listener::CHANNEL))
+            .batch_execute(&format!("{}; LISTEN {}", crate::db::SESSION_KEEPALIVES, crate::changes::listener::CHANNEL))
             .await
             .map_err(crate::db::describe)
             .context("LISTEN failed")?;

@@ -74,6 +74,33 @@ async fn sigterm_closes_sessions_with_their_resume_position_and_exits_cleanly() 
     assert!(reqwest::get(format!("http://127.0.0.1:{port}/api/health")).await.is_err());
 }
 
+/// What a connection's backend does about a dead client: keepalive idle,
+/// interval and count, and the user timeout.
+async fn dead_client_settings(client: &tokio_postgres::Client) -> Vec<String> {
+    let mut got = Vec::new();
+    for name in ["tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count", "tcp_user_timeout"] {
+        got.push(client.query_one(&format!("SHOW {name}"), &[]).await.unwrap().get::<_, String>(0));
+    }
+    got
+}
+
+/// Every connection tells its backend to notice a dead client within
+/// seconds. PostgreSQL's defaults leave it to the kernel: a dead host's
+/// session lingers about two hours with its locks, so no standby relay or
+/// processor takes over. Checked on the REST pool, a plain connection and
+/// the relay's and processor's dedicated connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_asks_its_backend_to_notice_a_dead_client_within_seconds() {
+    let app = crate::helpers::spawn_app().await;
+    let want = ["10", "5", "3", "30000"];
+    let pooled = app.state.pool.get().await.unwrap();
+    assert_eq!(dead_client_settings(&pooled).await, want, "the pool");
+    let plain = ordercast::db::connect(&app.db_url).await.unwrap();
+    assert_eq!(dead_client_settings(&plain).await, want, "a plain connection");
+    let dedicated = ordercast::workflow::Dedicated::open(&app.db_url, "test").await.unwrap();
+    assert_eq!(dead_client_settings(&dedicated.client).await, want, "a dedicated connection");
+}
+
 /// A server whose port is taken does not start: it fails before it has
 /// started anything. Before, it bound last, after the listener (and any
 /// Kafka ingest or processor) had started, and left them running.
