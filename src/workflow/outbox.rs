@@ -297,8 +297,13 @@ async fn session(
         let after: [&(dyn ToSql + Sync); 2] = [&position, &limit];
         let rows = db.query(&read, &after).await.map_err(crate::db::describe)?;
         // The horizon comes with the rows, from the same snapshot: a prune
-        // committed just before the read shows here, never after it.
-        let pruned: i64 = rows.first().map_or(position, |r| r.get("pruned"));
+        // committed just before the read shows here, never after it. With
+        // no rows it is read alone: a log pruned through its head (a quiet
+        // system idle past the retention) holds no row to carry it.
+        let pruned: i64 = match rows.first() {
+            Some(row) => row.get("pruned"),
+            None => crate::changes::log_bounds(db).await.map_err(crate::db::describe)?.1,
+        };
         if pruned > position {
             log::error!(
                 "outbox relay for {topic}: changes {}..={pruned} were pruned from the change log before they \

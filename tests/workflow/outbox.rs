@@ -127,14 +127,7 @@ async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
     let a = first.create_order("Before").await["id"].as_i64().unwrap();
     reader.read_until(WAIT, move |m| !of_order(m, a).is_empty()).await;
     let db = first.sql().await;
-    eventually(WAIT, || {
-        let db = &db;
-        async move {
-            let stored: i64 = db.query_one("SELECT position FROM outbox_positions", &[]).await.ok()?.get(0);
-            (stored > 0).then_some(())
-        }
-    })
-    .await;
+    published_something(&db).await;
     first.stop().await;
 
     // Act: changes committed while no relay runs, then a new instance.
@@ -153,6 +146,46 @@ async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
     let all: Vec<OwnedMessage> = msgs.into_iter().chain(later).collect();
     assert_eq!(of_order(&all, a).len(), 0, "order {a}'s insert was read before the restart and not sent again");
     assert_eq!(of_order(&all, b).len(), 2);
+}
+
+/// Waits until the relay has stored a position past the start.
+async fn published_something(db: &tokio_postgres::Client) {
+    eventually(WAIT, || async move {
+        let stored: i64 = db.query_one("SELECT position FROM outbox_positions", &[]).await.ok()?.get(0);
+        (stored > 0).then_some(())
+    })
+    .await;
+}
+
+/// Changes pruned from the log, through its head, while no relay ran (a
+/// quiet system idle past the retention) are reported as skipped at once,
+/// with the position moved past them. Before, the read found no row to
+/// carry the horizon, and nothing was said until a later commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_pruned_through_the_head_before_they_were_published_are_reported() {
+    let kafka = Kafka::start();
+    let mut first = spawn_app_with(|s| kafka.configure(s)).await;
+    let db = first.sql().await;
+    first.create_order("Before").await;
+    published_something(&db).await;
+    first.stop().await;
+    let stored: i64 = scalar(&db, "SELECT position FROM outbox_positions").await;
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Pruned ' || i, 'Nut', 1, 1 FROM generate_series(1, 3) i",
+    )
+    .await
+    .unwrap();
+    let head: i64 = scalar(&db, "SELECT change_head()").await;
+    db.batch_execute("SELECT change_prune(change_head())").await.unwrap();
+    let second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+    let outbox = eventually(WAIT, || async {
+        let (_, health) = second.get_json("/api/health").await;
+        let outbox = health["workflow"]["outbox"].clone();
+        (outbox["position"].as_i64() == Some(head)).then_some(outbox)
+    })
+    .await;
+    assert_eq!(outbox["skipped"].as_i64(), Some(head - stored), "{outbox}");
 }
 
 /// Deleting the relay's row starts it over from the oldest retained change,
