@@ -754,12 +754,10 @@ fn read_topic(consumer: BaseConsumer, topic: &str, since: Option<&HashMap<i32, i
             );
             return Ok(nothing(0, None));
         }
-        // The late check must read everything: asked again.
-        Some(code) if since.is_some() => anyhow::bail!("the metadata of {topic} says {code}"),
-        Some(code) => {
-            log::warn!("outbox relay for {topic}: the topic's metadata says {code}; what it holds is not checked");
-            return Ok(nothing(0, None));
-        }
+        // Asked again (a leader being elected, a broker catching up after
+        // a restart): the takeover's check and the late check must read
+        // what the topic holds, not go on without it.
+        Some(code) => anyhow::bail!("the metadata of {topic} says {code}"),
     }
     let partitions = meta.partitions().len() as i32;
     // Where each partition ends is asked one partition at a time.

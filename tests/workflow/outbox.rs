@@ -465,6 +465,30 @@ async fn a_relay_started_after_the_database_lost_published_changes_sends_the_rew
     assert_rewound_before_reuse(&reader, kept, lost, after_loss).await;
 }
 
+/// The same, with the topic's metadata answering an error for a while when
+/// the relay takes over (a leader being elected after a broker restart, as
+/// in an outage that also failed the database over): the check is asked
+/// again until the topic answers. Before, any topic error but "unknown" or
+/// "not authorized" meant "not checked": no rewind, and the change reusing
+/// the lost position went out unannounced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_error_at_the_takeover_delays_the_check_and_the_rewind_still_comes() {
+    use rdkafka::types::RDKafkaRespErr;
+
+    let kafka = Kafka::start();
+    let (first, reader, db, [(_, kept), (_, lost)]) = published_then_stopped(&kafka).await;
+    db.batch_execute(&lose_after(kept)).await.unwrap();
+    let after_loss: i64 = scalar(&db, DBA_INSERT).await;
+    kafka.cluster.topic_error(&kafka.changes, RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE).unwrap();
+
+    let _second = spawn_app_on(&first.db_url, |s| relay_settings(&kafka, s)).await;
+    // The relay takes over at once, and its check meets the error.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kafka.cluster.topic_error(&kafka.changes, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR).unwrap();
+
+    assert_rewound_before_reuse(&reader, kept, lost, after_loss).await;
+}
+
 /// A restart with nothing lost sends no rewind, also when the last change
 /// published went out but its position was not stored (a crash between the
 /// two).
