@@ -934,6 +934,41 @@ test('over SSE, a token that expires opens the sign-in, and nothing after the ex
   assert.equal(await row(page, after).count(), 0, 'the change after the expiry is not shown');
 });
 
+test('a WebSocket refused for an expired token waits while the sign-in is open, and asks again once it is dismissed', async (t) => {
+  const secret = 'browser-test-jwt-secret-0123456789';
+  const secured = new Ordercast(BIN, { ORDERCAST_JWT_SECRET: secret });
+  t.cleanup = () => secured.cleanup();
+  await secured.start();
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  page.setDefaultTimeout(10000);
+  let opened = 0;
+  await page.routeWebSocket(/\/ws/, (ws) => {
+    opened += 1;
+    ws.connectToServer();
+  });
+  await page.goto(secured.url);
+  const dialog = page.locator('#signin');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  const exp = Math.floor(Date.now() / 1000) + 15;
+  await submitToken(dialog, jwt(secret, { sub: 'short-lived', exp, scope: 'read' }));
+  await live(page);
+  await page.locator('#connection-detail', { hasText: 'WebSocket' }).waitFor({ timeout: 5000 });
+  while (Date.now() / 1000 <= exp + 0.5) await sleep(200);
+  // The stream is woken by a change, which an expired token may not see: closed with 4001.
+  await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('After expiry', 'Clock', 1, 1)`);
+  await dialog.waitFor({ state: 'visible', timeout: 10000 });
+  const refused = opened;
+  // Backoff alone would have asked three times by now (1, 2 and 4 s).
+  await sleep(8000);
+  assert.equal(opened, refused, 'no WebSocket opened while the sign-in is open');
+  await page.keyboard.press('Escape');
+  await until(() => opened > refused, 'a WebSocket opened once the sign-in was dismissed').catch(async () => {
+    await sleep(10000);
+    assert.ok(opened > refused, 'a WebSocket opened once the sign-in was dismissed');
+  });
+});
+
 test('when WebSocket fails the page falls back to SSE', async (t) => {
   let attempts = 0;
   const { page } = await openDashboard(t, {

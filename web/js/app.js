@@ -172,7 +172,7 @@ const stream = new Stream({
     }
   },
   onUnauthorized() {
-    signIn.open();
+    return signIn.open();
   },
   async onResync() {
     recent = [];

@@ -94,11 +94,18 @@ export class SignIn {
     }
   }
 
+  /**
+   * Opens the sign-in (once); resolves when it closes. Signing in reloads
+   * the page; it closes otherwise only when the user dismisses it.
+   */
   open(why = '') {
-    if (this.d.open) return;
-    this.error.textContent = why;
-    this.d.showModal();
-    this.input.focus();
+    if (!this.d.open) {
+      this.error.textContent = why;
+      this.d.showModal();
+      this.input.focus();
+      this.closed = new Promise((resolve) => this.d.addEventListener('close', () => resolve(), { once: true }));
+    }
+    return this.closed;
   }
 
   async submit() {

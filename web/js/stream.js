@@ -48,7 +48,8 @@ export class Stream {
    *   onChange(change)          one change message, in order, never twice
    *   onState({phase, transport, position, retryAt})
    *   onResync() -> Promise<position>  reload everything; resolve with the new position
-   *   onUnauthorized()          the server refused the stream for want of a (valid) token
+   *   onUnauthorized() -> Promise  the server refused the stream for want of a (valid) token;
+   *                             resolves once the sign-in is dismissed (signing in reloads the page)
    */
   constructor(handlers) {
     this.h = handlers;
@@ -159,8 +160,7 @@ export class Stream {
       if (this.conn?.ws !== ws) return; // replaced on purpose
       this.dropConnection();
       if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
-        this.h.onUnauthorized();
-        this.scheduleReconnect();
+        this.afterRefusal();
       } else if (ready || ev.code === CLOSE_UNAVAILABLE || ev.code === CLOSE_TRY_LATER) {
         // 4503 (the server could not open the stream for now) and 1013
         // (too many invalid tokens from this address, for now) mean
@@ -261,10 +261,26 @@ export class Stream {
         code = null;
       }
       this.dropConnection();
-      if (code === 'token_expired') this.h.onUnauthorized();
-      else if (!ready && !code) api.listOrders({ limit: 1 }).catch(() => {});
+      if (code === 'token_expired') {
+        this.afterRefusal();
+        return;
+      }
+      if (!ready && !code) api.listOrders({ limit: 1 }).catch(() => {});
       this.scheduleReconnect();
     });
+  }
+
+  /**
+   * Refused for want of a (valid) token: the sign-in opens, and the stream
+   * waits until it is dismissed (signing in reloads the page) instead of
+   * asking again and again with a token it knows is refused.
+   */
+  async afterRefusal() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    this.setPhase('reconnecting');
+    await this.h.onUnauthorized();
+    if (!this.conn && this.timer === null) this.scheduleReconnect();
   }
 
   dropConnection() {
