@@ -75,6 +75,9 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
         let (clients, changes) = (num("clients"), num("changes"));
         assert!(changes > 0.0, "{name}: nothing written");
         assert_eq!(num("deliveries"), clients * changes, "{name}: every client gets every change");
+        if name.contains("latency") || name.contains("fanout") {
+            assert_eq!(num("unmatched"), 0.0, "{name}: deliveries against what was written: {m}");
+        }
         assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
         if name.contains("latency") || name.contains("fanout") {
             // Where the CPU went during the run: the server, the load

@@ -255,7 +255,7 @@ fn combine(runs: &[Figures]) -> Value {
             out.insert(key.clone(), v.clone());
             continue;
         }
-        let worst = matches!(key.as_str(), "lost" | "duplicates" | "client_errors");
+        let worst = matches!(key.as_str(), "lost" | "duplicates" | "client_errors" | "unmatched");
         let mut sorted = nums.clone();
         sorted.sort_by(f64::total_cmp);
         let x = if worst { sorted[sorted.len() - 1] } else { sorted[sorted.len() / 2] };

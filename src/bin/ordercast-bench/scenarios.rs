@@ -191,6 +191,20 @@ pub fn percentiles(figures: &mut Figures, samples: &mut [u32]) {
     figures.insert("max_ms".into(), samples.last().map(|m| json!(*m as f64 / 1000.0)).unwrap_or(Value::Null));
 }
 
+/// Deliveries checked against what the writer committed, not only against
+/// the change log (a capture that lost or merged changes would leave the log
+/// gap-free): every ready client must get every change written, once.
+/// `unmatched` is how far the deliveries are from that, either way.
+fn unmatched(figures: &mut Figures, clients: &Clients, written: &Written) {
+    let want = clients.ready as u64 * written.changes;
+    let got = figures["deliveries"].as_u64().unwrap_or(0);
+    let off = want.abs_diff(got);
+    if off > 0 {
+        eprintln!("  {got} deliveries, but {} clients x {} changes written = {want}", clients.ready, written.changes);
+    }
+    figures.insert("unmatched".into(), json!(off));
+}
+
 fn tally_figures(figures: &mut Figures, clients: &Clients, tallies: &mut [Tally]) -> Vec<u32> {
     let received: u64 = tallies.iter().map(|t| t.received).sum();
     let lost: u64 = tallies.iter().map(|t| t.lost).sum();
@@ -241,6 +255,7 @@ pub async fn latency(
     f.insert("changes".into(), json!(written.changes));
     f.insert("write_changes_per_s".into(), json!(round(written.changes as f64 / written.secs)));
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
+    unmatched(&mut f, &clients, &written);
     percentiles(&mut f, &mut samples);
     Ok(f)
 }
@@ -313,6 +328,7 @@ pub async fn fanout(server: &Server, db_url: &str, n: usize, rate: f64, duration
     f.insert("write_changes_per_s".into(), json!(round(written.changes as f64 / written.secs)));
     f.insert("offered_deliveries_per_s".into(), json!(round(rate * clients.ready as f64)));
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
+    unmatched(&mut f, &clients, &written);
     let received = f["deliveries"].as_u64().unwrap_or(0);
     f.insert("deliveries_per_s".into(), json!(round(received as f64 / secs)));
     percentiles(&mut f, &mut samples);
