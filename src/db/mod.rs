@@ -45,6 +45,13 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
     if config.get_application_name().is_none() {
         config.application_name("ordercast");
     }
+    // TLS needs a host name (for SNI and `verify-full`): a string that gives
+    // only `hostaddr` gets its addresses as names, as libpq uses them.
+    if config.get_hosts().is_empty() {
+        for addr in config.get_hostaddrs().to_vec() {
+            config.host(addr.to_string());
+        }
+    }
     Ok(config)
 }
 
@@ -175,5 +182,8 @@ mod tests {
         assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(2)));
         assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
         assert_eq!(c.get_application_name(), Some("x"));
+        // Only hostaddr: its address is the host TLS needs.
+        let c = pg_config("hostaddr=10.0.0.5 dbname=x user=u").unwrap();
+        assert_eq!(c.get_hosts(), [tokio_postgres::config::Host::Tcp("10.0.0.5".into())]);
     }
 }

@@ -14,6 +14,8 @@
 
 use anyhow::{bail, Context};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::X509;
 use postgres_openssl::MakeTlsConnector;
 
 /// What every ordercast connection is opened with.
@@ -86,6 +88,14 @@ pub(crate) fn split(conn: &str) -> anyhow::Result<Split> {
         if conn.contains('\'') {
             return Ok(Split { rest: conn.to_string(), ..Split::default() });
         }
+        // `sslmode = require` would split into tokens this reading does not
+        // know, and the `sslmode=prefer` appended below would win.
+        if conn
+            .split_whitespace()
+            .any(|t| t.starts_with('=') || t.ends_with('=') && TLS_KEYS.contains(&&t[..t.len() - 1]))
+        {
+            bail!("write the connection string's settings as key=value, without spaces around `=`");
+        }
         let mut rest = Vec::new();
         for pair in conn.split_whitespace() {
             match pair.split_once('=') {
@@ -119,7 +129,17 @@ impl Split {
             Mode::Disable | Mode::Prefer => false,
         };
         if let Some(root) = &self.root_cert {
-            builder.set_ca_file(root).with_context(|| format!("sslrootcert {root:?} could not be read"))?;
+            // Its certificates alone, as libpq trusts them: not added to the
+            // system's trusted roots (which the builder has loaded), or any
+            // public authority's certificate would pass `verify-ca`.
+            let pem = std::fs::read(root).with_context(|| format!("sslrootcert {root:?} could not be read"))?;
+            let certs = X509::stack_from_pem(&pem).with_context(|| format!("sslrootcert {root:?} is not PEM"))?;
+            anyhow::ensure!(!certs.is_empty(), "sslrootcert {root:?} holds no certificate");
+            let mut store = X509StoreBuilder::new()?;
+            for cert in certs {
+                store.add_cert(cert)?;
+            }
+            builder.set_cert_store(store.build());
         }
         builder.set_verify(if verify { SslVerifyMode::PEER } else { SslVerifyMode::NONE });
         match (&self.cert, &self.key) {
@@ -163,6 +183,10 @@ mod tests {
         assert_eq!(split("postgresql://db/x?sslmode=disable").unwrap().rest, "postgresql://db/x?sslmode=disable");
         assert_eq!(split("postgres://db/x?sslmode=allow").unwrap().mode, Mode::Prefer);
         assert!(split("postgres://db/x?sslmode=always").is_err());
+        // Spaces around `=` are refused, not read as no sslmode (prefer).
+        for spaced in ["host=db sslmode =require", "host=db sslmode= require", "host=db sslmode = require"] {
+            assert!(split(spaced).is_err(), "{spaced}");
+        }
         assert!(split("postgres://db/x?sslcert=/c").unwrap().connector().is_err(), "a certificate with no key");
     }
 }
