@@ -937,9 +937,14 @@ test('over SSE, a token that expires opens the sign-in, and nothing after the ex
 test('a WebSocket refused for an expired token waits while the sign-in is open, and asks again once it is dismissed', async (t) => {
   const secret = 'browser-test-jwt-secret-0123456789';
   const secured = new Ordercast(BIN, { ORDERCAST_JWT_SECRET: secret });
-  t.cleanup = () => secured.cleanup();
+  // One context, two tabs: they share the sign-in's cookie.
+  const context = await browser.newContext({ viewport: { width: 1366, height: 900 } });
+  t.cleanup = async () => {
+    await context.close();
+    await secured.cleanup();
+  };
   await secured.start();
-  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  const page = await context.newPage();
   t.page = page;
   page.setDefaultTimeout(10000);
   let opened = 0;
@@ -967,6 +972,17 @@ test('a WebSocket refused for an expired token waits while the sign-in is open, 
     await sleep(10000);
     assert.ok(opened > refused, 'a WebSocket opened once the sign-in was dismissed');
   });
+  // Refused again: the sign-in opens again. Signing in in another tab, then
+  // coming back to this one, takes this one live too.
+  await dialog.waitFor({ state: 'visible', timeout: 10000 });
+  const other = await context.newPage();
+  await other.goto(secured.url);
+  await submitToken(other.locator('#signin'), jwt(secret, { sub: 'renewed', exp: exp + 3600, scope: 'read' }));
+  await live(other);
+  await page.evaluate(() => document.dispatchEvent(new Event('visibilitychange')));
+  await live(page);
+  assert.equal(await dialog.isVisible(), false);
+  await other.close();
 });
 
 test('when WebSocket fails the page falls back to SSE', async (t) => {

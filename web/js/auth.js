@@ -75,8 +75,9 @@ export class SignIn {
       this.open('This token lacks the read scope, which the dashboard needs to show orders.');
       return null;
     }
-    // Signed in meanwhile, in another tab: start afresh, as after signing in here.
-    if (before === false) {
+    // Signed in meanwhile, in another tab (also while the sign-in is open
+    // here, after a stream was refused): start afresh, as after signing in here.
+    if (before === false || this.d.open) {
       location.reload();
       return me;
     }

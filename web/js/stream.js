@@ -279,8 +279,11 @@ export class Stream {
     clearTimeout(this.timer);
     this.timer = null;
     this.setPhase('reconnecting');
-    await this.h.onUnauthorized();
-    if (!this.conn && this.timer === null) this.scheduleReconnect();
+    try {
+      await this.h.onUnauthorized();
+    } finally {
+      if (!this.conn && this.timer === null) this.scheduleReconnect();
+    }
   }
 
   dropConnection() {
