@@ -373,6 +373,19 @@ async fn warn_on_ascii_case_folding(client: &tokio_postgres::Client) {
     }
 }
 
+/// The listening socket's backlog (as std's `TcpListener::bind`).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// The server's address, bound but not yet listening: a port in use stops
+/// the start before anything else, and no connection is taken (and left
+/// waiting) before the server can answer it.
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
 impl Application {
     pub async fn build(settings: Settings, database_url: &str) -> anyhow::Result<Application> {
         let auth = crate::auth::Auth::from_config(
@@ -396,7 +409,8 @@ impl Application {
         }
         // Before anything starts: a port in use stops the start here, with
         // no migration run, no Kafka group joined and no order claimed.
-        let tcp = TcpListener::bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
+        let socket = bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
+        let port = socket.local_addr()?.as_socket().map_or(0, |a| a.port());
         crate::db::migrate(database_url).await?;
         let pool = crate::db::pool(database_url, settings.db_pool_size, settings.db_timeout())?;
         let stream_pool = crate::db::pool(database_url, settings.stream_pool_size, settings.db_timeout())?;
@@ -458,7 +472,6 @@ impl Application {
             workflow: workflow.state,
         });
 
-        let port = tcp.local_addr()?.port();
         let data = web::Data::from(state.clone());
         let origins = settings.allowed_origins.clone();
         let unacknowledged = unacknowledged_limit(&settings);
@@ -495,13 +508,16 @@ impl Application {
         };
         let workers = settings.http_workers();
         log::info!("{workers} HTTP worker thread(s)");
-        let server = match tcp.set_nonblocking(true).and_then(|()| Server::build().listen("ordercast", tcp, factory)) {
-            Ok(server) => server.workers(workers).disable_signals().shutdown_timeout(5).run(),
-            Err(e) => {
-                tasks.iter().chain(&ingest.tasks).chain(&workflow.tasks).for_each(JoinHandle::abort);
-                return Err(e.into());
-            }
-        };
+        // Connections are taken from here on, not while migrations ran.
+        let listening = socket.listen(LISTEN_BACKLOG).and_then(|()| socket.set_nonblocking(true));
+        let server =
+            match listening.and_then(|()| Server::build().listen("ordercast", TcpListener::from(socket), factory)) {
+                Ok(server) => server.workers(workers).disable_signals().shutdown_timeout(5).run(),
+                Err(e) => {
+                    tasks.iter().chain(&ingest.tasks).chain(&workflow.tasks).for_each(JoinHandle::abort);
+                    return Err(e.into());
+                }
+            };
         Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks, workflow_tasks: workflow.tasks })
     }
 

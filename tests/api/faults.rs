@@ -125,6 +125,39 @@ async fn a_port_in_use_fails_the_start_before_anything_runs() {
     assert_eq!(sessions, 0, "a session of the server that did not start is still open");
 }
 
+/// While its migrations wait (for another replica's, say), a starting
+/// server has its port but takes no connection: a client or a load
+/// balancer's check is refused at once, not left waiting in the backlog for
+/// as long as the migrations take. Before, the port listened from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_migrations_wait_takes_no_connection_yet() {
+    let (db_url, _) = create_database().await;
+    // The migration lock, as another replica migrating holds it.
+    let other = ordercast::db::connect(&db_url).await.unwrap();
+    other.execute("SELECT pg_advisory_lock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    let port = free_port();
+    let mut settings = ordercast::config::Settings::for_database(&db_url);
+    settings.bind = format!("127.0.0.1:{port}").parse().unwrap();
+    let url = db_url.clone();
+    let build = tokio::spawn(async move { ordercast::startup::Application::build(settings, &url).await });
+    crate::helpers::until_count(
+        &other,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        WAIT,
+        |n| n == 1,
+    )
+    .await;
+    let e = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect_err("a connection was taken");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    other.execute("SELECT pg_advisory_unlock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    let app = build.await.unwrap().expect("built once the migrations ran");
+    let handle = app.handle();
+    let server = tokio::spawn(app.run_until_stopped());
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("listening once built");
+    handle.stop().await;
+    server.await.unwrap().unwrap();
+}
+
 /// A second ordercast started on the same data directory (a `migrate` in
 /// another terminal, say) is refused, and leaves the first one's server
 /// running. Before, it stopped that server to start its own on another port,
