@@ -136,6 +136,7 @@ async fn publish_pending(
         tokio::spawn(async move {
             let _ = connection.await;
         });
+        c.batch_execute(crate::db::SESSION_KEEPALIVES).await.map_err(crate::db::describe)?;
         *client = Some(c);
     }
     let client = client.as_mut().expect("connected just above");
