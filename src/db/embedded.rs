@@ -64,8 +64,7 @@ fn blocked_ancestor(dir: &Path) -> std::io::Result<Option<PathBuf>> {
 
 /// Where the data of `data_dir` goes when the postgres user cannot reach it:
 /// a directory under /var/lib/ordercast named by a stable hash (FNV-1a) of
-/// the path, so the same checkout finds its database again, and the socket's
-/// path stays short.
+/// the path, so the same checkout finds its database again.
 fn reachable_home(data_dir: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
     let hash = data_dir
@@ -120,6 +119,16 @@ fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
                  another --data-dir",
                 dir.display(),
                 holder.trim()
+            );
+        }
+        // A file system without locks (NFS mounted `nolock`, some FUSE or
+        // CIFS mounts): go on without, as before there was a lock.
+        Err(std::fs::TryLockError::Error(e))
+            if e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(nix::libc::ENOLCK) =>
+        {
+            log::warn!(
+                "{} cannot be locked ({e}): nothing stops a second ordercast from using this data directory",
+                path.display()
             );
         }
         Err(std::fs::TryLockError::Error(e)) => {
