@@ -407,6 +407,12 @@ impl Application {
         if auth.is_none() {
             log::warn!("authentication is off (no API keys, no JWT secret): every caller may read and write");
         }
+        if settings.jwt_secret.is_some() && settings.jwt_audience.as_deref().is_none_or(|a| a.trim().is_empty()) {
+            log::warn!(
+                "JWTs are accepted whatever their audience (aud): set ORDERCAST_JWT_AUDIENCE if the JWT secret \
+                 also signs tokens for other services"
+            );
+        }
         // Before anything starts: a port in use stops the start here, with
         // no migration run, no Kafka group joined and no order claimed.
         let socket = bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;
