@@ -777,6 +777,28 @@ test('with tokens configured, the dashboard asks for one, then goes live', async
   assert.equal(await page.locator('html[data-read-only]').count(), 0);
 });
 
+test('without a token, the first page is not asked for again while the sign-in is open', async (t) => {
+  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
+  t.cleanup = () => secured.cleanup();
+  await secured.start();
+  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
+  t.page = page;
+  let asked = 0;
+  page.on('request', (r) => {
+    if (new URL(r.url()).pathname === '/api/orders') asked += 1;
+  });
+  await page.clock.install();
+  await page.goto(secured.url);
+  const dialog = page.locator('#signin');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  await page.clock.fastForward('01:00');
+  await sleep(500);
+  // Backoff alone would have asked about seven times more by now.
+  assert.equal(asked, 1, 'the orders asked for once');
+  await submitToken(dialog, 'ops-secret-2');
+  await live(page);
+});
+
 test('a token an older dashboard kept readable by scripts is forgotten, and the user signs in once more', async (t) => {
   const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
   t.cleanup = () => secured.cleanup();

@@ -225,6 +225,9 @@ async function start() {
   signIn.load();
   stats.refresh();
   for (let delay = 1000; !(await table.load()); delay = Math.min(delay * 2, 10000)) {
+    // Refused for want of a token: not asked again while the sign-in is
+    // open (signing in reloads the page).
+    await signIn.dismissed();
     await new Promise((r) => setTimeout(r, delay));
   }
   recentFrom = table.position;

@@ -109,6 +109,11 @@ export class SignIn {
     return this.closed;
   }
 
+  /** Resolves at once, or, while the sign-in is open, once it is dismissed. */
+  dismissed() {
+    return this.d.open ? this.closed : Promise.resolve();
+  }
+
   async submit() {
     const token = this.input.value.trim();
     this.error.textContent = '';
