@@ -379,7 +379,11 @@ async fn session(
             let _ = closed_tx.send(reason);
         });
     }
-    client.batch_execute(&format!("{}; LISTEN {CHANNEL}", crate::db::SESSION_KEEPALIVES)).await.map_err(crate::db::describe).context("LISTEN failed")?;
+    client
+        .batch_execute(&format!("{}; LISTEN {CHANNEL}", crate::db::SESSION_KEEPALIVES))
+        .await
+        .map_err(crate::db::describe)
+        .context("LISTEN failed")?;
     let read = client.prepare(READ_SQL).await.map_err(crate::db::describe)?;
     let horizon = client.prepare("SELECT pruned_through FROM change_retention").await.map_err(crate::db::describe)?;
     // Positions only grow, unless the database lost commits that were
