@@ -598,29 +598,25 @@ mod tests {
         }
     }
 
+    /// An HS256 JWT of `claims`, signed with `secret`.
+    fn signed(secret: &[u8], claims: &serde_json::Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(secret);
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), claims, &key).unwrap()
+    }
+
     #[test]
     fn jwts_are_verified_and_expire() {
         let secret = "0123456789abcdef0123456789abcdef";
         let auth = Auth::from_config(None, Some(secret)).unwrap().unwrap();
         let make = |exp: i64, scope: &str| {
-            jsonwebtoken::encode(
-                &jsonwebtoken::Header::new(Algorithm::HS256),
-                &serde_json::json!({"sub": "svc", "exp": exp, "scope": scope, "customer": "Bob"}),
-                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-            )
-            .unwrap()
+            signed(secret.as_bytes(), &serde_json::json!({"sub": "svc", "exp": exp, "scope": scope, "customer": "Bob"}))
         };
         let now = chrono::Utc::now().timestamp();
         let p = auth.authenticate(&make(now + 60, "read write")).unwrap();
         assert!(p.has(Scope::Write) && !p.has(Scope::Admin));
         assert_eq!(p.customer.as_deref(), Some("bob"));
         assert_eq!(auth.authenticate(&make(now - 5, "read")), Err(AuthError::Expired));
-        let forged = jsonwebtoken::encode(
-            &jsonwebtoken::Header::new(Algorithm::HS256),
-            &serde_json::json!({"sub": "svc", "exp": now + 60}),
-            &jsonwebtoken::EncodingKey::from_secret(b"another secret entirely!"),
-        )
-        .unwrap();
+        let forged = signed(b"another secret entirely!", &serde_json::json!({"sub": "svc", "exp": now + 60}));
         assert_eq!(auth.authenticate(&forged), Err(AuthError::Invalid));
     }
 
@@ -632,14 +628,7 @@ mod tests {
     fn a_jwt_from_an_identity_provider_is_checked_for_its_audience_and_issuer_when_set() {
         let secret = "0123456789abcdef0123456789abcdef";
         let exp = chrono::Utc::now().timestamp() + 60;
-        let make = |claims: serde_json::Value| {
-            jsonwebtoken::encode(
-                &jsonwebtoken::Header::new(Algorithm::HS256),
-                &claims,
-                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-            )
-            .unwrap()
-        };
+        let make = |claims: serde_json::Value| signed(secret.as_bytes(), &claims);
         let idp = make(serde_json::json!({"sub": "svc", "exp": exp, "aud": ["ordercast", "billing"],
                                           "iss": "https://id.example", "scope": "openid read write"}));
         let open = Auth::from_config(None, Some(secret)).unwrap().unwrap();
@@ -666,14 +655,7 @@ mod tests {
         let secret = "0123456789abcdef0123456789abcdef";
         let auth = Auth::from_config(None, Some(secret)).unwrap().unwrap();
         let exp = chrono::Utc::now().timestamp() + 60;
-        let make = |claims: serde_json::Value| {
-            jsonwebtoken::encode(
-                &jsonwebtoken::Header::new(Algorithm::HS256),
-                &claims,
-                &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-            )
-            .unwrap()
-        };
+        let make = |claims: serde_json::Value| signed(secret.as_bytes(), &claims);
         for blank in ["", "  ", "\t"] {
             let token = make(serde_json::json!({"sub": "svc", "exp": exp, "scope": "read", "customer": blank}));
             assert_eq!(auth.authenticate(&token), Err(AuthError::Invalid), "{blank:?}");

@@ -92,8 +92,18 @@ pub fn pool(url: &str, size: usize, timeout: Duration) -> anyhow::Result<Pool> {
 
 /// Opens a plain connection and drives it on a task.
 pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    connect_as(url, None).await
+}
+
+/// `connect`, named `application_name` in `pg_stat_activity` when given
+/// (over the URL's).
+pub async fn connect_as(url: &str, application_name: Option<&str>) -> anyhow::Result<tokio_postgres::Client> {
+    let mut config = pg_config(url)?;
+    if let Some(name) = application_name {
+        config.application_name(name);
+    }
     let (client, connection) =
-        pg_config(url)?.connect(tls(url)?).await.map_err(describe).context("Failed to connect to PostgreSQL")?;
+        config.connect(tls(url)?).await.map_err(describe).context("Failed to connect to PostgreSQL")?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             log::debug!("database connection closed: {e}");

@@ -130,14 +130,7 @@ async fn publish_pending(
 ) -> anyhow::Result<()> {
     let (topic, group, source) = (settings.dlq_topic.as_str(), &settings.group_id, &settings.topic);
     if client.as_ref().is_none_or(|c| c.is_closed()) {
-        let mut config = crate::db::pg_config(url)?;
-        config.application_name("ordercast-dlq");
-        let (c, connection) = config.connect(crate::db::tls(url)?).await.map_err(crate::db::describe)?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        c.batch_execute(crate::db::SESSION_KEEPALIVES).await.map_err(crate::db::describe)?;
-        *client = Some(c);
+        *client = Some(crate::db::connect_as(url, Some("ordercast-dlq")).await?);
     }
     let client = client.as_mut().expect("connected just above");
     loop {

@@ -478,23 +478,12 @@ impl Writer {
             self.conn = None;
         }
         if self.conn.is_none() {
-            let mut config = crate::db::pg_config(&self.url).map_err(WriteError::Transient)?;
-            config.application_name("ordercast-ingest");
+            // With the backend's keepalives: the transaction's row locks
+            // (partitions' positions) are let go within seconds of this
+            // host's death, not hours.
+            let client =
+                crate::db::connect_as(&self.url, Some("ordercast-ingest")).await.map_err(WriteError::Transient)?;
             let tls = crate::db::tls(&self.url).map_err(WriteError::Transient)?;
-            let (client, connection) = config.connect(tls.clone()).await.map_err(|e| {
-                WriteError::Transient(crate::db::describe(e).context("Failed to connect to PostgreSQL"))
-            })?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    log::debug!("ingest database connection closed: {e}");
-                }
-            });
-            // The transaction's row locks (partitions' positions) are let
-            // go within seconds of this host's death, not hours.
-            client
-                .batch_execute(crate::db::SESSION_KEEPALIVES)
-                .await
-                .map_err(|e| classify(e, "Failed to set the session's keepalives"))?;
             let prepare = |sql: &'static str| {
                 let client = &client;
                 async move { client.prepare(sql).await.map_err(|e| classify(e, "Failed to prepare a statement")) }

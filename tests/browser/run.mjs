@@ -927,6 +927,23 @@ test('a customer-confined writer\'s random orders are its customer\'s', async (t
   assert.equal(await page.locator('.toast-error').count(), 0);
 });
 
+/**
+ * Opens `secured` on `page` and signs in with a read JWT signed with
+ * `secret` that expires in 15 s (long enough for signing in and going live
+ * on a slow machine); answers once the page is live over `transport`:
+ * { dialog, exp }.
+ */
+async function liveWithShortLivedToken(page, secured, secret, transport) {
+  await page.goto(secured.url);
+  const dialog = page.locator('#signin');
+  await dialog.waitFor({ state: 'visible', timeout: 5000 });
+  const exp = Math.floor(Date.now() / 1000) + 15;
+  await submitToken(dialog, jwt(secret, { sub: 'short-lived', exp, scope: 'read' }));
+  await live(page);
+  await page.locator('#connection-detail', { hasText: transport }).waitFor({ timeout: 5000 });
+  return { dialog, exp };
+}
+
 test('over SSE, a token that expires opens the sign-in, and nothing after the expiry is shown', async (t) => {
   const secret = 'browser-test-jwt-secret-0123456789';
   const secured = new Ordercast(BIN, { ORDERCAST_JWT_SECRET: secret });
@@ -936,14 +953,7 @@ test('over SSE, a token that expires opens the sign-in, and nothing after the ex
   t.page = page;
   page.setDefaultTimeout(10000);
   await page.routeWebSocket(/\/ws/, (ws) => ws.close({ code: 1011, reason: 'WebSocket blocked by the test' }));
-  await page.goto(secured.url);
-  const dialog = page.locator('#signin');
-  await dialog.waitFor({ state: 'visible', timeout: 5000 });
-  // Long enough for signing in and going live on a slow machine.
-  const exp = Math.floor(Date.now() / 1000) + 15;
-  await submitToken(dialog, jwt(secret, { sub: 'short-lived', exp, scope: 'read' }));
-  await live(page);
-  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
+  const { dialog, exp } = await liveWithShortLivedToken(page, secured, secret, 'SSE');
   assert.equal(await dialog.isVisible(), false);
   const before = Number(await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
     VALUES ('Before expiry', 'Clock', 1, 1) RETURNING id`));
@@ -974,13 +984,7 @@ test('a WebSocket refused for an expired token waits while the sign-in is open, 
     opened += 1;
     ws.connectToServer();
   });
-  await page.goto(secured.url);
-  const dialog = page.locator('#signin');
-  await dialog.waitFor({ state: 'visible', timeout: 5000 });
-  const exp = Math.floor(Date.now() / 1000) + 15;
-  await submitToken(dialog, jwt(secret, { sub: 'short-lived', exp, scope: 'read' }));
-  await live(page);
-  await page.locator('#connection-detail', { hasText: 'WebSocket' }).waitFor({ timeout: 5000 });
+  const { dialog, exp } = await liveWithShortLivedToken(page, secured, secret, 'WebSocket');
   while (Date.now() / 1000 <= exp + 0.5) await sleep(200);
   // The stream is woken by a change, which an expired token may not see: closed with 4001.
   await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('After expiry', 'Clock', 1, 1)`);
