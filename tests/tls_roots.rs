@@ -24,4 +24,10 @@ async fn sslrootcert_is_the_only_root_trusted_and_without_one_the_systems_are() 
         let e = encrypted(&url).await.expect_err("trusted through the system's roots");
         assert!(format!("{e:#}").contains("certificate verify failed"), "{mode}: {e:#}");
     }
+    // `sslrootcert=system` (libpq 16): the system's roots, with the host
+    // name checked though no sslmode is named; the certificate names
+    // `localhost` only.
+    assert!(encrypted(&server.url("localhost", "sslrootcert=system")).await.expect("the system's roots"));
+    let e = encrypted(&server.url("127.0.0.1", "sslrootcert=system")).await.expect_err("another name");
+    assert!(format!("{e:#}").contains("certificate verify failed"), "{e:#}");
 }

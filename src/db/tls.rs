@@ -9,8 +9,10 @@
 //! `require` encrypts, and checks the server's certificate against
 //! `sslrootcert` only when one is given; `verify-ca` checks the certificate
 //! chain (against `sslrootcert`, or the system's trusted roots); `verify-full`
-//! checks the host name too. `sslcert` and `sslkey` give a client
-//! certificate.
+//! checks the host name too. `sslrootcert=system` trusts the system's roots
+//! and, as with libpq, implies `verify-full` (a weaker `sslmode` is refused:
+//! any public authority's certificate for any name would pass it). `sslcert`
+//! and `sslkey` give a client certificate.
 
 use anyhow::{bail, Context};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
@@ -37,10 +39,15 @@ pub(crate) struct Split {
     /// What tokio-postgres reads: the rest, and `sslmode` as it knows it.
     pub rest: String,
     mode: Mode,
+    /// `sslmode` as given (else `mode` is the default).
+    mode_given: Option<String>,
     root_cert: Option<String>,
     cert: Option<String>,
     key: Option<String>,
 }
+
+/// `sslrootcert=system`: the system's trusted roots (libpq 16).
+const SYSTEM: &str = "system";
 
 const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
@@ -60,7 +67,8 @@ pub(crate) fn split(conn: &str) -> anyhow::Result<Split> {
                     other => {
                         bail!("sslmode {other:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")
                     }
-                }
+                };
+                split.mode_given = Some(value);
             }
             "sslrootcert" => split.root_cert = Some(value),
             "sslcert" => split.cert = Some(value),
@@ -105,6 +113,16 @@ pub(crate) fn split(conn: &str) -> anyhow::Result<Split> {
         }
         rest.join(" ")
     };
+    if split.root_cert.as_deref() == Some(SYSTEM) {
+        match (split.mode, &split.mode_given) {
+            (Mode::VerifyFull, _) => {}
+            (_, None) => split.mode = Mode::VerifyFull,
+            (_, Some(weak)) => bail!(
+                "sslmode {weak:?} may not be used with sslrootcert=system (use verify-full): the system's \
+                 roots trust any public authority's certificate, for any name"
+            ),
+        }
+    }
     let mode = match split.mode {
         Mode::Disable => "disable",
         Mode::Prefer => "prefer",
@@ -128,7 +146,8 @@ impl Split {
             Mode::Require => self.root_cert.is_some(),
             Mode::Disable | Mode::Prefer => false,
         };
-        if let Some(root) = &self.root_cert {
+        // The builder has loaded the system's roots: `system` keeps them.
+        if let Some(root) = self.root_cert.as_deref().filter(|r| *r != SYSTEM) {
             // Its certificates alone, as libpq trusts them: not added to the
             // system's trusted roots (which the builder has loaded), or any
             // public authority's certificate would pass `verify-ca`.
@@ -188,5 +207,19 @@ mod tests {
             assert!(split(spaced).is_err(), "{spaced}");
         }
         assert!(split("postgres://db/x?sslcert=/c").unwrap().connector().is_err(), "a certificate with no key");
+    }
+
+    /// libpq 16's `sslrootcert=system`: the system's roots, and `verify-full`
+    /// whether named or not; a weaker mode is refused, not taken.
+    #[test]
+    fn sslrootcert_system_implies_verify_full_and_refuses_a_weaker_mode() {
+        let s = split("postgres://db/x?sslrootcert=system").unwrap();
+        assert_eq!((s.rest.as_str(), s.mode), ("postgres://db/x?sslmode=require", Mode::VerifyFull));
+        assert_eq!(split("host=db sslrootcert=system sslmode=verify-full").unwrap().mode, Mode::VerifyFull);
+        for weak in ["disable", "allow", "prefer", "require", "verify-ca"] {
+            let e = split(&format!("postgres://db/x?sslmode={weak}&sslrootcert=system")).unwrap_err();
+            assert!(e.to_string().contains("use verify-full"), "{weak}: {e}");
+        }
+        split("postgres://db/x?sslrootcert=system").unwrap().connector().expect("no file named system is read");
     }
 }
