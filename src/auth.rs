@@ -149,8 +149,10 @@ impl AuthError {
 
 /// Configured credentials.
 pub struct Auth {
-    /// secret -> principal
-    keys: HashMap<String, Principal>,
+    /// SHA-256 of the secret -> principal. A token is looked up by its
+    /// digest, so the time the lookup takes tells nothing about how much of
+    /// a secret a guess got right.
+    keys: HashMap<[u8; 32], Principal>,
     jwt: Option<DecodingKey>,
     /// A JWT's `aud` must hold this one when set (not checked otherwise).
     audience: Option<String>,
@@ -216,7 +218,7 @@ impl Auth {
             }
             let customer = customer_name.as_deref().map(crate::domain::fold_case);
             let principal = Principal { name: name.to_string(), scopes, customer, customer_name, expires_at: None };
-            if let Some(other) = keys.insert(secret.to_string(), principal) {
+            if let Some(other) = keys.insert(openssl::sha::sha256(secret.as_bytes()), principal) {
                 anyhow::bail!("API keys {:?} and {name:?} have the same secret: each key needs its own", other.name);
             }
         }
@@ -262,7 +264,7 @@ impl Auth {
     }
 
     pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
-        if let Some(p) = self.keys.get(token) {
+        if let Some(p) = self.keys.get(&openssl::sha::sha256(token.as_bytes())) {
             return Ok(p.clone());
         }
         let Some(key) = &self.jwt else { return Err(AuthError::Invalid) };
