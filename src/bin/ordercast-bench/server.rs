@@ -3,6 +3,7 @@
 //! resident memory read from `/proc/<pid>/status`.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -110,6 +111,24 @@ impl Server {
             .stderr(Stdio::piped());
         for (k, v) in extra_env {
             cmd.env(k, v);
+        }
+        // A benchmark killed (SIGKILL, a closed terminal) takes its server
+        // with it, or the server would hold its port, its connections and
+        // two cores' worth of load over the next run. The signal follows the
+        // thread that spawned the child: a runtime worker or the main
+        // thread, which live as long as the benchmark.
+        let parent = nix::unistd::getpid();
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // made (prctl, getppid, kill).
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                // The benchmark died before the signal was set.
+                if nix::unistd::getppid() != parent {
+                    nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL)?;
+                }
+                Ok(())
+            });
         }
         let mut child = cmd.spawn().with_context(|| format!("Failed to start {}", binary.display()))?;
         let stderr = child.stderr.take().context("no stderr")?;
