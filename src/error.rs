@@ -193,7 +193,18 @@ impl From<tokio_postgres::Error> for ApiError {
             "23505" if db.constraint() == Some("orders_external_id_key") => ApiError::DuplicateExternalId(
                 "another order already has this external_id (it is unique across all orders)".into(),
             ),
-            "23505" => ApiError::Conflict(format!("{} ({})", db.message(), db.detail().unwrap_or("duplicate key"))),
+            // 40001, 40P01: the database gave up this transaction for a
+            // concurrent one (a serialization failure under a stricter
+            // isolation set on the database, a deadlock with a DBA's
+            // statement): nothing was written, and the same request may go
+            // again. 25006: a read-only database (a standby, or just after a
+            // failover) is not there for writes yet.
+            "40001" | "40P01" => ApiError::Conflict(
+                "the database gave this request's transaction up for a concurrent one (a serialization failure \
+                 or a deadlock); nothing was written: try again"
+                    .into(),
+            ),
+            "25006" => ApiError::Unavailable("the database is read-only (a standby, or during a failover)".into()),
             // 22021: a NUL or bytes not in the encoding; 22P05: a character
             // the database's encoding (LATIN1, say) cannot hold.
             "23514" | "23502" | "22001" | "22003" | "22P02" | "22021" | "22P05" => {
@@ -207,6 +218,10 @@ impl From<tokio_postgres::Error> for ApiError {
             c if c.starts_with("08") || c.starts_with("57") || c == "53300" => {
                 ApiError::Unavailable(db.message().to_string())
             }
+            // Anything else, another unique key among them (a change-log
+            // position, an id taken by hand where the sequence had not yet
+            // gone, see `create`): nothing the client did. Logged; the
+            // client hears no PostgreSQL words.
             _ => ApiError::Unexpected(anyhow::anyhow!(
                 "database error {}: {} {}",
                 db.code().code(),

@@ -169,28 +169,63 @@ pub async fn create(
         }
     }
     let client = state.pool.get().await?;
-    let row = client
-        .query_one(
+    let insert = client
+        .prepare_cached(
             "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
              INSERT INTO orders (external_id, customer_name, customer_email, product, quantity, unit_price, status) \
              SELECT $2, $3, $4, $5, $6, $7, COALESCE($8, 'pending') FROM a \
              RETURNING id, to_jsonb(orders)::text",
-            &[
-                &actor(&req),
-                &order.external_id,
-                &order.customer_name,
-                &order.customer_email,
-                &order.product,
-                &order.quantity,
-                &order.unit_price,
-                &order.status.map(Status::as_str),
-            ],
         )
         .await?;
+    let (actor, status) = (actor(&req), order.status.map(Status::as_str));
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &actor,
+        &order.external_id,
+        &order.customer_name,
+        &order.customer_email,
+        &order.product,
+        &order.quantity,
+        &order.unit_price,
+        &status,
+    ];
+    let mut taken = 0;
+    let row = loop {
+        match client.query_one(&insert, &params).await {
+            Ok(row) => break row,
+            // The id the sequence gave is already taken: a DBA inserted
+            // rows with ids of their own, ahead of the sequence. Each try
+            // draws the next id.
+            Err(e) if taken < ID_ATTEMPTS && id_taken(&e) => taken += 1,
+            Err(e) if id_taken(&e) => {
+                return Err(ApiError::Unexpected(anyhow::anyhow!(
+                    "the orders' id sequence is behind ids written by hand ({ID_ATTEMPTS} taken in a row): \
+                     move it past them, with SELECT setval(pg_get_serial_sequence('orders', 'id'), \
+                     (SELECT max(id) FROM orders))"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if taken > 0 {
+        log::warn!(
+            "POST /api/orders: {taken} order ids were already taken by rows written with ids of their own; \
+             to move the id sequence past them: SELECT setval(pg_get_serial_sequence('orders', 'id'), \
+             (SELECT max(id) FROM orders))"
+        );
+    }
     let id: i64 = row.get(0);
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/orders/{id}")));
     Ok(json_response(builder, row.get(1), Some(1)))
+}
+
+/// How many ids already taken a create skips before it gives up (see
+/// `create`): each costs one failed single-row INSERT.
+const ID_ATTEMPTS: usize = 100;
+
+/// The id drawn from the sequence for a new order is another row's.
+fn id_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| db.code().code() == "23505" && db.constraint() == Some("orders_pkey"))
 }
 
 /// List orders, newest first, with keyset pagination.
@@ -600,6 +635,8 @@ pub async fn put_order(
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 409, description = "Cannot be cancelled in its status", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
+        (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "The body is not {\"version\": N} with a version of at least 1 (invalid_body, unknown_field, validation_failed)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[post("/api/orders/{id}/cancel")]
 pub async fn cancel(
@@ -644,8 +681,10 @@ pub async fn cancel(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not an order id (invalid_id), malformed JSON (malformed_json), an If-Match that is not a version (invalid_if_match), or If-Match and the body's version disagree (version_mismatch)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "Its processor steps (payment, stock) are not undone (order_not_settled): cancel it first; a running order processor undoes a failed or cancelled one", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "Its processor steps (payment, stock) are not undone (order_not_settled): cancel it first; a running order processor undoes a failed or cancelled one; or the order kept being replaced (deleted and inserted again under its id) while it was deleted (conflict)", body = crate::routes::openapi::ProblemDoc),
         (status = 412, description = "Version is stale, or If-Match names no version that can match (weak or other tags)", body = crate::routes::openapi::ProblemDoc),
+        (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
+        (status = 422, description = "The body is not {\"version\": N} with a version of at least 1 (invalid_body, unknown_field, validation_failed)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[delete("/api/orders/{id}")]
 pub async fn delete_order(
@@ -658,28 +697,36 @@ pub async fn delete_order(
     let version = body_version(&req, body, state.settings.max_body_bytes).await?;
     let expected = expected_versions(if_match(&req)?, version)?;
     let client = state.pool.get().await?;
-    let deleted = client
-        .query_opt(
+    let delete = client
+        .prepare_cached(
             "WITH a AS (SELECT set_config('ordercast.actor', $1, true)) \
              DELETE FROM orders USING a WHERE id = $2 AND ($3::int[] IS NULL OR version = ANY($3)) \
                AND ($4::text IS NULL OR lower(customer_name) = $4) RETURNING id",
-            &[&actor(&req), &id, &expected, &restriction(&req)],
         )
         .await?;
-    if deleted.is_some() {
-        return Ok(HttpResponse::NoContent().finish());
+    let current = client
+        .prepare_cached("SELECT version FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)")
+        .await?;
+    let (actor, customer) = (actor(&req), restriction(&req));
+    for _ in 0..PATCH_ATTEMPTS {
+        if client.query_opt(&delete, &[&actor, &id, &expected, &customer]).await?.is_some() {
+            return Ok(HttpResponse::NoContent().finish());
+        }
+        // Why nothing matched, read afresh.
+        let Some(version) = client.query_opt(&current, &[&id, &customer]).await?.map(|r| r.get::<_, i32>(0)) else {
+            return Err(not_found(id));
+        };
+        match &expected {
+            Some(expected) if !expected.contains(&version) => {
+                return Err(ApiError::VersionConflict { expected: expected.clone(), current: version })
+            }
+            // The order was replaced after the DELETE's snapshot was taken
+            // (deleted and inserted again under its id): it skipped the row
+            // it saw gone. The next try sees the new one, as a PATCH's does.
+            _ => {}
+        }
     }
-    let current: Option<i32> = client
-        .query_opt(
-            "SELECT version FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)",
-            &[&id, &restriction(&req)],
-        )
-        .await?
-        .map(|r| r.get(0));
-    match (current, expected) {
-        (Some(current), Some(expected)) => Err(ApiError::VersionConflict { expected, current }),
-        _ => Err(not_found(id)),
-    }
+    Err(ApiError::Conflict(format!("order {id} kept being replaced while it was deleted; try again")))
 }
 
 /// The status history of an order, oldest first. A token confined to one

@@ -842,6 +842,19 @@ async fn the_openapi_document_matches_the_real_routes() {
             "{method} {path} is documented but not routed"
         );
     }
+    // What a body can get (a bad one, a too large one) is documented where
+    // it happens.
+    let large = format!("{{\"version\": 1, \"pad\": \"{}\"}}", "x".repeat(app.state.settings.max_body_bytes));
+    for (path, method) in expected.iter().filter(|(p, m)| p.starts_with("/api/orders") && *m != "get") {
+        let url = app.url(&path.replace("{id}", &id.to_string()));
+        for body in [r#"{"version": 0}"#.to_string(), large.clone()] {
+            let req = app.http.request(method.to_uppercase().parse().unwrap(), &url);
+            let r = req.header("content-type", "application/json").body(body).send().await.unwrap();
+            let status = r.status().as_u16().to_string();
+            let responses = &paths[*path][*method]["responses"];
+            assert!(responses.get(&status).is_some(), "{method} {path} answers {status}, not documented: {responses}");
+        }
+    }
     let r = app.http.delete(app.url(&format!("/api/orders/{id}"))).send().await.unwrap();
     assert_eq!(r.status(), 204);
 }
@@ -1081,13 +1094,9 @@ async fn a_patch_that_changes_nothing_writes_nothing() {
     assert_eq!(changes, 2, "the insert and the one cancel");
 }
 
-/// An update whose order a DBA replaces under it (deleted and inserted again
-/// under its id, in one transaction) is applied to the new row: before, the
-/// UPDATE skipped the row it saw deleted and the client got a 500.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_update_racing_a_replacement_of_its_order_is_applied_to_the_new_row() {
-    let app = spawn_app().await;
-    let id = app.create_order("Replaced").await["id"].as_i64().unwrap();
+/// A DBA's open transaction that replaces order `id` (deletes it and
+/// inserts it again under its id, product `New`).
+async fn replacing(app: &TestApp, id: i64) -> tokio_postgres::Client {
     let dba = app.sql().await;
     dba.batch_execute(&format!(
         "BEGIN; DELETE FROM orders WHERE id = {id}; \
@@ -1095,23 +1104,155 @@ async fn an_update_racing_a_replacement_of_its_order_is_applied_to_the_new_row()
     ))
     .await
     .unwrap();
-    let patch = {
-        let (http, url) = (app.http.clone(), app.url(&format!("/api/orders/{id}")));
-        tokio::spawn(async move {
-            let r = http.patch(url).json(&json!({"quantity": 7})).send().await.unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        })
-    };
-    // Committed only once the PATCH waits for the DBA's row lock, so that its
-    // UPDATE finds the row it saw deleted.
+    dba
+}
+
+/// A PATCH of order `id` sent in the background: its status and body.
+fn patch_in_background(app: &TestApp, id: i64, body: Value) -> tokio::task::JoinHandle<(u16, Value)> {
+    let (http, url) = (app.http.clone(), app.url(&format!("/api/orders/{id}")));
+    tokio::spawn(async move {
+        let r = http.patch(url).json(&body).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    })
+}
+
+/// Commits `dba`'s transaction once a statement like `like` waits for its
+/// locks, so that the statement finds the rows as the commit left them.
+async fn commit_when_waiting(app: &TestApp, dba: &tokio_postgres::Client, like: &str) {
     let watcher = app.sql().await;
     let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE orders SET%'";
-    crate::helpers::until_count(&watcher, waiting, Duration::from_secs(10), |n| n > 0).await;
+        format!("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%{like}%'");
+    crate::helpers::until_count(&watcher, &waiting, Duration::from_secs(10), |n| n > 0).await;
     dba.batch_execute("COMMIT").await.unwrap();
+}
+
+/// An update whose order a DBA replaces under it (deleted and inserted again
+/// under its id, in one transaction) is applied to the new row: before, the
+/// UPDATE skipped the row it saw deleted and the client got a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_racing_a_replacement_of_its_order_is_applied_to_the_new_row() {
+    let app = spawn_app().await;
+    let id = app.create_order("Replaced").await["id"].as_i64().unwrap();
+    let dba = replacing(&app, id).await;
+    let patch = patch_in_background(&app, id, json!({"quantity": 7}));
+    // Committed only once the PATCH waits for the DBA's row lock, so that its
+    // UPDATE finds the row it saw deleted.
+    commit_when_waiting(&app, &dba, "UPDATE orders SET").await;
     let (status, body) = patch.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!((body["product"].as_str(), body["quantity"].as_i64()), (Some("New"), Some(7)), "{body}");
+}
+
+/// Ids a DBA inserted by hand, ahead of the orders' id sequence: a create
+/// skips the ones taken and answers 201. Before, each such create was 409
+/// `conflict` with PostgreSQL's words (`duplicate key value violates unique
+/// constraint "orders_pkey"`), a client blamed for the server's state. Over
+/// a hundred in a row: 500 with nothing of PostgreSQL's, and the log says
+/// how to move the sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_skips_ids_a_dba_took_ahead_of_the_sequence() {
+    let app = spawn_app().await;
+    let first = app.create_order("Ahead").await["id"].as_i64().unwrap();
+    let dba = app.sql().await;
+    let take = |from: i64, to: i64| {
+        format!(
+            "INSERT INTO orders (id, customer_name, product, quantity, unit_price) \
+             SELECT g, 'By hand', 'P', 1, 1 FROM generate_series({from}, {to}) g"
+        )
+    };
+    dba.batch_execute(&take(first + 1, first + 5)).await.unwrap();
+    let r = app.post_order(&json!({"customer_name": "Ahead", "product": "P", "quantity": 1, "unit_price": 1})).await;
+    let (status, body) = (r.status().as_u16(), r.text().await.unwrap());
+    assert_eq!(status, 201, "{body}");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(created["id"].as_i64(), Some(first + 6), "{body}");
+    dba.batch_execute(&take(first + 7, first + 300)).await.unwrap();
+    let r = app.post_order(&json!({"customer_name": "Ahead", "product": "P", "quantity": 1, "unit_price": 1})).await;
+    let (status, body) = (r.status().as_u16(), r.text().await.unwrap());
+    assert_eq!(status, 500, "{body}");
+    assert!(!body.contains("orders_pkey") && !body.contains("duplicate key"), "{body}");
+}
+
+/// A transaction the database gives up for a concurrent one (here a
+/// serialization failure, with repeatable read set on the database) is 409
+/// `conflict`, to be tried again; a read-only database (a standby, a
+/// failover) is 503 `database_unavailable`. Before, both were 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_given_up_or_a_read_only_database_is_no_internal_error() {
+    let app = spawn_app().await;
+    let name = app.db_name.clone();
+    let admin = ordercast::db::connect(&crate::helpers::admin_url()).await.unwrap();
+    // The REST pool's connections are opened again with the database's new
+    // setting.
+    let reopen = |setting: &'static str| {
+        let (admin, name, app) = (&admin, &name, &app);
+        async move {
+            admin.batch_execute(&format!("ALTER DATABASE {name} SET {setting}")).await.unwrap();
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[name],
+                )
+                .await
+                .unwrap();
+            crate::helpers::eventually(Duration::from_secs(10), || async {
+                (app.get_json("/api/orders").await.0 == 200).then_some(())
+            })
+            .await;
+        }
+    };
+    reopen("default_transaction_isolation = 'repeatable read'").await;
+    let id = app.create_order("Serial").await["id"].as_i64().unwrap();
+    let dba = app.sql().await;
+    dba.batch_execute(&format!("BEGIN; UPDATE orders SET quantity = 2 WHERE id = {id}")).await.unwrap();
+    let patch = patch_in_background(&app, id, json!({"quantity": 7}));
+    commit_when_waiting(&app, &dba, "UPDATE orders SET").await;
+    let (status, body) = patch.await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (409, Some("conflict")), "{body}");
+    assert!(!body["message"].as_str().unwrap().contains("serialize"), "{body}");
+    // The same request again is applied.
+    let r = app.patch(id, &json!({"quantity": 7})).await;
+    assert_eq!(r.status(), 200);
+
+    reopen("default_transaction_read_only = on").await;
+    let mut read_only = 0;
+    for _ in 0..5 {
+        let r = app.post_order(&json!({"customer_name": "R", "product": "P", "quantity": 1, "unit_price": 1})).await;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!((status, body["code"].as_str()), (503, Some("database_unavailable")), "{body}");
+        read_only += body["message"].as_str().unwrap().contains("read-only") as usize;
+    }
+    assert!(read_only > 0, "no answer said the database is read-only");
+}
+
+/// A DELETE racing a replacement of its order (deleted and inserted again
+/// under its id in one transaction) deletes the new row, as a PATCH updates
+/// it. Before, it answered 404 for an order that existed, or with If-Match
+/// 412 "version 1 does not match the current version 1".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_racing_a_replacement_of_its_order_deletes_the_new_row() {
+    let app = spawn_app().await;
+    for if_match in [None, Some("\"1\"")] {
+        let id = app.create_order("Replaced").await["id"].as_i64().unwrap();
+        let dba = replacing(&app, id).await;
+        let delete = {
+            let mut req = app.http.delete(app.url(&format!("/api/orders/{id}")));
+            if let Some(tag) = if_match {
+                req = req.header("If-Match", tag);
+            }
+            tokio::spawn(async move {
+                let r = req.send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        };
+        commit_when_waiting(&app, &dba, "DELETE FROM orders USING a").await;
+        let (status, body) = delete.await.unwrap();
+        assert_eq!(status, 204, "If-Match {if_match:?}: {body}");
+        let left: i64 = dba.query_one("SELECT count(*) FROM orders WHERE id = $1", &[&id]).await.unwrap().get(0);
+        assert_eq!(left, 0, "If-Match {if_match:?}: the new row is gone");
+    }
 }
 
 /// An order whose steps still hold effects (a charged payment, held stock)
