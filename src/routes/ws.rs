@@ -295,6 +295,9 @@ fn close(code: u16, description: impl Into<String>) -> Outcome {
 struct Conn {
     socket: Socket,
     write_timeout: Duration,
+    /// When a client far behind last read some of what waited for it (see
+    /// `write_some`): alive, though its pong waits behind that data.
+    drained_at: Option<Instant>,
     /// When the client's token expires (Unix seconds; JWTs only). Nothing
     /// is written to the socket from then on: not a change, not even one
     /// queued before.
@@ -320,33 +323,48 @@ impl Conn {
     }
 
     /// Writes without waiting; then, if too much is still queued, waits for
-    /// the client to read, at most until the token expires.
+    /// the client to read it down. A client that reads nothing of it for
+    /// `write_timeout` is too slow (4008); one that reads, however slowly
+    /// (a 3 MB batch on a slow link), is waited for, but never past its
+    /// token's expiry. Meanwhile nothing more is taken from the hub for it:
+    /// a client too far behind is let go there (it catches up from the log).
     async fn write_some(&mut self) -> Result<(), Outcome> {
         self.check_token()?;
         self.socket.flush().map_err(|_| Outcome::Close(None))?;
         if self.socket.pending() <= OUT_LIMIT {
             return Ok(());
         }
-        let wait = match self.token_expires {
-            Some(t) => {
-                let left = t.saturating_mul(1000).saturating_sub(chrono::Utc::now().timestamp_millis());
-                self.write_timeout.min(Duration::from_millis(left.max(0) as u64))
-            }
-            None => self.write_timeout,
+        let expiry = self.token_expires.map(|t| {
+            let left = t.saturating_mul(1000).saturating_sub(chrono::Utc::now().timestamp_millis());
+            tokio::time::Instant::now() + Duration::from_millis(left.max(0) as u64)
+        });
+        let next_deadline = |expiry: Option<tokio::time::Instant>, timeout: Duration| {
+            let stall = tokio::time::Instant::now() + timeout;
+            expiry.map_or(stall, |e| e.min(stall))
         };
+        let timeout = self.write_timeout;
         // Boxed: only a client far behind waits here.
-        let drained = Box::pin(tokio::time::timeout(wait, async {
+        let drained = Box::pin(async {
+            let mut deadline = next_deadline(expiry, timeout);
             while self.socket.pending() > OUT_LIMIT {
-                self.socket.writable().await?;
-                self.socket.flush()?;
+                let before = self.socket.pending();
+                match tokio::time::timeout_at(deadline, self.socket.writable()).await {
+                    Ok(r) => r.map_err(|_| Outcome::Close(None))?,
+                    Err(_) => return Err(None),
+                }
+                self.socket.flush().map_err(|_| Outcome::Close(None))?;
+                if self.socket.pending() < before {
+                    deadline = next_deadline(expiry, timeout);
+                    self.drained_at = Some(Instant::now());
+                }
             }
-            std::io::Result::Ok(())
-        }))
+            Ok(())
+        })
         .await;
         match drained {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Outcome::Close(None)),
-            Err(_) => {
+            Ok(()) => Ok(()),
+            Err(Some(outcome)) => Err(outcome),
+            Err(None) => {
                 self.check_token()?;
                 Err(close(CLOSE_SLOW_CONSUMER, "slow consumer: the client stopped reading"))
             }
@@ -514,8 +532,12 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
             return;
         }
     };
-    let mut conn =
-        Conn { socket, write_timeout: state.settings.slow_client_timeout(), token_expires: principal.expires_at };
+    let mut conn = Conn {
+        socket,
+        write_timeout: state.settings.slow_client_timeout(),
+        drained_at: None,
+        token_expires: principal.expires_at,
+    };
     let mut session = SessionState { opened, params, principal, subscribes: Default::default() };
     let mut heartbeat = state.heartbeat.clone();
     heartbeat.mark_unchanged();
@@ -590,7 +612,10 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
                     conn.socket.release_idle_buffers();
                     // An expired token is closed by the ping's write (see
                     // `Conn::check_token`).
-                    if last_heard.elapsed() > CLIENT_TIMEOUT {
+                    // A client reading down a large queue is alive though
+                    // its pong is still behind it.
+                    let alive = conn.drained_at.map_or(last_heard, |d| d.max(last_heard));
+                    if alive.elapsed() > CLIENT_TIMEOUT {
                         close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                     } else {
                         // A filtered client whose last matching change is
