@@ -28,8 +28,36 @@ const RETRY_MS: u32 = 1000;
 /// The same after a refusal while the database is away or the server full.
 const REFUSED_RETRY_MS: std::ops::Range<u32> = 2000..5000;
 
+/// The most of a shared batch handed to the HTTP layer at once. It copies
+/// each piece into the connection's own buffer and asks for the next only
+/// while that holds under 32 KiB: a batch handed whole (2,000 changes of a
+/// bulk update, megabytes) would be copied whole for every stream, and kept
+/// for as long as a client that stopped reading held its connection.
+const PIECE_BYTES: usize = 16 * 1024;
+
 /// The last event of a stream whose token expired.
 const TOKEN_EXPIRED: &str = r#"{"type":"error","code":"token_expired","message":"token expired"}"#;
+
+/// A shared batch's events as pieces of at most `PIECE_BYTES` (a change
+/// larger than that is a piece alone), each a view of the shared bytes:
+/// the first is returned, the others queued in `rest`.
+fn in_pieces(batch: &crate::hub::SharedBatch, rest: &mut VecDeque<Bytes>) -> Bytes {
+    let all = &batch.sse_events;
+    if all.len() <= PIECE_BYTES {
+        return all.clone();
+    }
+    let (mut start, mut end) = (0, 0);
+    for change in &batch.changes {
+        if end > start && end - start + change.sse.len() > PIECE_BYTES {
+            rest.push_back(all.slice(start..end));
+            start = end;
+        }
+        end += change.sse.len();
+    }
+    debug_assert_eq!(end, all.len(), "the batch's events are its changes' events");
+    rest.push_back(all.slice(start..end));
+    rest.pop_front().unwrap_or_default()
+}
 
 fn event(name: &str, id: Option<i64>, data: &str) -> Bytes {
     let id = id.map(|i| format!("id: {i}\n")).unwrap_or_default();
@@ -40,6 +68,8 @@ struct Stream {
     _slot: crate::limits::ConnectionSlot,
     principal: crate::auth::Principal,
     prelude: VecDeque<Bytes>,
+    /// The rest of a large batch, in pieces (see `PIECE_BYTES`).
+    pieces: VecDeque<Bytes>,
     opened: Opened,
     keepalive: tokio::time::Interval,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -79,6 +109,7 @@ fn stream_response(
         _slot: slot,
         principal,
         prelude,
+        pieces: VecDeque::new(),
         opened,
         keepalive,
         shutdown: state.shutdown.subscribe(),
@@ -92,10 +123,18 @@ fn stream_response(
         if st.done {
             return None;
         }
+        if let Some(piece) = st.pieces.pop_front() {
+            if !st.principal.expired() {
+                return Some((Ok(piece), st));
+            }
+            st.pieces.clear();
+            st.done = true;
+            return Some((Ok(event("error", None, TOKEN_EXPIRED)), st));
+        }
         let chunk = tokio::select! {
             item = st.opened.feed.next() => match item {
                 Some(Item::Change(c)) => c.sse.clone(),
-                Some(Item::Batch(b)) => b.sse_events.clone(),
+                Some(Item::Batch(b)) => in_pieces(&b, &mut st.pieces),
                 Some(Item::Redacted(c, side)) => redacted(&c, side).sse.clone(),
                 Some(Item::Resync { reason, position }) => event("resync", Some(position), &resync_message(reason, position)),
                 None => {
@@ -296,4 +335,38 @@ fn admit(
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(events).service(order_events);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A large batch goes out as views of its shared bytes, cut between
+    /// changes, none over the piece size but a change that is larger alone;
+    /// together they are the batch.
+    #[test]
+    fn a_large_batch_goes_out_in_pieces_cut_between_changes() {
+        let sized = |pos: i64, len: usize| {
+            Arc::new(crate::changes::Change {
+                sse: Bytes::from(vec![b'a' + (pos % 26) as u8; len]),
+                ..Arc::into_inner(crate::hub::tests::change(pos)).unwrap()
+            })
+        };
+        let lens = [5000, 7000, 6000, 40_000, 100, 16_384, 1, 9000, 9000];
+        let changes: Vec<_> = lens.iter().enumerate().map(|(i, &l)| sized(i as i64, l)).collect();
+        let batch = crate::hub::SharedBatch::new(changes);
+        let mut rest = VecDeque::new();
+        let first = in_pieces(&batch, &mut rest);
+        let pieces: Vec<Bytes> = std::iter::once(first).chain(rest.drain(..)).collect();
+        let sizes: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [12_000, 6000, 40_000, 100, 16_384, 9001, 9000]);
+        assert_eq!(pieces.concat(), batch.sse_events.to_vec());
+        // Views, not copies.
+        let base = batch.sse_events.as_ptr() as usize;
+        assert!(pieces.iter().all(|p| (base..base + batch.sse_events.len()).contains(&(p.as_ptr() as usize))));
+        // A small batch is handed over as it is.
+        let small = crate::hub::SharedBatch::new(vec![sized(1, 100), sized(2, 100)]);
+        assert_eq!(in_pieces(&small, &mut rest).len(), 200);
+        assert!(rest.is_empty());
+    }
 }

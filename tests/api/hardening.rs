@@ -1690,6 +1690,54 @@ async fn a_confined_filter_sees_a_move_only_through_its_own_side() {
     }
 }
 
+/// SSE streams that stopped reading hold a few kilobytes each of a large
+/// batch, not a copy of it: the HTTP layer copies what it is handed into
+/// the connection's buffer, and the batch (one bulk update of 2,000 orders,
+/// about 3 MB of events) is handed in pieces. Before, 150 stalled streams
+/// held a copy each, some 450 MB of a real server's memory, for as long as
+/// the kernel kept their connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_sse_streams_do_not_each_copy_a_large_batch() {
+    use tokio::io::AsyncWriteExt;
+    let (db_url, _) = create_database().await;
+    let port = free_port();
+    let server = Server::start(&db_url, port).await;
+    let db = ordercast::db::connect(&db_url).await.unwrap();
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Customer ' || g, repeat('p', 600), 1, 1 FROM generate_series(1, 2000) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let mut healthy = crate::helpers::SseClient::connect(&http, &format!("{url}/api/events"), None).await;
+    healthy.next_event(WAIT).await;
+    let mut stalled = Vec::new();
+    for _ in 0..150 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        s.write_all(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+        stalled.push(s);
+    }
+    // Every stream is open (and past its ready event).
+    crate::helpers::eventually(WAIT, || async {
+        let metrics = http.get(format!("{url}/metrics")).send().await.ok()?.text().await.ok()?;
+        metrics.contains("ordercast_connections{transport=\"sse\"} 151\n").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = server.rss();
+    db.execute("UPDATE orders SET quantity = 2", &[]).await.unwrap();
+    assert_eq!(healthy.changes(2000, Duration::from_secs(60)).await.len(), 2000);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = server.rss().saturating_sub(before);
+    assert!(grown < 60 << 20, "150 stalled SSE streams grew the server by {} KiB", grown >> 10);
+    drop(stalled);
+}
+
 /// A stream opened with a snapshot lets the rows go once they are sent: 60
 /// WebSockets that each took a snapshot of 2,000 orders (about 0.8 MB of
 /// JSON apiece) and then sit idle hold a few megabytes of a real server's

@@ -179,13 +179,7 @@ impl TestApp {
     }
 
     pub async fn sse(&self, path_and_query: &str, last_event_id: Option<&str>) -> SseClient {
-        let mut req = self.http.get(self.url(path_and_query)).timeout(Duration::from_secs(3600));
-        if let Some(id) = last_event_id {
-            req = req.header("Last-Event-ID", id);
-        }
-        let resp = req.send().await.expect("SSE request");
-        assert_eq!(resp.status(), 200, "SSE status");
-        SseClient { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+        SseClient::connect(&self.http, &self.url(path_and_query), last_event_id).await
     }
 
     /// Graceful stop (as on SIGTERM).
@@ -334,6 +328,16 @@ pub struct SseClient {
 }
 
 impl SseClient {
+    pub async fn connect(http: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> SseClient {
+        let mut req = http.get(url).timeout(Duration::from_secs(3600));
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        let resp = req.send().await.expect("SSE request");
+        assert_eq!(resp.status(), 200, "SSE status");
+        SseClient { stream: Box::pin(resp.bytes_stream()), buf: String::new() }
+    }
+
     /// The next event (comments, retry lines and heartbeats skipped).
     pub async fn next_event(&mut self, wait: Duration) -> SseEvent {
         let deadline = tokio::time::Instant::now() + wait;
