@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 
 pub mod filter;
+pub mod json;
 mod order;
 
 pub use filter::{fold_case, Filter};

@@ -180,7 +180,9 @@ pub fn decode(payload: Option<&[u8]>, key: Option<&[u8]>, format: Format) -> Res
         _ => return Err(Rejection::new(Reason::EmptyPayload, "the message has no value")),
     };
     let value = match format {
-        Format::Json => serde_json::from_slice::<Value>(bytes)
+        // A key twice in one object is refused, as by the REST API: which
+        // of its values counts is the parser's guess (serde_json's the last).
+        Format::Json => crate::domain::json::parse(bytes)
             .map_err(|e| Rejection::new(Reason::InvalidJson, format!("not valid JSON: {e}")))?,
         Format::Avro => avro::decode(bytes)?,
     };
@@ -455,6 +457,12 @@ mod tests {
         let bytes = serde_json::to_vec(&created()).unwrap();
         assert!(decode(Some(&bytes), Some(b"ext-1"), Format::Json).is_ok());
         assert_eq!(decode(Some(&bytes), Some(b"\xff"), Format::Json).unwrap_err().reason, Reason::KeyMismatch);
+        // A key named twice: its reason says which.
+        let text = String::from_utf8(bytes).unwrap();
+        let twice = text.replacen('{', r#"{"type":"order_cancelled","#, 1);
+        let e = decode(Some(twice.as_bytes()), Some(b"ext-1"), Format::Json).unwrap_err();
+        assert_eq!(e.reason, Reason::InvalidJson);
+        assert!(e.detail.contains(r#"the key "type" appears twice"#), "{}", e.detail);
     }
 
     #[test]

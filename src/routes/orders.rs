@@ -46,7 +46,7 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
 }
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}"), "malformed_json"))
+    crate::domain::json::parse(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}"), "malformed_json"))
 }
 
 pub fn parse_id(raw: &str) -> Result<i64, ApiError> {

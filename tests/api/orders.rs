@@ -117,6 +117,29 @@ async fn validation_errors_name_the_field() {
     }
 }
 
+/// An object that names a key twice is refused, not read as its last value
+/// (which a gateway or validator in front of ordercast, reading the first,
+/// would disagree with): nothing is created or changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_names_a_key_twice_is_refused() {
+    let app = spawn_app().await;
+    let id = app.create_order("Twice").await["id"].as_i64().unwrap();
+    let refused = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!((status, problem["code"].as_str()), (400, Some("malformed_json")), "{problem}");
+        assert!(problem["message"].as_str().unwrap().contains(r#"the key "status" appears twice"#), "{problem}");
+    };
+    let create = r#"{"customer_name":"Twice","product":"P","quantity":1,"unit_price":1,"status":"cancelled","status":"pending"}"#;
+    refused(app.http.post(app.url("/api/orders")).body(create).send().await.unwrap()).await;
+    let patch = r#"{"status":"cancelled","status":"processing"}"#;
+    refused(app.http.patch(app.url(&format!("/api/orders/{id}"))).body(patch).send().await.unwrap()).await;
+    let (_, page) = app.get_json("/api/orders").await;
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{page}");
+    assert_eq!((items[0]["status"].as_str(), items[0]["version"].as_i64()), (Some("pending"), Some(1)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_never_yields_a_500() {
     let app = spawn_app().await;
