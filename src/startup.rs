@@ -353,24 +353,73 @@ fn set_unacknowledged_limit(io: &TcpStream, millis: u32) {
 
 /// Customer names compare case-insensitively: in SQL with `lower()`, which
 /// follows the database's character type (or its ICU or builtin collation),
-/// and in the server with `domain::fold_case`, which folds all of Unicode. A
-/// database that folds only ASCII (character type `C` or `POSIX`) would let a
-/// token confined to "Élan" find its orders in the streams and not through
-/// REST: said once at start. Asked of `lower()` itself, as the settings that
+/// and in the server with `domain::fold_case`, which folds all of Unicode one
+/// character to one, as glibc's locales do. A database that folds otherwise
+/// would let a token confined to such a customer find its orders in the
+/// streams and not through REST, or the reverse: said once at start, naming
+/// the names that differ. Asked of `lower()` itself, as the settings that
 /// decide it differ between PostgreSQL versions.
-async fn warn_on_ascii_case_folding(client: &tokio_postgres::Client) {
-    // `É` exists in every encoding PostgreSQL serves that has letters beyond
-    // ASCII (UTF-8, Latin-1, the Windows code pages).
-    match client.query_one("SELECT lower('É') = 'é'", &[]).await {
-        Ok(row) if row.get::<_, bool>(0) => {}
-        Ok(_) => log::warn!(
+async fn warn_on_case_folding(client: &tokio_postgres::Client) {
+    match case_folding_differences(client).await {
+        Ok(None) => {}
+        Ok(Some(Folding::AsciiOnly)) => log::warn!(
             "the database's lower() folds only ASCII letters (its character type is C or POSIX, or its encoding \
              SQL_ASCII), so customer names with other letters compare differently in SQL and in the server (a \
              token confined to such a customer may miss its orders through REST). Create the database with the \
-             UTF8 encoding and a UTF-8 locale (e.g. LC_CTYPE 'C.UTF-8') or an ICU collation"
+             UTF8 encoding and a UTF-8 locale (e.g. LC_CTYPE 'C.UTF-8')"
+        ),
+        Ok(Some(Folding::Differs(names))) => log::warn!(
+            "the database's lower() folds some names otherwise than ordercast does (an ICU or builtin collation \
+             folds a word-final Σ to ς and İ to two characters): {}. Customer names with such letters compare \
+             differently in SQL and in the server (a token confined to such a customer may miss its orders \
+             through REST). A database with a glibc UTF-8 locale (e.g. LC_CTYPE 'C.UTF-8') folds as ordercast does",
+            names
+                .iter()
+                .map(|(name, sql, ours)| format!("{name} is {sql} there, {ours} here"))
+                .collect::<Vec<_>>()
+                .join("; ")
         ),
         Err(e) => log::warn!("could not check how the database folds letters: {}", crate::db::describe(e)),
     }
+}
+
+/// How the database's `lower()` differs from `domain::fold_case`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Folding {
+    /// Only ASCII letters are folded.
+    AsciiOnly,
+    /// (name, the database's lower(), ordercast's) where they differ.
+    Differs(Vec<(String, String, String)>),
+}
+
+/// Names whose folding tells the usual ways apart.
+const FOLDING_PROBES: [&str; 2] = ["ΟΔΥΣΣΕΥΣ", "İSTANBUL"];
+
+/// None when the database folds customer names as ordercast does.
+pub async fn case_folding_differences(
+    client: &tokio_postgres::Client,
+) -> Result<Option<Folding>, tokio_postgres::Error> {
+    // `É` exists in every encoding PostgreSQL serves that has letters beyond
+    // ASCII (UTF-8, Latin-1, the Windows code pages).
+    let row = client.query_one("SELECT lower('É') = 'é', current_setting('server_encoding') = 'UTF8'", &[]).await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(Some(Folding::AsciiOnly));
+    }
+    if !row.get::<_, bool>(1) {
+        // The probes' letters may not exist in the encoding.
+        return Ok(None);
+    }
+    let probes: Vec<String> = FOLDING_PROBES.iter().map(|p| p.to_string()).collect();
+    let rows = client.query("SELECT p, lower(p) FROM unnest($1::text[]) p", &[&probes]).await?;
+    let differs: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter_map(|(name, sql)| {
+            let ours = crate::domain::fold_case(&name);
+            (sql != ours).then_some((name, sql, ours))
+        })
+        .collect();
+    Ok((!differs.is_empty()).then_some(Folding::Differs(differs)))
 }
 
 /// The listening socket's backlog (as std's `TcpListener::bind`).
@@ -422,7 +471,7 @@ impl Application {
         let stream_pool = crate::db::pool(database_url, settings.stream_pool_size, settings.db_timeout())?;
         let head = {
             let client = pool.get().await.context("Failed to connect to the database")?;
-            warn_on_ascii_case_folding(&client).await;
+            warn_on_case_folding(&client).await;
             prune_foreign_transactions(&client).await?;
             crate::changes::log_bounds(&client).await.map_err(crate::db::describe)?.0
         };

@@ -888,6 +888,42 @@ async fn made_up_http_methods_do_not_add_metric_series() {
     assert_eq!(other, 3.0, "{text}");
 }
 
+/// The start-up check of how the database folds customer names tells a
+/// database that folds as ordercast does (a glibc UTF-8 locale) from one
+/// that folds only ASCII and from an ICU one, which folds a word-final Σ to
+/// ς and İ to two characters (where ordercast's folding, as glibc's, gives σ
+/// and i). Before, the check knew only the ASCII case and passed an ICU
+/// database, whose confined tokens then missed such customers' orders
+/// through REST without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_up_check_names_customer_names_the_database_folds_otherwise() {
+    use ordercast::startup::{case_folding_differences, Folding};
+    let admin = ordercast::db::connect(&crate::helpers::admin_url()).await.unwrap();
+    let ask = |options: &'static str| async move {
+        let (url, name) = crate::helpers::create_database_with(options).await;
+        let db = ordercast::db::connect(&url).await.unwrap();
+        let folding = case_folding_differences(&db).await.unwrap();
+        drop(db);
+        (folding, name)
+    };
+    let mut made = Vec::new();
+    let (same, name) = ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8'").await;
+    made.push(name);
+    assert_eq!(same, None);
+    let (ascii, name) = ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C'").await;
+    made.push(name);
+    assert_eq!(ascii, Some(Folding::AsciiOnly));
+    let (icu, name) =
+        ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'und' LOCALE 'C.UTF-8'").await;
+    made.push(name);
+    let Some(Folding::Differs(names)) = icu else { panic!("an ICU database folds otherwise: {icu:?}") };
+    let names: Vec<(&str, &str)> = names.iter().map(|(n, sql, _)| (n.as_str(), sql.as_str())).collect();
+    assert_eq!(names, [("ΟΔΥΣΣΕΥΣ", "οδυσσευς"), ("İSTANBUL", "i\u{307}stanbul")]);
+    for name in made {
+        admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customer_restrictions_fold_names_like_postgresql_in_rest_and_streams() {
     let app = spawn_app_with(|s| {
