@@ -377,11 +377,31 @@ pub struct Writer {
     /// Per partition, the position this writer last committed, and its log
     /// generation: a stored position found below it went back in time.
     committed: Committed,
-    /// Partitions read again since a position that went back: where from,
-    /// since when, and how many writes sent messages of it back since.
-    going_back: HashMap<i32, (i64, std::time::Instant, u32)>,
+    /// Per partition, where the consumer was last put (its start at an
+    /// assignment, or where a position gone back sent it back to), and its
+    /// log generation, until a write of the partition commits without
+    /// going back: a stored position found below it went back again, and a
+    /// run read from there is read again from the stored position.
+    positioned: Committed,
+    /// Partitions read again since a position that went back (see
+    /// `GoingBack`).
+    going_back: HashMap<i32, GoingBack>,
     go_back_limit: Duration,
     starts: Option<Starts>,
+    /// Calls of `write`, counted: a write is one however many transactions
+    /// it takes.
+    writes: u64,
+}
+
+/// A partition read again since its position went back.
+struct GoingBack {
+    /// Where from.
+    to: i64,
+    since: std::time::Instant,
+    /// How many writes sent messages of it back since.
+    writes: u32,
+    /// The last of them (`Writer::writes`).
+    counted: u64,
 }
 
 /// How long a partition whose position went back may wait for the messages
@@ -439,9 +459,11 @@ impl Writer {
             conn: None,
             attempt_timeout: ATTEMPT_TIMEOUT,
             committed: Committed::new(),
+            positioned: Committed::new(),
             going_back: HashMap::new(),
             go_back_limit: GO_BACK_LIMIT,
             starts: None,
+            writes: 0,
         }
     }
 
@@ -514,6 +536,7 @@ impl Writer {
     /// limit, the batch is applied one transaction per message
     /// (`one_by_one`), each with a limit of its own.
     pub async fn write(&mut self, batch: &Batch) -> Result<Outcome, WriteError> {
+        self.writes += 1;
         let msgs = &batch.messages;
         // Log ends asked once serve every attempt while the position they
         // were asked at holds.
@@ -632,12 +655,13 @@ impl Writer {
             for (p, start) in starts.take(msgs.iter().map(|m| m.partition)) {
                 let known = self.committed.entry(p).or_insert(start);
                 *known = (*known).max(start);
+                self.positioned.insert(p, start);
             }
         }
         // `ends`: where the logs of partitions with messages below their
         // stored positions end, asked of the broker between transactions.
         for _ in 0..ASK_BROKER_ROUNDS {
-            let committed = self.committed.clone();
+            let (committed, positioned) = (self.committed.clone(), self.positioned.clone());
             let conn = self.connect().await?;
             let run = async {
                 let mut tx = conn.client.transaction().await.map_err(|e| classify(e, "BEGIN failed"))?;
@@ -652,7 +676,7 @@ impl Writer {
                         .await
                         .map_err(|e| classify(e, "Failed to make the constraints immediate"))?;
                 }
-                let step = apply(&mut tx, &conn.st, msgs, &scope, mode, ends, &committed).await?;
+                let step = apply(&mut tx, &conn.st, msgs, &scope, mode, ends, (&committed, &positioned)).await?;
                 match step {
                     Step::Done(_) => tx.commit().await.map_err(|e| classify(e, "COMMIT failed"))?,
                     Step::AskBroker(_) => tx.rollback().await.map_err(|e| classify(e, "ROLLBACK failed"))?,
@@ -668,19 +692,31 @@ impl Writer {
                         let Some(r) = outcome.went_back.iter().find(|r| r.partition == p) else {
                             self.committed.insert(p, (generation, next));
                             self.going_back.remove(&p);
+                            self.positioned.remove(&p);
                             continue;
                         };
+                        self.positioned.insert(p, (generation, r.to));
                         // Batches read before the seek back come first, for
                         // a moment; still nothing from before the position
                         // this writer committed after `go_back_limit` and
                         // `GO_BACK_WRITES` writes, the log no longer holds it
                         // (retention, compaction) or the seek does not take:
                         // go on from what it holds.
-                        let entry = self.going_back.entry(p).or_insert((r.to, now, 0));
-                        entry.2 += 1;
-                        let (to, since, writes) = *entry;
+                        let fresh = GoingBack { to: r.to, since: now, writes: 0, counted: 0 };
+                        let entry = self.going_back.entry(p).or_insert(fresh);
+                        // Gone back again, further: waited for from now.
+                        if entry.to != r.to {
+                            *entry = GoingBack { to: r.to, since: now, writes: 0, counted: 0 };
+                        }
+                        // Once per write: a batch applied one transaction
+                        // per message sends its messages back in as many.
+                        if entry.counted != self.writes {
+                            entry.writes += 1;
+                            entry.counted = self.writes;
+                        }
+                        let GoingBack { to, since, writes, .. } = *entry;
                         let wait = self.go_back_limit;
-                        if to == r.to && now.duration_since(since) > wait && writes > GO_BACK_WRITES {
+                        if now.duration_since(since) > wait && writes > GO_BACK_WRITES {
                             log::error!(
                                 "Kafka partition {}/{p}: its stored position went back to {to}, but the messages \
                                  from there were not read again within {wait:?} and {writes} writes: going on \
@@ -689,6 +725,7 @@ impl Writer {
                             );
                             self.committed.insert(p, (generation, next));
                             self.going_back.remove(&p);
+                            self.positioned.remove(&p);
                         }
                     }
                     return Ok(outcome);
@@ -816,7 +853,7 @@ async fn apply(
     scope: &Scope,
     mode: Mode<'_>,
     ends: &LogEndAnswers,
-    committed: &Committed,
+    (committed, positioned): (&Committed, &Committed),
 ) -> Result<Step, WriteError> {
     let (group, topic, actor) = (scope.group_id.as_str(), scope.topic.as_str(), scope.actor.as_str());
     let mut fates = vec![Fate::Pending; msgs.len()];
@@ -874,7 +911,14 @@ async fn apply(
                 fates[i] = Fate::Reread;
             }
         }
-        if run.first().is_some_and(|&i| msgs[i].offset >= was) {
+        // Where the consumer was put last (an assignment, a position gone
+        // back) is what the database held then: a stored position below
+        // it went back since, and a run read from there is read again too.
+        let from = match positioned.get(&p) {
+            Some(&(g, at)) if g == s.generation && next < at => at.min(was),
+            _ => was,
+        };
+        if run.first().is_some_and(|&i| msgs[i].offset >= from) {
             went_back.push(Rewind { partition: p, to: next });
             for &i in &run {
                 fates[i] = Fate::Reread;

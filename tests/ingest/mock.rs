@@ -1123,6 +1123,29 @@ async fn all_seven_once_read_again(
     assert_eq!((orders, next), (all, Some(7)));
 }
 
+/// Offset 5 comes again and again, the log no longer holding what the
+/// position went back `to`: sent back (a writer whose limit in time is
+/// 500 ms), until the writes are past their limit too (the eighth after
+/// the first); then 5 and 6 are applied.
+async fn five_sent_back_to_until_the_limits(
+    writer: &mut ordercast::ingest::writer::Writer,
+    batch: &impl Fn(&[i64]) -> ordercast::ingest::Batch,
+    to: i64,
+) {
+    use ordercast::ingest::writer::{Fate, Rewind};
+
+    let sent_back = Rewind { partition: 0, to };
+    let outcome = writer.write(&batch(&[5])).await.expect("written");
+    assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![sent_back.clone()]));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for _ in 0..8 {
+        let outcome = writer.write(&batch(&[5])).await.expect("written");
+        assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![sent_back.clone()]));
+    }
+    let outcome = writer.write(&batch(&[5, 6])).await.expect("written");
+    assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Applied, Fate::Applied], vec![]));
+}
+
 async fn orders_and_position(db: &tokio_postgres::Client, prefix: &str) -> (Vec<String>, Option<i64>) {
     let orders = db
         .query("SELECT external_id FROM orders WHERE external_id LIKE $1 || '-%' ORDER BY 1", &[&prefix])
@@ -1170,24 +1193,11 @@ async fn a_batch_read_across_the_seek_back_of_a_position_gone_back_loses_nothing
 /// sent 5 back forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_gone_back_to_messages_the_log_no_longer_holds_goes_on_after_its_limit() {
-    use ordercast::ingest::writer::{Fate, Rewind};
-
     let app = crate::helpers::spawn_app().await;
     let db = app.sql().await;
     let (mut writer, batch) = restore_test(&app, "expired", Duration::from_millis(500)).await;
     go_back_to_2(&db, "expired").await;
-    let sent_back = Rewind { partition: 0, to: 2 };
-    let outcome = writer.write(&batch(&[5])).await.expect("written");
-    assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![sent_back.clone()]));
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    // Past the limit in time, 5 keeps coming: sent back until the writes
-    // are past theirs too (the eighth after the first); the next is applied.
-    for _ in 0..8 {
-        let outcome = writer.write(&batch(&[5])).await.expect("written");
-        assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![sent_back.clone()]));
-    }
-    let outcome = writer.write(&batch(&[5, 6])).await.expect("written");
-    assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Applied, Fate::Applied], vec![]));
+    five_sent_back_to_until_the_limits(&mut writer, &batch, 2).await;
     let (orders, next) = orders_and_position(&db, "expired").await;
     assert_eq!(
         (orders, next),
@@ -1217,6 +1227,119 @@ async fn batches_read_before_a_seek_back_that_come_late_are_still_sent_back() {
         assert!(outcome.fates.iter().all(|f| *f == Fate::Reread), "{offsets:?}: {:?}", outcome.fates);
     }
     all_seven_once_read_again(&mut writer, &batch, &db, "late").await;
+}
+
+/// The database went back from position 5 to 2, and, before the messages
+/// from 2 were read again, back to 1 (a second failover): the batch read
+/// from 2 after the seek back is sent back to 1 as well, and 1 to 6 are
+/// applied when they come. Before, the run from 2 was compared with what
+/// the writer had committed (5) only, and applied on top of 1: order 1
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_gone_back_again_before_it_was_caught_up_loses_nothing() {
+    use ordercast::ingest::writer::{Fate, Rewind};
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    let (mut writer, batch) = restore_test(&app, "again", Duration::from_secs(30)).await;
+    go_back_to_2(&db, "again").await;
+    let outcome = writer.write(&batch(&[5])).await.expect("written");
+    assert_eq!((outcome.fates, outcome.went_back), (vec![Fate::Reread], vec![Rewind { partition: 0, to: 2 }]));
+    // Back again, to 1.
+    db.execute("DELETE FROM ingested_events WHERE kafka_topic = 'again-topic' AND kafka_offset >= 1", &[])
+        .await
+        .unwrap();
+    db.execute("DELETE FROM orders WHERE external_id = 'again-1'", &[]).await.unwrap();
+    db.execute("UPDATE kafka_offsets SET next_offset = 1 WHERE group_id = 'again-group'", &[]).await.unwrap();
+    let outcome = writer.write(&batch(&[2, 3, 4, 5, 6])).await.expect("written");
+    assert!(outcome.fates.iter().all(|f| *f == Fate::Reread), "{:?}", outcome.fates);
+    assert_eq!(outcome.went_back, [Rewind { partition: 0, to: 1 }]);
+    let outcome = writer.write(&batch(&[1, 2, 3, 4, 5, 6])).await.expect("written");
+    assert!(outcome.fates.iter().all(|f| *f == Fate::Applied), "{:?}", outcome.fates);
+    let (orders, next) = orders_and_position(&db, "again").await;
+    let all: Vec<String> = (0..7).map(|i| format!("again-{i}")).collect();
+    assert_eq!((orders, next), (all, Some(7)));
+}
+
+/// The database went back from position 5 to 2, then to 1, and the log no
+/// longer holds offsets 1 to 4: what comes is 5, again and again. The writer
+/// waits for the messages from 1 as long as for any position gone back,
+/// then goes on from what the log holds. Before, it waited for the first
+/// position (2) to be sent back to again, which never happened: 5 was sent
+/// back forever, while health said the ingest was running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_gone_back_further_goes_on_after_its_limit_too() {
+    use ordercast::ingest::writer::Rewind;
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    let (mut writer, batch) = restore_test(&app, "further", Duration::from_millis(500)).await;
+    go_back_to_2(&db, "further").await;
+    let outcome = writer.write(&batch(&[5])).await.expect("written");
+    assert_eq!(outcome.went_back, [Rewind { partition: 0, to: 2 }]);
+    db.execute("DELETE FROM orders WHERE external_id = 'further-1'", &[]).await.unwrap();
+    db.execute("UPDATE kafka_offsets SET next_offset = 1 WHERE group_id = 'further-group'", &[]).await.unwrap();
+    five_sent_back_to_until_the_limits(&mut writer, &batch, 1).await;
+}
+
+/// The database went back from position 5 to 2, and a batch read before
+/// the seek back (offsets 5 to 14) comes past the time limit, with a
+/// message of another partition that waits for a DBA's lock: the batch
+/// times out and is applied one transaction per message. Its messages of
+/// the partition gone back are all sent back: the write counts once
+/// towards giving up, not once per transaction. Before, the ninth
+/// transaction gave up, and 13 and 14 moved the position past 2 to 12:
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_applied_one_transaction_per_message_counts_once_towards_giving_up() {
+    use ordercast::ingest::writer::{Fate, Writer};
+    use ordercast::ingest::Batch;
+
+    let app = crate::helpers::spawn_app().await;
+    let db = app.sql().await;
+    let json = |e: &Value| serde_json::to_vec(e).unwrap();
+    let ids: Vec<String> = (0..15).map(|i| format!("each-{i}")).collect();
+    let events: Vec<Vec<u8>> = ids.iter().map(|x| json(&crate::kafka::created(x))).collect();
+    let on_0 = |o: i64| message(o, ids[o as usize].as_bytes(), &events[o as usize]);
+    let on_1 =
+        |o: i64, event: &Value| ordercast::ingest::Message { partition: 1, ..message(o, b"held-1", &json(event)) };
+    let mut writer = Writer::new(&app.db_url, "each-group", "each-topic")
+        .with_go_back_limit(Duration::from_millis(500))
+        .with_attempt_timeout(Duration::from_secs(1));
+    let first = Batch { messages: (0..5).map(on_0).chain([on_1(0, &crate::kafka::created("held-1"))]).collect() };
+    assert_eq!(writer.write(&first).await.expect("written").written, 6);
+    // Partition 0 goes back from 5 to 2.
+    db.execute(
+        "DELETE FROM ingested_events WHERE kafka_topic = 'each-topic' AND kafka_partition = 0 AND kafka_offset >= 2",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.execute("DELETE FROM orders WHERE external_id = ANY($1)", &[&ids[2..5].to_vec()]).await.unwrap();
+    db.execute("UPDATE kafka_offsets SET next_offset = 2 WHERE group_id = 'each-group' AND kafka_partition = 0", &[])
+        .await
+        .unwrap();
+    let outcome = writer.write(&Batch { messages: vec![on_0(5)] }).await.expect("written");
+    assert_eq!(outcome.fates, [Fate::Reread]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let dba = app.sql().await;
+    dba.batch_execute("BEGIN; SELECT 1 FROM orders WHERE external_id = 'held-1' FOR UPDATE").await.unwrap();
+    let change = crate::kafka::status_changed("held-1", "processing");
+    let stale = Batch { messages: (5..15).map(on_0).chain([on_1(1, &change)]).collect() };
+    assert!(writer.write(&stale).await.is_err(), "timed out behind the DBA's lock");
+    let next: Option<i64> = db
+        .query_one("SELECT next_offset FROM kafka_offsets WHERE group_id = 'each-group' AND kafka_partition = 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(next, Some(2), "partition 0 stays where it went back to");
+    dba.batch_execute("COMMIT").await.unwrap();
+    let again = Batch { messages: (2..15).map(on_0).chain([on_1(1, &change)]).collect() };
+    let outcome = writer.write(&again).await.expect("written");
+    assert!(outcome.fates.iter().all(|f| *f == Fate::Applied), "{:?}", outcome.fates);
+    let orders: i64 =
+        db.query_one("SELECT count(*) FROM orders WHERE external_id LIKE 'each-%'", &[]).await.unwrap().get(0);
+    assert_eq!(orders, 15);
 }
 
 /// The database went back from position 5 to 2 after a new owner of the
