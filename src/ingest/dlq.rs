@@ -41,8 +41,13 @@ use super::event::cap_detail;
 use super::settings::KafkaSettings;
 use super::IngestState;
 
-/// Rows claimed per round.
+/// Rows claimed per round, at most...
 const CLAIM: i64 = 200;
+/// ...and bytes of their messages (key, value, headers; the first row is
+/// claimed whatever its size): a round holds its rows, its records and
+/// librdkafka's copies at once, so 200 rows of 1 MB messages would hold
+/// 600 MB.
+const CLAIM_BYTES: i64 = 8 << 20;
 /// How long a produce may wait for the broker before the round gives up: the
 /// producer's default `message.timeout.ms` too.
 const DELIVERY_TIMEOUT: Duration = crate::workflow::MESSAGE_TIMEOUT;
@@ -137,15 +142,20 @@ async fn publish_pending(
         let mut rows = client
             .query(
                 "UPDATE dead_letters d SET claimed_until = now() + make_interval(secs => $4) \
-                 FROM (SELECT id FROM dead_letters \
-                       WHERE published_at IS NULL AND group_id = $2 AND kafka_topic = $3 \
-                         AND (claimed_until IS NULL OR claimed_until < now()) \
-                       ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) c \
+                 FROM (SELECT id FROM \
+                         (SELECT id, size, sum(size) OVER (ORDER BY id) AS upto FROM \
+                            (SELECT id, coalesce(octet_length(message_key), 0) + coalesce(octet_length(payload), 0) \
+                                        + octet_length(headers::text) AS size \
+                             FROM dead_letters \
+                             WHERE published_at IS NULL AND group_id = $2 AND kafka_topic = $3 \
+                               AND (claimed_until IS NULL OR claimed_until < now()) \
+                             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) l) w \
+                       WHERE upto - size < $5) c \
                  WHERE d.id = c.id \
                  RETURNING d.id, d.message_key, d.payload, d.headers, d.kafka_topic, d.kafka_partition, \
                            d.kafka_offset, d.message_timestamp, d.received_at, d.reason, d.detail, d.group_id, \
                            d.log_generation, d.claimed_until",
-                &[&CLAIM, group, source, &lease.as_secs_f64()],
+                &[&CLAIM, group, source, &lease.as_secs_f64(), &CLAIM_BYTES],
             )
             .await
             .map_err(crate::db::describe)

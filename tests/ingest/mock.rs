@@ -1422,6 +1422,35 @@ async fn the_dead_letter_publisher_keeps_no_transaction_open_while_the_broker_is
     wait_count(&app.db_url, done, 1, WAIT).await;
 }
 
+/// A round of the dead-letter publisher claims dead letters up to 8 MiB of
+/// messages, not 200 whatever their size: it holds its rows, its records
+/// and librdkafka's copies at once (200 rows of 1 MB messages, 600 MB).
+/// With 500 kB messages, 17 of 40; the rest in the next rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_round_claims_a_bounded_number_of_bytes() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |_| {}).await;
+    let db = app.sql().await;
+    broker.broker_down();
+    db.execute(
+        "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, payload, reason, detail) \
+         SELECT $1, $2, 0, g, convert_to(repeat('x', 500000), 'UTF8'), 'invalid_json', 'large' \
+         FROM generate_series(1, 40) g",
+        &[&n.group, &n.topic],
+    )
+    .await
+    .unwrap();
+    let claimed = "SELECT count(*) FROM dead_letters WHERE claimed_until > now() AND published_at IS NULL";
+    crate::helpers::until_count(&db, claimed, Duration::from_secs(10), |c| c > 0).await;
+    assert_eq!(count(&db, claimed).await, 17, "one round's claim");
+    broker.broker_up();
+    let done = "SELECT count(*) FROM dead_letters WHERE published_at IS NOT NULL";
+    wait_count(&app.db_url, done, 40, Duration::from_secs(60)).await;
+}
+
 /// Stopped while a round waits for a broker that is away, the publisher lets
 /// its rows go at once: the next start (or another instance) publishes them
 /// without waiting for the lease (90 s) to run out.
