@@ -288,6 +288,31 @@ test('the keyboard focus stays on a row\'s button while its order changes', asyn
   assert.equal(await page.evaluate(() => document.activeElement?.closest('tr')?.dataset.id), String(id));
 });
 
+test('the keyboard focus stays in the table when its row goes', async (t) => {
+  // Before, it fell to the top of the document (a keyboard or screen-reader
+  // user lost their place): when a focused row left its status tab, and
+  // after a delete from the order dialog, whose row goes once the change
+  // comes.
+  const { page } = await openDashboard(t);
+  const inTable = () => page.evaluate(() => document.querySelector('.orders-table').contains(document.activeElement));
+  await clickTab(page, 'pending');
+  const a = await insertOrder({ customer: 'Focus Leaver' });
+  const b = await insertOrder({ customer: 'Focus Neighbour' });
+  await row(page, a).waitFor({ timeout: 5000 });
+  await row(page, a).locator('button').focus();
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${a}`);
+  await row(page, a).waitFor({ state: 'detached', timeout: 5000 });
+  assert.ok(await inTable(), 'the focus stays in the table');
+  assert.ok(await page.evaluate(() => document.activeElement.closest('#orders-body tr') !== null), 'on a row');
+  await row(page, b).locator('button').press('Enter');
+  await page.locator('#detail-fields dd', { hasText: 'Focus Neighbour' }).waitFor();
+  await page.locator('#detail-delete').click();
+  await page.locator('#delete-yes').click();
+  await page.locator('#detail').waitFor({ state: 'hidden', timeout: 5000 });
+  await row(page, b).waitFor({ state: 'detached', timeout: 5000 });
+  assert.ok(await inTable(), 'the focus stays in the table after a delete');
+});
+
 test('status tabs filter the loaded rows and the incoming ones', async (t) => {
   const { page } = await openDashboard(t);
   await clickTab(page, 'processing');
@@ -310,6 +335,38 @@ test('status tabs filter the loaded rows and the incoming ones', async (t) => {
   // Tab counts come from the statistics.
   const pending = Number(await server.sql(`SELECT count(*) FROM orders WHERE status = 'pending'`));
   await page.locator('#tab-pending .tab-count', { hasText: pending.toLocaleString('en-US') }).waitFor({ timeout: 5000 });
+});
+
+test('a tab whose page could not load is loaded when the server answers again', async (t) => {
+  // Before, the tab's filter applied to the old tab's rows and stayed so:
+  // "All" showed the processing orders until the user clicked again.
+  const { page } = await openDashboard(t);
+  await clickTab(page, 'processing');
+  await waitRows(page, (r) => r.status === 'processing');
+  let refuse = true;
+  let refused = 0;
+  await page.route(/\/api\/orders\?/, (route) => {
+    if (!refuse || new URL(route.request().url()).searchParams.has('status')) return route.continue();
+    refused += 1;
+    return route.fulfill({
+      status: 503,
+      contentType: 'application/problem+json',
+      body: JSON.stringify({ status: 503, code: 'database_unavailable', message: 'the database is unavailable' }),
+    });
+  });
+  await clickTab(page, 'all');
+  await page.locator('.toast-error', { hasText: 'Could not load orders' }).waitFor({ timeout: 5000 });
+  await within(10000, 'the page asked for again', (async () => {
+    while (refused < 2) await sleep(50);
+  })());
+  assert.equal(await page.locator('.toast-error', { hasText: 'Could not load orders' }).count(), 1, 'said once');
+  refuse = false;
+  const newest = (await server.sql('SELECT id FROM orders ORDER BY id DESC LIMIT 50')).split('\n').map(Number);
+  await page.waitForFunction((ids) => {
+    const shown = [...document.querySelectorAll('#orders-body tr')].map((tr) => Number(tr.dataset.id));
+    return shown.length === ids.length && shown.every((id, i) => id === ids[i]);
+  }, newest, { timeout: 15000 });
+  assert.ok((await tableStatuses(page)).some((s) => s !== 'processing'), 'the rows of every status');
 });
 
 test('search finds orders by customer, product and id, also among incoming ones', async (t) => {
@@ -944,7 +1001,8 @@ async function liveWithShortLivedToken(page, secured, secret, transport) {
   return { dialog, exp };
 }
 
-test('over SSE, a token that expires opens the sign-in, and nothing after the expiry is shown', async (t) => {
+/** A server with JWTs, and a page whose WebSocket is blocked (it goes over SSE): { secured, secret, page }. */
+async function securedOverSse(t) {
   const secret = 'browser-test-jwt-secret-0123456789';
   const secured = new Ordercast(BIN, { ORDERCAST_JWT_SECRET: secret });
   t.cleanup = () => secured.cleanup();
@@ -953,6 +1011,11 @@ test('over SSE, a token that expires opens the sign-in, and nothing after the ex
   t.page = page;
   page.setDefaultTimeout(10000);
   await page.routeWebSocket(/\/ws/, (ws) => ws.close({ code: 1011, reason: 'WebSocket blocked by the test' }));
+  return { secured, secret, page };
+}
+
+test('over SSE, a token that expires opens the sign-in, and nothing after the expiry is shown', async (t) => {
+  const { secured, secret, page } = await securedOverSse(t);
   const { dialog, exp } = await liveWithShortLivedToken(page, secured, secret, 'SSE');
   assert.equal(await dialog.isVisible(), false);
   const before = Number(await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price)
@@ -964,6 +1027,29 @@ test('over SSE, a token that expires opens the sign-in, and nothing after the ex
     VALUES ('After expiry', 'Clock', 1, 1) RETURNING id`));
   await dialog.waitFor({ state: 'visible', timeout: 10000 });
   assert.equal(await row(page, after).count(), 0, 'the change after the expiry is not shown');
+});
+
+test('an SSE stream refused for an expired token waits while the sign-in is open', async (t) => {
+  // Before, a stream refused with HTTP 401 (which EventSource does not
+  // show) asked again with backoff, 1, 2, 4 s..., whatever the sign-in.
+  const { secured, secret, page } = await securedOverSse(t);
+  let streams = 0;
+  page.on('request', (r) => {
+    if (new URL(r.url()).pathname === '/api/events') streams += 1;
+  });
+  const { dialog, exp } = await liveWithShortLivedToken(page, secured, secret, 'SSE');
+  while (Date.now() / 1000 <= exp + 0.5) await sleep(200);
+  await secured.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('After expiry', 'Clock', 1, 1)`);
+  await dialog.waitFor({ state: 'visible', timeout: 10000 });
+  // Dismissed: the stream asks again, is refused with 401, and the sign-in
+  // opens again; from then on, nothing until it is dismissed.
+  await page.keyboard.press('Escape');
+  await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+  await dialog.waitFor({ state: 'visible', timeout: 15000 });
+  await sleep(500);
+  const refused = streams;
+  await sleep(8000);
+  assert.equal(streams, refused, 'no SSE stream asked for while the sign-in is open');
 });
 
 test('a WebSocket refused for an expired token waits while the sign-in is open, and asks again once it is dismissed', async (t) => {
@@ -1009,6 +1095,18 @@ test('a WebSocket refused for an expired token waits while the sign-in is open, 
   await live(page);
   assert.equal(await dialog.isVisible(), false);
   await other.close();
+});
+
+test('a WebSocket refused for the page\'s origin falls back to SSE, with no sign-in', async (t) => {
+  // A proxy that rewrites Host, with no ORDERCAST_ALLOWED_ORIGINS: the
+  // server closes with 4003 "origin not allowed". Before, the page took it
+  // for a token's refusal: a sign-in on a server with no tokens, again and
+  // again, never live.
+  const { page } = await openDashboard(t, {
+    before: (p) => p.routeWebSocket(/\/ws/, (ws) => ws.close({ code: 4003, reason: 'origin not allowed' })),
+  });
+  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('#signin').isVisible(), false);
 });
 
 test('when WebSocket fails the page falls back to SSE', async (t) => {

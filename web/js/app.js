@@ -43,7 +43,12 @@ const getTransitions = () => (transitions ??= api.transitions().catch((e) => {
   throw e;
 }));
 
-const detail = new OrderDetail($('detail'), { transitions: getTransitions });
+const detail = new OrderDetail($('detail'), {
+  transitions: getTransitions,
+  signInDismissed: () => signIn.dismissed(),
+  // The table is made below; a dialog closes only once it is there.
+  onClosed: () => table.catchFocus(),
+});
 const openOrder = (id) => detail.open(id);
 
 const table = new OrderTable({
@@ -58,6 +63,12 @@ const table = new OrderTable({
   streamPosition: () => stream.position,
   onOpen: openOrder,
   onError: (m) => toast(m, 'error'),
+  // A page that could not load is asked for again after `delay`, not
+  // while the sign-in is open (a 401: signing in reloads the page).
+  waitToRetry: async (delay) => {
+    await signIn.dismissed();
+    await new Promise((r) => setTimeout(r, delay));
+  },
 });
 
 const activity = new ActivityFeed($('activity-list'), { onOpen: openOrder });

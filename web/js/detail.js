@@ -34,10 +34,15 @@ const FIELDS = [
 const MAX_CHANGES = 50;
 
 export class OrderDetail {
-  /** @param transitions () => Promise<{status: [next...]}> */
-  constructor(dialog, { transitions }) {
+  /**
+   * @param transitions () -> Promise of the state machine
+   * @param signInDismissed () -> Promise resolved at once, or once an open sign-in is dismissed
+   * @param onClosed () -> void, once the dialog has closed (and given the focus back)
+   */
+  constructor(dialog, { transitions, signInDismissed = () => Promise.resolve(), onClosed = () => {} }) {
     this.d = dialog;
     this.transitions = transitions;
+    this.signInDismissed = signInDismissed;
     this.order = null;
     this.es = null;
     const $ = (id) => dialog.querySelector(`#${id}`);
@@ -48,7 +53,10 @@ export class OrderDetail {
       confirm: $('delete-confirm'), yes: $('delete-yes'), no: $('delete-no'),
     };
     dialog.querySelectorAll('[data-close]').forEach((b) => b.addEventListener('click', () => dialog.close()));
-    dialog.addEventListener('close', () => this.stop());
+    dialog.addEventListener('close', () => {
+      this.stop();
+      onClosed();
+    });
     this.n.statusForm.addEventListener('submit', (ev) => {
       ev.preventDefault();
       this.changeStatus(this.n.statusSelect.value);
@@ -154,6 +162,10 @@ export class OrderDetail {
         this.markDeleted('This order has been deleted, or is no longer visible to you.');
         return;
       }
+      // Refused for want of a token (the sign-in has opened): not asked
+      // again with it while the sign-in is open.
+      if (e.status === 401) await this.signInDismissed();
+      if (!current()) return;
       this.retry = setTimeout(() => this.refollow(id, attempt + 1), backoff(attempt));
       return;
     }

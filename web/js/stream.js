@@ -39,6 +39,8 @@ const WEBSOCKET_RETRY_MAX_MS = 30 * 60000;
 /** Close codes of a WebSocket refused for want of a (sufficient) token. */
 const CLOSE_UNAUTHORIZED = 4001;
 const CLOSE_FORBIDDEN = 4003;
+/** The reason of a 4003 that refuses the page's origin, not its token. */
+const ORIGIN_REFUSED = 'origin not allowed';
 const CLOSE_UNAVAILABLE = 4503;
 const CLOSE_TRY_LATER = 1013;
 
@@ -159,7 +161,13 @@ export class Stream {
       clearTimeout(opening);
       if (this.conn?.ws !== ws) return; // replaced on purpose
       this.dropConnection();
-      if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
+      if (ev.code === CLOSE_FORBIDDEN && ev.reason === ORIGIN_REFUSED) {
+        // Not a token's fault: the server takes this page's origin for
+        // another site's (a proxy that rewrites Host, with no
+        // ORDERCAST_ALLOWED_ORIGINS). SSE asks no origin of a same-site
+        // page; a sign-in would change nothing.
+        this.afterWebSocketFailure();
+      } else if (ev.code === CLOSE_UNAUTHORIZED || ev.code === CLOSE_FORBIDDEN) {
         this.afterRefusal();
       } else if (ready || ev.code === CLOSE_UNAVAILABLE || ev.code === CLOSE_TRY_LATER) {
         // 4503 (the server could not open the stream for now) and 1013
@@ -265,8 +273,17 @@ export class Stream {
         this.afterRefusal();
         return;
       }
-      if (!ready && !code) api.listOrders({ limit: 1 }).catch(() => {});
-      this.scheduleReconnect();
+      if (ready || code) {
+        this.scheduleReconnect();
+        return;
+      }
+      // Refused before `ready` without a word: a 401 from the REST API says
+      // why (and opens the sign-in), and the stream waits as after 4001.
+      this.setPhase('reconnecting');
+      api.listOrders({ limit: 1 }).then(
+        () => this.reconnectIfIdle(),
+        (e) => (e.status === 401 ? this.afterRefusal() : this.reconnectIfIdle()),
+      );
     });
   }
 
@@ -282,8 +299,13 @@ export class Stream {
     try {
       await this.h.onUnauthorized();
     } finally {
-      if (!this.conn && this.timer === null) this.scheduleReconnect();
+      this.reconnectIfIdle();
     }
+  }
+
+  /** Schedules a reconnect unless a connection or a reconnect is already under way. */
+  reconnectIfIdle() {
+    if (!this.conn && this.timer === null) this.scheduleReconnect();
   }
 
   dropConnection() {

@@ -54,6 +54,7 @@ export class OrderTable {
     this.hasMore = false;
     this.newerCount = 0;
     this.loading = 0; // id of the load in flight, to ignore stale answers
+    this.retrying = 0; // pages the user asked for, being asked for again
     this.loaded = false;
     this.trs = new Map(); // order id -> <tr>
     this.dirty = new Set(); // ids whose row must be redrawn
@@ -98,7 +99,7 @@ export class OrderTable {
     this.cursor = null;
     this.newerCount = 0;
     this.render();
-    return this.load({ announce: true });
+    return this.loadAsked();
   }
 
   goNewest() {
@@ -106,24 +107,48 @@ export class OrderTable {
     this.cursors = [];
     this.cursor = null;
     this.newerCount = 0;
-    return this.load({ announce: true });
+    return this.loadAsked();
   }
 
   goOlder() {
     // Not while a page is on its way: its rows are not the ones shown yet.
-    if (!this.rows.length || !this.hasMore || this.paging) return undefined;
+    if (!this.rows.length || !this.hasMore || this.paging || this.retrying) return undefined;
     this.holdUntil = 0;
     this.cursors.push(this.cursor);
     this.cursor = this.rows[this.rows.length - 1].id;
-    return this.load({ announce: true });
+    return this.loadAsked();
   }
 
   goNewer() {
-    if (this.onNewest || this.paging) return undefined;
+    if (this.onNewest || this.paging || this.retrying) return undefined;
     this.holdUntil = 0;
     this.cursor = this.cursors.pop() ?? null;
     if (this.onNewest) this.newerCount = 0;
-    return this.load({ announce: true });
+    return this.loadAsked();
+  }
+
+  /**
+   * Loads the page the user asked for (another tab, search, page) until it
+   * comes, or a newer load takes over: the filter and cursor are already
+   * the new ones, so a page that did not come would leave the old rows
+   * under them (a tab's rows under another tab, page 3's rows as page 1).
+   * Tried again with backoff (`o.waitToRetry`), saying so once; meanwhile
+   * Older and Newer wait (`retrying`).
+   */
+  async loadAsked() {
+    this.retrying += 1;
+    try {
+      for (let delay = 1000, tries = 0; ; delay = Math.min(delay * 2, 10000), tries++) {
+        const loading = this.load({ announce: true, quiet: tries > 0 });
+        if (await loading) return true;
+        if (this.latest !== loading) return false; // a newer load took over
+        await this.o.waitToRetry(delay);
+        if (this.latest !== loading) return false;
+      }
+    } finally {
+      this.retrying -= 1;
+      this.summary();
+    }
   }
 
   /**
@@ -132,20 +157,23 @@ export class OrderTable {
    * search) answers with the newer one's outcome, so whoever waits for it
    * finds the page and its position set.
    */
-  load({ announce = false } = {}) {
-    const loading = this.loadPage(announce);
+  load({ announce = false, quiet = false } = {}) {
+    const loading = this.loadPage(announce, quiet);
     this.latest = loading;
     return loading;
   }
 
-  /** @param announce say what the page holds (a page the user asked for, or the first) */
-  async loadPage(announce) {
+  /**
+   * @param announce say what the page holds (a page the user asked for, or the first)
+   * @param quiet say nothing of a failure (one said already)
+   */
+  async loadPage(announce, quiet) {
     const first = !this.loaded;
     // Only a page the user asked for holds Older and Newer back (a refill
     // or a reload after a resync does not).
     if (announce) this.paging = true;
     try {
-      return await this.fetchPage(announce || first);
+      return await this.fetchPage(announce || first, quiet);
     } finally {
       if (announce) {
         this.paging = false;
@@ -154,7 +182,7 @@ export class OrderTable {
     }
   }
 
-  async fetchPage(announce) {
+  async fetchPage(announce, quiet) {
     const token = ++this.loading;
     for (let tries = 0; tries < 3; tries++) {
       let page;
@@ -168,7 +196,7 @@ export class OrderTable {
       } catch (e) {
         if (token !== this.loading) return this.latest;
         // A 401 opens the sign-in dialog; no need to say it twice.
-        if (e.status !== 401) this.o.onError(`Could not load orders: ${e.message}`);
+        if (e.status !== 401 && !quiet) this.o.onError(`Could not load orders: ${e.message}`);
         return false;
       }
       if (token !== this.loading) return this.latest;
@@ -299,6 +327,13 @@ export class OrderTable {
       return;
     }
     const wanted = new Set(this.rows.map((o) => o.id));
+    // A row that goes with the keyboard focus in it (its order changed
+    // status on a status tab, or was pushed off the page) hands the focus
+    // to the row that takes its place: left to itself, it would fall to
+    // the top of the document, and a keyboard or screen-reader user would
+    // lose their place.
+    const focused = document.activeElement?.closest?.('#orders-body tr');
+    const focusAt = focused && !wanted.has(Number(focused.dataset.id)) ? [...tbody.children].indexOf(focused) : -1;
     for (const [id, tr] of this.trs) {
       if (!wanted.has(id)) {
         tr.remove();
@@ -331,6 +366,25 @@ export class OrderTable {
     this.dirty.clear();
     this.flash.clear();
     this.summary();
+    if (focusAt >= 0) this.focusRowAt(focusAt);
+  }
+
+  /** Focuses the button of the row at `index` (the last one if fewer), or the table when it has none. */
+  focusRowAt(index) {
+    const rows = this.o.tbody.children;
+    const button = rows[Math.min(index, rows.length - 1)]?.querySelector('button');
+    if (button) {
+      button.focus();
+      return;
+    }
+    const table = this.o.tbody.closest('table');
+    table.tabIndex = -1;
+    table.focus();
+  }
+
+  /** After a dialog closed over the table: the focus, if it fell to the document (its row is gone), goes to the table's first row. */
+  catchFocus() {
+    if (document.activeElement === document.body || !document.activeElement) this.focusRowAt(0);
   }
 
   row(order) {
@@ -373,8 +427,9 @@ export class OrderTable {
     newer.hidden = this.onNewest || this.newerCount === 0;
     newer.textContent = `${fmtCount(this.newerCount)} newer order${this.newerCount === 1 ? '' : 's'} · show newest`;
     buttons.newest.disabled = this.onNewest;
-    buttons.newer.disabled = this.onNewest || this.paging;
-    buttons.older.disabled = !this.hasMore || n === 0 || this.paging;
+    const busy = this.paging || this.retrying > 0;
+    buttons.newer.disabled = this.onNewest || busy;
+    buttons.older.disabled = !this.hasMore || n === 0 || busy;
   }
 
   describe() {
