@@ -88,7 +88,8 @@ impl AppState {
             out,
             "ordercast_kafka_ingest_healthy",
             "gauge",
-            "0 while the Kafka ingest cannot write to PostgreSQL or reach a broker, or one of its tasks stopped.",
+            "0 while the Kafka ingest cannot write to PostgreSQL, reach a broker, read an assigned partition's stored \
+             position or publish dead letters, or one of its tasks stopped.",
             h["healthy"].as_bool().unwrap_or(true) as u8,
         );
         for (key, help) in [
@@ -103,7 +104,7 @@ impl AppState {
             ("dead_lettered", "Kafka messages recorded as dead letters."),
             ("dlq_published", "Dead letters published to the dead-letter topic."),
             ("batches", "Kafka batches written to PostgreSQL."),
-            ("retries", "Kafka batches retried after a transient database failure."),
+            ("retries", "Kafka batches written again after a write failed (the database or a broker failing, a timeout, a data error the slower paths could not get past)."),
         ] {
             let name = format!("ordercast_kafka_{key}_total");
             crate::metrics::sample(out, &name, "counter", help, h[key].as_u64().unwrap_or(0));
