@@ -388,9 +388,6 @@ pub struct Writer {
     going_back: HashMap<i32, GoingBack>,
     go_back_limit: Duration,
     starts: Option<Starts>,
-    /// Calls of `write`, counted: a write is one however many transactions
-    /// it takes.
-    writes: u64,
 }
 
 /// A partition read again since its position went back.
@@ -400,8 +397,6 @@ struct GoingBack {
     since: std::time::Instant,
     /// How many writes sent messages of it back since.
     writes: u32,
-    /// The last of them (`Writer::writes`).
-    counted: u64,
 }
 
 /// How long a partition whose position went back may wait for the messages
@@ -463,7 +458,6 @@ impl Writer {
             going_back: HashMap::new(),
             go_back_limit: GO_BACK_LIMIT,
             starts: None,
-            writes: 0,
         }
     }
 
@@ -536,7 +530,6 @@ impl Writer {
     /// limit, the batch is applied one transaction per message
     /// (`one_by_one`), each with a limit of its own.
     pub async fn write(&mut self, batch: &Batch) -> Result<Outcome, WriteError> {
-        self.writes += 1;
         let msgs = &batch.messages;
         // Log ends asked once serve every attempt while the position they
         // were asked at holds.
@@ -576,11 +569,56 @@ impl Writer {
             }
             other => other,
         };
-        if let Err(WriteError::Transient(_)) = &result {
+        match &result {
+            Ok(outcome) => self.went_back(outcome),
             // The connection may be broken; a fresh one costs little next time.
-            self.conn = None;
+            Err(WriteError::Transient(_)) => self.conn = None,
+            Err(_) => {}
         }
         result
+    }
+
+    /// Notes the partitions a write sent back (its outcome's `went_back`,
+    /// which the consumer seeks back to): where the consumer now reads
+    /// them from, and how long and through how many writes they have been
+    /// waited for. Only a write that returns counts: one that failed
+    /// (after some of its transactions sent messages back) is written
+    /// again, and its seek was never made.
+    ///
+    /// Batches read before the seek back come first, for a moment; still
+    /// nothing from before the position this writer committed after
+    /// `go_back_limit` and `GO_BACK_WRITES` writes, the log no longer holds
+    /// it (retention, compaction) or the seek does not take: go on from
+    /// what it holds.
+    fn went_back(&mut self, outcome: &Outcome) {
+        let now = std::time::Instant::now();
+        for r in &outcome.went_back {
+            let p = r.partition;
+            let Some(&(_, generation, next)) = outcome.positions.iter().find(|(q, ..)| *q == p) else { continue };
+            self.positioned.insert(p, (generation, r.to));
+            let fresh = GoingBack { to: r.to, since: now, writes: 0 };
+            let entry = self.going_back.entry(p).or_insert(fresh);
+            // Gone back again, further: waited for from now.
+            if entry.to != r.to {
+                *entry = GoingBack { to: r.to, since: now, writes: 0 };
+            }
+            // Once per write: a batch applied one transaction per message
+            // sends its messages back in as many.
+            entry.writes += 1;
+            let GoingBack { to, since, writes } = *entry;
+            let wait = self.go_back_limit;
+            if now.duration_since(since) > wait && writes > GO_BACK_WRITES {
+                log::error!(
+                    "Kafka partition {}/{p}: its stored position went back to {to}, but the messages from there \
+                     were not read again within {wait:?} and {writes} writes: going on from what the log holds; the \
+                     messages between are not applied",
+                    self.scope.topic
+                );
+                self.committed.insert(p, (generation, next));
+                self.going_back.remove(&p);
+                self.positioned.remove(&p);
+            }
+        }
     }
 
     /// Applies the messages one transaction each, in order, each moving its
@@ -686,43 +724,10 @@ impl Writer {
             match tokio::time::timeout(limit, run).await {
                 Ok(Ok(Step::Done(outcome))) => {
                     // What the database now holds, but where it was found
-                    // gone back: that is caught up with by reading again.
-                    let now = std::time::Instant::now();
+                    // gone back: that is caught up with by reading again
+                    // (see `went_back`, once the write is done).
                     for &(p, generation, next) in &outcome.positions {
-                        let Some(r) = outcome.went_back.iter().find(|r| r.partition == p) else {
-                            self.committed.insert(p, (generation, next));
-                            self.going_back.remove(&p);
-                            self.positioned.remove(&p);
-                            continue;
-                        };
-                        self.positioned.insert(p, (generation, r.to));
-                        // Batches read before the seek back come first, for
-                        // a moment; still nothing from before the position
-                        // this writer committed after `go_back_limit` and
-                        // `GO_BACK_WRITES` writes, the log no longer holds it
-                        // (retention, compaction) or the seek does not take:
-                        // go on from what it holds.
-                        let fresh = GoingBack { to: r.to, since: now, writes: 0, counted: 0 };
-                        let entry = self.going_back.entry(p).or_insert(fresh);
-                        // Gone back again, further: waited for from now.
-                        if entry.to != r.to {
-                            *entry = GoingBack { to: r.to, since: now, writes: 0, counted: 0 };
-                        }
-                        // Once per write: a batch applied one transaction
-                        // per message sends its messages back in as many.
-                        if entry.counted != self.writes {
-                            entry.writes += 1;
-                            entry.counted = self.writes;
-                        }
-                        let GoingBack { to, since, writes, .. } = *entry;
-                        let wait = self.go_back_limit;
-                        if now.duration_since(since) > wait && writes > GO_BACK_WRITES {
-                            log::error!(
-                                "Kafka partition {}/{p}: its stored position went back to {to}, but the messages \
-                                 from there were not read again within {wait:?} and {writes} writes: going on \
-                                 from what the log holds; the messages between are not applied",
-                                scope.topic
-                            );
+                        if !outcome.went_back.iter().any(|r| r.partition == p) {
                             self.committed.insert(p, (generation, next));
                             self.going_back.remove(&p);
                             self.positioned.remove(&p);
