@@ -50,9 +50,11 @@ impl Batch {
 }
 
 /// One published batch as every unfiltered client gets it: the changes, and
-/// their WebSocket frames and SSE events concatenated once, so a session
-/// hands the whole batch to its connection as one shared buffer (one queue
-/// operation and, usually, one socket write per batch instead of per change).
+/// their WebSocket frames and SSE events concatenated once, so a WebSocket
+/// session hands the whole batch to its connection as one shared buffer
+/// (one queue operation and, usually, one socket write per batch instead of
+/// per change), and an SSE stream views of it, cut between changes (the HTTP
+/// layer copies what it is handed: see `routes::sse`).
 #[derive(Debug)]
 pub struct SharedBatch {
     pub changes: Vec<SharedChange>,

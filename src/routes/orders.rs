@@ -151,7 +151,7 @@ fn order_version(json: &str) -> Option<i32> {
         (status = 201, description = "Created", body = crate::routes::openapi::OrderDoc, headers(("Location" = String, description = "URL of the new order"))),
         (status = 400, description = "Malformed JSON", body = crate::routes::openapi::ProblemDoc),
         (status = 403, description = "An order for another customer, by a token confined to one customer (forbidden)", body = crate::routes::openapi::ProblemDoc),
-        (status = 409, description = "external_id already exists (duplicate_external_id)", body = crate::routes::openapi::ProblemDoc),
+        (status = 409, description = "external_id already exists (duplicate_external_id), or the database gave the transaction up for a concurrent one: nothing was written, try again (conflict)", body = crate::routes::openapi::ProblemDoc),
         (status = 413, description = "Body too large", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid field", body = crate::routes::openapi::ProblemDoc),
     ))]

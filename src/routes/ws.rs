@@ -65,7 +65,8 @@ pub enum ClientMessage {
 
 impl ClientMessage {
     pub fn parse(text: &str) -> Result<ClientMessage, ValidationError> {
-        let value: Value = serde_json::from_str(text)
+        // A key twice is refused, as in REST bodies (`domain::json`).
+        let value: Value = crate::domain::json::parse(text.as_bytes())
             .map_err(|e| ValidationError::with_code("message", "malformed_json", format!("malformed JSON: {e}")))?;
         let obj = value
             .as_object()
@@ -291,6 +292,13 @@ fn close(code: u16, description: impl Into<String>) -> Outcome {
     Outcome::Close(Some(CloseReason { code: CloseCode::Other(code), description: Some(description.into()) }))
 }
 
+/// How many times the slow-client time a client far behind that keeps
+/// reading is waited for in all (see `Conn::write_some`): meanwhile its
+/// session hears nothing else, not even a shutdown.
+const WRITE_WAIT_MAX: u32 = 6;
+/// How often the kernel's queue for a client far behind is looked at.
+const PROGRESS_SAMPLE: Duration = Duration::from_millis(500);
+
 /// The connection and the rules for writing to it.
 struct Conn {
     socket: Socket,
@@ -325,36 +333,51 @@ impl Conn {
     /// Writes without waiting; then, if too much is still queued, waits for
     /// the client to read it down. A client that reads nothing of it for
     /// `write_timeout` is too slow (4008); one that reads, however slowly
-    /// (a 3 MB batch on a slow link), is waited for, but never past its
-    /// token's expiry. Meanwhile nothing more is taken from the hub for it:
-    /// a client too far behind is let go there (it catches up from the log).
+    /// (a 3 MB batch on a slow link), is waited for, up to `WRITE_WAIT_MAX`
+    /// times as long in all, and never past its token's expiry. Reading is
+    /// seen as the socket taking more, or the kernel's queue for the client
+    /// going down (sampled every `PROGRESS_SAMPLE`: the socket takes more
+    /// only once a good part of its buffer is free). Meanwhile nothing more
+    /// is taken from the hub for it: a client too far behind is let go
+    /// there (it catches up from the log).
     async fn write_some(&mut self) -> Result<(), Outcome> {
         self.check_token()?;
         self.socket.flush().map_err(|_| Outcome::Close(None))?;
         if self.socket.pending() <= OUT_LIMIT {
             return Ok(());
         }
+        let now = tokio::time::Instant::now();
         let expiry = self.token_expires.map(|t| {
             let left = t.saturating_mul(1000).saturating_sub(chrono::Utc::now().timestamp_millis());
-            tokio::time::Instant::now() + Duration::from_millis(left.max(0) as u64)
+            now + Duration::from_millis(left.max(0) as u64)
         });
-        let next_deadline = |expiry: Option<tokio::time::Instant>, timeout: Duration| {
-            let stall = tokio::time::Instant::now() + timeout;
-            expiry.map_or(stall, |e| e.min(stall))
-        };
         let timeout = self.write_timeout;
+        let last = expiry.map_or(now + timeout * WRITE_WAIT_MAX, |e| e.min(now + timeout * WRITE_WAIT_MAX));
+        let next_deadline = || (tokio::time::Instant::now() + timeout).min(last);
         // Boxed: only a client far behind waits here.
         let drained = Box::pin(async {
-            let mut deadline = next_deadline(expiry, timeout);
+            let mut deadline = next_deadline();
+            let mut kernel = self.socket.unacknowledged();
             while self.socket.pending() > OUT_LIMIT {
                 let before = self.socket.pending();
-                match tokio::time::timeout_at(deadline, self.socket.writable()).await {
-                    Ok(r) => r.map_err(|_| Outcome::Close(None))?,
-                    Err(_) => return Err(None),
+                let sample = (tokio::time::Instant::now() + PROGRESS_SAMPLE).min(deadline);
+                if let Ok(r) = tokio::time::timeout_at(sample, self.socket.writable()).await {
+                    r.map_err(|_| Outcome::Close(None))?;
                 }
                 self.socket.flush().map_err(|_| Outcome::Close(None))?;
-                if self.socket.pending() < before {
-                    deadline = next_deadline(expiry, timeout);
+                let now_in_kernel = self.socket.unacknowledged();
+                let read = self.socket.pending() < before || now_in_kernel.zip(kernel).is_some_and(|(n, k)| n < k);
+                kernel = now_in_kernel;
+                let now = tokio::time::Instant::now();
+                if !read && now >= deadline {
+                    return Err(None);
+                }
+                if now >= last {
+                    self.check_token().map_err(Some)?;
+                    return Err(Some(close(CLOSE_SLOW_CONSUMER, "slow consumer: the client reads too slowly")));
+                }
+                if read {
+                    deadline = next_deadline();
                     self.drained_at = Some(Instant::now());
                 }
             }
@@ -827,6 +850,7 @@ mod tests {
             (r#"{"type":"subscribe","since":true}"#, "invalid_position"),
             (r#"{"type":"subscribe","filter":{"status":"nope"}}"#, "validation_failed"),
             (r#"{"type":"subscribe","extra":1}"#, "unknown_field"),
+            (r#"{"type":"ping","type":"subscribe"}"#, "malformed_json"),
         ] {
             assert_eq!(ClientMessage::parse(bad).unwrap_err().code, code, "{bad}");
         }

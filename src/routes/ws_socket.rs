@@ -102,6 +102,24 @@ impl Socket {
         Ok(())
     }
 
+    /// Bytes the kernel holds for the client, sent and not yet acknowledged
+    /// or not yet sent (`TIOCOUTQ`); None where it cannot say. They go down
+    /// as the client reads, long before the socket is writable again (which
+    /// waits for a good part of its buffer to be free).
+    pub fn unacknowledged(&self) -> Option<usize> {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let mut n: nix::libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one int through the pointer, which
+            // lives across the call.
+            let r = unsafe { nix::libc::ioctl(self.io.as_raw_fd(), nix::libc::TIOCOUTQ, &mut n) };
+            (r == 0).then_some(n.max(0) as usize)
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
+
     /// Waits until the socket accepts more output.
     pub async fn writable(&self) -> io::Result<()> {
         self.io.writable().await

@@ -1217,11 +1217,11 @@ async fn a_slow_consumer_that_reads_again_receives_its_4008_close() {
 /// link), is waited for: 4008 is for one that reads none of what waits for
 /// it for the slow-client time, as the README says. Before, the time ran
 /// from the start of the wait however much the client read: at 1 MB/s, a
-/// 9 MB statement closed it after 2 s, again at each bulk write.
+/// 9 MB statement closed it after the limit, again at each bulk write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_far_behind_that_keeps_reading_is_not_closed_as_slow() {
     use tokio::io::AsyncReadExt;
-    let app = spawn_app_with(|s| s.slow_client_secs = 2).await;
+    let app = spawn_app_with(|s| s.slow_client_secs = 3).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(64 * 1024).unwrap();
     let mut slow = handshake(socket.connect(([127, 0, 0, 1], app.port).into()).await.unwrap()).await;
@@ -1264,7 +1264,7 @@ async fn a_client_far_behind_that_keeps_reading_is_not_closed_as_slow() {
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    assert!(started.elapsed() > Duration::from_secs(4), "read too fast to test anything: {:?}", started.elapsed());
+    assert!(started.elapsed() > Duration::from_secs(6), "read too fast to test anything: {:?}", started.elapsed());
     assert_eq!(app.state.hub.stats.slow_disconnects.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
