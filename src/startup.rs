@@ -370,10 +370,11 @@ async fn warn_on_case_folding(client: &tokio_postgres::Client) {
              UTF8 encoding and a UTF-8 locale (e.g. LC_CTYPE 'C.UTF-8')"
         ),
         Ok(Some(Folding::Differs(names))) => log::warn!(
-            "the database's lower() folds some names otherwise than ordercast does (an ICU or builtin collation \
-             folds a word-final Σ to ς and İ to two characters): {}. Customer names with such letters compare \
-             differently in SQL and in the server (a token confined to such a customer may miss its orders \
-             through REST). A database with a glibc UTF-8 locale (e.g. LC_CTYPE 'C.UTF-8') folds as ordercast does",
+            "the database's lower() folds some names otherwise than ordercast does (an ICU collation folds a \
+             word-final Σ to ς and İ to two characters, a Turkish or Azeri locale I to ı): {}. Customer names with \
+             such letters compare differently in SQL and in the server (a token confined to such a customer may \
+             miss its orders through REST). A database with the character type C.UTF-8 (LC_CTYPE 'C.UTF-8', or \
+             another glibc UTF-8 locale but Turkish and Azeri) folds as ordercast does",
             names
                 .iter()
                 .map(|(name, sql, ours)| format!("{name} is {sql} there, {ours} here"))
@@ -394,7 +395,7 @@ pub enum Folding {
 }
 
 /// Names whose folding tells the usual ways apart.
-const FOLDING_PROBES: [&str; 2] = ["ΟΔΥΣΣΕΥΣ", "İSTANBUL"];
+const FOLDING_PROBES: [&str; 3] = ["ΟΔΥΣΣΕΥΣ", "İSTANBUL", "IRMAK"];
 
 /// None when the database folds customer names as ordercast does.
 pub async fn case_folding_differences(

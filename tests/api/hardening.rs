@@ -906,22 +906,19 @@ async fn the_start_up_check_names_customer_names_the_database_folds_otherwise() 
         drop(db);
         (folding, name)
     };
-    let mut made = Vec::new();
-    let (same, name) = ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8'").await;
-    made.push(name);
-    assert_eq!(same, None);
-    let (ascii, name) = ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C'").await;
-    made.push(name);
-    assert_eq!(ascii, Some(Folding::AsciiOnly));
-    let (icu, name) =
+    let (same, a) = ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8'").await;
+    let (ascii, b) = ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C'").await;
+    let (icu, c) =
         ask("TEMPLATE template0 ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'und' LOCALE 'C.UTF-8'").await;
-    made.push(name);
+    // Dropped before anything is asserted: none is left behind.
+    for name in [a, b, c] {
+        admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+    }
+    assert_eq!(same, None);
+    assert_eq!(ascii, Some(Folding::AsciiOnly));
     let Some(Folding::Differs(names)) = icu else { panic!("an ICU database folds otherwise: {icu:?}") };
     let names: Vec<(&str, &str)> = names.iter().map(|(n, sql, _)| (n.as_str(), sql.as_str())).collect();
     assert_eq!(names, [("ΟΔΥΣΣΕΥΣ", "οδυσσευς"), ("İSTANBUL", "i\u{307}stanbul")]);
-    for name in made {
-        admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
