@@ -369,6 +369,26 @@ test('a tab whose page could not load is loaded when the server answers again', 
   assert.ok((await tableStatuses(page)).some((s) => s !== 'processing'), 'the rows of every status');
 });
 
+test('a page refused for what it asks is not asked for again', async (t) => {
+  // A 4xx (here a 422 for a search the server refuses) would be refused
+  // again: said once, not asked again every 10 s with Older and Newer held.
+  const { page } = await openDashboard(t);
+  let asked = 0;
+  await page.route(/\/api\/orders\?/, (route) => {
+    if (!new URL(route.request().url()).searchParams.has('q')) return route.continue();
+    asked += 1;
+    return route.fulfill({
+      status: 422,
+      contentType: 'application/problem+json',
+      body: JSON.stringify({ status: 422, code: 'validation_failed', message: 'q is refused by the test', field: 'q' }),
+    });
+  });
+  await search(page, 'refused');
+  await page.locator('.toast-error', { hasText: 'q is refused by the test' }).waitFor({ timeout: 5000 });
+  await sleep(3000);
+  assert.equal(asked, 1, 'asked once');
+});
+
 test('search finds orders by customer, product and id, also among incoming ones', async (t) => {
   const { page } = await openDashboard(t);
   const a = await insertOrder({ customer: 'Zelda Quartermain', product: 'Brass telescope' });

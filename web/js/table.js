@@ -55,6 +55,9 @@ export class OrderTable {
     this.newerCount = 0;
     this.loading = 0; // id of the load in flight, to ignore stale answers
     this.retrying = 0; // pages the user asked for, being asked for again
+    this.asked = 0; // pages the user asked for, counted: a newer one ends the retries of an older
+    this.pages = 0; // pages loaded, counted
+    this.failure = null; // why the last page could not load: an ApiError, or null (no consistent page)
     this.loaded = false;
     this.trs = new Map(); // order id -> <tr>
     this.dirty = new Set(); // ids whose row must be redrawn
@@ -129,21 +132,28 @@ export class OrderTable {
 
   /**
    * Loads the page the user asked for (another tab, search, page) until it
-   * comes, or a newer load takes over: the filter and cursor are already
+   * comes, or the user asks for another: the filter and cursor are already
    * the new ones, so a page that did not come would leave the old rows
    * under them (a tab's rows under another tab, page 3's rows as page 1).
-   * Tried again with backoff (`o.waitToRetry`), saying so once; meanwhile
-   * Older and Newer wait (`retrying`).
+   * Tried again with backoff (`o.waitToRetry`), saying so once, while the
+   * failure is one that passes (the server or the network away, a 5xx, a
+   * 429, a 401 once the sign-in is dismissed); a refusal of the request
+   * itself (a 4xx) is said and not repeated. A page loaded meanwhile by a
+   * refill or a resync (of the same filter and cursor) ends it too.
+   * Meanwhile Older and Newer wait (`retrying`).
    */
   async loadAsked() {
+    const asked = ++this.asked;
     this.retrying += 1;
     try {
       for (let delay = 1000, tries = 0; ; delay = Math.min(delay * 2, 10000), tries++) {
-        const loading = this.load({ announce: true, quiet: tries > 0 });
-        if (await loading) return true;
-        if (this.latest !== loading) return false; // a newer load took over
+        const pages = this.pages;
+        if (await this.load({ announce: true, quiet: tries > 0 })) return true;
+        const passes = [0, 401, 408, 429].includes(this.failure?.status ?? 0) || this.failure?.status >= 500;
+        if (asked !== this.asked || !passes) return false;
         await this.o.waitToRetry(delay);
-        if (this.latest !== loading) return false;
+        if (asked !== this.asked) return false;
+        if (this.pages !== pages) return true; // loaded meanwhile
       }
     } finally {
       this.retrying -= 1;
@@ -195,6 +205,7 @@ export class OrderTable {
         });
       } catch (e) {
         if (token !== this.loading) return this.latest;
+        this.failure = e;
         // A 401 opens the sign-in dialog; no need to say it twice.
         if (e.status !== 401 && !quiet) this.o.onError(`Could not load orders: ${e.message}`);
         return false;
@@ -213,12 +224,14 @@ export class OrderTable {
       for (const c of recent) if (c.seq > this.position) this.apply(c, false);
       this.position = Math.max(this.position, this.o.streamPosition());
       this.loaded = true;
+      this.pages += 1;
       this.paging = false;
       this.render();
       if (announce) this.announce();
       return true;
     }
-    this.o.onError('Could not load a consistent page of orders: too many changes at once; try again');
+    this.failure = { status: 503 }; // passes: the changes come slower later
+    if (!quiet) this.o.onError('Could not load a consistent page of orders: too many changes at once; try again');
     return false;
   }
 
