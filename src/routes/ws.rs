@@ -193,7 +193,19 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
     let slot = state.connections.acquire(ip).map_err(too_many)?;
     restrict(&mut params, &principal);
     let handshake = handshake()?;
-    let opened = open_stream(&state, &params).await?;
+    let opened = match open_stream(&state, &params).await {
+        Ok(opened) => opened,
+        // The database away (or the stream pool busy past its wait): a
+        // browser reads no status of a refused handshake, and would take
+        // WebSocket for blocked on the way. Upgraded, then closed with 4503
+        // and the error's code, as a `subscribe` that cannot open its
+        // stream: the client reconnects with its `since` after a pause.
+        Err(e @ ApiError::Unavailable(_)) => {
+            let reason = format!("cannot open the stream: {}", e.code());
+            return Ok(switch(handshake, Handoff::Refuse { code: CLOSE_UNAVAILABLE, reason, slot }));
+        }
+        Err(e) => return Err(e),
+    };
     let session = Session { state: state.into_inner(), opened, params, principal, _slot: slot };
     Ok(switch(handshake, Handoff::Session(Box::new(session))))
 }

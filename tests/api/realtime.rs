@@ -500,6 +500,34 @@ async fn garbage_client_frames_get_errors_and_the_connection_keeps_working() {
     }
 }
 
+/// A WebSocket whose stream cannot be opened (the database away; here the
+/// streams' pool busy past its wait) is upgraded and closed with 4503 and
+/// the error's code, which a browser can read, as a `subscribe` that cannot
+/// open its stream. Before, the handshake was refused with an HTTP 503,
+/// which a browser sees only as a failed WebSocket (and the dashboard took
+/// for WebSocket blocked on the way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_whose_stream_cannot_be_opened_is_closed_with_4503() {
+    let app = spawn_app_with(|s| {
+        s.stream_pool_size = 1;
+        s.db_timeout_secs = 1;
+    })
+    .await;
+    app.create_order("Behind").await;
+    let held = app.state.stream_pool.get().await.unwrap();
+    let mut ws = app.ws("?since=0").await;
+    match ws.next_event(WAIT).await {
+        WsEvent::Closed(Some((code, reason))) => {
+            assert_eq!((code, reason.as_str()), (4503, "cannot open the stream: database_unavailable"))
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(held);
+    let mut ws = app.ws("?since=0").await;
+    ws.ready().await;
+    assert_eq!(ws.changes(1, WAIT).await.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_cut_off_and_others_are_unaffected() {
     let app = spawn_app_with(|s| {
