@@ -596,9 +596,8 @@ impl Writer {
             let p = r.partition;
             let Some(&(_, generation, next)) = outcome.positions.iter().find(|(q, ..)| *q == p) else { continue };
             self.positioned.insert(p, (generation, r.to));
-            let fresh = GoingBack { to: r.to, since: now, writes: 0 };
-            let entry = self.going_back.entry(p).or_insert(fresh);
-            // Gone back again, further: waited for from now.
+            // Waited for from now when it is new, or gone back again, further.
+            let entry = self.going_back.entry(p).or_insert(GoingBack { to: r.to, since: now, writes: 0 });
             if entry.to != r.to {
                 *entry = GoingBack { to: r.to, since: now, writes: 0 };
             }

@@ -45,7 +45,8 @@ pub async fn read_body(req: &HttpRequest, mut payload: web::Payload, limit: usiz
     Ok(body.freeze())
 }
 
-fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+/// A request body as JSON (a key twice in one object refused: `domain::json`).
+pub(crate) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     crate::domain::json::parse(body).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}"), "malformed_json"))
 }
 
@@ -199,8 +200,7 @@ pub async fn create(
             Err(e) if id_taken(&e) => {
                 return Err(ApiError::Unexpected(anyhow::anyhow!(
                     "the orders' id sequence is behind ids written by hand ({ID_ATTEMPTS} taken in a row): \
-                     move it past them, with SELECT setval(pg_get_serial_sequence('orders', 'id'), \
-                     (SELECT max(id) FROM orders))"
+                     to move it past them: {MOVE_SEQUENCE}"
                 )))
             }
             Err(e) => return Err(e.into()),
@@ -209,8 +209,7 @@ pub async fn create(
     if taken > 0 {
         log::warn!(
             "POST /api/orders: {taken} order ids were already taken by rows written with ids of their own; \
-             to move the id sequence past them: SELECT setval(pg_get_serial_sequence('orders', 'id'), \
-             (SELECT max(id) FROM orders))"
+             to move the id sequence past them: {MOVE_SEQUENCE}"
         );
     }
     let id: i64 = row.get(0);
@@ -222,6 +221,9 @@ pub async fn create(
 /// How many ids already taken a create skips before it gives up (see
 /// `create`): each costs one failed single-row INSERT.
 const ID_ATTEMPTS: usize = 100;
+
+/// What moves the orders' id sequence past ids written by hand.
+const MOVE_SEQUENCE: &str = "SELECT setval(pg_get_serial_sequence('orders', 'id'), (SELECT max(id) FROM orders))";
 
 /// The id drawn from the sequence for a new order is another row's.
 fn id_taken(e: &tokio_postgres::Error) -> bool {
@@ -457,9 +459,10 @@ static PATCH_CHECK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     )
 });
 
-/// How often an update is tried again when its order was replaced under it
-/// (deleted and inserted again with its id in one transaction).
-const PATCH_ATTEMPTS: usize = 3;
+/// How often an update or a delete is tried again when its order was
+/// replaced under it (deleted and inserted again with its id in one
+/// transaction).
+const REPLACED_ATTEMPTS: usize = 3;
 
 /// Applies a patch; the database checks the transition and bumps the version.
 /// A patch that changes nothing writes nothing: the order is answered as it
@@ -507,7 +510,7 @@ async fn apply_patch(
     let update = client.prepare_cached(&PATCH_SQL).await?;
     let current = client.prepare_cached(&PATCH_CHECK_SQL).await?;
     let unless = unless.map(Status::as_str);
-    for _ in 0..PATCH_ATTEMPTS {
+    for _ in 0..REPLACED_ATTEMPTS {
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&actor];
         params.extend(values);
         params.extend::<[&(dyn tokio_postgres::types::ToSql + Sync); 4]>([&id, &expected_version, &customer, &unless]);
@@ -708,7 +711,7 @@ pub async fn delete_order(
         .prepare_cached("SELECT version FROM orders WHERE id = $1 AND ($2::text IS NULL OR lower(customer_name) = $2)")
         .await?;
     let (actor, customer) = (actor(&req), restriction(&req));
-    for _ in 0..PATCH_ATTEMPTS {
+    for _ in 0..REPLACED_ATTEMPTS {
         if client.query_opt(&delete, &[&actor, &id, &expected, &customer]).await?.is_some() {
             return Ok(HttpResponse::NoContent().finish());
         }

@@ -80,8 +80,7 @@ fn keep(https: bool, token: &str, principal: &Principal) -> actix_web::HttpRespo
 /// A sign-in body: `{"token": "...", "scope": "read"}`, the scope optional:
 /// one the token must hold to be kept.
 fn token_of(body: &[u8]) -> Result<(String, Option<Scope>), ApiError> {
-    let value: Value = crate::domain::json::parse(body)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}"), "malformed_json"))?;
+    let value = super::orders::parse_body(body)?;
     let fields = crate::domain::object(&value)?;
     crate::domain::reject_unknown(fields, &["token", "scope"])?;
     let scope = match fields.get("scope") {

@@ -1166,21 +1166,27 @@ fn server_frames(mut bytes: &[u8]) -> (Vec<(u8, Vec<u8>)>, bool) {
     (frames, false)
 }
 
+/// Inserts `n` orders in one statement, each with an 8 kB customer name:
+/// about 9 kB of change per order for every stream.
+async fn insert_wide_orders(app: &TestApp, n: i32) {
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+             SELECT repeat('w', 8000) || g, 'Cog', 1, 1 FROM generate_series(1, $1) g",
+            &[&n],
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_that_reads_again_receives_its_4008_close() {
     use tokio::io::AsyncReadExt;
     let app = spawn_app_with(|s| s.slow_client_secs = 2).await;
     // A client that reads nothing...
     let mut slow = raw_ws(&app).await;
-    app.sql()
-        .await
-        .execute(
-            "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-             SELECT repeat('s', 8000) || g, 'Cog', 1, 1 FROM generate_series(1, 3000) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    insert_wide_orders(&app, 3000).await;
     // ...until the server gives up on it...
     let stats = app.state.hub.stats.clone();
     eventually(Duration::from_secs(30), || {
@@ -1230,15 +1236,7 @@ async fn a_client_far_behind_that_keeps_reading_is_not_closed_as_slow() {
         assert!(n > 0, "closed before ready");
         got.extend_from_slice(&chunk[..n]);
     }
-    app.sql()
-        .await
-        .execute(
-            "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-             SELECT repeat('k', 8000) || g, 'Cog', 1, 1 FROM generate_series(1, 1000) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    insert_wide_orders(&app, 1000).await;
     // About 1 MB/s: 9 MB take several times the slow-client time.
     let started = std::time::Instant::now();
     let changes = |got: &[u8]| {

@@ -54,11 +54,25 @@ async function openDashboard(t, { viewport = { width: 1366, height: 900 }, color
   return { page, errors };
 }
 
-/** A fresh page on a server with tokens, once its sign-in dialog shows: { page, dialog }. */
-async function openSignIn(t, app) {
+/** A server of its own for test `t` with the settings `env`, started; stopped after the test. */
+async function startSecured(t, env) {
+  const secured = new Ordercast(BIN, env);
+  t.cleanup = () => secured.cleanup();
+  await secured.start();
+  return secured;
+}
+
+/** A fresh page for test `t` (its screenshot is taken at the end), waiting up to 10 s by default. */
+async function newTestPage(t) {
   const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
   t.page = page;
   page.setDefaultTimeout(10000);
+  return page;
+}
+
+/** A fresh page on a server with tokens, once its sign-in dialog shows: { page, dialog }. */
+async function openSignIn(t, app) {
+  const page = await newTestPage(t);
   await page.goto(app.url);
   const dialog = page.locator('#signin');
   await dialog.waitFor({ state: 'visible', timeout: 5000 });
@@ -470,9 +484,7 @@ test('an order that comes into a full last page makes an older page', async (t) 
 });
 
 test('a tab clicked before the first page arrives still opens the stream at the page\'s position', async (t) => {
-  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
-  t.page = page;
-  page.setDefaultTimeout(10000);
+  const page = await newTestPage(t);
   const head = Number(await server.sql('SELECT change_head()'));
   // The first two pages (the start-up's and the tab's) are held until released, in that order.
   const held = [];
@@ -812,11 +824,9 @@ test('the layout fits a phone screen', async (t) => {
 });
 
 test('with tokens configured, the dashboard asks for one, then goes live', async (t) => {
-  const secured = new Ordercast(BIN, {
+  const secured = await startSecured(t, {
     ORDERCAST_API_KEYS: 'viewer:viewer-secret-1:read,ops:ops-secret-2:read+write,writer:writer-secret-3:write',
   });
-  t.cleanup = () => secured.cleanup();
-  await secured.start();
   const { page, dialog } = await openSignIn(t, secured);
   await submitToken(dialog, 'wrong-token');
   await dialog.locator('#e-token', { hasText: 'Not accepted' }).waitFor({ timeout: 5000 });
@@ -855,9 +865,7 @@ test('with tokens configured, the dashboard asks for one, then goes live', async
 });
 
 test('without a token, the first page is not asked for again while the sign-in is open', async (t) => {
-  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
-  t.cleanup = () => secured.cleanup();
-  await secured.start();
+  const secured = await startSecured(t, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
   const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
   t.page = page;
   let asked = 0;
@@ -877,9 +885,7 @@ test('without a token, the first page is not asked for again while the sign-in i
 });
 
 test('a token an older dashboard kept readable by scripts is forgotten, and the user signs in once more', async (t) => {
-  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
-  t.cleanup = () => secured.cleanup();
-  await secured.start();
+  const secured = await startSecured(t, { ORDERCAST_API_KEYS: 'ops:ops-secret-2:read+write' });
   const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
   t.page = page;
   await page.context().addCookies([{ name: 'ordercast_token', value: 'ops-secret-2', url: secured.url, sameSite: 'Strict' }]);
@@ -895,9 +901,7 @@ test('a token an older dashboard kept readable by scripts is forgotten, and the 
 });
 
 test('with a customer-confined token, an order moved away leaves the page and one moved in appears', async (t) => {
-  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read:customer=Ada' });
-  t.cleanup = () => secured.cleanup();
-  await secured.start();
+  const secured = await startSecured(t, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read:customer=Ada' });
   const insert = async (customer) => Number(await secured.sql(`INSERT INTO orders (customer_name, customer_email,
     product, quantity, unit_price) VALUES (${sqlStr(customer)}, ${sqlStr(`${customer.toLowerCase()}@mail.example`)},
     'Lamp', 1, 1) RETURNING id`));
@@ -931,15 +935,11 @@ test('with a customer-confined token, an order moved away leaves the page and on
 });
 
 test('with a confined token, a page that arrives after the stream moved past others\' changes is taken', async (t) => {
-  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read:customer=Ada' });
-  t.cleanup = () => secured.cleanup();
-  await secured.start();
+  const secured = await startSecured(t, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read:customer=Ada' });
   const insert = async (customer) => Number(await secured.sql(`INSERT INTO orders (customer_name, product, quantity,
     unit_price) VALUES (${sqlStr(customer)}, 'Lamp', 1, 1) RETURNING id`));
   const mine = await insert('Ada');
-  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
-  t.page = page;
-  page.setDefaultTimeout(10000);
+  const page = await newTestPage(t);
   // The stream passes through the test, which can tell the page what the
   // server's heartbeat tells a confined client: its position moved past
   // changes that are not its customer's.
@@ -989,9 +989,7 @@ test('with a confined token, a page that arrives after the stream moved past oth
 });
 
 test('a customer-confined writer\'s random orders are its customer\'s', async (t) => {
-  const secured = new Ordercast(BIN, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read+write:customer=Ada' });
-  t.cleanup = () => secured.cleanup();
-  await secured.start();
+  const secured = await startSecured(t, { ORDERCAST_API_KEYS: 'ada:ada-secret-1:read+write:customer=Ada' });
   const { page, dialog } = await openSignIn(t, secured);
   await submitToken(dialog, 'ada-secret-1');
   await live(page);
@@ -1024,12 +1022,8 @@ async function liveWithShortLivedToken(page, secured, secret, transport) {
 /** A server with JWTs, and a page whose WebSocket is blocked (it goes over SSE): { secured, secret, page }. */
 async function securedOverSse(t) {
   const secret = 'browser-test-jwt-secret-0123456789';
-  const secured = new Ordercast(BIN, { ORDERCAST_JWT_SECRET: secret });
-  t.cleanup = () => secured.cleanup();
-  await secured.start();
-  const page = await browser.newPage({ viewport: { width: 1366, height: 900 } });
-  t.page = page;
-  page.setDefaultTimeout(10000);
+  const secured = await startSecured(t, { ORDERCAST_JWT_SECRET: secret });
+  const page = await newTestPage(t);
   await page.routeWebSocket(/\/ws/, (ws) => ws.close({ code: 1011, reason: 'WebSocket blocked by the test' }));
   return { secured, secret, page };
 }

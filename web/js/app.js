@@ -43,6 +43,16 @@ const getTransitions = () => (transitions ??= api.transitions().catch((e) => {
   throw e;
 }));
 
+/**
+ * Waits `delay` before a page that could not load is asked for again, and
+ * not while the sign-in is open (refused for want of a token: signing in
+ * reloads the page).
+ */
+async function waitToRetry(delay) {
+  await signIn.dismissed();
+  await new Promise((r) => setTimeout(r, delay));
+}
+
 const detail = new OrderDetail($('detail'), {
   transitions: getTransitions,
   signInDismissed: () => signIn.dismissed(),
@@ -63,12 +73,7 @@ const table = new OrderTable({
   streamPosition: () => stream.position,
   onOpen: openOrder,
   onError: (m) => toast(m, 'error'),
-  // A page that could not load is asked for again after `delay`, not
-  // while the sign-in is open (a 401: signing in reloads the page).
-  waitToRetry: async (delay) => {
-    await signIn.dismissed();
-    await new Promise((r) => setTimeout(r, delay));
-  },
+  waitToRetry,
 });
 
 const activity = new ActivityFeed($('activity-list'), { onOpen: openOrder });
@@ -235,12 +240,7 @@ async function start() {
   // unknown, everything shows and the server refuses what it must.
   signIn.load();
   stats.refresh();
-  for (let delay = 1000; !(await table.load()); delay = Math.min(delay * 2, 10000)) {
-    // Refused for want of a token: not asked again while the sign-in is
-    // open (signing in reloads the page).
-    await signIn.dismissed();
-    await new Promise((r) => setTimeout(r, delay));
-  }
+  for (let delay = 1000; !(await table.load()); delay = Math.min(delay * 2, 10000)) await waitToRetry(delay);
   recentFrom = table.position;
   stream.start(table.position);
   // The chart's backfill reads up to a few thousand orders: after the table.

@@ -93,6 +93,11 @@ export class OrderTable {
     return this.cursor == null;
   }
 
+  /** A page the user asked for is on its way, or being asked for again: Older and Newer wait. */
+  get busy() {
+    return this.paging || this.retrying > 0;
+  }
+
   /** Changes the filter: rows already shown are filtered at once, then the page is reloaded from the server. */
   setFilter(filter) {
     this.holdUntil = 0; // the user asked for other rows: no holding the old ones
@@ -115,7 +120,7 @@ export class OrderTable {
 
   goOlder() {
     // Not while a page is on its way: its rows are not the ones shown yet.
-    if (!this.rows.length || !this.hasMore || this.paging || this.retrying) return undefined;
+    if (!this.rows.length || !this.hasMore || this.busy) return undefined;
     this.holdUntil = 0;
     this.cursors.push(this.cursor);
     this.cursor = this.rows[this.rows.length - 1].id;
@@ -123,7 +128,7 @@ export class OrderTable {
   }
 
   goNewer() {
-    if (this.onNewest || this.paging || this.retrying) return undefined;
+    if (this.onNewest || this.busy) return undefined;
     this.holdUntil = 0;
     this.cursor = this.cursors.pop() ?? null;
     if (this.onNewest) this.newerCount = 0;
@@ -440,9 +445,8 @@ export class OrderTable {
     newer.hidden = this.onNewest || this.newerCount === 0;
     newer.textContent = `${fmtCount(this.newerCount)} newer order${this.newerCount === 1 ? '' : 's'} · show newest`;
     buttons.newest.disabled = this.onNewest;
-    const busy = this.paging || this.retrying > 0;
-    buttons.newer.disabled = this.onNewest || busy;
-    buttons.older.disabled = !this.hasMore || n === 0 || busy;
+    buttons.newer.disabled = this.onNewest || this.busy;
+    buttons.older.disabled = !this.hasMore || n === 0 || this.busy;
   }
 
   describe() {
