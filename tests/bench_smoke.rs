@@ -15,7 +15,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
     );
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_ordercast-bench"))
-        .args(["--database-url", &admin, "--runs", "1", "--duration", "1"])
+        .args(["--database-url", &admin, "--runs", "1", "--duration", "1", "--warm-up", "0.5"])
         // `ordercast` is built beside the bench binary for integration tests.
         .args(["--server", env!("CARGO_BIN_EXE_ordercast")])
         .args(["ws-latency:5:50", "sse-latency:3:50", "fanout:5:200", "idle:20", "write-cost:300", "ingest:300:20"])
@@ -90,6 +90,10 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
             }
             // At least one change per read that brought any.
             assert!(num("changes_per_receive") >= 1.0, "{name}: {m}");
+            // The warm-up's changes were delivered and counted above, but
+            // are not in the percentiles.
+            let samples = num("latency_samples");
+            assert!(samples > 0.0 && samples < num("deliveries"), "{name}: warm-up sampled: {m}");
         }
     }
     let idle = results.iter().find(|r| r["scenario"] == "idle:20").unwrap();

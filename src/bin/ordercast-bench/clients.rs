@@ -12,6 +12,8 @@
 //! the messages of one read arrived together.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context};
@@ -54,6 +56,31 @@ impl Tally {
 
 /// Where the clients stop: the writer publishes the final head here.
 pub type Finish = watch::Receiver<Option<i64>>;
+
+/// Which commit -> receive latencies the clients keep: none, or those of the
+/// changes committed at or after a time the scenario sets once, shared by
+/// all its clients (until then, every change's). A latency run starts with a
+/// warm-up whose changes are counted (loss, duplicates) but not sampled.
+#[derive(Clone, Debug, Default)]
+pub struct Sampling(Option<Arc<AtomicI64>>);
+
+impl Sampling {
+    pub fn new(keep: bool) -> Sampling {
+        Sampling(keep.then(|| Arc::new(AtomicI64::new(i64::MIN))))
+    }
+
+    /// Keep only the changes committed at or after `at_us` (microseconds
+    /// since the epoch) from now on.
+    pub fn from(&self, at_us: i64) {
+        if let Some(from) = &self.0 {
+            from.store(at_us, Ordering::Relaxed);
+        }
+    }
+
+    fn keeps(&self, at_us: i64) -> bool {
+        self.0.as_ref().is_some_and(|from| at_us >= from.load(Ordering::Relaxed))
+    }
+}
 
 pub fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or_default()
@@ -199,12 +226,12 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 struct Counter {
     last: i64,
     tally: Tally,
-    keep_latencies: bool,
+    sampling: Sampling,
 }
 
 impl Counter {
-    fn new(start: i64, keep_latencies: bool) -> Counter {
-        Counter { last: start, tally: Tally::default(), keep_latencies }
+    fn new(start: i64, sampling: Sampling) -> Counter {
+        Counter { last: start, tally: Tally::default(), sampling }
     }
 
     /// A change received at `now` (microseconds since the epoch).
@@ -222,7 +249,7 @@ impl Counter {
         }
         self.tally.received += 1;
         self.tally.last_receive_us = now;
-        if self.keep_latencies {
+        if self.sampling.keeps(at_us) {
             self.tally.latencies_us.push((now - at_us).clamp(0, u32::MAX as i64) as u32);
         }
     }
@@ -528,7 +555,7 @@ pub async fn ws_client(
     url: String,
     addr: SocketAddr,
     src: IpAddr,
-    keep_latencies: bool,
+    sampling: Sampling,
     ready: tokio::sync::mpsc::Sender<anyhow::Result<i64>>,
     mut finish: Finish,
 ) -> Tally {
@@ -570,7 +597,7 @@ pub async fn ws_client(
     let mut read_us = now_us();
     let _ = ready.send(Ok(start)).await;
     drop(ready);
-    let mut counter = Counter::new(start, keep_latencies);
+    let mut counter = Counter::new(start, sampling);
     let mut head: Option<i64> = None;
     let mut deadline = tokio::time::Instant::now();
     // Armed (reset) when the head is known, polled only then.
@@ -632,7 +659,7 @@ pub async fn sse_client(
     path: String,
     addr: SocketAddr,
     src: IpAddr,
-    keep_latencies: bool,
+    sampling: Sampling,
     ready: tokio::sync::mpsc::Sender<anyhow::Result<i64>>,
     mut finish: Finish,
 ) -> Tally {
@@ -661,7 +688,7 @@ pub async fn sse_client(
     };
     let _ = ready.send(Ok(start)).await;
     drop(ready);
-    let mut counter = Counter::new(start, keep_latencies);
+    let mut counter = Counter::new(start, sampling);
     let mut head: Option<i64> = None;
     let mut deadline = None;
     loop {
@@ -820,7 +847,7 @@ mod tests {
 
     #[test]
     fn changes_of_one_read_count_as_one_receive() {
-        let mut c = Counter::new(10, false);
+        let mut c = Counter::new(10, Sampling::new(false));
         // Three changes in one read, one in the next, two in a third.
         for (seq, now) in [(11, 1_000), (12, 1_000), (13, 1_000), (14, 1_500), (15, 2_000), (16, 2_000)] {
             c.change(seq, 0, now);
@@ -833,8 +860,26 @@ mod tests {
     }
 
     #[test]
+    fn changes_of_the_warm_up_are_counted_but_not_sampled() {
+        let sampling = Sampling::new(true);
+        let mut c = Counter::new(10, sampling.clone());
+        c.change(11, 100, 1_000); // before the scenario sets a start: kept
+        sampling.from(5_000);
+        c.change(12, 4_999, 6_000);
+        c.change(12, 5_000, 6_000); // a duplicate is never a sample
+        c.change(13, 5_000, 6_500);
+        c.change(15, 7_000, 7_200); // 14 lost
+        let t = c.finish();
+        assert_eq!((t.received, t.duplicates, t.lost), (4, 1, 1));
+        assert_eq!(t.latencies_us, [900, 1_500, 200]);
+        let mut none = Counter::new(10, Sampling::new(false));
+        none.change(11, 0, 1_000);
+        assert!(none.finish().latencies_us.is_empty());
+    }
+
+    #[test]
     fn a_client_that_stopped_early_counts_what_it_did_not_reach_as_lost() {
-        let mut c = Counter::new(10, false);
+        let mut c = Counter::new(10, Sampling::new(false));
         c.change(11, 0, 1_000);
         c.change(13, 0, 1_000); // 12 skipped
         let mut t = c.finish();
@@ -1013,7 +1058,8 @@ mod tests {
         let (finish_tx, finish_rx) = watch::channel(None);
         let (ready_tx, ready_rx) = mpsc::channel(1);
         let url = format!("ws://{addr}{path}");
-        let client = tokio::spawn(ws_client(url, addr, source_ip(0), keep_latencies, ready_tx, finish_rx));
+        let client =
+            tokio::spawn(ws_client(url, addr, source_ip(0), Sampling::new(keep_latencies), ready_tx, finish_rx));
         let (mut s, _) = listener.accept().await.unwrap();
         let mut req = Vec::new();
         while find(&req, b"\r\n\r\n").is_none() {

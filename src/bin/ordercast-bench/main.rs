@@ -63,6 +63,12 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
 
+    /// Seconds of writing before each latency and fan-out run's --duration,
+    /// at the same rate: its changes count for loss and duplicates, not for
+    /// the latency percentiles.
+    #[arg(long, default_value_t = 1.0)]
+    warm_up: f64,
+
     /// ORDERCAST_WORKERS for the started server (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -158,6 +164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let duration = Duration::from_secs_f64(args.duration);
+    let warm_up = Duration::try_from_secs_f64(args.warm_up).context("--warm-up must be zero or more seconds")?;
     let machine = machine(&admin).await;
     eprintln!("machine: {machine}");
 
@@ -166,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut runs = Vec::new();
         for i in 0..args.runs.max(1) {
             eprintln!("{spec}: run {}/{} ...", i + 1, args.runs.max(1));
-            let figures = run_once(&target, &admin, scenario, duration).await.with_context(|| spec.clone())?;
+            let figures = run_once(&target, &admin, scenario, duration, warm_up).await.with_context(|| spec.clone())?;
             eprintln!("  {}", Value::Object(figures.clone()));
             runs.push(figures);
         }
@@ -177,6 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "machine": machine,
         "runs_per_scenario": args.runs.max(1),
         "write_seconds": args.duration,
+        "warm_up_seconds": args.warm_up,
         "results": results,
     });
     print_table(&report);
@@ -189,7 +197,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// One run: a fresh database and server, the measurement, then cleanup.
-async fn run_once(target: &Target, admin: &str, scenario: &Scenario, duration: Duration) -> anyhow::Result<Figures> {
+async fn run_once(
+    target: &Target,
+    admin: &str,
+    scenario: &Scenario,
+    duration: Duration,
+    warm_up: Duration,
+) -> anyhow::Result<Figures> {
     let reference =
         matches!(scenario, Scenario::Latency(Subject::Reference, ..) | Scenario::Fanout(Subject::Reference, ..));
     if reference && matches!(target, Target::Url { .. }) {
@@ -223,8 +237,10 @@ async fn run_once(target: &Target, admin: &str, scenario: &Scenario, duration: D
         let target = if reference { &Target::Reference } else { broker.as_ref().map_or(target, |(_, t)| t) };
         let server = Server::start(target, &db_url)?;
         let r = match scenario {
-            Scenario::Latency(_, t, n, rate) => scenarios::latency(&server, &db_url, *t, *n, *rate, duration).await,
-            Scenario::Fanout(_, n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration).await,
+            Scenario::Latency(_, t, n, rate) => {
+                scenarios::latency(&server, &db_url, *t, *n, *rate, duration, warm_up).await
+            }
+            Scenario::Fanout(_, n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration, warm_up).await,
             Scenario::Idle(n) => scenarios::idle(&server, &db_url, *n).await,
             Scenario::Resume(n, behind) => scenarios::resume(&server, &db_url, *n, *behind).await,
             Scenario::WriteCost(rows) => scenarios::write_cost(&db_url, *rows).await,
@@ -281,8 +297,8 @@ fn print_table(report: &Value) {
         }
     };
     println!(
-        "\nmedians of {} run(s) each ({} s of writes per latency/fan-out run)\n",
-        report["runs_per_scenario"], report["write_seconds"]
+        "\nmedians of {} run(s) each ({} s of writes per latency/fan-out run, after {} s of warm-up)\n",
+        report["runs_per_scenario"], report["write_seconds"], report["warm_up_seconds"]
     );
     println!(
         "{:<22} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>13} {:>6} {:>5} {:>5} {:>7} {:>7} {:>7} {:>9}",

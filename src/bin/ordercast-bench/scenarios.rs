@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::clients::{self, source_ip, Tally};
+use crate::clients::{self, source_ip, Sampling, Tally};
 use crate::server::Server;
 
 pub type Figures = Map<String, Value>;
@@ -37,6 +37,8 @@ pub struct Clients {
     pub connect_errors: usize,
     pub first_error: Option<String>,
     pub connect_secs: f64,
+    /// Which latencies the clients keep (shared by all of them).
+    pub sampling: Sampling,
 }
 
 /// Opens `n` clients (at most `CONNECT_CONCURRENCY` handshakes in flight, from
@@ -57,6 +59,7 @@ pub async fn open_clients_with(
     let (finish_tx, finish_rx) = watch::channel(None);
     let (ready_tx, mut ready_rx) = mpsc::channel(n.max(1));
     let started = Instant::now();
+    let sampling = Sampling::new(keep_latencies);
     let mut clients = Clients {
         handles: Vec::with_capacity(n),
         finish: finish_tx,
@@ -64,6 +67,7 @@ pub async fn open_clients_with(
         connect_errors: 0,
         first_error: None,
         connect_secs: 0.0,
+        sampling: sampling.clone(),
     };
     let note = |c: &mut Clients, r: Option<anyhow::Result<i64>>| match r {
         Some(Ok(_)) => c.ready += 1,
@@ -87,7 +91,7 @@ pub async fn open_clients_with(
                 server.ws_url(&format!("/ws{query}")),
                 addr,
                 src,
-                keep_latencies,
+                sampling.clone(),
                 ready,
                 finish,
             )),
@@ -95,7 +99,7 @@ pub async fn open_clients_with(
                 format!("/api/events{query}"),
                 addr,
                 src,
-                keep_latencies,
+                sampling.clone(),
                 ready,
                 finish,
             )),
@@ -144,14 +148,29 @@ pub struct Written {
 /// INSERTs on its own connection, `rows_per_stmt` orders per autocommit
 /// statement. Statements are pipelined on the connection (up to 64 in flight)
 /// so the schedule does not depend on each commit's round trip.
-pub async fn write_paced(db_url: &str, rate: f64, rows_per_stmt: usize, duration: Duration) -> anyhow::Result<Written> {
+///
+/// With `warm_up` (the clients' sampling and a time), the writing starts with
+/// that much more, whose changes the clients count but do not sample: the
+/// first second of a run (buffers growing, the allocator's first pages, TCP
+/// windows opening) says little about the load it sustains.
+pub async fn write_paced(
+    db_url: &str,
+    rate: f64,
+    rows_per_stmt: usize,
+    duration: Duration,
+    warm_up: Option<(&Sampling, Duration)>,
+) -> anyhow::Result<Written> {
     let db = ordercast::db::connect(db_url).await?;
     let stmt = db.prepare(&INSERT_SQL.replace("{table}", "orders")).await.map_err(ordercast::db::describe)?;
     let rows = rows_per_stmt.max(1) as i32;
     let interval = Duration::from_secs_f64(rows as f64 / rate.max(0.001));
-    let total = ((rate * duration.as_secs_f64()) / rows as f64).ceil().max(1.0) as u64;
+    let warm = warm_up.map_or(Duration::ZERO, |(_, w)| w);
+    let total = ((rate * (warm + duration).as_secs_f64()) / rows as f64).ceil().max(1.0) as u64;
     let started = Instant::now();
     let started_us = clients::now_us();
+    if let Some((sampling, w)) = warm_up {
+        sampling.from(started_us + w.as_micros() as i64);
+    }
     let args = [&rows as &(dyn tokio_postgres::types::ToSql + Sync)];
     let mut in_flight = FuturesUnordered::new();
     let mut sent = 0u64;
@@ -189,6 +208,7 @@ pub fn percentiles(figures: &mut Figures, samples: &mut [u32]) {
     figures.insert("p99_ms".into(), at(0.99));
     figures.insert("p999_ms".into(), at(0.999));
     figures.insert("max_ms".into(), samples.last().map(|m| json!(*m as f64 / 1000.0)).unwrap_or(Value::Null));
+    figures.insert("latency_samples".into(), json!(samples.len()));
 }
 
 /// Deliveries checked against what the writer committed, not only against
@@ -241,12 +261,13 @@ pub async fn latency(
     n: usize,
     rate: f64,
     duration: Duration,
+    warm_up: Duration,
 ) -> anyhow::Result<Figures> {
     let db = ordercast::db::connect(db_url).await?;
     let mut clients = open_clients(server, transport, n, true).await;
     anyhow::ensure!(clients.ready > 0, "no client connected: {:?}", clients.first_error);
     let cpu = CpuWindow::start(server);
-    let written = write_paced(db_url, rate, 1, duration).await?;
+    let written = write_paced(db_url, rate, 1, duration, Some((&clients.sampling, warm_up))).await?;
     let head = head(server, &db).await?;
     let mut tallies = clients.finish(head).await;
     let mut f = Figures::new();
@@ -254,6 +275,7 @@ pub async fn latency(
     f.insert("offered_changes_per_s".into(), json!(rate));
     f.insert("changes".into(), json!(written.changes));
     f.insert("write_changes_per_s".into(), json!(round(written.changes as f64 / written.secs)));
+    f.insert("warm_up_secs".into(), json!(warm_up.as_secs_f64()));
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
     unmatched(&mut f, &clients, &written);
     percentiles(&mut f, &mut samples);
@@ -310,13 +332,20 @@ impl CpuWindow {
 /// written in statements of up to 100 rows (one every 10 ms or slower).
 /// Deliveries per second = changes received by all clients / (last receive -
 /// first write): if the server falls behind, the drain time counts too.
-pub async fn fanout(server: &Server, db_url: &str, n: usize, rate: f64, duration: Duration) -> anyhow::Result<Figures> {
+pub async fn fanout(
+    server: &Server,
+    db_url: &str,
+    n: usize,
+    rate: f64,
+    duration: Duration,
+    warm_up: Duration,
+) -> anyhow::Result<Figures> {
     let db = ordercast::db::connect(db_url).await?;
     let mut clients = open_clients(server, Transport::Ws, n, true).await;
     anyhow::ensure!(clients.ready > 0, "no client connected: {:?}", clients.first_error);
     let rows = ((rate / 100.0).round() as usize).clamp(1, 100);
     let cpu = CpuWindow::start(server);
-    let written = write_paced(db_url, rate, rows, duration).await?;
+    let written = write_paced(db_url, rate, rows, duration, Some((&clients.sampling, warm_up))).await?;
     let head = head(server, &db).await?;
     let mut tallies = clients.finish(head).await;
     let secs = run_secs(&written, &tallies);
@@ -327,6 +356,7 @@ pub async fn fanout(server: &Server, db_url: &str, n: usize, rate: f64, duration
     f.insert("changes".into(), json!(written.changes));
     f.insert("write_changes_per_s".into(), json!(round(written.changes as f64 / written.secs)));
     f.insert("offered_deliveries_per_s".into(), json!(round(rate * clients.ready as f64)));
+    f.insert("warm_up_secs".into(), json!(warm_up.as_secs_f64()));
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
     unmatched(&mut f, &clients, &written);
     let received = f["deliveries"].as_u64().unwrap_or(0);
@@ -349,7 +379,7 @@ pub async fn idle(server: &Server, db_url: &str, n: usize) -> anyhow::Result<Fig
     let mut clients = open_clients(server, Transport::Ws, n, true).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss_after = server.rss_bytes();
-    let written = write_paced(db_url, 1.0, 1, Duration::from_secs(1)).await?;
+    let written = write_paced(db_url, 1.0, 1, Duration::from_secs(1), None).await?;
     let head = head(server, &db).await?;
     let mut tallies = clients.finish(head).await;
     let mut f = Figures::new();
