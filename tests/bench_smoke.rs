@@ -46,6 +46,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
             assert_eq!(m["dead_letters"].as_f64(), Some(0.0), "{name}: {m}");
             assert_eq!(m["e2e_events"].as_f64(), Some(20.0), "{name}: {m}");
             assert_eq!(m["lost"].as_f64(), Some(0.0), "{name} lost events: {m}");
+            assert_eq!(m["duplicates"].as_f64(), Some(0.0), "{name} duplicated events: {m}");
             assert!(m["p50_ms"].as_f64().is_some(), "{name}: no latency figures");
             continue;
         }

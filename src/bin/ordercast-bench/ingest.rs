@@ -183,8 +183,12 @@ pub async fn ingest(
     }
     let total = ((rate * duration.as_secs_f64()).ceil() as usize).max(1);
     let producer = broker.producer()?;
+    // Each event is checked off by its external id: one seen twice is a
+    // duplicate, one never seen is lost (a count alone would let one make
+    // up for the other).
     let reader = tokio::spawn(async move {
         let mut latencies: Vec<u32> = Vec::with_capacity(total);
+        let (mut seen, mut duplicates) = (vec![false; total], 0u64);
         let deadline = tokio::time::Instant::now() + duration + Duration::from_secs(30);
         while latencies.len() < total {
             let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
@@ -200,13 +204,18 @@ pub async fn ingest(
             if v["type"] != "change" || v["op"] != "insert" {
                 continue;
             }
-            let produced = v["order"]["customer_name"].as_str().and_then(|c| c.strip_prefix("e2e "));
-            if let Some(produced) = produced.and_then(|p| p.parse::<i64>().ok()) {
-                latencies.push((received - produced).clamp(0, u32::MAX as i64) as u32);
+            let event = v["order"]["external_id"].as_str().and_then(|x| x.strip_prefix("e2e-")?.parse::<usize>().ok());
+            let produced =
+                v["order"]["customer_name"].as_str().and_then(|c| c.strip_prefix("e2e ")?.parse::<i64>().ok());
+            let (Some(i), Some(produced)) = (event.filter(|i| *i < total), produced) else { continue };
+            if std::mem::replace(&mut seen[i], true) {
+                duplicates += 1;
+                continue;
             }
+            latencies.push((received - produced).clamp(0, u32::MAX as i64) as u32);
         }
         let _ = ws.close(None).await;
-        anyhow::Ok(latencies)
+        anyhow::Ok((latencies, duplicates))
     });
     let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
     let started = tokio::time::Instant::now();
@@ -219,10 +228,11 @@ pub async fn ingest(
         pending.push(producer.send_result(record).map_err(|(e, _)| e).context("enqueue")?);
     }
     acknowledged(pending).await?;
-    let mut latencies = reader.await??;
+    let (mut latencies, duplicates) = reader.await??;
     f.insert("e2e_rate_per_s".into(), json!(rate));
     f.insert("e2e_events".into(), json!(total));
     f.insert("lost".into(), json!(total - latencies.len()));
+    f.insert("duplicates".into(), json!(duplicates));
     percentiles(&mut f, &mut latencies);
     Ok(f)
 }

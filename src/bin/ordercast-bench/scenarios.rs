@@ -386,7 +386,9 @@ pub async fn idle(server: &Server, db_url: &str, n: usize) -> anyhow::Result<Fig
     f.insert("connect_secs".into(), json!(round2(clients.connect_secs)));
     f.insert("changes".into(), json!(written.changes));
     let mut samples = tally_figures(&mut f, &clients, &mut tallies);
-    f.insert("held".into(), f["clients"].clone());
+    // Held: a connection the change reached, not only one that was opened.
+    let held = tallies.iter().filter(|t| t.error.is_none() && t.received > 0).count();
+    f.insert("held".into(), json!(held));
     if let (Some(a), Some(b)) = (rss_before, rss_after) {
         f.insert("server_rss_before_mib".into(), json!(round2(a as f64 / 1048576.0)));
         f.insert("server_rss_after_mib".into(), json!(round2(b as f64 / 1048576.0)));
