@@ -41,7 +41,11 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
     if config.get_tcp_user_timeout().is_none() {
         config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
-    config.keepalives(true).keepalives_idle(Duration::from_secs(10));
+    // A URL's `keepalives=0` or `keepalives_idle` wins, as the timeouts'
+    // do: tokio-postgres's defaults (on, 2 h idle) mean it set neither.
+    if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        config.keepalives_idle(Duration::from_secs(10));
+    }
     if config.get_application_name().is_none() {
         config.application_name("ordercast");
     }
@@ -192,6 +196,10 @@ mod tests {
         assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(2)));
         assert_eq!(c.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
         assert_eq!(c.get_application_name(), Some("x"));
+        let c = pg_config("postgres://u@db/orders?keepalives_idle=60").unwrap();
+        assert!(c.get_keepalives());
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(60));
+        assert!(!pg_config("postgres://u@db/orders?keepalives=0").unwrap().get_keepalives());
         // Only hostaddr: its address is the host TLS needs.
         let c = pg_config("hostaddr=10.0.0.5 dbname=x user=u").unwrap();
         assert_eq!(c.get_hosts(), [tokio_postgres::config::Host::Tcp("10.0.0.5".into())]);
