@@ -51,17 +51,17 @@ pub struct Settings {
     pub data_dir: PathBuf,
 
     /// Maximum connections in the REST pool.
-    #[arg(long, env = "ORDERCAST_DB_POOL_SIZE", default_value_t = 16, global = true)]
+    #[arg(long, env = "ORDERCAST_DB_POOL_SIZE", default_value_t = 16, value_parser = at_least_one(), global = true)]
     pub db_pool_size: usize,
 
     /// Maximum connections for the streams' reads (catch-up from the log,
     /// snapshots, resume checks), a pool of their own: however many streams
     /// catch up at once, the REST API keeps its connections.
-    #[arg(long, env = "ORDERCAST_STREAM_POOL_SIZE", default_value_t = 8, global = true)]
+    #[arg(long, env = "ORDERCAST_STREAM_POOL_SIZE", default_value_t = 8, value_parser = at_least_one(), global = true)]
     pub stream_pool_size: usize,
 
     /// Seconds a REST request waits for a database connection before answering 503.
-    #[arg(long, env = "ORDERCAST_DB_TIMEOUT_SECS", default_value_t = 3, global = true)]
+    #[arg(long, env = "ORDERCAST_DB_TIMEOUT_SECS", default_value_t = 3, value_parser = seconds(1, HOUR), global = true)]
     pub db_timeout_secs: u64,
 
     /// Changes a client may have queued before it is considered lagging.
@@ -71,19 +71,19 @@ pub struct Settings {
 
     /// Seconds a write to a client may block before the client is disconnected
     /// as too slow (WebSocket close code 4008).
-    #[arg(long, env = "ORDERCAST_SLOW_CLIENT_SECS", default_value_t = 10, global = true)]
+    #[arg(long, env = "ORDERCAST_SLOW_CLIENT_SECS", default_value_t = 10, value_parser = seconds(1, HOUR), global = true)]
     pub slow_client_secs: u64,
 
     /// Keep change-log entries for this many seconds (0: no age limit).
-    #[arg(long, env = "ORDERCAST_RETENTION_SECS", default_value_t = 7 * 24 * 3600, global = true)]
+    #[arg(long, env = "ORDERCAST_RETENTION_SECS", default_value_t = 7 * 24 * 3600, value_parser = seconds(0, 100 * YEAR), global = true)]
     pub retention_secs: u64,
 
     /// Keep at most this many change-log positions (0: no count limit).
-    #[arg(long, env = "ORDERCAST_RETENTION_ROWS", default_value_t = 10_000_000, global = true)]
+    #[arg(long, env = "ORDERCAST_RETENTION_ROWS", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(0..=i64::MAX as u64), global = true)]
     pub retention_rows: u64,
 
     /// Seconds between retention and statistics maintenance runs.
-    #[arg(long, env = "ORDERCAST_MAINTENANCE_SECS", default_value_t = 5, global = true)]
+    #[arg(long, env = "ORDERCAST_MAINTENANCE_SECS", default_value_t = 5, value_parser = seconds(1, 24 * HOUR), global = true)]
     pub maintenance_secs: u64,
 
     /// Largest request body accepted, in bytes (larger: 413).
@@ -122,15 +122,15 @@ pub struct Settings {
     pub allowed_origins: Vec<String>,
 
     /// Streaming connections (WebSocket + SSE) the server holds at most (503 beyond).
-    #[arg(long, env = "ORDERCAST_MAX_CONNECTIONS", default_value_t = 19_000, global = true)]
+    #[arg(long, env = "ORDERCAST_MAX_CONNECTIONS", default_value_t = 19_000, value_parser = at_least_one(), global = true)]
     pub max_connections: usize,
 
     /// Streaming connections one client IP may hold (429 beyond).
-    #[arg(long, env = "ORDERCAST_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000, global = true)]
+    #[arg(long, env = "ORDERCAST_MAX_CONNECTIONS_PER_IP", default_value_t = 1_000, value_parser = at_least_one(), global = true)]
     pub max_connections_per_ip: usize,
 
     /// REST writes per second per token (per IP without auth); 0: unlimited. 429 beyond.
-    #[arg(long, env = "ORDERCAST_WRITE_RATE", default_value_t = 200.0, global = true)]
+    #[arg(long, env = "ORDERCAST_WRITE_RATE", default_value_t = 200.0, value_parser = rate, global = true)]
     pub write_rate: f64,
 
     /// Burst of REST writes allowed above the rate.
@@ -139,7 +139,7 @@ pub struct Settings {
 
     /// Invalid tokens one client address may send per second, after a burst (see the
     /// next); beyond, no token from the address is checked (429). 0: unlimited.
-    #[arg(long, env = "ORDERCAST_AUTH_FAILURE_RATE", default_value_t = 5.0, global = true)]
+    #[arg(long, env = "ORDERCAST_AUTH_FAILURE_RATE", default_value_t = 5.0, value_parser = rate, global = true)]
     pub auth_failure_rate: f64,
 
     /// Invalid tokens one client address may send at once.
@@ -205,6 +205,31 @@ fn origin(s: &str) -> Result<String, String> {
     let default_port = if scheme == "https" { ":443" } else { ":80" };
     let host = host.strip_suffix(default_port).unwrap_or(&host);
     Ok(format!("{scheme}://{host}"))
+}
+
+/// A rate limiter's rate per second: 0 (no limit) or more. A negative rate
+/// or NaN would also switch the limit off, silently.
+fn rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!("{s:?}: a rate is a number per second, 0 (no limit) or more")),
+    }
+}
+
+pub(crate) const HOUR: u64 = 3600;
+pub(crate) const YEAR: u64 = 365 * 24 * HOUR;
+
+/// A number of seconds from `min` to `max`: past a bound, a timer or a
+/// date computed from it would overflow (a panic, or an error at every
+/// maintenance run), and 0 where it means nothing would be taken as 1.
+pub(crate) fn seconds(min: u64, max: u64) -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(min..=max)
+}
+
+/// A count of at least one (a pool, a connection limit): 0 would be taken as
+/// 1, or turn every client away.
+pub(crate) fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 /// A rate limiter's burst: at least one (a rate of 0 turns the limit off).
@@ -288,6 +313,36 @@ mod tests {
         for bad in ["0", "0.5", "-1", "NaN", "inf", "many"] {
             assert!(parse("--auth-failure-burst", bad).is_err(), "{bad}");
             assert!(parse("--write-burst", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rates_counts_and_times_out_of_their_range_are_refused() {
+        let parse = |flag: &str, v: &str| {
+            Cli::try_parse_from(["ordercast", "--database-url", "postgres://127.0.0.1/x", flag, v])
+                .map(|cli| cli.settings)
+        };
+        assert_eq!(parse("--write-rate", "0").unwrap().write_rate, 0.0);
+        assert_eq!(parse("--auth-failure-rate", "0.5").unwrap().auth_failure_rate, 0.5);
+        for bad in ["-1", "NaN", "inf", "fast"] {
+            assert!(parse("--write-rate", bad).is_err(), "{bad}");
+            assert!(parse("--auth-failure-rate", bad).is_err(), "{bad}");
+        }
+        // Past i64: the cutoff `head - rows` wrapped and pruned the whole log.
+        assert_eq!(parse("--retention-rows", "0").unwrap().retention_rows, 0);
+        assert_eq!(parse("--retention-rows", &i64::MAX.to_string()).unwrap().retention_rows, i64::MAX as u64);
+        assert!(parse("--retention-rows", "9223372036854775808").is_err());
+        assert!(parse("--retention-rows", "18446744073709551615").is_err());
+        assert_eq!(parse("--retention-secs", "0").unwrap().retention_secs, 0);
+        assert!(parse("--retention-secs", "99999999999").is_err());
+        for flag in ["--slow-client-secs", "--db-timeout-secs", "--maintenance-secs"] {
+            assert!(parse(flag, "0").is_err(), "{flag} 0");
+            assert!(parse(flag, "18446744073709551615").is_err(), "{flag} huge");
+            assert!(parse(flag, "2").is_ok(), "{flag} 2");
+        }
+        for flag in ["--db-pool-size", "--stream-pool-size", "--max-connections", "--max-connections-per-ip"] {
+            assert!(parse(flag, "0").is_err(), "{flag} 0");
+            assert!(parse(flag, "1").is_ok(), "{flag} 1");
         }
     }
 

@@ -10,6 +10,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::config::{at_least_one, seconds, YEAR};
 use clap::{Args, ValueEnum};
 
 /// Prefix of the environment variables passed to librdkafka as properties.
@@ -52,16 +53,16 @@ pub struct KafkaSettings {
     pub default_format: Format,
 
     /// At most this many messages per database transaction.
-    #[arg(long = "ingest-batch-max", env = "ORDERCAST_INGEST_BATCH_MAX", default_value_t = 5000, global = true)]
+    #[arg(long = "ingest-batch-max", env = "ORDERCAST_INGEST_BATCH_MAX", default_value_t = 5000, value_parser = at_least_one(), global = true)]
     pub batch_max: usize,
 
     /// At most this many payload bytes per database transaction.
-    #[arg(long = "ingest-batch-max-bytes", env = "ORDERCAST_INGEST_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024, global = true)]
+    #[arg(long = "ingest-batch-max-bytes", env = "ORDERCAST_INGEST_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = at_least_one(), global = true)]
     pub batch_max_bytes: usize,
 
     /// Database connections writing at once; a batch is split among them by
     /// partition (each part is its own exactly-once transaction).
-    #[arg(long = "ingest-writers", env = "ORDERCAST_INGEST_WRITERS", default_value_t = 2, global = true)]
+    #[arg(long = "ingest-writers", env = "ORDERCAST_INGEST_WRITERS", default_value_t = 2, value_parser = at_least_one(), global = true)]
     pub writers: usize,
 
     /// Milliseconds a batch waits for more messages after its first one.
@@ -80,11 +81,11 @@ pub struct KafkaSettings {
     pub commit_interval_ms: u64,
 
     /// Seconds an event_id is remembered for deduplication.
-    #[arg(long = "ingest-dedupe-retention-secs", env = "ORDERCAST_INGEST_DEDUPE_RETENTION_SECS", default_value_t = 7 * 24 * 3600, global = true)]
+    #[arg(long = "ingest-dedupe-retention-secs", env = "ORDERCAST_INGEST_DEDUPE_RETENTION_SECS", default_value_t = 7 * 24 * 3600, value_parser = seconds(1, 100 * YEAR), global = true)]
     pub dedupe_retention_secs: u64,
 
     /// Seconds dead letters are kept in the dead_letters table once published.
-    #[arg(long = "ingest-dlq-retention-secs", env = "ORDERCAST_INGEST_DLQ_RETENTION_SECS", default_value_t = 30 * 24 * 3600, global = true)]
+    #[arg(long = "ingest-dlq-retention-secs", env = "ORDERCAST_INGEST_DLQ_RETENTION_SECS", default_value_t = 30 * 24 * 3600, value_parser = seconds(1, 100 * YEAR), global = true)]
     pub dead_letter_retention_secs: u64,
 
     /// librdkafka properties from `ORDERCAST_KAFKA_*`, read once at start-up.
