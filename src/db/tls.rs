@@ -8,8 +8,8 @@
 //! As with libpq: `prefer` (the default) encrypts when the server offers it;
 //! `require` encrypts, and checks the server's certificate against
 //! `sslrootcert` only when one is given; `verify-ca` checks the certificate
-//! chain (against `sslrootcert`, or the system's trusted roots); `verify-full`
-//! checks the host name too. `sslrootcert=system` trusts the system's roots
+//! chain against `sslrootcert` (refused without one); `verify-full` checks the
+//! host name too, against `sslrootcert` or the system's trusted roots. `sslrootcert=system` trusts the system's roots
 //! and, as with libpq, implies `verify-full` (a weaker `sslmode` is refused:
 //! any public authority's certificate for any name would pass it). `sslcert`
 //! and `sslkey` give a client certificate.
@@ -123,6 +123,16 @@ pub(crate) fn split(conn: &str) -> anyhow::Result<Split> {
             ),
         }
     }
+    // As libpq, which refuses it without a root file: the system's roots
+    // with no host name checked would pass any public authority's
+    // certificate, for any name.
+    if split.mode == Mode::VerifyCa && split.root_cert.is_none() {
+        bail!(
+            "sslmode=verify-ca needs sslrootcert naming the authority's certificates (a PEM file): without one, \
+             any certificate a public authority signed, for any name, would pass; use verify-full to check the \
+             server against the system's trusted roots"
+        );
+    }
     let mode = match split.mode {
         Mode::Disable => "disable",
         Mode::Prefer => "prefer",
@@ -196,7 +206,7 @@ mod tests {
         assert_eq!((s.mode, s.root_cert.as_deref()), (Mode::VerifyFull, Some("/ca.crt")));
         let s = split("postgres://u@db/orders").unwrap();
         assert_eq!((s.rest.as_str(), s.mode), ("postgres://u@db/orders?sslmode=prefer", Mode::Prefer));
-        let s = split("host=db user=u sslmode=verify-ca sslcert=/c sslkey=/k").unwrap();
+        let s = split("host=db user=u sslmode=verify-ca sslrootcert=/r sslcert=/c sslkey=/k").unwrap();
         assert_eq!(s.rest, "host=db user=u sslmode=require");
         assert_eq!((s.mode, s.cert.as_deref(), s.key.as_deref()), (Mode::VerifyCa, Some("/c"), Some("/k")));
         assert_eq!(split("postgresql://db/x?sslmode=disable").unwrap().rest, "postgresql://db/x?sslmode=disable");
@@ -207,6 +217,12 @@ mod tests {
             assert!(split(spaced).is_err(), "{spaced}");
         }
         assert!(split("postgres://db/x?sslcert=/c").unwrap().connector().is_err(), "a certificate with no key");
+        // verify-ca needs its root file (the system's roots, names unchecked,
+        // would pass any public authority's certificate).
+        for no_root in ["postgres://db/x?sslmode=verify-ca", "host=db sslmode=verify-ca"] {
+            let e = split(no_root).unwrap_err().to_string();
+            assert!(e.contains("sslmode=verify-ca needs sslrootcert"), "{no_root}: {e}");
+        }
     }
 
     /// libpq 16's `sslrootcert=system`: the system's roots, and `verify-full`
