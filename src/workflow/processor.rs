@@ -114,9 +114,13 @@ RETURNING outcome, detail, attempts";
 /// `BEGIN_SQL` committed durably, before a step's `execute` is called: it is
 /// the only sign that the call (a charge, a reservation) may have taken
 /// effect. Forgotten by a database crash, an order cancelled afterwards
-/// would find no step to undo and keep its charge.
+/// would find no step to undo and keep its charge. Durably even where the
+/// database or role sets `synchronous_commit = off` (a common tuning):
+/// `off` is raised to `on` for this commit, a stricter setting kept.
 const BEGIN_DURABLE_SQL: &str = "\
-INSERT INTO order_steps (order_id, step, action, outcome) VALUES ($1, $2, $3, 'started') \
+WITH a AS (SELECT set_config('synchronous_commit', \
+     CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)) \
+INSERT INTO order_steps (order_id, step, action, outcome) SELECT $1, $2, $3, 'started' FROM a \
 ON CONFLICT (order_id, step, action) DO UPDATE \
    SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
 RETURNING outcome, detail, attempts";
@@ -141,9 +145,11 @@ WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
 /// before it are compensated next, outside the database, and a refusal a
 /// database crash forgot would have the step called again, succeed (a stock
 /// answer differs from one call to the next) and the order go on with its
-/// payment refunded.
+/// payment refunded. Durably as `BEGIN_DURABLE_SQL` is.
 const FINISH_DURABLE_SQL: &str = "\
-UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() \
+WITH a AS (SELECT set_config('synchronous_commit', \
+     CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)) \
+UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() FROM a \
 WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
 
 /// Which of the two finishes `outcome` takes.
@@ -786,15 +792,20 @@ pub async fn run_standalone(
 
 #[cfg(test)]
 mod tests {
+    /// What raises a database's or role's `synchronous_commit = off` for one
+    /// commit (a stricter setting, `remote_apply` say, is kept).
+    const DURABLE: &str = "set_config('synchronous_commit', \
+     CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)";
+
     #[test]
     fn a_steps_start_is_committed_durably_and_a_compensations_is_not() {
-        assert!(!super::begin_sql(super::EXECUTE).contains("synchronous_commit"));
+        assert!(super::begin_sql(super::EXECUTE).contains(DURABLE));
         assert!(super::begin_sql(super::COMPENSATE).contains("set_config('synchronous_commit', 'off', true)"));
     }
 
     #[test]
     fn a_refusal_is_committed_durably_and_other_finishes_are_not() {
-        assert!(!super::finish_sql("failed").contains("synchronous_commit"));
+        assert!(super::finish_sql("failed").contains(DURABLE));
         assert!(super::finish_sql("done").contains("set_config('synchronous_commit', 'off', true)"));
     }
 }
