@@ -19,6 +19,22 @@ pub async fn run(pool: Pool, settings: Settings) {
     }
 }
 
+/// Positions pruned per statement. A large backlog (retention lowered or
+/// turned on, maintenance stopped a while) goes in rounds, each its own
+/// transaction of tens of milliseconds: in one statement it could outlast a
+/// `statement_timeout` and fail at every pass, never making progress, and
+/// held back vacuum for as long as it ran.
+pub const PRUNE_ROUND: i64 = 10_000;
+
+/// Prunes through `through` (its transaction whole or not at all); returns
+/// the rows pruned and the horizon now: below `through` when a transaction
+/// holds it and goes on past it.
+async fn prune(client: &tokio_postgres::Client, through: i64) -> anyhow::Result<(i64, i64)> {
+    let rows: i64 = client.query_one("SELECT change_prune($1)", &[&through]).await.map_err(crate::db::describe)?.get(0);
+    let horizon = crate::changes::log_bounds(client).await.map_err(crate::db::describe)?.1;
+    Ok((rows, horizon))
+}
+
 /// One pass. Returns how many change-log rows were pruned.
 pub async fn run_once(pool: &Pool, settings: &Settings) -> anyhow::Result<i64> {
     let client = pool.get().await?;
@@ -45,10 +61,33 @@ pub async fn run_once(pool: &Pool, settings: &Settings) -> anyhow::Result<i64> {
     if cutoff <= pruned {
         return Ok(0);
     }
-    let rows: i64 = client.query_one("SELECT change_prune($1)", &[&cutoff]).await.map_err(crate::db::describe)?.get(0);
-    // The horizon now: below `cutoff` when a transaction holds it and goes
-    // on past it (a transaction is pruned whole or not at all).
-    let horizon = crate::changes::log_bounds(&client).await.map_err(crate::db::describe)?.1;
+    let (mut rows, mut horizon) = (0, pruned);
+    while horizon < cutoff {
+        let through = cutoff.min(horizon.saturating_add(PRUNE_ROUND));
+        let (n, now) = prune(&client, through).await?;
+        let (n, now) = if now > horizon {
+            (n, now)
+        } else {
+            // A transaction larger than a round holds `through`, and is
+            // pruned whole or not at all: through its end, if the cutoff is.
+            let next = client
+                .query_opt(
+                    "SELECT end_pos FROM change_tx WHERE end_pos IS NOT NULL AND end_pos > $1 ORDER BY end_pos LIMIT 1",
+                    &[&horizon],
+                )
+                .await
+                .map_err(crate::db::describe)?;
+            match next.map(|r| r.get::<_, i64>(0)) {
+                Some(end) if end <= cutoff => prune(&client, end).await?,
+                _ => break,
+            }
+        };
+        rows += n;
+        if now <= horizon {
+            break;
+        }
+        horizon = now;
+    }
     // Lost positions now below the horizon: resuming there is expired anyway.
     client
         .execute("DELETE FROM change_rewinds WHERE through_pos < $1", &[&horizon])

@@ -340,6 +340,54 @@ async fn migrating_lowers_a_horizon_left_inside_a_kept_transaction() {
     assert_eq!(kept, 3);
 }
 
+/// A backlog to prune (retention lowered, or turned on for a long log) goes
+/// in rounds of `PRUNE_ROUND` positions, each its own short transaction. In
+/// one statement it could outlast the database's `statement_timeout`, fail
+/// at every pass and never make progress, the log growing meanwhile. A
+/// transaction larger than a round is pruned whole, in a round of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_is_pruned_in_rounds_each_its_own_transaction() {
+    use ordercast::changes::maintenance::{run_once, PRUNE_ROUND};
+    let app = spawn_app_with(|s| {
+        s.retention_rows = 0;
+        s.retention_secs = 0;
+    })
+    .await;
+    let db = app.sql().await;
+    // Transactions of one round each, but the second of two.
+    for i in 0..5 {
+        dba_insert_many(&db, &format!("backlog {i}"), if i == 1 { 2 * PRUNE_ROUND } else { PRUNE_ROUND }).await;
+    }
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    assert_eq!(head, 6 * PRUNE_ROUND);
+    // Each move of the horizon, and the transaction that made it.
+    db.batch_execute(
+        "CREATE TABLE horizon_moves (through bigint, txid bigint); \
+         CREATE FUNCTION horizon_moved() RETURNS trigger LANGUAGE plpgsql AS \
+           $$BEGIN INSERT INTO horizon_moves VALUES (NEW.pruned_through, txid_current()); RETURN NULL; END$$; \
+         CREATE TRIGGER horizon_moved AFTER UPDATE ON change_retention FOR EACH ROW \
+           WHEN (NEW.pruned_through <> OLD.pruned_through) EXECUTE FUNCTION horizon_moved()",
+    )
+    .await
+    .unwrap();
+    let mut settings = app.state.settings.clone();
+    settings.retention_rows = 1_000;
+    let pruned = run_once(&app.state.pool, &settings).await.unwrap();
+    // The cutoff (head - 1,000) is inside the last transaction: kept whole.
+    assert_eq!((pruned, horizon(&db).await), (5 * PRUNE_ROUND, 5 * PRUNE_ROUND));
+    let moves: Vec<(i64, i64)> = db
+        .query("SELECT through, txid FROM horizon_moves ORDER BY through", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let throughs: Vec<i64> = moves.iter().map(|m| m.0).collect();
+    assert_eq!(throughs, [1, 3, 4, 5].map(|n| n * PRUNE_ROUND), "{moves:?}");
+    let txids: HashSet<i64> = moves.iter().map(|m| m.1).collect();
+    assert_eq!(txids.len(), 4, "each round its own transaction: {moves:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_beyond_retention_gets_an_explicit_resync() {
     let app = spawn_app_with(|s| {
