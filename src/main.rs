@@ -31,7 +31,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("Failed to start the embedded PostgreSQL")?;
             pg.ensure_database("ordercast").await?;
             let url = pg.url("ordercast");
-            log::info!("embedded PostgreSQL is up: psql {url}");
+            log::info!("embedded PostgreSQL is up: {}", pg.psql_command("ordercast"));
             (url, Some(pg))
         }
     };

@@ -2,6 +2,13 @@
 //! `ordercast` works with no external services: initdb on first use, a free
 //! local port, and a clean stop on exit. As root, PostgreSQL (which refuses to
 //! run as root) is run as the `postgres` user.
+//!
+//! Its superuser `postgres` signs in with a password (SCRAM) kept in
+//! `<dir>/pgpass` (libpq's password-file form, readable by its owner only):
+//! with `trust`, any user of the machine could connect to 127.0.0.1 as the
+//! superuser, past ordercast's API keys, and run commands as the server's
+//! account (`COPY ... TO PROGRAM`). An instance made before had `trust`: it is
+//! given a password at its next start.
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -15,6 +22,9 @@ pub struct EmbeddedPostgres {
     bin_dir: PathBuf,
     data_dir: PathBuf,
     port: u16,
+    /// The superuser's password, and the file that keeps it.
+    password: String,
+    password_file: PathBuf,
     run_as: Option<(u32, u32)>,
     extra_options: String,
     stopped: bool,
@@ -141,6 +151,46 @@ fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
+/// The client authentication the instance is given: a password (SCRAM) for
+/// every connection, over TCP on loopback (it has no Unix socket).
+const HBA: &str = "\
+# Written by ordercast at each start: the superuser's password is in the
+# pgpass file of ordercast's data directory.
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+";
+
+/// The password in `path` (a line `host:port:db:user:password`), or a new
+/// one written there (readable by its owner only); the flag says it is new.
+fn password(path: &Path) -> anyhow::Result<(String, bool)> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let password = text.lines().next().and_then(|l| l.rsplit(':').next()).unwrap_or_default();
+            if !password.is_empty() && password.bytes().all(|b| b.is_ascii_hexdigit()) {
+                // libpq ignores a password file others may read.
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                return Ok((password.to_string(), false));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("Failed to read {}", path.display())),
+    }
+    let password: String = rand::random::<[u8; 24]>().iter().map(|b| format!("{b:02x}")).collect();
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("Failed to create {}", path.display()))?;
+    writeln!(file, "127.0.0.1:*:*:postgres:{password}")?;
+    file.sync_all()?;
+    Ok((password, true))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -179,16 +229,22 @@ impl EmbeddedPostgres {
                 data_dir = home;
             }
         }
+        let password_file = std::fs::canonicalize(dir)?.join("pgpass");
+        let (password, new_password) = password(&password_file)?;
         let mut pg = EmbeddedPostgres {
             bin_dir,
             data_dir,
             port: 0,
+            password,
+            password_file,
             run_as,
             extra_options: extra_options.to_string(),
             stopped: true,
             _lock: lock,
         };
         pg.init()?;
+        pg.stop_stale();
+        pg.require_password(new_password)?;
         pg.start_server()?;
         Ok(pg)
     }
@@ -253,15 +309,55 @@ impl EmbeddedPostgres {
         format!("-p {} -c unix_socket_directories='' -c listen_addresses=127.0.0.1 {}", self.port, self.extra_options)
     }
 
-    fn start_server(&mut self) -> anyhow::Result<()> {
-        // A previous run killed with SIGKILL may have left the server
-        // running (this process holds the directory's lock: no live
-        // ordercast owns it).
+    /// Stops a server a previous run killed with SIGKILL may have left
+    /// running (this process holds the directory's lock: no live ordercast
+    /// owns it).
+    fn stop_stale(&self) {
         if self.data_dir.join("postmaster.pid").exists() {
             let mut stop = self.command("pg_ctl");
             stop.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
             let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
         }
+    }
+
+    /// Gives the superuser the password (when it is new, or the instance
+    /// does not ask for one yet: made with `trust` before) and writes `HBA`.
+    /// The server is stopped: the password is set in single-user mode.
+    fn require_password(&self, new_password: bool) -> anyhow::Result<()> {
+        let hba = self.data_dir.join("pg_hba.conf");
+        let current = std::fs::read_to_string(&hba).with_context(|| format!("Failed to read {}", hba.display()))?;
+        if !new_password && current == HBA {
+            return Ok(());
+        }
+        let mut cmd = self.command("postgres");
+        cmd.arg("--single").arg("-D").arg(&self.data_dir).args(["-c", "exit_on_error=on", "postgres"]);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("Failed to run postgres --single")?;
+        {
+            use std::io::Write;
+            // unwrap: piped above
+            let mut stdin = child.stdin.take().unwrap();
+            // The password is hex: nothing in it needs quoting.
+            writeln!(stdin, "SET password_encryption = 'scram-sha-256'")?;
+            writeln!(stdin, "ALTER ROLE postgres PASSWORD '{}'", self.password)?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "setting the superuser's password (postgres --single) failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        // Written in place: the file keeps its owner (the postgres user).
+        std::fs::write(&hba, HBA).with_context(|| format!("Failed to write {}", hba.display()))?;
+        log::info!(
+            "the embedded PostgreSQL's superuser signs in with the password in {}",
+            self.password_file.display()
+        );
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> anyhow::Result<()> {
         self.port = free_port()?;
         let options = self.server_options();
         let mut cmd = self.command("pg_ctl");
@@ -311,9 +407,20 @@ impl EmbeddedPostgres {
         self.port
     }
 
-    /// URL of a database on this server.
+    /// URL of a database on this server, with the superuser's password.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, database)
+        format!("postgres://postgres:{}@127.0.0.1:{}/{}", self.password, self.port, database)
+    }
+
+    /// What a person runs to reach `database` with psql: the URL without
+    /// the password, which psql reads from the password file.
+    pub fn psql_command(&self, database: &str) -> String {
+        format!(
+            "PGPASSFILE={} psql postgres://postgres@127.0.0.1:{}/{}",
+            self.password_file.display(),
+            self.port,
+            database
+        )
     }
 
     /// Creates `database` unless it exists.

@@ -186,6 +186,56 @@ async fn a_second_embedded_start_on_the_same_directory_is_refused_and_the_first_
     std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
 }
 
+/// The embedded PostgreSQL asks every connection for the superuser's
+/// password, kept in `<dir>/pgpass` for its owner alone; an instance made
+/// with `trust` before gets one at its next start. Before, any user of the
+/// machine could connect to 127.0.0.1 as the superuser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ordercast-auth-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let start = |dir: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, "-c fsync=off")).await.unwrap().unwrap()
+    };
+    let refused_without_password = |pg: &EmbeddedPostgres| {
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port());
+        async move {
+            let e = ordercast::db::connect(&url).await.err().expect("a connection without the password is refused");
+            assert!(format!("{e:#}").contains("password"), "{e:#}");
+        }
+    };
+    let pg = start(dir.clone()).await;
+    refused_without_password(&pg).await;
+    let db = ordercast::db::connect(&pg.url("postgres")).await.expect("with the password");
+    db.query_one("SELECT 1", &[]).await.unwrap();
+    drop(db);
+    let pgpass = dir.join("pgpass");
+    assert_eq!(std::fs::metadata(&pgpass).unwrap().permissions().mode() & 0o777, 0o600);
+    let kept = std::fs::read_to_string(&pgpass).unwrap();
+    assert!(pg.psql_command("x").starts_with(&format!("PGPASSFILE={} psql ", pgpass.display())));
+    drop(pg);
+
+    // The same password at the next start.
+    let pg = start(dir.clone()).await;
+    refused_without_password(&pg).await;
+    assert_eq!(std::fs::read_to_string(&pgpass).unwrap(), kept);
+    ordercast::db::connect(&pg.url("postgres")).await.expect("with the password");
+    drop(pg);
+
+    // An instance as ordercast made it before: trust, no password file.
+    let hba = ["pg", "pg_hba.conf"].iter().fold(dir.clone(), |p, c| p.join(c));
+    std::fs::write(&hba, "host all all 127.0.0.1/32 trust\n").unwrap();
+    std::fs::remove_file(&pgpass).unwrap();
+    let pg = start(dir.clone()).await;
+    refused_without_password(&pg).await;
+    assert_ne!(std::fs::read_to_string(&pgpass).unwrap(), kept, "a new password");
+    ordercast::db::connect(&pg.url("postgres")).await.expect("with the new password");
+    drop(pg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_mid_stream_is_survived_without_loss() {
     // A private PostgreSQL, so restarting it disturbs no other test.

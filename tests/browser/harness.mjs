@@ -3,7 +3,7 @@
 // psql against that database, a headless Chromium, and bounded waiting.
 
 import { execFile, spawn, spawnSync } from 'node:child_process';
-import { createWriteStream, existsSync, mkdtempSync, readdirSync, rmSync, chmodSync } from 'node:fs';
+import { createWriteStream, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, chmodSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -100,8 +100,12 @@ export class Ordercast {
           buf = buf.slice(i + 1);
           this.lines.push(line);
           if (this.lines.length > 400) this.lines.shift();
-          const pg = line.match(/embedded PostgreSQL is up: psql (\S+)/);
-          if (pg) this.pgUrl = pg[1];
+          // The URL is logged without the password, which its file holds.
+          const pg = line.match(/embedded PostgreSQL is up: PGPASSFILE=(\S+) psql postgres:\/\/postgres@(\S+)/);
+          if (pg) {
+            const password = readFileSync(pg[1], 'utf8').split('\n')[0].split(':').pop();
+            this.pgUrl = `postgres://postgres:${password}@${pg[2]}`;
+          }
           if (/ordercast listening on/.test(line)) resolve();
         }
       };
