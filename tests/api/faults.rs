@@ -202,7 +202,7 @@ async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory(
     let refused_without_password = |pg: &EmbeddedPostgres| {
         let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port());
         async move {
-            let e = ordercast::db::connect(&url).await.err().expect("a connection without the password is refused");
+            let e = ordercast::db::connect(&url).await.expect_err("a connection without the password is refused");
             assert!(format!("{e:#}").contains("password"), "{e:#}");
         }
     };
