@@ -303,16 +303,26 @@ impl Processor {
         let claim = conn.client.prepare(CLAIM_SQL).await.map_err(crate::db::describe)?;
         let unlock = conn.client.prepare(UNLOCK_SQL).await.map_err(crate::db::describe)?;
         self.ctx.state.connected.store(true, Ordering::Relaxed);
-        let mut work = Work { tasks: JoinSet::new(), orders: HashMap::new(), retry_at: HashMap::new() };
+        let mut work = Work {
+            tasks: JoinSet::new(),
+            orders: HashMap::new(),
+            taken_over: HashSet::new(),
+            retry_at: HashMap::new(),
+        };
         let mut next_scan = Instant::now();
         let mut scan_after = 0i64;
         // Orders to take over (or to try again) come before new ones: while
-        // a scan fills every free slot with them, there may be more, and the
-        // next free slot goes to the next scan, not to a claim.
+        // a scan fills every slot it may with them, there may be more, and
+        // the next free slot goes to the next scan, not to a claim. But not
+        // every slot: `reserved` of them stay for new orders, or while calls
+        // to undo orders hang (a refund service down, each call waiting out
+        // its time limit) their retries took every slot, and no new order
+        // was claimed for as long.
         let mut backlog = false;
+        let reserved = reserved(self.concurrency);
         while !*shutdown.borrow() {
-            if Instant::now() >= next_scan && work.free(self.concurrency) > 0 {
-                let (after, filled) = self.resume(&conn, &mut work, scan_after).await?;
+            if Instant::now() >= next_scan && work.room_to_take_over(self.concurrency, reserved) > 0 {
+                let (after, filled) = self.resume(&conn, &mut work, scan_after, reserved).await?;
                 scan_after = after;
                 backlog = filled;
                 next_scan = if filled { Instant::now() } else { Instant::now() + RESUME_EVERY };
@@ -322,13 +332,16 @@ impl Processor {
                 next_scan = next_scan.min(*due);
             }
             // Claim in batches (a quarter of the capacity at least, or when
-            // idle): each claim is a synchronous commit.
-            let free = work.free(self.concurrency) as i64;
-            if !backlog && free > 0 && (free * 4 >= self.concurrency as i64 || work.tasks.is_empty()) {
-                let rows = conn.client.query(&claim, &[&free, &LOCK_CLASS]).await.map_err(crate::db::describe)?;
+            // idle): each claim is a synchronous commit. With a backlog, into
+            // the reserved slots only, as they free.
+            let free = work.free(self.concurrency);
+            let claimable = if backlog { free.min(reserved.saturating_sub(work.claimed())) } else { free };
+            if claimable > 0 && (backlog || claimable * 4 >= self.concurrency || work.tasks.is_empty()) {
+                let limit = claimable as i64;
+                let rows = conn.client.query(&claim, &[&limit, &LOCK_CLASS]).await.map_err(crate::db::describe)?;
                 for row in rows {
                     self.ctx.state.claimed.fetch_add(1, Ordering::Relaxed);
-                    work.spawn(&self.ctx, row.get(0));
+                    work.spawn(&self.ctx, row.get(0), false);
                 }
             }
             self.ctx.state.in_flight.store(work.tasks.len(), Ordering::Relaxed);
@@ -359,8 +372,14 @@ impl Processor {
     /// again before they are due (`RETRY_AFTER`). Returns where to go on,
     /// and whether the orders taken filled every free slot (there may be
     /// more).
-    async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<(i64, bool)> {
-        let limit = work.free(self.concurrency) as i64;
+    async fn resume(
+        &self,
+        conn: &Dedicated,
+        work: &mut Work,
+        after: i64,
+        reserved: usize,
+    ) -> anyhow::Result<(i64, bool)> {
+        let limit = work.room_to_take_over(self.concurrency, reserved) as i64;
         if limit == 0 {
             return Ok((after, false));
         }
@@ -449,7 +468,7 @@ impl Processor {
         for id in orphans {
             log::info!("order processor: taking over order {id}, its processing or undoing unfinished");
             self.ctx.state.resumed.fetch_add(1, Ordering::Relaxed);
-            work.spawn(&self.ctx, id);
+            work.spawn(&self.ctx, id, true);
         }
         // Where the next scan goes on: after the last order locked when the
         // slots ran out (the candidates after it were not tried), else after
@@ -476,6 +495,7 @@ impl Processor {
             Err(e) => e.id(),
         };
         let Some(id) = work.orders.remove(&task) else { return Ok(()) };
+        work.taken_over.remove(&task);
         if matches!(done, Ok((_, Finish::Cancelled))) {
             // Every step is undone (or its undoing failed, left for a
             // person): the cancellation's note goes, under the lock (else the
@@ -515,10 +535,23 @@ impl Processor {
     }
 }
 
+/// Slots of the processor's `concurrency` that orders taken over (or tried
+/// again) may not take: new orders always get a quarter (but with one slot,
+/// which both share).
+fn reserved(concurrency: usize) -> usize {
+    if concurrency < 2 {
+        0
+    } else {
+        concurrency.div_ceil(4)
+    }
+}
+
 /// The orders this session works on, by task.
 struct Work {
     tasks: JoinSet<Finish>,
     orders: HashMap<tokio::task::Id, i64>,
+    /// The tasks of orders taken over or tried again (not claimed).
+    taken_over: HashSet<tokio::task::Id>,
     /// Orders sent back to retry, and when they are due again.
     retry_at: HashMap<i64, Instant>,
 }
@@ -528,7 +561,17 @@ impl Work {
         concurrency.saturating_sub(self.tasks.len())
     }
 
-    fn spawn(&mut self, ctx: &Arc<Ctx>, id: i64) {
+    /// Free slots orders taken over may take: all but the reserved ones.
+    fn room_to_take_over(&self, concurrency: usize, reserved: usize) -> usize {
+        self.free(concurrency).min((concurrency - reserved).saturating_sub(self.taken_over.len()))
+    }
+
+    /// Tasks of claimed (new) orders.
+    fn claimed(&self) -> usize {
+        self.tasks.len().saturating_sub(self.taken_over.len())
+    }
+
+    fn spawn(&mut self, ctx: &Arc<Ctx>, id: i64, taken_over: bool) {
         let ctx = ctx.clone();
         let handle = self.tasks.spawn(async move {
             match ctx.drive(id).await {
@@ -537,6 +580,9 @@ impl Work {
             }
         });
         self.orders.insert(handle.id(), id);
+        if taken_over {
+            self.taken_over.insert(handle.id());
+        }
     }
 }
 

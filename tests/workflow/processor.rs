@@ -47,6 +47,9 @@ struct TestStep {
     refused_compensations: AtomicU32,
     /// While set, every call is unavailable (the service is down).
     down: std::sync::atomic::AtomicBool,
+    /// While set, every compensation call hangs (never answers).
+    hang_compensations: std::sync::atomic::AtomicBool,
+    compensation_calls: AtomicU32,
     entered: Notify,
     release: Notify,
 }
@@ -61,6 +64,8 @@ impl TestStep {
             compensations: Mutex::default(),
             refused_compensations: AtomicU32::new(0),
             down: std::sync::atomic::AtomicBool::new(false),
+            hang_compensations: std::sync::atomic::AtomicBool::new(false),
+            compensation_calls: AtomicU32::new(0),
             entered: Notify::new(),
             release: Notify::new(),
         })
@@ -110,10 +115,14 @@ impl Step for TestStep {
 
     fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
         Box::pin(async move {
+            self.compensation_calls.fetch_add(1, Ordering::SeqCst);
             let refuse =
                 self.refused_compensations.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
             if refuse.is_ok() {
                 return Err(StepError::Unavailable(format!("{} cannot undo yet", self.name)));
+            }
+            if self.hang_compensations.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
             }
             *self.compensations.lock().unwrap().entry(order.id).or_default() += 1;
             Ok(format!("{} undone for {}", self.name, order.id))
@@ -520,6 +529,44 @@ async fn a_step_that_never_answers_is_asked_again_after_its_time_limit() {
     let steps = steps_of(&app.sql().await, id).await;
     assert_eq!(outcomes(&steps), [("payment", "execute", "done"), ("inventory", "execute", "done")]);
     assert_eq!(steps[0].3, 2, "two payment attempts recorded");
+}
+
+/// New orders are claimed while orders to undo are tried again and again:
+/// here a refund service that hangs, each call waiting out its time limit,
+/// with many more cancelled orders than the processor has slots. A quarter
+/// of the slots stay for new orders. Before, every slot that freed went to
+/// the next order to undo, and a new order waited for the scan to pass
+/// every one of them (here 128 calls of a second, 8 at a time; with the
+/// real minute's limit and a thousand cancellations, half an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_orders_are_claimed_while_orders_to_undo_hang() {
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let state = Arc::new(ProcessorState::default());
+    let processor = Processor::new(&app.db_url, vec![payment.clone()], 8, state.clone())
+        .expect("build the processor")
+        .with_step_timeout(Duration::from_secs(1));
+    let (_stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(processor.run(shutdown));
+    let db = app.sql().await;
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Refund ' || g, 'Gear', 1, 5 FROM generate_series(1, 128) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    until(&db, "SELECT count(*) FROM orders WHERE status = 'processed'", |n| n == 128).await;
+    payment.hang_compensations.store(true, Ordering::SeqCst);
+    db.execute("UPDATE orders SET status = 'cancelled'", &[]).await.unwrap();
+    // The refunds are under way, hanging, and more are waiting.
+    eventually(WAIT, || async { (state.health()["in_flight"].as_u64() >= Some(6)).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let id = app.create_order("New while refunds hang").await["id"].as_i64().unwrap();
+    wait_status(&app, id, "processed").await;
+    let calls = payment.compensation_calls.load(Ordering::SeqCst);
+    task.abort();
+    assert!(calls < 128, "the new order waited for {calls} refund calls, a pass over every cancelled order");
 }
 
 /// The order's step records once both its compensations are done.
