@@ -85,6 +85,13 @@ const SET_STATUS_SQL: &str = "\
 WITH a AS (SELECT set_config('ordercast.actor', 'processor', true)) \
 UPDATE orders SET status = $2, error_message = $3 FROM a WHERE id = $1 AND status = 'processing' RETURNING id";
 
+/// Says on an order cancelled or failed by another writer that a step's
+/// compensation failed for good (once: the text is not added twice).
+const UNDO_FAILED_SQL: &str = "\
+WITH a AS (SELECT set_config('ordercast.actor', 'processor', true)) \
+UPDATE orders SET error_message = left(concat_ws('; ', error_message, $2), $3) FROM a \
+WHERE id = $1 AND status IN ('cancelled', 'failed') AND strpos(coalesce(error_message, ''), $2) = 0";
+
 const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount FROM orders WHERE id = $1";
 
 /// The steps to undo: those done, and those begun and never answered (their
@@ -185,6 +192,9 @@ pub struct ProcessorState {
     /// compensated).
     pub cancelled: AtomicU64,
     pub compensations: AtomicU64,
+    /// Compensations refused for good (a refund declined): left for a person,
+    /// said in the order's error message and in `last_error`.
+    pub compensations_failed: AtomicU64,
     /// Order attempts that stopped on an error and wait to be resumed.
     pub retries: AtomicU64,
     pub last_error: Mutex<Option<String>>,
@@ -210,6 +220,7 @@ impl ProcessorState {
             "failed": n(&self.failed),
             "cancelled": n(&self.cancelled),
             "compensations": n(&self.compensations),
+            "compensations_failed": n(&self.compensations_failed),
             "retries": n(&self.retries),
             "last_error": *self.last_error.lock().unwrap(), // unwrap: never held across a panic
         })
@@ -586,6 +597,14 @@ impl Work {
     }
 }
 
+/// What `compensate` did: each step undone or not, for an error message,
+/// and the compensations that failed for good.
+#[derive(Default)]
+struct Compensated {
+    report: Vec<String>,
+    failed: Vec<String>,
+}
+
 /// The recorded state of one step or compensation.
 struct Record {
     outcome: String,
@@ -635,7 +654,7 @@ impl Ctx {
                     rec.detail.as_deref().unwrap_or("unavailable")
                 );
                 let compensated = match self.compensate(db, &order).await? {
-                    Ok(done) => done,
+                    Ok(done) => done.report,
                     Err(retry) => return Ok(retry),
                 };
                 finish(db, id, step.name(), EXECUTE, "failed", &why).await?;
@@ -661,7 +680,7 @@ impl Ctx {
             };
             if let Some(why) = failure {
                 let compensated = match self.compensate(db, &order).await? {
-                    Ok(done) => done,
+                    Ok(done) => done.report,
                     Err(retry) => return Ok(retry),
                 };
                 return self.failed(db, &order, step.name(), &why, compensated).await;
@@ -705,11 +724,25 @@ impl Ctx {
 
     /// Another writer cancelled the order, or marked it failed (`status`):
     /// neither may keep a payment or a reservation, so its steps are undone.
+    /// A compensation that failed for good is said in the order's error
+    /// message (the dashboard shows it), for a person to act on.
     async fn undo(&self, db: &Pool, order: &OrderRef, status: &str) -> anyhow::Result<Finish> {
         Ok(match self.compensate(db, order).await? {
             Ok(done) => {
-                if !done.is_empty() {
-                    log::info!("order {} was {status} by another writer; compensated: {}", order.id, done.join("; "));
+                if !done.report.is_empty() {
+                    log::info!(
+                        "order {} was {status} by another writer; compensated: {}",
+                        order.id,
+                        done.report.join("; ")
+                    );
+                }
+                for failure in &done.failed {
+                    let (client, stmt) = prepared(db, UNDO_FAILED_SQL).await?;
+                    let text = format!("{failure}; left for a person");
+                    client
+                        .execute(&stmt, &[&order.id, &text, &(MAX_MESSAGE as i32)])
+                        .await
+                        .map_err(crate::db::describe)?;
                 }
                 Finish::Cancelled
             }
@@ -721,18 +754,22 @@ impl Ctx {
     /// (`DONE_STEPS_SQL`), last first, each at most once. Returns what was
     /// done (for the error message), or the `Retry` to return when a
     /// compensation could not be reached.
-    async fn compensate(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Result<Vec<String>, Finish>> {
+    async fn compensate(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Result<Compensated, Finish>> {
         let done: HashSet<String> = {
             // Back to the pool before any step is called.
             let (client, stmt) = prepared(db, DONE_STEPS_SQL).await?;
             client.query(&stmt, &[&order.id]).await.map_err(crate::db::describe)?.iter().map(|r| r.get(0)).collect()
         };
-        let mut report = Vec::new();
+        let mut out = Compensated::default();
         for step in self.steps.iter().rev().filter(|s| done.contains(s.name())) {
             let rec = begin(db, order.id, step.name(), COMPENSATE).await?;
             let detail = match rec.outcome.as_str() {
                 "done" => rec.detail.unwrap_or_default(),
-                "failed" => format!("FAILED: {}", rec.detail.unwrap_or_default()),
+                "failed" => {
+                    let why = rec.detail.unwrap_or_default();
+                    out.failed.push(format!("compensating {} failed: {why}", step.name()));
+                    format!("FAILED: {why}")
+                }
                 _ => match self.call(step.compensate(order)).await {
                     Ok(detail) => {
                         finish(db, order.id, step.name(), COMPENSATE, "done", &detail).await?;
@@ -743,7 +780,11 @@ impl Ctx {
                     // error message, left for a person.
                     Err(StepError::Rejected(why)) => {
                         finish(db, order.id, step.name(), COMPENSATE, "failed", &why).await?;
-                        log::error!("order {}: compensating {} failed: {why}", order.id, step.name());
+                        let failure = format!("compensating {} failed: {why}", step.name());
+                        log::error!("order {}: {failure}; left for a person", order.id);
+                        self.state.compensations_failed.fetch_add(1, Ordering::Relaxed);
+                        self.state.error(format!("order {}: {failure}; left for a person", order.id));
+                        out.failed.push(failure);
                         format!("FAILED: {why}")
                     }
                     Err(StepError::Unavailable(why)) => {
@@ -752,9 +793,9 @@ impl Ctx {
                     }
                 },
             };
-            report.push(format!("{} ({detail})", step.name()));
+            out.report.push(format!("{} ({detail})", step.name()));
         }
-        Ok(Ok(report))
+        Ok(Ok(out))
     }
 }
 

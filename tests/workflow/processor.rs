@@ -50,6 +50,8 @@ struct TestStep {
     /// While set, every compensation call hangs (never answers).
     hang_compensations: std::sync::atomic::AtomicBool,
     compensation_calls: AtomicU32,
+    /// While set, every compensation is refused for good (a refund declined).
+    reject_compensations: std::sync::atomic::AtomicBool,
     entered: Notify,
     release: Notify,
 }
@@ -66,6 +68,7 @@ impl TestStep {
             down: std::sync::atomic::AtomicBool::new(false),
             hang_compensations: std::sync::atomic::AtomicBool::new(false),
             compensation_calls: AtomicU32::new(0),
+            reject_compensations: std::sync::atomic::AtomicBool::new(false),
             entered: Notify::new(),
             release: Notify::new(),
         })
@@ -123,6 +126,9 @@ impl Step for TestStep {
             }
             if self.hang_compensations.load(Ordering::SeqCst) {
                 std::future::pending::<()>().await;
+            }
+            if self.reject_compensations.load(Ordering::SeqCst) {
+                return Err(StepError::Rejected("the refund was declined".into()));
             }
             *self.compensations.lock().unwrap().entry(order.id).or_default() += 1;
             Ok(format!("{} undone for {}", self.name, order.id))
@@ -529,6 +535,38 @@ async fn a_step_that_never_answers_is_asked_again_after_its_time_limit() {
     let steps = steps_of(&app.sql().await, id).await;
     assert_eq!(outcomes(&steps), [("payment", "execute", "done"), ("inventory", "execute", "done")]);
     assert_eq!(steps[0].3, 2, "two payment attempts recorded");
+}
+
+/// A compensation refused for good on an order another writer cancelled is
+/// said where a person sees it: the order's error message (the dashboard
+/// shows it, and a change carries it to every client), `last_error` and a
+/// counter in `/api/health`. Before, only the log said it; the order looked
+/// cancelled and settled, its payment kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_refused_for_good_is_said_on_the_order_and_in_health() {
+    let app = spawn_app().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let p = start(&app.db_url, vec![payment.clone()]);
+    let id = app.create_order("Declined Refund").await["id"].as_i64().unwrap();
+    wait_status(&app, id, "processed").await;
+    payment.reject_compensations.store(true, Ordering::SeqCst);
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let order = eventually(WAIT, || async {
+        let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
+        order["error_message"].is_string().then_some(order)
+    })
+    .await;
+    assert_eq!(order["status"], "cancelled");
+    assert_eq!(
+        order["error_message"], "compensating payment failed: the refund was declined; left for a person",
+        "{order}"
+    );
+    let health = p.state.health();
+    assert_eq!(health["compensations_failed"], 1, "{health}");
+    let last = health["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains(&format!("order {id}: compensating payment failed")), "{health}");
+    p.task.abort();
 }
 
 /// New orders are claimed while orders to undo are tried again and again:
