@@ -14,6 +14,45 @@ async fn main() {
     }
 }
 
+/// How many stop signals (SIGINT, SIGTERM, SIGHUP) have come: the first asks
+/// for a graceful stop, a second cuts it short. Listened for from the start,
+/// so a signal during the embedded PostgreSQL's start or the migrations
+/// stops that PostgreSQL too (it runs in a session of its own: killed with
+/// ordercast, it stayed). SIGHUP (a closed terminal) is a stop signal too.
+type Signals = tokio::sync::watch::Receiver<u32>;
+
+fn signals() -> anyhow::Result<Signals> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+                _ = hup.recv() => "SIGHUP",
+            };
+            let n = *tx.borrow() + 1;
+            if n == 1 {
+                log::info!("{name}: shutting down");
+            } else {
+                log::warn!("{name} again: stopping now, without waiting for connections and work to finish");
+            }
+            tx.send_replace(n);
+        }
+    });
+    Ok(rx)
+}
+
+/// Resolves once `n` stop signals have come.
+async fn signalled(signals: &Signals, n: u32) {
+    let mut rx = signals.clone();
+    // The sender lives in its task for the process's life.
+    let _ = rx.wait_for(|got| *got >= n).await;
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut settings = cli.settings;
     let command = match cli.command.unwrap_or(Command::Serve) {
@@ -21,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => return ordercast::workflow::simulator::produce(&settings.kafka, &args).await,
         command => command,
     };
+    let signals = signals()?;
     // Without DATABASE_URL, run a private PostgreSQL for as long as we run.
     let (url, embedded) = match &settings.database_url {
         Some(url) => (url.clone(), None),
@@ -29,26 +69,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, ""))
                 .await?
                 .context("Failed to start the embedded PostgreSQL")?;
-            pg.ensure_database("ordercast").await?;
             let url = pg.url("ordercast");
             log::info!("embedded PostgreSQL is up: {}", pg.psql_command("ordercast"));
             (url, Some(pg))
         }
     };
 
-    let result = match command {
-        Command::Migrate => ordercast::db::migrate(&url).await,
-        Command::Serve => serve(settings, &url).await,
-        Command::Process => process(settings, &url).await,
-        Command::Demo(args) => match ordercast::workflow::demo::Demo::start(&args, &mut settings) {
-            Ok(demo) => {
-                let result = serve(settings, &url).await;
-                demo.stop().await;
-                result
-            }
-            Err(e) => Err(e),
-        },
-        Command::Produce(_) => unreachable!("handled before the database starts"),
+    let work = async {
+        if let Some(pg) = &embedded {
+            pg.ensure_database("ordercast").await?;
+        }
+        match command {
+            Command::Migrate => tokio::select! {
+                r = ordercast::db::migrate(&url) => r,
+                _ = signalled(&signals, 1) => Err(anyhow::anyhow!("stopped before the migrations were done")),
+            },
+            Command::Serve => serve(settings, &url, &signals).await,
+            Command::Process => process(settings, &url, &signals).await,
+            Command::Demo(args) => match ordercast::workflow::demo::Demo::start(&args, &mut settings) {
+                Ok(demo) => {
+                    let result = serve(settings, &url, &signals).await;
+                    demo.stop().await;
+                    result
+                }
+                Err(e) => Err(e),
+            },
+            Command::Produce(_) => unreachable!("handled before the database starts"),
+        }
+    };
+    // A signal before the work began (during the embedded start) stops it
+    // at once; a second signal cuts the graceful stop short.
+    let signalled_early = *signals.borrow() > 0;
+    let result = if signalled_early {
+        drop(work);
+        Ok(())
+    } else {
+        tokio::select! {
+            r = work => r,
+            _ = signalled(&signals, 2) => Ok(()),
+        }
     };
     if let Some(mut pg) = embedded {
         tokio::task::spawn_blocking(move || pg.stop()).await??;
@@ -56,37 +115,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(settings: ordercast::config::Settings, url: &str) -> anyhow::Result<()> {
-    let app = Application::build(settings.clone(), url).await?;
+async fn serve(settings: ordercast::config::Settings, url: &str, signals: &Signals) -> anyhow::Result<()> {
+    let app = tokio::select! {
+        app = Application::build(settings.clone(), url) => app?,
+        _ = signalled(signals, 1) => return Ok(()),
+    };
     let handle = app.handle();
     log::info!("ordercast listening on http://{}:{} (dashboard at /)", settings.bind.ip(), app.port());
     let mut server = tokio::spawn(app.run_until_stopped());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = &mut server => {
             r??;
             anyhow::bail!("the HTTP server stopped by itself");
         }
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
-        _ = term.recv() => log::info!("SIGTERM: shutting down"),
+        _ = signalled(signals, 1) => {}
     }
     handle.stop().await;
     server.await??;
     Ok(())
 }
 
-/// `ordercast process`: the processor alone, until SIGTERM or SIGINT.
-async fn process(settings: ordercast::config::Settings, url: &str) -> anyhow::Result<()> {
+/// `ordercast process`: the processor alone, until a stop signal.
+async fn process(settings: ordercast::config::Settings, url: &str, signals: &Signals) -> anyhow::Result<()> {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut processor = tokio::spawn({
         let url = url.to_string();
         async move { ordercast::workflow::processor::run_standalone(&settings, &url, shutdown).await }
     });
     tokio::select! {
         r = &mut processor => return r?,
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT: shutting down"),
-        _ = term.recv() => log::info!("SIGTERM: shutting down"),
+        _ = signalled(signals, 1) => {}
     }
     let _ = stop.send(true);
     processor.await?

@@ -236,6 +236,76 @@ async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory(
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A stop signal at any time stops the embedded PostgreSQL with ordercast:
+/// SIGHUP (the terminal closed), and SIGTERM as soon as that PostgreSQL is
+/// up (the migrations and the start still running on a first start). It
+/// runs in a session of its own: before, SIGHUP (never handled) and a
+/// signal before the server listened killed ordercast and left it running.
+#[test]
+fn a_stop_signal_at_any_time_stops_the_embedded_postgresql_too() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    /// Stops a server left running (a failed run), with its directory.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let data = self.0.join("pg");
+            if data.join("postmaster.pid").exists() {
+                let pg_ctl = ordercast::db::embedded::find_bin_dir().unwrap().join("pg_ctl");
+                let mut stop = Command::new("runuser");
+                stop.args(["-u", "postgres", "--"]).arg(pg_ctl).arg("-D").arg(&data).args(["-m", "immediate", "stop"]);
+                let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    for signal in [nix::sys::signal::Signal::SIGHUP, nix::sys::signal::Signal::SIGTERM] {
+        let dir = std::env::temp_dir().join(format!("ordercast-signal-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _cleanup = Cleanup(dir.clone());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
+            .args(["--bind", &format!("127.0.0.1:{}", free_port())])
+            .arg("--data-dir")
+            .arg(&dir)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ordercast");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("PostgreSQL is up");
+            if line.contains("embedded PostgreSQL is up") {
+                break;
+            }
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "ordercast did not stop on {signal}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            !dir.join("pg").join("postmaster.pid").exists(),
+            "{signal}: ordercast exited ({status}) and left its PostgreSQL running"
+        );
+        assert!(status.success(), "{signal}: {status}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_mid_stream_is_survived_without_loss() {
     // A private PostgreSQL, so restarting it disturbs no other test.
