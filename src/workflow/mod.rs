@@ -127,8 +127,21 @@ impl Dedicated {
             *close.1.lock().unwrap() = Some(reason); // unwrap: never held across a panic
             close.0.notify_one();
         });
+        // The session's own statements (the processor's claims and scans,
+        // the relay's reads) are written for READ COMMITTED, and one that
+        // fails ends the session and everything it holds: the processor's
+        // orders in flight are dropped and called again. So a database or
+        // role default of REPEATABLE READ (a claim's SKIP LOCKED then fails
+        // with a serialization error) or of a lock or statement timeout
+        // (a scan behind a DBA's lock) does not apply here: such a
+        // statement waits, as the orders' own work goes on in the pool.
         client
-            .batch_execute(&format!("{}; LISTEN {}", crate::db::SESSION_KEEPALIVES, crate::changes::listener::CHANNEL))
+            .batch_execute(&format!(
+                "SET default_transaction_isolation = 'read committed'; SET lock_timeout = 0; \
+                 SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; {}; LISTEN {}",
+                crate::db::SESSION_KEEPALIVES,
+                crate::changes::listener::CHANNEL
+            ))
             .await
             .map_err(crate::db::describe)
             .context("LISTEN failed")?;

@@ -537,6 +537,34 @@ async fn a_step_that_never_answers_is_asked_again_after_its_time_limit() {
     assert_eq!(steps[0].3, 2, "two payment attempts recorded");
 }
 
+/// The processor's own statements (its scans, its claims) are not cut short
+/// by the database's defaults: here a `lock_timeout` of 100 ms while a DBA
+/// holds a lock the scan needs. Before, the scan failed, which ended the
+/// processor's session and dropped its orders in flight, and each was
+/// called again (one more attempt, towards giving up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_lock_timeout_does_not_drop_the_orders_in_flight() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    db.batch_execute(&format!("ALTER DATABASE \"{}\" SET lock_timeout = '100ms'", app.db_name)).await.unwrap();
+    let payment = TestStep::new("payment", Mode::WaitForRelease);
+    let p = start(&app.db_url, vec![payment.clone()]);
+    let id = app.create_order("Locked Out").await["id"].as_i64().unwrap();
+    tokio::time::timeout(WAIT, payment.entered.notified()).await.expect("payment is called");
+    // Held past the next scan (every 5 s).
+    let mut dba = app.sql().await;
+    let tx = dba.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL lock_timeout = 0; LOCK TABLE order_undo IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    tx.commit().await.unwrap();
+    payment.release.notify_one();
+    wait_status(&app, id, "processed").await;
+    assert_eq!(payment.calls.load(Ordering::SeqCst), 1, "called once: {}", p.state.health());
+    let steps = steps_of(&db, id).await;
+    assert_eq!(steps[0].3, 1, "one attempt recorded");
+    p.task.abort();
+}
+
 /// A compensation refused for good on an order another writer cancelled is
 /// said where a person sees it: the order's error message (the dashboard
 /// shows it, and a change carries it to every client), `last_error` and a
