@@ -11,6 +11,7 @@
 //! given a password at its next start.
 
 use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -312,11 +313,34 @@ impl EmbeddedPostgres {
     /// Stops a server a previous run killed with SIGKILL may have left
     /// running (this process holds the directory's lock: no live ordercast
     /// owns it).
+    ///
+    /// Only if the process `postmaster.pid` names is that server: after a
+    /// host restart the file's pid may be another process's, which
+    /// `pg_ctl stop` would signal (it does not check) and because of which
+    /// PostgreSQL would refuse to start. Such a file is removed.
     fn stop_stale(&self) {
-        if self.data_dir.join("postmaster.pid").exists() {
+        let pid_file = self.data_dir.join("postmaster.pid");
+        let Ok(text) = std::fs::read_to_string(&pid_file) else { return };
+        let pid = text.lines().next().and_then(|l| l.trim().parse::<u32>().ok());
+        let ours = pid.is_some_and(|pid| {
+            // Its command line is `postgres -D <data_dir> ...` (pg_ctl start).
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                args.first().is_some_and(|a| a.ends_with(b"postgres"))
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == b"-D" && Path::new(std::ffi::OsStr::from_bytes(w[1])) == self.data_dir)
+            })
+        });
+        if ours {
             let mut stop = self.command("pg_ctl");
             stop.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
             let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        } else {
+            log::warn!("removing {}, left by a PostgreSQL that is gone", pid_file.display());
+            if let Err(e) = std::fs::remove_file(&pid_file) {
+                log::warn!("could not remove {}: {e}", pid_file.display());
+            }
         }
     }
 

@@ -12,6 +12,21 @@ use crate::helpers::{create_database, free_port, spawn_app_on, Server, WsClient,
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A new directory under the temporary one that the postgres user can reach.
+fn embedded_dir(name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ordercast-{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// `EmbeddedPostgres::start` in `dir`, off the runtime's threads.
+async fn start_embedded(dir: &std::path::Path) -> anyhow::Result<EmbeddedPostgres> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, "-c fsync=off")).await.unwrap()
+}
+
 async fn insert(db: &tokio_postgres::Client, name: &str) {
     db.execute("INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ($1, 'Axle', 1, 1)", &[&name])
         .await
@@ -193,12 +208,7 @@ async fn a_second_embedded_start_on_the_same_directory_is_refused_and_the_first_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("ordercast-auth-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let start = |dir: std::path::PathBuf| async move {
-        tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, "-c fsync=off")).await.unwrap().unwrap()
-    };
+    let dir = embedded_dir("auth");
     let refused_without_password = |pg: &EmbeddedPostgres| {
         let url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port());
         async move {
@@ -206,7 +216,7 @@ async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory(
             assert!(format!("{e:#}").contains("password"), "{e:#}");
         }
     };
-    let pg = start(dir.clone()).await;
+    let pg = start_embedded(&dir).await.unwrap();
     refused_without_password(&pg).await;
     let db = ordercast::db::connect(&pg.url("postgres")).await.expect("with the password");
     db.query_one("SELECT 1", &[]).await.unwrap();
@@ -218,7 +228,7 @@ async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory(
     drop(pg);
 
     // The same password at the next start.
-    let pg = start(dir.clone()).await;
+    let pg = start_embedded(&dir).await.unwrap();
     refused_without_password(&pg).await;
     assert_eq!(std::fs::read_to_string(&pgpass).unwrap(), kept);
     ordercast::db::connect(&pg.url("postgres")).await.expect("with the password");
@@ -228,11 +238,39 @@ async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory(
     let hba = ["pg", "pg_hba.conf"].iter().fold(dir.clone(), |p, c| p.join(c));
     std::fs::write(&hba, "host all all 127.0.0.1/32 trust\n").unwrap();
     std::fs::remove_file(&pgpass).unwrap();
-    let pg = start(dir.clone()).await;
+    let pg = start_embedded(&dir).await.unwrap();
     refused_without_password(&pg).await;
     assert_ne!(std::fs::read_to_string(&pgpass).unwrap(), kept, "a new password");
     ordercast::db::connect(&pg.url("postgres")).await.expect("with the new password");
     drop(pg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A `postmaster.pid` left by a server that is gone (a host restarted), whose
+/// pid is now another process's of the same user: that process is left
+/// alone and the server starts. Before, `pg_ctl stop` signalled it (here a
+/// `sleep`, killed), and PostgreSQL refused to start while it lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pid_file_naming_another_process_is_removed_and_that_process_left_alone() {
+    use std::os::unix::process::CommandExt;
+    let dir = embedded_dir("stale");
+    drop(start_embedded(&dir).await.unwrap());
+    // A process of the user PostgreSQL runs as.
+    let mut sleep = std::process::Command::new("sleep");
+    sleep.arg("120");
+    if nix::unistd::geteuid().is_root() {
+        let pg = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+        sleep.uid(pg.uid.as_raw()).gid(pg.gid.as_raw());
+    }
+    let mut sleep = sleep.spawn().unwrap();
+    let data = dir.join("pg");
+    std::fs::write(data.join("postmaster.pid"), format!("{}\n{}\n", sleep.id(), data.display())).unwrap();
+    let pg = start_embedded(&dir).await.expect("the server starts");
+    ordercast::db::connect(&pg.url("postgres")).await.expect("and takes connections");
+    assert!(sleep.try_wait().unwrap().is_none(), "the process the stale file named was signalled");
+    drop(pg);
+    let _ = sleep.kill();
+    let _ = sleep.wait();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -244,7 +282,6 @@ async fn the_embedded_postgresql_asks_for_a_password_kept_in_the_data_directory(
 #[test]
 fn a_stop_signal_at_any_time_stops_the_embedded_postgresql_too() {
     use std::io::BufRead;
-    use std::os::unix::fs::PermissionsExt;
     use std::process::{Command, Stdio};
     /// Stops a server left running (a failed run), with its directory.
     struct Cleanup(std::path::PathBuf);
@@ -261,9 +298,7 @@ fn a_stop_signal_at_any_time_stops_the_embedded_postgresql_too() {
         }
     }
     for signal in [nix::sys::signal::Signal::SIGHUP, nix::sys::signal::Signal::SIGTERM] {
-        let dir = std::env::temp_dir().join(format!("ordercast-signal-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = embedded_dir("signal");
         let _cleanup = Cleanup(dir.clone());
         let mut child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
             .args(["--bind", &format!("127.0.0.1:{}", free_port())])
