@@ -191,7 +191,7 @@ pub async fn create(
     ];
     let mut taken = 0;
     let row = loop {
-        match client.query_one(&insert, &params).await {
+        match given_up_again(|| client.query_one(&insert, &params)).await {
             Ok(row) => break row,
             // The id the sequence gave is already taken: a DBA inserted
             // rows with ids of their own, ahead of the sequence. Each try
@@ -459,6 +459,41 @@ static PATCH_CHECK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     )
 });
 
+/// Tries of a write the database gives up for a concurrent transaction.
+const GIVEN_UP_ATTEMPTS: u32 = 4;
+
+/// Runs a write's statement (its own transaction) again when the database
+/// gives it up for a concurrent one: a serialization failure (40001, under
+/// REPEATABLE READ or SERIALIZABLE set on the database or role; the change
+/// log's bookkeeping makes concurrent writes meet) or a deadlock (40P01,
+/// with a DBA's statement). It wrote nothing, and the next try takes a new
+/// snapshot. After `GIVEN_UP_ATTEMPTS`, the client gets 409 `conflict`.
+async fn given_up_again<T, F, Fut>(mut statement: F) -> Result<T, tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    use tokio_postgres::error::SqlState;
+    let mut tries = 1;
+    loop {
+        match statement().await {
+            Err(e)
+                if tries < GIVEN_UP_ATTEMPTS
+                    && e.code().is_some_and(|c| {
+                        *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+                    }) =>
+            {
+                // A few milliseconds, more each time and at random, so that
+                // the writers that met do not meet again.
+                let pause = rand::random::<u64>() % (5 * tries as u64) + 1;
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// How often an update or a delete is tried again when its order was
 /// replaced under it (deleted and inserted again with its id in one
 /// transaction).
@@ -514,7 +549,7 @@ async fn apply_patch(
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&actor];
         params.extend(values);
         params.extend::<[&(dyn tokio_postgres::types::ToSql + Sync); 4]>([&id, &expected_version, &customer, &unless]);
-        if let Some(r) = client.query_opt(&update, &params).await? {
+        if let Some(r) = given_up_again(|| client.query_opt(&update, &params)).await? {
             return Ok(r.get(0));
         }
         // Why nothing matched, read afresh. Already in `unless` comes first,
@@ -712,7 +747,8 @@ pub async fn delete_order(
         .await?;
     let (actor, customer) = (actor(&req), restriction(&req));
     for _ in 0..REPLACED_ATTEMPTS {
-        if client.query_opt(&delete, &[&actor, &id, &expected, &customer]).await?.is_some() {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&actor, &id, &expected, &customer];
+        if given_up_again(|| client.query_opt(&delete, &params)).await?.is_some() {
             return Ok(HttpResponse::NoContent().finish());
         }
         // Why nothing matched, read afresh.
