@@ -11,7 +11,6 @@
 //! given a password at its next start.
 
 use std::net::TcpListener;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -126,10 +125,12 @@ fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             bail!(
-                "{} is in use by another ordercast (pid {}): stop it, give this one its DATABASE_URL, or choose \
-                 another --data-dir",
+                "{} is in use by another ordercast (pid {}): stop it, give this one the URL that ordercast logged \
+                 with the password in {} (postgres://postgres:PASSWORD@127.0.0.1:PORT/ordercast) as \
+                 DATABASE_URL, or choose another --data-dir",
                 dir.display(),
-                holder.trim()
+                holder.trim(),
+                dir.join("pgpass").display()
             );
         }
         // A file system without locks (NFS mounted `nolock`, some FUSE or
@@ -244,7 +245,7 @@ impl EmbeddedPostgres {
             _lock: lock,
         };
         pg.init()?;
-        pg.stop_stale();
+        pg.stop_stale()?;
         pg.require_password(new_password)?;
         pg.start_server()?;
         Ok(pg)
@@ -255,7 +256,11 @@ impl EmbeddedPostgres {
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
-        cmd.env_remove("PGDATA").stdin(Stdio::null());
+        // A group of its own: a Ctrl-C at the terminal (or its hangup)
+        // reaches ordercast alone, which stops what it started. initdb
+        // caught it and left an empty directory, which then looked like a
+        // locale failure.
+        cmd.env_remove("PGDATA").stdin(Stdio::null()).process_group(0);
         cmd
     }
 
@@ -314,34 +319,41 @@ impl EmbeddedPostgres {
     /// running (this process holds the directory's lock: no live ordercast
     /// owns it).
     ///
-    /// Only if the process `postmaster.pid` names is that server: after a
-    /// host restart the file's pid may be another process's, which
-    /// `pg_ctl stop` would signal (it does not check) and because of which
-    /// PostgreSQL would refuse to start. Such a file is removed.
-    fn stop_stale(&self) {
+    /// `postmaster.pid` may name another process: after a host restart its
+    /// pid may be anyone's, which `pg_ctl stop` would signal (it does not
+    /// check) and because of which PostgreSQL would refuse to start. A
+    /// PostgreSQL server runs in its data directory: the process is that
+    /// server when its working directory is this one. A file naming a
+    /// process that is not a PostgreSQL server (or none) is removed; one
+    /// naming another PostgreSQL server stops the start (deleting the lock
+    /// file of a server that may be running on this directory could let
+    /// two run on it).
+    fn stop_stale(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let pid_file = self.data_dir.join("postmaster.pid");
-        let Ok(text) = std::fs::read_to_string(&pid_file) else { return };
+        let Ok(text) = std::fs::read_to_string(&pid_file) else { return Ok(()) };
         let pid = text.lines().next().and_then(|l| l.trim().parse::<u32>().ok());
-        let ours = pid.is_some_and(|pid| {
-            // Its command line is `postgres -D <data_dir> ...` (pg_ctl start).
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-                args.first().is_some_and(|a| a.ends_with(b"postgres"))
-                    && args
-                        .windows(2)
-                        .any(|w| w[0] == b"-D" && Path::new(std::ffi::OsStr::from_bytes(w[1])) == self.data_dir)
-            })
-        });
+        let proc = |what: &str| pid.map(|pid| PathBuf::from(format!("/proc/{pid}/{what}")));
+        let postgres =
+            proc("comm").and_then(|p| std::fs::read_to_string(p).ok()).is_some_and(|c| c.trim() == "postgres");
+        let here = |dir: &Path| std::fs::metadata(dir).map(|m| (m.dev(), m.ino())).ok();
+        let ours = postgres && proc("cwd").and_then(|cwd| here(&cwd)).is_some_and(|d| Some(d) == here(&self.data_dir));
         if ours {
             let mut stop = self.command("pg_ctl");
             stop.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
             let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        } else if postgres {
+            bail!(
+                "{} names a running PostgreSQL server (pid {}) that ordercast cannot tell apart from this \
+                 directory's: stop it, or remove the file if it serves another directory",
+                pid_file.display(),
+                pid.unwrap_or_default()
+            );
         } else {
             log::warn!("removing {}, left by a PostgreSQL that is gone", pid_file.display());
-            if let Err(e) = std::fs::remove_file(&pid_file) {
-                log::warn!("could not remove {}: {e}", pid_file.display());
-            }
+            std::fs::remove_file(&pid_file).with_context(|| format!("Failed to remove {}", pid_file.display()))?;
         }
+        Ok(())
     }
 
     /// Gives the superuser the password (when it is new, or the instance
@@ -367,9 +379,10 @@ impl EmbeddedPostgres {
         }
         let out = child.wait_with_output()?;
         if !out.status.success() {
+            // Its log repeats the statement, password and all.
             bail!(
                 "setting the superuser's password (postgres --single) failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
+                String::from_utf8_lossy(&out.stderr).trim().replace(&self.password, "***")
             );
         }
         // Written in place: the file keeps its owner (the postgres user).
