@@ -26,13 +26,15 @@ fn signals() -> anyhow::Result<Signals> {
     let (tx, rx) = tokio::sync::watch::channel(0);
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    // Started under `nohup` (SIGHUP ignored), a closed terminal is no stop:
+    // listening would undo what was asked for.
+    let mut hup = if hangup_ignored() { None } else { Some(signal(SignalKind::hangup())?) };
     tokio::spawn(async move {
         loop {
             let name = tokio::select! {
                 _ = int.recv() => "SIGINT",
                 _ = term.recv() => "SIGTERM",
-                _ = hup.recv() => "SIGHUP",
+                Some(_) = async { hup.as_mut()?.recv().await } => "SIGHUP",
             };
             let n = *tx.borrow() + 1;
             if n == 1 {
@@ -44,6 +46,17 @@ fn signals() -> anyhow::Result<Signals> {
         }
     });
     Ok(rx)
+}
+
+/// Whether this process was started with SIGHUP ignored (`nohup`).
+fn hangup_ignored() -> bool {
+    use nix::libc;
+    // SAFETY: `sigaction` is a plain C struct (all zeroes is a valid
+    // value), and a null new action only reads the current one into it.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// Resolves once `n` stop signals have come.
@@ -75,6 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
+    let migrating = matches!(command, Command::Migrate);
     let work = async {
         if let Some(pg) = &embedded {
             pg.ensure_database("ordercast").await?;
@@ -102,7 +116,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let signalled_early = *signals.borrow() > 0;
     let result = if signalled_early {
         drop(work);
-        Ok(())
+        // `ordercast migrate && deploy` must not go on.
+        if migrating {
+            Err(anyhow::anyhow!("stopped before the migrations were done"))
+        } else {
+            Ok(())
+        }
     } else {
         tokio::select! {
             r = work => r,
