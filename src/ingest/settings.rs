@@ -81,11 +81,11 @@ pub struct KafkaSettings {
     pub commit_interval_ms: u64,
 
     /// Seconds an event_id is remembered for deduplication.
-    #[arg(long = "ingest-dedupe-retention-secs", env = "ORDERCAST_INGEST_DEDUPE_RETENTION_SECS", default_value_t = 7 * 24 * 3600, value_parser = seconds(1, 100 * YEAR), global = true)]
+    #[arg(long = "ingest-dedupe-retention-secs", env = "ORDERCAST_INGEST_DEDUPE_RETENTION_SECS", default_value_t = 7 * 24 * 3600, value_parser = seconds(0, 100 * YEAR), global = true)]
     pub dedupe_retention_secs: u64,
 
     /// Seconds dead letters are kept in the dead_letters table once published.
-    #[arg(long = "ingest-dlq-retention-secs", env = "ORDERCAST_INGEST_DLQ_RETENTION_SECS", default_value_t = 30 * 24 * 3600, value_parser = seconds(1, 100 * YEAR), global = true)]
+    #[arg(long = "ingest-dlq-retention-secs", env = "ORDERCAST_INGEST_DLQ_RETENTION_SECS", default_value_t = 30 * 24 * 3600, value_parser = seconds(0, 100 * YEAR), global = true)]
     pub dead_letter_retention_secs: u64,
 
     /// librdkafka properties from `ORDERCAST_KAFKA_*`, read once at start-up.

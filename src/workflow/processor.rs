@@ -86,10 +86,11 @@ WITH a AS (SELECT set_config('ordercast.actor', 'processor', true)) \
 UPDATE orders SET status = $2, error_message = $3 FROM a WHERE id = $1 AND status = 'processing' RETURNING id";
 
 /// Says on an order cancelled or failed by another writer that a step's
-/// compensation failed for good (once: the text is not added twice).
+/// compensation failed for good (once: the text is not added twice), after
+/// what the message said, cut to leave room for it.
 const UNDO_FAILED_SQL: &str = "\
 WITH a AS (SELECT set_config('ordercast.actor', 'processor', true)) \
-UPDATE orders SET error_message = left(concat_ws('; ', error_message, $2), $3) FROM a \
+UPDATE orders SET error_message = concat_ws('; ', left(error_message, greatest($3 - length($2) - 2, 0)), $2) FROM a \
 WHERE id = $1 AND status IN ('cancelled', 'failed') AND strpos(coalesce(error_message, ''), $2) = 0";
 
 const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount FROM orders WHERE id = $1";

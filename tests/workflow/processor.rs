@@ -576,24 +576,32 @@ async fn a_refund_refused_for_good_is_said_on_the_order_and_in_health() {
     let payment = TestStep::new("payment", Mode::Succeed);
     let p = start(&app.db_url, vec![payment.clone()]);
     let id = app.create_order("Declined Refund").await["id"].as_i64().unwrap();
+    // One whose message is as long as the API takes: cut to leave room.
+    let long = app.create_order("Declined Refund, Long").await["id"].as_i64().unwrap();
     wait_status(&app, id, "processed").await;
-    payment.reject_compensations.store(true, Ordering::SeqCst);
-    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    wait_status(&app, long, "processed").await;
+    let r = app.patch(long, &json!({"error_message": "x".repeat(2000)})).await;
     assert_eq!(r.status(), 200);
-    let order = eventually(WAIT, || async {
-        let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
-        order["error_message"].is_string().then_some(order)
-    })
-    .await;
-    assert_eq!(order["status"], "cancelled");
-    assert_eq!(
-        order["error_message"], "compensating payment failed: the refund was declined; left for a person",
-        "{order}"
-    );
+    payment.reject_compensations.store(true, Ordering::SeqCst);
+    let note = "compensating payment failed: the refund was declined; left for a person";
+    let mut messages = Vec::new();
+    for order in [id, long] {
+        let r = app.http.post(app.url(&format!("/api/orders/{order}/cancel"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let order = eventually(WAIT, || async {
+            let (_, order) = app.get_json(&format!("/api/orders/{order}")).await;
+            order["error_message"].as_str().is_some_and(|m| m.ends_with(note)).then_some(order)
+        })
+        .await;
+        assert_eq!(order["status"], "cancelled");
+        messages.push(order["error_message"].as_str().unwrap().to_string());
+    }
+    assert_eq!(messages[0], note);
+    assert!(messages[1].starts_with("xxx") && messages[1].chars().count() == 2000, "{}", messages[1]);
     let health = p.state.health();
-    assert_eq!(health["compensations_failed"], 1, "{health}");
+    assert_eq!(health["compensations_failed"], 2, "{health}");
     let last = health["last_error"].as_str().unwrap_or_default();
-    assert!(last.contains(&format!("order {id}: compensating payment failed")), "{health}");
+    assert!(last.contains(&format!("order {long}: compensating payment failed")), "{health}");
     p.task.abort();
 }
 
