@@ -761,6 +761,24 @@ impl Ctx {
             let (client, stmt) = prepared(db, DONE_STEPS_SQL).await?;
             client.query(&stmt, &[&order.id]).await.map_err(crate::db::describe)?.iter().map(|r| r.get(0)).collect()
         };
+        // A step this processor does not run (added, renamed or removed in
+        // another instance's configuration, a rolling deploy) cannot be
+        // undone here, and the compensations go last step first: the order
+        // waits, its note kept, for an instance that runs it. Before, its
+        // record was skipped and the note deleted: nothing undid it.
+        for step in done.iter().filter(|d| !self.steps.iter().any(|s| s.name() == d.as_str())) {
+            let (client, stmt) = prepared(db, RECORD_SQL).await?;
+            let undone = client
+                .query_opt(&stmt, &[&order.id, step, &COMPENSATE])
+                .await
+                .map_err(crate::db::describe)?
+                .is_some_and(|r| r.get::<_, String>(0) != "started");
+            if !undone {
+                return Ok(Err(Finish::Retry(format!(
+                    "compensating {step}: this processor does not run that step; an instance that does will undo it"
+                ))));
+            }
+        }
         let mut out = Compensated::default();
         for step in self.steps.iter().rev().filter(|s| done.contains(s.name())) {
             let rec = begin(db, order.id, step.name(), COMPENSATE).await?;

@@ -565,6 +565,43 @@ async fn a_database_lock_timeout_does_not_drop_the_orders_in_flight() {
     p.task.abort();
 }
 
+/// An order cancelled after its steps were done, taken up by a processor
+/// that does not run one of them (a rolling deploy: an instance with an
+/// older list of steps), waits for one that does, its note kept, and is
+/// then undone whole, last step first. Before, that step's record was
+/// skipped, the payment refunded and the note deleted: nothing released
+/// the reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_this_processor_does_not_run_is_left_for_one_that_does() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+    let both = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let id = app.create_order("Rolling Deploy").await["id"].as_i64().unwrap();
+    wait_status(&app, id, "processed").await;
+    both.task.abort();
+    let older = start(&app.db_url, vec![payment.clone()]);
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let state = older.state.clone();
+    eventually(WAIT, || async { (state.health()["retries"].as_u64() >= Some(1)).then_some(()) }).await;
+    let notes: i64 = db.query_one("SELECT count(*) FROM order_undo WHERE order_id = $1", &[&id]).await.unwrap().get(0);
+    assert_eq!((notes, payment.compensations(id), inventory.compensations(id)), (1, 0, 0));
+    let last = older.state.health()["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(last.contains("compensating inventory: this processor does not run that step"), "{last}");
+    older.task.abort();
+    let both = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    let steps = both_compensated(&db, id).await;
+    assert_eq!(
+        outcomes(&steps)[2..],
+        [("inventory", "compensate", "done"), ("payment", "compensate", "done")],
+        "last step first"
+    );
+    assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
+    both.task.abort();
+}
+
 /// A compensation refused for good on an order another writer cancelled is
 /// said where a person sees it: the order's error message (the dashboard
 /// shows it, and a change carries it to every client), `last_error` and a
