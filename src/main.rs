@@ -88,7 +88,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
 
-    let migrating = matches!(command, Command::Migrate);
     let work = async {
         if let Some(pg) = &embedded {
             pg.ensure_database("ordercast").await?;
@@ -111,22 +110,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Produce(_) => unreachable!("handled before the database starts"),
         }
     };
-    // A signal before the work began (during the embedded start) stops it
-    // at once; a second signal cuts the graceful stop short.
-    let signalled_early = *signals.borrow() > 0;
-    let result = if signalled_early {
-        drop(work);
-        // `ordercast migrate && deploy` must not go on.
-        if migrating {
-            Err(anyhow::anyhow!("stopped before the migrations were done"))
-        } else {
-            Ok(())
-        }
-    } else {
-        tokio::select! {
-            r = work => r,
-            _ = signalled(&signals, 2) => Ok(()),
-        }
+    // A signal that came before (during the embedded start) stops the work
+    // as it begins: every command waits for the first signal beside its
+    // work (`ordercast migrate` then fails, so `migrate && deploy` does not
+    // go on). A second signal cuts the graceful stop short.
+    let result = tokio::select! {
+        r = work => r,
+        _ = signalled(&signals, 2) => Ok(()),
     };
     if let Some(mut pg) = embedded {
         tokio::task::spawn_blocking(move || pg.stop()).await??;

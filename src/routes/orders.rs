@@ -474,6 +474,9 @@ where
     Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 {
     use tokio_postgres::error::SqlState;
+    // A few milliseconds, more each time and at random, so that the writers
+    // that met do not meet again.
+    let mut backoff = std::time::Duration::from_millis(2);
     let mut tries = 1;
     loop {
         match statement().await {
@@ -483,10 +486,7 @@ where
                         *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
                     }) =>
             {
-                // A few milliseconds, more each time and at random, so that
-                // the writers that met do not meet again.
-                let pause = rand::random::<u64>() % (5 * tries as u64) + 1;
-                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                tokio::time::sleep(crate::backoff::next(&mut backoff, std::time::Duration::from_millis(20))).await;
                 tries += 1;
             }
             r => return r,

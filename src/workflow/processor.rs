@@ -119,19 +119,28 @@ ON CONFLICT (order_id, step, action) DO UPDATE \
    SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
 RETURNING outcome, detail, attempts";
 
+/// The CTE `a` that commits its statement durably even where the database
+/// or role sets `synchronous_commit = off` (a common tuning): `off` is
+/// raised to `on` for this commit, a stricter setting (`remote_apply`) kept.
+macro_rules! durably {
+    () => {
+        "WITH a AS (SELECT set_config('synchronous_commit', \
+         CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' \
+         ELSE current_setting('synchronous_commit') END, true)) "
+    };
+}
+
 /// `BEGIN_SQL` committed durably, before a step's `execute` is called: it is
 /// the only sign that the call (a charge, a reservation) may have taken
 /// effect. Forgotten by a database crash, an order cancelled afterwards
-/// would find no step to undo and keep its charge. Durably even where the
-/// database or role sets `synchronous_commit = off` (a common tuning):
-/// `off` is raised to `on` for this commit, a stricter setting kept.
-const BEGIN_DURABLE_SQL: &str = "\
-WITH a AS (SELECT set_config('synchronous_commit', \
-     CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)) \
-INSERT INTO order_steps (order_id, step, action, outcome) SELECT $1, $2, $3, 'started' FROM a \
-ON CONFLICT (order_id, step, action) DO UPDATE \
-   SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
-RETURNING outcome, detail, attempts";
+/// would find no step to undo and keep its charge (`durably!`).
+const BEGIN_DURABLE_SQL: &str = concat!(
+    durably!(),
+    "INSERT INTO order_steps (order_id, step, action, outcome) SELECT $1, $2, $3, 'started' FROM a \
+     ON CONFLICT (order_id, step, action) DO UPDATE \
+        SET attempts = order_steps.attempts + 1, started_at = now() WHERE order_steps.outcome = 'started' \
+     RETURNING outcome, detail, attempts"
+);
 
 /// Which of the two begins `action` takes.
 fn begin_sql(action: &str) -> &'static str {
@@ -153,12 +162,12 @@ WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
 /// before it are compensated next, outside the database, and a refusal a
 /// database crash forgot would have the step called again, succeed (a stock
 /// answer differs from one call to the next) and the order go on with its
-/// payment refunded. Durably as `BEGIN_DURABLE_SQL` is.
-const FINISH_DURABLE_SQL: &str = "\
-WITH a AS (SELECT set_config('synchronous_commit', \
-     CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)) \
-UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() FROM a \
-WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
+/// payment refunded (`durably!`).
+const FINISH_DURABLE_SQL: &str = concat!(
+    durably!(),
+    "UPDATE order_steps SET outcome = $4, detail = $5, finished_at = now() FROM a \
+     WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'"
+);
 
 /// Which of the two finishes `outcome` takes.
 fn finish_sql(outcome: &str) -> &'static str {
@@ -333,8 +342,8 @@ impl Processor {
         let mut backlog = false;
         let reserved = reserved(self.concurrency);
         while !*shutdown.borrow() {
-            if Instant::now() >= next_scan && work.room_to_take_over(self.concurrency, reserved) > 0 {
-                let (after, filled) = self.resume(&conn, &mut work, scan_after, reserved).await?;
+            if Instant::now() >= next_scan && work.room_to_take_over(self.concurrency) > 0 {
+                let (after, filled) = self.resume(&conn, &mut work, scan_after).await?;
                 scan_after = after;
                 backlog = filled;
                 next_scan = if filled { Instant::now() } else { Instant::now() + RESUME_EVERY };
@@ -384,14 +393,8 @@ impl Processor {
     /// again before they are due (`RETRY_AFTER`). Returns where to go on,
     /// and whether the orders taken filled every free slot (there may be
     /// more).
-    async fn resume(
-        &self,
-        conn: &Dedicated,
-        work: &mut Work,
-        after: i64,
-        reserved: usize,
-    ) -> anyhow::Result<(i64, bool)> {
-        let limit = work.room_to_take_over(self.concurrency, reserved) as i64;
+    async fn resume(&self, conn: &Dedicated, work: &mut Work, after: i64) -> anyhow::Result<(i64, bool)> {
+        let limit = work.room_to_take_over(self.concurrency) as i64;
         if limit == 0 {
             return Ok((after, false));
         }
@@ -574,8 +577,8 @@ impl Work {
     }
 
     /// Free slots orders taken over may take: all but the reserved ones.
-    fn room_to_take_over(&self, concurrency: usize, reserved: usize) -> usize {
-        self.free(concurrency).min((concurrency - reserved).saturating_sub(self.taken_over.len()))
+    fn room_to_take_over(&self, concurrency: usize) -> usize {
+        self.free(concurrency).min((concurrency - reserved(concurrency)).saturating_sub(self.taken_over.len()))
     }
 
     /// Tasks of claimed (new) orders.
@@ -900,8 +903,7 @@ pub async fn run_standalone(
 mod tests {
     /// What raises a database's or role's `synchronous_commit = off` for one
     /// commit (a stricter setting, `remote_apply` say, is kept).
-    const DURABLE: &str = "set_config('synchronous_commit', \
-     CASE current_setting('synchronous_commit') WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, true)";
+    const DURABLE: &str = durably!();
 
     #[test]
     fn a_steps_start_is_committed_durably_and_a_compensations_is_not() {

@@ -446,6 +446,18 @@ impl TestApp {
     }
 }
 
+/// Commits `n` orders, `name 1` to `name n`, in one transaction (as a DBA
+/// would, in one statement).
+pub async fn dba_insert_many(db: &tokio_postgres::Client, name: &str, n: i64) {
+    db.execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT $1::text || ' ' || g, 'Bolt', 1, 2 FROM generate_series(1, $2::bigint) g",
+        &[&name, &n],
+    )
+    .await
+    .unwrap();
+}
+
 /// SQL that makes the database forget every commit after `start`, as a
 /// failover or a crash can; with `renumber`, the next commits take their
 /// positions again.

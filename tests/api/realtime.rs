@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::helpers::{eventually, forget_after, spawn_app, spawn_app_on, spawn_app_with, WsEvent};
+use crate::helpers::{dba_insert_many, eventually, forget_after, spawn_app, spawn_app_on, spawn_app_with, WsEvent};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -20,17 +20,6 @@ async fn large_changes(db: &tokio_postgres::Client, letter: &str) {
         .await
         .unwrap();
     }
-}
-
-/// Commits `n` orders, `name 1` to `name n`, in one transaction.
-async fn dba_insert_many(db: &tokio_postgres::Client, name: &str, n: i64) {
-    db.execute(
-        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-         SELECT $1::text || ' ' || g, 'Bolt', 1, 2 FROM generate_series(1, $2::bigint) g",
-        &[&name, &n],
-    )
-    .await
-    .unwrap();
 }
 
 /// Where retention's horizon stands.

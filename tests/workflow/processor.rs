@@ -14,7 +14,7 @@ use ordercast::workflow::steps::{OrderRef, Step, StepError, Steps};
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{dba_insert_many, eventually, spawn_app, spawn_app_with, TestApp};
 use crate::{scalar, until, WAIT};
 
 /// What a test step does when called.
@@ -660,13 +660,7 @@ async fn new_orders_are_claimed_while_orders_to_undo_hang() {
     let (_stop, shutdown) = watch::channel(false);
     let task = tokio::spawn(processor.run(shutdown));
     let db = app.sql().await;
-    db.execute(
-        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-         SELECT 'Refund ' || g, 'Gear', 1, 5 FROM generate_series(1, 128) g",
-        &[],
-    )
-    .await
-    .unwrap();
+    dba_insert_many(&db, "Refund", 128).await;
     until(&db, "SELECT count(*) FROM orders WHERE status = 'processed'", |n| n == 128).await;
     payment.hang_compensations.store(true, Ordering::SeqCst);
     db.execute("UPDATE orders SET status = 'cancelled'", &[]).await.unwrap();

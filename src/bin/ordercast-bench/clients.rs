@@ -61,7 +61,7 @@ pub type Finish = watch::Receiver<Option<i64>>;
 /// changes committed at or after a time the scenario sets once, shared by
 /// all its clients (until then, every change's). A latency run starts with a
 /// warm-up whose changes are counted (loss, duplicates) but not sampled.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Sampling(Option<Arc<AtomicI64>>);
 
 impl Sampling {
