@@ -482,6 +482,15 @@ impl Application {
         // while the database takes no new connections (it is shutting down,
         // or at max_connections) as REST does.
         drop(stream_pool.get().await.context("Failed to connect to the database")?);
+        // Listening before anything starts: two servers started together on
+        // one port both bind it (SO_REUSEADDR lets bound sockets share a port
+        // until one listens), and the second fails here, with no listener,
+        // Kafka group or processor started. Connections are taken from here
+        // on, not while the migrations ran.
+        socket
+            .listen(LISTEN_BACKLOG)
+            .and_then(|()| socket.set_nonblocking(true))
+            .with_context(|| format!("Failed to bind {}", settings.bind))?;
         let hub = Hub::start(head, settings.client_buffer);
         let listener_state = Arc::new(ListenerState::default());
         let mut tasks = vec![
@@ -565,16 +574,13 @@ impl Application {
         };
         let workers = settings.http_workers();
         log::info!("{workers} HTTP worker thread(s)");
-        // Connections are taken from here on, not while migrations ran.
-        let listening = socket.listen(LISTEN_BACKLOG).and_then(|()| socket.set_nonblocking(true));
-        let server =
-            match listening.and_then(|()| Server::build().listen("ordercast", TcpListener::from(socket), factory)) {
-                Ok(server) => server.workers(workers).disable_signals().shutdown_timeout(5).run(),
-                Err(e) => {
-                    tasks.iter().chain(&ingest.tasks).chain(&workflow.tasks).for_each(JoinHandle::abort);
-                    return Err(e.into());
-                }
-            };
+        let server = match Server::build().listen("ordercast", TcpListener::from(socket), factory) {
+            Ok(server) => server.workers(workers).disable_signals().shutdown_timeout(5).run(),
+            Err(e) => {
+                tasks.iter().chain(&ingest.tasks).chain(&workflow.tasks).for_each(JoinHandle::abort);
+                return Err(e.into());
+            }
+        };
         Ok(Application { port, server, state, tasks, ingest_tasks: ingest.tasks, workflow_tasks: workflow.tasks })
     }
 

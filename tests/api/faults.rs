@@ -173,6 +173,50 @@ async fn a_server_whose_migrations_wait_takes_no_connection_yet() {
     server.await.unwrap().unwrap();
 }
 
+/// Two servers started together on one port: both bind it (a port is
+/// shared until one listens), and the one that listens second fails before
+/// it has started anything, with an error naming the address. Before, it
+/// failed only after its listener (and any Kafka ingest or processor) had
+/// started, with a bare "Address in use".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_servers_started_together_on_one_port_the_second_fails_before_anything_runs() {
+    let (db_url, _) = create_database().await;
+    // The first server: bound, not yet listening.
+    let first = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    first.set_reuse_address(true).unwrap();
+    first.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let addr = first.local_addr().unwrap().as_socket().unwrap();
+    // The second binds too, and waits for the first's migrations.
+    let other = ordercast::db::connect(&db_url).await.unwrap();
+    other.execute("SELECT pg_advisory_lock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    let mut settings = ordercast::config::Settings::for_database(&db_url);
+    settings.bind = addr;
+    let url = db_url.clone();
+    let build = tokio::spawn(async move { ordercast::startup::Application::build(settings, &url).await });
+    crate::helpers::until_count(
+        &other,
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        WAIT,
+        |n| n == 1,
+    )
+    .await;
+    // The first listens, then its migrations end.
+    first.listen(16).unwrap();
+    other.execute("SELECT pg_advisory_unlock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    let e = build.await.unwrap().err().expect("the port is the first's");
+    assert!(format!("{e:#}").contains(&format!("Failed to bind {addr}")), "{e:#}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sessions: i64 = other
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sessions, 0, "a session of the server that did not start is still open");
+}
+
 /// A second ordercast started on the same data directory (a `migrate` in
 /// another terminal, say) is refused, and leaves the first one's server
 /// running. Before, it stopped that server to start its own on another port,
