@@ -116,6 +116,24 @@ async fn every_connection_asks_its_backend_to_notice_a_dead_client_within_second
     assert_eq!(dead_client_settings(&dedicated.client).await, want, "a dedicated connection");
 }
 
+/// The migration lock, as another replica migrating holds it.
+const LOCK_MIGRATIONS: &str = "SELECT pg_advisory_lock(x'6f72646300000001'::bigint)";
+const UNLOCK_MIGRATIONS: &str = "SELECT pg_advisory_unlock(x'6f72646300000001'::bigint)";
+
+/// Until a server starting waits for the migration lock.
+async fn until_a_migration_waits(db: &tokio_postgres::Client) {
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    crate::helpers::until_count(db, waiting, WAIT, |n| n == 1).await;
+}
+
+/// No session but `db`'s is open in its database: a server that did not
+/// start left none behind.
+async fn assert_no_session_but(db: &tokio_postgres::Client) {
+    let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+    let sessions: i64 = db.query_one(others, &[]).await.unwrap().get(0);
+    assert_eq!(sessions, 0, "a session of the server that did not start is still open");
+}
+
 /// A server whose port is taken does not start: it fails before it has
 /// started anything. Before, it bound last, after the listener (and any
 /// Kafka ingest or processor) had started, and left them running.
@@ -129,15 +147,7 @@ async fn a_port_in_use_fails_the_start_before_anything_runs() {
     assert!(format!("{e:#}").contains("Failed to bind"), "{e:#}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let db = ordercast::db::connect(&db_url).await.unwrap();
-    let sessions: i64 = db
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(sessions, 0, "a session of the server that did not start is still open");
+    assert_no_session_but(&db).await;
 }
 
 /// While its migrations wait (for another replica's, say), a starting
@@ -147,24 +157,17 @@ async fn a_port_in_use_fails_the_start_before_anything_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_whose_migrations_wait_takes_no_connection_yet() {
     let (db_url, _) = create_database().await;
-    // The migration lock, as another replica migrating holds it.
     let other = ordercast::db::connect(&db_url).await.unwrap();
-    other.execute("SELECT pg_advisory_lock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    other.execute(LOCK_MIGRATIONS, &[]).await.unwrap();
     let port = free_port();
     let mut settings = ordercast::config::Settings::for_database(&db_url);
     settings.bind = format!("127.0.0.1:{port}").parse().unwrap();
     let url = db_url.clone();
     let build = tokio::spawn(async move { ordercast::startup::Application::build(settings, &url).await });
-    crate::helpers::until_count(
-        &other,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        WAIT,
-        |n| n == 1,
-    )
-    .await;
+    until_a_migration_waits(&other).await;
     let e = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect_err("a connection was taken");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
-    other.execute("SELECT pg_advisory_unlock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    other.execute(UNLOCK_MIGRATIONS, &[]).await.unwrap();
     let app = build.await.unwrap().expect("built once the migrations ran");
     let handle = app.handle();
     let server = tokio::spawn(app.run_until_stopped());
@@ -188,33 +191,19 @@ async fn of_two_servers_started_together_on_one_port_the_second_fails_before_any
     let addr = first.local_addr().unwrap().as_socket().unwrap();
     // The second binds too, and waits for the first's migrations.
     let other = ordercast::db::connect(&db_url).await.unwrap();
-    other.execute("SELECT pg_advisory_lock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    other.execute(LOCK_MIGRATIONS, &[]).await.unwrap();
     let mut settings = ordercast::config::Settings::for_database(&db_url);
     settings.bind = addr;
     let url = db_url.clone();
     let build = tokio::spawn(async move { ordercast::startup::Application::build(settings, &url).await });
-    crate::helpers::until_count(
-        &other,
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        WAIT,
-        |n| n == 1,
-    )
-    .await;
+    until_a_migration_waits(&other).await;
     // The first listens, then its migrations end.
     first.listen(16).unwrap();
-    other.execute("SELECT pg_advisory_unlock(x'6f72646300000001'::bigint)", &[]).await.unwrap();
+    other.execute(UNLOCK_MIGRATIONS, &[]).await.unwrap();
     let e = build.await.unwrap().err().expect("the port is the first's");
     assert!(format!("{e:#}").contains(&format!("Failed to bind {addr}")), "{e:#}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let sessions: i64 = other
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(sessions, 0, "a session of the server that did not start is still open");
+    assert_no_session_but(&other).await;
 }
 
 /// A second ordercast started on the same data directory (a `migrate` in
