@@ -103,6 +103,12 @@ const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount 
 const DONE_STEPS_SQL: &str =
     "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
+/// An order's steps begun and not done, or refused: with `Ctx::runs`,
+/// those another instance recorded (see `Ctx::foreign`).
+const OPEN_STEPS_SQL: &str = "\
+SELECT step, outcome, coalesce(detail, '') FROM order_steps \
+WHERE order_id = $1 AND action = 'execute' AND outcome IN ('started', 'failed') ORDER BY id";
+
 /// For a row of `orders`: another writer cancelled it or marked it failed,
 /// and it has steps to undo (as `DONE_STEPS_SQL` finds them) without a
 /// finished compensation (`order_steps_left`, V19).
@@ -639,6 +645,9 @@ impl Ctx {
             "cancelled" | "failed" => return self.undo(db, &order, &status).await,
             _ => return Ok(Finish::Skipped),
         }
+        if let Some(finish) = self.foreign(db, &order).await? {
+            return Ok(finish);
+        }
         for (i, step) in self.steps.iter().enumerate() {
             // Before the first step the status was just read above.
             if i > 0 {
@@ -694,6 +703,41 @@ impl Ctx {
             true => Finish::Processed,
             false => self.after_race(db, &order).await?,
         })
+    }
+
+    /// Whether this processor runs the step called `name`.
+    fn runs(&self, name: &str) -> bool {
+        self.steps.iter().any(|s| s.name() == name)
+    }
+
+    /// An order in processing with a step this processor does not run (its
+    /// list of steps changed in a rolling deploy, or was rolled back) begun
+    /// and not done, or refused, by another instance. Refused: the order
+    /// fails, its steps undone, as the instance that refused it would have
+    /// done. Begun: the order waits for an instance that runs the step (this
+    /// one cannot finish or undo it). Before, both were overlooked and the
+    /// order marked processed, a refused reservation's payment kept.
+    async fn foreign(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Option<Finish>> {
+        let open: Vec<(String, String, String)> = {
+            let (client, stmt) = prepared(db, OPEN_STEPS_SQL).await?;
+            let rows = client.query(&stmt, &[&order.id]).await.map_err(crate::db::describe)?;
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .filter(|(step, ..): &(String, String, String)| !self.runs(step))
+                .collect()
+        };
+        if let Some((step, _, why)) = open.iter().find(|(_, outcome, _)| outcome == "failed") {
+            let compensated = match self.compensate(db, order).await? {
+                Ok(done) => done.report,
+                Err(retry) => return Ok(Some(retry)),
+            };
+            return Ok(Some(self.failed(db, order, step, why, compensated).await?));
+        }
+        Ok(open.first().map(|(step, ..)| {
+            Finish::Retry(format!(
+                "{step}: this processor does not run that step; an instance that does will finish the order"
+            ))
+        }))
     }
 
     /// `step` failed for good and the steps before it are undone: the order
@@ -769,7 +813,7 @@ impl Ctx {
         // undone here, and the compensations go last step first: the order
         // waits, its note kept, for an instance that runs it. Before, its
         // record was skipped and the note deleted: nothing undid it.
-        for step in done.iter().filter(|d| !self.steps.iter().any(|s| s.name() == d.as_str())) {
+        for step in done.iter().filter(|d| !self.runs(d)) {
             let (client, stmt) = prepared(db, RECORD_SQL).await?;
             let undone = client
                 .query_opt(&stmt, &[&order.id, step, &COMPENSATE])

@@ -602,6 +602,65 @@ async fn a_step_this_processor_does_not_run_is_left_for_one_that_does() {
     both.task.abort();
 }
 
+/// An order left in processing with its payment done and its `inventory`
+/// step recorded as `outcome` by an instance that runs it (a rolling
+/// deploy; that instance died before going on).
+async fn left_by_a_newer_instance(app: &TestApp, outcome: &str, detail: &str) -> i64 {
+    let id = app.create_order("Rolling Deploy").await["id"].as_i64().unwrap();
+    app.sql()
+        .await
+        .batch_execute(&format!(
+            "UPDATE orders SET status = 'processing' WHERE id = {id}; \
+             INSERT INTO order_steps (order_id, step, action, outcome, detail) VALUES \
+               ({id}, 'payment', 'execute', 'done', 'charged'), \
+               ({id}, 'inventory', 'execute', '{outcome}', '{detail}')"
+        ))
+        .await
+        .unwrap();
+    id
+}
+
+/// Such an order whose reservation was refused, taken up by an instance
+/// that does not run that step: it fails, its payment refunded, as the
+/// instance that refused it would have done. Before, its own steps being
+/// done, it marked the order processed and kept the payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_another_instance_refused_fails_the_order_here_too() {
+    let app = spawn_app().await;
+    let id = left_by_a_newer_instance(&app, "failed", "out of stock").await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let older = start(&app.db_url, vec![payment.clone()]);
+    let order = wait_status(&app, id, "failed").await;
+    let message = order["error_message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("inventory failed: out of stock; compensated: payment (payment undone"), "{message}");
+    assert_eq!((payment.calls.load(Ordering::SeqCst), payment.compensations(id)), (0, 1));
+    older.task.abort();
+}
+
+/// Such an order whose reservation was begun and not answered waits for an
+/// instance that runs that step, and is then finished there. Before, the
+/// instance that does not run it marked the order processed, the
+/// reservation's outcome unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_another_instance_began_waits_for_one_that_runs_it() {
+    let app = spawn_app().await;
+    let id = left_by_a_newer_instance(&app, "started", "").await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    let inventory = TestStep::new("inventory", Mode::Succeed);
+    let older = start(&app.db_url, vec![payment.clone()]);
+    let state = older.state.clone();
+    eventually(WAIT, || async { (state.health()["retries"].as_u64() >= Some(1)).then_some(()) }).await;
+    let last = older.state.health()["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(last.contains("inventory: this processor does not run that step"), "{last}");
+    let (_, order) = app.get_json(&format!("/api/orders/{id}")).await;
+    assert_eq!(order["status"], "processing");
+    older.task.abort();
+    let both = start(&app.db_url, vec![payment.clone(), inventory.clone()]);
+    wait_status(&app, id, "processed").await;
+    assert_eq!((payment.calls.load(Ordering::SeqCst), inventory.calls.load(Ordering::SeqCst)), (0, 1));
+    both.task.abort();
+}
+
 /// A compensation refused for good on an order another writer cancelled is
 /// said where a person sees it: the order's error message (the dashboard
 /// shows it, and a change carries it to every client), `last_error` and a
