@@ -100,8 +100,11 @@ const LOAD_SQL: &str = "SELECT status, customer_name, product, quantity, amount 
 /// begun only after the ones before it are done, so only an order cancelled
 /// while its processor waited for a step (or was gone), or a step given up
 /// after `MAX_ATTEMPTS` unanswered calls, has one of the latter.
-const DONE_STEPS_SQL: &str =
-    "SELECT step FROM order_steps WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
+/// With each, what its call answered (`Step::compensate`'s `done`), or
+/// NULL for one never answered.
+const DONE_STEPS_SQL: &str = "\
+SELECT step, CASE outcome WHEN 'done' THEN coalesce(detail, '') END FROM order_steps \
+WHERE order_id = $1 AND action = 'execute' AND outcome IN ('done', 'started')";
 
 /// An order's steps begun and not done, or refused: with `Ctx::runs`,
 /// those another instance recorded (see `Ctx::foreign`).
@@ -803,17 +806,18 @@ impl Ctx {
     /// done (for the error message), or the `Retry` to return when a
     /// compensation could not be reached.
     async fn compensate(&self, db: &Pool, order: &OrderRef) -> anyhow::Result<Result<Compensated, Finish>> {
-        let done: HashSet<String> = {
+        let done: HashMap<String, Option<String>> = {
             // Back to the pool before any step is called.
             let (client, stmt) = prepared(db, DONE_STEPS_SQL).await?;
-            client.query(&stmt, &[&order.id]).await.map_err(crate::db::describe)?.iter().map(|r| r.get(0)).collect()
+            let rows = client.query(&stmt, &[&order.id]).await.map_err(crate::db::describe)?;
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
         };
         // A step this processor does not run (added, renamed or removed in
         // another instance's configuration, a rolling deploy) cannot be
         // undone here, and the compensations go last step first: the order
         // waits, its note kept, for an instance that runs it. Before, its
         // record was skipped and the note deleted: nothing undid it.
-        for step in done.iter().filter(|d| !self.runs(d)) {
+        for step in done.keys().filter(|d| !self.runs(d)) {
             let (client, stmt) = prepared(db, RECORD_SQL).await?;
             let undone = client
                 .query_opt(&stmt, &[&order.id, step, &COMPENSATE])
@@ -827,7 +831,7 @@ impl Ctx {
             }
         }
         let mut out = Compensated::default();
-        for step in self.steps.iter().rev().filter(|s| done.contains(s.name())) {
+        for (step, answered) in self.steps.iter().rev().filter_map(|s| Some((s, done.get(s.name())?.as_deref()))) {
             let rec = begin(db, order.id, step.name(), COMPENSATE).await?;
             let detail = match rec.outcome.as_str() {
                 "done" => rec.detail.unwrap_or_default(),
@@ -836,7 +840,7 @@ impl Ctx {
                     out.failed.push(format!("compensating {} failed: {why}", step.name()));
                     format!("FAILED: {why}")
                 }
-                _ => match self.call(step.compensate(order)).await {
+                _ => match self.call(step.compensate(order, answered)).await {
                     Ok(detail) => {
                         finish(db, order.id, step.name(), COMPENSATE, "done", &detail).await?;
                         self.state.compensations.fetch_add(1, Ordering::Relaxed);

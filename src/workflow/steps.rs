@@ -51,7 +51,14 @@ pub trait Step: Send + Sync {
     /// have taken effect, and its request may still arrive, so with nothing
     /// to undo it must succeed and void the idempotency key, so that a late
     /// `execute` with it has no effect (a provider's cancel by key).
-    fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>>;
+    ///
+    /// `done` is what the step's `execute` answered (its recorded detail: a
+    /// charge id, a reservation), or `None` for a call never answered. An
+    /// order is often cancelled long after it was processed, when a
+    /// provider has forgotten its idempotency key (a payment provider keeps
+    /// them for about a day): the charge is then found by its id.
+    fn compensate<'a>(&'a self, order: &'a OrderRef, done: Option<&'a str>)
+        -> BoxFuture<'a, Result<String, StepError>>;
 }
 
 /// The steps in the order they run; compensation runs them backwards.
@@ -158,7 +165,11 @@ impl Step for SimulatedPayment {
         })
     }
 
-    fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
+    fn compensate<'a>(
+        &'a self,
+        order: &'a OrderRef,
+        done: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, StepError>> {
         Box::pin(async move {
             simulate_latency(self.latency).await;
             match self.charges.get(order.id) {
@@ -168,17 +179,30 @@ impl Step for SimulatedPayment {
                 }
                 Some(Charge::Refunded(amount)) => Ok(format!("refunded {amount} of ch_{} (already)", order.id)),
                 Some(Charge::Voided) => Ok(format!("ch_{} voided (already)", order.id)),
-                // Never charged, or a charge request still on its way, or
-                // forgotten (the simulation's ledger lives in this process):
-                // the key is voided, so no charge can be captured with it
-                // afterwards.
-                None => {
-                    self.charges.put(order.id, Charge::Voided);
-                    Ok(format!("no charge known; ch_{} voided", order.id))
-                }
+                None => match done.and_then(charge_id) {
+                    // Captured, by the processor's record, and the key
+                    // forgotten (expired, or the simulation's ledger lived
+                    // in a process since restarted): refunded by its id.
+                    Some(charge) => {
+                        self.charges.put(order.id, Charge::Refunded(order.amount));
+                        Ok(format!("refunded {} of {charge} (by its charge id)", order.amount))
+                    }
+                    // Never charged, or a charge request still on its way:
+                    // the key is voided, so no charge can be captured with
+                    // it afterwards.
+                    None => {
+                        self.charges.put(order.id, Charge::Voided);
+                        Ok(format!("no charge known; ch_{} voided", order.id))
+                    }
+                },
             }
         })
     }
+}
+
+/// The charge id in a payment's recorded detail (`charged 19.00 as ch_7`).
+fn charge_id(detail: &str) -> Option<&str> {
+    detail.split_whitespace().find(|w| w.starts_with("ch_") && w.len() > 3)
 }
 
 /// A warehouse that is out of stock for a share of reservations.
@@ -217,7 +241,11 @@ impl Step for SimulatedInventory {
         })
     }
 
-    fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
+    fn compensate<'a>(
+        &'a self,
+        order: &'a OrderRef,
+        _done: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, StepError>> {
         Box::pin(async move {
             simulate_latency(self.latency).await;
             self.reservations.put(order.id, false);
@@ -241,18 +269,34 @@ mod tests {
         let again = pay.execute(&order()).await.unwrap();
         assert!(first.starts_with("charged 19.00"), "{first}");
         assert!(again.contains("already captured"), "{again}");
-        assert!(pay.compensate(&order()).await.unwrap().starts_with("refunded 19.00"));
-        assert!(pay.compensate(&order()).await.unwrap().contains("already"));
+        assert!(pay.compensate(&order(), Some(&first)).await.unwrap().starts_with("refunded 19.00"));
+        assert!(pay.compensate(&order(), Some(&first)).await.unwrap().contains("already"));
     }
 
     #[tokio::test]
     async fn undoing_what_was_never_answered_voids_the_key_for_a_late_request() {
         let pay = SimulatedPayment::new(0.0, Duration::ZERO);
-        assert!(pay.compensate(&order()).await.unwrap().contains("voided"));
+        assert!(pay.compensate(&order(), None).await.unwrap().contains("voided"));
         assert!(matches!(pay.execute(&order()).await, Err(StepError::Rejected(_))));
         let inventory = SimulatedInventory::new(0.0, Duration::ZERO);
-        inventory.compensate(&order()).await.unwrap();
+        inventory.compensate(&order(), None).await.unwrap();
         assert!(matches!(inventory.execute(&order()).await, Err(StepError::Rejected(_))));
+    }
+
+    /// A charge captured before the provider forgot its key (here: the
+    /// ledger of a process since restarted) is refunded by its charge id.
+    /// Before, it was "voided" by key and the charge kept.
+    #[tokio::test]
+    async fn a_charge_whose_key_was_forgotten_is_refunded_by_its_id() {
+        let charged = SimulatedPayment::new(0.0, Duration::ZERO).execute(&order()).await.unwrap();
+        let restarted = SimulatedPayment::new(0.0, Duration::ZERO);
+        let undone = restarted.compensate(&order(), Some(&charged)).await.unwrap();
+        assert_eq!(undone, "refunded 19.00 of ch_7 (by its charge id)");
+        assert!(restarted.compensate(&order(), Some(&charged)).await.unwrap().contains("already"));
+        assert!(
+            matches!(restarted.execute(&order()).await, Err(StepError::Rejected(_))),
+            "refunded, not captured again"
+        );
     }
 
     #[tokio::test]

@@ -43,6 +43,8 @@ struct TestStep {
     /// Effects by order id: how many times each order was really charged.
     effects: Mutex<HashMap<i64, u32>>,
     compensations: Mutex<HashMap<i64, u32>>,
+    /// By order id, the `done` its last compensation was given.
+    answered: Mutex<HashMap<i64, Option<String>>>,
     /// How many compensation calls to answer "unavailable" first.
     refused_compensations: AtomicU32,
     /// While set, every call is unavailable (the service is down).
@@ -64,6 +66,7 @@ impl TestStep {
             calls: AtomicU32::new(0),
             effects: Mutex::default(),
             compensations: Mutex::default(),
+            answered: Mutex::default(),
             refused_compensations: AtomicU32::new(0),
             down: std::sync::atomic::AtomicBool::new(false),
             hang_compensations: std::sync::atomic::AtomicBool::new(false),
@@ -80,6 +83,10 @@ impl TestStep {
 
     fn compensations(&self, id: i64) -> u32 {
         self.compensations.lock().unwrap().get(&id).copied().unwrap_or(0)
+    }
+
+    fn answered(&self, id: i64) -> Option<Option<String>> {
+        self.answered.lock().unwrap().get(&id).cloned()
     }
 
     /// Applies the effect once per order id, as an idempotent service does.
@@ -116,9 +123,14 @@ impl Step for TestStep {
         })
     }
 
-    fn compensate<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
+    fn compensate<'a>(
+        &'a self,
+        order: &'a OrderRef,
+        done: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, StepError>> {
         Box::pin(async move {
             self.compensation_calls.fetch_add(1, Ordering::SeqCst);
+            self.answered.lock().unwrap().insert(order.id, done.map(str::to_string));
             let refuse =
                 self.refused_compensations.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
             if refuse.is_ok() {
@@ -282,8 +294,12 @@ async fn a_failure_after_two_steps_compensates_both_in_reverse() {
         fn execute<'a>(&'a self, o: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
             self.0.execute(o)
         }
-        fn compensate<'a>(&'a self, o: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
-            self.0.compensate(o)
+        fn compensate<'a>(
+            &'a self,
+            o: &'a OrderRef,
+            done: Option<&'a str>,
+        ) -> BoxFuture<'a, Result<String, StepError>> {
+            self.0.compensate(o, done)
         }
     }
     let _p = start(&app.db_url, vec![payment.clone(), inventory.clone(), Arc::new(Named(shipping))]);
@@ -742,9 +758,10 @@ async fn both_compensated(db: &tokio_postgres::Client, id: i64) -> Vec<(String, 
     .await
 }
 
-/// Both steps undone once, last first; `inventory_call` is how the
-/// reservation's call stands in the record, `calls` how often each step was
-/// called by the test's processors.
+/// Both steps undone once, last first, each compensation given what its
+/// step's call answered (nothing for one never answered); `inventory_call`
+/// is how the reservation's call stands in the record, `calls` how often
+/// each step was called by the test's processors.
 fn undone_once(
     steps: &[(String, String, String, i32, String)],
     inventory_call: &str,
@@ -764,6 +781,8 @@ fn undone_once(
     );
     assert_eq!((payment.compensations(id), inventory.compensations(id)), (1, 1));
     assert_eq!((payment.calls.load(Ordering::SeqCst), inventory.calls.load(Ordering::SeqCst)), calls);
+    let reserved = (inventory_call == "done").then(|| steps[1].4.clone());
+    assert_eq!((payment.answered(id), inventory.answered(id)), (Some(Some(steps[0].4.clone())), Some(reserved)));
 }
 
 /// An order cancelled while no processor runs, after its owner died in the
