@@ -438,8 +438,18 @@ async fn read_log(pool: Pool, scan: i64) -> ReadOutcome {
 
 async fn read_log_once(pool: &Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpError> {
     let client = pool.get().await.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?;
-    let (changes, seen) =
-        read_after(&client, scan, CATCH_UP_BATCH).await.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?;
+    // A read the database cut short (a `statement_timeout` set for the
+    // role: large rows) is asked again at once for half as many changes.
+    // Before, it failed the same way at every try, and the client stalled.
+    let mut limit = CATCH_UP_BATCH;
+    let (changes, seen) = loop {
+        match read_after(&client, scan, limit).await {
+            Err(e) if limit > 1 && e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                limit /= 2;
+            }
+            read => break read.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?,
+        }
+    };
     // Rows come with the horizon of their own snapshot: past `scan`, some
     // changes after it were gone before the read. A prune committed after
     // the read does not matter to it (the next read sees it). A read with

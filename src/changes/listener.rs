@@ -380,7 +380,7 @@ async fn session(
         });
     }
     client
-        .batch_execute(&format!("{}; LISTEN {CHANNEL}", crate::db::SESSION_KEEPALIVES))
+        .batch_execute(&format!("{}; {}; LISTEN {CHANNEL}", crate::db::SESSION_KEEPALIVES, crate::db::HELD_SESSION))
         .await
         .map_err(crate::db::describe)
         .context("LISTEN failed")?;

@@ -70,6 +70,19 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
 pub const SESSION_KEEPALIVES: &str = "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
      SET tcp_keepalives_count = 3; SET tcp_user_timeout = 30000";
 
+/// For a session held for as long as ordercast runs (the LISTEN connection,
+/// the outbox relay's and the processor's), whose statements have their own
+/// bounds: a database or role default of a statement, lock, transaction
+/// (PostgreSQL 17) or idle-in-transaction timeout would fail a long read of
+/// the change log again at every try (the listener stalled, every client
+/// with it), and `idle_session_timeout` (PostgreSQL 14) would end the
+/// session while it waits for a notification, and with it the relay's and
+/// the processor's advisory locks and their work in flight.
+pub const HELD_SESSION: &str = "SET lock_timeout = 0; SET statement_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0; \
+     SELECT set_config('idle_session_timeout', '0', false) WHERE current_setting('server_version_num')::int >= 140000; \
+     SELECT set_config('transaction_timeout', '0', false) WHERE current_setting('server_version_num')::int >= 170000";
+
 /// TLS for connections to `url`, as its `sslmode`, `sslrootcert`, `sslcert`
 /// and `sslkey` ask (see `tls`): every ordercast connection is opened with it.
 pub fn tls(url: &str) -> anyhow::Result<Tls> {

@@ -133,15 +133,14 @@ impl Dedicated {
         // orders in flight are dropped and called again. So a database or
         // role default of REPEATABLE READ (a claim's SKIP LOCKED then fails
         // with a serialization error) or of a lock or statement timeout
-        // (a scan behind a DBA's lock; PostgreSQL 17's transaction timeout too) does not apply here: such a
-        // statement waits, as the orders' own work goes on in the pool.
+        // (a scan behind a DBA's lock), see `HELD_SESSION`, does not apply
+        // here: such a statement waits, as the orders' own work goes on in
+        // the pool.
         client
             .batch_execute(&format!(
-                "SET default_transaction_isolation = 'read committed'; SET lock_timeout = 0; \
-                 SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; \
-                 SELECT set_config('transaction_timeout', '0', false) \
-                   WHERE current_setting('server_version_num')::int >= 170000; {}; LISTEN {}",
+                "SET default_transaction_isolation = 'read committed'; {}; {}; LISTEN {}",
                 crate::db::SESSION_KEEPALIVES,
+                crate::db::HELD_SESSION,
                 crate::changes::listener::CHANNEL
             ))
             .await

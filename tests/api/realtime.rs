@@ -1386,6 +1386,59 @@ async fn wrap_change_read(db: &tokio_postgres::Client, condition: &str) {
     .unwrap();
 }
 
+/// The backend of the listener's session.
+async fn listener_pid(db: &tokio_postgres::Client) -> i32 {
+    let pid = "SELECT pid FROM pg_stat_activity WHERE application_name = 'ordercast-listener' AND datname = current_database()";
+    eventually(WAIT, || async move { db.query_opt(pid, &[]).await.unwrap().map(|r| r.get::<_, i32>(0)) }).await
+}
+
+/// A database whose defaults cut slow statements short and end idle
+/// sessions (common tuning) neither stalls the listener nor ends its
+/// session while it waits, nor stalls a client catching up; the relay's and
+/// processor's connection ignores them too. Before, a read of the change log
+/// slower than the statement timeout failed again at every try: no change
+/// reached any client, and a client catching up stalled. And an idle
+/// listener was cut off every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_timeouts_neither_stall_nor_end_the_held_sessions() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    db.batch_execute(&format!(
+        "ALTER DATABASE \"{0}\" SET statement_timeout = '300ms'; \
+         ALTER DATABASE \"{0}\" SET idle_session_timeout = '1s'",
+        app.db_name
+    ))
+    .await
+    .unwrap();
+    // Each change read takes a fifth of a second: a read of two is cut short.
+    wrap_change_read(&db, "pg_sleep(0.2) IS NOT NULL").await;
+    let before = listener_pid(&db).await;
+    db.batch_execute(KILL_LISTENER).await.unwrap();
+    let pid = eventually(WAIT, || async { Some(listener_pid(&db).await).filter(|p| *p != before) }).await;
+    let mut ws = app.ws("").await;
+    let start = ws.ready().await["seq"].as_i64().unwrap();
+    dba_insert_many(&db, "read slowly", 3).await;
+    let names = |changes: Vec<Value>| changes.iter().map(|c| c["order"]["customer_name"].clone()).collect::<Vec<_>>();
+    let want = ["read slowly 1", "read slowly 2", "read slowly 3"];
+    assert_eq!(names(ws.changes(3, WAIT).await), want);
+    // The streams' pool connects again, with the database's defaults.
+    db.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'ordercast' AND datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .await
+    .unwrap();
+    let mut resumed = app.ws(&format!("?since={start}")).await;
+    assert_eq!(names(resumed.changes(3, WAIT).await), want);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(listener_pid(&db).await, pid, "the listener's session was ended while it waited");
+    let held = ordercast::workflow::Dedicated::open(&app.db_url, "test").await.unwrap();
+    for setting in ["statement_timeout", "idle_session_timeout"] {
+        let value: String = held.client.query_one(&format!("SHOW {setting}"), &[]).await.unwrap().get(0);
+        assert_eq!(value, "0", "{setting} on the relay's and processor's connection");
+    }
+}
+
 const KILL_LISTENER: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
      WHERE application_name = 'ordercast-listener' AND datname = current_database()";
 
