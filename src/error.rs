@@ -205,6 +205,13 @@ impl From<tokio_postgres::Error> for ApiError {
                     .into(),
             ),
             "25006" => ApiError::Unavailable("the database is read-only (a standby, or during a failover)".into()),
+            // A `lock_timeout` set for the role: a lock the request needed
+            // was held by another session longer than that.
+            "55P03" => ApiError::Unavailable(
+                "a row or table this request needed stayed locked by another session past the database's \
+                 lock_timeout; nothing was written: try again"
+                    .into(),
+            ),
             // 22021: a NUL or bytes not in the encoding; 22P05: a character
             // the database's encoding (LATIN1, say) cannot hold.
             "23514" | "23502" | "22001" | "22003" | "22P02" | "22021" | "22P05" => {

@@ -1200,7 +1200,8 @@ async fn a_create_skips_ids_a_dba_took_ahead_of_the_sequence() {
 /// serialization failure, with repeatable read set on the database) is run
 /// again by the server, with a new snapshot, and applied (after four such
 /// tries it would be 409 `conflict`; before this, it was 409 at once, and
-/// earlier still 500); a read-only database (a standby, a failover) is 503
+/// earlier still 500); a read-only database (a standby, a failover) and a
+/// lock held past the database's `lock_timeout` are 503
 /// `database_unavailable`, not 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_given_up_or_a_read_only_database_is_no_internal_error() {
@@ -1246,6 +1247,19 @@ async fn a_transaction_given_up_or_a_read_only_database_is_no_internal_error() {
         read_only += body["message"].as_str().unwrap().contains("read-only") as usize;
     }
     assert!(read_only > 0, "no answer said the database is read-only");
+
+    // A lock held past the database's lock_timeout: nothing was written.
+    admin.batch_execute(&format!("ALTER DATABASE {name} SET default_transaction_read_only = off")).await.unwrap();
+    reopen("lock_timeout = '200ms'").await;
+    let dba = app.sql().await;
+    dba.batch_execute(&format!("BEGIN; SELECT 1 FROM orders WHERE id = {id} FOR UPDATE")).await.unwrap();
+    let r = app.http.patch(app.url(&format!("/api/orders/{id}"))).json(&json!({"quantity": 8})).send().await.unwrap();
+    let (status, retry_after) = (r.status().as_u16(), r.headers().contains_key("retry-after"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((status, body["code"].as_str(), retry_after), (503, Some("database_unavailable"), true), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("lock"), "{body}");
+    dba.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(app.get_json(&format!("/api/orders/{id}")).await.1["quantity"], 7, "nothing was written");
 }
 
 /// A DELETE racing a replacement of its order (deleted and inserted again
