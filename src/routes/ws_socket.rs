@@ -28,6 +28,9 @@ use tokio::net::TcpStream;
 const READ_CHUNK: usize = 4096;
 /// Bytes read (and parsed) per `read_messages` call at most.
 const READ_BUDGET: usize = 64 * 1024;
+/// The longest header of a client's frame: 2 bytes, an 8-byte length and a
+/// 4-byte mask.
+const MAX_FRAME_HEADER: usize = 14;
 /// Frames gathered into one vectored write.
 const MAX_IOVECS: usize = 64;
 
@@ -209,6 +212,14 @@ impl Socket {
                 OpCode::Bad => return Err(protocol(CloseCode::Protocol, "bad opcode".into())),
             };
             into.push(message);
+        }
+        // What is left is the start of one frame, already longer than a
+        // whole message may be: refused now. The parser waits for a frame
+        // to be complete before it checks its length, which its header may
+        // declare as anything up to 2^63 bytes; the bytes were kept until
+        // then, without bound.
+        if self.rbuf.len() > self.max_message + MAX_FRAME_HEADER {
+            return Err(protocol(CloseCode::Size, "message too large".into()));
         }
         Ok(())
     }
@@ -452,6 +463,40 @@ mod tests {
             }
         }
         Ok(got)
+    }
+
+    /// A frame whose header declares more than a message may hold is
+    /// refused with 1009 once more than that has come, not kept until it
+    /// is complete. Before, its bytes were buffered for as long as they
+    /// came (up to 2^63).
+    #[tokio::test]
+    async fn a_frame_declared_too_large_is_refused_before_it_is_buffered_whole() {
+        let (mut socket, mut client) = pair().await;
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        header.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+        client.write_all(&header).await.unwrap();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..16 {
+                if client.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let refused = async {
+            loop {
+                if let Err(e) = read_all(&mut socket).await {
+                    break e;
+                }
+            }
+        };
+        let e = tokio::time::timeout(Duration::from_secs(10), refused).await.expect("refused while the frame comes");
+        assert!(matches!(&e, ReadError::Protocol(r) if r.code == CloseCode::Size), "{e:?}");
+        assert!(socket.rbuf.len() <= 2 * (1000 + MAX_FRAME_HEADER + READ_CHUNK), "{} bytes kept", socket.rbuf.len());
+        drop(socket);
+        drop(writer.await.unwrap());
     }
 
     #[tokio::test]
