@@ -440,6 +440,10 @@ enum Bucket {
     Status(Status),
 }
 
+/// Subscriptions removed in one round at most: between rounds the hub
+/// publishes and takes new subscriptions.
+const REMOVALS_PER_ROUND: usize = 4096;
+
 struct Registry {
     subs: HashMap<u64, Sub>,
     all: Vec<u64>,
@@ -479,7 +483,19 @@ impl Registry {
         loop {
             tokio::select! {
                 biased;
-                Some(id) = unsubscribes.recv() => self.remove(id),
+                Some(id) = unsubscribes.recv() => {
+                    // Clients leaving together (a load balancer restarting)
+                    // are removed together: each bucket they were in is
+                    // scanned once per round, not once per client.
+                    let mut ids = vec![id];
+                    while ids.len() < REMOVALS_PER_ROUND {
+                        match unsubscribes.try_recv() {
+                            Ok(id) => ids.push(id),
+                            Err(_) => break,
+                        }
+                    }
+                    self.remove_many(&ids);
+                }
                 cmd = commands.recv() => match cmd {
                     Some(Command::Subscribe(filter, relay, reply)) => self.subscribe(filter, relay, reply),
                     Some(Command::Publish(changes)) => self.publish(changes),
@@ -520,10 +536,6 @@ impl Registry {
         }
         self.subs.insert(id, Sub { queue, filter });
         self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
-    }
-
-    fn remove(&mut self, id: u64) {
-        self.remove_many(&[id]);
     }
 
     /// Removes subscriptions, each bucket they were in scanned once (one by
@@ -724,6 +736,29 @@ pub(crate) mod tests {
             assert!(tokio::time::Instant::now() < deadline, "the hub did not get there within 5 s");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// 20,000 clients leaving at once (a load balancer restarting) are
+    /// removed in a few scans of their bucket: the hub goes on at once.
+    /// Before, each was a scan of the bucket, and the hub published nothing
+    /// for seconds (about 2 s for 19,000 in a release build).
+    #[tokio::test]
+    async fn many_clients_leaving_at_once_do_not_stall_the_hub() {
+        let hub = Hub::start(0, 16);
+        let mut subs = Vec::new();
+        for _ in 0..20_000 {
+            subs.push(hub.subscribe(Filter::default()).await.unwrap());
+        }
+        drop(subs);
+        // A generous bound: about 0.1 s here with the fix, 40 s without.
+        let next = async {
+            let mut last = hub.subscribe(Filter::default()).await.unwrap();
+            hub.publish(vec![change(1)]).await.unwrap();
+            woken(&mut last).await
+        };
+        let batch = tokio::time::timeout(Duration::from_secs(10), next).await.expect("the hub went on within 10 s");
+        assert_eq!(batch.changes()[0].pos, 1);
+        assert_eq!(hub.stats.subscriptions.load(Ordering::Relaxed), 1);
     }
 
     fn multi_thread() -> tokio::runtime::Runtime {
