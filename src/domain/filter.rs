@@ -105,6 +105,8 @@ impl Filter {
                     self.insert_id(id)?;
                 }
             }
+            // Empty: no filter by customer, as for an empty status or id.
+            "customer" if value.trim().is_empty() => {}
             "customer" => self.set_customer(value)?,
             _ => return Ok(false),
         }

@@ -47,8 +47,8 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
     let mut limit = DEFAULT_LIMIT;
     for (k, v) in query.iter() {
         match k.as_str() {
-            "before" => before = Some(parse_cursor("before", v)?),
-            "limit" => limit = parse_limit("limit", v, MAX_LIMIT)?,
+            "before" => before = parse_cursor("before", v)?,
+            "limit" => limit = parse_limit("limit", v, MAX_LIMIT)?.unwrap_or(DEFAULT_LIMIT),
             "access_token" => {}
             other => return Err(super::unknown_parameter(other).into()),
         }

@@ -104,13 +104,13 @@ pub async fn list(
     let mut before: Option<i64> = None;
     for (k, v) in query.iter() {
         match k.as_str() {
-            "limit" => limit = parse_limit("limit", v, MAX_LIMIT)?,
+            "limit" => limit = parse_limit("limit", v, MAX_LIMIT)?.unwrap_or(DEFAULT_LIMIT),
             "access_token" => {}
             "reason" if v.contains('\0') => {
                 return Err(crate::domain::ValidationError::new("reason", "must not contain NUL characters").into())
             }
             "reason" => reason = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
-            "before" | "cursor" => before = Some(super::parse_cursor("before", v)?),
+            "before" | "cursor" => before = super::parse_cursor("before", v)?,
             other => return Err(super::unknown_parameter(other).into()),
         }
     }

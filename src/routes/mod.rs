@@ -47,7 +47,10 @@ impl StreamParams {
             match k.as_str() {
                 "since" => p.since = Some(parse_position(v)?),
                 "snapshot" => p.snapshot = parse_bool("snapshot", v)?,
-                "snapshot_limit" => p.snapshot_limit = parse_limit("snapshot_limit", v, SNAPSHOT_MAX_LIMIT)?,
+                "snapshot_limit" => {
+                    p.snapshot_limit =
+                        parse_limit("snapshot_limit", v, SNAPSHOT_MAX_LIMIT)?.unwrap_or(SNAPSHOT_DEFAULT_LIMIT)
+                }
                 "access_token" => {}
                 other => return Err(unknown_parameter(other).into()),
             }
@@ -73,12 +76,15 @@ pub fn parse_bool(field: &'static str, v: &str) -> Result<bool, ValidationError>
     }
 }
 
-pub fn parse_limit(field: &'static str, v: &str, max: i64) -> Result<i64, ValidationError> {
+pub fn parse_limit(field: &'static str, v: &str, max: i64) -> Result<Option<i64>, ValidationError> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
     let n: i64 = v.trim().parse().map_err(|_| ValidationError::new(field, "must be a whole number"))?;
     if n < 1 {
         return Err(ValidationError::new(field, "must be at least 1"));
     }
-    Ok(n.min(max))
+    Ok(Some(n.min(max)))
 }
 
 /// The error for a query parameter a route does not know.
@@ -86,12 +92,17 @@ pub fn unknown_parameter(name: &str) -> ValidationError {
     ValidationError::with_code("query", "unknown_parameter", format!("unknown query parameter {name:?}"))
 }
 
-/// A keyset cursor handed out by this API (an id, so at least 1).
-pub fn parse_cursor(field: &'static str, v: &str) -> Result<i64, ValidationError> {
+/// A keyset cursor handed out by this API (an id, so at least 1); none for
+/// an empty value, as for the first page.
+pub fn parse_cursor(field: &'static str, v: &str) -> Result<Option<i64>, ValidationError> {
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
     v.trim()
         .parse::<i64>()
         .ok()
         .filter(|c| *c >= 1)
+        .map(Some)
         .ok_or_else(|| ValidationError::with_code(field, "invalid_cursor", "not a cursor from this API"))
 }
 

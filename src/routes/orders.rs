@@ -257,9 +257,9 @@ pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState
         match k.as_str() {
             "q" if v.contains('\0') => return Err(ValidationError::new("q", "must not contain NUL characters").into()),
             "q" => q = Some(v.trim().to_string()).filter(|s| !s.is_empty()),
-            "limit" => limit = parse_limit("limit", v, LIST_MAX_LIMIT)?,
+            "limit" => limit = parse_limit("limit", v, LIST_MAX_LIMIT)?.unwrap_or(LIST_DEFAULT_LIMIT),
             "access_token" => {}
-            "cursor" => cursor = Some(super::parse_cursor("cursor", v)?),
+            "cursor" => cursor = super::parse_cursor("cursor", v)?,
             other => return Err(super::unknown_parameter(other).into()),
         }
     }
