@@ -232,6 +232,28 @@ pub(crate) fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
+/// A Kafka topic's name as the broker takes it: 1 to 249 of `a-z A-Z 0-9 .
+/// _ -`, not `.` or `..`. Checked at start: a name the broker refuses (a
+/// stray space from a .env file, say) was retried for ever, and went into
+/// the stored positions' keys.
+pub(crate) fn kafka_topic(s: &str) -> Result<String, String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if s.is_empty() || s.len() > 249 || s == "." || s == ".." || !s.chars().all(legal) {
+        return Err(format!(
+            "{s:?} is not a Kafka topic name: 1 to 249 letters, digits, '.', '_' or '-' (not '.' or '..')"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+/// A topic's name as `kafka_topic` takes it, or empty to turn its use off.
+pub(crate) fn kafka_topic_or_off(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    kafka_topic(s)
+}
+
 /// A rate limiter's burst: at least one (a rate of 0 turns the limit off).
 fn burst(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
@@ -300,6 +322,27 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn kafka_topic_names_the_broker_would_refuse_are_refused_at_start() {
+        let parse = |flag: &str, v: &str| {
+            Cli::try_parse_from(["ordercast", "--database-url", "postgres://127.0.0.1/x", flag, v]).map(|cli| {
+                let s = cli.settings;
+                (s.kafka.topic, s.kafka.dlq_topic, s.workflow.outbox_topic)
+            })
+        };
+        assert_eq!(parse("--kafka-topic", "orders.v2_eu-1").unwrap().0, "orders.v2_eu-1");
+        assert_eq!(parse("--kafka-dlq-topic", "dead").unwrap().1, "dead");
+        assert_eq!(parse("--outbox-topic", "").unwrap().2, "", "empty turns the relay off");
+        let long = "t".repeat(250);
+        for bad in [" order-changes", "orders ", "a/b", ".", "..", "ünïcode", long.as_str()] {
+            for flag in ["--kafka-topic", "--kafka-dlq-topic", "--outbox-topic"] {
+                let e = parse(flag, bad).expect_err(bad).to_string();
+                assert!(e.contains("is not a Kafka topic name"), "{flag} {bad}: {e}");
+            }
+        }
+        assert!(parse("--kafka-topic", "").is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::config::{at_least_one, seconds, YEAR};
+use crate::config::{at_least_one, kafka_topic, seconds, YEAR};
 use clap::{Args, ValueEnum};
 
 /// Prefix of the environment variables passed to librdkafka as properties.
@@ -31,11 +31,11 @@ pub struct KafkaSettings {
     pub brokers: Option<String>,
 
     /// Topic the order events are read from.
-    #[arg(long = "kafka-topic", env = "KAFKA_TOPIC", default_value = "orders", global = true)]
+    #[arg(long = "kafka-topic", env = "KAFKA_TOPIC", default_value = "orders", value_parser = kafka_topic, global = true)]
     pub topic: String,
 
     /// Topic rejected messages are copied to, with headers naming the reason.
-    #[arg(long = "kafka-dlq-topic", env = "KAFKA_DLQ_TOPIC", default_value = "orders-dlq", global = true)]
+    #[arg(long = "kafka-dlq-topic", env = "KAFKA_DLQ_TOPIC", default_value = "orders-dlq", value_parser = kafka_topic, global = true)]
     pub dlq_topic: String,
 
     /// Consumer group: instances with the same group share the partitions.

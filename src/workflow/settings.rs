@@ -8,7 +8,13 @@ use clap::Args;
 pub struct WorkflowSettings {
     /// Topic every committed change to an order is published to (the outbox
     /// relay runs whenever KAFKA_BROKERS is set). Empty: the relay is off.
-    #[arg(long = "outbox-topic", env = "ORDERCAST_OUTBOX_TOPIC", default_value = "order-changes", global = true)]
+    #[arg(
+        long = "outbox-topic",
+        env = "ORDERCAST_OUTBOX_TOPIC",
+        default_value = "order-changes",
+        value_parser = crate::config::kafka_topic_or_off,
+        global = true
+    )]
     pub outbox_topic: String,
 
     /// Changes published per batch; the stored position moves once per
@@ -50,7 +56,7 @@ pub struct WorkflowSettings {
 
 impl WorkflowSettings {
     pub fn outbox_enabled(&self) -> bool {
-        !self.outbox_topic.trim().is_empty()
+        !self.outbox_topic.is_empty()
     }
 
     pub fn step_latency(&self) -> Duration {
