@@ -155,10 +155,20 @@ impl OutboxState {
 
 /// The relay's producer: idempotent, so retries keep each partition in order.
 pub fn producer(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<FutureProducer> {
-    super::producer_config(kafka, brokers, "ordercast-outbox", &[("enable.idempotence", "true")])?
-        .set("linger.ms", "5")
+    producer_settings(kafka, brokers)?
         .create()
         .map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the outbox relay: {e}"))
+}
+
+/// The relay's producer's configuration. It lingers 5 ms for a batch to
+/// fill unless `KAFKA_PROPERTIES` says otherwise (`linger.ms`, or its other
+/// name `queue.buffering.max.ms`): before, the 5 ms replaced what was set.
+fn producer_settings(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<rdkafka::ClientConfig> {
+    let mut config = super::producer_config(kafka, brokers, "ordercast-outbox", &[("enable.idempotence", "true")])?;
+    if config.get("linger.ms").is_none() && config.get("queue.buffering.max.ms").is_none() {
+        config.set("linger.ms", "5");
+    }
+    Ok(config)
 }
 
 /// Runs until `shutdown` flips. `name` (the topic) keys the stored position.
@@ -1000,6 +1010,21 @@ mod tests {
         // Before 1970 (a restored clock?): chrono rounds down, so must this.
         assert!(Committed::Millis(-2).matches(-1_500));
         assert!(Committed::Unknown.matches(0), "a topic that stamps messages itself cannot tell");
+    }
+
+    /// The relay lingers 5 ms for a batch unless told otherwise; before,
+    /// the 5 ms replaced a `linger.ms` in `KAFKA_PROPERTIES`.
+    #[test]
+    fn the_relays_linger_is_a_default_the_properties_replace() {
+        let linger = |properties: Option<&str>| {
+            let mut kafka = crate::config::Settings::for_database("postgres://localhost/x").kafka;
+            kafka.properties = properties.map(str::to_string);
+            let config = producer_settings(&kafka, "127.0.0.1:9").unwrap();
+            ["linger.ms", "queue.buffering.max.ms"].map(|k| config.get(k).map(str::to_string))
+        };
+        assert_eq!(linger(None), [Some("5".into()), None]);
+        assert_eq!(linger(Some("linger.ms=50")), [Some("50".into()), None]);
+        assert_eq!(linger(Some("queue.buffering.max.ms=0")), [None, Some("0".into())], "its other name");
     }
 
     #[test]
