@@ -157,8 +157,10 @@ fn stream_response(
             }
             _ = st.shutdown.wait_for(|s| *s) => {
                 st.done = true;
-                st.opened.feed.progress();
-                event("shutdown", None, &format!(r#"{{"type":"shutdown","seq":{}}}"#, st.opened.feed.position()))
+                // With the id of a position it moved to, as `position`
+                // events have: EventSource resumes from it.
+                let moved = st.opened.feed.progress();
+                event("shutdown", moved, &format!(r#"{{"type":"shutdown","seq":{}}}"#, st.opened.feed.position()))
             }
         };
         // Nothing more once the token has expired, whatever woke the stream

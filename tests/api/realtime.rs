@@ -1386,6 +1386,29 @@ async fn wrap_change_read(db: &tokio_postgres::Client, condition: &str) {
     .unwrap();
 }
 
+/// A filtered SSE stream that a server stopping ends has its position as
+/// the `shutdown` event's `id:` (as `position` events have), so EventSource
+/// resumes from there. Before, the event had no id, and the client resumed
+/// from its last matching change, to scan again what it was past.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_sse_stream_ended_by_a_shutdown_resumes_from_its_position() {
+    let app = spawn_app().await;
+    let mut sse = app.sse("/api/events?status=cancelled", None).await;
+    assert_eq!(sse.next_any_event(WAIT).await.event, "ready");
+    let db = app.sql().await;
+    dba_insert(&db, "not cancelled").await;
+    app.settled().await;
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    let _ = app.state.shutdown.send(true);
+    let shutdown = loop {
+        let e = sse.next_any_event(WAIT).await;
+        if e.event == "shutdown" {
+            break e;
+        }
+    };
+    assert_eq!((shutdown.id, &shutdown.data["seq"]), (Some(head.to_string()), &json!(head)));
+}
+
 /// The backend of the listener's session.
 async fn listener_pid(db: &tokio_postgres::Client) -> i32 {
     let pid = "SELECT pid FROM pg_stat_activity WHERE application_name = 'ordercast-listener' AND datname = current_database()";
