@@ -335,7 +335,7 @@ async fn session(
             }
             continue;
         };
-        match publish(producer, topic, &rows).await {
+        match publish(producer, topic, &rows, state).await {
             Ok(()) => {
                 position = last;
                 store(db, topic, position).await?;
@@ -511,7 +511,7 @@ async fn rewind_if_lost(
                             continue;
                         }
                         (Some(_), Some(newest)) => tokio::select! {
-                            r = send_rewind(producer, topic, partitions, position, newest) => r.map(|()| (true, ends)),
+                            r = send_rewind(producer, topic, partitions, position, newest, state) => r.map(|()| (true, ends)),
                             _ = shutdown.changed() => return Ok(None),
                         },
                         _ => Ok((false, ends)),
@@ -608,7 +608,7 @@ async fn late_check(
              goes to every partition"
         );
         let sent = tokio::select! {
-            r = send_rewind(producer, topic, partitions, lost - 1, newest) => r,
+            r = send_rewind(producer, topic, partitions, lost - 1, newest, state) => r,
             _ = shutdown.changed() => return Ok(false),
         };
         if let Err(e) = sent {
@@ -653,6 +653,7 @@ async fn send_rewind(
     partitions: i32,
     after: i64,
     through: i64,
+    state: &OutboxState,
 ) -> anyhow::Result<()> {
     let payload = json!({"type": "rewind", "after": after, "through": through}).to_string();
     let (after, through) = (after.to_string(), through.to_string());
@@ -668,7 +669,7 @@ async fn send_rewind(
             FutureRecord::to(topic).key("rewind").partition(partition).payload(payload.as_bytes()).headers(headers);
         deliveries.push(super::enqueue(producer, record).await.context("Kafka refused the rewind message")?);
     }
-    for delivery in join_all(deliveries).await {
+    for delivery in acknowledged(deliveries, "rewind messages", state).await {
         match delivery {
             Ok(Ok(_)) => {}
             Ok(Err((e, _))) => anyhow::bail!("Kafka did not acknowledge the rewind message: {e}"),
@@ -924,7 +925,39 @@ async fn store(db: &tokio_postgres::Client, name: &str, position: i64) -> anyhow
 }
 
 /// Produces one batch and waits for every acknowledgement.
-async fn publish(producer: &FutureProducer, topic: &str, rows: &[tokio_postgres::Row]) -> anyhow::Result<()> {
+/// How long messages may wait for their acknowledgements before the relay
+/// says so in `/api/health` (and again each time as long after).
+const UNACKNOWLEDGED_REPORT: Duration = Duration::from_secs(10);
+
+/// The acknowledgements of `deliveries`, waited for as long as they take:
+/// with `message.timeout.ms=0` (no limit) a broker away holds them, and
+/// sending them again would only add copies. A long wait is said in
+/// `/api/health`; before, the relay looked "running", with no `last_error`.
+async fn acknowledged(
+    deliveries: Vec<DeliveryFuture>,
+    what: &str,
+    state: &OutboxState,
+) -> Vec<<DeliveryFuture as std::future::Future>::Output> {
+    let (count, started) = (deliveries.len(), tokio::time::Instant::now());
+    let acks = join_all(deliveries);
+    tokio::pin!(acks);
+    loop {
+        match tokio::time::timeout(UNACKNOWLEDGED_REPORT, &mut acks).await {
+            Ok(acks) => return acks,
+            Err(_) => state.error(&anyhow::anyhow!(
+                "{what} sent to Kafka ({count}) are not acknowledged after {} s; still waiting for them",
+                started.elapsed().as_secs()
+            )),
+        }
+    }
+}
+
+async fn publish(
+    producer: &FutureProducer,
+    topic: &str,
+    rows: &[tokio_postgres::Row],
+    state: &OutboxState,
+) -> anyhow::Result<()> {
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
         // The same envelope as the WebSocket `change` message, so one parser serves both.
@@ -942,7 +975,7 @@ async fn publish(producer: &FutureProducer, topic: &str, rows: &[tokio_postgres:
     // it, and a stub sent now would come after the changes enqueued behind
     // the refused one. The batch is tried again, and the error is in
     // `/api/health` (see the module's comment).
-    for delivery in join_all(deliveries).await {
+    for delivery in acknowledged(deliveries, "changes", state).await {
         match delivery {
             Ok(Ok(_)) => {}
             Ok(Err((e, _))) => return Err(anyhow::anyhow!("Kafka did not acknowledge a change: {e}")),

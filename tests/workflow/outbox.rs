@@ -284,6 +284,40 @@ async fn a_broker_outage_delays_changes_but_loses_none() {
     assert_eq!(health["workflow"]["outbox"]["state"], "running", "{health}");
 }
 
+/// With no delivery timeout (`message.timeout.ms=0`), a broker away holds
+/// a batch's acknowledgements for as long as it is away: `/api/health` says
+/// so while the relay waits, and the batch is published when the broker is
+/// back. Before, health said "running", with nothing in `last_error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_waiting_for_acknowledgements_without_a_timeout_is_said_in_health() {
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| {
+        kafka.configure(s);
+        s.kafka.properties = Some("message.timeout.ms=0".into());
+    })
+    .await;
+    let reader = kafka.reader(&kafka.changes);
+    let warm = app.create_order("Warm").await["id"].as_i64().unwrap();
+    reader.read_until(WAIT, move |m| !of_order(m, warm).is_empty()).await;
+    kafka.cluster.broker_down(1).unwrap();
+    let id = app.create_order("Held").await["id"].as_i64().unwrap();
+    let outbox = eventually(WAIT, || async {
+        let (_, health) = app.get_json("/api/health").await;
+        let outbox = health["workflow"]["outbox"].clone();
+        (outbox["state"] == "retrying").then_some(outbox)
+    })
+    .await;
+    let said = outbox["last_error"].as_str().unwrap_or_default();
+    assert!(said.contains("changes sent to Kafka (1) are not acknowledged after 10 s"), "{outbox}");
+    kafka.cluster.broker_up(1).unwrap();
+    reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
+    eventually(WAIT, || async {
+        let (_, health) = app.get_json("/api/health").await;
+        (health["workflow"]["outbox"]["state"] == "running").then_some(())
+    })
+    .await;
+}
+
 /// A change too large for the topic (a DBA's 2 MB error message: the old and
 /// new rows both carry it) goes as a stub that says so, and the changes after
 /// it follow. Before, Kafka's refusal was retried forever and nothing after
