@@ -247,19 +247,26 @@ async fn one_relay_publishes_while_another_stands_by_and_takes_over() {
     assert_eq!(health["workflow"]["outbox"]["state"], "running", "{health}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_outage_delays_changes_but_loses_none() {
-    // Arrange: deliveries time out after a second, so the outage below
-    // makes whole batches fail and the relay has to send them again.
+/// A relay with this delivery timeout (`message.timeout.ms`) that has
+/// published a first change, and a reader of its topic.
+async fn publishing_with_timeout(ms: &str) -> (Kafka, crate::helpers::TestApp, crate::Reader) {
     let kafka = Kafka::start();
     let app = spawn_app_with(|s| {
         kafka.configure(s);
-        s.kafka.properties = Some("message.timeout.ms=1000".into());
+        s.kafka.properties = Some(format!("message.timeout.ms={ms}"));
     })
     .await;
     let reader = kafka.reader(&kafka.changes);
     let warm = app.create_order("Warm").await["id"].as_i64().unwrap();
     reader.read_until(WAIT, move |m| !of_order(m, warm).is_empty()).await;
+    (kafka, app, reader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_delays_changes_but_loses_none() {
+    // Arrange: deliveries time out after a second, so the outage below
+    // makes whole batches fail and the relay has to send them again.
+    let (kafka, app, reader) = publishing_with_timeout("1000").await;
 
     // Act: the broker goes away while orders are written, then comes back.
     kafka.cluster.broker_down(1).unwrap();
@@ -290,15 +297,7 @@ async fn a_broker_outage_delays_changes_but_loses_none() {
 /// back. Before, health said "running", with nothing in `last_error`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_waiting_for_acknowledgements_without_a_timeout_is_said_in_health() {
-    let kafka = Kafka::start();
-    let app = spawn_app_with(|s| {
-        kafka.configure(s);
-        s.kafka.properties = Some("message.timeout.ms=0".into());
-    })
-    .await;
-    let reader = kafka.reader(&kafka.changes);
-    let warm = app.create_order("Warm").await["id"].as_i64().unwrap();
-    reader.read_until(WAIT, move |m| !of_order(m, warm).is_empty()).await;
+    let (kafka, app, reader) = publishing_with_timeout("0").await;
     kafka.cluster.broker_down(1).unwrap();
     let id = app.create_order("Held").await["id"].as_i64().unwrap();
     let outbox = eventually(WAIT, || async {
