@@ -1,7 +1,8 @@
 //! `GET /api/dlq`: the most recent dead letters of the Kafka ingest, newest
 //! first, from the `dead_letters` table (the dead-letter topic gets the same
-//! messages). Payloads are shown as text when they are UTF-8, else base64,
-//! cut at `PAYLOAD_PREVIEW` bytes.
+//! messages). Keys and payloads are shown as text when they are UTF-8, else
+//! base64, cut at `KEY_PREVIEW` and `PAYLOAD_PREVIEW` bytes; headers past
+//! `HEADERS_PREVIEW` by their keys alone.
 
 use actix_web::{get, web, HttpResponse};
 use base64::Engine;
@@ -18,6 +19,11 @@ pub const DEFAULT_LIMIT: i64 = 50;
 pub const MAX_LIMIT: i64 = 500;
 /// Payload bytes shown per dead letter; the full message is in the topic.
 pub const PAYLOAD_PREVIEW: i32 = 4096;
+/// Key bytes shown per dead letter (a key is rarely longer).
+pub const KEY_PREVIEW: i32 = 4096;
+/// The most of a dead letter's headers shown (as JSON text, in bytes):
+/// past it, only their keys. A page then holds at most 500 times 24 KiB.
+pub const HEADERS_PREVIEW: i32 = 16 * 1024;
 
 /// One dead-lettered Kafka message.
 #[derive(Serialize, ToSchema)]
@@ -35,15 +41,22 @@ pub struct DeadLetterDoc {
     pub partition: i32,
     pub offset: i64,
     pub group_id: String,
+    /// The first 4096 bytes of the key, as text or base64 (see key_encoding).
     pub key: Option<String>,
+    /// "utf8" or "base64".
+    pub key_encoding: String,
+    pub key_size: i32,
+    pub key_truncated: bool,
     /// The first 4096 bytes of the value, as text or base64 (see payload_encoding).
     pub payload: Option<String>,
     /// "utf8" or "base64".
     pub payload_encoding: String,
     pub payload_size: i32,
     pub payload_truncated: bool,
-    /// The original headers.
+    /// The original headers, `[{"key", "value" | "value_base64"}]`; past
+    /// 16 KiB of JSON, only their keys (see headers_truncated).
     pub headers: serde_json::Value,
+    pub headers_truncated: bool,
     pub event_id: Option<String>,
     /// The original message's timestamp.
     pub message_timestamp: Option<String>,
@@ -117,13 +130,18 @@ pub async fn list(
     let client = state.pool.get().await?;
     let rows = client
         .query(
-            "SELECT id, reason, detail, kafka_topic, kafka_partition, kafka_offset, group_id, message_key, \
-                    substring(payload FROM 1 FOR $4), COALESCE(length(payload), 0), headers, event_id::text, \
-                    message_timestamp, received_at, published_at \
+            "SELECT id, reason, detail, kafka_topic, kafka_partition, kafka_offset, group_id, \
+                    substring(message_key FROM 1 FOR $5), COALESCE(length(message_key), 0), \
+                    substring(payload FROM 1 FOR $4), COALESCE(length(payload), 0), \
+                    CASE WHEN octet_length(headers::text) <= $6 THEN headers \
+                         ELSE (SELECT COALESCE(jsonb_agg(h - 'value' - 'value_base64'), '[]') \
+                               FROM jsonb_array_elements(headers) h) END, \
+                    octet_length(headers::text) > $6, \
+                    event_id::text, message_timestamp, received_at, published_at \
              FROM dead_letters \
              WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR id < $2) \
              ORDER BY id DESC LIMIT $3",
-            &[&reason, &before, &(limit + 1), &PAYLOAD_PREVIEW],
+            &[&reason, &before, &(limit + 1), &PAYLOAD_PREVIEW, &KEY_PREVIEW, &HEADERS_PREVIEW],
         )
         .await?;
     let more = rows.len() as i64 > limit;
@@ -132,13 +150,16 @@ pub async fn list(
     let items: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let key: Option<Vec<u8>> = r.get(7);
-            let payload: Option<Vec<u8>> = r.get(8);
-            let size: i32 = r.get(9);
-            let (payload, encoding) = match payload.as_deref().map(|p| text_or_base64(p, size > PAYLOAD_PREVIEW)) {
-                Some((p, e)) => (Some(p), e),
+            let preview = |bytes: Option<Vec<u8>>, size: i32, limit: i32| match bytes {
+                Some(b) => {
+                    let (text, encoding) = text_or_base64(&b, size > limit);
+                    (Some(text), encoding)
+                }
                 None => (None, "utf8"),
             };
+            let (key_size, size): (i32, i32) = (r.get(8), r.get(10));
+            let (key, key_encoding) = preview(r.get(7), key_size, KEY_PREVIEW);
+            let (payload, encoding) = preview(r.get(9), size, PAYLOAD_PREVIEW);
             json!({
                 "id": r.get::<_, i64>(0),
                 "reason": r.get::<_, String>(1),
@@ -147,16 +168,20 @@ pub async fn list(
                 "partition": r.get::<_, i32>(4),
                 "offset": r.get::<_, i64>(5),
                 "group_id": r.get::<_, String>(6),
-                "key": key.map(|k| String::from_utf8_lossy(&k).into_owned()),
+                "key": key,
+                "key_encoding": key_encoding,
+                "key_size": key_size,
+                "key_truncated": key_size > KEY_PREVIEW,
                 "payload": payload,
                 "payload_encoding": encoding,
                 "payload_size": size,
                 "payload_truncated": size > PAYLOAD_PREVIEW,
-                "headers": r.get::<_, Value>(10),
-                "event_id": r.get::<_, Option<String>>(11),
-                "message_timestamp": stamp(r.get(12)),
-                "received_at": stamp(Some(r.get(13))),
-                "published_at": stamp(r.get(14)),
+                "headers": r.get::<_, Value>(11),
+                "headers_truncated": r.get::<_, bool>(12),
+                "event_id": r.get::<_, Option<String>>(13),
+                "message_timestamp": stamp(r.get(14)),
+                "received_at": stamp(Some(r.get(15))),
+                "published_at": stamp(r.get(16)),
             })
         })
         .collect();

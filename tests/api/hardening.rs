@@ -1023,6 +1023,50 @@ async fn a_dead_letter_ending_in_an_incomplete_character_is_shown_as_base64() {
     assert_eq!(shown, broken);
 }
 
+/// A dead letter's key is shown as its payload is: text when it is UTF-8,
+/// else base64, and cut at 4096 bytes; headers past 16 KiB by their keys.
+/// Before, a binary key came back with U+FFFD for its bytes (lost, and
+/// nothing said so) and a key or headers of any size whole, for each of up
+/// to 500 rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letters_key_and_headers_are_shown_byte_for_byte_and_bounded() {
+    use base64::Engine;
+    let app = spawn_app().await;
+    let binary_key = vec![0u8, 0, 0, 1, 0xff, 0x80];
+    let long_key = vec![b'k'; 300_000];
+    let big_headers = json!([{"key": "trace", "value": "t".repeat(100_000)}, {"key": "bin", "value_base64": "AAE="}]);
+    let db = app.sql().await;
+    for (offset, key, headers) in [(1i64, &binary_key, json!([])), (2, &long_key, big_headers)] {
+        db.execute(
+            "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, message_key, payload, \
+                                       headers, reason, detail) \
+             VALUES ('ordercast', 'orders', 0, $1, $2, 'x', $3, 'invalid_event', 'test')",
+            &[&offset, key, &headers],
+        )
+        .await
+        .unwrap();
+    }
+    let (status, page) = app.get_json("/api/dlq").await;
+    assert_eq!(status, 200, "{page}");
+    let (long, binary) = (&page["items"][0], &page["items"][1]);
+    assert_eq!(
+        (&binary["key_encoding"], &binary["key_size"], &binary["key_truncated"]),
+        (&json!("base64"), &json!(6), &json!(false))
+    );
+    let shown = base64::engine::general_purpose::STANDARD.decode(binary["key"].as_str().unwrap()).unwrap();
+    assert_eq!(shown, binary_key);
+    assert_eq!(
+        (&long["key_encoding"], &long["key_size"], &long["key_truncated"]),
+        (&json!("utf8"), &json!(300_000), &json!(true))
+    );
+    assert_eq!(long["key"].as_str().unwrap().len(), ordercast::routes::dlq::KEY_PREVIEW as usize);
+    assert_eq!(
+        (&long["headers"], &long["headers_truncated"]),
+        (&json!([{"key": "trace"}, {"key": "bin"}]), &json!(true))
+    );
+    assert_eq!((&binary["headers"], &binary["headers_truncated"]), (&json!([]), &json!(false)));
+}
+
 /// With authentication off, a request addressed to a name other than a
 /// loopback one (a DNS-rebinding page: its domain resolves to 127.0.0.1, so
 /// its Origin and Host agree) is refused, reads included; with tokens, or for
