@@ -183,9 +183,46 @@ pub struct ProblemDoc {
         Status,
         crate::routes::dlq::DeadLetterDoc,
         crate::routes::dlq::DeadLetterPageDoc
-    ))
+    )),
+    modifiers(&ProblemMediaType)
 )]
 pub struct ApiDoc;
+
+/// Every error response documented as the server sends it,
+/// `application/problem+json` (`error::problem_response`): utoipa writes a
+/// body's media type as `application/json`, and a client generated from
+/// the document found no schema for any error.
+struct ProblemMediaType;
+
+impl utoipa::Modify for ProblemMediaType {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        let problem = "#/components/schemas/Problem";
+        for item in doc.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for op in operations.into_iter().flatten() {
+                for response in op.responses.responses.values_mut() {
+                    let RefOr::T(response) = response else { continue };
+                    let is_problem = |c: &utoipa::openapi::Content| matches!(&c.schema, Some(RefOr::Ref(r)) if r.ref_location == problem);
+                    if response.content.get("application/json").is_some_and(is_problem) {
+                        // unwrap: just found
+                        let content = response.content.shift_remove("application/json").unwrap();
+                        response.content.insert("application/problem+json".to_string(), content);
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "meta",
