@@ -48,7 +48,7 @@
 //! retries it, with the error in `/api/health`, until the producer's limit is
 //! set clearly below the topic's (by 1 KB or more; `KAFKA_PROPERTIES`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -292,6 +292,8 @@ async fn session(
     let mut late = since.map(|since| Late { at: took_over + fence(kafka) + late_margin(kafka), since, read: None });
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
+    // Partitions owed a rewind, each with the newest position it covers.
+    let mut rewind_due: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -335,6 +337,21 @@ async fn session(
             }
             continue;
         };
+        // Before the batch goes again: a rewind for the partitions where a
+        // change of the failed try overtook an older one (see `overtaken`).
+        if !rewind_due.is_empty() {
+            let through = rewind_due.values().copied().max().unwrap_or(position);
+            if let Err(e) = send_rewind(producer, topic, rewind_due.keys().copied(), position, through, state).await {
+                state.error(&e);
+                state.retries.fetch_add(1, Ordering::Relaxed);
+                if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+            state.rewinds.fetch_add(1, Ordering::Relaxed);
+            rewind_due.clear();
+        }
         match publish(producer, topic, &rows, state).await {
             Ok(()) => {
                 position = last;
@@ -347,8 +364,19 @@ async fn session(
                 }
                 *backoff = BACKOFF_MIN;
             }
-            Err(e) => {
+            Err(Unacknowledged { error: e, overtaken }) => {
                 // Nothing is stored: the whole batch goes again (at least once).
+                if !overtaken.is_empty() {
+                    log::error!(
+                        "outbox relay for {topic}: a change was acknowledged after an older one failed (a delivery \
+                         timeout) on partitions {:?}; a rewind message goes to them before the batch goes again",
+                        overtaken.keys().collect::<Vec<_>>()
+                    );
+                }
+                for (partition, newest) in overtaken {
+                    let due = rewind_due.entry(partition).or_insert(newest);
+                    *due = (*due).max(newest);
+                }
                 if !state.failing.load(Ordering::Relaxed) {
                     log::warn!("outbox relay for {topic}: {e:#}; retrying the batch after position {position}");
                 }
@@ -511,7 +539,7 @@ async fn rewind_if_lost(
                             continue;
                         }
                         (Some(_), Some(newest)) => tokio::select! {
-                            r = send_rewind(producer, topic, partitions, position, newest, state) => r.map(|()| (true, ends)),
+                            r = send_rewind(producer, topic, 0..partitions, position, newest, state) => r.map(|()| (true, ends)),
                             _ = shutdown.changed() => return Ok(None),
                         },
                         _ => Ok((false, ends)),
@@ -608,7 +636,7 @@ async fn late_check(
              goes to every partition"
         );
         let sent = tokio::select! {
-            r = send_rewind(producer, topic, partitions, lost - 1, newest, state) => r,
+            r = send_rewind(producer, topic, 0..partitions, lost - 1, newest, state) => r,
             _ = shutdown.changed() => return Ok(false),
         };
         if let Err(e) = sent {
@@ -646,19 +674,20 @@ fn fence(kafka: &KafkaSettings) -> Duration {
     }
 }
 
-/// Produces the rewind message to each partition and waits for every ack.
+/// Produces the rewind message to each of `partitions` and waits for every
+/// ack.
 async fn send_rewind(
     producer: &FutureProducer,
     topic: &str,
-    partitions: i32,
+    partitions: impl IntoIterator<Item = i32>,
     after: i64,
     through: i64,
     state: &OutboxState,
 ) -> anyhow::Result<()> {
     let payload = json!({"type": "rewind", "after": after, "through": through}).to_string();
     let (after, through) = (after.to_string(), through.to_string());
-    let mut deliveries = Vec::with_capacity(partitions as usize);
-    for partition in 0..partitions {
+    let mut deliveries = Vec::new();
+    for partition in partitions {
         let headers = OwnedHeaders::new_with_capacity(4)
             .insert(Header { key: "ordercast-op", value: Some("rewind") })
             .insert(Header { key: "ordercast-rewind-after", value: Some(after.as_str()) })
@@ -952,12 +981,50 @@ async fn acknowledged(
     }
 }
 
+/// A batch not acknowledged whole.
+struct Unacknowledged {
+    error: anyhow::Error,
+    /// By partition, the newest change acknowledged there after an older one
+    /// failed (see `overtaken`).
+    overtaken: BTreeMap<i32, i64>,
+}
+
+impl From<anyhow::Error> for Unacknowledged {
+    fn from(error: anyhow::Error) -> Self {
+        Unacknowledged { error, overtaken: BTreeMap::new() }
+    }
+}
+
+/// The partitions on which a change was acknowledged after an older one
+/// failed, each with the newest such change's position. The idempotent
+/// producer keeps a partition in order across retries, but not across a
+/// delivery timeout: a message that times out is dropped while the next
+/// ones can still land (librdkafka's "message timeout considerations"). A
+/// consumer that skips positions at or below what it applied would then
+/// drop the older change when the batch comes again. `outcomes`: each
+/// change's position, the partition it went to (None: not known) and
+/// whether it was acknowledged.
+fn overtaken(outcomes: &[(i64, Option<i32>, bool)]) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    for &(position, partition, _) in outcomes.iter().filter(|o| o.2) {
+        let Some(partition) = partition else { continue };
+        let overtook = outcomes
+            .iter()
+            .any(|&(p, part, acked)| !acked && p < position && part.is_none_or(|part| part == partition));
+        if overtook {
+            let newest = out.entry(partition).or_insert(position);
+            *newest = (*newest).max(position);
+        }
+    }
+    out
+}
+
 async fn publish(
     producer: &FutureProducer,
     topic: &str,
     rows: &[tokio_postgres::Row],
     state: &OutboxState,
-) -> anyhow::Result<()> {
+) -> Result<(), Unacknowledged> {
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
         // The same envelope as the WebSocket `change` message, so one parser serves both.
@@ -968,21 +1035,34 @@ async fn publish(
             }
             other => other,
         };
-        deliveries.push(delivery.context("Kafka refused a message")?);
+        deliveries.push(delivery.context("Kafka refused a message").map_err(Unacknowledged::from)?);
     }
     // A refusal by the broker (a topic limit below the producer's) is not
     // stubbed: the broker judges a whole record batch, small changes with
     // it, and a stub sent now would come after the changes enqueued behind
     // the refused one. The batch is tried again, and the error is in
     // `/api/health` (see the module's comment).
-    for delivery in acknowledged(deliveries, "changes", state).await {
-        match delivery {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(anyhow::anyhow!("Kafka did not acknowledge a change: {e}")),
-            Err(_) => anyhow::bail!("the Kafka producer went away before acknowledging"),
-        }
+    let mut error = None;
+    let mut outcomes = Vec::with_capacity(rows.len());
+    for (row, delivery) in rows.iter().zip(acknowledged(deliveries, "changes", state).await) {
+        let position: i64 = row.get(0);
+        let (partition, acked) = match delivery {
+            Ok(Ok(delivered)) => (Some(delivered.partition), true),
+            Ok(Err((e, message))) => {
+                error.get_or_insert_with(|| anyhow::anyhow!("Kafka did not acknowledge a change: {e}"));
+                (Some(message.partition()).filter(|p| *p >= 0), false)
+            }
+            Err(_) => {
+                error.get_or_insert_with(|| anyhow::anyhow!("the Kafka producer went away before acknowledging"));
+                (None, false)
+            }
+        };
+        outcomes.push((position, partition, acked));
     }
-    Ok(())
+    match error {
+        None => Ok(()),
+        Some(error) => Err(Unacknowledged { error, overtaken: overtaken(&outcomes) }),
+    }
 }
 
 /// The message of one change, or the stub that stands for a change the
@@ -1043,6 +1123,21 @@ mod tests {
         // Before 1970 (a restored clock?): chrono rounds down, so must this.
         assert!(Committed::Millis(-2).matches(-1_500));
         assert!(Committed::Unknown.matches(0), "a topic that stamps messages itself cannot tell");
+    }
+
+    /// A change acknowledged after an older one of its partition failed
+    /// (a delivery timeout drops a message while the next ones land) is
+    /// owed a rewind on that partition; a failure after the acknowledged
+    /// ones, or on another partition, is a plain repeat.
+    #[test]
+    fn a_change_acknowledged_past_one_that_failed_on_its_partition_is_overtaken() {
+        assert!(overtaken(&[(10, Some(0), true), (12, Some(0), true)]).is_empty());
+        assert_eq!(overtaken(&[(10, Some(0), false), (12, Some(0), true)]), BTreeMap::from([(0, 12)]));
+        assert!(overtaken(&[(10, Some(0), true), (12, Some(0), false)]).is_empty(), "a repeat");
+        assert!(overtaken(&[(10, Some(1), false), (12, Some(0), true)]).is_empty(), "another partition");
+        let unknown =
+            [(10, None, false), (12, Some(2), true), (13, Some(0), true), (14, Some(2), true), (9, Some(1), true)];
+        assert_eq!(overtaken(&unknown), BTreeMap::from([(0, 13), (2, 14)]), "a failure whose partition is unknown");
     }
 
     /// The relay lingers 5 ms for a batch unless told otherwise; before,

@@ -317,6 +317,60 @@ async fn a_batch_waiting_for_acknowledgements_without_a_timeout_is_said_in_healt
     .await;
 }
 
+/// A delivery timeout drops a message while the next one of its partition
+/// still lands (one message in the producer's queue at a time, the broker
+/// down past the first's timeout and up before the second's): the relay
+/// sends a rewind to that partition before the batch goes again, so a
+/// consumer that skips positions at or below what it applied takes the
+/// older change when it comes again. Before, it came after the newer one
+/// and was skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_that_overtook_an_older_one_of_its_batch_is_followed_by_a_rewind() {
+    let (kafka, app, reader) = publishing_with_timeout(
+        "4000,queue.buffering.max.messages=1,reconnect.backoff.ms=50,reconnect.backoff.max.ms=200",
+    )
+    .await;
+    let id = app.create_order("Overtaken").await["id"].as_i64().unwrap();
+    reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
+    let db = app.sql().await;
+    let position = |m: &OwnedMessage| header(m, "ordercast-position").and_then(|p| p.parse::<i64>().ok());
+    // Tried again while the timing misses (the first change not timed out
+    // yet when the broker came back): nothing overtook anything then.
+    for attempt in 1..=3 {
+        kafka.cluster.broker_down(1).unwrap();
+        // Two changes of one order (one partition), in one batch.
+        db.batch_execute(&format!(
+            "BEGIN; UPDATE orders SET quantity = quantity + 1 WHERE id = {id}; \
+             UPDATE orders SET quantity = quantity + 1 WHERE id = {id}; COMMIT"
+        ))
+        .await
+        .unwrap();
+        let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+        // The first times out at 4-5 s (librdkafka looks once a second),
+        // the second is queued then, to time out 4 s later.
+        tokio::time::sleep(Duration::from_millis(6000)).await;
+        kafka.cluster.broker_up(1).unwrap();
+        let msgs =
+            reader.read_until(WAIT, move |m| m.iter().filter(|m| position(m) == Some(head - 1)).count() >= 1).await;
+        let on_partition: Vec<&OwnedMessage> = {
+            let partition = of_order(&msgs, id)[0].partition();
+            msgs.iter().filter(|m| m.partition() == partition).collect()
+        };
+        let first = |p: i64| on_partition.iter().position(|m| position(m) == Some(p));
+        let (older, newer) = (first(head - 1).unwrap(), first(head));
+        if newer.is_none_or(|newer| older < newer) {
+            assert!(attempt < 3, "the older change never timed out before the newer landed");
+            continue;
+        }
+        let rewind = on_partition.iter().position(|m| header(m, "ordercast-op").as_deref() == Some("rewind"));
+        assert!(
+            rewind.is_some_and(|r| newer.unwrap() < r && r < older),
+            "no rewind between the newer change and the older"
+        );
+        return;
+    }
+}
+
 /// A change too large for the topic (a DBA's 2 MB error message: the old and
 /// new rows both carry it) goes as a stub that says so, and the changes after
 /// it follow. Before, Kafka's refusal was retried forever and nothing after
