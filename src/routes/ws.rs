@@ -118,24 +118,44 @@ pub struct Opened {
 /// Opens a feed for stream parameters: with a snapshot, the rows and the
 /// position they reflect are read in one snapshot and the feed continues
 /// after that position, so nothing falls between the two.
+/// A snapshot's position that the feed opened after it cannot continue from
+/// (retention pruned past it meanwhile, or it lies in a range the database
+/// lost) is read again this many times; then the stream opens with the
+/// resync alone.
+const SNAPSHOT_TRIES: u32 = 3;
+
 pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Opened, ApiError> {
-    let (since, snapshot) = if params.snapshot {
-        let page =
-            crate::routes::orders::list_page(&state.stream_pool, &params.filter, None, params.snapshot_limit, None)
-                .await?;
-        state.hub.note_handed_out(page.position, page.committed_micros);
-        (Some(page.position), Some(page))
-    } else {
-        (params.since, None)
-    };
-    let mut feed = Feed::open(&state.hub, &state.stream_pool, params.filter.clone(), since, params.viewer.clone())
-        .await
-        .map_err(|e| match e {
-            FeedError::Hub(_) => ApiError::ShuttingDown,
-            FeedError::Db(e) => e,
-        })?;
-    let resync = feed.take_initial_resync();
-    Ok(Opened { seq: feed.position(), feed, snapshot, resync })
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (since, snapshot) = if params.snapshot {
+            let page =
+                crate::routes::orders::list_page(&state.stream_pool, &params.filter, None, params.snapshot_limit, None)
+                    .await?;
+            state.hub.note_handed_out(page.position, page.committed_micros);
+            (Some(page.position), Some(page))
+        } else {
+            (params.since, None)
+        };
+        let mut feed = Feed::open(&state.hub, &state.stream_pool, params.filter.clone(), since, params.viewer.clone())
+            .await
+            .map_err(|e| match e {
+                FeedError::Hub(_) => ApiError::ShuttingDown,
+                FeedError::Db(e) => e,
+            })?;
+        let resync = feed.take_initial_resync();
+        // A snapshot is no reload the feed can go on from after a resync: its
+        // rows stand at its position, and the feed goes on after a later one.
+        // Before, the client got both, and one that took the snapshot and
+        // went on after `ready` missed the changes between them.
+        if resync.is_some() && snapshot.is_some() {
+            if tries < SNAPSHOT_TRIES {
+                continue;
+            }
+            return Ok(Opened { seq: feed.position(), feed, snapshot: None, resync });
+        }
+        return Ok(Opened { seq: feed.position(), feed, snapshot, resync });
+    }
 }
 
 #[utoipa::path(get, path = "/ws", tag = "realtime",
@@ -434,7 +454,8 @@ pub fn ready_message(opened: &Opened, params: &StreamParams) -> String {
     json!({
         "type": "ready",
         "seq": opened.seq,
-        "snapshot": params.snapshot,
+        // Whether a snapshot came before it (not beside a resync).
+        "snapshot": params.snapshot && opened.resync.is_none(),
         "filter": filter_json(&params.filter),
     })
     .to_string()
