@@ -50,24 +50,41 @@ pub struct NewOrderDoc {
     /// 1 to 1,000,000.
     pub quantity: i32,
     /// At least 0, at most 2 decimal places (a number or a string).
-    pub unit_price: f64,
+    pub unit_price: PriceDoc,
     /// Initial status (default pending).
     pub status: Option<Status>,
 }
 
-/// A partial update: send only the fields to change.
+/// A price as a request may give it: a JSON number (the double it reads
+/// as), or a string read exactly (`"19.99"`, `"1.5e1"`).
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = Price)]
+pub enum PriceDoc {
+    Number(f64),
+    Text(String),
+}
+
+/// A partial update: send only the fields to change. Only `customer_email`
+/// and `error_message` may be null (it clears them).
 #[derive(Serialize, ToSchema)]
 #[schema(as = OrderPatch)]
 pub struct OrderPatchDoc {
+    #[schema(nullable = false)]
     pub customer_name: Option<String>,
     pub customer_email: Option<String>,
+    #[schema(nullable = false)]
     pub product: Option<String>,
+    #[schema(nullable = false)]
     pub quantity: Option<i32>,
-    pub unit_price: Option<f64>,
+    #[schema(nullable = false)]
+    pub unit_price: Option<PriceDoc>,
     /// Must be an allowed transition from the current status.
+    #[schema(nullable = false)]
     pub status: Option<Status>,
     pub error_message: Option<String>,
     /// Expected current version (like If-Match).
+    #[schema(nullable = false)]
     pub version: Option<i32>,
 }
 
@@ -76,6 +93,7 @@ pub struct OrderPatchDoc {
 #[schema(as = ExpectedVersion)]
 pub struct VersionDoc {
     /// Expected current version (like If-Match).
+    #[schema(nullable = false)]
     pub version: Option<i32>,
 }
 
@@ -175,6 +193,7 @@ pub struct ProblemDoc {
         OrderDoc,
         NewOrderDoc,
         OrderPatchDoc,
+        PriceDoc,
         VersionDoc,
         OrderPageDoc,
         HistoryDoc,
