@@ -116,6 +116,9 @@ fn if_match(req: &HttpRequest) -> Result<Option<(Vec<i32>, String)>, ApiError> {
         }
         match (canonical_version(tag), quoted) {
             (Some(v), _) if !weak => versions.push(v),
+            // A bare number past any version matches nothing, as it does
+            // quoted; before, it was 400 and the quoted one 412.
+            (None, false) if !tag.starts_with('0') && !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_digit()) => {}
             (None, false) => return Err(invalid()),
             _ => {}
         }
