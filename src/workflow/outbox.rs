@@ -86,6 +86,9 @@ pub struct OutboxState {
     pub topic: Mutex<String>,
     /// True while this instance holds the relay lock (others stand by).
     pub active: AtomicBool,
+    /// True while this instance is connected and found the lock held by
+    /// another (`standby`); false while it has no session (`disconnected`).
+    pub standing_by: AtomicBool,
     /// Every change at or below this position has been acknowledged by Kafka.
     pub position: AtomicI64,
     pub published: AtomicU64,
@@ -130,7 +133,13 @@ impl OutboxState {
         json!({
             "enabled": true,
             "state": if !active {
-                "standby"
+                // Not "standby" while the relay cannot reach PostgreSQL: it
+                // looked like a healthy standby, with `lag` null.
+                if self.standing_by.load(Ordering::Relaxed) {
+                    "standby"
+                } else {
+                    "disconnected"
+                }
             } else if self.rewinding.load(Ordering::Relaxed) {
                 "rewinding"
             } else if self.failing.load(Ordering::Relaxed) {
@@ -206,6 +215,7 @@ pub async fn run(
             }
         }
         state.active.store(false, Ordering::Relaxed);
+        state.standing_by.store(false, Ordering::Relaxed);
         if crate::backoff::sleep(&mut backoff, BACKOFF_MAX, &mut shutdown).await {
             break;
         }
@@ -235,6 +245,7 @@ async fn session(
             .await
             .map_err(crate::db::describe)?
             .get(0);
+        state.standing_by.store(!locked, Ordering::Relaxed);
         if locked {
             break;
         }

@@ -371,6 +371,38 @@ async fn a_change_that_overtook_an_older_one_of_its_batch_is_followed_by_a_rewin
     }
 }
 
+/// A relay that cannot reach PostgreSQL says `disconnected` in health, and
+/// publishes again once it can. Before, it said `standby`, as a healthy
+/// standby does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_reach_the_database_says_disconnected() {
+    let kafka = Kafka::start();
+    let app = spawn_app_with(|s| kafka.configure(s)).await;
+    let state = |want: &'static str| {
+        let app = &app;
+        eventually(WAIT, move || async move {
+            let (_, health) = app.get_json("/api/health").await;
+            (health["workflow"]["outbox"]["state"] == want).then_some(())
+        })
+    };
+    state("running").await;
+    let admin = ordercast::db::connect(&crate::helpers::admin_url()).await.unwrap();
+    let name = &app.db_name;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'ordercast-outbox' AND datname = '{name}'"
+        ))
+        .await
+        .unwrap();
+    state("disconnected").await;
+    admin.batch_execute(&format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS true")).await.unwrap();
+    state("running").await;
+    let id = app.create_order("Reconnected").await["id"].as_i64().unwrap();
+    kafka.reader(&kafka.changes).read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
+}
+
 /// A change too large for the topic (a DBA's 2 MB error message: the old and
 /// new rows both carry it) goes as a stub that says so, and the changes after
 /// it follow. Before, Kafka's refusal was retried forever and nothing after
