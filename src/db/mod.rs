@@ -42,8 +42,9 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
         config.tcp_user_timeout(TCP_USER_TIMEOUT);
     }
     // A URL's `keepalives=0` or `keepalives_idle` wins, as the timeouts'
-    // do: tokio-postgres's defaults (on, 2 h idle) mean it set neither.
-    if config.get_keepalives() && config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+    // do. The parsed config cannot tell an explicit `keepalives_idle=7200`
+    // from tokio-postgres's default (2 h), so the string is asked.
+    if config.get_keepalives() && !names_parameter(&split.rest, "keepalives_idle") {
         config.keepalives_idle(Duration::from_secs(10));
     }
     if config.get_application_name().is_none() {
@@ -57,6 +58,16 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
         }
     }
     Ok(config)
+}
+
+/// Whether a connection string (`postgres://...?k=v&...` or `k=v k=v`)
+/// gives the parameter `name`.
+fn names_parameter(conn: &str, name: &str) -> bool {
+    let params = match conn.split_once("://") {
+        Some((_, rest)) => rest.split_once('?').map_or("", |(_, q)| q),
+        None => conn,
+    };
+    params.split(['&', ' ', '\t', '\n']).any(|p| p.split('=').next().map(str::trim) == Some(name))
 }
 
 /// The server's side of noticing a dead peer, set on every connection (the
@@ -213,6 +224,13 @@ mod tests {
         assert!(c.get_keepalives());
         assert_eq!(c.get_keepalives_idle(), Duration::from_secs(60));
         assert!(!pg_config("postgres://u@db/orders?keepalives=0").unwrap().get_keepalives());
+        // Also when it is the value tokio-postgres takes by default: before,
+        // an explicit 2 h was taken for no value and replaced by 10 s.
+        for url in ["postgres://u@db/orders?sslmode=disable&keepalives_idle=7200", "host=db keepalives_idle=7200"] {
+            assert_eq!(pg_config(url).unwrap().get_keepalives_idle(), Duration::from_secs(7200), "{url}");
+        }
+        let named_so = pg_config("postgres://u:keepalives_idle=1@db/orders").unwrap();
+        assert_eq!(named_so.get_keepalives_idle(), Duration::from_secs(10), "a password is no parameter");
         // Only hostaddr: its address is the host TLS needs.
         let c = pg_config("hostaddr=10.0.0.5 dbname=x user=u").unwrap();
         assert_eq!(c.get_hosts(), [tokio_postgres::config::Host::Tcp("10.0.0.5".into())]);
