@@ -276,15 +276,33 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
+    /// Creates the cluster on first use. initdb writes into a directory of
+    /// its own beside the data directory, which takes the data directory's
+    /// name only once initdb has finished and synced it: an initdb cut short
+    /// (killed, a power loss) leaves that directory, made again at the next
+    /// start, and never a data directory that looks made (`PG_VERSION` is
+    /// among the first files initdb writes). Before, every later start then
+    /// failed until someone deleted it.
     fn init(&self) -> anyhow::Result<()> {
         if self.data_dir.join("PG_VERSION").exists() {
             return Ok(());
         }
-        std::fs::create_dir_all(&self.data_dir)?;
-        if let Some((uid, gid)) = self.run_as {
-            nix::unistd::chown(&self.data_dir, Some(uid.into()), Some(gid.into()))?;
-            // The postgres user must be able to reach the data directory.
-            if let Some(d) = blocked_ancestor(&self.data_dir)? {
+        let partial = self.data_dir.with_extension("initdb-partial");
+        let fresh = || -> anyhow::Result<()> {
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial)
+                    .with_context(|| format!("Failed to remove {} (an initdb cut short)", partial.display()))?;
+            }
+            std::fs::create_dir_all(&partial)?;
+            if let Some((uid, gid)) = self.run_as {
+                nix::unistd::chown(&partial, Some(uid.into()), Some(gid.into()))?;
+            }
+            Ok(())
+        };
+        fresh()?;
+        // The postgres user must be able to reach the data directory.
+        if self.run_as.is_some() {
+            if let Some(d) = blocked_ancestor(&partial)? {
                 bail!(
                     "{} is not reachable by the postgres user; choose another --data-dir (e.g. /var/tmp/ordercast)",
                     d.display()
@@ -297,14 +315,28 @@ impl EmbeddedPostgres {
         // compare otherwise in SQL than in the server (`fold_case`).
         let initdb = |locale: Option<&str>| {
             let mut cmd = self.command("initdb");
-            cmd.arg("-D").arg(&self.data_dir).args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+            cmd.arg("-D").arg(&partial).args(["-U", "postgres", "-A", "trust", "-E", "UTF8"]);
             cmd.args(locale.map(|l| format!("--locale={l}")));
             self.run(cmd, "initdb")
         };
         initdb(Some("C.UTF-8")).or_else(|e| {
             log::warn!("initdb with the C.UTF-8 locale failed ({e:#}): using the environment's locale");
+            fresh()?;
             initdb(None)
-        })
+        })?;
+        if self.data_dir.exists() {
+            // An empty directory (made by hand, or by an earlier version).
+            std::fs::remove_dir(&self.data_dir).with_context(|| {
+                format!("{} exists without a PostgreSQL cluster in it: remove it", self.data_dir.display())
+            })?;
+        }
+        std::fs::rename(&partial, &self.data_dir)
+            .with_context(|| format!("Failed to move the new cluster to {}", self.data_dir.display()))?;
+        // The rename, durable too.
+        if let Some(parent) = self.data_dir.parent() {
+            std::fs::File::open(parent).and_then(|d| d.sync_all()).ok();
+        }
+        Ok(())
     }
 
     /// The server's options (`pg_ctl -o`, read by a shell): its port, TCP on

@@ -206,6 +206,60 @@ async fn of_two_servers_started_together_on_one_port_the_second_fails_before_any
     assert_no_session_but(&other).await;
 }
 
+/// The pids of the initdb processes working in `dir`.
+fn initdb_in(dir: &std::path::Path) -> Vec<i32> {
+    let dir = dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.split('\0').next().is_some_and(|prog| prog.ends_with("/initdb")) && cmdline.contains(&dir)
+        })
+        .collect()
+}
+
+/// An initdb cut short (killed here once it has written `PG_VERSION`, as a
+/// power loss would) leaves no data directory that looks made: the next
+/// start makes the cluster again and runs. Before, the directory had
+/// `PG_VERSION`, so every later start took it as made and failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initdb_cut_short_is_done_again_at_the_next_start() {
+    let dir = embedded_dir("initdb-cut");
+    let start = start_embedded(&dir);
+    let killer = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || {
+            // Each initdb try (the C.UTF-8 one, then the environment's
+            // locale) is killed once it has written PG_VERSION.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut killed = std::collections::HashSet::new();
+            while killed.len() < 2 && std::time::Instant::now() < deadline {
+                let written = ["pg", "pg.initdb-partial"].iter().any(|d| dir.join(d).join("PG_VERSION").exists());
+                for pid in initdb_in(&dir) {
+                    if written && killed.insert(pid) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            killed.len()
+        }
+    });
+    let first = start.await;
+    let killed = killer.await.unwrap();
+    assert!(killed >= 1, "no initdb was killed");
+    assert!(first.is_err(), "the start whose initdb was killed failed");
+    let pg = start_embedded(&dir).await.expect("the next start makes the cluster again");
+    let db = ordercast::db::connect(&pg.url("postgres")).await.expect("and its server runs");
+    db.query_one("SELECT 1", &[]).await.unwrap();
+    drop(db);
+    drop(pg);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A second ordercast started on the same data directory (a `migrate` in
 /// another terminal, say) is refused, and leaves the first one's server
 /// running. Before, it stopped that server to start its own on another port,
