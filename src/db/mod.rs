@@ -94,6 +94,21 @@ pub const HELD_SESSION: &str = "SET lock_timeout = 0; SET statement_timeout = 0;
      SELECT set_config('idle_session_timeout', '0', false) WHERE current_setting('server_version_num')::int >= 140000; \
      SELECT set_config('transaction_timeout', '0', false) WHERE current_setting('server_version_num')::int >= 170000";
 
+/// How many ids already taken a new order skips before its write gives up
+/// (REST's create, the Kafka ingest's): each costs one failed INSERT.
+pub const ORDER_ID_ATTEMPTS: usize = 100;
+
+/// What moves the orders' id sequence past ids written by hand.
+pub const MOVE_ORDER_ID_SEQUENCE: &str =
+    "SELECT setval(pg_get_serial_sequence('orders', 'id'), (SELECT max(id) FROM orders))";
+
+/// The id drawn from the sequence for a new order is another row's: a DBA
+/// inserted rows with ids of their own, ahead of the sequence. The next try
+/// draws the next id.
+pub fn order_id_taken(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| db.code().code() == "23505" && db.constraint() == Some("orders_pkey"))
+}
+
 /// TLS for connections to `url`, as its `sslmode`, `sslrootcert`, `sslcert`
 /// and `sslkey` ask (see `tls`): every ordercast connection is opened with it.
 pub fn tls(url: &str) -> anyhow::Result<Tls> {

@@ -1000,12 +1000,30 @@ async fn apply(
     if let Mode::Careful = mode {
         for i in 0..msgs.len() {
             settle_copy(i, &earlier, &mut fates);
-            if fates[i] == Fate::Pending {
+            // An id the sequence draws for a new order may be taken by a row
+            // a DBA wrote with an id of its own: the message is applied
+            // again, drawing the next (as REST's create does). Before, it
+            // was dead-lettered as refused by the database, one good event
+            // per taken id.
+            let mut taken = 0;
+            while fates[i] == Fate::Pending {
                 let savepoint = tx.savepoint("ingest_message").await.map_err(|e| classify(e, "SAVEPOINT failed"))?;
                 match apply_round(&savepoint, st, msgs, &[i], &mut fates).await {
                     Ok(n) => {
                         written += n;
                         savepoint.commit().await.map_err(|e| classify(e, "RELEASE SAVEPOINT failed"))?;
+                        break;
+                    }
+                    Err(ApplyError::Data(e)) if crate::db::order_id_taken(&e) => {
+                        savepoint.rollback().await.map_err(|e| classify(e, "ROLLBACK TO SAVEPOINT failed"))?;
+                        taken += 1;
+                        if taken == crate::db::ORDER_ID_ATTEMPTS {
+                            return Err(WriteError::Transient(anyhow::anyhow!(
+                                "the orders' id sequence is behind ids written by hand ({taken} taken in a row): \
+                                 to move it past them: {}",
+                                crate::db::MOVE_ORDER_ID_SEQUENCE
+                            )));
+                        }
                     }
                     Err(ApplyError::Data(e)) => {
                         fates[i] = Fate::Dead(rejection_from_db(&e));
@@ -1013,6 +1031,13 @@ async fn apply(
                     }
                     Err(ApplyError::Other(e)) => return Err(classify(e, "Failed to apply an event")),
                 }
+            }
+            if taken > 0 {
+                log::warn!(
+                    "Kafka ingest: {taken} order ids were already taken by rows written with ids of their own; to \
+                     move the id sequence past them: {}",
+                    crate::db::MOVE_ORDER_ID_SEQUENCE
+                );
             }
         }
     } else {

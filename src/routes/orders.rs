@@ -9,6 +9,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::{parse_limit, QueryPairs};
+use crate::db::{order_id_taken, MOVE_ORDER_ID_SEQUENCE, ORDER_ID_ATTEMPTS};
 use crate::domain::{Filter, NewOrder, OrderPatch, Status, ValidationError};
 use crate::error::ApiError;
 use crate::startup::AppState;
@@ -199,11 +200,11 @@ pub async fn create(
             // The id the sequence gave is already taken: a DBA inserted
             // rows with ids of their own, ahead of the sequence. Each try
             // draws the next id.
-            Err(e) if taken < ID_ATTEMPTS && id_taken(&e) => taken += 1,
-            Err(e) if id_taken(&e) => {
+            Err(e) if taken < ORDER_ID_ATTEMPTS && order_id_taken(&e) => taken += 1,
+            Err(e) if order_id_taken(&e) => {
                 return Err(ApiError::Unexpected(anyhow::anyhow!(
-                    "the orders' id sequence is behind ids written by hand ({ID_ATTEMPTS} taken in a row): \
-                     to move it past them: {MOVE_SEQUENCE}"
+                    "the orders' id sequence is behind ids written by hand ({ORDER_ID_ATTEMPTS} taken in a row): \
+                     to move it past them: {MOVE_ORDER_ID_SEQUENCE}"
                 )))
             }
             Err(e) => return Err(e.into()),
@@ -212,25 +213,13 @@ pub async fn create(
     if taken > 0 {
         log::warn!(
             "POST /api/orders: {taken} order ids were already taken by rows written with ids of their own; \
-             to move the id sequence past them: {MOVE_SEQUENCE}"
+             to move the id sequence past them: {MOVE_ORDER_ID_SEQUENCE}"
         );
     }
     let id: i64 = row.get(0);
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/orders/{id}")));
     Ok(json_response(builder, row.get(1), Some(1)))
-}
-
-/// How many ids already taken a create skips before it gives up (see
-/// `create`): each costs one failed single-row INSERT.
-const ID_ATTEMPTS: usize = 100;
-
-/// What moves the orders' id sequence past ids written by hand.
-const MOVE_SEQUENCE: &str = "SELECT setval(pg_get_serial_sequence('orders', 'id'), (SELECT max(id) FROM orders))";
-
-/// The id drawn from the sequence for a new order is another row's.
-fn id_taken(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| db.code().code() == "23505" && db.constraint() == Some("orders_pkey"))
 }
 
 /// List orders, newest first, with keyset pagination.

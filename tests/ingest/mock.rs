@@ -90,6 +90,34 @@ async fn a_dbas_unique_index_refusing_a_create_is_database_rejected_not_order_ex
     assert_eq!(count(&db, "SELECT count(*) FROM orders WHERE external_id IN ('uniq-1', 'uniq-3')").await, 2);
 }
 
+/// Ids a DBA wrote by hand ahead of the orders' id sequence: new orders
+/// from Kafka skip them, as REST's do, and none is dead-lettered. Before,
+/// each event whose drawn id was taken was dead-lettered as
+/// `database_rejected`, one good event per taken id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_orders_skip_ids_written_by_hand_ahead_of_the_sequence() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = ingest_after_dba_sql(
+        &broker,
+        &n,
+        "INSERT INTO orders (id, customer_name, product, quantity, unit_price) \
+         SELECT (SELECT COALESCE(max(id), 0) FROM orders) + g, 'By hand', 'Bolt', 1, 1 \
+         FROM generate_series(1, 20) g",
+    )
+    .await;
+    let producer = producer(&broker);
+    for i in 0..10 {
+        send_event(&producer, &n.topic, &created(&format!("after-hand-{i}"))).await;
+    }
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-hand-%'", 10, WAIT).await;
+    let db = app.sql().await;
+    assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0, "{:?}", dead_letters(&db).await);
+    assert_eq!(stored(&db, &n).await, [(0, Some(10))]);
+}
+
 /// The broker goes away for a while mid-stream: ingest pauses (health says
 /// so) and resumes by itself; every event is applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
