@@ -499,6 +499,18 @@ impl Writer {
             // host's death, not hours.
             let client =
                 crate::db::connect_as(&self.url, Some("ordercast-ingest")).await.map_err(WriteError::Transient)?;
+            // Its attempts have their own limit (`ATTEMPT_TIMEOUT`, and one
+            // transaction per message past it): a database or role's
+            // statement or transaction timeout cut the same batch short at
+            // every try, and the instance stalled. The statements are
+            // written for READ COMMITTED.
+            client
+                .batch_execute(&format!(
+                    "SET default_transaction_isolation = 'read committed'; {}",
+                    crate::db::HELD_SESSION
+                ))
+                .await
+                .map_err(|e| classify(e, "Failed to set up the session"))?;
             let tls = crate::db::tls(&self.url).map_err(WriteError::Transient)?;
             let prepare = |sql: &'static str| {
                 let client = &client;

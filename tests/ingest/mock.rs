@@ -118,6 +118,29 @@ async fn new_orders_skip_ids_written_by_hand_ahead_of_the_sequence() {
     assert_eq!(stored(&db, &n).await, [(0, Some(10))]);
 }
 
+/// A database whose default `statement_timeout` is shorter than a batch
+/// takes: the ingest's writes have their own limit and are not cut short.
+/// Before, the same batch was cancelled at every try and the instance
+/// stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_statement_timeout_does_not_stall_the_ingest() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = ingest_after_dba_sql(
+        &broker,
+        &n,
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = %L', current_database(), '5ms'); END $$",
+    )
+    .await;
+    let producer = producer(&broker);
+    for i in 0..500 {
+        send_event(&producer, &n.topic, &created(&format!("timed-{i}"))).await;
+    }
+    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'timed-%'", 500, WAIT).await;
+}
+
 /// The broker goes away for a while mid-stream: ingest pauses (health says
 /// so) and resumes by itself; every event is applied exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
