@@ -440,8 +440,9 @@ enum Bucket {
     Status(Status),
 }
 
-/// Subscriptions removed in one round at most: between rounds the hub
-/// publishes and takes new subscriptions.
+/// Subscriptions removed in one round at most (removals come before
+/// commands: the hub's `select!` is biased), which bounds the set of
+/// removed ids a round builds.
 const REMOVALS_PER_ROUND: usize = 4096;
 
 struct Registry {

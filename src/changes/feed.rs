@@ -394,6 +394,9 @@ pub struct SharedReads {
     reads: std::sync::Mutex<HashMap<ReadKey, (i64, WeakShared<LogRead>)>>,
     /// The map's size at which the next sweep runs (amortised: doubles).
     sweep_at: std::sync::atomic::AtomicUsize,
+    /// Changes a read asks for (0: `CATCH_UP_BATCH`): halved when the
+    /// database cuts a read short, doubled back after a full read.
+    limit: std::sync::atomic::AtomicI32,
 }
 
 impl SharedReads {
@@ -417,7 +420,7 @@ impl SharedReads {
         // The hub's position now, before the read takes its snapshot (it is
         // taken when the read is first polled, after this).
         let started_at = hub.position();
-        let read: LogRead = Box::pin(read_log(pool.clone(), scan));
+        let read: LogRead = Box::pin(read_log(pool.clone(), hub.catch_up_reads.clone(), scan));
         let read = read.shared();
         // expect: a read not yet polled has no result, so it downgrades
         reads.insert((epoch, scan), (started_at, read.downgrade().expect("a fresh read")));
@@ -427,8 +430,8 @@ impl SharedReads {
 
 /// Reads the log after `scan`. A failure is answered only after
 /// `RETRY_DELAY`, so a retry is paced even when `next()` is dropped meanwhile.
-async fn read_log(pool: Pool, scan: i64) -> ReadOutcome {
-    let result = read_log_once(&pool, scan).await;
+async fn read_log(pool: Pool, reads: Arc<SharedReads>, scan: i64) -> ReadOutcome {
+    let result = read_log_once(&pool, &reads.limit, scan).await;
     if let Err(CatchUpError::Db(e)) = &result {
         log::warn!("catch-up read failed, retrying: {e:#}");
         tokio::time::sleep(RETRY_DELAY).await;
@@ -436,20 +439,33 @@ async fn read_log(pool: Pool, scan: i64) -> ReadOutcome {
     result.map(Arc::new)
 }
 
-async fn read_log_once(pool: &Pool, scan: i64) -> Result<Vec<SharedChange>, CatchUpError> {
+async fn read_log_once(
+    pool: &Pool,
+    limits: &std::sync::atomic::AtomicI32,
+    scan: i64,
+) -> Result<Vec<SharedChange>, CatchUpError> {
+    use std::sync::atomic::Ordering;
     let client = pool.get().await.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?;
     // A read the database cut short (a `statement_timeout` set for the
-    // role: large rows) is asked again at once for half as many changes.
+    // role: large rows) is asked again at once for half as many changes,
+    // and the next reads ask for as many (doubled back after a full read).
     // Before, it failed the same way at every try, and the client stalled.
-    let mut limit = CATCH_UP_BATCH;
+    let mut limit = match limits.load(Ordering::Relaxed) {
+        0 => CATCH_UP_BATCH,
+        n => n,
+    };
     let (changes, seen) = loop {
         match read_after(&client, scan, limit).await {
             Err(e) if limit > 1 && e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
                 limit /= 2;
+                limits.store(limit, Ordering::Relaxed);
             }
             read => break read.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?,
         }
     };
+    if changes.len() as i32 == limit && limit < CATCH_UP_BATCH {
+        limits.store((limit * 2).min(CATCH_UP_BATCH), Ordering::Relaxed);
+    }
     // Rows come with the horizon of their own snapshot: past `scan`, some
     // changes after it were gone before the read. A prune committed after
     // the read does not matter to it (the next read sees it). A read with

@@ -380,7 +380,15 @@ async fn session(
         });
     }
     client
-        .batch_execute(&format!("{}; {}; LISTEN {CHANNEL}", crate::db::SESSION_KEEPALIVES, crate::db::HELD_SESSION))
+        // A read its watchdog gave up on (`QUERY_TIMEOUT`) is not left
+        // running on the server for long: the listener reconnects, and the
+        // backend would notice only when it sends rows.
+        .batch_execute(&format!(
+            "{}; {}; SET statement_timeout = {}; LISTEN {CHANNEL}",
+            crate::db::SESSION_KEEPALIVES,
+            crate::db::HELD_SESSION,
+            2 * QUERY_TIMEOUT.as_millis()
+        ))
         .await
         .map_err(crate::db::describe)
         .context("LISTEN failed")?;

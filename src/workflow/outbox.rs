@@ -195,6 +195,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
+    // Partitions owed a rewind, each with the newest position it covers
+    // (see `overtaken`): kept across sessions, so a database error or a
+    // producer that must be replaced does not drop it.
+    let mut rewind_due: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
         match session(
             &url,
@@ -204,7 +208,7 @@ pub async fn run(
             batch.max(1),
             &state,
             &mut shutdown,
-            &mut backoff,
+            (&mut backoff, &mut rewind_due),
         )
         .await
         {
@@ -234,7 +238,7 @@ async fn session(
     batch: u32,
     state: &OutboxState,
     shutdown: &mut watch::Receiver<bool>,
-    backoff: &mut Duration,
+    (backoff, rewind_due): (&mut Duration, &mut BTreeMap<i32, i64>),
 ) -> anyhow::Result<()> {
     let conn = Dedicated::open(url, "ordercast-outbox").await?;
     let db = &conn.client;
@@ -303,8 +307,6 @@ async fn session(
     let mut late = since.map(|since| Late { at: took_over + fence(kafka) + late_margin(kafka), since, read: None });
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
     let limit = batch.min(i32::MAX as u32) as i32;
-    // Partitions owed a rewind, each with the newest position it covers.
-    let mut rewind_due: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -350,9 +352,15 @@ async fn session(
         };
         // Before the batch goes again: a rewind for the partitions where a
         // change of the failed try overtook an older one (see `overtaken`).
-        if !rewind_due.is_empty() {
-            let through = rewind_due.values().copied().max().unwrap_or(position);
+        let through = rewind_due.values().copied().max().unwrap_or(position);
+        if through <= position {
+            // Nothing owed, or the changes it covered were pruned unpublished.
+            rewind_due.clear();
+        } else {
             if let Err(e) = send_rewind(producer, topic, rewind_due.keys().copied(), position, through, state).await {
+                if !state.failing.load(Ordering::Relaxed) {
+                    log::warn!("outbox relay for {topic}: {e:#}; retrying the rewind before the batch");
+                }
                 state.error(&e);
                 state.retries.fetch_add(1, Ordering::Relaxed);
                 if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
@@ -984,10 +992,18 @@ async fn acknowledged(
     loop {
         match tokio::time::timeout(UNACKNOWLEDGED_REPORT, &mut acks).await {
             Ok(acks) => return acks,
-            Err(_) => state.error(&anyhow::anyhow!(
-                "{what} sent to Kafka ({count}) are not acknowledged after {} s; still waiting for them",
-                started.elapsed().as_secs()
-            )),
+            Err(_) => {
+                let e = anyhow::anyhow!(
+                    "{what} sent to Kafka ({count}) are not acknowledged after {} s; still waiting for them",
+                    started.elapsed().as_secs()
+                );
+                // Logged once, as a batch that fails is: a failure that
+                // follows is then not logged again.
+                if !state.failing.load(Ordering::Relaxed) {
+                    log::warn!("outbox relay: {e}");
+                }
+                state.error(&e);
+            }
         }
     }
 }

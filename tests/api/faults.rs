@@ -228,15 +228,24 @@ fn initdb_in(dir: &std::path::Path) -> Vec<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_initdb_cut_short_is_done_again_at_the_next_start() {
     let dir = embedded_dir("initdb-cut");
-    let start = start_embedded(&dir);
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = {
+        let (dir, started) = (dir.clone(), started.clone());
+        async move {
+            let r = start_embedded(&dir).await;
+            started.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        }
+    };
     let killer = tokio::task::spawn_blocking({
-        let dir = dir.clone();
+        let (dir, started) = (dir.clone(), started.clone());
         move || {
             // Each initdb try (the C.UTF-8 one, then the environment's
-            // locale) is killed once it has written PG_VERSION.
+            // locale) is killed once it has written PG_VERSION, until the
+            // start gives up.
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             let mut killed = std::collections::HashSet::new();
-            while killed.len() < 2 && std::time::Instant::now() < deadline {
+            while !started.load(std::sync::atomic::Ordering::SeqCst) && std::time::Instant::now() < deadline {
                 let written = ["pg", "pg.initdb-partial"].iter().any(|d| dir.join(d).join("PG_VERSION").exists());
                 for pid in initdb_in(&dir) {
                     if written && killed.insert(pid) {
