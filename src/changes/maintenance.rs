@@ -21,7 +21,7 @@ pub async fn run(pool: Pool, settings: Settings) {
 
 /// Positions pruned per statement. A large backlog (retention lowered or
 /// turned on, maintenance stopped a while) goes in rounds, each its own
-/// transaction (60-120 ms a round, measured with psql's `\timing` on a
+/// transaction (40-110 ms a round, measured with psql's `\timing` on a
 /// private PostgreSQL): in one statement it could outlast a
 /// `statement_timeout` and fail at every pass, never making progress, and
 /// held back vacuum for as long as it ran.

@@ -972,7 +972,6 @@ async fn store(db: &tokio_postgres::Client, name: &str, position: i64) -> anyhow
     Ok(())
 }
 
-/// Produces one batch and waits for every acknowledgement.
 /// How long messages may wait for their acknowledgements before the relay
 /// says so in `/api/health` (and again each time as long after).
 const UNACKNOWLEDGED_REPORT: Duration = Duration::from_secs(10);
@@ -1046,6 +1045,7 @@ fn overtaken(outcomes: &[(i64, Option<i32>, bool)]) -> BTreeMap<i32, i64> {
     out
 }
 
+/// Produces one batch and waits for every acknowledgement.
 async fn publish(
     producer: &FutureProducer,
     topic: &str,

@@ -98,21 +98,14 @@ async fn a_dbas_unique_index_refusing_a_create_is_database_rejected_not_order_ex
 async fn new_orders_skip_ids_written_by_hand_ahead_of_the_sequence() {
     use crate::kafka::*;
 
-    let broker = Mock::start();
-    let n = names(&broker, 1);
-    let app = ingest_after_dba_sql(
-        &broker,
-        &n,
+    let (_broker, n, app) = created_after_dba_sql(
         "INSERT INTO orders (id, customer_name, product, quantity, unit_price) \
          SELECT (SELECT COALESCE(max(id), 0) FROM orders) + g, 'By hand', 'Bolt', 1, 1 \
          FROM generate_series(1, 20) g",
+        "after-hand",
+        10,
     )
     .await;
-    let producer = producer(&broker);
-    for i in 0..10 {
-        send_event(&producer, &n.topic, &created(&format!("after-hand-{i}"))).await;
-    }
-    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'after-hand-%'", 10, WAIT).await;
     let db = app.sql().await;
     assert_eq!(count(&db, "SELECT count(*) FROM dead_letters").await, 0, "{:?}", dead_letters(&db).await);
     assert_eq!(stored(&db, &n).await, [(0, Some(10))]);
@@ -124,21 +117,12 @@ async fn new_orders_skip_ids_written_by_hand_ahead_of_the_sequence() {
 /// stalled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_statement_timeout_does_not_stall_the_ingest() {
-    use crate::kafka::*;
-
-    let broker = Mock::start();
-    let n = names(&broker, 1);
-    let app = ingest_after_dba_sql(
-        &broker,
-        &n,
+    created_after_dba_sql(
         "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = %L', current_database(), '5ms'); END $$",
+        "timed",
+        500,
     )
     .await;
-    let producer = producer(&broker);
-    for i in 0..500 {
-        send_event(&producer, &n.topic, &created(&format!("timed-{i}"))).await;
-    }
-    wait_count(&app.db_url, "SELECT count(*) FROM orders WHERE external_id LIKE 'timed-%'", 500, WAIT).await;
 }
 
 /// The broker goes away for a while mid-stream: ingest pauses (health says
@@ -593,6 +577,27 @@ async fn ingest_after_dba_sql(broker: &Mock, n: &crate::kafka::Names, sql: &str)
     let app = crate::kafka::spawn_ingest(broker, n, |s| s.kafka.batch_wait_ms = 500).await;
     app.sql().await.batch_execute(sql).await.unwrap();
     app
+}
+
+/// An ingest server on a database where a DBA ran `sql` first, once the
+/// `orders` new orders sent to it (external ids `{prefix}-0`, ...) are all
+/// in the database.
+async fn created_after_dba_sql(
+    sql: &str,
+    prefix: &str,
+    orders: usize,
+) -> (crate::kafka::Mock, crate::kafka::Names, crate::helpers::TestApp) {
+    use crate::kafka::*;
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = ingest_after_dba_sql(&broker, &n, sql).await;
+    let producer = producer(&broker);
+    for i in 0..orders {
+        send_event(&producer, &n.topic, &created(&format!("{prefix}-{i}"))).await;
+    }
+    let applied = format!("SELECT count(*) FROM orders WHERE external_id LIKE '{prefix}-%'");
+    wait_count(&app.db_url, &applied, orders as i64, WAIT).await;
+    (broker, n, app)
 }
 
 /// After four events, one of them `bad`: `bad` alone was dead-lettered
