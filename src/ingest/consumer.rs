@@ -638,6 +638,7 @@ pub async fn read(
                 Ok(m) => {
                     state.consumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     state.set_brokers_up(true);
+                    state.consumer_reads();
                     let msg = to_message(&m, &settings);
                     bytes += msg.size();
                     batch.push(msg);
@@ -649,7 +650,7 @@ pub async fn read(
                     // Partition EOFs are off; what arrives here is worth a
                     // line (unknown topic, authorization) but never fatal.
                     log::warn!("Kafka consumer: {e}");
-                    state.set_kafka_error(e.to_string());
+                    state.consumer_error(e.to_string());
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },

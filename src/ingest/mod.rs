@@ -149,7 +149,14 @@ pub struct IngestState {
     /// False after librdkafka reported every broker down, until statistics
     /// show one up again.
     pub brokers_up: AtomicBool,
+    /// The error of the writes failing now (None once every writer writes
+    /// again).
     pub last_error: Mutex<Option<String>>,
+    /// True from an error the consumer got instead of a message (its rights
+    /// on the topic taken away, the topic gone) until a message arrives.
+    consumer_failing: AtomicBool,
+    /// When the consumer got its latest such error.
+    consumer_error_at: Mutex<Option<Instant>>,
     pub last_kafka_error: Mutex<Option<String>>,
     pub dlq_error: Mutex<Option<String>>,
     /// Set when one of the ingest's tasks ended or panicked before shutdown:
@@ -184,7 +191,45 @@ impl IngestState {
                 && self.brokers_up.load(Ordering::Relaxed)
                 && self.dlq_error.lock().unwrap().is_none() // unwrap: never held across a panic
                 && self.task_failure.lock().unwrap().is_none() // unwrap: never held across a panic
-                && self.awaiting_positions().is_empty())
+                && self.awaiting_positions().is_empty()
+                && !self.consumer_failing())
+    }
+
+    /// Whether the consumer keeps getting errors instead of messages: one
+    /// came within `CONSUMER_ERROR_HOLD` and no message since. An error
+    /// librdkafka repeats (an authorization refused is, at every fetch)
+    /// keeps the ingest degraded; one that stopped without a message to
+    /// show it, say on an idle topic, no longer counts after the hold.
+    pub fn consumer_failing(&self) -> bool {
+        self.consumer_failing.load(Ordering::Relaxed)
+            && self.consumer_error_at.lock().unwrap().is_some_and(|at| at.elapsed() < CONSUMER_ERROR_HOLD)
+        // unwrap: never held across a panic
+    }
+
+    /// The consumer got an error instead of a message.
+    pub fn consumer_error(&self, e: String) {
+        *self.consumer_error_at.lock().unwrap() = Some(Instant::now()); // unwrap: never held across a panic
+        self.consumer_failing.store(true, Ordering::Relaxed);
+        self.set_kafka_error(e);
+    }
+
+    /// Called for every message received: writes the shared flag only when
+    /// it changes.
+    pub fn consumer_reads(&self) {
+        if self.consumer_failing.load(Ordering::Relaxed) {
+            self.consumer_failing.store(false, Ordering::Relaxed);
+            log::info!("Kafka consumer receives messages again");
+        }
+    }
+
+    /// A writer writes again: the error it had is no longer shown once no
+    /// writer fails (checked under the lock a failing writer sets it under,
+    /// after counting itself, so a newer failure's error is never lost).
+    fn writers_recovered(&self) {
+        let mut last = self.last_error.lock().unwrap(); // unwrap: never held across a panic
+        if self.failing_writers.load(Ordering::Relaxed) == 0 {
+            *last = None;
+        }
     }
 
     /// Assigned partitions paused until their stored positions can be read.
@@ -329,6 +374,7 @@ impl IngestState {
         m.insert("dlq_topic".into(), self.dlq_topic.clone().into());
         m.insert("group_id".into(), self.group_id.clone().into());
         m.insert("brokers_up".into(), self.brokers_up.load(Ordering::Relaxed).into());
+        m.insert("consumer_failing".into(), self.consumer_failing().into());
         m.insert("last_error".into(), self.last_error.lock().unwrap().clone().into()); // unwrap: never poisoned
         m.insert("last_kafka_error".into(), self.last_kafka_error.lock().unwrap().clone().into()); // unwrap: see above
         m.insert("dlq_error".into(), self.dlq_error.lock().unwrap().clone().into()); // unwrap: see above
@@ -448,6 +494,9 @@ fn supervise(
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long an error the consumer got keeps the ingest degraded without
+/// another (see `IngestState::consumer_failing`).
+const CONSUMER_ERROR_HOLD: Duration = Duration::from_secs(60);
 const PRUNE_EVERY: Duration = Duration::from_secs(300);
 /// The longest wait before pruning again after a failed pruning.
 const PRUNE_BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -496,8 +545,13 @@ async fn write_until_committed(
             }
         }
     };
-    if failing && state.failing_writers.fetch_sub(1, Ordering::Relaxed) == 1 && outcome.is_some() {
-        log::info!("ingest writes to PostgreSQL again");
+    if failing {
+        if state.failing_writers.fetch_sub(1, Ordering::Relaxed) == 1 && outcome.is_some() {
+            log::info!("ingest writes to PostgreSQL again");
+        }
+        if outcome.is_some() {
+            state.writers_recovered();
+        }
     }
     outcome
 }
@@ -803,5 +857,32 @@ mod tests {
         let publishing = IngestState::running(&settings);
         *publishing.dlq_error.lock().unwrap() = Some("dead letters not delivered".into());
         assert_eq!(publishing.health()["state"], "degraded", "dead letters that cannot be published");
+    }
+
+    #[test]
+    fn a_consumer_error_degrades_until_a_message_or_for_its_hold() {
+        let settings = crate::config::Settings::for_database("postgres://localhost/x").kafka;
+        let state = IngestState::running(&settings);
+        state.consumer_error("TopicAuthorizationFailed".into());
+        let h = state.health();
+        assert_eq!((h["state"].as_str(), &h["consumer_failing"]), (Some("degraded"), &Value::Bool(true)), "{h}");
+        state.consumer_reads();
+        assert_eq!(state.health()["state"], "running", "a message arrived");
+        state.consumer_error("TopicAuthorizationFailed".into());
+        *state.consumer_error_at.lock().unwrap() = Instant::now().checked_sub(CONSUMER_ERROR_HOLD);
+        assert_eq!(state.health()["state"], "running", "no error repeated within the hold");
+    }
+
+    #[test]
+    fn the_writers_error_is_cleared_once_none_fails() {
+        let settings = crate::config::Settings::for_database("postgres://localhost/x").kafka;
+        let state = IngestState::running(&settings);
+        state.failing_writers.store(1, Ordering::Relaxed);
+        *state.last_error.lock().unwrap() = Some("connection refused".into());
+        state.writers_recovered();
+        assert_eq!(state.health()["last_error"], "connection refused", "a writer still fails");
+        state.failing_writers.store(0, Ordering::Relaxed);
+        state.writers_recovered();
+        assert_eq!(state.health()["last_error"], Value::Null);
     }
 }

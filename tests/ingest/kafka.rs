@@ -65,6 +65,14 @@ impl Mock {
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
         self.cluster.request_errors(RDKafkaApiKey::ListOffsets, &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; n]);
     }
+
+    /// The next `n` Fetch requests are refused as not authorized for the
+    /// topic, as when the consumer's rights are taken away.
+    pub fn refuse_fetches(&self, n: usize) {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+        self.cluster.request_errors(RDKafkaApiKey::Fetch, &vec![refused; n]);
+    }
 }
 
 impl Broker for Mock {

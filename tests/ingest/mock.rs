@@ -166,6 +166,44 @@ async fn a_broker_outage_pauses_ingest_and_loses_nothing() {
     assert_exactly_once(&app.sql().await, "brk", total, 2).await;
 }
 
+/// The consumer is refused on every fetch (its rights on the topic taken
+/// away): health says degraded, with the broker's error, while that lasts,
+/// and running again once messages flow; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_refused_on_every_fetch_is_degraded_until_messages_flow_again() {
+    use crate::kafka::*;
+
+    let broker = Mock::start();
+    let n = names(&broker, 1);
+    let app = spawn_ingest(&broker, &n, |_| {}).await;
+    let producer = producer(&broker);
+    send_event(&producer, &n.topic, &created("refused-0")).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders", 1, WAIT).await;
+    // Refused fetches are tried again about every 5 s: two make a stretch of
+    // errors that lasts until the order below has been sent.
+    broker.refuse_fetches(2);
+    let degraded = crate::helpers::eventually(Duration::from_secs(20), || async {
+        let (status, h) = app.get_json("/api/health").await;
+        (status == 503 && h["kafka"]["state"] == "degraded").then_some(h)
+    })
+    .await;
+    let error = degraded["kafka"]["last_kafka_error"].as_str().unwrap_or_default().to_lowercase();
+    assert!(error.contains("authoriz"), "{degraded}");
+    assert_eq!(degraded["kafka"]["consumer_failing"], true, "{degraded}");
+    send_event(&producer, &n.topic, &created("refused-1")).await;
+    wait_count(&app.db_url, "SELECT count(*) FROM orders", 2, WAIT).await;
+    let h = crate::helpers::eventually(WAIT, || async {
+        let (status, h) = app.get_json("/api/health").await;
+        (status == 200).then_some(h)
+    })
+    .await;
+    assert_eq!(
+        (h["kafka"]["state"].as_str(), &h["kafka"]["consumer_failing"]),
+        (Some("running"), &Value::Bool(false)),
+        "{h}"
+    );
+}
+
 /// A header key that is not UTF-8 (any client can send one) neither kills
 /// the reader nor stops the ingest: the event it carries is applied, the
 /// next one too, and health stays running.

@@ -416,6 +416,7 @@ pub async fn a_database_outage_mid_stream_loses_nothing(broker: &dyn Broker) {
     .await;
     assert_eq!(status, 200);
     assert_eq!(h["kafka"]["state"], "running");
+    assert_eq!(h["kafka"]["last_error"], Value::Null, "the error is gone with the outage: {h}");
     assert!(h["kafka"]["retries"].as_u64().unwrap() > 0, "{h}");
     assert_eq!(h["kafka"]["written"], 2 * total);
 }
