@@ -108,8 +108,21 @@ pub struct OutboxState {
     /// The changes the late check read, once it has run after the last
     /// takeover (-1: not yet; see `late_check`).
     pub late_checked: AtomicI64,
-    pub failing: AtomicBool,
+    /// True while batches (or the rewind owed before one) are not
+    /// acknowledged, until one is.
+    publishing_fails: AtomicBool,
+    /// True while the takeover's check or the late check fails, until one
+    /// succeeds.
+    checking_fails: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+}
+
+/// Which of the relay's jobs failed: each clears only its own flag, so a
+/// late check that succeeds while batches fail leaves health `retrying`.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    Publishing,
+    Checking,
 }
 
 impl OutboxState {
@@ -119,9 +132,32 @@ impl OutboxState {
         *self.topic.lock().unwrap() = topic.to_string(); // unwrap: never held across a panic
     }
 
-    fn error(&self, e: &anyhow::Error) {
-        self.failing.store(true, Ordering::Relaxed);
+    fn flag(&self, job: Job) -> &AtomicBool {
+        match job {
+            Job::Publishing => &self.publishing_fails,
+            Job::Checking => &self.checking_fails,
+        }
+    }
+
+    /// `job` failed with `e`.
+    fn error(&self, job: Job, e: &anyhow::Error) {
+        self.flag(job).store(true, Ordering::Relaxed);
+        self.note(e);
+    }
+
+    /// Keeps `e` for `last_error` (a database error: the state then says
+    /// `disconnected`).
+    fn note(&self, e: &anyhow::Error) {
         *self.last_error.lock().unwrap() = Some(format!("{e:#}")); // unwrap: never held across a panic
+    }
+
+    fn failing(&self, job: Job) -> bool {
+        self.flag(job).load(Ordering::Relaxed)
+    }
+
+    /// `job` succeeded: answers whether it had been failing.
+    fn recovered(&self, job: Job) -> bool {
+        self.flag(job).swap(false, Ordering::Relaxed)
     }
 
     pub fn health(&self, head: i64) -> Value {
@@ -142,7 +178,7 @@ impl OutboxState {
                 }
             } else if self.rewinding.load(Ordering::Relaxed) {
                 "rewinding"
-            } else if self.failing.load(Ordering::Relaxed) {
+            } else if self.failing(Job::Publishing) || self.failing(Job::Checking) {
                 "retrying"
             } else {
                 "running"
@@ -215,7 +251,7 @@ pub async fn run(
             Ok(()) => break,
             Err(e) => {
                 log::warn!("outbox relay: {e:#}; reconnecting");
-                state.error(&e);
+                state.note(&e);
             }
         }
         state.active.store(false, Ordering::Relaxed);
@@ -357,11 +393,12 @@ async fn session(
             // Nothing owed, or the changes it covered were pruned unpublished.
             rewind_due.clear();
         } else {
-            if let Err(e) = send_rewind(producer, topic, rewind_due.keys().copied(), position, through, state).await {
-                if !state.failing.load(Ordering::Relaxed) {
+            let owed = rewind_due.keys().copied();
+            if let Err(e) = send_rewind(producer, topic, owed, position, through, state, Job::Publishing).await {
+                if !state.failing(Job::Publishing) {
                     log::warn!("outbox relay for {topic}: {e:#}; retrying the rewind before the batch");
                 }
-                state.error(&e);
+                state.error(Job::Publishing, &e);
                 state.retries.fetch_add(1, Ordering::Relaxed);
                 if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
                     return Ok(());
@@ -378,7 +415,7 @@ async fn session(
                 state.position.store(position, Ordering::Relaxed);
                 state.published.fetch_add(rows.len() as u64, Ordering::Relaxed);
                 state.batches.fetch_add(1, Ordering::Relaxed);
-                if state.failing.swap(false, Ordering::Relaxed) {
+                if state.recovered(Job::Publishing) {
                     log::info!("outbox relay for {topic}: publishing again");
                 }
                 *backoff = BACKOFF_MIN;
@@ -396,10 +433,10 @@ async fn session(
                     let due = rewind_due.entry(partition).or_insert(newest);
                     *due = (*due).max(newest);
                 }
-                if !state.failing.load(Ordering::Relaxed) {
+                if !state.failing(Job::Publishing) {
                     log::warn!("outbox relay for {topic}: {e:#}; retrying the batch after position {position}");
                 }
-                state.error(&e);
+                state.error(Job::Publishing, &e);
                 state.retries.fetch_add(1, Ordering::Relaxed);
                 if let Some((code, reason)) = producer.client().fatal_error() {
                     log::error!(
@@ -558,7 +595,7 @@ async fn rewind_if_lost(
                             continue;
                         }
                         (Some(_), Some(newest)) => tokio::select! {
-                            r = send_rewind(producer, topic, 0..partitions, position, newest, state) => r.map(|()| (true, ends)),
+                            r = send_rewind(producer, topic, 0..partitions, position, newest, state, Job::Checking) => r.map(|()| (true, ends)),
                             _ = shutdown.changed() => return Ok(None),
                         },
                         _ => Ok((false, ends)),
@@ -574,12 +611,12 @@ async fn rewind_if_lost(
                     state.rewinds.fetch_add(1, Ordering::Relaxed);
                 }
                 // A check that failed before is behind: health says so.
-                state.failing.store(false, Ordering::Relaxed);
+                state.recovered(Job::Checking);
                 return Ok(Some(ends));
             }
             Err(e) => {
                 log::warn!("outbox relay for {topic}: {e:#}; trying again");
-                state.error(&e);
+                state.error(Job::Checking, &e);
                 if crate::backoff::sleep(backoff, BACKOFF_MAX, shutdown).await {
                     return Ok(None);
                 }
@@ -614,7 +651,7 @@ async fn late_check(
 ) -> anyhow::Result<bool> {
     let retry = |check: &mut Late, e: anyhow::Error| {
         log::warn!("outbox relay for {topic}: the late check: {e:#}; trying again in {} s", LATE_RETRY.as_secs());
-        state.error(&e);
+        state.error(Job::Checking, &e);
         check.at = Instant::now() + LATE_RETRY;
         Ok(false)
     };
@@ -655,7 +692,7 @@ async fn late_check(
              goes to every partition"
         );
         let sent = tokio::select! {
-            r = send_rewind(producer, topic, 0..partitions, lost - 1, newest, state) => r,
+            r = send_rewind(producer, topic, 0..partitions, lost - 1, newest, state, Job::Checking) => r,
             _ = shutdown.changed() => return Ok(false),
         };
         if let Err(e) = sent {
@@ -665,7 +702,7 @@ async fn late_check(
     }
     state.late_checked.store(published.len() as i64, Ordering::Relaxed);
     // A try that failed before is behind: health says so.
-    state.failing.store(false, Ordering::Relaxed);
+    state.recovered(Job::Checking);
     Ok(true)
 }
 
@@ -702,6 +739,7 @@ async fn send_rewind(
     after: i64,
     through: i64,
     state: &OutboxState,
+    job: Job,
 ) -> anyhow::Result<()> {
     let payload = json!({"type": "rewind", "after": after, "through": through}).to_string();
     let (after, through) = (after.to_string(), through.to_string());
@@ -717,7 +755,7 @@ async fn send_rewind(
             FutureRecord::to(topic).key("rewind").partition(partition).payload(payload.as_bytes()).headers(headers);
         deliveries.push(super::enqueue(producer, record).await.context("Kafka refused the rewind message")?);
     }
-    for delivery in acknowledged(deliveries, "rewind messages", state).await {
+    for delivery in acknowledged(deliveries, "rewind messages", state, job).await {
         match delivery {
             Ok(Ok(_)) => {}
             Ok(Err((e, _))) => anyhow::bail!("Kafka did not acknowledge the rewind message: {e}"),
@@ -984,6 +1022,7 @@ async fn acknowledged(
     deliveries: Vec<DeliveryFuture>,
     what: &str,
     state: &OutboxState,
+    job: Job,
 ) -> Vec<<DeliveryFuture as std::future::Future>::Output> {
     let (count, started) = (deliveries.len(), tokio::time::Instant::now());
     let acks = join_all(deliveries);
@@ -998,10 +1037,10 @@ async fn acknowledged(
                 );
                 // Logged once, as a batch that fails is: a failure that
                 // follows is then not logged again.
-                if !state.failing.load(Ordering::Relaxed) {
+                if !state.failing(job) {
                     log::warn!("outbox relay: {e}");
                 }
-                state.error(&e);
+                state.error(job, &e);
             }
         }
     }
@@ -1071,7 +1110,7 @@ async fn publish(
     // `/api/health` (see the module's comment).
     let mut error = None;
     let mut outcomes = Vec::with_capacity(rows.len());
-    for (row, delivery) in rows.iter().zip(acknowledged(deliveries, "changes", state).await) {
+    for (row, delivery) in rows.iter().zip(acknowledged(deliveries, "changes", state, Job::Publishing).await) {
         let position: i64 = row.get(0);
         let (partition, acked) = match delivery {
             Ok(Ok(delivered)) => (Some(delivered.partition), true),

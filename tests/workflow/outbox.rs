@@ -797,10 +797,24 @@ async fn a_late_check_left_by_a_stopped_instance_is_done_by_the_next() {
 /// not read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_late_check_reads_only_what_landed_after_the_takeover() {
-    // Arrange: an old change the log does not hold, then 16 messages that
-    // are no change, on one partition.
-    use rdkafka::message::{Header, OwnedHeaders};
+    // Arrange
     let kafka = Kafka::start();
+    old_change_behind_16_others(&kafka).await;
+
+    // Act
+    let app = spawn_app_with(|s| relay_settings(&kafka, s)).await;
+
+    // Assert
+    let health = late_checked(&app).await;
+    assert_eq!(health["late_checked"], 0, "{health}");
+    assert_eq!(health["rewinds"], 0, "{health}");
+}
+
+/// On one partition: an old change the log does not hold, then 16 messages
+/// that are no change. The takeover's check (the last 16 offsets) finds no
+/// change and arms the late check from there.
+async fn old_change_behind_16_others(kafka: &Kafka) {
+    use rdkafka::message::{Header, OwnedHeaders};
     let producer = kafka.producer();
     let old = OwnedHeaders::new()
         .insert(Header { key: "ordercast-position", value: Some("1") })
@@ -811,14 +825,36 @@ async fn the_late_check_reads_only_what_landed_after_the_takeover() {
         let record = rdkafka::producer::FutureRecord::to(&kafka.changes).key("other").partition(0).payload("{}");
         producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
     }
+}
+
+/// The broker refuses every batch (the relay's rights on the topic taken away)
+/// while the late check, which only reads, succeeds: health still says
+/// retrying, with the batch's error. Before, the late check's success
+/// cleared the flag the batches had set, and health said running until the
+/// next try failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_check_that_succeeds_while_batches_fail_leaves_health_retrying() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    // Arrange: messages on the topic, so the takeover arms a late check.
+    let kafka = Kafka::start();
+    old_change_behind_16_others(&kafka).await;
+    let app = spawn_app_with(|s| relay_settings(&kafka, s)).await;
+    let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+    kafka.cluster.request_errors(RDKafkaApiKey::Produce, &[refused; 1000]);
 
     // Act
-    let app = spawn_app_with(|s| relay_settings(&kafka, s)).await;
+    app.create_order("Refused").await;
 
-    // Assert
-    let health = late_checked(&app).await;
-    assert_eq!(health["late_checked"], 0, "{health}");
-    assert_eq!(health["rewinds"], 0, "{health}");
+    // Assert: the late check is looked in on between tries of the batch,
+    // which back off to 5 s: it is seen done later than with `late_checked`.
+    let health = eventually(2 * WAIT, || async {
+        let (_, health) = app.get_json("/api/health").await;
+        let outbox = &health["workflow"]["outbox"];
+        outbox["late_checked"].is_i64().then(|| outbox.clone())
+    })
+    .await;
+    assert_eq!(health["state"], "retrying", "{health}");
+    assert!(health["last_error"].as_str().unwrap_or_default().contains("change"), "{health}");
 }
 
 /// The last change published to a partition may be followed by messages
