@@ -57,7 +57,8 @@ impl Scope {
 /// The authenticated caller of a request.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// Named in history as `api:<name>`.
+    /// Named in history as `api:<name>`: an API key's name, `jwt:<sub>` for
+    /// a JWT, the client's address without authentication.
     pub name: String,
     scopes: u8,
     /// Row restriction: only this customer's orders (lowercased).
@@ -314,7 +315,10 @@ impl Auth {
         if c.sub.contains('\0') || customer.as_deref().is_some_and(|c| c.contains('\0')) {
             return Err(AuthError::Invalid);
         }
-        Ok(Principal { name: c.sub, scopes, customer, customer_name, expires_at: Some(c.exp) })
+        // `jwt:` keeps a token's subject apart from an API key of the same
+        // name (a key's name holds no `:`): in history and in the write rate.
+        let name = format!("jwt:{}", c.sub);
+        Ok(Principal { name, scopes, customer, customer_name, expires_at: Some(c.exp) })
     }
 }
 
@@ -617,6 +621,8 @@ mod tests {
         let p = auth.authenticate(&make(now + 60, "read write")).unwrap();
         assert!(p.has(Scope::Write) && !p.has(Scope::Admin));
         assert_eq!(p.customer.as_deref(), Some("bob"));
+        // Its own name and write rate, never those of an API key named "svc".
+        assert_eq!((p.name.as_str(), rate_key(true, None, &p).as_ref()), ("jwt:svc", "jwt:svc"));
         assert_eq!(auth.authenticate(&make(now - 5, "read")), Err(AuthError::Expired));
         let forged = signed(b"another secret entirely!", &serde_json::json!({"sub": "svc", "exp": now + 60}));
         assert_eq!(auth.authenticate(&forged), Err(AuthError::Invalid));

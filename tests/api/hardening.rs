@@ -196,19 +196,15 @@ async fn tokens_and_scopes_guard_every_route() {
     );
     let created: Value = post(Some("writersecret".into())).await.unwrap().json().await.unwrap();
     let id = created["id"].as_i64().unwrap();
-    let history: Value = app
-        .http
-        .get(app.url(&format!("/api/orders/{id}/history")))
-        .bearer_auth("readersecret")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(history[0]["by"], "api:writer");
+    let first_by = |id: Value| {
+        let url = app.url(&format!("/api/orders/{id}/history"));
+        let request = app.http.get(url).bearer_auth("readersecret");
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap()[0]["by"].clone() }
+    };
+    assert_eq!(first_by(json!(id)).await, "api:writer");
     // JWTs: valid, expired, scope.
-    assert_eq!(post(Some(jwt(60, "read write"))).await.unwrap().status(), 201);
+    let by_jwt: Value = post(Some(jwt(60, "read write"))).await.unwrap().json().await.unwrap();
+    assert_eq!(first_by(by_jwt["id"].clone()).await, "api:jwt:svc-jwt", "a subject apart from any key's name");
     let r = post(Some(jwt(-10, "read write"))).await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "token_expired");
     assert_eq!(post(Some(jwt(60, "read"))).await.unwrap().status(), 403);
