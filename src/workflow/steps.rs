@@ -179,13 +179,16 @@ impl Step for SimulatedPayment {
                 }
                 Some(Charge::Refunded(amount)) => Ok(format!("refunded {amount} of ch_{} (already)", order.id)),
                 Some(Charge::Voided) => Ok(format!("ch_{} voided (already)", order.id)),
-                None => match done.and_then(charge_id) {
+                None => match done.and_then(charge_of) {
                     // Captured, by the processor's record, and the key
                     // forgotten (expired, or the simulation's ledger lived
                     // in a process since restarted): refunded by its id.
-                    Some(charge) => {
-                        self.charges.put(order.id, Charge::Refunded(order.amount));
-                        Ok(format!("refunded {} of {charge} (by its charge id)", order.amount))
+                    // The amount captured then, not the order's now (an
+                    // update may have changed it since).
+                    Some((charge, captured)) => {
+                        let amount = captured.unwrap_or(order.amount);
+                        self.charges.put(order.id, Charge::Refunded(amount));
+                        Ok(format!("refunded {amount} of {charge} (by its charge id)"))
                     }
                     // Never charged, or a charge request still on its way:
                     // the key is voided, so no charge can be captured with
@@ -200,9 +203,11 @@ impl Step for SimulatedPayment {
     }
 }
 
-/// The charge id in a payment's recorded detail (`charged 19.00 as ch_7`).
-fn charge_id(detail: &str) -> Option<&str> {
-    detail.split_whitespace().find(|w| w.starts_with("ch_") && w.len() > 3)
+/// The charge id in a payment's recorded detail (`charged 19.00 as ch_7`),
+/// with the amount captured when the detail names one.
+fn charge_of(detail: &str) -> Option<(&str, Option<Decimal>)> {
+    let id = detail.split_whitespace().find(|w| w.starts_with("ch_") && w.len() > 3)?;
+    Some((id, detail.split_whitespace().find_map(|w| w.parse::<Decimal>().ok())))
 }
 
 /// A warehouse that is out of stock for a share of reservations.
@@ -290,7 +295,9 @@ mod tests {
     async fn a_charge_whose_key_was_forgotten_is_refunded_by_its_id() {
         let charged = SimulatedPayment::new(0.0, Duration::ZERO).execute(&order()).await.unwrap();
         let restarted = SimulatedPayment::new(0.0, Duration::ZERO);
-        let undone = restarted.compensate(&order(), Some(&charged)).await.unwrap();
+        // The order's amount changed since: the refund is what was captured.
+        let now = OrderRef { amount: Decimal::new(2500, 2), ..order() };
+        let undone = restarted.compensate(&now, Some(&charged)).await.unwrap();
         assert_eq!(undone, "refunded 19.00 of ch_7 (by its charge id)");
         assert!(restarted.compensate(&order(), Some(&charged)).await.unwrap().contains("already"));
         assert!(
