@@ -63,11 +63,79 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
 /// Whether a connection string (`postgres://...?k=v&...` or `k=v k=v`)
 /// gives the parameter `name`.
 fn names_parameter(conn: &str, name: &str) -> bool {
-    let params = match conn.split_once("://") {
-        Some((_, rest)) => rest.split_once('?').map_or("", |(_, q)| q),
-        None => conn,
-    };
-    params.split(['&', ' ', '\t', '\n']).any(|p| p.split('=').next().map(str::trim) == Some(name))
+    match conn.split_once("://") {
+        Some((_, rest)) => {
+            rest.split_once('?').is_some_and(|(_, q)| q.split('&').any(|p| p.split('=').next() == Some(name)))
+        }
+        // One that cannot be read is refused by tokio-postgres as well.
+        None => key_values(conn).is_ok_and(|kv| kv.iter().any(|(k, _)| k == name)),
+    }
+}
+
+/// The settings of a key-value connection string (`host=db password='a b'`),
+/// read as libpq and tokio-postgres read them: spaces around `=` are
+/// allowed, a value quoted with `'` may hold spaces, and `\` takes the next
+/// character as it is. Errors name the setting, never its value (a
+/// password).
+pub(crate) fn key_values(conn: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut it = conn.chars().peekable();
+    let mut out = Vec::new();
+    loop {
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut key = String::new();
+        while let Some(c) = it.next_if(|c| !c.is_whitespace() && *c != '=') {
+            key.push(c);
+        }
+        if key.is_empty() {
+            match it.peek() {
+                None => return Ok(out),
+                Some(_) => anyhow::bail!("a setting of the connection string has no name before its `=`"),
+            }
+        }
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        if it.next() != Some('=') {
+            anyhow::bail!("the connection string's {key:?} has no `=` after it");
+        }
+        while it.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if it.next_if_eq(&'\'').is_some() {
+            loop {
+                match it.next() {
+                    None => anyhow::bail!("the connection string's {key:?} opens a quote it does not close"),
+                    Some('\'') => break,
+                    Some('\\') => value.extend(it.next()),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = it.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    value.extend(it.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        out.push((key, value));
+    }
+}
+
+/// `value` as a key-value connection string holds it (see `key_values`):
+/// quoted when it is empty or holds a space, a quote or a backslash.
+pub(crate) fn conn_value(value: &str) -> String {
+    if !value.is_empty() && !value.chars().any(|c| c.is_whitespace() || c == '\'' || c == '\\') {
+        return value.to_string();
+    }
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('\'');
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted.push('\'');
+    quoted
 }
 
 /// The server's side of noticing a dead peer, set on every connection (the
@@ -224,6 +292,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn key_value_strings_are_read_as_libpq_reads_them() {
+        let kv = key_values(" host = db password='it\\'s a \\\\ secret' user=a\\ b\tdbname='' ").unwrap();
+        let want = [("host", "db"), ("password", "it's a \\ secret"), ("user", "a b"), ("dbname", "")];
+        assert_eq!(kv.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>(), want);
+        for (k, v) in &kv {
+            let again = key_values(&format!("{k}={}", conn_value(v))).unwrap();
+            assert_eq!(again, [(k.clone(), v.clone())], "{v:?} written back as {}", conn_value(v));
+        }
+        for bad in ["host", "host db", "=db", "host=db =x"] {
+            assert!(key_values(bad).is_err(), "{bad}");
+        }
+        assert!(!key_values("password='s3cret").unwrap_err().to_string().contains("s3cret"), "no value in errors");
+    }
+
+    #[test]
     fn every_connection_notices_a_dead_peer_unless_the_url_says_otherwise() {
         let c = pg_config("postgres://u@db/orders").unwrap();
         assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(5)));
@@ -246,6 +329,11 @@ mod tests {
         }
         let named_so = pg_config("postgres://u:keepalives_idle=1@db/orders").unwrap();
         assert_eq!(named_so.get_keepalives_idle(), Duration::from_secs(10), "a password is no parameter");
+        // Nor is a quoted value's text: before, this password was read as
+        // giving keepalives_idle, and the 2 h default stayed.
+        let quoted = pg_config("host=db password='x keepalives_idle=5'").unwrap();
+        assert_eq!(quoted.get_keepalives_idle(), Duration::from_secs(10));
+        assert_eq!(quoted.get_password(), Some(&b"x keepalives_idle=5"[..]));
         // Only hostaddr: its address is the host TLS needs.
         let c = pg_config("hostaddr=10.0.0.5 dbname=x user=u").unwrap();
         assert_eq!(c.get_hosts(), [tokio_postgres::config::Host::Tcp("10.0.0.5".into())]);

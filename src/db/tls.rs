@@ -91,24 +91,14 @@ pub(crate) fn split(conn: &str) -> anyhow::Result<Split> {
         }
         base.to_string()
     } else {
-        // Quoted values are left to tokio-postgres (which knows no
-        // certificate files, and says so).
-        if conn.contains('\'') {
-            return Ok(Split { rest: conn.to_string(), ..Split::default() });
-        }
-        // `sslmode = require` would split into tokens this reading does not
-        // know, and the `sslmode=prefer` appended below would win.
-        if conn
-            .split_whitespace()
-            .any(|t| t.starts_with('=') || t.ends_with('=') && TLS_KEYS.contains(&&t[..t.len() - 1]))
-        {
-            bail!("write the connection string's settings as key=value, without spaces around `=`");
-        }
+        // Read whole, as libpq reads it (quoted values, spaces around `=`),
+        // and written back with the TLS settings taken out.
         let mut rest = Vec::new();
-        for pair in conn.split_whitespace() {
-            match pair.split_once('=') {
-                Some((k, v)) if TLS_KEYS.contains(&k) => take(k, v.to_string())?,
-                _ => rest.push(pair),
+        for (k, v) in super::key_values(conn)? {
+            if TLS_KEYS.contains(&k.as_str()) {
+                take(&k, v)?;
+            } else {
+                rest.push(format!("{k}={}", super::conn_value(&v)));
             }
         }
         rest.join(" ")
@@ -212,10 +202,21 @@ mod tests {
         assert_eq!(split("postgresql://db/x?sslmode=disable").unwrap().rest, "postgresql://db/x?sslmode=disable");
         assert_eq!(split("postgres://db/x?sslmode=allow").unwrap().mode, Mode::Prefer);
         assert!(split("postgres://db/x?sslmode=always").is_err());
-        // Spaces around `=` are refused, not read as no sslmode (prefer).
+        // Spaces around `=` are read as libpq reads them, not as no sslmode
+        // (prefer).
         for spaced in ["host=db sslmode =require", "host=db sslmode= require", "host=db sslmode = require"] {
-            assert!(split(spaced).is_err(), "{spaced}");
+            assert_eq!(
+                (split(spaced).unwrap().rest.as_str(), split(spaced).unwrap().mode),
+                ("host=db sslmode=require", Mode::Require)
+            );
         }
+        // Quoted values: a certificate's path with a space, a password with
+        // one. Before, a quote anywhere left every TLS setting to
+        // tokio-postgres, which refused `sslrootcert`.
+        let s = split("host=db password='a b\\'c' sslmode=verify-full sslrootcert='/my certs/ca.pem'").unwrap();
+        assert_eq!(s.rest, "host=db password='a b\\'c' sslmode=require");
+        assert_eq!((s.mode, s.root_cert.as_deref()), (Mode::VerifyFull, Some("/my certs/ca.pem")));
+        assert!(split("host=db sslmode='require").is_err(), "a quote not closed");
         assert!(split("postgres://db/x?sslcert=/c").unwrap().connector().is_err(), "a certificate with no key");
         // verify-ca needs its root file (the system's roots, names unchecked,
         // would pass any public authority's certificate).
