@@ -2,7 +2,7 @@
 //! in the shape the streams send them: what happened lately and who did it
 //! (the dashboard's activity feed starts from it), without a stream.
 
-use actix_web::{get, web, HttpRequest, HttpResponse};
+use actix_web::{route, web, HttpRequest, HttpResponse};
 
 use super::{parse_cursor, parse_limit, QueryPairs};
 use crate::error::ApiError;
@@ -41,7 +41,7 @@ const RECENT_SQL: &str = "SELECT t.base_pos + c.ord AS pos, c.op, c.order_id, c.
         (status = 200, description = "{\"changes\": [change messages, as the streams send them, newest first], \"position\": the log's head, \"next_before\": where older changes go on, or null at the start of the log}. A token confined to one customer gets its customer's changes (a move between customers as leave or enter), looked for among 10,000 positions per request", body = serde_json::Value),
         (status = 422, description = "Invalid parameter (invalid_cursor, validation_failed, unknown_parameter)", body = crate::routes::openapi::ProblemDoc),
     ))]
-#[get("/api/changes")]
+#[route("/api/changes", method = "GET", method = "HEAD")]
 pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut before: Option<i64> = None;
     let mut limit = DEFAULT_LIMIT;

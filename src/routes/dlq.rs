@@ -4,7 +4,7 @@
 //! base64, cut at `KEY_PREVIEW` and `PAYLOAD_PREVIEW` bytes; headers past
 //! `HEADERS_PREVIEW` by their keys alone.
 
-use actix_web::{get, web, HttpResponse};
+use actix_web::{route, web, HttpResponse};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -100,7 +100,7 @@ fn text_or_base64(bytes: &[u8], cut: bool) -> (String, &'static str) {
         (status = 403, description = "A token restricted to one customer", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid parameter", body = crate::routes::openapi::ProblemDoc),
     ))]
-#[get("/api/dlq")]
+#[route("/api/dlq", method = "GET", method = "HEAD")]
 pub async fn list(
     req: actix_web::HttpRequest,
     query: QueryPairs,

@@ -1,7 +1,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use actix_web::{get, web, HttpRequest, HttpResponse};
+use actix_web::{route, web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
 use crate::startup::AppState;
@@ -25,7 +25,7 @@ const SUMMARY_KEYS: &[&str] = &["status", "ok", "connected", "enabled", "healthy
         (status = 503, description = "The database, the change listener or the Kafka ingest is down, or the server is shutting down", body = serde_json::Value)
     )
 )]
-#[get("/api/health")]
+#[route("/api/health", method = "GET", method = "HEAD")]
 pub async fn health(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let db = tokio::time::timeout(CHECK_TIMEOUT, async {
         let client = state.pool.get().await.map_err(|e| e.to_string())?;

@@ -2,14 +2,14 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use actix_web::{get, web, HttpResponse};
+use actix_web::{route, web, HttpResponse};
 
 use crate::metrics::sample;
 use crate::startup::AppState;
 
 #[utoipa::path(get, path = "/metrics", tag = "meta",
     responses((status = 200, description = "Prometheus metrics", content_type = "text/plain", body = String)))]
-#[get("/metrics")]
+#[route("/metrics", method = "GET", method = "HEAD")]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let mut out = String::with_capacity(8192);
     let hub = &state.hub.stats;

@@ -2,7 +2,7 @@
 //! annotations and the schema types below (which describe the JSON the
 //! database renders for an order).
 
-use actix_web::{get, HttpResponse};
+use actix_web::{route, HttpResponse};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -246,7 +246,7 @@ impl utoipa::Modify for ProblemMediaType {
 /// This document.
 #[utoipa::path(get, path = "/api/openapi.json", tag = "meta",
     responses((status = 200, description = "OpenAPI 3 document", body = serde_json::Value)))]
-#[get("/api/openapi.json")]
+#[route("/api/openapi.json", method = "GET", method = "HEAD")]
 pub async fn openapi_json() -> HttpResponse {
     HttpResponse::Ok().json(ApiDoc::openapi())
 }

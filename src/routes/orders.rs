@@ -4,7 +4,7 @@
 //! `crate::error`.
 
 use actix_web::http::header;
-use actix_web::{delete, get, patch, post, put, web, HttpRequest, HttpResponse};
+use actix_web::{delete, patch, post, put, route, web, HttpRequest, HttpResponse};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
@@ -236,7 +236,7 @@ pub async fn create(
         (status = 200, description = "A page of orders and the change-log position it reflects", body = crate::routes::openapi::OrderPageDoc),
         (status = 422, description = "Invalid parameter", body = crate::routes::openapi::ProblemDoc),
     ))]
-#[get("/api/orders")]
+#[route("/api/orders", method = "GET", method = "HEAD")]
 pub async fn list(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let mut filter = Filter::default();
     let mut q: Option<String> = None;
@@ -355,7 +355,7 @@ pub async fn list_page(
         (status = 400, description = "Not an order id", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
     ))]
-#[get("/api/orders/{id}")]
+#[route("/api/orders/{id}", method = "GET", method = "HEAD")]
 pub async fn get_one(
     req: HttpRequest,
     path: web::Path<String>,
@@ -774,7 +774,7 @@ pub async fn delete_order(
         (status = 400, description = "Not an order id (invalid_id)", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
     ))]
-#[get("/api/orders/{id}/history")]
+#[route("/api/orders/{id}/history", method = "GET", method = "HEAD")]
 pub async fn history(
     req: HttpRequest,
     path: web::Path<String>,
@@ -801,7 +801,7 @@ pub async fn history(
 /// The allowed status transitions, as the database enforces them.
 #[utoipa::path(get, path = "/api/transitions", tag = "orders",
     responses((status = 200, description = "Map from status to the statuses it may move to", body = serde_json::Value)))]
-#[get("/api/transitions")]
+#[route("/api/transitions", method = "GET", method = "HEAD")]
 pub async fn transitions(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let client = state.pool.get().await?;
     let row = client

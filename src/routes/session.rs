@@ -15,7 +15,7 @@
 //! guard), so no page elsewhere can sign a browser in with its own token.
 
 use actix_web::http::StatusCode;
-use actix_web::{delete, get, post, web, HttpRequest, HttpResponse};
+use actix_web::{delete, post, route, web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
 use crate::auth::{AuthError, Principal, Scope};
@@ -153,7 +153,7 @@ pub async fn sign_in(
         (status = 401, description = "No token (missing_token), or not a valid one (invalid_token, token_expired)", body = crate::routes::openapi::ProblemDoc),
         (status = 429, description = "Too many invalid tokens from this address (rate_limited, with Retry-After)", body = crate::routes::openapi::ProblemDoc),
     ))]
-#[get("/api/session")]
+#[route("/api/session", method = "GET", method = "HEAD")]
 pub async fn who(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     let Some(auth) = &state.auth else {
         return HttpResponse::Ok().json(describe(&crate::auth::principal(&req), false));

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use actix_web::{get, web, HttpResponse};
+use actix_web::{route, web, HttpResponse};
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
@@ -54,7 +54,7 @@ struct Stats {
         (status = 200, description = "Order statistics", body = crate::routes::openapi::StatsDoc),
         (status = 403, description = "A token confined to one customer (forbidden): the statistics cover every customer", body = crate::routes::openapi::ProblemDoc),
     ))]
-#[get("/api/stats")]
+#[route("/api/stats", method = "GET", method = "HEAD")]
 pub async fn stats(req: actix_web::HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     if crate::auth::principal(&req).customer.is_some() {
         return Err(ApiError::Forbidden("statistics cover every customer; a restricted token cannot read them".into()));

@@ -2,7 +2,7 @@
 //! so one binary is the whole product.
 
 use actix_web::http::header;
-use actix_web::{get, web, HttpResponse};
+use actix_web::{route, web, HttpResponse};
 use rust_embed::RustEmbed;
 
 #[derive(RustEmbed)]
@@ -28,7 +28,7 @@ fn serve(path: &str) -> HttpResponse {
     }
 }
 
-#[get("/")]
+#[route("/", method = "GET", method = "HEAD")]
 async fn index() -> HttpResponse {
     serve("index.html")
 }
@@ -52,7 +52,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             // method (`DELETE /api/x.json` was a 405 naming GET), while a
             // file's path answers another method 405 with `Allow: GET`.
             .guard(actix_web::guard::fn_guard(has_file))
-            .guard(actix_web::guard::Get())
+            .guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
             .to(asset),
     );
 }

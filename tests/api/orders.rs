@@ -949,22 +949,22 @@ async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_40
     let id = app.create_order("Methodical").await["id"].as_i64().unwrap();
     let order = format!("/api/orders/{id}");
     for (method, path, allow) in [
-        ("DELETE", "/api/stats", "GET, OPTIONS"),
-        ("PUT", "/api/orders", "GET, POST, OPTIONS"),
+        ("DELETE", "/api/stats", "GET, HEAD, OPTIONS"),
+        ("PUT", "/api/orders", "GET, HEAD, POST, OPTIONS"),
         ("GET", "/api/orders/1/cancel", "POST, OPTIONS"),
-        ("POST", &order, "GET, PUT, PATCH, DELETE, OPTIONS"),
+        ("POST", &order, "GET, HEAD, PUT, PATCH, DELETE, OPTIONS"),
         // The pattern decides, as for routing: `GET /api/orders/abc` is a 400.
-        ("POST", "/api/orders/abc", "GET, PUT, PATCH, DELETE, OPTIONS"),
+        ("POST", "/api/orders/abc", "GET, HEAD, PUT, PATCH, DELETE, OPTIONS"),
         // Two GET routes have this path (the document and the dashboard's files).
-        ("POST", "/api/openapi.json", "GET, OPTIONS"),
-        ("DELETE", "/js/app.js", "GET, OPTIONS"),
-        ("DELETE", "/js/%61pp.js", "GET, OPTIONS"),
-        ("POST", "/", "GET, OPTIONS"),
-        ("PATCH", "/metrics", "GET, OPTIONS"),
+        ("POST", "/api/openapi.json", "GET, HEAD, OPTIONS"),
+        ("DELETE", "/js/app.js", "GET, HEAD, OPTIONS"),
+        ("DELETE", "/js/%61pp.js", "GET, HEAD, OPTIONS"),
+        ("POST", "/", "GET, HEAD, OPTIONS"),
+        ("PATCH", "/metrics", "GET, HEAD, OPTIONS"),
         ("POST", "/ws", "GET, OPTIONS"),
-        ("BREW", "/api/dlq", "GET, OPTIONS"),
+        ("BREW", "/api/dlq", "GET, HEAD, OPTIONS"),
         // Percent-decoded like the router does.
-        ("DELETE", "/%61pi/stats", "GET, OPTIONS"),
+        ("DELETE", "/%61pi/stats", "GET, HEAD, OPTIONS"),
     ] {
         let (status, allowed, content_type, body) = answer(&app, method, path).await;
         assert_eq!(
@@ -977,12 +977,24 @@ async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_40
         let message = body["message"].as_str().unwrap();
         assert!(message.starts_with(&format!("{method} is not allowed")) && message.ends_with(allow), "{message}");
     }
-    // HEAD is not answered by the GET routes: 405 too, without a body.
-    let (status, allowed, _, body) = answer(&app, "HEAD", "/api/health").await;
-    assert_eq!((status, allowed.as_deref(), body), (405, Some("GET, OPTIONS"), Value::Null));
+    // HEAD is answered as GET is, without the body (before: 405).
+    for path in ["/api/openapi.json", "/js/app.js", "/api/orders", &order] {
+        let get = app.http.get(app.url(path)).send().await.unwrap();
+        let head = app.http.head(app.url(path)).send().await.unwrap();
+        let length = |r: &reqwest::Response| r.headers().get("content-length").map(|v| v.to_str().unwrap().to_owned());
+        let (get_length, got) = (length(&get), get.bytes().await.unwrap().len().to_string());
+        assert_eq!(get_length.as_ref(), Some(&got), "GET {path}");
+        assert_eq!((head.status().as_u16(), length(&head)), (200, Some(got)), "HEAD {path}");
+        assert!(head.bytes().await.unwrap().is_empty(), "HEAD {path} has no body");
+    }
+    // The streams answer GET alone: HEAD is a 405 there (without a body).
+    for path in ["/ws", "/api/events", &format!("{order}/events")] {
+        let (status, allowed, _, body) = answer(&app, "HEAD", path).await;
+        assert_eq!((status, allowed.as_deref(), body), (405, Some("GET, OPTIONS"), Value::Null), "HEAD {path}");
+    }
     // OPTIONS on a path that exists: 204 and what it allows.
     let (status, allowed, _, _) = answer(&app, "OPTIONS", "/api/orders").await;
-    assert_eq!((status, allowed.as_deref()), (204, Some("GET, POST, OPTIONS")));
+    assert_eq!((status, allowed.as_deref()), (204, Some("GET, HEAD, POST, OPTIONS")));
     // Paths no route has stay 404, whatever the method.
     for (method, path) in [
         ("GET", "/api/nope"),
@@ -1011,6 +1023,10 @@ async fn a_wrong_method_is_405_with_allow_from_the_routes_and_an_unknown_path_40
     for (path, ops) in doc["paths"].as_object().unwrap() {
         let mut documented: Vec<String> = ops.as_object().unwrap().keys().map(|m| m.to_uppercase()).collect();
         documented.push("OPTIONS".into());
+        // HEAD wherever GET is, but on the streams.
+        if documented.iter().any(|m| m == "GET") && !path.ends_with("/events") && path != "/ws" {
+            documented.push("HEAD".into());
+        }
         documented.sort();
         let (status, allowed, _, _) = answer(&app, "OPTIONS", &path.replace("{id}", &id.to_string())).await;
         let mut allowed: Vec<String> = allowed.unwrap_or_default().split(", ").map(str::to_owned).collect();
