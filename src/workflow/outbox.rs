@@ -309,11 +309,17 @@ async fn session(
     .map_err(crate::db::describe)?;
     let took_over = Instant::now();
     let row = db
-        .query_one("SELECT position, late_since FROM outbox_positions WHERE name = $1", &[&topic])
+        .query_one("SELECT position, late_since, rewind_due FROM outbox_positions WHERE name = $1", &[&topic])
         .await
         .map_err(crate::db::describe)?;
     let mut position: i64 = row.get(0);
     let pending: Option<Value> = row.get(1);
+    // Rewinds owed by the instance that published before, or by this one
+    // before its session ended.
+    for (partition, newest) in row.get::<_, Option<Value>>(2).as_ref().and_then(offsets).unwrap_or_default() {
+        let due = rewind_due.entry(partition).or_insert(newest);
+        *due = (*due).max(newest);
+    }
     state.position.store(position, Ordering::Relaxed);
     state.late_checked.store(-1, Ordering::Relaxed);
     state.active.store(true, Ordering::Relaxed);
@@ -391,7 +397,10 @@ async fn session(
         let through = rewind_due.values().copied().max().unwrap_or(position);
         if through <= position {
             // Nothing owed, or the changes it covered were pruned unpublished.
-            rewind_due.clear();
+            if !rewind_due.is_empty() {
+                rewind_due.clear();
+                store_rewind_due(db, topic, rewind_due).await?;
+            }
         } else {
             let owed = rewind_due.keys().copied();
             if let Err(e) = send_rewind(producer, topic, owed, position, through, state, Job::Publishing).await {
@@ -406,7 +415,10 @@ async fn session(
                 continue;
             }
             state.rewinds.fetch_add(1, Ordering::Relaxed);
+            // Sent: a failure to record that ends the session, and the
+            // next one sends it again (a repeat rewind costs repeats only).
             rewind_due.clear();
+            store_rewind_due(db, topic, rewind_due).await?;
         }
         match publish(producer, topic, &rows, state).await {
             Ok(()) => {
@@ -429,9 +441,13 @@ async fn session(
                         overtaken.keys().collect::<Vec<_>>()
                     );
                 }
-                for (partition, newest) in overtaken {
-                    let due = rewind_due.entry(partition).or_insert(newest);
-                    *due = (*due).max(newest);
+                if !overtaken.is_empty() {
+                    for (partition, newest) in overtaken {
+                        let due = rewind_due.entry(partition).or_insert(newest);
+                        *due = (*due).max(newest);
+                    }
+                    // Recorded, for whichever instance publishes next.
+                    store_rewind_due(db, topic, rewind_due).await?;
                 }
                 if !state.failing(Job::Publishing) {
                     log::warn!("outbox relay for {topic}: {e:#}; retrying the batch after position {position}");
@@ -715,7 +731,20 @@ fn late_margin(kafka: &KafkaSettings) -> Duration {
     Duration::from_millis(ms).min(FENCE_MAX)
 }
 
-/// The late check's stored `since` (`{"partition": offset, ...}`).
+/// Records the rewinds owed (`outbox_positions.rewind_due`, NULL for none),
+/// so that a stop of the process or a move of the relay lock does not drop
+/// them: whichever instance publishes next sends them first.
+async fn store_rewind_due(db: &tokio_postgres::Client, topic: &str, due: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
+    let value =
+        (!due.is_empty()).then(|| json!(due.iter().map(|(p, n)| (p.to_string(), n)).collect::<HashMap<_, _>>()));
+    db.execute("UPDATE outbox_positions SET rewind_due = $2 WHERE name = $1", &[&topic, &value])
+        .await
+        .map_err(crate::db::describe)?;
+    Ok(())
+}
+
+/// The late check's stored `since` (`{"partition": offset, ...}`), or the
+/// rewinds owed (`{"partition": position, ...}`).
 fn offsets(stored: &Value) -> Option<HashMap<i32, i64>> {
     stored.as_object()?.iter().map(|(p, o)| Some((p.parse().ok()?, o.as_i64()?))).collect()
 }

@@ -333,6 +333,16 @@ async fn a_change_that_overtook_an_older_one_of_its_batch_is_followed_by_a_rewin
     let id = app.create_order("Overtaken").await["id"].as_i64().unwrap();
     reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
     let db = app.sql().await;
+    // Every rewind the relay records as owed, as it records it.
+    db.batch_execute(
+        "CREATE TABLE rewinds_owed (due jsonb); \
+         CREATE FUNCTION note_rewind_due() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO rewinds_owed VALUES (NEW.rewind_due); RETURN NEW; END $$; \
+         CREATE TRIGGER note_rewind_due AFTER UPDATE OF rewind_due ON outbox_positions FOR EACH ROW \
+           WHEN (NEW.rewind_due IS NOT NULL) EXECUTE FUNCTION note_rewind_due()",
+    )
+    .await
+    .unwrap();
     let position = |m: &OwnedMessage| header(m, "ordercast-position").and_then(|p| p.parse::<i64>().ok());
     // Tried again while the timing misses (the first change not timed out
     // yet when the broker came back): nothing overtook anything then.
@@ -367,8 +377,56 @@ async fn a_change_that_overtook_an_older_one_of_its_batch_is_followed_by_a_rewin
             rewind.is_some_and(|r| newer.unwrap() < r && r < older),
             "no rewind between the newer change and the older"
         );
+        // Recorded before it was sent (for an instance publishing after a
+        // stop), and cleared once sent.
+        let partition = on_partition[0].partition().to_string();
+        let owed: Vec<serde_json::Value> =
+            db.query("SELECT due FROM rewinds_owed", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        assert!(owed.iter().any(|d| d[&partition] == json!(head)), "{owed:?}");
+        let due: Option<serde_json::Value> =
+            db.query_one("SELECT rewind_due FROM outbox_positions", &[]).await.unwrap().get(0);
+        assert_eq!(due, None);
         return;
     }
+}
+
+/// A rewind owed when the relay stopped (a change of the failed batch had
+/// overtaken an older one; recorded in `outbox_positions.rewind_due`) is sent
+/// by the next instance before the batch goes again. Before, it was kept in
+/// the process's memory only, and lost with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_owed_when_the_relay_stopped_is_sent_by_the_next_instance() {
+    // Arrange: one change published; the relay stops owing a rewind for the
+    // next change of that order's partition.
+    let kafka = Kafka::start();
+    let mut first = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let id = first.create_order("Owed").await["id"].as_i64().unwrap();
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
+    let partition = of_order(&msgs, id)[0].partition();
+    let db = first.sql().await;
+    published_something(&db).await;
+    first.stop().await;
+    db.batch_execute(&format!("UPDATE orders SET quantity = quantity + 1 WHERE id = {id}")).await.unwrap();
+    let (stored, head): (i64, i64) = {
+        let row = db.query_one("SELECT (SELECT position FROM outbox_positions), change_head()", &[]).await.unwrap();
+        (row.get(0), row.get(1))
+    };
+    db.execute("UPDATE outbox_positions SET rewind_due = $1", &[&json!({ partition.to_string(): head })])
+        .await
+        .unwrap();
+
+    // Act
+    let _second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
+
+    // Assert: the rewind, then the change it covers; the record cleared.
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
+    assert_eq!(rewinds(&msgs).get(&partition), Some(&json!({"type": "rewind", "after": stored, "through": head})));
+    let again = of_order(&msgs, id)[0];
+    assert!(rewind_offset(&msgs, partition) < Some(again.offset()), "the rewind comes first");
+    let due: Option<serde_json::Value> =
+        db.query_one("SELECT rewind_due FROM outbox_positions", &[]).await.unwrap().get(0);
+    assert_eq!(due, None);
 }
 
 /// A relay that cannot reach PostgreSQL says `disconnected` in health, and
