@@ -36,8 +36,8 @@
 //! WebSocket `change` message (`{"type":"change","seq":N,"op":...,"order":{...},
 //! "old":{...},"actor":"...","at":"..."}`), headers `ordercast-position`,
 //! `ordercast-op`, `ordercast-actor`, `ordercast-committed-at` (the commit
-//! time in microseconds), `content-type: application/json`, timestamp = the
-//! commit time. A change larger than the producer's message
+//! time in microseconds), `content-type: application/json`, timestamp = when
+//! the relay sent it. A change larger than the producer's message
 //! size limit (`message.max.bytes`: a DBA's long text, say) is published as a
 //! stub, in its place, so it never holds up the changes after it:
 //! `{"type":"change","seq":N,"op":...,"order":{"id":ID},"old":null,"actor":...,
@@ -1166,7 +1166,6 @@ struct Outgoing {
     key: String,
     payload: String,
     headers: OwnedHeaders,
-    timestamp: Option<i64>,
 }
 
 impl Outgoing {
@@ -1190,16 +1189,17 @@ impl Outgoing {
         } else {
             change.json
         };
-        let timestamp = change.at.map(|at| at.timestamp_millis());
-        Outgoing { key: change.order_id.to_string(), payload, headers, timestamp }
+        // No timestamp: the producer stamps the message when it is sent.
+        // Stamped with the commit time, changes a relay published after a
+        // stop longer than the topic's `retention.ms` would be deleted by
+        // the broker's next retention pass (the time retention goes by is
+        // the messages' timestamps). The commit time is in the header.
+        Outgoing { key: change.order_id.to_string(), payload, headers }
     }
 
     async fn send(self, producer: &FutureProducer, topic: &str) -> Result<DeliveryFuture, KafkaError> {
-        let mut record =
+        let record =
             FutureRecord::to(topic).key(self.key.as_str()).payload(self.payload.as_bytes()).headers(self.headers);
-        if let Some(t) = self.timestamp {
-            record = record.timestamp(t);
-        }
         super::enqueue(producer, record).await
     }
 }

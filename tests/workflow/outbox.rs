@@ -137,6 +137,8 @@ async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
     )
     .await;
     db.batch_execute(&format!("UPDATE orders SET status = 'processing' WHERE id = {b}")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let restarted = chrono::Utc::now().timestamp_millis();
     let _second = spawn_app_on(&first.db_url, |s| kafka.configure(s)).await;
 
     // Assert: the missed changes arrive; the one already acknowledged and
@@ -146,6 +148,13 @@ async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
     let all: Vec<OwnedMessage> = msgs.into_iter().chain(later).collect();
     assert_eq!(of_order(&all, a).len(), 0, "order {a}'s insert was read before the restart and not sent again");
     assert_eq!(of_order(&all, b).len(), 2);
+    // Stamped when sent, not when committed (a topic's retention goes by
+    // the timestamps); the commit time is in the header.
+    for m in of_order(&all, b) {
+        let committed_ms = header(m, "ordercast-committed-at").unwrap().parse::<i64>().unwrap() / 1000;
+        let sent = m.timestamp().to_millis().unwrap();
+        assert!(committed_ms < restarted && restarted <= sent, "committed {committed_ms}, sent {sent}");
+    }
 }
 
 /// Waits until the relay has stored a position past the start.
