@@ -1447,6 +1447,139 @@ test('the order detail follows its order again after its stream was refused', as
   await dialog.locator('#detail-fields dd .badge', { hasText: 'Processed' }).waitFor({ timeout: 5000 });
 });
 
+test('when WebSocket fails while the Kafka ingest is degraded (health 503), the page still falls back to SSE', async (t) => {
+  const { page } = await openDashboard(t, {
+    before: async (p) => {
+      // Health is 503 for a part that streams do not need.
+      await p.route('**/api/health', (route) => route.fulfill({
+        status: 503, contentType: 'application/json',
+        body: JSON.stringify({ status: 'degraded', database: { ok: true }, listener: { ok: true, connected: true },
+          kafka: { enabled: true, healthy: false, state: 'degraded' } }),
+      }));
+      await p.routeWebSocket(/\/ws/, (ws) => ws.close({ code: 1011, reason: 'WebSocket blocked by the test' }));
+    },
+  });
+  await page.locator('#connection-detail', { hasText: 'SSE' }).waitFor({ timeout: 5000 });
+  const id = await insertOrder({ customer: 'Over SSE, ingest degraded' });
+  await row(page, id).waitFor({ timeout: 5000 });
+});
+
+test('when WebSocket fails and a proxy with no server behind it answers health, WebSocket is tried again, not SSE', async (t) => {
+  const page = await newTestPage(t);
+  let sockets = 0;
+  let streams = 0;
+  await page.route('**/api/health', (route) => route.fulfill({ status: 502, contentType: 'text/html', body: '<h1>Bad Gateway</h1>' }));
+  await page.routeWebSocket(/\/ws/, (ws) => {
+    sockets += 1;
+    ws.close({ code: 1011, reason: 'WebSocket blocked by the test' });
+  });
+  page.on('request', (r) => {
+    if (new URL(r.url()).pathname === '/api/events') streams += 1;
+  });
+  await page.goto(server.url, { timeout: 15000 });
+  await until(() => sockets >= 2, 'a second WebSocket try');
+  assert.equal(streams, 0, 'no SSE stream was opened');
+});
+
+test('a WebSocket cut right after ready is opened again with growing pauses, not every second', async (t) => {
+  let sockets = 0;
+  await openDashboard(t, {
+    before: (p) => p.routeWebSocket(/\/ws/, (ws) => {
+      sockets += 1;
+      const upstream = ws.connectToServer();
+      ws.onMessage((m) => upstream.send(m));
+      upstream.onMessage((m) => {
+        ws.send(m);
+        // Through the handshake and `ready`, then cut, as by a proxy that
+        // ends the connections it lets through.
+        if (JSON.parse(m).type === 'ready') setTimeout(() => ws.close({ code: 1011, reason: 'cut by the test' }), 300);
+      });
+    }),
+  });
+  const start = sockets;
+  await sleep(15000);
+  // 1, 2, 4, 8 s apart: about 4 in 15 s; a pause of 1 s each time, about 12.
+  assert.ok(sockets - start <= 6, `${sockets - start} WebSockets in 15 s`);
+});
+
+test('the order detail whose stream went silent, or whose action met a newer version, reads its order again', async (t) => {
+  const { page } = await openDashboard(t, { before: (p) => p.clock.install() });
+  const id = await insertOrder({ customer: 'Silent Follower', product: 'Astrolabe' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  const order = await (await fetch(`${server.url}/api/orders/${id}`)).json();
+  // The detail's stream answers once, then says nothing: EventSource waits
+  // ten minutes before it tries again, as a connection a NAT forgot.
+  let silent = true;
+  await page.route(new RegExp(`/api/orders/${id}/events`), (route) => {
+    if (!silent) return route.continue();
+    const snapshot = { type: 'snapshot', seq: 1, orders: [order], last: true, truncated: false };
+    return route.fulfill({
+      status: 200, contentType: 'text/event-stream',
+      body: `retry: 600000\n\nevent: snapshot\ndata: ${JSON.stringify(snapshot)}\n\nevent: ready\ndata: {"type":"ready","seq":1}\n\n`,
+    });
+  });
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  const badge = (status) => dialog.locator('#detail-fields dd .badge', { hasText: status });
+  await badge('Pending').waitFor({ timeout: 5000 });
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await row(page, id).locator('.badge', { hasText: 'Processing' }).waitFor({ timeout: 5000 });
+  // The dialog still shows version 1: its cancel is refused (412), and the
+  // order is read again, so the next try sends the version it has now.
+  await dialog.locator('#detail-cancel').click();
+  await page.locator('.toast', { hasText: `Could not cancel order #${id}` }).waitFor({ timeout: 5000 });
+  await badge('Processing').waitFor({ timeout: 5000 });
+  // Still silent: a change the dialog is not told of, until the silence
+  // (no heartbeat for 40 s) makes it read the order again.
+  await server.sql(`UPDATE orders SET status = 'processed' WHERE id = ${id}`);
+  await row(page, id).locator('.badge', { hasText: 'Processed' }).waitFor({ timeout: 5000 });
+  silent = false;
+  await page.clock.fastForward('01:00');
+  await badge('Processed').waitFor({ timeout: 5000 });
+  await server.sql(`UPDATE orders SET status = 'shipped' WHERE id = ${id}`);
+  await badge('Shipped').waitFor({ timeout: 5000 });
+});
+
+test('the order detail offers no action before its order has loaded', async (t) => {
+  const { page, errors } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Never Loaded' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  await page.route(new RegExp(`/api/orders/${id}(/events)?$`), (route) => route.fulfill({
+    status: 503, contentType: 'application/problem+json', headers: { 'Retry-After': '30' },
+    body: JSON.stringify({ status: 503, code: 'database_unavailable', message: 'the database is unavailable' }),
+  }));
+  await row(page, id).locator('button').click();
+  await page.locator('.toast', { hasText: 'the database is unavailable' }).first().waitFor({ timeout: 5000 });
+  const dialog = page.locator('#detail');
+  for (const button of ['#detail-cancel', '#detail-delete', '#status-form']) {
+    assert.equal(await dialog.locator(button).isVisible(), false, `${button} is hidden`);
+  }
+  assert.deepEqual(errors.filter((e) => e.startsWith('uncaught')), []);
+});
+
+test('a create answered after the form was closed and opened again leaves the new form alone', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.route('**/api/orders', async (route) => {
+    if (route.request().method() !== 'POST') return route.continue();
+    await sleep(1500);
+    return route.continue();
+  });
+  await page.getByRole('button', { name: 'New order' }).click();
+  const dialog = page.locator('#create');
+  await dialog.getByLabel('Customer name').fill('First order');
+  await dialog.getByLabel('Product').fill('Compass');
+  await dialog.getByLabel('Quantity').fill('1');
+  await dialog.getByLabel('Unit price').fill('5');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await page.keyboard.press('Escape');
+  await dialog.waitFor({ state: 'hidden' });
+  await page.getByRole('button', { name: 'New order' }).click();
+  await dialog.getByLabel('Customer name').fill('Second order');
+  await page.locator('.toast', { hasText: /Order #\d+ created/ }).waitFor({ timeout: 5000 });
+  assert.equal(await dialog.isVisible(), true, 'the reopened form stays open');
+  assert.equal(await dialog.getByLabel('Customer name').inputValue(), 'Second order');
+});
+
 test('the page stays responsive with 100,000 orders and 500 changes per second', async (t) => {
   let t0 = Date.now();
   await server.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price, status)

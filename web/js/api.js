@@ -51,6 +51,23 @@ export async function request(method, path, { body, headers = {} } = {}) {
   return data;
 }
 
+/**
+ * Whether the server could serve a stream over plain HTTP now: its health
+ * answer (200, or a 503 for a part that streams do not need, such as the
+ * Kafka ingest) says the database and the change listener are up and it is
+ * not stopping. An answer without that shape (a proxy's 502) is no.
+ */
+export async function streamsServed() {
+  try {
+    const res = await fetch('/api/health', { headers: { Accept: 'application/json' }, signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
+    noteServerDate(res.headers.get('date'));
+    const h = await res.json();
+    return h?.database?.ok === true && h?.listener?.ok === true && h?.status !== 'shutting_down';
+  } catch {
+    return false;
+  }
+}
+
 /** Query string from an object; arrays are joined with commas, empty values dropped. */
 export function query(params) {
   const q = new URLSearchParams();
@@ -77,5 +94,4 @@ export const api = {
   transitions: () => request('GET', '/api/transitions'),
   stats: () => request('GET', '/api/stats'),
   deadLetters: (limit) => request('GET', `/api/dlq${query({ limit })}`),
-  health: () => request('GET', '/api/health'),
 };

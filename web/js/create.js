@@ -35,6 +35,9 @@ export class CreateForm {
   }
 
   open() {
+    // A create still on its way answers for the form as it was sent: it
+    // neither clears nor closes the form reopened since (see `submit`).
+    this.opened = (this.opened ?? 0) + 1;
     this.clearErrors();
     this.d.showModal();
     this.form.elements.customer_name.focus();
@@ -65,16 +68,20 @@ export class CreateForm {
     this.clearErrors();
     const button = this.form.querySelector('[type=submit]');
     button.disabled = true;
+    const opened = this.opened;
+    const same = () => this.opened === opened && this.d.open;
     try {
       const order = await api.createOrder(values(this.form));
       toast(`Order #${order.id} created`, 'ok');
-      this.form.reset();
-      this.d.close();
+      if (this.opened === opened) {
+        this.form.reset();
+        if (this.d.open) this.d.close();
+      }
     } catch (e) {
       const field = FIELDS.includes(e.field) ? e.field : 'body';
       // "quantity: must be between 1 and 1000000" under the quantity input needs no "quantity: ".
       const message = field === 'body' ? e.message : e.message.replace(new RegExp(`^${field}:\\s*`), '');
-      if (e.status === 422 && this.setError(field, message)) {
+      if (e.status === 422 && same() && this.setError(field, message)) {
         this.form.elements[e.field]?.focus();
       } else {
         toastError('Could not create the order', e);

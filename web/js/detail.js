@@ -6,7 +6,7 @@
 import { api } from './api.js';
 import { describe } from './activity.js';
 import { el, fmtCount, fmtFull, fmtMoney, fmtWhen, label, statusBadge, splitActor } from './format.js';
-import { backoff } from './stream.js';
+import { PING_INTERVAL_MS, SILENCE_LIMIT_MS, backoff } from './stream.js';
 import { toast, toastError } from './toast.js';
 
 const FIELDS = [
@@ -84,6 +84,10 @@ export class OrderDetail {
     this.n.history.replaceChildren();
     this.n.changes.replaceChildren(el('li', { class: 'muted' }, 'None yet.'));
     this.askDelete(false);
+    // No action until the order is known (offerActions shows them).
+    this.n.statusForm.hidden = true;
+    this.n.cancel.hidden = true;
+    this.n.del.hidden = true;
     if (!this.d.open) this.d.showModal();
     // Closed (or another order opened) while the order was on its way: the
     // answer is for nobody, and nothing is followed for a closed dialog.
@@ -105,6 +109,8 @@ export class OrderDetail {
   stop() {
     this.es?.close();
     this.es = null;
+    clearInterval(this.watch);
+    this.watch = null;
     clearTimeout(this.retry);
     this.retry = null;
     // A refollow still waiting for its answer belongs to what was stopped.
@@ -114,6 +120,25 @@ export class OrderDetail {
   follow(id, attempt = 0) {
     const es = new EventSource(`/api/orders/${id}/events`);
     this.es = es;
+    // The server sends at least a heartbeat every 15 s: a stream silent for
+    // longer is dead on the way (a NAT that forgot it, a laptop that slept)
+    // although EventSource still calls it open, and the order shown would
+    // go stale without a word. It is read again and followed afresh.
+    let lastHeard = Date.now();
+    for (const type of ['open', 'heartbeat', 'ready', 'snapshot', 'change', 'position']) {
+      es.addEventListener(type, () => {
+        lastHeard = Date.now();
+      });
+    }
+    clearInterval(this.watch);
+    this.watch = setInterval(() => {
+      if (this.es !== es || Date.now() - lastHeard <= SILENCE_LIMIT_MS) return;
+      clearInterval(this.watch);
+      this.watch = null;
+      es.close();
+      this.es = null;
+      this.refollow(id, attempt + 1);
+    }, PING_INTERVAL_MS);
     es.addEventListener('open', () => {
       attempt = 0;
     });
@@ -294,6 +319,7 @@ export class OrderDetail {
   }
 
   async act(what, call) {
+    if (!this.order) return;
     const id = this.order.id;
     try {
       const order = await call();
@@ -301,6 +327,20 @@ export class OrderDetail {
       toast(what === 'cancel' ? `Order #${id} cancelled` : `Order #${id} is now ${label(order.status)}`, 'ok');
     } catch (e) {
       toastError(`Could not ${what === 'cancel' ? 'cancel' : 'update'} order #${id}`, e);
+      if (e.status === 412) this.reread(id);
+    }
+  }
+
+  /**
+   * After a 412 (the order changed since it was shown): the order as it is
+   * now, so the next try sends its version and the actions fit its status.
+   */
+  async reread(id) {
+    try {
+      const order = await api.getOrder(id);
+      if (this.id === id && this.d.open && !this.deleted) this.show(order);
+    } catch (e) {
+      if (this.id === id && e.status === 404) this.markDeleted();
     }
   }
 
@@ -310,6 +350,7 @@ export class OrderDetail {
   }
 
   async remove() {
+    if (!this.order) return;
     const { id, version } = this.order;
     try {
       await api.deleteOrder(id, version);
@@ -318,6 +359,7 @@ export class OrderDetail {
     } catch (e) {
       toastError(`Could not delete order #${id}`, e);
       this.askDelete(false);
+      if (e.status === 412) this.reread(id);
     }
   }
 }

@@ -8,11 +8,18 @@
 // When the server says the position is gone (`resync`), the owner reloads and
 // hands back the position its reload reflects.
 
-import { api } from './api.js';
+import { api, streamsServed } from './api.js';
 
 /** First reconnect delay; doubled per failed attempt up to the maximum. */
 const BACKOFF_START_MS = 1000;
 const BACKOFF_MAX_MS = 10000;
+
+/**
+ * A connection that stayed up this long after `ready` worked: the reconnect
+ * after it starts the backoff over. One cut sooner (a proxy that lets the
+ * handshake through and then ends the connection) keeps backing off.
+ */
+const STABLE_MS = 10000;
 
 /** The pause before attempt `attempt + 1` of a reconnect (0: the first). */
 export const backoff = (attempt) => Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** attempt);
@@ -20,7 +27,7 @@ export const backoff = (attempt) => Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 
  * A WebSocket client pings this often; a ping followed by nothing at all
  * (no answer, no message) by the next one means the connection is dead.
  */
-const PING_INTERVAL_MS = 15000;
+export const PING_INTERVAL_MS = 15000;
 /**
  * A WebSocket whose opening handshake is not answered within this long is
  * given up as one that failed (a proxy that holds upgrade requests without a
@@ -28,7 +35,7 @@ const PING_INTERVAL_MS = 15000;
  */
 const OPEN_TIMEOUT_MS = 10000;
 /** An SSE stream is dead when nothing at all (the server's heartbeats come every 15 s) arrives for this long. */
-const SILENCE_LIMIT_MS = 40000;
+export const SILENCE_LIMIT_MS = 40000;
 /**
  * After falling back to SSE, WebSocket is tried again this long after (a
  * refusal for now, such as a full server, also looks like a broken
@@ -60,6 +67,7 @@ export class Stream {
     this.phase = 'connecting';
     this.retryAt = null;
     this.attempt = 0;
+    this.readyAt = null;
     this.conn = null;
     this.timer = null;
     this.pinger = null;
@@ -92,7 +100,7 @@ export class Stream {
     this.lastHeard = Date.now();
     switch (msg.type) {
       case 'ready':
-        this.attempt = 0;
+        this.readyAt = Date.now();
         if (this.transport === 'websocket') this.upgradeTries = 0;
         this.setPhase('connected');
         break;
@@ -180,19 +188,13 @@ export class Stream {
   }
 
   /**
-   * A WebSocket that closed before `ready`: if HTTP works, WebSocket is
-   * what is broken on the way, so switch to SSE; if not, the server is down
-   * and the WebSocket is retried with backoff.
+   * A WebSocket that closed before `ready`: if the server serves streams
+   * over plain HTTP, WebSocket is what is broken on the way, so switch to
+   * SSE; if not, the server is down (or stopping) and the WebSocket is
+   * retried with backoff.
    */
   async afterWebSocketFailure() {
-    let httpWorks = false;
-    try {
-      await api.health();
-      httpWorks = true;
-    } catch {
-      httpWorks = false;
-    }
-    if (httpWorks) {
+    if (await streamsServed()) {
       this.transport = 'sse';
       this.connect();
       this.retryWebSocketLater();
@@ -318,6 +320,8 @@ export class Stream {
 
   scheduleReconnect() {
     clearTimeout(this.timer);
+    if (this.readyAt !== null && Date.now() - this.readyAt >= STABLE_MS) this.attempt = 0;
+    this.readyAt = null;
     const base = backoff(this.attempt);
     const delay = Math.round(base * (0.8 + Math.random() * 0.4));
     this.attempt += 1;
