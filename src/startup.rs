@@ -364,8 +364,7 @@ async fn warn_on_case_folding(client: &tokio_postgres::Client) {
     match case_folding_differences(client).await {
         Ok(None) => {}
         Ok(Some(Folding::AsciiOnly)) => log::warn!(
-            "the database's lower() folds only ASCII letters (its character type is C or POSIX, or its encoding \
-             SQL_ASCII), so customer names with other letters compare differently in SQL and in the server (a \
+            "the database's lower() folds only ASCII letters (its character type is C or POSIX), so customer names with other letters compare differently in SQL and in the server (a \
              token confined to such a customer may miss its orders through REST). Create the database with the \
              UTF8 encoding and a UTF-8 locale (e.g. LC_CTYPE 'C.UTF-8')"
         ),

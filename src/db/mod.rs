@@ -227,6 +227,7 @@ pub async fn connect_as(url: &str, application_name: Option<&str>) -> anyhow::Re
 /// Applies the migrations in `sql/`.
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
     let mut client = connect(url).await?;
+    refuse_sql_ascii(&client).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -237,6 +238,24 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
         log::info!("applied migration {}", m);
     }
     client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(describe)?;
+    Ok(())
+}
+
+/// A database whose encoding is `SQL_ASCII` keeps text as the bytes a client
+/// sent, unchecked and unconverted: a DBA's psql in a Latin-1 terminal
+/// writes names that are not UTF-8, which no reader of the change log can
+/// take (tokio-postgres refuses such text) and no JSON can carry. Refused
+/// before anything is written, with the way out.
+async fn refuse_sql_ascii(client: &tokio_postgres::Client) -> anyhow::Result<()> {
+    let row = client.query_one("SELECT current_setting('server_encoding')", &[]).await.map_err(describe)?;
+    if row.get::<_, String>(0) == "SQL_ASCII" {
+        anyhow::bail!(
+            "the database's encoding is SQL_ASCII: PostgreSQL keeps text there as the bytes a client sent, \
+             unchecked, and a DBA's psql in a Latin-1 terminal writes names ordercast cannot read or send. Create \
+             the database with the UTF8 encoding (CREATE DATABASE ... TEMPLATE template0 ENCODING 'UTF8' LOCALE \
+             'C.UTF-8') and move the data there"
+        );
+    }
     Ok(())
 }
 

@@ -917,6 +917,19 @@ async fn the_start_up_check_names_customer_names_the_database_folds_otherwise() 
     assert_eq!(names, [("ΟΔΥΣΣΕΥΣ", "οδυσσευς"), ("İSTANBUL", "i\u{307}stanbul")]);
 }
 
+/// A SQL_ASCII database keeps text as the bytes a client sent: a DBA's
+/// Latin-1 `Zoë` is not UTF-8, and reading it panicked the change listener
+/// (every client stopped getting changes). Refused at start instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sql_ascii_database_is_refused_at_start() {
+    let (url, name) = crate::helpers::create_database_with("TEMPLATE template0 ENCODING 'SQL_ASCII' LOCALE 'C'").await;
+    let refused = ordercast::db::migrate(&url).await;
+    let admin = ordercast::db::connect(&crate::helpers::admin_url()).await.unwrap();
+    admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+    let e = format!("{:#}", refused.expect_err("refused"));
+    assert!(e.contains("encoding is SQL_ASCII") && e.contains("ENCODING 'UTF8'"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customer_restrictions_fold_names_like_postgresql_in_rest_and_streams() {
     let app = spawn_app_with(|s| {
