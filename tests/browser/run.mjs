@@ -1580,6 +1580,41 @@ test('a create answered after the form was closed and opened again leaves the ne
   assert.equal(await dialog.getByLabel('Customer name').inputValue(), 'Second order');
 });
 
+test('an open create form comes back, filled, after the page reloads (as signing in again does)', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.getByRole('button', { name: 'New order' }).click();
+  const dialog = page.locator('#create');
+  await dialog.getByLabel('Customer name').fill('Half Typed');
+  await dialog.getByLabel('Product').fill('Barometer');
+  await page.reload();
+  await live(page);
+  await dialog.waitFor({ timeout: 5000 });
+  assert.equal(await dialog.getByLabel('Customer name').inputValue(), 'Half Typed');
+  assert.equal(await dialog.getByLabel('Product').inputValue(), 'Barometer');
+  // Once: closed, and reloaded again, it stays closed.
+  await page.keyboard.press('Escape');
+  await page.reload();
+  await live(page);
+  assert.equal(await dialog.isVisible(), false);
+});
+
+test('a create the server does not answer in time says the order may have been created', async (t) => {
+  const { page } = await openDashboard(t, { before: (p) => p.clock.install() });
+  await page.route('**/api/orders', (route) => {
+    if (route.request().method() !== 'POST') return route.continue();
+    return undefined; // never answered
+  });
+  await page.getByRole('button', { name: 'New order' }).click();
+  const dialog = page.locator('#create');
+  await dialog.getByLabel('Customer name').fill('Unanswered');
+  await dialog.getByLabel('Product').fill('Hourglass');
+  await dialog.getByLabel('Quantity').fill('1');
+  await dialog.getByLabel('Unit price').fill('3');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await page.clock.fastForward('00:16');
+  await page.locator('.toast', { hasText: 'may have been created' }).waitFor({ timeout: 5000 });
+});
+
 test('the page stays responsive with 100,000 orders and 500 changes per second', async (t) => {
   let t0 = Date.now();
   await server.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price, status)

@@ -32,7 +32,8 @@ export async function request(method, path, { body, headers = {} } = {}) {
   try {
     res = await fetch(path, init);
   } catch (e) {
-    throw new ApiError(0, 'network', e.name === 'TimeoutError' ? 'the server did not answer in time' : 'the server cannot be reached');
+    if (e.name === 'TimeoutError') throw new ApiError(0, 'timeout', 'the server did not answer in time');
+    throw new ApiError(0, 'network', 'the server cannot be reached');
   }
   noteServerDate(res.headers.get('date'));
   if (res.status === 204) return null;

@@ -8,6 +8,9 @@ import { toast, toastError } from './toast.js';
 
 const FIELDS = ['customer_name', 'customer_email', 'product', 'quantity', 'unit_price'];
 
+/** Where an open form's values wait across a reload of the tab (signing in reloads the page). */
+const DRAFT_KEY = 'ordercast.create-draft';
+
 /** The form's values as the API expects them; numbers stay as typed when they are not numbers, so the server can say why. */
 function values(form) {
   const v = Object.fromEntries(FIELDS.map((f) => [f, form.elements[f].value.trim()]));
@@ -32,6 +35,29 @@ export class CreateForm {
     });
     dialog.querySelectorAll('[data-close]').forEach((b) => b.addEventListener('click', () => dialog.close()));
     dialog.querySelector('#create-random').addEventListener('click', () => this.fill(randomOrder(customer())));
+    // An open form outlives a reload of its tab (signing in again after a
+    // token expired reloads the page): kept for this tab only, and taken
+    // back, form open, when the page is back.
+    window.addEventListener('pagehide', () => {
+      if (!this.d.open) return;
+      const draft = Object.fromEntries(FIELDS.map((f) => [f, this.form.elements[f].value]));
+      try {
+        sessionStorage.setItem(DRAFT_KEY, JSON.stringify(draft));
+      } catch {
+        // Storage refused (full, or off): the form is lost as before.
+      }
+    });
+    let draft = null;
+    try {
+      draft = JSON.parse(sessionStorage.getItem(DRAFT_KEY) ?? 'null');
+      sessionStorage.removeItem(DRAFT_KEY);
+    } catch {
+      draft = null;
+    }
+    if (draft && typeof draft === 'object') {
+      this.open();
+      this.fill(draft);
+    }
   }
 
   open() {
@@ -83,6 +109,10 @@ export class CreateForm {
       const message = field === 'body' ? e.message : e.message.replace(new RegExp(`^${field}:\\s*`), '');
       if (e.status === 422 && same() && this.setError(field, message)) {
         this.form.elements[e.field]?.focus();
+      } else if (e.code === 'timeout') {
+        // The request may have been taken before the wait ran out: a second
+        // click could create the order twice.
+        toast('The server did not answer in time: the order may have been created. Look for it in the table before creating it again.', 'error');
       } else {
         toastError('Could not create the order', e);
       }
