@@ -66,7 +66,7 @@ pub struct Settings {
 
     /// Changes a client may have queued before it is considered lagging.
     /// A lagging client catches up from the change log; memory stays bounded.
-    #[arg(long, env = "ORDERCAST_CLIENT_BUFFER", default_value_t = 4096, global = true)]
+    #[arg(long, env = "ORDERCAST_CLIENT_BUFFER", default_value_t = 4096, value_parser = at_least_one(), global = true)]
     pub client_buffer: usize,
 
     /// Seconds a write to a client may block before the client is disconnected
@@ -113,7 +113,7 @@ pub struct Settings {
     pub jwt_issuer: Option<String>,
 
     /// Allow listening on a non-loopback address without any tokens configured.
-    #[arg(long, env = "ORDERCAST_INSECURE", global = true)]
+    #[arg(long, env = "ORDERCAST_INSECURE", value_parser = clap::builder::BoolishValueParser::new(), global = true)]
     pub insecure: bool,
 
     /// Browser origins allowed to open WebSockets and make CORS requests
@@ -205,6 +205,14 @@ fn origin(s: &str) -> Result<String, String> {
     let default_port = if scheme == "https" { ":443" } else { ":80" };
     let host = host.strip_suffix(default_port).unwrap_or(&host);
     Ok(format!("{scheme}://{host}"))
+}
+
+/// A share, 0 to 1 (a simulated service's failure rate).
+pub(crate) fn share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: a share is a number from 0 to 1")),
+    }
 }
 
 /// A rate limiter's rate per second: 0 (no limit) or more. A negative rate
@@ -386,6 +394,15 @@ mod tests {
         for flag in ["--db-pool-size", "--stream-pool-size", "--max-connections", "--max-connections-per-ip"] {
             assert!(parse(flag, "0").is_err(), "{flag} 0");
             assert!(parse(flag, "1").is_ok(), "{flag} 1");
+        }
+        // Before, a 0 here ran as 1; the README says a batch of 0 is refused.
+        for flag in ["--client-buffer", "--outbox-batch", "--process-concurrency"] {
+            assert!(parse(flag, "0").is_err(), "{flag} 0");
+            assert!(parse(flag, "1").is_ok(), "{flag} 1");
+        }
+        for flag in ["--payment-failure-rate", "--inventory-failure-rate"] {
+            assert!(parse(flag, "2").is_err(), "{flag} 2");
+            assert!(parse(flag, "0.5").is_ok(), "{flag} 0.5");
         }
     }
 

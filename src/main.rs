@@ -75,8 +75,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let signals = signals()?;
     // Without DATABASE_URL, run a private PostgreSQL for as long as we run.
-    let (url, embedded) = match &settings.database_url {
-        Some(url) => (url.clone(), None),
+    // An empty DATABASE_URL (`DATABASE_URL=` in a .env file) is unset, as
+    // scripts/run takes it.
+    let (url, embedded) = match settings.database_url.as_deref().filter(|u| !u.trim().is_empty()) {
+        Some(url) => (url.to_string(), None),
         None => {
             let dir = settings.data_dir.clone();
             let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, ""))

@@ -463,6 +463,11 @@ impl Application {
                  also signs tokens for other services"
             );
         }
+        // Settings that cannot work stop the start before anything runs: a
+        // mistyped one on a new version must not migrate a database the old
+        // instances still use.
+        crate::workflow::check_config(&settings)?;
+        crate::ingest::check_config(&settings.kafka)?;
         // Before anything starts: a port in use stops the start here, with
         // no migration run, no Kafka group joined and no order claimed.
         let socket = bind(settings.bind).with_context(|| format!("Failed to bind {}", settings.bind))?;

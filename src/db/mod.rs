@@ -228,14 +228,31 @@ pub async fn connect_as(url: &str, application_name: Option<&str>) -> anyhow::Re
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
     let mut client = connect(url).await?;
     refuse_sql_ascii(&client).await?;
+    // A database or role's timeouts do not apply: with `lock_timeout` a
+    // replica starting while another migrates failed at once, and with
+    // `statement_timeout` a long migration failed at every start.
+    client.batch_execute(HELD_SESSION).await.map_err(describe)?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(describe)
         .context("Failed to take the migration lock")?;
-    let report = migrations::migrations::runner().run_async(&mut client).await.context("Failed to apply migrations")?;
+    // Migrations this binary does not know (a newer ordercast ran them) are
+    // no reason to stop: in a rolling upgrade the older instances restart
+    // on the newer schema (docs/deploy.md says which upgrades allow it).
+    let runner = migrations::migrations::runner().set_abort_missing(false);
+    let ours = runner.get_migrations().iter().map(|m| m.version()).max().unwrap_or(0);
+    let report = runner.run_async(&mut client).await.context("Failed to apply migrations")?;
     for m in report.applied_migrations() {
         log::info!("applied migration {}", m);
+    }
+    let newest: Option<i32> =
+        client.query_one("SELECT max(version) FROM refinery_schema_history", &[]).await.map_err(describe)?.get(0);
+    if let Some(newest) = newest.filter(|n| *n > ours) {
+        log::warn!(
+            "the database has migrations up to V{newest}, newer than this ordercast's (up to V{ours}): a newer \
+             version migrated it. Running on it, as in a rolling upgrade; see docs/deploy.md before rolling back"
+        );
     }
     client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await.map_err(describe)?;
     Ok(())

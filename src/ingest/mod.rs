@@ -400,6 +400,19 @@ pub struct Ingest {
     pub tasks: Vec<JoinHandle<()>>,
 }
 
+/// Checks the consumer's and the dead-letter producer's librdkafka settings
+/// (`KAFKA_PROPERTIES`, `ORDERCAST_KAFKA_*`) without connecting, so a
+/// mistyped one stops the start before anything runs.
+pub fn check_config(settings: &KafkaSettings) -> anyhow::Result<()> {
+    let Some(brokers) = settings.brokers.as_deref().filter(|_| settings.enabled()) else { return Ok(()) };
+    let consumer = consumer::consumer_config(settings, brokers).map_err(|e| anyhow::anyhow!(e))?;
+    consumer.create_native_config().map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the ingest: {e}"))?;
+    dlq::producer_config(settings, brokers)?
+        .create_native_config()
+        .map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the dead-letter producer: {e}"))?;
+    Ok(())
+}
+
 /// Starts the ingest when brokers are configured; otherwise says so once.
 pub fn start(settings: &KafkaSettings, database_url: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<Ingest> {
     let Some(brokers) = settings.brokers.as_deref().filter(|_| settings.enabled()) else {

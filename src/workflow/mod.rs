@@ -57,6 +57,20 @@ pub struct Workflow {
     pub tasks: Vec<JoinHandle<()>>,
 }
 
+/// Checks the workflow's settings, and the outbox relay's librdkafka
+/// settings without connecting, so a wrong one stops the start before
+/// anything runs.
+pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
+    let wf = &settings.workflow;
+    wf.validate()?;
+    if let Some(brokers) = settings.kafka.brokers.as_deref().filter(|_| settings.kafka.enabled()) {
+        if wf.outbox_enabled() {
+            outbox::check_producer(&settings.kafka, brokers)?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts what the settings ask for: the outbox relay when Kafka is
 /// configured and the topic is not empty, the processor with `--process`.
 pub fn start(settings: &Settings, database_url: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<Workflow> {

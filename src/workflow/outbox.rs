@@ -205,6 +205,14 @@ pub fn producer(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<FuturePr
         .map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the outbox relay: {e}"))
 }
 
+/// Checks the relay's producer's configuration without creating it.
+pub(crate) fn check_producer(kafka: &KafkaSettings, brokers: &str) -> anyhow::Result<()> {
+    producer_settings(kafka, brokers)?
+        .create_native_config()
+        .map_err(|e| anyhow::anyhow!("invalid Kafka configuration for the outbox relay: {e}"))?;
+    Ok(())
+}
+
 /// The relay's producer's configuration. It lingers 5 ms for a batch to
 /// fill unless `KAFKA_PROPERTIES` says otherwise (`linger.ms`, or its other
 /// name `queue.buffering.max.ms`): before, the 5 ms replaced what was set.

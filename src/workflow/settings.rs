@@ -19,15 +19,27 @@ pub struct WorkflowSettings {
 
     /// Changes published per batch; the stored position moves once per
     /// acknowledged batch, so this is also how much a crash may publish twice.
-    #[arg(long = "outbox-batch", env = "ORDERCAST_OUTBOX_BATCH", default_value_t = 1000, global = true)]
+    #[arg(
+        long = "outbox-batch",
+        env = "ORDERCAST_OUTBOX_BATCH",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
     pub outbox_batch: u32,
 
     /// Run the order processor in this server (`ordercast process` runs it alone).
-    #[arg(long = "process", env = "ORDERCAST_PROCESS", global = true)]
+    #[arg(long = "process", env = "ORDERCAST_PROCESS", value_parser = clap::builder::BoolishValueParser::new(), global = true)]
     pub process: bool,
 
     /// Orders the processor works on at the same time.
-    #[arg(long = "process-concurrency", env = "ORDERCAST_PROCESS_CONCURRENCY", default_value_t = 32, global = true)]
+    #[arg(
+        long = "process-concurrency",
+        env = "ORDERCAST_PROCESS_CONCURRENCY",
+        default_value_t = 32,
+        value_parser = crate::config::at_least_one(),
+        global = true
+    )]
     pub concurrency: usize,
 
     /// Share of payments the simulated payment service declines (0 to 1).
@@ -35,6 +47,7 @@ pub struct WorkflowSettings {
         long = "payment-failure-rate",
         env = "ORDERCAST_PAYMENT_FAILURE_RATE",
         default_value_t = 0.05,
+        value_parser = crate::config::share,
         global = true
     )]
     pub payment_failure_rate: f64,
@@ -45,6 +58,7 @@ pub struct WorkflowSettings {
         long = "inventory-failure-rate",
         env = "ORDERCAST_INVENTORY_FAILURE_RATE",
         default_value_t = 0.05,
+        value_parser = crate::config::share,
         global = true
     )]
     pub inventory_failure_rate: f64,

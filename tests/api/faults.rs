@@ -150,6 +150,60 @@ async fn a_port_in_use_fails_the_start_before_anything_runs() {
     assert_no_session_but(&db).await;
 }
 
+/// A setting that cannot work stops the start before the migrations run: a
+/// mistyped one on a new version must not migrate a database the old
+/// instances still use. Before, the workflow's settings and the librdkafka
+/// properties were checked only after the migrations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setting_that_cannot_work_fails_the_start_before_the_migrations() {
+    let (db_url, _) = create_database().await;
+    let mut rate = ordercast::config::Settings::for_database(&db_url);
+    rate.workflow.payment_failure_rate = 2.0;
+    let mut property = ordercast::config::Settings::for_database(&db_url);
+    property.kafka.brokers = Some("127.0.0.1:9".into());
+    property.kafka.properties = Some("fetch.wait.max.msec=10".into());
+    for (settings, said) in [(rate, "ORDERCAST_PAYMENT_FAILURE_RATE"), (property, "fetch.wait.max.msec")] {
+        let e = ordercast::startup::Application::build(settings, &db_url).await.err().expect("refused");
+        assert!(format!("{e:#}").contains(said), "{e:#}");
+    }
+    let db = ordercast::db::connect(&db_url).await.unwrap();
+    let migrated: bool =
+        db.query_one("SELECT to_regclass('refinery_schema_history') IS NOT NULL", &[]).await.unwrap().get(0);
+    assert!(!migrated, "no migration ran");
+}
+
+/// The database's `lock_timeout` and `statement_timeout` do not apply to the
+/// migrations: a replica starting while another migrates waits for it
+/// (before, it failed at once on the lock). And migrations a newer version
+/// ran do not stop this one from starting, as a rolling upgrade needs
+/// (before: "migration V999__future is missing from the filesystem").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_wait_past_the_databases_timeouts_and_run_on_a_newer_schema() {
+    let (db_url, name) = create_database().await;
+    let admin = ordercast::db::connect(&crate::helpers::admin_url()).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET lock_timeout = '200ms'; ALTER DATABASE {name} SET statement_timeout = '200ms'"
+        ))
+        .await
+        .unwrap();
+    let other = ordercast::db::connect(&db_url).await.unwrap();
+    other.execute(LOCK_MIGRATIONS, &[]).await.unwrap();
+    let url = db_url.clone();
+    let migrating = tokio::spawn(async move { ordercast::db::migrate(&url).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    other.execute(UNLOCK_MIGRATIONS, &[]).await.unwrap();
+    migrating.await.unwrap().expect("migrated once the other replica was done");
+    other
+        .batch_execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+             VALUES (999, 'future', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '0')",
+        )
+        .await
+        .unwrap();
+    ordercast::db::migrate(&db_url).await.expect("runs on a newer version's schema");
+}
+
 /// While its migrations wait (for another replica's, say), a starting
 /// server has its port but takes no connection: a client or a load
 /// balancer's check is refused at once, not left waiting in the backlog for
