@@ -63,8 +63,11 @@ pub fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
 /// Whether a connection string (`postgres://...?k=v&...` or `k=v k=v`)
 /// gives the parameter `name`.
 fn names_parameter(conn: &str, name: &str) -> bool {
-    match conn.split_once("://") {
-        Some((_, rest)) => {
+    // A URL as tokio-postgres tells one: by its scheme (a quoted value may
+    // hold `://`).
+    let url = ["postgres://", "postgresql://"].iter().find_map(|scheme| conn.strip_prefix(scheme));
+    match url {
+        Some(rest) => {
             rest.split_once('?').is_some_and(|(_, q)| q.split('&').any(|p| p.split('=').next() == Some(name)))
         }
         // One that cannot be read is refused by tokio-postgres as well.
@@ -228,15 +231,19 @@ pub async fn connect_as(url: &str, application_name: Option<&str>) -> anyhow::Re
 pub async fn migrate(url: &str) -> anyhow::Result<()> {
     let mut client = connect(url).await?;
     refuse_sql_ascii(&client).await?;
-    // A database or role's timeouts do not apply: with `lock_timeout` a
-    // replica starting while another migrates failed at once, and with
-    // `statement_timeout` a long migration failed at every start.
+    // A database or role's timeouts do not apply to the wait for another
+    // replica's migrations (with `lock_timeout`, a replica starting while
+    // another migrated failed at once) nor to a long migration (with
+    // `statement_timeout`, it failed at every start). The migrations' own
+    // locks keep `lock_timeout`: an ALTER TABLE waiting behind a dump would
+    // queue every writer of that table behind it.
     client.batch_execute(HELD_SESSION).await.map_err(describe)?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(describe)
         .context("Failed to take the migration lock")?;
+    client.batch_execute("RESET lock_timeout").await.map_err(describe)?;
     // Migrations this binary does not know (a newer ordercast ran them) are
     // no reason to stop: in a rolling upgrade the older instances restart
     // on the newer schema (docs/deploy.md says which upgrades allow it).
@@ -248,6 +255,21 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
     }
     let newest: Option<i32> =
         client.query_one("SELECT max(version) FROM refinery_schema_history", &[]).await.map_err(describe)?.get(0);
+    // With `abort_missing` off, refinery only logs a migration of ours it
+    // skipped because a newer one was applied first: refused here.
+    let applied: Vec<i32> = client
+        .query("SELECT version FROM refinery_schema_history", &[])
+        .await
+        .map_err(describe)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(skipped) = runner.get_migrations().iter().find(|m| !applied.contains(&m.version())) {
+        anyhow::bail!(
+            "migration {skipped} was not applied: the database has newer ones (up to V{}), applied out of order",
+            newest.unwrap_or(0)
+        );
+    }
     if let Some(newest) = newest.filter(|n| *n > ours) {
         log::warn!(
             "the database has migrations up to V{newest}, newer than this ordercast's (up to V{ours}): a newer \
@@ -369,6 +391,9 @@ mod tests {
         // giving keepalives_idle, and the 2 h default stayed.
         let quoted = pg_config("host=db password='x keepalives_idle=5'").unwrap();
         assert_eq!(quoted.get_keepalives_idle(), Duration::from_secs(10));
+        // A quoted `://` does not make the string a URL.
+        let c = pg_config("host=db password='a://b' keepalives_idle=7200").unwrap();
+        assert_eq!(c.get_keepalives_idle(), Duration::from_secs(7200));
         assert_eq!(quoted.get_password(), Some(&b"x keepalives_idle=5"[..]));
         // Only hostaddr: its address is the host TLS needs.
         let c = pg_config("hostaddr=10.0.0.5 dbname=x user=u").unwrap();

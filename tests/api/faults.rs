@@ -202,6 +202,10 @@ async fn migrations_wait_past_the_databases_timeouts_and_run_on_a_newer_schema()
         .await
         .unwrap();
     ordercast::db::migrate(&db_url).await.expect("runs on a newer version's schema");
+    // One of ours not applied, below a newer one: refused, not skipped.
+    other.batch_execute("DELETE FROM refinery_schema_history WHERE version = 25").await.unwrap();
+    let e = ordercast::db::migrate(&db_url).await.expect_err("a migration of ours was skipped");
+    assert!(format!("{e:#}").contains("V25__outbox_rewind_due was not applied"), "{e:#}");
 }
 
 /// While its migrations wait (for another replica's, say), a starting

@@ -36,10 +36,11 @@ export class CreateForm {
     dialog.querySelectorAll('[data-close]').forEach((b) => b.addEventListener('click', () => dialog.close()));
     dialog.querySelector('#create-random').addEventListener('click', () => this.fill(randomOrder(customer())));
     // An open form outlives a reload of its tab (signing in again after a
-    // token expired reloads the page): kept for this tab only, and taken
-    // back, form open, when the page is back.
+    // token expired reloads the page): kept for this tab only, and filled
+    // in when the form is next opened. Not while its create is on its way
+    // (it may be done: the form would invite a second one).
     window.addEventListener('pagehide', () => {
-      if (!this.d.open) return;
+      if (!this.d.open || this.sending) return;
       const draft = Object.fromEntries(FIELDS.map((f) => [f, this.form.elements[f].value]));
       try {
         sessionStorage.setItem(DRAFT_KEY, JSON.stringify(draft));
@@ -47,16 +48,22 @@ export class CreateForm {
         // Storage refused (full, or off): the form is lost as before.
       }
     });
-    let draft = null;
+    // A page taken back from the browser's cache still has its form: the
+    // draft saved when it was left is not for a later reload.
+    window.addEventListener('pageshow', (ev) => {
+      if (ev.persisted) this.takeDraft();
+    });
+    this.draft = this.takeDraft();
+  }
+
+  /** The draft a reload of this tab left, taken out of storage. */
+  takeDraft() {
     try {
-      draft = JSON.parse(sessionStorage.getItem(DRAFT_KEY) ?? 'null');
+      const draft = JSON.parse(sessionStorage.getItem(DRAFT_KEY) ?? 'null');
       sessionStorage.removeItem(DRAFT_KEY);
+      return draft && typeof draft === 'object' ? draft : null;
     } catch {
-      draft = null;
-    }
-    if (draft && typeof draft === 'object') {
-      this.open();
-      this.fill(draft);
+      return null;
     }
   }
 
@@ -65,6 +72,10 @@ export class CreateForm {
     // neither clears nor closes the form reopened since (see `submit`).
     this.opened = (this.opened ?? 0) + 1;
     this.clearErrors();
+    if (this.draft) {
+      this.fill(this.draft);
+      this.draft = null;
+    }
     this.d.showModal();
     this.form.elements.customer_name.focus();
   }
@@ -96,13 +107,16 @@ export class CreateForm {
     button.disabled = true;
     const opened = this.opened;
     const same = () => this.opened === opened && this.d.open;
+    const sent = values(this.form);
+    this.sending = true;
     try {
-      const order = await api.createOrder(values(this.form));
+      const order = await api.createOrder(sent);
       toast(`Order #${order.id} created`, 'ok');
-      if (this.opened === opened) {
-        this.form.reset();
-        if (this.d.open) this.d.close();
-      }
+      // Cleared while it still holds what was sent (also when opened again
+      // since, but not changed: one click would create it twice); closed
+      // unless it was opened again meanwhile.
+      if (JSON.stringify(values(this.form)) === JSON.stringify(sent)) this.form.reset();
+      if (this.opened === opened && this.d.open) this.d.close();
     } catch (e) {
       const field = FIELDS.includes(e.field) ? e.field : 'body';
       // "quantity: must be between 1 and 1000000" under the quantity input needs no "quantity: ".
@@ -117,6 +131,7 @@ export class CreateForm {
         toastError('Could not create the order', e);
       }
     } finally {
+      this.sending = false;
       button.disabled = false;
     }
   }
