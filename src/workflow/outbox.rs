@@ -1216,6 +1216,23 @@ impl Outgoing {
 mod tests {
     use super::*;
 
+    /// Each job clears only its own failure: a check that succeeds while
+    /// batches fail leaves the state `retrying`.
+    #[test]
+    fn a_check_that_succeeds_does_not_clear_failing_batches() {
+        let state = OutboxState::default();
+        state.start("changes");
+        state.active.store(true, Ordering::Relaxed);
+        state.error(Job::Publishing, &anyhow::anyhow!("refused"));
+        state.recovered(Job::Checking);
+        assert_eq!(state.health(0)["state"], "retrying");
+        state.error(Job::Checking, &anyhow::anyhow!("unreadable"));
+        assert!(state.recovered(Job::Publishing), "it was failing");
+        assert_eq!(state.health(0)["state"], "retrying", "the check still fails");
+        state.recovered(Job::Checking);
+        assert_eq!(state.health(0)["state"], "running");
+    }
+
     #[test]
     fn a_published_commit_time_matches_the_logs_to_its_precision() {
         let micros = 1_763_000_000_123_456;

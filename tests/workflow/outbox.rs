@@ -909,6 +909,11 @@ async fn a_late_check_that_succeeds_while_batches_fail_leaves_health_retrying() 
     let app = spawn_app_with(|s| relay_settings(&kafka, s)).await;
     let refused = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
     kafka.cluster.request_errors(RDKafkaApiKey::Produce, &[refused; 1000]);
+    // Each refusal takes a second to come: the batch tried right after the
+    // late check is still on its way when health is read. (Answered at
+    // once, it set the flag again within milliseconds, and the old shared
+    // flag showed `running` only in that window.)
+    kafka.cluster.broker_round_trip_time(1, Duration::from_millis(1000)).unwrap();
 
     // Act
     app.create_order("Refused").await;
