@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures_util::future::{FutureExt, Shared, WeakShared};
+use tokio_postgres::error::SqlState;
 
 use super::{log_bounds, read_after, Frames, SharedChange, Side};
 use crate::domain::Filter;
@@ -117,9 +118,7 @@ impl Feed {
             recoveries: 0,
         };
         if let Some(since) = since {
-            let client = pool.get().await.map_err(crate::error::ApiError::from)?;
-            let (head, pruned, renumbered) =
-                resume_bounds(&client, since).await.map_err(crate::error::ApiError::from)?;
+            let (head, pruned, renumbered) = resume_bounds_on_a_live_connection(pool, since).await?;
             if since < pruned {
                 feed.buf.push_back(Item::Resync { reason: "position_expired", position: live_from });
             } else if renumbered || since > head.max(live_from) {
@@ -359,6 +358,30 @@ pub fn redacted(c: &super::Change, side: Side) -> &Frames {
 /// database lost after they were pushed (recorded by the listener, see
 /// `change_rewinds`): the client may hold changes that are gone, and the
 /// changes now numbered before its position would be skipped.
+/// `resume_bounds` on a pooled connection, asked again on another when the
+/// one taken turns out ended by the server while it sat in the pool (a
+/// restart, a pooler or an admin cutting sessions): that shows only when it
+/// is used, and the stream would be refused (4503) for a connection the
+/// pool would have replaced a moment later. Each one found dead is taken
+/// out of the pool, so this ends after at most the pool's size.
+async fn resume_bounds_on_a_live_connection(
+    pool: &Pool,
+    since: i64,
+) -> Result<(i64, i64, bool), crate::error::ApiError> {
+    let mut tries = pool.status().max_size + 1;
+    loop {
+        let client = pool.get().await?;
+        match resume_bounds(&client, since).await {
+            Ok(bounds) => return Ok(bounds),
+            Err(e) if tries > 1 && (client.is_closed() || e.code() == Some(&SqlState::ADMIN_SHUTDOWN)) => {
+                tries -= 1;
+                drop(deadpool_postgres::Object::take(client));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 async fn resume_bounds(
     client: &deadpool_postgres::Client,
     since: i64,

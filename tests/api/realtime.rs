@@ -1462,6 +1462,35 @@ async fn database_timeouts_neither_stall_nor_end_the_held_sessions() {
     }
 }
 
+/// The stream pool's connections ended by the server (a restart of a
+/// pooler, an admin cutting sessions) while they sat in the pool: a client
+/// resuming right after is served on another, not refused with 4503
+/// `database_unavailable` because the first one taken turned out dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_right_after_the_pools_connections_were_ended_is_served() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let start: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    dba_insert_many(&db, "resumed", 2).await;
+    for attempt in 0..20 {
+        // A resume first, so that the pool holds a connection it used.
+        let mut warm = app.ws(&format!("?since={start}")).await;
+        warm.ready().await;
+        drop(warm);
+        db.batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'ordercast' AND datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+        let mut resumed = app.ws(&format!("?since={start}")).await;
+        match resumed.next_event(WAIT).await {
+            WsEvent::Json(v) if v["type"] == "ready" || v["type"] == "change" => {}
+            other => panic!("attempt {attempt}: {other:?}"),
+        }
+    }
+}
+
 const KILL_LISTENER: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
      WHERE application_name = 'ordercast-listener' AND datname = current_database()";
 
