@@ -1445,12 +1445,7 @@ async fn database_timeouts_neither_stall_nor_end_the_held_sessions() {
     let want = ["read slowly 1", "read slowly 2", "read slowly 3"];
     assert_eq!(names(ws.changes(3, WAIT).await), want);
     // The streams' pool connects again, with the database's defaults.
-    db.batch_execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE application_name = 'ordercast' AND datname = current_database() AND pid <> pg_backend_pid()",
-    )
-    .await
-    .unwrap();
+    db.batch_execute(END_POOLED_SESSIONS).await.unwrap();
     let mut resumed = app.ws(&format!("?since={start}")).await;
     assert_eq!(names(resumed.changes(3, WAIT).await), want);
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -1477,12 +1472,7 @@ async fn a_resume_right_after_the_pools_connections_were_ended_is_served() {
         let mut warm = app.ws(&format!("?since={start}")).await;
         warm.ready().await;
         drop(warm);
-        db.batch_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'ordercast' AND datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .await
-        .unwrap();
+        db.batch_execute(END_POOLED_SESSIONS).await.unwrap();
         let mut resumed = app.ws(&format!("?since={start}")).await;
         match resumed.next_event(WAIT).await {
             WsEvent::Json(v) if v["type"] == "ready" || v["type"] == "change" => {}
@@ -1490,6 +1480,11 @@ async fn a_resume_right_after_the_pools_connections_were_ended_is_served() {
         }
     }
 }
+
+/// Ends the server's pooled sessions (REST's and the streams'), as a
+/// pooler restarting or an admin cutting sessions does.
+const END_POOLED_SESSIONS: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+     WHERE application_name = 'ordercast' AND datname = current_database() AND pid <> pg_backend_pid()";
 
 const KILL_LISTENER: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
      WHERE application_name = 'ordercast-listener' AND datname = current_database()";
