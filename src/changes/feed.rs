@@ -353,11 +353,6 @@ pub fn redacted(c: &super::Change, side: Side) -> &Frames {
     c.moved.as_ref().expect("a redacted change is a move").frames(side)
 }
 
-/// Where the log stands for a client resuming after `since`: the head, the
-/// retention horizon, and whether `since` lies in a range of positions the
-/// database lost after they were pushed (recorded by the listener, see
-/// `change_rewinds`): the client may hold changes that are gone, and the
-/// changes now numbered before its position would be skipped.
 /// `resume_bounds` on a pooled connection, asked again on another when the
 /// one taken turns out ended by the server while it sat in the pool (a
 /// restart, a pooler or an admin cutting sessions): that shows only when it
@@ -382,6 +377,11 @@ async fn resume_bounds_on_a_live_connection(
     }
 }
 
+/// Where the log stands for a client resuming after `since`: the head, the
+/// retention horizon, and whether `since` lies in a range of positions the
+/// database lost after they were pushed (recorded by the listener, see
+/// `change_rewinds`): the client may hold changes that are gone, and the
+/// changes now numbered before its position would be skipped.
 async fn resume_bounds(
     client: &deadpool_postgres::Client,
     since: i64,

@@ -173,6 +173,24 @@ pub const ORDER_ID_ATTEMPTS: usize = 100;
 pub const MOVE_ORDER_ID_SEQUENCE: &str =
     "SELECT setval(pg_get_serial_sequence('orders', 'id'), (SELECT max(id) FROM orders))";
 
+/// The error once `ORDER_ID_ATTEMPTS` ids drawn in a row were taken.
+pub fn order_id_sequence_behind() -> anyhow::Error {
+    anyhow::anyhow!(
+        "the orders' id sequence is behind ids written by hand ({ORDER_ID_ATTEMPTS} taken in a row): to move it \
+         past them: {MOVE_ORDER_ID_SEQUENCE}"
+    )
+}
+
+/// Logs the ids a new order (or a batch's) skipped because they were taken.
+pub fn warn_order_ids_taken(writer: &str, taken: usize) {
+    if taken > 0 {
+        log::warn!(
+            "{writer}: {taken} order ids were already taken by rows written with ids of their own; to move the id \
+             sequence past them: {MOVE_ORDER_ID_SEQUENCE}"
+        );
+    }
+}
+
 /// The id drawn from the sequence for a new order is another row's: a DBA
 /// inserted rows with ids of their own, ahead of the sequence. The next try
 /// draws the next id.
@@ -253,8 +271,6 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
     for m in report.applied_migrations() {
         log::info!("applied migration {}", m);
     }
-    let newest: Option<i32> =
-        client.query_one("SELECT max(version) FROM refinery_schema_history", &[]).await.map_err(describe)?.get(0);
     // With `abort_missing` off, refinery only logs a migration of ours it
     // skipped because a newer one was applied first: refused here.
     let applied: Vec<i32> = client
@@ -264,6 +280,7 @@ pub async fn migrate(url: &str) -> anyhow::Result<()> {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let newest = applied.iter().copied().max();
     if let Some(skipped) = runner.get_migrations().iter().find(|m| !applied.contains(&m.version())) {
         anyhow::bail!(
             "migration {skipped} was not applied: the database has newer ones (up to V{}), applied out of order",

@@ -1030,11 +1030,7 @@ async fn apply(
                         savepoint.rollback().await.map_err(|e| classify(e, "ROLLBACK TO SAVEPOINT failed"))?;
                         taken += 1;
                         if taken == crate::db::ORDER_ID_ATTEMPTS {
-                            return Err(WriteError::Transient(anyhow::anyhow!(
-                                "the orders' id sequence is behind ids written by hand ({taken} taken in a row): \
-                                 to move it past them: {}",
-                                crate::db::MOVE_ORDER_ID_SEQUENCE
-                            )));
+                            return Err(WriteError::Transient(crate::db::order_id_sequence_behind()));
                         }
                     }
                     Err(ApplyError::Data(e)) => {
@@ -1044,13 +1040,7 @@ async fn apply(
                     Err(ApplyError::Other(e)) => return Err(classify(e, "Failed to apply an event")),
                 }
             }
-            if taken > 0 {
-                log::warn!(
-                    "Kafka ingest: {taken} order ids were already taken by rows written with ids of their own; to \
-                     move the id sequence past them: {}",
-                    crate::db::MOVE_ORDER_ID_SEQUENCE
-                );
-            }
+            crate::db::warn_order_ids_taken("Kafka ingest", taken);
         }
     } else {
         for round in rounds(msgs, &fates, &earlier) {

@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::{parse_limit, QueryPairs};
-use crate::db::{order_id_taken, MOVE_ORDER_ID_SEQUENCE, ORDER_ID_ATTEMPTS};
+use crate::db::{order_id_taken, ORDER_ID_ATTEMPTS};
 use crate::domain::{Filter, NewOrder, OrderPatch, Status, ValidationError};
 use crate::error::ApiError;
 use crate::startup::AppState;
@@ -201,21 +201,11 @@ pub async fn create(
             // rows with ids of their own, ahead of the sequence. Each try
             // draws the next id.
             Err(e) if taken < ORDER_ID_ATTEMPTS && order_id_taken(&e) => taken += 1,
-            Err(e) if order_id_taken(&e) => {
-                return Err(ApiError::Unexpected(anyhow::anyhow!(
-                    "the orders' id sequence is behind ids written by hand ({ORDER_ID_ATTEMPTS} taken in a row): \
-                     to move it past them: {MOVE_ORDER_ID_SEQUENCE}"
-                )))
-            }
+            Err(e) if order_id_taken(&e) => return Err(ApiError::Unexpected(crate::db::order_id_sequence_behind())),
             Err(e) => return Err(e.into()),
         }
     };
-    if taken > 0 {
-        log::warn!(
-            "POST /api/orders: {taken} order ids were already taken by rows written with ids of their own; \
-             to move the id sequence past them: {MOVE_ORDER_ID_SEQUENCE}"
-        );
-    }
+    crate::db::warn_order_ids_taken("POST /api/orders", taken);
     let id: i64 = row.get(0);
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/orders/{id}")));

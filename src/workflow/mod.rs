@@ -74,8 +74,8 @@ pub fn check_config(settings: &Settings) -> anyhow::Result<()> {
 /// Starts what the settings ask for: the outbox relay when Kafka is
 /// configured and the topic is not empty, the processor with `--process`.
 pub fn start(settings: &Settings, database_url: &str, shutdown: watch::Receiver<bool>) -> anyhow::Result<Workflow> {
+    // Its settings were checked before the migrations (`check_config`).
     let wf = &settings.workflow;
-    wf.validate()?;
     let state = Arc::new(WorkflowState::default());
     let mut tasks = Vec::new();
     match settings.kafka.brokers.as_deref().filter(|_| settings.kafka.enabled()) {

@@ -324,10 +324,7 @@ async fn session(
     let pending: Option<Value> = row.get(1);
     // Rewinds owed by the instance that published before, or by this one
     // before its session ended.
-    for (partition, newest) in row.get::<_, Option<Value>>(2).as_ref().and_then(offsets).unwrap_or_default() {
-        let due = rewind_due.entry(partition).or_insert(newest);
-        *due = (*due).max(newest);
-    }
+    owe(rewind_due, row.get::<_, Option<Value>>(2).as_ref().and_then(offsets).unwrap_or_default());
     state.position.store(position, Ordering::Relaxed);
     state.late_checked.store(-1, Ordering::Relaxed);
     state.active.store(true, Ordering::Relaxed);
@@ -450,10 +447,7 @@ async fn session(
                     );
                 }
                 if !overtaken.is_empty() {
-                    for (partition, newest) in overtaken {
-                        let due = rewind_due.entry(partition).or_insert(newest);
-                        *due = (*due).max(newest);
-                    }
+                    owe(rewind_due, overtaken);
                     // Recorded, for whichever instance publishes next.
                     store_rewind_due(db, topic, rewind_due).await?;
                 }
@@ -737,6 +731,14 @@ async fn late_check(
 fn late_margin(kafka: &KafkaSettings) -> Duration {
     let ms = super::producer_ms(kafka, "request.timeout.ms").unwrap_or(30_000);
     Duration::from_millis(ms).min(FENCE_MAX)
+}
+
+/// Adds rewinds owed (partition, the newest position to cover) to `due`.
+fn owe(due: &mut BTreeMap<i32, i64>, more: impl IntoIterator<Item = (i32, i64)>) {
+    for (partition, newest) in more {
+        let owed = due.entry(partition).or_insert(newest);
+        *owed = (*owed).max(newest);
+    }
 }
 
 /// Records the rewinds owed (`outbox_positions.rewind_due`, NULL for none),

@@ -118,6 +118,11 @@ async function waitRows(page, pred, { min = 1, timeout = 3000 } = {}) {
   }, [pred.toString(), min], { timeout });
 }
 
+/** Fills the create form's inputs in `dialog`, by their labels. */
+async function fillOrder(dialog, values) {
+  for (const [label, value] of Object.entries(values)) await dialog.getByLabel(label).fill(value);
+}
+
 /** Waits (up to 5 s, polling) until `cond()` holds. */
 async function until(cond, what) {
   const end = Date.now() + 5000;
@@ -565,10 +570,7 @@ test('an error raised in a dialog is shown above it and can be dismissed there',
     : route.continue()));
   await page.getByRole('button', { name: 'New order' }).click();
   const dialog = page.locator('#create');
-  await dialog.getByLabel('Customer name').fill('Behind The Backdrop');
-  await dialog.getByLabel('Product').fill('Lamp');
-  await dialog.getByLabel('Quantity').fill('1');
-  await dialog.getByLabel('Unit price').fill('5');
+  await fillOrder(dialog, { 'Customer name': 'Behind The Backdrop', Product: 'Lamp', Quantity: '1', 'Unit price': '5' });
   await dialog.getByRole('button', { name: 'Create order' }).click();
   const shown = page.locator('.toast-error', { hasText: 'restarting' });
   await shown.waitFor({ timeout: 5000 });
@@ -593,10 +595,7 @@ test('an invalid form shows the server\'s error next to the field', async (t) =>
   const { page } = await openDashboard(t);
   await page.getByRole('button', { name: 'New order' }).click();
   const dialog = page.locator('#create');
-  await dialog.getByLabel('Customer name').fill('Valid Name');
-  await dialog.getByLabel('Product').fill('Lamp');
-  await dialog.getByLabel('Quantity').fill('0');
-  await dialog.getByLabel('Unit price').fill('5');
+  await fillOrder(dialog, { 'Customer name': 'Valid Name', Product: 'Lamp', Quantity: '0', 'Unit price': '5' });
   const count = await server.sql('SELECT count(*) FROM orders');
   await dialog.getByRole('button', { name: 'Create order' }).click();
   const error = dialog.locator('#e-quantity');
@@ -1566,10 +1565,7 @@ test('a create answered after the form was closed and opened again leaves the ne
   });
   await page.getByRole('button', { name: 'New order' }).click();
   const dialog = page.locator('#create');
-  await dialog.getByLabel('Customer name').fill('First order');
-  await dialog.getByLabel('Product').fill('Compass');
-  await dialog.getByLabel('Quantity').fill('1');
-  await dialog.getByLabel('Unit price').fill('5');
+  await fillOrder(dialog, { 'Customer name': 'First order', Product: 'Compass', Quantity: '1', 'Unit price': '5' });
   await dialog.getByRole('button', { name: 'Create order' }).click();
   await page.keyboard.press('Escape');
   await dialog.waitFor({ state: 'hidden' });
@@ -1617,10 +1613,7 @@ test('a create the server does not answer in time says the order may have been c
   });
   await page.getByRole('button', { name: 'New order' }).click();
   const dialog = page.locator('#create');
-  await dialog.getByLabel('Customer name').fill('Unanswered');
-  await dialog.getByLabel('Product').fill('Hourglass');
-  await dialog.getByLabel('Quantity').fill('1');
-  await dialog.getByLabel('Unit price').fill('3');
+  await fillOrder(dialog, { 'Customer name': 'Unanswered', Product: 'Hourglass', Quantity: '1', 'Unit price': '3' });
   await dialog.getByRole('button', { name: 'Create order' }).click();
   await page.clock.fastForward('00:16');
   await page.locator('.toast', { hasText: 'may have been created' }).waitFor({ timeout: 5000 });

@@ -123,13 +123,7 @@ async fn changes_from_every_write_path_are_published_in_commit_order_per_order()
 async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
     // Arrange: one change published, then the relay stops.
     let kafka = Kafka::start();
-    let mut first = spawn_app_with(|s| kafka.configure(s)).await;
-    let reader = kafka.reader(&kafka.changes);
-    let a = first.create_order("Before").await["id"].as_i64().unwrap();
-    reader.read_until(WAIT, move |m| !of_order(m, a).is_empty()).await;
-    let db = first.sql().await;
-    published_something(&db).await;
-    first.stop().await;
+    let (first, reader, db, a, _) = one_published_then_stopped(&kafka, "Before").await;
 
     // Act: changes committed while no relay runs, then a new instance.
     let b: i64 = scalar(
@@ -156,6 +150,24 @@ async fn the_relay_resumes_from_its_stored_position_after_a_restart() {
         let sent = m.timestamp().to_millis().unwrap();
         assert!(committed_ms < restarted && restarted <= sent, "committed {committed_ms}, sent {sent}");
     }
+}
+
+/// An instance that published one REST-created order (for `customer`) and
+/// stored its position, then stopped: it (its database stays), a reader of
+/// the topic, a database connection, the order's id and its partition.
+async fn one_published_then_stopped(
+    kafka: &Kafka,
+    customer: &str,
+) -> (crate::helpers::TestApp, crate::Reader, tokio_postgres::Client, i64, i32) {
+    let mut app = spawn_app_with(|s| kafka.configure(s)).await;
+    let reader = kafka.reader(&kafka.changes);
+    let id = app.create_order(customer).await["id"].as_i64().unwrap();
+    let msgs = reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
+    let partition = of_order(&msgs, id)[0].partition();
+    let db = app.sql().await;
+    published_something(&db).await;
+    app.stop().await;
+    (app, reader, db, id, partition)
 }
 
 /// Waits until the relay has stored a position past the start.
@@ -409,14 +421,7 @@ async fn a_rewind_owed_when_the_relay_stopped_is_sent_by_the_next_instance() {
     // Arrange: one change published; the relay stops owing a rewind for the
     // next change of that order's partition.
     let kafka = Kafka::start();
-    let mut first = spawn_app_with(|s| kafka.configure(s)).await;
-    let reader = kafka.reader(&kafka.changes);
-    let id = first.create_order("Owed").await["id"].as_i64().unwrap();
-    let msgs = reader.read_until(WAIT, move |m| !of_order(m, id).is_empty()).await;
-    let partition = of_order(&msgs, id)[0].partition();
-    let db = first.sql().await;
-    published_something(&db).await;
-    first.stop().await;
+    let (first, reader, db, id, partition) = one_published_then_stopped(&kafka, "Owed").await;
     db.batch_execute(&format!("UPDATE orders SET quantity = quantity + 1 WHERE id = {id}")).await.unwrap();
     let (stored, head): (i64, i64) = {
         let row = db.query_one("SELECT (SELECT position FROM outbox_positions), change_head()", &[]).await.unwrap();
