@@ -264,3 +264,12 @@ fn constraint_field(name: &str) -> &'static str {
     ];
     FIELDS.iter().find(|f| name.contains(*f)).copied().unwrap_or("order")
 }
+
+/// What a caught panic said.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
+}

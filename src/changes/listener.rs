@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 
@@ -76,7 +76,15 @@ pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
     let mut read_limit = READ_BATCH;
     loop {
         let started = Instant::now();
-        let result = session(&url, &hub, &state, &mut at, &mut read_limit).await;
+        // A panic in a session (a bug) is a lost connection too: without
+        // this, it would end the task, and with it every push, while the
+        // server went on serving. The position is the last one published.
+        let result = std::panic::AssertUnwindSafe(session(&url, &hub, &state, &mut at, &mut read_limit))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                Err(anyhow::anyhow!("the change listener panicked: {}", crate::error::panic_message(&*panic)))
+            });
         state.connected.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return, // the hub is gone: shutting down
@@ -505,11 +513,19 @@ async fn session(
                 }
                 break;
             };
-            let pruned: i64 = last.get("pruned");
+            let pruned: i64 = last.try_get("pruned").map_err(crate::db::describe)?;
+            // A row that cannot be read (a `change_read` replaced by hand)
+            // fails the session: it is read again after a reconnect, and
+            // nothing after it is published before it.
+            let changes = rows
+                .iter()
+                .map(|r| Change::from_row(r).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(crate::db::describe)
+                .context("reading the change log")?;
             if pruned > at.pos && gap(hub, at.pos, pruned).await.is_err() {
                 return Ok(());
             }
-            let changes: Vec<_> = rows.iter().map(|r| Arc::new(Change::from_row(r))).collect();
             // unwrap: not empty
             let newest = changes.last().unwrap();
             // More may wait: a full read, or one that ends past its window

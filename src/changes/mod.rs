@@ -44,17 +44,20 @@ pub struct Envelope<'a> {
 }
 
 impl<'a> Envelope<'a> {
-    pub fn from_row(row: &'a Row) -> Envelope<'a> {
-        let pos: i64 = row.get(0);
-        let op: &str = row.get(1);
-        let order: &str = row.get(7);
-        let old: Option<&str> = row.get(8);
-        let actor: &str = row.get(9);
-        let at: Option<DateTime<Utc>> = row.get(10);
+    /// Fails, rather than panics, on a row not in `READ_SQL`'s shape (a
+    /// NULL where the log has none, another type): `change_read` is a
+    /// function in the database, which someone can replace by hand.
+    pub fn from_row(row: &'a Row) -> Result<Envelope<'a>, tokio_postgres::Error> {
+        let pos: i64 = row.try_get(0)?;
+        let op: &str = row.try_get(1)?;
+        let order: &str = row.try_get(7)?;
+        let old: Option<&str> = row.try_get(8)?;
+        let actor: &str = row.try_get(9)?;
+        let at: Option<DateTime<Utc>> = row.try_get(10)?;
         // The row images are JSON written by PostgreSQL (`to_json` in the
         // capture triggers): the envelope is assembled, not re-serialized.
         let json = envelope_json(pos, op, order, old, actor, at);
-        Envelope { pos, op, order_id: row.get(2), actor, at, json }
+        Ok(Envelope { pos, op, order_id: row.try_get(2)?, actor, at, json })
     }
 }
 
@@ -185,30 +188,33 @@ pub enum Side {
 }
 
 impl Change {
-    pub fn from_row(row: &Row) -> Change {
-        let Envelope { pos, order_id, actor, at, json, .. } = Envelope::from_row(row);
+    /// Fails on a row not in `READ_SQL`'s shape (see `Envelope::from_row`).
+    pub fn from_row(row: &Row) -> Result<Change, tokio_postgres::Error> {
+        let Envelope { pos, order_id, actor, at, json, .. } = Envelope::from_row(row)?;
         let committed_micros = at.map(|t| t.timestamp_micros()).unwrap_or_default();
-        let customer: Option<String> = row.get(5);
-        let old_customer: Option<String> = row.get(6);
+        let customer: Option<String> = row.try_get(5)?;
+        let old_customer: Option<String> = row.try_get(6)?;
         // Customers differ only when an update moves the order (an insert
         // has no old customer, a delete the same one twice).
         let moved = match (&customer, &old_customer) {
-            (Some(c), Some(o)) if c != o => Move::build(pos, Some(c), Some(o), row.get(7), row.get(8), actor, at),
+            (Some(c), Some(o)) if c != o => {
+                Move::build(pos, Some(c), Some(o), row.try_get(7)?, row.try_get(8)?, actor, at)
+            }
             _ => None,
         };
         let Frames { ws_frame, sse } = Frames::new(pos, &json);
-        Change {
+        Ok(Change {
             pos,
             committed_micros,
             order_id,
-            status: row.get(3),
-            old_status: row.get(4),
+            status: row.try_get(3)?,
+            old_status: row.try_get(4)?,
             customer,
             old_customer,
             ws_frame,
             sse,
             moved,
-        }
+        })
     }
 
     pub fn matches(&self, filter: &Filter) -> bool {
@@ -235,8 +241,9 @@ pub async fn read_after(
 ) -> Result<(Vec<SharedChange>, Option<i64>), tokio_postgres::Error> {
     let stmt = client.prepare_cached(READ_SQL).await?;
     let rows = client.query(&stmt, &[&after, &limit]).await?;
-    let pruned = rows.last().map(|r| r.get("pruned"));
-    Ok((rows.iter().map(|r| Arc::new(Change::from_row(r))).collect(), pruned))
+    let pruned = rows.last().map(|r| r.try_get("pruned")).transpose()?;
+    let changes = rows.iter().map(|r| Change::from_row(r).map(Arc::new)).collect::<Result<_, _>>()?;
+    Ok((changes, pruned))
 }
 
 /// The JSON of a change row (a row in `READ_SQL`'s shape) that a viewer may
@@ -244,24 +251,28 @@ pub async fn read_after(
 /// a customer (folded), the change of its customer's order, or of a move
 /// between customers its own side (`leave`: the row before, `enter`: the row
 /// after, as the streams send it; see `Move`); None for another customer's.
-pub fn visible_json(row: &Row, viewer: Option<&str>) -> Option<String> {
-    let envelope = Envelope::from_row(row);
-    let Some(viewer) = viewer else { return Some(envelope.json) };
-    let customer: Option<&str> = row.get(5);
-    let old_customer: Option<&str> = row.get(6);
-    match moved_between(customer, old_customer) {
+/// Fails on a row not in `READ_SQL`'s shape (see `Envelope::from_row`).
+pub fn visible_json(row: &Row, viewer: Option<&str>) -> Result<Option<String>, tokio_postgres::Error> {
+    let envelope = Envelope::from_row(row)?;
+    let Some(viewer) = viewer else { return Ok(Some(envelope.json)) };
+    let customer: Option<&str> = row.try_get(5)?;
+    let old_customer: Option<&str> = row.try_get(6)?;
+    Ok(match moved_between(customer, old_customer) {
         Some((from, to)) => {
             let (op, image) = if from == viewer {
-                ("leave", row.get::<_, Option<&str>>(8)?)
+                match row.try_get::<_, Option<&str>>(8)? {
+                    Some(before) => ("leave", before),
+                    None => return Ok(None),
+                }
             } else if to == viewer {
-                ("enter", row.get(7))
+                ("enter", row.try_get(7)?)
             } else {
-                return None;
+                return Ok(None);
             };
             Some(envelope_json(envelope.pos, op, image, None, envelope.actor, envelope.at))
         }
         None => [customer, old_customer].into_iter().flatten().any(|c| fold_case(c) == viewer).then_some(envelope.json),
-    }
+    })
 }
 
 /// The log's head as a read hands it to a client (a page's position), with

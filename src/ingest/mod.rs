@@ -493,14 +493,7 @@ fn supervise(
         }
         state.task_failed(match result {
             Ok(()) => format!("{name} ended unexpectedly"),
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "(no message)".to_string());
-                format!("{name} panicked: {what}")
-            }
+            Err(panic) => format!("{name} panicked: {}", crate::error::panic_message(&*panic)),
         });
     })
 }

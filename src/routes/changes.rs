@@ -66,7 +66,10 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
     };
     let stmt = client.prepare_cached(RECENT_SQL).await?;
     let rows = client.query(&stmt, &[&before, &limit, &from, &viewer, &transactions]).await?;
-    let changes: Vec<String> = rows.iter().filter_map(|r| crate::changes::visible_json(r, viewer.as_deref())).collect();
+    let changes = rows
+        .iter()
+        .filter_map(|r| crate::changes::visible_json(r, viewer.as_deref()).transpose())
+        .collect::<Result<Vec<String>, _>>()?;
     let next_before = if rows.len() as i64 == limit {
         rows.last().map(|r| r.get::<_, i64>(0))
     } else {

@@ -1133,10 +1133,12 @@ async fn publish(
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in rows {
         // The same envelope as the WebSocket `change` message, so one parser serves both.
-        let delivery = match Outgoing::of(Envelope::from_row(row), false).send(producer, topic).await {
+        let envelope = || Envelope::from_row(row).map_err(crate::db::describe).context("reading a change");
+        let delivery = match Outgoing::of(envelope().map_err(Unacknowledged::from)?, false).send(producer, topic).await
+        {
             // Refused whole (rarely): the envelope is assembled again for the stub.
             Err(KafkaError::MessageProduction(code)) if crate::ingest::dlq::permanent(code) => {
-                Outgoing::of(Envelope::from_row(row), true).send(producer, topic).await
+                Outgoing::of(envelope().map_err(Unacknowledged::from)?, true).send(producer, topic).await
             }
             other => other,
         };

@@ -1991,3 +1991,52 @@ async fn a_log_carried_from_another_cluster_is_pruned_through_its_transactions_a
     let seqs: Vec<i64> = ws.changes(400, WAIT).await.iter().map(seq).collect();
     assert_eq!(seqs, (end + 1..end + 401).collect::<Vec<i64>>());
 }
+
+/// `change_read` as migrated, and a copy of it that gives no actor for the
+/// changes of `customer`: a change its readers cannot take.
+async fn change_read_without_actor_for(db: &tokio_postgres::Client, customer: &str) -> (String, String) {
+    let def: String = db
+        .query_one("SELECT pg_get_functiondef('change_read(bigint, integer)'::regprocedure)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(def.matches("c.actor,").count(), 1, "{def}");
+    let broken = def.replace("c.actor,", &format!("CASE WHEN c.customer = '{customer}' THEN NULL ELSE c.actor END,"));
+    (def, broken)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_listener_cannot_read_is_read_again_and_nothing_after_it_is_lost() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    dba_insert(&db, "readable").await;
+    assert_eq!(ws.changes(1, WAIT).await[0]["order"]["customer_name"], "readable");
+    let (def, broken) = change_read_without_actor_for(&db, "unreadable").await;
+    db.batch_execute(&broken).await.unwrap();
+    dba_insert(&db, "unreadable").await;
+    dba_insert(&db, "behind it").await;
+    // The listener says why it cannot go on, and keeps trying.
+    let health = eventually(WAIT, || async {
+        let (_, h) = app.get_json("/api/health").await;
+        h["listener"]["last_error"].as_str().is_some_and(|e| e.contains("reading the change log")).then_some(h)
+    })
+    .await;
+    assert_eq!(health["listener"]["ok"], false, "{health}");
+    // A client resuming across it waits, as for a database away.
+    let mut resumed = app.ws("?since=1").await;
+    resumed.ready().await;
+    for client in [&mut ws, &mut resumed] {
+        client.expect_silence(Duration::from_millis(500)).await;
+    }
+    db.batch_execute(&def).await.unwrap();
+    dba_insert(&db, "after").await;
+    for client in [&mut ws, &mut resumed] {
+        let names: Vec<Value> =
+            client.changes(3, WAIT).await.iter().map(|c| c["order"]["customer_name"].clone()).collect();
+        assert_eq!(names, ["unreadable", "behind it", "after"]);
+        client.expect_silence(Duration::from_millis(500)).await;
+    }
+    eventually(WAIT, || async { (app.get_json("/api/health").await.0 == 200).then_some(()) }).await;
+}
