@@ -29,7 +29,7 @@ use deadpool_postgres::Pool;
 use futures_util::future::{FutureExt, Shared, WeakShared};
 use tokio_postgres::error::SqlState;
 
-use super::{log_bounds, read_after, Frames, SharedChange, Side};
+use super::{log_bounds, read_after, CatchUp, Frames, SharedChange, Side};
 use crate::domain::Filter;
 use crate::hub::{Batch, Hub, HubClosed, SharedBatch, Subscription};
 
@@ -418,7 +418,8 @@ pub struct SharedReads {
     /// The map's size at which the next sweep runs (amortised: doubles).
     sweep_at: std::sync::atomic::AtomicUsize,
     /// Changes a read asks for (0: `CATCH_UP_BATCH`): halved when the
-    /// database cuts a read short, doubled back after a full read.
+    /// database cuts a read short, as many as fitted when `READ_BYTES`
+    /// cut it, doubled back after a full read.
     limit: std::sync::atomic::AtomicI32,
 }
 
@@ -477,7 +478,7 @@ async fn read_log_once(
         0 => CATCH_UP_BATCH,
         n => n,
     };
-    let (changes, seen) = loop {
+    let CatchUp { changes, pruned: seen, cut } = loop {
         match read_after(&client, scan, limit).await {
             Err(e) if limit > 1 && e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
                 limit /= 2;
@@ -486,7 +487,11 @@ async fn read_log_once(
             read => break read.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?,
         }
     };
-    if changes.len() as i32 == limit && limit < CATCH_UP_BATCH {
+    if cut {
+        // Large rows: the next reads ask for as many as fitted in this one,
+        // not for rows the database would send only to have them dropped.
+        limits.store((changes.len() as i32).clamp(1, CATCH_UP_BATCH), Ordering::Relaxed);
+    } else if changes.len() as i32 == limit && limit < CATCH_UP_BATCH {
         limits.store((limit * 2).min(CATCH_UP_BATCH), Ordering::Relaxed);
     }
     // Rows come with the horizon of their own snapshot: past `scan`, some

@@ -21,7 +21,7 @@ use futures_util::{FutureExt, StreamExt};
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 
-use super::{Change, READ_SQL};
+use super::{Change, LogRows, READ_SQL};
 use crate::hub::Hub;
 
 pub const CHANNEL: &str = "ordercast_changes";
@@ -352,11 +352,14 @@ fn merge(a: Option<(i64, i64)>, b: (i64, i64)) -> (i64, i64) {
 /// the same read again would time out again, forever), and doubled back by
 /// each full read that answers within an eighth of it (a short or empty
 /// read, at the idle tick say, says nothing about how large a full one is).
-fn next_read_limit(limit: i64, answered: Option<(Duration, bool)>) -> i64 {
-    match answered {
-        None => (limit / 8).max(1),
-        Some((t, true)) if t < QUERY_TIMEOUT / 8 => (limit * 2).min(READ_BATCH),
-        Some(_) => limit,
+/// A read `READ_BYTES` cut after `fitted` rows sets it to that many: the
+/// database would send the rest only to have it dropped.
+fn next_read_limit(limit: i64, answered: Option<(Duration, bool)>, fitted: Option<usize>) -> i64 {
+    match (answered, fitted) {
+        (None, _) => (limit / 8).max(1),
+        (Some(_), Some(n)) => (n as i64).clamp(1, READ_BATCH),
+        (Some((t, true)), None) if t < QUERY_TIMEOUT / 8 => (limit * 2).min(READ_BATCH),
+        (Some(_), None) => limit,
     }
 }
 
@@ -466,11 +469,15 @@ async fn session(
             let limit = *read_limit;
             let after = at.pos;
             let asked = Instant::now();
-            let rows = match tokio::time::timeout(QUERY_TIMEOUT, client.query(&read, &[&after, &(limit as i32)])).await
+            let LogRows { rows, cut } = match tokio::time::timeout(
+                QUERY_TIMEOUT,
+                super::read_rows(&client, &read, after, limit as i32),
+            )
+            .await
             {
                 Ok(rows) => rows.map_err(crate::db::describe)?,
                 Err(_) => {
-                    *read_limit = next_read_limit(limit, None);
+                    *read_limit = next_read_limit(limit, None, None);
                     anyhow::bail!(
                         "watchdog: the change-log read of up to {limit} changes did not answer in {} s \
                          (the next reads ask for up to {read_limit})",
@@ -478,7 +485,8 @@ async fn session(
                     );
                 }
             };
-            *read_limit = next_read_limit(limit, Some((asked.elapsed(), rows.len() as i64 == limit)));
+            *read_limit =
+                next_read_limit(limit, Some((asked.elapsed(), rows.len() as i64 == limit)), cut.then_some(rows.len()));
             *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
 
             // A gap: retention pruned changes this connection had not read
@@ -528,11 +536,12 @@ async fn session(
             }
             // unwrap: not empty
             let newest = changes.last().unwrap();
-            // More may wait: a full read, or one that ends past its window
+            // More may wait: a full read, one that ends past its window
             // (positions up to `after + limit`), which a wide gap in the
             // positions (a transaction that failed after the sequencer had
-            // numbered it) cuts down to the first transaction after the gap.
-            let full = rows.len() as i64 == limit || newest.pos >= after + limit;
+            // numbered it) cuts down to the first transaction after the gap,
+            // or one `READ_BYTES` cut.
+            let full = rows.len() as i64 == limit || newest.pos >= after + limit || cut;
             at.published(newest.pos, newest.committed_micros);
             last_publish = Instant::now();
             if hub.publish(changes).await.is_err() {
@@ -586,14 +595,23 @@ mod tests {
 
     #[test]
     fn the_read_limit_shrinks_on_a_timeout_and_grows_back_on_fast_full_reads_only() {
-        assert_eq!(next_read_limit(READ_BATCH, None), 250);
-        assert_eq!(next_read_limit(3, None), 1);
-        assert_eq!(next_read_limit(1, None), 1);
+        assert_eq!(next_read_limit(READ_BATCH, None, None), 250);
+        assert_eq!(next_read_limit(3, None, None), 1);
+        assert_eq!(next_read_limit(1, None, None), 1);
         let fast = Duration::from_millis(5);
-        assert_eq!(next_read_limit(250, Some((fast, true))), 500);
-        assert_eq!(next_read_limit(1500, Some((fast, true))), READ_BATCH);
+        assert_eq!(next_read_limit(250, Some((fast, true)), None), 500);
+        assert_eq!(next_read_limit(1500, Some((fast, true)), None), READ_BATCH);
         // An empty or short read (the idle tick's), or a slow one: no growth.
-        assert_eq!(next_read_limit(250, Some((fast, false))), 250);
-        assert_eq!(next_read_limit(250, Some((QUERY_TIMEOUT / 2, true))), 250);
+        assert_eq!(next_read_limit(250, Some((fast, false)), None), 250);
+        assert_eq!(next_read_limit(250, Some((QUERY_TIMEOUT / 2, true)), None), 250);
+    }
+
+    #[test]
+    fn a_read_cut_by_its_bytes_sets_the_limit_to_the_rows_that_fitted() {
+        let fast = Duration::from_millis(5);
+        assert_eq!(next_read_limit(READ_BATCH, Some((fast, false)), Some(4)), 4);
+        assert_eq!(next_read_limit(READ_BATCH, Some((fast, false)), Some(1)), 1);
+        // Then small rows again: it doubles back.
+        assert_eq!(next_read_limit(4, Some((fast, true)), None), 8);
     }
 }

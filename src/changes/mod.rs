@@ -28,6 +28,46 @@ pub const READ_SQL: &str =
             (SELECT pruned_through FROM change_retention) AS pruned \
      FROM change_read($1, $2)";
 
+/// How many bytes of row images (`after_row`, `before_row`) one read of the
+/// log takes in at most, past the row that reaches it: rows are counted by
+/// the caller's limit, and 2,000 changes of a megabyte each (a DBA's
+/// `UPDATE` of a long text column) would otherwise be gigabytes in memory
+/// at once. The rest of the read is left unread (the connection drops it).
+pub const READ_BYTES: usize = 4 << 20;
+
+/// Rows of a `READ_SQL` read, and whether `READ_BYTES` cut it short (more
+/// may follow, whatever the count).
+pub struct LogRows {
+    pub rows: Vec<Row>,
+    pub cut: bool,
+}
+
+/// Runs `READ_SQL` (prepared as `read`) for up to `limit` changes after
+/// `after`, stopping at `READ_BYTES` of row images.
+pub async fn read_rows(
+    client: &tokio_postgres::Client,
+    read: &tokio_postgres::Statement,
+    after: i64,
+    limit: i32,
+) -> Result<LogRows, tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&after, &limit];
+    let stream = client.query_raw(read, params).await?;
+    let mut stream = std::pin::pin!(stream);
+    let (mut rows, mut bytes) = (Vec::new(), 0);
+    while let Some(row) = stream.try_next().await? {
+        // A row not in the expected shape counts for nothing here: reading
+        // it fails where it is used (`Envelope::from_row`).
+        let image = |i| row.try_get::<_, Option<&str>>(i).ok().flatten().map_or(0, str::len);
+        bytes += image(7) + image(8);
+        rows.push(row);
+        if bytes >= READ_BYTES {
+            return Ok(LogRows { rows, cut: true });
+        }
+    }
+    Ok(LogRows { rows, cut: false })
+}
+
 /// What every reader of the log takes from a `READ_SQL` row: where the
 /// change stands, what it did, and `json`, the change envelope that the
 /// WebSocket `change` message, the SSE event and the outbox relay's Kafka
@@ -231,19 +271,27 @@ impl Change {
 
 pub type SharedChange = Arc<Change>;
 
-/// Reads up to `limit` changes after `after` with a pooled client, and the
-/// retention horizon in the same snapshot as the rows (None when there are
-/// none).
+/// What `read_after` read.
+pub struct CatchUp {
+    pub changes: Vec<SharedChange>,
+    /// The retention horizon in the same snapshot as the rows (None when
+    /// there are none).
+    pub pruned: Option<i64>,
+    /// `READ_BYTES` cut the read short (see `LogRows`).
+    pub cut: bool,
+}
+
+/// Reads up to `limit` changes after `after` with a pooled client.
 pub async fn read_after(
     client: &deadpool_postgres::Client,
     after: i64,
     limit: i32,
-) -> Result<(Vec<SharedChange>, Option<i64>), tokio_postgres::Error> {
+) -> Result<CatchUp, tokio_postgres::Error> {
     let stmt = client.prepare_cached(READ_SQL).await?;
-    let rows = client.query(&stmt, &[&after, &limit]).await?;
+    let LogRows { rows, cut } = read_rows(client, &stmt, after, limit).await?;
     let pruned = rows.last().map(|r| r.try_get("pruned")).transpose()?;
     let changes = rows.iter().map(|r| Change::from_row(r).map(Arc::new)).collect::<Result<_, _>>()?;
-    Ok((changes, pruned))
+    Ok(CatchUp { changes, pruned, cut })
 }
 
 /// The JSON of a change row (a row in `READ_SQL`'s shape) that a viewer may

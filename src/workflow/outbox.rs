@@ -64,7 +64,6 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use tokio::sync::watch;
-use tokio_postgres::types::ToSql;
 
 use super::Dedicated;
 use crate::changes::{envelope_json, Envelope};
@@ -366,8 +365,8 @@ async fn session(
                 late = None;
             }
         }
-        let after: [&(dyn ToSql + Sync); 2] = [&position, &limit];
-        let rows = db.query(&read, &after).await.map_err(crate::db::describe)?;
+        // A batch is also cut at `READ_BYTES` of changes: the rest is read next.
+        let rows = crate::changes::read_rows(db, &read, position, limit).await.map_err(crate::db::describe)?.rows;
         // The horizon comes with the rows, from the same snapshot: a prune
         // committed just before the read shows here, never after it. With
         // no rows it is read alone: a log pruned through its head (a quiet

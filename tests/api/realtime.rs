@@ -1027,7 +1027,7 @@ async fn a_lagging_feed_whose_position_is_pruned_meanwhile_is_told_to_resync() {
         dba_insert(&db, name).await;
     }
     let client = pool.get().await.unwrap();
-    let (changes, _) = ordercast::changes::read_after(&client, head, 10).await.unwrap();
+    let changes = ordercast::changes::read_after(&client, head, 10).await.unwrap().changes;
     assert_eq!(changes.len(), 3);
     hub.publish(vec![changes[0].clone()]).await.unwrap();
     hub.publish(vec![changes[1].clone()]).await.unwrap();
@@ -1289,7 +1289,7 @@ async fn a_transaction_with_immediate_constraints_gets_positions_of_its_own() {
     dba_insert(&db, "imm 4").await;
     let pool = &app.state.pool;
     let client = pool.get().await.unwrap();
-    let (changes, _) = ordercast::changes::read_after(&client, head, 100).await.unwrap();
+    let changes = ordercast::changes::read_after(&client, head, 100).await.unwrap().changes;
     let positions: Vec<i64> = changes.iter().map(|c| c.pos).collect();
     assert_eq!(positions, (head + 1..=head + 4).collect::<Vec<_>>());
     let customers: Vec<Option<&str>> = changes.iter().map(|c| c.customer.as_deref()).collect();
@@ -2039,4 +2039,49 @@ async fn a_change_the_listener_cannot_read_is_read_again_and_nothing_after_it_is
         client.expect_silence(Duration::from_millis(500)).await;
     }
     eventually(WAIT, || async { (app.get_json("/api/health").await.0 == 200).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_the_log_stop_at_its_byte_budget_and_every_change_still_arrives_in_order() {
+    use ordercast::changes::{read_rows, LogRows, READ_BYTES, READ_SQL};
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    // Six inserts of a 1 MiB product (an image each), then six updates of
+    // them (two images each): 18 MiB in two transactions.
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Bulk', g || repeat('x', 1048576), 1, 1 FROM generate_series(1, 6) g;
+         UPDATE orders SET quantity = 2 WHERE customer_name = 'Bulk'",
+    )
+    .await
+    .unwrap();
+    let reader = ordercast::db::connect(&app.db_url).await.unwrap();
+    let read = reader.prepare(READ_SQL).await.unwrap();
+    let (mut after, mut sizes) = (head, Vec::new());
+    loop {
+        let LogRows { rows, cut } = read_rows(&reader, &read, after, 100).await.unwrap();
+        let Some(last) = rows.last() else { break };
+        let image = |r: &tokio_postgres::Row, i| r.get::<_, Option<&str>>(i).map_or(0, str::len);
+        let bytes: Vec<usize> = rows.iter().map(|r| image(r, 7) + image(r, 8)).collect();
+        let total: usize = bytes.iter().sum();
+        // Cut once the budget is reached, not before, not after.
+        assert_eq!(cut, total >= READ_BYTES, "{bytes:?}");
+        assert!(total - bytes.last().unwrap() < READ_BYTES, "{bytes:?}");
+        sizes.push(rows.len());
+        after = last.get(0);
+    }
+    assert_eq!(sizes, [4, 3, 2, 2, 1], "rows per read");
+    assert_eq!(after, head + 12);
+    // The listener's reads and a resuming client's are cut the same way.
+    let mut resumed = app.ws(&format!("?since={head}")).await;
+    for client in [&mut ws, &mut resumed] {
+        let changes = client.changes(12, Duration::from_secs(60)).await;
+        let seqs: Vec<i64> = changes.iter().map(seq).collect();
+        assert_eq!(seqs, (head + 1..=head + 12).collect::<Vec<_>>());
+        assert!(changes[6..].iter().all(|c| c["op"] == "update" && c["order"]["quantity"] == 2));
+        client.expect_silence(Duration::from_millis(500)).await;
+    }
 }
