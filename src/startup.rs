@@ -49,6 +49,8 @@ pub struct AppState {
     pub stream_pool: Pool,
     pub hub: Hub,
     pub listener: Arc<ListenerState>,
+    /// Statistics folding and retention (`changes::maintenance`).
+    pub maintenance: Arc<crate::changes::maintenance::MaintenanceState>,
     pub settings: Settings,
     /// Flips to true when the server begins a graceful stop: sessions close
     /// with their resume position.
@@ -497,9 +499,10 @@ impl Application {
             .with_context(|| format!("Failed to bind {}", settings.bind))?;
         let hub = Hub::start(head, settings.client_buffer);
         let listener_state = Arc::new(ListenerState::default());
+        let maintenance = Arc::new(crate::changes::maintenance::MaintenanceState::default());
         let mut tasks = vec![
             tokio::spawn(listener::run(database_url.to_string(), hub.clone(), listener_state.clone())),
-            tokio::spawn(crate::changes::maintenance::run(pool.clone(), settings.clone())),
+            tokio::spawn(crate::changes::maintenance::run(pool.clone(), settings.clone(), maintenance.clone())),
         ];
         let (shutdown, _) = watch::channel(false);
         let (beat, heartbeat) = watch::channel(0u64);
@@ -530,6 +533,7 @@ impl Application {
             stream_pool,
             hub,
             listener: listener_state,
+            maintenance,
             settings: settings.clone(),
             shutdown,
             heartbeat,

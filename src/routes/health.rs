@@ -62,6 +62,10 @@ pub async fn health(req: HttpRequest, state: web::Data<AppState>) -> HttpRespons
             "deliveries": state.hub.stats.deliveries.load(Ordering::Relaxed),
             "lagged": state.hub.stats.lagged.load(Ordering::Relaxed),
         },
+        // Reported, not counted against `status`: streams are served while
+        // retention fails, and taking the server out of a load balancer
+        // would not make it pass.
+        "maintenance": state.maintenance.health(),
         "kafka": ingest,
         // Reported, not counted against `status`: the relay catches up and
         // the processor resumes by themselves, and neither affects serving.

@@ -75,6 +75,37 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "Last change-log position read by the listener.",
         listener.position.load(Relaxed),
     );
+    let maintenance = &state.maintenance;
+    sample(
+        &mut out,
+        "ordercast_maintenance_passes_total",
+        "counter",
+        "Maintenance passes (statistics folding and retention), failed ones included.",
+        maintenance.passes.load(Relaxed),
+    );
+    sample(
+        &mut out,
+        "ordercast_maintenance_failures_total",
+        "counter",
+        "Maintenance passes that failed.",
+        maintenance.failures.load(Relaxed),
+    );
+    sample(
+        &mut out,
+        "ordercast_change_log_pruned_rows_total",
+        "counter",
+        "Change-log rows pruned by retention.",
+        maintenance.pruned.load(Relaxed),
+    );
+    if let Some(secs) = maintenance.last_success_secs() {
+        sample(
+            &mut out,
+            "ordercast_maintenance_last_success_timestamp_seconds",
+            "gauge",
+            "When a maintenance pass last succeeded (Unix time).",
+            secs,
+        );
+    }
     // Database-side gauges; absent when the database cannot be asked.
     if let Ok(client) = state.pool.get().await {
         if let Ok(row) = client.query_one("SELECT change_head(), pg_notification_queue_usage()", &[]).await {

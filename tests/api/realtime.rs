@@ -2085,3 +2085,49 @@ async fn reads_of_the_log_stop_at_its_byte_budget_and_every_change_still_arrives
         client.expect_silence(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_retention_shows_in_health_and_metrics_and_recovers() {
+    let app = spawn_app_with(|s| {
+        s.retention_rows = 5;
+        s.retention_secs = 0;
+        s.maintenance_secs = 1;
+    })
+    .await;
+    let db = app.sql().await;
+    let maintenance = || async { app.get_json("/api/health").await.1["maintenance"].clone() };
+    // One transaction each: retention prunes transactions whole.
+    for i in 0..20 {
+        dba_insert(&db, &format!("kept {i}")).await;
+    }
+    let m = eventually(WAIT, || async { Some(maintenance().await).filter(|m| m["pruned_rows"] == 15) }).await;
+    assert_eq!((&m["ok"], &m["failures"], &m["last_error"]), (&json!(true), &json!(0), &Value::Null), "{m}");
+    assert!(m["last_success"].is_string(), "{m}");
+    // A change_prune replaced by hand with one that gives no count.
+    let def: String =
+        db.query_one("SELECT pg_get_functiondef('change_prune(bigint)'::regprocedure)", &[]).await.unwrap().get(0);
+    db.batch_execute(
+        "CREATE OR REPLACE FUNCTION change_prune(through bigint) RETURNS bigint LANGUAGE sql AS 'SELECT NULL::bigint'",
+    )
+    .await
+    .unwrap();
+    for i in 0..20 {
+        dba_insert(&db, &format!("more {i}")).await;
+    }
+    let m = eventually(WAIT, || async { Some(maintenance().await).filter(|m| m["ok"] == false) }).await;
+    assert!(m["last_error"].as_str().is_some_and(|e| e.contains("NULL")), "{m}");
+    // Reported, not held against the server: streams are still served.
+    assert_eq!(app.get_json("/api/health").await.0, 200);
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ordercast_maintenance_failures_total "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(failures.is_some_and(|n| n >= 1), "{metrics}");
+    assert!(metrics.contains("ordercast_change_log_pruned_rows_total 15\n"), "{metrics}");
+    db.batch_execute(&def).await.unwrap();
+    let m = eventually(WAIT, || async { Some(maintenance().await).filter(|m| m["ok"] == true) }).await;
+    assert_eq!(m["pruned_rows"], 35, "{m}");
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    assert_eq!(horizon(&db).await, head - 5);
+}
