@@ -35,7 +35,7 @@ const RECENT_SQL: &str = "SELECT t.base_pos + c.ord AS pos, c.op, c.order_id, c.
 #[utoipa::path(get, path = "/api/changes", tag = "realtime",
     params(
         ("before" = Option<i64>, Query, description = "Only changes at positions below this (next_before of the previous answer); default: the newest"),
-        ("limit" = Option<i64>, Query, description = "At most this many changes (default 50, at most 200)"),
+        ("limit" = Option<i64>, Query, description = "At most this many changes (default 50, at most 200); an answer also ends once its changes reach 4 MiB (next_before goes on)"),
     ),
     responses(
         (status = 200, description = "{\"changes\": [change messages, as the streams send them, newest first], \"position\": the log's head, \"next_before\": where older changes go on, or null at the start of the log}. A token confined to one customer gets its customer's changes (a move between customers as leave or enter), looked for among 10,000 positions per request", body = serde_json::Value),
@@ -65,13 +65,27 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
         None => (1, limit),
     };
     let stmt = client.prepare_cached(RECENT_SQL).await?;
-    let rows = client.query(&stmt, &[&before, &limit, &from, &viewer, &transactions]).await?;
-    let changes = rows
-        .iter()
-        .filter_map(|r| crate::changes::visible_json(r, viewer.as_deref()).transpose())
-        .collect::<Result<Vec<String>, _>>()?;
-    let next_before = if rows.len() as i64 == limit {
-        rows.last().map(|r| r.get::<_, i64>(0))
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [&before, &limit, &from, &viewer, &transactions];
+    let (mut changes, mut read, mut last, mut bytes) = (Vec::new(), 0, None, 0);
+    {
+        // Like a page of orders, the answer ends at `PAGE_BYTES` (then
+        // `next_before` goes on below its last change); the rows left unread
+        // are dropped with the stream, before the client is used again.
+        let mut rows = std::pin::pin!(client.query_raw(&stmt, params).await?);
+        while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+            read += 1;
+            last = Some(row.try_get::<_, i64>(0)?);
+            if let Some(json) = crate::changes::visible_json(&row, viewer.as_deref())? {
+                bytes += json.len();
+                changes.push(json);
+            }
+            if bytes >= crate::routes::orders::PAGE_BYTES {
+                break;
+            }
+        }
+    }
+    let next_before = if read == limit || bytes >= crate::routes::orders::PAGE_BYTES {
+        last
     } else {
         // Fewer than asked: the window ended (older positions the log still
         // holds go on below it), or the log did.

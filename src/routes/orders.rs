@@ -219,7 +219,7 @@ pub async fn create(
         ("q" = Option<String>, Query, description = "Search in customer, email, product, external id and id"),
         ("customer" = Option<String>, Query, description = "Exact customer name (case-insensitive)"),
         ("id" = Option<String>, Query, description = "Order ids, comma-separated"),
-        ("limit" = Option<i64>, Query, description = "Page size (default 50, at most 500)"),
+        ("limit" = Option<i64>, Query, description = "Page size (default 50, at most 500); a page also ends once its orders reach 4 MiB of JSON (next_cursor goes on)"),
         ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
     ),
     responses(
@@ -297,6 +297,12 @@ impl Page {
     }
 }
 
+/// A page (and a stream's snapshot) also ends once its orders' JSON reaches
+/// this many bytes, `next_cursor` going on after its last order: 500 orders
+/// of a megabyte each (a DBA's long text), or 10,000 in a snapshot, would
+/// otherwise be read into memory at once, per request.
+pub const PAGE_BYTES: usize = 4 << 20;
+
 /// Reads one page in a single REPEATABLE READ snapshot together with the
 /// change-log head: changes up to `position` are reflected in the rows and
 /// none after it, so a client can load the page and then stream
@@ -313,8 +319,11 @@ pub async fn list_page(
     let head = crate::changes::handed_head(&*tx).await?;
     let ids: Option<Vec<i64>> = (!filter.ids.is_empty()).then(|| filter.ids.iter().copied().collect());
     let q_id: Option<i64> = q.and_then(|q| q.trim_start_matches('#').parse().ok());
+    let (statuses, pattern, after) = (filter.status_strings(), q.map(like_pattern), limit + 1);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+        [&statuses, &ids, &filter.customer, &pattern, &q_id, &cursor, &after];
     let rows = tx
-        .query(
+        .query_raw(
             "SELECT id, to_jsonb(o)::text FROM orders o \
              WHERE ($1::text[] IS NULL OR status = ANY($1)) \
                AND ($2::bigint[] IS NULL OR id = ANY($2)) \
@@ -323,18 +332,29 @@ pub async fn list_page(
                     OR customer_email ILIKE $4 OR id = $5) \
                AND ($6::bigint IS NULL OR id < $6) \
              ORDER BY id DESC LIMIT $7",
-            &[&filter.status_strings(), &ids, &filter.customer, &q.map(like_pattern), &q_id, &cursor, &(limit + 1)],
+            params,
         )
         .await?;
+    let (mut items, mut next_cursor, mut bytes) = (Vec::new(), None, 0);
+    {
+        // Dropped before the commit: the connection hands the rows left
+        // unread to a dropped stream only, not to one still held.
+        let mut rows = std::pin::pin!(rows);
+        let mut last = None;
+        while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
+            if items.len() as i64 == limit || bytes >= PAGE_BYTES {
+                // One more matched: the page goes on after its last order.
+                next_cursor = last;
+                break;
+            }
+            let item: String = row.try_get(1)?;
+            bytes += item.len();
+            last = Some(row.try_get(0)?);
+            items.push(item);
+        }
+    }
     tx.commit().await?;
-    let more = rows.len() as i64 > limit;
-    let rows = &rows[..rows.len().min(limit as usize)];
-    Ok(Page {
-        next_cursor: if more { rows.last().map(|r| r.get(0)) } else { None },
-        items: rows.iter().map(|r| r.get(1)).collect(),
-        position: head.pos,
-        committed_micros: head.committed_micros,
-    })
+    Ok(Page { next_cursor, items, position: head.pos, committed_micros: head.committed_micros })
 }
 
 /// One order.

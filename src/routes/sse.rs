@@ -207,7 +207,7 @@ fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(
         ("customer" = Option<String>, Query, description = "Only this customer"),
         ("since" = Option<i64>, Query, description = "Resume after this position"),
         ("snapshot" = Option<bool>, Query, description = "Send the matching current rows first, newest first"),
-        ("snapshot_limit" = Option<i64>, Query, description = "At most this many snapshot rows (default 1000, at most 10000); the last snapshot message says truncated: true when more matched"),
+        ("snapshot_limit" = Option<i64>, Query, description = "At most this many snapshot rows (default 1000, at most 10000), and as many as fit in 4 MiB of JSON; the last snapshot message says truncated: true when more matched"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume position (sent by EventSource on reconnect)"),
     ),
     responses(

@@ -165,7 +165,7 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
         ("customer" = Option<String>, Query, description = "Only this customer (exact, case-insensitive)"),
         ("since" = Option<i64>, Query, description = "Resume after this position (the last seq received)"),
         ("snapshot" = Option<bool>, Query, description = "Send the matching current rows first, newest first"),
-        ("snapshot_limit" = Option<i64>, Query, description = "At most this many snapshot rows (default 1000, at most 10000); the last snapshot message says truncated: true when more matched"),
+        ("snapshot_limit" = Option<i64>, Query, description = "At most this many snapshot rows (default 1000, at most 10000), and as many as fit in 4 MiB of JSON; the last snapshot message says truncated: true when more matched"),
     ),
     responses(
         (status = 101, description = "WebSocket upgrade; see the README for the message protocol"),

@@ -2041,6 +2041,18 @@ async fn a_change_the_listener_cannot_read_is_read_again_and_nothing_after_it_is
     eventually(WAIT, || async { (app.get_json("/api/health").await.0 == 200).then_some(()) }).await;
 }
 
+/// Six inserts of a 1 MiB product (an image each), then six updates of
+/// them (two images each): 18 MiB of changes in two transactions.
+async fn megabyte_orders(db: &tokio_postgres::Client) {
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Bulk', g || repeat('x', 1048576), 1, 1 FROM generate_series(1, 6) g;
+         UPDATE orders SET quantity = 2 WHERE customer_name = 'Bulk'",
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_the_log_stop_at_its_byte_budget_and_every_change_still_arrives_in_order() {
     use ordercast::changes::{read_rows, LogRows, READ_BYTES, READ_SQL};
@@ -2049,15 +2061,7 @@ async fn reads_of_the_log_stop_at_its_byte_budget_and_every_change_still_arrives
     let mut ws = app.ws("").await;
     ws.ready().await;
     let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
-    // Six inserts of a 1 MiB product (an image each), then six updates of
-    // them (two images each): 18 MiB in two transactions.
-    db.batch_execute(
-        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
-         SELECT 'Bulk', g || repeat('x', 1048576), 1, 1 FROM generate_series(1, 6) g;
-         UPDATE orders SET quantity = 2 WHERE customer_name = 'Bulk'",
-    )
-    .await
-    .unwrap();
+    megabyte_orders(&db).await;
     let reader = ordercast::db::connect(&app.db_url).await.unwrap();
     let read = reader.prepare(READ_SQL).await.unwrap();
     let (mut after, mut sizes) = (head, Vec::new());
@@ -2130,4 +2134,58 @@ async fn a_failing_retention_shows_in_health_and_metrics_and_recovers() {
     assert_eq!(m["pruned_rows"], 35, "{m}");
     let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
     assert_eq!(horizon(&db).await, head - 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_snapshots_and_recent_changes_end_at_their_byte_budget_and_go_on_after() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    dba_insert_many(&db, "small", 3).await;
+    megabyte_orders(&db).await;
+    // Orders, newest first: six of 1 MiB, then three small ones. A page
+    // ends with the order that reaches 4 MiB.
+    let mut pages = Vec::new();
+    let mut path = "/api/orders?limit=100".to_string();
+    loop {
+        let (status, page) = app.get_json(&path).await;
+        assert_eq!(status, 200, "{page}");
+        let ids: Vec<i64> = page["items"].as_array().unwrap().iter().map(|o| o["id"].as_i64().unwrap()).collect();
+        pages.push(ids);
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/api/orders?limit=100&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [vec![9, 8, 7, 6], vec![5, 4, 3, 2, 1]]);
+    // A snapshot ends the same way, and says it was cut.
+    let mut ws = app.ws("?snapshot=true").await;
+    let mut snapshot = Vec::new();
+    loop {
+        let m = ws.next_json(WAIT).await;
+        match m["type"].as_str().unwrap() {
+            "snapshot" => {
+                snapshot.extend(m["orders"].as_array().unwrap().iter().map(|o| o["id"].as_i64().unwrap()));
+                if m["last"] == true {
+                    assert_eq!(m["truncated"], true, "{m}");
+                }
+            }
+            "ready" => break,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(snapshot, [9, 8, 7, 6]);
+    // Recent changes, newest first: six updates (2 MiB each), six inserts
+    // (1 MiB each), three small inserts.
+    let mut pages = Vec::new();
+    let mut path = "/api/changes?limit=200".to_string();
+    loop {
+        let (status, page) = app.get_json(&path).await;
+        assert_eq!(status, 200, "{page}");
+        pages.push(page["changes"].as_array().unwrap().iter().map(seq).collect::<Vec<_>>());
+        match page["next_before"].as_i64() {
+            Some(b) => path = format!("/api/changes?limit=200&before={b}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [vec![15, 14], vec![13, 12], vec![11, 10], vec![9, 8, 7, 6], vec![5, 4, 3, 2, 1]]);
 }
