@@ -47,7 +47,24 @@ impl Batch {
             Batch::Own(v) => v,
         }
     }
+
+    /// The bytes a queue holding this batch keeps alive, against the
+    /// per-client byte budget (`QUEUE_BYTES`).
+    fn bytes(&self) -> usize {
+        match self {
+            Batch::Shared(b) => b.bytes,
+            Batch::Own(v) => v.iter().map(|c| c.bytes()).sum(),
+        }
+    }
 }
+
+/// The most a client's queue holds, in bytes of frames, before the client
+/// counts as slow and catches up from the log (which is read 4 MiB at a
+/// time): the change budget alone let a client that keeps up slowly hold
+/// thousands of megabyte-long changes (a DBA's `UPDATE` of a long column).
+/// At ordinary sizes (about 1.3 KB a change with its frames) the change
+/// budget binds first.
+pub const QUEUE_BYTES: usize = 16 << 20;
 
 /// One published batch as every unfiltered client gets it: the changes, and
 /// their WebSocket frames and SSE events concatenated once, so a WebSocket
@@ -60,6 +77,8 @@ pub struct SharedBatch {
     pub changes: Vec<SharedChange>,
     pub ws_frames: Bytes,
     pub sse_events: Bytes,
+    /// The changes' frames and the concatenations (see `Batch::bytes`).
+    bytes: usize,
 }
 
 impl SharedBatch {
@@ -76,7 +95,9 @@ impl SharedBatch {
         };
         let ws_frames = concat(|c| &c.ws_frame);
         let sse_events = concat(|c| &c.sse);
-        SharedBatch { changes, ws_frames, sse_events }
+        let own: usize = changes.iter().map(|c| c.bytes()).sum();
+        let bytes = if changes.len() > 1 { own + ws_frames.len() + sse_events.len() } else { own };
+        SharedBatch { changes, ws_frames, sse_events, bytes }
     }
 }
 
@@ -260,6 +281,8 @@ struct Queued {
     batches: VecDeque<Batch>,
     /// Changes in `batches`, against the per-client budget.
     changes: usize,
+    /// Their bytes, against `QUEUE_BYTES`.
+    bytes: usize,
     /// The budget ran out: the hub dropped this subscription.
     lagged: bool,
     /// The hub let go of it (lagged, or the hub stopped).
@@ -270,6 +293,7 @@ impl Queued {
     fn pop(&mut self) -> Option<Batch> {
         let batch = self.batches.pop_front()?;
         self.changes -= batch.changes().len();
+        self.bytes -= batch.bytes();
         if self.batches.is_empty() && self.batches.capacity() > 64 {
             self.batches = VecDeque::new();
         }
@@ -322,6 +346,11 @@ impl Hub {
     /// Starts the hub task. `position` is the change-log position the first
     /// published batch follows; `max_queued` the per-client change budget.
     pub fn start(position: i64, max_queued: usize) -> Hub {
+        Hub::start_with(position, max_queued, QUEUE_BYTES)
+    }
+
+    /// `start` with a per-client byte budget other than `QUEUE_BYTES`.
+    pub fn start_with(position: i64, max_queued: usize, max_bytes: usize) -> Hub {
         let (commands, command_rx) = mpsc::channel(256);
         let (unsubscribe, unsubscribe_rx) = mpsc::unbounded_channel();
         let hub = Hub {
@@ -340,6 +369,7 @@ impl Hub {
             by_status: Default::default(),
             next_id: 0,
             max_queued: max_queued.max(1),
+            max_bytes,
             position: hub.position.clone(),
             handed_out: hub.handed_out.clone(),
             handed_out_commit: hub.handed_out_commit.clone(),
@@ -453,6 +483,7 @@ struct Registry {
     by_status: [Vec<u64>; 7],
     next_id: u64,
     max_queued: usize,
+    max_bytes: usize,
     position: Arc<AtomicI64>,
     handed_out: Arc<AtomicI64>,
     handed_out_commit: Arc<Mutex<Option<(i64, i64)>>>,
@@ -572,23 +603,24 @@ impl Registry {
     /// the subscription must go (lagged or gone).
     fn deliver(&self, id: u64, batch: Batch, wakes: &mut Wakes) -> bool {
         let Some(sub) = self.subs.get(&id) else { return true };
-        let n = batch.changes().len();
+        let (n, bytes) = (batch.changes().len(), batch.bytes());
         {
             let mut q = sub.queue.inner.lock().unwrap();
             if q.closed {
                 return false;
             }
             // A client is slow when what it has not taken yet would go past
-            // its budget. One with nothing queued takes any batch: a batch
-            // larger than the budget (the listener reads up to 2,000 changes
-            // at once) says nothing about the client, and the queue stays
-            // bounded by the larger of the two.
-            if q.changes > 0 && q.changes + n > self.max_queued {
+            // its budget, in changes or in bytes. One with nothing queued
+            // takes any batch: a batch larger than the budget (the listener
+            // reads up to 2,000 changes at once) says nothing about the
+            // client, and the queue stays bounded by the larger of the two.
+            if q.changes > 0 && (q.changes + n > self.max_queued || q.bytes + bytes > self.max_bytes) {
                 q.lagged = true;
                 return false;
             }
             q.batches.push_back(batch);
             q.changes += n;
+            q.bytes += bytes;
         }
         wakes.wake(&sub.queue);
         self.stats.deliveries.fetch_add(n as u64, Ordering::Relaxed);
@@ -873,6 +905,53 @@ pub(crate) mod tests {
             assert_eq!(woken(&mut sub).await.changes().len(), 12);
             assert_eq!(sub.recv().await.map(|b| b.changes().len()), None, "let go after what it was given");
             assert!(sub.lagged());
+        });
+    }
+
+    /// A change whose WebSocket frame and SSE event are `n` bytes each.
+    fn sized(pos: i64, n: usize) -> SharedChange {
+        let mut c = Arc::into_inner(change(pos)).expect("not shared yet");
+        c.ws_frame = Bytes::from(vec![b'x'; n]);
+        c.sse = Bytes::from(vec![b'x'; n]);
+        Arc::new(c)
+    }
+
+    /// A client is slow when its queue would hold more than its byte budget,
+    /// however few changes that is; one that takes what it is given is not.
+    #[test]
+    fn a_queue_past_its_byte_budget_lags_whatever_its_count() {
+        let rt = multi_thread();
+        rt.block_on(async {
+            let hub = Hub::start_with(0, 1000, 100);
+            let mut idle = hub.subscribe(Filter::default()).await.unwrap();
+            let mut reader = hub.subscribe(Filter::default()).await.unwrap();
+            // Larger than the budget, into an empty queue: taken.
+            hub.publish(vec![sized(1, 200)]).await.unwrap();
+            assert_eq!(woken(&mut reader).await.changes()[0].pos, 1);
+            assert_eq!(woken(&mut idle).await.changes()[0].pos, 1);
+            // 40 bytes each (80 for the two-change batch, with its frames
+            // put together): 40 + 40 fit, 40 more do not.
+            for pos in [2, 3] {
+                hub.publish(vec![sized(pos, 20)]).await.unwrap();
+                assert_eq!(woken(&mut reader).await.changes()[0].pos, pos);
+            }
+            hub.publish(vec![sized(4, 20)]).await.unwrap();
+            until(&hub, |s| s.lagged.load(Ordering::Relaxed) == 1).await;
+            assert_eq!(woken(&mut reader).await.changes()[0].pos, 4);
+            assert_eq!(woken(&mut idle).await.changes()[0].pos, 2);
+            assert_eq!(woken(&mut idle).await.changes()[0].pos, 3);
+            assert_eq!(idle.recv().await.map(|_| ()), None, "let go after what it was given");
+            assert!(idle.lagged() && !reader.lagged());
+            // Own batches (a filtered client's) count the same way.
+            let pending = Filter { statuses: [Status::Pending].into(), ..Filter::default() };
+            let mut filtered = hub.subscribe(pending).await.unwrap();
+            hub.publish(vec![sized(5, 30), sized(6, 30)]).await.unwrap();
+            assert_eq!(woken(&mut reader).await.changes().len(), 2);
+            hub.publish(vec![sized(7, 30)]).await.unwrap();
+            until(&hub, |s| s.lagged.load(Ordering::Relaxed) == 2).await;
+            assert_eq!(woken(&mut filtered).await.changes().len(), 2);
+            assert_eq!(filtered.recv().await.map(|_| ()), None);
+            assert!(filtered.lagged());
         });
     }
 

@@ -190,6 +190,10 @@ impl Move {
         Some(Box::new(Move { from, to, leave, enter }))
     }
 
+    fn bytes(&self) -> usize {
+        [&self.leave, &self.enter].iter().map(|f| f.ws_frame.len() + f.sse.len()).sum()
+    }
+
     /// The side of the move a viewer confined to `viewer` (folded) sees;
     /// None for a viewer confined to neither customer, who must not get the
     /// change.
@@ -255,6 +259,12 @@ impl Change {
             sse,
             moved,
         })
+    }
+
+    /// The bytes this change holds in frames (its WebSocket frame, its SSE
+    /// event, and a move's variants).
+    pub fn bytes(&self) -> usize {
+        self.ws_frame.len() + self.sse.len() + self.moved.as_ref().map_or(0, |m| m.bytes())
     }
 
     pub fn matches(&self, filter: &Filter) -> bool {
