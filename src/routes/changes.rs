@@ -19,10 +19,18 @@ const CONFINED_WINDOW: i64 = 10_000;
 /// newest `$5` transactions there, of the customer `$4` (folded as REST reads
 /// do; NULL: every customer). A transaction's positions are `base_pos + 1`
 /// to `end_pos`. Columns as `changes::READ_SQL`'s.
-const RECENT_SQL: &str = "SELECT t.base_pos + c.ord AS pos, c.op, c.order_id, c.status, c.old_status, \
+///
+/// The scan of `change_tx` starts at the first transaction that ends at or
+/// past `$1` (transactions never overlap: one that starts below `$1` ends
+/// there at the latest), not at the log's head: `base_pos` is not in the
+/// index, and a page far back visited every transaction above it.
+pub const RECENT_SQL: &str = "SELECT t.base_pos + c.ord AS pos, c.op, c.order_id, c.status, c.old_status, \
             c.customer, c.old_customer, c.after_row::text, c.before_row::text, c.actor, t.committed_at \
      FROM (SELECT txid, base_pos, end_pos, committed_at FROM change_tx \
-           WHERE base_pos + 1 < $1 AND end_pos >= $3 ORDER BY end_pos DESC LIMIT $5) t \
+           WHERE base_pos + 1 < $1 AND end_pos >= $3 \
+             AND end_pos <= COALESCE((SELECT min(end_pos) FROM change_tx WHERE end_pos >= $1), \
+                                     9223372036854775807) \
+           ORDER BY end_pos DESC LIMIT $5) t \
      CROSS JOIN LATERAL ( \
          SELECT * FROM change_log c \
          WHERE c.txid = t.txid AND c.ord < $1 - t.base_pos AND c.ord >= $3 - t.base_pos \
