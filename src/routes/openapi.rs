@@ -129,9 +129,11 @@ pub struct StatsDoc {
     pub total_amount: f64,
     /// status -> {count, amount}; amounts exact, with two decimals.
     pub by_status: serde_json::Value,
-    /// [{product, count, avg_price}], most ordered first; `avg_price` exact, rounded
-    /// half away from zero to two decimals.
+    /// [{product, count, avg_price}], the 100 products with the most orders, most ordered
+    /// first (ties by name); `avg_price` exact, rounded half away from zero to two decimals.
     pub products: serde_json::Value,
+    /// How many products have orders (`products` lists at most 100 of them).
+    pub product_count: i64,
     pub position: i64,
     /// Kafka ingest counters of this instance: {enabled, consumed, written, duplicates,
     /// redelivered, log_resets, dead_lettered, dlq_published, dlq_pending, batches, retries,

@@ -689,6 +689,31 @@ async fn stats_count_statuses_and_average_prices_from_running_totals() {
     assert_eq!(pending, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_list_the_most_ordered_products_and_count_them_all() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    db.batch_execute(
+        "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Stat', 'p' || g, 1, 2 FROM generate_series(1, 150) g;
+         INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Stat', 'top', 1, g FROM generate_series(1, 5) g;
+         INSERT INTO orders (customer_name, product, quantity, unit_price) \
+         SELECT 'Stat', 'second', 1, 3 FROM generate_series(1, 3) g;
+         DELETE FROM orders WHERE product = 'p7'",
+    )
+    .await
+    .unwrap();
+    let (status, stats) = app.get_json("/api/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!((stats["total_orders"].as_i64(), stats["product_count"].as_i64()), (Some(157), Some(151)));
+    let products = stats["products"].as_array().unwrap();
+    assert_eq!(products.len(), 100);
+    assert_eq!(products[0], json!({"product": "top", "count": 5, "avg_price": 3.0}));
+    assert_eq!(products[1], json!({"product": "second", "count": 3, "avg_price": 3.0}));
+    assert!(products[2..].iter().all(|p| p["count"] == 1 && p["product"] != "p7"), "{stats}");
+}
+
 /// The totals and their `position` are read in one snapshot: with a writer
 /// committing single-row inserts meanwhile (one position each), every
 /// answer's count of orders moves exactly with its position. Read apart, a

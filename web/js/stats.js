@@ -228,7 +228,8 @@ export class Stats {
     if (!rows.length) {
       this.n.products.append(el('tr', {}, el('td', { colspan: 3, class: 'muted' }, 'No orders yet.')));
     }
-    const more = s.products.length - PRODUCTS_SHOWN;
+    // The server lists the most ordered products, and counts them all.
+    const more = (s.product_count ?? s.products.length) - PRODUCTS_SHOWN;
     this.n.productsMore.hidden = more <= 0;
     this.n.productsMore.textContent = `and ${fmtCount(more)} more product${more === 1 ? '' : 's'}`;
     this.n.productNames.replaceChildren(...s.products.slice(0, 50).map((p) => el('option', { value: p.product })));
