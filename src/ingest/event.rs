@@ -95,10 +95,16 @@ pub const MAX_DETAIL: usize = 1024;
 
 /// A detail cut to `MAX_DETAIL` bytes at a character boundary, marked as cut.
 pub fn cap_detail(s: String) -> String {
-    if s.len() <= MAX_DETAIL {
+    let len = s.len();
+    cap_detail_of(s, len)
+}
+
+/// `cap_detail` for the start of a detail of `len` bytes in all.
+pub fn cap_detail_of(s: String, len: usize) -> String {
+    if len <= MAX_DETAIL {
         return s;
     }
-    format!("{}… (cut, {} bytes in all)", crate::prefix_within(&s, MAX_DETAIL), s.len())
+    format!("{}… (cut, {len} bytes in all)", crate::prefix_within(&s, MAX_DETAIL))
 }
 
 /// A value from the message quoted in a detail: at most 100 characters of it.

@@ -2,7 +2,7 @@
 //! first, from the `dead_letters` table (the dead-letter topic gets the same
 //! messages). Keys and payloads are shown as text when they are UTF-8, else
 //! base64, cut at `KEY_PREVIEW` and `PAYLOAD_PREVIEW` bytes; headers past
-//! `HEADERS_PREVIEW` by their keys alone.
+//! `HEADERS_PREVIEW` by their keys alone; details at `MAX_DETAIL` bytes.
 
 use actix_web::{route, web, HttpResponse};
 use base64::Engine;
@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use super::{parse_limit, QueryPairs};
 use crate::error::ApiError;
+use crate::ingest::event::{cap_detail_of, MAX_DETAIL};
 use crate::startup::AppState;
 
 pub const DEFAULT_LIMIT: i64 = 50;
@@ -22,8 +23,12 @@ pub const PAYLOAD_PREVIEW: i32 = 4096;
 /// Key bytes shown per dead letter (a key is rarely longer).
 pub const KEY_PREVIEW: i32 = 4096;
 /// The most of a dead letter's headers shown (as JSON text, in bytes):
-/// past it, only their keys. A page then holds at most 500 times 24 KiB.
+/// past it, only their keys, of the first `HEADER_KEYS` headers, each cut to
+/// `HEADER_KEY_PREVIEW` characters. With the detail cut to `MAX_DETAIL`
+/// bytes, a page then holds at most 500 times about 40 KiB.
 pub const HEADERS_PREVIEW: i32 = 16 * 1024;
+pub const HEADER_KEYS: i64 = 100;
+pub const HEADER_KEY_PREVIEW: i32 = 256;
 
 /// One dead-lettered Kafka message.
 #[derive(Serialize, ToSchema)]
@@ -130,18 +135,30 @@ pub async fn list(
     let client = state.pool.get().await?;
     let rows = client
         .query(
-            "SELECT id, reason, detail, kafka_topic, kafka_partition, kafka_offset, group_id, \
+            "SELECT id, reason, left(detail, $9), kafka_topic, kafka_partition, kafka_offset, group_id, \
                     substring(message_key FROM 1 FOR $5), COALESCE(length(message_key), 0), \
                     substring(payload FROM 1 FOR $4), COALESCE(length(payload), 0), \
                     CASE WHEN octet_length(headers::text) <= $6 THEN headers \
-                         ELSE (SELECT COALESCE(jsonb_agg(h - 'value' - 'value_base64'), '[]') \
-                               FROM jsonb_array_elements(headers) h) END, \
+                         ELSE (SELECT COALESCE(jsonb_agg(jsonb_build_object('key', left(h->>'key', $8)) \
+                                                         ORDER BY i), '[]') \
+                               FROM jsonb_array_elements(headers) WITH ORDINALITY AS e(h, i) WHERE i <= $7) END, \
                     octet_length(headers::text) > $6, \
-                    event_id::text, message_timestamp, received_at, published_at \
+                    event_id::text, message_timestamp, received_at, published_at, octet_length(detail) \
              FROM dead_letters \
              WHERE ($1::text IS NULL OR reason = $1) AND ($2::bigint IS NULL OR id < $2) \
              ORDER BY id DESC LIMIT $3",
-            &[&reason, &before, &(limit + 1), &PAYLOAD_PREVIEW, &KEY_PREVIEW, &HEADERS_PREVIEW],
+            &[
+                &reason,
+                &before,
+                &(limit + 1),
+                &PAYLOAD_PREVIEW,
+                &KEY_PREVIEW,
+                &HEADERS_PREVIEW,
+                &HEADER_KEYS,
+                &HEADER_KEY_PREVIEW,
+                // Characters: at least `MAX_DETAIL` bytes, cut to it below.
+                &(MAX_DETAIL as i32),
+            ],
         )
         .await?;
     let more = rows.len() as i64 > limit;
@@ -163,7 +180,8 @@ pub async fn list(
             json!({
                 "id": r.get::<_, i64>(0),
                 "reason": r.get::<_, String>(1),
-                "detail": r.get::<_, String>(2),
+                // Dead letters recorded before details were capped may be long.
+                "detail": cap_detail_of(r.get::<_, String>(2), r.get::<_, i32>(17) as usize),
                 "topic": r.get::<_, String>(3),
                 "partition": r.get::<_, i32>(4),
                 "offset": r.get::<_, i64>(5),

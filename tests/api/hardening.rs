@@ -1044,20 +1044,34 @@ async fn a_dead_letters_key_and_headers_are_shown_byte_for_byte_and_bounded() {
     let binary_key = vec![0u8, 0, 0, 1, 0xff, 0x80];
     let long_key = vec![b'k'; 300_000];
     let big_headers = json!([{"key": "trace", "value": "t".repeat(100_000)}, {"key": "bin", "value_base64": "AAE="}]);
+    // A thousand headers of long keys, and a detail recorded before details
+    // were capped.
+    let many_headers: Vec<Value> = (0..1000).map(|i| json!({"key": format!("h{i}{}", "k".repeat(1000))})).collect();
     let db = app.sql().await;
-    for (offset, key, headers) in [(1i64, &binary_key, json!([])), (2, &long_key, big_headers)] {
+    for (offset, key, headers, detail) in [
+        (1i64, &binary_key, json!([]), "test".to_string()),
+        (2, &long_key, big_headers, "test".to_string()),
+        (3, &binary_key, json!(many_headers), "é".repeat(50_000)),
+    ] {
         db.execute(
             "INSERT INTO dead_letters (group_id, kafka_topic, kafka_partition, kafka_offset, message_key, payload, \
                                        headers, reason, detail) \
-             VALUES ('ordercast', 'orders', 0, $1, $2, 'x', $3, 'invalid_event', 'test')",
-            &[&offset, key, &headers],
+             VALUES ('ordercast', 'orders', 0, $1, $2, 'x', $3, 'invalid_event', $4)",
+            &[&offset, key, &headers, &detail],
         )
         .await
         .unwrap();
     }
     let (status, page) = app.get_json("/api/dlq").await;
     assert_eq!(status, 200, "{page}");
-    let (long, binary) = (&page["items"][0], &page["items"][1]);
+    let many = &page["items"][0];
+    let shown: Vec<String> = (0..100).map(|i| format!("h{i}{}", "k".repeat(1000))[..256].to_string()).collect();
+    let shown: Vec<Value> = shown.into_iter().map(|k| json!({"key": k})).collect();
+    assert_eq!((&many["headers"], &many["headers_truncated"]), (&json!(shown), &json!(true)));
+    let detail = many["detail"].as_str().unwrap();
+    assert!(detail.starts_with("éé") && detail.ends_with("… (cut, 100000 bytes in all)"), "{detail}");
+    assert!(detail.len() <= ordercast::ingest::event::MAX_DETAIL + 40, "{}", detail.len());
+    let (long, binary) = (&page["items"][1], &page["items"][2]);
     assert_eq!(
         (&binary["key_encoding"], &binary["key_size"], &binary["key_truncated"]),
         (&json!("base64"), &json!(6), &json!(false))
