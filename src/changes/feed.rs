@@ -22,6 +22,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -403,6 +404,9 @@ type LogRead = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
 type ReadOutcome = Result<Arc<Vec<SharedChange>>, CatchUpError>;
 /// The hub's epoch and the position a read is after.
 type ReadKey = (u64, i64);
+/// A read in flight: the hub's position when it started, whether it has
+/// finished, and the read.
+type ReadEntry = (i64, Arc<AtomicBool>, WeakShared<LogRead>);
 
 /// The catch-up reads in flight, by the hub's epoch and the position they
 /// read after, each with the hub's position when it was started. A feed
@@ -412,9 +416,16 @@ type ReadKey = (u64, i64);
 /// come back empty, which would end the feed's catch-up short). Entries
 /// whose read no feed holds any longer are swept from time to time; a read
 /// that has finished is never joined.
+///
+/// Each read runs as a task of its own: a session drops `next()` whenever
+/// something else comes first (a client's frame, a write that waits), and
+/// a read polled only through it would hold its pooled connection, idle,
+/// for as long as the session is busy elsewhere (up to a minute for a
+/// client that reads slowly): a few such sessions took every connection
+/// of the streams' pool.
 #[derive(Default)]
 pub struct SharedReads {
-    reads: std::sync::Mutex<HashMap<ReadKey, (i64, WeakShared<LogRead>)>>,
+    reads: std::sync::Mutex<HashMap<ReadKey, ReadEntry>>,
     /// The map's size at which the next sweep runs (amortised: doubles).
     sweep_at: std::sync::atomic::AtomicUsize,
     /// Changes a read asks for (0: `CATCH_UP_BATCH`): halved when the
@@ -429,25 +440,38 @@ impl SharedReads {
     fn read(&self, pool: &Pool, hub: &Hub, epoch: u64, scan: i64, until: i64) -> CatchUpRead {
         use std::sync::atomic::Ordering;
         let mut reads = self.reads.lock().unwrap(); // unwrap: never held across a panic
-        if let Some((started_at, weak)) = reads.get(&(epoch, scan)) {
+        if let Some((started_at, done, weak)) = reads.get(&(epoch, scan)) {
             // Never one that has finished: its answer is old (a failure
             // would be handed out again at once, with no pause, to a feed
             // that retries in a loop).
-            if let Some(read) = weak.upgrade().filter(|r| r.peek().is_none() && *started_at >= until) {
+            if let Some(read) = weak.upgrade().filter(|_| !done.load(Ordering::Acquire) && *started_at >= until) {
                 return read;
             }
         }
         if reads.len() >= self.sweep_at.load(Ordering::Relaxed) {
-            reads.retain(|_, (_, weak)| weak.upgrade().is_some());
+            reads.retain(|_, (_, _, weak)| weak.upgrade().is_some());
             self.sweep_at.store((reads.len() * 2).max(64), Ordering::Relaxed);
         }
         // The hub's position now, before the read takes its snapshot (it is
-        // taken when the read is first polled, after this).
+        // taken when the task first runs, after this).
         let started_at = hub.position();
-        let read: LogRead = Box::pin(read_log(pool.clone(), hub.catch_up_reads.clone(), scan));
+        let done = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (pool, reads, done) = (pool.clone(), hub.catch_up_reads.clone(), done.clone());
+            async move {
+                let outcome = read_log(pool, reads, scan).await;
+                done.store(true, Ordering::Release);
+                outcome
+            }
+        });
+        let read: LogRead = Box::pin(async move {
+            task.await.unwrap_or_else(|e| {
+                Err(CatchUpError::Db(Arc::new(anyhow::anyhow!("the catch-up read ended before it answered: {e}"))))
+            })
+        });
         let read = read.shared();
         // expect: a read not yet polled has no result, so it downgrades
-        reads.insert((epoch, scan), (started_at, read.downgrade().expect("a fresh read")));
+        reads.insert((epoch, scan), (started_at, done, read.downgrade().expect("a fresh read")));
         read
     }
 }

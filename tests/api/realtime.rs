@@ -1145,6 +1145,35 @@ async fn a_prune_that_races_a_catch_up_read_is_told_as_a_resync() {
     pruner.await.unwrap();
 }
 
+/// A catch-up read that its session stops waiting for (the session has
+/// something else to do: a client's frame, a slow write) finishes anyway
+/// and gives its connection back to the pool; the session takes its answer
+/// when it asks again. Before, the read moved only while polled, and held
+/// the connection meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_read_left_waiting_gives_its_connection_back() {
+    use ordercast::changes::feed::{Feed, Item};
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let since = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    for i in 0..3 {
+        dba_insert(&db, &format!("left {i}")).await;
+    }
+    let head = ordercast::changes::log_bounds(&db).await.unwrap().0;
+    // Reads take half a second.
+    wrap_change_read(&db, "pg_sleep(0.5) IS NOT NULL").await;
+    let pool = ordercast::db::pool(&app.db_url, 1, Duration::from_secs(5)).unwrap();
+    let hub = ordercast::hub::Hub::start(head, 100);
+    let mut feed = Feed::open(&hub, &pool, ordercast::domain::Filter::default(), Some(since), None).await.unwrap();
+    // The read starts, and the session turns to something else.
+    assert!(tokio::time::timeout(Duration::from_millis(100), feed.next()).await.is_err());
+    eventually(WAIT, || async { (pool.status().available == 1).then_some(()) }).await;
+    match tokio::time::timeout(WAIT, feed.next()).await.expect("the feed answers") {
+        Some(Item::Change(c)) => assert_eq!(c.pos, since + 1),
+        _ => panic!("a change first"),
+    }
+}
+
 /// Feeds catching up from the same position at once (clients reconnecting
 /// together) share one read of the log, and hold its changes once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
