@@ -69,6 +69,12 @@ pub struct Settings {
     #[arg(long, env = "ORDERCAST_CLIENT_BUFFER", default_value_t = 4096, value_parser = at_least_one(), global = true)]
     pub client_buffer: usize,
 
+    /// MiB of snapshot rows the streams hold at once, read and not yet sent:
+    /// past it, a stream asking for a snapshot is refused for now (WebSocket
+    /// 4503, SSE 503 `server_busy`). One larger than all of it goes alone.
+    #[arg(long, env = "ORDERCAST_SNAPSHOT_MEMORY_MIB", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_048_576), global = true)]
+    pub snapshot_memory_mib: u32,
+
     /// Seconds a write to a client may block before the client is disconnected
     /// as too slow (WebSocket close code 4008).
     #[arg(long, env = "ORDERCAST_SLOW_CLIENT_SECS", default_value_t = 10, value_parser = seconds(1, HOUR), global = true)]
@@ -396,7 +402,7 @@ mod tests {
             assert!(parse(flag, "1").is_ok(), "{flag} 1");
         }
         // Before, a 0 here ran as 1; the README says a batch of 0 is refused.
-        for flag in ["--client-buffer", "--outbox-batch", "--process-concurrency"] {
+        for flag in ["--client-buffer", "--outbox-batch", "--process-concurrency", "--snapshot-memory-mib"] {
             assert!(parse(flag, "0").is_err(), "{flag} 0");
             assert!(parse(flag, "1").is_ok(), "{flag} 1");
         }

@@ -42,6 +42,9 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// The server holds all it may of something for now (503 `server_busy`).
+    #[error("{0}")]
+    Busy(String),
     /// The server is stopping: it opens no more streams (503).
     #[error("the server is shutting down: retry shortly (another instance, or this one once restarted)")]
     ShuttingDown,
@@ -80,6 +83,7 @@ impl ApiError {
             ApiError::VersionConflict { .. } => "version_conflict",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::Unavailable(_) => "database_unavailable",
+            ApiError::Busy(_) => "server_busy",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Unexpected(_) => "internal_error",
         }
@@ -101,7 +105,9 @@ impl ResponseError for ApiError {
             | ApiError::Unsettled(_) => StatusCode::CONFLICT,
             ApiError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) | ApiError::Full(_) | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Full(_) | ApiError::Busy(_) | ApiError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -49,6 +49,9 @@ pub struct AppState {
     pub stream_pool: Pool,
     pub hub: Hub,
     pub listener: Arc<ListenerState>,
+    /// The snapshot memory (`ORDERCAST_SNAPSHOT_MEMORY_MIB`), in KiB, that
+    /// streams take a share of while they hold snapshot rows not yet sent.
+    pub snapshots: Arc<tokio::sync::Semaphore>,
     /// Statistics folding and retention (`changes::maintenance`).
     pub maintenance: Arc<crate::changes::maintenance::MaintenanceState>,
     pub settings: Settings,
@@ -533,6 +536,7 @@ impl Application {
             stream_pool,
             hub,
             listener: listener_state,
+            snapshots: Arc::new(tokio::sync::Semaphore::new(settings.snapshot_memory_mib as usize * 1024)),
             maintenance,
             settings: settings.clone(),
             shutdown,

@@ -97,7 +97,7 @@ fn stream_response(
     }
     // The rows go out from the prelude: the page itself is not kept.
     if let Some(page) = opened.snapshot.take() {
-        for msg in snapshot_messages(&page) {
+        for msg in snapshot_messages(page) {
             prelude.push_back(event("snapshot", None, &msg));
         }
     }
@@ -118,6 +118,11 @@ fn stream_response(
     };
     let body = futures_util::stream::unfold(st, |mut st| async move {
         if let Some(b) = st.prelude.pop_front() {
+            if st.prelude.is_empty() {
+                // The snapshot's rows are on their way: their share of the
+                // snapshot memory is free again.
+                st.opened.snapshot_held = None;
+            }
             return Some((Ok::<_, Infallible>(b), st));
         }
         if st.done {

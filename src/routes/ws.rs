@@ -113,6 +113,26 @@ pub struct Opened {
     /// The snapshot's rows, until they are sent: taken then, so that an
     /// idle stream does not hold them (up to 10,000 rows of JSON).
     pub snapshot: Option<crate::routes::orders::Page>,
+    /// The snapshot's share of `ORDERCAST_SNAPSHOT_MEMORY_MIB`, held until
+    /// its rows are sent (`snapshot_messages` consumes them).
+    pub snapshot_held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// The share of the snapshot memory (`AppState::snapshots`, in KiB) a page
+/// holds: all of it at most, so a page larger than the whole goes alone.
+fn snapshot_share(
+    state: &AppState,
+    page: &crate::routes::orders::Page,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    let kib = page.items.iter().map(String::len).sum::<usize>() / 1024 + 1;
+    let kib = kib.min(state.settings.snapshot_memory_mib as usize * 1024) as u32;
+    state.snapshots.clone().try_acquire_many_owned(kib).map_err(|_| {
+        ApiError::Busy(format!(
+            "the streams hold as many snapshot rows as they may ({} MiB, ORDERCAST_SNAPSHOT_MEMORY_MIB) until \
+             clients read them: retry shortly",
+            state.settings.snapshot_memory_mib
+        ))
+    })
 }
 
 /// Opens a feed for stream parameters: with a snapshot, the rows and the
@@ -133,7 +153,7 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
                 crate::routes::orders::list_page(&state.stream_pool, &params.filter, None, params.snapshot_limit, None)
                     .await?;
             state.hub.note_handed_out(page.position, page.committed_micros);
-            (Some(page.position), Some(page))
+            (Some(page.position), Some((snapshot_share(state, &page)?, page)))
         } else {
             (params.since, None)
         };
@@ -152,9 +172,10 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
             if tries < SNAPSHOT_TRIES {
                 continue;
             }
-            return Ok(Opened { seq: feed.position(), feed, snapshot: None, resync });
+            return Ok(Opened { seq: feed.position(), feed, snapshot: None, snapshot_held: None, resync });
         }
-        return Ok(Opened { seq: feed.position(), feed, snapshot, resync });
+        let (snapshot_held, snapshot) = snapshot.unzip();
+        return Ok(Opened { seq: feed.position(), feed, snapshot, snapshot_held, resync });
     }
 }
 
@@ -220,7 +241,7 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
         // WebSocket for blocked on the way. Upgraded, then closed with 4503
         // and the error's code, as a `subscribe` that cannot open its
         // stream: the client reconnects with its `since` after a pause.
-        Err(e @ ApiError::Unavailable(_)) => {
+        Err(e @ (ApiError::Unavailable(_) | ApiError::Busy(_))) => {
             let reason = format!("cannot open the stream: {}", e.code());
             return Ok(switch(handshake, Handoff::Refuse { code: CLOSE_UNAVAILABLE, reason, slot }));
         }
@@ -442,10 +463,11 @@ impl Conn {
             self.send(resync_message(reason, position)).await?;
         }
         if let Some(page) = opened.snapshot.take() {
-            for msg in snapshot_messages(&page) {
+            for msg in snapshot_messages(page) {
                 self.send(msg).await?;
             }
         }
+        opened.snapshot_held = None;
         self.send(ready_message(opened, params)).await
     }
 }
@@ -462,24 +484,21 @@ pub fn ready_message(opened: &Opened, params: &StreamParams) -> String {
 }
 
 /// `{"type":"snapshot","seq":P,"orders":[...],"last":bool,"truncated":bool}`
-/// messages of at most `SNAPSHOT_CHUNK` rows (one, possibly empty, at least).
-pub fn snapshot_messages(page: &crate::routes::orders::Page) -> Vec<String> {
-    let chunks: Vec<&[String]> =
-        if page.items.is_empty() { vec![&[]] } else { page.items.chunks(SNAPSHOT_CHUNK).collect() };
-    let n = chunks.len();
-    chunks
-        .into_iter()
-        .enumerate()
-        .map(|(i, chunk)| {
-            format!(
-                r#"{{"type":"snapshot","seq":{},"orders":[{}],"last":{},"truncated":{}}}"#,
-                page.position,
-                chunk.join(","),
-                i + 1 == n,
-                page.next_cursor.is_some()
-            )
-        })
-        .collect()
+/// messages of at most `SNAPSHOT_CHUNK` rows (one, possibly empty, at least),
+/// each made when it is asked for, from rows taken out of the page: the rows
+/// and their messages are not all held at once.
+pub fn snapshot_messages(page: crate::routes::orders::Page) -> impl Iterator<Item = String> {
+    let n = page.items.len().div_ceil(SNAPSHOT_CHUNK).max(1);
+    let (position, truncated) = (page.position, page.next_cursor.is_some());
+    let mut items = page.items.into_iter();
+    (0..n).map(move |i| {
+        let chunk: Vec<String> = items.by_ref().take(SNAPSHOT_CHUNK).collect();
+        format!(
+            r#"{{"type":"snapshot","seq":{position},"orders":[{}],"last":{},"truncated":{truncated}}}"#,
+            chunk.join(","),
+            i + 1 == n,
+        )
+    })
 }
 
 /// Where a filtered client stands: every change up to `seq` that it did not

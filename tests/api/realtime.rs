@@ -2260,3 +2260,52 @@ async fn pages_snapshots_and_recent_changes_end_at_their_byte_budget_and_go_on_a
     }
     assert_eq!(pages, [vec![15, 14], vec![13, 12], vec![11, 10], vec![9, 8, 7, 6], vec![5, 4, 3, 2, 1]]);
 }
+
+/// Snapshot rows read and not yet sent are held up to
+/// `ORDERCAST_SNAPSHOT_MEMORY_MIB` in all: past it, a stream asking for a
+/// snapshot is refused for now (WebSocket 4503, SSE 503, `server_busy`), one
+/// without a snapshot is not, and the memory is free again once the rows
+/// are sent. Before, every stream could hold its snapshot (up to 4 MiB) for
+/// as long as its client took to read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_not_yet_sent_share_a_bounded_memory() {
+    let app = spawn_app_with(|s| s.snapshot_memory_mib = 1).await;
+    megabyte_orders(&app.sql().await).await;
+    let params = ordercast::routes::StreamParams { snapshot: true, snapshot_limit: 1000, ..Default::default() };
+    // A snapshot of about 4 MiB, read and not sent: it holds all of the 1 MiB.
+    let held = ordercast::routes::ws::open_stream(&app.state, &params).await.unwrap();
+    assert_eq!(held.snapshot.as_ref().map(|p| p.items.len()), Some(4));
+    let mut ws = app.ws("?snapshot=true").await;
+    match ws.next_event(WAIT).await {
+        WsEvent::Closed(Some((code, reason))) => {
+            assert_eq!((code, reason.as_str()), (4503, "cannot open the stream: server_busy"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let (status, body) = app.get_json("/api/events?snapshot=true").await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("server_busy")), "{body}");
+    app.ws("").await.ready().await;
+    drop(held);
+    // Free again: a snapshot is sent, and once it is, the next one too,
+    // while the first stream stays open.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut ws = app.ws("?snapshot=true").await;
+        let mut rows = 0;
+        loop {
+            let m = ws.next_json(WAIT).await;
+            match m["type"].as_str().unwrap() {
+                "snapshot" => rows += m["orders"].as_array().unwrap().len(),
+                "ready" => break,
+                other => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(rows, 4);
+        open.push(ws);
+    }
+    // An SSE stream's share is free once its snapshot events are handed on.
+    let mut sse = app.sse("/api/events?snapshot=true", None).await;
+    while sse.next_any_event(WAIT).await.event != "ready" {}
+    let r = app.http.get(app.url("/api/events?snapshot=true")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
