@@ -243,7 +243,10 @@ pub async fn run(
     // producer that must be replaced does not drop it.
     let mut rewind_due: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
-        match session(
+        // A panic in a session (a bug) ends it as an error does: the relay
+        // starts a new one, and health says why, instead of stopping for
+        // good while health said running.
+        let session = std::panic::AssertUnwindSafe(session(
             &url,
             &mut producer,
             (&kafka, &brokers),
@@ -252,9 +255,11 @@ pub async fn run(
             &state,
             &mut shutdown,
             (&mut backoff, &mut rewind_due),
-        )
-        .await
-        {
+        ));
+        let result = futures_util::FutureExt::catch_unwind(session).await.unwrap_or_else(|panic| {
+            Err(anyhow::anyhow!("the outbox relay panicked: {}", crate::error::panic_message(&*panic)))
+        });
+        match result {
             Ok(()) => break,
             Err(e) => {
                 log::warn!("outbox relay: {e:#}; reconnecting");
@@ -352,7 +357,11 @@ async fn session(
     };
     let mut late = since.map(|since| Late { at: took_over + fence(kafka) + late_margin(kafka), since, read: None });
     let read = db.prepare(crate::changes::READ_SQL).await.map_err(crate::db::describe)?;
-    let limit = batch.min(i32::MAX as u32) as i32;
+    let most = batch.min(i32::MAX as u32) as i32;
+    // Rows asked for: as many as fitted after a read `READ_BYTES` cut (the
+    // database sends every row asked for, whether read or not), doubled
+    // back to `most` by full reads.
+    let mut limit = most;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -366,13 +375,19 @@ async fn session(
             }
         }
         // A batch is also cut at `READ_BYTES` of changes: the rest is read next.
-        let rows = crate::changes::read_rows(db, &read, position, limit).await.map_err(crate::db::describe)?.rows;
+        let crate::changes::LogRows { rows, cut } =
+            crate::changes::read_rows(db, &read, position, limit).await.map_err(crate::db::describe)?;
+        limit = match cut {
+            true => (rows.len() as i32).max(1),
+            false if rows.len() as i32 == limit => limit.saturating_mul(2).min(most),
+            false => limit,
+        };
         // The horizon comes with the rows, from the same snapshot: a prune
         // committed just before the read shows here, never after it. With
         // no rows it is read alone: a log pruned through its head (a quiet
         // system idle past the retention) holds no row to carry it.
         let pruned: i64 = match rows.first() {
-            Some(row) => row.get("pruned"),
+            Some(row) => row.try_get("pruned").map_err(crate::db::describe)?,
             None => crate::changes::log_bounds(db).await.map_err(crate::db::describe)?.1,
         };
         if pruned > position {
@@ -388,7 +403,7 @@ async fn session(
             // `rows` were read from before the gap: read again from after it.
             continue;
         }
-        let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
+        let Some(last) = rows.last().map(|r| r.try_get::<_, i64>(0)).transpose().map_err(crate::db::describe)? else {
             tokio::select! {
                 r = conn.wait(IDLE_POLL) => r?,
                 // A dropped sender (the server never started) also means stop.
@@ -1129,15 +1144,26 @@ async fn publish(
     rows: &[tokio_postgres::Row],
     state: &OutboxState,
 ) -> Result<(), Unacknowledged> {
+    // Every row read before any is produced: one that cannot be read (a
+    // `change_read` replaced by hand) fails the batch before the rows ahead
+    // of it go out, not after, to go out again at every retry.
+    let envelopes = rows
+        .iter()
+        .map(Envelope::from_row)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(crate::db::describe)
+        .context("reading a change")
+        .map_err(Unacknowledged::from)?;
+    let positions: Vec<i64> = envelopes.iter().map(|e| e.pos).collect();
     let mut deliveries = Vec::with_capacity(rows.len());
-    for row in rows {
+    for (row, envelope) in rows.iter().zip(envelopes) {
         // The same envelope as the WebSocket `change` message, so one parser serves both.
-        let envelope = || Envelope::from_row(row).map_err(crate::db::describe).context("reading a change");
-        let delivery = match Outgoing::of(envelope().map_err(Unacknowledged::from)?, false).send(producer, topic).await
-        {
-            // Refused whole (rarely): the envelope is assembled again for the stub.
+        let delivery = match Outgoing::of(envelope, false).send(producer, topic).await {
+            // Refused whole (rarely): the envelope is assembled again for the
+            // stub (read above: it reads again).
             Err(KafkaError::MessageProduction(code)) if crate::ingest::dlq::permanent(code) => {
-                Outgoing::of(envelope().map_err(Unacknowledged::from)?, true).send(producer, topic).await
+                let envelope = Envelope::from_row(row).map_err(crate::db::describe).context("reading a change");
+                Outgoing::of(envelope.map_err(Unacknowledged::from)?, true).send(producer, topic).await
             }
             other => other,
         };
@@ -1150,8 +1176,9 @@ async fn publish(
     // `/api/health` (see the module's comment).
     let mut error = None;
     let mut outcomes = Vec::with_capacity(rows.len());
-    for (row, delivery) in rows.iter().zip(acknowledged(deliveries, "changes", state, Job::Publishing).await) {
-        let position: i64 = row.get(0);
+    for (position, delivery) in
+        positions.into_iter().zip(acknowledged(deliveries, "changes", state, Job::Publishing).await)
+    {
         let (partition, acked) = match delivery {
             Ok(Ok(delivered)) => (Some(delivered.partition), true),
             Ok(Err((e, message))) => {
