@@ -59,12 +59,14 @@ impl Batch {
 }
 
 /// The most a client's queue holds, in bytes of frames, before the client
-/// counts as slow and catches up from the log (which is read 4 MiB at a
-/// time): the change budget alone let a client that keeps up slowly hold
-/// thousands of megabyte-long changes (a DBA's `UPDATE` of a long column).
-/// At ordinary sizes (about 1.3 KB a change with its frames) the change
-/// budget binds first.
-pub const QUEUE_BYTES: usize = 16 << 20;
+/// counts as slow and catches up from the log (which is read 4 MiB of row
+/// images at a time): the change budget alone let a client that keeps up
+/// slowly hold thousands of megabyte-long changes (a DBA's `UPDATE` of a
+/// long column). A batch the listener read counts about four times its
+/// images (a change's WebSocket frame and SSE event, and a shared batch's
+/// frames put together): this holds about four such batches. At ordinary
+/// sizes (about 2.6 KB a change, all counted) the change budget binds first.
+pub const QUEUE_BYTES: usize = 64 << 20;
 
 /// One published batch as every unfiltered client gets it: the changes, and
 /// their WebSocket frames and SSE events concatenated once, so a WebSocket

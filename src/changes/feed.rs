@@ -464,15 +464,34 @@ impl SharedReads {
                 outcome
             }
         });
+        // A read no feed holds any longer (their sessions ended) is not
+        // finished for nobody: dropping the last handle stops it.
+        let abort = AbortOnDrop(task.abort_handle());
         let read: LogRead = Box::pin(async move {
-            task.await.unwrap_or_else(|e| {
-                Err(CatchUpError::Db(Arc::new(anyhow::anyhow!("the catch-up read ended before it answered: {e}"))))
-            })
+            let _abort = abort;
+            match task.await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    // A panic (a bug): paced as a failed read is.
+                    log::error!("catch-up read failed, retrying: {e}");
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    Err(CatchUpError::Db(Arc::new(anyhow::anyhow!("the catch-up read ended before it answered: {e}"))))
+                }
+            }
         });
         let read = read.shared();
         // expect: a read not yet polled has no result, so it downgrades
         reads.insert((epoch, scan), (started_at, done, read.downgrade().expect("a fresh read")));
         read
+    }
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

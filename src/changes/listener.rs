@@ -487,12 +487,15 @@ async fn session(
             };
             *read_limit =
                 next_read_limit(limit, Some((asked.elapsed(), rows.len() as i64 == limit)), cut.then_some(rows.len()));
-            *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
+            // A read counts for health once its rows are read (below): one
+            // that fails on a row it cannot read is no read.
+            let read_done = || *state.last_read.lock().unwrap() = Some(Instant::now()); // unwrap: never poisoned
 
             // A gap: retention pruned changes this connection had not read
             // yet (it was away or behind for longer than the retention).
             // Clients must not see the stream jump unannounced.
             let Some(last) = rows.last() else {
+                read_done();
                 // A read that found nothing carries no horizon: the log may
                 // have been pruned past this position and be empty now. Live
                 // clients are told now, not at the next commit (hours away,
@@ -531,6 +534,7 @@ async fn session(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(crate::db::describe)
                 .context("reading the change log")?;
+            read_done();
             if pruned > at.pos && gap(hub, at.pos, pruned).await.is_err() {
                 return Ok(());
             }

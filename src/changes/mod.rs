@@ -32,7 +32,8 @@ pub const READ_SQL: &str =
 /// log takes in at most, past the row that reaches it: rows are counted by
 /// the caller's limit, and 2,000 changes of a megabyte each (a DBA's
 /// `UPDATE` of a long text column) would otherwise be gigabytes in memory
-/// at once. The rest of the read is left unread (the connection drops it).
+/// at once. The rest of the read is left unread: PostgreSQL still sends it
+/// and the connection drops it, so readers then ask for fewer rows.
 pub const READ_BYTES: usize = 4 << 20;
 
 /// Rows of a `READ_SQL` read, and whether `READ_BYTES` cut it short (more
@@ -357,9 +358,9 @@ pub async fn handed_head(client: &impl tokio_postgres::GenericClient) -> Result<
         )
         .await?;
     Ok(HandedHead {
-        pos: row.get(0),
-        committed_micros: row.get::<_, Option<DateTime<Utc>>>(1).map(|t| t.timestamp_micros()),
-        pruned: row.get(2),
+        pos: row.try_get(0)?,
+        committed_micros: row.try_get::<_, Option<DateTime<Utc>>>(1)?.map(|t| t.timestamp_micros()),
+        pruned: row.try_get(2)?,
     })
 }
 
@@ -367,7 +368,7 @@ pub async fn handed_head(client: &impl tokio_postgres::GenericClient) -> Result<
 /// horizon (positions at or below it are gone).
 pub async fn log_bounds(client: &tokio_postgres::Client) -> Result<(i64, i64), tokio_postgres::Error> {
     let row = client.query_one("SELECT change_head(), (SELECT pruned_through FROM change_retention)", &[]).await?;
-    Ok((row.get(0), row.get(1)))
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
 #[cfg(test)]

@@ -218,6 +218,7 @@ fn apply_last_event_id(req: &HttpRequest, params: &mut StreamParams) -> Result<(
     responses(
         (status = 200, description = "text/event-stream: events snapshot, ready, change, position, resync, shutdown, heartbeat (every 15 s); error (then the end) for a refusal asked with Accept: text/event-stream", content_type = "text/event-stream", body = String),
         (status = 422, description = "Invalid filter or position", body = crate::routes::openapi::ProblemDoc),
+        (status = 503, description = "Refused for now, asked without Accept: text/event-stream: shutting_down, database_unavailable, too_many_connections, or server_busy (a snapshot while the streams hold all the snapshot memory they may)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/events")]
 pub async fn events(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -249,6 +250,7 @@ async fn open_events(
         (status = 400, description = "Invalid order id", body = crate::routes::openapi::ProblemDoc),
         (status = 404, description = "No such order", body = crate::routes::openapi::ProblemDoc),
         (status = 422, description = "Invalid position or unknown query parameter", body = crate::routes::openapi::ProblemDoc),
+        (status = 503, description = "Refused for now, asked without Accept: text/event-stream: shutting_down, database_unavailable, too_many_connections, or server_busy (the streams hold all the snapshot memory they may; the order's state is its snapshot)", body = crate::routes::openapi::ProblemDoc),
     ))]
 #[get("/api/orders/{id}/events")]
 pub async fn order_events(

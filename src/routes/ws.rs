@@ -118,13 +118,9 @@ pub struct Opened {
     pub snapshot_held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// The share of the snapshot memory (`AppState::snapshots`, in KiB) a page
-/// holds: all of it at most, so a page larger than the whole goes alone.
-fn snapshot_share(
-    state: &AppState,
-    page: &crate::routes::orders::Page,
-) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-    let kib = page.items.iter().map(String::len).sum::<usize>() / 1024 + 1;
+/// A share of the snapshot memory (`AppState::snapshots`, in KiB): `kib`,
+/// all of it at most, so a page larger than the whole goes alone.
+fn snapshot_share(state: &AppState, kib: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
     let kib = kib.min(state.settings.snapshot_memory_mib as usize * 1024) as u32;
     state.snapshots.clone().try_acquire_many_owned(kib).map_err(|_| {
         ApiError::Busy(format!(
@@ -149,11 +145,16 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
     loop {
         tries += 1;
         let (since, snapshot) = if params.snapshot {
+            // Taken before the read, for the most a page holds (refused, a
+            // stream costs no read), and cut to what the page holds after.
+            let mut share = snapshot_share(state, crate::routes::orders::PAGE_BYTES / 1024 + 1)?;
             let page =
                 crate::routes::orders::list_page(&state.stream_pool, &params.filter, None, params.snapshot_limit, None)
                     .await?;
+            let kib = page.items.iter().map(String::len).sum::<usize>() / 1024 + 1;
+            drop(share.split(share.num_permits().saturating_sub(kib)));
             state.hub.note_handed_out(page.position, page.committed_micros);
-            (Some(page.position), Some((snapshot_share(state, &page)?, page)))
+            (Some(page.position), Some((share, page)))
         } else {
             (params.since, None)
         };
