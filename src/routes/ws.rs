@@ -53,6 +53,8 @@ pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// The handshake's query is invalid (a filter, `since`, an unknown parameter).
 pub const CLOSE_INVALID_QUERY: u16 = 4422;
 pub const CLOSE_UNAVAILABLE: u16 = 4503;
+/// RFC 6455's "internal error".
+pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
 pub const CLOSE_FORBIDDEN: u16 = 4003;
 pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
@@ -246,6 +248,14 @@ pub async fn ws(req: HttpRequest, query: QueryPairs, state: web::Data<AppState>)
             let reason = format!("cannot open the stream: {}", e.code());
             return Ok(switch(handshake, Handoff::Refuse { code: CLOSE_UNAVAILABLE, reason, slot }));
         }
+        // A failure of the server's own (logged, as a REST 500 is): 1011
+        // with its code, which a browser can read, where a 500 to the
+        // handshake reaches it as 1006 and nothing more.
+        Err(ApiError::Unexpected(e)) => {
+            log::error!("opening a stream failed: {e:#}");
+            let reason = "cannot open the stream: internal_error".to_string();
+            return Ok(switch(handshake, Handoff::Refuse { code: CLOSE_INTERNAL_ERROR, reason, slot }));
+        }
         Err(e) => return Err(e),
     };
     let session = Session { state: state.into_inner(), opened, params, principal, _slot: slot };
@@ -298,11 +308,17 @@ pub fn start(io: tokio::net::TcpStream, early: bytes::BytesMut, handoff: Handoff
             });
         }
         Handoff::Session(session) => {
+            /// Counts the session out however it ends (a panic included).
+            struct Counted(std::sync::Arc<AppState>);
+            impl Drop for Counted {
+                fn drop(&mut self) {
+                    self.0.sessions.ws.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
             let fut = async move {
-                let state = session.state.clone();
-                state.sessions.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                session.state.sessions.ws.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _counted = Counted(session.state.clone());
                 run_session(session, io, early).await;
-                state.sessions.ws.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             };
             actix_web::rt::spawn(fut);
         }
@@ -627,8 +643,13 @@ async fn run_session(session: Box<Session>, io: tokio::net::TcpStream, early: by
         Ok(()) => Outcome::Continue,
         Err(o) => o,
     };
+    // A protocol error in what came with the handshake does not replace a
+    // close the announcement already chose (4008, 4503): the client is
+    // told the first thing that went wrong.
     if let Err(e) = conn.socket.early_messages(&mut messages) {
-        outcome = read_failed(e);
+        if let Outcome::Continue = outcome {
+            outcome = read_failed(e);
+        }
     }
     while let Outcome::Continue = outcome {
         // Client messages first (rare; their handling is boxed so that it

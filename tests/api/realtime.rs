@@ -2337,3 +2337,23 @@ async fn snapshots_not_yet_sent_share_a_bounded_memory() {
     let r = app.http.get(app.url("/api/events?snapshot=true")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A stream the server fails to open for a reason of its own (here a
+/// database function gone) is upgraded and closed with 1011 and the error's
+/// code, which a browser can read; a 500 to the handshake reached it as
+/// 1006 and nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_to_open_for_the_servers_own_reason_is_closed_with_1011() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    db.batch_execute("ALTER FUNCTION change_head() RENAME TO change_head_away").await.unwrap();
+    let mut ws = app.ws("?snapshot=true").await;
+    match ws.next_event(WAIT).await {
+        WsEvent::Closed(Some((code, reason))) => {
+            assert_eq!((code, reason.as_str()), (1011, "cannot open the stream: internal_error"))
+        }
+        other => panic!("{other:?}"),
+    }
+    db.batch_execute("ALTER FUNCTION change_head_away() RENAME TO change_head").await.unwrap();
+    app.ws("?snapshot=true").await.ready().await;
+}
