@@ -362,6 +362,36 @@ pub async fn snapshot(
         .await
 }
 
+/// Runs `statement` as a portal in `tx` and hands its rows to `take` until
+/// it returns false or the rows run out. Rows are fetched in chunks (32,
+/// doubling up to 4,096), so a reader that stops early (a page cut at its
+/// bytes) has had PostgreSQL send the rest of one chunk at most, not every
+/// row the statement would give.
+pub async fn portal_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    mut take: impl FnMut(tokio_postgres::Row) -> Result<bool, tokio_postgres::Error>,
+) -> Result<(), tokio_postgres::Error> {
+    use futures_util::TryStreamExt;
+    let portal = tx.bind(statement, params).await?;
+    let mut chunk = 32;
+    loop {
+        let mut rows = std::pin::pin!(tx.query_portal_raw(&portal, chunk).await?);
+        let mut n = 0;
+        while let Some(row) = rows.try_next().await? {
+            n += 1;
+            if !take(row)? {
+                return Ok(());
+            }
+        }
+        if n < chunk {
+            return Ok(());
+        }
+        chunk = (chunk * 2).min(4096);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,7 +62,7 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
         }
     }
     let viewer = crate::auth::principal(&req).customer;
-    let client = state.pool.get().await?;
+    let mut client = state.pool.get().await?;
     let handed = crate::changes::handed_head(&**client).await?;
     let (head, pruned) = (handed.pos, handed.pruned);
     let before = before.unwrap_or(head + 1).min(head + 1);
@@ -75,23 +75,21 @@ pub async fn recent(req: HttpRequest, query: QueryPairs, state: web::Data<AppSta
     let stmt = client.prepare_cached(RECENT_SQL).await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [&before, &limit, &from, &viewer, &transactions];
     let (mut changes, mut read, mut last, mut bytes) = (Vec::new(), 0, None, 0);
-    {
-        // Like a page of orders, the answer ends at `PAGE_BYTES` (then
-        // `next_before` goes on below its last change); the rows left unread
-        // are dropped with the stream, before the client is used again.
-        let mut rows = std::pin::pin!(client.query_raw(&stmt, params).await?);
-        while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
-            read += 1;
-            last = Some(row.try_get::<_, i64>(0)?);
-            if let Some(json) = crate::changes::visible_json(&row, viewer.as_deref())? {
-                bytes += json.len();
-                changes.push(json);
-            }
-            if bytes >= crate::routes::orders::PAGE_BYTES {
-                break;
-            }
+    // Like a page of orders, the answer ends at `PAGE_BYTES` (then
+    // `next_before` goes on below its last change), read through a portal
+    // so that the database stops sending there too.
+    let tx = client.build_transaction().read_only(true).start().await?;
+    crate::db::portal_rows(&tx, &stmt, &params, |row| {
+        read += 1;
+        last = Some(row.try_get::<_, i64>(0)?);
+        if let Some(json) = crate::changes::visible_json(&row, viewer.as_deref())? {
+            bytes += json.len();
+            changes.push(json);
         }
-    }
+        Ok(bytes < crate::routes::orders::PAGE_BYTES)
+    })
+    .await?;
+    tx.commit().await?;
     let next_before = if read == limit || bytes >= crate::routes::orders::PAGE_BYTES {
         last
     } else {

@@ -322,8 +322,8 @@ pub async fn list_page(
     let (statuses, pattern, after) = (filter.status_strings(), q.map(like_pattern), limit + 1);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
         [&statuses, &ids, &filter.customer, &pattern, &q_id, &cursor, &after];
-    let rows = tx
-        .query_raw(
+    let statement = tx
+        .prepare_cached(
             "SELECT id, to_jsonb(o)::text FROM orders o \
              WHERE ($1::text[] IS NULL OR status = ANY($1)) \
                AND ($2::bigint[] IS NULL OR id = ANY($2)) \
@@ -332,27 +332,22 @@ pub async fn list_page(
                     OR customer_email ILIKE $4 OR id = $5) \
                AND ($6::bigint IS NULL OR id < $6) \
              ORDER BY id DESC LIMIT $7",
-            params,
         )
         .await?;
-    let (mut items, mut next_cursor, mut bytes) = (Vec::new(), None, 0);
-    {
-        // Dropped before the commit: the connection hands the rows left
-        // unread to a dropped stream only, not to one still held.
-        let mut rows = std::pin::pin!(rows);
-        let mut last = None;
-        while let Some(row) = futures_util::TryStreamExt::try_next(&mut rows).await? {
-            if items.len() as i64 == limit || bytes >= PAGE_BYTES {
-                // One more matched: the page goes on after its last order.
-                next_cursor = last;
-                break;
-            }
-            let item: String = row.try_get(1)?;
-            bytes += item.len();
-            last = Some(row.try_get(0)?);
-            items.push(item);
+    let (mut items, mut next_cursor, mut bytes, mut last) = (Vec::new(), None, 0, None);
+    crate::db::portal_rows(&tx, &statement, &params, |row| {
+        if items.len() as i64 == limit || bytes >= PAGE_BYTES {
+            // One more matched: the page goes on after its last order.
+            next_cursor = last;
+            return Ok(false);
         }
-    }
+        let item: String = row.try_get(1)?;
+        bytes += item.len();
+        last = Some(row.try_get(0)?);
+        items.push(item);
+        Ok(true)
+    })
+    .await?;
     tx.commit().await?;
     Ok(Page { next_cursor, items, position: head.pos, committed_micros: head.committed_micros })
 }
