@@ -931,8 +931,8 @@ pub(crate) mod tests {
             hub.publish(vec![sized(1, 200)]).await.unwrap();
             assert_eq!(woken(&mut reader).await.changes()[0].pos, 1);
             assert_eq!(woken(&mut idle).await.changes()[0].pos, 1);
-            // 40 bytes each (80 for the two-change batch, with its frames
-            // put together): 40 + 40 fit, 40 more do not.
+            // 40 bytes each (a frame and an event of 20): 40 + 40 fit, 40
+            // more do not.
             for pos in [2, 3] {
                 hub.publish(vec![sized(pos, 20)]).await.unwrap();
                 assert_eq!(woken(&mut reader).await.changes()[0].pos, pos);
@@ -944,7 +944,8 @@ pub(crate) mod tests {
             assert_eq!(woken(&mut idle).await.changes()[0].pos, 3);
             assert_eq!(idle.recv().await.map(|_| ()), None, "let go after what it was given");
             assert!(idle.lagged() && !reader.lagged());
-            // Own batches (a filtered client's) count the same way.
+            // Own batches (a filtered client's) count the same way: two
+            // changes of 60 bytes, taken into an empty queue, then 60 more.
             let pending = Filter { statuses: [Status::Pending].into(), ..Filter::default() };
             let mut filtered = hub.subscribe(pending).await.unwrap();
             hub.publish(vec![sized(5, 30), sized(6, 30)]).await.unwrap();

@@ -87,9 +87,9 @@ pub async fn run(pool: Pool, settings: Settings, state: std::sync::Arc<Maintenan
 
 /// Positions pruned per statement. A large backlog (retention lowered or
 /// turned on, maintenance stopped a while) goes in rounds, each its own
-/// transaction (36-59 ms a round: see the README's "Retention"): in one statement it could outlast a
-/// `statement_timeout` and fail at every pass, never making progress, and
-/// held back vacuum for as long as it ran.
+/// transaction (36-59 ms a round: see the README's "Retention"): in one
+/// statement it could outlast a `statement_timeout` and fail at every pass,
+/// never making progress, and held back vacuum for as long as it ran.
 pub const PRUNE_ROUND: i64 = 10_000;
 
 /// Prunes through `through` (its transaction whole or not at all); returns
