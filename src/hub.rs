@@ -116,6 +116,9 @@ pub struct HubStats {
     pub resyncs: AtomicU64,
     /// Clients closed for not reading (4008).
     pub slow_disconnects: AtomicU64,
+    /// Times the hub's task panicked and went on with every subscription
+    /// let go (see `supervise`).
+    pub restarts: AtomicU64,
     /// Commit (the sequencer's clock) to fan-out into client queues.
     pub commit_to_push: crate::metrics::Histogram,
 }
@@ -129,6 +132,9 @@ enum Command {
     /// The log went back to this position: the positions after it will be
     /// numbered again.
     Rewind(i64),
+    /// Panics as if publishing these changes failed half way.
+    #[cfg(test)]
+    Fail(Vec<SharedChange>),
 }
 
 /// Handle to the hub task. Cheap to clone.
@@ -169,11 +175,24 @@ pub struct Subscription {
 /// subscription; no buffer until something is queued.
 #[derive(Default)]
 struct Queue {
-    // unwrap on lock: never held across a panic (only pushes and pops)
+    /// Locked through `Queue::lock`.
     inner: Mutex<Queued>,
     waker: AtomicWaker,
     /// The subscribing thread's relay, which wakes this session for the hub.
     relay: Option<Arc<Relay>>,
+}
+
+impl Queue {
+    /// The queue's state. Held only for pushes, pops and flags; should the
+    /// hub's task panic while holding it (see `supervise`), the poison is
+    /// cleared: the hub then marks the subscription lagged, and the session
+    /// drains what is queued and catches up from the change log.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.inner.lock().unwrap_or_else(|poisoned| {
+            self.inner.clear_poison();
+            poisoned.into_inner()
+        })
+    }
 }
 
 /// Wakes a worker thread's sessions from that thread.
@@ -294,8 +313,8 @@ struct Queued {
 impl Queued {
     fn pop(&mut self) -> Option<Batch> {
         let batch = self.batches.pop_front()?;
-        self.changes -= batch.changes().len();
-        self.bytes -= batch.bytes();
+        self.changes = self.changes.saturating_sub(batch.changes().len());
+        self.bytes = self.bytes.saturating_sub(batch.bytes());
         if self.batches.is_empty() && self.batches.capacity() > 64 {
             self.batches = VecDeque::new();
         }
@@ -309,7 +328,7 @@ impl Subscription {
     pub async fn recv(&mut self) -> Option<Batch> {
         std::future::poll_fn(|cx| {
             self.queue.waker.register(cx.waker());
-            let mut q = self.queue.inner.lock().unwrap();
+            let mut q = self.queue.lock();
             match q.pop() {
                 Some(b) => Poll::Ready(Some(b)),
                 None if q.closed => Poll::Ready(None),
@@ -326,11 +345,11 @@ impl Subscription {
     }
 
     fn pop(&self) -> Option<Batch> {
-        self.queue.inner.lock().unwrap().pop()
+        self.queue.lock().pop()
     }
 
     pub fn lagged(&self) -> bool {
-        self.queue.inner.lock().unwrap().lagged
+        self.queue.lock().lagged
     }
 }
 
@@ -370,6 +389,7 @@ impl Hub {
             by_customer: HashMap::new(),
             by_status: Default::default(),
             next_id: 0,
+            publishing: position,
             max_queued: max_queued.max(1),
             max_bytes,
             position: hub.position.clone(),
@@ -379,7 +399,7 @@ impl Hub {
             stats: hub.stats.clone(),
             unsubscribe,
         };
-        tokio::spawn(registry.run(command_rx, unsubscribe_rx));
+        tokio::spawn(supervise(registry, command_rx, unsubscribe_rx));
         hub
     }
 
@@ -459,7 +479,7 @@ impl Drop for Sub {
     /// The session sees the end of its subscription once it has taken what
     /// was queued.
     fn drop(&mut self) {
-        self.queue.inner.lock().unwrap().closed = true;
+        self.queue.lock().closed = true;
         self.queue.waker.wake();
     }
 }
@@ -484,6 +504,9 @@ struct Registry {
     by_customer: HashMap<String, Vec<u64>>,
     by_status: [Vec<u64>; 7],
     next_id: u64,
+    /// The last position of the batch being published (stored in `position`
+    /// once it is in every queue).
+    publishing: i64,
     max_queued: usize,
     max_bytes: usize,
     position: Arc<AtomicI64>,
@@ -512,8 +535,37 @@ fn status_index(s: Option<&str>) -> Option<usize> {
     Status::ALL.iter().position(|st| st.as_str() == s)
 }
 
+/// Runs the registry, and runs it again should it panic (a defect: nothing
+/// in it is expected to). Every subscription is then let go as lagged, so
+/// each session catches up from the change log, and the live stream goes on
+/// after the batch that was being published: nothing is lost and no session
+/// is left waiting on a hub that is gone. Subscription ids go on where they
+/// were, so that the old subscriptions' unsubscribes name none of the new.
+async fn supervise(
+    mut registry: Registry,
+    mut commands: mpsc::Receiver<Command>,
+    mut unsubscribes: mpsc::UnboundedReceiver<u64>,
+) {
+    loop {
+        let run = std::panic::AssertUnwindSafe(registry.run(&mut commands, &mut unsubscribes));
+        match futures_util::FutureExt::catch_unwind(run).await {
+            Ok(()) => break,
+            Err(panic) => {
+                log::error!(
+                    "the hub failed ({}); every subscription catches up from the change log",
+                    crate::error::panic_message(&*panic)
+                );
+                registry.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                registry.lag_all();
+                registry.position.fetch_max(registry.publishing, Ordering::AcqRel);
+            }
+        }
+    }
+    log::debug!("hub stopped");
+}
+
 impl Registry {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut unsubscribes: mpsc::UnboundedReceiver<u64>) {
+    async fn run(&mut self, commands: &mut mpsc::Receiver<Command>, unsubscribes: &mut mpsc::UnboundedReceiver<u64>) {
         loop {
             tokio::select! {
                 biased;
@@ -535,11 +587,15 @@ impl Registry {
                     Some(Command::Publish(changes)) => self.publish(changes),
                     Some(Command::Gap(pruned)) => self.gap(pruned),
                     Some(Command::Rewind(head)) => self.rewind(head),
+                    #[cfg(test)]
+                    Some(Command::Fail(changes)) => {
+                        self.publishing = changes.last().map_or(self.publishing, |c| c.pos);
+                        panic!("a test's failure while publishing");
+                    }
                     None => break,
                 },
             }
         }
-        log::debug!("hub stopped");
     }
 
     fn bucket_mut(&mut self, bucket: &Bucket) -> &mut Vec<u64> {
@@ -607,7 +663,7 @@ impl Registry {
         let Some(sub) = self.subs.get(&id) else { return true };
         let (n, bytes) = (batch.changes().len(), batch.bytes());
         {
-            let mut q = sub.queue.inner.lock().unwrap();
+            let mut q = sub.queue.lock();
             if q.closed {
                 return false;
             }
@@ -653,7 +709,7 @@ impl Registry {
     /// publishing waits).
     fn lag_all(&mut self) {
         for sub in self.subs.values() {
-            sub.queue.inner.lock().unwrap().lagged = true;
+            sub.queue.lock().lagged = true;
         }
         self.subs.clear();
         self.all.clear();
@@ -665,6 +721,7 @@ impl Registry {
 
     fn publish(&mut self, changes: Vec<SharedChange>) {
         let Some(last) = changes.last().map(|c| c.pos) else { return };
+        self.publishing = last;
         self.stats.published.fetch_add(changes.len() as u64, Ordering::Relaxed);
         let now = chrono::Utc::now().timestamp_micros();
         for c in &changes {
@@ -723,7 +780,7 @@ impl Registry {
 
         wakes.flush();
         for id in &dropped {
-            if self.subs.get(id).is_some_and(|s| s.queue.inner.lock().unwrap().lagged) {
+            if self.subs.get(id).is_some_and(|s| s.queue.lock().lagged) {
                 self.stats.lagged.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -955,6 +1012,41 @@ pub(crate) mod tests {
             assert_eq!(woken(&mut filtered).await.changes().len(), 2);
             assert_eq!(filtered.recv().await.map(|_| ()), None);
             assert!(filtered.lagged());
+        });
+    }
+
+    /// A panic in the hub's task lets every subscription go as lagged (its
+    /// session catches up from the log) and the hub goes on: new
+    /// subscriptions start after the batch that failed, get what follows,
+    /// and the old subscriptions leaving does not remove them. Before, the
+    /// panic ended the task: every session waited on a hub that was gone.
+    #[test]
+    fn a_panic_in_the_hub_lets_every_subscription_go_and_the_hub_goes_on() {
+        let rt = multi_thread();
+        rt.block_on(async {
+            let hub = Hub::start(0, 16);
+            let mut old = hub.subscribe(Filter::default()).await.unwrap();
+            let pending = Filter { statuses: [Status::Pending].into(), ..Filter::default() };
+            let mut old_filtered = hub.subscribe(pending.clone()).await.unwrap();
+            hub.publish(vec![change(1)]).await.unwrap();
+            assert_eq!(woken(&mut old).await.changes()[0].pos, 1);
+            assert_eq!(woken(&mut old_filtered).await.changes()[0].pos, 1);
+
+            hub.commands.send(Command::Fail(vec![change(2), change(3)])).await.unwrap();
+            assert_eq!(old.recv().await.map(|_| ()), None, "let go");
+            assert_eq!(old_filtered.recv().await.map(|_| ()), None, "let go");
+            assert!(old.lagged() && old_filtered.lagged(), "to catch up from the log, not to end");
+            until(&hub, |s| s.restarts.load(Ordering::Relaxed) == 1).await;
+            assert_eq!(hub.position(), 3, "the live stream goes on after the batch that failed");
+
+            let mut new = hub.subscribe(Filter::default()).await.unwrap();
+            let mut new_filtered = hub.subscribe(pending).await.unwrap();
+            assert_eq!((new.start, new.epoch), (3, old.epoch));
+            drop((old, old_filtered));
+            hub.publish(vec![change(4)]).await.unwrap();
+            assert_eq!(woken(&mut new).await.changes()[0].pos, 4);
+            assert_eq!(woken(&mut new_filtered).await.changes()[0].pos, 4);
+            until(&hub, |s| s.subscriptions.load(Ordering::Relaxed) == 2).await;
         });
     }
 

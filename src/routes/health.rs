@@ -61,6 +61,7 @@ pub async fn health(req: HttpRequest, state: web::Data<AppState>) -> HttpRespons
             "subscriptions": state.hub.stats.subscriptions.load(Ordering::Relaxed),
             "deliveries": state.hub.stats.deliveries.load(Ordering::Relaxed),
             "lagged": state.hub.stats.lagged.load(Ordering::Relaxed),
+            "restarts": state.hub.stats.restarts.load(Ordering::Relaxed),
         },
         // Reported, not counted against `status`: streams are served while
         // retention fails, and taking the server out of a load balancer

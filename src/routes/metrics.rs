@@ -48,6 +48,13 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         "Clients closed with 4008 for not reading.",
         hub.slow_disconnects.load(Relaxed),
     );
+    sample(
+        &mut out,
+        "ordercast_hub_restarts_total",
+        "counter",
+        "Times the hub's task failed and went on, every client catching up from the log.",
+        hub.restarts.load(Relaxed),
+    );
     hub.commit_to_push.render(
         &mut out,
         "ordercast_commit_to_push_seconds",
