@@ -153,7 +153,16 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
             let page =
                 crate::routes::orders::list_page(&state.stream_pool, &params.filter, None, params.snapshot_limit, None)
                     .await?;
+            // The row that reaches `PAGE_BYTES` is in the page whatever its
+            // size: a page past the share takes the rest (all of the memory
+            // at most) or is let go, refused like a stream that found no
+            // share.
             let kib = page.items.iter().map(String::len).sum::<usize>() / 1024 + 1;
+            let whole = state.settings.snapshot_memory_mib as usize * 1024;
+            let more = kib.min(whole).saturating_sub(share.num_permits());
+            if more > 0 {
+                share.merge(snapshot_share(state, more)?);
+            }
             drop(share.split(share.num_permits().saturating_sub(kib)));
             state.hub.note_handed_out(page.position, page.committed_micros);
             (Some(page.position), Some((share, page)))

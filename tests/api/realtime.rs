@@ -2338,6 +2338,44 @@ async fn snapshots_not_yet_sent_share_a_bounded_memory() {
     assert_eq!(r.status(), 200);
 }
 
+/// The row that reaches a snapshot page's 4 MiB is in the page whatever its
+/// size, and the page holds its whole weight of the snapshot memory: it
+/// takes what it read past the share it took before the read, or, with no
+/// room for that, is let go and the stream refused (`server_busy`). Before,
+/// such a page held 4 MiB of the memory whatever it weighed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_page_past_its_share_holds_all_it_weighs_or_is_refused() {
+    use ordercast::routes::ws::open_stream;
+    let app = spawn_app_with(|s| s.snapshot_memory_mib = 8).await;
+    app.sql()
+        .await
+        .batch_execute(
+            "INSERT INTO orders (customer_name, product, quantity, unit_price) \
+             SELECT 'Bulk', g || repeat('x', 3145728), 1, 1 FROM generate_series(1, 3) g",
+        )
+        .await
+        .unwrap();
+    let params = ordercast::routes::StreamParams { snapshot: true, snapshot_limit: 1000, ..Default::default() };
+    let whole = 8 * 1024;
+    let held = open_stream(&app.state, &params).await.unwrap();
+    let page = held.snapshot.as_ref().unwrap();
+    assert_eq!(page.items.len(), 2, "cut after the row that reaches 4 MiB");
+    let kib = page.items.iter().map(String::len).sum::<usize>() / 1024 + 1;
+    assert!(kib > 6 * 1024, "{kib}");
+    assert_eq!(app.state.snapshots.available_permits(), whole - kib);
+    drop(held);
+    assert_eq!(app.state.snapshots.available_permits(), whole);
+    // Room for the share taken before the read (4 MiB), not for the page.
+    let taken = app.state.snapshots.clone().try_acquire_many_owned(3 * 1024).unwrap();
+    match open_stream(&app.state, &params).await {
+        Err(ordercast::error::ApiError::Busy(_)) => {}
+        Err(other) => panic!("{other:?}"),
+        Ok(opened) => panic!("opened with a page of {} rows", opened.snapshot.map_or(0, |p| p.items.len())),
+    }
+    assert_eq!(app.state.snapshots.available_permits(), whole - 3 * 1024, "the page's share is let go");
+    drop(taken);
+}
+
 /// A stream the server fails to open for a reason of its own (here a
 /// database function gone) is upgraded and closed with 1011 and the error's
 /// code, which a browser can read; a 500 to the handshake reached it as
