@@ -19,7 +19,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
         // `ordercast` is built beside the bench binary for integration tests.
         .args(["--server", env!("CARGO_BIN_EXE_ordercast")])
         .args(["ws-latency:5:50", "sse-latency:3:50", "fanout:5:200", "idle:20", "write-cost:300", "ingest:300:20"])
-        .args(["resume:5:300"])
+        .args(["resume:5:300", "idle-ids:5:50"])
         // The same two measurements against the reference broadcaster.
         .args(["ref-latency:5:50", "ref-fanout:5:200"])
         .output()
@@ -34,7 +34,7 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
     let json_start = stdout.find("\n{").expect("a JSON report after the table") + 1;
     let report: Value = serde_json::from_str(&stdout[json_start..]).expect("the report is JSON");
     let results = report["results"].as_array().expect("results");
-    assert_eq!(results.len(), 9, "{report:#}");
+    assert_eq!(results.len(), 10, "{report:#}");
 
     for r in results {
         let name = r["scenario"].as_str().unwrap();
@@ -60,6 +60,12 @@ fn the_benchmark_tool_runs_every_scenario_and_counts_no_loss() {
             }
             assert_eq!(m["client_errors"].as_f64(), Some(0.0), "{name}: {m}\n{stderr}");
             assert!(m["caught_up_secs"].as_f64().is_some() && m["server_peak_rss_mib"].is_number(), "{name}: {m}");
+            continue;
+        }
+        if name.starts_with("idle-ids") {
+            // Each client subscribed with its 50 ids; the memory is measured.
+            assert_eq!((m["held"].as_f64(), m["connect_errors"].as_f64()), (Some(5.0), Some(0.0)), "{name}: {m}");
+            assert!(m["bytes_per_connection"].is_number(), "{name}: {m}");
             continue;
         }
         if name.starts_with("write-cost") {

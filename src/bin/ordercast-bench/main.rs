@@ -78,7 +78,8 @@ struct Args {
     json: Option<PathBuf>,
 
     /// Scenarios (default: all): ws-latency:CLIENTS:RATE, sse-latency:CLIENTS:RATE,
-    /// fanout:CLIENTS:RATE, idle:CONNECTIONS, write-cost:ROWS, ingest:ORDERS:RATE;
+    /// fanout:CLIENTS:RATE, idle:CONNECTIONS, idle-ids:CONNECTIONS:IDS (each
+    /// filtered by IDS order ids of its own), write-cost:ROWS, ingest:ORDERS:RATE;
     /// ref-latency:CLIENTS:RATE and ref-fanout:CLIENTS:RATE run ws-latency and
     /// fanout against the reference broadcaster (a minimal LISTEN/NOTIFY server)
     /// instead of ordercast.
@@ -109,6 +110,8 @@ enum Scenario {
     Latency(Subject, Transport, usize, f64),
     Fanout(Subject, usize, f64),
     Idle(usize),
+    /// Idle clients each filtered by this many order ids of their own.
+    IdleIds(usize, usize),
     /// Clients resuming at once from before this many changes.
     Resume(usize, usize),
     WriteCost(usize),
@@ -132,6 +135,7 @@ fn parse_scenario(spec: &str) -> anyhow::Result<Scenario> {
         "fanout" => Scenario::Fanout(Subject::Ordercast, num(1)? as usize, num(2)?),
         "ref-fanout" => Scenario::Fanout(Subject::Reference, num(1)? as usize, num(2)?),
         "idle" => Scenario::Idle(num(1)? as usize),
+        "idle-ids" => Scenario::IdleIds(num(1)? as usize, num(2)? as usize),
         "resume" => Scenario::Resume(num(1)? as usize, num(2)? as usize),
         "write-cost" => Scenario::WriteCost(num(1)? as usize),
         "ingest" => Scenario::Ingest(num(1)? as usize, num(2)?),
@@ -242,6 +246,7 @@ async fn run_once(
             }
             Scenario::Fanout(_, n, rate) => scenarios::fanout(&server, &db_url, *n, *rate, duration, warm_up).await,
             Scenario::Idle(n) => scenarios::idle(&server, &db_url, *n).await,
+            Scenario::IdleIds(n, ids) => scenarios::idle_ids(&server, &db_url, *n, *ids).await,
             Scenario::Resume(n, behind) => scenarios::resume(&server, &db_url, *n, *behind).await,
             Scenario::WriteCost(rows) => scenarios::write_cost(&db_url, *rows).await,
             Scenario::Ingest(orders, rate) => {

@@ -44,16 +44,17 @@ pub struct Clients {
 /// Opens `n` clients (at most `CONNECT_CONCURRENCY` handshakes in flight, from
 /// 127.0.0.2..254) and waits until each is subscribed or failed.
 pub async fn open_clients(server: &Server, transport: Transport, n: usize, keep_latencies: bool) -> Clients {
-    open_clients_with(server, transport, n, keep_latencies, "").await
+    open_clients_with(server, transport, n, keep_latencies, &|_| String::new()).await
 }
 
-/// `open_clients` with a query string (`?since=N`) on the stream's URL.
+/// `open_clients` with a query string (`?since=N`) on each stream's URL,
+/// by the client's number.
 pub async fn open_clients_with(
     server: &Server,
     transport: Transport,
     n: usize,
     keep_latencies: bool,
-    query: &str,
+    query: &dyn Fn(usize) -> String,
 ) -> Clients {
     let addr: SocketAddr = format!("{}:{}", server.host, server.port).parse().expect("numeric host");
     let (finish_tx, finish_rx) = watch::channel(None);
@@ -88,7 +89,7 @@ pub async fn open_clients_with(
         let (ready, finish) = (ready_tx.clone(), finish_rx.clone());
         let handle = match transport {
             Transport::Ws => tokio::spawn(clients::ws_client(
-                server.ws_url(&format!("/ws{query}")),
+                server.ws_url(&format!("/ws{}", query(i))),
                 addr,
                 src,
                 sampling.clone(),
@@ -96,7 +97,7 @@ pub async fn open_clients_with(
                 finish,
             )),
             Transport::Sse => tokio::spawn(clients::sse_client(
-                format!("/api/events{query}"),
+                format!("/api/events{}", query(i)),
                 addr,
                 src,
                 sampling.clone(),
@@ -389,15 +390,52 @@ pub async fn idle(server: &Server, db_url: &str, n: usize) -> anyhow::Result<Fig
     // Held: a connection the change reached, not only one that was opened.
     let held = tallies.iter().filter(|t| t.error.is_none() && t.received > 0).count();
     f.insert("held".into(), json!(held));
-    if let (Some(a), Some(b)) = (rss_before, rss_after) {
+    memory_figures(&mut f, rss_before, rss_after, clients.ready);
+    percentiles(&mut f, &mut samples);
+    Ok(f)
+}
+
+/// The server's memory before and after `connections` were opened, and
+/// the difference per connection.
+fn memory_figures(f: &mut Figures, before: Option<u64>, after: Option<u64>, connections: usize) {
+    if let (Some(a), Some(b)) = (before, after) {
         f.insert("server_rss_before_mib".into(), json!(round2(a as f64 / 1048576.0)));
         f.insert("server_rss_after_mib".into(), json!(round2(b as f64 / 1048576.0)));
         f.insert(
             "bytes_per_connection".into(),
-            json!((b.saturating_sub(a) as f64 / clients.ready.max(1) as f64).round()),
+            json!((b.saturating_sub(a) as f64 / connections.max(1) as f64).round()),
         );
     }
-    percentiles(&mut f, &mut samples);
+}
+
+/// Idle WebSocket clients each following `ids` order ids of its own
+/// (`?id=...`, none shared with another client): the server's memory per
+/// connection with a filter that large, which the hub indexes id by id. The
+/// clients stop once subscribed (a filtered client's positions have gaps the
+/// other scenarios would count as loss); `held` counts those subscribed.
+pub async fn idle_ids(server: &Server, db_url: &str, n: usize, ids: usize) -> anyhow::Result<Figures> {
+    let db = ordercast::db::connect(db_url).await?;
+    let filter = |first: usize| {
+        let list: Vec<String> = (first..first + ids).map(|id| id.to_string()).collect();
+        format!("?id={}", list.join(","))
+    };
+    let h = head(server, &db).await?;
+    // Warm the server up, with a filter of the same size.
+    let mut warm = open_clients_with(server, Transport::Ws, 1, false, &|_| filter(1)).await;
+    drop(warm.finish(h).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = server.rss_bytes();
+    let mut clients = open_clients_with(server, Transport::Ws, n, false, &|i| filter((i + 1) * ids + 1)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss_after = server.rss_bytes();
+    let tallies = clients.finish(h).await;
+    let mut f = Figures::new();
+    f.insert("ids".into(), json!(ids));
+    f.insert("connect_secs".into(), json!(round2(clients.connect_secs)));
+    f.insert("connect_errors".into(), json!(clients.connect_errors));
+    let held = tallies.iter().filter(|t| t.error.is_none()).count();
+    f.insert("held".into(), json!(held));
+    memory_figures(&mut f, rss_before, rss_after, clients.ready);
     Ok(f)
 }
 
@@ -417,7 +455,7 @@ pub async fn resume(server: &Server, db_url: &str, n: usize, behind: usize) -> a
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = server.rss_bytes();
     let started = Instant::now();
-    let mut clients = open_clients_with(server, Transport::Ws, n, false, &format!("?since={since}")).await;
+    let mut clients = open_clients_with(server, Transport::Ws, n, false, &|_| format!("?since={since}")).await;
     let mut tallies = clients.finish(head).await;
     let secs = started.elapsed().as_secs_f64();
     let mut f = Figures::new();
