@@ -1,4 +1,5 @@
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -39,9 +40,54 @@ pub fn fold_char(c: char) -> char {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
     pub statuses: BTreeSet<Status>,
-    pub ids: BTreeSet<i64>,
+    pub ids: Ids,
     /// Exact customer name, compared case-insensitively (stored folded, see `fold_case`).
     pub customer: Option<String>,
+}
+
+/// The order ids of a filter: sorted, without repeats, and shared by the
+/// filter's copies (a stream's parameters, its feed and its hub subscription
+/// each hold one). As a B-tree each, a filter of 1,000 ids cost a stream
+/// about 80 KB; as one shared slice it is 8 KB.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ids(Arc<[i64]>);
+
+impl Ids {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn contains(&self, id: i64) -> bool {
+        self.0.binary_search(&id).is_ok()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = i64> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// These ids and `more`.
+    pub fn with(&self, more: impl IntoIterator<Item = i64>) -> Ids {
+        self.iter().chain(more).collect()
+    }
+}
+
+impl FromIterator<i64> for Ids {
+    fn from_iter<I: IntoIterator<Item = i64>>(ids: I) -> Ids {
+        let mut ids: Vec<i64> = ids.into_iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Ids(ids.into())
+    }
+}
+
+impl<const N: usize> From<[i64; N]> for Ids {
+    fn from(ids: [i64; N]) -> Ids {
+        ids.into_iter().collect()
+    }
 }
 
 impl PartialOrd for Status {
@@ -74,7 +120,7 @@ impl Filter {
         customer: Option<&str>,
         old_customer: Option<&str>,
     ) -> bool {
-        if !self.ids.is_empty() && !self.ids.contains(&order_id) {
+        if !self.ids.is_empty() && !self.ids.contains(order_id) {
             return false;
         }
         let status_hit = |s: Option<&str>| {
@@ -98,12 +144,10 @@ impl Filter {
                 }
             }
             "id" | "order_id" => {
-                for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    let id = part
-                        .parse::<i64>()
-                        .map_err(|_| ValidationError::new("id", format!("{part:?} is not an order id")))?;
-                    self.insert_id(id)?;
-                }
+                let ids = value.split(',').map(str::trim).filter(|p| !p.is_empty()).map(|part| {
+                    part.parse::<i64>().map_err(|_| ValidationError::new("id", format!("{part:?} is not an order id")))
+                });
+                self.add_ids(ids)?;
             }
             // Empty: no filter by customer, as for an empty status or id.
             "customer" if value.trim().is_empty() => {}
@@ -136,10 +180,10 @@ impl Filter {
                     }
                 }
                 "id" | "order_id" => {
-                    for item in items {
-                        let id = item.as_i64().ok_or_else(|| ValidationError::new("id", "must be a whole number"))?;
-                        f.insert_id(id)?;
-                    }
+                    let ids = items
+                        .into_iter()
+                        .map(|item| item.as_i64().ok_or_else(|| ValidationError::new("id", "must be a whole number")));
+                    f.add_ids(ids)?;
                 }
                 "customer" => {
                     let s = v.as_str().ok_or_else(|| ValidationError::new("customer", "must be a string"))?;
@@ -157,11 +201,20 @@ impl Filter {
         Ok(f)
     }
 
-    fn insert_id(&mut self, id: i64) -> Result<(), ValidationError> {
-        if id <= 0 {
-            return Err(ValidationError::new("id", "order ids are positive"));
+    /// Adds order ids: positive, `MAX_IDS` in all at most (more are refused
+    /// as they come, before all of them are read).
+    fn add_ids(&mut self, ids: impl Iterator<Item = Result<i64, ValidationError>>) -> Result<(), ValidationError> {
+        let mut new = BTreeSet::new();
+        for id in ids {
+            let id = id?;
+            if id <= 0 {
+                return Err(ValidationError::new("id", "order ids are positive"));
+            }
+            if new.insert(id) && new.len() > MAX_IDS {
+                return Err(ValidationError::new("id", format!("at most {MAX_IDS} ids per filter")));
+            }
         }
-        self.ids.insert(id);
+        self.ids = self.ids.with(new);
         if self.ids.len() > MAX_IDS {
             return Err(ValidationError::new("id", format!("at most {MAX_IDS} ids per filter")));
         }

@@ -317,7 +317,7 @@ pub async fn list_page(
     let mut client = pool.get().await?;
     let tx = crate::db::snapshot(&mut client).await?;
     let head = crate::changes::handed_head(&*tx).await?;
-    let ids: Option<Vec<i64>> = (!filter.ids.is_empty()).then(|| filter.ids.iter().copied().collect());
+    let ids: Option<Vec<i64>> = (!filter.ids.is_empty()).then(|| filter.ids.iter().collect());
     let q_id: Option<i64> = q.and_then(|q| q.trim_start_matches('#').parse().ok());
     let (statuses, pattern, after) = (filter.status_strings(), q.map(like_pattern), limit + 1);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =

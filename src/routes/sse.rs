@@ -282,7 +282,7 @@ async fn open_order_events(
         }
     }
     let (slot, principal) = admit(req, &state)?;
-    params.filter.ids.insert(id);
+    params.filter.ids = params.filter.ids.with([id]);
     apply_last_event_id(req, &mut params)?;
     super::ws::restrict(&mut params, &principal);
     let opened = open_stream(&state, &params).await?;
