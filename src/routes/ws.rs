@@ -592,6 +592,14 @@ async fn handle_message(
                         conn.announce(&mut session.opened, &session.params).await
                     }
                     Err(ApiError::Validation(e)) => conn.send_json(error_message(&e)).await,
+                    // As at the handshake: a failure of the server's own is
+                    // logged and closes with 1011, anything else (the
+                    // database away, the snapshot memory spent, the server
+                    // stopping) with 4503, for the client to come back.
+                    Err(ApiError::Unexpected(e)) => {
+                        log::error!("a subscribe failed: {e:#}");
+                        Err(close(CLOSE_INTERNAL_ERROR, "cannot subscribe: internal_error".to_string()))
+                    }
                     Err(e) => Err(close(CLOSE_UNAVAILABLE, format!("cannot subscribe: {}", e.code()))),
                 }
             }

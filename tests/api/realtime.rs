@@ -2384,6 +2384,8 @@ async fn a_snapshot_page_past_its_share_holds_all_it_weighs_or_is_refused() {
 async fn a_stream_that_fails_to_open_for_the_servers_own_reason_is_closed_with_1011() {
     let app = spawn_app().await;
     let db = app.sql().await;
+    let mut open = app.ws("").await;
+    open.ready().await;
     db.batch_execute("ALTER FUNCTION change_head() RENAME TO change_head_away").await.unwrap();
     let mut ws = app.ws("?snapshot=true").await;
     match ws.next_event(WAIT).await {
@@ -2391,6 +2393,19 @@ async fn a_stream_that_fails_to_open_for_the_servers_own_reason_is_closed_with_1
             assert_eq!((code, reason.as_str()), (1011, "cannot open the stream: internal_error"))
         }
         other => panic!("{other:?}"),
+    }
+    // The same for a `subscribe` on an open stream (it was 4503, as if the
+    // database were away, and not logged).
+    open.send_json(json!({"type": "subscribe", "snapshot": true})).await;
+    loop {
+        match open.next_event(WAIT).await {
+            WsEvent::Closed(Some((code, reason))) => {
+                assert_eq!((code, reason.as_str()), (1011, "cannot subscribe: internal_error"));
+                break;
+            }
+            WsEvent::Json(m) if m["type"] == "heartbeat" => continue,
+            other => panic!("{other:?}"),
+        }
     }
     db.batch_execute("ALTER FUNCTION change_head_away() RENAME TO change_head").await.unwrap();
     app.ws("?snapshot=true").await.ready().await;
