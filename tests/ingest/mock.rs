@@ -157,7 +157,12 @@ async fn a_broker_outage_pauses_ingest_and_loses_nothing() {
     wait_count(&app.db_url, "SELECT least(count(*), 20) FROM orders", 20, WAIT).await;
     broker.broker_down();
     down_tx.send(()).unwrap();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let degraded = crate::helpers::eventually(Duration::from_secs(30), || async {
+        let (status, h) = app.get_json("/api/health").await;
+        (status == 503 && h["kafka"]["state"] == "degraded").then_some(h)
+    })
+    .await;
+    assert!(degraded["kafka"]["last_kafka_error"].is_string(), "{degraded}");
     let during: i64 = app.sql().await.query_one("SELECT count(*) FROM orders", &[]).await.unwrap().get(0);
     assert!(during < total, "the outage happened mid-stream ({during} of {total} already in)");
     broker.broker_up();

@@ -42,6 +42,10 @@ struct TestStep {
     calls: AtomicU32,
     /// Effects by order id: how many times each order was really charged.
     effects: Mutex<HashMap<i64, u32>>,
+    /// The idempotency keys (order ids) the service remembers: a call with
+    /// one of them has no new effect; a compensation voids its key, so that
+    /// a call after it would charge again.
+    live: Mutex<std::collections::HashSet<i64>>,
     compensations: Mutex<HashMap<i64, u32>>,
     /// By order id, the `done` its last compensation was given.
     answered: Mutex<HashMap<i64, Option<String>>>,
@@ -65,6 +69,7 @@ impl TestStep {
             mode,
             calls: AtomicU32::new(0),
             effects: Mutex::default(),
+            live: Mutex::default(),
             compensations: Mutex::default(),
             answered: Mutex::default(),
             refused_compensations: AtomicU32::new(0),
@@ -89,9 +94,13 @@ impl TestStep {
         self.answered.lock().unwrap().get(&id).cloned()
     }
 
-    /// Applies the effect once per order id, as an idempotent service does.
+    /// Applies the effect unless the key is live, as an idempotent service
+    /// does: a redelivered call changes nothing, a call after the effect was
+    /// undone is a second charge, which `effects` counts.
     fn apply(&self, id: i64) {
-        self.effects.lock().unwrap().entry(id).or_insert(1);
+        if self.live.lock().unwrap().insert(id) {
+            *self.effects.lock().unwrap().entry(id).or_default() += 1;
+        }
     }
 }
 
@@ -143,6 +152,7 @@ impl Step for TestStep {
                 return Err(StepError::Rejected("the refund was declined".into()));
             }
             *self.compensations.lock().unwrap().entry(order.id).or_default() += 1;
+            self.live.lock().unwrap().remove(&order.id);
             Ok(format!("{} undone for {}", self.name, order.id))
         })
     }
