@@ -132,7 +132,8 @@ enum Command {
     /// The log went back to this position: the positions after it will be
     /// numbered again.
     Rewind(i64),
-    /// Panics as if publishing these changes failed half way.
+    /// Publishes these changes and panics half way: after the unfiltered
+    /// subscriptions got them, before the filtered ones do.
     #[cfg(test)]
     Fail(Vec<SharedChange>),
 }
@@ -297,6 +298,15 @@ impl Wakes {
     }
 }
 
+impl Drop for Wakes {
+    /// Wakes the relays handed wakers even when the publish panicked half
+    /// way: a relay left holding wakers it was not woken for would never be
+    /// woken again (a relay is added to a publish only when it holds none).
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 #[derive(Default)]
 struct Queued {
     batches: VecDeque<Batch>,
@@ -398,6 +408,8 @@ impl Hub {
             epoch: 0,
             stats: hub.stats.clone(),
             unsubscribe,
+            #[cfg(test)]
+            fail_next: false,
         };
         tokio::spawn(supervise(registry, command_rx, unsubscribe_rx));
         hub
@@ -522,6 +534,9 @@ struct Registry {
     epoch: u64,
     stats: Arc<HubStats>,
     unsubscribe: mpsc::UnboundedSender<u64>,
+    /// The next publish panics half way (`Command::Fail`).
+    #[cfg(test)]
+    fail_next: bool,
 }
 
 fn buckets(filter: &Filter) -> Vec<Bucket> {
@@ -595,8 +610,8 @@ impl Registry {
                     Some(Command::Rewind(head)) => self.rewind(head),
                     #[cfg(test)]
                     Some(Command::Fail(changes)) => {
-                        self.publishing = changes.last().map_or(self.publishing, |c| c.pos);
-                        panic!("a test's failure while publishing");
+                        self.fail_next = true;
+                        self.publish(changes);
                     }
                     None => break,
                 },
@@ -624,14 +639,15 @@ impl Registry {
             queue: queue.clone(),
             unsubscribe: self.unsubscribe.clone(),
         };
-        if reply.send(subscription).is_err() {
-            return; // the session went away while subscribing
-        }
+        // Filed before it is handed over: a subscription is never out there
+        // unknown to the registry (whose restart lets every one it knows go).
         for b in buckets(&filter) {
             self.bucket_mut(&b).push(id);
         }
         self.subs.insert(id, Sub { queue, filter });
         self.stats.subscriptions.store(self.subs.len(), Ordering::Relaxed);
+        // A session gone while subscribing drops it unsent, which removes it.
+        let _ = reply.send(subscription);
     }
 
     /// Removes subscriptions, each bucket they were in scanned once (one by
@@ -704,6 +720,7 @@ impl Registry {
     fn rewind(&mut self, head: i64) {
         self.epoch += 1;
         self.lag_all();
+        self.publishing = head;
         self.position.store(head, Ordering::Release);
         self.handed_out.store(head, Ordering::Relaxed);
         *self.handed_out_commit.lock().unwrap() = None; // unwrap: see `Hub::note_handed_out`
@@ -743,6 +760,11 @@ impl Registry {
                     dropped.push(id);
                 }
             }
+        }
+
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next) {
+            panic!("a test's failure half way through a publish");
         }
 
         if !(self.by_id.is_empty() && self.by_customer.is_empty() && self.by_status.iter().all(Members::is_empty)) {
@@ -1021,39 +1043,62 @@ pub(crate) mod tests {
         });
     }
 
-    /// A panic in the hub's task lets every subscription go as lagged (its
-    /// session catches up from the log) and the hub goes on: new
-    /// subscriptions start after the batch that failed, get what follows,
-    /// and the old subscriptions leaving does not remove them. Before, the
-    /// panic ended the task: every session waited on a hub that was gone.
+    /// A panic in the hub's task, half way through a publish (the
+    /// unfiltered client got the batch, the filtered one did not), lets
+    /// every subscription go as lagged, its session to catch up from the log;
+    /// the relay of the sessions' thread still wakes them; and the hub goes
+    /// on: new subscriptions start after the batch that failed, get what
+    /// follows, and the old subscriptions leaving does not remove them.
+    /// Before, the panic ended the task and every session waited on a hub
+    /// that was gone.
     #[test]
     fn a_panic_in_the_hub_lets_every_subscription_go_and_the_hub_goes_on() {
-        let rt = multi_thread();
-        rt.block_on(async {
-            let hub = Hub::start(0, 16);
-            let mut old = hub.subscribe(Filter::default()).await.unwrap();
-            let pending = Filter { statuses: [Status::Pending].into(), ..Filter::default() };
-            let mut old_filtered = hub.subscribe(pending.clone()).await.unwrap();
-            hub.publish(vec![change(1)]).await.unwrap();
-            assert_eq!(woken(&mut old).await.changes()[0].pos, 1);
-            assert_eq!(woken(&mut old_filtered).await.changes()[0].pos, 1);
-
-            hub.commands.send(Command::Fail(vec![change(2), change(3)])).await.unwrap();
-            assert_eq!(old.recv().await.map(|_| ()), None, "let go");
-            assert_eq!(old_filtered.recv().await.map(|_| ()), None, "let go");
-            assert!(old.lagged() && old_filtered.lagged(), "to catch up from the log, not to end");
-            until(&hub, |s| s.restarts.load(Ordering::Relaxed) == 1).await;
-            assert_eq!(hub.position(), 3, "the live stream goes on after the batch that failed");
-
-            let mut new = hub.subscribe(Filter::default()).await.unwrap();
-            let mut new_filtered = hub.subscribe(pending).await.unwrap();
-            assert_eq!((new.start, new.epoch), (3, old.epoch));
-            drop((old, old_filtered));
-            hub.publish(vec![change(4)]).await.unwrap();
-            assert_eq!(woken(&mut new).await.changes()[0].pos, 4);
-            assert_eq!(woken(&mut new_filtered).await.changes()[0].pos, 4);
-            until(&hub, |s| s.subscriptions.load(Ordering::Relaxed) == 2).await;
+        fn positions(batch: Batch) -> Vec<i64> {
+            batch.changes().iter().map(|c| c.pos).collect()
+        }
+        let hub_rt = multi_thread();
+        let hub = hub_rt.block_on(async { Hub::start(0, 16) });
+        let (to_main, from_session) = std::sync::mpsc::channel();
+        let session_hub = hub.clone();
+        let session = std::thread::spawn(move || {
+            current_thread().block_on(async move {
+                let hub = session_hub;
+                let mut all = hub.subscribe(Filter::default()).await.unwrap();
+                let pending = Filter { statuses: [Status::Pending].into(), ..Filter::default() };
+                let mut filtered = hub.subscribe(pending.clone()).await.unwrap();
+                assert!(all.queue.relay.is_some() && filtered.queue.relay.is_some(), "woken through a relay");
+                to_main.send("subscribed").unwrap();
+                assert_eq!(positions(woken(&mut all).await), [1]);
+                assert_eq!(positions(woken(&mut filtered).await), [1]);
+                to_main.send("got 1").unwrap();
+                assert_eq!(positions(woken(&mut all).await), [2, 3], "the part of the publish that was done");
+                assert_eq!(all.recv().await.map(|_| ()), None, "let go");
+                assert_eq!(filtered.recv().await.map(|_| ()), None, "let go");
+                assert!(all.lagged() && filtered.lagged(), "to catch up from the log, not to end");
+                let mut new = hub.subscribe(Filter::default()).await.unwrap();
+                let mut new_filtered = hub.subscribe(pending).await.unwrap();
+                assert_eq!((new.start, new.epoch), (3, all.epoch), "the live stream goes on after the failed batch");
+                drop((all, filtered));
+                to_main.send("subscribed again").unwrap();
+                assert_eq!(positions(woken(&mut new).await), [4]);
+                assert_eq!(positions(woken(&mut new_filtered).await), [4]);
+                assert_eq!(hub.stats.subscriptions.load(Ordering::Relaxed), 2, "the old ones leaving took none");
+            })
         });
+        assert_eq!(from_session.recv().unwrap(), "subscribed");
+        hub_rt.block_on(async {
+            hub.publish(vec![change(1)]).await.unwrap();
+            assert_eq!(from_session.recv().unwrap(), "got 1");
+            // The session waits for its next batch (its relay ran, and holds
+            // no waker): the failed publish hands the relay one.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            hub.commands.send(Command::Fail(vec![change(2), change(3)])).await.unwrap();
+            until(&hub, |s| s.restarts.load(Ordering::Relaxed) == 1).await;
+        });
+        assert_eq!(hub.position(), 3);
+        assert_eq!(from_session.recv().unwrap(), "subscribed again");
+        hub_rt.block_on(async { hub.publish(vec![change(4)]).await.unwrap() });
+        session.join().unwrap();
     }
 
     /// Clients that lag in the same publish go together (each bucket they

@@ -214,10 +214,11 @@ impl Filter {
                 return Err(ValidationError::new("id", format!("at most {MAX_IDS} ids per filter")));
             }
         }
-        self.ids = self.ids.with(new);
-        if self.ids.len() > MAX_IDS {
+        let ids = self.ids.with(new);
+        if ids.len() > MAX_IDS {
             return Err(ValidationError::new("id", format!("at most {MAX_IDS} ids per filter")));
         }
+        self.ids = ids;
         Ok(())
     }
 
