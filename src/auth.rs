@@ -322,7 +322,7 @@ impl Auth {
     }
 }
 
-/// The token of a request, from the header, the cookie or the query. The
+/// The token of a request, from the header, the cookie or (a GET's) the query. The
 /// scheme is matched without regard to case (RFC 9110); an `Authorization`
 /// of another scheme (a proxy's Basic credentials, say) is not ordercast's,
 /// and the cookie or the query may still carry the token.
@@ -345,6 +345,12 @@ pub fn token(req: &actix_web::HttpRequest) -> Option<String> {
                 return Some(v.to_string());
             }
         }
+    }
+    // In the URL only for reads: what cannot send a header (EventSource, a
+    // browser's WebSocket handshake) sends GETs. A write's URL would carry
+    // the token into proxies' logs and browser history for nothing.
+    if !matches!(*req.method(), actix_web::http::Method::GET | actix_web::http::Method::HEAD) {
+        return None;
     }
     form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "access_token")

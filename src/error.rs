@@ -250,7 +250,13 @@ impl From<deadpool_postgres::PoolError> for ApiError {
         // Failing to get a connection at all means the database is not
         // reachable (down, restarting, renamed, refusing connections).
         match e {
-            deadpool_postgres::PoolError::Backend(e) => ApiError::Unavailable(crate::db::describe(e).to_string()),
+            // The database's words (a role or database name, an address)
+            // are the operator's: health shows them to admins; a client
+            // hears only that the database is not there.
+            deadpool_postgres::PoolError::Backend(e) => {
+                log::debug!("a connection to the database failed: {:#}", crate::db::describe(e));
+                ApiError::Unavailable("no connection to it could be opened; try again shortly".into())
+            }
             other => ApiError::Unavailable(other.to_string()),
         }
     }

@@ -145,6 +145,25 @@ fn json_response(mut builder: actix_web::HttpResponseBuilder, body: String, vers
     builder.content_type("application/json").body(body)
 }
 
+/// The answer to a write: the order as it now stands, or, to a token
+/// without the `read` scope, only what names it and its state (`id`,
+/// `version`, `status`). Before, a write-only token (an ingest's, say)
+/// could read any order in its reach with a write that changes nothing
+/// (`PATCH` with `{"error_message": null}`), which leaves no trace.
+fn written(
+    req: &HttpRequest,
+    builder: actix_web::HttpResponseBuilder,
+    json: String,
+    version: Option<i32>,
+) -> HttpResponse {
+    if crate::auth::principal(req).has(crate::auth::Scope::Read) {
+        return json_response(builder, json, version);
+    }
+    let order: Value = serde_json::from_str(&json).unwrap_or_default();
+    let named = serde_json::json!({"id": order["id"], "version": order["version"], "status": order["status"]});
+    json_response(builder, named.to_string(), version)
+}
+
 fn order_version(json: &str) -> Option<i32> {
     serde_json::from_str::<Value>(json).ok()?.get("version")?.as_i64().map(|v| v as i32)
 }
@@ -209,7 +228,7 @@ pub async fn create(
     let id: i64 = row.get(0);
     let mut builder = HttpResponse::Created();
     builder.insert_header((header::LOCATION, format!("/api/orders/{id}")));
-    Ok(json_response(builder, row.get(1), Some(1)))
+    Ok(written(&req, builder, row.get(1), Some(1)))
 }
 
 /// List orders, newest first, with keyset pagination.
@@ -583,7 +602,7 @@ async fn update(
     let expected = expected_versions(if_match(&req)?, patch.version)?;
     let json = apply_patch(&state.pool, id, &patch, expected, &actor(&req), restriction(&req).as_deref(), None).await?;
     let version = order_version(&json);
-    Ok(json_response(HttpResponse::Ok(), json, version))
+    Ok(written(&req, HttpResponse::Ok(), json, version))
 }
 
 /// The versions a write may apply to, from If-Match (`header`, see
@@ -705,7 +724,7 @@ pub async fn cancel(
         apply_patch(&state.pool, id, &patch, expected, &actor(&req), customer.as_deref(), Some(Status::Cancelled))
             .await?;
     let version = order_version(&json);
-    Ok(json_response(HttpResponse::Ok(), json, version))
+    Ok(written(&req, HttpResponse::Ok(), json, version))
 }
 
 /// Delete an order.

@@ -284,6 +284,59 @@ async fn tokens_and_scopes_guard_every_route() {
     assert!(close.is_none() && msgs.last().unwrap()["type"] == "ready");
 }
 
+/// A token without the `read` scope gets back, for a write, what names the
+/// order and its state (`id`, `version`, `status`), not the order: before,
+/// a write that changes nothing (`{"error_message": null}`) read any order
+/// in its reach, with no trace. A token in the URL counts for GETs alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_without_read_gets_back_only_what_names_the_order_it_wrote() {
+    let app = with_keys("scribe:scribesecret:write,reader:readersecret:read").await;
+    let named = |body: &Value| {
+        let mut keys: Vec<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys == ["id", "status", "version"]
+    };
+    let r = create_as(&app, "Ada", "scribesecret").await;
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    assert!(named(&created), "{created}");
+    let id = created["id"].as_i64().unwrap();
+    let patch = |body: Value| {
+        app.http.patch(app.url(&format!("/api/orders/{id}"))).bearer_auth("scribesecret").json(&body).send()
+    };
+    let r = patch(json!({"error_message": null})).await.unwrap();
+    assert_eq!((r.status().as_u16(), r.headers()["etag"].to_str().unwrap()), (200, "\"1\""));
+    let body: Value = r.json().await.unwrap();
+    assert!(named(&body), "{body}");
+    assert_eq!(
+        (body["id"].as_i64(), body["status"].as_str(), body["version"].as_i64()),
+        (Some(id), Some("pending"), Some(1))
+    );
+    let r = patch(json!({"status": "processing"})).await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert!(named(&body) && body["status"] == "processing" && body["version"] == 2, "{body}");
+    let r =
+        app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).bearer_auth("scribesecret").send().await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert!(named(&body) && body["status"] == "cancelled", "{body}");
+    // A reader gets the order itself.
+    let r = app.http.get(app.url(&format!("/api/orders/{id}"))).bearer_auth("readersecret").send().await.unwrap();
+    let order: Value = r.json().await.unwrap();
+    assert_eq!(order["customer_name"], "Ada");
+    // In the URL, a token counts for reads only.
+    let r = app
+        .http
+        .post(app.url("/api/orders?access_token=scribesecret"))
+        .json(&json!({"customer_name": "Ada", "product": "Cog", "quantity": 1, "unit_price": 1}))
+        .send()
+        .await
+        .unwrap();
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["code"], "missing_token", "{problem}");
+    let r = app.http.get(app.url(&format!("/api/orders/{id}?access_token=readersecret"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percent_encoded_paths_are_guarded_like_the_routes_they_reach() {
     let app = secured().await;
