@@ -158,9 +158,9 @@ pub struct IngestContext {
 
 /// A partition's stored position, as read at its assignment.
 #[derive(Debug, Clone, Copy)]
-struct StoredStart {
-    next: i64,
-    generation: i32,
+pub struct StoredStart {
+    pub next: i64,
+    pub generation: i32,
 }
 
 /// How long an assignment may wait for the stored positions.
@@ -171,8 +171,24 @@ const POSITIONS_TIMEOUT: Duration = Duration::from_secs(10);
 /// thread of its own, with its own connection, and is waited for at most
 /// `POSITIONS_TIMEOUT`.
 fn stored_positions(ctx: &IngestContext, partitions: &[i32]) -> anyhow::Result<HashMap<i32, StoredStart>> {
-    let (url, group, topic, partitions) =
-        (ctx.database_url.clone(), ctx.group_id.clone(), ctx.topic.clone(), partitions.to_vec());
+    stored_positions_at(&ctx.database_url, &ctx.group_id, &ctx.topic, partitions)
+}
+
+/// `stored_positions` for a group and topic of the database at `url`.
+///
+/// PostgreSQL gives the read up itself past `POSITIONS_TIMEOUT` (its lock
+/// and statement timeouts): a read stuck behind a lock on `kafka_offsets`
+/// (a `VACUUM FULL`, an `ALTER TABLE`) would otherwise keep its backend
+/// waiting after ordercast stopped waiting for it, and the retries of
+/// paused partitions (every 5-8 s) would pile up one such connection each
+/// until `max_connections` ran out, for the REST API and the writers too.
+pub fn stored_positions_at(
+    url: &str,
+    group: &str,
+    topic: &str,
+    partitions: &[i32],
+) -> anyhow::Result<HashMap<i32, StoredStart>> {
+    let (url, group, topic, partitions) = (url.to_string(), group.to_string(), topic.to_string(), partitions.to_vec());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("kafka-positions".into()).spawn(move || {
         let query = async {
@@ -180,6 +196,11 @@ fn stored_positions(ctx: &IngestContext, partitions: &[i32]) -> anyhow::Result<H
             config.application_name("ordercast-ingest").connect_timeout(POSITIONS_TIMEOUT);
             let (client, connection) = config.connect(crate::db::tls(&url)?).await.map_err(crate::db::describe)?;
             tokio::spawn(connection);
+            let ms = POSITIONS_TIMEOUT.as_millis();
+            client
+                .batch_execute(&format!("SET lock_timeout = {ms}; SET statement_timeout = {ms}"))
+                .await
+                .map_err(crate::db::describe)?;
             let rows = client
                 .query(
                     "SELECT kafka_partition, next_offset, log_generation FROM kafka_offsets \

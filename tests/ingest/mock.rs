@@ -1590,3 +1590,29 @@ async fn dead_letter_while_the_broker_is_away(
     .unwrap();
     (app, db)
 }
+
+/// A read of the stored positions stuck behind a lock on `kafka_offsets` (a
+/// `VACUUM FULL`, an `ALTER TABLE`) is given up by PostgreSQL once ordercast
+/// stops waiting for it: its backend does not stay, holding a connection,
+/// while the retries of paused partitions pile up more. Before, it waited
+/// for the lock for as long as the lock was held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_read_stuck_behind_a_lock_gives_its_connection_up() {
+    let app = crate::helpers::spawn_app().await;
+    let locker = app.sql().await;
+    locker.batch_execute("BEGIN; LOCK TABLE kafka_offsets IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let url = app.db_url.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        ordercast::ingest::consumer::stored_positions_at(&url, "g", "orders", &[0])
+    });
+    let error = read.await.unwrap().expect_err("no position can be read while the table is locked");
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE datname = current_database() AND application_name = 'ordercast-ingest'";
+    crate::helpers::eventually(Duration::from_secs(5), || async {
+        let n: i64 = app.sql().await.query_one(waiting, &[]).await.unwrap().get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+    assert!(format!("{error:#}").contains("timeout"), "{error:#}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+}
