@@ -8,9 +8,20 @@ use crate::metrics::sample;
 use crate::startup::AppState;
 
 #[utoipa::path(get, path = "/metrics", tag = "meta",
-    responses((status = 200, description = "Prometheus metrics", content_type = "text/plain", body = String)))]
+    responses(
+        (status = 200, description = "Prometheus metrics", content_type = "text/plain", body = String),
+        (status = 403, description = "A token confined to one customer (forbidden): the metrics cover every customer", body = crate::routes::openapi::ProblemDoc),
+    ))]
 #[route("/metrics", method = "GET", method = "HEAD")]
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+pub async fn metrics(
+    req: actix_web::HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, crate::error::ApiError> {
+    if crate::auth::principal(&req).customer.is_some() {
+        return Err(crate::error::ApiError::Forbidden(
+            "the metrics cover every customer; a restricted token cannot read them".into(),
+        ));
+    }
     let mut out = String::with_capacity(8192);
     let hub = &state.hub.stats;
     out.push_str(&format!(
@@ -137,7 +148,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     }
     state.ingest_metrics(&mut out);
     state.http_metrics.render(&mut out);
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out)
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))
 }
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -337,6 +337,24 @@ async fn a_token_without_read_gets_back_only_what_names_the_order_it_wrote() {
     assert_eq!(r.status(), 200);
 }
 
+/// The metrics and health's details cover every customer: a token confined
+/// to one is refused the metrics (403 `forbidden`, as for `/api/stats`) and
+/// gets health's states alone, whatever its scopes. Before, with `admin`, it
+/// got both, and health's error texts can quote a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_token_sees_neither_metrics_nor_healths_details() {
+    let app = with_keys("adaops:adaopssecret:read+admin:customer=Ada,ops:opssecret1:read+admin").await;
+    let get = |path: &'static str, token: &'static str| app.http.get(app.url(path)).bearer_auth(token).send();
+    let r = get("/metrics", "adaopssecret").await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["code"], "forbidden");
+    assert_eq!(get("/metrics", "opssecret1").await.unwrap().status(), 200);
+    let confined: Value = get("/api/health", "adaopssecret").await.unwrap().json().await.unwrap();
+    assert!(confined.get("hub").is_none() && confined["listener"].get("position").is_none(), "{confined}");
+    let full: Value = get("/api/health", "opssecret1").await.unwrap().json().await.unwrap();
+    assert!(full["hub"]["position"].is_i64(), "{full}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn percent_encoded_paths_are_guarded_like_the_routes_they_reach() {
     let app = secured().await;
