@@ -52,6 +52,8 @@ pub struct AppState {
     /// The snapshot memory (`ORDERCAST_SNAPSHOT_MEMORY_MIB`), in KiB, that
     /// streams take a share of while they hold snapshot rows not yet sent.
     pub snapshots: Arc<tokio::sync::Semaphore>,
+    /// The last database check of `/api/health` and when it was made.
+    pub health_check: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>>,
     /// Statistics folding and retention (`changes::maintenance`).
     pub maintenance: Arc<crate::changes::maintenance::MaintenanceState>,
     pub settings: Settings,
@@ -537,6 +539,7 @@ impl Application {
             hub,
             listener: listener_state,
             snapshots: Arc::new(tokio::sync::Semaphore::new(settings.snapshot_memory_mib as usize * 1024)),
+            health_check: Default::default(),
             maintenance,
             settings: settings.clone(),
             shutdown,

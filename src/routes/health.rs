@@ -8,6 +8,11 @@ use crate::startup::AppState;
 
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A database check answers every request for this long: `/api/health` is
+/// public, and each check takes a connection of the REST pool, so a flood
+/// of requests takes one connection a second, not one each.
+const CHECK_FRESH: Duration = Duration::from_secs(1);
+
 /// What `/api/health` shows a caller who may not see its details: the
 /// status and whether each part is up, none of the positions, counters,
 /// names or error texts (which can name hosts, users and topics).
@@ -27,13 +32,24 @@ const SUMMARY_KEYS: &[&str] = &["status", "ok", "connected", "enabled", "healthy
 )]
 #[route("/api/health", method = "GET", method = "HEAD")]
 pub async fn health(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let db = tokio::time::timeout(CHECK_TIMEOUT, async {
-        let client = state.pool.get().await.map_err(|e| e.to_string())?;
-        client.query_one("SELECT 1", &[]).await.map_err(|e| crate::db::describe(e).to_string())?;
-        Ok::<_, String>(())
-    })
-    .await
-    .unwrap_or_else(|_| Err("timed out".to_string()));
+    let db = {
+        // Held while a check runs: callers meanwhile take its answer.
+        let mut last = state.health_check.lock().await;
+        match &*last {
+            Some((at, answer)) if at.elapsed() < CHECK_FRESH => answer.clone(),
+            _ => {
+                let answer = tokio::time::timeout(CHECK_TIMEOUT, async {
+                    let client = state.pool.get().await.map_err(|e| e.to_string())?;
+                    client.query_one("SELECT 1", &[]).await.map_err(|e| crate::db::describe(e).to_string())?;
+                    Ok::<_, String>(())
+                })
+                .await
+                .unwrap_or_else(|_| Err("timed out".to_string()));
+                *last = Some((std::time::Instant::now(), answer.clone()));
+                answer
+            }
+        }
+    };
     let listener = &state.listener;
     let listener_ok = listener.healthy();
     let ingest = state.ingest_health();

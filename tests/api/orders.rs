@@ -798,6 +798,26 @@ async fn health_reports_database_and_listener() {
     assert_eq!(health["kafka"]["enabled"], false);
 }
 
+/// `/api/health` is public: a flood of requests takes one database
+/// connection for its check, not one each (a check answers for a second).
+/// Before, 100 requests at once opened as many of the REST pool's 16
+/// connections as they could, which REST requests then waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_health_requests_takes_one_database_connection() {
+    let app = spawn_app().await;
+    crate::helpers::eventually(Duration::from_secs(10), || async {
+        (app.get_json("/api/health").await.0 == 200).then_some(())
+    })
+    .await;
+    let before = app.state.pool.status().size;
+    let asks = (0..100).map(|_| app.http.get(app.url("/api/health")).send());
+    for r in futures_util::future::join_all(asks).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    let after = app.state.pool.status().size;
+    assert!(after <= before + 1, "the pool grew from {before} to {after} connections");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_503_when_the_database_is_gone() {
     let app = spawn_app().await;
