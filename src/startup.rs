@@ -53,7 +53,7 @@ pub struct AppState {
     /// streams take a share of while they hold snapshot rows not yet sent.
     pub snapshots: Arc<tokio::sync::Semaphore>,
     /// The last database check of `/api/health` and when it was made.
-    pub health_check: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>>,
+    pub health_check: Arc<tokio::sync::Mutex<Option<crate::routes::health::Check>>>,
     /// Statistics folding and retention (`changes::maintenance`).
     pub maintenance: Arc<crate::changes::maintenance::MaintenanceState>,
     pub settings: Settings,

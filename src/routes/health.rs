@@ -13,6 +13,9 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// of requests takes one connection a second, not one each.
 const CHECK_FRESH: Duration = Duration::from_secs(1);
 
+/// A database check: when it was made, and its answer.
+pub type Check = (std::time::Instant, Result<(), String>);
+
 /// What `/api/health` shows a caller who may not see its details: the
 /// status and whether each part is up, none of the positions, counters,
 /// names or error texts (which can name hosts, users and topics).
