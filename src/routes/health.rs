@@ -103,7 +103,7 @@ pub async fn health(req: HttpRequest, state: web::Data<AppState>) -> HttpRespons
         body
     } else {
         let mut summary = summary(body);
-        summary["details"] = "shown with the admin scope (to a token not confined to one customer)".into();
+        summary["details"] = "shown with the admin scope".into();
         summary
     };
     if ok {
