@@ -399,6 +399,15 @@ pub fn principal(req: &actix_web::HttpRequest) -> Principal {
     req.extensions().get::<Principal>().cloned().unwrap_or_else(|| Principal::anonymous(peer_ip(req)))
 }
 
+/// Refuses a token confined to one customer (403 `forbidden`) a route that
+/// covers every customer; `covers` says what the route holds.
+pub fn unconfined(req: &actix_web::HttpRequest, covers: &str) -> Result<(), crate::error::ApiError> {
+    match principal(req).customer {
+        Some(_) => Err(crate::error::ApiError::Forbidden(format!("{covers}; a restricted token cannot read them"))),
+        None => Ok(()),
+    }
+}
+
 /// What the write rate is counted under: the token; without authentication
 /// the client's address (an IPv6 host as its /64, as for connections).
 fn rate_key(

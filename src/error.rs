@@ -277,8 +277,14 @@ fn constraint_field(name: &str) -> &'static str {
     FIELDS.iter().find(|f| name.contains(*f)).copied().unwrap_or("order")
 }
 
+/// Runs `task`; a panic in it (a bug) comes back as an error saying what it
+/// said, for the long-running tasks that must go on after one.
+pub async fn caught<T>(task: impl std::future::Future<Output = T>) -> Result<T, String> {
+    futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(task)).await.map_err(|p| panic_message(&*p))
+}
+
 /// What a caught panic said.
-pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -33,19 +33,26 @@ use crate::changes::SharedChange;
 use crate::domain::{Filter, Status};
 
 /// What a session receives: a batch shared with every unfiltered client, or
-/// the changes that matched its filter.
+/// the changes that matched its filter (with their bytes, summed once: see
+/// `Batch::bytes`).
 #[derive(Debug, Clone)]
 pub enum Batch {
     Shared(Arc<SharedBatch>),
-    Own(Vec<SharedChange>),
+    Own(Vec<SharedChange>, usize),
 }
 
 impl Batch {
     pub fn changes(&self) -> &[SharedChange] {
         match self {
             Batch::Shared(b) => &b.changes,
-            Batch::Own(v) => v,
+            Batch::Own(v, _) => v,
         }
+    }
+
+    /// The changes that matched one subscription's filter.
+    fn own(changes: Vec<SharedChange>) -> Batch {
+        let bytes = changes.iter().map(|c| c.bytes()).sum();
+        Batch::Own(changes, bytes)
     }
 
     /// The bytes a queue holding this batch keeps alive, against the
@@ -53,7 +60,7 @@ impl Batch {
     fn bytes(&self) -> usize {
         match self {
             Batch::Shared(b) => b.bytes,
-            Batch::Own(v) => v.iter().map(|c| c.bytes()).sum(),
+            Batch::Own(_, bytes) => *bytes,
         }
     }
 }
@@ -64,8 +71,9 @@ impl Batch {
 /// slowly hold thousands of megabyte-long changes (a DBA's `UPDATE` of a
 /// long column). A batch the listener read counts about four times its
 /// images (a change's WebSocket frame and SSE event, and a shared batch's
-/// frames put together): this holds about four such batches. At ordinary
-/// sizes (about 2.6 KB a change, all counted) the change budget binds first.
+/// frames put together): this holds about four such batches. With the
+/// default change budget (4,096), the change budget binds first unless the
+/// changes queued average over 16 KiB of frames each (64 MiB / 4,096).
 pub const QUEUE_BYTES: usize = 64 << 20;
 
 /// One published batch as every unfiltered client gets it: the changes, and
@@ -511,8 +519,9 @@ const REMOVALS_PER_ROUND: usize = 4096;
 
 /// The subscriptions filed under one bucket. Most buckets of one order or
 /// one customer hold a single subscription, kept inline: a stream following
-/// 1,000 orders files itself under 1,000 buckets, and an allocation for each
-/// cost it 32 KB more.
+/// 1,000 orders files itself under 1,000 buckets, and with an allocation
+/// for each it cost 141 KB of server memory against 92.9 KB inline
+/// (`ordercast-bench idle-ids:1000:1000`, medians of three runs).
 type Members = smallvec::SmallVec<[u64; 1]>;
 
 struct Registry {
@@ -568,14 +577,10 @@ async fn supervise(
     mut unsubscribes: mpsc::UnboundedReceiver<u64>,
 ) {
     loop {
-        let run = std::panic::AssertUnwindSafe(registry.run(&mut commands, &mut unsubscribes));
-        match futures_util::FutureExt::catch_unwind(run).await {
+        match crate::error::caught(registry.run(&mut commands, &mut unsubscribes)).await {
             Ok(()) => break,
             Err(panic) => {
-                log::error!(
-                    "the hub failed ({}); every subscription catches up from the change log",
-                    crate::error::panic_message(&*panic)
-                );
+                log::error!("the hub failed ({panic}); every subscription catches up from the change log");
                 registry.stats.restarts.fetch_add(1, Ordering::Relaxed);
                 registry.lag_all();
                 registry.position.fetch_max(registry.publishing, Ordering::AcqRel);
@@ -800,7 +805,7 @@ impl Registry {
                 }
             }
             for (id, list) in own {
-                if !self.deliver(id, Batch::Own(list), &mut wakes) {
+                if !self.deliver(id, Batch::own(list), &mut wakes) {
                     dropped.push(id);
                 }
             }

@@ -530,12 +530,11 @@ async fn read_log_once(
             read => break read.map_err(|e| CatchUpError::Db(Arc::new(e.into())))?,
         }
     };
-    if cut {
-        // Large rows: the next reads ask for as many as fitted in this one,
-        // not for rows the database would send only to have them dropped.
-        limits.store((changes.len() as i32).clamp(1, CATCH_UP_BATCH), Ordering::Relaxed);
-    } else if changes.len() as i32 == limit && limit < CATCH_UP_BATCH {
-        limits.store((limit * 2).min(CATCH_UP_BATCH), Ordering::Relaxed);
+    // Large rows: the next reads ask for as many as fitted in this one, not
+    // for rows the database would send only to have them dropped.
+    let next = super::next_limit(limit, CATCH_UP_BATCH, changes.len(), cut);
+    if next != limit {
+        limits.store(next, Ordering::Relaxed);
     }
     // Rows come with the horizon of their own snapshot: past `scan`, some
     // changes after it were gone before the read. A prune committed after

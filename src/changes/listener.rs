@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 
@@ -79,12 +79,9 @@ pub async fn run(url: String, hub: Hub, state: Arc<ListenerState>) {
         // A panic in a session (a bug) is a lost connection too: without
         // this, it would end the task, and with it every push, while the
         // server went on serving. The position is the last one published.
-        let result = std::panic::AssertUnwindSafe(session(&url, &hub, &state, &mut at, &mut read_limit))
-            .catch_unwind()
+        let result = crate::error::caught(session(&url, &hub, &state, &mut at, &mut read_limit))
             .await
-            .unwrap_or_else(|panic| {
-                Err(anyhow::anyhow!("the change listener panicked: {}", crate::error::panic_message(&*panic)))
-            });
+            .unwrap_or_else(|panic| Err(anyhow::anyhow!("the change listener panicked: {panic}")));
         state.connected.store(false, Ordering::Relaxed);
         match result {
             Ok(()) => return, // the hub is gone: shutting down

@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::Pool;
-use futures_util::FutureExt;
 use serde_json::json;
 
 use crate::config::Settings;
@@ -70,14 +69,14 @@ pub async fn run(pool: Pool, settings: Settings, state: std::sync::Arc<Maintenan
     let mut tick = tokio::time::interval(Duration::from_secs(settings.maintenance_secs.max(1)));
     loop {
         tick.tick().await;
-        match std::panic::AssertUnwindSafe(run_once(&pool, &settings)).catch_unwind().await {
+        match crate::error::caught(run_once(&pool, &settings)).await {
             Ok(Ok(pruned)) => state.passed(pruned),
             Ok(Err(e)) => {
                 log::warn!("maintenance failed (will retry): {e:#}");
                 state.failed(format!("{e:#}"));
             }
             Err(panic) => {
-                let e = format!("maintenance panicked: {}", crate::error::panic_message(&*panic));
+                let e = format!("maintenance panicked: {panic}");
                 log::error!("{e} (will retry)");
                 state.failed(e);
             }

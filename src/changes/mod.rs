@@ -69,6 +69,20 @@ pub async fn read_rows(
     Ok(LogRows { rows, cut: false })
 }
 
+/// The changes the next read of the log asks for, after one that asked for
+/// `limit` (`most` at most) and got `read`: as many as fitted when
+/// `READ_BYTES` cut it (the database sends every row asked for, read or
+/// not), twice as many after a full read, up to `most`.
+pub fn next_limit(limit: i32, most: i32, read: usize, cut: bool) -> i32 {
+    if cut {
+        (read as i32).clamp(1, most)
+    } else if read as i32 == limit {
+        limit.saturating_mul(2).min(most)
+    } else {
+        limit
+    }
+}
+
 /// What every reader of the log takes from a `READ_SQL` row: where the
 /// change stands, what it did, and `json`, the change envelope that the
 /// WebSocket `change` message, the SSE event and the outbox relay's Kafka

@@ -47,8 +47,9 @@ pub struct Filter {
 
 /// The order ids of a filter: sorted, without repeats, and shared by the
 /// filter's copies (a stream's parameters, its feed and its hub subscription
-/// each hold one). As a B-tree each, a filter of 1,000 ids cost a stream
-/// about 80 KB; as one shared slice it is 8 KB.
+/// each hold one). With a B-tree each, a stream following 1,000 orders of
+/// its own cost 195.9 KB of server memory; with one shared slice, 141 KB
+/// (`ordercast-bench idle-ids:1000:1000`, medians of three runs).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ids(Arc<[i64]>);
 

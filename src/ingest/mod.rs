@@ -483,17 +483,16 @@ fn supervise(
     state: &Arc<IngestState>,
     shutdown: &watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    use futures_util::FutureExt;
     let (state, shutdown) = (state.clone(), shutdown.clone());
     tokio::spawn(async move {
-        let result = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+        let result = crate::error::caught(task).await;
         // A dropped sender is a shutdown too (the application went away).
         if *shutdown.borrow() || shutdown.has_changed().is_err() {
             return;
         }
         state.task_failed(match result {
             Ok(()) => format!("{name} ended unexpectedly"),
-            Err(panic) => format!("{name} panicked: {}", crate::error::panic_message(&*panic)),
+            Err(panic) => format!("{name} panicked: {panic}"),
         });
     })
 }

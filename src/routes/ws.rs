@@ -133,6 +133,19 @@ fn snapshot_share(state: &AppState, kib: usize) -> Result<tokio::sync::OwnedSema
     })
 }
 
+/// Makes `share` hold `kib` (all of the memory at most): it takes the rest,
+/// refused as `snapshot_share` is, or lets the surplus go.
+fn fit_share(state: &AppState, share: &mut tokio::sync::OwnedSemaphorePermit, kib: usize) -> Result<(), ApiError> {
+    let kib = kib.min(state.settings.snapshot_memory_mib as usize * 1024);
+    let held = share.num_permits();
+    if kib > held {
+        share.merge(snapshot_share(state, kib - held)?);
+    } else {
+        drop(share.split(held - kib));
+    }
+    Ok(())
+}
+
 /// Opens a feed for stream parameters: with a snapshot, the rows and the
 /// position they reflect are read in one snapshot and the feed continues
 /// after that position, so nothing falls between the two.
@@ -157,13 +170,7 @@ pub async fn open_stream(state: &AppState, params: &StreamParams) -> Result<Open
             // size: a page past the share takes the rest (all of the memory
             // at most) or is let go, refused like a stream that found no
             // share.
-            let kib = page.items.iter().map(String::len).sum::<usize>() / 1024 + 1;
-            let whole = state.settings.snapshot_memory_mib as usize * 1024;
-            let more = kib.min(whole).saturating_sub(share.num_permits());
-            if more > 0 {
-                share.merge(snapshot_share(state, more)?);
-            }
-            drop(share.split(share.num_permits().saturating_sub(kib)));
+            fit_share(state, &mut share, page.items.iter().map(String::len).sum::<usize>() / 1024 + 1)?;
             state.hub.note_handed_out(page.position, page.committed_micros);
             (Some(page.position), Some((share, page)))
         } else {

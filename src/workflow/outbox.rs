@@ -246,7 +246,7 @@ pub async fn run(
         // A panic in a session (a bug) ends it as an error does: the relay
         // starts a new one, and health says why, instead of stopping for
         // good while health said running.
-        let session = std::panic::AssertUnwindSafe(session(
+        let session = crate::error::caught(session(
             &url,
             &mut producer,
             (&kafka, &brokers),
@@ -256,9 +256,7 @@ pub async fn run(
             &mut shutdown,
             (&mut backoff, &mut rewind_due),
         ));
-        let result = futures_util::FutureExt::catch_unwind(session).await.unwrap_or_else(|panic| {
-            Err(anyhow::anyhow!("the outbox relay panicked: {}", crate::error::panic_message(&*panic)))
-        });
+        let result = session.await.unwrap_or_else(|panic| Err(anyhow::anyhow!("the outbox relay panicked: {panic}")));
         match result {
             Ok(()) => break,
             Err(e) => {
@@ -377,11 +375,7 @@ async fn session(
         // A batch is also cut at `READ_BYTES` of changes: the rest is read next.
         let crate::changes::LogRows { rows, cut } =
             crate::changes::read_rows(db, &read, position, limit).await.map_err(crate::db::describe)?;
-        limit = match cut {
-            true => (rows.len() as i32).max(1),
-            false if rows.len() as i32 == limit => limit.saturating_mul(2).min(most),
-            false => limit,
-        };
+        limit = crate::changes::next_limit(limit, most, rows.len(), cut);
         // The horizon comes with the rows, from the same snapshot: a prune
         // committed just before the read shows here, never after it. With
         // no rows it is read alone: a log pruned through its head (a quiet
