@@ -2077,11 +2077,14 @@ async fn a_log_carried_from_another_cluster_is_pruned_through_its_transactions_a
     db.execute(LOST_INSERT, &[&"before"]).await.unwrap();
     first.stop().await;
     // As a logical restore leaves it: an entry whose transaction id this
-    // cluster reaches 300 transactions from now (the sequencer numbers it
-    // after the head).
+    // cluster reaches `AHEAD` transactions from now (the sequencer numbers
+    // it after the head). Transaction ids are the cluster's: the tests
+    // running beside this one use them up too, and with 300 they had passed
+    // the entry's before the server started (a CI rehearsal saw it).
+    const AHEAD: i64 = 3000;
     db.execute(
-        "INSERT INTO change_tx (txid, n) VALUES ((pg_current_xact_id()::text::bigint + 300)::text::xid8, 1)",
-        &[],
+        "INSERT INTO change_tx (txid, n) VALUES ((pg_current_xact_id()::text::bigint + $1)::text::xid8, 1)",
+        &[&AHEAD],
     )
     .await
     .unwrap();
@@ -2091,16 +2094,18 @@ async fn a_log_carried_from_another_cluster_is_pruned_through_its_transactions_a
     assert_eq!(pruned, end);
     let mut ws = app.ws(&format!("?since={end}")).await;
     ws.ready().await;
-    db.batch_execute(
-        "DO $$ BEGIN FOR i IN 1..400 LOOP
+    // Past the entry's transaction id, each its own transaction.
+    let n = AHEAD + 100;
+    db.batch_execute(&format!(
+        "DO $$ BEGIN FOR i IN 1..{n} LOOP
            INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('after ' || i, 'Moved', 1, 1);
            COMMIT;
-         END LOOP; END $$",
-    )
+         END LOOP; END $$"
+    ))
     .await
     .unwrap();
-    let seqs: Vec<i64> = ws.changes(400, WAIT).await.iter().map(seq).collect();
-    assert_eq!(seqs, (end + 1..end + 401).collect::<Vec<i64>>());
+    let seqs: Vec<i64> = ws.changes(n as usize, WAIT).await.iter().map(seq).collect();
+    assert_eq!(seqs, (end + 1..end + 1 + n).collect::<Vec<i64>>());
 }
 
 /// `change_read` as migrated, and a copy of it that gives no actor for the
