@@ -581,9 +581,11 @@ async fn supervise(
             Ok(()) => break,
             Err(panic) => {
                 log::error!("the hub failed ({panic}); every subscription catches up from the change log");
-                registry.stats.restarts.fetch_add(1, Ordering::Relaxed);
                 registry.lag_all();
                 registry.position.fetch_max(registry.publishing, Ordering::AcqRel);
+                // Counted once the hub has gone on: whoever sees the count
+                // sees the subscriptions let go and the position moved.
+                registry.stats.restarts.fetch_add(1, Ordering::Release);
             }
         }
     }
@@ -1098,7 +1100,7 @@ pub(crate) mod tests {
             // no waker): the failed publish hands the relay one.
             tokio::time::sleep(Duration::from_millis(100)).await;
             hub.commands.send(Command::Fail(vec![change(2), change(3)])).await.unwrap();
-            until(&hub, |s| s.restarts.load(Ordering::Relaxed) == 1).await;
+            until(&hub, |s| s.restarts.load(Ordering::Acquire) == 1).await;
         });
         assert_eq!(hub.position(), 3);
         assert_eq!(from_session.recv().unwrap(), "subscribed again");
