@@ -275,8 +275,11 @@ test('the order dialog keeps the keyboard focus when the focused action goes awa
     const a = document.activeElement;
     return a && document.querySelector('#detail').contains(a) && a.offsetParent !== null ? (a.id || a.tagName) : null;
   });
-  // Keep: back on Delete…
+  // Keep: back on Delete… (shown once the order is read: focused before,
+  // it would not take the focus, and Enter would press nothing)
+  await page.locator('#detail-delete').waitFor();
   await page.locator('#detail-delete').focus();
+  await page.waitForFunction(() => document.activeElement?.id === 'detail-delete');
   await page.keyboard.press('Enter');
   await page.locator('#delete-no').waitFor();
   await page.keyboard.press('Enter');
