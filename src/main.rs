@@ -1,7 +1,10 @@
 use anyhow::Context;
 use clap::Parser;
 use ordercast::config::{Cli, Command};
-use ordercast::db::embedded::EmbeddedPostgres;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ordercast::db::embedded::{Cancelled, EmbeddedPostgres};
 use ordercast::startup::Application;
 
 #[tokio::main]
@@ -81,9 +84,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(url) => (url.to_string(), None),
         None => {
             let dir = settings.data_dir.clone();
-            let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, ""))
-                .await?
-                .context("Failed to start the embedded PostgreSQL")?;
+            // A stop signal gives the start up (initdb, or a long replay of
+            // the log after a crash), and stops what it started.
+            let cancel = Arc::new(AtomicBool::new(false));
+            let mut start = tokio::task::spawn_blocking({
+                let cancel = cancel.clone();
+                move || EmbeddedPostgres::start_cancellable(&dir, "", cancel)
+            });
+            let started = tokio::select! {
+                r = &mut start => r?,
+                _ = signalled(&signals, 1) => {
+                    cancel.store(true, Ordering::Release);
+                    start.await?
+                }
+            };
+            let pg = match started {
+                Err(e) if e.is::<Cancelled>() => {
+                    log::info!("stopped before the embedded PostgreSQL was up (what had started is stopped)");
+                    return Ok(());
+                }
+                r => r.context("Failed to start the embedded PostgreSQL")?,
+            };
             let url = pg.url("ordercast");
             log::info!("embedded PostgreSQL is up: {}", pg.psql_command("ordercast"));
             (url, Some(pg))
@@ -118,10 +139,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // go on). A second signal cuts the graceful stop short.
     let result = tokio::select! {
         r = work => r,
-        _ = signalled(&signals, 2) => Ok(()),
+        _ = signalled(&signals, 2) => Err(anyhow::anyhow!("a second stop signal cut the graceful stop short")),
     };
     if let Some(mut pg) = embedded {
-        tokio::task::spawn_blocking(move || pg.stop()).await??;
+        // The work's own error, if any, is the one to report.
+        if let Err(e) = tokio::task::spawn_blocking(move || pg.stop()).await? {
+            match result {
+                Ok(()) => return Err(e),
+                Err(_) => log::error!("{e:#}"),
+            }
+        }
     }
     result
 }

@@ -13,9 +13,24 @@
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+/// A start given up because ordercast was asked to stop meanwhile; what it
+/// had started is stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped before the embedded PostgreSQL was up")]
+pub struct Cancelled;
+
+/// How long a stop waits for PostgreSQL to finish a fast shutdown before it
+/// shuts down at once (immediate: crash recovery at the next start), and
+/// then for that.
+const FAST_STOP: Duration = Duration::from_secs(60);
+const IMMEDIATE_STOP: Duration = Duration::from_secs(10);
 
 /// A running private PostgreSQL. Stopped on `stop()` or when dropped.
 pub struct EmbeddedPostgres {
@@ -27,7 +42,11 @@ pub struct EmbeddedPostgres {
     password_file: PathBuf,
     run_as: Option<(u32, u32)>,
     extra_options: String,
-    stopped: bool,
+    /// The server process (`postgres`, run by this process): None once
+    /// stopped.
+    server: Option<Child>,
+    /// Set when ordercast is asked to stop: a start still under way gives up.
+    cancel: Arc<AtomicBool>,
     /// `<dir>/lock`, held (an exclusive lock) for the instance's life: a
     /// second ordercast on the same directory is refused instead of
     /// stopping this one's server to start its own.
@@ -193,14 +212,34 @@ fn password(path: &Path) -> anyhow::Result<(String, bool)> {
     Ok((password, true))
 }
 
+/// The last lines of PostgreSQL's log (why it exited), on one line.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(2048)..]).into_owned();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" / ")
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl EmbeddedPostgres {
     /// Starts (creating on first use) an instance with its data in `dir`.
-    /// `extra_options` are passed to the server (`-c name=value ...`).
+    /// `extra_options` are passed to the server as arguments split at
+    /// whitespace (`-c name=value ...`; no quoting).
     pub fn start(dir: &Path, extra_options: &str) -> anyhow::Result<EmbeddedPostgres> {
+        EmbeddedPostgres::start_cancellable(dir, extra_options, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// [`start`](Self::start), given up with [`Cancelled`] (what it started
+    /// stopped) once `cancel` is set: a stop signal during initdb, or while
+    /// PostgreSQL replays its log after a crash, which may take long.
+    pub fn start_cancellable(
+        dir: &Path,
+        extra_options: &str,
+        cancel: Arc<AtomicBool>,
+    ) -> anyhow::Result<EmbeddedPostgres> {
         let bin_dir = find_bin_dir()?;
         std::fs::create_dir_all(dir).with_context(|| format!("Failed to create {}", dir.display()))?;
         let lock = lock_dir(dir)?;
@@ -241,14 +280,25 @@ impl EmbeddedPostgres {
             password_file,
             run_as,
             extra_options: extra_options.to_string(),
-            stopped: true,
+            server: None,
+            cancel,
             _lock: lock,
         };
         pg.init()?;
         pg.stop_stale()?;
         pg.require_password(new_password)?;
-        pg.start_server()?;
-        Ok(pg)
+        // The free port found may be taken by someone else before the server
+        // binds it: another one is tried then.
+        for tries_left in (0..3).rev() {
+            pg.port = free_port()?;
+            match pg.launch() {
+                Err(e) if tries_left > 0 && format!("{e:#}").contains("Address already in use") => {
+                    log::warn!("port {} was taken before PostgreSQL could bind it: trying another", pg.port)
+                }
+                r => return r.map(|()| pg),
+            }
+        }
+        unreachable!("the last try returns")
     }
 
     fn command(&self, program: &str) -> Command {
@@ -264,8 +314,30 @@ impl EmbeddedPostgres {
         cmd
     }
 
+    /// Runs `cmd` to its end, or until ordercast is asked to stop: its
+    /// process group is then ended (SIGTERM) and the start given up.
     fn run(&self, mut cmd: Command, what: &str) -> anyhow::Result<()> {
-        let out = cmd.output().with_context(|| format!("Failed to run {what}"))?;
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("Failed to run {what}"))?;
+        let group = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
+        let out = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(out) => break out.with_context(|| format!("Failed to run {what}"))?,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if self.cancel.load(Ordering::Acquire) => {
+                    // Its own process group (`command`): its children too.
+                    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+                    let _ = rx.recv();
+                    return Err(Cancelled.into());
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!("{what}: its waiting thread ended"),
+            }
+        };
         if !out.status.success() {
             bail!(
                 "{what} failed: {}{}",
@@ -339,12 +411,20 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    /// The server's options (`pg_ctl -o`, read by a shell): its port, TCP on
-    /// 127.0.0.1 only, and no Unix socket. A socket's path must fit in 107
-    /// bytes, which a data directory deep in a checkout does not, and the
-    /// directory's path itself would need quoting for the shell.
-    fn server_options(&self) -> String {
-        format!("-p {} -c unix_socket_directories='' -c listen_addresses=127.0.0.1 {}", self.port, self.extra_options)
+    /// The server's arguments: its port, TCP on 127.0.0.1 only, and no Unix
+    /// socket (a socket's path must fit in 107 bytes, which a data directory
+    /// deep in a checkout does not), then `extra_options`.
+    fn server_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-p".to_string(),
+            self.port.to_string(),
+            "-c".to_string(),
+            "unix_socket_directories=".to_string(),
+            "-c".to_string(),
+            "listen_addresses=127.0.0.1".to_string(),
+        ];
+        args.extend(self.extra_options.split_whitespace().map(str::to_string));
+        args
     }
 
     /// Stops a server a previous run killed with SIGKILL may have left
@@ -371,9 +451,29 @@ impl EmbeddedPostgres {
         let here = |dir: &Path| std::fs::metadata(dir).map(|m| (m.dev(), m.ino())).ok();
         let ours = postgres && proc("cwd").and_then(|cwd| here(&cwd)).is_some_and(|d| Some(d) == here(&self.data_dir));
         if ours {
-            let mut stop = self.command("pg_ctl");
-            stop.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "stop"]);
-            let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
+            log::warn!(
+                "stopping a PostgreSQL (pid {}) left running on {}",
+                pid.unwrap_or_default(),
+                self.data_dir.display()
+            );
+            let stop = |mode: &str| {
+                let mut stop = self.command("pg_ctl");
+                stop.arg("-D").arg(&self.data_dir).args(["-m", mode, "-w", "-t", "60", "stop"]);
+                self.run(stop, "pg_ctl stop")
+            };
+            if let Err(e) = stop("fast") {
+                if e.is::<Cancelled>() {
+                    return Err(e);
+                }
+                log::warn!("{e:#}: stopping it at once");
+                stop("immediate").with_context(|| {
+                    format!(
+                        "the PostgreSQL (pid {}) left running on {} cannot be stopped: stop it by hand",
+                        pid.unwrap_or_default(),
+                        self.data_dir.display()
+                    )
+                })?;
+            }
         } else if postgres {
             bail!(
                 "{} names a running PostgreSQL server (pid {}) that ordercast cannot tell apart from this \
@@ -426,50 +526,117 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    fn start_server(&mut self) -> anyhow::Result<()> {
-        self.port = free_port()?;
-        let options = self.server_options();
-        let mut cmd = self.command("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(self.data_dir.join("postgres.log"))
-            .arg("-o")
-            .arg(options)
-            .args(["-w", "-t", "60", "start"]);
-        self.run(cmd, "pg_ctl start")
-            .with_context(|| format!("see {}", self.data_dir.join("postgres.log").display()))?;
-        self.stopped = false;
-        Ok(())
+    /// Runs the server and waits until it takes connections, with no time
+    /// limit while it is alive: after a crash it first replays its log, which
+    /// may take minutes, and a start given up then (pg_ctl's 60 s) left it
+    /// running, and at the next start stopped and replayed from the same
+    /// point, never done. A stop signal ends the wait ([`Cancelled`]) and the
+    /// server with it.
+    fn launch(&mut self) -> anyhow::Result<()> {
+        let log_path = self.data_dir.join("postgres.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("Failed to open {}", log_path.display()))?;
+        if let Some((uid, gid)) = self.run_as {
+            nix::unistd::chown(&log_path, Some(uid.into()), Some(gid.into()))?;
+        }
+        let mut cmd = Command::new(self.bin_dir.join("postgres"));
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.arg("-D").arg(&self.data_dir).args(self.server_args());
+        cmd.env_remove("PGDATA").stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
+        // A session of its own, as pg_ctl gives it: a Ctrl-C or a hangup at
+        // the terminal reaches ordercast alone, which stops it.
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+        }
+        let child = cmd.spawn().context("Failed to run postgres")?;
+        let pid = child.id();
+        self.server = Some(child);
+        let pid_file = self.data_dir.join("postmaster.pid");
+        let mut told = Instant::now();
+        loop {
+            // unwrap: set above, and taken only by `stop`.
+            if let Some(status) = self.server.as_mut().unwrap().try_wait()? {
+                self.server = None;
+                bail!(
+                    "PostgreSQL exited ({status}) before it took connections: {} (see {})",
+                    log_tail(&log_path),
+                    log_path.display()
+                );
+            }
+            if self.cancel.load(Ordering::Acquire) {
+                self.stop()?;
+                return Err(Cancelled.into());
+            }
+            // postmaster.pid's eighth line is the server's state, `ready`
+            // once it takes connections (what pg_ctl -w waits for).
+            let state = std::fs::read_to_string(&pid_file).ok().and_then(|text| {
+                let lines: Vec<&str> = text.lines().collect();
+                let ours = lines.first()?.trim().parse::<u32>().ok()? == pid;
+                ours.then(|| lines.get(7).map(|l| l.trim().to_string())).flatten()
+            });
+            match state.as_deref() {
+                Some("ready") => return Ok(()),
+                // Replaying its log, taking no connections (yet): what a
+                // server recovering from a crash says too. One made a standby
+                // stays so (pg_ctl -w takes it as started), which ordercast
+                // cannot use.
+                Some("standby") if self.data_dir.join("standby.signal").exists() => {
+                    self.stop()?;
+                    bail!(
+                        "the embedded PostgreSQL in {} runs as a standby (a standby.signal file is there), which \
+                         takes no writes",
+                        self.data_dir.display()
+                    );
+                }
+                _ => {}
+            }
+            if told.elapsed() >= Duration::from_secs(10) {
+                log::info!(
+                    "the embedded PostgreSQL is still starting (after a crash it first replays its log): see {}",
+                    log_path.display()
+                );
+                told = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
-    /// Stops the server (fast shutdown: open sessions are disconnected).
+    /// Stops the server (fast shutdown: open sessions are disconnected; at
+    /// once if that takes over a minute). Done once: a stop that failed is
+    /// not tried again when the instance is dropped.
     pub fn stop(&mut self) -> anyhow::Result<()> {
-        if self.stopped {
-            return Ok(());
+        use nix::sys::signal::{kill, Signal};
+        let Some(mut server) = self.server.take() else { return Ok(()) };
+        let pid = nix::unistd::Pid::from_raw(server.id() as i32);
+        for (signal, within) in [(Signal::SIGINT, FAST_STOP), (Signal::SIGQUIT, IMMEDIATE_STOP)] {
+            if server.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if signal == Signal::SIGQUIT {
+                log::warn!("the embedded PostgreSQL did not stop within {FAST_STOP:?}: stopping it at once");
+            }
+            let _ = kill(pid, signal);
+            let deadline = Instant::now() + within;
+            while Instant::now() < deadline {
+                if server.try_wait()?.is_some() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        let mut cmd = self.command("pg_ctl");
-        cmd.arg("-D").arg(&self.data_dir).args(["-m", "fast", "-w", "-t", "60", "stop"]);
-        self.run(cmd, "pg_ctl stop")?;
-        self.stopped = true;
-        Ok(())
+        bail!("the embedded PostgreSQL (pid {pid}) did not stop: stop it by hand")
     }
 
     /// Starts a stopped server again on the same port.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop()?;
-        let options = self.server_options();
-        let mut cmd = self.command("pg_ctl");
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-l")
-            .arg(self.data_dir.join("postgres.log"))
-            .arg("-o")
-            .arg(options)
-            .args(["-w", "-t", "60", "start"]);
-        self.run(cmd, "pg_ctl start")?;
-        self.stopped = false;
-        Ok(())
+        self.launch()
     }
 
     pub fn port(&self) -> u16 {

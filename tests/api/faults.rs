@@ -435,7 +435,6 @@ async fn a_stale_pid_file_naming_another_process_is_removed_and_that_process_lef
 /// signal before the server listened killed ordercast and left it running.
 #[test]
 fn a_stop_signal_at_any_time_stops_the_embedded_postgresql_too() {
-    use std::io::BufRead;
     use std::process::{Command, Stdio};
     /// Stops a server left running (a failed run), with its directory.
     struct Cleanup(std::path::PathBuf);
@@ -454,45 +453,156 @@ fn a_stop_signal_at_any_time_stops_the_embedded_postgresql_too() {
     for signal in [nix::sys::signal::Signal::SIGHUP, nix::sys::signal::Signal::SIGTERM] {
         let dir = embedded_dir("signal");
         let _cleanup = Cleanup(dir.clone());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
-            .args(["--bind", &format!("127.0.0.1:{}", free_port())])
-            .arg("--data-dir")
-            .arg(&dir)
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ordercast");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("PostgreSQL is up");
-            if line.contains("embedded PostgreSQL is up") {
-                break;
+        let (child, _) = ordercast_on(&dir, "embedded PostgreSQL is up");
+        stopped_by(child, &dir, signal);
+    }
+    // A signal while the embedded PostgreSQL is still starting (a long
+    // replay of its log after a crash; here a standby that stays starting).
+    let dir = embedded_dir("signal-starting");
+    let _cleanup = Cleanup(dir.clone());
+    let data = tokio::runtime::Runtime::new().unwrap().block_on(a_cluster_that_stays_starting(&dir));
+    let (child, lines) = ordercast_on(&dir, "is still starting");
+    let pid = postmaster_state(&data).expect("a postmaster.pid").0;
+    stopped_by(child, &dir, nix::sys::signal::Signal::SIGTERM);
+    assert!(gone(pid), "the PostgreSQL that was starting still runs");
+    let said: Vec<String> = lines.try_iter().collect();
+    assert!(said.iter().any(|l| l.contains("stopped before the embedded PostgreSQL was up")), "{said:?}");
+}
+
+/// `ordercast` on `dir`'s embedded PostgreSQL, once its log has said `line`;
+/// the rest of its log follows on the receiver.
+fn ordercast_on(dir: &std::path::Path, line: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
+        .args(["--bind", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ordercast");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let said = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        if said.unwrap_or_else(|_| panic!("ordercast did not log {line:?}")).contains(line) {
+            break;
+        }
+    }
+    (child, rx)
+}
+
+/// Sends `signal` to `child` and checks that it exits with success, leaving
+/// no PostgreSQL running on `dir`.
+fn stopped_by(mut child: std::process::Child, dir: &std::path::Path, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "ordercast did not stop on {signal}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !dir.join("pg").join("postmaster.pid").exists(),
+        "{signal}: ordercast exited ({status}) and left its PostgreSQL running"
+    );
+    assert!(status.success(), "{signal}: {status}");
+}
+
+/// Makes the cluster in `dir` (started once, stopped) one that stays
+/// starting for a minute or more, as a server replaying a long log after a
+/// crash does: a recovery from an archive whose every fetch takes 20 s, with
+/// no connections taken before it is done.
+async fn a_cluster_that_stays_starting(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    drop(start_embedded(dir).await.unwrap());
+    let data = dir.join("pg");
+    std::fs::write(data.join("recovery.signal"), "").unwrap();
+    let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.auto.conf")).unwrap();
+    writeln!(conf, "hot_standby = off\nrestore_command = 'sleep 20; false'").unwrap();
+    data
+}
+
+/// The pid and state (the eighth line) in `data`'s postmaster.pid.
+fn postmaster_state(data: &std::path::Path) -> Option<(i32, String)> {
+    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    Some((lines.first()?.trim().parse().ok()?, lines.get(7)?.trim().to_string()))
+}
+
+/// Whether process `pid` is gone (reaped, or never a postgres).
+fn gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != "postgres")
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+/// A start is waited for while PostgreSQL is starting, however long (a
+/// replay of its log after a crash), and given up when asked, with that
+/// PostgreSQL stopped. Before, `pg_ctl -w -t 60` gave up after 60 s and left
+/// the server running, and nothing could cut the wait short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_stays_starting_is_given_up_when_asked_and_its_server_stopped() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = embedded_dir("starting");
+    let data = a_cluster_that_stays_starting(&dir).await;
+    let cancel = std::sync::Arc::new(AtomicBool::new(false));
+    let start = {
+        let (dir, cancel) = (dir.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || EmbeddedPostgres::start_cancellable(&dir, "-c fsync=off", cancel))
+    };
+    let deadline = Instant::now() + WAIT;
+    let pid = loop {
+        match postmaster_state(&data) {
+            // "standby" once it replays its log.
+            Some((pid, state)) if state != "ready" => break pid,
+            _ => {
+                assert!(!start.is_finished(), "the start ended: {:?}", start.await.unwrap().err());
+                assert!(Instant::now() < deadline, "PostgreSQL never said it was starting");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "ordercast did not stop on {signal}");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(
-            !dir.join("pg").join("postmaster.pid").exists(),
-            "{signal}: ordercast exited ({status}) and left its PostgreSQL running"
-        );
-        assert!(status.success(), "{signal}: {status}");
-    }
+    };
+    // Still waited for a while later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!start.is_finished(), "the start gave up by itself");
+    cancel.store(true, Ordering::Release);
+    let e = tokio::time::timeout(WAIT, start).await.expect("the start gives up").unwrap().err().expect("an error");
+    assert!(e.is::<ordercast::db::embedded::Cancelled>(), "{e:#}");
+    assert!(gone(pid), "the PostgreSQL that was starting still runs");
+    assert!(!data.join("postmaster.pid").exists());
+
+    // A cluster made a standby takes no writes: said, not waited for.
+    std::fs::rename(data.join("recovery.signal"), data.join("standby.signal")).unwrap();
+    std::fs::write(data.join("postgresql.auto.conf"), "hot_standby = off\n").unwrap();
+    let e = tokio::time::timeout(WAIT, start_embedded(&dir)).await.expect("not waited for");
+    let e = format!("{:#}", e.err().expect("a standby is refused"));
+    assert!(e.contains("runs as a standby"), "{e}");
+    std::fs::remove_file(data.join("standby.signal")).unwrap();
+    assert!(!data.join("postmaster.pid").exists(), "the standby was left running");
+
+    // A server that exits at its start is reported with its reason, at once.
+    let e = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, "-c no_such_setting=1")).await.unwrap()
+    };
+    let e = format!("{:#}", e.err().expect("a setting PostgreSQL refuses fails the start"));
+    assert!(e.contains("exited") && e.contains("no_such_setting"), "{e}");
+    // And the cluster starts as usual once it is a primary.
+    let pg = start_embedded(&dir).await.expect("the start");
+    ordercast::db::connect(&pg.url("postgres")).await.expect("takes connections");
+    drop(pg);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
