@@ -93,11 +93,11 @@ pub struct Settings {
     pub maintenance_secs: u64,
 
     /// Largest request body accepted, in bytes (larger: 413).
-    #[arg(long, env = "ORDERCAST_MAX_BODY_BYTES", default_value_t = 256 * 1024, global = true)]
+    #[arg(long, env = "ORDERCAST_MAX_BODY_BYTES", default_value_t = 256 * 1024, value_parser = bytes(1024, 64 * MIB), global = true)]
     pub max_body_bytes: usize,
 
     /// Largest WebSocket frame accepted from a client, in bytes (larger: close 1009).
-    #[arg(long, env = "ORDERCAST_MAX_FRAME_BYTES", default_value_t = 64 * 1024, global = true)]
+    #[arg(long, env = "ORDERCAST_MAX_FRAME_BYTES", default_value_t = 64 * 1024, value_parser = bytes(1024, 64 * MIB), global = true)]
     pub max_frame_bytes: usize,
 
     /// API keys: comma-separated `name:secret:scope+scope[:customer=Name]`, scopes
@@ -153,11 +153,11 @@ pub struct Settings {
     pub auth_failure_burst: f64,
 
     /// Subscribe messages one WebSocket may send per minute (each replaces its subscription).
-    #[arg(long, env = "ORDERCAST_MAX_SUBSCRIBES_PER_MINUTE", default_value_t = 60, global = true)]
+    #[arg(long, env = "ORDERCAST_MAX_SUBSCRIBES_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub max_subscribes_per_minute: u32,
 
     /// HTTP worker threads (0: one per core).
-    #[arg(long, env = "ORDERCAST_WORKERS", default_value_t = 0, global = true)]
+    #[arg(long, env = "ORDERCAST_WORKERS", default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=1024), global = true)]
     pub workers: usize,
 
     /// The Kafka ingest (off unless KAFKA_BROKERS is set).
@@ -231,6 +231,14 @@ fn rate(s: &str) -> Result<f64, String> {
 }
 
 pub(crate) const HOUR: u64 = 3600;
+const MIB: u64 = 1024 * 1024;
+
+/// A size in bytes from `min` to `max`: below, no request (or subscribe)
+/// could pass, and every one would be refused only when it came; far above,
+/// the sums with it could overflow.
+fn bytes(min: u64, max: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..=max)
+}
 pub(crate) const YEAR: u64 = 365 * 24 * HOUR;
 
 /// A number of seconds from `min` to `max`: past a bound, a timer or a
@@ -397,6 +405,24 @@ mod tests {
             assert!(parse(flag, "18446744073709551615").is_err(), "{flag} huge");
             assert!(parse(flag, "2").is_ok(), "{flag} 2");
         }
+        // Before, these took any value: a body or frame limit of 0 refused
+        // every request or message only when it came, and 100,000 workers
+        // ran out of memory.
+        for (flag, low, high) in [
+            ("--max-body-bytes", "1023", "67108865"),
+            ("--max-frame-bytes", "1023", "67108865"),
+            ("--max-subscribes-per-minute", "0", "4294967296"),
+            ("--workers", "-1", "1025"),
+            ("--ingest-batch-wait-ms", "-1", "60001"),
+            ("--step-latency-ms", "-1", "60001"),
+        ] {
+            assert!(parse(flag, low).is_err(), "{flag} {low}");
+            assert!(parse(flag, high).is_err(), "{flag} {high}");
+        }
+        assert_eq!(parse("--max-body-bytes", "1024").unwrap().max_body_bytes, 1024);
+        assert_eq!(parse("--max-frame-bytes", "67108864").unwrap().max_frame_bytes, 64 << 20);
+        assert_eq!(parse("--workers", "0").unwrap().workers, 0);
+        assert_eq!(parse("--ingest-batch-wait-ms", "60000").unwrap().kafka.batch_wait_ms, 60_000);
         for flag in ["--db-pool-size", "--stream-pool-size", "--max-connections", "--max-connections-per-ip"] {
             assert!(parse(flag, "0").is_err(), "{flag} 0");
             assert!(parse(flag, "1").is_ok(), "{flag} 1");

@@ -66,7 +66,7 @@ pub struct KafkaSettings {
     pub writers: usize,
 
     /// Milliseconds a batch waits for more messages after its first one.
-    #[arg(long = "ingest-batch-wait-ms", env = "ORDERCAST_INGEST_BATCH_WAIT_MS", default_value_t = 10, global = true)]
+    #[arg(long = "ingest-batch-wait-ms", env = "ORDERCAST_INGEST_BATCH_WAIT_MS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=60_000), global = true)]
     pub batch_wait_ms: u64,
 
     /// Milliseconds between commits of the consumer position to Kafka (a

@@ -64,7 +64,7 @@ pub struct WorkflowSettings {
     pub inventory_failure_rate: f64,
 
     /// Milliseconds each simulated step takes on average (uniformly 50% to 150%).
-    #[arg(long = "step-latency-ms", env = "ORDERCAST_STEP_LATENCY_MS", default_value_t = 150, global = true)]
+    #[arg(long = "step-latency-ms", env = "ORDERCAST_STEP_LATENCY_MS", default_value_t = 150, value_parser = clap::value_parser!(u64).range(0..=60_000), global = true)]
     pub step_latency_ms: u64,
 }
 
