@@ -25,7 +25,11 @@ WORKDIR /app
 # In a container, listen on all interfaces; DATABASE_URL must point at PostgreSQL.
 ENV ORDERCAST_BIND=0.0.0.0:8080 RUST_LOG=info
 EXPOSE 8080
-HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8080/api/health || exit 1
+# Liveness: whether the server answers, on ORDERCAST_BIND's port (a database
+# or Kafka outage shows in /api/health's 503, which a restart would not mend).
+# The start period covers the migrations, which may wait for another
+# replica's.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD curl -fsS "http://127.0.0.1:${ORDERCAST_BIND##*:}/api/health/live" || exit 1
 ENTRYPOINT ["ordercast"]
 CMD ["serve"]

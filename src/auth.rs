@@ -379,6 +379,7 @@ pub fn required_scope(method: &Method, path: &str) -> Option<Scope> {
     // `/api/session` authenticates the token itself: signing in needs none,
     // and signing out or asking who one is no particular scope.
     if path == "/api/health"
+        || path == "/api/health/live"
         || path == "/api/openapi.json"
         || path == "/api/session"
         || !(path.starts_with("/api/") || path == "/ws")
@@ -709,6 +710,7 @@ mod tests {
         assert_eq!(required_scope(&Method::POST, "/api/session"), None);
         assert_eq!(required_scope(&Method::DELETE, "/api/session"), None);
         assert_eq!(required_scope(&Method::GET, "/api/health"), None);
+        assert_eq!(required_scope(&Method::GET, "/api/health/live"), None);
         assert_eq!(required_scope(&Method::GET, "/"), None);
         assert_eq!(required_scope(&Method::GET, "/js/app.js"), None);
     }

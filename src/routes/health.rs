@@ -132,8 +132,24 @@ fn summary(v: Value) -> Value {
     }
 }
 
+/// Whether the server answers at all: 200 while it serves HTTP, whatever
+/// its database, listener or Kafka broker. A liveness check (a container's
+/// health check) asks this: restarting ordercast brings none of those back,
+/// and `/api/health`'s 503 during a broker outage would restart servers that
+/// still serve every stream. Public.
+#[utoipa::path(
+    get,
+    path = "/api/health/live",
+    tag = "health",
+    responses((status = 200, description = "The server answers", body = serde_json::Value))
+)]
+#[route("/api/health/live", method = "GET", method = "HEAD")]
+pub async fn live() -> HttpResponse {
+    HttpResponse::Ok().insert_header(("Cache-Control", "no-store")).json(json!({"status": "ok"}))
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(health);
+    cfg.service(live).service(health);
 }
 
 #[cfg(test)]

@@ -163,13 +163,14 @@ pub struct ProblemDoc {
     info(
         title = "ordercast",
         description = "Live order changes from PostgreSQL to browsers. Realtime protocol (WebSocket /ws and SSE /api/events): see the README. \
-                       With authentication on, every route but /api/health, /api/session, this document and the dashboard's files answers \
+                       With authentication on, every route but /api/health, /api/health/live, /api/session, this document and the dashboard's files answers \
                        401 (missing_token, invalid_token, token_expired) without a valid token and 403 (insufficient_scope) without its scope; \
                        writes over the rate limit answer 429 (rate_limited), and any route 503 (database_unavailable, \
                        shutting_down) with Retry-After. Errors are application/problem+json with a stable code."
     ),
     paths(
         crate::routes::health::health,
+        crate::routes::health::live,
         crate::routes::orders::create,
         crate::routes::orders::list,
         crate::routes::orders::get_one,

@@ -218,6 +218,7 @@ async fn tokens_and_scopes_guard_every_route() {
     assert_eq!(metrics("writersecret").await.unwrap().status(), 403);
     assert_eq!(metrics("opssecret1").await.unwrap().status(), 200);
     // Public routes stay public.
+    assert_eq!(app.http.get(app.url("/api/health/live")).send().await.unwrap().status(), 200);
     // (Health is 503 until the listener's first read, which a loaded
     // machine can delay past this point; without a token either way.)
     crate::helpers::eventually(Duration::from_secs(10), || async {

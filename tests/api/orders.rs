@@ -925,6 +925,7 @@ async fn the_openapi_document_matches_the_real_routes() {
     let paths = doc["paths"].as_object().unwrap();
     let expected = [
         ("/api/health", "get"),
+        ("/api/health/live", "get"),
         ("/api/orders", "get"),
         ("/api/orders", "post"),
         ("/api/orders/{id}", "get"),
