@@ -51,9 +51,12 @@ const LOCK_CLASS: i32 = 0x6f63_7072;
 const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often orders left in `processing` are looked for.
 const RESUME_EVERY: Duration = Duration::from_secs(5);
-/// How long an order this processor sent back to retry (a step unavailable)
-/// waits before it is taken again: the pause between a step's attempts.
+/// How long an order sent back to retry (a step unavailable) waits before
+/// it is taken again: the pause after a step's first call, doubled after
+/// each further call up to `RETRY_MAX` (kept in the step's record, so that
+/// every processor waits: `NOTE_SQL`). Ten calls take about 20 minutes.
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 /// How many candidates one takeover scan looks at, however few slots are
 /// free: orders held by live processors come first in id order and would
 /// otherwise hide an orphan behind them for a scan each.
@@ -186,10 +189,14 @@ fn finish_sql(outcome: &str) -> &'static str {
     }
 }
 
+/// Also sets when the step may be called again (V26): `RETRY_AFTER` after
+/// its first call, doubling with each call up to `RETRY_MAX`.
 const NOTE_SQL: &str = "\
 WITH a AS (SELECT set_config('synchronous_commit', 'off', true)) \
-UPDATE order_steps SET detail = $4 FROM a \
-WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
+UPDATE order_steps SET detail = $4, \
+       retry_at = now() + least(make_interval(secs => $5 * power(2, least(attempts - 1, 20))), \
+                                make_interval(secs => $6)) \
+FROM a WHERE order_id = $1 AND step = $2 AND action = $3 AND outcome = 'started'";
 
 /// Releases an order's lock on the dedicated connection when its task ends.
 const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1, workflow_lock_key($2))";
@@ -421,7 +428,10 @@ impl Processor {
                    SELECT id FROM orders WHERE status = 'processing' AND id > $1 \
                    UNION \
                    SELECT order_id FROM order_undo WHERE order_id > $1 \
-                 ) c WHERE id <> ALL($2) ORDER BY id LIMIT $3",
+                 ) c WHERE id <> ALL($2) \
+                   AND NOT EXISTS (SELECT 1 FROM order_steps s \
+                                   WHERE s.order_id = c.id AND s.outcome = 'started' AND s.retry_at > now()) \
+                 ORDER BY id LIMIT $3",
                 &[&after, &mine, &window],
             )
             .await
@@ -922,7 +932,8 @@ async fn finish(db: &Pool, id: i64, step: &str, action: &str, outcome: &str, det
 /// for the message when it is given up.
 async fn note(db: &Pool, id: i64, step: &str, action: &str, detail: &str) -> anyhow::Result<()> {
     let (client, stmt) = prepared(db, NOTE_SQL).await?;
-    client.execute(&stmt, &[&id, &step, &action, &detail]).await.map_err(crate::db::describe)?;
+    let (after, max) = (RETRY_AFTER.as_secs_f64(), RETRY_MAX.as_secs_f64());
+    client.execute(&stmt, &[&id, &step, &action, &detail, &after, &max]).await.map_err(crate::db::describe)?;
     Ok(())
 }
 

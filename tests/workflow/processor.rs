@@ -58,6 +58,8 @@ struct TestStep {
     compensation_calls: AtomicU32,
     /// While set, every compensation is refused for good (a refund declined).
     reject_compensations: std::sync::atomic::AtomicBool,
+    /// When each `execute` call came.
+    call_times: Mutex<Vec<std::time::Instant>>,
     entered: Notify,
     release: Notify,
 }
@@ -77,6 +79,7 @@ impl TestStep {
             hang_compensations: std::sync::atomic::AtomicBool::new(false),
             compensation_calls: AtomicU32::new(0),
             reject_compensations: std::sync::atomic::AtomicBool::new(false),
+            call_times: Mutex::default(),
             entered: Notify::new(),
             release: Notify::new(),
         })
@@ -112,6 +115,7 @@ impl Step for TestStep {
     fn execute<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<String, StepError>> {
         Box::pin(async move {
             let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            self.call_times.lock().unwrap().push(std::time::Instant::now());
             self.entered.notify_one();
             if self.down.load(Ordering::SeqCst) {
                 return Err(StepError::Unavailable("the service is down".into()));
@@ -404,6 +408,40 @@ async fn an_unavailable_step_is_retried_until_it_answers() {
     assert_eq!(payment.calls.load(Ordering::SeqCst), 2);
     assert_eq!(payment.effects(id), 1);
     assert_eq!(p.state.retries.load(Ordering::Relaxed), 1);
+}
+
+/// A step that stays unavailable is called again after a pause that grows
+/// (5 s, then 10 s, ...), whichever processor takes the order up: the pause
+/// is in the step's record. Before, it was kept by the processor that
+/// released the order, and another one's scan took it at once: with two
+/// processors, ten calls came within about a minute and a short outage of
+/// the service failed the order for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pause_before_an_unavailable_step_is_called_again_grows_and_holds_for_every_processor() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    payment.down.store(true, Ordering::SeqCst);
+    let steps = || -> Steps { vec![payment.clone(), TestStep::new("inventory", Mode::Succeed)] };
+    let (_a, _b) = (start(&app.db_url, steps()), start(&app.db_url, steps()));
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    eventually(Duration::from_secs(60), || async { (payment.calls.load(Ordering::SeqCst) >= 3).then_some(()) }).await;
+    let times = payment.call_times.lock().unwrap().clone();
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[0] >= Duration::from_millis(4900), "called again before its pause: {gaps:?}");
+    assert!(gaps[1] >= Duration::from_millis(9900), "the second pause did not double: {gaps:?}");
+    // After the third call, the pause is 20 s.
+    let pause = format!(
+        "SELECT extract(epoch FROM retry_at - started_at)::float8 FROM order_steps \
+         WHERE order_id = {id} AND step = 'payment' AND action = 'execute'"
+    );
+    eventually(WAIT, || async { (scalar::<f64>(&db, &pause).await > 19.0).then_some(()) }).await;
+    assert!(scalar::<f64>(&db, &pause).await < 21.0);
+    // Once the service is back, the order goes on.
+    payment.down.store(false, Ordering::SeqCst);
+    db.execute(&format!("UPDATE order_steps SET retry_at = now() WHERE order_id = {id}"), &[]).await.unwrap();
+    wait_status(&app, id, "processed").await;
+    assert_eq!(payment.effects(id), 1);
 }
 
 /// Orders sent back to retry while a service was down come before new
