@@ -142,6 +142,7 @@ pub async fn metrics(
             );
         }
     }
+    state.workflow.metrics(&mut out, state.hub.position());
     state.ingest_metrics(&mut out);
     state.http_metrics.render(&mut out);
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))

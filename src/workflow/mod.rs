@@ -49,6 +49,81 @@ impl WorkflowState {
     pub fn health(&self, head: i64) -> Value {
         json!({"outbox": self.outbox.health(head), "processor": self.processor.health()})
     }
+
+    /// The relay's and the processor's series for `/metrics`, each part
+    /// while it runs in this process. `head` as for `health`. A relay that
+    /// falls behind shows as `ordercast_outbox_lag` growing while
+    /// `ordercast_outbox_position` stands still, before retention prunes
+    /// what it has not published (counted in `ordercast_outbox_skipped_total`).
+    pub fn metrics(&self, out: &mut String, head: i64) {
+        use crate::metrics::sample;
+        use std::sync::atomic::Ordering::Relaxed;
+        let o = &self.outbox;
+        if o.enabled.load(Relaxed) {
+            let active = o.active.load(Relaxed);
+            let position = o.position.load(Relaxed);
+            sample(
+                out,
+                "ordercast_outbox_active",
+                "gauge",
+                "1 while this instance holds the outbox relay lock.",
+                active as u8,
+            );
+            sample(out, "ordercast_outbox_position", "gauge", "Change-log position acknowledged by Kafka.", position);
+            if active {
+                let lag = (head - position).max(0);
+                sample(
+                    out,
+                    "ordercast_outbox_lag",
+                    "gauge",
+                    "Positions committed but not yet acknowledged by Kafka.",
+                    lag,
+                );
+            }
+            for (name, help, v) in [
+                ("published", "Changes published to Kafka.", &o.published),
+                ("batches", "Batches acknowledged by Kafka.", &o.batches),
+                ("retries", "Batches retried after a failure.", &o.retries),
+                ("skipped", "Changes pruned from the log before they were published.", &o.skipped),
+                ("rewinds", "Rewind messages sent.", &o.rewinds),
+            ] {
+                sample(out, &format!("ordercast_outbox_{name}_total"), "counter", help, v.load(Relaxed));
+            }
+        }
+        let p = &self.processor;
+        if p.enabled.load(Relaxed) {
+            sample(
+                out,
+                "ordercast_processor_connected",
+                "gauge",
+                "1 while the processor has its connection.",
+                p.connected.load(Relaxed) as u8,
+            );
+            sample(
+                out,
+                "ordercast_processor_in_flight",
+                "gauge",
+                "Orders being processed now.",
+                p.in_flight.load(Relaxed),
+            );
+            for (name, help, v) in [
+                ("claimed", "New orders taken.", &p.claimed),
+                ("resumed", "Orders taken over (their processor gone) or taken up again.", &p.resumed),
+                ("processed", "Orders processed.", &p.processed),
+                ("failed", "Orders failed (a step refused or given up).", &p.failed),
+                ("cancelled", "Orders found cancelled and undone.", &p.cancelled),
+                ("compensations", "Steps undone.", &p.compensations),
+                (
+                    "compensations_failed",
+                    "Compensations refused for good (left for a person).",
+                    &p.compensations_failed,
+                ),
+                ("retries", "Orders sent back to retry (a step unavailable).", &p.retries),
+            ] {
+                sample(out, &format!("ordercast_processor_{name}_total"), "counter", help, v.load(Relaxed));
+            }
+        }
+    }
 }
 
 /// The running workflow: its state and its tasks (which stop when `shutdown` flips).

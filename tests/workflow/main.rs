@@ -150,6 +150,12 @@ pub async fn scalar<T: for<'a> tokio_postgres::types::FromSql<'a>>(db: &tokio_po
     db.query_one(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")).get(0)
 }
 
+/// The value of the series `name` (no labels) in the app's `/metrics`.
+pub async fn metric(app: &helpers::TestApp, name: &str) -> Option<f64> {
+    let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Waits until the count `sql` returns satisfies `done`.
 pub async fn until(db: &tokio_postgres::Client, sql: &str, done: impl Fn(i64) -> bool) {
     helpers::until_count(db, sql, WAIT, done).await

@@ -70,6 +70,13 @@ async fn a_rest_created_order_appears_on_order_changes() {
     let (_, health) = app.get_json("/api/health").await;
     assert_eq!(health["workflow"]["outbox"]["state"], "running", "{health}");
     assert!(health["workflow"]["outbox"]["published"].as_u64().unwrap() >= 2);
+    // The same in /metrics, with the lag to alert on.
+    assert_eq!(crate::metric(&app, "ordercast_outbox_active").await, Some(1.0));
+    let position = crate::metric(&app, "ordercast_outbox_position").await.expect("the relay's position");
+    assert!(position >= last as f64, "{position} < {last}");
+    assert!(crate::metric(&app, "ordercast_outbox_published_total").await >= Some(2.0));
+    assert!(crate::metric(&app, "ordercast_outbox_lag").await.is_some());
+    assert_eq!(crate::metric(&app, "ordercast_processor_processed_total").await, None, "no processor runs here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +218,7 @@ async fn changes_pruned_through_the_head_before_they_were_published_are_reported
     })
     .await;
     assert_eq!(outbox["skipped"].as_i64(), Some(head - stored), "{outbox}");
+    assert_eq!(crate::metric(&second, "ordercast_outbox_skipped_total").await, Some((head - stored) as f64));
 }
 
 /// Deleting the relay's row starts it over from the oldest retained change,

@@ -251,6 +251,8 @@ async fn the_happy_path_moves_an_order_through_payment_and_inventory_to_processe
     assert!(pushed[1..].iter().all(|c| c["actor"] == "processor"), "{pushed:?}");
     let (_, health) = app.get_json("/api/health").await;
     assert_eq!(health["workflow"]["processor"]["processed"], 1, "{health}");
+    assert_eq!(crate::metric(&app, "ordercast_processor_processed_total").await, Some(1.0));
+    assert_eq!(crate::metric(&app, "ordercast_processor_claimed_total").await, Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
