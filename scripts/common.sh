@@ -17,6 +17,10 @@ need_build_packages() {
 install_needed() {
   if ((${#need[@]})); then
     log "installing ${need[*]}"
+    if [ -n "$SUDO" ] && ! command -v sudo >/dev/null 2>&1; then
+      log "installing needs root: run as root, or install sudo, or install these yourself: ${need[*]}"
+      exit 1
+    fi
     $SUDO apt-get update -qq
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   fi
