@@ -1161,18 +1161,42 @@ async fn publish(
             }
             other => other,
         };
-        deliveries.push(delivery.context("Kafka refused a message").map_err(Unacknowledged::from)?);
+        match delivery {
+            Ok(delivery) => deliveries.push(delivery),
+            // Not queued (the topic gone, the producer failed): those queued
+            // before it still fly, and one of them failing while a later one
+            // lands owes a rewind, as when all were queued.
+            Err(e) => {
+                let queued = deliveries.len();
+                let acks = acknowledged(deliveries, "changes", state, Job::Publishing).await;
+                let (_, outcomes) = outcomes(&positions[..queued], acks);
+                let error = anyhow::Error::from(e).context("Kafka refused a message");
+                return Err(Unacknowledged { error, overtaken: overtaken(&outcomes) });
+            }
+        }
     }
     // A refusal by the broker (a topic limit below the producer's) is not
     // stubbed: the broker judges a whole record batch, small changes with
     // it, and a stub sent now would come after the changes enqueued behind
     // the refused one. The batch is tried again, and the error is in
     // `/api/health` (see the module's comment).
+    let (error, outcomes) = outcomes(&positions, acknowledged(deliveries, "changes", state, Job::Publishing).await);
+    match error {
+        None => Ok(()),
+        Some(error) => Err(Unacknowledged { error, overtaken: overtaken(&outcomes) }),
+    }
+}
+
+/// Each change's position, partition (None: not known) and whether it was
+/// acknowledged, from its delivery's outcome; with the first failure's error.
+#[allow(clippy::type_complexity)]
+fn outcomes(
+    positions: &[i64],
+    acks: Vec<<DeliveryFuture as std::future::Future>::Output>,
+) -> (Option<anyhow::Error>, Vec<(i64, Option<i32>, bool)>) {
     let mut error = None;
-    let mut outcomes = Vec::with_capacity(rows.len());
-    for (position, delivery) in
-        positions.into_iter().zip(acknowledged(deliveries, "changes", state, Job::Publishing).await)
-    {
+    let mut outcomes = Vec::with_capacity(positions.len());
+    for (&position, delivery) in positions.iter().zip(acks) {
         let (partition, acked) = match delivery {
             Ok(Ok(delivered)) => (Some(delivered.partition), true),
             Ok(Err((e, message))) => {
@@ -1186,10 +1210,7 @@ async fn publish(
         };
         outcomes.push((position, partition, acked));
     }
-    match error {
-        None => Ok(()),
-        Some(error) => Err(Unacknowledged { error, overtaken: overtaken(&outcomes) }),
-    }
+    (error, outcomes)
 }
 
 /// The message of one change, or the stub that stands for a change the
