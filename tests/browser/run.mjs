@@ -491,6 +491,41 @@ test('an order that comes into a full last page makes an older page', async (t) 
   assert.deepEqual(await tableIds(page), [older]);
 });
 
+test('a change that arrives while a page is loading is brought into that page', async (t) => {
+  const { page } = await openDashboard(t);
+  const before = await insertOrder({ customer: 'Before The Load', product: 'Kettle' });
+  await row(page, before).waitFor({ timeout: 5000 });
+  // The pending tab's page is read, then an order is created and the
+  // stream delivers it, and only then does the page arrive (without it).
+  let during = null;
+  let answered = false;
+  await page.route(/\/api\/orders\?(.*&)?status=pending/, async (route) => {
+    const res = await route.fetch();
+    if (during == null) {
+      during = await insertOrder({ customer: 'During The Load', product: 'Kettle' });
+      await page.locator('#activity-list li', { hasText: `created #${during}` }).first().waitFor({ timeout: 5000 });
+    }
+    await route.fulfill({ response: res });
+    answered = true;
+  });
+  await clickTab(page, 'pending');
+  await within(10000, 'the pending page answered', (async () => {
+    while (!answered) await sleep(20);
+  })());
+  await sleep(300);
+  const ids = await tableIds(page);
+  assert.equal(ids.filter((id) => id === during).length, 1, 'the order created during the load is shown once');
+  assert.equal(ids.filter((id) => id === before).length, 1, 'the order created before the load is shown once');
+  assert.ok((await tableStatuses(page)).every((s) => s === 'pending'));
+  // Between loads nothing is kept, and the next load is brought up to date as well.
+  await page.unroute(/\/api\/orders\?(.*&)?status=pending/);
+  const later = await insertOrder({ customer: 'After The Load', product: 'Kettle' });
+  await row(page, later).waitFor({ timeout: 5000 });
+  await clickTab(page, 'all');
+  await row(page, later).waitFor({ timeout: 5000 });
+  await row(page, during).waitFor({ timeout: 5000 });
+});
+
 test('a tab clicked before the first page arrives still opens the stream at the page\'s position', async (t) => {
   const page = await newTestPage(t);
   const head = Number(await server.sql('SELECT change_head()'));
@@ -1559,6 +1594,132 @@ test('the order detail offers no action before its order has loaded', async (t) 
   assert.deepEqual(errors.filter((e) => e.startsWith('uncaught')), []);
 });
 
+test('an action is sent once however often its button is clicked while it is on its way', async (t) => {
+  const { page, errors } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Double Clicker', product: 'Metronome' });
+  const action = new RegExp(`/api/orders/${id}(/cancel)?$`);
+  const sent = [];
+  page.on('request', (r) => {
+    if (action.test(r.url()) && r.method() !== 'GET') sent.push(r.method());
+  });
+  // Every action takes half a second to arrive.
+  await page.route(action, async (route) => {
+    if (route.request().method() !== 'GET') await sleep(500);
+    return route.continue();
+  });
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await followed;
+  await dialog.locator('#status-select option[value="processing"]').waitFor({ state: 'attached' });
+  await dialog.locator('#status-select').selectOption('processing');
+  await dialog.getByRole('button', { name: 'Apply' }).dblclick();
+  await page.locator('.toast-ok', { hasText: `Order #${id} is now Processing` }).waitFor({ timeout: 5000 });
+  await dialog.getByRole('button', { name: 'Cancel order' }).dblclick();
+  await page.locator('.toast-ok', { hasText: `Order #${id} cancelled` }).waitFor({ timeout: 5000 });
+  await dialog.getByRole('button', { name: 'Delete…' }).click();
+  await dialog.getByRole('button', { name: 'Yes, delete' }).dblclick();
+  await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+  await sleep(1000);
+  assert.deepEqual(sent, ['PATCH', 'POST', 'DELETE'], 'one request per action');
+  assert.equal(await page.locator('.toast-error').count(), 0, 'no error after the success');
+  assert.equal(await server.sql(`SELECT count(*) FROM orders WHERE id = ${id}`), '0');
+  assert.deepEqual(errors.filter((e) => e.startsWith('uncaught')), []);
+});
+
+test('an action that failed can be sent again, and its button keeps the keyboard focus', async (t) => {
+  const { page } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Second Try', product: 'Sundial' });
+  let refuse = true;
+  await page.route(`**/api/orders/${id}`, async (route) => {
+    if (route.request().method() !== 'PATCH' || !refuse) return route.continue();
+    refuse = false;
+    await sleep(300);
+    return route.fulfill({ status: 503, contentType: 'application/problem+json',
+      body: JSON.stringify({ status: 503, code: 'database_unavailable', message: 'the database is unavailable' }) });
+  });
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  await followed;
+  await dialog.locator('#status-select option[value="processing"]').waitFor({ state: 'attached' });
+  await dialog.locator('#status-select').selectOption('processing');
+  const apply = dialog.getByRole('button', { name: 'Apply' });
+  await apply.focus();
+  await page.keyboard.press('Enter');
+  await page.locator('.toast-error', { hasText: `Could not update order #${id}` }).waitFor({ timeout: 5000 });
+  assert.equal(await apply.isDisabled(), false, 'Apply is enabled again');
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), 'Apply', 'the focus is back on Apply');
+  await page.keyboard.press('Enter');
+  await page.locator('.toast-ok', { hasText: `Order #${id} is now Processing` }).waitFor({ timeout: 5000 });
+  assert.equal(await server.sql(`SELECT status FROM orders WHERE id = ${id}`), 'processing');
+});
+
+test('the order detail whose actions or history could not be read says so and reads them again', async (t) => {
+  const { page, errors } = await openDashboard(t);
+  const id = await insertOrder({ customer: 'Actions Later', product: 'Quadrant' });
+  await row(page, id).waitFor({ timeout: 5000 });
+  const unavailable = (route) => route.fulfill({ status: 503, contentType: 'application/problem+json',
+    body: JSON.stringify({ status: 503, code: 'database_unavailable', message: 'the database is unavailable' }) });
+  // The state machine cannot be read twice: when the order is read, and
+  // again when its stream's snapshot shows it.
+  let transitionsAsked = 0;
+  await page.route('**/api/transitions', (route) => {
+    transitionsAsked += 1;
+    return transitionsAsked <= 2 ? unavailable(route) : route.continue();
+  });
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  // Asked again after a pause: the actions come without a change to the
+  // order, and the failure was said.
+  await dialog.locator('#status-form').waitFor({ state: 'visible', timeout: 8000 });
+  await page.locator('.toast-error', { hasText: `Could not load the actions for order #${id}` }).waitFor({ timeout: 5000 });
+  assert.equal(await dialog.getByRole('button', { name: 'Cancel order' }).isVisible(), true);
+  assert.equal(await dialog.getByRole('button', { name: 'Delete…' }).isVisible(), true);
+  assert.equal(transitionsAsked, 3);
+  // The history read again after a change fails once: said, and read again.
+  await followed;
+  await dialog.locator('#detail-history li', { hasText: 'Created as' }).waitFor();
+  let historyAsked = 0;
+  await page.route(`**/api/orders/${id}/history`, (route) => {
+    historyAsked += 1;
+    return historyAsked === 1 ? unavailable(route) : route.continue();
+  });
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await page.locator('.toast-error', { hasText: `Could not load the history of order #${id}` }).waitFor({ timeout: 5000 });
+  await dialog.locator('#detail-history li', { hasText: /Pending\s*→\s*Processing/ }).waitFor({ timeout: 5000 });
+  assert.equal(historyAsked, 2);
+  assert.deepEqual(errors.filter((e) => e.startsWith('uncaught')), []);
+});
+
+test('an order with a time of infinity is shown in the table and in the detail', async (t) => {
+  const { page, errors } = await openDashboard(t);
+  const id = Number(await server.sql(`INSERT INTO orders (customer_name, product, quantity, unit_price, created_at)
+    VALUES ('Forever Customer', 'Perpetuum', 1, 2, 'infinity') RETURNING id`));
+  await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
+  await server.sql(`UPDATE orders SET shipped_at = 'infinity', processed_at = '-infinity' WHERE id = ${id}`);
+  await row(page, id).waitFor({ timeout: 5000 });
+  assert.match(await row(page, id).textContent(), /Forever Customer/);
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  const dialog = page.locator('#detail');
+  const field = (name) => dialog.locator('#detail-fields dt', { hasText: new RegExp(`^${name}$`) }).locator('xpath=following-sibling::dd[1]');
+  await field('Shipped').waitFor({ timeout: 5000 });
+  await followed;
+  assert.equal(await field('Created').textContent(), 'infinity');
+  assert.equal(await field('Shipped').textContent(), 'infinity');
+  assert.equal(await field('Processed').textContent(), '-infinity');
+  assert.match(await field('Processing since').textContent(), /\d{4}/);
+  await dialog.locator('#detail-history li', { hasText: /Pending\s*→\s*Processing/ }).waitFor({ timeout: 5000 });
+  await dialog.locator('#status-select option').first().waitFor({ state: 'attached' });
+  // Live changes to it are shown too.
+  await server.sql(`UPDATE orders SET customer_email = 'forever@example.com' WHERE id = ${id}`);
+  await field('Email').filter({ hasText: 'forever@example.com' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('.toast-error').count(), 0, 'no error');
+  assert.deepEqual(errors, []);
+});
+
 test('a create answered after the form was closed and opened again leaves the new form alone', async (t) => {
   const { page } = await openDashboard(t);
   await page.route('**/api/orders', async (route) => {
@@ -1620,6 +1781,118 @@ test('a create the server does not answer in time says the order may have been c
   await dialog.getByRole('button', { name: 'Create order' }).click();
   await page.clock.fastForward('00:16');
   await page.locator('.toast', { hasText: 'may have been created' }).waitFor({ timeout: 5000 });
+});
+
+test('a create whose answer was lost, sent again, makes one order and says it was made', async (t) => {
+  const { page, errors } = await openDashboard(t);
+  // The first create of each draft reaches the server and commits; its
+  // answer is lost on the way back: the connection drops, then a proxy
+  // gives up waiting (504).
+  let posts = 0;
+  let lose = 'connectionreset';
+  await page.route('**/api/orders', async (route) => {
+    if (route.request().method() !== 'POST') return route.continue();
+    posts += 1;
+    if (!lose) return route.continue();
+    const how = lose;
+    lose = null;
+    await route.fetch();
+    if (how === '504') return route.fulfill({ status: 504, contentType: 'text/html', body: '<h1>504 Gateway Time-out</h1>' });
+    return route.abort(how);
+  });
+  const dialog = page.locator('#create');
+  const made = (customer) => server.sql(`SELECT count(*) FROM orders WHERE customer_name = ${sqlStr(customer)}`);
+  for (const [customer, lost] of [['Lost Answer', 'connection was lost'], ['Gateway Timeout', 'proxy answered 504']]) {
+    posts = 0;
+    await page.getByRole('button', { name: 'New order' }).click();
+    await fillOrder(dialog, { 'Customer name': customer, Product: 'Sextant', Quantity: '1', 'Unit price': '7' });
+    await dialog.getByRole('button', { name: 'Create order' }).click();
+    await page.locator('.toast-error', { hasText: lost }).filter({ hasText: 'may have been created' }).waitFor({ timeout: 5000 });
+    assert.equal(await made(customer), '1', 'the first try was done');
+    assert.equal(await dialog.isVisible(), true, 'the form stays open with what was typed');
+    // Clicked again: the same draft, the same external id, no second order.
+    await dialog.getByRole('button', { name: 'Create order' }).click();
+    await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+    assert.equal(posts, 2);
+    assert.equal(await made(customer), '1', 'one order, not two');
+    const id = Number(await server.sql(`SELECT id FROM orders WHERE customer_name = ${sqlStr(customer)}`));
+    await page.locator('.toast-ok', { hasText: `Order #${id} was already created` }).waitFor({ timeout: 5000 });
+    assert.match(await server.sql(`SELECT external_id FROM orders WHERE id = ${id}`), /^dashboard-[0-9a-f-]{32,36}$/);
+    lose = '504';
+  }
+  // A new draft is another order, with an id of its own.
+  lose = null;
+  await page.getByRole('button', { name: 'New order' }).click();
+  assert.equal(await dialog.getByLabel('Customer name').inputValue(), '', 'the form was emptied');
+  await fillOrder(dialog, { 'Customer name': 'Lost Answer', Product: 'Octant', Quantity: '1', 'Unit price': '7' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+  assert.equal(await made('Lost Answer'), '2');
+  assert.equal(await server.sql(`SELECT count(DISTINCT external_id) FROM orders WHERE customer_name = 'Lost Answer'`), '2');
+  // Changed after its answer was lost, the draft is another order: the user
+  // is told of the one made, and the next click makes this one.
+  lose = 'connectionreset';
+  await page.getByRole('button', { name: 'New order' }).click();
+  await fillOrder(dialog, { 'Customer name': 'Changed Draft', Product: 'Sextant', Quantity: '1', 'Unit price': '7' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  // (The same words on screen from before are not said again.)
+  await page.locator('.toast-error', { hasText: 'connection was lost' }).waitFor({ timeout: 5000 });
+  await dialog.locator('[type=submit]:not([disabled])').waitFor({ timeout: 5000 });
+  assert.equal(await made('Changed Draft'), '1');
+  await fillOrder(dialog, { Quantity: '2' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  const first = Number(await server.sql(`SELECT id FROM orders WHERE customer_name = 'Changed Draft'`));
+  await page.locator('.toast', { hasText: `Order #${first} was already created by an earlier try, with the values the form had then` })
+    .waitFor({ timeout: 5000 });
+  assert.equal(await dialog.isVisible(), true, 'the changed form stays open');
+  assert.equal(await made('Changed Draft'), '1');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+  assert.equal(await server.sql(`SELECT string_agg(quantity::text, ',' ORDER BY id) FROM orders WHERE customer_name = 'Changed Draft'`), '1,2');
+  assert.deepEqual(errors.filter((e) => e.startsWith('uncaught')), []);
+});
+
+test('a quantity written as a JSON number ("2.0", "1e1") is sent as that number', async (t) => {
+  const { page } = await openDashboard(t);
+  const dialog = page.locator('#create');
+  for (const [customer, quantity, expected] of [['Decimal Quantity', '2.0', '2|6.50'], ['Exponent Quantity', '1e1', '10|32.50']]) {
+    await page.getByRole('button', { name: 'New order' }).click();
+    await fillOrder(dialog, { 'Customer name': customer, Product: 'Abacus', Quantity: quantity, 'Unit price': '3.25' });
+    await dialog.getByRole('button', { name: 'Create order' }).click();
+    await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+    assert.equal(await server.sql(`SELECT quantity || '|' || amount FROM orders WHERE customer_name = ${sqlStr(customer)}`), expected);
+  }
+  // What is not a whole number still gets the server's word for it.
+  await page.getByRole('button', { name: 'New order' }).click();
+  await fillOrder(dialog, { 'Customer name': 'Half Quantity', Product: 'Abacus', Quantity: '2.5', 'Unit price': '3.25' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.locator('#e-quantity', { hasText: /./ }).waitFor({ timeout: 5000 });
+  assert.equal(await server.sql(`SELECT count(*) FROM orders WHERE customer_name = 'Half Quantity'`), '0');
+});
+
+test('a field error is announced when Enter is pressed in that field, and said once when the focus moves to it', async (t) => {
+  const { page } = await openDashboard(t);
+  await page.getByRole('button', { name: 'New order' }).click();
+  const dialog = page.locator('#create');
+  await fillOrder(dialog, { 'Customer name': 'Screen Reader', Product: 'Braille display', Quantity: '1', 'Unit price': 'abc' });
+  await dialog.getByLabel('Unit price').press('Enter');
+  const error = dialog.locator('#e-unit_price');
+  await error.filter({ hasText: /./ }).waitFor({ timeout: 5000 });
+  const message = await error.textContent();
+  // Which live regions hold the message (a screen reader says what comes into them).
+  const saidBy = (text) => page.evaluate((m) => [...document.querySelectorAll('[role=alert], [aria-live]')]
+    .filter((n) => n.getAttribute('aria-live') !== 'off' && n.textContent.includes(m)).map((n) => n.id), text);
+  assert.equal((await saidBy(message)).length, 1, `"${message}" is in one live region`);
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'f-unit_price');
+  // Sent with the button: the focus moves to the field, which is described
+  // by its error; no live region says it a second time.
+  await fillOrder(dialog, { 'Unit price': '5', Quantity: '0' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  const quantityError = dialog.locator('#e-quantity');
+  await quantityError.filter({ hasText: /./ }).waitFor({ timeout: 5000 });
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'f-quantity');
+  assert.deepEqual(await saidBy(await quantityError.textContent()), []);
+  assert.equal(await dialog.getByLabel('Quantity').getAttribute('aria-describedby'), 'e-quantity');
 });
 
 test('the page stays responsive with 100,000 orders and 500 changes per second', async (t) => {

@@ -2,9 +2,9 @@
 //
 // Start-up: load the first page of orders (which says the change-log position
 // it reflects), then open the stream from that position. Every change goes to
-// the table, the activity feed and the statistics, and into a short buffer
-// from which a page loaded later (a new filter, another page) is brought up
-// to date.
+// the table, the activity feed and the statistics, and, while a page is
+// loading (a new filter, another page), into a buffer from which that page
+// is brought up to date.
 
 import { api } from './api.js';
 import { ActivityFeed } from './activity.js';
@@ -17,7 +17,7 @@ import { Stream } from './stream.js';
 import { OrderTable } from './table.js';
 import { initToasts, toast } from './toast.js';
 
-/** Changes kept for bringing freshly loaded pages up to date (40 s at 500 changes/s). */
+/** Changes kept for bringing a page that is loading up to date (40 s at 500 changes/s). */
 const RECENT_MAX = 20000;
 const SEARCH_DELAY_MS = 250;
 
@@ -26,15 +26,33 @@ initToasts($('toasts'));
 const signIn = new SignIn($('signin'), $('sign-out'));
 
 // Every change the stream delivered after `recentFrom`, oldest first. (Not
-// every position: a filtered or confined stream skips the others'.)
+// every position: a filtered or confined stream skips the others'.) Kept
+// only while a page is loading: a page reflects a position at or past the
+// one the stream had reached when it was asked for, so the changes that
+// arrive from then on are all it can need; between loads nothing is kept.
 let recent = [];
 let recentFrom = 0;
+let loadsUnderway = 0;
 const remember = (change) => {
+  if (!loadsUnderway) return;
   recent.push(change);
   if (recent.length > RECENT_MAX * 1.5) {
     recentFrom = recent[recent.length - RECENT_MAX - 1].seq;
     recent = recent.slice(-RECENT_MAX);
   }
+};
+/** A page begins to load: changes are kept from here; the function returned says it is done. */
+const holdRecent = () => {
+  if (loadsUnderway++ === 0) {
+    recent = [];
+    recentFrom = stream.position;
+  }
+  let held = true;
+  return () => {
+    if (!held) return;
+    held = false;
+    if (--loadsUnderway === 0) recent = [];
+  };
 };
 
 let transitions = null;
@@ -70,6 +88,7 @@ const table = new OrderTable({
   buttons: { newest: $('page-newest'), newer: $('page-newer'), older: $('page-older') },
   recent: () => recent,
   recentFrom: () => recentFrom,
+  holdRecent,
   streamPosition: () => stream.position,
   onOpen: openOrder,
   onError: (m) => toast(m, 'error'),

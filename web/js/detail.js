@@ -45,6 +45,9 @@ export class OrderDetail {
     this.signInDismissed = signInDismissed;
     this.order = null;
     this.es = null;
+    // Whether a failure to read the actions or the history has been said
+    // (once until they can be read again, not at every retry or change).
+    this.failureSaid = { actions: false, history: false };
     const $ = (id) => dialog.querySelector(`#${id}`);
     this.n = {
       title: $('detail-title'), gone: $('detail-gone'), fields: $('detail-fields'), history: $('detail-history'),
@@ -63,7 +66,7 @@ export class OrderDetail {
     });
     this.n.apply = this.n.statusForm.querySelector('button[type="submit"]');
     this.n.statusSelect.addEventListener('change', () => {
-      this.n.apply.disabled = !this.n.statusSelect.value;
+      this.n.apply.disabled = this.busy || !this.n.statusSelect.value;
     });
     this.n.cancel.addEventListener('click', () => this.act('cancel', () => api.cancelOrder(this.order.id, this.order.version)));
     this.n.del.addEventListener('click', () => this.askDelete(true));
@@ -77,6 +80,7 @@ export class OrderDetail {
     this.order = null;
     this.deleted = false;
     this.offeredFor = undefined;
+    this.failureSaid = { actions: false, history: false };
     this.n.statusSelect.replaceChildren();
     this.n.title.textContent = `Order #${id}`;
     this.n.gone.hidden = true;
@@ -113,6 +117,10 @@ export class OrderDetail {
     this.watch = null;
     clearTimeout(this.retry);
     this.retry = null;
+    clearTimeout(this.offerRetry);
+    this.offerRetry = null;
+    clearTimeout(this.historyRetry);
+    this.historyRetry = null;
     // A refollow still waiting for its answer belongs to what was stopped.
     this.following = (this.following ?? 0) + 1;
   }
@@ -196,7 +204,7 @@ export class OrderDetail {
     }
     if (!current()) return;
     this.show(order);
-    this.loadHistory().catch(() => {});
+    this.refreshHistory();
     this.follow(id, attempt);
   }
 
@@ -223,7 +231,39 @@ export class OrderDetail {
     // An 'enter' carries no old row: the history is read again.
     const statusChanged = c.op === 'enter' || (c.old && c.old.status !== c.order.status);
     this.show(c.order);
-    if (statusChanged) this.loadHistory();
+    if (statusChanged) this.refreshHistory();
+  }
+
+  /**
+   * Reads the history again after a change. One that cannot be read is
+   * said, and asked for again, with growing pauses, while the dialog shows
+   * the order (unless a newer read was asked for meanwhile).
+   */
+  refreshHistory(attempt = 0) {
+    const id = this.id;
+    clearTimeout(this.historyRetry);
+    this.historyRetry = null;
+    const loading = this.loadHistory();
+    const asked = this.historyAsked;
+    loading.then(() => {
+      this.failureSaid.history = false;
+    }, async (e) => {
+      const current = () => this.id === id && this.d.open && !this.deleted && asked === this.historyAsked;
+      if (!current()) return;
+      if (e.status === 401) await this.signInDismissed();
+      else this.sayFailure('history', `Could not load the history of order #${id}`, e);
+      if (!current()) return;
+      this.historyRetry = setTimeout(() => {
+        if (current()) this.refreshHistory(attempt + 1);
+      }, backoff(attempt));
+    });
+  }
+
+  /** An error toast for what could not be read (`what`: 'actions' or 'history'), unless its failure was said already. */
+  sayFailure(what, prefix, e) {
+    if (this.failureSaid[what]) return;
+    this.failureSaid[what] = true;
+    toastError(prefix, e);
   }
 
   async loadHistory() {
@@ -255,9 +295,32 @@ export class OrderDetail {
     this.offerActions();
   }
 
-  async offerActions() {
+  /**
+   * Shows the actions the order's status allows. The state machine comes
+   * from /api/transitions; when it cannot be read, that is said, and it is
+   * asked for again, with growing pauses, while the dialog is open.
+   */
+  async offerActions(attempt = 0) {
     const order = this.order;
-    const next = (await this.transitions())[order.status] || [];
+    let machine;
+    try {
+      machine = await this.transitions();
+    } catch (e) {
+      const current = () => this.order === order && this.d.open && !this.deleted;
+      if (!current()) return;
+      if (e.status === 401) await this.signInDismissed();
+      else this.sayFailure('actions', `Could not load the actions for order #${order.id}`, e);
+      if (!current()) return;
+      clearTimeout(this.offerRetry);
+      this.offerRetry = setTimeout(() => {
+        if (current()) this.offerActions(attempt + 1);
+      }, backoff(attempt));
+      return;
+    }
+    clearTimeout(this.offerRetry);
+    this.offerRetry = null;
+    this.failureSaid.actions = false;
+    const next = machine[order.status] || [];
     if (this.order !== order) return;
     const focused = document.activeElement;
     const sel = this.n.statusSelect;
@@ -274,7 +337,7 @@ export class OrderDetail {
     if (moved || (!first && !chosen)) sel.selectedIndex = -1;
     else if (moves.includes(chosen)) sel.value = chosen;
     this.offeredFor = order.status;
-    this.n.apply.disabled = !sel.value;
+    this.n.apply.disabled = this.busy || !sel.value;
     this.n.statusForm.hidden = this.deleted || moves.length === 0;
     this.n.cancel.hidden = this.deleted || !next.includes('cancelled');
     this.n.del.hidden = this.deleted || !this.n.confirm.hidden;
@@ -318,9 +381,35 @@ export class OrderDetail {
     to.focus();
   }
 
+  /**
+   * While an action is on its way, none is sent again (a second click would
+   * send the version the first one replaces, and be refused after it
+   * succeeded): Apply, Cancel order and Yes, delete wait for its answer.
+   */
+  setBusy(busy) {
+    this.busy = busy;
+    this.n.apply.disabled = busy || !this.n.statusSelect.value;
+    this.n.cancel.disabled = busy;
+    this.n.yes.disabled = busy;
+  }
+
+  /**
+   * Once an action has its answer: the controls are enabled again, and the
+   * keyboard focus, which a disabled button loses, goes back to the one it
+   * was on (or, if that is gone, where `refocus` puts it).
+   */
+  settle(focused) {
+    this.setBusy(false);
+    if (this.d.open && this.d.contains(focused) && !this.d.contains(document.activeElement) &&
+      focused.offsetParent !== null && !focused.disabled) focused.focus();
+    this.refocus(focused);
+  }
+
   async act(what, call) {
-    if (!this.order) return;
+    if (!this.order || this.busy) return;
     const id = this.order.id;
+    const focused = document.activeElement;
+    this.setBusy(true);
     try {
       const order = await call();
       if (this.id === id && order) this.show(order);
@@ -328,6 +417,8 @@ export class OrderDetail {
     } catch (e) {
       toastError(`Could not ${what === 'cancel' ? 'cancel' : 'update'} order #${id}`, e);
       if (e.status === 412) this.reread(id);
+    } finally {
+      this.settle(focused);
     }
   }
 
@@ -350,14 +441,18 @@ export class OrderDetail {
   }
 
   async remove() {
-    if (!this.order) return;
+    if (!this.order || this.busy) return;
     const { id, version } = this.order;
+    const focused = document.activeElement;
+    this.setBusy(true);
     try {
       await api.deleteOrder(id, version);
       toast(`Order #${id} deleted`, 'ok');
+      this.setBusy(false);
       this.d.close();
     } catch (e) {
       toastError(`Could not delete order #${id}`, e);
+      this.settle(focused);
       this.askDelete(false);
       if (e.status === 412) this.reread(id);
     }

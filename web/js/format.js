@@ -24,7 +24,12 @@ export function fmtWhen(iso) {
   return d.toDateString() === now.toDateString() ? time.format(d) : dateTime.format(d);
 }
 
-export const fmtFull = (iso) => (iso ? dateTime.format(new Date(iso)) : '—');
+/** Date and time; a value that is no point in time (PostgreSQL's 'infinity', '-infinity') as it came. */
+export function fmtFull(iso) {
+  if (!iso) return '—';
+  const d = new Date(iso);
+  return Number.isNaN(d.getTime()) ? String(iso) : dateTime.format(d);
+}
 
 export const label = (status) => status.charAt(0).toUpperCase() + status.slice(1);
 

@@ -40,6 +40,7 @@ export class OrderTable {
    *   status: a live region, told what a page the user asked for holds
    *   recent: () => changes received so far that may be newer than a page (oldest first)
    *   recentFrom: () => the position after which `recent` holds every change the stream delivered
+   *   holdRecent: () => keeps `recent` filled while a page loads; returns the function that ends that
    *   streamPosition: () => the position the stream has reached
    *   onOpen(id): open an order
    *   onError(message)
@@ -198,6 +199,15 @@ export class OrderTable {
   }
 
   async fetchPage(announce, quiet) {
+    const release = this.o.holdRecent();
+    try {
+      return await this.fetchConsistentPage(announce, quiet);
+    } finally {
+      release();
+    }
+  }
+
+  async fetchConsistentPage(announce, quiet) {
     const token = ++this.loading;
     for (let tries = 0; tries < 3; tries++) {
       let page;
