@@ -99,6 +99,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             let pg = match started {
+                // `ordercast migrate` fails, as when stopped later, so that
+                // `migrate && deploy` does not go on.
+                Err(e) if e.is::<Cancelled>() && matches!(command, Command::Migrate) => {
+                    return Err(e.context("stopped before the migrations were done"));
+                }
                 Err(e) if e.is::<Cancelled>() => {
                     log::info!("stopped before the embedded PostgreSQL was up (what had started is stopped)");
                     return Ok(());

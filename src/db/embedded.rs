@@ -392,6 +392,9 @@ impl EmbeddedPostgres {
             self.run(cmd, "initdb")
         };
         initdb(Some("C.UTF-8")).or_else(|e| {
+            if e.is::<Cancelled>() {
+                return Err(e);
+            }
             log::warn!("initdb with the C.UTF-8 locale failed ({e:#}): using the environment's locale");
             fresh()?;
             initdb(None)
@@ -422,6 +425,10 @@ impl EmbeddedPostgres {
             "unix_socket_directories=".to_string(),
             "-c".to_string(),
             "listen_addresses=127.0.0.1".to_string(),
+            // Its messages in English, whatever the cluster's locale: a port
+            // taken before the bind is told by its message.
+            "-c".to_string(),
+            "lc_messages=C".to_string(),
         ];
         args.extend(self.extra_options.split_whitespace().map(str::to_string));
         args
@@ -533,28 +540,44 @@ impl EmbeddedPostgres {
     /// point, never done. A stop signal ends the wait ([`Cancelled`]) and the
     /// server with it.
     fn launch(&mut self) -> anyhow::Result<()> {
-        let log_path = self.data_dir.join("postgres.log");
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("Failed to open {}", log_path.display()))?;
-        if let Some((uid, gid)) = self.run_as {
-            nix::unistd::chown(&log_path, Some(uid.into()), Some(gid.into()))?;
+        use std::os::unix::ffi::OsStrExt;
+        if self.data_dir.join("standby.signal").exists() {
+            bail!(
+                "the embedded PostgreSQL in {} is a standby (a standby.signal file is there), which takes no writes",
+                self.data_dir.display()
+            );
         }
+        let log_path = self.data_dir.join("postgres.log");
+        let log_c = std::ffi::CString::new(log_path.as_os_str().as_bytes())?;
         let mut cmd = Command::new(self.bin_dir.join("postgres"));
         if let Some((uid, gid)) = self.run_as {
             cmd.uid(uid).gid(gid);
         }
         cmd.arg("-D").arg(&self.data_dir).args(self.server_args());
-        cmd.env_remove("PGDATA").stdin(Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
+        cmd.env_remove("PGDATA").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // A session of its own, as pg_ctl gives it: a Ctrl-C or a hangup at
-        // the terminal reaches ordercast alone, which stops it.
-        // SAFETY: setsid is async-signal-safe and touches no memory.
+        // the terminal reaches ordercast alone, which stops it. Its log is
+        // opened by its own process, as the user it runs as (and not through
+        // a link): ordercast as root, opening a file in a directory the
+        // postgres user owns, would open (and hand over) whatever file a
+        // link put there names.
+        // SAFETY: setsid, open, dup2 and close are async-signal-safe, and
+        // the path was made before the fork: nothing is allocated.
         unsafe {
-            cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+            cmd.pre_exec(move || {
+                use nix::fcntl::{open, OFlag};
+                nix::unistd::setsid()?;
+                let flags = OFlag::O_WRONLY | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_NOFOLLOW;
+                let fd = open(log_c.as_c_str(), flags, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+                nix::unistd::dup2(fd, 1)?;
+                nix::unistd::dup2(fd, 2)?;
+                if fd > 2 {
+                    nix::unistd::close(fd)?;
+                }
+                Ok(())
+            });
         }
-        let child = cmd.spawn().context("Failed to run postgres")?;
+        let child = cmd.spawn().with_context(|| format!("Failed to run postgres (its log {})", log_path.display()))?;
         let pid = child.id();
         self.server = Some(child);
         let pid_file = self.data_dir.join("postmaster.pid");
@@ -580,21 +603,10 @@ impl EmbeddedPostgres {
                 let ours = lines.first()?.trim().parse::<u32>().ok()? == pid;
                 ours.then(|| lines.get(7).map(|l| l.trim().to_string())).flatten()
             });
-            match state.as_deref() {
-                Some("ready") => return Ok(()),
-                // Replaying its log, taking no connections (yet): what a
-                // server recovering from a crash says too. One made a standby
-                // stays so (pg_ctl -w takes it as started), which ordercast
-                // cannot use.
-                Some("standby") if self.data_dir.join("standby.signal").exists() => {
-                    self.stop()?;
-                    bail!(
-                        "the embedded PostgreSQL in {} runs as a standby (a standby.signal file is there), which \
-                         takes no writes",
-                        self.data_dir.display()
-                    );
-                }
-                _ => {}
+            // ("standby": replaying its log, taking no connections yet, as a
+            // server recovering from a crash says too.)
+            if state.as_deref() == Some("ready") {
+                return Ok(());
             }
             if told.elapsed() >= Duration::from_secs(10) {
                 log::info!(

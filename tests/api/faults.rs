@@ -453,28 +453,38 @@ fn a_stop_signal_at_any_time_stops_the_embedded_postgresql_too() {
     for signal in [nix::sys::signal::Signal::SIGHUP, nix::sys::signal::Signal::SIGTERM] {
         let dir = embedded_dir("signal");
         let _cleanup = Cleanup(dir.clone());
-        let (child, _) = ordercast_on(&dir, "embedded PostgreSQL is up");
-        stopped_by(child, &dir, signal);
+        let (child, _) = ordercast_on(&dir, &[], "embedded PostgreSQL is up");
+        assert!(stopped_by(child, &dir, signal).success(), "{signal}");
     }
     // A signal while the embedded PostgreSQL is still starting (a long
     // replay of its log after a crash; here a standby that stays starting).
     let dir = embedded_dir("signal-starting");
     let _cleanup = Cleanup(dir.clone());
     let data = tokio::runtime::Runtime::new().unwrap().block_on(a_cluster_that_stays_starting(&dir));
-    let (child, lines) = ordercast_on(&dir, "is still starting");
+    let (child, lines) = ordercast_on(&dir, &[], "is still starting");
     let pid = postmaster_state(&data).expect("a postmaster.pid").0;
-    stopped_by(child, &dir, nix::sys::signal::Signal::SIGTERM);
+    assert!(stopped_by(child, &dir, nix::sys::signal::Signal::SIGTERM).success());
     assert!(gone(pid), "the PostgreSQL that was starting still runs");
-    let said: Vec<String> = lines.try_iter().collect();
+    let said: Vec<String> = lines.iter().collect();
     assert!(said.iter().any(|l| l.contains("stopped before the embedded PostgreSQL was up")), "{said:?}");
+    // `ordercast migrate` stopped so fails, so that `migrate && deploy`
+    // does not go on.
+    let (child, _) = ordercast_on(&dir, &["migrate"], "is still starting");
+    let status = stopped_by(child, &dir, nix::sys::signal::Signal::SIGTERM);
+    assert!(!status.success(), "a migrate stopped before it ran exited with {status}");
 }
 
 /// `ordercast` on `dir`'s embedded PostgreSQL, once its log has said `line`;
 /// the rest of its log follows on the receiver.
-fn ordercast_on(dir: &std::path::Path, line: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+fn ordercast_on(
+    dir: &std::path::Path,
+    args: &[&str],
+    line: &str,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let mut child = Command::new(env!("CARGO_BIN_EXE_ordercast"))
+        .args(args)
         .args(["--bind", &format!("127.0.0.1:{}", free_port())])
         .arg("--data-dir")
         .arg(dir)
@@ -501,9 +511,13 @@ fn ordercast_on(dir: &std::path::Path, line: &str) -> (std::process::Child, std:
     (child, rx)
 }
 
-/// Sends `signal` to `child` and checks that it exits with success, leaving
-/// no PostgreSQL running on `dir`.
-fn stopped_by(mut child: std::process::Child, dir: &std::path::Path, signal: nix::sys::signal::Signal) {
+/// Sends `signal` to `child` and checks that it exits, leaving no
+/// PostgreSQL running on `dir`; how it exited.
+fn stopped_by(
+    mut child: std::process::Child,
+    dir: &std::path::Path,
+    signal: nix::sys::signal::Signal,
+) -> std::process::ExitStatus {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -517,7 +531,7 @@ fn stopped_by(mut child: std::process::Child, dir: &std::path::Path, signal: nix
         !dir.join("pg").join("postmaster.pid").exists(),
         "{signal}: ordercast exited ({status}) and left its PostgreSQL running"
     );
-    assert!(status.success(), "{signal}: {status}");
+    status
 }
 
 /// Makes the cluster in `dir` (started once, stopped) one that stays
@@ -584,12 +598,28 @@ async fn a_start_that_stays_starting_is_given_up_when_asked_and_its_server_stopp
 
     // A cluster made a standby takes no writes: said, not waited for.
     std::fs::rename(data.join("recovery.signal"), data.join("standby.signal")).unwrap();
-    std::fs::write(data.join("postgresql.auto.conf"), "hot_standby = off\n").unwrap();
+    std::fs::write(data.join("postgresql.auto.conf"), "").unwrap();
     let e = tokio::time::timeout(WAIT, start_embedded(&dir)).await.expect("not waited for");
     let e = format!("{:#}", e.err().expect("a standby is refused"));
-    assert!(e.contains("runs as a standby"), "{e}");
+    assert!(e.contains("is a standby"), "{e}");
     std::fs::remove_file(data.join("standby.signal")).unwrap();
     assert!(!data.join("postmaster.pid").exists(), "the standby was left running");
+
+    // A log that is a link (put there by whoever acts as the postgres user)
+    // is not followed: the file it names is neither written nor given away.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "kept\n").unwrap();
+        let log = data.join("postgres.log");
+        std::fs::rename(&log, dir.join("postgres.log.kept")).unwrap();
+        std::os::unix::fs::symlink(&victim, &log).unwrap();
+        let e = start_embedded(&dir).await.err().expect("a start whose log is a link fails");
+        assert!(format!("{e:#}").contains("postgres.log"), "{e:#}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "kept\n");
+        assert_eq!(std::fs::metadata(&victim).unwrap().uid(), nix::unistd::geteuid().as_raw());
+        std::fs::remove_file(&log).unwrap();
+    }
 
     // A server that exits at its start is reported with its reason, at once.
     let e = {
