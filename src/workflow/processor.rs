@@ -54,7 +54,8 @@ const RESUME_EVERY: Duration = Duration::from_secs(5);
 /// How long an order sent back to retry (a step unavailable) waits before
 /// it is taken again: the pause after a step's first call, doubled after
 /// each further call up to `RETRY_MAX` (kept in the step's record, so that
-/// every processor waits: `NOTE_SQL`). Ten calls take about 20 minutes.
+/// every processor waits: `NOTE_SQL`). The order is given up about 25 minutes
+/// after the step's first call (`MAX_ATTEMPTS` calls and the pauses after them).
 const RETRY_AFTER: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 /// How many candidates one takeover scan looks at, however few slots are
@@ -421,6 +422,10 @@ impl Processor {
         // Two indexed scans: `orders_status_id_idx`, and the few
         // cancellations whose undoing is not known to be finished
         // (`order_undo`; a note stays while a compensation is unavailable).
+        // Not those with a step not due to be called again yet (V26): a
+        // step's pause holds while its order is processing, and a
+        // compensation's always; an order cancelled meanwhile is undone at
+        // once.
         let candidates: Vec<i64> = conn
             .client
             .query(
@@ -429,8 +434,9 @@ impl Processor {
                    UNION \
                    SELECT order_id FROM order_undo WHERE order_id > $1 \
                  ) c WHERE id <> ALL($2) \
-                   AND NOT EXISTS (SELECT 1 FROM order_steps s \
-                                   WHERE s.order_id = c.id AND s.outcome = 'started' AND s.retry_at > now()) \
+                   AND NOT EXISTS (SELECT 1 FROM order_steps s JOIN orders o ON o.id = s.order_id \
+                                   WHERE s.order_id = c.id AND s.outcome = 'started' AND s.retry_at > now() \
+                                     AND (s.action = 'compensate' OR o.status = 'processing')) \
                  ORDER BY id LIMIT $3",
                 &[&after, &mine, &window],
             )

@@ -446,6 +446,29 @@ async fn the_pause_before_an_unavailable_step_is_called_again_grows_and_holds_fo
     assert_eq!(payment.effects(id), 1);
 }
 
+/// An order cancelled while its step waits out a long pause is undone at
+/// once: the pause holds for calling the step again, not for undoing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_cancelled_while_its_step_waits_to_be_called_again_is_undone_at_once() {
+    let app = spawn_app().await;
+    let db = app.sql().await;
+    let payment = TestStep::new("payment", Mode::Succeed);
+    payment.down.store(true, Ordering::SeqCst);
+    let _p = start(&app.db_url, vec![payment.clone(), TestStep::new("inventory", Mode::Succeed)]);
+    let id = app.create_order("Ada").await["id"].as_i64().unwrap();
+    let paused = format!("SELECT count(*) FROM order_steps WHERE order_id = {id} AND retry_at IS NOT NULL");
+    until(&db, &paused, |n| n == 1).await;
+    // Its next call an hour away (the pause grown after many calls).
+    db.execute(&format!("UPDATE order_steps SET retry_at = now() + interval '1 hour' WHERE order_id = {id}"), &[])
+        .await
+        .unwrap();
+    let r = app.http.post(app.url(&format!("/api/orders/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // The unanswered call may have charged: it is undone, within a scan.
+    eventually(WAIT, || async { (payment.compensations(id) == 1).then_some(()) }).await;
+    assert_eq!(payment.calls.load(Ordering::SeqCst), 1, "the step was not called again");
+}
+
 /// Orders sent back to retry while a service was down come before new
 /// orders once they are due: a backlog of new ones does not hold them up.
 /// Before, each scan took as many as it had free slots at that moment (one,
