@@ -408,16 +408,17 @@ mod tests {
         // Before, these took any value: a body or frame limit of 0 refused
         // every request or message only when it came, and 100,000 workers
         // ran out of memory.
-        for (flag, low, high) in [
-            ("--max-body-bytes", "1023", "67108865"),
-            ("--max-frame-bytes", "1023", "67108865"),
-            ("--max-subscribes-per-minute", "0", "4294967296"),
-            ("--workers", "-1", "1025"),
-            ("--ingest-batch-wait-ms", "-1", "60001"),
-            ("--step-latency-ms", "-1", "60001"),
+        for (flag, refused) in [
+            ("--max-body-bytes", ["0", "1023", "67108865"].as_slice()),
+            ("--max-frame-bytes", &["0", "1023", "67108865"]),
+            ("--max-subscribes-per-minute", &["0"]),
+            ("--workers", &["1025", "100000"]),
+            ("--ingest-batch-wait-ms", &["60001"]),
+            ("--step-latency-ms", &["60001"]),
         ] {
-            assert!(parse(flag, low).is_err(), "{flag} {low}");
-            assert!(parse(flag, high).is_err(), "{flag} {high}");
+            for v in refused {
+                assert!(parse(flag, v).is_err(), "{flag} {v}");
+            }
         }
         assert_eq!(parse("--max-body-bytes", "1024").unwrap().max_body_bytes, 1024);
         assert_eq!(parse("--max-frame-bytes", "67108864").unwrap().max_frame_bytes, 64 << 20);

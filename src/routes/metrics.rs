@@ -121,9 +121,11 @@ pub async fn metrics(
         );
     }
     // Database-side gauges; absent when the database cannot be asked.
+    let mut log_head = None;
     if let Ok(client) = state.pool.get().await {
         if let Ok(row) = client.query_one("SELECT change_head(), pg_notification_queue_usage()", &[]).await {
             let head: i64 = row.get(0);
+            log_head = Some(head);
             let usage: f64 = row.get(1);
             sample(&mut out, "ordercast_change_log_head", "gauge", "Newest committed change-log position.", head);
             sample(
@@ -142,7 +144,9 @@ pub async fn metrics(
             );
         }
     }
-    state.workflow.metrics(&mut out, state.hub.position());
+    // The relay's lag from the log's head itself: from the hub's position
+    // it would read 0 while the listener stalls.
+    state.workflow.metrics(&mut out, log_head.unwrap_or_else(|| state.hub.position()));
     state.ingest_metrics(&mut out);
     state.http_metrics.render(&mut out);
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))
