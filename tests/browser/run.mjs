@@ -1849,6 +1849,34 @@ test('a create whose answer was lost, sent again, makes one order and says it wa
   await dialog.getByRole('button', { name: 'Create order' }).click();
   await dialog.waitFor({ state: 'hidden', timeout: 5000 });
   assert.equal(await server.sql(`SELECT string_agg(quantity::text, ',' ORDER BY id) FROM orders WHERE customer_name = 'Changed Draft'`), '1,2');
+  // The same when the order made cannot be read back (the search fails):
+  // the draft is told apart by what its first try sent, and the changed
+  // one is not taken for made.
+  await page.route(/\/api\/orders\?.*q=dashboard-/, (route) => route.abort('connectionreset'));
+  lose = 'connectionreset';
+  await page.getByRole('button', { name: 'New order' }).click();
+  await fillOrder(dialog, { 'Customer name': 'Unread Draft', Product: 'Sextant', Quantity: '1', 'Unit price': '7' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.locator('[type=submit]:not([disabled])').waitFor({ timeout: 5000 });
+  assert.equal(await made('Unread Draft'), '1');
+  await fillOrder(dialog, { Quantity: '3' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await page.locator('.toast', { hasText: 'An order was already created by an earlier try, with the values the form had then' })
+    .waitFor({ timeout: 5000 });
+  assert.equal(await dialog.isVisible(), true, 'the changed form stays open');
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+  assert.equal(await server.sql(`SELECT string_agg(quantity::text, ',' ORDER BY id) FROM orders WHERE customer_name = 'Unread Draft'`), '1,3');
+  // Not changed, it is taken for made.
+  lose = 'connectionreset';
+  await page.getByRole('button', { name: 'New order' }).click();
+  await fillOrder(dialog, { 'Customer name': 'Unread Same', Product: 'Sextant', Quantity: '1', 'Unit price': '7' });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await dialog.locator('[type=submit]:not([disabled])').waitFor({ timeout: 5000 });
+  await dialog.getByRole('button', { name: 'Create order' }).click();
+  await page.locator('.toast-ok', { hasText: 'The order was already created by the earlier try' }).waitFor({ timeout: 5000 });
+  await dialog.waitFor({ state: 'hidden', timeout: 5000 });
+  assert.equal(await made('Unread Same'), '1');
   assert.deepEqual(errors.filter((e) => e.startsWith('uncaught')), []);
 });
 

@@ -81,9 +81,7 @@ export class CreateForm {
       if (ev.target.name) this.setError(ev.target.name, '');
     });
     // A form emptied is a new draft: it gets an external id of its own.
-    this.form.addEventListener('reset', () => {
-      this.externalId = null;
-    });
+    this.form.addEventListener('reset', () => this.newDraft());
     this.announcer = dialog.querySelector('#create-announce');
     dialog.querySelectorAll('[data-close]').forEach((b) => b.addEventListener('click', () => dialog.close()));
     dialog.querySelector('#create-random').addEventListener('click', () => this.fill(randomOrder(customer())));
@@ -96,7 +94,10 @@ export class CreateForm {
       const draft = Object.fromEntries(FIELDS.map((f) => [f, this.form.elements[f].value]));
       // Its external id goes with it: a create that may have been done
       // before the reload is not done twice by the same draft.
-      if (this.externalId) draft.dashboardExternalId = this.externalId;
+      if (this.externalId) {
+        draft.dashboardExternalId = this.externalId;
+        draft.dashboardFirstSent = this.firstSent;
+      }
       try {
         sessionStorage.setItem(DRAFT_KEY, JSON.stringify(draft));
       } catch {
@@ -129,7 +130,10 @@ export class CreateForm {
     this.clearErrors();
     if (this.draft) {
       this.fill(this.draft);
-      if (typeof this.draft.dashboardExternalId === 'string') this.externalId = this.draft.dashboardExternalId;
+      if (typeof this.draft.dashboardExternalId === 'string') {
+        this.externalId = this.draft.dashboardExternalId;
+        this.firstSent = this.draft.dashboardFirstSent ?? null;
+      }
       this.draft = null;
     }
     this.d.showModal();
@@ -139,8 +143,18 @@ export class CreateForm {
   /** Fills the form with another order: a new draft. */
   fill(order) {
     for (const f of FIELDS) this.form.elements[f].value = order[f] ?? '';
-    this.externalId = null;
+    this.newDraft();
     this.clearErrors();
+  }
+
+  /**
+   * The form holds a new draft: the next create gets an external id of its
+   * own. `firstSent`: what the draft's first try sent (JSON), which a 409 for
+   * its id is told apart by when the order cannot be read back.
+   */
+  newDraft() {
+    this.externalId = null;
+    this.firstSent = null;
   }
 
   setError(field, message) {
@@ -192,11 +206,13 @@ export class CreateForm {
     const same = () => this.opened === opened && this.d.open;
     const sent = values(this.form);
     const { externalId, own } = this.externalIdFor();
+    if (own) this.firstSent ??= JSON.stringify(sent);
+    const firstSent = own ? this.firstSent : null;
     // Cleared while it still holds what was sent (also when opened again
     // since, but not changed: one click would create it twice); closed
     // unless it was opened again meanwhile. The next draft gets a new id.
     const done = () => {
-      if (this.externalId === externalId) this.externalId = null;
+      if (this.externalId === externalId) this.newDraft();
       if (JSON.stringify(values(this.form)) === JSON.stringify(sent)) this.form.reset();
       if (same()) this.d.close();
     };
@@ -214,15 +230,18 @@ export class CreateForm {
       } else if (e.code === 'duplicate_external_id' && own) {
         // Only this draft has its id: an earlier try created the order,
         // and its answer was lost.
+        // Told apart from the earlier try by the order read back, or, when
+        // it cannot be read (a token without the read scope, the search
+        // failed), by what that try sent.
         const order = await findByExternalId(externalId);
-        if (!order || madeFrom(order, sent)) {
+        if (order ? madeFrom(order, sent) : firstSent === JSON.stringify(sent)) {
           toast(order ? `Order #${order.id} was already created by the earlier try` : 'The order was already created by the earlier try', 'ok');
           done();
         } else {
           // Changed since: what the form holds now is another order, which
           // the next click creates (with an id of its own).
-          if (this.externalId === externalId) this.externalId = null;
-          toast(`Order #${order.id} was already created by an earlier try, with the values the form had then. ` +
+          if (this.externalId === externalId) this.newDraft();
+          toast(`${order ? `Order #${order.id}` : 'An order'} was already created by an earlier try, with the values the form had then. ` +
             'Click Create order again to create this one as well.', 'info');
         }
       } else if (mayHaveCreated(e)) {
