@@ -294,9 +294,9 @@ impl IngestContext {
             // and the writer finds the reset (some brokers would otherwise
             // wait at the position instead of answering "out of range").
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match consumer.fetch_watermarks(&self.topic, p, left) {
+            let at = match consumer.fetch_watermarks(&self.topic, p, left) {
                 Ok((_, end)) if next > end => continue,
-                Ok(_) => {}
+                Ok((start, end)) => log_start_past(&self.topic, p, next, (start, end)),
                 Err(err) => {
                     log::warn!(
                         "Kafka partition {}/{p} is paused until its log's end can be read to check the stored \
@@ -307,10 +307,10 @@ impl IngestContext {
                     self.to_pause.lock().unwrap().push(p); // unwrap: never held across a panic
                     continue;
                 }
-            }
-            match e.set_offset(Offset::Offset(next)) {
+            };
+            match e.set_offset(Offset::Offset(at)) {
                 Ok(()) => self.state.starts.note(p, generation, next),
-                Err(err) => log::warn!("Kafka partition {}/{p}: cannot start at {next}: {err}", self.topic),
+                Err(err) => log::warn!("Kafka partition {}/{p}: cannot start at {at}: {err}", self.topic),
             }
         }
     }
@@ -502,6 +502,29 @@ pub fn create(
     Ok(consumer)
 }
 
+/// Where a partition whose stored position is `next` starts, its log
+/// starting at `start` and ending at `end`: there, or at the log's start
+/// when the broker has deleted the messages from `next` on (retention ran
+/// while the ingest was stopped), said as an error: they cannot be applied.
+/// Explicitly, not by `auto.offset.reset`: with `latest` it skipped the
+/// messages the log still holds too. The partition is noted as started at
+/// `next` (its stored position), so the writer takes the gap as the log's,
+/// not as a database that went back. A log said to be empty is not taken
+/// at its word (the answer to one of librdkafka's two queries can stand for
+/// both, see the writer's `ask_log_ends`): Kafka's reset decides then, as
+/// before.
+fn log_start_past(topic: &str, p: i32, next: i64, (start, end): (i64, i64)) -> i64 {
+    if next >= start || start >= end {
+        return next;
+    }
+    log::error!(
+        "Kafka partition {topic}/{p}: the messages from the stored position {next} to {start} were deleted by the \
+         broker (its retention) before they were applied; they are lost: the partition starts at its log's start \
+         {start}"
+    );
+    start
+}
+
 /// How long a seek to a stored position may wait for librdkafka.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -573,16 +596,19 @@ fn seek_and_resume(
                 Ok((_, end)) if next > end => {
                     format!("Kafka's committed offset (the stored position {next} is beyond the log's end {end})")
                 }
-                Ok(_) => match consumer.seek(&ctx.topic, p, Offset::Offset(next), SEEK_TIMEOUT) {
-                    Ok(()) => {
-                        ctx.state.starts.note(p, generation, next);
-                        format!("its stored position {next}")
+                Ok((start, end)) => {
+                    let at = log_start_past(&ctx.topic, p, next, (start, end));
+                    match consumer.seek(&ctx.topic, p, Offset::Offset(at), SEEK_TIMEOUT) {
+                        Ok(()) => {
+                            ctx.state.starts.note(p, generation, next);
+                            format!("{} {at}", if at == next { "its stored position" } else { "its log's start" })
+                        }
+                        Err(e) => {
+                            failed.push(format!("partition {p}: cannot seek to {at}: {e}"));
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        failed.push(format!("partition {p}: cannot seek to {next}: {e}"));
-                        continue;
-                    }
-                },
+                }
                 Err(e) => {
                     failed.push(format!("partition {p}: its log's end could not be read: {e}"));
                     continue;
@@ -738,6 +764,14 @@ fn headers_of(m: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Option<
 mod tests {
     use super::*;
     use crate::ingest::settings::env_properties;
+
+    #[test]
+    fn a_stored_position_the_broker_deleted_starts_at_the_logs_start() {
+        assert_eq!(log_start_past("orders", 0, 500, (1_000, 2_000)), 1_000, "deleted by retention");
+        assert_eq!(log_start_past("orders", 0, 1_000, (1_000, 2_000)), 1_000);
+        assert_eq!(log_start_past("orders", 0, 1_500, (1_000, 2_000)), 1_500, "still in the log");
+        assert_eq!(log_start_past("orders", 0, 500, (2_000, 2_000)), 500, "an empty log is not trusted");
+    }
 
     fn settings() -> KafkaSettings {
         crate::config::Settings::for_database("postgres://localhost/x").kafka
