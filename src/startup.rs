@@ -483,9 +483,15 @@ impl Application {
         let pool = crate::db::pool(database_url, settings.db_pool_size, settings.db_timeout())?;
         let stream_pool = crate::db::pool(database_url, settings.stream_pool_size, settings.db_timeout())?;
         let head = {
-            let client = pool.get().await.context("Failed to connect to the database")?;
+            let mut client = pool.get().await.context("Failed to connect to the database")?;
             warn_on_case_folding(&client).await;
             prune_foreign_transactions(&client).await?;
+            if let Err(e) = catch_up_position_sequence(&mut client).await {
+                // A writer holding the sequencer's lock (a transaction left
+                // open after SET CONSTRAINTS ALL IMMEDIATE) holds every
+                // commit anyway; the check is for a log just carried over.
+                log::warn!("the change log's position sequence was not checked against its head: {e:#}");
+            }
             crate::changes::log_bounds(&client).await.map_err(crate::db::describe)?.0
         };
         // Each pool starts with a connection made (kept for reuse): the first
@@ -628,6 +634,38 @@ impl Application {
         }
         result
     }
+}
+
+/// Moves the position sequence past the change log's head when it is behind
+/// it: a log carried into another cluster by logical replication (which
+/// does not carry sequences), or by a restore of its tables alone, comes
+/// with a sequence that starts over at 1. The next commits were numbered at
+/// or below the head, where the listener and every client resuming from the
+/// head never look: they reached nobody, and nobody was told. Under the
+/// sequencer's lock, as a commit numbers its changes.
+async fn catch_up_position_sequence(client: &mut deadpool_postgres::Client) -> anyhow::Result<()> {
+    let d = crate::db::describe;
+    let tx = client.transaction().await.map_err(d)?;
+    // The head is read after the lock is held (a statement of its own: its
+    // snapshot then sees every commit numbered before).
+    tx.batch_execute("SET LOCAL lock_timeout = '10s'; SELECT pg_advisory_xact_lock(1869767779, 1)").await.map_err(d)?;
+    let moved = tx
+        .query_opt(
+            "SELECT h.head, setval('change_position', h.head) FROM (SELECT change_head() AS head) h, change_position s \
+             WHERE (CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END) < h.head",
+            &[],
+        )
+        .await
+        .map_err(d)?;
+    tx.commit().await.map_err(d)?;
+    if let Some(row) = moved {
+        let head: i64 = row.get(0);
+        log::warn!(
+            "the change log's position sequence was behind its head {head} (the log carried from another \
+             cluster by logical replication?): moved past it, so the next commits are numbered after it"
+        );
+    }
+    Ok(())
 }
 
 /// A change log carried into another cluster (a logical dump restored, a

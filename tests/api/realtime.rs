@@ -2108,6 +2108,50 @@ async fn a_log_carried_from_another_cluster_is_pruned_through_its_transactions_a
     assert_eq!(seqs, (end + 1..end + 1 + n).collect::<Vec<i64>>());
 }
 
+/// A change log carried into another cluster by logical replication comes
+/// without its position sequence (logical replication does not carry
+/// sequences): on the new cluster it starts over at 1. At start-up the
+/// server moves it past the log's head. Before, the next commits were
+/// numbered at or below the head, where neither the listener nor a client
+/// resuming from the head looks: they reached nobody, and nobody was told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_sequence_behind_the_logs_head_is_moved_past_it_at_start() {
+    let mut first = spawn_app().await;
+    let db = first.sql().await;
+    for name in ["one", "two", "three"] {
+        db.execute(LOST_INSERT, &[&name]).await.unwrap();
+    }
+    first.stop().await;
+    let head: i64 = db.query_one("SELECT change_head()", &[]).await.unwrap().get(0);
+    assert!(head >= 3);
+    db.batch_execute("SELECT setval('change_position', 1, false)").await.unwrap();
+    let app = crate::helpers::spawn_app_on(&first.db_url, |_| {}).await;
+    let mut ws = app.ws(&format!("?since={head}")).await;
+    ws.ready().await;
+    db.execute(LOST_INSERT, &[&"after the move"]).await.unwrap();
+    let got = ws.changes(1, WAIT).await;
+    assert_eq!(got[0]["order"]["customer_name"], "after the move");
+    assert_eq!(seq(&got[0]), head + 1);
+}
+
+/// A writer's session with a table of its own named like the change log (a
+/// temporary one, searched first) still has its changes captured in the
+/// change log. Before, that table took them, and clients got nothing for
+/// the positions taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_own_table_named_like_the_change_log_does_not_take_its_changes() {
+    let app = spawn_app().await;
+    let mut ws = app.ws("").await;
+    ws.ready().await;
+    let db = app.sql().await;
+    db.batch_execute("CREATE TEMP TABLE change_log (LIKE public.change_log INCLUDING ALL)").await.unwrap();
+    db.execute(LOST_INSERT, &[&"shadowed"]).await.unwrap();
+    let got = ws.changes(1, WAIT).await;
+    assert_eq!(got[0]["order"]["customer_name"], "shadowed");
+    let kept: i64 = db.query_one("SELECT count(*) FROM pg_temp.change_log", &[]).await.unwrap().get(0);
+    assert_eq!(kept, 0);
+}
+
 /// `change_read` as migrated, and a copy of it that gives no actor for the
 /// changes of `customer`: a change its readers cannot take.
 async fn change_read_without_actor_for(db: &tokio_postgres::Client, customer: &str) -> (String, String) {
