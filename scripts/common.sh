@@ -5,6 +5,10 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 log() { echo "==> $*" >&2; }
 
+# The newest installed PostgreSQL's server binaries (a newer client alone,
+# which has no initdb, is passed over).
+pg_bin() { dirname "$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)"; }
+
 # Adds to `need` what building ordercast takes: rdkafka builds librdkafka
 # (C, configure + make, with python3 in its build scripts) with OpenSSL.
 need_build_packages() {

@@ -648,18 +648,11 @@ async fn catch_up_position_sequence(client: &mut deadpool_postgres::Client) -> a
     let tx = client.transaction().await.map_err(d)?;
     // The head is read after the lock is held (a statement of its own: its
     // snapshot then sees every commit numbered before).
-    tx.batch_execute("SET LOCAL lock_timeout = '10s'; SELECT pg_advisory_xact_lock(1869767779, 1)").await.map_err(d)?;
-    let moved = tx
-        .query_opt(
-            "SELECT h.head, setval('change_position', h.head) FROM (SELECT change_head() AS head) h, change_position s \
-             WHERE (CASE WHEN s.is_called THEN s.last_value ELSE s.last_value - 1 END) < h.head",
-            &[],
-        )
-        .await
-        .map_err(d)?;
+    crate::changes::lock_sequencer(&tx, "10s").await.map_err(d)?;
+    let head: i64 = tx.query_one("SELECT change_head()", &[]).await.map_err(d)?.get(0);
+    let moved = crate::changes::move_sequence_to(&tx, head).await.map_err(d)?;
     tx.commit().await.map_err(d)?;
-    if let Some(row) = moved {
-        let head: i64 = row.get(0);
+    if moved {
         log::warn!(
             "the change log's position sequence was behind its head {head} (the log carried from another \
              cluster by logical replication?): moved past it, so the next commits are numbered after it"

@@ -295,18 +295,8 @@ async fn record_loss(
     let record = async {
         let d = crate::db::describe;
         let tx = client.build_transaction().read_only(false).start().await.map_err(d)?;
-        // A writer holding the sequencer's lock (a transaction left open
-        // after `SET CONSTRAINTS ALL IMMEDIATE`) must not hold the listener.
-        tx.batch_execute("SET LOCAL lock_timeout = '5s'; SELECT pg_advisory_xact_lock(1869767779, 1)")
-            .await
-            .map_err(d)?;
-        tx.execute(
-            "SELECT setval('change_position', $1) FROM change_position \
-             WHERE (CASE WHEN is_called THEN last_value ELSE last_value - 1 END) < $1",
-            &[&(through + 1)],
-        )
-        .await
-        .map_err(d)?;
+        super::lock_sequencer(&tx, "5s").await.map_err(d)?;
+        super::move_sequence_to(&tx, through + 1).await.map_err(d)?;
         tx.execute("INSERT INTO change_rewinds (after_pos, through_pos) VALUES ($1, $2)", &[&after, &through])
             .await
             .map_err(d)?;

@@ -17,6 +17,27 @@ use tokio_postgres::Row;
 
 use crate::domain::{fold_case, Filter};
 
+/// Takes, in `tx`, the sequencer's lock (V2's `change_sequence`: keys
+/// 1869767779, 1), waiting at most `wait` (a writer left holding it after
+/// `SET CONSTRAINTS ALL IMMEDIATE` must not hold the caller): no commit
+/// numbers its changes until `tx` ends.
+pub async fn lock_sequencer(tx: &tokio_postgres::Transaction<'_>, wait: &str) -> Result<(), tokio_postgres::Error> {
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{wait}'; SELECT pg_advisory_xact_lock(1869767779, 1)")).await
+}
+
+/// Sets the position sequence to `to` if it is behind (the next commit is
+/// numbered past it), under [`lock_sequencer`]'s lock; whether it moved.
+pub async fn move_sequence_to(tx: &tokio_postgres::Transaction<'_>, to: i64) -> Result<bool, tokio_postgres::Error> {
+    let moved = tx
+        .execute(
+            "SELECT setval('change_position', $1) FROM change_position \
+             WHERE (CASE WHEN is_called THEN last_value ELSE last_value - 1 END) < $1",
+            &[&to],
+        )
+        .await?;
+    Ok(moved == 1)
+}
+
 /// The SQL every reader of the log uses (the listener, catch-up, the outbox
 /// relay): up to $2 changes after $1.
 ///

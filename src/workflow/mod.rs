@@ -57,7 +57,12 @@ impl WorkflowState {
     /// what it has not published (counted in `ordercast_outbox_skipped_total`).
     pub fn metrics(&self, out: &mut String, head: i64) {
         use crate::metrics::sample;
-        use std::sync::atomic::Ordering::Relaxed;
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let counters = |out: &mut String, part: &str, list: &[(&str, &str, &AtomicU64)]| {
+            for (name, help, v) in list {
+                sample(out, &format!("ordercast_{part}_{name}_total"), "counter", help, v.load(Relaxed));
+            }
+        };
         let o = &self.outbox;
         if o.enabled.load(Relaxed) {
             let active = o.active.load(Relaxed);
@@ -80,15 +85,17 @@ impl WorkflowState {
                     lag,
                 );
             }
-            for (name, help, v) in [
-                ("published", "Changes published to Kafka.", &o.published),
-                ("batches", "Batches acknowledged by Kafka.", &o.batches),
-                ("retries", "Batches retried after a failure.", &o.retries),
-                ("skipped", "Changes pruned from the log before they were published.", &o.skipped),
-                ("rewinds", "Rewind messages sent.", &o.rewinds),
-            ] {
-                sample(out, &format!("ordercast_outbox_{name}_total"), "counter", help, v.load(Relaxed));
-            }
+            counters(
+                out,
+                "outbox",
+                &[
+                    ("published", "Changes published to Kafka.", &o.published),
+                    ("batches", "Batches acknowledged by Kafka.", &o.batches),
+                    ("retries", "Batches retried after a failure.", &o.retries),
+                    ("skipped", "Changes pruned from the log before they were published.", &o.skipped),
+                    ("rewinds", "Rewind messages sent.", &o.rewinds),
+                ],
+            );
         }
         let p = &self.processor;
         if p.enabled.load(Relaxed) {
@@ -106,22 +113,24 @@ impl WorkflowState {
                 "Orders being processed now.",
                 p.in_flight.load(Relaxed),
             );
-            for (name, help, v) in [
-                ("claimed", "New orders taken.", &p.claimed),
-                ("resumed", "Orders taken over (their processor gone) or taken up again.", &p.resumed),
-                ("processed", "Orders processed.", &p.processed),
-                ("failed", "Orders failed (a step refused or given up).", &p.failed),
-                ("cancelled", "Orders found cancelled and undone.", &p.cancelled),
-                ("compensations", "Steps undone.", &p.compensations),
-                (
-                    "compensations_failed",
-                    "Compensations refused for good (left for a person).",
-                    &p.compensations_failed,
-                ),
-                ("retries", "Orders sent back to retry (a step unavailable).", &p.retries),
-            ] {
-                sample(out, &format!("ordercast_processor_{name}_total"), "counter", help, v.load(Relaxed));
-            }
+            counters(
+                out,
+                "processor",
+                &[
+                    ("claimed", "New orders taken.", &p.claimed),
+                    ("resumed", "Orders taken over (their processor gone) or taken up again.", &p.resumed),
+                    ("processed", "Orders processed.", &p.processed),
+                    ("failed", "Orders failed (a step refused or given up).", &p.failed),
+                    ("cancelled", "Orders found cancelled and undone.", &p.cancelled),
+                    ("compensations", "Steps undone.", &p.compensations),
+                    (
+                        "compensations_failed",
+                        "Compensations refused for good (left for a person).",
+                        &p.compensations_failed,
+                    ),
+                    ("retries", "Orders sent back to retry (a step unavailable).", &p.retries),
+                ],
+            );
         }
     }
 }

@@ -87,6 +87,13 @@ async function submitToken(dialog, token) {
 
 const live = (page, timeout = 15000) => page.locator('#connection[data-phase="connected"]').waitFor({ timeout });
 const row = (page, id) => page.locator(`#orders-body tr[data-id="${id}"]`);
+/** Opens order `id`'s detail from its row, once the detail's stream has answered: the dialog. */
+async function openDetail(page, id) {
+  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
+  await row(page, id).locator('button').click();
+  await followed;
+  return page.locator('#detail');
+}
 const tableIds = (page) => page.$$eval('#orders-body tr', (trs) => trs.map((tr) => Number(tr.dataset.id)));
 const tableStatuses = (page) => page.$$eval('#orders-body tr', (trs) => trs.map((tr) => tr.dataset.status));
 const sqlStr = (s) => `'${s.replaceAll("'", "''")}'`;
@@ -663,10 +670,7 @@ test('an invalid form shows the server\'s error next to the field', async (t) =>
 test('a change to the open order keeps the status the user chose, unless the status itself moved', async (t) => {
   const { page } = await openDashboard(t);
   const id = await insertOrder({ customer: 'Choice Keeper', product: 'Dial' });
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
-  await followed;
+  const dialog = await openDetail(page, id);
   await dialog.locator('#status-select option[value="processed"]').waitFor({ state: 'attached' });
   await dialog.locator('#status-select').selectOption('processed');
   // Another field changes elsewhere: the choices are rebuilt, the choice stays.
@@ -696,10 +700,7 @@ test('a change to the open order keeps the status the user chose, unless the sta
 test('an action\'s answer that arrives after a newer version of the order is not shown over it', async (t) => {
   const { page } = await openDashboard(t);
   const id = await insertOrder({ customer: 'Late Answer', product: 'Clock' });
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
-  await followed;
+  const dialog = await openDetail(page, id);
   await dialog.locator('#status-select option[value="processing"]').waitFor({ state: 'attached' });
   // The PATCH is answered, but its answer reaches the page only after the
   // order has moved on (the processor's next step) and the stream said so.
@@ -737,10 +738,7 @@ test('the order detail shows the history last asked for, whatever order the answ
     await route.fulfill({ response: answer });
     answered.push(n);
   });
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
-  await followed;
+  const dialog = await openDetail(page, id);
   await dialog.locator('#detail-history li', { hasText: 'Created as' }).waitFor();
   await server.sql(`UPDATE orders SET status = 'processing' WHERE id = ${id}`);
   await until(() => asked >= 2, 'the reload after the first change is asked');
@@ -756,10 +754,7 @@ test('the order detail shows history, offers only allowed transitions and stays 
   const { page } = await openDashboard(t);
   const id = await insertOrder({ customer: 'Detail Watcher', product: 'Globe' });
   // (Changes reload the history once the dialog follows the order's stream.)
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
-  await followed;
+  const dialog = await openDetail(page, id);
   await dialog.locator('#detail-title', { hasText: `Order #${id}` }).waitFor();
   await dialog.locator('#detail-history li', { hasText: 'Created as' }).waitFor();
   // The history and the transition choices are filled by separate requests.
@@ -953,11 +948,8 @@ test('with a customer-confined token, an order moved away leaves the page and on
   assert.deepEqual(await tableIds(page), [mine]);
   // The order is open (and followed by its own stream) when a DBA gives it
   // to Bob.
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${mine}/events`));
-  await row(page, mine).locator('button').click();
-  const dialog = page.locator('#detail');
+  const dialog = await openDetail(page, mine);
   await dialog.locator('#detail-fields dd', { hasText: 'ada@mail.example' }).waitFor();
-  await followed;
   await secured.sql(`UPDATE orders SET customer_name = 'Bob', customer_email = 'bob@mail.example' WHERE id = ${mine}`);
   await dialog.locator('#detail-gone', { hasText: 'no longer visible' }).waitFor({ timeout: 5000 });
   await dialog.locator('#detail-changes li', { hasText: 'moved away' }).waitFor({ timeout: 5000 });
@@ -1464,10 +1456,7 @@ test('the order detail follows its order again after its stream was refused', as
       body: JSON.stringify({ status: 503, code: 'shutting_down', message: 'the server is stopping' }),
     });
   });
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
-  await followed;
+  const dialog = await openDetail(page, id);
   await dialog.locator('#detail-fields dd .badge', { hasText: 'Pending' }).waitFor({ timeout: 5000 });
   // The server goes away; the browser's own reconnect is refused, as by a server that is stopping.
   refuse = true;
@@ -1609,10 +1598,7 @@ test('an action is sent once however often its button is clicked while it is on 
     if (route.request().method() !== 'GET') await sleep(500);
     return route.continue();
   });
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
-  await followed;
+  const dialog = await openDetail(page, id);
   await dialog.locator('#status-select option[value="processing"]').waitFor({ state: 'attached' });
   await dialog.locator('#status-select').selectOption('processing');
   await dialog.getByRole('button', { name: 'Apply' }).dblclick();
@@ -1640,10 +1626,7 @@ test('an action that failed can be sent again, and its button keeps the keyboard
     return route.fulfill({ status: 503, contentType: 'application/problem+json',
       body: JSON.stringify({ status: 503, code: 'database_unavailable', message: 'the database is unavailable' }) });
   });
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
-  await followed;
+  const dialog = await openDetail(page, id);
   await dialog.locator('#status-select option[value="processing"]').waitFor({ state: 'attached' });
   await dialog.locator('#status-select').selectOption('processing');
   const apply = dialog.getByRole('button', { name: 'Apply' });
@@ -1670,9 +1653,7 @@ test('the order detail whose actions or history could not be read says so and re
     transitionsAsked += 1;
     return transitionsAsked <= 2 ? unavailable(route) : route.continue();
   });
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
+  const dialog = await openDetail(page, id);
   // Asked again after a pause: the actions come without a change to the
   // order, and the failure was said.
   await dialog.locator('#status-form').waitFor({ state: 'visible', timeout: 8000 });
@@ -1681,7 +1662,6 @@ test('the order detail whose actions or history could not be read says so and re
   assert.equal(await dialog.getByRole('button', { name: 'Delete…' }).isVisible(), true);
   assert.equal(transitionsAsked, 3);
   // The history read again after a change fails once: said, and read again.
-  await followed;
   await dialog.locator('#detail-history li', { hasText: 'Created as' }).waitFor();
   let historyAsked = 0;
   await page.route(`**/api/orders/${id}/history`, (route) => {
@@ -1703,12 +1683,9 @@ test('an order with a time of infinity is shown in the table and in the detail',
   await server.sql(`UPDATE orders SET shipped_at = 'infinity', processed_at = '-infinity' WHERE id = ${id}`);
   await row(page, id).waitFor({ timeout: 5000 });
   assert.match(await row(page, id).textContent(), /Forever Customer/);
-  const followed = page.waitForResponse((r) => r.url().includes(`/api/orders/${id}/events`));
-  await row(page, id).locator('button').click();
-  const dialog = page.locator('#detail');
+  const dialog = await openDetail(page, id);
   const field = (name) => dialog.locator('#detail-fields dt', { hasText: new RegExp(`^${name}$`) }).locator('xpath=following-sibling::dd[1]');
   await field('Shipped').waitFor({ timeout: 5000 });
-  await followed;
   assert.equal(await field('Created').textContent(), 'infinity');
   assert.equal(await field('Shipped').textContent(), 'infinity');
   assert.equal(await field('Processed').textContent(), '-infinity');
